@@ -1,0 +1,28 @@
+"""msconv: multi-scale convolution backbones (SMT, SCSC, ShiftwiseConv) for PyTorch and timm.
+
+``import msconv`` registers every model in timm's registry, so ``timm.create_model('smt_tiny')`` works too.
+"""
+from importlib import import_module
+from typing import Any
+
+from . import layers, models
+from .models import FAMILIES, convert_official, create_model, list_models, model_family, read_checkpoint
+
+__version__ = '0.1.0'
+
+# Heavier parts (engine, tools) are imported on first use so that `import msconv` stays light.
+_LAZY = {
+    'profile': 'msconv.tools.profile',
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'msconv' has no attribute {name!r}")
+
+
+__all__ = [
+    'FAMILIES', 'convert_official', 'create_model', 'list_models', 'model_family', 'read_checkpoint', 'layers',
+    'models', '__version__', *_LAZY,
+]

@@ -1,0 +1,1 @@
+"""msconv operators: usable on their own, NCHW in and out."""

@@ -1,0 +1,171 @@
+"""Building msconv models and loading checkpoints (official or our own) into them.
+
+``create_model`` is the one entry point users need; ``timm.create_model`` works the same way because every
+msconv model converts official state dicts inside its own ``load_state_dict`` (see ``MsconvModel``).
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import timm
+from timm.models._features import FeatureGetterNet
+
+from ._registry import _MODEL_FAMILY, convert_official, model_family, unknown_model_message
+
+__all__ = ['MsconvModel', 'create_model', 'read_checkpoint', 'check_image_input']
+
+_FEATURE_KWARGS = ('out_indices', 'output_fmt', 'feature_cls', 'norm')
+
+
+def check_image_input(x: torch.Tensor, in_chans: int, min_size: int, name: str) -> None:
+    """Raise a ValueError naming the expected shape when ``x`` is not a (B, in_chans, H>=min_size, W>=min_size) batch."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name}: input must be a torch.Tensor of shape (B, {in_chans}, H, W), got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(
+            f"{name}: input must be a 4-D tensor of shape (B, {in_chans}, H, W), got a {x.dim()}-D tensor of shape "
+            f"{tuple(x.shape)}"
+        )
+    if x.shape[1] != in_chans:
+        raise ValueError(
+            f"{name}: input must have {in_chans} channels, shape (B, {in_chans}, H, W), got shape {tuple(x.shape)}"
+        )
+    if x.shape[2] < min_size or x.shape[3] < min_size:
+        raise ValueError(
+            f"{name}: input height and width must each be at least {min_size} (the network's total stride), "
+            f"got shape {tuple(x.shape)}"
+        )
+
+
+class MsconvModel(nn.Module):
+    """Base of every msconv network: official checkpoints load through ``load_state_dict``.
+
+    Subclasses set ``family``. ``load_state_dict`` converts an official state dict first (the converter is the
+    identity on msconv state dicts) and drops a classifier whose shape does not match this model, with a
+    warning, so that fine-tuning with another ``num_classes`` works from any checkpoint.
+    """
+    family: str = ''
+
+    def _classifier_name(self) -> str:
+        cfg = getattr(self, 'pretrained_cfg', None) or {}
+        return cfg.get('classifier', 'head')
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        state_dict = convert_official(state_dict, self.family)
+        own = self.state_dict(keep_vars=True)
+        prefix = self._classifier_name() + '.'
+        dropped = []
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            if key not in own or tuple(own[key].shape) != tuple(state_dict[key].shape):
+                dropped.append(key)
+        if dropped:
+            shapes = {k: tuple(state_dict[k].shape) for k in dropped}
+            warnings.warn(
+                f"{type(self).__name__}: classifier tensors {shapes} do not match this model "
+                f"(num_classes={getattr(self, 'num_classes', '?')}); they were dropped and the classifier keeps its "
+                f"fresh initialisation.",
+                stacklevel=2,
+            )
+            state_dict = {k: v for k, v in state_dict.items() if k not in dropped}
+        result = super().load_state_dict(state_dict, strict=False if dropped else strict, assign=assign)
+        if dropped and strict:
+            missing = [k for k in result.missing_keys if not k.startswith(prefix)]
+            if missing or result.unexpected_keys:
+                raise RuntimeError(
+                    f"Error(s) in loading state_dict for {type(self).__name__}: missing keys {missing}, "
+                    f"unexpected keys {result.unexpected_keys}"
+                )
+        return result
+
+
+def read_checkpoint(path: Union[str, os.PathLike], trust_pickle: bool = False) -> Dict[str, torch.Tensor]:
+    """Read the model state dict from a checkpoint file.
+
+    Accepts ``.safetensors``, or a torch pickle holding ``{'model': sd}``, ``{'state_dict': sd}``,
+    ``{'state_dict_ema'|'model_ema': sd}`` (EMA preferred, as timm does) or a bare state dict. Pickles are read
+    with ``torch.load(weights_only=True)``; a file that needs arbitrary code to unpickle (e.g. one carrying a yacs
+    config object) is refused unless ``trust_pickle=True``. A ``module.`` (DDP) prefix is stripped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint_path {str(path)!r} does not exist or is not a file")
+    if path.suffix == '.safetensors':
+        from safetensors.torch import load_file
+        try:
+            obj: Any = load_file(str(path), device='cpu')
+        except Exception as e:  # safetensors raises its own error types for truncated headers
+            raise ValueError(f"checkpoint_path {str(path)!r} is not a readable safetensors file: {e}") from e
+    else:
+        try:
+            obj = torch.load(str(path), map_location='cpu', weights_only=True)
+        except pickle.UnpicklingError as e:
+            if not trust_pickle:
+                raise ValueError(
+                    f"checkpoint_path {str(path)!r} contains objects other than tensors, which torch.load refuses "
+                    f"with weights_only=True. If you trust the file's origin, pass trust_pickle=True "
+                    f"(CLI: --trust-pickle) to unpickle it fully. Details: {str(e).splitlines()[0]}"
+                ) from e
+            obj = torch.load(str(path), map_location='cpu', weights_only=False)
+        except (RuntimeError, EOFError) as e:
+            raise ValueError(f"checkpoint_path {str(path)!r} is truncated or not a torch checkpoint: {e}") from e
+    if isinstance(obj, Mapping):
+        for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"checkpoint_path {str(path)!r} does not hold a state dict of tensors")
+    return {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in obj.items()}
+
+
+def create_model(
+        model_name: str,
+        pretrained: bool = False,
+        checkpoint_path: Optional[Union[str, os.PathLike]] = None,
+        *,
+        trust_pickle: bool = False,
+        **kwargs: Any,
+) -> nn.Module:
+    """Build a registered msconv model, optionally loading an official or msconv checkpoint.
+
+    Args:
+        model_name: a registered name (``msconv.list_models()``), e.g. ``'smt_tiny'``.
+        pretrained: load the official release weights named in the model's ``pretrained_cfg`` (downloads them;
+            ``checkpoint_path`` takes precedence).
+        checkpoint_path: a local ``.pth``/``.pt``/``.safetensors`` file in the official or msconv format.
+        trust_pickle: allow a checkpoint that needs full unpickling (only for files you trust).
+        **kwargs: model keyword arguments (``num_classes``, ``drop_path_rate``, ...) and timm's
+            ``features_only=True, out_indices=...``.
+    """
+    if not isinstance(model_name, str) or model_name.split('.')[0] not in _MODEL_FAMILY:
+        raise ValueError(unknown_model_message(model_name))
+    if not pretrained and checkpoint_path is None:
+        return timm.create_model(model_name, **kwargs)
+
+    if checkpoint_path is None:
+        cfg = timm.models.get_pretrained_cfg(model_name)
+        url = getattr(cfg, 'url', None) if cfg is not None else None
+        if not url:
+            raise ValueError(
+                f"pretrained=True: no official weights are published for {model_name!r}; pass checkpoint_path"
+            )
+        from timm.models._hub import download_cached_file
+        checkpoint_path = download_cached_file(url)
+
+    features_only = kwargs.pop('features_only', False)
+    feature_kwargs = {k: kwargs.pop(k) for k in _FEATURE_KWARGS if k in kwargs}
+    model = timm.create_model(model_name, **kwargs)
+    model.load_state_dict(read_checkpoint(checkpoint_path, trust_pickle=trust_pickle))
+    if features_only:
+        feature_cls = feature_kwargs.pop('feature_cls', 'getter')
+        if feature_cls not in ('getter', FeatureGetterNet):
+            raise ValueError(f"feature_cls must be 'getter' for msconv models, got {feature_cls!r}")
+        feature_kwargs.setdefault('out_indices', (0, 1, 2, 3))
+        model = FeatureGetterNet(model, **feature_kwargs)
+    return model

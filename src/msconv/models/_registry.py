@@ -1,0 +1,81 @@
+"""Registration of msconv models into timm's registry, and the per-family official-checkpoint converters.
+
+Every family module (``smt.py``, ``shiftwise_net.py``, ...) declares its entry points with ``@register_model``
+from this file (a thin wrapper of timm's decorator that also records the family) and registers one pure
+``convert(state_dict) -> state_dict`` function with ``register_converter``. The converter must accept an
+official state dict of a whole model *or* of one official module (keys relative to it), and must leave
+keys that are already in msconv form unchanged (it is applied on every ``load_state_dict``).
+"""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from typing import Callable, Dict, List, Mapping
+
+import torch
+from timm.models import register_model as _timm_register_model
+
+__all__ = ['register_model', 'register_converter', 'convert_official', 'list_models', 'model_family', 'FAMILIES']
+
+FAMILIES = ('smt', 'shiftwise', 'scsc')
+
+_MODEL_FAMILY: Dict[str, str] = {}
+_CONVERTERS: Dict[str, Callable[[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]] = {}
+
+
+def register_model(family: str) -> Callable:
+    """Decorator: register a model entry point in timm's registry and record its msconv family."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+
+    def _decorate(fn: Callable) -> Callable:
+        _MODEL_FAMILY[fn.__name__] = family
+        return _timm_register_model(fn)
+
+    return _decorate
+
+
+def register_converter(family: str, fn: Callable[[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]) -> None:
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    _CONVERTERS[family] = fn
+
+
+def model_family(model_name: str) -> str:
+    """Family ('smt', 'shiftwise', 'scsc') of a registered msconv model name (a ``name.tag`` is accepted)."""
+    base = model_name.split('.')[0]
+    if base not in _MODEL_FAMILY:
+        raise ValueError(unknown_model_message(model_name))
+    return _MODEL_FAMILY[base]
+
+
+def unknown_model_message(model_name: str) -> str:
+    close = difflib.get_close_matches(str(model_name), list(_MODEL_FAMILY), n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ''
+    return (
+        f"model_name {model_name!r} is not an msconv model.{hint} "
+        f"Run `msconv list` or msconv.list_models() to see the {len(_MODEL_FAMILY)} registered names."
+    )
+
+
+def list_models(pattern: str = '*', family: str | None = None) -> List[str]:
+    """Sorted names of the registered msconv models, filtered by a glob ``pattern`` and/or ``family``."""
+    if family is not None and family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES} or None, got {family!r}")
+    return sorted(
+        n for n, f in _MODEL_FAMILY.items()
+        if fnmatch.fnmatch(n, pattern) and (family is None or f == family)
+    )
+
+
+def convert_official(state_dict: Mapping[str, torch.Tensor], family: str) -> Dict[str, torch.Tensor]:
+    """Convert an official state dict of ``family`` ('smt', 'shiftwise' or 'scsc') to msconv keys and layouts.
+
+    A pure function: the input is not modified. Works on the state dict of a whole official model or of a
+    single official module (keys relative to that module), and is the identity on msconv state dicts.
+    """
+    if family not in _CONVERTERS:
+        raise ValueError(f"family must be one of {sorted(_CONVERTERS)}, got {family!r}")
+    if not isinstance(state_dict, Mapping):
+        raise ValueError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
+    return _CONVERTERS[family](dict(state_dict))

@@ -1,0 +1,49 @@
+"""Shared test helpers: the official fixtures in ../shared/fixtures, thread settings, tiny inputs."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Dict, Tuple
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get('MSCONV_SHARED', REPO.parent / 'shared'))
+FIXTURES = SHARED / 'fixtures'
+
+if os.environ.get('PYTEST_XDIST_WORKER'):
+    torch.set_num_threads(1)  # two xdist workers on two cores: no oversubscription
+
+
+def load_fixture(family: str, name: str) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """Tensors (floating ones cast to float32, as the fixture READMEs prescribe) and the json metadata."""
+    from safetensors.torch import load_file
+
+    base = FIXTURES / family / name
+    if not base.with_suffix('.safetensors').is_file():
+        raise FileNotFoundError(
+            f"official fixture {base}.safetensors not found: set MSCONV_SHARED to the folder holding fixtures/"
+        )
+    tensors = load_file(str(base.with_suffix('.safetensors')))
+    tensors = {k: (v.float() if v.is_floating_point() else v) for k, v in tensors.items()}
+    meta = json.loads(base.with_suffix('.json').read_text())
+    return tensors, meta
+
+
+def official_state_dict(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The ``state_dict.<official key>`` entries of a fixture, with the prefix removed."""
+    p = 'state_dict.'
+    return {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}
+
+
+def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, f"shape {tuple(a.shape)} != {tuple(b.shape)}"
+    return (a.double() - b.double()).abs().max().item()
+
+
+@pytest.fixture
+def seeded():
+    torch.manual_seed(0)
+    yield
