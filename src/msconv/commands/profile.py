@@ -19,14 +19,15 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from msconv.tools._table import print_table
-    from msconv.tools.profile import _build_on_meta, profile
+    from msconv.tools._common import build_model
+    from msconv.tools.profile import profile
 
     if args.img_size < 1 or args.in_chans < 1:
         raise ValueError(f"--img-size and --in-chans must be positive, got {args.img_size} and {args.in_chans}")
     size = (args.in_chans, args.img_size, args.img_size)
     rows = []
     for name in args.models:
-        model = _build_on_meta(name, in_chans=args.in_chans) if args.in_chans != 3 else _build_on_meta(name)
+        model = build_model(name, meta=True, **({'in_chans': args.in_chans} if args.in_chans != 3 else {}))
         stats = profile(model, input_size=size, batch_size=args.batch_size)
         rows.append((name, stats))
     if args.json:

@@ -25,35 +25,16 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-__all__ = ['benchmark', 'build_bench_model', 'write_csv']
+from ._common import build_model, reparameterize
+
+__all__ = ['benchmark', 'write_csv']
 
 AMP_DTYPES = {'float16': torch.float16, 'bfloat16': torch.bfloat16}
-
-
-def build_bench_model(name: str, **kwargs: Any) -> nn.Module:
-    """An msconv model by name, or any timm model (``timm:`` prefix optional)."""
-    import timm
-    import msconv  # noqa: F401  (registers the msconv models)
-    from msconv.models._registry import unknown_model_message
-
-    timm_name = name[len('timm:'):] if name.startswith('timm:') else name
-    if not timm.is_model(timm_name):
-        raise ValueError(unknown_model_message(name) + ' Prefix timm: for any timm model.')
-    return timm.create_model(timm_name, **kwargs)
 
 
 def _sync(device: torch.device) -> None:
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
-
-
-def _reparameterize(model: nn.Module) -> nn.Module:
-    """The inference form: the model's own ``reparameterize()``, else timm's module-wise re-parameterization."""
-    if callable(getattr(model, 'reparameterize', None)):
-        model.reparameterize()
-        return model
-    from timm.models import reparameterize_model
-    return reparameterize_model(model, inplace=True)
 
 
 def _peak_step_memory(step: Callable[[], Any], device: torch.device) -> int:
@@ -109,7 +90,7 @@ class _Subject:
             self.target = torch.randint(0, num_classes, (batch_size,), device=device)
             self.loss_fn = nn.CrossEntropyLoss()
         if reparam:
-            self.infer_model = _reparameterize(self.infer_model)
+            self.infer_model = reparameterize(self.infer_model)
         if compile_backend:
             torch._dynamo.reset()
             self.infer_model = torch.compile(self.infer_model, backend=compile_backend)
@@ -206,7 +187,7 @@ def benchmark(
         if isinstance(entry, nn.Module):
             name, model = type(entry).__name__, entry
         elif isinstance(entry, str):
-            name, model = entry, build_bench_model(entry, **(model_kwargs or {}))
+            name, model = entry, build_model(entry, **(model_kwargs or {}))
         else:
             raise ValueError(f"models must be names or nn.Module instances, got {type(entry).__name__}")
         subjects.append(_Subject(

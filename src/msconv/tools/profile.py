@@ -27,6 +27,8 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
+from ._common import build_model
+
 __all__ = ['profile', 'format_profile']
 
 aten = torch.ops.aten
@@ -116,7 +118,7 @@ def profile(
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if isinstance(model, str):
-        model = _build_on_meta(model)
+        model = build_model(model, meta=True)
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module or a model name, got {type(model).__name__}")
     target = torch.device(device) if device is not None else _model_device(model)
@@ -151,19 +153,6 @@ def profile(
         input_size=input_size,
         batch_size=batch_size,
     )
-
-
-def _build_on_meta(name: str, **kwargs: Any) -> nn.Module:
-    """Build a registered msconv model or any timm model (``timm:`` prefix optional) on the meta device."""
-    import timm
-    import msconv  # noqa: F401  (registers the msconv models in timm's registry)
-
-    timm_name = name[len('timm:'):] if name.startswith('timm:') else name
-    if not timm.is_model(timm_name):
-        from msconv.models._registry import unknown_model_message
-        raise ValueError(unknown_model_message(name) + ' Prefix timm: for any timm model.')
-    with torch.device('meta'):
-        return timm.create_model(timm_name, **kwargs)
 
 
 def format_profile(stats: Dict[str, Any], name: str = '') -> str:
