@@ -36,8 +36,8 @@ class TinyNet(nn.Module):
 
 
 def test_rows_and_baseline_ratio():
-    rows = benchmark([TinyNet()], baseline='timm:resnet10t', **FAST)
-    assert [r['model'] for r in rows] == ['timm:resnet10t', 'TinyNet']
+    rows = benchmark([TinyNet()], baseline='timm:test_resnet', **FAST)
+    assert [r['model'] for r in rows] == ['timm:test_resnet', 'TinyNet']
     base, tiny = rows
     assert base['baseline'] and base['infer_ratio'] == 1.0 and base['train_ratio'] == 1.0
     for r in rows:
@@ -46,7 +46,7 @@ def test_rows_and_baseline_ratio():
         assert r['infer_step_ms'] == pytest.approx(1000 * 2 / r['infer_img_s'])
     assert tiny['infer_ratio'] == pytest.approx(tiny['infer_img_s'] / base['infer_img_s'])
     assert tiny['gmacs'] * 1e9 == profile(TinyNet(), input_size=(3, 32, 32))['macs']
-    assert base['params_m'] == pytest.approx(5.435488)
+    assert base['params_m'] == pytest.approx(0.469688)
     # train memory includes the gradients (params are float32)
     assert tiny['train_mem_mb'] * 2 ** 20 >= 4 * sum(p.numel() for p in TinyNet().parameters())
 
@@ -88,11 +88,11 @@ def test_unknown_model_and_missing_cuda():
 
 def test_cli_table_and_csv(tmp_path, capsys):
     out = tmp_path / 'b.csv'
-    rc = main(['bench', 'timm:resnet10t', '--vs', 'timm:resnet10t', '--batch-size', '2', '--img-size', '32',
+    rc = main(['bench', 'timm:test_resnet', '--vs', 'timm:test_resnet', '--batch-size', '2', '--img-size', '32',
                '--num-warm-iter', '1', '--num-bench-iter', '2', '--repeats', '2', '--no-train', '--csv', str(out)])
     assert rc == 0
     text = capsys.readouterr().out
-    assert 'timm:resnet10t (baseline)' in text and 'infer vs base' in text
+    assert 'timm:test_resnet (baseline)' in text and 'infer vs base' in text
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 2 and rows[0]['baseline'] == 'True' and float(rows[1]['infer_img_s']) > 0
     assert rows[1]['train_img_s'] == 'nan'
@@ -101,3 +101,12 @@ def test_cli_table_and_csv(tmp_path, capsys):
 def test_cli_bad_model_is_one_line_error(capsys):
     assert main(['bench', 'no_such_model_xyz', '--csv', '']) == 2
     assert 'not an msconv model' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('options', [dict(amp=True), dict(channels_last=True), dict(compile='eager')],
+                         ids=['amp-bf16', 'channels-last', 'compile-eager'])
+def test_options_run_both_modes(options):
+    row = benchmark([TinyNet()], **FAST, **options)[0]
+    assert row['infer_img_s'] > 0 and row['train_img_s'] > 0
+    assert row['amp'] == ('bfloat16' if options.get('amp') else 'float32')
+    assert row['compile'] == options.get('compile', '')

@@ -89,3 +89,22 @@ def test_bad_model_and_batch():
         profile('no_such_model_xyz')
     with pytest.raises(ValueError, match='batch_size'):
         profile(nn.Conv2d(3, 3, 1), batch_size=0)
+
+
+def test_smt_attention_counted_with_sdpa_on_cpu_and_meta():
+    # SMT's MSA blocks use F.scaled_dot_product_attention: fused op on CPU, decomposed matmuls on meta
+    import msconv
+    model = msconv.create_model('test_smt')
+    cpu = profile(model, input_size=(3, 64, 64), batch_size=2)
+    meta = profile(model, input_size=(3, 64, 64), batch_size=2, device='meta')
+    # stage 3: one MSA block on 4x4 tokens, C=64; stage 4: one MSA block on 2x2 tokens, C=128 (q k^T and attn v)
+    expected = 2 * (2 * 16 * 16 * 64 + 2 * 4 * 4 * 128)
+    assert cpu['macs_attention'] == meta['macs_attention'] == expected
+    assert cpu['macs'] == meta['macs'] and cpu['activations'] == meta['activations']
+
+
+def test_smt_tiny_full_size_on_meta():
+    stats = profile('smt_tiny', input_size=(3, 224, 224))
+    assert round(stats['params'] / 1e6, 2) == 11.51
+    # stage 3: 4 MSA blocks, 14x14 tokens, C=256; stage 4: 1 MSA block, 7x7 tokens, C=512
+    assert stats['macs_attention'] == 4 * 2 * 196 * 196 * 256 + 2 * 49 * 49 * 512
