@@ -79,7 +79,8 @@ def test_bundled_images(source):
 def test_folder_images_and_bad_source(tmp_path):
     from PIL import Image
     for i in range(2):
-        Image.fromarray((np.random.default_rng(i).random((40, 50, 3)) * 255).astype(np.uint8)).save(tmp_path / f'{i}.png')
+        pixels = (np.random.default_rng(i).random((40, 50, 3)) * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(tmp_path / f'{i}.png')
     assert load_images(str(tmp_path), num_images=5, img_size=24).shape == (2, 3, 24, 24)
     with pytest.raises(ValueError, match='data must be'):
         load_images('imagenet')

@@ -108,3 +108,13 @@ def test_smt_tiny_full_size_on_meta():
     assert round(stats['params'] / 1e6, 2) == 11.51
     # stage 3: 4 MSA blocks, 14x14 tokens, C=256; stage 4: 1 MSA block, 7x7 tokens, C=512
     assert stats['macs_attention'] == 4 * 2 * 196 * 196 * 256 + 2 * 49 * 49 * 512
+
+
+def test_cpu_sdpa_fallback_formula_matches_torch():
+    # used only on torch versions without a formula for the CPU fused op; must agree with torch's own sdpa_flop
+    from torch.utils.flop_counter import sdpa_flop_count
+    from msconv.tools.profile import _sdpa_cpu_flop
+
+    q, k, v = (2, 3, 10, 8), (2, 3, 12, 8), (2, 3, 12, 4)
+    assert _sdpa_cpu_flop(q, k, v) == 2 * 2 * 3 * 10 * 12 * 8 + 2 * 2 * 3 * 10 * 12 * 4
+    assert _sdpa_cpu_flop(q, k, v) == sdpa_flop_count(q, k, v)

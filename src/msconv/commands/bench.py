@@ -10,7 +10,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('models', nargs='+', metavar='MODEL',
                         help='msconv model names, or timm models (optionally prefixed timm:)')
     parser.add_argument('--vs', metavar='MODEL', default=None,
-                        help='baseline measured in the same run, interleaved; ratios are printed (e.g. timm:convnext_tiny)')
+                        help='baseline measured in the same run, interleaved; ratios are printed '
+                             '(e.g. timm:convnext_tiny)')
     parser.add_argument('--batch-size', type=int, default=None, help='images per step (default 256 on CUDA, 16 on CPU)')
     parser.add_argument('--img-size', type=int, default=224, help='input height and width (default 224)')
     parser.add_argument('--device', default=None, help='cpu, cuda, cuda:1, ... (default: cuda if available)')

@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
 
     kwargs = {} if args.num_classes is None else {'num_classes': args.num_classes}
     model = build_model(args.model, args.checkpoint, trust_pickle=args.trust_pickle, **kwargs)
-    c, h, w = model.pretrained_cfg.get('input_size', (3, 224, 224)) if hasattr(model, 'pretrained_cfg') else (3, 224, 224)
+    c, h, w = (getattr(model, 'pretrained_cfg', None) or {}).get('input_size', (3, 224, 224))
     if args.img_size is not None:
         if args.img_size < 1:
             raise ValueError(f"--img-size must be positive, got {args.img_size}")

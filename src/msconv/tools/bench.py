@@ -10,8 +10,9 @@ TF32 matmuls on CUDA, AMP through ``torch.autocast``. Two additions:
   given with ``baseline=`` / ``--vs`` sees the same machine state and the printed ratio is meaningful.
 
 Peak memory (``*_mem_mb``) is the peak of tensor memory allocated during one step *on top of* what was live
-before it (weights, input and optimizer state are not included; gradients and activations are): on CUDA from the caching allocator's
-``max_memory_allocated``, on CPU from the allocation events of ``torch.profiler`` (``profile_memory=True``).
+before it (weights, input and optimizer state are not included; gradients and activations are): on CUDA from
+the caching allocator's ``max_memory_allocated``, on CPU from the allocation events of ``torch.profiler``
+(``profile_memory=True``).
 The process RSS is not used: it includes the Python heap and never goes down.
 """
 from __future__ import annotations

@@ -16,10 +16,9 @@ texture photographs shipped with scikit-image (brick, grass, gravel; random crop
 from __future__ import annotations
 
 import gzip
-import math
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -232,8 +231,8 @@ def compute_erf(
         results[name] = dict(map=contribution, normalised=normalised, ratios=area_ratios(normalised),
                              num_images=images.shape[0])
     if out is not None:
+        source = data if isinstance(data, str) and data in ('digits', 'textures') else 'folder'
         n = next(iter(results.values()))['num_images']
         plot_erf({k: v['normalised'] for k, v in results.items()}, out, {k: v['ratios'] for k, v in results.items()},
-                 title=f"ERF, {n} images ({data if isinstance(data, str) and data in ('digits', 'textures') else 'folder'}), "
-                       f"{img_size}px, log10(1 + grad) / max")
+                 title=f"ERF, {n} images ({source}), {img_size}px, log10(1 + grad) / max")
     return results

@@ -42,7 +42,8 @@ def export_onnx(
             or not all(isinstance(v, int) and v > 0 for v in input_size)):
         raise ValueError(f"input_size must be a (C, H, W) tuple of 3 positive ints, got {input_size!r}")
     if example_batch < 2:
-        raise ValueError(f"example_batch must be >= 2 (a batch of 1 is specialised by the exporter), got {example_batch}")
+        raise ValueError(
+            f"example_batch must be >= 2 (a batch of 1 is specialised by the exporter), got {example_batch}")
     path = str(path)
     model.eval()
     if reparam:
