@@ -118,3 +118,33 @@ def test_cpu_sdpa_fallback_formula_matches_torch():
     q, k, v = (2, 3, 10, 8), (2, 3, 12, 8), (2, 3, 12, 4)
     assert _sdpa_cpu_flop(q, k, v) == 2 * 2 * 3 * 10 * 12 * 8 + 2 * 2 * 3 * 10 * 12 * 4
     assert _sdpa_cpu_flop(q, k, v) == sdpa_flop_count(q, k, v)
+
+
+class MergedKernels(nn.Module):
+    """Depthwise 3x3 and 5x5 heads run as one conv whose 3x3 kernels are zero-padded to 5x5 (a common fast form)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.k3 = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.k5 = nn.Conv2d(4, 4, 5, padding=2, groups=4)
+
+    def forward(self, x):
+        w = torch.cat([F.pad(self.k3.weight, [1, 1, 1, 1]), self.k5.weight])
+        return F.conv2d(x, w, torch.cat([self.k3.bias, self.k5.bias]), padding=2, groups=8)
+
+
+def test_skip_zero_taps_counts_the_architecture():
+    model = MergedKernels()
+    executed = profile(model, input_size=(8, 10, 10))
+    arch = profile(model, input_size=(8, 10, 10), skip_zero_taps=True)
+    assert executed['macs'] == 100 * 8 * 25
+    assert arch['macs'] == 100 * 4 * (9 + 25)
+    with pytest.raises(ValueError, match='skip_zero_taps'):
+        profile(model, input_size=(8, 10, 10), device='meta', skip_zero_taps=True)
+
+
+def test_smt_tiny_architectural_macs_match_the_official_readme():
+    # SMT's README (ptflops, no attention matmuls): 2.4G; analytic conv+linear count 2.38G
+    import msconv
+    stats = profile(msconv.create_model('smt_tiny'), skip_zero_taps=True)
+    assert round(stats['macs_conv_linear'] / 1e9, 2) == 2.38

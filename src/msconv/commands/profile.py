@@ -12,6 +12,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--img-size', type=int, default=224, help='input height and width (default 224)')
     parser.add_argument('--in-chans', type=int, default=3, help='input channels (default 3)')
     parser.add_argument('--batch-size', type=int, default=1, help='images per forward pass (default 1)')
+    parser.add_argument('--skip-zero-taps', action='store_true',
+                        help="count convolutions over non-zero weight taps only (the architecture's MACs when a fast "
+                             "form zero-pads kernels to merge them); builds real models on CPU, slower")
     parser.add_argument('--json', action='store_true', help='print one JSON object per model instead of a table')
 
 
@@ -27,8 +30,9 @@ def run(args: argparse.Namespace) -> int:
     size = (args.in_chans, args.img_size, args.img_size)
     rows = []
     for name in args.models:
-        model = build_model(name, meta=True, **({'in_chans': args.in_chans} if args.in_chans != 3 else {}))
-        stats = profile(model, input_size=size, batch_size=args.batch_size)
+        kwargs = {'in_chans': args.in_chans} if args.in_chans != 3 else {}
+        model = build_model(name, meta=not args.skip_zero_taps, **kwargs)
+        stats = profile(model, input_size=size, batch_size=args.batch_size, skip_zero_taps=args.skip_zero_taps)
         rows.append((name, stats))
     if args.json:
         for name, stats in rows:
@@ -36,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     columns = ('model', 'params (M)', 'GMACs total', 'GMACs conv+linear', 'GMACs attention', 'activations (M)')
     print_table(
-        f"forward pass, input {args.batch_size}x{size[0]}x{size[1]}x{size[2]} (MACs = FLOPs / 2)", columns,
+        f"forward pass, input {args.batch_size}x{size[0]}x{size[1]}x{size[2]} (MACs = FLOPs / 2"
+        f"{', zero kernel taps skipped' if args.skip_zero_taps else ''})", columns,
         [(name, f"{s['params'] / 1e6:.2f}", f"{s['macs'] / 1e9:.3f}", f"{s['macs_conv_linear'] / 1e9:.3f}",
           f"{s['macs_attention'] / 1e9:.3f}", f"{s['activations'] / 1e6:.2f}") for name, s in rows],
     )

@@ -37,9 +37,10 @@ def _paper_link(name: str, paper: Optional[str]) -> str:
     return title or '-'
 
 
-def table_rows(include_test: bool = False) -> List[Dict[str, Any]]:
+def table_rows(include_test: bool = False, skip_zero_taps: bool = False) -> List[Dict[str, Any]]:
     """One dict per registered model (``test_*`` models left out unless ``include_test``): families in
-    ``FAMILIES`` order, by parameter count within a family."""
+    ``FAMILIES`` order, by parameter count within a family. ``skip_zero_taps``: count the architecture's MACs
+    (see :func:`msconv.tools.profile.profile`; builds each model with real weights, slower)."""
     from msconv.models import FAMILIES, list_models, model_info
     from msconv.tools.profile import profile
 
@@ -50,7 +51,11 @@ def table_rows(include_test: bool = False) -> List[Dict[str, Any]]:
             if name.startswith('test_') and not include_test:
                 continue
             info = model_info(name)
-            stats = profile(name, input_size=INPUT_SIZE)
+            if skip_zero_taps:
+                from msconv.tools._common import build_model
+                stats = profile(build_model(name), input_size=INPUT_SIZE, skip_zero_taps=True)
+            else:
+                stats = profile(name, input_size=INPUT_SIZE)
             family_rows.append(dict(
                 model=name, family=family, params=stats['params'], macs=stats['macs'],
                 macs_attention=stats['macs_attention'], paper_top1=info.get('paper_top1'),
@@ -60,23 +65,25 @@ def table_rows(include_test: bool = False) -> List[Dict[str, Any]]:
     return rows
 
 
-def render(include_test: bool = False) -> str:
+def render(include_test: bool = False, skip_zero_taps: bool = False) -> str:
     """The Markdown table (ends with a newline)."""
     lines = [
         '| Model | Family | Params (M) | GMACs @224 | of which attention | Paper top-1 (%) | Paper |',
         '|---|---|---:|---:|---:|---:|---|',
     ]
-    for r in table_rows(include_test):
+    for r in table_rows(include_test, skip_zero_taps):
         top1 = f"{r['paper_top1']:.1f}" if r['paper_top1'] is not None else '-'
         lines.append(
             f"| `{r['model']}` | {r['family']} | {r['params'] / 1e6:.2f} | {r['macs'] / 1e9:.2f} | "
             f"{r['macs_attention'] / 1e9:.2f} | {top1} | {r['paper']} |"
         )
     lines.append('')
+    counted = ('Zero kernel taps are skipped: these are the architecture\'s MACs.' if skip_zero_taps else
+               'They are the operations the forward pass executes: a fast form that zero-pads kernels to merge '
+               'them is counted with its padded taps (`msconv profile --skip-zero-taps` counts the architecture).')
     lines.append(
         'MACs are counted with `torch.utils.flop_counter` on the forward pass at 224x224 (MACs = FLOPs / 2) and '
-        'include the attention matmuls, which most model cards leave out. They are the operations the forward '
-        'pass executes: a fast form that zero-pads kernels to merge them is counted with its padded taps. '
+        'include the attention matmuls, which most model cards leave out. ' + counted + ' '
         'Paper top-1: ImageNet-1K accuracy reported by the paper for the released weights at 224x224.'
     )
     return '\n'.join(lines) + '\n'

@@ -20,12 +20,13 @@ full-size models in well under a second with no memory: only shapes are computed
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode, flop_registry
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, flop_registry
 
 from ._common import build_model
 
@@ -53,11 +54,25 @@ def _sdpa_cpu_flop(query_shape, key_shape, value_shape, *args, out_shape=None, *
     return 2 * b * h * l * s * e + 2 * b * h * l * s * ev
 
 
-def _custom_mapping() -> Dict[Any, Any]:
+def _conv_nonzero_taps_flop(x, w, bias, stride, padding, dilation, transposed, *args, out_val=None, **kwargs) -> int:
+    """Convolution FLOPs over the weight's non-zero taps only (a zero-padded merged kernel counts as its parts)."""
+    if transposed:
+        return conv_flop_count(list(x.shape), list(w.shape), list(out_val.shape), transposed=True)
+    positions = out_val.shape[0] * math.prod(out_val.shape[2:])  # output pixels per output channel
+    return 2 * positions * int(torch.count_nonzero(w))
+
+
+_conv_nonzero_taps_flop._get_raw = True  # FlopCounterMode passes tensors, not shapes
+
+
+def _custom_mapping(skip_zero_taps: bool = False) -> Dict[Any, Any]:
+    mapping: Dict[Any, Any] = {}
     op = getattr(aten, '_scaled_dot_product_flash_attention_for_cpu', None)
     if op is not None and op not in flop_registry:  # torch < 2.5 counted CPU SDPA as zero
-        return {op: _sdpa_cpu_flop}
-    return {}
+        mapping[op] = _sdpa_cpu_flop
+    if skip_zero_taps:
+        mapping.update({aten.convolution: _conv_nonzero_taps_flop, aten._convolution: _conv_nonzero_taps_flop})
+    return mapping
 
 
 class _ActivationCounter(TorchDispatchMode):
@@ -100,6 +115,7 @@ def profile(
         input_size: Sequence[int] = (3, 224, 224),
         batch_size: int = 1,
         device: Optional[Union[str, torch.device]] = None,
+        skip_zero_taps: bool = False,
 ) -> Dict[str, Any]:
     """Count the parameters, MACs and activations of one forward pass of ``model`` in eval mode.
 
@@ -109,6 +125,10 @@ def profile(
         batch_size: images per forward pass; MACs and activations are totals for the batch.
         device: where to run the counting pass. Default: the model's own device. ``'meta'`` counts shapes only
             (fast, no memory); a model on another device is then deep-copied to meta, the original is untouched.
+        skip_zero_taps: count convolutions over their non-zero weight taps only, i.e. the architecture's MACs
+            rather than the executed ones when a fast form zero-pads kernels to merge them (SMT's mixed-scale
+            depthwise kernels). Needs real weights (not ``'meta'``); a weight that is exactly zero after
+            training would also be skipped.
 
     Returns:
         a dict with ``params``, ``macs``, ``macs_conv_linear``, ``macs_attention``, ``macs_other``, ``flops``
@@ -122,6 +142,8 @@ def profile(
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module or a model name, got {type(model).__name__}")
     target = torch.device(device) if device is not None else _model_device(model)
+    if skip_zero_taps and target.type == 'meta':
+        raise ValueError("skip_zero_taps=True needs real weights: device must not be 'meta'")
     if target != _model_device(model):
         model = copy.deepcopy(model).to(target)
 
@@ -130,7 +152,7 @@ def profile(
     was_training = model.training
     model.eval()
     try:
-        counter = FlopCounterMode(display=False, custom_mapping=_custom_mapping())
+        counter = FlopCounterMode(display=False, custom_mapping=_custom_mapping(skip_zero_taps))
         acts = _ActivationCounter()
         with counter, acts:
             model(x)
