@@ -65,14 +65,11 @@ class _Subject:
     """One model under test with its input, inference step and training step."""
 
     def __init__(self, name: str, model: nn.Module, *, batch_size: int, img_size: int, in_chans: int,
-                 device: torch.device,
-                 amp_dtype: Optional[torch.dtype], channels_last: bool, compile_backend: Optional[str],
+                 device: torch.device, amp_dtype: Optional[torch.dtype], channels_last: bool, compile_backend: Optional[str],
                  reparam: bool, train: bool) -> None:
         from msconv.tools.profile import profile
 
         self.name = name
-        stats = profile(model, input_size=(in_chans, img_size, img_size), device='meta')
-        self.params, self.macs = stats['params'], stats['macs']
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.device = device
         self.autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
@@ -92,6 +89,9 @@ class _Subject:
             self.loss_fn = nn.CrossEntropyLoss()
         if reparam:
             self.infer_model = reparameterize(self.infer_model)
+        # params and MACs of the form that is benchmarked for inference (counted on a meta copy)
+        stats = profile(self.infer_model, input_size=(in_chans, img_size, img_size), device='meta')
+        self.params, self.macs = stats['params'], stats['macs']
         if compile_backend:
             torch._dynamo.reset()
             self.infer_model = torch.compile(self.infer_model, backend=compile_backend)
