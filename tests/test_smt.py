@@ -235,3 +235,16 @@ def test_reparameterized_model_compiles_fullgraph():
     compiled = torch.compile(model, fullgraph=True, backend='aot_eager')
     with torch.no_grad():
         assert max_abs(compiled(x), model(x)) < 1e-5
+
+
+def test_reference_forms_give_the_same_model_outputs():
+    torch.manual_seed(0)
+    model = msconv.create_model('test_smt').eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        fast = model(x)
+        with msconv.layers.reference_forms():
+            assert msconv.layers.reference_forms_enabled()
+            ref = model(x)
+    assert not msconv.layers.reference_forms_enabled()
+    assert max_abs(fast, ref) < 1e-5

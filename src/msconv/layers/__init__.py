@@ -1,2 +1,3 @@
 """msconv operators: usable on their own, NCHW in and out."""
+from ._forms import reference_forms, reference_forms_enabled
 from .mixed_conv import MultiHeadMixedConv, ScaleAwareAggregation, ScaleAwareModulation

@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._forms import reference_forms_enabled
+
 __all__ = ['MultiHeadMixedConv', 'ScaleAwareAggregation', 'ScaleAwareModulation', 'fold_bn_into_conv']
 
 
@@ -83,6 +85,8 @@ class MultiHeadMixedConv(nn.Module):
         return weight, bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) head-major -> same
+        if reference_forms_enabled():
+            return self.forward_reference(x)
         weight, bias = self.merged_kernel()
         return F.conv2d(x, weight, bias, padding=self.max_kernel // 2, groups=self.dim)
 
@@ -188,6 +192,8 @@ class ScaleAwareModulation(nn.Module):
         return self.saa(s, interleaved=True).permute(0, 2, 3, 1)
 
     def forward_nhwc(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C) -> (B, H, W, C)
+        if reference_forms_enabled() and not self.deployed:
+            return self.forward_reference(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return self.proj_drop(self.proj(self.modulator(x) * self.v(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, H, W)
