@@ -126,19 +126,15 @@ def _check_inputs(x, weight, bias, padding, group_kernel_sizes):
     return pads, gks
 
 
-@functools.lru_cache(maxsize=64)
-def _tap_mask_cpu(kernel_size: Tuple[int, int], gks: Tuple[int, ...], channels: int, interleaved: bool):
-    kh, kw = kernel_size
-    mask = torch.zeros(channels, 1, kh, kw)
-    for c, k in enumerate(channel_kernel_sizes(gks, channels, interleaved)):
-        mask[c, 0, (kh - k) // 2:(kh + k) // 2, (kw - k) // 2:(kw + k) // 2] = 1
-    return mask
-
-
 def _tap_mask(weight: torch.Tensor, gks: Sequence[int], interleaved: bool) -> torch.Tensor:
-    """1 on each channel's own centred k x k taps, 0 elsewhere, shaped like ``weight``."""
-    mask = _tap_mask_cpu((weight.shape[2], weight.shape[3]), tuple(gks), weight.shape[0], interleaved)
-    return mask.to(device=weight.device, dtype=weight.dtype)
+    """1 on each channel's own centred k x k taps, 0 elsewhere, shaped like ``weight`` (traceable by dynamo)."""
+    C, _, kh, kw = weight.shape
+    k = torch.tensor(channel_kernel_sizes(gks, C, interleaved), device=weight.device)[:, None]  # (C, 1)
+    i = torch.arange(kh, device=weight.device)[None, :]
+    j = torch.arange(kw, device=weight.device)[None, :]
+    rows = (2 * i >= kh - k) & (2 * i < kh + k)  # (C, KH)
+    cols = (2 * j >= kw - k) & (2 * j < kw + k)  # (C, KW)
+    return (rows[:, :, None] & cols[:, None, :]).unsqueeze(1).to(weight.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -437,7 +433,7 @@ def _launch_wgrad(x, grad_out, kernel_size, pads, taps) -> Tuple[torch.Tensor, t
             C, H, W, HO, WO, n_pos, chunk, KH, KW, pads[0], pads[1],
             *x.stride(), *g.stride(),
             MIXED=taps is not None, BP=cfg['BP'], BC=cfg['BC'], TP=tp, **extra)
-    grad_w = pw.sum(0).t().reshape(C, 1, KH, KW)
+    grad_w = pw.sum(0).t().contiguous().reshape(C, 1, KH, KW)
     return grad_w, pb.sum(0)
 
 
@@ -461,6 +457,8 @@ def _triton_backward(grad_out, x, weight, padding, gks, interleaved, need_input,
     KH, KW = weight.shape[2], weight.shape[3]
     C = x.shape[1]
     grad_x = grad_w = grad_b = None
+    fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+    grad_out = grad_out.contiguous(memory_format=fmt)  # grad_x and the wgrad loads follow x's layout
     if need_input:  # correlation of grad_out with the flipped kernel, padding (KH-1-top, KW-1-left)
         taps = None if gks is None else _taps_table((KH, KW), gks, C, interleaved, True, x.device)
         grad_x = _launch_fwd(grad_out, weight.flip(2, 3), None, (KH - 1 - top, KW - 1 - left),
@@ -488,7 +486,8 @@ def _(x, weight, bias, padding, group_kernel_sizes, group_interleaved):
     B, C, H, W = x.shape
     ho, wo = H + top + bottom - weight.shape[2] + 1, W + left + right - weight.shape[3] + 1
     cl = _is_channels_last(x)
-    return x.new_empty((B, C, ho, wo), memory_format=torch.channels_last if cl else torch.contiguous_format)
+    return torch.empty((B, C, ho, wo), device=x.device, dtype=x.dtype,
+                       memory_format=torch.channels_last if cl else torch.contiguous_format)
 
 
 @torch.library.custom_op('msconv::depthwise_conv2d_backward', mutates_args=())
@@ -504,9 +503,10 @@ def _dw_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, pa
 
 @_dw_bwd_op.register_fake
 def _(grad_out, x, weight, padding, group_kernel_sizes, group_interleaved, output_mask):
-    gx = torch.empty_like(x) if output_mask[0] else x.new_empty(0)
+    fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+    gx = torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=fmt) if output_mask[0] else x.new_empty(0)
     need_w = output_mask[1] or output_mask[2]
-    gw = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else weight.new_empty(0)
+    gw = weight.new_empty(weight.shape) if need_w else weight.new_empty(0)
     gb = weight.new_empty(weight.shape[0]) if need_w else weight.new_empty(0)
     return gx, gw, gb
 
