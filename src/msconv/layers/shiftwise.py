@@ -382,6 +382,21 @@ class ShiftWiseConv2d(nn.Module):
             return self._forward_train(x)
         return self.forward_reference(x)
 
+    @torch.no_grad()
+    def merge_paths(self) -> None:
+        """Sum the ``n_paths`` small-kernel paths into one (exact; what the official ``merge_branches`` does)."""
+        if self.deployed or self.n_paths == 1:
+            return
+        self.weight = nn.Parameter(self.weight.sum(0, keepdim=True))
+        self.n_paths = 1
+
+    def official_macs(self, height: int, width: int) -> int:
+        """Multiply-accumulates the official op's (merged) small convs count for an (H, W) input: repN*nk maps of
+        (H+2e) x (W+2e), k*k each. This is the SW part of the paper's 5.0 GMACs for SW-T (the shift-add counts 0);
+        the closed form actually executes more (the strips overlap), see ``benchmarks/bench_shiftwise_model.py``."""
+        e = self.extra_pad
+        return self.rep_channels * self.nk * self.small_kernel ** 2 * (height + 2 * e) * (width + 2 * e)
+
     # ---- inference form -------------------------------------------------------------------------------------
     @torch.no_grad()
     def deploy_params(
@@ -444,12 +459,15 @@ class ShiftWiseConv2d(nn.Module):
         for name in ('ghost_index', 'rep_index', 'perm_h', 'perm_v', 'centre'):
             if prefix + name not in state_dict:
                 state_dict[prefix + name] = getattr(self, name)
-        # A merged (single-path) checkpoint loads into a multi-path module exactly: path 0 = the sum, others 0.
+        # Paths are summed before use, so a checkpoint with another path count loads exactly: a merged one into a
+        # multi-path module (path 0 = the sum, the others zero), a multi-path one into a merged module (summed).
         key = prefix + 'weight'
         if not self.deployed and key in state_dict and state_dict[key].dim() == 5:
             w = state_dict[key]
             if w.shape[0] == 1 and self.n_paths > 1:
                 state_dict[key] = torch.cat([w, w.new_zeros((self.n_paths - 1, *w.shape[1:]))])
+            elif w.shape[0] > 1 and self.n_paths == 1:
+                state_dict[key] = w.sum(0, keepdim=True)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
