@@ -1,3 +1,4 @@
 """msconv operators: usable on their own, NCHW in and out."""
 from ._forms import reference_forms, reference_forms_enabled
 from .mixed_conv import MultiHeadMixedConv, ScaleAwareAggregation, ScaleAwareModulation
+from .shiftwise import ShiftWiseConv2d
