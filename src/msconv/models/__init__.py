@@ -1,3 +1,4 @@
 """msconv networks. Importing this package registers every model in timm's registry."""
-from ._registry import FAMILIES, convert_official, list_models, model_family, register_converter, register_model
+from ._registry import FAMILIES, convert_official, list_models, model_family, model_info, register_converter, register_model
 from ._builder import MsconvModel, check_image_input, create_model, read_checkpoint
+from . import smt

@@ -10,26 +10,31 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from typing import Callable, Dict, List, Mapping
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
 from timm.models import register_model as _timm_register_model
 
-__all__ = ['register_model', 'register_converter', 'convert_official', 'list_models', 'model_family', 'FAMILIES']
+__all__ = [
+    'register_model', 'register_converter', 'convert_official', 'list_models', 'model_family', 'model_info', 'FAMILIES',
+]
 
 FAMILIES = ('smt', 'shiftwise', 'scsc')
 
 _MODEL_FAMILY: Dict[str, str] = {}
+_MODEL_PAPER: Dict[str, Dict[str, Any]] = {}
 _CONVERTERS: Dict[str, Callable[[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]] = {}
 
 
-def register_model(family: str) -> Callable:
-    """Decorator: register a model entry point in timm's registry and record its msconv family."""
+def register_model(family: str, paper_top1: Optional[float] = None, paper: Optional[str] = None) -> Callable:
+    """Decorator: register a model entry point in timm's registry and record its msconv family, and, for the
+    variants a paper reports, its ImageNet-1K top-1 (%) and the paper (timm's PretrainedCfg has no such field)."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
 
     def _decorate(fn: Callable) -> Callable:
         _MODEL_FAMILY[fn.__name__] = family
+        _MODEL_PAPER[fn.__name__] = {'paper_top1': paper_top1, 'paper': paper}
         return _timm_register_model(fn)
 
     return _decorate
@@ -47,6 +52,11 @@ def model_family(model_name: str) -> str:
     if base not in _MODEL_FAMILY:
         raise ValueError(unknown_model_message(model_name))
     return _MODEL_FAMILY[base]
+
+
+def model_info(model_name: str) -> Dict[str, Any]:
+    """``{'family', 'paper', 'paper_top1'}`` of a registered msconv model (paper fields may be None)."""
+    return {'family': model_family(model_name), **_MODEL_PAPER[model_name.split('.')[0]]}
 
 
 def unknown_model_message(model_name: str) -> str:

@@ -1,0 +1,518 @@
+"""SMT: Scale-Aware Modulation Transformer.
+
+Paper: "Scale-Aware Modulation Meet Transformer", Weifeng Lin, Ziheng Wu, Jiayu Chen, Jun Huang, Lianwen Jin,
+ICCV 2023 (arXiv 2307.08579).
+
+A clean-room implementation that is numerically identical to the official code (github.com/AFeng-x/SMT,
+commit 11e954d, ``models/smt.py``) and loads its released checkpoints (MIT license) through
+``checkpoint_filter_fn``. Differences from the official module tree, none of which change the maths:
+timm-style names (``stem``, ``stages.i.{downsample,blocks,norm}``), tokens kept channels-last (B, H, W, C) so
+that switching between token and image views is free, MHMC as one depthwise convolution, no activation
+shuffle (the interleave is folded into weights), ``F.scaled_dot_product_attention`` in the MSA blocks, no
+stored modulator side effect, and ``in_chans`` honoured by the stem.
+
+Evolutionary Hybrid Network layout: stages 1-2 are SAM blocks, stage 3 alternates SAM (even index) and MSA
+(odd index), stage 4 is MSA.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, LayerScale, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint_seq, named_apply
+
+from ..layers.mixed_conv import ScaleAwareModulation
+from ._builder import MsconvModel, check_image_input
+from ._registry import register_converter, register_model
+
+__all__ = ['SMT']
+
+_PAPER = 'SMT (ICCV 2023)'
+
+
+class ConvMlp(nn.Module):
+    """MLP with a depthwise 3x3 conv inside: ``fc2(drop(GELU(h + dwconv(h))))`` with ``h = fc1(x)``."""
+
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.dwconv = nn.Conv2d(hidden_dim, hidden_dim, 3, padding=1, groups=hidden_dim)
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
+        x = self.fc1(x)
+        x = self.act(x + self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+        return self.drop(self.fc2(self.drop(x)))
+
+
+class Attention(nn.Module):
+    """MSA: global multi-head self-attention plus a depthwise 3x3 "local enhancement" of V."""
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int = 8,
+            qkv_bias: bool = False,
+            qk_scale: Optional[float] = None,
+            attn_drop: float = 0.,
+            proj_drop: float = 0.,
+    ):
+        super().__init__()
+        if num_heads < 1 or dim % num_heads != 0:
+            raise ValueError(f"dim ({dim}) must be divisible by sa_num_heads ({num_heads})")
+        self.num_heads = num_heads
+        self.scale = qk_scale or (dim // num_heads) ** -0.5
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.local_conv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
+        B, H, W, C = x.shape
+        h = self.num_heads
+        q = self.q(x).reshape(B, H * W, h, C // h).transpose(1, 2)  # (B, h, N, d)
+        kv = self.kv(x).reshape(B, H * W, 2, C)  # K then V, each head-major
+        k = kv[:, :, 0].unflatten(-1, (h, C // h)).transpose(1, 2)
+        v_tokens = kv[:, :, 1]  # (B, N, C)
+        v = v_tokens.unflatten(-1, (h, C // h)).transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.attn_drop if self.training else 0., scale=self.scale,
+        )
+        out = out.transpose(1, 2).reshape(B, H, W, C)
+        local = self.local_conv(v_tokens.reshape(B, H, W, C).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self.proj_drop(self.proj(out + local))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block; the token mixer is SAM (``ca_attention=1``) or MSA (``ca_attention=0``)."""
+
+    def __init__(
+            self,
+            dim: int,
+            ca_num_heads: int,
+            sa_num_heads: int,
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = False,
+            qk_scale: Optional[float] = None,
+            use_layerscale: bool = False,
+            layerscale_value: float = 1e-4,
+            drop: float = 0.,
+            attn_drop: float = 0.,
+            drop_path: float = 0.,
+            ca_attention: int = 1,
+            expand_ratio: int = 2,
+    ):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        if ca_attention == 1:
+            self.attn: nn.Module = ScaleAwareModulation(
+                dim, num_heads=ca_num_heads, expand_ratio=expand_ratio, qkv_bias=qkv_bias, proj_drop=drop,
+            )
+        else:
+            self.attn = Attention(
+                dim, num_heads=sa_num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop,
+                proj_drop=drop,
+            )
+        self.ls1 = LayerScale(dim, layerscale_value) if use_layerscale else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = ConvMlp(dim, int(dim * mlp_ratio), drop=drop)
+        self.ls2 = LayerScale(dim, layerscale_value) if use_layerscale else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def _mix(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.attn, ScaleAwareModulation):
+            return self.attn.forward_nhwc(x)
+        return self.attn(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
+        x = x + self.drop_path1(self.ls1(self._mix(self.norm1(x))))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+class Stem(nn.Module):
+    """Stride-4 stem: conv(k, s2, no bias) -> BN -> ReLU -> conv(2x2, s2) -> LayerNorm (eps 1e-5)."""
+
+    def __init__(self, in_chans: int, dim: int, head_conv: int = 3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_chans, dim, head_conv, stride=2, padding=head_conv // 2, bias=False)
+        self.bn1 = nn.BatchNorm2d(dim)
+        self.act = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(dim, dim, 2, stride=2)
+        self.norm = nn.LayerNorm(dim, eps=1e-5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C_in, H, W) -> (B, H/4, W/4, C)
+        x = self.conv2(self.act(self.bn1(self.conv1(x))))
+        return self.norm(x.permute(0, 2, 3, 1))
+
+
+class Downsample(nn.Module):
+    """Overlapping patch embedding between stages: conv 3x3 stride 2 -> LayerNorm (eps 1e-5)."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_dim, dim, 3, stride=2, padding=1)
+        self.norm = nn.LayerNorm(dim, eps=1e-5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C_in) -> (B, H/2, W/2, C)
+        return self.norm(self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+
+
+class SmtStage(nn.Module):
+    """Optional downsample, a sequence of blocks, and the stage LayerNorm (eps 1e-6)."""
+
+    def __init__(self, in_dim: int, dim: int, blocks: Sequence[nn.Module], downsample: bool = True):
+        super().__init__()
+        self.downsample = Downsample(in_dim, dim) if downsample else nn.Identity()
+        self.blocks = nn.Sequential(*blocks)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C) channels-last
+        x = self.downsample(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        return self.norm(x)
+
+
+def _as_tuple(value: Union[int, float, Sequence], n: int, name: str) -> tuple:
+    values = tuple(value) if isinstance(value, (list, tuple)) else (value,) * n
+    if len(values) != n:
+        raise ValueError(f"{name} must have one entry per stage ({n}), got {len(values)}: {values}")
+    return values
+
+
+class SMT(MsconvModel):
+    """Scale-Aware Modulation Transformer.
+
+    Keyword arguments keep the official names and defaults (``SMT(**official_kwargs)`` builds the same model).
+
+    Args:
+        in_chans: input channels (the official stem hard-codes 3; here it is honoured).
+        num_classes: classifier outputs; 0 for no classifier.
+        global_pool: 'avg' (token mean, as the official head) or '' (no pooling).
+        embed_dims: channels of the four stages.
+        depths: blocks per stage.
+        ca_num_heads: MHMC heads per stage (for SAM blocks).
+        sa_num_heads: attention heads per stage (for MSA blocks).
+        mlp_ratios: MLP expansion per stage.
+        qkv_bias: bias in the v/s and q/kv projections.
+        qk_scale: attention scale override (default head_dim ** -0.5).
+        use_layerscale: per-channel residual scales (the SMT-L configs train with it).
+        layerscale_value: initial value of the layer scales.
+        drop_rate: dropout in the MLPs and after token-mixer projections.
+        attn_drop_rate: attention dropout.
+        drop_path_rate: stochastic depth, linearly increasing over all blocks.
+        ca_attentions: 1 = SAM, 0 = MSA for each stage; stage 3 (index 2) alternates SAM/MSA regardless.
+        num_stages: must be 4.
+        head_conv: stem kernel size (3 for T/S, 7 for B/L).
+        expand_ratio: SAA expansion.
+        img_size: accepted for compatibility and ignored (SMT has no position embeddings).
+    """
+    family = 'smt'
+
+    def __init__(
+            self,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            embed_dims: Sequence[int] = (64, 128, 256, 512),
+            depths: Sequence[int] = (2, 2, 8, 1),
+            ca_num_heads: Sequence[int] = (4, 4, 4, -1),
+            sa_num_heads: Sequence[int] = (-1, -1, 8, 16),
+            mlp_ratios: Sequence[float] = (8, 6, 4, 2),
+            qkv_bias: bool = False,
+            qk_scale: Optional[float] = None,
+            use_layerscale: bool = False,
+            layerscale_value: float = 1e-4,
+            drop_rate: float = 0.,
+            attn_drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            ca_attentions: Sequence[int] = (1, 1, 1, 0),
+            num_stages: int = 4,
+            head_conv: int = 3,
+            expand_ratio: int = 2,
+            img_size: Optional[Union[int, Tuple[int, int]]] = None,
+    ):
+        super().__init__()
+        if num_stages != 4:
+            raise ValueError(f"num_stages must be 4 (the SMT layout), got {num_stages}")
+        if global_pool not in ('avg', ''):
+            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        if head_conv not in (3, 5, 7):
+            raise ValueError(f"head_conv must be 3, 5 or 7, got {head_conv}")
+        embed_dims = _as_tuple(embed_dims, 4, 'embed_dims')
+        depths = _as_tuple(depths, 4, 'depths')
+        ca_num_heads = _as_tuple(ca_num_heads, 4, 'ca_num_heads')
+        sa_num_heads = _as_tuple(sa_num_heads, 4, 'sa_num_heads')
+        mlp_ratios = _as_tuple(mlp_ratios, 4, 'mlp_ratios')
+        ca_attentions = _as_tuple(ca_attentions, 4, 'ca_attentions')
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = embed_dims[-1]
+        self.min_input_size = 32  # total stride
+
+        dpr = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()  # meta-device safe
+        self.stem = Stem(in_chans, embed_dims[0], head_conv)
+        stages, cur, self.feature_info = [], 0, []
+        for i in range(4):
+            blocks = [
+                Block(
+                    embed_dims[i], ca_num_heads=ca_num_heads[i], sa_num_heads=sa_num_heads[i],
+                    mlp_ratio=mlp_ratios[i], qkv_bias=qkv_bias, qk_scale=qk_scale, use_layerscale=use_layerscale,
+                    layerscale_value=layerscale_value, drop=drop_rate, attn_drop=attn_drop_rate,
+                    drop_path=dpr[cur + j], expand_ratio=expand_ratio,
+                    ca_attention=0 if (i == 2 and j % 2 == 1) else ca_attentions[i],
+                )
+                for j in range(depths[i])
+            ]
+            stages.append(SmtStage(embed_dims[i - 1] if i else embed_dims[0], embed_dims[i], blocks, downsample=i > 0))
+            cur += depths[i]
+            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f'stages.{i}'))
+        self.stages = nn.Sequential(*stages)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        named_apply(_init_weights, self)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(
+            stem=r'^stem',
+            blocks=r'^stages\.(\d+)' if coarse else [
+                (r'^stages\.(\d+)\.downsample', (0,)),
+                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
+                (r'^stages\.(\d+)\.norm', (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        # Layer-scale gammas are 1-D and excluded by timm's optimizer factory like norms and biases; nothing
+        # else needs an exemption (no position embeddings, no tokens).
+        return set()
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        if global_pool is not None:
+            if global_pool not in ('avg', ''):
+                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Stage outputs (each after its stage LayerNorm, as the official model passes them on).
+
+        ``norm`` is accepted for timm compatibility; every SMT stage already ends in its own norm.
+        """
+        if output_fmt not in ('NCHW', 'NHWC'):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        check_image_input(x, self.in_chans, self.min_input_size, type(self).__name__)
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        stages = self.stages[:max_index + 1] if stop_early else self.stages
+        intermediates = []
+        x = self.stem(x)
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take_indices:
+                intermediates.append(x.permute(0, 3, 1, 2) if output_fmt == 'NCHW' else x)
+        if intermediates_only:
+            return intermediates
+        return x.permute(0, 3, 1, 2), intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[:max_index + 1]
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        check_image_input(x, self.in_chans, self.min_input_size, type(self).__name__)
+        x = self.stages(self.stem(x))
+        return x.permute(0, 3, 1, 2)  # (B, C, H/32, W/32)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == 'avg':
+            x = x.mean(dim=(2, 3))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _init_weights(module: nn.Module, name: str = '') -> None:
+    """The official init: trunc-normal(0.02) linears, He-normal (fan-out) convs, zero biases."""
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Conv2d):
+        fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels // module.groups
+        nn.init.normal_(module.weight, 0, math.sqrt(2.0 / fan_out))
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+# official checkpoint -> msconv ------------------------------------------------------------------------------------
+
+_OFFICIAL_MODEL_KEY = re.compile(r'^(patch_embed\d|block\d)\.')
+_STEM = {'conv.0': 'conv1', 'conv.1': 'bn1', 'conv.3': 'conv2', 'norm': 'norm'}
+
+
+def _convert_module_key(key: str) -> str:
+    """Renames inside a block (or any official module): valid on keys relative to any prefix."""
+    parts, out = key.split('.'), []
+    for i, p in enumerate(parts):
+        m = re.fullmatch(r'local_conv_(\d+)', p)
+        if m:  # SAM's per-head depthwise convs
+            out += ['mhmc', 'convs', str(int(m.group(1)) - 1)]
+        elif p in ('proj0', 'bn', 'proj1') and (not out or out[-1] != 'saa'):
+            out += ['saa', p]
+        elif p == 'dw_conv':  # the downstream repos' name of MSA's local conv
+            out.append('local_conv')
+        elif p == 'dwconv' and i + 1 < len(parts) and parts[i + 1] == 'dwconv':
+            continue  # Mlp.dwconv.dwconv -> ConvMlp.dwconv
+        elif p in ('gamma_1', 'gamma_2') and i == len(parts) - 1:
+            out += ['ls' + p[-1], 'gamma']
+        else:
+            out.append(p)
+    return '.'.join(out)
+
+
+def _convert_model_key(key: str) -> str:
+    m = re.match(r'^patch_embed1\.(conv\.\d|norm)\.(.+)$', key)
+    if m:
+        return f'stem.{_STEM[m.group(1)]}.{m.group(2)}'
+    m = re.match(r'^patch_embed(\d)\.(.+)$', key)
+    if m:
+        return f'stages.{int(m.group(1)) - 1}.downsample.{m.group(2)}'
+    m = re.match(r'^block(\d)\.(\d+)\.(.+)$', key)
+    if m:
+        return f'stages.{int(m.group(1)) - 1}.blocks.{m.group(2)}.{_convert_module_key(m.group(3))}'
+    m = re.match(r'^norm(\d)\.(.+)$', key)
+    if m:
+        return f'stages.{int(m.group(1)) - 1}.norm.{m.group(2)}'
+    return key
+
+
+def convert_official_smt(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Official SMT keys -> msconv keys, for a whole model (``patch_embed1.*``, ``block1.0.*``, ...) or for one
+    official module (an ``Attention``, ``Block`` or ``Mlp`` state dict). Identity on msconv state dicts."""
+    whole_model = any(_OFFICIAL_MODEL_KEY.match(k) for k in state_dict)
+    convert = _convert_model_key if whole_model else _convert_module_key
+    return {convert(k): v for k, v in state_dict.items()}
+
+
+register_converter('smt', convert_official_smt)
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SMT) -> Dict[str, torch.Tensor]:
+    """timm ``pretrained_filter_fn``: unwrap ``{'model': sd}`` and convert official keys."""
+    state_dict = state_dict.get('model', state_dict)
+    return convert_official_smt(state_dict)
+
+
+def _create_smt(variant: str, pretrained: bool = False, **kwargs) -> SMT:
+    return build_model_with_cfg(
+        SMT, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls='getter'),
+        **kwargs,
+    )
+
+
+def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
+    return {
+        'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        'crop_pct': 0.875, 'interpolation': 'bicubic', 'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'stem.conv1', 'classifier': 'head', 'license': 'mit', 'paper_ids': 'arXiv:2307.08579',
+        'paper_name': 'Scale-Aware Modulation Meet Transformer', 'origin_url': 'https://github.com/AFeng-x/SMT',
+        **kwargs,
+    }
+
+
+_RELEASE = 'https://github.com/AFeng-x/SMT/releases/download/v1.0.0/'
+
+default_cfgs = generate_default_cfgs({
+    'smt_tiny.in1k': _cfg(_RELEASE + 'smt_tiny.pth'),
+    'smt_small.in1k': _cfg(_RELEASE + 'smt_small.pth'),
+    'smt_base.in1k': _cfg(_RELEASE + 'smt_base.pth'),
+    'smt_large.in22k_ft_in1k': _cfg(_RELEASE + 'smt_large_22k_224_ft.pth'),
+    'smt_large.in22k_ft_in1k_384': _cfg(
+        _RELEASE + 'smt_large_22k_384_ft.pth', input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0,
+    ),
+    'smt_large.in22k': _cfg(_RELEASE + 'smt_large_22k.pth', num_classes=21841),
+    'test_smt.untrained': _cfg(input_size=(3, 64, 64), pool_size=(2, 2), crop_pct=1.0),
+})
+
+_COMMON = dict(ca_num_heads=(4, 4, 4, -1), sa_num_heads=(-1, -1, 8, 16), ca_attentions=(1, 1, 1, 0), qkv_bias=True,
+               expand_ratio=2)
+
+
+@register_model('smt', paper_top1=82.2, paper=_PAPER)
+def smt_tiny(pretrained: bool = False, **kwargs) -> SMT:
+    args = dict(embed_dims=(64, 128, 256, 512), depths=(2, 2, 8, 1), mlp_ratios=(4, 4, 4, 2), head_conv=3, **_COMMON)
+    return _create_smt('smt_tiny', pretrained, **dict(args, **kwargs))
+
+
+@register_model('smt', paper_top1=83.7, paper=_PAPER)
+def smt_small(pretrained: bool = False, **kwargs) -> SMT:
+    args = dict(embed_dims=(64, 128, 256, 512), depths=(3, 4, 18, 2), mlp_ratios=(4, 4, 4, 2), head_conv=3, **_COMMON)
+    return _create_smt('smt_small', pretrained, **dict(args, **kwargs))
+
+
+@register_model('smt', paper_top1=84.3, paper=_PAPER)
+def smt_base(pretrained: bool = False, **kwargs) -> SMT:
+    args = dict(embed_dims=(64, 128, 256, 512), depths=(4, 6, 28, 2), mlp_ratios=(8, 6, 4, 2), head_conv=7, **_COMMON)
+    return _create_smt('smt_base', pretrained, **dict(args, **kwargs))
+
+
+@register_model('smt', paper_top1=87.1, paper=_PAPER)
+def smt_large(pretrained: bool = False, **kwargs) -> SMT:
+    """SMT-L with layer scale, as every official SMT-L config trains it (22K pre-trained, 87.1 at 224)."""
+    args = dict(embed_dims=(96, 192, 384, 768), depths=(4, 6, 28, 4), mlp_ratios=(8, 6, 4, 2), head_conv=7,
+                use_layerscale=True, **_COMMON)
+    return _create_smt('smt_large', pretrained, **dict(args, **kwargs))
+
+
+@register_model('smt')
+def test_smt(pretrained: bool = False, **kwargs) -> SMT:
+    """Tiny SMT for tests: every block type (SAM, alternating stage 3, MSA) at 64x64."""
+    args = dict(embed_dims=(16, 32, 64, 128), depths=(1, 1, 2, 1), mlp_ratios=(2, 2, 2, 2), head_conv=3, **_COMMON)
+    return _create_smt('test_smt', pretrained, **dict(args, **kwargs))
