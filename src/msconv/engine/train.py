@@ -150,6 +150,9 @@ class _Trainer:
             raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes "
                              f"({info.world_size})")
         self.local_bs = cfg.batch_size // info.world_size
+        if cfg.sync_bn and info.enabled and device.type != 'cuda':
+            raise ValueError("sync_bn needs CUDA devices (torch's SyncBatchNorm does not run on CPU); "
+                             "turn sync_bn off (--no-sync-bn) for CPU torchrun runs")
         name = cfg.name or f"{cfg.model}-{Path(cfg.data).name if cfg.data != 'digits' else 'digits'}"
         self.run_dir = Path(cfg.output) / name
         self.log = MetricsLog(self.run_dir)
