@@ -248,3 +248,14 @@ def test_reference_forms_give_the_same_model_outputs():
             ref = model(x)
     assert not msconv.layers.reference_forms_enabled()
     assert max_abs(fast, ref) < 1e-5
+
+
+@pytest.mark.parametrize('name,conv_linear,attention', [
+    ('smt_tiny', 2.38, 0.08), ('smt_small', 4.66, 0.18), ('smt_base', 7.69, 0.28), ('smt_large', 17.48, 0.43),
+])
+def test_profile_macs_match_the_official_counts(name, conv_linear, attention):
+    """conv+linear GMACs as the official README counts them (ptflops, no attention matmuls), attention apart."""
+    stats = msconv.profile(name, input_size=(3, 224, 224))
+    assert round(stats['macs_conv_linear'] / 1e9, 2) == conv_linear
+    assert round(stats['macs_attention'] / 1e9, 2) == attention
+    assert stats['macs'] == stats['macs_conv_linear'] + stats['macs_attention'] + stats['macs_other']
