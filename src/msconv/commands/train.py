@@ -1,0 +1,90 @@
+"""`msconv train MODEL --data PATH|digits ...`: thin wrapper over ``msconv.train``."""
+from __future__ import annotations
+
+import argparse
+
+HELP = 'Train a model (timm recipe, per-family presets, checkpoints, resume, torchrun)'
+
+# flag -> config field; value None means "not given" so that YAML values stay.
+_FLAGS = [
+    ('--data', 'data', str, "'digits' (bundled MNIST) or an ImageFolder root with train/ and val/"),
+    ('--preset', 'preset', str, "'imagenet' (the family's official recipe, default) or 'demo' (small, fast)"),
+    ('--task', 'task', str, "'classification' (default) or 'face'"),
+    ('--epochs', 'epochs', int, 'training epochs'),
+    ('--max-steps', 'max_steps', int, 'stop after this many optimizer steps'),
+    ('--batch-size', 'batch_size', int, 'global batch per micro-step (split over torchrun processes)'),
+    ('--accum-steps', 'accum_steps', int, 'gradient accumulation micro-steps per optimizer step'),
+    ('--lr', 'lr', float, 'peak learning rate per lr_base_size images'),
+    ('--weight-decay', 'weight_decay', float, 'AdamW weight decay'),
+    ('--warmup-epochs', 'warmup_epochs', float, 'linear warm-up length in epochs'),
+    ('--drop-path', 'drop_path', float, 'stochastic depth rate'),
+    ('--image-size', 'image_size', int, 'training/eval image side (default: the model\'s)'),
+    ('--workers', 'num_workers', int, 'data loader worker processes'),
+    ('--device', 'device', str, "'auto', 'cpu', 'cuda', 'cuda:N'"),
+    ('--output', 'output', str, 'folder holding run folders (default runs/)'),
+    ('--name', 'name', str, 'run folder name (default MODEL-DATA)'),
+    ('--resume', 'resume', str, "'auto' (the run's newest good checkpoint) or a checkpoint/run folder"),
+    ('--init-checkpoint', 'init_checkpoint', str, 'start from these weights (official or msconv)'),
+    ('--ckpt-every', 'ckpt_every', int, 'optimizer steps between checkpoints (0: epoch ends only)'),
+    ('--keep-last', 'keep_last', int, 'checkpoints kept'),
+    ('--nan-policy', 'nan_policy', str, "on a NaN/inf loss: 'abort' (default) or 'skip' the step"),
+    ('--seed', 'seed', int, 'random seed'),
+    ('--embedding-size', 'embedding_size', int, 'face task: embedding width'),
+    ('--margin', 'margin', str, "face task: 'arcface' or 'cosface'"),
+]
+_BOOLS = [
+    ('amp', 'mixed precision (bf16 on CPU, fp16/bf16 on GPU)'),
+    ('ema', 'model EMA (timm ModelEmaV3)'),
+    ('channels_last', 'channels_last memory format'),
+    ('sync_bn', 'SyncBatchNorm under torchrun'),
+    ('progress', 'progress bar'),
+]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('model', help="model name, e.g. smt_tiny (see `msconv list`), or any timm model")
+    parser.add_argument('--config', '-c', default=None, help='YAML file of config options (flags override it)')
+    for flag, dest, typ, hlp in _FLAGS:
+        parser.add_argument(flag, dest=dest, type=typ, default=None, help=hlp)
+    for dest, hlp in _BOOLS:
+        parser.add_argument(f"--{dest.replace('_', '-')}", dest=dest, action=argparse.BooleanOptionalAction,
+                            default=None, help=hlp)
+    parser.add_argument('--face-val-bin', dest='face_val_bins', action='append', default=None,
+                        help='face task: a verification .bin file (repeatable)')
+    parser.add_argument('--set', dest='set_values', action='append', default=[], metavar='KEY=VALUE',
+                        help='any other config option, VALUE parsed as YAML (e.g. --set mixup=0.2)')
+
+
+def collect_overrides(args: argparse.Namespace) -> dict:
+    import yaml
+    overrides = {'model': args.model}
+    for _, dest, _, _ in _FLAGS:
+        overrides[dest] = getattr(args, dest)
+    for dest, _ in _BOOLS:
+        overrides[dest] = getattr(args, dest)
+    overrides['face_val_bins'] = args.face_val_bins
+    for item in args.set_values:
+        if '=' not in item:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split('=', 1)
+        overrides[key.strip().replace('-', '_')] = yaml.safe_load(value)
+    return {k: v for k, v in overrides.items() if v is not None}
+
+
+def run(args: argparse.Namespace) -> int:
+    from msconv.engine import train
+    result = train(args.config, **collect_overrides(args))
+    import os
+    if int(os.environ.get('RANK', '0')) != 0:
+        return 0
+    if result['status'] == 'interrupted':
+        print(f"interrupted; checkpoint {result['checkpoint']} (resume with --resume auto --name "
+              f"{os.path.basename(result['run_dir'])})")
+        return 130
+    line = f"done: {result['steps']} steps, run folder {result['run_dir']}"
+    if result.get('top1') is not None:
+        line += f", val top-1 {result['top1']:.2f}%"
+    print(line)
+    if result.get('curves'):
+        print(f"curves: {result['curves']}")
+    return 0

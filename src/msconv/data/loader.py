@@ -1,0 +1,160 @@
+"""Datasets and loaders for training: an ImageFolder tree or the bundled digits, with timm's transforms.
+
+Determinism (what makes ``--resume`` bit-exact and a torchrun run equal to a single-process one):
+- the order of an epoch is a permutation drawn from ``seed + epoch`` (``ResumableDistributedSampler``, a
+  ``DistributedSampler`` that can start mid-epoch);
+- every sample's augmentation is drawn from its own seed ``(seed, epoch, index)`` (``SeededDataset``), so it
+  does not depend on which worker, which rank or which resumed process loads it.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+__all__ = [
+    'SeededDataset', 'ResumableDistributedSampler', 'check_image_folder', 'build_dataset', 'build_transform',
+    'build_loader', 'IMAGE_EXTENSIONS',
+]
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
+
+
+def _sample_seed(seed: int, epoch: int, index: int) -> int:
+    # A fixed mixing of the three integers (SplitMix-like); stable across processes and Python versions.
+    x = (seed * 0x9E3779B1 + epoch * 0x85EBCA77 + index * 0xC2B2AE3D + 0x27D4EB2F) & 0xFFFFFFFFFFFFFFFF
+    x ^= x >> 31
+    x = (x * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x ^= x >> 29
+    return x & 0x7FFFFFFF
+
+
+class SeededDataset(Dataset):
+    """Wraps a dataset so that sample ``i`` of epoch ``e`` is augmented from the seed ``(seed, e, i)``.
+
+    The global ``random``, ``numpy`` and ``torch`` generators are restored after each sample, so loading in the
+    main process (``num_workers=0``) does not disturb the training loop's own random streams.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset = dataset
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        s = _sample_seed(self.seed, self.epoch, int(index))
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            random.seed(s)
+            np.random.seed(s)
+            torch.manual_seed(s)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
+
+
+class ResumableDistributedSampler(DistributedSampler):
+    """``DistributedSampler`` whose epoch can start at a given batch (for mid-epoch resume).
+
+    With ``num_replicas=1`` it is a plain seeded shuffler; with N ranks, the union of the N local batches of
+    step ``s`` is exactly the global batch ``s`` of a single-process run with N times the batch size.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
+                 seed: int = 0, drop_last: bool = False):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                         drop_last=drop_last)
+        self.start = 0
+
+    def set_start(self, num_samples_to_skip: int) -> None:
+        """Skip the first ``num_samples_to_skip`` local samples of the current epoch (reset by ``set_epoch``)."""
+        self.start = int(num_samples_to_skip)
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.start = 0
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        return iter(indices[self.start:])
+
+    def __len__(self) -> int:
+        return max(self.num_samples - self.start, 0)
+
+
+def check_image_folder(root: Path, split: str) -> List[str]:
+    """Validate ``root/split`` as an ImageFolder tree before any work; returns its class names."""
+    folder = root / split
+    if not folder.is_dir():
+        raise ValueError(
+            f"data {str(root)!r}: missing the {split!r} subfolder {str(folder)!r}. An image-folder dataset needs "
+            f"train/ and val/ subfolders, each with one subfolder of images per class (or pass --data digits)."
+        )
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith('.'))
+    if len(classes) < 2:
+        raise ValueError(
+            f"data {str(folder)!r} has {len(classes)} class subfolder(s) {classes}; classification needs at least "
+            f"2 classes, each a subfolder of images."
+        )
+    empty = [c for c in classes
+             if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in (folder / c).rglob('*') if p.is_file())]
+    if empty:
+        raise ValueError(f"data {str(folder)!r}: class folder(s) {empty} contain no images ({IMAGE_EXTENSIONS})")
+    return classes
+
+
+def build_transform(cfg, is_training: bool, input_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
+    """timm's train/eval transform from the augmentation fields of a ``TrainConfig``."""
+    from timm.data import create_transform
+    if is_training:
+        return create_transform(
+            input_size, is_training=True, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), hflip=cfg.hflip,
+            color_jitter=cfg.color_jitter if cfg.color_jitter > 0 else None,
+            auto_augment=cfg.auto_augment or None, interpolation=cfg.interpolation, mean=tuple(mean),
+            std=tuple(std), re_prob=cfg.re_prob, re_mode=cfg.re_mode, re_count=cfg.re_count,
+        )
+    return create_transform(input_size, is_training=False, interpolation=cfg.interpolation, mean=tuple(mean),
+                            std=tuple(std), crop_pct=cfg.crop_pct)
+
+
+def build_dataset(cfg, split: str, input_size: int, mean, std, is_training: Optional[bool] = None) -> Dataset:
+    """The ``split`` ('train' or 'val') of ``cfg.data`` (a folder path or 'digits') with its transform."""
+    is_training = (split == 'train') if is_training is None else is_training
+    transform = build_transform(cfg, is_training, input_size, mean, std)
+    if cfg.data == 'digits':
+        from .digits import DigitsDataset
+        return DigitsDataset(split, image_size=input_size, transform=transform)
+    from torchvision.datasets import ImageFolder
+    root = Path(cfg.data)
+    check_image_folder(root, split)
+    return ImageFolder(str(root / split), transform=transform)
+
+
+def build_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int, num_workers: int,
+                 world_size: int = 1, rank: int = 0, drop_last: bool = False,
+                 pin_memory: bool = False) -> Tuple[DataLoader, ResumableDistributedSampler]:
+    """A loader over ``dataset`` (wrapped in ``SeededDataset``) with a ``ResumableDistributedSampler``.
+
+    ``batch_size`` is the per-process batch. Evaluation loaders (``shuffle=False``) pad the last rank's share as
+    DistributedSampler does; the caller de-duplicates by counting only ``len(dataset)`` samples.
+    """
+    seeded = SeededDataset(dataset, seed)
+    sampler = ResumableDistributedSampler(seeded, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
+    loader = DataLoader(
+        seeded, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last,
+        pin_memory=pin_memory, persistent_workers=False,
+    )
+    return loader, sampler

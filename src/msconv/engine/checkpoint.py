@@ -1,0 +1,227 @@
+"""Crash-safe training checkpoints.
+
+One checkpoint is a folder ``<run>/checkpoints/step-00001234/`` holding
+- ``model.safetensors``: the weights (loadable by ``msconv.create_model(name, checkpoint_path=...)``);
+- ``ema.safetensors`` (with EMA) and ``head.safetensors`` (face task: the margin head);
+- ``state.pt``: optimizer, scheduler, grad scaler, RNG states, sparsity masks, step/epoch counters;
+- ``meta.json``: step, epoch, config, and the SHA-256 of every file above, written last.
+
+The folder is written under a temporary name, every file is fsynced, then it is renamed into place (atomic on
+POSIX), so a crash leaves either the previous checkpoints or a complete new one. ``load_checkpoint`` checks the
+hashes and that each file parses, and names the bad file; ``latest_good_checkpoint`` falls back to the newest
+checkpoint that passes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+
+__all__ = [
+    'CheckpointError', 'atomic_write_bytes', 'save_checkpoint', 'load_checkpoint', 'list_checkpoints',
+    'latest_good_checkpoint', 'get_rng_state', 'set_rng_state',
+]
+
+_PREFIX = 'step-'
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, truncated or corrupt (the message names the file)."""
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file, fsync, and rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, 'wb') as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def get_rng_state() -> Dict[str, Any]:
+    """Python, numpy and torch (CPU and CUDA) generator states, in a ``weights_only``-loadable form."""
+    np_state = np.random.get_state()
+    state = {
+        'python': random.getstate(),
+        'numpy': {'key': torch.from_numpy(np_state[1].astype(np.int64)), 'pos': int(np_state[2]),
+                  'has_gauss': int(np_state[3]), 'cached_gaussian': float(np_state[4])},
+        'torch': torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    py = state['python']
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state['numpy']
+    np.random.set_state(('MT19937', n['key'].numpy().astype(np.uint32), n['pos'], n['has_gauss'],
+                         n['cached_gaussian']))
+    torch.set_rng_state(state['torch'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def _contiguous_cpu(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    out = {}
+    for k, v in sd.items():
+        out[k] = v.detach().to('cpu').contiguous()
+    return out
+
+
+def _write_safetensors(tensors: Dict[str, torch.Tensor], path: Path, metadata: Optional[Dict[str, str]] = None):
+    from safetensors.torch import save
+    # Tied/shared storages are cloned so that safetensors accepts them.
+    tensors = {k: v.clone() for k, v in _contiguous_cpu(tensors).items()}
+    data = save(tensors, metadata=metadata)
+    with open(path, 'wb') as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(
+        run_dir: Union[str, Path],
+        step: int,
+        weights: Dict[str, Dict[str, torch.Tensor]],
+        state: Dict[str, Any],
+        meta: Dict[str, Any],
+        keep_last: int = 3,
+) -> Path:
+    """Atomically write checkpoint ``step`` under ``run_dir/checkpoints`` and prune to the last ``keep_last``.
+
+    Args:
+        weights: ``{'model': sd, 'ema': sd, 'head': sd}`` (each written as ``<name>.safetensors``).
+        state: everything else (written with ``torch.save`` as ``state.pt``; tensors, numbers, strings only).
+        meta: JSON-serialisable run information (step, epoch, config, metrics).
+    """
+    ckpt_root = Path(run_dir) / 'checkpoints'
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"{_PREFIX}{step:08d}"
+    tmp = ckpt_root / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    files: Dict[str, str] = {}
+    for name, sd in weights.items():
+        if sd is None:
+            continue
+        path = tmp / f"{name}.safetensors"
+        _write_safetensors(sd, path, metadata={'format': 'pt', 'step': str(step)})
+        files[path.name] = _sha256(path)
+    state_path = tmp / 'state.pt'
+    with open(state_path, 'wb') as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    files[state_path.name] = _sha256(state_path)
+    meta = dict(meta, step=step, files=files, format='msconv-checkpoint-v1')
+    with open(tmp / 'meta.json', 'w') as f:
+        json.dump(meta, f, indent=1, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving the same step (e.g. epoch end right after a periodic save)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(ckpt_root)
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Union[str, Path]) -> List[Path]:
+    """Checkpoint folders of a run, oldest first (temporary, unfinished folders excluded)."""
+    root = Path(run_dir) / 'checkpoints'
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and p.name[len(_PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(_PREFIX):]))
+
+
+def load_checkpoint(path: Union[str, Path]) -> Tuple[Dict[str, Dict[str, torch.Tensor]], Dict[str, Any], Dict]:
+    """Read and verify a checkpoint folder: ``(weights, state, meta)``.
+
+    Raises ``CheckpointError`` naming the file that is missing, truncated or does not match its recorded hash.
+    """
+    from safetensors.torch import load_file
+    path = Path(path)
+    meta_path = path / 'meta.json'
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a folder (expected <run>/checkpoints/step-N/)")
+    try:
+        meta = json.loads(meta_path.read_text())
+        files = meta['files']
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file {str(meta_path)!r} is missing (the checkpoint is incomplete)")
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint file {str(meta_path)!r} is truncated or corrupt: {e}") from e
+    for name, digest in files.items():
+        fpath = path / name
+        if not fpath.is_file():
+            raise CheckpointError(f"checkpoint file {str(fpath)!r} is missing")
+        if _sha256(fpath) != digest:
+            raise CheckpointError(
+                f"checkpoint file {str(fpath)!r} is truncated or corrupt (its SHA-256 does not match meta.json)"
+            )
+    weights = {}
+    for name in files:
+        if name.endswith('.safetensors'):
+            try:
+                weights[name[:-len('.safetensors')]] = load_file(str(path / name), device='cpu')
+            except Exception as e:
+                raise CheckpointError(f"checkpoint file {str(path / name)!r} is not a readable safetensors file: {e}")
+    try:
+        state = torch.load(str(path / 'state.pt'), map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint file {str(path / 'state.pt')!r} cannot be read: {e}") from e
+    return weights, state, meta
+
+
+def latest_good_checkpoint(run_dir: Union[str, Path]):
+    """``(path, weights, state, meta)`` of the newest checkpoint that verifies, or None when there is none.
+
+    Each bad checkpoint met on the way is reported with a warning naming its bad file.
+    """
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            weights, state, meta = load_checkpoint(path)
+        except CheckpointError as e:
+            warnings.warn(f"{e}; falling back to the previous checkpoint", stacklevel=2)
+            continue
+        return path, weights, state, meta
+    return None

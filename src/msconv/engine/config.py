@@ -1,0 +1,319 @@
+"""Training configuration: one dataclass, per-family presets, YAML files, and checks before any work starts.
+
+Precedence, lowest first: dataclass defaults < preset (``'imagenet'``: the family's official ImageNet-1K recipe,
+or ``'demo'``: small and fast) < YAML file < explicit overrides (CLI flags). ``resolve_config`` returns the
+merged, validated ``TrainConfig``; ``save_config`` writes it beside the run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+
+__all__ = ['TrainConfig', 'PRESETS', 'resolve_config', 'load_yaml', 'save_config', 'family_of']
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of ``msconv.train``. Learning rates are given for ``lr_base_size`` images per optimizer step
+    and scaled linearly to the actual global batch (``batch_size * accum_steps``), as the official code does."""
+    model: str = ''
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)
+    init_checkpoint: Optional[str] = None  # weights to start from (official or msconv format)
+    task: str = 'classification'  # or 'face'
+    preset: str = 'imagenet'
+
+    # data
+    data: str = 'digits'  # 'digits' or an ImageFolder root with train/ and val/
+    image_size: Optional[int] = None  # None: the model's pretrained_cfg input size (32 for the digits)
+    num_workers: int = 2
+    # face task
+    face_val_bins: List[str] = field(default_factory=list)
+    embedding_size: int = 512
+    margin: str = 'arcface'  # or 'cosface'
+    margin_s: float = 64.0
+    margin_m: float = 0.5
+
+    # schedule and optimizer
+    epochs: int = 300
+    max_steps: Optional[int] = None  # stop after this many optimizer steps (the schedule still spans `epochs`)
+    batch_size: int = 128  # global batch per micro-step (split over torchrun ranks)
+    accum_steps: int = 1
+    opt: str = 'adamw'
+    lr: float = 1e-3
+    warmup_lr: float = 1e-7
+    min_lr: float = 1e-6
+    lr_base_size: Optional[int] = 512  # None: learning rates are absolute
+    weight_decay: float = 0.05
+    opt_eps: float = 1e-8
+    opt_betas: Tuple[float, float] = (0.9, 0.999)
+    sched: str = 'cosine'
+    warmup_epochs: float = 5.0
+    clip_grad: Optional[float] = 5.0
+
+    # regularisation and augmentation (timm)
+    drop_path: float = 0.1
+    smoothing: float = 0.1
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_mode: str = 'batch'
+    auto_augment: Optional[str] = 'rand-m9-mstd0.5-inc1'
+    color_jitter: float = 0.4
+    re_prob: float = 0.25
+    re_mode: str = 'pixel'
+    re_count: int = 1
+    hflip: float = 0.5
+    scale: Tuple[float, float] = (0.08, 1.0)
+    ratio: Tuple[float, float] = (3 / 4, 4 / 3)
+    interpolation: str = 'bicubic'
+    crop_pct: Optional[float] = None  # None: the model's pretrained_cfg crop_pct
+
+    # runtime
+    device: str = 'auto'  # 'auto', 'cpu', 'cuda', 'cuda:1', ...
+    amp: bool = True
+    amp_dtype: str = 'auto'  # 'auto' (bf16 on CPU and on GPUs that support it, else fp16), 'bfloat16', 'float16'
+    channels_last: bool = False
+    ema: bool = False
+    ema_decay: float = 0.9998
+    ema_warmup: bool = False
+    sync_bn: bool = False
+    seed: int = 0
+    deterministic: bool = False
+    sparsity: Optional[Dict[str, Any]] = None  # ShiftWise sparse training (opt-in)
+
+    # output, checkpoints, safety
+    output: str = 'runs'
+    name: Optional[str] = None  # run folder name; default '<model>-<data>'
+    ckpt_every: int = 500  # optimizer steps between checkpoints (0: only at epoch ends and on exit)
+    keep_last: int = 3
+    resume: Optional[str] = None  # 'auto' (latest in the run folder), a checkpoint folder, or None
+    eval_every: int = 1  # epochs
+    log_every: int = 10  # steps between metric lines
+    progress: bool = True
+    nan_policy: str = 'abort'  # 'abort' or 'skip' a step whose loss is NaN/inf
+    plot: bool = True
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        return d
+
+
+# The official ImageNet-1K recipes (reference notes: smt.md §5, scsc.md §4.3, shiftwise.md §5).
+_IMAGENET_COMMON = dict(
+    epochs=300, opt='adamw', weight_decay=0.05, opt_eps=1e-8, opt_betas=(0.9, 0.999), sched='cosine',
+    smoothing=0.1, cutmix=1.0, mixup_prob=1.0, mixup_switch_prob=0.5, mixup_mode='batch',
+    auto_augment='rand-m9-mstd0.5-inc1', color_jitter=0.4, re_prob=0.25, re_mode='pixel', re_count=1, hflip=0.5,
+    scale=(0.08, 1.0), interpolation='bicubic', ema=False,
+)
+PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
+    'imagenet': {
+        # SMT: 8x128=1024 images, LR 1e-3/1e-7/1e-6 per 512, 5 warm-up epochs, clip 5, AMP, Mixup 0.2.
+        # Drop path per size (T 0.1, S 0.2, B 0.3, L 0.4) is set by model name in `_model_overrides`.
+        'smt': dict(_IMAGENET_COMMON, batch_size=1024, lr=1e-3, warmup_lr=1e-7, min_lr=1e-6, lr_base_size=512,
+                    warmup_epochs=5, clip_grad=5.0, mixup=0.2, drop_path=0.1, amp=True),
+        # SCSC (Swin pipeline): 1024 images, LR 1e-3/5e-7/5e-6 per 512, 20 warm-up epochs, clip 5, Mixup 0.8.
+        'scsc': dict(_IMAGENET_COMMON, batch_size=1024, lr=1e-3, warmup_lr=5e-7, min_lr=5e-6, lr_base_size=512,
+                     warmup_epochs=20, clip_grad=5.0, mixup=0.8, drop_path=0.1, amp=True),
+        # ShiftWise SW-T (ConvNeXt pipeline): 8x64x8 = 4096 images, absolute LR 4e-3, min 1e-6, 5 warm-up epochs,
+        # no clipping, fp32, drop path 0.2, SyncBN, coarse sparsity 0.3.
+        'shiftwise': dict(_IMAGENET_COMMON, batch_size=512, accum_steps=8, lr=4e-3, warmup_lr=0.0, min_lr=1e-6,
+                          lr_base_size=None, warmup_epochs=5, clip_grad=None, mixup=0.8, drop_path=0.2, amp=False,
+                          sync_bn=True, sparsity=dict(sparsity=0.3, prune_rate=0.3, update_every=100, gap=131)),
+    },
+    # Small and fast: the bundled digits at 32x32, a few epochs on CPU. Light augmentation (no flips for digits).
+    'demo': {
+        fam: dict(
+            data='digits', image_size=32, epochs=4, batch_size=64, accum_steps=1, lr=2e-3, warmup_lr=1e-5,
+            min_lr=1e-5, lr_base_size=None, warmup_epochs=0.5, weight_decay=0.05, clip_grad=5.0, drop_path=0.0,
+            smoothing=0.1, mixup=0.0, cutmix=0.0, auto_augment=None, color_jitter=0.0, re_prob=0.0, hflip=0.0,
+            scale=(0.85, 1.0), ratio=(0.9, 1.1), interpolation='bilinear', crop_pct=1.0, amp=False, ema=False,
+            num_workers=0, ckpt_every=0, keep_last=1, log_every=20, sparsity=None,
+        ) for fam in ('smt', 'scsc', 'shiftwise')
+    },
+}
+
+_FIELDS = {f.name: f for f in fields(TrainConfig)}
+_CHOICES = {
+    'task': ('classification', 'face'),
+    'margin': ('arcface', 'cosface'),
+    'amp_dtype': ('auto', 'bfloat16', 'float16'),
+    'nan_policy': ('abort', 'skip'),
+    'mixup_mode': ('batch', 'pair', 'elem'),
+    're_mode': ('const', 'rand', 'pixel'),
+    'interpolation': ('bilinear', 'bicubic', 'nearest', 'random'),
+}
+
+
+def family_of(model_name: str) -> Optional[str]:
+    """msconv family of a model name, or None for a plain timm model."""
+    from ..models import model_family
+    try:
+        return model_family(model_name)
+    except ValueError:
+        return None
+
+
+def _model_overrides(model_name: str, preset: str) -> Dict[str, Any]:
+    if preset != 'imagenet':
+        return {}
+    # SMT drop-path per size (smt.md §5).
+    for size, dp in (('tiny', 0.1), ('small', 0.2), ('base', 0.3), ('large', 0.4)):
+        if model_name.startswith('smt_') and size in model_name:
+            return {'drop_path': dp}
+    return {}
+
+
+def load_yaml(path: Union[str, Path]) -> Dict[str, Any]:
+    import yaml
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r} does not exist")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {str(path)!r} must hold a mapping of option: value, got {type(data).__name__}")
+    return data
+
+
+def _coerce(name: str, value: Any) -> Any:
+    if name not in _FIELDS:
+        import difflib
+        close = difflib.get_close_matches(name, list(_FIELDS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ''
+        raise ValueError(f"unknown config option {name!r}{hint}")
+    default = _FIELDS[name].default
+    if isinstance(default, tuple) and isinstance(value, (list, tuple)):
+        return tuple(value)
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def resolve_config(
+        config: Union[TrainConfig, Mapping[str, Any], str, Path, None] = None,
+        overrides: Optional[Mapping[str, Any]] = None,
+        check_paths: bool = True,
+) -> TrainConfig:
+    """Merge defaults < preset < ``config`` (a TrainConfig, a dict or a YAML path) < ``overrides``, then validate.
+
+    The preset is looked up for the model's family ('imagenet' presets for the three msconv families; a timm
+    model gets the dataclass defaults). ``model`` must be given somewhere.
+    """
+    if isinstance(config, TrainConfig):
+        user: Dict[str, Any] = config.to_dict()
+        explicit = set()  # a TrainConfig is already complete: presets do not apply over it
+        base = dict(user)
+    else:
+        user = load_yaml(config) if isinstance(config, (str, Path)) else dict(config or {})
+        explicit = set(user)
+        base = None
+    overrides = {k: v for k, v in dict(overrides or {}).items() if v is not None}
+    merged_user = {**user, **overrides}
+    for k, v in list(merged_user.items()):
+        merged_user[k] = _coerce(k, v)
+
+    model = merged_user.get('model')
+    if not model or not isinstance(model, str):
+        raise ValueError("model: a model name is required, e.g. 'smt_tiny' (see `msconv list`)")
+    preset = merged_user.get('preset', TrainConfig.preset)
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+
+    if base is None:
+        values: Dict[str, Any] = TrainConfig().to_dict()
+        fam = family_of(model)
+        if fam is not None:
+            values.update(PRESETS[preset][fam])
+        elif preset == 'demo':
+            values.update(PRESETS['demo']['smt'])
+        values.update(_model_overrides(model, preset))
+        values.update(merged_user)
+    else:
+        values = {**base, **{k: v for k, v in merged_user.items() if k in overrides}}
+    values = {k: _coerce(k, v) for k, v in values.items()}
+    cfg = TrainConfig(**values)
+    validate_config(cfg, check_paths=check_paths)
+    return cfg
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+def validate_config(cfg: TrainConfig, check_paths: bool = True) -> None:
+    """Reject bad values with a message that says what to fix (called before any work starts)."""
+    from ..models import list_models
+    import timm
+    if family_of(cfg.model) is None and cfg.model not in timm.list_models() and not timm.is_model(cfg.model):
+        from ..models._registry import unknown_model_message
+        raise ValueError(unknown_model_message(cfg.model))
+    for name, choices in _CHOICES.items():
+        _require(getattr(cfg, name) in choices, f"{name} must be one of {choices}, got {getattr(cfg, name)!r}")
+    for name in ('batch_size', 'accum_steps', 'epochs'):
+        v = getattr(cfg, name)
+        _require(isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                 f"{name} must be a positive integer, got {v!r}")
+    _require(cfg.max_steps is None or (isinstance(cfg.max_steps, int) and cfg.max_steps >= 1),
+             f"max_steps must be a positive integer or None, got {cfg.max_steps!r}")
+    _require(isinstance(cfg.num_workers, int) and cfg.num_workers >= 0,
+             f"num_workers must be an integer >= 0, got {cfg.num_workers!r}")
+    for name in ('lr', 'warmup_lr', 'min_lr', 'weight_decay', 'drop_path', 'smoothing', 'mixup', 'cutmix',
+                 're_prob', 'hflip', 'color_jitter', 'warmup_epochs'):
+        v = getattr(cfg, name)
+        _require(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0,
+                 f"{name} must be a finite number >= 0, got {v!r}")
+    _require(cfg.lr > 0, f"lr must be > 0, got {cfg.lr!r}")
+    for name in ('drop_path', 'smoothing', 're_prob', 'hflip', 'mixup_prob', 'mixup_switch_prob'):
+        v = getattr(cfg, name)
+        _require(0 <= v <= 1, f"{name} must be in [0, 1], got {v!r}")
+    _require(cfg.clip_grad is None or cfg.clip_grad > 0, f"clip_grad must be > 0 or None, got {cfg.clip_grad!r}")
+    _require(cfg.lr_base_size is None or cfg.lr_base_size >= 1,
+             f"lr_base_size must be a positive integer or None, got {cfg.lr_base_size!r}")
+    _require(cfg.image_size is None or (isinstance(cfg.image_size, int) and cfg.image_size >= 8),
+             f"image_size must be an integer >= 8 or None, got {cfg.image_size!r}")
+    _require(cfg.ckpt_every >= 0, f"ckpt_every must be >= 0 (0: only at epoch ends), got {cfg.ckpt_every!r}")
+    _require(cfg.keep_last >= 1, f"keep_last must be >= 1, got {cfg.keep_last!r}")
+    _require(cfg.eval_every >= 1, f"eval_every must be >= 1, got {cfg.eval_every!r}")
+    _require(cfg.log_every >= 1, f"log_every must be >= 1, got {cfg.log_every!r}")
+    _require(0 < cfg.ema_decay < 1, f"ema_decay must be in (0, 1), got {cfg.ema_decay!r}")
+    _require(isinstance(cfg.model_kwargs, dict), f"model_kwargs must be a mapping, got {cfg.model_kwargs!r}")
+    _require(cfg.device == 'auto' or cfg.device == 'cpu' or cfg.device.startswith('cuda'),
+             f"device must be 'auto', 'cpu' or 'cuda[:N]', got {cfg.device!r}")
+    if cfg.device.startswith('cuda'):
+        import torch
+        _require(torch.cuda.is_available(), f"device {cfg.device!r} was asked for but CUDA is not available")
+    if cfg.task == 'face':
+        _require(cfg.data != 'digits', "task 'face' needs --data PATH to a folder of identity subfolders")
+        _require(cfg.embedding_size >= 2, f"embedding_size must be >= 2, got {cfg.embedding_size!r}")
+    if check_paths:
+        if cfg.data != 'digits':
+            root = Path(cfg.data)
+            _require(root.is_dir(), f"data {cfg.data!r}: no such folder. Pass an ImageFolder root (train/, val/) "
+                                    f"or 'digits' for the bundled MNIST digits.")
+            if cfg.task == 'classification':
+                from ..data.loader import check_image_folder
+                check_image_folder(root, 'train')
+                check_image_folder(root, 'val')
+        else:
+            from ..data.digits import digits_path
+            digits_path()
+        for b in cfg.face_val_bins:
+            _require(Path(b).is_file(), f"face_val_bins: {b!r} does not exist (expected a verification .bin file)")
+        if cfg.init_checkpoint is not None:
+            _require(Path(cfg.init_checkpoint).is_file(), f"init_checkpoint {cfg.init_checkpoint!r} does not exist")
+
+
+def save_config(cfg: TrainConfig, path: Union[str, Path]) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    import yaml
+    from .checkpoint import atomic_write_bytes
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    atomic_write_bytes(Path(path), text.encode())

@@ -1,0 +1,176 @@
+"""Evaluation: top-1/top-5 and loss of a classifier over a loader (DDP-aware), and ``msconv.evaluate`` for a
+saved model on a dataset."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ['evaluate', 'evaluate_loader', 'autocast_context']
+
+
+def autocast_context(device: torch.device, amp: bool, dtype: Optional[torch.dtype]):
+    if not amp or dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def evaluate_loader(
+        model: nn.Module,
+        loader,
+        device: torch.device,
+        amp_dtype: Optional[torch.dtype] = None,
+        channels_last: bool = False,
+        world_size: int = 1,
+        rank: int = 0,
+) -> Dict[str, float]:
+    """Top-1 / top-5 accuracy (%) and mean cross-entropy over ``loader``.
+
+    Under torchrun each rank evaluates its share; the padding DistributedSampler adds to even out the shares is
+    excluded, so every sample counts exactly once.
+    """
+    was_training = model.training
+    model.eval()
+    n_total = len(loader.dataset)
+    sums = torch.zeros(4, dtype=torch.float64)  # correct1, correct5, loss_sum, count
+    local_pos = 0
+    for x, y in loader:
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast_context(device, amp_dtype is not None, amp_dtype):
+            logits = model(x)
+        logits = logits.float()
+        b = y.shape[0]
+        positions = (torch.arange(local_pos, local_pos + b) * world_size + rank).to(device)
+        keep = positions < n_total
+        local_pos += b
+        if not keep.any():
+            continue
+        logits, y = logits[keep], y[keep]
+        k = min(5, logits.shape[1])
+        topk = logits.topk(k, dim=1).indices
+        correct = topk.eq(y[:, None])
+        sums += torch.tensor([correct[:, 0].sum().item(), correct.any(1).sum().item(),
+                              F.cross_entropy(logits, y, reduction='sum').item(), y.shape[0]], dtype=torch.float64)
+    if world_size > 1:
+        dist.all_reduce(sums)
+    model.train(was_training)
+    count = max(sums[3].item(), 1.0)
+    return {'top1': 100.0 * sums[0].item() / count, 'top5': 100.0 * sums[1].item() / count,
+            'val_loss': sums[2].item() / count, 'count': int(sums[3].item())}
+
+
+def _find_run_config(path: Path) -> Optional[Path]:
+    for parent in [path] + list(path.parents)[:3]:
+        cand = parent / 'config.yaml'
+        if cand.is_file():
+            return cand
+    return None
+
+
+def evaluate(
+        model: Union[str, nn.Module],
+        checkpoint: Optional[Union[str, Path]] = None,
+        data: str = 'digits',
+        split: str = 'val',
+        batch_size: int = 128,
+        image_size: Optional[int] = None,
+        device: str = 'auto',
+        amp: bool = False,
+        num_workers: int = 0,
+        use_ema: bool = False,
+        **model_kwargs: Any,
+) -> Dict[str, float]:
+    """Evaluate a classifier on ``split`` of ``data`` ('digits' or an ImageFolder root); returns top1/top5/loss.
+
+    Args:
+        model: a model name (built with ``msconv.create_model``) or a module.
+        checkpoint: weights: a ``.safetensors``/``.pth`` file, a training checkpoint folder (``step-N``) or a run
+            folder (its newest good checkpoint). When the checkpoint sits in a run folder, that run's
+            ``config.yaml`` supplies ``model_kwargs``, ``image_size`` and the number of classes.
+        use_ema: evaluate the EMA weights of a training checkpoint.
+    """
+    from .checkpoint import latest_good_checkpoint, load_checkpoint
+    from .config import TrainConfig, load_yaml, _coerce
+    from .distributed import resolve_device
+    from ..data.loader import build_dataset, build_loader
+
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if split not in ('train', 'val'):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    run_cfg: Dict[str, Any] = {}
+    state_dict = None
+    if checkpoint is not None:
+        ckpt = Path(checkpoint)
+        if not ckpt.exists():
+            raise FileNotFoundError(f"checkpoint {str(ckpt)!r} does not exist")
+        cfg_path = _find_run_config(ckpt if ckpt.is_dir() else ckpt.parent)
+        if cfg_path is not None:
+            run_cfg = load_yaml(cfg_path)
+        if ckpt.is_dir() and (ckpt / 'checkpoints').is_dir():
+            found = latest_good_checkpoint(ckpt)
+            if found is None:
+                raise ValueError(f"checkpoint: run folder {str(ckpt)!r} holds no readable checkpoint")
+            weights = found[1]
+        elif ckpt.is_dir():
+            weights = load_checkpoint(ckpt)[0]
+        else:
+            from ..models import read_checkpoint
+            weights = {'model': read_checkpoint(ckpt)}
+        key = 'ema' if use_ema else 'model'
+        if key not in weights:
+            raise ValueError(f"checkpoint {str(ckpt)!r} holds no {key!r} weights (available: {sorted(weights)})")
+        state_dict = weights[key]
+
+    fields = {k: _coerce(k, v) for k, v in run_cfg.items()} if run_cfg else {}
+    cfg = TrainConfig(**fields) if fields else TrainConfig()
+    cfg.data = data
+    if image_size is not None:
+        cfg.image_size = image_size
+    dev = resolve_device(device)
+
+    if cfg.data != 'digits':
+        from ..data.loader import check_image_folder
+        root = Path(cfg.data)
+        if not root.is_dir():
+            raise ValueError(f"data {data!r}: no such folder (expected an ImageFolder root with {split}/ inside)")
+        classes = check_image_folder(root, split)
+    else:
+        from ..data.digits import DIGITS_CLASSES
+        classes = list(DIGITS_CLASSES)
+
+    if isinstance(model, str):
+        from .train import build_model
+        kwargs = dict(cfg.model_kwargs) if run_cfg.get('model') == model else {}
+        kwargs.update(model_kwargs)
+        net = build_model(model, num_classes=len(classes), drop_path=0.0, model_kwargs=kwargs)
+    else:
+        net = model
+    if state_dict is not None:
+        net.load_state_dict(state_dict)
+    net.to(dev)
+
+    data_cfg = _data_config(net, cfg)
+    dataset = build_dataset(cfg, split, data_cfg['size'], data_cfg['mean'], data_cfg['std'], is_training=False)
+    loader, _ = build_loader(dataset, batch_size, shuffle=False, seed=0, num_workers=num_workers)
+    amp_dtype = torch.bfloat16 if amp else None
+    return evaluate_loader(net, loader, dev, amp_dtype=amp_dtype)
+
+
+def _data_config(model: nn.Module, cfg) -> Dict[str, Any]:
+    """Input size, mean, std, crop_pct and interpolation: the config's values, else the model's pretrained_cfg."""
+    from timm.data import resolve_data_config
+    dc = resolve_data_config({}, model=model)
+    size = cfg.image_size or (32 if cfg.data == 'digits' else dc['input_size'][-1])
+    if cfg.crop_pct is None:
+        cfg.crop_pct = 1.0 if cfg.data == 'digits' else dc.get('crop_pct', 0.875)
+    return {'size': int(size), 'mean': dc['mean'], 'std': dc['std']}

