@@ -9,8 +9,11 @@ import msconv
 from msconv.cli import main
 from msconv.tools.export import _onnx_summary, check_onnx, export_onnx
 
-# one tiny test_* model per family present in the registry
-FAMILY_MODELS = [names[0] for names in (msconv.list_models('test_*', family=f) for f in msconv.FAMILIES) if names]
+# one tiny test_* model per family present in the registry (preferring one named after its family)
+FAMILY_MODELS = [
+    next((n for n in names if f in n), names[0])
+    for f, names in ((f, msconv.list_models('test_*', family=f)) for f in msconv.FAMILIES) if names
+]
 
 
 def _input_size(model):

@@ -120,31 +120,26 @@ def test_cpu_sdpa_fallback_formula_matches_torch():
     assert _sdpa_cpu_flop(q, k, v) == sdpa_flop_count(q, k, v)
 
 
-class MergedKernels(nn.Module):
-    """Depthwise 3x3 and 5x5 heads run as one conv whose 3x3 kernels are zero-padded to 5x5 (a common fast form)."""
+
+class WeightProducts(nn.Module):
+    """A kernel built from two factors on every call (weights only), applied to the input; then y @ y^T."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.k3 = nn.Conv2d(4, 4, 3, padding=1, groups=4)
-        self.k5 = nn.Conv2d(4, 4, 5, padding=2, groups=4)
+        self.a = nn.Parameter(torch.randn(6, 4))
+        self.b = nn.Parameter(torch.randn(4, 8))
 
-    def forward(self, x):
-        w = torch.cat([F.pad(self.k3.weight, [1, 1, 1, 1]), self.k5.weight])
-        return F.conv2d(x, w, torch.cat([self.k3.bias, self.k5.bias]), padding=2, groups=8)
-
-
-def test_skip_zero_taps_counts_the_architecture():
-    model = MergedKernels()
-    executed = profile(model, input_size=(8, 10, 10))
-    arch = profile(model, input_size=(8, 10, 10), skip_zero_taps=True)
-    assert executed['macs'] == 100 * 8 * 25
-    assert arch['macs'] == 100 * 4 * (9 + 25)
-    with pytest.raises(ValueError, match='skip_zero_taps'):
-        profile(model, input_size=(8, 10, 10), device='meta', skip_zero_taps=True)
+    def forward(self, x):                      # x: (B, 3, 2, 8) -> tokens (B, 6, 8)
+        t = x.reshape(x.shape[0], 6, 8)
+        w = self.a @ self.b                    # weights only: 6*4*8 MACs
+        y = t @ w.t()                          # activation x weight: B*6*8*6
+        return y @ y.transpose(1, 2)           # activation x activation: B*6*6*6
 
 
-def test_smt_tiny_architectural_macs_match_the_official_readme():
-    # SMT's README (ptflops, no attention matmuls): 2.4G; analytic conv+linear count 2.38G
-    import msconv
-    stats = profile(msconv.create_model('smt_tiny'), skip_zero_taps=True)
-    assert round(stats['macs_conv_linear'] / 1e9, 2) == 2.38
+@pytest.mark.parametrize('device', ['cpu', 'meta'])
+def test_operands_classified_by_data_flow(device):
+    stats = profile(WeightProducts(), input_size=(3, 2, 8), batch_size=2, device=device)
+    assert stats['macs_other'] == 6 * 4 * 8
+    assert stats['macs_conv_linear'] == 2 * 6 * 8 * 6
+    assert stats['macs_attention'] == 2 * 6 * 6 * 6
+    assert stats['activations'] == 2 * 6 * 6 + 2 * 6 * 6  # weight-only products are not activations

@@ -1,8 +1,9 @@
-"""The Markdown model table (name, params, MACs at 224, paper top-1, paper) generated from the registry.
+"""The Markdown model table (name, input, params, MACs, paper top-1, paper) generated from the registry.
 
 ``render()`` builds it from what the models themselves declare: the family and paper top-1 given to
 ``@register_model`` (``msconv.models.model_info``), the paper link from the pretrained cfg (``paper_ids``), and
-params and MACs counted by :func:`msconv.tools.profile.profile` on the meta device at 3x224x224. The README
+params and MACs counted by :func:`msconv.tools.profile.profile` on the meta device at the default cfg's input
+size (224x224 for the ImageNet models). The README
 includes it between ``<!-- model-table:start -->`` and ``<!-- model-table:end -->`` and ``docs/models.md``
 holds it too; ``python -m msconv.tools.model_table --write`` regenerates both and a test keeps them in sync.
 """
@@ -37,10 +38,17 @@ def _paper_link(name: str, paper: Optional[str]) -> str:
     return title or '-'
 
 
-def table_rows(include_test: bool = False, skip_zero_taps: bool = False) -> List[Dict[str, Any]]:
+def _input_size(name: str) -> tuple:
+    """The default pretrained cfg's input size (3x224x224 for ImageNet models, 112x112 for face models)."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    return tuple(getattr(cfg, 'input_size', None) or INPUT_SIZE)
+
+
+def table_rows(include_test: bool = False) -> List[Dict[str, Any]]:
     """One dict per registered model (``test_*`` models left out unless ``include_test``): families in
-    ``FAMILIES`` order, by parameter count within a family. ``skip_zero_taps``: count the architecture's MACs
-    (see :func:`msconv.tools.profile.profile`; builds each model with real weights, slower)."""
+    ``FAMILIES`` order, by parameter count within a family."""
     from msconv.models import FAMILIES, list_models, model_info
     from msconv.tools.profile import profile
 
@@ -51,13 +59,10 @@ def table_rows(include_test: bool = False, skip_zero_taps: bool = False) -> List
             if name.startswith('test_') and not include_test:
                 continue
             info = model_info(name)
-            if skip_zero_taps:
-                from msconv.tools._common import build_model
-                stats = profile(build_model(name), input_size=INPUT_SIZE, skip_zero_taps=True)
-            else:
-                stats = profile(name, input_size=INPUT_SIZE)
+            size = _input_size(name)
+            stats = profile(name, input_size=size)
             family_rows.append(dict(
-                model=name, family=family, params=stats['params'], macs=stats['macs'],
+                model=name, family=family, input_size=size, params=stats['params'], macs=stats['macs'],
                 macs_attention=stats['macs_attention'], paper_top1=info.get('paper_top1'),
                 paper=_paper_link(name, info.get('paper')),
             ))
@@ -65,26 +70,25 @@ def table_rows(include_test: bool = False, skip_zero_taps: bool = False) -> List
     return rows
 
 
-def render(include_test: bool = False, skip_zero_taps: bool = False) -> str:
+def render(include_test: bool = False) -> str:
     """The Markdown table (ends with a newline)."""
     lines = [
-        '| Model | Family | Params (M) | GMACs @224 | of which attention | Paper top-1 (%) | Paper |',
-        '|---|---|---:|---:|---:|---:|---|',
+        '| Model | Family | Input | Params (M) | GMACs | of which attention | Paper top-1 (%) | Paper |',
+        '|---|---|---:|---:|---:|---:|---:|---|',
     ]
-    for r in table_rows(include_test, skip_zero_taps):
+    for r in table_rows(include_test):
         top1 = f"{r['paper_top1']:.1f}" if r['paper_top1'] is not None else '-'
         lines.append(
-            f"| `{r['model']}` | {r['family']} | {r['params'] / 1e6:.2f} | {r['macs'] / 1e9:.2f} | "
+            f"| `{r['model']}` | {r['family']} | {r['input_size'][1]} | {r['params'] / 1e6:.2f} | {r['macs'] / 1e9:.2f} | "
             f"{r['macs_attention'] / 1e9:.2f} | {top1} | {r['paper']} |"
         )
     lines.append('')
-    counted = ('Zero kernel taps are skipped: these are the architecture\'s MACs.' if skip_zero_taps else
-               'They are the operations the forward pass executes: a fast form that zero-pads kernels to merge '
-               'them is counted with its padded taps (`msconv profile --skip-zero-taps` counts the architecture).')
     lines.append(
-        'MACs are counted with `torch.utils.flop_counter` on the forward pass at 224x224 (MACs = FLOPs / 2) and '
-        'include the attention matmuls, which most model cards leave out. ' + counted + ' '
-        'Paper top-1: ImageNet-1K accuracy reported by the paper for the released weights at 224x224.'
+        'MACs are counted with `torch.utils.flop_counter` on one forward pass at the model\'s default input size '
+        '(Input x Input; MACs = FLOPs / 2), with '
+        'every operator in its plain reference form (the architecture\'s cost, not a fast form\'s zero padding), '
+        'and include the attention matmuls, which most model cards leave out. '
+        'Paper top-1: ImageNet-1K accuracy reported by the paper for the released weights.'
     )
     return '\n'.join(lines) + '\n'
 

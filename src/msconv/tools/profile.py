@@ -6,10 +6,11 @@ grouped/depthwise convolutions are counted from their weight shape. Units:
 
 * ``macs``: multiply-accumulates of the whole forward pass (``FlopCounterMode`` FLOPs / 2). This is the
   number papers print as "FLOPs" (SMT's "2.4G", fvcore, timm's ``gmacs``).
-* ``macs_conv_linear``: convolutions and ``mm``/``addmm`` (linear layers: a weight times activations).
-* ``macs_attention``: batched matmuls (``bmm``/``baddbmm``, i.e. ``q @ k^T`` and ``attn @ v``) and fused
-  scaled-dot-product attention: activations times activations. Official model cards usually leave these out
-  (SMT's README numbers are ``macs_conv_linear``).
+* ``macs_conv_linear``: convolutions and matmuls of a weight with activations (linear layers, 1x1 convs).
+* ``macs_attention``: matmuls of two activations (``q @ k^T``, ``attn @ v``) and fused scaled-dot-product
+  attention. Official model cards usually leave these out (SMT's README numbers are ``macs_conv_linear``).
+* ``macs_other``: the rest, mainly products of weights alone (a fast form building its merged kernel from
+  its parameters on every call); activations are tensors computed from the input, followed op by op.
 * ``activations``: output elements of the convolution, linear and matmul ops (fvcore's
   ``ActivationCountAnalysis`` convention, timm's ``macts``); fused attention counts as its two matmuls
   (``B*H*L*S + B*H*L*Ev``) so that it matches the same attention written with ``@``.
@@ -24,13 +25,14 @@ full-size models in well under a second with no memory: only shapes are computed
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, flop_registry
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, shape_wrapper
 
 from ..layers import reference_forms
 from ._common import build_model
@@ -47,9 +49,8 @@ _SDPA_OPS = tuple(
         '_scaled_dot_product_cudnn_attention',
     ) if hasattr(aten, name)
 )
-_ATTENTION_OPS = (aten.bmm, aten.baddbmm) + _SDPA_OPS
-_CONV_LINEAR_OPS = (aten.mm, aten.addmm, aten.convolution, aten._convolution)
-_ACTIVATION_OPS = (aten.mm, aten.addmm, aten.bmm, aten.baddbmm, aten.convolution, aten._convolution)
+_MATMUL_OPS = (aten.mm, aten.addmm, aten.bmm, aten.baddbmm)
+_CONV_OPS = (aten.convolution, aten._convolution)
 
 
 def _sdpa_cpu_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -59,43 +60,61 @@ def _sdpa_cpu_flop(query_shape, key_shape, value_shape, *args, out_shape=None, *
     return 2 * b * h * l * s * e + 2 * b * h * l * s * ev
 
 
-def _conv_nonzero_taps_flop(x, w, bias, stride, padding, dilation, transposed, *args, out_val=None, **kwargs) -> int:
-    """Convolution FLOPs over the weight's non-zero taps only (a zero-padded merged kernel counts as its parts)."""
-    if transposed:
-        return conv_flop_count(list(x.shape), list(w.shape), list(out_val.shape), transposed=True)
-    positions = out_val.shape[0] * math.prod(out_val.shape[2:])  # output pixels per output channel
-    return 2 * positions * int(torch.count_nonzero(w))
-
-
-_conv_nonzero_taps_flop._get_raw = True  # FlopCounterMode passes tensors, not shapes
-
-
-def _custom_mapping(skip_zero_taps: bool = False) -> Dict[Any, Any]:
-    mapping: Dict[Any, Any] = {}
+def _custom_mapping() -> Dict[Any, Any]:
     op = getattr(aten, '_scaled_dot_product_flash_attention_for_cpu', None)
     if op is not None and op not in flop_registry:  # torch < 2.5 counted CPU SDPA as zero
-        mapping[op] = _sdpa_cpu_flop
-    if skip_zero_taps:
-        mapping.update({aten.convolution: _conv_nonzero_taps_flop, aten._convolution: _conv_nonzero_taps_flop})
-    return mapping
+        return {op: _sdpa_cpu_flop}
+    return {}
 
 
-class _ActivationCounter(TorchDispatchMode):
-    """Sums the output elements of conv / linear / matmul ops (fused attention: its two matmul outputs)."""
+def _operands(packet, args) -> tuple:
+    """The two multiplied operands of a matmul / conv call (addmm and baddbmm carry the bias first)."""
+    if packet in (aten.addmm, aten.baddbmm):
+        return args[1], args[2]
+    return args[0], args[1]
 
-    def __init__(self) -> None:
+
+class _DataFlowCounter(TorchDispatchMode):
+    """Classifies every conv / matmul / attention call by what its operands derive from, and counts activations.
+
+    A tensor is an *activation* when it was computed from the model input (tracked op by op from the input
+    tensor); parameters, buffers and tensors computed from them alone are *weights*. A product of an activation
+    and a weight is conv/linear; of two activations, attention (``q @ k^T``, ``attn @ v``, fused SDPA); of two
+    weights, weight preprocessing (e.g. building a merged kernel), reported as "other".
+    """
+
+    def __init__(self, x: torch.Tensor, formulas: Dict[Any, Any]) -> None:
         super().__init__()
-        self.count = 0
+        self.active = WeakIdKeyDictionary()
+        self.active[x] = True
+        self.formulas = formulas
+        self.flops = {'conv_linear': 0, 'attention': 0, 'other': 0}
+        self.activations = 0
+
+    def _is_active(self, t: Any) -> bool:
+        return isinstance(t, torch.Tensor) and t in self.active
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        flat_in = tree_flatten((args, kwargs))[0]
+        if any(self._is_active(t) for t in flat_in):
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    self.active[t] = True
         packet = getattr(func, 'overloadpacket', None)
-        if packet in _ACTIVATION_OPS:
-            self.count += out.numel()
+        if packet in _MATMUL_OPS or packet in _CONV_OPS:
+            a, b = _operands(packet, args)
+            n_active = self._is_active(a) + self._is_active(b)
+            kind = ('other', 'conv_linear', 'attention')[n_active]
+            self.flops[kind] += self.formulas[packet](*args, out_val=out, **kwargs)
+            if n_active:
+                self.activations += out.numel()
         elif packet in _SDPA_OPS:
             q, k, v = args[:3]
-            b, h, l = q.shape[0], q.shape[1], q.shape[2]
-            self.count += b * h * l * k.shape[-2] + b * h * l * v.shape[-1]
+            self.flops['attention'] += self.formulas[packet](*args, out_val=out, **kwargs)
+            bh_l = q.shape[0] * q.shape[1] * q.shape[2]
+            self.activations += bh_l * k.shape[-2] + bh_l * v.shape[-1]  # as its two matmuls
         return out
 
 
@@ -120,7 +139,6 @@ def profile(
         input_size: Sequence[int] = (3, 224, 224),
         batch_size: int = 1,
         device: Optional[Union[str, torch.device]] = None,
-        skip_zero_taps: bool = False,
 ) -> Dict[str, Any]:
     """Count the parameters, MACs and activations of one forward pass of ``model`` in eval mode.
 
@@ -130,10 +148,6 @@ def profile(
         batch_size: images per forward pass; MACs and activations are totals for the batch.
         device: where to run the counting pass. Default: the model's own device. ``'meta'`` counts shapes only
             (fast, no memory); a model on another device is then deep-copied to meta, the original is untouched.
-        skip_zero_taps: count convolutions over their non-zero weight taps only, i.e. the architecture's MACs
-            rather than the executed ones when a fast form zero-pads kernels to merge them (SMT's mixed-scale
-            depthwise kernels). Needs real weights (not ``'meta'``); a weight that is exactly zero after
-            training would also be skipped.
 
     Returns:
         a dict with ``params``, ``macs``, ``macs_conv_linear``, ``macs_attention``, ``macs_other``, ``flops``
@@ -147,8 +161,6 @@ def profile(
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be an nn.Module or a model name, got {type(model).__name__}")
     target = torch.device(device) if device is not None else _model_device(model)
-    if skip_zero_taps and target.type == 'meta':
-        raise ValueError("skip_zero_taps=True needs real weights: device must not be 'meta'")
     if target != _model_device(model):
         model = copy.deepcopy(model).to(target)
 
@@ -157,17 +169,17 @@ def profile(
     was_training = model.training
     model.eval()
     try:
-        counter = FlopCounterMode(display=False, custom_mapping=_custom_mapping(skip_zero_taps))
-        acts = _ActivationCounter()
-        with counter, acts, reference_forms():  # architecture MACs: e.g. MHMC's 3/5/7/9 taps, not zero padding
+        custom = _custom_mapping()
+        counter = FlopCounterMode(display=False, custom_mapping=custom)
+        flow = _DataFlowCounter(x, {**flop_registry, **{k: shape_wrapper(v) for k, v in custom.items()}})
+        with counter, flow, reference_forms():  # architecture MACs: e.g. MHMC's 3/5/7/9 taps, not zero padding
             model(x)
     finally:
         model.train(was_training)
 
     by_op = {op: int(n) for op, n in counter.get_flop_counts().get('Global', {}).items()}
-    attention = sum(n for op, n in by_op.items() if op in _ATTENTION_OPS)
-    conv_linear = sum(n for op, n in by_op.items() if op in _CONV_LINEAR_OPS)
     total = sum(by_op.values())
+    attention, conv_linear = flow.flops['attention'], flow.flops['conv_linear']
     return dict(
         params=params,
         macs=total // 2,
@@ -175,7 +187,7 @@ def profile(
         macs_attention=attention // 2,
         macs_other=(total - attention - conv_linear) // 2,
         flops=total,
-        activations=acts.count,
+        activations=flow.activations,
         by_op={str(op): n // 2 for op, n in by_op.items()},
         input_size=input_size,
         batch_size=batch_size,
@@ -192,5 +204,6 @@ def format_profile(stats: Dict[str, Any], name: str = '') -> str:
         f"  MACs (total)       {stats['macs'] / 1e9:10.3f} G",
         f"    conv + linear    {stats['macs_conv_linear'] / 1e9:10.3f} G",
         f"    attention matmul {stats['macs_attention'] / 1e9:10.3f} G",
+        f"    other            {stats['macs_other'] / 1e9:10.3f} G",
         f"  activations        {stats['activations'] / 1e6:10.2f} M",
     ])
