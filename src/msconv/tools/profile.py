@@ -11,7 +11,7 @@ grouped/depthwise convolutions are counted from their weight shape. Units:
   attention. Official model cards usually leave these out (SMT's README numbers are ``macs_conv_linear``).
 * ``macs_other``: the rest, mainly products of weights alone (a fast form building its merged kernel from
   its parameters on every call); activations are tensors computed from the input, followed op by op.
-* ``activations``: output elements of the convolution, linear and matmul ops (fvcore's
+* ``activations``: output elements of the convolution, linear and matmul ops applied to activations (fvcore's
   ``ActivationCountAnalysis`` convention, timm's ``macts``); fused attention counts as its two matmuls
   (``B*H*L*S + B*H*L*Ev``) so that it matches the same attention written with ``@``.
 
