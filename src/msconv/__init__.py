@@ -15,6 +15,9 @@ __version__ = '0.1.0'
 # Heavier parts (engine, tools) are imported on first use so that `import msconv` stays light.
 _LAZY = {
     'profile': 'msconv.tools.profile',
+    'benchmark': 'msconv.tools.bench',
+    'export_onnx': 'msconv.tools.export',
+    'compute_erf': 'msconv.tools.erf',
 }
 
 
