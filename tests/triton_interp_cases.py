@@ -146,3 +146,10 @@ def test_auto_dispatch_uses_triton_and_compiles():
     assert len(calls) == 1
     torch.testing.assert_close(y, dw.depthwise_conv2d_reference(x, w, b, 4, (3, 5, 7, 9), True),
                                **TOL[torch.float32])
+
+
+def test_int64_indexing_path(monkeypatch):
+    """The 64-bit index math (taken for tensors with offsets >= 2**31) computes the same thing."""
+    monkeypatch.setattr(dw, '_needs_int64', lambda *tensors: True)
+    _check(*_inputs(13, 3, torch.float32, False, bias=True), padding=(6, 4, 1, 1))
+    _check(*_inputs(5, 5, torch.float32, True, bias=False, gks=(3, 5), interleaved=True), 2, (3, 5), True)

@@ -180,7 +180,7 @@ def _dw_fwd_kernel(
         x_ptr, w_ptr, b_ptr, y_ptr, taps_ptr,
         C, H, W, HO, WO, NROWS, KH, KW, pad_t, pad_l,
         sxb, sxc, sxh, sxw, syb, syc, syh, syw,
-        HAS_BIAS: tl.constexpr, MIXED: tl.constexpr,
+        HAS_BIAS: tl.constexpr, MIXED: tl.constexpr, INT64: tl.constexpr,
         BR: tl.constexpr, BW: tl.constexpr, BC: tl.constexpr,
 ):
     """y[b, c, oh, ow] = sum_{kh, kw} w[c, kh, kw] * x[b, c, oh + kh - pad_t, ow + kw - pad_l] (+ bias[c])."""
@@ -192,10 +192,15 @@ def _dw_fwd_kernel(
     ow = (pid % n_col_tiles) * BW + p % BW
     pos_ok = (r < NROWS) & (ow < WO)
     oh = r % HO
-    b = (r // HO).to(tl.int64)
+    b = r // HO
     c = pid_c * BC + tl.arange(0, BC)
     c_ok = c < C
-    x_chan = c.to(tl.int64) * sxc
+    if INT64:  # element offsets beyond 2**31: 64-bit index math (else 32-bit, fewer registers)
+        b = b.to(tl.int64)
+        oh = oh.to(tl.int64)
+        ow = ow.to(tl.int64)
+        c = c.to(tl.int64)
+    x_chan = c * sxc
     x_img = b * sxb
     if MIXED:
         h_lo = tl.load(taps_ptr + c * 4 + 0, mask=c_ok, other=KH)
@@ -219,7 +224,7 @@ def _dw_fwd_kernel(
     for kh in range(kh_start, kh_stop):
         ih = oh + kh - pad_t
         row_ok = pos_ok & (ih >= 0) & (ih < H)
-        row_off = x_img + ih.to(tl.int64) * sxh
+        row_off = x_img + ih * sxh
         if MIXED:
             ch_h_ok = c_ok & (kh >= h_lo) & (kh < h_hi)
         else:
@@ -237,7 +242,7 @@ def _dw_fwd_kernel(
             acc += xv * wv[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + c, mask=c_ok, other=0.).to(tl.float32)[None, :]
-    y_off = (b * syb + oh.to(tl.int64) * syh + ow.to(tl.int64) * syw)[:, None] + (c.to(tl.int64) * syc)[None, :]
+    y_off = (b * syb + oh * syh + ow * syw)[:, None] + (c * syc)[None, :]
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=pos_ok[:, None] & c_ok[None, :])
 
 
@@ -245,7 +250,7 @@ def _dw_wgrad_kernel(
         x_ptr, g_ptr, pw_ptr, pb_ptr, taps_ptr,
         C, H, W, HO, WO, NPOS, CHUNK, KH, KW, pad_t, pad_l,
         sxb, sxc, sxh, sxw, sgb, sgc, sgh, sgw,
-        MIXED: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr, TP: tl.constexpr,
+        MIXED: tl.constexpr, INT64: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr, TP: tl.constexpr,
 ):
     """Partial sums over one chunk of CHUNK output positions (flattened B*HO*WO) of
     gw[c, kh, kw] = sum g[b, c, oh, ow] * x[b, c, oh + kh - pad_t, ow + kw - pad_l] and gb[c] = sum g[b, c, oh, ow].
@@ -255,8 +260,11 @@ def _dw_wgrad_kernel(
     pid_c = tl.program_id(1)
     c = pid_c * BC + tl.arange(0, BC)
     c_ok = c < C
-    x_chan = c.to(tl.int64) * sxc
-    g_chan = c.to(tl.int64) * sgc
+    c_idx = c
+    if INT64:
+        c_idx = c.to(tl.int64)
+    x_chan = c_idx * sxc
+    g_chan = c_idx * sgc
     t = tl.arange(0, TP)
     kh = t // KW
     kw = t % KW
@@ -278,14 +286,18 @@ def _dw_wgrad_kernel(
         ow = n % WO
         rr = n // WO
         oh = rr % HO
-        b = (rr // HO).to(tl.int64)
-        g_off = (b * sgb + oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw)[:, None] + g_chan[None, :]
+        b = rr // HO
+        if INT64:
+            b = b.to(tl.int64)
+            oh = oh.to(tl.int64)
+            ow = ow.to(tl.int64)
+        g_off = (b * sgb + oh * sgh + ow * sgw)[:, None] + g_chan[None, :]
         g = tl.load(g_ptr + g_off, mask=pos_ok[:, None] & c_ok[None, :], other=0.).to(tl.float32)  # (BP, BC)
         acc_b += tl.sum(g, axis=0)
         ih = oh[:, None] + kh[None, :] - pad_t  # (BP, TP)
         iw = ow[:, None] + kw[None, :] - pad_l
         ok = pos_ok[:, None] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        x_off = b[:, None] * sxb + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw  # (BP, TP)
+        x_off = b[:, None] * sxb + ih * sxh + iw * sxw  # (BP, TP)
         xv = tl.load(x_ptr + x_off[:, :, None] + x_chan[None, None, :],
                      mask=ok[:, :, None] & tap_ok[None, :, :], other=0.).to(tl.float32)  # (BP, TP, BC)
         acc += tl.sum(xv * g[:, None, :], axis=0)
@@ -343,13 +355,17 @@ def _fwd_config(channels_last: bool, C: int, rows: int, WO: int) -> dict:
 
 
 def _wgrad_config(channels_last: bool, C: int, taps_p2: int) -> dict:
+    """BP positions x TP taps x BC channels per step, about 2048 products (int32 indexing: ~80-130 registers
+    per thread on sm_90 at 4 warps, checked offline with ptxas)."""
     cfg = LAUNCH_OVERRIDES.get('wgrad', {}).get('nhwc' if channels_last else 'nchw')
     if cfg:
         return dict(cfg)
     if channels_last:
-        bc = min(32, _next_pow2(C))
-        return dict(BP=max(1, 4096 // (taps_p2 * bc)), BC=bc, num_warps=4)
-    return dict(BP=max(16, min(512, 4096 // taps_p2)), BC=1, num_warps=4)
+        bc = min(16, _next_pow2(C))
+        bp = max(1, 2048 // (taps_p2 * bc))
+    else:
+        bc, bp = 1, max(8, min(256, 2048 // taps_p2))
+    return dict(BP=bp, BC=bc, num_warps=8 if bp * taps_p2 * bc >= 4096 else 4)
 
 
 @functools.lru_cache(maxsize=64)
@@ -403,7 +419,7 @@ def _launch_fwd(x, weight, bias, pads, out_hw, taps) -> torch.Tensor:
             x, w, bias if bias is not None else w, y, taps if taps is not None else w,
             C, H, W, HO, WO, B * HO, KH, KW, pads[0], pads[1],
             *x.stride(), *y.stride(),
-            HAS_BIAS=bias is not None, MIXED=taps is not None,
+            HAS_BIAS=bias is not None, MIXED=taps is not None, INT64=_needs_int64(x, y),
             BR=cfg['BR'], BW=cfg['BW'], BC=cfg['BC'], **extra)
     return y
 
@@ -432,9 +448,14 @@ def _launch_wgrad(x, grad_out, kernel_size, pads, taps) -> Tuple[torch.Tensor, t
             x, g, pw, pb, taps if taps is not None else pb,
             C, H, W, HO, WO, n_pos, chunk, KH, KW, pads[0], pads[1],
             *x.stride(), *g.stride(),
-            MIXED=taps is not None, BP=cfg['BP'], BC=cfg['BC'], TP=tp, **extra)
+            MIXED=taps is not None, INT64=_needs_int64(x, g), BP=cfg['BP'], BC=cfg['BC'], TP=tp, **extra)
     grad_w = pw.sum(0).t().contiguous().reshape(C, 1, KH, KW)
     return grad_w, pb.sum(0)
+
+
+def _needs_int64(*tensors: torch.Tensor) -> bool:
+    """Whether some element offset (in elements, of any of the tensors) can reach 2**31."""
+    return any(sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) >= 2 ** 31 - 1 for t in tensors)
 
 
 def _device_guard(x: torch.Tensor):
