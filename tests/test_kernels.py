@@ -183,3 +183,12 @@ def test_kernels_compile_for_sm90_offline(kind, channels_last, mixed, dtype):
     compiled = triton.compile(ASTSource(fn, signature, consts), target=GPUTarget('cuda', 90, 32),
                               options=dict(num_warps=cfg['num_warps']))
     assert len(compiled.asm['cubin']) > 0
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    x, w, b = _x(), torch.randn(8, 1, 3, 3), torch.randn(8)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        y = depthwise_conv2d(x, w, b, 1, backend='torch')
+        ref = F.conv2d(x, w, b, padding=1, groups=8)
+    assert y.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y, ref)
