@@ -153,3 +153,15 @@ def test_int64_indexing_path(monkeypatch):
     monkeypatch.setattr(dw, '_needs_int64', lambda *tensors: True)
     _check(*_inputs(13, 3, torch.float32, False, bias=True), padding=(6, 4, 1, 1))
     _check(*_inputs(5, 5, torch.float32, True, bias=False, gks=(3, 5), interleaved=True), 2, (3, 5), True)
+
+
+def test_mixed_block_uniform_channels_last(monkeypatch):
+    """Channel blocks inside one group (here 2 channels per block, 2 per group): the scalar-window mode."""
+    monkeypatch.setitem(dw.LAUNCH_OVERRIDES, 'fwd', {'nhwc': dict(BR=2, BW=8, BC=2, num_warps=4)})
+    monkeypatch.setitem(dw.LAUNCH_OVERRIDES, 'wgrad', {'nhwc': dict(BP=4, BC=2, num_warps=4)})
+    gks = (3, 5, 7, 9)
+    taps = dw._taps_table((9, 9), gks, C, False, False, torch.device('cpu'))
+    assert dw._mixed_mode(taps, 2) == 2 and dw._mixed_mode(taps, 4) == 1 and dw._mixed_mode(None, 2) == 0
+    x, w, b = _inputs(9, 9, torch.float32, True, bias=True, gks=gks)
+    _, gw, _ = _check(x, w, b, 4, gks)
+    assert (gw[dw._tap_mask(w, gks, False) == 0] == 0).all()

@@ -173,7 +173,12 @@ def _reference(x, weight, bias, pads, gks, interleaved):
 # block of BC channels; memory is addressed through explicit strides, so NCHW (BC = 1, long tiles along W) and
 # channels_last (BC channels contiguous) are the same code with a different launch configuration.
 # Per-channel tap windows (the mixed-kernel-size mode) come as an int32 (C, 4) table of
-# [kh_lo, kh_hi, kw_lo, kw_hi); taps outside a channel's window are never loaded.
+# [kh_lo, kh_hi, kw_lo, kw_hi); taps outside a channel's window are never loaded. MIXED selects how:
+#   0: no table, all KH x KW taps;
+#   1: per-channel windows: loop over the block's bounding window; the weights outside a channel's window are
+#      masked to zero, x loads stay channel-uniform (vectorised; cheaper than per-channel scalar loads);
+#   2: every channel block lies in one group (the host checks): the block's window is read once as scalars, so
+#      loads keep channel-uniform masks (vectorisable along contiguous channels) and loops skip the zero taps.
 # ---------------------------------------------------------------------------------------------------------------
 
 def _dw_fwd_kernel(
@@ -183,7 +188,8 @@ def _dw_fwd_kernel(
         HAS_BIAS: tl.constexpr, MIXED: tl.constexpr, INT64: tl.constexpr,
         BR: tl.constexpr, BW: tl.constexpr, BC: tl.constexpr,
 ):
-    """y[b, c, oh, ow] = sum_{kh, kw} w[c, kh, kw] * x[b, c, oh + kh - pad_t, ow + kw - pad_l] (+ bias[c])."""
+    """y[b, c, oh, ow] = sum_{kh, kw} w[c, kh, kw] * x[b, c, oh + kh - pad_t, ow + kw - pad_l] (+ bias[c]).
+    The weight comes transposed, (KH * KW, C), so that a tap's weights for a channel block are one vector load."""
     pid = tl.program_id(0)
     pid_c = tl.program_id(1)
     n_col_tiles = tl.cdiv(WO, BW)
@@ -202,7 +208,7 @@ def _dw_fwd_kernel(
         c = c.to(tl.int64)
     x_chan = c * sxc
     x_img = b * sxb
-    if MIXED:
+    if MIXED == 1:
         h_lo = tl.load(taps_ptr + c * 4 + 0, mask=c_ok, other=KH)
         h_hi = tl.load(taps_ptr + c * 4 + 1, mask=c_ok, other=0)
         w_lo = tl.load(taps_ptr + c * 4 + 2, mask=c_ok, other=KW)
@@ -211,6 +217,16 @@ def _dw_fwd_kernel(
         kh_stop = tl.max(h_hi, axis=0)
         kw_start = tl.min(w_lo, axis=0)
         kw_stop = tl.max(w_hi, axis=0)
+    elif MIXED == 2:
+        c0 = pid_c * BC
+        h_lo = 0
+        h_hi = KH
+        w_lo = 0
+        w_hi = KW
+        kh_start = tl.load(taps_ptr + c0 * 4 + 0)
+        kh_stop = tl.load(taps_ptr + c0 * 4 + 1)
+        kw_start = tl.load(taps_ptr + c0 * 4 + 2)
+        kw_stop = tl.load(taps_ptr + c0 * 4 + 3)
     else:
         h_lo = 0
         h_hi = KH
@@ -225,20 +241,21 @@ def _dw_fwd_kernel(
         ih = oh + kh - pad_t
         row_ok = pos_ok & (ih >= 0) & (ih < H)
         row_off = x_img + ih * sxh
-        if MIXED:
+        if MIXED == 1:
             ch_h_ok = c_ok & (kh >= h_lo) & (kh < h_hi)
         else:
             ch_h_ok = c_ok
         for kw in range(kw_start, kw_stop):
             iw = ow + kw - pad_l
             ok = row_ok & (iw >= 0) & (iw < W)
-            if MIXED:
+            if MIXED == 1:
                 ch_ok = ch_h_ok & (kw >= w_lo) & (kw < w_hi)
             else:
                 ch_ok = ch_h_ok
-            wv = tl.load(w_ptr + c * (KH * KW) + (kh * KW + kw), mask=ch_ok, other=0.).to(tl.float32)
+            wv = tl.load(w_ptr + (kh * KW + kw) * C + c, mask=ch_ok, other=0.).to(tl.float32)
+            # x's mask stays uniform over channels (vectorised loads); in MIXED == 1 the weight is masked instead
             xv = tl.load(x_ptr + (row_off + iw * sxw)[:, None] + x_chan[None, :],
-                         mask=ok[:, None] & ch_ok[None, :], other=0.).to(tl.float32)
+                         mask=ok[:, None] & c_ok[None, :], other=0.).to(tl.float32)
             acc += xv * wv[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + c, mask=c_ok, other=0.).to(tl.float32)[None, :]
@@ -269,13 +286,20 @@ def _dw_wgrad_kernel(
     kh = t // KW
     kw = t % KW
     tap_ok = (t < KH * KW)[:, None] & c_ok[None, :]  # (TP, BC)
-    if MIXED:
+    load_ok = tap_ok  # channel-uniform, so loads vectorise along contiguous channels
+    if MIXED == 1:
         h_lo = tl.load(taps_ptr + c * 4 + 0, mask=c_ok, other=0)
         h_hi = tl.load(taps_ptr + c * 4 + 1, mask=c_ok, other=0)
         w_lo = tl.load(taps_ptr + c * 4 + 2, mask=c_ok, other=0)
         w_hi = tl.load(taps_ptr + c * 4 + 3, mask=c_ok, other=0)
         tap_ok = tap_ok & (kh[:, None] >= h_lo[None, :]) & (kh[:, None] < h_hi[None, :]) \
             & (kw[:, None] >= w_lo[None, :]) & (kw[:, None] < w_hi[None, :])
+    elif MIXED == 2:
+        c0 = pid_c * BC
+        in_window = (kh >= tl.load(taps_ptr + c0 * 4 + 0)) & (kh < tl.load(taps_ptr + c0 * 4 + 1)) \
+            & (kw >= tl.load(taps_ptr + c0 * 4 + 2)) & (kw < tl.load(taps_ptr + c0 * 4 + 3))
+        tap_ok = tap_ok & in_window[:, None]
+        load_ok = tap_ok
     acc = tl.zeros((TP, BC), dtype=tl.float32)
     acc_b = tl.zeros((BC,), dtype=tl.float32)
     start = pid * CHUNK
@@ -299,8 +323,10 @@ def _dw_wgrad_kernel(
         ok = pos_ok[:, None] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         x_off = b[:, None] * sxb + ih * sxh + iw * sxw  # (BP, TP)
         xv = tl.load(x_ptr + x_off[:, :, None] + x_chan[None, None, :],
-                     mask=ok[:, :, None] & tap_ok[None, :, :], other=0.).to(tl.float32)  # (BP, TP, BC)
+                     mask=ok[:, :, None] & load_ok[None, :, :], other=0.).to(tl.float32)  # (BP, TP, BC)
         acc += tl.sum(xv * g[:, None, :], axis=0)
+    if MIXED == 1:  # taps outside a channel's window were summed over channel-uniform loads: zero them
+        acc = tl.where(tap_ok, acc, 0.)
     out_off = (pid * (KH * KW) + t)[:, None].to(tl.int64) * C + c[None, :]
     tl.store(pw_ptr + out_off, acc, mask=(t < KH * KW)[:, None] & c_ok[None, :])
     tl.store(pb_ptr + pid * C + c, acc_b, mask=c_ok)
@@ -409,7 +435,7 @@ def _launch_fwd(x, weight, bias, pads, out_hw, taps) -> torch.Tensor:
     HO, WO = out_hw
     y = torch.empty((B, C, HO, WO), device=x.device, dtype=x.dtype,
                     memory_format=torch.channels_last if cl else torch.contiguous_format)
-    w = weight.reshape(C, KH * KW).contiguous()
+    w = weight.reshape(C, KH * KW).t().contiguous()  # (taps, C): a tap's weights are contiguous over channels
     cfg = _fwd_config(cl, C, B * HO, WO)
     fwd, _ = _kernels(interpreter_active())
     grid = (triton.cdiv(B * HO, cfg['BR']) * triton.cdiv(WO, cfg['BW']), triton.cdiv(C, cfg['BC']))
@@ -419,7 +445,7 @@ def _launch_fwd(x, weight, bias, pads, out_hw, taps) -> torch.Tensor:
             x, w, bias if bias is not None else w, y, taps if taps is not None else w,
             C, H, W, HO, WO, B * HO, KH, KW, pads[0], pads[1],
             *x.stride(), *y.stride(),
-            HAS_BIAS=bias is not None, MIXED=taps is not None, INT64=_needs_int64(x, y),
+            HAS_BIAS=bias is not None, MIXED=_mixed_mode(taps, cfg['BC']), INT64=_needs_int64(x, y),
             BR=cfg['BR'], BW=cfg['BW'], BC=cfg['BC'], **extra)
     return y
 
@@ -448,9 +474,29 @@ def _launch_wgrad(x, grad_out, kernel_size, pads, taps) -> Tuple[torch.Tensor, t
             x, g, pw, pb, taps if taps is not None else pb,
             C, H, W, HO, WO, n_pos, chunk, KH, KW, pads[0], pads[1],
             *x.stride(), *g.stride(),
-            MIXED=taps is not None, INT64=_needs_int64(x, g), BP=cfg['BP'], BC=cfg['BC'], TP=tp, **extra)
+            MIXED=_mixed_mode(taps, cfg['BC']), INT64=_needs_int64(x, g), BP=cfg['BP'], BC=cfg['BC'], TP=tp, **extra)
     grad_w = pw.sum(0).t().contiguous().reshape(C, 1, KH, KW)
     return grad_w, pb.sum(0)
+
+
+def _mixed_mode(taps: Optional[torch.Tensor], block_c: int) -> int:
+    """The kernels' MIXED switch: 0 without a tap table, 2 when every block of ``block_c`` channels shares one tap
+    window (contiguous groups of a multiple of ``block_c`` channels, or ``block_c == 1``), 1 otherwise."""
+    if taps is None:
+        return 0
+    return 2 if _blocks_uniform(taps, block_c) else 1
+
+
+_UNIFORM_CACHE: dict = {}
+
+
+def _blocks_uniform(taps: torch.Tensor, block_c: int) -> bool:
+    key = (taps.data_ptr(), tuple(taps.shape), block_c)
+    if key not in _UNIFORM_CACHE:  # taps tables are cached and never freed, so the pointer is a stable key
+        rows = taps.cpu()
+        _UNIFORM_CACHE[key] = block_c == 1 or all(
+            bool((rows[i:i + block_c] == rows[i]).all()) for i in range(0, rows.shape[0], block_c))
+    return _UNIFORM_CACHE[key]
 
 
 def _needs_int64(*tensors: torch.Tensor) -> bool:
