@@ -367,13 +367,22 @@ def _num_sms(device_index: int) -> int:
 LAUNCH_OVERRIDES: dict = {}
 
 
+def _channel_block(C: int, cap: int) -> int:
+    """Channels per program on channels_last: the largest power of two <= cap dividing C if it is >= 8 (no
+    masked lanes: C = 80 -> 16), else the power of two covering C (capped)."""
+    div = cap
+    while div > 1 and C % div:
+        div //= 2
+    return div if div >= 8 else min(cap, _next_pow2(C))
+
+
 def _fwd_config(channels_last: bool, C: int, rows: int, WO: int) -> dict:
     """Tile of BR output rows (of the flattened B*HO) x BW columns x BC channels, about 1024 outputs."""
     cfg = LAUNCH_OVERRIDES.get('fwd', {}).get('nhwc' if channels_last else 'nchw')
     if cfg:
         return dict(cfg)
     if channels_last:
-        bc = min(64, _next_pow2(C))
+        bc = _channel_block(C, 64)
         bw = min(8, _next_pow2(WO))
         return dict(BR=max(1, min(1024 // (bc * bw), _next_pow2(rows))), BW=bw, BC=bc, num_warps=4)
     bw = max(16, min(64, _next_pow2(WO)))
@@ -387,7 +396,7 @@ def _wgrad_config(channels_last: bool, C: int, taps_p2: int) -> dict:
     if cfg:
         return dict(cfg)
     if channels_last:
-        bc = min(16, _next_pow2(C))
+        bc = _channel_block(C, 16)
         bp = max(1, 2048 // (taps_p2 * bc))
     else:
         bc, bp = 1, max(8, min(256, 2048 // taps_p2))
