@@ -175,8 +175,9 @@ def _reference(x, weight, bias, pads, gks, interleaved):
 # Per-channel tap windows (the mixed-kernel-size mode) come as an int32 (C, 4) table of
 # [kh_lo, kh_hi, kw_lo, kw_hi); taps outside a channel's window are never loaded. MIXED selects how:
 #   0: no table, all KH x KW taps;
-#   1: per-channel windows: loop over the block's bounding window; the weights outside a channel's window are
-#      masked to zero, x loads stay channel-uniform (vectorised; cheaper than per-channel scalar loads);
+#   1: per-channel windows: the forward loops over the block's bounding window with weights the host zeroed
+#      outside each channel's window (loads stay channel-uniform, hence vectorised: cheaper than per-channel
+#      scalar loads); the weight gradient zeroes the taps outside each channel's window at the end;
 #   2: every channel block lies in one group (the host checks): the block's window is read once as scalars, so
 #      loads keep channel-uniform masks (vectorisable along contiguous channels) and loops skip the zero taps.
 # ---------------------------------------------------------------------------------------------------------------
@@ -209,29 +210,17 @@ def _dw_fwd_kernel(
     x_chan = c * sxc
     x_img = b * sxb
     if MIXED == 1:
-        h_lo = tl.load(taps_ptr + c * 4 + 0, mask=c_ok, other=KH)
-        h_hi = tl.load(taps_ptr + c * 4 + 1, mask=c_ok, other=0)
-        w_lo = tl.load(taps_ptr + c * 4 + 2, mask=c_ok, other=KW)
-        w_hi = tl.load(taps_ptr + c * 4 + 3, mask=c_ok, other=0)
-        kh_start = tl.min(h_lo, axis=0)
-        kh_stop = tl.max(h_hi, axis=0)
-        kw_start = tl.min(w_lo, axis=0)
-        kw_stop = tl.max(w_hi, axis=0)
+        kh_start = tl.min(tl.load(taps_ptr + c * 4 + 0, mask=c_ok, other=KH), axis=0)
+        kh_stop = tl.max(tl.load(taps_ptr + c * 4 + 1, mask=c_ok, other=0), axis=0)
+        kw_start = tl.min(tl.load(taps_ptr + c * 4 + 2, mask=c_ok, other=KW), axis=0)
+        kw_stop = tl.max(tl.load(taps_ptr + c * 4 + 3, mask=c_ok, other=0), axis=0)
     elif MIXED == 2:
         c0 = pid_c * BC
-        h_lo = 0
-        h_hi = KH
-        w_lo = 0
-        w_hi = KW
         kh_start = tl.load(taps_ptr + c0 * 4 + 0)
         kh_stop = tl.load(taps_ptr + c0 * 4 + 1)
         kw_start = tl.load(taps_ptr + c0 * 4 + 2)
         kw_stop = tl.load(taps_ptr + c0 * 4 + 3)
     else:
-        h_lo = 0
-        h_hi = KH
-        w_lo = 0
-        w_hi = KW
         kh_start = 0
         kh_stop = KH
         kw_start = 0
@@ -241,19 +230,12 @@ def _dw_fwd_kernel(
         ih = oh + kh - pad_t
         row_ok = pos_ok & (ih >= 0) & (ih < H)
         row_off = x_img + ih * sxh
-        if MIXED == 1:
-            ch_h_ok = c_ok & (kh >= h_lo) & (kh < h_hi)
-        else:
-            ch_h_ok = c_ok
         for kw in range(kw_start, kw_stop):
             iw = ow + kw - pad_l
             ok = row_ok & (iw >= 0) & (iw < W)
-            if MIXED == 1:
-                ch_ok = ch_h_ok & (kw >= w_lo) & (kw < w_hi)
-            else:
-                ch_ok = ch_h_ok
-            wv = tl.load(w_ptr + (kh * KW + kw) * C + c, mask=ch_ok, other=0.).to(tl.float32)
-            # x's mask stays uniform over channels (vectorised loads); in MIXED == 1 the weight is masked instead
+            # masks stay uniform over channels (vectorised loads); for MIXED == 1 the host zeroed the weights
+            # outside each channel's window, so the block's bounding window gives the same sums
+            wv = tl.load(w_ptr + (kh * KW + kw) * C + c, mask=c_ok, other=0.).to(tl.float32)
             xv = tl.load(x_ptr + (row_off + iw * sxw)[:, None] + x_chan[None, :],
                          mask=ok[:, None] & c_ok[None, :], other=0.).to(tl.float32)
             acc += xv * wv[None, :]
@@ -524,7 +506,10 @@ def _triton_forward(x, weight, bias, padding: List[int], gks: Optional[List[int]
     top, bottom, left, right = padding
     KH, KW = weight.shape[2], weight.shape[3]
     out_hw = (x.shape[2] + top + bottom - KH + 1, x.shape[3] + left + right - KW + 1)
-    taps = None if gks is None else _taps_table((KH, KW), gks, x.shape[1], interleaved, False, x.device)
+    taps = None
+    if gks is not None:
+        taps = _taps_table((KH, KW), gks, x.shape[1], interleaved, False, x.device)
+        weight = weight * _tap_mask(weight, gks, interleaved)  # structural zeros, read by MIXED == 1
     return _launch_fwd(x, weight, bias, (top, left), out_hw, taps)
 
 
@@ -536,8 +521,11 @@ def _triton_backward(grad_out, x, weight, padding, gks, interleaved, need_input,
     fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
     grad_out = grad_out.contiguous(memory_format=fmt)  # grad_x and the wgrad loads follow x's layout
     if need_input:  # correlation of grad_out with the flipped kernel, padding (KH-1-top, KW-1-left)
-        taps = None if gks is None else _taps_table((KH, KW), gks, C, interleaved, True, x.device)
-        grad_x = _launch_fwd(grad_out, weight.flip(2, 3), None, (KH - 1 - top, KW - 1 - left),
+        taps, w = None, weight
+        if gks is not None:
+            taps = _taps_table((KH, KW), gks, C, interleaved, True, x.device)
+            w = weight * _tap_mask(weight, gks, interleaved)
+        grad_x = _launch_fwd(grad_out, w.flip(2, 3), None, (KH - 1 - top, KW - 1 - left),
                              (x.shape[2], x.shape[3]), taps)
     if need_weight:
         taps = None if gks is None else _taps_table((KH, KW), gks, C, interleaved, False, x.device)
