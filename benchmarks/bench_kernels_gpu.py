@@ -143,16 +143,21 @@ def run_case(case, dtype, channels_last, copy_bw, check=True):
                 bwd_bw_torch=bwd_bytes / max(s_ref - t_ref, 1e-9) / copy_bw, errors=err)
 
 
-SWEEP = {
-    ('fwd', 'nchw'): [dict(BR=r, BW=w, BC=1, num_warps=nw) for (r, w) in ((16, 64), (8, 64), (32, 32), (4, 64))
-                      for nw in (4, 8)],
-    ('fwd', 'nhwc'): [dict(BR=r, BW=w, BC=c, num_warps=nw) for (r, w, c) in ((4, 8, 32), (2, 8, 64), (1, 16, 64),
-                                                                            (2, 16, 32), (4, 4, 64))
-                      for nw in (4, 8)],
-    ('wgrad', 'nchw'): [dict(BP=p, BC=1, num_warps=nw) for p in (16, 32, 64, 128) for nw in (4, 8)],
-    ('wgrad', 'nhwc'): [dict(BP=p, BC=c, num_warps=nw) for (p, c) in ((1, 32), (2, 16), (4, 16), (2, 32), (1, 64))
-                        for nw in (4, 8)],
-}
+def sweep_configs(kind: str, layout: str, C: int, taps_p2: int):
+    """Launch configurations to try (channels_last channel blocks that divide C, or the whole of a small C;
+    weight-gradient steps of at most 8192 position x tap x channel products)."""
+    blocks = [bc for bc in (8, 16, 32, 64) if C % bc == 0] or [min(64, 1 << (C - 1).bit_length())]
+    if kind == 'fwd' and layout == 'nchw':
+        return [dict(BR=r, BW=w, BC=1, num_warps=nw) for (r, w) in ((16, 64), (8, 64), (32, 32), (4, 64), (32, 64))
+                for nw in (4, 8)]
+    if kind == 'fwd':
+        return [dict(BR=max(1, p // 8), BW=min(p, 8), BC=bc, num_warps=nw)
+                for bc in blocks for p in (8, 16, 32, 64) if 256 <= p * bc <= 4096 for nw in (4, 8)]
+    if layout == 'nchw':
+        return [dict(BP=p, BC=1, num_warps=nw) for p in (8, 16, 32, 64, 128) if p * taps_p2 <= 8192
+                for nw in (4, 8)]
+    return [dict(BP=p, BC=bc, num_warps=nw) for bc in blocks if bc <= 32 for p in (1, 2, 4, 8)
+            if p * bc * taps_p2 <= 8192 for nw in (4, 8)]
 
 
 def sweep(case, dtype, channels_last):
@@ -162,7 +167,8 @@ def sweep(case, dtype, channels_last):
     best = {}
     for kind in ('fwd', 'wgrad'):
         results = []
-        for cfg in SWEEP[(kind, layout)]:
+        taps_p2 = 1 << (case[5] * case[6] - 1).bit_length()
+        for cfg in sweep_configs(kind, layout, case[2], taps_p2):
             dw.LAUNCH_OVERRIDES.clear()
             dw.LAUNCH_OVERRIDES[kind] = {layout: cfg}
             try:
