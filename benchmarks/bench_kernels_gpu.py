@@ -24,6 +24,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -54,38 +55,50 @@ def cases(batch: int, only: str | None):
     return [(n, batch, *rest) for n, *rest in out]
 
 
+DEVICE = 'cuda'  # --dry-run: 'cpu' (Triton interpreter), to check this script's plumbing without a GPU
+ROUNDS = (15, 10, 9, 5)  # forward rounds, calls per round; fwd+bwd rounds, calls per round
+
+
+def _sync():
+    if DEVICE == 'cuda':
+        torch.cuda.synchronize()
+
+
+def _time_calls(f, iters: int) -> float:
+    """Seconds per call of ``f`` over ``iters`` back-to-back calls (CUDA events on the GPU)."""
+    if DEVICE != 'cuda':
+        t = time.perf_counter()
+        for _ in range(iters):
+            f()
+        return (time.perf_counter() - t) / iters
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    for _ in range(iters):
+        f()
+    e.record()
+    torch.cuda.synchronize()
+    return s.elapsed_time(e) / 1e3 / iters
+
+
 def copy_bandwidth(nbytes: int = 1 << 30) -> float:
     """Bytes/s of a large device clone (read + write counted)."""
-    x = torch.empty(nbytes // 4, device='cuda', dtype=torch.float32).normal_()
+    x = torch.empty(nbytes // 4, device=DEVICE, dtype=torch.float32).normal_()
     for _ in range(3):
         x.clone()
-    times = []
-    for _ in range(10):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        y = x.clone()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e) / 1e3)
-        del y
+    _sync()
+    times = [_time_calls(x.clone, 1) for _ in range(10)]
     return 2 * x.numel() * 4 / statistics.median(times)
 
 
-def interleaved_times(fns, rounds: int = 15, iters: int = 10):
+def interleaved_times(fns, rounds: int, iters: int):
     """Median seconds per call of each function, measured round-robin so drifts hit all of them alike."""
     for f in fns:
         f()
-    torch.cuda.synchronize()
+    _sync()
     samples = [[] for _ in fns]
     for _ in range(rounds):
         for i, f in enumerate(fns):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            for _ in range(iters):
-                f()
-            e.record()
-            torch.cuda.synchronize()
-            samples[i].append(s.elapsed_time(e) / 1e3 / iters)
+            samples[i].append(_time_calls(f, iters))
     return [statistics.median(s) for s in samples]
 
 
@@ -93,10 +106,10 @@ def run_case(case, dtype, channels_last, copy_bw, check=True):
     from msconv.kernels.depthwise import depthwise_conv2d, depthwise_conv2d_reference
 
     name, B, C, H, W, KH, KW, pads, gks, inter = case
-    g = torch.Generator(device='cuda').manual_seed(0)
-    x = torch.randn(B, C, H, W, device='cuda', generator=g).to(dtype)
-    w = (torch.randn(C, 1, KH, KW, device='cuda', generator=g) / (KH * KW) ** 0.5).to(dtype)
-    b = torch.randn(C, device='cuda', generator=g).to(dtype)
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    x = torch.randn(B, C, H, W, device=DEVICE, generator=g).to(dtype)
+    w = (torch.randn(C, 1, KH, KW, device=DEVICE, generator=g) / (KH * KW) ** 0.5).to(dtype)
+    b = torch.randn(C, device=DEVICE, generator=g).to(dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     xg, wg, bg = (t.detach().requires_grad_(True) for t in (x, w, b))
@@ -108,7 +121,7 @@ def run_case(case, dtype, channels_last, copy_bw, check=True):
         return depthwise_conv2d_reference(x, w, b, pads, gks, inter)
 
     y = tri_fwd()
-    gy = torch.randn(y.shape, device='cuda', generator=g).to(dtype).contiguous(
+    gy = torch.randn(y.shape, device=DEVICE, generator=g).to(dtype).contiguous(
         memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
     def tri_step():
@@ -130,8 +143,8 @@ def run_case(case, dtype, channels_last, copy_bw, check=True):
         if bad:
             print(f"  !! {name} {dtype} cl={channels_last}: Triton differs from PyTorch {bad}", flush=True)
     with torch.no_grad():
-        t_tri, t_ref = interleaved_times([tri_fwd, ref_fwd])
-    s_tri, s_ref = interleaved_times([tri_step, ref_step], rounds=9, iters=5)
+        t_tri, t_ref = interleaved_times([tri_fwd, ref_fwd], ROUNDS[0], ROUNDS[1])
+    s_tri, s_ref = interleaved_times([tri_step, ref_step], ROUNDS[2], ROUNDS[3])
     es = x.element_size()
     fwd_bytes = (x.numel() + y.numel() + w.numel()) * es
     bwd_bytes = (gy.numel() + 2 * x.numel() + w.numel()) * es  # read grad_out, x; write grad_x; weights
@@ -192,8 +205,26 @@ def main(argv=None) -> int:
     p.add_argument('--only', choices=['smt', 'sw'], default=None)
     p.add_argument('--sweep', action='store_true', help='also search launch configurations')
     p.add_argument('--json', type=Path, default=None, help='write the results here')
+    p.add_argument('--dry-run', action='store_true',
+                   help='no GPU: two tiny cases on CPU in the Triton interpreter (needs TRITON_INTERPRET=1), '
+                        'to check this script itself; the figures mean nothing')
     args = p.parse_args(argv)
 
+    global DEVICE, ROUNDS
+    if args.dry_run:
+        from msconv.kernels.depthwise import interpreter_active
+        if not interpreter_active():
+            print("bench_kernels_gpu --dry-run: set TRITON_INTERPRET=1", file=sys.stderr)
+            return 2
+        DEVICE, ROUNDS = 'cpu', (1, 1, 1, 1)
+        shrink = lambda c: (c[0], 1, 8, 8, 8, *c[5:])  # noqa: E731 - batch 1, 8 channels, 8x8
+        todo = [shrink(c) for c in cases(1, None) if c[0].startswith(('smt C64 56x56 mixed', 'sw C80 56x56 3x51'))]
+        copy_bw = copy_bandwidth(1 << 24)
+        rows = [run_case(c, torch.float32, cl, copy_bw) for c in todo for cl in (False, True)]
+        if args.sweep:
+            sweep(todo[0], torch.float32, True)
+        print(f"dry run: {len(rows)} cases ran; errors {[r['errors'] for r in rows]}")
+        return 0
     if not torch.cuda.is_available():
         print("bench_kernels_gpu: no CUDA device here; this benchmark times Triton kernels on a GPU. "
               "(Correctness on CPU: pytest tests/test_kernels.py, which runs the kernels in Triton's interpreter.)",
