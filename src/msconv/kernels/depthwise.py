@@ -6,7 +6,9 @@ One operator serves the two multi-scale designs:
   centred and zero-padded in one ``(C, 1, K, K)`` weight (``K = max k_g``). With ``group_kernel_sizes`` the
   Triton kernel visits only each channel's own ``k_g x k_g`` taps, in a single launch.
 * ShiftwiseConv's closed form (``shiftwise.md`` section 2.4): depthwise correlations with long thin strips
-  (e.g. ``3 x 51`` / ``51 x 3``) whose footprint may be asymmetric, hence per-side padding.
+  (e.g. ``3 x 51`` / ``51 x 3``) whose footprint may be asymmetric, hence per-side padding; and its folded
+  inference kernel, a cross (a band of rows plus a band of columns of an ``L x L`` weight): with ``cross`` only
+  the ``2 * 3 * L`` band taps are visited, not the ``L * L`` dense ones.
 
 ``depthwise_conv2d`` is the public entry point. It checks its arguments, then picks a backend:
 
