@@ -43,13 +43,13 @@ def _inputs(kh, kw, dtype, channels_last, bias, gks=None, interleaved=False, cha
     return x, w, b
 
 
-def _check(x, w, b, padding, gks=None, interleaved=False):
+def _check(x, w, b, padding, gks=None, interleaved=False, cross=None):
     """Triton forward + backward vs the float64 reference on the same (rounded) inputs."""
     dtype = x.dtype
     xs = x.detach().requires_grad_(True)
     ws = w.detach().requires_grad_(True)
     bs = b.detach().requires_grad_(True) if b is not None else None
-    y = dw.depthwise_conv2d(xs, ws, bs, padding, gks, interleaved, backend='triton')
+    y = dw.depthwise_conv2d(xs, ws, bs, padding, gks, interleaved, cross, backend='triton')
     gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     leaves = [xs, ws] + ([bs] if bs is not None else [])
     grads = torch.autograd.grad(y, leaves, gy)
@@ -57,7 +57,7 @@ def _check(x, w, b, padding, gks=None, interleaved=False):
     x64 = x.detach().double().requires_grad_(True)
     w64 = w.detach().double().requires_grad_(True)
     b64 = b.detach().double().requires_grad_(True) if b is not None else None
-    y64 = dw.depthwise_conv2d_reference(x64, w64, b64, padding, gks, interleaved)
+    y64 = dw.depthwise_conv2d_reference(x64, w64, b64, padding, gks, interleaved, cross)
     grads64 = torch.autograd.grad(y64, [x64, w64] + ([b64] if b64 is not None else []), gy.double())
 
     assert y.dtype == dtype and y.shape == y64.shape
@@ -146,3 +146,35 @@ def test_auto_dispatch_uses_triton_and_compiles():
     assert len(calls) == 1
     torch.testing.assert_close(y, dw.depthwise_conv2d_reference(x, w, b, 4, (3, 5, 7, 9), True),
                                **TOL[torch.float32])
+
+
+def test_int64_indexing_path(monkeypatch):
+    """The 64-bit index math (taken for tensors with offsets >= 2**31) computes the same thing."""
+    monkeypatch.setattr(dw, '_needs_int64', lambda *tensors: True)
+    _check(*_inputs(13, 3, torch.float32, False, bias=True), padding=(6, 4, 1, 1))
+    _check(*_inputs(5, 5, torch.float32, True, bias=False, gks=(3, 5), interleaved=True), 2, (3, 5), True)
+
+
+def test_mixed_block_uniform_channels_last(monkeypatch):
+    """Channel blocks inside one group (here 2 channels per block, 2 per group): the scalar-window mode."""
+    monkeypatch.setitem(dw.LAUNCH_OVERRIDES, 'fwd', {'nhwc': dict(BR=2, BW=8, BC=2, num_warps=4)})
+    monkeypatch.setitem(dw.LAUNCH_OVERRIDES, 'wgrad', {'nhwc': dict(BP=4, BC=2, num_warps=4)})
+    gks = (3, 5, 7, 9)
+    taps = dw._taps_table((9, 9), gks, C, False, False, torch.device('cpu'))
+    assert dw._mixed_mode(taps, 2) == 2 and dw._mixed_mode(taps, 4) == 1 and dw._mixed_mode(None, 2) == 0
+    x, w, b = _inputs(9, 9, torch.float32, True, bias=True, gks=gks)
+    _, gw, _ = _check(x, w, b, 4, gks)
+    assert (gw[dw._tap_mask(w, gks, False) == 0] == 0).all()
+
+
+@pytest.mark.parametrize('dtype, channels_last', [(torch.float32, False), (torch.bfloat16, True)])
+def test_cross_kernel(dtype, channels_last):
+    """ShiftWise's folded cross: a 3-row band and a 3-column band of a 13 x 13 weight, off-centre (asymmetric
+    footprint), visited as three rectangles; weight gradient as two strips, zero outside the cross."""
+    x, w, b = _inputs(13, 13, dtype, channels_last, bias=True)
+    cross = (5, 8, 4, 7)
+    _, gw, _ = _check(x, w, b, (6, 6, 4, 8), cross=cross)
+    outside = torch.ones(13, 13, dtype=torch.bool)
+    outside[5:8, :] = False
+    outside[:, 4:7] = False
+    assert (gw[:, :, outside] == 0).all()

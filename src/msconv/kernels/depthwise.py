@@ -6,7 +6,9 @@ One operator serves the two multi-scale designs:
   centred and zero-padded in one ``(C, 1, K, K)`` weight (``K = max k_g``). With ``group_kernel_sizes`` the
   Triton kernel visits only each channel's own ``k_g x k_g`` taps, in a single launch.
 * ShiftwiseConv's closed form (``shiftwise.md`` section 2.4): depthwise correlations with long thin strips
-  (e.g. ``3 x 51`` / ``51 x 3``) whose footprint may be asymmetric, hence per-side padding.
+  (e.g. ``3 x 51`` / ``51 x 3``) whose footprint may be asymmetric, hence per-side padding; and its folded
+  inference kernel, a cross (a band of rows plus a band of columns of an ``L x L`` weight): with ``cross`` only
+  the ``2 * 3 * L`` band taps are visited, not the ``L * L`` dense ones.
 
 ``depthwise_conv2d`` is the public entry point. It checks its arguments, then picks a backend:
 
@@ -101,7 +103,7 @@ def _check_group_kernel_sizes(group_kernel_sizes, channels: int, kernel_size: Tu
     return gks
 
 
-def _check_inputs(x, weight, bias, padding, group_kernel_sizes):
+def _check_inputs(x, weight, bias, padding, group_kernel_sizes, cross=None):
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"x must be a (B, C, H, W) tensor, got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
@@ -120,10 +122,27 @@ def _check_inputs(x, weight, bias, padding, group_kernel_sizes):
         raise ValueError(f"padding {pads} (top, bottom, left, right) is too small for a {ks[0]}x{ks[1]} kernel on a "
                          f"{H}x{W} input: the output would be {ho}x{wo}")
     gks = None if group_kernel_sizes is None else _check_group_kernel_sizes(group_kernel_sizes, C, ks)
+    if cross is not None:
+        cross = list(cross)
+        if len(cross) != 4 or not all(isinstance(v, int) and not isinstance(v, bool) for v in cross) \
+                or not (0 <= cross[0] < cross[1] <= ks[0] and 0 <= cross[2] < cross[3] <= ks[1]):
+            raise ValueError(f"cross must be (row0, row1, col0, col1) with 0 <= row0 < row1 <= KH = {ks[0]} and "
+                             f"0 <= col0 < col1 <= KW = {ks[1]}, got {cross}")
+        if gks is not None:
+            raise ValueError("group_kernel_sizes and cross cannot be combined")
     if x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype):
         raise ValueError(f"x, weight and bias must share one dtype, got {x.dtype}, {weight.dtype}"
                          f"{'' if bias is None else ', ' + str(bias.dtype)}")
-    return pads, gks
+    return pads, gks, cross
+
+
+def _cross_mask(weight: torch.Tensor, cross: Sequence[int]) -> torch.Tensor:
+    """1 on rows [row0, row1) and on columns [col0, col1) of the kernel, 0 elsewhere, shaped like ``weight``."""
+    r0, r1, c0, c1 = cross
+    mask = torch.zeros(weight.shape[2:], device=weight.device, dtype=weight.dtype)
+    mask[r0:r1, :] = 1
+    mask[:, c0:c1] = 1
+    return mask.expand_as(weight)
 
 
 def _tap_mask(weight: torch.Tensor, gks: Sequence[int], interleaved: bool) -> torch.Tensor:
@@ -148,22 +167,39 @@ def depthwise_conv2d_reference(
         padding: Padding = 0,
         group_kernel_sizes: Optional[Sequence[int]] = None,
         group_interleaved: bool = False,
+        cross: Optional[Sequence[int]] = None,
 ) -> torch.Tensor:
     """The plain PyTorch definition: ``F.conv2d(F.pad(x, ...), weight * tap_mask, bias, groups=C)``.
 
-    With ``group_kernel_sizes`` the taps outside each channel's centred ``k x k`` window are treated as
-    structural zeros (the weight is multiplied by the tap mask), so their gradient is zero, as on Triton."""
-    pads, gks = _check_inputs(x, weight, bias, padding, group_kernel_sizes)
-    return _reference(x, weight, bias, pads, gks, group_interleaved)
+    With ``group_kernel_sizes`` (or ``cross``) the taps outside each channel's centred ``k x k`` window (outside
+    the cross) are treated as structural zeros (the weight is multiplied by the tap mask), so their gradient is
+    zero, as on Triton. The cross runs as its two strips (row band, then column band without the overlap)."""
+    pads, gks, cross = _check_inputs(x, weight, bias, padding, group_kernel_sizes, cross)
+    return _reference(x, weight, bias, pads, gks, group_interleaved, cross)
 
 
-def _reference(x, weight, bias, pads, gks, interleaved):
-    if gks is not None:
-        weight = weight * _tap_mask(weight, gks, interleaved)
+def _conv_padded(x, weight, bias, pads):
+    """Depthwise correlation with per-side padding (negative values crop)."""
     top, bottom, left, right = pads
-    if top == bottom and left == right:
+    if top == bottom and left == right and top >= 0 and left >= 0:
         return F.conv2d(x, weight, bias, padding=(top, left), groups=x.shape[1])
     return F.conv2d(F.pad(x, (left, right, top, bottom)), weight, bias, groups=x.shape[1])
+
+
+def _reference(x, weight, bias, pads, gks, interleaved, cross=None):
+    if gks is not None:
+        weight = weight * _tap_mask(weight, gks, interleaved)
+    if cross is None:
+        return _conv_padded(x, weight, bias, pads)
+    # a cross-shaped kernel as two strips: far fewer taps than the dense KH x KW correlation
+    top, bottom, left, right = pads
+    r0, r1, c0, c1 = cross
+    KH, KW = weight.shape[2], weight.shape[3]
+    rows = weight[:, :, r0:r1, :]
+    cols = torch.cat([weight[:, :, :r0, c0:c1], torch.zeros_like(weight[:, :, r0:r1, c0:c1]),
+                      weight[:, :, r1:, c0:c1]], dim=2)
+    y = _conv_padded(x, rows, bias, (top - r0, bottom - (KH - r1), left, right))
+    return y + _conv_padded(x, cols, None, (top, bottom, left - c0, right - (KW - c1)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -173,17 +209,28 @@ def _reference(x, weight, bias, pads, gks, interleaved):
 # block of BC channels; memory is addressed through explicit strides, so NCHW (BC = 1, long tiles along W) and
 # channels_last (BC channels contiguous) are the same code with a different launch configuration.
 # Per-channel tap windows (the mixed-kernel-size mode) come as an int32 (C, 4) table of
-# [kh_lo, kh_hi, kw_lo, kw_hi); taps outside a channel's window are never loaded.
+# [kh_lo, kh_hi, kw_lo, kw_hi); taps outside a channel's window are never loaded. MIXED selects how:
+#   0: no table, all KH x KW taps;
+#   1: per-channel windows: the forward loops over the block's bounding window with weights the host zeroed
+#      outside each channel's window (loads stay channel-uniform, hence vectorised: cheaper than per-channel
+#      scalar loads); the weight gradient zeroes the taps outside each channel's window at the end;
+#   2: every channel block lies in one group (the host checks): the block's window is read once as scalars, so
+#      loads keep channel-uniform masks (vectorisable along contiguous channels) and loops skip the zero taps;
+#   3: (forward only) a cross-shaped kernel, e.g. ShiftWise's folded inference kernel: a band of rows plus a band
+#      of columns, 2 * 3 * 51 taps of a 51 x 51 weight. Its weight gradient is two strip wgrads.
 # ---------------------------------------------------------------------------------------------------------------
 
 def _dw_fwd_kernel(
         x_ptr, w_ptr, b_ptr, y_ptr, taps_ptr,
-        C, H, W, HO, WO, NROWS, KH, KW, pad_t, pad_l,
+        C, H, W, HO, WO, NROWS, KH, KW, pad_t, pad_l, cr0, cr1, cc0, cc1,
         sxb, sxc, sxh, sxw, syb, syc, syh, syw,
-        HAS_BIAS: tl.constexpr, MIXED: tl.constexpr,
+        HAS_BIAS: tl.constexpr, MIXED: tl.constexpr, INT64: tl.constexpr, NSEG: tl.constexpr,
         BR: tl.constexpr, BW: tl.constexpr, BC: tl.constexpr,
 ):
-    """y[b, c, oh, ow] = sum_{kh, kw} w[c, kh, kw] * x[b, c, oh + kh - pad_t, ow + kw - pad_l] (+ bias[c])."""
+    """y[b, c, oh, ow] = sum_{kh, kw} w[c, kh, kw] * x[b, c, oh + kh - pad_t, ow + kw - pad_l] (+ bias[c]).
+    The weight comes transposed, (KH * KW, C), so that a tap's weights for a channel block are one vector load.
+    MIXED == 3 (cross): the taps are rows [cr0, cr1) x all columns plus columns [cc0, cc1) x the other rows,
+    visited as NSEG = 3 disjoint rectangles."""
     pid = tl.program_id(0)
     pid_c = tl.program_id(1)
     n_col_tiles = tl.cdiv(WO, BW)
@@ -192,52 +239,66 @@ def _dw_fwd_kernel(
     ow = (pid % n_col_tiles) * BW + p % BW
     pos_ok = (r < NROWS) & (ow < WO)
     oh = r % HO
-    b = (r // HO).to(tl.int64)
+    b = r // HO
     c = pid_c * BC + tl.arange(0, BC)
     c_ok = c < C
-    x_chan = c.to(tl.int64) * sxc
+    if INT64:  # element offsets beyond 2**31: 64-bit index math (else 32-bit, fewer registers)
+        b = b.to(tl.int64)
+        oh = oh.to(tl.int64)
+        ow = ow.to(tl.int64)
+        c = c.to(tl.int64)
+    x_chan = c * sxc
     x_img = b * sxb
-    if MIXED:
-        h_lo = tl.load(taps_ptr + c * 4 + 0, mask=c_ok, other=KH)
-        h_hi = tl.load(taps_ptr + c * 4 + 1, mask=c_ok, other=0)
-        w_lo = tl.load(taps_ptr + c * 4 + 2, mask=c_ok, other=KW)
-        w_hi = tl.load(taps_ptr + c * 4 + 3, mask=c_ok, other=0)
-        kh_start = tl.min(h_lo, axis=0)
-        kh_stop = tl.max(h_hi, axis=0)
-        kw_start = tl.min(w_lo, axis=0)
-        kw_stop = tl.max(w_hi, axis=0)
+    if MIXED == 1:
+        kh_start = tl.min(tl.load(taps_ptr + c * 4 + 0, mask=c_ok, other=KH), axis=0)
+        kh_stop = tl.max(tl.load(taps_ptr + c * 4 + 1, mask=c_ok, other=0), axis=0)
+        kw_start = tl.min(tl.load(taps_ptr + c * 4 + 2, mask=c_ok, other=KW), axis=0)
+        kw_stop = tl.max(tl.load(taps_ptr + c * 4 + 3, mask=c_ok, other=0), axis=0)
+    elif MIXED == 2:
+        c0 = pid_c * BC
+        kh_start = tl.load(taps_ptr + c0 * 4 + 0)
+        kh_stop = tl.load(taps_ptr + c0 * 4 + 1)
+        kw_start = tl.load(taps_ptr + c0 * 4 + 2)
+        kw_stop = tl.load(taps_ptr + c0 * 4 + 3)
     else:
-        h_lo = 0
-        h_hi = KH
-        w_lo = 0
-        w_hi = KW
         kh_start = 0
         kh_stop = KH
         kw_start = 0
         kw_stop = KW
     acc = tl.zeros((BR * BW, BC), dtype=tl.float32)
-    for kh in range(kh_start, kh_stop):
-        ih = oh + kh - pad_t
-        row_ok = pos_ok & (ih >= 0) & (ih < H)
-        row_off = x_img + ih.to(tl.int64) * sxh
-        if MIXED:
-            ch_h_ok = c_ok & (kh >= h_lo) & (kh < h_hi)
-        else:
-            ch_h_ok = c_ok
-        for kw in range(kw_start, kw_stop):
-            iw = ow + kw - pad_l
-            ok = row_ok & (iw >= 0) & (iw < W)
-            if MIXED:
-                ch_ok = ch_h_ok & (kw >= w_lo) & (kw < w_hi)
+    for seg in tl.static_range(NSEG):
+        if MIXED == 3:  # cross: the rows above the band, the band, the rows below it
+            if seg == 0:
+                kh_start = 0
+                kh_stop = cr0
+                kw_start = cc0
+                kw_stop = cc1
+            elif seg == 1:
+                kh_start = cr0
+                kh_stop = cr1
+                kw_start = 0
+                kw_stop = KW
             else:
-                ch_ok = ch_h_ok
-            wv = tl.load(w_ptr + c * (KH * KW) + (kh * KW + kw), mask=ch_ok, other=0.).to(tl.float32)
-            xv = tl.load(x_ptr + (row_off + iw * sxw)[:, None] + x_chan[None, :],
-                         mask=ok[:, None] & ch_ok[None, :], other=0.).to(tl.float32)
-            acc += xv * wv[None, :]
+                kh_start = cr1
+                kh_stop = KH
+                kw_start = cc0
+                kw_stop = cc1
+        for kh in range(kh_start, kh_stop):
+            ih = oh + kh - pad_t
+            row_ok = pos_ok & (ih >= 0) & (ih < H)
+            row_off = x_img + ih * sxh
+            for kw in range(kw_start, kw_stop):
+                iw = ow + kw - pad_l
+                ok = row_ok & (iw >= 0) & (iw < W)
+                # masks stay uniform over channels (vectorised loads); for MIXED == 1 the host zeroed the weights
+                # outside each channel's window, so the block's bounding window gives the same sums
+                wv = tl.load(w_ptr + (kh * KW + kw) * C + c, mask=c_ok, other=0.).to(tl.float32)
+                xv = tl.load(x_ptr + (row_off + iw * sxw)[:, None] + x_chan[None, :],
+                             mask=ok[:, None] & c_ok[None, :], other=0.).to(tl.float32)
+                acc += xv * wv[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + c, mask=c_ok, other=0.).to(tl.float32)[None, :]
-    y_off = (b * syb + oh.to(tl.int64) * syh + ow.to(tl.int64) * syw)[:, None] + (c.to(tl.int64) * syc)[None, :]
+    y_off = (b * syb + oh * syh + ow * syw)[:, None] + (c * syc)[None, :]
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=pos_ok[:, None] & c_ok[None, :])
 
 
@@ -245,7 +306,7 @@ def _dw_wgrad_kernel(
         x_ptr, g_ptr, pw_ptr, pb_ptr, taps_ptr,
         C, H, W, HO, WO, NPOS, CHUNK, KH, KW, pad_t, pad_l,
         sxb, sxc, sxh, sxw, sgb, sgc, sgh, sgw,
-        MIXED: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr, TP: tl.constexpr,
+        MIXED: tl.constexpr, INT64: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr, TP: tl.constexpr,
 ):
     """Partial sums over one chunk of CHUNK output positions (flattened B*HO*WO) of
     gw[c, kh, kw] = sum g[b, c, oh, ow] * x[b, c, oh + kh - pad_t, ow + kw - pad_l] and gb[c] = sum g[b, c, oh, ow].
@@ -255,19 +316,29 @@ def _dw_wgrad_kernel(
     pid_c = tl.program_id(1)
     c = pid_c * BC + tl.arange(0, BC)
     c_ok = c < C
-    x_chan = c.to(tl.int64) * sxc
-    g_chan = c.to(tl.int64) * sgc
+    c_idx = c
+    if INT64:
+        c_idx = c.to(tl.int64)
+    x_chan = c_idx * sxc
+    g_chan = c_idx * sgc
     t = tl.arange(0, TP)
     kh = t // KW
     kw = t % KW
     tap_ok = (t < KH * KW)[:, None] & c_ok[None, :]  # (TP, BC)
-    if MIXED:
+    load_ok = tap_ok  # channel-uniform, so loads vectorise along contiguous channels
+    if MIXED == 1:
         h_lo = tl.load(taps_ptr + c * 4 + 0, mask=c_ok, other=0)
         h_hi = tl.load(taps_ptr + c * 4 + 1, mask=c_ok, other=0)
         w_lo = tl.load(taps_ptr + c * 4 + 2, mask=c_ok, other=0)
         w_hi = tl.load(taps_ptr + c * 4 + 3, mask=c_ok, other=0)
         tap_ok = tap_ok & (kh[:, None] >= h_lo[None, :]) & (kh[:, None] < h_hi[None, :]) \
             & (kw[:, None] >= w_lo[None, :]) & (kw[:, None] < w_hi[None, :])
+    elif MIXED == 2:
+        c0 = pid_c * BC
+        in_window = (kh >= tl.load(taps_ptr + c0 * 4 + 0)) & (kh < tl.load(taps_ptr + c0 * 4 + 1)) \
+            & (kw >= tl.load(taps_ptr + c0 * 4 + 2)) & (kw < tl.load(taps_ptr + c0 * 4 + 3))
+        tap_ok = tap_ok & in_window[:, None]
+        load_ok = tap_ok
     acc = tl.zeros((TP, BC), dtype=tl.float32)
     acc_b = tl.zeros((BC,), dtype=tl.float32)
     start = pid * CHUNK
@@ -278,17 +349,23 @@ def _dw_wgrad_kernel(
         ow = n % WO
         rr = n // WO
         oh = rr % HO
-        b = (rr // HO).to(tl.int64)
-        g_off = (b * sgb + oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw)[:, None] + g_chan[None, :]
+        b = rr // HO
+        if INT64:
+            b = b.to(tl.int64)
+            oh = oh.to(tl.int64)
+            ow = ow.to(tl.int64)
+        g_off = (b * sgb + oh * sgh + ow * sgw)[:, None] + g_chan[None, :]
         g = tl.load(g_ptr + g_off, mask=pos_ok[:, None] & c_ok[None, :], other=0.).to(tl.float32)  # (BP, BC)
         acc_b += tl.sum(g, axis=0)
         ih = oh[:, None] + kh[None, :] - pad_t  # (BP, TP)
         iw = ow[:, None] + kw[None, :] - pad_l
         ok = pos_ok[:, None] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        x_off = b[:, None] * sxb + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw  # (BP, TP)
+        x_off = b[:, None] * sxb + ih * sxh + iw * sxw  # (BP, TP)
         xv = tl.load(x_ptr + x_off[:, :, None] + x_chan[None, None, :],
-                     mask=ok[:, :, None] & tap_ok[None, :, :], other=0.).to(tl.float32)  # (BP, TP, BC)
+                     mask=ok[:, :, None] & load_ok[None, :, :], other=0.).to(tl.float32)  # (BP, TP, BC)
         acc += tl.sum(xv * g[:, None, :], axis=0)
+    if MIXED == 1:  # taps outside a channel's window were summed over channel-uniform loads: zero them
+        acc = tl.where(tap_ok, acc, 0.)
     out_off = (pid * (KH * KW) + t)[:, None].to(tl.int64) * C + c[None, :]
     tl.store(pw_ptr + out_off, acc, mask=(t < KH * KW)[:, None] & c_ok[None, :])
     tl.store(pb_ptr + pid * C + c, acc_b, mask=c_ok)
@@ -329,13 +406,22 @@ def _num_sms(device_index: int) -> int:
 LAUNCH_OVERRIDES: dict = {}
 
 
+def _channel_block(C: int, cap: int) -> int:
+    """Channels per program on channels_last: the largest power of two <= cap dividing C if it is >= 8 (no
+    masked lanes: C = 80 -> 16), else the power of two covering C (capped)."""
+    div = cap
+    while div > 1 and C % div:
+        div //= 2
+    return div if div >= 8 else min(cap, _next_pow2(C))
+
+
 def _fwd_config(channels_last: bool, C: int, rows: int, WO: int) -> dict:
     """Tile of BR output rows (of the flattened B*HO) x BW columns x BC channels, about 1024 outputs."""
     cfg = LAUNCH_OVERRIDES.get('fwd', {}).get('nhwc' if channels_last else 'nchw')
     if cfg:
         return dict(cfg)
     if channels_last:
-        bc = min(64, _next_pow2(C))
+        bc = _channel_block(C, 64)
         bw = min(8, _next_pow2(WO))
         return dict(BR=max(1, min(1024 // (bc * bw), _next_pow2(rows))), BW=bw, BC=bc, num_warps=4)
     bw = max(16, min(64, _next_pow2(WO)))
@@ -343,13 +429,17 @@ def _fwd_config(channels_last: bool, C: int, rows: int, WO: int) -> dict:
 
 
 def _wgrad_config(channels_last: bool, C: int, taps_p2: int) -> dict:
+    """BP positions x TP taps x BC channels per step, about 2048 products (int32 indexing: ~80-130 registers
+    per thread on sm_90 at 4 warps, checked offline with ptxas)."""
     cfg = LAUNCH_OVERRIDES.get('wgrad', {}).get('nhwc' if channels_last else 'nchw')
     if cfg:
         return dict(cfg)
     if channels_last:
-        bc = min(32, _next_pow2(C))
-        return dict(BP=max(1, 4096 // (taps_p2 * bc)), BC=bc, num_warps=4)
-    return dict(BP=max(16, min(512, 4096 // taps_p2)), BC=1, num_warps=4)
+        bc = _channel_block(C, 16)
+        bp = max(1, 2048 // (taps_p2 * bc))
+    else:
+        bc, bp = 1, max(8, min(256, 2048 // taps_p2))
+    return dict(BP=bp, BC=bc, num_warps=8 if bp * taps_p2 * bc >= 4096 else 4)
 
 
 @functools.lru_cache(maxsize=64)
@@ -385,15 +475,16 @@ def _layout(x: torch.Tensor) -> Tuple[torch.Tensor, bool]:
     return x.contiguous(), False
 
 
-def _launch_fwd(x, weight, bias, pads, out_hw, taps) -> torch.Tensor:
-    """Runs the forward kernel; ``pads`` = (top, left) may be negative, ``out_hw`` the output size."""
+def _launch_fwd(x, weight, bias, pads, out_hw, taps, cross=None) -> torch.Tensor:
+    """Runs the forward kernel; ``pads`` = (top, left) may be negative, ``out_hw`` the output size; ``cross``:
+    (row0, row1, col0, col1) bands of a cross-shaped kernel."""
     x, cl = _layout(x)
     B, C, H, W = x.shape
     KH, KW = weight.shape[2], weight.shape[3]
     HO, WO = out_hw
     y = torch.empty((B, C, HO, WO), device=x.device, dtype=x.dtype,
                     memory_format=torch.channels_last if cl else torch.contiguous_format)
-    w = weight.reshape(C, KH * KW).contiguous()
+    w = weight.reshape(C, KH * KW).t().contiguous()  # (taps, C): a tap's weights are contiguous over channels
     cfg = _fwd_config(cl, C, B * HO, WO)
     fwd, _ = _kernels(interpreter_active())
     grid = (triton.cdiv(B * HO, cfg['BR']) * triton.cdiv(WO, cfg['BW']), triton.cdiv(C, cfg['BC']))
@@ -401,9 +492,10 @@ def _launch_fwd(x, weight, bias, pads, out_hw, taps) -> torch.Tensor:
     with _device_guard(x):
         fwd[grid](
             x, w, bias if bias is not None else w, y, taps if taps is not None else w,
-            C, H, W, HO, WO, B * HO, KH, KW, pads[0], pads[1],
+            C, H, W, HO, WO, B * HO, KH, KW, pads[0], pads[1], *(cross if cross is not None else (0, 0, 0, 0)),
             *x.stride(), *y.stride(),
-            HAS_BIAS=bias is not None, MIXED=taps is not None,
+            HAS_BIAS=bias is not None, MIXED=3 if cross is not None else _mixed_mode(taps, cfg['BC']),
+            INT64=_needs_int64(x, y), NSEG=3 if cross is not None else 1,
             BR=cfg['BR'], BW=cfg['BW'], BC=cfg['BC'], **extra)
     return y
 
@@ -432,9 +524,34 @@ def _launch_wgrad(x, grad_out, kernel_size, pads, taps) -> Tuple[torch.Tensor, t
             x, g, pw, pb, taps if taps is not None else pb,
             C, H, W, HO, WO, n_pos, chunk, KH, KW, pads[0], pads[1],
             *x.stride(), *g.stride(),
-            MIXED=taps is not None, BP=cfg['BP'], BC=cfg['BC'], TP=tp, **extra)
+            MIXED=_mixed_mode(taps, cfg['BC']), INT64=_needs_int64(x, g), BP=cfg['BP'], BC=cfg['BC'], TP=tp, **extra)
     grad_w = pw.sum(0).t().contiguous().reshape(C, 1, KH, KW)
     return grad_w, pb.sum(0)
+
+
+def _mixed_mode(taps: Optional[torch.Tensor], block_c: int) -> int:
+    """The kernels' MIXED switch: 0 without a tap table, 2 when every block of ``block_c`` channels shares one tap
+    window (contiguous groups of a multiple of ``block_c`` channels, or ``block_c == 1``), 1 otherwise."""
+    if taps is None:
+        return 0
+    return 2 if _blocks_uniform(taps, block_c) else 1
+
+
+_UNIFORM_CACHE: dict = {}
+
+
+def _blocks_uniform(taps: torch.Tensor, block_c: int) -> bool:
+    key = (taps.data_ptr(), tuple(taps.shape), block_c)
+    if key not in _UNIFORM_CACHE:  # taps tables are cached and never freed, so the pointer is a stable key
+        rows = taps.cpu()
+        _UNIFORM_CACHE[key] = block_c == 1 or all(
+            bool((rows[i:i + block_c] == rows[i]).all()) for i in range(0, rows.shape[0], block_c))
+    return _UNIFORM_CACHE[key]
+
+
+def _needs_int64(*tensors: torch.Tensor) -> bool:
+    """Whether some element offset (in elements, of any of the tensors) can reach 2**31."""
+    return any(sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) >= 2 ** 31 - 1 for t in tensors)
 
 
 def _device_guard(x: torch.Tensor):
@@ -444,15 +561,19 @@ def _device_guard(x: torch.Tensor):
     return contextlib.nullcontext()
 
 
-def _triton_forward(x, weight, bias, padding: List[int], gks: Optional[List[int]], interleaved: bool):
+def _triton_forward(x, weight, bias, padding: List[int], gks: Optional[List[int]], interleaved: bool,
+                    cross: Optional[List[int]] = None):
     top, bottom, left, right = padding
     KH, KW = weight.shape[2], weight.shape[3]
     out_hw = (x.shape[2] + top + bottom - KH + 1, x.shape[3] + left + right - KW + 1)
-    taps = None if gks is None else _taps_table((KH, KW), gks, x.shape[1], interleaved, False, x.device)
-    return _launch_fwd(x, weight, bias, (top, left), out_hw, taps)
+    taps = None
+    if gks is not None:
+        taps = _taps_table((KH, KW), gks, x.shape[1], interleaved, False, x.device)
+        weight = weight * _tap_mask(weight, gks, interleaved)  # structural zeros, read by MIXED == 1
+    return _launch_fwd(x, weight, bias, (top, left), out_hw, taps, cross)
 
 
-def _triton_backward(grad_out, x, weight, padding, gks, interleaved, need_input, need_weight):
+def _triton_backward(grad_out, x, weight, padding, gks, interleaved, need_input, need_weight, cross=None):
     top, bottom, left, right = padding
     KH, KW = weight.shape[2], weight.shape[3]
     C = x.shape[1]
@@ -460,10 +581,22 @@ def _triton_backward(grad_out, x, weight, padding, gks, interleaved, need_input,
     fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
     grad_out = grad_out.contiguous(memory_format=fmt)  # grad_x and the wgrad loads follow x's layout
     if need_input:  # correlation of grad_out with the flipped kernel, padding (KH-1-top, KW-1-left)
-        taps = None if gks is None else _taps_table((KH, KW), gks, C, interleaved, True, x.device)
-        grad_x = _launch_fwd(grad_out, weight.flip(2, 3), None, (KH - 1 - top, KW - 1 - left),
-                             (x.shape[2], x.shape[3]), taps)
-    if need_weight:
+        taps, w = None, weight
+        if gks is not None:
+            taps = _taps_table((KH, KW), gks, C, interleaved, True, x.device)
+            w = weight * _tap_mask(weight, gks, interleaved)
+        flipped_cross = None if cross is None else (KH - cross[1], KH - cross[0], KW - cross[3], KW - cross[2])
+        grad_x = _launch_fwd(grad_out, w.flip(2, 3), None, (KH - 1 - top, KW - 1 - left),
+                             (x.shape[2], x.shape[3]), taps, flipped_cross)
+    if need_weight and cross is not None:  # the row band (full width) and the column band (other rows)
+        r0, r1, c0, c1 = cross
+        gw_rows, grad_b = _launch_wgrad(x, grad_out, (r1 - r0, KW), (top - r0, left), None)
+        gw_cols, _ = _launch_wgrad(x, grad_out, (KH, c1 - c0), (top, left - c0), None)
+        grad_w = torch.zeros((C, 1, KH, KW), device=x.device, dtype=torch.float32)
+        grad_w[:, :, :, c0:c1] = gw_cols
+        grad_w[:, :, r0:r1, :] = gw_rows
+        grad_w, grad_b = grad_w.to(weight.dtype), grad_b.to(weight.dtype)
+    elif need_weight:
         taps = None if gks is None else _taps_table((KH, KW), gks, C, interleaved, False, x.device)
         grad_w, grad_b = _launch_wgrad(x, grad_out, (KH, KW), (top, left), taps)
         grad_w, grad_b = grad_w.to(weight.dtype), grad_b.to(weight.dtype)
@@ -476,12 +609,13 @@ def _triton_backward(grad_out, x, weight, padding, gks, interleaved, need_input,
 
 @torch.library.custom_op('msconv::depthwise_conv2d', mutates_args=())
 def _dw_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding: List[int],
-           group_kernel_sizes: Optional[List[int]], group_interleaved: bool) -> torch.Tensor:
-    return _triton_forward(x, weight, bias, padding, group_kernel_sizes, group_interleaved)
+           group_kernel_sizes: Optional[List[int]], group_interleaved: bool,
+           cross: Optional[List[int]]) -> torch.Tensor:
+    return _triton_forward(x, weight, bias, padding, group_kernel_sizes, group_interleaved, cross)
 
 
 @_dw_op.register_fake
-def _(x, weight, bias, padding, group_kernel_sizes, group_interleaved):
+def _(x, weight, bias, padding, group_kernel_sizes, group_interleaved, cross):
     top, bottom, left, right = padding
     B, C, H, W = x.shape
     ho, wo = H + top + bottom - weight.shape[2] + 1, W + left + right - weight.shape[3] + 1
@@ -492,17 +626,17 @@ def _(x, weight, bias, padding, group_kernel_sizes, group_interleaved):
 
 @torch.library.custom_op('msconv::depthwise_conv2d_backward', mutates_args=())
 def _dw_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, padding: List[int],
-               group_kernel_sizes: Optional[List[int]], group_interleaved: bool,
+               group_kernel_sizes: Optional[List[int]], group_interleaved: bool, cross: Optional[List[int]],
                output_mask: List[bool]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gx, gw, gb = _triton_backward(grad_out, x, weight, padding, group_kernel_sizes, group_interleaved,
-                                  output_mask[0], output_mask[1] or output_mask[2])
+                                  output_mask[0], output_mask[1] or output_mask[2], cross)
     empty = x.new_empty(0)
     return (gx if gx is not None else empty, gw if gw is not None else empty.to(weight.dtype),
             gb if gb is not None else empty.to(weight.dtype))
 
 
 @_dw_bwd_op.register_fake
-def _(grad_out, x, weight, padding, group_kernel_sizes, group_interleaved, output_mask):
+def _(grad_out, x, weight, padding, group_kernel_sizes, group_interleaved, cross, output_mask):
     fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
     gx = torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=fmt) if output_mask[0] else x.new_empty(0)
     need_w = output_mask[1] or output_mask[2]
@@ -512,18 +646,19 @@ def _(grad_out, x, weight, padding, group_kernel_sizes, group_interleaved, outpu
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, padding, gks, interleaved = inputs
+    x, weight, bias, padding, gks, interleaved, cross = inputs
     ctx.save_for_backward(x, weight)
-    ctx.padding, ctx.gks, ctx.interleaved, ctx.has_bias = padding, gks, interleaved, bias is not None
+    ctx.padding, ctx.gks, ctx.interleaved, ctx.cross = padding, gks, interleaved, cross
+    ctx.has_bias = bias is not None
 
 
 def _backward(ctx, grad_out):
     x, weight = ctx.saved_tensors
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
     if not any(mask):
-        return None, None, None, None, None, None
-    gx, gw, gb = _dw_bwd_op(grad_out, x, weight, ctx.padding, ctx.gks, ctx.interleaved, mask)
-    return (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None, None, None, None)
+        return None, None, None, None, None, None, None
+    gx, gw, gb = _dw_bwd_op(grad_out, x, weight, ctx.padding, ctx.gks, ctx.interleaved, ctx.cross, mask)
+    return (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None, None, None, None, None)
 
 
 _dw_op.register_autograd(_backward, setup_context=_setup_context)
@@ -549,6 +684,7 @@ def depthwise_conv2d(
         padding: Padding = 0,
         group_kernel_sizes: Optional[Sequence[int]] = None,
         group_interleaved: bool = False,
+        cross: Optional[Sequence[int]] = None,
         backend: str = 'auto',
 ) -> torch.Tensor:
     """Depthwise 2-D cross-correlation, stride 1 (``F.conv2d(x, weight, bias, groups=C)`` with per-side padding).
@@ -565,6 +701,9 @@ def depthwise_conv2d(
             taps outside it are structural zeros (never read on Triton, zero gradient on both backends).
         group_interleaved: groups are channels ``[g*C/G, (g+1)*C/G)`` (False, head-major) or ``j*G + g``
             (True, SMT's interleaved order). ``G == C`` is a free per-channel map.
+        cross: ``(row0, row1, col0, col1)``: a cross-shaped kernel (ShiftWise's folded inference kernel) whose taps
+            are rows ``[row0, row1)`` (all columns) plus columns ``[col0, col1)`` (all rows); the other taps are
+            structural zeros. Triton visits only the cross; the reference runs it as two strip convolutions.
         backend: 'auto', 'triton' or 'torch' (see the module docstring).
     """
     if backend not in ('auto', 'triton', 'torch'):
@@ -573,7 +712,7 @@ def depthwise_conv2d(
         dt = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dt), weight.to(dt)
         bias = bias.to(dt) if bias is not None else None
-    pads, gks = _check_inputs(x, weight, bias, padding, group_kernel_sizes)
+    pads, gks, cross = _check_inputs(x, weight, bias, padding, group_kernel_sizes, cross)
     use_triton = backend == 'triton' or (
         backend == 'auto' and x.dtype in _TRITON_DTYPES and triton_available(x.device))
     if use_triton:
@@ -585,5 +724,5 @@ def depthwise_conv2d(
             raise ValueError(f"backend='triton' runs on CUDA tensors, or on CPU tensors in Triton's interpreter "
                              f"(TRITON_INTERPRET=1 set before triton is imported); got a {x.device.type} tensor "
                              f"with the interpreter {'on' if interpreter_active() else 'off'}")
-        return _dw_op(x, weight, bias, list(pads), gks, bool(group_interleaved))
-    return _reference(x, weight, bias, pads, gks, group_interleaved)
+        return _dw_op(x, weight, bias, list(pads), gks, bool(group_interleaved), cross)
+    return _reference(x, weight, bias, pads, gks, group_interleaved, cross)
