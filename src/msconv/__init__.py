@@ -18,6 +18,7 @@ _LAZY = {
     'benchmark': 'msconv.tools.bench',
     'export_onnx': 'msconv.tools.export',
     'compute_erf': 'msconv.tools.erf',
+    'depthwise_conv2d': 'msconv.kernels.depthwise',
 }
 
 
