@@ -48,10 +48,19 @@ class ConvMlp(nn.Module):
         self.act = nn.GELU()
         self.drop = nn.Dropout(drop)
         self.fc2 = nn.Linear(hidden_dim, dim)
+        self.residual_folded = False
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Inference form: the identity of ``h + dwconv(h)`` folded into the kernel's centre tap."""
+        if not self.residual_folded:
+            self.dwconv.weight[:, 0, 1, 1] += 1.0
+            self.residual_folded = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
         x = self.fc1(x)
-        x = self.act(x + self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+        h = self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        x = self.act(h if self.residual_folded else x + h)
         return self.drop(self.fc2(self.drop(x)))
 
 
