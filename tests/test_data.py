@@ -101,3 +101,15 @@ def test_image_folder_checks(tmp_path):
     (tmp_path / 'two' / 'train' / 'c').mkdir()
     with pytest.raises(ValueError, match='contain no images'):
         check_image_folder(tmp_path / 'two', 'train')
+
+
+def test_randaugment_posterize_zero_bits_does_not_crash():
+    from PIL import Image
+    from msconv.data.loader import _posterize_keep_zero_bits, _patch_timm_posterize
+    from timm.data import auto_augment
+    _patch_timm_posterize()
+    img = Image.fromarray(np.full((4, 4, 3), 200, np.uint8))
+    assert np.asarray(_posterize_keep_zero_bits(img, 0)).max() == 0
+    assert np.array_equal(np.asarray(_posterize_keep_zero_bits(img, 2)), np.full((4, 4, 3), 192, np.uint8))
+    op = auto_augment.AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=10)
+    assert np.asarray(op(img)).max() == 0

@@ -98,7 +98,7 @@ def demo(
     """
     from ..models import list_models
     from .metrics import plot_curves, read_metrics
-    from .train import build_model, train
+    from .trainer import build_model, train
 
     unknown = [f for f in families if f not in DEMO_MODELS]
     if unknown:

@@ -78,7 +78,7 @@ def _step_seed(seed: int, rank: int, step: int) -> int:
 def _reseed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # also seeds the CUDA generators
 
 
 def _amp_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
@@ -460,11 +460,18 @@ class _Trainer:
             out = self.ddp_model(x)
         return self.criterion(out.float(), y)
 
+    @torch.no_grad()
+    def _restore_buffers(self, saved: Dict[str, torch.Tensor]) -> None:
+        for n, b in self.model.named_buffers():
+            b.copy_(saved[n])
+
     def _optimizer_step(self, step: int, batches) -> Dict[str, Any]:
         """One optimizer update over ``accum_steps`` micro-batches. Returns loss and whether it was applied."""
         cfg = self.cfg
         _reseed(_step_seed(cfg.seed, self.info.rank, step))
         self.optimizer.zero_grad(set_to_none=True)
+        # BatchNorm statistics move during the forward pass; a skipped step puts them back.
+        buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()}
         total_loss = 0.0
         n_images = 0
         for i, (x, y) in enumerate(batches):
@@ -481,6 +488,7 @@ class _Trainer:
                 loss = self._forward_loss(x, y)
                 bad = self._any_rank(not bool(torch.isfinite(loss.detach()).item()))
                 if bad:
+                    self._restore_buffers(buffers)
                     return {'applied': False, 'loss': float(loss.detach().item()), 'images': n_images,
                             'reason': 'non-finite loss'}
                 self.scaler.scale(loss / cfg.accum_steps).backward()
@@ -490,6 +498,7 @@ class _Trainer:
             self.scaler.unscale_(self.optimizer)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad))
             if not math.isfinite(grad_norm) and self.amp_dtype != torch.float16:
+                self._restore_buffers(buffers)
                 return {'applied': False, 'loss': total_loss, 'images': n_images, 'reason': 'non-finite gradient'}
         scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
