@@ -19,7 +19,39 @@ from msconv.engine.distributed import DistInfo
 from msconv.engine.trainer import _Trainer
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = dict(model='test_smt', preset='demo', batch_size=16, progress=False, num_workers=0, log_every=2, plot=False)
+
+
+def make_image_folder(root: Path, n_train: int = 16, n_val: int = 4, classes=('a', 'b', 'c'), size: int = 32):
+    """A tiny ImageFolder tree of random-noise images whose class sets the mean colour (learnable, fast)."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.RandomState(0)
+    for split, n in (('train', n_train), ('val', n_val)):
+        for ci, c in enumerate(classes):
+            d = root / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                base = np.zeros((size, size, 3), np.float32)
+                base[..., ci % 3] = 160
+                img = np.clip(base + rng.randint(0, 96, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(d / f'{i}.png')
+    return root
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: threads only add contention on a shared machine
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope='module')
+def folder(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp('imgs'))
+
+
+TINY = dict(model='test_smt', preset='demo', batch_size=8, progress=False, num_workers=0, log_every=2, plot=False)
 
 
 def _weights(run_dir):
@@ -27,8 +59,8 @@ def _weights(run_dir):
     return load_file(str(list_checkpoints(run_dir)[-1] / 'model.safetensors'))
 
 
-def test_train_writes_records_checkpoints_and_curves(tmp_path):
-    res = train(dict(TINY, output=str(tmp_path), name='r', plot=True, max_steps=6, ckpt_every=2, keep_last=2, ema=True,
+def test_train_writes_records_checkpoints_and_curves(tmp_path, folder):
+    res = train(dict(TINY, data=str(folder), output=str(tmp_path), name='r', plot=True, max_steps=6, ckpt_every=2, keep_last=2, ema=True,
                      ema_decay=0.9))
     run = Path(res['run_dir'])
     assert res['status'] == 'finished' and res['steps'] == 6 and 0 <= res['top1'] <= 100
@@ -38,9 +70,9 @@ def test_train_writes_records_checkpoints_and_curves(tmp_path):
     assert set(weights) == {'model', 'ema'} and meta['step'] == 6 and state['step'] == 6
     assert set(state) >= {'optimizer', 'scheduler', 'scaler', 'rng'}
     # the weights load into a fresh model by name
-    model = msconv.create_model('test_smt', num_classes=10,
+    model = msconv.create_model('test_smt', num_classes=3,
                                 checkpoint_path=run / 'checkpoints' / 'step-00000006' / 'model.safetensors')
-    assert model.num_classes == 10
+    assert model.num_classes == 3
     lines = [json.loads(l) for l in (run / 'metrics.jsonl').read_text().splitlines()]
     assert [r['step'] for r in lines if r['kind'] == 'train'] == [2, 4, 6]
     assert all(r['lr'] > 0 and r['img_per_s'] > 0 for r in lines if r['kind'] == 'train')
@@ -73,8 +105,8 @@ def test_optimizer_groups_and_schedule():
 
 
 @pytest.mark.parametrize('policy', ['skip', 'abort'])
-def test_nan_loss_never_reaches_weights_ema_or_checkpoint(tmp_path, policy):
-    cfg = resolve_config(dict(TINY, output=str(tmp_path), name='nan', max_steps=4, ckpt_every=1, keep_last=5, ema=True,
+def test_nan_loss_never_reaches_weights_ema_or_checkpoint(tmp_path, folder, policy):
+    cfg = resolve_config(dict(TINY, data=str(folder), output=str(tmp_path), name='nan', max_steps=4, ckpt_every=1, keep_last=5, ema=True,
                               nan_policy=policy))
     t = _Trainer(cfg, torch.device('cpu'), DistInfo())
     calls = {'n': 0}
@@ -120,10 +152,11 @@ _KILL_SCRIPT = textwrap.dedent('''
                 os.kill(os.getpid(), signal.SIGKILL)
             return orig(self, s, batches)
         T._Trainer._optimizer_step = step
-    res = T.train(dict(model='test_smt', preset='demo', batch_size=16, progress=False, num_workers=0, log_every=2,
-                       output=sys.argv[1], name='run', epochs=2, max_steps=9, ckpt_every=3, keep_last=5,
+    res = T.train(dict(model='test_smt', preset='demo', batch_size=8, progress=False, num_workers=0, log_every=2,
+                       data=sys.argv[4], output=sys.argv[1], name='run', epochs=2, max_steps=11, ckpt_every=4,
+                       keep_last=5, plot=False,
                        ema=True, ema_decay=0.9, drop_path=0.1, mixup=0.5, cutmix=1.0, re_prob=0.5,
-                       auto_augment='rand-m9-mstd0.5-inc1', resume=sys.argv[3] if len(sys.argv) > 3 else None))
+                       auto_augment='rand-m9-mstd0.5-inc1', resume=None if sys.argv[3] == '-' else sys.argv[3]))
     print('STEPS', res['steps'])
 ''')
 
@@ -136,18 +169,19 @@ def _run_script(tmp_path, *args):
                           timeout=300)
 
 
-def test_resume_after_sigkill_is_bit_exact(tmp_path):
-    ref = _run_script(tmp_path, tmp_path / 'ref', 0)
+def test_resume_after_sigkill_is_bit_exact(tmp_path, folder):
+    # 48 training images, batch 8: 6 steps per epoch; checkpoints at steps 4, 6 (epoch end) and 8 (mid-epoch).
+    ref = _run_script(tmp_path, tmp_path / 'ref', 0, '-', folder)
     assert ref.returncode == 0, ref.stderr
-    killed = _run_script(tmp_path, tmp_path / 'crash', 7)  # dies in step 8, after the step-6 checkpoint
+    killed = _run_script(tmp_path, tmp_path / 'crash', 9, '-', folder)  # dies in step 10, mid-epoch 2
     assert killed.returncode == -9, killed.stderr
-    assert [p.name for p in list_checkpoints(tmp_path / 'crash' / 'run')][-1] == 'step-00000006'
-    resumed = _run_script(tmp_path, tmp_path / 'crash', 0, 'auto')
+    assert [p.name for p in list_checkpoints(tmp_path / 'crash' / 'run')][-1] == 'step-00000008'
+    resumed = _run_script(tmp_path, tmp_path / 'crash', 0, 'auto', folder)
     assert resumed.returncode == 0, resumed.stderr
     assert 'resumed from' in resumed.stdout + resumed.stderr
     a = load_checkpoint(list_checkpoints(tmp_path / 'ref' / 'run')[-1])
     b = load_checkpoint(list_checkpoints(tmp_path / 'crash' / 'run')[-1])
-    assert a[2]['step'] == b[2]['step'] == 9
+    assert a[2]['step'] == b[2]['step'] == 11
     for key in ('model', 'ema'):
         assert a[0][key].keys() == b[0][key].keys()
         for k in a[0][key]:
@@ -162,8 +196,9 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path):
     assert steps == sorted(set(steps))
 
 
-def test_corrupt_checkpoint_is_named_and_resume_falls_back(tmp_path):
-    train(dict(TINY, output=str(tmp_path), name='c', max_steps=4, ckpt_every=2, keep_last=3))
+def test_corrupt_checkpoint_is_named_and_resume_falls_back(tmp_path, folder):
+    TINY_F = dict(TINY, data=str(folder))
+    train(dict(TINY_F, output=str(tmp_path), name='c', max_steps=4, ckpt_every=2, keep_last=3))
     run = tmp_path / 'c'
     newest = list_checkpoints(run)[-1]
     weights = newest / 'model.safetensors'
@@ -178,9 +213,9 @@ def test_corrupt_checkpoint_is_named_and_resume_falls_back(tmp_path):
     with pytest.raises(CheckpointError, match='meta.json.*truncated or corrupt'):
         load_checkpoint(run / 'checkpoints' / 'step-00000002')
     # an explicit corrupt checkpoint: clear message, then the previous good one is used
-    train(dict(TINY, output=str(tmp_path), name='d', max_steps=6, ckpt_every=2, keep_last=3))
+    train(dict(TINY_F, output=str(tmp_path), name='d', max_steps=6, ckpt_every=2, keep_last=3))
     bad = tmp_path / 'd' / 'checkpoints' / 'step-00000006' / 'state.pt'
     bad.write_bytes(bad.read_bytes()[:100])
-    res = train(dict(TINY, output=str(tmp_path), name='d', max_steps=6, ckpt_every=2, keep_last=3,
+    res = train(dict(TINY_F, output=str(tmp_path), name='d', max_steps=6, ckpt_every=2, keep_last=3,
                      resume=str(bad.parent)))
     assert res['steps'] == 6 and res['status'] == 'finished'

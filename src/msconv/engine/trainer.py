@@ -493,6 +493,10 @@ class _Trainer:
                             'reason': 'non-finite loss'}
                 self.scaler.scale(loss / cfg.accum_steps).backward()
             total_loss += float(loss.detach().item()) / cfg.accum_steps
+        if self.info.enabled:  # log the global-batch loss, not rank 0's share
+            t = torch.tensor([total_loss], dtype=torch.float64, device=self.device)
+            dist.all_reduce(t)
+            total_loss = t.item() / self.info.world_size
         grad_norm = None
         if cfg.clip_grad is not None:
             self.scaler.unscale_(self.optimizer)
