@@ -207,3 +207,44 @@ def test_layer_bad_dims_raise():
         MultiHeadMixedConv(30, num_heads=4)
     with pytest.raises(ValueError, match='embed_dims'):
         SMT(embed_dims=(16, 32, 64))
+
+
+@pytest.mark.parametrize('name', ['smt_micro', 'smt_micro_ls_k7'])
+def test_reparameterized_model_matches_official_outputs(name):
+    t, meta = load_fixture('smt', name)
+    model = SMT(**meta['constructor_kwargs'])
+    model.load_state_dict(official_state_dict(t))
+    deployed = msconv.reparameterize(model)  # a copy; the training form is untouched
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in deployed.modules())
+    assert not any(k.endswith('gamma') for k in deployed.state_dict())
+    with torch.no_grad():
+        assert max_abs(deployed(t['input']), t['logits']) <= meta['atol']
+        feats = deployed.forward_intermediates(t['input'], intermediates_only=True)
+    assert max_abs(feats[2], t['features.3']) <= meta['atol']
+    model.reparameterize()  # in place, and idempotent
+    model.reparameterize()
+    with torch.no_grad():
+        assert max_abs(model(t['input']), t['logits']) <= meta['atol']
+
+
+def test_reparameterized_model_compiles_fullgraph():
+    torch._dynamo.reset()
+    model = msconv.create_model('test_smt').reparameterize()
+    x = torch.randn(2, 3, 64, 64)
+    compiled = torch.compile(model, fullgraph=True, backend='aot_eager')
+    with torch.no_grad():
+        assert max_abs(compiled(x), model(x)) < 1e-5
+
+
+def test_reference_forms_give_the_same_model_outputs():
+    torch.manual_seed(0)
+    model = msconv.create_model('test_smt').eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        fast = model(x)
+        with msconv.layers.reference_forms():
+            assert msconv.layers.reference_forms_enabled()
+            ref = model(x)
+    assert not msconv.layers.reference_forms_enabled()
+    assert max_abs(fast, ref) < 1e-5

@@ -6,7 +6,9 @@ from importlib import import_module
 from typing import Any
 
 from . import layers, models
-from .models import FAMILIES, convert_official, create_model, list_models, model_family, read_checkpoint
+from .models import (
+    FAMILIES, convert_official, create_model, list_models, model_family, model_info, read_checkpoint, reparameterize,
+)
 
 __version__ = '0.1.0'
 
@@ -23,6 +25,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    'FAMILIES', 'convert_official', 'create_model', 'list_models', 'model_family', 'read_checkpoint', 'layers',
+    'FAMILIES', 'convert_official', 'create_model', 'list_models', 'model_family', 'model_info', 'read_checkpoint',
+    'reparameterize', 'layers',
     'models', '__version__', *_LAZY,
 ]

@@ -20,7 +20,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['MultiHeadMixedConv', 'ScaleAwareAggregation', 'ScaleAwareModulation']
+from ._forms import reference_forms_enabled
+
+__all__ = ['MultiHeadMixedConv', 'ScaleAwareAggregation', 'ScaleAwareModulation', 'fold_bn_into_conv']
+
+
+@torch.no_grad()
+def fold_bn_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """A new conv computing ``bn(conv(x))`` with ``bn`` in eval mode (running statistics)."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    fused = nn.Conv2d(
+        conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+        dilation=conv.dilation, groups=conv.groups, bias=True, device=conv.weight.device, dtype=conv.weight.dtype,
+    )
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
+    fused.bias.copy_((bias - bn.running_mean) * scale + bn.bias)
+    return fused
 
 
 def _interleave_rows(t: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -69,6 +85,8 @@ class MultiHeadMixedConv(nn.Module):
         return weight, bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) head-major -> same
+        if reference_forms_enabled():
+            return self.forward_reference(x)
         weight, bias = self.merged_kernel()
         return F.conv2d(x, weight, bias, padding=self.max_kernel // 2, groups=self.dim)
 
@@ -97,6 +115,13 @@ class ScaleAwareAggregation(nn.Module):
             B, C, H, W = x.shape
             x = x.reshape(B, self.num_heads, C // self.num_heads, H, W).transpose(1, 2).reshape(B, C, H, W)
         return self.proj1(self.act(self.bn(self.proj0(x))))
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Inference form: the BatchNorm folded into the grouped 1x1 conv (eval statistics)."""
+        if isinstance(self.bn, nn.BatchNorm2d):
+            self.proj0 = fold_bn_into_conv(self.proj0, self.bn)
+            self.bn = nn.Identity()
 
 
 class ScaleAwareModulation(nn.Module):
@@ -130,9 +155,34 @@ class ScaleAwareModulation(nn.Module):
         self.saa = ScaleAwareAggregation(dim, num_heads, expand_ratio)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        self.deployed = False
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Inference form: ``s`` stored with interleaved output rows, MHMC as one ``nn.Conv2d`` (smaller kernels
+        zero-padded to the largest, rows interleaved) and SAA's BatchNorm folded. Eval outputs are unchanged."""
+        if self.deployed:
+            return
+        h = self.num_heads
+        s = nn.Linear(self.dim, self.dim, bias=self.s.bias is not None, device=self.s.weight.device,
+                      dtype=self.s.weight.dtype)
+        s.weight.copy_(_interleave_rows(self.s.weight, h))
+        if self.s.bias is not None:
+            s.bias.copy_(_interleave_rows(self.s.bias, h))
+        weight, bias = self.mhmc.merged_kernel(interleaved=True)
+        conv = nn.Conv2d(self.dim, self.dim, self.mhmc.max_kernel, padding=self.mhmc.max_kernel // 2,
+                         groups=self.dim, device=weight.device, dtype=weight.dtype)
+        conv.weight.copy_(weight)
+        conv.bias.copy_(bias)
+        self.s, self.mhmc = s, conv
+        self.saa.reparameterize()
+        self.deployed = True
 
     def modulator(self, x: torch.Tensor) -> torch.Tensor:
         """The SAA output for channels-last input ``x`` (B, H, W, C), as (B, H, W, C)."""
+        if self.deployed:
+            s = self.mhmc(self.s(x).permute(0, 3, 1, 2))
+            return self.saa(s, interleaved=True).permute(0, 2, 3, 1)
         h = self.num_heads
         weight_s = _interleave_rows(self.s.weight, h)
         bias_s = _interleave_rows(self.s.bias, h) if self.s.bias is not None else None
@@ -142,6 +192,8 @@ class ScaleAwareModulation(nn.Module):
         return self.saa(s, interleaved=True).permute(0, 2, 3, 1)
 
     def forward_nhwc(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C) -> (B, H, W, C)
+        if reference_forms_enabled() and not self.deployed:
+            return self.forward_reference(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return self.proj_drop(self.proj(self.modulator(x) * self.v(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, H, W)
@@ -149,6 +201,8 @@ class ScaleAwareModulation(nn.Module):
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """Plain form of the paper (head loop, activation interleave), NCHW; used to test ``forward``."""
+        if self.deployed:
+            raise RuntimeError("forward_reference needs the training form; this module was reparameterized")
         t = x.permute(0, 2, 3, 1)
         s = self.mhmc.forward_reference(self.s(t).permute(0, 3, 1, 2))
         m = self.saa(s, interleaved=False).permute(0, 2, 3, 1)

@@ -15,10 +15,11 @@ import torch
 import torch.nn as nn
 import timm
 from timm.models._features import FeatureGetterNet
+from timm.models._manipulate import reparameterize_model
 
 from ._registry import _MODEL_FAMILY, convert_official, model_family, unknown_model_message
 
-__all__ = ['MsconvModel', 'create_model', 'read_checkpoint', 'check_image_input']
+__all__ = ['MsconvModel', 'create_model', 'read_checkpoint', 'check_image_input', 'reparameterize']
 
 _FEATURE_KWARGS = ('out_indices', 'output_fmt', 'feature_cls', 'norm')
 
@@ -51,6 +52,14 @@ class MsconvModel(nn.Module):
     warning, so that fine-tuning with another ``num_classes`` works from any checkpoint.
     """
     family: str = ''
+
+    @torch.no_grad()
+    def reparameterize(self) -> 'MsconvModel':
+        """Switch to the inference form in place (BatchNorms folded, branches merged; see each family) and
+        return ``self``. Eval outputs are unchanged (within float rounding); train the training form."""
+        reparameterize_model(self, inplace=True)
+        self.eval()
+        return self
 
     def _classifier_name(self) -> str:
         cfg = getattr(self, 'pretrained_cfg', None) or {}
@@ -169,3 +178,11 @@ def create_model(
         feature_kwargs.setdefault('out_indices', (0, 1, 2, 3))
         model = FeatureGetterNet(model, **feature_kwargs)
     return model
+
+
+def reparameterize(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """The inference form of ``model`` (a copy unless ``inplace``): every submodule with a ``reparameterize``
+    (or ``fuse``/``switch_to_deploy``) method is converted, as ``timm.utils.reparameterize_model`` does. The
+    result is put in eval mode."""
+    model = reparameterize_model(model, inplace=inplace)
+    return model.eval()

@@ -29,7 +29,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq, named_apply
 
-from ..layers.mixed_conv import ScaleAwareModulation
+from ..layers.mixed_conv import ScaleAwareModulation, fold_bn_into_conv
 from ._builder import MsconvModel, check_image_input
 from ._registry import register_converter, register_model
 
@@ -78,12 +78,31 @@ class Attention(nn.Module):
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        self.qkv: Optional[nn.Linear] = None  # inference form: q and kv as one projection
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Inference form: ``q`` and ``kv`` merged into one ``qkv`` linear (one GEMM instead of two)."""
+        if self.qkv is not None:
+            return
+        dim = self.q.in_features
+        qkv = nn.Linear(dim, 3 * dim, bias=self.q.bias is not None, device=self.q.weight.device,
+                        dtype=self.q.weight.dtype)
+        qkv.weight.copy_(torch.cat([self.q.weight, self.kv.weight]))
+        if self.q.bias is not None:
+            qkv.bias.copy_(torch.cat([self.q.bias, self.kv.bias]))
+        self.qkv = qkv
+        del self.q, self.kv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
         B, H, W, C = x.shape
         h = self.num_heads
-        q = self.q(x).reshape(B, H * W, h, C // h).transpose(1, 2)  # (B, h, N, d)
-        kv = self.kv(x).reshape(B, H * W, 2, C)  # K then V, each head-major
+        if self.qkv is not None:
+            qkv = self.qkv(x).reshape(B, H * W, 3, C)
+            q, kv = qkv[:, :, 0].unflatten(-1, (h, C // h)).transpose(1, 2), qkv[:, :, 1:]
+        else:
+            q = self.q(x).reshape(B, H * W, h, C // h).transpose(1, 2)  # (B, h, N, d)
+            kv = self.kv(x).reshape(B, H * W, 2, C)  # K then V, each head-major
         k = kv[:, :, 0].unflatten(-1, (h, C // h)).transpose(1, 2)
         v_tokens = kv[:, :, 1]  # (B, N, C)
         v = v_tokens.unflatten(-1, (h, C // h)).transpose(1, 2)
@@ -132,6 +151,16 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, layerscale_value) if use_layerscale else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Inference form: layer-scale gammas folded into the last linear of the token mixer and the MLP."""
+        for ls_name, linear in (('ls1', self.attn.proj), ('ls2', self.mlp.fc2)):
+            ls = getattr(self, ls_name)
+            if isinstance(ls, LayerScale):
+                linear.weight.mul_(ls.gamma.unsqueeze(1))
+                linear.bias.mul_(ls.gamma)
+                setattr(self, ls_name, nn.Identity())
+
     def _mix(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.attn, ScaleAwareModulation):
             return self.attn.forward_nhwc(x)
@@ -152,6 +181,13 @@ class Stem(nn.Module):
         self.act = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(dim, dim, 2, stride=2)
         self.norm = nn.LayerNorm(dim, eps=1e-5)
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Inference form: the BatchNorm folded into the first conv."""
+        if isinstance(self.bn1, nn.BatchNorm2d):
+            self.conv1 = fold_bn_into_conv(self.conv1, self.bn1)
+            self.bn1 = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C_in, H, W) -> (B, H/4, W/4, C)
         x = self.conv2(self.act(self.bn1(self.conv1(x))))

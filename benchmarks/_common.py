@@ -1,0 +1,60 @@
+"""Shared helpers of the benchmark scripts: interleaved timing and loading an official repository's model file.
+
+Ratios are what we report: both sides are timed in the same process, alternating, so machine noise hits both.
+"""
+from __future__ import annotations
+
+import importlib.util
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+from typing import Callable, Dict, List
+
+
+def time_interleaved(fns: Dict[str, Callable[[], object]], warmup: int = 2, repeats: int = 7) -> Dict[str, float]:
+    """Median seconds per call of each function, measured round-robin (warm-up calls first)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    samples: Dict[str, List[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def import_official_file(path: Path, module_name: str, stub_modules: tuple = ()) -> types.ModuleType:
+    """Import one file of an official repository (never committed here) by path.
+
+    ``stub_modules`` are module names the file imports at top level but never uses for the model (e.g. FLOP
+    counters); they are replaced by empty modules so the import succeeds.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"official model file {path} not found: pass the path of a local checkout")
+    for name in stub_modules:
+        if name not in sys.modules:
+            stub = types.ModuleType(name)
+            stub.__getattr__ = lambda attr, _n=name: (lambda *a, **k: None)  # any attribute is a no-op callable
+            sys.modules[name] = stub
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def print_table(rows: List[Dict[str, object]], title: str = '') -> None:
+    if title:
+        print(f"\n{title}")
+    if not rows:
+        return
+    cols = list(rows[0])
+    widths = [max(len(str(c)), *(len(str(r[c])) for r in rows)) for c in cols]
+    print('  '.join(str(c).ljust(w) for c, w in zip(cols, widths)))
+    for r in rows:
+        print('  '.join(str(r[c]).ljust(w) for c, w in zip(cols, widths)))

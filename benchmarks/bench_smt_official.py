@@ -1,0 +1,123 @@
+"""msconv SMT against the official implementation, measured in one run on this machine.
+
+    python benchmarks/bench_smt_official.py --official-repo /path/to/AFeng-x/SMT [--models smt_tiny smt_small]
+
+The official ``models/smt.py`` is imported from a local checkout (never committed here); its unused FLOP-counter
+imports (ptflops, thop) are stubbed. For each model: the official model is built, its weights are loaded into
+ours (checking the outputs agree), and the two are timed alternately:
+
+* eval: official vs ours (training form) vs ours reparameterized, batch 8 at 224, fp32, inference_mode;
+* train step: forward + cross-entropy backward + AdamW step, official vs ours (training form).
+
+Also compares the two ways of running MHMC's four depthwise convolutions (one zero-padded 9x9 conv vs four
+separate convs), which decided the form msconv uses.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import import_official_file, print_table, time_interleaved  # noqa: E402
+
+import msconv  # noqa: E402
+
+OFFICIAL_FACTORY = {'smt_tiny': 'smt_t', 'smt_small': 'smt_s', 'smt_base': 'smt_b', 'smt_large': 'smt_l'}
+
+
+def load_official(repo: Path):
+    import timm.data.transforms as tdt
+    if not hasattr(tdt, '_pil_interp'):  # removed from newer timm; only used by the official notebook helpers
+        tdt._pil_interp = lambda *a, **k: None
+    return import_official_file(repo / 'models' / 'smt.py', 'official_smt', stub_modules=('ptflops', 'thop'))
+
+
+def bench_mhmc(batch: int, repeats: int) -> list:
+    rows = []
+    for dim, size in ((64, 56), (128, 28), (256, 14)):
+        x = torch.randn(batch, size, size, dim).permute(0, 3, 1, 2)  # channels-last, as inside the model
+        merged = torch.randn(dim, 1, 9, 9)
+        per_head = [torch.randn(dim // 4, 1, k, k) for k in (3, 5, 7, 9)]
+
+        def one_conv():
+            return F.conv2d(x, merged, padding=4, groups=dim)
+
+        def four_convs():
+            return torch.cat([F.conv2d(p, w, padding=w.shape[-1] // 2, groups=dim // 4)
+                              for p, w in zip(x.chunk(4, 1), per_head)], 1)
+
+        with torch.inference_mode():
+            t = time_interleaved({'one': one_conv, 'four': four_convs}, warmup=2, repeats=repeats)
+        rows.append({'C': dim, 'HxW': f'{size}x{size}', 'one 9x9 conv ms': f"{t['one'] * 1e3:.2f}",
+                     'four convs ms': f"{t['four'] * 1e3:.2f}", 'speed-up': f"{t['four'] / t['one']:.2f}x"})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--official-repo', type=Path, required=True, help='local checkout of AFeng-x/SMT')
+    parser.add_argument('--models', nargs='+', default=['smt_tiny'], choices=sorted(OFFICIAL_FACTORY))
+    parser.add_argument('--batch-size', type=int, default=8)
+    parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--no-train', action='store_true', help='skip the training-step table')
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    official = load_official(args.official_repo)
+    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch_size} at {args.img_size}, fp32")
+    eval_rows, train_rows = [], []
+    for name in args.models:
+        torch.manual_seed(0)
+        kwargs = {'use_layerscale': True} if name == 'smt_large' else {}
+        theirs = getattr(official, OFFICIAL_FACTORY[name])(**kwargs).eval()
+        ours = msconv.create_model(name).eval()
+        ours.load_state_dict(theirs.state_dict())
+        deployed = msconv.reparameterize(ours)
+        x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
+        with torch.inference_mode():
+            ref = theirs(x)
+            err = max((ours(x) - ref).abs().max().item(), (deployed(x) - ref).abs().max().item())
+            t = time_interleaved({'official': lambda: theirs(x), 'ours': lambda: ours(x),
+                                  'deployed': lambda: deployed(x)}, warmup=1, repeats=args.repeats)
+        eval_rows.append({
+            'model': name, 'max |diff|': f'{err:.1e}',
+            'official img/s': f"{args.batch_size / t['official']:.1f}",
+            'ours img/s': f"{args.batch_size / t['ours']:.1f}",
+            'ours reparam img/s': f"{args.batch_size / t['deployed']:.1f}",
+            'speed-up (ours)': f"{t['official'] / t['ours']:.2f}x",
+            'speed-up (reparam)': f"{t['official'] / t['deployed']:.2f}x",
+        })
+        if args.no_train:
+            continue
+        theirs.train()
+        ours_t = copy.deepcopy(ours).train()
+        target = torch.randint(0, 1000, (args.batch_size,))
+        steps = {}
+        for label, model in (('official', theirs), ('ours', ours_t)):
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+            def step(model=model, opt=opt):
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(model(x), target).backward()
+                opt.step()
+            steps[label] = step
+        t = time_interleaved(steps, warmup=1, repeats=max(2, args.repeats // 2))
+        train_rows.append({
+            'model': name, 'official img/s': f"{args.batch_size / t['official']:.1f}",
+            'ours img/s': f"{args.batch_size / t['ours']:.1f}", 'speed-up': f"{t['official'] / t['ours']:.2f}x",
+        })
+    print_table(eval_rows, 'Inference (eval)')
+    if train_rows:
+        print_table(train_rows, 'Training step (forward + backward + AdamW)')
+    print_table(bench_mhmc(args.batch_size, args.repeats), 'MHMC: one zero-padded 9x9 depthwise conv vs four convs')
+
+
+if __name__ == '__main__':
+    main()

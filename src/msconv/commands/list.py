@@ -1,0 +1,43 @@
+"""`msconv list [PATTERN] [--family F]`: the registered msconv models."""
+from __future__ import annotations
+
+import argparse
+
+HELP = 'list the registered msconv models (glob PATTERN, --family); --markdown prints the model table'
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('pattern', nargs='?', default=None, help="glob on the model name, e.g. 'smt_*'")
+    parser.add_argument('--family', default=None, help='smt, shiftwise or scsc')
+    parser.add_argument('--all', action='store_true', help='include the tiny test_* models')
+    parser.add_argument('--markdown', action='store_true',
+                        help='print the Markdown model table (params and MACs at 224, paper top-1, paper)')
+    parser.add_argument('--names', action='store_true', help='print the names only, one per line')
+
+
+def run(args: argparse.Namespace) -> int:
+    from msconv.models import list_models, model_info
+
+    if args.markdown:
+        from msconv.tools.model_table import render
+        print(render(include_test=args.all), end='')
+        return 0
+    names = list_models(args.pattern or '*', family=args.family)
+    if args.pattern is None and not args.all:
+        names = [n for n in names if not n.startswith('test_')]
+    if args.names:
+        print('\n'.join(names))
+        return 0
+    import timm
+    from msconv.tools._table import print_table
+
+    rows = []
+    for name in names:
+        info = model_info(name)
+        tags = [t for t in timm.list_pretrained(f'{name}.*')]
+        top1 = info.get('paper_top1')
+        rows.append((name, info['family'], '-' if top1 is None else f'{top1:.1f}',
+                     ', '.join(t.split('.', 1)[1] for t in tags) or '-'))
+    print_table(f'{len(names)} msconv models', ('model', 'family', 'paper top-1 (%)', 'pretrained tags'), rows,
+                left=(0, 1, 3))
+    return 0

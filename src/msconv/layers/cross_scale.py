@@ -1,0 +1,252 @@
+"""Spatial cross-scale convolution (SCSC), NCHW in and out.
+
+Paper: Wang, Chu, Han, Zhang, "SCSC: Spatial Cross-scale Convolution Module to Strengthen both CNNs and
+Transformers", ICCV 2023 Workshops (NIVT), arXiv 2308.07110. Official code: github.com/megvii-research/SCSC
+(``scsc_swin.py`` token mixer, ``cbtnet.py`` CNN block), reproduced here clean-room from a specification;
+parity is checked against fixtures produced by the official code.
+
+Dataflow of one module (``C`` = ``dim``, ``m`` = number of kernel sizes, ``cp = C // m``, ``G`` = ``groups``)::
+
+    x (B, C, H, W)
+      -> reduce: 1x1 conv C->cp, BN, GELU                              x_r (B, cp, H, W)
+      -> m depthwise convs k_s x k_s on the whole x_r (stride s)       concat (B, m*cp, H', W'), branch-major
+      -> BN, GELU
+      -> routing: per-pixel sigmoid gates from x_r (1x1 conv cp -> m*G, same stride)
+         combine m channels into one with gates shared by the cp/G channels of a gate group
+                                                                        (B, cp, H', W')
+      -> recover: 1x1 conv cp->out, BN [, GELU in the CNN form] -> squeeze-excitation
+
+Routing, side by side (``a`` = GELU(BN(concat)) with concat channel ``s*cp + c`` = branch s, channel c;
+``gate[j*G + g]``; routed channel ``q`` lies in gate group ``g = q // (cp/G)``)::
+
+    routing="official":    routed[q] = sum_j gate[j*G + g] * a[q*m + j]
+                           (what the released code computes: its channel shuffle followed by its reshape
+                           sums the m ADJACENT concatenated channels, which nearly always come from the same
+                           kernel size; only the following 1x1 mixes scales)
+    routing="cross_scale": routed[q] = sum_j gate[j*G + g] * a[j*cp + q]
+                           (the same reduced channel q taken from every kernel size, as the name suggests)
+
+Both have exactly the same parameters and cost; only the channel pairing differs. Our BN after the
+depthwise convs is stored in concat (branch-major) order; the official one is stored in its shuffled order, and
+``convert_scsc_official`` permutes it on load. Neither routing needs a permute or a contiguous copy: the sum is a
+broadcast multiply-and-reduce over a view.
+
+``reparameterize()`` folds every BatchNorm into the conv before it (the inference form); outputs stay identical
+to within float rounding.
+"""
+from __future__ import annotations
+
+import re
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath, SEModule
+
+__all__ = ['SpatialCrossScaleConv', 'CrossScaleBottleneck', 'convert_scsc_official', 'fold_bn_into_conv']
+
+ROUTINGS = ('official', 'cross_scale')
+
+
+@torch.no_grad()
+def fold_bn_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """A new Conv2d computing ``bn(conv(x))`` with BN in inference form (running statistics)."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    fused = nn.Conv2d(
+        conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+        dilation=conv.dilation, groups=conv.groups, bias=True, padding_mode=conv.padding_mode,
+        device=conv.weight.device, dtype=conv.weight.dtype,
+    )
+    fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
+    fused.bias.copy_(bn.bias + (bias - bn.running_mean) * scale)
+    return fused
+
+
+def _check_kernel_sizes(kernel_sizes: Sequence[int]) -> Tuple[int, ...]:
+    ks = tuple(kernel_sizes) if isinstance(kernel_sizes, (list, tuple)) else None
+    if not ks or not all(isinstance(k, int) and k > 0 and k % 2 == 1 for k in ks):
+        raise ValueError(f"kernel_sizes must be a non-empty sequence of odd positive ints, got {kernel_sizes!r}")
+    return ks
+
+
+class SpatialCrossScaleConv(nn.Module):
+    """Spatial cross-scale convolution, the token-mixer form (NCHW in and out, no residual of its own).
+
+    Args:
+        dim: input channels ``C``.
+        kernel_sizes: one depthwise kernel size per branch (odd); ``m = len(kernel_sizes)``.
+        groups: gate groups ``G``: each gate map is shared by ``cp / G`` routed channels (official ``mg``).
+        se_reduction: squeeze-excitation reduction; the hidden width is ``max(out_dim // se_reduction, 32)``.
+        routing: ``"official"`` (the released code) or ``"cross_scale"`` (see the module docstring).
+        out_dim: output channels (``dim`` when None).
+        stride: 1, or 2 to downsample inside the depthwise and routing convs (CNN form).
+        out_act: GELU after the recovery BN (the CNN form has it, the Swin token mixer does not).
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            kernel_sizes: Sequence[int] = (3, 7, 11),
+            groups: int = 4,
+            se_reduction: int = 16,
+            routing: str = 'official',
+            out_dim: int | None = None,
+            stride: int = 1,
+            out_act: bool = False,
+    ) -> None:
+        super().__init__()
+        ks = _check_kernel_sizes(kernel_sizes)
+        if not isinstance(dim, int) or dim <= 0:
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        m = len(ks)
+        cp = dim // m
+        if not isinstance(groups, int) or groups <= 0 or cp == 0 or cp % groups != 0:
+            raise ValueError(
+                f"groups must divide the reduced width dim // len(kernel_sizes) = {dim} // {m} = {cp}, got {groups!r}"
+            )
+        if routing not in ROUTINGS:
+            raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
+        if stride not in (1, 2):
+            raise ValueError(f"stride must be 1 or 2, got {stride!r}")
+        if not isinstance(se_reduction, int) or se_reduction <= 0:
+            raise ValueError(f"se_reduction must be a positive int, got {se_reduction!r}")
+        out_dim = dim if out_dim is None else out_dim
+        self.dim, self.out_dim, self.kernel_sizes, self.groups = dim, out_dim, ks, groups
+        self.num_scales, self.reduced_dim, self.routing, self.stride = m, cp, routing, stride
+
+        self.reduce = nn.Conv2d(dim, cp, 1, bias=False)
+        self.reduce_bn = nn.BatchNorm2d(cp)
+        self.dw = nn.ModuleList([
+            nn.Conv2d(cp, cp, k, stride=stride, padding=k // 2, groups=cp, bias=False) for k in ks
+        ])
+        self.dw_bn = nn.BatchNorm2d(m * cp)  # concat (branch-major) channel order
+        self.router = nn.Conv2d(cp, m * groups, 1, stride=stride, bias=False)
+        self.recover = nn.Conv2d(cp, out_dim, 1, bias=False)
+        self.recover_bn = nn.BatchNorm2d(out_dim)
+        self.act = nn.GELU()
+        self.out_act = nn.GELU() if out_act else nn.Identity()
+        self.se = SEModule(out_dim, rd_channels=max(out_dim // se_reduction, 32), bias=False)
+
+    def route(self, feats: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """Gated sum of the m branch features: (B, m*cp, H, W) x (B, m*G, H, W) -> (B, cp, H, W)."""
+        B, _, H, W = feats.shape
+        m, G, cp = self.num_scales, self.groups, self.reduced_dim
+        if self.routing == 'official':
+            f = feats.view(B, G, cp // G, m, H, W)  # channel q*m + j = (g, r, j)
+            g = gate.view(B, m, G, H, W).transpose(1, 2).unsqueeze(2)  # (B, G, 1, m, H, W), gate j*G + g
+            out = (f * g).sum(3)
+        else:
+            f = feats.view(B, m, G, cp // G, H, W)  # channel j*cp + q = (j, g, r)
+            g = gate.view(B, m, G, 1, H, W)
+            out = (f * g).sum(1)
+        return out.reshape(B, cp, H, W)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_r = self.act(self.reduce_bn(self.reduce(x)))
+        feats = self.act(self.dw_bn(torch.cat([conv(x_r) for conv in self.dw], dim=1)))
+        gate = torch.sigmoid(self.router(x_r))
+        y = self.out_act(self.recover_bn(self.recover(self.route(feats, gate))))
+        return self.se(y)
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Fold the three BatchNorms into the convs before them (inference form, in place)."""
+        if isinstance(self.reduce_bn, nn.Identity):
+            return
+        self.reduce = fold_bn_into_conv(self.reduce, self.reduce_bn)
+        cp = self.reduced_dim
+        folded = []
+        for s, conv in enumerate(self.dw):
+            bn = nn.BatchNorm2d(cp, eps=self.dw_bn.eps).to(self.dw_bn.weight)
+            for name in ('weight', 'bias', 'running_mean', 'running_var'):
+                getattr(bn, name).copy_(getattr(self.dw_bn, name)[s * cp:(s + 1) * cp])
+            bn.eval()
+            folded.append(fold_bn_into_conv(conv, bn))
+        self.dw = nn.ModuleList(folded)
+        self.recover = fold_bn_into_conv(self.recover, self.recover_bn)
+        self.reduce_bn, self.dw_bn, self.recover_bn = nn.Identity(), nn.Identity(), nn.Identity()
+
+
+class CrossScaleBottleneck(SpatialCrossScaleConv):
+    """The CNN residual form used by ResNet+SCSC: SCSC (with GELU after the recovery BN) plus its own shortcut.
+
+    ``y = scsc(x) + shortcut(x)`` with no activation after the add (as in the official block). The shortcut is the
+    identity, or a 1x1 conv (with ``stride``) + BN projection when the stride or the width changes. The reduced
+    width is ``in_dim // len(kernel_sizes)``.
+    """
+
+    def __init__(
+            self,
+            in_dim: int,
+            out_dim: int,
+            kernel_sizes: Sequence[int] = (3, 7, 11),
+            groups: int = 4,
+            stride: int = 1,
+            se_reduction: int = 16,
+            routing: str = 'official',
+            drop_path: float = 0.0,
+    ) -> None:
+        super().__init__(
+            in_dim, kernel_sizes=kernel_sizes, groups=groups, se_reduction=se_reduction, routing=routing,
+            out_dim=out_dim, stride=stride, out_act=True,
+        )
+        if stride != 1 or in_dim != out_dim:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_dim, out_dim, 1, stride=stride, bias=False), nn.BatchNorm2d(out_dim))
+        else:
+            self.shortcut = nn.Identity()
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop_path(super().forward(x)) + self.shortcut(x)
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        super().reparameterize()
+        if isinstance(self.shortcut, nn.Sequential):
+            self.shortcut = fold_bn_into_conv(self.shortcut[0], self.shortcut[1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Official state dict -> ours (module level). Model-level key renames live with each model file.
+
+_MODULE_RENAMES: List[Tuple[str, str]] = [
+    (r'reduction_c\.weight', 'reduce.weight'),
+    (r'bn1\.(.+)', r'reduce_bn.\1'),
+    (r'layers\.(\d+)(?:\.0)?\.weight', r'dw.\1.weight'),
+    (r'bn2\.(.+)', r'dw_bn.\1'),
+    (r'routing_fc\.weight', 'router.weight'),
+    (r'recover_c\.weight', 'recover.weight'),
+    (r'bn3\.(.+)', r'recover_bn.\1'),
+    (r'se\.fc\.0\.weight', 'se.fc1.weight'),
+    (r'se\.fc\.2\.weight', 'se.fc2.weight'),
+    (r'downsample\.(\d)\.(.+)', r'shortcut.\1.\2'),
+]
+
+
+def convert_scsc_official(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Rename the keys of every official SCSC module (Swin ``SCSC_block`` or CNN ``CNN_Trans_block``) in a state dict.
+
+    A module is recognised by its ``<prefix>reduction_c.weight`` key; its sub-keys are renamed to ours, the SE
+    Linear weights become 1x1 conv weights, and the BN after the depthwise convs is permuted from the official
+    shuffled order to our concat order. Every other key passes through unchanged (identity on msconv keys).
+    """
+    out = dict(state_dict)
+    prefixes = [k[:-len('reduction_c.weight')] for k in state_dict if k.endswith('reduction_c.weight')]
+    for p in prefixes:
+        sub = {k[len(p):]: v for k, v in state_dict.items() if k.startswith(p)}
+        m = sum(1 for k in sub if re.fullmatch(r'layers\.\d+(?:\.0)?\.weight', k))
+        for k, v in sub.items():
+            for pat, rep in _MODULE_RENAMES:
+                if re.fullmatch(pat, k):
+                    new = re.sub(pat, rep, k)
+                    if new.startswith('se.fc') and v.dim() == 2:
+                        v = v.reshape(*v.shape, 1, 1)
+                    if new.startswith('dw_bn.') and v.dim() == 1 and m > 0:
+                        # official bn2 channel j*cp + t normalises concat channel t*m + j
+                        v = v.reshape(m, -1).t().reshape(-1).contiguous()
+                    del out[p + k]
+                    out[p + new] = v
+                    break
+    return out

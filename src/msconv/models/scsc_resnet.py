@@ -1,0 +1,289 @@
+"""ResNet + SCSC (the official "CBTNet"): every bottleneck replaced by a residual spatial cross-scale block.
+
+Paper: Wang, Chu, Han, Zhang, "SCSC: Spatial Cross-scale Convolution Module to Strengthen both CNNs and
+Transformers", ICCV 2023 Workshops (NIVT), arXiv 2308.07110. Official code: github.com/megvii-research/SCSC
+(``cbtnet.py``). No official weights are published.
+
+Macro design (official): 3x3 stride-2 stem conv 3->96 + BN + ReLU, no max-pool; four stages whose first block
+downsamples (stride-2 depthwise and routing convs, 1x1 stride-2 conv + BN projection shortcut); block output
+widths 288/576/1152/1536 (expansion 3 of 96/192/384/512); kernel sizes (3,9,13), (3,7,11), (3,5,7), (3,5) with 4
+gate groups; global average pooling and a Linear head. ``scsc_resnet50`` = ``cbtnet50`` (depths 3,5,12,3):
+25.57M params, 4.56 GMACs at 224.
+
+Fixed official bugs: the released block's forward reads an attribute that is never set (it crashes as
+shipped), and it hard-codes ``H // 2`` after a stride-2 conv, so inputs whose stage resolution becomes odd
+(e.g. 112x112) crash. Here the spatial size is always taken from the conv output (``ceil(H / 2)``), so any
+input of at least 32x32 runs (224, 160, 128, 112, 100, ...), with identical results where the official code runs.
+"""
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.layers import ClassifierHead
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs
+from timm.models._features import feature_take_indices
+
+from ..layers.cross_scale import CrossScaleBottleneck, convert_scsc_official, fold_bn_into_conv
+from . import scsc_swin
+from ._builder import MsconvModel, check_image_input
+from ._registry import register_converter, register_model
+
+__all__ = ['CrossScaleResNet', 'checkpoint_filter_fn', 'convert_scsc']
+
+DEFAULT_KERNEL_SIZES = ((3, 9, 13), (3, 7, 11), (3, 5, 7), (3, 5))
+
+
+class ConvStem(nn.Module):
+    """3x3 conv (stride 2 by default) + BN + activation; ``reparameterize()`` folds the BN."""
+
+    def __init__(self, in_chans: int, out_chs: int, stride: int = 2, act_layer: type = nn.ReLU) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_chans, out_chs, 3, stride=stride, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(out_chs)
+        self.act = act_layer(out_chs) if act_layer is nn.PReLU else act_layer()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        if not isinstance(self.bn, nn.Identity):
+            self.conv, self.bn = fold_bn_into_conv(self.conv, self.bn), nn.Identity()
+
+
+def make_cross_scale_stages(
+        in_chs: int, widths: Sequence[int], depths: Sequence[int], kernel_sizes: Sequence[Sequence[int]],
+        groups: int, routing: str, drop_path_rate: float,
+) -> nn.Sequential:
+    """Stages of ``CrossScaleBottleneck``; each stage's first block has stride 2 and a projection shortcut."""
+    if not (len(widths) == len(depths) == len(kernel_sizes)):
+        raise ValueError(
+            f"widths, depths and kernel_sizes must have one entry per stage, got {len(widths)}, {len(depths)} and "
+            f"{len(kernel_sizes)}"
+        )
+    if not all(isinstance(d, int) and d > 0 for d in depths):
+        raise ValueError(f"depths must be positive ints, got {depths!r}")
+    dpr = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()
+    stages, n = [], 0
+    for width, depth, ks in zip(widths, depths, kernel_sizes):
+        blocks = []
+        for b in range(depth):
+            blocks.append(CrossScaleBottleneck(
+                in_chs if b == 0 else width, width, ks, groups=groups, stride=2 if b == 0 else 1, routing=routing,
+                drop_path=dpr[n],
+            ))
+            n += 1
+        stages.append(nn.Sequential(*blocks))
+        in_chs = width
+    return nn.Sequential(*stages)
+
+
+class CrossScaleResNet(MsconvModel):
+    """ResNet + SCSC (official CBTNet design). ``widths`` are the block output widths (3 x the official planes)."""
+    family = 'scsc'
+
+    def __init__(
+            self,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            depths: Sequence[int] = (3, 5, 12, 3),
+            kernel_sizes: Sequence[Sequence[int]] = DEFAULT_KERNEL_SIZES,
+            groups: int = 4,
+            stem_width: int = 96,
+            widths: Sequence[int] = (288, 576, 1152, 1536),
+            routing: str = 'official',
+            drop_rate: float = 0.0,
+            drop_path_rate: float = 0.0,
+            global_pool: str = 'avg',
+    ) -> None:
+        super().__init__()
+        self.num_classes, self.in_chans, self.drop_rate = num_classes, in_chans, drop_rate
+        self.stem = ConvStem(in_chans, stem_width, stride=2)
+        self.stages = make_cross_scale_stages(stem_width, widths, depths, kernel_sizes, groups, routing, drop_path_rate)
+        self.grad_checkpointing = False
+        self.min_input_size = 2 ** (len(widths) + 1)
+        self.feature_info = [
+            dict(num_chs=w, reduction=2 ** (i + 2), module=f'stages.{i}') for i, w in enumerate(widths)
+        ]
+        self.num_features = self.head_hidden_size = widths[-1]
+        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+        _init_weights(self)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return set()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(stem=r'^stem', blocks=r'^stages\.(\d+)' if coarse else r'^stages\.(\d+)\.(\d+)')
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        self.head.reset(num_classes, global_pool)
+
+    def _run_stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(stage, x)
+        return stage(x)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Stage outputs (NCHW) at ``indices`` and the final feature map. ``norm`` is accepted for API parity
+        (this network has no final norm)."""
+        if output_fmt != 'NCHW':
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        check_image_input(x, self.in_chans, self.min_input_size, type(self).__name__)
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        intermediates = []
+        x = self.stem(x)
+        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
+        for i, stage in enumerate(stages):
+            x = self._run_stage(stage, x)
+            if i in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[:max_index + 1]
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        check_image_input(x, self.in_chans, self.min_input_size, type(self).__name__)
+        x = self.stem(x)
+        for stage in self.stages:
+            x = self._run_stage(stage, x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    @torch.no_grad()
+    def reparameterize(self) -> 'CrossScaleResNet':
+        """Inference form: every BatchNorm folded into its conv. Use in eval mode only."""
+        for module in [m for m in self.modules() if m is not self and hasattr(m, 'reparameterize')]:
+            module.reparameterize()
+        return self
+
+
+def _init_weights(model: nn.Module) -> None:
+    """The official init: kaiming-normal (fan_out, relu) convs, BN 1/0; the SE FCs (Linear in the official code)
+    and the classifier keep PyTorch's default init."""
+    se_convs = {id(c) for m in model.modules() if hasattr(m, 'fc1') and hasattr(m, 'gate') for c in (m.fc1, m.fc2)}
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and id(m) not in se_convs:
+            nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: Optional[nn.Module] = None) -> Dict[str, torch.Tensor]:
+    """Official ``CBTNet`` state dict (whole model, or one ``CNN_Trans_block``) -> ours; identity on msconv keys."""
+    whole_model = 'conv1.weight' in state_dict and any(k.startswith('layer1.') for k in state_dict)
+    out = {}
+    for k, v in state_dict.items():
+        if whole_model:
+            if k == 'conv1.weight':
+                k = 'stem.conv.weight'
+            elif k.startswith('bn1.'):
+                k = 'stem.bn.' + k[len('bn1.'):]
+            elif k.startswith('fc.'):
+                k = 'head.fc.' + k[len('fc.'):]
+            else:
+                m = re.match(r'^layer(\d)\.(\d+)\.(.+)$', k)
+                if m:
+                    k = f'stages.{int(m.group(1)) - 1}.{m.group(2)}.{m.group(3)}'
+        out[k] = v
+    return convert_scsc_official(out)
+
+
+def convert_scsc(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The family converter: official Swin+SCSC or CBTNet (whole model or one module) -> msconv keys."""
+    return checkpoint_filter_fn(scsc_swin.checkpoint_filter_fn(state_dict))
+
+
+register_converter('scsc', convert_scsc)
+
+
+def _create_scsc_resnet(variant: str, pretrained: bool = False, **kwargs: Any) -> CrossScaleResNet:
+    return build_model_with_cfg(
+        CrossScaleResNet, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls='getter'),
+        **kwargs,
+    )
+
+
+def _cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:
+    return {
+        'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        'crop_pct': 0.875, 'interpolation': 'bicubic', 'fixed_input_size': False,
+        'mean': (0.485, 0.456, 0.406), 'std': (0.229, 0.224, 0.225),
+        'first_conv': 'stem.conv', 'classifier': 'head.fc',
+        'paper_ids': 'arXiv:2308.07110', 'license': 'apache-2.0', **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'scsc_resnet50': _cfg(),
+    'scsc_resnet101': _cfg(),
+    'scsc_resnet152': _cfg(),
+    'test_scsc_resnet': _cfg(num_classes=10, input_size=(3, 64, 64), pool_size=(2, 2), test_input_size=(3, 64, 64)),
+})
+
+
+@register_model('scsc')
+def scsc_resnet50(pretrained: bool = False, **kwargs: Any) -> CrossScaleResNet:
+    """ResNet-50 + SCSC (official ``cbtnet50``, depths 3,5,12,3): 25.57M params, 4.56 GMACs at 224."""
+    args = dict(depths=(3, 5, 12, 3), kernel_sizes=DEFAULT_KERNEL_SIZES, groups=4)
+    return _create_scsc_resnet('scsc_resnet50', pretrained=pretrained, **dict(args, **kwargs))
+
+
+@register_model('scsc')
+def scsc_resnet101(pretrained: bool = False, **kwargs: Any) -> CrossScaleResNet:
+    """ResNet-101 + SCSC (official ``cbtnet101``, depths 3,4,23,3): 37.28M params."""
+    args = dict(depths=(3, 4, 23, 3), kernel_sizes=DEFAULT_KERNEL_SIZES, groups=4)
+    return _create_scsc_resnet('scsc_resnet101', pretrained=pretrained, **dict(args, **kwargs))
+
+
+@register_model('scsc')
+def scsc_resnet152(pretrained: bool = False, **kwargs: Any) -> CrossScaleResNet:
+    """ResNet-152 + SCSC (official ``cbtnet152``, depths 3,8,36,3): 52.69M params."""
+    args = dict(depths=(3, 8, 36, 3), kernel_sizes=DEFAULT_KERNEL_SIZES, groups=4)
+    return _create_scsc_resnet('scsc_resnet152', pretrained=pretrained, **dict(args, **kwargs))
+
+
+@register_model('scsc')
+def test_scsc_resnet(pretrained: bool = False, **kwargs: Any) -> CrossScaleResNet:
+    """Tiny ResNet + SCSC for tests (stem 24, widths 72/144/288/384, depths 1,2,1,1)."""
+    args = dict(depths=(1, 2, 1, 1), kernel_sizes=DEFAULT_KERNEL_SIZES, groups=4, stem_width=24,
+                widths=(72, 144, 288, 384), num_classes=10)
+    return _create_scsc_resnet('test_scsc_resnet', pretrained=pretrained, **dict(args, **kwargs))

@@ -1,0 +1,324 @@
+"""Swin + SCSC: the Swin-T macro design with spatial cross-scale convolution as the token mixer.
+
+Paper: Wang, Chu, Han, Zhang, "SCSC: Spatial Cross-scale Convolution Module to Strengthen both CNNs and
+Transformers", ICCV 2023 Workshops (NIVT), arXiv 2308.07110. Official code: github.com/megvii-research/SCSC
+(``scsc_swin.py``, derived from DWNet). No official weights are published.
+
+Each block is ``x = x + DropPath(SCSC(x)); x = x + DropPath(MLP(BN(x)))``: window attention is replaced by
+SCSC (no pre-norm, no windows, no position bias) and the MLP's pre-norm is a BatchNorm. The network keeps
+Swin's 4x4 patch embedding + LayerNorm, patch merging (LayerNorm + bias-free Linear) between stages, a final
+LayerNorm, global average pooling and a Linear head.
+
+Layout: the trunk runs in token layout (B, H, W, C); each SCSC mixer sees the NCHW view of it (channels-last
+memory), so no permute copies are made between the mixer and the MLP. Outputs (features, intermediates) are NCHW.
+
+Differences from the released code (behaviour-preserving at the official 224x224): any input size >= 32 works
+(patch merging pads odd sizes like timm's Swin), and ``reparameterize()`` folds every BatchNorm (three per mixer,
+the MLP pre-norm into ``fc1``).
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.layers import ClassifierHead, DropPath, Mlp, trunc_normal_
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs
+from timm.models._features import feature_take_indices
+from timm.models.swin_transformer import PatchMerging
+
+from ..layers.cross_scale import SpatialCrossScaleConv, convert_scsc_official
+from ._builder import MsconvModel, check_image_input
+from ._registry import register_model
+
+__all__ = ['CrossScaleSwin', 'CrossScaleSwinBlock', 'checkpoint_filter_fn']
+
+DEFAULT_KERNEL_SIZES = ((3, 9, 13), (3, 7, 11), (3, 5, 7), (3, 5))
+
+
+class PatchEmbedNHWC(nn.Module):
+    """4x4 stride-4 conv + LayerNorm; NCHW image in, (B, H/4, W/4, C) tokens out."""
+
+    def __init__(self, in_chans: int, embed_dim: int, patch_size: int = 4) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+
+
+class CrossScaleSwinBlock(nn.Module):
+    """SCSC token mixer + BatchNorm-pre-norm MLP, both residual; (B, H, W, C) in and out."""
+
+    def __init__(
+            self,
+            dim: int,
+            kernel_sizes: Sequence[int],
+            groups: int = 4,
+            mlp_ratio: float = 4.0,
+            drop_rate: float = 0.0,
+            drop_path: float = 0.0,
+            routing: str = 'official',
+    ) -> None:
+        super().__init__()
+        self.mixer = SpatialCrossScaleConv(dim, kernel_sizes, groups=groups, routing=routing)
+        self.norm = nn.BatchNorm2d(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop_rate)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.mixer(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+        x = x + self.drop_path(self.mlp(self.norm(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)))
+        return x
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Fold the MLP's BatchNorm pre-norm into ``mlp.fc1`` (the mixer folds itself)."""
+        if isinstance(self.norm, nn.Identity):
+            return
+        bn, fc = self.norm, self.mlp.fc1
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        shift = bn.bias - bn.running_mean * scale
+        fc.bias.add_(fc.weight @ shift)
+        fc.weight.mul_(scale.unsqueeze(0))
+        self.norm = nn.Identity()
+
+
+class CrossScaleSwinStage(nn.Module):
+    def __init__(self, dim_in: int, dim: int, depth: int, kernel_sizes: Sequence[int], downsample: bool,
+                 drop_path: Sequence[float], **block_kwargs: Any) -> None:
+        super().__init__()
+        self.grad_checkpointing = False
+        self.downsample = PatchMerging(dim_in, dim) if downsample else nn.Identity()
+        self.blocks = nn.Sequential(*[
+            CrossScaleSwinBlock(dim, kernel_sizes, drop_path=drop_path[i], **block_kwargs) for i in range(depth)
+        ])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.blocks, x)
+        return self.blocks(x)
+
+
+class CrossScaleSwin(MsconvModel):
+    """Swin + SCSC. Keyword arguments follow the official ``SCSC_Swin`` defaults (Swin-T: 21.94M params)."""
+    family = 'scsc'
+
+    def __init__(
+            self,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            embed_dim: int = 96,
+            depths: Sequence[int] = (2, 2, 6, 2),
+            kernel_sizes: Sequence[Sequence[int]] = DEFAULT_KERNEL_SIZES,
+            groups: int = 4,
+            mlp_ratio: float = 4.0,
+            drop_rate: float = 0.0,
+            drop_path_rate: float = 0.1,
+            routing: str = 'official',
+            global_pool: str = 'avg',
+    ) -> None:
+        super().__init__()
+        if not isinstance(depths, (list, tuple)) or not depths or not all(isinstance(d, int) and d > 0 for d in depths):
+            raise ValueError(f"depths must be a non-empty sequence of positive ints, got {depths!r}")
+        if not isinstance(kernel_sizes, (list, tuple)) or len(kernel_sizes) != len(depths):
+            raise ValueError(
+                f"kernel_sizes must hold one tuple of kernel sizes per stage ({len(depths)} stages), got {kernel_sizes!r}"
+            )
+        if not isinstance(embed_dim, int) or embed_dim <= 0:
+            raise ValueError(f"embed_dim must be a positive int, got {embed_dim!r}")
+        self.num_classes, self.in_chans, self.drop_rate = num_classes, in_chans, drop_rate
+        num_stages = len(depths)
+        dims = [embed_dim * 2 ** i for i in range(num_stages)]
+        self.num_features = self.head_hidden_size = dims[-1]
+        self.min_input_size = 4 * 2 ** (num_stages - 1)
+
+        self.stem = PatchEmbedNHWC(in_chans, embed_dim)
+        dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths), device='cpu').split(list(depths))]
+        self.stages = nn.Sequential(*[
+            CrossScaleSwinStage(
+                dims[max(i - 1, 0)], dims[i], depths[i], kernel_sizes[i], downsample=i > 0, drop_path=dpr[i],
+                groups=groups, mlp_ratio=mlp_ratio, drop_rate=drop_rate, routing=routing,
+            ) for i in range(num_stages)
+        ])
+        self.feature_info = [
+            dict(num_chs=dims[i], reduction=4 * 2 ** i, module=f'stages.{i}') for i in range(num_stages)
+        ]
+        self.norm = nn.LayerNorm(self.num_features)
+        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+        self.apply(_init_weights)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return set()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(
+            stem=r'^stem',
+            blocks=r'^stages\.(\d+)' if coarse else [
+                (r'^stages\.(\d+)\.downsample', (0,)),
+                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
+                (r'^norm', (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for s in self.stages:
+            s.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        self.head.reset(num_classes, global_pool)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Stage outputs (NCHW, before the next patch merging) at ``indices``, and the final normed features."""
+        if output_fmt not in ('NCHW', 'NHWC'):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        check_image_input(x, self.in_chans, self.min_input_size, type(self).__name__)
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        intermediates = []
+        x = self.stem(x)
+        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
+        last = len(self.stages) - 1
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take_indices:
+                y = self.norm(x) if norm and i == last else x
+                intermediates.append(y.permute(0, 3, 1, 2) if output_fmt == 'NCHW' else y)
+        if intermediates_only:
+            return intermediates
+        if len(stages) == len(self.stages):
+            x = self.norm(x)
+        return x.permute(0, 3, 1, 2), intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        check_image_input(x, self.in_chans, self.min_input_size, type(self).__name__)
+        x = self.stages(self.stem(x))
+        return self.norm(x).permute(0, 3, 1, 2)  # (B, C, H, W) view of the token layout
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    @torch.no_grad()
+    def reparameterize(self) -> 'CrossScaleSwin':
+        """Inference form: every BatchNorm folded (mixers and MLP pre-norms). Use in eval mode only."""
+        for module in [m for m in self.modules() if m is not self and hasattr(m, 'reparameterize')]:
+            module.reparameterize()
+        return self
+
+
+def _init_weights(module: nn.Module) -> None:
+    """The official init: trunc-normal(.02) Linear with zero bias, LayerNorm 1/0, PyTorch defaults elsewhere;
+    the SE FCs (Linear in the official code, 1x1 convs here) also get trunc-normal(.02)."""
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+    elif hasattr(module, 'fc1') and hasattr(module, 'gate'):  # timm SEModule
+        trunc_normal_(module.fc1.weight, std=.02)
+        trunc_normal_(module.fc2.weight, std=.02)
+
+
+_OFFICIAL_SWIN_RENAMES = [
+    (r'^patch_embed\.(proj|norm)\.(.+)$', r'stem.\1.\2'),
+    (r'^layers\.(\d+)\.blocks\.(\d+)\.attn2conv\.(.+)$', r'stages.\1.blocks.\2.mixer.\3'),
+    (r'^layers\.(\d+)\.blocks\.(\d+)\.bn\.(.+)$', r'stages.\1.blocks.\2.norm.\3'),
+    (r'^layers\.(\d+)\.blocks\.(\d+)\.mlp\.(.+)$', r'stages.\1.blocks.\2.mlp.\3'),
+    (r'^head\.(weight|bias)$', r'head.fc.\1'),
+]
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: Optional[nn.Module] = None) -> Dict[str, torch.Tensor]:
+    """Official ``SCSC_Swin`` state dict (whole model, or one ``SCSC_block``) -> ours; identity on msconv keys."""
+    out = {}
+    for k, v in state_dict.items():
+        m = re.match(r'^layers\.(\d+)\.downsample\.(.+)$', k)
+        if m:  # the official merge closes stage s, ours opens stage s + 1
+            out[f'stages.{int(m.group(1)) + 1}.downsample.{m.group(2)}'] = v
+            continue
+        for pat, rep in _OFFICIAL_SWIN_RENAMES:
+            if re.match(pat, k):
+                k = re.sub(pat, rep, k)
+                break
+        out[k] = v
+    return convert_scsc_official(out)
+
+
+def _create_scsc_swin(variant: str, pretrained: bool = False, **kwargs: Any) -> CrossScaleSwin:
+    return build_model_with_cfg(
+        CrossScaleSwin, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls='getter'),
+        **kwargs,
+    )
+
+
+def _cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:
+    return {
+        'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        'crop_pct': 0.875, 'interpolation': 'bicubic', 'fixed_input_size': False,
+        'mean': (0.485, 0.456, 0.406), 'std': (0.229, 0.224, 0.225),
+        'first_conv': 'stem.proj', 'classifier': 'head.fc',
+        'paper_ids': 'arXiv:2308.07110', 'license': 'apache-2.0', **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'scsc_swin_tiny': _cfg(),
+    'scsc_swin_small': _cfg(),
+    'test_scsc_swin': _cfg(num_classes=10, input_size=(3, 64, 64), pool_size=(2, 2), test_input_size=(3, 64, 64)),
+})
+
+
+@register_model('scsc')
+def scsc_swin_tiny(pretrained: bool = False, **kwargs: Any) -> CrossScaleSwin:
+    """Swin-T + SCSC (the official ``SCSC_Swin()`` defaults): 21.94M params, 3.30 GMACs at 224."""
+    args = dict(embed_dim=96, depths=(2, 2, 6, 2), kernel_sizes=DEFAULT_KERNEL_SIZES, groups=4, drop_path_rate=0.1)
+    return _create_scsc_swin('scsc_swin_tiny', pretrained=pretrained, **dict(args, **kwargs))
+
+
+@register_model('scsc')
+def scsc_swin_small(pretrained: bool = False, **kwargs: Any) -> CrossScaleSwin:
+    """Swin-S + SCSC (depths 2,2,18,2; not in the official code, Swin-S's drop-path 0.3): 37.77M params."""
+    args = dict(embed_dim=96, depths=(2, 2, 18, 2), kernel_sizes=DEFAULT_KERNEL_SIZES, groups=4, drop_path_rate=0.3)
+    return _create_scsc_swin('scsc_swin_small', pretrained=pretrained, **dict(args, **kwargs))
+
+
+@register_model('scsc')
+def test_scsc_swin(pretrained: bool = False, **kwargs: Any) -> CrossScaleSwin:
+    """Tiny Swin + SCSC for tests (embed 24, depths 1,1,2,1 as in the official micro fixture)."""
+    args = dict(embed_dim=24, depths=(1, 1, 2, 1), kernel_sizes=DEFAULT_KERNEL_SIZES, groups=4, num_classes=10)
+    return _create_scsc_swin('test_scsc_swin', pretrained=pretrained, **dict(args, **kwargs))

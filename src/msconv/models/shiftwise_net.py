@@ -1,0 +1,412 @@
+"""ShiftWise v2 (SW): UniRepLKNet's macro design with shift-wise convolutions.
+
+Paper: Dachong Li, Li Li, Zhuangzhuang Chen, Jianqiang Li, "ShiftwiseConv: Small Convolutional Kernel with Large
+Kernel Effect", CVPR 2025 (arXiv 2401.12736). Official code and weights: github.com/lidc54/shift-wiseConv
+(``backbones/SW_v2_unirep.py``, commit 2202e6b5); the released SW-T ImageNet-1k checkpoint (83.39 top-1) is
+distributed on Google Drive only, so no URL is set here: load it with ``create_model(..., checkpoint_path=...)``.
+
+Network: stem (conv3x3 s2, LN, GELU, conv3x3 s2, LN), then four stages of [conv3x3 s2 + LN downsample] and blocks
+``x + ls * BN(Linear(GRN(GELU(Linear(SE(BN(SW(x))))))))`` (the two Linears channels-last, the second without bias),
+then mean pooling, LayerNorm and a Linear classifier. Every block of stage i uses an SW emulating
+``kernel_sizes[i]`` with ``small_kernel`` (51/49/47/13 with 3 in the released models).
+
+``model.reparameterize()`` produces the inference form: each SW becomes one cross-shaped depthwise kernel with the
+BN that follows it folded in and its output left in input channel order (the SE and first Linear are permuted
+once instead), and the BN and layer scale after the second Linear are folded into it.
+"""
+from __future__ import annotations
+
+import re
+from functools import partial
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.layers import DropPath, LayerNorm2d, LayerScale2d, NormMlpClassifierHead, SEModule, trunc_normal_
+from timm.layers.grn import GlobalResponseNorm
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs
+from timm.models._features import feature_take_indices
+
+from ..layers.shiftwise import ShiftWiseConv2d, convert_official_op
+from ._builder import MsconvModel, check_image_input
+from ._registry import register_converter, register_model
+
+__all__ = ['ShiftWiseNet', 'ShiftWiseBlock', 'ShiftWiseStage', 'checkpoint_filter_fn']
+
+
+class ShiftWiseBlock(nn.Module):
+    """SW -> BN -> SE -> Linear(4C) -> GELU -> GRN -> Linear(C, no bias) -> BN -> layer scale -> drop path, residual."""
+
+    def __init__(
+            self,
+            dim: int,
+            kernel_size: int,
+            small_kernel: int = 3,
+            ghost_ratio: float = 0.23,
+            n_paths: int = 2,
+            n_reps: int = 4,
+            seed: int = 123,
+            mlp_ratio: int = 4,
+            drop_path: float = 0.0,
+            layer_scale_init_value: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        hidden = mlp_ratio * dim
+        self.conv = ShiftWiseConv2d(dim, kernel_size, small_kernel, ghost_ratio, n_paths, n_reps, seed)
+        self.norm = nn.BatchNorm2d(dim)
+        self.se = SEModule(dim, rd_channels=dim // 4, act_layer=nn.ReLU)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.grn = GlobalResponseNorm(hidden, eps=1e-6, channels_last=True)
+        self.fc2 = nn.Linear(hidden, dim, bias=False)
+        self.norm2 = nn.BatchNorm2d(dim)
+        self.ls = LayerScale2d(dim, layer_scale_init_value) if layer_scale_init_value > 0 else nn.Identity()
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.se(self.norm(self.conv(x)))
+        x = x.permute(0, 2, 3, 1)  # (B, H, W, C)
+        x = self.fc2(self.grn(self.act(self.fc1(x))))
+        x = self.ls(self.norm2(x.permute(0, 3, 1, 2)))  # (B, C, H, W)
+        return shortcut + self.drop_path(x)
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Fold SW + BN into one cross conv (input channel order), permute SE/fc1, fold BN2 + layer scale into fc2."""
+        if self.conv.deployed:
+            return
+        scale, shift = _bn_scale_shift(self.norm)
+        self.conv.reparameterize(scale, shift, official_order=False)
+        self.norm = nn.Identity()
+        # the SW output is now in input order: input channel c sat at official position inv[c]
+        inv = torch.argsort(self.conv.output_index)
+        self.se.fc1.weight.copy_(self.se.fc1.weight[:, inv])
+        self.se.fc2.weight.copy_(self.se.fc2.weight[inv])
+        self.se.fc2.bias.copy_(self.se.fc2.bias[inv])
+        self.fc1.weight.copy_(self.fc1.weight[:, inv])
+        scale, shift = _bn_scale_shift(self.norm2)
+        if isinstance(self.ls, LayerScale2d):
+            scale, shift = scale * self.ls.gamma, shift * self.ls.gamma
+        fc2 = nn.Linear(self.fc2.in_features, self.fc2.out_features, bias=True).to(self.fc2.weight)
+        fc2.weight.copy_(self.fc2.weight * scale.view(-1, 1))
+        fc2.bias.copy_(shift)
+        self.fc2, self.norm2, self.ls = fc2, nn.Identity(), nn.Identity()
+
+
+def _bn_scale_shift(bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    return scale, bn.bias - bn.running_mean * scale
+
+
+class ShiftWiseStage(nn.Module):
+    """Optional downsample (conv3x3 s2 + LayerNorm) followed by ``depth`` ShiftWise blocks."""
+
+    def __init__(
+            self,
+            in_chs: int,
+            out_chs: int,
+            depth: int,
+            kernel_size: int,
+            downsample: bool = True,
+            drop_path_rates: Optional[Sequence[float]] = None,
+            **block_kwargs,
+    ) -> None:
+        super().__init__()
+        self.grad_checkpointing = False
+        if downsample:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_chs, out_chs, kernel_size=3, stride=2, padding=1),
+                LayerNorm2d(out_chs, eps=1e-6),
+            )
+        else:
+            self.downsample = nn.Identity()
+        dpr = list(drop_path_rates) if drop_path_rates is not None else [0.0] * depth
+        self.blocks = nn.Sequential(*[
+            ShiftWiseBlock(out_chs, kernel_size, drop_path=dpr[j], **block_kwargs) for j in range(depth)
+        ])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.blocks, x)
+        return self.blocks(x)
+
+
+class ShiftWiseNet(MsconvModel):
+    """ShiftWise v2 backbone/classifier (timm model contract)."""
+    family = 'shiftwise'
+
+    def __init__(
+            self,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            depths: Sequence[int] = (3, 3, 18, 3),
+            dims: Sequence[int] = (80, 160, 320, 640),
+            kernel_sizes: Sequence[int] = (51, 49, 47, 13),
+            small_kernel: int = 3,
+            ghost_ratio: float = 0.23,
+            n_paths: int = 2,
+            n_reps: int = 4,
+            seed: int = 123,
+            mlp_ratio: int = 4,
+            layer_scale_init_value: float = 1e-6,
+            head_init_scale: float = 1.0,
+            drop_rate: float = 0.0,
+            drop_path_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        depths, dims, kernel_sizes = tuple(depths), tuple(dims), tuple(kernel_sizes)
+        if not (len(depths) == len(dims) == len(kernel_sizes) == 4):
+            raise ValueError(
+                f"depths, dims and kernel_sizes must each have 4 entries (one per stage), got depths={depths}, "
+                f"dims={dims}, kernel_sizes={kernel_sizes}")
+        if any(d % 2 for d in dims) or min(dims) < 4:
+            raise ValueError(f"dims must be even ints >= 4 (the stem halves dims[0]), got {dims}")
+        if not (0.0 <= drop_path_rate < 1.0):
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_chans, dims[0] // 2, kernel_size=3, stride=2, padding=1),
+            LayerNorm2d(dims[0] // 2, eps=1e-6),
+            nn.GELU(),
+            nn.Conv2d(dims[0] // 2, dims[0], kernel_size=3, stride=2, padding=1),
+            LayerNorm2d(dims[0], eps=1e-6),
+        )
+        dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths), device='cpu').split(list(depths))]
+        stages, self.feature_info = [], []
+        prev, reduction = dims[0], 4
+        for i in range(4):
+            if i > 0:
+                reduction *= 2
+            stages.append(ShiftWiseStage(
+                prev, dims[i], depths[i], kernel_sizes[i], downsample=i > 0, drop_path_rates=dpr[i],
+                small_kernel=small_kernel, ghost_ratio=ghost_ratio, n_paths=n_paths, n_reps=n_reps, seed=seed,
+                mlp_ratio=mlp_ratio, layer_scale_init_value=layer_scale_init_value,
+            ))
+            self.feature_info.append(dict(num_chs=dims[i], reduction=reduction, module=f'stages.{i}'))
+            prev = dims[i]
+        self.stages = nn.Sequential(*stages)
+        self.num_features = self.head_hidden_size = dims[-1]
+        self.head = NormMlpClassifierHead(
+            self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate,
+            norm_layer=partial(LayerNorm2d, eps=1e-6),
+        )
+        self.apply(_init_weights)
+        if isinstance(self.head.fc, nn.Linear):
+            self.head.fc.weight.data.mul_(head_init_scale)
+            self.head.fc.bias.data.mul_(head_init_scale)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:
+        return dict(
+            stem=r'^stem',
+            blocks=r'^stages\.(\d+)' if coarse else [
+                (r'^stages\.(\d+)\.downsample', (0,)),
+                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
+                (r'^head\.norm', (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for s in self.stages:
+            s.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return set()
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, reset_other: bool = False):
+        self.num_classes = num_classes
+        self.head.reset(num_classes, global_pool, reset_other=reset_other, in_features=self.num_features)
+        self.head_hidden_size = self.head.num_features
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Stage outputs (after each stage's downsample and blocks) plus, unless ``intermediates_only``, the
+        final unpooled feature map. ``norm`` is accepted for API compatibility (the final norm lives in the head)."""
+        if output_fmt != 'NCHW':
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        check_image_input(x, self.in_chans, 32, type(self).__name__)
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        intermediates = []
+        x = self.stem(x)
+        stages = self.stages if not stop_early else self.stages[:max_index + 1]
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
+        self.stages = self.stages[:max_index + 1]
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+        if prune_head or prune_end or prune_norm:
+            self.reset_classifier(0, '', reset_other=True)
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        check_image_input(x, self.in_chans, 32, type(self).__name__)
+        return self.stages(self.stem(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    @torch.no_grad()
+    def reparameterize(self) -> 'ShiftWiseNet':
+        """Switch every block to its inference form in place (eval outputs unchanged); returns ``self``."""
+        for m in self.modules():
+            if isinstance(m, ShiftWiseBlock):
+                m.reparameterize()
+        return self
+
+
+def _init_weights(m: nn.Module) -> None:
+    # the official init: trunc_normal(std=.02) for every conv/linear weight (the small SW kernels included)
+    if isinstance(m, (nn.Conv2d, nn.Linear)):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, ShiftWiseConv2d) and not m.deployed:
+        trunc_normal_(m.weight, std=0.02)
+
+
+_BLOCK_RENAMES = (
+    (r'large_kernel\.', 'conv.'),
+    (r'se\.down\.', 'se.fc1.'),
+    (r'se\.up\.', 'se.fc2.'),
+    (r'pwconv1\.1\.', 'fc1.'),
+    (r'act\.1\.gamma', 'grn.weight'),
+    (r'act\.1\.beta', 'grn.bias'),
+    (r'pwconv2\.0\.', 'fc2.'),
+    (r'pwconv2\.2\.', 'norm2.'),
+    (r'gamma', 'ls.gamma'),
+)
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: Optional[nn.Module] = None,
+                         ) -> Dict[str, torch.Tensor]:
+    """Official ShiftWise_v2 (or single ShifthWiseConv2dImplicit) state dict -> msconv keys. Pure; identity on
+    msconv keys. The official rep-then-ghost channel order is kept by our layer, so no tensor is permuted."""
+    if 'model' in state_dict and isinstance(state_dict['model'], dict):
+        state_dict = state_dict['model']
+    out: Dict[str, torch.Tensor] = {}
+    for key, val in state_dict.items():
+        if key.startswith('module.'):
+            key = key[len('module.'):]
+        m = re.match(r'downsample_layers\.(\d+)\.(.*)', key)
+        if m:
+            i = int(m.group(1))
+            key = f'stem.{m.group(2)}' if i == 0 else f'stages.{i}.downsample.{m.group(2)}'
+        m = re.match(r'stages\.(\d+)\.(\d+)\.(.*)', key)
+        if m:
+            rest = m.group(3)
+            for pat, rep in _BLOCK_RENAMES:
+                if re.match(pat, rest):
+                    rest = re.sub('^' + pat, rep, rest)
+                    break
+            if rest.startswith('grn.'):
+                val = val.reshape(-1)
+            key = f'stages.{m.group(1)}.blocks.{m.group(2)}.{rest}'
+        if key in ('norm.weight', 'norm.bias'):
+            key = 'head.' + key
+        elif key in ('head.weight', 'head.bias'):
+            key = 'head.fc.' + key.split('.')[1]
+        out[key] = val
+    return convert_official_op(out)
+
+
+register_converter('shiftwise', checkpoint_filter_fn)
+
+
+def _create_shiftwise(variant: str, pretrained: bool = False, **kwargs) -> ShiftWiseNet:
+    return build_model_with_cfg(
+        ShiftWiseNet, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls='getter'),
+        **kwargs,
+    )
+
+
+def _cfg(url: str = '', **kwargs) -> dict:
+    return {
+        'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        'crop_pct': 0.875, 'interpolation': 'bicubic', 'mean': (0.485, 0.456, 0.406), 'std': (0.229, 0.224, 0.225),
+        'first_conv': 'stem.0', 'classifier': 'head.fc', 'license': 'mit',
+        'paper_ids': 'arXiv:2401.12736', 'paper_name': 'ShiftwiseConv: Small Convolutional Kernel with Large Kernel Effect',
+        'origin_url': 'https://github.com/lidc54/shift-wiseConv', **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'shiftwise_tiny': _cfg(),
+    'shiftwise_small': _cfg(),
+    'shiftwise_base': _cfg(),
+    'shiftwise_large': _cfg(),
+    'test_shiftwise': _cfg(input_size=(3, 64, 64), pool_size=(2, 2), test_input_size=(3, 64, 64)),
+})
+
+_SW_KERNELS = dict(kernel_sizes=(51, 49, 47, 13), small_kernel=3)
+
+
+@register_model('shiftwise')
+def shiftwise_tiny(pretrained: bool = False, **kwargs) -> ShiftWiseNet:
+    """SW-T: depths 3/3/18/3, dims 80/160/320/640 (31.8M params with 2 paths, 31.0M merged; 5.0 GMACs)."""
+    args = dict(depths=(3, 3, 18, 3), dims=(80, 160, 320, 640), **_SW_KERNELS)
+    return _create_shiftwise('shiftwise_tiny', pretrained, **dict(args, **kwargs))
+
+
+@register_model('shiftwise')
+def shiftwise_small(pretrained: bool = False, **kwargs) -> ShiftWiseNet:
+    """SW-S: depths 3/3/27/3, dims 96/192/384/768."""
+    args = dict(depths=(3, 3, 27, 3), dims=(96, 192, 384, 768), **_SW_KERNELS)
+    return _create_shiftwise('shiftwise_small', pretrained, **dict(args, **kwargs))
+
+
+@register_model('shiftwise')
+def shiftwise_base(pretrained: bool = False, **kwargs) -> ShiftWiseNet:
+    """SW-B: depths 3/3/27/3, dims 128/256/512/1024."""
+    args = dict(depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024), **_SW_KERNELS)
+    return _create_shiftwise('shiftwise_base', pretrained, **dict(args, **kwargs))
+
+
+@register_model('shiftwise')
+def shiftwise_large(pretrained: bool = False, **kwargs) -> ShiftWiseNet:
+    """SW-L: depths 3/3/27/3, dims 192/384/768/1536."""
+    args = dict(depths=(3, 3, 27, 3), dims=(192, 384, 768, 1536), **_SW_KERNELS)
+    return _create_shiftwise('shiftwise_large', pretrained, **dict(args, **kwargs))
+
+
+@register_model('shiftwise')
+def test_shiftwise(pretrained: bool = False, **kwargs) -> ShiftWiseNet:
+    """Tiny SW for tests (64x64 input): the official micro configuration of the fixtures."""
+    args = dict(depths=(1, 1, 2, 1), dims=(16, 32, 64, 128), kernel_sizes=(13, 11, 9, 7), small_kernel=3)
+    return _create_shiftwise('test_shiftwise', pretrained, **dict(args, **kwargs))

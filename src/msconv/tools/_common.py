@@ -1,0 +1,57 @@
+"""Shared by the tools: building a model from a name (msconv or timm) and switching it to its inference form."""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn as nn
+
+__all__ = ['build_model', 'reparameterize']
+
+
+def build_model(
+        name: str,
+        checkpoint_path: Optional[Union[str, os.PathLike]] = None,
+        *,
+        meta: bool = False,
+        trust_pickle: bool = False,
+        **kwargs: Any,
+) -> nn.Module:
+    """An msconv model by registered name, or any timm model (``timm:`` prefix optional).
+
+    ``checkpoint_path`` (official or msconv format for msconv models, any timm checkpoint for timm models) is
+    loaded strictly; ``meta=True`` builds the model on the meta device (shapes only, for counting).
+    """
+    import timm
+    import msconv
+    from msconv.models._registry import _MODEL_FAMILY, unknown_model_message
+
+    if not isinstance(name, str):
+        raise ValueError(f"model name must be a string, got {type(name).__name__}")
+    timm_name = name[len('timm:'):] if name.startswith('timm:') else name
+    if not timm.is_model(timm_name):
+        raise ValueError(unknown_model_message(name) + ' Prefix timm: for any timm model.')
+    if meta:
+        if checkpoint_path is not None:
+            raise ValueError('checkpoint_path cannot be loaded into a model built on the meta device')
+        with torch.device('meta'):
+            return timm.create_model(timm_name, **kwargs)
+    if timm_name.split('.')[0] in _MODEL_FAMILY:
+        return msconv.create_model(timm_name, checkpoint_path=checkpoint_path, trust_pickle=trust_pickle, **kwargs)
+    if checkpoint_path is not None and not os.path.isfile(checkpoint_path):
+        raise FileNotFoundError(f"checkpoint_path {str(checkpoint_path)!r} does not exist or is not a file")
+    return timm.create_model(timm_name, checkpoint_path=str(checkpoint_path) if checkpoint_path else '', **kwargs)
+
+
+def reparameterize(model: nn.Module) -> nn.Module:
+    """Switch ``model`` (in place) to its inference form and return it.
+
+    Calls the model's own ``reparameterize()`` when it has one, else timm's ``reparameterize_model``, which
+    calls ``reparameterize()`` / ``fuse()`` on every sub-module that has it (a no-op for plain models).
+    """
+    if callable(getattr(model, 'reparameterize', None)):
+        model.reparameterize()
+        return model
+    from timm.models import reparameterize_model
+    return reparameterize_model(model, inplace=True)

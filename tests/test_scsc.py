@@ -1,0 +1,330 @@
+"""SCSC: parity with the official fixtures, both routings, folding, sizes, counts."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import msconv
+from msconv.layers import CrossScaleBottleneck, SpatialCrossScaleConv
+from msconv.models.scsc_resnet import CrossScaleResNet
+from msconv.models.scsc_swin import CrossScaleSwin
+
+from conftest import load_fixture, max_abs, official_state_dict
+
+EVAL_TOL = 1e-5
+TRAIN_TOL = 1e-4
+
+
+def _nhwc_to_nchw(x):
+    return x.permute(0, 3, 1, 2)
+
+
+def _randomize_bn(model: nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            n = m.num_features
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(0.2 * torch.randn(n, generator=g))
+                m.running_mean.copy_(0.2 * torch.randn(n, generator=g))
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+
+
+def _raw(name):
+    """Fixture tensors without the float32 cast (for the float64 references)."""
+    from safetensors.torch import load_file
+    from conftest import FIXTURES
+    return load_file(str(FIXTURES / 'scsc' / f'{name}.safetensors'))
+
+
+def _save_official(tmp_path, tensors, name):
+    from safetensors.torch import save_file
+    path = tmp_path / f'{name}.safetensors'
+    save_file({k: v.contiguous() for k, v in official_state_dict(tensors).items()}, str(path))
+    return path
+
+
+# ------------------------------------------------------------------ module fixtures
+
+def _scsc_block(routing='official'):
+    t, _ = load_fixture('scsc', 'scsc_block')
+    m = SpatialCrossScaleConv(48, (3, 7, 11), groups=4, routing=routing)
+    m.load_state_dict(msconv.convert_official(official_state_dict(t), 'scsc'))
+    return m, t
+
+
+def test_scsc_block_eval_matches_official():
+    m, t = _scsc_block()
+    m.eval()
+    x = _nhwc_to_nchw(t['input'])
+    with torch.no_grad():
+        y = m(x)
+        assert max_abs(y, _nhwc_to_nchw(t['output'])) <= EVAL_TOL
+        # the routed tensor itself (input of the recovery 1x1)
+        seen = {}
+        h = m.recover.register_forward_pre_hook(lambda mod, inp: seen.update(routed=inp[0]))
+        m(x)
+        h.remove()
+        assert max_abs(seen['routed'], t['intermediate.routed']) <= EVAL_TOL
+        m.reparameterize()
+        assert max_abs(m(x), _nhwc_to_nchw(t['output'])) <= EVAL_TOL
+        assert not any(isinstance(mod, nn.BatchNorm2d) for mod in m.modules())
+
+
+def test_scsc_block_fp64_matches_official_fp64():
+    m, t = _scsc_block()
+    m = m.double().eval()
+    with torch.no_grad():
+        y = m(_nhwc_to_nchw(t['input']).double())
+    raw = _raw('scsc_block')
+    assert raw['output_fp64'].dtype == torch.float64
+    assert (y - _nhwc_to_nchw(raw['output_fp64'])).abs().max().item() <= 1e-10
+
+
+def test_scsc_block_train_output_grads_and_running_stats():
+    t, meta = load_fixture('scsc', 'scsc_block_train')
+    m = SpatialCrossScaleConv(48, (3, 7, 11), groups=4)
+    m.load_state_dict(msconv.convert_official(official_state_dict(t), 'scsc'))
+    m.train()
+    x = _nhwc_to_nchw(t['input']).clone().requires_grad_()
+    y = m(x)
+    assert max_abs(y, _nhwc_to_nchw(t['output'])) <= TRAIN_TOL
+    (y * _nhwc_to_nchw(t['upstream'])).sum().backward()
+    assert max_abs(x.grad, _nhwc_to_nchw(t['grad.input'])) <= TRAIN_TOL
+    ref_grads = msconv.convert_official(
+        {k[len('grad.'):]: v for k, v in t.items() if k.startswith('grad.') and k != 'grad.input'}, 'scsc')
+    params = dict(m.named_parameters())
+    assert set(ref_grads) == set(params)
+    for k, g in ref_grads.items():
+        assert max_abs(params[k].grad, g) <= TRAIN_TOL, k
+    after_official = dict(official_state_dict(t))  # the full official dict, so the module is recognised
+    after_official.update({k[len('state_dict_after.'):]: v for k, v in t.items() if k.startswith('state_dict_after.')})
+    after = {k: v for k, v in msconv.convert_official(after_official, 'scsc').items() if 'running' in k}
+    assert len(after) == 6
+    buffers = dict(m.named_buffers())
+    for k, v in after.items():
+        if v.is_floating_point():
+            assert max_abs(buffers[k], v) <= EVAL_TOL, k
+
+
+def test_cnn_block_stride2_matches_official():
+    t, _ = load_fixture('scsc', 'cbt_block_s2')
+    m = CrossScaleBottleneck(36, 48, (3, 5, 7), groups=4, stride=2)
+    m.load_state_dict(msconv.convert_official(official_state_dict(t), 'scsc'))
+    m.eval()
+    with torch.no_grad():
+        assert max_abs(m(t['input']), t['output']) <= EVAL_TOL
+        assert max_abs(m.shortcut(t['input']), t['intermediate.identity']) <= EVAL_TOL
+        m.reparameterize()
+        assert max_abs(m(t['input']), t['output']) <= EVAL_TOL
+
+
+# ------------------------------------------------------------------ model fixtures (load through create_model)
+
+def test_swin_micro_matches_official_via_checkpoint_path(tmp_path):
+    t, _ = load_fixture('scsc', 'scsc_swin_micro')
+    path = _save_official(tmp_path, t, 'scsc_swin_micro')
+    model = msconv.create_model('test_scsc_swin', checkpoint_path=path).eval()
+    timm_model = timm.create_model('test_scsc_swin', checkpoint_path=str(path)).eval()
+    with torch.no_grad():
+        y = model(t['input'])
+        assert max_abs(y, t['logits']) <= EVAL_TOL
+        assert max_abs(timm_model(t['input']), t['logits']) <= EVAL_TOL
+        feats = model.forward_head(model.forward_features(t['input']), pre_logits=True)
+        assert max_abs(feats, t['features']) <= EVAL_TOL
+        _, inter = model.forward_intermediates(t['input'])
+        # official stage 0 output is after its patch merging = our stage 1 downsample applied to our stage 0 output
+        ref0 = t['intermediate.layers.0'].reshape(1, 8, 8, 48)
+        assert max_abs(model.stages[1].downsample(inter[0].permute(0, 2, 3, 1)), ref0) <= EVAL_TOL
+        model.reparameterize()
+        assert max_abs(model(t['input']), t['logits']) <= EVAL_TOL
+
+
+def test_cbtnet_micro_matches_official_via_checkpoint_path(tmp_path):
+    t, _ = load_fixture('scsc', 'cbtnet_micro')
+    path = _save_official(tmp_path, t, 'cbtnet_micro')
+    kw = dict(depths=(1, 1, 1, 1), stem_width=48, widths=(144, 288, 576, 768), num_classes=10)
+    model = msconv.create_model('test_scsc_resnet', checkpoint_path=path, **kw).eval()
+    with torch.no_grad():
+        assert max_abs(model(t['input']), t['logits']) <= EVAL_TOL
+        _, inter = model.forward_intermediates(t['input'])
+        for i in range(4):
+            assert max_abs(inter[i], t[f'intermediate.layer{i + 1}']) <= EVAL_TOL
+        model.reparameterize()
+        assert max_abs(model(t['input']), t['logits']) <= EVAL_TOL
+    feats = msconv.create_model('test_scsc_resnet', checkpoint_path=path, features_only=True, **kw).eval()
+    with torch.no_grad():
+        assert max_abs(feats(t['input'])[3], t['intermediate.layer4']) <= EVAL_TOL
+
+
+def test_models_fp64_match_official_fp64():
+    for name, fixture, kw in [
+        ('test_scsc_swin', 'scsc_swin_micro', {}),
+        ('test_scsc_resnet', 'cbtnet_micro', dict(depths=(1, 1, 1, 1), stem_width=48, widths=(144, 288, 576, 768))),
+    ]:
+        raw = _raw(fixture)
+        model = msconv.create_model(name, num_classes=10, **kw)
+        model.load_state_dict(official_state_dict(raw))
+        model = model.double().eval()
+        with torch.no_grad():
+            y = model(raw['input'].double())
+        assert (y - raw['logits_fp64']).abs().max().item() <= 1e-10, name
+
+
+def test_converter_is_identity_on_msconv_state_dicts():
+    for name in msconv.list_models('test_*', family='scsc'):
+        sd = msconv.create_model(name).state_dict()
+        conv = msconv.convert_official(sd, 'scsc')
+        assert list(conv) == list(sd), name
+        assert all(conv[k] is sd[k] for k in sd), name
+
+
+# ------------------------------------------------------------------ routings
+
+def _naive_route(feats, gate, m, groups, cp, routing):
+    """Per-channel loops straight from the formulas in the module docstring."""
+    out = torch.zeros(feats.shape[0], cp, *feats.shape[2:], dtype=feats.dtype)
+    for q in range(cp):
+        g = q // (cp // groups)
+        for j in range(m):
+            src = q * m + j if routing == 'official' else j * cp + q
+            out[:, q] += gate[:, j * groups + g] * feats[:, src]
+    return out
+
+
+@pytest.mark.parametrize('routing', ['official', 'cross_scale'])
+@pytest.mark.parametrize('ks', [(3, 7, 11), (3, 5)])
+def test_routing_matches_naive_formula(routing, ks):
+    torch.manual_seed(0)
+    dim = 48
+    mod = SpatialCrossScaleConv(dim, ks, groups=4, routing=routing)
+    cp, m = dim // len(ks), len(ks)
+    feats, gate = torch.randn(2, m * cp, 5, 6), torch.rand(2, m * 4, 5, 6)
+    ref = _naive_route(feats, gate, m, 4, cp, routing)
+    assert max_abs(mod.route(feats, gate), ref) <= 1e-6
+
+
+def test_routings_differ_but_share_parameters_and_cost():
+    torch.manual_seed(0)
+    a = SpatialCrossScaleConv(48, (3, 7, 11), routing='official').eval()
+    b = SpatialCrossScaleConv(48, (3, 7, 11), routing='cross_scale').eval()
+    b.load_state_dict(a.state_dict())
+    assert [p.shape for p in a.parameters()] == [p.shape for p in b.parameters()]
+    x = torch.randn(1, 48, 14, 14)
+    with torch.no_grad(), FlopCounterMode(display=False) as fa:
+        ya = a(x)
+    with torch.no_grad(), FlopCounterMode(display=False) as fb:
+        yb = b(x)
+    assert fa.get_total_flops() == fb.get_total_flops()
+    assert max_abs(ya, yb) > 1e-3  # a different channel pairing gives a different function
+
+
+def test_cross_scale_routing_model_reparameterizes():
+    torch.manual_seed(0)
+    model = msconv.create_model('test_scsc_swin', routing='cross_scale').eval()
+    _randomize_bn(model)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+        assert max_abs(model.reparameterize()(x), ref) <= EVAL_TOL
+
+
+def test_layer_bad_arguments_raise_value_error():
+    with pytest.raises(ValueError, match='groups'):
+        SpatialCrossScaleConv(40, (3, 5, 7), groups=4)  # cp = 13
+    with pytest.raises(ValueError, match='kernel_sizes'):
+        SpatialCrossScaleConv(48, (3, 4))
+    with pytest.raises(ValueError, match='routing'):
+        SpatialCrossScaleConv(48, routing='nope')
+    with pytest.raises(ValueError, match='stride'):
+        CrossScaleBottleneck(48, 48, stride=3)
+    with pytest.raises(ValueError, match='kernel_sizes'):
+        CrossScaleSwin(depths=(2, 2), kernel_sizes=((3,),))
+    with pytest.raises(ValueError, match='widths, depths and kernel_sizes'):
+        CrossScaleResNet(depths=(1, 1, 1))
+
+
+# ------------------------------------------------------------------ whole-model folding, compile, sizes, counts
+
+@pytest.mark.parametrize('name', ['test_scsc_swin', 'test_scsc_resnet', 'test_scsc_faceresnet', 'test_face_iresnet'])
+def test_reparameterize_keeps_outputs(name):
+    torch.manual_seed(0)
+    model = msconv.create_model(name).eval()
+    _randomize_bn(model)
+    x = torch.randn(2, *model.pretrained_cfg['test_input_size'])
+    with torch.no_grad():
+        ref = model(x)
+        out = model.reparameterize()(x)
+    assert max_abs(out, ref) <= EVAL_TOL * max(1.0, ref.abs().max().item())
+
+
+def test_reparameterized_model_compiles_fullgraph():
+    torch._dynamo.reset()
+    model = msconv.create_model('test_scsc_resnet').eval().reparameterize()
+    x = torch.randn(1, 3, 64, 64)
+    compiled = torch.compile(model, fullgraph=True, backend='aot_eager')
+    with torch.no_grad():
+        assert max_abs(compiled(x), model(x)) <= EVAL_TOL
+
+
+@pytest.mark.parametrize('size', [224, 160, 128, 112, 100, 33])
+def test_scsc_resnet_runs_at_any_size_surviving_the_stride(size):
+    with torch.device('meta'):
+        model = msconv.create_model('scsc_resnet50').eval()
+        out = model.forward_features(torch.empty(1, 3, size, size))
+    side = size
+    for _ in range(5):
+        side = -(-side // 2)
+    assert tuple(out.shape) == (1, 1536, side, side)
+
+
+def test_tiny_resnet_odd_sizes_numerically():
+    torch.manual_seed(0)
+    model = msconv.create_model('test_scsc_resnet').eval()
+    for size in (112, 100, 37):
+        with torch.no_grad():
+            y = model(torch.randn(1, 3, size, size))
+        assert y.shape == (1, 10) and torch.isfinite(y).all()
+
+
+PARAMS = {
+    'scsc_swin_tiny': 21_943_176,
+    'scsc_swin_small': 37_773_192,
+    'scsc_resnet50': 25_567_816,
+    'scsc_resnet101': 37_283_080,
+    'scsc_resnet152': 52_693_384,
+    'scsc_faceresnet': 9_212_272,
+    'face_iresnet50': 43_590_848,
+}
+
+
+@pytest.mark.parametrize('name', sorted(PARAMS))
+def test_parameter_counts(name):
+    with torch.device('meta'):
+        model = msconv.create_model(name)
+    assert sum(p.numel() for p in model.parameters()) == PARAMS[name]
+
+
+def _macs(name: str) -> float:
+    with torch.device('meta'):
+        model = msconv.create_model(name).eval()
+        x = torch.empty(1, *model.pretrained_cfg['input_size'])
+        with FlopCounterMode(display=False) as counter:
+            model(x)
+    return counter.get_total_flops() / 2  # FlopCounterMode counts 2 flops per multiply-add
+
+
+def test_macs():
+    # conv + linear + matmul MACs (the routing is an elementwise multiply-add: not counted, as in the reference)
+    assert _macs('scsc_swin_tiny') == pytest.approx(3.303e9, rel=2e-3)
+    assert _macs('scsc_resnet50') == pytest.approx(4.557e9, rel=2e-3)
+
+
+def test_face_claim_ratios():
+    """The abstract: FaceResNet + SCSC has 79% fewer params and 68% fewer FLOPs than FaceResNet."""
+    assert 1 - PARAMS['scsc_faceresnet'] / PARAMS['face_iresnet50'] == pytest.approx(0.79, abs=0.01)
+    assert 1 - _macs('scsc_faceresnet') / _macs('face_iresnet50') == pytest.approx(0.68, abs=0.01)

@@ -1,0 +1,103 @@
+"""msconv.tools.bench: result rows, ratios against an interleaved baseline, reparam, memory accounting, CLI."""
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from msconv.cli import main
+from msconv.tools.bench import _peak_step_memory, benchmark
+from msconv.tools.profile import profile
+
+FAST = dict(batch_size=2, img_size=32, num_warm_iter=1, num_bench_iter=2, repeats=2)
+
+
+class TinyNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 10)
+        self.num_classes = 10
+        self.reparameterized = False
+
+    def reparameterize(self) -> None:  # fold the BN into the conv, as inference forms do
+        w = self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)
+        self.conv.weight.data *= w[:, None, None, None]
+        self.conv.bias.data = (self.conv.bias.data - self.bn.running_mean) * w + self.bn.bias
+        self.bn = nn.Identity()
+        self.reparameterized = True
+
+    def forward(self, x):
+        return self.head(self.bn(self.conv(x)).mean((2, 3)))
+
+
+def test_rows_and_baseline_ratio():
+    rows = benchmark([TinyNet()], baseline='timm:resnet10t', **FAST)
+    assert [r['model'] for r in rows] == ['timm:resnet10t', 'TinyNet']
+    base, tiny = rows
+    assert base['baseline'] and base['infer_ratio'] == 1.0 and base['train_ratio'] == 1.0
+    for r in rows:
+        for key in ('infer_img_s', 'train_img_s', 'infer_mem_mb', 'train_mem_mb'):
+            assert r[key] > 0 and math.isfinite(r[key])
+        assert r['infer_step_ms'] == pytest.approx(1000 * 2 / r['infer_img_s'])
+    assert tiny['infer_ratio'] == pytest.approx(tiny['infer_img_s'] / base['infer_img_s'])
+    assert tiny['gmacs'] * 1e9 == profile(TinyNet(), input_size=(3, 32, 32))['macs']
+    assert base['params_m'] == pytest.approx(5.435488)
+    # train memory includes the gradients (params are float32)
+    assert tiny['train_mem_mb'] * 2 ** 20 >= 4 * sum(p.numel() for p in TinyNet().parameters())
+
+
+def test_reparam_benchmarks_inference_form_only():
+    model = TinyNet()
+    rows = benchmark([model], reparam=True, **FAST)
+    assert model.reparameterized and isinstance(model.bn, nn.Identity)
+    assert math.isnan(rows[0]['train_img_s']) and rows[0]['infer_img_s'] > 0
+
+
+def test_cpu_peak_memory_is_exact_for_known_allocations():
+    def step():
+        a = torch.ones(2 ** 20)  # 4 MiB
+        b = torch.ones(2 ** 21)  # 8 MiB, both live
+        del a, b
+        torch.ones(2 ** 20)
+
+    peak = _peak_step_memory(step, torch.device('cpu'))
+    assert 12 * 2 ** 20 <= peak < 12 * 2 ** 20 + 2 ** 16
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(batch_size=0), 'batch_size'), (dict(img_size=-1), 'img_size'), (dict(repeats=0), 'repeats'),
+    (dict(num_bench_iter=1, repeats=2), 'num_bench_iter'), (dict(amp=True, amp_dtype='int8'), 'amp_dtype'),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        benchmark([TinyNet()], **{**FAST, **kwargs})
+
+
+def test_unknown_model_and_missing_cuda():
+    with pytest.raises(ValueError, match='not an msconv model'):
+        benchmark(['no_such_model_xyz'], **FAST)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match='CUDA'):
+            benchmark([TinyNet()], device='cuda', **FAST)
+
+
+def test_cli_table_and_csv(tmp_path, capsys):
+    out = tmp_path / 'b.csv'
+    rc = main(['bench', 'timm:resnet10t', '--vs', 'timm:resnet10t', '--batch-size', '2', '--img-size', '32',
+               '--num-warm-iter', '1', '--num-bench-iter', '2', '--repeats', '2', '--no-train', '--csv', str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert 'timm:resnet10t (baseline)' in text and 'infer vs base' in text
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 2 and rows[0]['baseline'] == 'True' and float(rows[1]['infer_img_s']) > 0
+    assert rows[1]['train_img_s'] == 'nan'
+
+
+def test_cli_bad_model_is_one_line_error(capsys):
+    assert main(['bench', 'no_such_model_xyz', '--csv', '']) == 2
+    assert 'not an msconv model' in capsys.readouterr().err
