@@ -125,7 +125,7 @@ PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
         # no clipping, fp32, drop path 0.2, SyncBN, coarse sparsity 0.3.
         'shiftwise': dict(_IMAGENET_COMMON, batch_size=512, accum_steps=8, lr=4e-3, warmup_lr=0.0, min_lr=1e-6,
                           lr_base_size=None, warmup_epochs=5, clip_grad=None, mixup=0.8, drop_path=0.2, amp=False,
-                          sync_bn=True, sparsity=dict(sparsity=0.3, prune_rate=0.3, update_every=100, gap=131)),
+                          sync_bn=True, sparsity=dict(target=0.3, prune_rate=0.3, interval=100, gap=131)),
     },
     # Small and fast: the bundled digits at 32x32, a few epochs on CPU. Light augmentation (no flips for digits).
     'demo': {

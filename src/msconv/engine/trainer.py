@@ -263,23 +263,23 @@ class _Trainer:
                 find_unused_parameters=False)
 
     def _build_sparsity(self, options: Dict[str, Any]):
+        from ..layers.shiftwise_sparsity import SparsityScheduler
+        options = dict(options)
+        options.setdefault('seed', self.cfg.seed)
         try:
-            from ..layers import shiftwise as sw
-            scheduler_cls = getattr(sw, 'SparsityScheduler')
-        except (ImportError, AttributeError):
-            raise ValueError(
-                "sparsity: this msconv build has no ShiftWise sparsity scheduler (msconv.layers.shiftwise."
-                "SparsityScheduler); set sparsity to null") from None
-        return scheduler_cls(self.model, total_steps=self.total_steps, **options)
+            return SparsityScheduler(self.model, total_steps=max(self.total_steps, 1), optimizer=self.optimizer,
+                                     **options)
+        except TypeError as e:
+            raise ValueError(f"sparsity: bad option in {options}: {e}") from e
 
     def _num_classes(self) -> int:
         cfg = self.cfg
         if cfg.task == 'face':
-            from ..data.face import FaceFolder
-            self._face_train = FaceFolder(cfg.data)
-            self.num_classes = len(self._face_train.classes)
+            from ..data.face import FaceIdentityFolder
+            self.num_classes = FaceIdentityFolder(cfg.data).num_identities
             if self.num_classes < 2:
-                raise ValueError(f"data {cfg.data!r}: face training needs at least 2 identity subfolders")
+                raise ValueError(f"data {cfg.data!r}: face training needs at least 2 identity subfolders, found "
+                                 f"{self.num_classes}")
             return self.num_classes
         if cfg.data == 'digits':
             self.num_classes = 10
@@ -292,12 +292,18 @@ class _Trainer:
         from ..data.loader import build_dataset, build_transform
         cfg, dc = self.cfg, self.data_cfg
         if cfg.task == 'face':
-            self._face_train.transform = build_transform(cfg, True, dc['size'], dc['mean'], dc['std'])
+            # insightface practice: aligned crops, resized to the model's input, random horizontal flip only.
+            from timm.data import create_transform
+            from ..data.face import FaceIdentityFolder
+            tf = create_transform(dc['size'], is_training=True, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.5,
+                                  color_jitter=None, auto_augment=None, interpolation=cfg.interpolation,
+                                  mean=tuple(dc['mean']), std=tuple(dc['std']))
+            train_set = FaceIdentityFolder(cfg.data, transform=tf)
             self.face_bins = []
             for b in cfg.face_val_bins:
-                images, issame = self.face_data.load_bin(b)
+                images, issame = self.face_data.load_bin(b, image_size=(dc['size'], dc['size']))
                 self.face_bins.append((Path(b).stem, images, issame))
-            return self._face_train, None
+            return train_set, None
         train_set = build_dataset(cfg, 'train', dc['size'], dc['mean'], dc['std'])
         val_set = build_dataset(cfg, 'val', dc['size'], dc['mean'], dc['std'])
         if len(train_set.classes) != self.num_classes:
@@ -422,6 +428,7 @@ class _Trainer:
                 for name, images, issame in self.face_bins:
                     res = evaluate_verification(self.model.backbone, images, issame, batch_size=self.local_bs,
                                                 device=self.device)
+                    self._print(f"verification {name}: accuracy {res['accuracy']:.4f}")
                     results[name] = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in res.items()
                                      if isinstance(v, (int, float))}
             rec['verification'] = results
@@ -508,9 +515,9 @@ class _Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         applied = scale_before is None or self.scaler.get_scale() >= scale_before
+        if self.sparsity is not None:  # after every optimizer step, AMP included
+            self.sparsity.step()
         if applied:
-            if self.sparsity is not None:
-                self.sparsity.step()
             if self.ema is not None:
                 self.ema.update(self.model, step=step + 1)
         return {'applied': applied, 'loss': total_loss, 'images': n_images, 'grad_norm': grad_norm,
