@@ -18,8 +18,11 @@ __all__ = ['DEMO_MODELS', 'demo', 'count_macs', 'format_table']
 DEMO_MODELS: Dict[str, Dict[str, Any]] = {
     'smt': dict(model='smt_tiny', model_kwargs=dict(
         embed_dims=(16, 32, 64, 128), depths=(1, 1, 2, 1), mlp_ratios=(2, 2, 2, 2)), overrides=dict(epochs=5)),
-    'scsc': dict(model='scsc_swin_tiny', model_kwargs=dict(), overrides=dict(epochs=5)),
-    'shiftwise': dict(model='shiftwise_tiny', model_kwargs=dict(), overrides=dict(epochs=5)),
+    'scsc': dict(model='scsc_swin_tiny', model_kwargs=dict(embed_dim=24, depths=(1, 1, 2, 1)),
+                 overrides=dict(epochs=5)),
+    'shiftwise': dict(model='shiftwise_tiny', model_kwargs=dict(
+        depths=(1, 1, 2, 1), dims=(16, 32, 64, 128), kernel_sizes=(13, 11, 9, 7), small_kernel=3),
+        overrides=dict(epochs=5)),
 }
 
 
@@ -107,6 +110,7 @@ def demo(
         torch.set_num_threads(threads)
     out = Path(output)
     rows, records = [], []
+    interrupted = False
     t_all = time.perf_counter()
     for fam in families:
         spec = DEMO_MODELS[fam]
@@ -123,6 +127,9 @@ def demo(
         result = train(model=name, model_kwargs=spec['model_kwargs'], preset='demo', data='digits',
                        output=str(out), name=fam, progress=progress, device=device, plot=True, **overrides)
         elapsed = time.perf_counter() - t0
+        if result['status'] == 'interrupted':  # SIGTERM / Ctrl-C: the run checkpointed; stop the demo too
+            interrupted = True
+            break
         net = build_model(name, num_classes=10, model_kwargs=spec['model_kwargs'])
         image_size = 32
         row = dict(family=fam, model=name, params=sum(p.numel() for p in net.parameters()),
@@ -135,4 +142,4 @@ def demo(
     curves = plot_curves(records, out / 'curves.png', title='msconv demo: nano models on MNIST digits') \
         if records else None
     return {'rows': rows, 'curves': str(curves) if curves else None, 'total_time_s': time.perf_counter() - t_all,
-            'table': format_table(rows)}
+            'table': format_table(rows), 'interrupted': interrupted}
