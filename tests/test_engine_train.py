@@ -145,11 +145,13 @@ _KILL_SCRIPT = textwrap.dedent('''
     torch.set_num_threads(1)
     import msconv.engine.trainer as T
     kill_at = int(sys.argv[2])
-    if kill_at > 0:
+    if kill_at != 0:
         orig = T._Trainer._optimizer_step
         def step(self, s, batches):
-            if s == kill_at:  # mid-epoch, after the checkpoint of an earlier step: SIGKILL, no cleanup at all
-                os.kill(os.getpid(), signal.SIGKILL)
+            if s == abs(kill_at):
+                # > 0: SIGKILL mid-epoch, after the checkpoint of an earlier step, no cleanup at all;
+                # < 0: SIGTERM, which the trainer turns into "finish this step, checkpoint, exit".
+                os.kill(os.getpid(), signal.SIGKILL if kill_at > 0 else signal.SIGTERM)
             return orig(self, s, batches)
         T._Trainer._optimizer_step = step
     res = T.train(dict(model='test_smt', preset='demo', batch_size=8, progress=False, num_workers=0, log_every=2,
@@ -190,6 +192,14 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, folder):
     for i in sa:
         for k in sa[i]:
             assert torch.equal(torch.as_tensor(sa[i][k]), torch.as_tensor(sb[i][k]))
+    # SIGTERM in step 3: the trainer checkpoints step 3 and exits cleanly; resuming gives the same weights too
+    termed = _run_script(tmp_path, tmp_path / 'term', -2, '-', folder)
+    assert termed.returncode == 0 and 'interrupted: checkpoint saved at step 3' in termed.stdout, termed.stderr
+    assert [p.name for p in list_checkpoints(tmp_path / 'term' / 'run')] == ['step-00000003']
+    assert _run_script(tmp_path, tmp_path / 'term', 0, 'auto', folder).returncode == 0
+    c = load_checkpoint(list_checkpoints(tmp_path / 'term' / 'run')[-1])
+    for k in a[0]['model']:
+        assert torch.equal(a[0]['model'][k], c[0]['model'][k]), k
     # the metrics file holds each step once
     steps = [json.loads(l)['step'] for l in (tmp_path / 'crash' / 'run' / 'metrics.jsonl').read_text().splitlines()
              if json.loads(l)['kind'] == 'train']
@@ -219,3 +229,20 @@ def test_corrupt_checkpoint_is_named_and_resume_falls_back(tmp_path, folder):
     res = train(dict(TINY_F, output=str(tmp_path), name='d', max_steps=6, ckpt_every=2, keep_last=3,
                      resume=str(bad.parent)))
     assert res['steps'] == 6 and res['status'] == 'finished'
+
+
+def test_accumulation_amp_channels_last(tmp_path, folder):
+    """2 micro-batches of 4 accumulate to the update of one batch of 8 (LayerNorm model: no batch statistics);
+    bf16 autocast on CPU and channels_last run and stay finite."""
+    common = dict(TINY, model='test_vit', model_kwargs={'img_size': 32}, data=str(folder), output=str(tmp_path),
+                  max_steps=2, drop_path=0.0, opt='sgd', lr=0.05)
+    big = train(dict(common, name='big', batch_size=8, accum_steps=1))
+    acc = train(dict(common, name='acc', batch_size=4, accum_steps=2))
+    assert big['steps'] == acc['steps'] == 2
+    wa, wb = _weights(tmp_path / 'big'), _weights(tmp_path / 'acc')
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6)
+    amp = train(dict(TINY, data=str(folder), output=str(tmp_path), name='amp', max_steps=2, amp=True,
+                     amp_dtype='bfloat16', channels_last=True, accum_steps=2, batch_size=4))
+    assert amp['status'] == 'finished' and amp['skipped_steps'] == 0
+    assert all(torch.isfinite(v).all() for v in _weights(tmp_path / 'amp').values() if v.is_floating_point())

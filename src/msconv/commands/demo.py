@@ -12,7 +12,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--output', default='runs/demo', help='folder for the runs and curves.png')
     parser.add_argument('--epochs', type=int, default=None, help='override the epochs of every run')
     parser.add_argument('--max-steps', type=int, default=None, help='stop every run after this many steps')
-    parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
+    parser.add_argument('--threads', type=int, default=1,
+                        help='torch CPU threads for the model (default 1; the data worker uses another core)')
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--no-progress', dest='progress', action='store_false')
 

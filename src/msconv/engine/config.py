@@ -134,7 +134,7 @@ PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
             min_lr=1e-5, lr_base_size=None, warmup_epochs=0.5, weight_decay=0.05, clip_grad=5.0, drop_path=0.0,
             smoothing=0.1, mixup=0.0, cutmix=0.0, auto_augment=None, color_jitter=0.0, re_prob=0.0, hflip=0.0,
             scale=(0.85, 1.0), ratio=(0.9, 1.1), interpolation='bilinear', crop_pct=1.0, amp=False, ema=False,
-            num_workers=0, ckpt_every=0, keep_last=1, log_every=20, sparsity=None,
+            num_workers=1, ckpt_every=0, keep_last=1, log_every=20, sparsity=None,
         ) for fam in ('smt', 'scsc', 'shiftwise')
     },
 }
@@ -271,6 +271,9 @@ def validate_config(cfg: TrainConfig, check_paths: bool = True) -> None:
         _require(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0,
                  f"{name} must be a finite number >= 0, got {v!r}")
     _require(cfg.lr > 0, f"lr must be > 0, got {cfg.lr!r}")
+    _require(cfg.warmup_epochs < cfg.epochs,
+             f"warmup_epochs ({cfg.warmup_epochs}) must be smaller than epochs ({cfg.epochs}): raise --epochs or "
+             f"lower --warmup-epochs")
     for name in ('drop_path', 'smoothing', 're_prob', 'hflip', 'mixup_prob', 'mixup_switch_prob'):
         v = getattr(cfg, name)
         _require(0 <= v <= 1, f"{name} must be in [0, 1], got {v!r}")

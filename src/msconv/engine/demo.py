@@ -87,7 +87,7 @@ def demo(
         output: str = 'runs/demo',
         epochs: Optional[int] = None,
         max_steps: Optional[int] = None,
-        threads: Optional[int] = None,
+        threads: Optional[int] = 1,
         progress: bool = True,
         device: str = 'cpu',
         print_fn=print,
@@ -97,7 +97,8 @@ def demo(
     Args:
         families: any of 'smt', 'scsc', 'shiftwise'.
         epochs / max_steps: shorten the runs (for tests); by default each family's demo setting.
-        threads: torch CPU threads (default: torch's choice).
+        threads: torch CPU threads for the model (default 1: nano models gain little from intra-op threads, and
+            on a 2-core machine the second core runs the data-loading worker; None keeps torch's setting).
     """
     from ..models import list_models
     from .metrics import plot_curves, read_metrics

@@ -226,7 +226,7 @@ class _Trainer:
                                                  filter_bias_and_bn=True, **opt_kwargs)
         except (AssertionError, ValueError) as e:
             raise ValueError(f"opt {cfg.opt!r}: {e}") from e
-        warmup = min(cfg.warmup_epochs, cfg.epochs)
+        warmup = cfg.warmup_epochs  # validated < epochs; warmup_prefix: the cosine covers the remaining epochs
         self.scheduler, _ = create_scheduler_v2(
             self.optimizer, sched=cfg.sched, num_epochs=cfg.epochs - warmup, warmup_epochs=warmup,
             warmup_lr=warmup_lr, min_lr=min_lr, warmup_prefix=True, step_on_epochs=False,
