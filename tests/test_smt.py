@@ -248,3 +248,56 @@ def test_reference_forms_give_the_same_model_outputs():
             ref = model(x)
     assert not msconv.layers.reference_forms_enabled()
     assert max_abs(fast, ref) < 1e-5
+
+
+@pytest.mark.parametrize('name,conv_linear,attention', [
+    ('smt_tiny', 2.38, 0.08), ('smt_small', 4.66, 0.18), ('smt_base', 7.69, 0.28), ('smt_large', 17.48, 0.43),
+])
+def test_profile_macs_match_the_official_counts(name, conv_linear, attention):
+    """conv+linear GMACs as the official README counts them (ptflops, no attention matmuls), attention apart."""
+    stats = msconv.profile(name, input_size=(3, 224, 224))
+    assert round(stats['macs_conv_linear'] / 1e9, 2) == conv_linear
+    assert round(stats['macs_attention'] / 1e9, 2) == attention
+    assert stats['macs'] == stats['macs_conv_linear'] + stats['macs_attention'] + stats['macs_other']
+
+
+_TRITON_SAM_CHECK = r'''
+import torch
+from msconv.kernels.depthwise import triton_available
+from msconv.layers import ScaleAwareModulation, reference_forms
+assert triton_available('cpu'), 'the interpreter should make Triton available on CPU'
+torch.manual_seed(0)
+sam = ScaleAwareModulation(8, num_heads=4)
+x = torch.randn(2, 8, 6, 7, requires_grad=True)
+y = sam(x)                                   # MHMC through the Triton mixed-kernel-size kernel
+y.square().sum().backward()
+g = [p.grad.clone() for p in sam.parameters()] + [x.grad.clone()]
+sam.zero_grad(); x.grad = None
+with reference_forms():
+    y_ref = sam(x)
+y_ref.square().sum().backward()
+g_ref = [p.grad for p in sam.parameters()] + [x.grad]
+assert (y - y_ref).abs().max() < 1e-5, (y - y_ref).abs().max()
+assert max((a - b).abs().max().item() for a, b in zip(g, g_ref)) < 1e-4
+sam.eval()
+with torch.no_grad(), reference_forms():
+    y_eval = sam(x)
+sam.reparameterize()                         # the inference form also runs MHMC through Triton
+with torch.no_grad():
+    assert (sam(x) - y_eval).abs().max() < 1e-5
+print('ok')
+'''
+
+
+def test_sam_through_triton_kernel_in_interpreter():
+    """The CUDA fast path of MHMC (Triton) run by Triton's CPU interpreter equals the reference form."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    src = Path(__file__).resolve().parents[1] / 'src'
+    env = dict(os.environ, TRITON_INTERPRET='1', PYTHONPATH=f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    env.pop('MSCONV_DISABLE_TRITON', None)
+    proc = subprocess.run([sys.executable, '-c', _TRITON_SAM_CHECK], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith('ok'), proc.stderr[-3000:]

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels.depthwise import depthwise_conv2d, triton_available
 from ._forms import reference_forms_enabled
 
 __all__ = ['MultiHeadMixedConv', 'ScaleAwareAggregation', 'ScaleAwareModulation', 'fold_bn_into_conv']
@@ -84,11 +85,18 @@ class MultiHeadMixedConv(nn.Module):
             weight, bias = _interleave_rows(weight, self.num_heads), _interleave_rows(bias, self.num_heads)
         return weight, bias
 
+    def conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, interleaved: bool) -> torch.Tensor:
+        """The merged depthwise convolution: Triton's mixed-kernel-size kernel (each head visits only its own
+        taps, one launch) where Triton runs, else ``F.conv2d`` with the zero-padded kernel."""
+        if triton_available(x.device):
+            return depthwise_conv2d(x, weight, bias, self.max_kernel // 2, group_kernel_sizes=self.kernel_sizes,
+                                    group_interleaved=interleaved, backend='triton')
+        return F.conv2d(x, weight, bias, padding=self.max_kernel // 2, groups=self.dim)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) head-major -> same
         if reference_forms_enabled():
             return self.forward_reference(x)
-        weight, bias = self.merged_kernel()
-        return F.conv2d(x, weight, bias, padding=self.max_kernel // 2, groups=self.dim)
+        return self.conv(x, *self.merged_kernel(), interleaved=False)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([conv(part) for conv, part in zip(self.convs, x.chunk(self.num_heads, dim=1))], dim=1)
@@ -170,25 +178,26 @@ class ScaleAwareModulation(nn.Module):
         if self.s.bias is not None:
             s.bias.copy_(_interleave_rows(self.s.bias, h))
         weight, bias = self.mhmc.merged_kernel(interleaved=True)
-        conv = nn.Conv2d(self.dim, self.dim, self.mhmc.max_kernel, padding=self.mhmc.max_kernel // 2,
-                         groups=self.dim, device=weight.device, dtype=weight.dtype)
-        conv.weight.copy_(weight)
-        conv.bias.copy_(bias)
-        self.s, self.mhmc = s, conv
+        self.mhmc.merged = nn.Conv2d(self.dim, self.dim, self.mhmc.max_kernel, padding=self.mhmc.max_kernel // 2,
+                                     groups=self.dim, device=weight.device, dtype=weight.dtype)
+        self.mhmc.merged.weight.copy_(weight)
+        self.mhmc.merged.bias.copy_(bias)
+        del self.mhmc.convs
+        self.s = s
         self.saa.reparameterize()
         self.deployed = True
 
     def modulator(self, x: torch.Tensor) -> torch.Tensor:
         """The SAA output for channels-last input ``x`` (B, H, W, C), as (B, H, W, C)."""
         if self.deployed:
-            s = self.mhmc(self.s(x).permute(0, 3, 1, 2))
+            s = self.s(x).permute(0, 3, 1, 2)
+            s = self.mhmc.conv(s, self.mhmc.merged.weight, self.mhmc.merged.bias, interleaved=True)
             return self.saa(s, interleaved=True).permute(0, 2, 3, 1)
         h = self.num_heads
         weight_s = _interleave_rows(self.s.weight, h)
         bias_s = _interleave_rows(self.s.bias, h) if self.s.bias is not None else None
         s = F.linear(x, weight_s, bias_s).permute(0, 3, 1, 2)  # (B, C, H, W), interleaved channels
-        kernel, kernel_bias = self.mhmc.merged_kernel(interleaved=True)
-        s = F.conv2d(s, kernel, kernel_bias, padding=self.mhmc.max_kernel // 2, groups=self.dim)
+        s = self.mhmc.conv(s, *self.mhmc.merged_kernel(interleaved=True), interleaved=True)
         return self.saa(s, interleaved=True).permute(0, 2, 3, 1)
 
     def forward_nhwc(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C) -> (B, H, W, C)

@@ -14,6 +14,10 @@ grouped/depthwise convolutions are counted from their weight shape. Units:
   ``ActivationCountAnalysis`` convention, timm's ``macts``); fused attention counts as its two matmuls
   (``B*H*L*S + B*H*L*Ev``) so that it matches the same attention written with ``@``.
 
+Operators are counted in their plain reference form (``msconv.layers.reference_forms()``), so the numbers are
+the architecture's: MHMC's fast form runs its 3/5/7 kernels zero-padded to 9x9, but costs are counted for the
+real kernel sizes (SMT-T: 2.38 G conv+linear, as the paper).
+
 Run it on the meta device (``device='meta'``, or a model built under ``torch.device('meta')``) to profile
 full-size models in well under a second with no memory: only shapes are computed.
 """
@@ -27,6 +31,7 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
+from ..layers import reference_forms
 from ._common import build_model
 
 __all__ = ['profile', 'format_profile']
@@ -132,7 +137,7 @@ def profile(
     try:
         counter = FlopCounterMode(display=False, custom_mapping=_custom_mapping())
         acts = _ActivationCounter()
-        with counter, acts:
+        with counter, acts, reference_forms():  # architecture MACs: e.g. MHMC's 3/5/7/9 taps, not zero padding
             model(x)
     finally:
         model.train(was_training)
