@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from msconv.engine.config import PRESETS, TrainConfig, resolve_config
+from msconv.engine.config import PRESETS, resolve_config
 
 
 def test_family_presets_reproduce_official_recipes():

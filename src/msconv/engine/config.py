@@ -250,7 +250,6 @@ def _require(cond: bool, message: str) -> None:
 
 def validate_config(cfg: TrainConfig, check_paths: bool = True) -> None:
     """Reject bad values with a message that says what to fix (called before any work starts)."""
-    from ..models import list_models
     import timm
     if family_of(cfg.model) is None and cfg.model not in timm.list_models() and not timm.is_model(cfg.model):
         from ..models._registry import unknown_model_message

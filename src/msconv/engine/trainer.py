@@ -15,7 +15,6 @@ import math
 import os
 import random
 import signal
-import sys
 import threading
 import time
 from contextlib import nullcontext
@@ -289,7 +288,7 @@ class _Trainer:
         return self.num_classes
 
     def _datasets(self):
-        from ..data.loader import build_dataset, build_transform
+        from ..data.loader import build_dataset
         cfg, dc = self.cfg, self.data_cfg
         if cfg.task == 'face':
             # insightface practice: aligned crops, resized to the model's input, random horizontal flip only.
