@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
@@ -60,3 +62,15 @@ def test_demo_micro_run(tmp_path, capsys):
     assert rc == 0, out
     assert 'val top-1' in out and 'smt_tiny' in out and 'MACs' in out
     assert (tmp_path / 'curves.png').is_file() and (tmp_path / 'smt' / 'metrics.csv').is_file()
+
+
+@pytest.mark.slow
+def test_full_demo_reaches_95_percent_for_every_family(tmp_path):
+    """The README's demo: nano SMT, SCSC-Swin and ShiftWise each >= 95% val top-1 on the digits (minutes)."""
+    from msconv.engine.demo import demo
+    res = demo(output=str(tmp_path), progress=False)
+    assert [r['family'] for r in res['rows']] == ['smt', 'scsc', 'shiftwise']
+    for r in res['rows']:
+        assert not r.get('error'), r
+        assert r['top1'] >= 95.0, r
+    assert Path(res['curves']).is_file()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-HELP = 'Train nano SMT / SCSC-Swin / ShiftWise on the bundled digits (CPU, minutes) and print a table'
+HELP = 'train nano SMT, SCSC-Swin and ShiftWise on the bundled digits (CPU, minutes) and print a table'
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
