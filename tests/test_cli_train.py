@@ -1,7 +1,6 @@
 """`msconv train / eval / demo` from the command line (in-process, tiny configurations)."""
 from __future__ import annotations
 
-
 from pathlib import Path
 
 import pytest
