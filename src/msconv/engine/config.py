@@ -204,16 +204,15 @@ def resolve_config(
     """Merge defaults < preset < ``config`` (a TrainConfig, a dict or a YAML path) < ``overrides``, then validate.
 
     The preset is looked up for the model's family ('imagenet' presets for the three msconv families; a timm
-    model gets the dataclass defaults). ``model`` must be given somewhere.
+    model gets the dataclass defaults, or the SMT demo preset with ``preset='demo'``). In a ``TrainConfig``,
+    fields equal to their dataclass default count as not given. ``model`` must be given somewhere.
     """
     if isinstance(config, TrainConfig):
-        user: Dict[str, Any] = config.to_dict()
-        explicit = set()  # a TrainConfig is already complete: presets do not apply over it
-        base = dict(user)
+        # Fields left at their dataclass default count as "not given", so the preset applies beneath the rest.
+        defaults = TrainConfig().to_dict()
+        user: Dict[str, Any] = {k: v for k, v in config.to_dict().items() if v != defaults[k]}
     else:
         user = load_yaml(config) if isinstance(config, (str, Path)) else dict(config or {})
-        explicit = set(user)
-        base = None
     overrides = {k: v for k, v in dict(overrides or {}).items() if v is not None}
     merged_user = {**user, **overrides}
     for k, v in list(merged_user.items()):
@@ -226,17 +225,14 @@ def resolve_config(
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
 
-    if base is None:
-        values: Dict[str, Any] = TrainConfig().to_dict()
-        fam = family_of(model)
-        if fam is not None:
-            values.update(PRESETS[preset][fam])
-        elif preset == 'demo':
-            values.update(PRESETS['demo']['smt'])
-        values.update(_model_overrides(model, preset))
-        values.update(merged_user)
-    else:
-        values = {**base, **{k: v for k, v in merged_user.items() if k in overrides}}
+    values: Dict[str, Any] = TrainConfig().to_dict()
+    fam = family_of(model)
+    if fam is not None:
+        values.update(PRESETS[preset][fam])
+    elif preset == 'demo':
+        values.update(PRESETS['demo']['smt'])
+    values.update(_model_overrides(model, preset))
+    values.update(merged_user)
     values = {k: _coerce(k, v) for k, v in values.items()}
     cfg = TrainConfig(**values)
     validate_config(cfg, check_paths=check_paths)
