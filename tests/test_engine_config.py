@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from msconv.engine.config import PRESETS, TrainConfig, resolve_config
+from msconv.engine.config import PRESETS, resolve_config
 
 
 def test_family_presets_reproduce_official_recipes():
@@ -55,3 +55,10 @@ def test_one_class_folder_fails_early(tmp_path):
 
 def test_timm_models_are_accepted():
     assert resolve_config({'model': 'test_vit', 'preset': 'demo'}).model == 'test_vit'
+
+
+def test_trainconfig_object_gets_the_preset_beneath_its_set_fields():
+    from msconv.engine import TrainConfig
+    cfg = resolve_config(TrainConfig(model='test_smt', preset='demo', epochs=3), {'lr': 0.5})
+    assert cfg.epochs == 3 and cfg.lr == 0.5
+    assert cfg.batch_size == PRESETS['demo']['smt']['batch_size'] and cfg.mixup == 0.0

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-HELP = 'Evaluate a model checkpoint (top-1/top-5) on the digits or an ImageFolder split'
+HELP = 'evaluate a checkpoint (top-1/top-5) on the bundled digits or an ImageFolder split'
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-HELP = 'Train a model (timm recipe, per-family presets, checkpoints, resume, torchrun)'
+HELP = 'train a model: timm recipe, per-family presets, crash-safe checkpoints, --resume, torchrun'
 
 # flag -> config field; value None means "not given" so that YAML values stay.
 _FLAGS = [

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -37,13 +37,15 @@ def _sample_seed(seed: int, epoch: int, index: int) -> int:
 class SeededDataset(Dataset):
     """Wraps a dataset so that sample ``i`` of epoch ``e`` is augmented from the seed ``(seed, e, i)``.
 
-    The global ``random``, ``numpy`` and ``torch`` generators are restored after each sample, so loading in the
-    main process (``num_workers=0``) does not disturb the training loop's own random streams.
+    ``seed=None`` passes samples through (evaluation). With ``restore_rng=True`` the global ``random``, ``numpy``
+    and ``torch`` generators are put back after each sample (costs ~0.5 ms a sample, mostly numpy's state copy);
+    the trainer does not need it because it reseeds every optimizer step.
     """
 
-    def __init__(self, dataset: Dataset, seed: int):
+    def __init__(self, dataset: Dataset, seed: Optional[int], restore_rng: bool = False):
         self.dataset = dataset
-        self.seed = int(seed)
+        self.seed = None if seed is None else int(seed)
+        self.restore_rng = restore_rng
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -53,17 +55,25 @@ class SeededDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int):
+        if self.seed is None:  # evaluation: deterministic transforms, nothing to seed
+            return self.dataset[index]
         s = _sample_seed(self.seed, self.epoch, int(index))
-        py_state, np_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
+        gen = torch.default_generator  # CPU generator only: transforms run on CPU
+        if not self.restore_rng:
             random.seed(s)
             np.random.seed(s)
-            torch.manual_seed(s)
-            try:
-                return self.dataset[index]
-            finally:
-                random.setstate(py_state)
-                np.random.set_state(np_state)
+            gen.manual_seed(s)
+            return self.dataset[index]
+        py_state, np_state, torch_state = random.getstate(), np.random.get_state(), gen.get_state()
+        random.seed(s)
+        np.random.seed(s)
+        gen.manual_seed(s)
+        try:
+            return self.dataset[index]
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+            gen.set_state(torch_state)
 
 
 class ResumableDistributedSampler(DistributedSampler):
@@ -116,9 +126,32 @@ def check_image_folder(root: Path, split: str) -> List[str]:
     return classes
 
 
+def _posterize_keep_zero_bits(img, bits_to_keep, **_):
+    """timm's posterize with the pre-Pillow-11 meaning of 0 bits kept (a black image).
+
+    RandAugment 'rand-m9-mstd0.5-inc1' (the papers' recipe) draws magnitude 10 now and then, which maps to
+    PosterizeIncreasing with 0 bits; recent Pillow raises "bits must be between or equal to 1 and 8" there, which
+    would crash a training run after hours.
+    """
+    from PIL import ImageOps
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point([0] * 256 * len(img.getbands()))
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _patch_timm_posterize() -> None:
+    from timm.data import auto_augment
+    for name in ('Posterize', 'PosterizeIncreasing', 'PosterizeOriginal'):
+        if auto_augment.NAME_TO_OP.get(name) is auto_augment.posterize:
+            auto_augment.NAME_TO_OP[name] = _posterize_keep_zero_bits
+
+
 def build_transform(cfg, is_training: bool, input_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
     """timm's train/eval transform from the augmentation fields of a ``TrainConfig``."""
     from timm.data import create_transform
+    _patch_timm_posterize()
     if is_training:
         return create_transform(
             input_size, is_training=True, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), hflip=cfg.hflip,
@@ -148,10 +181,10 @@ def build_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int,
                  pin_memory: bool = False) -> Tuple[DataLoader, ResumableDistributedSampler]:
     """A loader over ``dataset`` (wrapped in ``SeededDataset``) with a ``ResumableDistributedSampler``.
 
-    ``batch_size`` is the per-process batch. Evaluation loaders (``shuffle=False``) pad the last rank's share as
+    ``batch_size`` is the per-process batch. Training loaders (``shuffle=True``) seed every sample's augmentation. Evaluation loaders (``shuffle=False``) pad the last rank's share as
     DistributedSampler does; the caller de-duplicates by counting only ``len(dataset)`` samples.
     """
-    seeded = SeededDataset(dataset, seed)
+    seeded = SeededDataset(dataset, seed if shuffle else None)
     sampler = ResumableDistributedSampler(seeded, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
     loader = DataLoader(
         seeded, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last,

@@ -1,6 +1,9 @@
-"""Training and evaluation engine: ``train(config)``, ``evaluate(...)``, checkpoints, torchrun support."""
+"""Training and evaluation engine: ``train(config)``, ``evaluate(...)``, ``demo()``, crash-safe checkpoints,
+torchrun support."""
 from .config import PRESETS, TrainConfig, resolve_config
+from .demo import demo
 from .evaluate import evaluate
-from .train import NonFiniteLossError, build_model, train
+from .trainer import NonFiniteLossError, build_model, train
 
-__all__ = ['PRESETS', 'TrainConfig', 'resolve_config', 'evaluate', 'train', 'build_model', 'NonFiniteLossError']
+__all__ = ['PRESETS', 'TrainConfig', 'resolve_config', 'evaluate', 'train', 'demo', 'build_model',
+           'NonFiniteLossError']

@@ -125,7 +125,7 @@ PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
         # no clipping, fp32, drop path 0.2, SyncBN, coarse sparsity 0.3.
         'shiftwise': dict(_IMAGENET_COMMON, batch_size=512, accum_steps=8, lr=4e-3, warmup_lr=0.0, min_lr=1e-6,
                           lr_base_size=None, warmup_epochs=5, clip_grad=None, mixup=0.8, drop_path=0.2, amp=False,
-                          sync_bn=True, sparsity=dict(sparsity=0.3, prune_rate=0.3, update_every=100, gap=131)),
+                          sync_bn=True, sparsity=dict(target=0.3, prune_rate=0.3, interval=100, gap=131)),
     },
     # Small and fast: the bundled digits at 32x32, a few epochs on CPU. Light augmentation (no flips for digits).
     'demo': {
@@ -134,7 +134,7 @@ PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
             min_lr=1e-5, lr_base_size=None, warmup_epochs=0.5, weight_decay=0.05, clip_grad=5.0, drop_path=0.0,
             smoothing=0.1, mixup=0.0, cutmix=0.0, auto_augment=None, color_jitter=0.0, re_prob=0.0, hflip=0.0,
             scale=(0.85, 1.0), ratio=(0.9, 1.1), interpolation='bilinear', crop_pct=1.0, amp=False, ema=False,
-            num_workers=0, ckpt_every=0, keep_last=1, log_every=20, sparsity=None,
+            num_workers=1, ckpt_every=0, keep_last=1, log_every=20, sparsity=None,
         ) for fam in ('smt', 'scsc', 'shiftwise')
     },
 }
@@ -204,16 +204,15 @@ def resolve_config(
     """Merge defaults < preset < ``config`` (a TrainConfig, a dict or a YAML path) < ``overrides``, then validate.
 
     The preset is looked up for the model's family ('imagenet' presets for the three msconv families; a timm
-    model gets the dataclass defaults). ``model`` must be given somewhere.
+    model gets the dataclass defaults, or the SMT demo preset with ``preset='demo'``). In a ``TrainConfig``,
+    fields equal to their dataclass default count as not given. ``model`` must be given somewhere.
     """
     if isinstance(config, TrainConfig):
-        user: Dict[str, Any] = config.to_dict()
-        explicit = set()  # a TrainConfig is already complete: presets do not apply over it
-        base = dict(user)
+        # Fields left at their dataclass default count as "not given", so the preset applies beneath the rest.
+        defaults = TrainConfig().to_dict()
+        user: Dict[str, Any] = {k: v for k, v in config.to_dict().items() if v != defaults[k]}
     else:
         user = load_yaml(config) if isinstance(config, (str, Path)) else dict(config or {})
-        explicit = set(user)
-        base = None
     overrides = {k: v for k, v in dict(overrides or {}).items() if v is not None}
     merged_user = {**user, **overrides}
     for k, v in list(merged_user.items()):
@@ -226,17 +225,14 @@ def resolve_config(
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
 
-    if base is None:
-        values: Dict[str, Any] = TrainConfig().to_dict()
-        fam = family_of(model)
-        if fam is not None:
-            values.update(PRESETS[preset][fam])
-        elif preset == 'demo':
-            values.update(PRESETS['demo']['smt'])
-        values.update(_model_overrides(model, preset))
-        values.update(merged_user)
-    else:
-        values = {**base, **{k: v for k, v in merged_user.items() if k in overrides}}
+    values: Dict[str, Any] = TrainConfig().to_dict()
+    fam = family_of(model)
+    if fam is not None:
+        values.update(PRESETS[preset][fam])
+    elif preset == 'demo':
+        values.update(PRESETS['demo']['smt'])
+    values.update(_model_overrides(model, preset))
+    values.update(merged_user)
     values = {k: _coerce(k, v) for k, v in values.items()}
     cfg = TrainConfig(**values)
     validate_config(cfg, check_paths=check_paths)
@@ -250,7 +246,6 @@ def _require(cond: bool, message: str) -> None:
 
 def validate_config(cfg: TrainConfig, check_paths: bool = True) -> None:
     """Reject bad values with a message that says what to fix (called before any work starts)."""
-    from ..models import list_models
     import timm
     if family_of(cfg.model) is None and cfg.model not in timm.list_models() and not timm.is_model(cfg.model):
         from ..models._registry import unknown_model_message
@@ -271,6 +266,9 @@ def validate_config(cfg: TrainConfig, check_paths: bool = True) -> None:
         _require(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0,
                  f"{name} must be a finite number >= 0, got {v!r}")
     _require(cfg.lr > 0, f"lr must be > 0, got {cfg.lr!r}")
+    _require(cfg.warmup_epochs < cfg.epochs,
+             f"warmup_epochs ({cfg.warmup_epochs}) must be smaller than epochs ({cfg.epochs}): raise --epochs or "
+             f"lower --warmup-epochs")
     for name in ('drop_path', 'smoothing', 're_prob', 'hflip', 'mixup_prob', 'mixup_switch_prob'):
         v = getattr(cfg, name)
         _require(0 <= v <= 1, f"{name} must be in [0, 1], got {v!r}")

@@ -18,8 +18,11 @@ __all__ = ['DEMO_MODELS', 'demo', 'count_macs', 'format_table']
 DEMO_MODELS: Dict[str, Dict[str, Any]] = {
     'smt': dict(model='smt_tiny', model_kwargs=dict(
         embed_dims=(16, 32, 64, 128), depths=(1, 1, 2, 1), mlp_ratios=(2, 2, 2, 2)), overrides=dict(epochs=5)),
-    'scsc': dict(model='scsc_swin_tiny', model_kwargs=dict(), overrides=dict(epochs=5)),
-    'shiftwise': dict(model='shiftwise_tiny', model_kwargs=dict(), overrides=dict(epochs=5)),
+    'scsc': dict(model='scsc_swin_tiny', model_kwargs=dict(embed_dim=24, depths=(1, 1, 2, 1)),
+                 overrides=dict(epochs=5)),
+    'shiftwise': dict(model='shiftwise_tiny', model_kwargs=dict(
+        depths=(1, 1, 2, 1), dims=(16, 32, 64, 128), kernel_sizes=(13, 11, 9, 7), small_kernel=3),
+        overrides=dict(epochs=5)),
 }
 
 
@@ -84,7 +87,7 @@ def demo(
         output: str = 'runs/demo',
         epochs: Optional[int] = None,
         max_steps: Optional[int] = None,
-        threads: Optional[int] = None,
+        threads: Optional[int] = 1,
         progress: bool = True,
         device: str = 'cpu',
         print_fn=print,
@@ -94,11 +97,12 @@ def demo(
     Args:
         families: any of 'smt', 'scsc', 'shiftwise'.
         epochs / max_steps: shorten the runs (for tests); by default each family's demo setting.
-        threads: torch CPU threads (default: torch's choice).
+        threads: torch CPU threads for the model (default 1: nano models gain little from intra-op threads, and
+            on a 2-core machine the second core runs the data-loading worker; None keeps torch's setting).
     """
     from ..models import list_models
     from .metrics import plot_curves, read_metrics
-    from .train import build_model, train
+    from .trainer import build_model, train
 
     unknown = [f for f in families if f not in DEMO_MODELS]
     if unknown:
@@ -107,6 +111,7 @@ def demo(
         torch.set_num_threads(threads)
     out = Path(output)
     rows, records = [], []
+    interrupted = False
     t_all = time.perf_counter()
     for fam in families:
         spec = DEMO_MODELS[fam]
@@ -123,6 +128,9 @@ def demo(
         result = train(model=name, model_kwargs=spec['model_kwargs'], preset='demo', data='digits',
                        output=str(out), name=fam, progress=progress, device=device, plot=True, **overrides)
         elapsed = time.perf_counter() - t0
+        if result['status'] == 'interrupted':  # SIGTERM / Ctrl-C: the run checkpointed; stop the demo too
+            interrupted = True
+            break
         net = build_model(name, num_classes=10, model_kwargs=spec['model_kwargs'])
         image_size = 32
         row = dict(family=fam, model=name, params=sum(p.numel() for p in net.parameters()),
@@ -135,4 +143,4 @@ def demo(
     curves = plot_curves(records, out / 'curves.png', title='msconv demo: nano models on MNIST digits') \
         if records else None
     return {'rows': rows, 'curves': str(curves) if curves else None, 'total_time_s': time.perf_counter() - t_all,
-            'table': format_table(rows)}
+            'table': format_table(rows), 'interrupted': interrupted}

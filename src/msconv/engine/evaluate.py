@@ -149,7 +149,7 @@ def evaluate(
         classes = list(DIGITS_CLASSES)
 
     if isinstance(model, str):
-        from .train import build_model
+        from .trainer import build_model
         kwargs = dict(cfg.model_kwargs) if run_cfg.get('model') == model else {}
         kwargs.update(model_kwargs)
         net = build_model(model, num_classes=len(classes), drop_path=0.0, model_kwargs=kwargs)

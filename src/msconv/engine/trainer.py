@@ -15,7 +15,6 @@ import math
 import os
 import random
 import signal
-import sys
 import threading
 import time
 from contextlib import nullcontext
@@ -78,7 +77,7 @@ def _step_seed(seed: int, rank: int, step: int) -> int:
 def _reseed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # also seeds the CUDA generators
 
 
 def _amp_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
@@ -226,7 +225,7 @@ class _Trainer:
                                                  filter_bias_and_bn=True, **opt_kwargs)
         except (AssertionError, ValueError) as e:
             raise ValueError(f"opt {cfg.opt!r}: {e}") from e
-        warmup = min(cfg.warmup_epochs, cfg.epochs)
+        warmup = cfg.warmup_epochs  # validated < epochs; warmup_prefix: the cosine covers the remaining epochs
         self.scheduler, _ = create_scheduler_v2(
             self.optimizer, sched=cfg.sched, num_epochs=cfg.epochs - warmup, warmup_epochs=warmup,
             warmup_lr=warmup_lr, min_lr=min_lr, warmup_prefix=True, step_on_epochs=False,
@@ -263,23 +262,23 @@ class _Trainer:
                 find_unused_parameters=False)
 
     def _build_sparsity(self, options: Dict[str, Any]):
+        from ..layers.shiftwise_sparsity import SparsityScheduler
+        options = dict(options)
+        options.setdefault('seed', self.cfg.seed)
         try:
-            from ..layers import shiftwise as sw
-            scheduler_cls = getattr(sw, 'SparsityScheduler')
-        except (ImportError, AttributeError):
-            raise ValueError(
-                "sparsity: this msconv build has no ShiftWise sparsity scheduler (msconv.layers.shiftwise."
-                "SparsityScheduler); set sparsity to null") from None
-        return scheduler_cls(self.model, total_steps=self.total_steps, **options)
+            return SparsityScheduler(self.model, total_steps=max(self.total_steps, 1), optimizer=self.optimizer,
+                                     **options)
+        except TypeError as e:
+            raise ValueError(f"sparsity: bad option in {options}: {e}") from e
 
     def _num_classes(self) -> int:
         cfg = self.cfg
         if cfg.task == 'face':
-            from ..data.face import FaceFolder
-            self._face_train = FaceFolder(cfg.data)
-            self.num_classes = len(self._face_train.classes)
+            from ..data.face import FaceIdentityFolder
+            self.num_classes = FaceIdentityFolder(cfg.data).num_identities
             if self.num_classes < 2:
-                raise ValueError(f"data {cfg.data!r}: face training needs at least 2 identity subfolders")
+                raise ValueError(f"data {cfg.data!r}: face training needs at least 2 identity subfolders, found "
+                                 f"{self.num_classes}")
             return self.num_classes
         if cfg.data == 'digits':
             self.num_classes = 10
@@ -289,15 +288,21 @@ class _Trainer:
         return self.num_classes
 
     def _datasets(self):
-        from ..data.loader import build_dataset, build_transform
+        from ..data.loader import build_dataset
         cfg, dc = self.cfg, self.data_cfg
         if cfg.task == 'face':
-            self._face_train.transform = build_transform(cfg, True, dc['size'], dc['mean'], dc['std'])
+            # insightface practice: aligned crops, resized to the model's input, random horizontal flip only.
+            from timm.data import create_transform
+            from ..data.face import FaceIdentityFolder
+            tf = create_transform(dc['size'], is_training=True, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.5,
+                                  color_jitter=None, auto_augment=None, interpolation=cfg.interpolation,
+                                  mean=tuple(dc['mean']), std=tuple(dc['std']))
+            train_set = FaceIdentityFolder(cfg.data, transform=tf)
             self.face_bins = []
             for b in cfg.face_val_bins:
-                images, issame = self.face_data.load_bin(b)
+                images, issame = self.face_data.load_bin(b, image_size=(dc['size'], dc['size']))
                 self.face_bins.append((Path(b).stem, images, issame))
-            return self._face_train, None
+            return train_set, None
         train_set = build_dataset(cfg, 'train', dc['size'], dc['mean'], dc['std'])
         val_set = build_dataset(cfg, 'val', dc['size'], dc['mean'], dc['std'])
         if len(train_set.classes) != self.num_classes:
@@ -422,6 +427,7 @@ class _Trainer:
                 for name, images, issame in self.face_bins:
                     res = evaluate_verification(self.model.backbone, images, issame, batch_size=self.local_bs,
                                                 device=self.device)
+                    self._print(f"verification {name}: accuracy {res['accuracy']:.4f}")
                     results[name] = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in res.items()
                                      if isinstance(v, (int, float))}
             rec['verification'] = results
@@ -460,11 +466,18 @@ class _Trainer:
             out = self.ddp_model(x)
         return self.criterion(out.float(), y)
 
+    @torch.no_grad()
+    def _restore_buffers(self, saved: Dict[str, torch.Tensor]) -> None:
+        for n, b in self.model.named_buffers():
+            b.copy_(saved[n])
+
     def _optimizer_step(self, step: int, batches) -> Dict[str, Any]:
         """One optimizer update over ``accum_steps`` micro-batches. Returns loss and whether it was applied."""
         cfg = self.cfg
         _reseed(_step_seed(cfg.seed, self.info.rank, step))
         self.optimizer.zero_grad(set_to_none=True)
+        # BatchNorm statistics move during the forward pass; a skipped step puts them back.
+        buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()}
         total_loss = 0.0
         n_images = 0
         for i, (x, y) in enumerate(batches):
@@ -481,23 +494,29 @@ class _Trainer:
                 loss = self._forward_loss(x, y)
                 bad = self._any_rank(not bool(torch.isfinite(loss.detach()).item()))
                 if bad:
+                    self._restore_buffers(buffers)
                     return {'applied': False, 'loss': float(loss.detach().item()), 'images': n_images,
                             'reason': 'non-finite loss'}
                 self.scaler.scale(loss / cfg.accum_steps).backward()
             total_loss += float(loss.detach().item()) / cfg.accum_steps
+        if self.info.enabled:  # log the global-batch loss, not rank 0's share
+            t = torch.tensor([total_loss], dtype=torch.float64, device=self.device)
+            dist.all_reduce(t)
+            total_loss = t.item() / self.info.world_size
         grad_norm = None
         if cfg.clip_grad is not None:
             self.scaler.unscale_(self.optimizer)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad))
             if not math.isfinite(grad_norm) and self.amp_dtype != torch.float16:
+                self._restore_buffers(buffers)
                 return {'applied': False, 'loss': total_loss, 'images': n_images, 'reason': 'non-finite gradient'}
         scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
         applied = scale_before is None or self.scaler.get_scale() >= scale_before
+        if self.sparsity is not None:  # after every optimizer step, AMP included
+            self.sparsity.step()
         if applied:
-            if self.sparsity is not None:
-                self.sparsity.step()
             if self.ema is not None:
                 self.ema.update(self.model, step=step + 1)
         return {'applied': applied, 'loss': total_loss, 'images': n_images, 'grad_norm': grad_norm,
