@@ -19,6 +19,10 @@ _LAZY = {
     'export_onnx': 'msconv.tools.export',
     'compute_erf': 'msconv.tools.erf',
     'depthwise_conv2d': 'msconv.kernels.depthwise',
+    'train': 'msconv.engine',
+    'evaluate': 'msconv.engine',
+    'demo': 'msconv.engine',
+    'TrainConfig': 'msconv.engine',
 }
 
 
