@@ -216,6 +216,9 @@ class ShiftWiseConv2d(nn.Module):
         self.long_pad = max(-lo, hi)  # symmetric conv padding; the strip is zero-extended to 2*long_pad+1
         self.deployed = False
         self.official_order = True
+        # 'auto': lean training form / folded eval form; 'reference': always forward_reference (for benchmarks,
+        # debugging, or BatchNorm variants the lean form does not cover, which 'auto' also routes there)
+        self.impl = 'auto'
 
         idx = shiftwise_indices(channels, kernel_size, small_kernel, ghost_ratio, n_reps, seed)
         for name in ('ghost', 'rep', 'perm_h', 'perm_v', 'centre'):
@@ -376,6 +379,8 @@ class ShiftWiseConv2d(nn.Module):
         self._check_input(x)
         if self.deployed:
             return self._forward_deploy(x)
+        if self.impl == 'reference':
+            return self.forward_reference(x)
         if not self.training and not any(bn.training for bn in (self.bn_h, self.bn_v, self.bn_s)):
             return self._forward_folded(x)
         if self._lean_ok():
