@@ -305,6 +305,19 @@ def test_half_precision_runs(dtype, mode):
     assert rel < (2e-2 if dtype == torch.bfloat16 else 4e-3)
 
 
+def test_autocast_training_step_cpu_bf16():
+    gen = torch.Generator().manual_seed(10)
+    op = ShiftWiseConv2d(16, 13).train()
+    x = torch.randn(2, 16, 16, 16, generator=gen, requires_grad=True)
+    ref = op.forward_reference(x).detach()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        y = op(x)
+    assert y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(op.weight.grad).all()
+    assert (y.float() - ref).abs().max().item() / ref.abs().max().item() < 2e-2
+
+
 def test_deterministic_training_step():
     gen = torch.Generator().manual_seed(8)
     x = torch.randn(2, 16, 16, 16, generator=gen)

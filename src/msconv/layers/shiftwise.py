@@ -345,7 +345,10 @@ class ShiftWiseConv2d(nn.Module):
 
     def _forward_train(self, x: torch.Tensor) -> torch.Tensor:
         xr = x.index_select(1, self.rep_index)
-        kh, kv, ks = (t.to(x.dtype) for t in self.strip_kernels())
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev):  # AMP: convs in the autocast dtype, BN statistics in fp32
+            xr = xr.to(torch.get_autocast_dtype(dev))
+        kh, kv, ks = (t.to(xr.dtype) for t in self.strip_kernels())
         bns = (self.bn_h, self.bn_v, self.bn_s)
         ones = torch.ones(self.rep_channels, device=x.device, dtype=torch.float32)
         gammas = torch.stack([bn.weight.float() if bn.weight is not None else ones for bn in bns])
@@ -360,7 +363,7 @@ class ShiftWiseConv2d(nn.Module):
                     bn.running_mean.lerp_(mean[i].to(bn.running_mean.dtype), factor)
                     unbiased = var[i] * (n / max(n - 1, 1))
                     bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), factor)
-        return torch.cat([y, x.index_select(1, self.ghost_index)], dim=1)
+        return torch.cat([y, x.index_select(1, self.ghost_index).to(y.dtype)], dim=1)
 
     def _forward_folded(self, x: torch.Tensor) -> torch.Tensor:
         xr = x.index_select(1, self.rep_index)
