@@ -7,7 +7,8 @@ Forms (same weights, interleaved, median of the timed repeats):
 * ``train form (auto)``: the same module in eval, where each SW folds its BNs into a cross kernel on the fly;
 * ``deploy``: ``reparameterize()``: one cross conv per SW with the block BN folded, no gathers, BN2 and layer
   scale folded into the second Linear.
-Target (issue 7): deploy >= 2x faster than the training form. The official model cannot run on CPU (CUDA-only op).
+All forms run with the model default channels_last activations. Target (issue 7): deploy >= 2x faster than the
+training form. The official model cannot run on CPU (CUDA-only op), so it is not in the table.
 
     PYTHONPATH=src python benchmarks/bench_shiftwise_model.py [--threads 2] [--batch 8] [--repeats 2]
 """
