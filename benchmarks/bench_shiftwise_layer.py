@@ -50,11 +50,14 @@ def main() -> None:
     ap.add_argument('--channels', type=int, default=80)
     ap.add_argument('--size', type=int, default=56)
     ap.add_argument('--kernel', type=int, default=51)
+    ap.add_argument('--channels-last', action='store_true', help='channels_last input (the model default)')
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     c, k = args.channels, args.kernel
     x = torch.randn(args.batch, c, args.size, args.size)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     u = torch.randn_like(x)
     sw = ShiftWiseConv2d(c, k, 3).train()
     ref = copy.deepcopy(sw)
@@ -100,7 +103,7 @@ def main() -> None:
     e = 1
     official = sw.rep_channels * sw.nk * (args.size + 2 * e) ** 2 * args.batch * 4 / in_bytes
     print(f"ShiftWiseConv2d C={c} {args.size}x{args.size} K={k} k=3 batch {args.batch}, CPU {args.threads} threads, "
-          f"fp32, median of {args.repeats}")
+          f"fp32, {'channels_last' if args.channels_last else 'NCHW'}, median of {args.repeats}")
     print(f"{'training form':28s} {'fwd+bwd ms':>11s} {'vs dense':>9s} {'saved act. (x input)':>21s}")
     for n in forms:
         print(f"{n:28s} {train_t[n] * 1e3:11.1f} {train_t['dense 51x51'] / train_t[n]:8.2f}x {mem[n]:21.2f}")

@@ -72,6 +72,8 @@ def main() -> None:
     with torch.no_grad():
         outs = {n: m(x[:2]) for n, m in forms.items()}
         err = max((outs[n] - outs['train form (reference)']).abs().max().item() for n in outs)
+        for m in forms.values():  # warm-up at the timed shape (oneDNN builds its primitives per shape)
+            m(x)
         times = {n: [] for n in forms}
         for _ in range(args.repeats):
             for n, m in forms.items():
