@@ -225,6 +225,19 @@ def test_merge_paths_and_checkpoint_path_count_conversion():
         assert op.n_paths == 1 and max_abs(op(x), ref) < 1e-5
 
 
+def test_official_merged_checkpoint_loads():
+    """An official module after ``merge_branches()`` stores one ``LoRA.weight``; it loads into any path count."""
+    op, tensors, _ = _op_from_fixture('sw_op_k13')
+    sd = official_state_dict(tensors)
+    merged = {k: v for k, v in sd.items() if not k.startswith('LoRAs.')}
+    merged['LoRA.weight'] = sd['LoRAs.0.weight'] + sd['LoRAs.1.weight']
+    other = ShiftWiseConv2d(24, 13, n_paths=2)
+    other.load_state_dict(msconv.convert_official(merged, 'shiftwise'))
+    op.eval(), other.eval()
+    with torch.no_grad():
+        assert max_abs(other(tensors['input']), op(tensors['input'])) < 1e-5
+
+
 # ---- network ----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope='module')
 def micro():
@@ -303,6 +316,19 @@ def test_half_precision_runs(dtype, mode):
     assert y.dtype == dtype and torch.isfinite(y).all()
     rel = (y.float() - ref).abs().max().item() / ref.abs().max().item()
     assert rel < (2e-2 if dtype == torch.bfloat16 else 4e-3)
+
+
+def test_autocast_training_step_cpu_bf16():
+    gen = torch.Generator().manual_seed(10)
+    op = ShiftWiseConv2d(16, 13).train()
+    x = torch.randn(2, 16, 16, 16, generator=gen, requires_grad=True)
+    ref = op.forward_reference(x).detach()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        y = op(x)
+    assert y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(op.weight.grad).all()
+    assert (y.float() - ref).abs().max().item() / ref.abs().max().item() < 2e-2
 
 
 def test_deterministic_training_step():

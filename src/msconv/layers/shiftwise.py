@@ -27,6 +27,7 @@ We never materialise the nk maps. Three forms, checked against each other in tes
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Dict, List, Optional, Tuple
 
@@ -35,7 +36,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+try:  # the Triton depthwise kernels (msconv.kernels), when present; F.conv2d stays the reference and CPU path
+    from ..kernels import depthwise_conv2d as _fast_depthwise
+except ImportError:  # pragma: no cover - depends on which parts of msconv are installed
+    _fast_depthwise = None
+
 __all__ = ['ShiftWiseConv2d', 'shiftwise_indices', 'shiftwise_geometry']
+
+
+def _depthwise(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding: Tuple[int, int],
+               ) -> torch.Tensor:
+    """Depthwise correlation, stride 1: the Triton kernel on CUDA when available, else ``F.conv2d``."""
+    if x.is_cuda and _fast_depthwise is not None:
+        return _fast_depthwise(x, weight, bias, padding)
+    return F.conv2d(x, weight, bias, padding=padding, groups=x.shape[1])
 
 
 def shiftwise_geometry(kernel_size: int, small_kernel: int) -> Dict[str, object]:
@@ -69,6 +83,14 @@ def shiftwise_indices(
     Returns int64 tensors ``ghost`` (ghostN,), ``rep`` (repN,), ``perm_h`` and ``perm_v`` (n_reps, repN, nk) where
     ``perm[g, c, t]`` is the small kernel placed at tile t, and ``centre`` (n_reps, repN).
     """
+    idx = _cached_indices(channels, kernel_size, small_kernel, float(ghost_ratio), n_reps, seed)
+    return {k: v.clone() for k, v in idx.items()}
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_indices(channels: int, kernel_size: int, small_kernel: int, ghost_ratio: float, n_reps: int, seed: int,
+                    ) -> Dict[str, torch.Tensor]:
+    # every block of a stage draws the same indices (same arguments, fresh seed): draw them once
     rep_n = int(channels * (1 - ghost_ratio)) // 2 * 2
     ghost_n = channels - rep_n
     nk = math.ceil(kernel_size / small_kernel)
@@ -83,10 +105,24 @@ def shiftwise_indices(
         ]))
     centre = torch.stack([torch.randint(0, nk, (rep_n,), generator=gen, device='cpu') for _ in range(n_reps)])
     return dict(
-        ghost=torch.as_tensor(ghost, dtype=torch.long).reshape(ghost_n),
-        rep=torch.as_tensor(rep, dtype=torch.long).reshape(rep_n),
+        ghost=torch.as_tensor(ghost, dtype=torch.long, device='cpu').reshape(ghost_n),
+        rep=torch.as_tensor(rep, dtype=torch.long, device='cpu').reshape(rep_n),
         perm_h=perms[0].long(), perm_v=perms[1].long(), centre=centre.long(),
     )
+
+
+def _take_channels(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x.index_select(1, index)`` that keeps a channels_last input channels_last (one copy either way)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1).index_select(3, index).permute(0, 3, 1, 2)
+    return x.index_select(1, index)
+
+
+def _cat_channels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.cat([a, b], 1)`` that keeps channels_last inputs channels_last."""
+    if all(not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last) for t in (a, b)):
+        return torch.cat([a.permute(0, 2, 3, 1), b.permute(0, 2, 3, 1)], dim=3).permute(0, 3, 1, 2)
+    return torch.cat([a, b], dim=1)
 
 
 def _bn_affine(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -216,6 +252,9 @@ class ShiftWiseConv2d(nn.Module):
         self.long_pad = max(-lo, hi)  # symmetric conv padding; the strip is zero-extended to 2*long_pad+1
         self.deployed = False
         self.official_order = True
+        # 'auto': lean training form / folded eval form; 'reference': always forward_reference (for benchmarks,
+        # debugging, or BatchNorm variants the lean form does not cover, which 'auto' also routes there)
+        self.impl = 'auto'
 
         idx = shiftwise_indices(channels, kernel_size, small_kernel, ghost_ratio, n_reps, seed)
         for name in ('ghost', 'rep', 'perm_h', 'perm_v', 'centre'):
@@ -230,8 +269,9 @@ class ShiftWiseConv2d(nn.Module):
             buf.copy_(out_index)
         self.register_buffer('output_index', buf, persistent=False)
 
-        # (paths, repN, nk, k, k): kernel j of rep channel c in path p (official LoRAs.p.weight[c*nk + j, 0])
-        self.weight = nn.Parameter(torch.empty(n_paths, rep_n, self.nk, small_kernel, small_kernel))
+        # (paths, repN*nk, k, k): kernel j of rep channel c in path p at row c*nk + j (official LoRAs.p.weight[:, 0]);
+        # 4-D so that model.to(memory_format=torch.channels_last) works
+        self.weight = nn.Parameter(torch.empty(n_paths, rep_n * self.nk, small_kernel, small_kernel))
         self.bn_h = nn.BatchNorm2d(rep_n)
         self.bn_v = nn.BatchNorm2d(rep_n)
         self.bn_s = nn.BatchNorm2d(rep_n)
@@ -277,8 +317,8 @@ class ShiftWiseConv2d(nn.Module):
         The strips are zero-extended from the official footprint ``[lo, hi]`` to the symmetric ``[-P, P]`` so that
         plain symmetric conv padding gives the official (possibly asymmetric) correlation offsets.
         """
-        w = self.weight.sum(0)  # (R, nk, k, k): the paths merged
         r, nk, k = self.rep_channels, self.nk, self.small_kernel
+        w = self.weight.sum(0)  # (R*nk, k, k): the paths merged
         flat = w.reshape(r, nk, k * k)
         tiles_h = torch.bmm(self._tile_counts(self.perm_h, w.dtype), flat).reshape(r, nk, k, k)
         tiles_v = torch.bmm(self._tile_counts(self.perm_v, w.dtype), flat).reshape(r, nk, k, k)
@@ -329,20 +369,23 @@ class ShiftWiseConv2d(nn.Module):
         self._check_input(x)
         if self.deployed:
             raise RuntimeError("forward_reference needs the training form; this module was reparameterized")
-        xr = x.index_select(1, self.rep_index)
+        xr = _take_channels(x, self.rep_index)
         kh, kv, ks = (t.to(x.dtype) for t in self.strip_kernels())
         (ph, pv, ps), r = self._pads(), self.rep_channels
         y = (self.bn_h(F.conv2d(xr, kh, padding=ph, groups=r)) + self.bn_v(F.conv2d(xr, kv, padding=pv, groups=r))
              + self.bn_s(F.conv2d(xr, ks, padding=ps, groups=r)) + xr)
-        return torch.cat([y, x.index_select(1, self.ghost_index)], dim=1)
+        return _cat_channels(y, _take_channels(x, self.ghost_index))
 
     def _lean_ok(self) -> bool:
         return all(type(bn) is nn.BatchNorm2d and bn.training for bn in (self.bn_h, self.bn_v, self.bn_s)) and len(
             {bn.eps for bn in (self.bn_h, self.bn_v, self.bn_s)}) == 1
 
     def _forward_train(self, x: torch.Tensor) -> torch.Tensor:
-        xr = x.index_select(1, self.rep_index)
-        kh, kv, ks = (t.to(x.dtype) for t in self.strip_kernels())
+        xr = _take_channels(x, self.rep_index)
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev):  # AMP: convs in the autocast dtype, BN statistics in fp32
+            xr = xr.to(torch.get_autocast_dtype(dev))
+        kh, kv, ks = (t.to(xr.dtype) for t in self.strip_kernels())
         bns = (self.bn_h, self.bn_v, self.bn_s)
         ones = torch.ones(self.rep_channels, device=x.device, dtype=torch.float32)
         gammas = torch.stack([bn.weight.float() if bn.weight is not None else ones for bn in bns])
@@ -357,25 +400,27 @@ class ShiftWiseConv2d(nn.Module):
                     bn.running_mean.lerp_(mean[i].to(bn.running_mean.dtype), factor)
                     unbiased = var[i] * (n / max(n - 1, 1))
                     bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), factor)
-        return torch.cat([y, x.index_select(1, self.ghost_index)], dim=1)
+        return _cat_channels(y, _take_channels(x, self.ghost_index).to(y.dtype))
 
     def _forward_folded(self, x: torch.Tensor) -> torch.Tensor:
-        xr = x.index_select(1, self.rep_index)
+        xr = _take_channels(x, self.rep_index)
         wh, wv, bias = (t.to(x.dtype) for t in self.folded_strips())
-        (ph, pv, _), r = self._pads(), self.rep_channels
-        y = F.conv2d(xr, wh, bias, padding=ph, groups=r) + F.conv2d(xr, wv, padding=pv, groups=r)
-        return torch.cat([y, x.index_select(1, self.ghost_index)], dim=1)
+        ph, pv, _ = self._pads()
+        y = _depthwise(xr, wh, bias, ph) + _depthwise(xr, wv, None, pv)
+        return _cat_channels(y, _take_channels(x, self.ghost_index))
 
     def _forward_deploy(self, x: torch.Tensor) -> torch.Tensor:
-        (ph, pv, _), c = self._pads(), self.channels
+        ph, pv, _ = self._pads()
         wh, wv, bias = (t.to(x.dtype) for t in (self.deploy_weight_h, self.deploy_weight_v, self.deploy_bias))
-        y = F.conv2d(x, wh, bias, padding=ph, groups=c) + F.conv2d(x, wv, padding=pv, groups=c)
-        return y.index_select(1, self.output_index) if self.official_order else y
+        y = _depthwise(x, wh, bias, ph) + _depthwise(x, wv, None, pv)
+        return _take_channels(y, self.output_index) if self.official_order else y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         if self.deployed:
             return self._forward_deploy(x)
+        if self.impl == 'reference':
+            return self.forward_reference(x)
         if not self.training and not any(bn.training for bn in (self.bn_h, self.bn_v, self.bn_s)):
             return self._forward_folded(x)
         if self._lean_ok():
@@ -462,7 +507,7 @@ class ShiftWiseConv2d(nn.Module):
         # Paths are summed before use, so a checkpoint with another path count loads exactly: a merged one into a
         # multi-path module (path 0 = the sum, the others zero), a multi-path one into a merged module (summed).
         key = prefix + 'weight'
-        if not self.deployed and key in state_dict and state_dict[key].dim() == 5:
+        if not self.deployed and key in state_dict and state_dict[key].dim() == 4:
             w = state_dict[key]
             if w.shape[0] == 1 and self.n_paths > 1:
                 state_dict[key] = torch.cat([w, w.new_zeros((self.n_paths - 1, *w.shape[1:]))])
@@ -472,12 +517,11 @@ class ShiftWiseConv2d(nn.Module):
                                       error_msgs)
 
 
-def convert_official_op(state_dict: Dict[str, torch.Tensor], rep_nk: Optional[Dict[str, Tuple[int, int]]] = None,
-                        ) -> Dict[str, torch.Tensor]:
+def convert_official_op(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Official op keys (``<p>LoRAs.i.weight`` / ``<p>LoRA.weight``, ``<p>bn_lora1/2``, ``<p>bn_small``) to ours.
 
-    The small convs (R*nk, 1, k, k) are stacked into ``<p>weight`` (paths, R, nk, k, k); ``nk`` is read from
-    ``rep_nk[p]`` or, without it, from the BatchNorm size R under the same prefix. Other keys pass unchanged.
+    The small convs (R*nk, 1, k, k) are stacked into ``<p>weight`` (paths, R*nk, k, k). Other keys pass
+    unchanged (so msconv state dicts are returned as they are).
     """
     import re
     out: Dict[str, torch.Tensor] = {}
@@ -494,14 +538,6 @@ def convert_official_op(state_dict: Dict[str, torch.Tensor], rep_nk: Optional[Di
             continue
         out[key] = val
     for prefix, by_path in paths.items():
-        ws = [by_path[i] for i in sorted(by_path)]
-        rn, k = ws[0].shape[0], ws[0].shape[-1]
-        bn_key = prefix + 'bn_lora1.weight'
-        if rep_nk is not None and prefix in rep_nk:
-            r = rep_nk[prefix][0]
-        elif bn_key in state_dict:
-            r = state_dict[bn_key].shape[0]
-        else:
-            raise ValueError(f"state_dict: cannot infer the rep channel count for {prefix!r}LoRAs (no bn_lora1)")
-        out[prefix + 'weight'] = torch.stack([w.reshape(r, rn // r, k, k) for w in ws])
+        out[prefix + 'weight'] = torch.stack([by_path[i].reshape(by_path[i].shape[0], *by_path[i].shape[2:])
+                                              for i in sorted(by_path)])
     return out

@@ -1,6 +1,6 @@
 """Coarse-grained dynamic sparsity for shift-wise convolutions (the ShiftwiseConv training recipe).
 
-One mask bit per small k x k kernel of every path of every :class:`ShiftWiseConv2d` (shape ``(n_paths, R, nk)``).
+One mask bit per small k x k kernel of every path of every :class:`ShiftWiseConv2d` (shape ``(n_paths, R*nk)``).
 The recipe of the paper's released SW-T (``--sparse --sparse_type rep_coarse --sparsity 0.3 --prune_rate 0.3
 --growth random -u 100 --sparse_gap 131``), re-implemented from its description in ``shared/reference/
 shiftwise.md`` section 2.7:
@@ -80,7 +80,7 @@ class SparsityScheduler:
         self.steps = 0
         self.updates = 0
         self.masks: Dict[str, torch.Tensor] = {}
-        self._init_masks({n: torch.ones(m.weight.shape[1:3]) for n, m in self.layers.items()})
+        self._init_masks({n: torch.ones(m.weight.shape[1]) for n, m in self.layers.items()})
         self.apply_masks()
 
     # ---- masks ----------------------------------------------------------------------------------------------
@@ -90,7 +90,7 @@ class SparsityScheduler:
         return flat.view(shape)
 
     def _init_masks(self, scores: Dict[str, torch.Tensor]) -> None:
-        """Per-layer density from a global threshold over ``scores`` (each (R, nk)), random masks at it."""
+        """Per-layer density from a global threshold over ``scores`` (each (R*nk,)), random masks at it."""
         all_scores = torch.cat([s.flatten().float() for s in scores.values()])
         n_keep_total = round(all_scores.numel() * (1.0 - self.target))
         if n_keep_total >= all_scores.numel() or torch.unique(all_scores).numel() == 1:
@@ -99,7 +99,7 @@ class SparsityScheduler:
             threshold = torch.topk(all_scores, n_keep_total).values[-1]
             keep_frac = {n: (s.float() >= threshold).float().mean().item() for n, s in scores.items()}
         for name, layer in self.layers.items():
-            shape = tuple(layer.weight.shape[1:3])
+            shape = (layer.weight.shape[1],)
             mask = self._random_mask(shape, round(math.prod(shape) * keep_frac[name]))
             self.masks[name] = mask.unsqueeze(0).expand(layer.n_paths, *shape).clone()
 
@@ -137,7 +137,7 @@ class SparsityScheduler:
         self.updates += 1
         align = self.gap > 0 and self.updates % self.gap == 0
         for name, layer in self.layers.items():
-            w_l1 = layer.weight.detach().abs().sum(dim=(-2, -1)).float().cpu()  # (paths, R, nk)
+            w_l1 = layer.weight.detach().abs().sum(dim=(-2, -1)).float().cpu()  # (paths, R*nk)
             masks = self.masks[name]
             if align:
                 n_keep = int(masks[0].sum())

@@ -155,7 +155,11 @@ class ShiftWiseNet(MsconvModel):
             head_init_scale: float = 1.0,
             drop_rate: float = 0.0,
             drop_path_rate: float = 0.0,
+            channels_last: bool = True,
     ) -> None:
+        """``channels_last`` keeps activations in channels_last memory (NCHW shapes, NHWC strides): the depthwise
+        strip convs run several times faster that way on CPU and the channels-last Linears need no copies.
+        Values are the same either way."""
         super().__init__()
         depths, dims, kernel_sizes = tuple(depths), tuple(dims), tuple(kernel_sizes)
         if not (len(depths) == len(dims) == len(kernel_sizes) == 4):
@@ -169,6 +173,7 @@ class ShiftWiseNet(MsconvModel):
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
+        self.channels_last = channels_last
         self.stem = nn.Sequential(
             nn.Conv2d(in_chans, dims[0] // 2, kernel_size=3, stride=2, padding=1),
             LayerNorm2d(dims[0] // 2, eps=1e-6),
@@ -245,7 +250,7 @@ class ShiftWiseNet(MsconvModel):
         check_image_input(x, self.in_chans, 32, type(self).__name__)
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         intermediates = []
-        x = self.stem(x)
+        x = self.stem(self._layout(x))
         stages = self.stages if not stop_early else self.stages[:max_index + 1]
         for i, stage in enumerate(stages):
             x = stage(x)
@@ -272,7 +277,10 @@ class ShiftWiseNet(MsconvModel):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         check_image_input(x, self.in_chans, 32, type(self).__name__)
-        return self.stages(self.stem(x))
+        return self.stages(self.stem(self._layout(x)))
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=pre_logits)
