@@ -23,6 +23,7 @@ _LAZY = {
     'evaluate': 'msconv.engine',
     'demo': 'msconv.engine',
     'TrainConfig': 'msconv.engine',
+    'SparsityScheduler': 'msconv.layers.shiftwise_sparsity',
 }
 
 
