@@ -36,10 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-try:  # the Triton depthwise kernels (msconv.kernels), when present; F.conv2d stays the reference and CPU path
-    from ..kernels import depthwise_conv2d as _fast_depthwise
-except ImportError:  # pragma: no cover - depends on which parts of msconv are installed
-    _fast_depthwise = None
+from ..kernels import depthwise_conv2d as _fast_depthwise
 
 __all__ = ['ShiftWiseConv2d', 'shiftwise_indices', 'shiftwise_geometry']
 
@@ -47,7 +44,7 @@ __all__ = ['ShiftWiseConv2d', 'shiftwise_indices', 'shiftwise_geometry']
 def _depthwise(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding: Tuple[int, int],
                ) -> torch.Tensor:
     """Depthwise correlation, stride 1: the Triton kernel on CUDA when available, else ``F.conv2d``."""
-    if x.is_cuda and _fast_depthwise is not None:
+    if x.is_cuda:
         return _fast_depthwise(x, weight, bias, padding)
     return F.conv2d(x, weight, bias, padding=padding, groups=x.shape[1])
 
