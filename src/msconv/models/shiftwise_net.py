@@ -383,30 +383,31 @@ default_cfgs = generate_default_cfgs({
 })
 
 _SW_KERNELS = dict(kernel_sizes=(51, 49, 47, 13), small_kernel=3)
+_PAPER = 'ShiftwiseConv (CVPR 2025)'
 
 
-@register_model('shiftwise')
+@register_model('shiftwise', paper_top1=83.39, paper=_PAPER)  # the official README's SW-T (300 epochs)
 def shiftwise_tiny(pretrained: bool = False, **kwargs) -> ShiftWiseNet:
     """SW-T: depths 3/3/18/3, dims 80/160/320/640 (31.8M params with 2 paths, 31.0M merged; 5.0 GMACs)."""
     args = dict(depths=(3, 3, 18, 3), dims=(80, 160, 320, 640), **_SW_KERNELS)
     return _create_shiftwise('shiftwise_tiny', pretrained, **dict(args, **kwargs))
 
 
-@register_model('shiftwise')
+@register_model('shiftwise', paper=_PAPER)
 def shiftwise_small(pretrained: bool = False, **kwargs) -> ShiftWiseNet:
     """SW-S: depths 3/3/27/3, dims 96/192/384/768."""
     args = dict(depths=(3, 3, 27, 3), dims=(96, 192, 384, 768), **_SW_KERNELS)
     return _create_shiftwise('shiftwise_small', pretrained, **dict(args, **kwargs))
 
 
-@register_model('shiftwise')
+@register_model('shiftwise', paper=_PAPER)
 def shiftwise_base(pretrained: bool = False, **kwargs) -> ShiftWiseNet:
     """SW-B: depths 3/3/27/3, dims 128/256/512/1024."""
     args = dict(depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024), **_SW_KERNELS)
     return _create_shiftwise('shiftwise_base', pretrained, **dict(args, **kwargs))
 
 
-@register_model('shiftwise')
+@register_model('shiftwise', paper=_PAPER)
 def shiftwise_large(pretrained: bool = False, **kwargs) -> ShiftWiseNet:
     """SW-L: depths 3/3/27/3, dims 192/384/768/1536."""
     args = dict(depths=(3, 3, 27, 3), dims=(192, 384, 768, 1536), **_SW_KERNELS)
