@@ -41,7 +41,6 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import DropPath, SEModule
 
 __all__ = ['SpatialCrossScaleConv', 'CrossScaleBottleneck', 'convert_scsc_official', 'fold_bn_into_conv']
