@@ -41,7 +41,6 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import DropPath, SEModule
 
 __all__ = ['SpatialCrossScaleConv', 'CrossScaleBottleneck', 'convert_scsc_official', 'fold_bn_into_conv']
@@ -135,7 +134,9 @@ class SpatialCrossScaleConv(nn.Module):
         m, G, cp = self.num_scales, self.groups, self.reduced_dim
         if self.routing == 'official':
             f = feats.view(B, G, cp // G, m, H, W)  # channel q*m + j = (g, r, j)
-            g = gate.view(B, m, G, H, W).transpose(1, 2).unsqueeze(2)  # (B, G, 1, m, H, W), gate j*G + g
+            # (B, G, 1, m, H, W), gate channel j*G + g; made contiguous (m*G channels: tiny) so that the product,
+            # the sum and everything downstream stay in plain contiguous NCHW
+            g = gate.view(B, m, G, H, W).transpose(1, 2).contiguous().unsqueeze(2)
             out = (f * g).sum(3)
         else:
             f = feats.view(B, m, G, cp // G, H, W)  # channel j*cp + q = (j, g, r)

@@ -18,7 +18,6 @@ input of at least 32x32 runs (224, 160, 128, 112, 100, ...), with identical resu
 from __future__ import annotations
 
 import re
-from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch

@@ -9,8 +9,10 @@ SCSC (no pre-norm, no windows, no position bias) and the MLP's pre-norm is a Bat
 Swin's 4x4 patch embedding + LayerNorm, patch merging (LayerNorm + bias-free Linear) between stages, a final
 LayerNorm, global average pooling and a Linear head.
 
-Layout: the trunk runs in token layout (B, H, W, C); each SCSC mixer sees the NCHW view of it (channels-last
-memory), so no permute copies are made between the mixer and the MLP. Outputs (features, intermediates) are NCHW.
+Layout: the official code keeps tokens (B, L, C) and permutes to NCHW and back around every mixer and every
+BatchNorm. Here the whole trunk stays NCHW (contiguous): the MLP is a pair of 1x1 convs, so blocks contain no
+permute at all; only the LayerNorms of the stem, the three patch mergings and the final norm permute. On CPU
+the depthwise convs and the routing are much faster on contiguous NCHW than on a channels-last view.
 
 Differences from the released code (behaviour-preserving at the official 224x224): any input size >= 32 works
 (patch merging pads odd sizes like timm's Swin), and ``reparameterize()`` folds every BatchNorm (three per mixer,
@@ -23,7 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.layers import ClassifierHead, DropPath, Mlp, trunc_normal_
+from timm.layers import ClassifierHead, DropPath, LayerNorm2d, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs
 from timm.models._features import feature_take_indices
 from timm.models.swin_transformer import PatchMerging
@@ -37,20 +39,27 @@ __all__ = ['CrossScaleSwin', 'CrossScaleSwinBlock', 'checkpoint_filter_fn']
 DEFAULT_KERNEL_SIZES = ((3, 9, 13), (3, 7, 11), (3, 5, 7), (3, 5))
 
 
-class PatchEmbedNHWC(nn.Module):
-    """4x4 stride-4 conv + LayerNorm; NCHW image in, (B, H/4, W/4, C) tokens out."""
+class PatchEmbed(nn.Module):
+    """4x4 stride-4 conv + LayerNorm over channels; NCHW in and out (contiguous)."""
 
     def __init__(self, in_chans: int, embed_dim: int, patch_size: int = 4) -> None:
         super().__init__()
         self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
-        self.norm = nn.LayerNorm(embed_dim)
+        self.norm = LayerNorm2d(embed_dim, eps=1e-5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+        return self.norm(self.proj(x)).contiguous()
+
+
+class PatchMergingNCHW(PatchMerging):
+    """timm's Swin patch merging (2x2 neighbours -> LayerNorm(4C) -> Linear 4C->2C, odd sizes padded), NCHW in/out."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous()
 
 
 class CrossScaleSwinBlock(nn.Module):
-    """SCSC token mixer + BatchNorm-pre-norm MLP, both residual; (B, H, W, C) in and out."""
+    """SCSC token mixer + BatchNorm-pre-norm MLP (1x1 convs), both residual; NCHW in and out."""
 
     def __init__(
             self,
@@ -65,12 +74,12 @@ class CrossScaleSwinBlock(nn.Module):
         super().__init__()
         self.mixer = SpatialCrossScaleConv(dim, kernel_sizes, groups=groups, routing=routing)
         self.norm = nn.BatchNorm2d(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop_rate)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop_rate, use_conv=True)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.mixer(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
-        x = x + self.drop_path(self.mlp(self.norm(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)))
+        x = x + self.drop_path(self.mixer(x))
+        x = x + self.drop_path(self.mlp(self.norm(x)))
         return x
 
     @torch.no_grad()
@@ -81,8 +90,8 @@ class CrossScaleSwinBlock(nn.Module):
         bn, fc = self.norm, self.mlp.fc1
         scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
         shift = bn.bias - bn.running_mean * scale
-        fc.bias.add_(fc.weight @ shift)
-        fc.weight.mul_(scale.unsqueeze(0))
+        fc.bias.add_(fc.weight.flatten(1) @ shift)
+        fc.weight.mul_(scale.reshape(1, -1, 1, 1))
         self.norm = nn.Identity()
 
 
@@ -91,7 +100,7 @@ class CrossScaleSwinStage(nn.Module):
                  drop_path: Sequence[float], **block_kwargs: Any) -> None:
         super().__init__()
         self.grad_checkpointing = False
-        self.downsample = PatchMerging(dim_in, dim) if downsample else nn.Identity()
+        self.downsample = PatchMergingNCHW(dim_in, dim) if downsample else nn.Identity()
         self.blocks = nn.Sequential(*[
             CrossScaleSwinBlock(dim, kernel_sizes, drop_path=drop_path[i], **block_kwargs) for i in range(depth)
         ])
@@ -136,7 +145,7 @@ class CrossScaleSwin(MsconvModel):
         self.num_features = self.head_hidden_size = dims[-1]
         self.min_input_size = 4 * 2 ** (num_stages - 1)
 
-        self.stem = PatchEmbedNHWC(in_chans, embed_dim)
+        self.stem = PatchEmbed(in_chans, embed_dim)
         dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths), device='cpu').split(list(depths))]
         self.stages = nn.Sequential(*[
             CrossScaleSwinStage(
@@ -147,7 +156,7 @@ class CrossScaleSwin(MsconvModel):
         self.feature_info = [
             dict(num_chs=dims[i], reduction=4 * 2 ** i, module=f'stages.{i}') for i in range(num_stages)
         ]
-        self.norm = nn.LayerNorm(self.num_features)
+        self.norm = LayerNorm2d(self.num_features, eps=1e-5)
         self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
         self.apply(_init_weights)
 
@@ -201,12 +210,12 @@ class CrossScaleSwin(MsconvModel):
             x = stage(x)
             if i in take_indices:
                 y = self.norm(x) if norm and i == last else x
-                intermediates.append(y.permute(0, 3, 1, 2) if output_fmt == 'NCHW' else y)
+                intermediates.append(y if output_fmt == 'NCHW' else y.permute(0, 2, 3, 1))
         if intermediates_only:
             return intermediates
         if len(stages) == len(self.stages):
             x = self.norm(x)
-        return x.permute(0, 3, 1, 2), intermediates
+        return x, intermediates
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:
@@ -221,7 +230,7 @@ class CrossScaleSwin(MsconvModel):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         check_image_input(x, self.in_chans, self.min_input_size, type(self).__name__)
         x = self.stages(self.stem(x))
-        return self.norm(x).permute(0, 3, 1, 2)  # (B, C, H, W) view of the token layout
+        return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=True) if pre_logits else self.head(x)
@@ -240,14 +249,18 @@ class CrossScaleSwin(MsconvModel):
 def _init_weights(module: nn.Module) -> None:
     """The official init: trunc-normal(.02) Linear with zero bias, LayerNorm 1/0, PyTorch defaults elsewhere;
     the SE FCs (Linear in the official code, 1x1 convs here) also get trunc-normal(.02)."""
-    if isinstance(module, nn.Linear):
+    if isinstance(module, Mlp):  # 1x1 convs here, Linear in the official code
+        for fc in (module.fc1, module.fc2):
+            trunc_normal_(fc.weight, std=.02)
+            nn.init.zeros_(fc.bias)
+    elif isinstance(module, nn.Linear):
         trunc_normal_(module.weight, std=.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
-    elif hasattr(module, 'fc1') and hasattr(module, 'gate'):  # timm SEModule
+    elif hasattr(module, 'fc1') and hasattr(module, 'gate'):  # timm SEModule (Linear in the official code)
         trunc_normal_(module.fc1.weight, std=.02)
         trunc_normal_(module.fc2.weight, std=.02)
 
@@ -272,6 +285,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: Optional[nn
         for pat, rep in _OFFICIAL_SWIN_RENAMES:
             if re.match(pat, k):
                 k = re.sub(pat, rep, k)
+                if '.mlp.fc' in k and k.endswith('.weight') and v.dim() == 2:
+                    v = v.reshape(*v.shape, 1, 1)  # Linear -> 1x1 conv
                 break
         out[k] = v
     return convert_scsc_official(out)
