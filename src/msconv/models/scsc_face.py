@@ -312,13 +312,13 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-@register_model('scsc')
+@register_model('scsc', paper='SCSC (ICCVW 2023)')
 def scsc_faceresnet(pretrained: bool = False, **kwargs: Any) -> CrossScaleFaceNet:
     """FaceResNet + SCSC, 112x112 -> 512-d: 9.21M params, 2.01 GMACs (-79% / -68% vs ``face_iresnet50``)."""
     return _create(CrossScaleFaceNet, 'scsc_faceresnet', pretrained, **kwargs)
 
 
-@register_model('scsc')
+@register_model('scsc', paper='IResNet (ArcFace baseline)')
 def face_iresnet50(pretrained: bool = False, **kwargs: Any) -> FaceIResNet:
     """Baseline face ResNet (insightface IResNet-50 layout), 112x112 -> 512-d: 43.59M params, 6.33 GMACs."""
     return _create(FaceIResNet, 'face_iresnet50', pretrained, **kwargs)

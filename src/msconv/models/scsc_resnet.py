@@ -259,21 +259,21 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-@register_model('scsc')
+@register_model('scsc', paper='SCSC (ICCVW 2023)')
 def scsc_resnet50(pretrained: bool = False, **kwargs: Any) -> CrossScaleResNet:
     """ResNet-50 + SCSC (official ``cbtnet50``, depths 3,5,12,3): 25.57M params, 4.56 GMACs at 224."""
     args = dict(depths=(3, 5, 12, 3), kernel_sizes=DEFAULT_KERNEL_SIZES, groups=4)
     return _create_scsc_resnet('scsc_resnet50', pretrained=pretrained, **dict(args, **kwargs))
 
 
-@register_model('scsc')
+@register_model('scsc', paper='SCSC (ICCVW 2023)')
 def scsc_resnet101(pretrained: bool = False, **kwargs: Any) -> CrossScaleResNet:
     """ResNet-101 + SCSC (official ``cbtnet101``, depths 3,4,23,3): 37.28M params."""
     args = dict(depths=(3, 4, 23, 3), kernel_sizes=DEFAULT_KERNEL_SIZES, groups=4)
     return _create_scsc_resnet('scsc_resnet101', pretrained=pretrained, **dict(args, **kwargs))
 
 
-@register_model('scsc')
+@register_model('scsc', paper='SCSC (ICCVW 2023)')
 def scsc_resnet152(pretrained: bool = False, **kwargs: Any) -> CrossScaleResNet:
     """ResNet-152 + SCSC (official ``cbtnet152``, depths 3,8,36,3): 52.69M params."""
     args = dict(depths=(3, 8, 36, 3), kernel_sizes=DEFAULT_KERNEL_SIZES, groups=4)

@@ -318,14 +318,14 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-@register_model('scsc')
+@register_model('scsc', paper='SCSC (ICCVW 2023)')
 def scsc_swin_tiny(pretrained: bool = False, **kwargs: Any) -> CrossScaleSwin:
     """Swin-T + SCSC (the official ``SCSC_Swin()`` defaults): 21.94M params, 3.30 GMACs at 224."""
     args = dict(embed_dim=96, depths=(2, 2, 6, 2), kernel_sizes=DEFAULT_KERNEL_SIZES, groups=4, drop_path_rate=0.1)
     return _create_scsc_swin('scsc_swin_tiny', pretrained=pretrained, **dict(args, **kwargs))
 
 
-@register_model('scsc')
+@register_model('scsc', paper='SCSC (ICCVW 2023)')
 def scsc_swin_small(pretrained: bool = False, **kwargs: Any) -> CrossScaleSwin:
     """Swin-S + SCSC (depths 2,2,18,2; not in the official code, Swin-S's drop-path 0.3): 37.77M params."""
     args = dict(embed_dim=96, depths=(2, 2, 18, 2), kernel_sizes=DEFAULT_KERNEL_SIZES, groups=4, drop_path_rate=0.3)
