@@ -306,7 +306,7 @@ def _cfg(**kwargs: Any) -> Dict[str, Any]:
 _TEST = dict(num_classes=64, input_size=(3, 64, 64), pool_size=(4, 4), test_input_size=(3, 64, 64))
 default_cfgs = generate_default_cfgs({
     'scsc_faceresnet': _cfg(),
-    'face_iresnet50': _cfg(),
+    'face_iresnet50': _cfg(paper_ids='arXiv:2004.04989', paper_name='Improved Residual Networks for Image and Video Recognition'),
     'test_scsc_faceresnet': _cfg(**_TEST),
     'test_face_iresnet': _cfg(**_TEST),
 })
@@ -318,7 +318,7 @@ def scsc_faceresnet(pretrained: bool = False, **kwargs: Any) -> CrossScaleFaceNe
     return _create(CrossScaleFaceNet, 'scsc_faceresnet', pretrained, **kwargs)
 
 
-@register_model('scsc', paper='IResNet (ArcFace baseline)')
+@register_model('scsc', paper='IResNet (the insightface baseline)')
 def face_iresnet50(pretrained: bool = False, **kwargs: Any) -> FaceIResNet:
     """Baseline face ResNet (insightface IResNet-50 layout), 112x112 -> 512-d: 43.59M params, 6.33 GMACs."""
     return _create(FaceIResNet, 'face_iresnet50', pretrained, **kwargs)
