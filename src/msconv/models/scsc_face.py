@@ -306,7 +306,9 @@ def _cfg(**kwargs: Any) -> Dict[str, Any]:
 _TEST = dict(num_classes=64, input_size=(3, 64, 64), pool_size=(4, 4), test_input_size=(3, 64, 64))
 default_cfgs = generate_default_cfgs({
     'scsc_faceresnet': _cfg(),
-    'face_iresnet50': _cfg(paper_ids='arXiv:2004.04989', paper_name='Improved Residual Networks for Image and Video Recognition'),
+    'face_iresnet50': _cfg(
+        paper_ids='arXiv:2004.04989', paper_name='Improved Residual Networks for Image and Video Recognition',
+    ),
     'test_scsc_faceresnet': _cfg(**_TEST),
     'test_face_iresnet': _cfg(**_TEST),
 })
