@@ -10,11 +10,17 @@ import sys
 import time
 import types
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, NamedTuple
 
 
-def time_interleaved(fns: Dict[str, Callable[[], object]], warmup: int = 2, repeats: int = 7) -> Dict[str, float]:
-    """Median seconds per call of each function, measured round-robin (warm-up calls first)."""
+class Timing(NamedTuple):
+    median: float  # seconds per call
+    best: float  # the least disturbed call: the fairer statistic on a machine shared with other work
+
+
+def time_interleaved(fns: Dict[str, Callable[[], object]], warmup: int = 2, repeats: int = 7) -> Dict[str, Timing]:
+    """Median and best seconds per call of each function, measured round-robin after warm-up calls (warm up at
+    the timed shapes: oneDNN builds its primitives per shape)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -24,7 +30,7 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], warmup: int = 2, repe
             t0 = time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in samples.items()}
+    return {k: Timing(statistics.median(v), min(v)) for k, v in samples.items()}
 
 
 def import_official_file(path: Path, module_name: str, stub_modules: tuple = ()) -> types.ModuleType:

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import time_interleaved  # noqa: E402
 
 from msconv.layers.shiftwise import ShiftWiseConv2d
 
@@ -34,12 +37,6 @@ def saved_bytes(fn) -> int:
         out = fn()
     del out
     return sum(storages.values())
-
-
-def timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -76,13 +73,7 @@ def main() -> None:
 
     mem = {'sw train (lean)': saved(sw), 'sw train (reference)': saved(ref), 'dense 51x51': saved(dense)}
     forms = {'sw train (lean)': fwd_bwd(sw), 'sw train (reference)': fwd_bwd(ref), 'dense 51x51': fwd_bwd(dense)}
-    for f in forms.values():  # warm-up
-        f()
-    times = {n: [] for n in forms}
-    for _ in range(args.repeats):
-        for n, f in forms.items():
-            times[n].append(timed(f))
-    train_t = {n: statistics.median(v) for n, v in times.items()}
+    train_t = {n: v.median for n, v in time_interleaved(forms, warmup=1, repeats=args.repeats).items()}
 
     deploy = copy.deepcopy(sw).eval()
     deploy.reparameterize()
@@ -92,13 +83,7 @@ def main() -> None:
     with torch.no_grad():
         inf = {'sw deploy': lambda: deploy(x), 'sw eval (on-the-fly fold)': lambda: folded(x),
                'sw eval (reference)': lambda: ref_eval(x), 'dense 51x51': lambda: dense(x)}
-        for f in inf.values():
-            f()
-        inf_times = {n: [] for n in inf}
-        for _ in range(args.repeats):
-            for n, f in inf.items():
-                inf_times[n].append(timed(f))
-    inf_t = {n: statistics.median(v) for n, v in inf_times.items()}
+        inf_t = {n: v.median for n, v in time_interleaved(inf, warmup=1, repeats=args.repeats).items()}
 
     e = 1
     official = sw.rep_channels * sw.nk * (args.size + 2 * e) ** 2 * args.batch * 4 / in_bytes

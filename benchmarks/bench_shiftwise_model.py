@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import time_interleaved  # noqa: E402
 
 import msconv
 from msconv.layers.shiftwise import ShiftWiseConv2d
@@ -37,12 +40,6 @@ def macs(model, x) -> float:
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(x[:1])
     return counter.get_total_flops() / 2
-
-
-def timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -72,13 +69,8 @@ def main() -> None:
     with torch.no_grad():
         outs = {n: m(x[:2]) for n, m in forms.items()}
         err = max((outs[n] - outs['train form (reference)']).abs().max().item() for n in outs)
-        for m in forms.values():  # warm-up at the timed shape (oneDNN builds its primitives per shape)
-            m(x)
-        times = {n: [] for n in forms}
-        for _ in range(args.repeats):
-            for n, m in forms.items():
-                times[n].append(timed(lambda: m(x)))
-    inf_t = {n: statistics.median(v) for n, v in times.items()}
+        times = time_interleaved({n: (lambda m=m: m(x)) for n, m in forms.items()}, warmup=1, repeats=args.repeats)
+    inf_t = {n: v.median for n, v in times.items()}
     params = {n: sum(p.numel() for p in m.parameters()) / 1e6 for n, m in forms.items()}
     gmacs = {n: macs(m, x) / 1e9 for n, m in forms.items()}
 
@@ -120,13 +112,8 @@ def main() -> None:
             out = loss_fn(m(xt), yt)
         del out
         saved[n] = sum(storages.values()) / 2 ** 20
-    for n in models:
-        step(n)()  # warm-up
-    ttimes = {n: [] for n in models}
-    for _ in range(args.repeats):
-        for n in models:
-            ttimes[n].append(timed(step(n)))
-    tr_t = {n: statistics.median(v) for n, v in ttimes.items()}
+    ttimes = time_interleaved({n: step(n) for n in models}, warmup=1, repeats=args.repeats)
+    tr_t = {n: v.median for n, v in ttimes.items()}
     print(f"\n{args.model} training step (fwd+bwd+AdamW), batch {args.train_batch} at {args.size}, CPU "
           f"{args.threads} threads, fp32, median of {args.repeats}")
     print(f"{'training form':28s} {'s/step':>8s} {'img/s':>7s} {'saved act. MiB':>15s} {'speed vs reference':>19s}")

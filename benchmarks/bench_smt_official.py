@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import import_official_file, print_table, time_interleaved  # noqa: E402
+from _common import Timing, import_official_file, print_table, time_interleaved  # noqa: E402
 
 import msconv  # noqa: E402
 
@@ -35,6 +35,10 @@ def load_official(repo: Path):
     if not hasattr(tdt, '_pil_interp'):  # removed from newer timm; only used by the official notebook helpers
         tdt._pil_interp = lambda *a, **k: None
     return import_official_file(repo / 'models' / 'smt.py', 'official_smt', stub_modules=('ptflops', 'thop'))
+
+
+def _ratios(base: Timing, ours: Timing) -> str:
+    return f"{base.median / ours.median:.2f}x / {base.best / ours.best:.2f}x"
 
 
 def bench_mhmc(batch: int, repeats: int) -> list:
@@ -53,8 +57,8 @@ def bench_mhmc(batch: int, repeats: int) -> list:
 
         with torch.inference_mode():
             t = time_interleaved({'one': one_conv, 'four': four_convs}, warmup=2, repeats=repeats)
-        rows.append({'C': dim, 'HxW': f'{size}x{size}', 'one 9x9 conv ms': f"{t['one'] * 1e3:.2f}",
-                     'four convs ms': f"{t['four'] * 1e3:.2f}", 'speed-up': f"{t['four'] / t['one']:.2f}x"})
+        rows.append({'C': dim, 'HxW': f'{size}x{size}', 'one 9x9 conv ms': f"{t['one'].median * 1e3:.2f}",
+                     'four convs ms': f"{t['four'].median * 1e3:.2f}", 'speed-up (median/best)': _ratios(t['four'], t['one'])})
     return rows
 
 
@@ -88,11 +92,11 @@ def main() -> None:
                                   'deployed': lambda: deployed(x)}, warmup=1, repeats=args.repeats)
         eval_rows.append({
             'model': name, 'max |diff|': f'{err:.1e}',
-            'official img/s': f"{args.batch_size / t['official']:.1f}",
-            'ours img/s': f"{args.batch_size / t['ours']:.1f}",
-            'ours reparam img/s': f"{args.batch_size / t['deployed']:.1f}",
-            'speed-up (ours)': f"{t['official'] / t['ours']:.2f}x",
-            'speed-up (reparam)': f"{t['official'] / t['deployed']:.2f}x",
+            'official img/s': f"{args.batch_size / t['official'].median:.1f}",
+            'ours img/s': f"{args.batch_size / t['ours'].median:.1f}",
+            'ours reparam img/s': f"{args.batch_size / t['deployed'].median:.1f}",
+            'speed-up ours (median/best)': _ratios(t['official'], t['ours']),
+            'speed-up reparam (median/best)': _ratios(t['official'], t['deployed']),
         })
         if args.no_train:
             continue
@@ -110,8 +114,9 @@ def main() -> None:
             steps[label] = step
         t = time_interleaved(steps, warmup=1, repeats=max(2, args.repeats // 2))
         train_rows.append({
-            'model': name, 'official img/s': f"{args.batch_size / t['official']:.1f}",
-            'ours img/s': f"{args.batch_size / t['ours']:.1f}", 'speed-up': f"{t['official'] / t['ours']:.2f}x",
+            'model': name, 'official img/s': f"{args.batch_size / t['official'].median:.1f}",
+            'ours img/s': f"{args.batch_size / t['ours'].median:.1f}",
+            'speed-up (median/best)': _ratios(t['official'], t['ours']),
         })
     print_table(eval_rows, 'Inference (eval)')
     if train_rows:
