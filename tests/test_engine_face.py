@@ -65,6 +65,7 @@ def test_shiftwise_sparsity_is_applied_and_checkpointed(tmp_path):
     res = train(dict(model='test_shiftwise', preset='demo', data='digits', batch_size=8, max_steps=2,
                      progress=False, plot=False, output=str(tmp_path), name='sw',
                      sparsity=dict(target=0.3, interval=1, prune_rate=0.3, gap=0)))
+    assert res['status'] == 'finished', res
     weights, state, _ = load_checkpoint(list_checkpoints(tmp_path / 'sw')[-1])
     assert 'sparsity' in state
     from msconv.layers.shiftwise import ShiftWiseConv2d

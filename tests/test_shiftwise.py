@@ -2,7 +2,6 @@
 the network, reparameterization, precision, RNG hygiene, sparsity, sizes and compile."""
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest

@@ -9,7 +9,7 @@ import os
 import pickle
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -17,7 +17,7 @@ import timm
 from timm.models._features import FeatureGetterNet
 from timm.models._manipulate import reparameterize_model
 
-from ._registry import _MODEL_FAMILY, convert_official, model_family, unknown_model_message
+from ._registry import _MODEL_FAMILY, convert_official, unknown_model_message
 
 __all__ = ['MsconvModel', 'create_model', 'read_checkpoint', 'check_image_input', 'reparameterize']
 
