@@ -328,3 +328,30 @@ def test_face_claim_ratios():
     """The abstract: FaceResNet + SCSC has 79% fewer params and 68% fewer FLOPs than FaceResNet."""
     assert 1 - PARAMS['scsc_faceresnet'] / PARAMS['face_iresnet50'] == pytest.approx(0.79, abs=0.01)
     assert 1 - _macs('scsc_faceresnet') / _macs('face_iresnet50') == pytest.approx(0.68, abs=0.01)
+
+
+# ------------------------------------------------------------------ in-place inference forms against the plain forms
+
+@pytest.mark.parametrize('folded', [False, True])
+def test_inplace_inference_forms_match_plain_forms(folded):
+    from msconv.models.scsc_swin import CrossScaleSwinBlock
+    torch.manual_seed(0)
+    swin = CrossScaleSwinBlock(24, (3, 5), groups=2).eval()
+    cnn = CrossScaleBottleneck(24, 36, (3, 5), groups=2, stride=2).eval()
+    for m in (swin, cnn):
+        _randomize_bn(m)
+        if folded:
+            m.reparameterize()
+    swin.MLP_GEMM_MIN_PIXELS = 1  # take the per-image GEMM MLP path at this small size
+    x = torch.randn(2, 24, 9, 9)
+    for m in (swin, cnn):
+        with torch.no_grad():
+            ref = m.forward_plain(x) if m is swin else m.drop_path(m.forward_plain(x)) + m.shortcut(x)
+            x_in = x.clone()
+            out = m(x_in)
+        assert out.data_ptr() != x_in.data_ptr()
+        assert torch.equal(x_in, x)  # the caller's tensor is never written
+        assert max_abs(out, ref) <= EVAL_TOL
+        with torch.inference_mode():
+            assert max_abs(m(x), ref) <= EVAL_TOL
+        assert max_abs(m(x), ref) <= EVAL_TOL  # grad enabled: the plain form runs

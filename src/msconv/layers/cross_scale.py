@@ -33,6 +33,13 @@ broadcast multiply-and-reduce over a view.
 
 ``reparameterize()`` folds every BatchNorm into the conv before it (the inference form); outputs stay identical
 to within float rounding.
+
+Inference fast path: when autograd is not recording (``torch.no_grad`` / ``torch.inference_mode``) and the module is
+not being traced by ``torch.compile``, ``forward`` dispatches to ``forward_inplace``: the same operations in the same
+order, but the GELUs, the sigmoid, the SE product and the residual add are applied in place on tensors the module
+just created. On CPU this matters more than the arithmetic suggests: every fresh activation-sized tensor is a new
+allocation whose pages are faulted in (and zeroed) by the OS, which costs about as much as the GELU itself.
+``forward_plain`` is the reference form and tests check the two agree.
 """
 from __future__ import annotations
 
@@ -43,7 +50,13 @@ import torch
 import torch.nn as nn
 from timm.layers import DropPath, SEModule
 
-__all__ = ['SpatialCrossScaleConv', 'CrossScaleBottleneck', 'convert_scsc_official', 'fold_bn_into_conv']
+__all__ = ['SpatialCrossScaleConv', 'CrossScaleBottleneck', 'convert_scsc_official', 'fold_bn_into_conv',
+           'use_inplace_inference']
+
+
+def use_inplace_inference() -> bool:
+    """True when in-place inference forms are safe: autograd is not recording and torch.compile is not tracing."""
+    return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 ROUTINGS = ('official', 'cross_scale')
 
@@ -145,6 +158,29 @@ class SpatialCrossScaleConv(nn.Module):
         return out.reshape(B, cp, H, W)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_inplace_inference():
+            return self.forward_inplace(x)
+        return self.forward_plain(x)
+
+    def _se_inplace(self, y: torch.Tensor) -> torch.Tensor:
+        """timm's SEModule forward with the final product in place on ``y`` (a tensor this module created)."""
+        se = self.se
+        s = se.fc2(se.act(se.bn(se.fc1(y.mean((2, 3), keepdim=True)))))
+        return y.mul_(se.gate(s))
+
+    def forward_inplace(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward_plain`` with in-place activations; only valid when autograd is not recording."""
+        x_r = torch.ops.aten.gelu_(self.reduce_bn(self.reduce(x)))
+        feats = torch.ops.aten.gelu_(self.dw_bn(torch.cat([conv(x_r) for conv in self.dw], dim=1)))
+        gate = torch.sigmoid_(self.router(x_r))
+        y = self.recover_bn(self.recover(self.route(feats, gate)))
+        if not isinstance(self.out_act, nn.Identity):
+            y = torch.ops.aten.gelu_(y)
+        if not isinstance(self.se.bn, nn.Identity) or self.se.add_maxpool:
+            return self.se(y)
+        return self._se_inplace(y)
+
+    def forward_plain(self, x: torch.Tensor) -> torch.Tensor:
         x_r = self.act(self.reduce_bn(self.reduce(x)))
         feats = self.act(self.dw_bn(torch.cat([conv(x_r) for conv in self.dw], dim=1)))
         gate = torch.sigmoid(self.router(x_r))
@@ -200,7 +236,9 @@ class CrossScaleBottleneck(SpatialCrossScaleConv):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop_path(super().forward(x)) + self.shortcut(x)
+        if use_inplace_inference() and not self.training:
+            return self.forward_inplace(x).add_(self.shortcut(x))
+        return self.drop_path(self.forward_plain(x)) + self.shortcut(x)
 
     @torch.no_grad()
     def reparameterize(self) -> None:
