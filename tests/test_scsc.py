@@ -343,6 +343,7 @@ def test_inplace_inference_forms_match_plain_forms(folded):
         if folded:
             m.reparameterize()
     swin.MLP_GEMM_MIN_PIXELS = 1  # take the per-image GEMM MLP path at this small size
+    x_big = torch.randn(1, 24, 56, 56)  # large enough for the GEMM form of the 1x1 convs
     x = torch.randn(2, 24, 9, 9)
     for m in (swin, cnn):
         with torch.no_grad():
@@ -355,3 +356,6 @@ def test_inplace_inference_forms_match_plain_forms(folded):
         with torch.inference_mode():
             assert max_abs(m(x), ref) <= EVAL_TOL
         assert max_abs(m(x), ref) <= EVAL_TOL  # grad enabled: the plain form runs
+        with torch.no_grad():
+            ref = swin.forward_plain(x_big)
+            assert max_abs(swin(x_big), ref) <= EVAL_TOL * max(1.0, ref.abs().max().item())

@@ -51,7 +51,21 @@ import torch.nn as nn
 from timm.layers import DropPath, SEModule
 
 __all__ = ['SpatialCrossScaleConv', 'CrossScaleBottleneck', 'convert_scsc_official', 'fold_bn_into_conv',
-           'use_inplace_inference']
+           'pointwise_conv', 'use_inplace_inference']
+
+
+def pointwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` for a 1x1, stride-1, ungrouped conv; on CPU, with few input channels (<= 128) and a large map
+    (>= 56x56), computed as a GEMM on the contiguous (B, C, H*W) view, which measures 1.5-3x faster there than
+    the NCHW conv (which reorders the large tensors into its blocked layout). Otherwise the conv itself."""
+    B, C, H, W = x.shape
+    if (x.device.type == 'cpu' and C <= 128 and H * W >= 3136 and conv.kernel_size == (1, 1)
+            and conv.stride == (1, 1) and conv.groups == 1 and conv.padding_mode == 'zeros' and x.is_contiguous()):
+        y = torch.matmul(conv.weight.flatten(1), x.view(B, C, H * W))
+        if conv.bias is not None:
+            y.add_(conv.bias.unsqueeze(1))
+        return y.view(B, -1, H, W)
+    return conv(x)
 
 
 def use_inplace_inference() -> bool:
@@ -170,10 +184,10 @@ class SpatialCrossScaleConv(nn.Module):
 
     def forward_inplace(self, x: torch.Tensor) -> torch.Tensor:
         """``forward_plain`` with in-place activations; only valid when autograd is not recording."""
-        x_r = torch.ops.aten.gelu_(self.reduce_bn(self.reduce(x)))
+        x_r = torch.ops.aten.gelu_(self.reduce_bn(pointwise_conv(self.reduce, x)))
         feats = torch.ops.aten.gelu_(self.dw_bn(torch.cat([conv(x_r) for conv in self.dw], dim=1)))
-        gate = torch.sigmoid_(self.router(x_r))
-        y = self.recover_bn(self.recover(self.route(feats, gate)))
+        gate = torch.sigmoid_(pointwise_conv(self.router, x_r))
+        y = self.recover_bn(pointwise_conv(self.recover, self.route(feats, gate)))
         if not isinstance(self.out_act, nn.Identity):
             y = torch.ops.aten.gelu_(y)
         if not isinstance(self.se.bn, nn.Identity) or self.se.add_maxpool:
