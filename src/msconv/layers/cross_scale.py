@@ -56,8 +56,9 @@ __all__ = ['SpatialCrossScaleConv', 'CrossScaleBottleneck', 'convert_scsc_offici
 
 def pointwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """``conv(x)`` for a 1x1, stride-1, ungrouped conv; on CPU, with few input channels (<= 128) and a large map
-    (>= 56x56), computed as a GEMM on the contiguous (B, C, H*W) view, which measures 1.5-3x faster there than
-    the NCHW conv (which reorders the large tensors into its blocked layout). Otherwise the conv itself."""
+    (>= 56x56), computed as a GEMM on the contiguous (B, C, H*W) view, which measured 1.5-3x faster there than
+    the NCHW conv in micro-benchmarks (2 threads; likely the oneDNN conv's layout reorders of the large tensors).
+    Wide inputs (e.g. 288 -> 96 channels) measured faster as the conv. Otherwise the conv itself."""
     B, C, H, W = x.shape
     if (x.device.type == 'cpu' and C <= 128 and H * W >= 3136 and conv.kernel_size == (1, 1)
             and conv.stride == (1, 1) and conv.groups == 1 and conv.padding_mode == 'zeros' and x.is_contiguous()):
