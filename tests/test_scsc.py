@@ -359,3 +359,11 @@ def test_inplace_inference_forms_match_plain_forms(folded):
         with torch.no_grad():
             ref = swin.forward_plain(x_big)
             assert max_abs(swin(x_big), ref) <= EVAL_TOL * max(1.0, ref.abs().max().item())
+
+
+@pytest.mark.parametrize('routing', ['official', 'cross_scale'])
+def test_fast_routing_matches_plain_routing(routing):
+    torch.manual_seed(0)
+    m = SpatialCrossScaleConv(24, (3, 5, 7), groups=2, routing=routing)
+    feats, gate = torch.randn(2, 24, 5, 6), torch.rand(2, 6, 5, 6)
+    assert max_abs(m.route_fast(feats, gate), m.route(feats, gate)) <= 1e-6

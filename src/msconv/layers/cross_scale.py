@@ -172,6 +172,24 @@ class SpatialCrossScaleConv(nn.Module):
             out = (f * g).sum(1)
         return out.reshape(B, cp, H, W)
 
+    def route_fast(self, feats: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """``route`` as m strided multiply-accumulates into one output: no (B, m*cp, H, W) product tensor is
+        materialised (about 2x faster than ``route`` on CPU). Same sum, accumulated in branch order."""
+        B, _, H, W = feats.shape
+        m, G, cp = self.num_scales, self.groups, self.reduced_dim
+        if self.routing == 'official':
+            f = feats.view(B, G, cp // G, m, H, W)  # branch j of routed channel (g, r) at f[:, g, r, j]
+            g = gate.view(B, m, G, H, W).transpose(1, 2).contiguous().view(B, G, 1, m, H, W)
+            fj, gj = (lambda j: f[:, :, :, j]), (lambda j: g[:, :, :, j])
+        else:
+            f = feats.view(B, m, G, cp // G, H, W)
+            g = gate.view(B, m, G, 1, H, W)
+            fj, gj = (lambda j: f[:, j]), (lambda j: g[:, j])
+        out = fj(0) * gj(0)
+        for j in range(1, m):
+            out.addcmul_(fj(j), gj(j))
+        return out.view(B, cp, H, W)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_inplace_inference():
             return self.forward_inplace(x)
@@ -188,7 +206,7 @@ class SpatialCrossScaleConv(nn.Module):
         x_r = torch.ops.aten.gelu_(self.reduce_bn(pointwise_conv(self.reduce, x)))
         feats = torch.ops.aten.gelu_(self.dw_bn(torch.cat([conv(x_r) for conv in self.dw], dim=1)))
         gate = torch.sigmoid_(pointwise_conv(self.router, x_r))
-        y = self.recover_bn(pointwise_conv(self.recover, self.route(feats, gate)))
+        y = self.recover_bn(pointwise_conv(self.recover, self.route_fast(feats, gate)))
         if not isinstance(self.out_act, nn.Identity):
             y = torch.ops.aten.gelu_(y)
         if not isinstance(self.se.bn, nn.Identity) or self.se.add_maxpool:
