@@ -367,3 +367,16 @@ def test_fast_routing_matches_plain_routing(routing):
     m = SpatialCrossScaleConv(24, (3, 5, 7), groups=2, routing=routing)
     feats, gate = torch.randn(2, 24, 5, 6), torch.rand(2, 6, 5, 6)
     assert max_abs(m.route_fast(feats, gate), m.route(feats, gate)) <= 1e-6
+
+
+@pytest.mark.parametrize('stride,size,bias', [(1, 56, True), (2, 112, False), (2, 113, True)])
+def test_pointwise_conv_gemm_form_matches_conv(stride, size, bias):
+    from msconv.layers.cross_scale import pointwise_conv
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 24, 1, stride=stride, bias=bias)
+    x = torch.randn(2, 16, size, size)
+    with torch.no_grad():
+        ref = conv(x)
+        out = pointwise_conv(conv, x)
+    assert out.shape == ref.shape
+    assert max_abs(out, ref) <= EVAL_TOL
