@@ -328,3 +328,55 @@ def test_face_claim_ratios():
     """The abstract: FaceResNet + SCSC has 79% fewer params and 68% fewer FLOPs than FaceResNet."""
     assert 1 - PARAMS['scsc_faceresnet'] / PARAMS['face_iresnet50'] == pytest.approx(0.79, abs=0.01)
     assert 1 - _macs('scsc_faceresnet') / _macs('face_iresnet50') == pytest.approx(0.68, abs=0.01)
+
+
+# ------------------------------------------------------------------ in-place inference forms against the plain forms
+
+@pytest.mark.parametrize('folded', [False, True])
+def test_inplace_inference_forms_match_plain_forms(folded):
+    from msconv.models.scsc_swin import CrossScaleSwinBlock
+    torch.manual_seed(0)
+    swin = CrossScaleSwinBlock(24, (3, 5), groups=2).eval()
+    cnn = CrossScaleBottleneck(24, 36, (3, 5), groups=2, stride=2).eval()
+    for m in (swin, cnn):
+        _randomize_bn(m)
+        if folded:
+            m.reparameterize()
+    swin.MLP_GEMM_MIN_PIXELS = 1  # take the per-image GEMM MLP path at this small size
+    x_big = torch.randn(1, 24, 56, 56)  # large enough for the GEMM form of the 1x1 convs
+    x = torch.randn(2, 24, 9, 9)
+    for m in (swin, cnn):
+        with torch.no_grad():
+            ref = m.forward_plain(x) if m is swin else m.drop_path(m.forward_plain(x)) + m.shortcut(x)
+            x_in = x.clone()
+            out = m(x_in)
+        assert out.data_ptr() != x_in.data_ptr()
+        assert torch.equal(x_in, x)  # the caller's tensor is never written
+        assert max_abs(out, ref) <= EVAL_TOL
+        with torch.inference_mode():
+            assert max_abs(m(x), ref) <= EVAL_TOL
+        assert max_abs(m(x), ref) <= EVAL_TOL  # grad enabled: the plain form runs
+        with torch.no_grad():
+            ref = swin.forward_plain(x_big)
+            assert max_abs(swin(x_big), ref) <= EVAL_TOL * max(1.0, ref.abs().max().item())
+
+
+@pytest.mark.parametrize('routing', ['official', 'cross_scale'])
+def test_fast_routing_matches_plain_routing(routing):
+    torch.manual_seed(0)
+    m = SpatialCrossScaleConv(24, (3, 5, 7), groups=2, routing=routing)
+    feats, gate = torch.randn(2, 24, 5, 6), torch.rand(2, 6, 5, 6)
+    assert max_abs(m.route_fast(feats, gate), m.route(feats, gate)) <= 1e-6
+
+
+@pytest.mark.parametrize('stride,size,bias', [(1, 56, True), (2, 112, False), (2, 113, True)])
+def test_pointwise_conv_gemm_form_matches_conv(stride, size, bias):
+    from msconv.layers.cross_scale import pointwise_conv
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 24, 1, stride=stride, bias=bias)
+    x = torch.randn(2, 16, size, size)
+    with torch.no_grad():
+        ref = conv(x)
+        out = pointwise_conv(conv, x)
+    assert out.shape == ref.shape
+    assert max_abs(out, ref) <= EVAL_TOL

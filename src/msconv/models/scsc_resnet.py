@@ -26,7 +26,9 @@ from timm.layers import ClassifierHead
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs
 from timm.models._features import feature_take_indices
 
-from ..layers.cross_scale import CrossScaleBottleneck, convert_scsc_official, fold_bn_into_conv
+from ..layers.cross_scale import (
+    CrossScaleBottleneck, convert_scsc_official, fold_bn_into_conv, use_inplace_inference,
+)
 from . import scsc_swin
 from ._builder import MsconvModel, check_image_input
 from ._registry import register_converter, register_model
@@ -46,7 +48,10 @@ class ConvStem(nn.Module):
         self.act = act_layer(out_chs) if act_layer is nn.PReLU else act_layer()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.bn(self.conv(x)))
+        y = self.bn(self.conv(x))
+        if type(self.act) is nn.ReLU and use_inplace_inference():
+            return torch.relu_(y)  # y is ours: no fresh activation-sized allocation
+        return self.act(y)
 
     @torch.no_grad()
     def reparameterize(self) -> None:
