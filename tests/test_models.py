@@ -46,9 +46,11 @@ def test_eval_deterministic_and_timm_entrypoint(name):
     torch.manual_seed(0)
     model = timm.create_model(name).eval()
     x = _x(model)
+    x_before = x.clone()
     with torch.no_grad():
         a, b = model(x), model(x)
     assert torch.equal(a, b)
+    assert torch.equal(x, x_before), 'the in-place inference forms must never write into the input'
     assert a.shape == (2, model.num_classes)
 
 

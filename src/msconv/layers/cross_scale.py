@@ -50,8 +50,9 @@ import torch
 import torch.nn as nn
 from timm.layers import DropPath, SEModule
 
-__all__ = ['SpatialCrossScaleConv', 'CrossScaleBottleneck', 'convert_scsc_official', 'fold_bn_into_conv',
-           'pointwise_conv', 'use_inplace_inference']
+from ._fold import fold_bn_into_conv, use_inplace_inference
+
+__all__ = ['SpatialCrossScaleConv', 'CrossScaleBottleneck', 'convert_scsc_official', 'pointwise_conv']
 
 
 def pointwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -77,26 +78,7 @@ def pointwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return conv(x)
 
 
-def use_inplace_inference() -> bool:
-    """True when in-place inference forms are safe: autograd is not recording and torch.compile is not tracing."""
-    return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-
 ROUTINGS = ('official', 'cross_scale')
-
-
-@torch.no_grad()
-def fold_bn_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-    """A new Conv2d computing ``bn(conv(x))`` with BN in inference form (running statistics)."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-    fused = nn.Conv2d(
-        conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-        dilation=conv.dilation, groups=conv.groups, bias=True, padding_mode=conv.padding_mode,
-        device=conv.weight.device, dtype=conv.weight.dtype,
-    )
-    fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
-    fused.bias.copy_(bn.bias + (bias - bn.running_mean) * scale)
-    return fused
 
 
 def _check_kernel_sizes(kernel_sizes: Sequence[int]) -> Tuple[int, ...]:

@@ -21,23 +21,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels.depthwise import depthwise_conv2d, triton_available
+from ._fold import fold_bn_into_conv, use_inplace_inference
 from ._forms import reference_forms_enabled
 
-__all__ = ['MultiHeadMixedConv', 'ScaleAwareAggregation', 'ScaleAwareModulation', 'fold_bn_into_conv']
-
-
-@torch.no_grad()
-def fold_bn_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-    """A new conv computing ``bn(conv(x))`` with ``bn`` in eval mode (running statistics)."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    fused = nn.Conv2d(
-        conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-        dilation=conv.dilation, groups=conv.groups, bias=True, device=conv.weight.device, dtype=conv.weight.dtype,
-    )
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-    fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
-    fused.bias.copy_((bias - bn.running_mean) * scale + bn.bias)
-    return fused
+__all__ = ['MultiHeadMixedConv', 'ScaleAwareAggregation', 'ScaleAwareModulation']
 
 
 def _interleave_rows(t: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -122,7 +109,8 @@ class ScaleAwareAggregation(nn.Module):
         if not interleaved:
             B, C, H, W = x.shape
             x = x.reshape(B, self.num_heads, C // self.num_heads, H, W).transpose(1, 2).reshape(B, C, H, W)
-        return self.proj1(self.act(self.bn(self.proj0(x))))
+        x = self.bn(self.proj0(x))
+        return self.proj1(torch.ops.aten.gelu_(x) if use_inplace_inference() else self.act(x))
 
     @torch.no_grad()
     def reparameterize(self) -> None:
@@ -203,7 +191,8 @@ class ScaleAwareModulation(nn.Module):
     def forward_nhwc(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C) -> (B, H, W, C)
         if reference_forms_enabled() and not self.deployed:
             return self.forward_reference(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        return self.proj_drop(self.proj(self.modulator(x) * self.v(x)))
+        m = self.modulator(x)  # a fresh tensor: in inference it can take the product in place
+        return self.proj_drop(self.proj(m.mul_(self.v(x)) if use_inplace_inference() else m * self.v(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, H, W)
         return self.forward_nhwc(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)

@@ -26,9 +26,8 @@ from timm.layers import ClassifierHead
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs
 from timm.models._features import feature_take_indices
 
-from ..layers.cross_scale import (
-    CrossScaleBottleneck, convert_scsc_official, fold_bn_into_conv, use_inplace_inference,
-)
+from ..layers._fold import fold_bn_into_conv, use_inplace_inference
+from ..layers.cross_scale import CrossScaleBottleneck, convert_scsc_official
 from . import scsc_swin
 from ._builder import MsconvModel, check_image_input
 from ._registry import register_converter, register_model

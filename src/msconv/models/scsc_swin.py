@@ -30,7 +30,8 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices
 from timm.models.swin_transformer import PatchMerging
 
-from ..layers.cross_scale import SpatialCrossScaleConv, convert_scsc_official, use_inplace_inference
+from ..layers._fold import bn_scale_shift, use_inplace_inference
+from ..layers.cross_scale import SpatialCrossScaleConv, convert_scsc_official
 from ._builder import MsconvModel, check_image_input
 from ._registry import register_model
 
@@ -116,8 +117,7 @@ class CrossScaleSwinBlock(nn.Module):
         if isinstance(self.norm, nn.Identity):
             return
         bn, fc = self.norm, self.mlp.fc1
-        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-        shift = bn.bias - bn.running_mean * scale
+        scale, shift = bn_scale_shift(bn)
         fc.bias.add_(fc.weight.flatten(1) @ shift)
         fc.weight.mul_(scale.reshape(1, -1, 1, 1))
         self.norm = nn.Identity()

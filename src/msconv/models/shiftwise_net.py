@@ -27,6 +27,7 @@ from timm.layers.grn import GlobalResponseNorm
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs
 from timm.models._features import feature_take_indices
 
+from ..layers._fold import bn_scale_shift
 from ..layers.shiftwise import ShiftWiseConv2d, convert_official_op
 from ._builder import MsconvModel, check_image_input
 from ._registry import register_converter, register_model
@@ -76,7 +77,7 @@ class ShiftWiseBlock(nn.Module):
         """Fold SW + BN into one cross conv (input channel order), permute SE/fc1, fold BN2 + layer scale into fc2."""
         if self.conv.deployed:
             return
-        scale, shift = _bn_scale_shift(self.norm)
+        scale, shift = bn_scale_shift(self.norm)
         self.conv.reparameterize(scale, shift, official_order=False)
         self.norm = nn.Identity()
         # the SW output is now in input order: input channel c sat at official position inv[c]
@@ -85,18 +86,13 @@ class ShiftWiseBlock(nn.Module):
         self.se.fc2.weight.copy_(self.se.fc2.weight[inv])
         self.se.fc2.bias.copy_(self.se.fc2.bias[inv])
         self.fc1.weight.copy_(self.fc1.weight[:, inv])
-        scale, shift = _bn_scale_shift(self.norm2)
+        scale, shift = bn_scale_shift(self.norm2)
         if isinstance(self.ls, LayerScale2d):
             scale, shift = scale * self.ls.gamma, shift * self.ls.gamma
         fc2 = nn.Linear(self.fc2.in_features, self.fc2.out_features, bias=True).to(self.fc2.weight)
         fc2.weight.copy_(self.fc2.weight * scale.view(-1, 1))
         fc2.bias.copy_(shift)
         self.fc2, self.norm2, self.ls = fc2, nn.Identity(), nn.Identity()
-
-
-def _bn_scale_shift(bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
-    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-    return scale, bn.bias - bn.running_mean * scale
 
 
 class ShiftWiseStage(nn.Module):

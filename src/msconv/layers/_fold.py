@@ -1,0 +1,37 @@
+"""Small helpers shared by the operators' inference forms."""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn as nn
+
+__all__ = ['bn_scale_shift', 'fold_bn_into_conv', 'use_inplace_inference']
+
+
+def bn_scale_shift(bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, shift)`` with ``bn(x) == x * scale + shift`` in eval mode (running statistics)."""
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    return scale, bn.bias - bn.running_mean * scale
+
+
+@torch.no_grad()
+def fold_bn_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """A new Conv2d computing ``bn(conv(x))`` with the BatchNorm in eval mode (running statistics)."""
+    scale, shift = bn_scale_shift(bn)
+    fused = nn.Conv2d(
+        conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+        dilation=conv.dilation, groups=conv.groups, bias=True, padding_mode=conv.padding_mode,
+        device=conv.weight.device, dtype=conv.weight.dtype,
+    )
+    fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
+    fused.bias.copy_(shift + (conv.bias * scale if conv.bias is not None else 0))
+    return fused
+
+
+def use_inplace_inference() -> bool:
+    """True when in-place inference forms are safe: autograd is not recording and torch.compile is not tracing.
+
+    On CPU, writing into a tensor just created is much cheaper than a fresh output: a large new buffer is
+    page-faulted in on first touch (e.g. exact GELU on an 8x56x56x256 map: 9 ms out of place, 2 ms in place)."""
+    return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
