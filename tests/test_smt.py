@@ -301,3 +301,18 @@ def test_sam_through_triton_kernel_in_interpreter():
     proc = subprocess.run([sys.executable, '-c', _TRITON_SAM_CHECK], env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip().endswith('ok'), proc.stderr[-3000:]
+
+
+def test_inference_fast_paths_equal_the_plain_forward():
+    """Under no_grad the model writes in place and, on CPU, runs large maps one image at a time; with autograd
+    on it runs the plain batched form. 112x112 makes stage 1 28x28, large enough for the per-image path."""
+    torch.manual_seed(0)
+    for deployed in (False, True):
+        model = msconv.create_model('test_smt').eval()
+        if deployed:
+            model.reparameterize()
+        x = torch.randn(3, 3, 112, 112)
+        plain = model(x).detach()  # autograd on: plain batched form
+        with torch.no_grad():
+            fast = model(x)
+        assert max_abs(fast, plain) < 1e-5

@@ -58,14 +58,17 @@ class ConvMlp(nn.Module):
             self.dwconv.weight[:, 0, 1, 1] += 1.0
             self.residual_folded = True
 
+    def _forward_inplace(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        c = self.dwconv(h.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self.fc2(torch.ops.aten.gelu_(c if self.residual_folded else c.add_(h)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
-        x = self.fc1(x)
-        h = self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        if use_inplace_inference():  # same maths without two hidden-sized allocations
-            h = torch.ops.aten.gelu_(h if self.residual_folded else h.add_(x))
-        else:
-            h = self.act(h if self.residual_folded else x + h)
-        return self.drop(self.fc2(self.drop(h)))
+        if use_inplace_inference() and not self.training:  # same maths without hidden-sized temporaries
+            return self._forward_inplace(x)
+        h = self.fc1(x)
+        c = self.dwconv(h.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self.drop(self.fc2(self.drop(self.act(c if self.residual_folded else h + c))))
 
 
 class Attention(nn.Module):
@@ -237,6 +240,11 @@ class SmtStage(nn.Module):
         x = self.downsample(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.blocks, x)
+        elif (use_inplace_inference() and not self.training and x.device.type == 'cpu' and x.shape[0] > 1
+              and x.shape[1] * x.shape[2] >= 28 * 28):
+            # Eval blocks treat images independently; on CPU, large maps go one image at a time so that every
+            # temporary (the 4x-wide MLP hidden tensors above all) stays small and cache-resident.
+            x = torch.cat([self.blocks(xi) for xi in x.split(1)])
         else:
             x = self.blocks(x)
         return self.norm(x)
