@@ -33,6 +33,23 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], warmup: int = 2, repe
     return {k: Timing(statistics.median(v), min(v)) for k, v in samples.items()}
 
 
+def saved_bytes(fn: Callable[[], object]) -> int:
+    """Bytes of the unique storages autograd saves for backward while ``fn()`` runs its forward pass."""
+    import torch
+
+    storages: Dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(storages.values())
+
+
 def import_official_file(path: Path, module_name: str, stub_modules: tuple = ()) -> types.ModuleType:
     """Import one file of an official repository (never committed here) by path.
 

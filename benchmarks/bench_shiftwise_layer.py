@@ -20,23 +20,9 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import time_interleaved  # noqa: E402
+from _common import saved_bytes, time_interleaved  # noqa: E402
 
 from msconv.layers.shiftwise import ShiftWiseConv2d
-
-
-def saved_bytes(fn) -> int:
-    storages = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    del out
-    return sum(storages.values())
 
 
 def main() -> None:

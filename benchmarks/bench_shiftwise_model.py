@@ -23,7 +23,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import time_interleaved  # noqa: E402
+from _common import saved_bytes, time_interleaved  # noqa: E402
 
 import msconv
 from msconv.layers.shiftwise import ShiftWiseConv2d
@@ -99,19 +99,7 @@ def main() -> None:
             opts[n].step()
         return run
 
-    saved = {}
-    for n, m in models.items():
-        storages = {}
-
-        def pack(t):
-            s = t.untyped_storage()
-            storages[s.data_ptr()] = s.nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = loss_fn(m(xt), yt)
-        del out
-        saved[n] = sum(storages.values()) / 2 ** 20
+    saved = {n: saved_bytes(lambda m=m: loss_fn(m(xt), yt)) / 2 ** 20 for n, m in models.items()}
     ttimes = time_interleaved({n: step(n) for n in models}, warmup=1, repeats=args.repeats)
     tr_t = {n: v.median for n, v in ttimes.items()}
     print(f"\n{args.model} training step (fwd+bwd+AdamW), batch {args.train_batch} at {args.size}, CPU "

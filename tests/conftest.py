@@ -44,6 +44,15 @@ def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.fixture
+def one_thread():
+    """Run a test with one torch thread (the engine tests start subprocesses and data workers of their own)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def seeded():
     torch.manual_seed(0)
     yield

@@ -14,12 +14,7 @@ from msconv.engine import train
 from msconv.engine.checkpoint import list_checkpoints, load_checkpoint
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def _face_data(root: Path, ids: int = 3, per_id: int = 4, size: int = 64):

@@ -38,12 +38,7 @@ def make_image_folder(root: Path, n_train: int = 16, n_val: int = 4, classes=('a
     return root
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add contention on a shared machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')  # tiny models: threads only add contention
 
 
 @pytest.fixture(scope='module')

@@ -53,6 +53,12 @@ class MsconvModel(nn.Module):
     """
     family: str = ''
 
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        """Parameter names exempt from weight decay beyond what timm's optimizer factory already exempts (1-D
+        tensors: norms, biases, layer-scale gammas). msconv networks have no position embeddings or tokens."""
+        return set()
+
     @torch.no_grad()
     def reparameterize(self) -> 'MsconvModel':
         """Switch to the inference form in place (BatchNorms folded, branches merged; see each family) and

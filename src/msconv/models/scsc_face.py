@@ -139,10 +139,6 @@ class _FaceNetBase(MsconvModel):
         self.head_hidden_size = self.head.flat_features if num_classes > 0 else self.num_features
 
     @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        return set()
-
-    @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         return dict(stem=r'^stem', blocks=r'^stages\.(\d+)' if coarse else r'^stages\.(\d+)\.(\d+)')
 

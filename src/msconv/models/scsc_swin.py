@@ -189,10 +189,6 @@ class CrossScaleSwin(MsconvModel):
         self.apply(_init_weights)
 
     @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        return set()
-
-    @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         return dict(
             stem=r'^stem',

@@ -218,10 +218,6 @@ class ShiftWiseNet(MsconvModel):
             s.grad_checkpointing = enable
 
     @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        return set()
-
-    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head.fc
 

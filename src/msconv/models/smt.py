@@ -366,12 +366,6 @@ class SMT(MsconvModel):
             stage.grad_checkpointing = enable
 
     @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        # Layer-scale gammas are 1-D and excluded by timm's optimizer factory like norms and biases; nothing
-        # else needs an exemption (no position embeddings, no tokens).
-        return set()
-
-    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
 
