@@ -56,3 +56,12 @@ def one_thread():
 def seeded():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(params=['blas', 'onednn'])
+def gemm(request, monkeypatch):
+    """Run a test twice: every ``msconv.layers.Linear`` on BLAS (``F.linear``), then on oneDNN for every size
+    (micro models are below the size at which the oneDNN path is normally taken)."""
+    from msconv.layers import linear as linear_module
+    monkeypatch.setattr(linear_module, 'ONEDNN_MIN_MACS', 0 if request.param == 'onednn' else float('inf'))
+    return request.param

@@ -246,7 +246,7 @@ def micro():
     return model, tensors
 
 
-def test_net_micro_matches_fixture(micro):
+def test_net_micro_matches_fixture(micro, gemm):
     model, t = micro
     x = t['input']
     with torch.no_grad():
@@ -257,7 +257,7 @@ def test_net_micro_matches_fixture(micro):
         assert max_abs(model.forward_head(final, pre_logits=True), t['pre_logits']) <= 1e-5
 
 
-def test_net_reparameterize_matches_fixture(micro):
+def test_net_reparameterize_matches_fixture(micro, gemm):
     model, t = micro
     deploy = msconv.create_model('test_shiftwise', num_classes=10).eval()
     deploy.load_state_dict(model.state_dict())
@@ -267,6 +267,36 @@ def test_net_reparameterize_matches_fixture(micro):
     block = deploy.stages[0].blocks[0]
     assert block.conv.deployed and not block.conv.official_order
     assert isinstance(block.norm, torch.nn.Identity) and isinstance(block.norm2, torch.nn.Identity)
+
+
+@pytest.mark.parametrize('min_pixels', [4, 10 ** 9])  # image by image / whole batch
+def test_deploy_inference_path_equals_plain_forward(micro, gemm, min_pixels, monkeypatch):
+    """Deploy form without autograd: in-place steps, GRN bias folded through fc2, (CPU) image by image; with
+    autograd on, the plain module sequence. Non-trivial GRN parameters so that the GRN algebra is exercised."""
+    from msconv.models.shiftwise_net import ShiftWiseBlock
+    monkeypatch.setattr(ShiftWiseBlock, 'INPLACE_MIN_PIXELS', min_pixels)
+    model, t = micro
+    deploy = msconv.create_model('test_shiftwise', num_classes=10).eval()
+    deploy.load_state_dict(model.state_dict())
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for block in deploy.modules():
+            if isinstance(block, ShiftWiseBlock):
+                block.grn.weight.normal_(0, 0.5)
+                block.grn.bias.normal_(0, 0.1)
+        deploy.reparameterize()
+    calls = []
+    fast_forward = ShiftWiseBlock._forward_inference
+    monkeypatch.setattr(ShiftWiseBlock, '_forward_inference', lambda self, x: calls.append(1) or fast_forward(self, x))
+    x = torch.cat([t['input'], t['input'].flip(-1)])
+    x_before = x.clone()
+    plain = deploy(x).detach()  # autograd on: the plain forward
+    assert not calls
+    with torch.no_grad():
+        fast = deploy(x)
+    assert len(calls) == sum(isinstance(b, ShiftWiseBlock) for b in deploy.modules())
+    assert torch.equal(x, x_before)
+    assert max_abs(fast, plain) <= 1e-5 * plain.abs().max().item()
 
 
 def test_official_checkpoint_through_create_model(micro, tmp_path):

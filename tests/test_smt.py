@@ -25,7 +25,7 @@ def _our_key(official_key: str) -> str:
 
 
 @pytest.mark.parametrize('name', EVAL_FIXTURES)
-def test_eval_logits_and_stage_features_match_official(name, tmp_path):
+def test_eval_logits_and_stage_features_match_official(name, tmp_path, gemm):
     t, meta = load_fixture('smt', name)
     ckpt = tmp_path / 'official.pth'
     torch.save({'model': official_state_dict(t), 'epoch': 300}, ckpt)
@@ -52,7 +52,7 @@ def test_features_only_through_create_model_match_official(tmp_path):
         assert max_abs(f, t[f'features.{i}']) <= meta['atol']
 
 
-def test_train_step_loss_grads_and_bn_stats_match_official():
+def test_train_step_loss_grads_and_bn_stats_match_official(gemm):
     t, meta = load_fixture('smt', 'smt_micro_train_step')
     kwargs = dict(meta['constructor_kwargs'])
     model = SMT(**kwargs)
@@ -210,7 +210,7 @@ def test_layer_bad_dims_raise():
 
 
 @pytest.mark.parametrize('name', ['smt_micro', 'smt_micro_ls_k7'])
-def test_reparameterized_model_matches_official_outputs(name):
+def test_reparameterized_model_matches_official_outputs(name, gemm):
     t, meta = load_fixture('smt', name)
     model = SMT(**meta['constructor_kwargs'])
     model.load_state_dict(official_state_dict(t))
@@ -303,7 +303,7 @@ def test_sam_through_triton_kernel_in_interpreter():
     assert proc.returncode == 0 and proc.stdout.strip().endswith('ok'), proc.stderr[-3000:]
 
 
-def test_inference_fast_paths_equal_the_plain_forward():
+def test_inference_fast_paths_equal_the_plain_forward(gemm):
     """Under no_grad the model writes in place and, on CPU, runs large maps one image at a time; with autograd
     on it runs the plain batched form. 112x112 makes stage 1 28x28, large enough for the per-image path."""
     torch.manual_seed(0)

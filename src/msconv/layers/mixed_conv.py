@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from ..kernels.depthwise import depthwise_conv2d, triton_available
 from ._fold import fold_bn_into_conv, use_inplace_inference
 from ._forms import reference_forms_enabled
+from .linear import Linear, linear
 
 __all__ = ['MultiHeadMixedConv', 'ScaleAwareAggregation', 'ScaleAwareModulation']
 
@@ -145,11 +146,11 @@ class ScaleAwareModulation(nn.Module):
         super().__init__()
         self.dim = dim
         self.num_heads = num_heads
-        self.v = nn.Linear(dim, dim, bias=qkv_bias)
-        self.s = nn.Linear(dim, dim, bias=qkv_bias)
+        self.v = Linear(dim, dim, bias=qkv_bias)
+        self.s = Linear(dim, dim, bias=qkv_bias)
         self.mhmc = MultiHeadMixedConv(dim, num_heads)
         self.saa = ScaleAwareAggregation(dim, num_heads, expand_ratio)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.deployed = False
 
@@ -160,7 +161,7 @@ class ScaleAwareModulation(nn.Module):
         if self.deployed:
             return
         h = self.num_heads
-        s = nn.Linear(self.dim, self.dim, bias=self.s.bias is not None, device=self.s.weight.device,
+        s = Linear(self.dim, self.dim, bias=self.s.bias is not None, device=self.s.weight.device,
                       dtype=self.s.weight.dtype)
         s.weight.copy_(_interleave_rows(self.s.weight, h))
         if self.s.bias is not None:
@@ -184,7 +185,7 @@ class ScaleAwareModulation(nn.Module):
         h = self.num_heads
         weight_s = _interleave_rows(self.s.weight, h)
         bias_s = _interleave_rows(self.s.bias, h) if self.s.bias is not None else None
-        s = F.linear(x, weight_s, bias_s).permute(0, 3, 1, 2)  # (B, C, H, W), interleaved channels
+        s = linear(x, weight_s, bias_s).permute(0, 3, 1, 2)  # (B, C, H, W), interleaved channels
         s = self.mhmc.conv(s, *self.mhmc.merged_kernel(interleaved=True), interleaved=True)
         return self.saa(s, interleaved=True).permute(0, 2, 3, 1)
 

@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels import depthwise_conv2d as _fast_depthwise
+from ._fold import use_inplace_inference
 
 __all__ = ['ShiftWiseConv2d', 'shiftwise_indices', 'shiftwise_geometry']
 
@@ -47,6 +48,11 @@ def _depthwise(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     if x.is_cuda:
         return _fast_depthwise(x, weight, bias, padding)
     return F.conv2d(x, weight, bias, padding=padding, groups=x.shape[1])
+
+
+def _add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a + b``, in place into the fresh ``a`` when no autograd graph is being recorded."""
+    return a.add_(b) if use_inplace_inference() else a + b
 
 
 def shiftwise_geometry(kernel_size: int, small_kernel: int) -> Dict[str, object]:
@@ -403,13 +409,13 @@ class ShiftWiseConv2d(nn.Module):
         xr = _take_channels(x, self.rep_index)
         wh, wv, bias = (t.to(x.dtype) for t in self.folded_strips())
         ph, pv, _ = self._pads()
-        y = _depthwise(xr, wh, bias, ph) + _depthwise(xr, wv, None, pv)
+        y = _add(_depthwise(xr, wh, bias, ph), _depthwise(xr, wv, None, pv))
         return _cat_channels(y, _take_channels(x, self.ghost_index))
 
     def _forward_deploy(self, x: torch.Tensor) -> torch.Tensor:
         ph, pv, _ = self._pads()
         wh, wv, bias = (t.to(x.dtype) for t in (self.deploy_weight_h, self.deploy_weight_v, self.deploy_bias))
-        y = _depthwise(x, wh, bias, ph) + _depthwise(x, wv, None, pv)
+        y = _add(_depthwise(x, wh, bias, ph), _depthwise(x, wv, None, pv))
         return _take_channels(y, self.output_index) if self.official_order else y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

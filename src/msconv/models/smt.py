@@ -30,6 +30,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq, named_apply
 
 from ..layers._fold import fold_bn_into_conv, use_inplace_inference
+from ..layers.linear import Linear
 from ..layers.mixed_conv import ScaleAwareModulation
 from ._builder import MsconvModel, check_image_input
 from ._registry import register_converter, register_model
@@ -44,11 +45,11 @@ class ConvMlp(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc1 = Linear(dim, hidden_dim)
         self.dwconv = nn.Conv2d(hidden_dim, hidden_dim, 3, padding=1, groups=hidden_dim)
         self.act = nn.GELU()
         self.drop = nn.Dropout(drop)
-        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.fc2 = Linear(hidden_dim, dim)
         self.residual_folded = False
 
     @torch.no_grad()
@@ -88,11 +89,11 @@ class Attention(nn.Module):
             raise ValueError(f"dim ({dim}) must be divisible by sa_num_heads ({num_heads})")
         self.num_heads = num_heads
         self.scale = qk_scale or (dim // num_heads) ** -0.5
-        self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.q = Linear(dim, dim, bias=qkv_bias)
+        self.kv = Linear(dim, dim * 2, bias=qkv_bias)
         self.local_conv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
         self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.qkv: Optional[nn.Linear] = None  # inference form: q and kv as one projection
 
@@ -102,7 +103,7 @@ class Attention(nn.Module):
         if self.qkv is not None:
             return
         dim = self.q.in_features
-        qkv = nn.Linear(dim, 3 * dim, bias=self.q.bias is not None, device=self.q.weight.device,
+        qkv = Linear(dim, 3 * dim, bias=self.q.bias is not None, device=self.q.weight.device,
                         dtype=self.q.weight.dtype)
         qkv.weight.copy_(torch.cat([self.q.weight, self.kv.weight]))
         if self.q.bias is not None:

@@ -1,0 +1,69 @@
+"""A channels-last ``Linear`` whose GEMM runs through oneDNN on CPU.
+
+For fp32 on CPU, ``F.linear`` calls the BLAS ``sgemm`` (MKL in the PyPI wheels), while a 1x1 convolution over a
+channels-last tensor is a oneDNN matmul. The two compute the same products; on the 2-core AVX-512 machine we
+measure on, oneDNN runs the token-mixer and MLP shapes of these models 2.1x-2.4x faster (e.g. 3136x64 -> 512:
+1.29 ms vs 0.60 ms; ``benchmarks/bench_cpu_linear.py`` prints the table for the machine at hand). A contiguous
+(..., C) tensor viewed as (1, C, M, 1) or, for (B, H, W, C) tokens, as (B, C, H, W) is channels-last already, so
+the detour costs no copy, and autograd goes through the convolution's own backward. (bf16 needs no detour:
+``F.linear`` already runs bf16 GEMMs on oneDNN.)
+
+The oneDNN path is taken on CPU for fp32 contiguous inputs of at least ``ONEDNN_MIN_MACS`` multiply-adds
+(below that the call overhead of a convolution outweighs the faster kernel), when oneDNN is enabled
+(``torch.backends.mkldnn.flags(enabled=False)`` turns it off), outside ``torch.compile``/``torch.export`` and
+TorchScript tracing (exported graphs keep a plain MatMul; inductor picks its own GEMM) and outside
+``msconv.layers.reference_forms()``. Everywhere else, and on every other device, it is
+``F.linear``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ._forms import reference_forms_enabled
+
+__all__ = ['Linear', 'linear', 'ONEDNN_MIN_MACS']
+
+ONEDNN_MIN_MACS = 1 << 25  # ~33.5M: (49 x 512 -> 512) stays on BLAS, (392 x 512 -> 2048) goes to oneDNN
+
+
+def _use_onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # first: the checks below are not traceable
+        return False
+    return (
+        x.device.type == 'cpu'
+        and x.dim() >= 3
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and (bias is None or bias.dtype == torch.float32)
+        and x.numel() * weight.shape[0] >= ONEDNN_MIN_MACS
+        and x.is_contiguous()
+        and torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
+        and not reference_forms_enabled()
+    )
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for ``x`` of shape (..., in_features); see the module docstring."""
+    if not _use_onednn(x, weight, bias):
+        return F.linear(x, weight, bias)
+    # oneDNN's convolution directly: F.conv2d would route 1x1 convs of small batches to the slow native kernel
+    # when torch runs on one thread. It has its own autograd formula.
+    w4 = weight[:, :, None, None]
+    if x.dim() == 4:  # (B, H, W, C) tokens: their NCHW view is channels-last
+        out = torch.mkldnn_convolution(x.permute(0, 3, 1, 2), w4, bias, (0, 0), (1, 1), (1, 1), 1)
+        return out.permute(0, 2, 3, 1).contiguous()  # a no-op: the output is channels-last too
+    x4 = x.reshape(1, -1, 1, x.shape[-1]).permute(0, 3, 1, 2)  # (1, C, M, 1), channels-last
+    out = torch.mkldnn_convolution(x4, w4, bias, (0, 0), (1, 1), (1, 1), 1)
+    return out.permute(0, 2, 3, 1).reshape(*x.shape[:-1], weight.shape[0])
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and state-dict keys) computed by :func:`linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)

@@ -1,0 +1,94 @@
+"""``msconv.layers.Linear``: the oneDNN (1x1 convolution) GEMM path against ``F.linear``, and when it is taken."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from msconv.layers import Linear, reference_forms
+from msconv.layers import linear as linear_module
+from msconv.layers.linear import linear
+
+from conftest import max_abs
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason='torch built without oneDNN')
+
+
+def _ops(fn) -> set:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages()}
+
+
+@pytest.fixture
+def always_onednn(monkeypatch):
+    monkeypatch.setattr(linear_module, 'ONEDNN_MIN_MACS', 0)
+
+
+@pytest.mark.parametrize('shape', [(2, 5, 7, 24), (3, 11, 24), (1, 1, 24), (2, 1, 1, 24)])
+@pytest.mark.parametrize('bias', [True, False])
+def test_forward_and_backward_equal_f_linear(shape, bias, always_onednn):
+    torch.manual_seed(0)
+    x = torch.randn(shape, requires_grad=True)
+    w = torch.randn(40, 24, requires_grad=True)
+    b = torch.randn(40, requires_grad=True) if bias else None
+    g = torch.randn(*shape[:-1], 40)
+    assert 'aten::mkldnn_convolution' in _ops(lambda: linear(x, w, b))
+    out = linear(x, w, b)
+    ref = F.linear(x, w, b)
+    assert out.shape == ref.shape
+    assert max_abs(out, ref) < 1e-5 * ref.abs().max().item()
+    grads = torch.autograd.grad(out, [x, w] + ([b] if bias else []), g)
+    refs = torch.autograd.grad(ref, [x, w] + ([b] if bias else []), g)
+    for ours, theirs in zip(grads, refs):
+        assert max_abs(ours, theirs) < 1e-4 * max(theirs.abs().max().item(), 1.0)
+
+
+def test_token_output_is_contiguous(always_onednn):
+    out = linear(torch.randn(2, 6, 6, 16), torch.randn(32, 16))
+    assert out.shape == (2, 6, 6, 32) and out.is_contiguous()
+
+
+def test_bfloat16_stays_on_f_linear(always_onednn):
+    x, w = torch.randn(2, 8, 8, 32).bfloat16(), torch.randn(48, 32).bfloat16()
+    assert 'aten::mkldnn_convolution' not in _ops(lambda: linear(x, w))
+    assert torch.equal(linear(x, w), F.linear(x, w))
+
+
+def test_path_choice():
+    w = torch.randn(512, 64)
+    big = torch.randn(1, 56, 56, 64)  # 3136 x 64 -> 512: 103M MACs
+    assert 'aten::mkldnn_convolution' in _ops(lambda: linear(big, w))
+    small = torch.randn(1, 7, 7, 64)  # 2M MACs: BLAS
+    assert 'aten::mkldnn_convolution' not in _ops(lambda: linear(small, w))
+    assert 'aten::mkldnn_convolution' not in _ops(lambda: linear(big.flatten(0, 2), w))  # 2-D: BLAS
+    strided = torch.randn(1, 56, 56, 128)[..., ::2]  # not contiguous: BLAS
+    assert 'aten::mkldnn_convolution' not in _ops(lambda: linear(strided, w))
+    assert max_abs(linear(strided, w), F.linear(strided, w)) == 0
+    assert 'aten::mkldnn_convolution' not in _ops(lambda: linear(big.double(), w.double()))
+    with reference_forms():
+        assert 'aten::mkldnn_convolution' not in _ops(lambda: linear(big, w))
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert 'aten::mkldnn_convolution' not in _ops(lambda: linear(big, w))
+    traced = torch.jit.trace(Linear(64, 512), big)  # traced graphs keep a plain linear
+    assert 'aten::linear' in str(traced.graph) and 'convolution' not in str(traced.graph)
+
+
+def test_module_is_a_drop_in_nn_linear(always_onednn):
+    torch.manual_seed(0)
+    plain = nn.Linear(16, 8)
+    ours = Linear(16, 8)
+    ours.load_state_dict(plain.state_dict())
+    assert isinstance(ours, nn.Linear) and ours.state_dict().keys() == plain.state_dict().keys()
+    x = torch.randn(2, 4, 4, 16)
+    assert max_abs(ours(x), plain(x)) < 1e-6
+
+
+def test_compiled_module_matches(always_onednn):
+    torch.manual_seed(0)
+    m = Linear(16, 8)
+    x = torch.randn(2, 4, 4, 16)
+    compiled = torch.compile(m, fullgraph=True, backend='eager')
+    assert max_abs(compiled(x), F.linear(x, m.weight, m.bias)) < 1e-6
