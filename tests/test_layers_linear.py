@@ -57,6 +57,12 @@ def test_bfloat16_stays_on_f_linear(always_onednn):
     assert torch.equal(linear(x, w), F.linear(x, w))
 
 
+def test_autocast_keeps_its_lower_precision(always_onednn):
+    x, w = torch.randn(2, 8, 8, 32), torch.randn(48, 32)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert linear(x, w).dtype == torch.bfloat16
+
+
 def test_path_choice():
     w = torch.randn(512, 64)
     big = torch.randn(1, 56, 56, 64)  # 3136 x 64 -> 512: 103M MACs

@@ -2,18 +2,18 @@
 
 For fp32 on CPU, ``F.linear`` calls the BLAS ``sgemm`` (MKL in the PyPI wheels), while a 1x1 convolution over a
 channels-last tensor is a oneDNN matmul. The two compute the same products; on the 2-core AVX-512 machine we
-measure on, oneDNN runs the token-mixer and MLP shapes of these models 2.1x-2.4x faster (e.g. 3136x64 -> 512:
-1.29 ms vs 0.60 ms; ``benchmarks/bench_cpu_linear.py`` prints the table for the machine at hand). A contiguous
-(..., C) tensor viewed as (1, C, M, 1) or, for (B, H, W, C) tokens, as (B, C, H, W) is channels-last already, so
-the detour costs no copy, and autograd goes through the convolution's own backward. (bf16 needs no detour:
-``F.linear`` already runs bf16 GEMMs on oneDNN.)
+measure on, oneDNN runs the token-mixer and MLP shapes of these models 1.5x-2.1x faster forward and 1.6x-2.0x
+forward + backward (e.g. 3136 x 80 -> 320: 0.82 ms vs 0.43 ms; ``benchmarks/bench_cpu_linear.py`` prints the table
+for the machine at hand). A contiguous (..., C) tensor viewed as (1, C, M, 1) or, for (B, H, W, C) tokens, as
+(B, C, H, W) is channels-last already, so the detour costs no copy, and autograd goes through the convolution's
+own backward. (bf16 needs no detour: ``F.linear`` already runs bf16 GEMMs on oneDNN.)
 
-The oneDNN path is taken on CPU for fp32 contiguous inputs of at least ``ONEDNN_MIN_MACS`` multiply-adds
-(below that the call overhead of a convolution outweighs the faster kernel), when oneDNN is enabled
-(``torch.backends.mkldnn.flags(enabled=False)`` turns it off), outside ``torch.compile``/``torch.export`` and
-TorchScript tracing (exported graphs keep a plain MatMul; inductor picks its own GEMM) and outside
-``msconv.layers.reference_forms()``. Everywhere else, and on every other device, it is
-``F.linear``.
+The oneDNN path is taken for fp32 contiguous CPU inputs of at least ``ONEDNN_MIN_MACS`` multiply-adds (below
+that the call overhead of a convolution outweighs the faster kernel) when oneDNN is enabled
+(``torch.backends.mkldnn.flags(enabled=False)`` turns it off). It is not taken under CPU autocast (which casts
+``F.linear`` only), ``torch.compile``/``torch.export`` and TorchScript tracing (exported graphs keep a plain
+MatMul; inductor picks its own GEMM), or inside ``msconv.layers.reference_forms()``. Everywhere else, and on
+every other device, it is ``F.linear``.
 """
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ def _use_onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         and x.is_contiguous()
         and torch.backends.mkldnn.is_available()
         and torch.backends.mkldnn.enabled
+        and not torch.is_autocast_enabled('cpu')  # autocast casts F.linear, not the oneDNN op
         and not reference_forms_enabled()
     )
 
