@@ -98,3 +98,15 @@ def test_compiled_module_matches(always_onednn):
     x = torch.randn(2, 4, 4, 16)
     compiled = torch.compile(m, fullgraph=True, backend='eager')
     assert max_abs(compiled(x), F.linear(x, m.weight, m.bias)) < 1e-6
+
+
+def test_flop_counter_counts_the_onednn_path(always_onednn):
+    from torch.utils.flop_counter import FlopCounterMode
+    x = torch.randn(2, 8, 8, 32, requires_grad=True)
+    w, b = torch.randn(48, 32, requires_grad=True), torch.randn(48, requires_grad=True)
+    totals = []
+    for fn in (F.linear, linear):
+        with FlopCounterMode(display=False) as counter:
+            fn(x, w, b).sum().backward()
+        totals.append(counter.get_total_flops())
+    assert totals[0] == totals[1] == 3 * 2 * (2 * 8 * 8) * 32 * 48

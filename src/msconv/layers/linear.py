@@ -63,6 +63,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     return out.permute(0, 2, 3, 1).reshape(*x.shape[:-1], weight.shape[0])
 
 
+def _register_flop_formula() -> None:
+    """Teach ``torch.utils.flop_counter.FlopCounterMode`` the oneDNN convolution op this module calls directly
+    (torch registers formulas for ``aten.convolution`` and the cuDNN ops, not for ``aten.mkldnn_convolution``)."""
+    from torch.utils import flop_counter
+    if torch.ops.aten.mkldnn_convolution in flop_counter.flop_registry:
+        return
+
+    @flop_counter.register_flop_formula(torch.ops.aten.mkldnn_convolution)
+    def _mkldnn_conv_flop(x_shape, w_shape, _bias, _padding, _stride, _dilation, _groups, *args, out_shape=None,
+                          **kwargs) -> int:
+        return flop_counter.conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
+
+
+_register_flop_formula()
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters and state-dict keys) computed by :func:`linear`."""
 

@@ -36,6 +36,17 @@ from ._registry import register_converter, register_model
 __all__ = ['ShiftWiseNet', 'ShiftWiseBlock', 'ShiftWiseStage', 'checkpoint_filter_fn']
 
 
+def _spatial_l2_norms(hv: torch.Tensor) -> torch.Tensor:
+    """(b, N, C) -> (b, 1, C): L2 norms over N, GRN's statistic. Squares and sums image by image through one
+    image-sized buffer: ~10x faster than ``vector_norm`` over a non-innermost dim on CPU, and no batch-sized
+    temporary (fresh multi-MB buffers are page-faulted in on every call: 2.4 ms vs 0.3 ms at 8x196x1280)."""
+    squares = torch.empty_like(hv[0])
+    norms = hv.new_empty(hv.shape[0], 1, hv.shape[2])
+    for i in range(hv.shape[0]):
+        torch.sum(torch.mul(hv[i], hv[i], out=squares), 0, keepdim=True, out=norms[i])
+    return norms.sqrt_()
+
+
 class ShiftWiseBlock(nn.Module):
     """SW -> BN -> SE -> Linear(4C) -> GELU -> GRN -> Linear(C, no bias) -> BN -> layer scale -> drop path, residual."""
 
@@ -101,7 +112,7 @@ class ShiftWiseBlock(nn.Module):
         for yi, xi in zip(yt.split(1), xt.split(1)) if per_image else ((yt, xt),):
             h = torch.ops.aten.gelu_(self.fc1(yi))
             hv = h.flatten(1, 2)  # (b, H*W, 4C) view
-            norms = (hv * hv).sum(1, keepdim=True).sqrt_()  # the L2 norms; ~10x faster than vector_norm here
+            norms = _spatial_l2_norms(hv)
             norms.div_(norms.mean(dim=-1, keepdim=True).add_(self.grn.eps))
             hv.mul_(norms.mul_(self.grn.weight).add_(1.0))
             torch.add(xi, linear(h, self.fc2.weight, bias2), out=yi)  # residual; yi is no longer needed
