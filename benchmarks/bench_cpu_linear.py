@@ -30,6 +30,10 @@ SHAPES = [
 ]
 
 
+def _ratio(t) -> str:
+    return f"{t['blas'].median / t['ours'].median:.2f}x / {t['blas'].best / t['ours'].best:.2f}x"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--threads', type=int, default=2)
@@ -60,9 +64,7 @@ def main() -> None:
             'B,H,W: K->N': f'{b},{h},{w}: {k}->{n}', 'MMACs': f'{macs / 1e6:.0f}',
             'path': 'oneDNN' if onednn else 'BLAS (small)', 'max |diff|': f'{err:.1e}',
             'fwd BLAS ms': f"{fwd['blas'].median * 1e3:.3f}", 'fwd ours ms': f"{fwd['ours'].median * 1e3:.3f}",
-            'fwd speed-up': f"{fwd['blas'].median / fwd['ours'].median:.2f}x / {fwd['blas'].best / fwd['ours'].best:.2f}x",
-            'fwd+bwd speed-up': f"{bwd['blas'].median / bwd['ours'].median:.2f}x / "
-                                f"{bwd['blas'].best / bwd['ours'].best:.2f}x",
+            'fwd speed-up': _ratio(fwd), 'fwd+bwd speed-up': _ratio(bwd),
         })
     print(f"torch {torch.__version__}, {args.threads} threads, fp32; speed-up = BLAS / ours (median / best)")
     print_table(rows, 'Token linears: F.linear vs msconv.layers.linear')

@@ -46,6 +46,14 @@ def test_forward_and_backward_equal_f_linear(shape, bias, always_onednn):
         assert max_abs(ours, theirs) < 1e-4 * max(theirs.abs().max().item(), 1.0)
 
 
+@pytest.mark.parametrize('shape', [(2, 5, 5, 16), (3, 7, 16)])
+def test_strided_weight_and_bias(shape, always_onednn):
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    w, b = torch.randn(16, 32).t(), torch.randn(64)[::2]  # neither is contiguous
+    assert max_abs(linear(x, w, b), F.linear(x, w, b)) < 1e-5
+
+
 def test_token_output_is_contiguous(always_onednn):
     out = linear(torch.randn(2, 6, 6, 16), torch.randn(32, 16))
     assert out.shape == (2, 6, 6, 32) and out.is_contiguous()

@@ -54,7 +54,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
         return F.linear(x, weight, bias)
     # oneDNN's convolution directly: F.conv2d would route 1x1 convs of small batches to the slow native kernel
     # when torch runs on one thread. It has its own autograd formula.
-    w4 = weight[:, :, None, None]
+    w4 = weight.contiguous()[:, :, None, None]  # the oneDNN op reads weight and bias as dense, whatever the strides
+    bias = bias.contiguous() if bias is not None else None
     if x.dim() == 4:  # (B, H, W, C) tokens: their NCHW view is channels-last
         out = torch.mkldnn_convolution(x.permute(0, 3, 1, 2), w4, bias, (0, 0), (1, 1), (1, 1), 1)
         return out.permute(0, 2, 3, 1).contiguous()  # a no-op: the output is channels-last too
