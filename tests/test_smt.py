@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import warnings
 
 import pytest
 import timm
@@ -136,6 +137,33 @@ def test_classifier_of_another_size_is_dropped_with_warning(tmp_path):
     with torch.no_grad():
         assert torch.allclose(model.forward_features(t['input']), ref.forward_features(t['input']))
     assert model(t['input']).shape == (2, 3)
+
+
+def test_class_map_selects_classifier_rows_like_the_official_22k_to_1k_loader(tmp_path):
+    """A checkpoint with a larger head (standing in for SMT-L's 21841-class 22K head) loaded as a smaller model
+    with ``class_map``: the logits are the checkpoint model's logits at the mapped classes."""
+    t, meta = load_fixture('smt', 'smt_micro')
+    sd = official_state_dict(t)
+    n = sd['head.weight'].shape[0]
+    ckpt = tmp_path / 'official.pth'
+    torch.save({'model': sd}, ckpt)
+    rows = [n - 1, 0, 3]
+    (tmp_path / 'map.txt').write_text(''.join(f'{i}\n' for i in rows) + '\n')
+    kwargs = dict(meta['constructor_kwargs'], num_classes=3)
+    full = msconv.create_model('smt_tiny', checkpoint_path=ckpt, **meta['constructor_kwargs']).eval()
+    for class_map in (rows, tmp_path / 'map.txt'):
+        with warnings.catch_warnings():
+            warnings.simplefilter('error')  # nothing is dropped
+            model = msconv.create_model('smt_tiny', checkpoint_path=ckpt, class_map=class_map, **kwargs).eval()
+        with torch.no_grad():
+            assert max_abs(model(t['input']), full(t['input'])[:, rows]) < 1e-6
+    with pytest.raises(ValueError, match=r'class_map: indices must lie in \[0, '):
+        msconv.create_model('smt_tiny', checkpoint_path=ckpt, class_map=[0, n], **kwargs)
+    with pytest.raises(ValueError, match='class_map'):
+        msconv.create_model('smt_tiny', class_map=rows, **kwargs)
+    (tmp_path / 'bad.txt').write_text('1\nx\n')
+    with pytest.raises(ValueError, match='one integer class index per line'):
+        msconv.create_model('smt_tiny', checkpoint_path=ckpt, class_map=tmp_path / 'bad.txt', **kwargs)
 
 
 class _NotATensor:  # stands in for the yacs config object an official training checkpoint may carry

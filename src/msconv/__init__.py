@@ -8,6 +8,7 @@ from typing import Any
 from . import layers, models
 from .models import (
     FAMILIES, convert_official, create_model, list_models, model_family, model_info, read_checkpoint, reparameterize,
+    select_classifier_rows,
 )
 
 __version__ = '0.1.0'
@@ -35,6 +36,6 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     'FAMILIES', 'convert_official', 'create_model', 'list_models', 'model_family', 'model_info', 'read_checkpoint',
-    'reparameterize', 'layers',
+    'reparameterize', 'select_classifier_rows', 'layers',
     'models', '__version__', *_LAZY,
 ]

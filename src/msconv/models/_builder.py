@@ -9,7 +9,7 @@ import os
 import pickle
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -19,7 +19,8 @@ from timm.models._manipulate import reparameterize_model
 
 from ._registry import _MODEL_FAMILY, convert_official, unknown_model_message
 
-__all__ = ['MsconvModel', 'create_model', 'read_checkpoint', 'check_image_input', 'reparameterize']
+__all__ = ['MsconvModel', 'create_model', 'read_checkpoint', 'read_class_map', 'select_classifier_rows',
+           'check_image_input', 'reparameterize']
 
 _FEATURE_KWARGS = ('out_indices', 'output_fmt', 'feature_cls', 'norm')
 
@@ -139,12 +140,51 @@ def read_checkpoint(path: Union[str, os.PathLike], trust_pickle: bool = False) -
     return {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in obj.items()}
 
 
+def read_class_map(class_map: Union[str, os.PathLike, Sequence[int]]) -> List[int]:
+    """Class indices from a sequence of ints or a text file with one integer per line (blank lines ignored)."""
+    if isinstance(class_map, (str, os.PathLike)):
+        path = Path(class_map)
+        if not path.is_file():
+            raise FileNotFoundError(f"class_map {str(path)!r} does not exist or is not a file")
+        lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        try:
+            return [int(line) for line in lines]
+        except ValueError as e:
+            raise ValueError(f"class_map {str(path)!r} must hold one integer class index per line: {e}") from e
+    indices = list(class_map)
+    if not indices or not all(isinstance(i, int) and not isinstance(i, bool) for i in indices):
+        raise ValueError(f"class_map must be a non-empty sequence of ints or a file path, got {class_map!r}")
+    return indices
+
+
+def select_classifier_rows(state_dict: Mapping[str, torch.Tensor], classifier: str,
+                           class_map: Union[str, os.PathLike, Sequence[int]]) -> Dict[str, torch.Tensor]:
+    """A copy of ``state_dict`` whose classifier (``<classifier>.weight`` / ``.bias``) keeps only the rows
+    ``class_map`` lists, in that order: e.g. the 1000 ImageNet-1K rows of a 21841-class ImageNet-22K head with the
+    official ``data/map22kto1k.txt`` of SMT (the Swin file), as the official fine-tuning loader does."""
+    indices = read_class_map(class_map)
+    keys = [k for k in (f'{classifier}.weight', f'{classifier}.bias') if k in state_dict]
+    if not keys:
+        raise ValueError(f"class_map: the checkpoint has no classifier tensors {classifier}.weight / {classifier}.bias")
+    rows = state_dict[keys[0]].shape[0]
+    bad = [i for i in indices if not 0 <= i < rows]
+    if bad:
+        raise ValueError(f"class_map: indices must lie in [0, {rows}) (the checkpoint classifier has {rows} classes), "
+                         f"got {bad[:5]}{'...' if len(bad) > 5 else ''}")
+    index = torch.tensor(indices, dtype=torch.long)
+    out = dict(state_dict)
+    for k in keys:
+        out[k] = state_dict[k].index_select(0, index)
+    return out
+
+
 def create_model(
         model_name: str,
         pretrained: bool = False,
         checkpoint_path: Optional[Union[str, os.PathLike]] = None,
         *,
         trust_pickle: bool = False,
+        class_map: Optional[Union[str, os.PathLike, Sequence[int]]] = None,
         **kwargs: Any,
 ) -> nn.Module:
     """Build a registered msconv model, optionally loading an official or msconv checkpoint.
@@ -155,12 +195,17 @@ def create_model(
             ``checkpoint_path`` takes precedence).
         checkpoint_path: a local ``.pth``/``.pt``/``.safetensors`` file in the official or msconv format.
         trust_pickle: allow a checkpoint that needs full unpickling (only for files you trust).
+        class_map: keep only these rows of the checkpoint's classifier, in this order (a sequence of ints or a
+            text file, one index per line), e.g. ``class_map='map22kto1k.txt'`` to load an ImageNet-22K SMT-L
+            checkpoint as a 1000-class model, as the official fine-tuning does (see ``select_classifier_rows``).
         **kwargs: model keyword arguments (``num_classes``, ``drop_path_rate``, ...) and timm's
             ``features_only=True, out_indices=...``.
     """
     if not isinstance(model_name, str) or model_name.split('.')[0] not in _MODEL_FAMILY:
         raise ValueError(unknown_model_message(model_name))
     if not pretrained and checkpoint_path is None:
+        if class_map is not None:
+            raise ValueError("class_map selects rows of a checkpoint's classifier: pass checkpoint_path or pretrained")
         return timm.create_model(model_name, **kwargs)
 
     if checkpoint_path is None:
@@ -176,7 +221,11 @@ def create_model(
     features_only = kwargs.pop('features_only', False)
     feature_kwargs = {k: kwargs.pop(k) for k in _FEATURE_KWARGS if k in kwargs}
     model = timm.create_model(model_name, **kwargs)
-    model.load_state_dict(read_checkpoint(checkpoint_path, trust_pickle=trust_pickle))
+    state_dict = read_checkpoint(checkpoint_path, trust_pickle=trust_pickle)
+    if class_map is not None:
+        state_dict = select_classifier_rows(convert_official(state_dict, model.family), model._classifier_name(),
+                                            class_map)
+    model.load_state_dict(state_dict)
     if features_only:
         feature_cls = feature_kwargs.pop('feature_cls', 'getter')
         if feature_cls not in ('getter', FeatureGetterNet):
