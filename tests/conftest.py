@@ -64,4 +64,5 @@ def gemm(request, monkeypatch):
     (micro models are below the size at which the oneDNN path is normally taken)."""
     from msconv.layers import linear as linear_module
     monkeypatch.setattr(linear_module, 'ONEDNN_MIN_MACS', 0 if request.param == 'onednn' else float('inf'))
+    monkeypatch.setattr(linear_module, 'ONEDNN_MIN_ROWS', 0)
     return request.param

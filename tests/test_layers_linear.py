@@ -25,6 +25,7 @@ def _ops(fn) -> set:
 @pytest.fixture
 def always_onednn(monkeypatch):
     monkeypatch.setattr(linear_module, 'ONEDNN_MIN_MACS', 0)
+    monkeypatch.setattr(linear_module, 'ONEDNN_MIN_ROWS', 0)
 
 
 @pytest.mark.parametrize('shape', [(2, 5, 7, 24), (3, 11, 24), (1, 1, 24), (2, 1, 1, 24)])
@@ -77,6 +78,10 @@ def test_path_choice():
     assert 'aten::mkldnn_convolution' in _ops(lambda: linear(big, w))
     small = torch.randn(1, 7, 7, 64)  # 2M MACs: BLAS
     assert 'aten::mkldnn_convolution' not in _ops(lambda: linear(small, w))
+    few_rows = torch.randn(1, 7, 7, 512)  # 49 rows x 512 -> 512: 12.8M MACs, but too few rows: BLAS
+    assert 'aten::mkldnn_convolution' not in _ops(lambda: linear(few_rows, torch.randn(512, 512)))
+    many_rows = torch.randn(1, 56, 56, 64)  # 3136 rows x 64 -> 64: 12.8M MACs: oneDNN
+    assert 'aten::mkldnn_convolution' in _ops(lambda: linear(many_rows, torch.randn(64, 64)))
     assert 'aten::mkldnn_convolution' not in _ops(lambda: linear(big.flatten(0, 2), w))  # 2-D: BLAS
     strided = torch.randn(1, 56, 56, 128)[..., ::2]  # not contiguous: BLAS
     assert 'aten::mkldnn_convolution' not in _ops(lambda: linear(strided, w))

@@ -8,8 +8,8 @@ for the machine at hand). A contiguous (..., C) tensor viewed as (1, C, M, 1) or
 (B, C, H, W) is channels-last already, so the detour costs no copy, and autograd goes through the convolution's
 own backward. (bf16 needs no detour: ``F.linear`` already runs bf16 GEMMs on oneDNN.)
 
-The oneDNN path is taken for fp32 contiguous CPU inputs of at least ``ONEDNN_MIN_MACS`` multiply-adds (below
-that the call overhead of a convolution outweighs the faster kernel) when oneDNN is enabled
+The oneDNN path is taken for fp32 contiguous CPU inputs of at least ``ONEDNN_MIN_ROWS`` rows and
+``ONEDNN_MIN_MACS`` multiply-adds (below that the call overhead of a convolution outweighs the faster kernel) when oneDNN is enabled
 (``torch.backends.mkldnn.flags(enabled=False)`` turns it off). It is not taken under CPU autocast (which casts
 ``F.linear`` only), ``torch.compile``/``torch.export`` and TorchScript tracing (exported graphs keep a plain
 MatMul; inductor picks its own GEMM), or inside ``msconv.layers.reference_forms()``. Everywhere else, and on
@@ -25,9 +25,12 @@ import torch.nn.functional as F
 
 from ._forms import reference_forms_enabled
 
-__all__ = ['Linear', 'linear', 'ONEDNN_MIN_MACS']
+__all__ = ['Linear', 'linear', 'ONEDNN_MIN_MACS', 'ONEDNN_MIN_ROWS']
 
-ONEDNN_MIN_MACS = 1 << 25  # ~33.5M: (49 x 512 -> 512) stays on BLAS, (392 x 512 -> 2048) goes to oneDNN
+# Below either bound BLAS measured faster (2-core AVX-512 machine, 1 and 2 threads): e.g. 3136 x 64 -> 64 (12.8M
+# MACs) runs 1.4x-1.75x faster on oneDNN, while 49 x 512 -> 512 (same MACs, 49 rows) and 256 x 64 -> 64 do not.
+ONEDNN_MIN_MACS = 1 << 23
+ONEDNN_MIN_ROWS = 128
 
 
 def _use_onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
@@ -40,6 +43,7 @@ def _use_onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         and weight.dtype == torch.float32
         and (bias is None or bias.dtype == torch.float32)
         and x.numel() * weight.shape[0] >= ONEDNN_MIN_MACS
+        and x.numel() >= ONEDNN_MIN_ROWS * x.shape[-1]
         and x.is_contiguous()
         and torch.backends.mkldnn.is_available()
         and torch.backends.mkldnn.enabled
