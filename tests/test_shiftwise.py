@@ -297,6 +297,12 @@ def test_deploy_inference_path_equals_plain_forward(micro, gemm, min_pixels, mon
     assert len(calls) == sum(isinstance(b, ShiftWiseBlock) for b in deploy.modules())
     assert torch.equal(x, x_before)
     assert max_abs(fast, plain) <= 1e-5 * plain.abs().max().item()
+    calls.clear()
+    with torch.autocast('cpu', dtype=torch.bfloat16):  # mixed dtypes: the plain path, no in-place dtype clashes
+        plain_amp = deploy(x).detach()
+        with torch.no_grad():
+            fast_amp = deploy(x)
+    assert not calls and fast_amp.dtype == plain_amp.dtype and torch.equal(fast_amp, plain_amp)
 
 
 def test_official_checkpoint_through_create_model(micro, tmp_path):
