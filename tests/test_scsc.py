@@ -125,7 +125,7 @@ def test_cnn_block_stride2_matches_official():
 
 # ------------------------------------------------------------------ model fixtures (load through create_model)
 
-def test_swin_micro_matches_official_via_checkpoint_path(tmp_path):
+def test_swin_micro_matches_official_via_checkpoint_path(tmp_path, gemm):
     t, _ = load_fixture('scsc', 'scsc_swin_micro')
     path = _save_official(tmp_path, t, 'scsc_swin_micro')
     model = msconv.create_model('test_scsc_swin', checkpoint_path=path).eval()
@@ -332,8 +332,14 @@ def test_face_claim_ratios():
 
 # ------------------------------------------------------------------ in-place inference forms against the plain forms
 
+@pytest.mark.parametrize('onednn', [True, False])  # the per-image MLP through oneDNN convs, or BLAS GEMMs
 @pytest.mark.parametrize('folded', [False, True])
-def test_inplace_inference_forms_match_plain_forms(folded):
+def test_inplace_inference_forms_match_plain_forms(folded, onednn):
+    with torch.backends.mkldnn.flags(enabled=onednn):
+        _check_inplace_inference_forms(folded)
+
+
+def _check_inplace_inference_forms(folded):
     from msconv.models.scsc_swin import CrossScaleSwinBlock
     torch.manual_seed(0)
     swin = CrossScaleSwinBlock(24, (3, 5), groups=2).eval()

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ._forms import reference_forms_enabled
 
-__all__ = ['Linear', 'linear', 'ONEDNN_MIN_MACS', 'ONEDNN_MIN_ROWS']
+__all__ = ['Linear', 'linear', 'onednn_enabled', 'ONEDNN_MIN_MACS', 'ONEDNN_MIN_ROWS']
 
 # Below either bound BLAS measured faster (2-core AVX-512 machine, 1 and 2 threads): e.g. 3136 x 64 -> 64 (12.8M
 # MACs) runs 1.4x-1.75x faster on oneDNN, while 49 x 512 -> 512 (same MACs, 49 rows) and 256 x 64 -> 64 do not.
@@ -33,22 +33,32 @@ ONEDNN_MIN_MACS = 1 << 23
 ONEDNN_MIN_ROWS = 128
 
 
-def _use_onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+def onednn_enabled(x: torch.Tensor) -> bool:
+    """Whether msconv computes fp32 GEMMs on ``x`` with oneDNN: an fp32 CPU tensor, oneDNN available and enabled,
+    and none of CPU autocast, ``torch.compile``/export, TorchScript tracing or ``reference_forms()`` active."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():  # first: the checks below are not traceable
         return False
     return (
         x.device.type == 'cpu'
-        and x.dim() >= 3
         and x.dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
+        and not torch.is_autocast_enabled('cpu')  # autocast casts F.linear, not the oneDNN op
+        and not reference_forms_enabled()
+    )
+
+
+def _use_onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # before any shape arithmetic
+        return False
+    return (
+        x.dim() >= 3
         and weight.dtype == torch.float32
         and (bias is None or bias.dtype == torch.float32)
         and x.numel() * weight.shape[0] >= ONEDNN_MIN_MACS
         and x.numel() >= ONEDNN_MIN_ROWS * x.shape[-1]
         and x.is_contiguous()
-        and torch.backends.mkldnn.is_available()
-        and torch.backends.mkldnn.enabled
-        and not torch.is_autocast_enabled('cpu')  # autocast casts F.linear, not the oneDNN op
-        and not reference_forms_enabled()
+        and onednn_enabled(x)
     )
 
 

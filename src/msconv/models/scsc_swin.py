@@ -32,12 +32,14 @@ from timm.models.swin_transformer import PatchMerging
 
 from ..layers._fold import bn_scale_shift, use_inplace_inference
 from ..layers.cross_scale import SpatialCrossScaleConv, convert_scsc_official
+from ..layers.linear import Linear, onednn_enabled
 from ._builder import MsconvModel, check_image_input
 from ._registry import register_model
 
 __all__ = ['CrossScaleSwin', 'CrossScaleSwinBlock', 'checkpoint_filter_fn']
 
 DEFAULT_KERNEL_SIZES = ((3, 9, 13), (3, 7, 11), (3, 5, 7), (3, 5))
+_CONV1X1 = ((0, 0), (1, 1), (1, 1), 1)  # padding, stride, dilation, groups of torch.mkldnn_convolution
 
 
 class PatchEmbed(nn.Module):
@@ -53,7 +55,12 @@ class PatchEmbed(nn.Module):
 
 
 class PatchMergingNCHW(PatchMerging):
-    """timm's Swin patch merging (2x2 neighbours -> LayerNorm(4C) -> Linear 4C->2C, odd sizes padded), NCHW in/out."""
+    """timm's Swin patch merging (2x2 neighbours -> LayerNorm(4C) -> Linear 4C->2C, odd sizes padded), NCHW in/out.
+    The reduction is an ``msconv.layers.Linear`` (same parameter; its CPU GEMM runs on oneDNN)."""
+
+    def __init__(self, dim: int, out_dim: Optional[int] = None) -> None:
+        super().__init__(dim, out_dim)
+        self.reduction = Linear(4 * dim, self.out_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous()
@@ -92,20 +99,26 @@ class CrossScaleSwinBlock(nn.Module):
 
     def forward_inplace(self, x: torch.Tensor) -> torch.Tensor:
         """Eval without autograd: ``forward_plain`` with the residual adds in place and, on CPU, the MLP run one
-        image at a time as two GEMMs on the (C, H*W) view with the GELU in place and the residual add as the second
-        GEMM's accumulate, so the 4x-wide hidden activation is a per-image, cache-sized buffer instead of a fresh
-        whole-batch allocation. Below ``MLP_GEMM_MIN_PIXELS`` pixels per image the batched 1x1 convs measure
-        faster (CPU, 2 threads)."""
+        image at a time (oneDNN 1x1 convs, or without oneDNN two BLAS GEMMs on the (C, H*W) view with the residual
+        add as the second GEMM's accumulate) with the GELU in place, so the 4x-wide hidden activation is a
+        per-image, cache-sized buffer instead of a fresh whole-batch allocation. Below ``MLP_GEMM_MIN_PIXELS``
+        pixels per image the batched 1x1 convs measure faster (CPU, 2 threads)."""
         x = self.mixer(x).add_(x)
         fc1, fc2 = self.mlp.fc1, self.mlp.fc2
         B, C, H, W = x.shape
         if (fc1.bias is None or fc2.bias is None or type(self.mlp.act) is not nn.GELU
                 or H * W < self.MLP_GEMM_MIN_PIXELS or x.device.type != 'cpu'):
             return x.add_(self.mlp(self.norm(x)))
+        xn = x if isinstance(self.norm, nn.Identity) else self.norm(x)
+        if onednn_enabled(x):  # oneDNN 1x1 convs on each (1, C, H, W) image: 1.6x faster than BLAS here
+            w1, w2 = fc1.weight.contiguous(), fc2.weight.contiguous()
+            for i in range(B):
+                h = torch.ops.aten.gelu_(torch.mkldnn_convolution(xn[i:i + 1], w1, fc1.bias, *_CONV1X1))
+                x[i:i + 1].add_(torch.mkldnn_convolution(h, w2, fc2.bias, *_CONV1X1))
+            return x
         w1, b1 = fc1.weight.flatten(1), fc1.bias.unsqueeze(1)
         w2, b2 = fc2.weight.flatten(1), fc2.bias.unsqueeze(1)
-        xs = x.view(B, C, H * W)
-        xn = xs if isinstance(self.norm, nn.Identity) else self.norm(x).view(B, C, H * W)
+        xs, xn = x.view(B, C, H * W), xn.view(B, C, H * W)
         for i in range(B):
             h = torch.ops.aten.gelu_(torch.addmm(b1, w1, xn[i]))
             xs[i].addmm_(w2, h).add_(b2)  # the residual add is the GEMM's accumulate
