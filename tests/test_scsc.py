@@ -386,3 +386,18 @@ def test_pointwise_conv_gemm_form_matches_conv(stride, size, bias):
         out = pointwise_conv(conv, x)
     assert out.shape == ref.shape
     assert max_abs(out, ref) <= EVAL_TOL
+
+
+@pytest.mark.parametrize('stride,size,folded', [(2, 33, False), (2, 32, True), (1, 17, True)])
+def test_conv_stem_im2col_inference_matches_conv(stride, size, folded):
+    from msconv.models.scsc_resnet import ConvStem
+    torch.manual_seed(0)
+    stem = ConvStem(3, 16, stride=stride).eval()
+    _randomize_bn(stem)
+    if folded:
+        stem.reparameterize()  # the folded conv has a bias, the plain one none
+    x = torch.randn(2, 3, size, size)
+    ref = stem(x).detach()  # autograd on: the nn.Conv2d
+    with torch.no_grad():
+        out = stem(x)
+    assert out.shape == ref.shape and max_abs(out, ref) <= 1e-5
