@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, Iterator, Tuple
 
 import pytest
 import torch
@@ -66,3 +67,15 @@ def gemm(request, monkeypatch):
     monkeypatch.setattr(linear_module, 'ONEDNN_MIN_MACS', 0 if request.param == 'onednn' else float('inf'))
     monkeypatch.setattr(linear_module, 'ONEDNN_MIN_ROWS', 0)
     return request.param
+
+
+@contextmanager
+def onednn_enabled(enabled: bool) -> Iterator[None]:
+    """Turn oneDNN on or off for a block (``torch.backends.mkldnn.flags`` would also reset its TF32 flag, which
+    warns on builds without Intel GPU support)."""
+    previous = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = enabled
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = previous

@@ -1,6 +1,8 @@
 """``msconv.layers.Linear``: the oneDNN (1x1 convolution) GEMM path against ``F.linear``, and when it is taken."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -11,7 +13,7 @@ from msconv.layers import Linear, reference_forms
 from msconv.layers import linear as linear_module
 from msconv.layers.linear import linear
 
-from conftest import max_abs
+from conftest import max_abs, onednn_enabled
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason='torch built without oneDNN')
 
@@ -89,9 +91,11 @@ def test_path_choice():
     assert 'aten::mkldnn_convolution' not in _ops(lambda: linear(big.double(), w.double()))
     with reference_forms():
         assert 'aten::mkldnn_convolution' not in _ops(lambda: linear(big, w))
-    with torch.backends.mkldnn.flags(enabled=False):
+    with onednn_enabled(False):
         assert 'aten::mkldnn_convolution' not in _ops(lambda: linear(big, w))
-    traced = torch.jit.trace(Linear(64, 512), big)  # traced graphs keep a plain linear
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', FutureWarning)  # torch.jit.trace is deprecated, but still used by exporters
+        traced = torch.jit.trace(Linear(64, 512), big)  # traced graphs keep a plain linear
     assert 'aten::linear' in str(traced.graph) and 'convolution' not in str(traced.graph)
 
 

@@ -12,7 +12,7 @@ from msconv.layers import CrossScaleBottleneck, SpatialCrossScaleConv
 from msconv.models.scsc_resnet import CrossScaleResNet
 from msconv.models.scsc_swin import CrossScaleSwin
 
-from conftest import load_fixture, max_abs, official_state_dict
+from conftest import load_fixture, max_abs, official_state_dict, onednn_enabled
 
 EVAL_TOL = 1e-5
 TRAIN_TOL = 1e-4
@@ -335,7 +335,7 @@ def test_face_claim_ratios():
 @pytest.mark.parametrize('onednn', [True, False])  # the per-image MLP through oneDNN convs, or BLAS GEMMs
 @pytest.mark.parametrize('folded', [False, True])
 def test_inplace_inference_forms_match_plain_forms(folded, onednn):
-    with torch.backends.mkldnn.flags(enabled=onednn):
+    with onednn_enabled(onednn):
         _check_inplace_inference_forms(folded)
 
 
