@@ -85,7 +85,8 @@ def main() -> None:
         print(f"{n:28s} {inf_t[n] * 1e3:11.1f} {inf_t[dense_name] / inf_t[n]:8.2f}x")
     print(f"targets: saved activations {mem['sw train (lean)']:.2f}x < 3x input: "
           f"{'PASS' if mem['sw train (lean)'] < 3 else 'FAIL'}; deploy faster than {dense_name} "
-          f"({inf_t[dense_name] / inf_t['sw deploy']:.2f}x): {'PASS' if inf_t['sw deploy'] < inf_t[dense_name] else 'FAIL'}")
+          f"({inf_t[dense_name] / inf_t['sw deploy']:.2f}x): "
+          f"{'PASS' if inf_t['sw deploy'] < inf_t[dense_name] else 'FAIL'}")
 
 
 if __name__ == '__main__':

@@ -9,11 +9,11 @@ for the machine at hand). A contiguous (..., C) tensor viewed as (1, C, M, 1) or
 own backward. (bf16 needs no detour: ``F.linear`` already runs bf16 GEMMs on oneDNN.)
 
 The oneDNN path is taken for fp32 contiguous CPU inputs of at least ``ONEDNN_MIN_ROWS`` rows and
-``ONEDNN_MIN_MACS`` multiply-adds (below that the call overhead of a convolution outweighs the faster kernel) when oneDNN is enabled
-(``torch.backends.mkldnn.flags(enabled=False)`` turns it off). It is not taken under CPU autocast (which casts
-``F.linear`` only), ``torch.compile``/``torch.export`` and TorchScript tracing (exported graphs keep a plain
-MatMul; inductor picks its own GEMM), or inside ``msconv.layers.reference_forms()``. Everywhere else, and on
-every other device, it is ``F.linear``.
+``ONEDNN_MIN_MACS`` multiply-adds (below that the call overhead of a convolution outweighs the faster kernel) when
+oneDNN is enabled (``torch.backends.mkldnn.enabled = False`` turns it off). It is not taken under CPU autocast
+(which casts ``F.linear`` only), ``torch.compile``/``torch.export`` and TorchScript tracing (exported graphs keep
+a plain MatMul; inductor picks its own GEMM), or inside ``msconv.layers.reference_forms()``. Everywhere else, and
+on every other device, it is ``F.linear``.
 """
 from __future__ import annotations
 

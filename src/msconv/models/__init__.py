@@ -1,6 +1,7 @@
 """msconv networks. Importing this package registers every model in timm's registry."""
 from ._registry import FAMILIES, convert_official, list_models, model_family, model_info, register_converter, register_model
 from ._builder import (
-    MsconvModel, check_image_input, create_model, read_checkpoint, read_class_map, reparameterize, select_classifier_rows,
+    MsconvModel, check_image_input, create_model, read_checkpoint, read_class_map, reparameterize,
+    select_classifier_rows,
 )
 from . import scsc_face, scsc_resnet, scsc_swin, shiftwise_net, smt
