@@ -24,17 +24,16 @@ With ``num_classes=0`` the head returns globally average-pooled features (B, C),
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs
-from timm.models._features import feature_take_indices
+from timm.models import build_model_with_cfg, generate_default_cfgs
 
 from ..layers.cross_scale import fold_bn_into_conv
-from ._builder import MsconvModel, check_image_input
+from ._builder import check_image_input
 from ._registry import register_model
-from .scsc_resnet import ConvStem, make_cross_scale_stages
+from .scsc_resnet import ConvStem, ConvTrunk, make_cross_scale_stages
 
 __all__ = ['FaceEmbeddingHead', 'IRBlock', 'CrossScaleFaceNet', 'FaceIResNet']
 
@@ -121,9 +120,8 @@ class IRBlock(nn.Module):
             self.shortcut = fold_bn_into_conv(self.shortcut[0], self.shortcut[1])
 
 
-class _FaceNetBase(MsconvModel):
+class _FaceNetBase(ConvTrunk):
     """Shared trunk plumbing: stride-1 stem, four stride-2 stages, embedding head."""
-    family = 'scsc'
 
     def _build_head(self, img_size: Union[int, Tuple[int, int]], num_classes: int, drop_rate: float,
                     global_pool: str) -> None:
@@ -138,70 +136,6 @@ class _FaceNetBase(MsconvModel):
         self.head = FaceEmbeddingHead(self.num_features, tuple(feat), num_classes, drop_rate, global_pool or '')
         self.head_hidden_size = self.head.flat_features if num_classes > 0 else self.num_features
 
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        return dict(stem=r'^stem', blocks=r'^stages\.(\d+)' if coarse else r'^stages\.(\d+)\.(\d+)')
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool)
-
-    def _run_stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(stage, x)
-        return stage(x)
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Stage outputs (NCHW) at ``indices`` and the final map (``norm`` accepted for API parity)."""
-        if output_fmt != 'NCHW':
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        check_image_input(x, self.in_chans, self.min_input_size, type(self).__name__)
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        intermediates = []
-        x = self.stem(x)
-        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
-        for i, stage in enumerate(stages):
-            x = self._run_stage(stage, x)
-            if i in take_indices:
-                intermediates.append(x)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
-
-    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> List[int]:
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[:max_index + 1]
-        if prune_head:
-            self.reset_classifier(0, '')
-        return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        check_image_input(x, self.in_chans, self.min_input_size, type(self).__name__)
-        x = self.stem(x)
-        for stage in self.stages:
-            x = self._run_stage(stage, x)
-        return x
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.head.pool_type == 'flatten':
             check_image_input(x, self.in_chans, min(self.img_size), type(self).__name__)
@@ -211,13 +145,6 @@ class _FaceNetBase(MsconvModel):
                     f"got shape {tuple(x.shape)}"
                 )
         return self.forward_head(self.forward_features(x))
-
-    @torch.no_grad()
-    def reparameterize(self) -> '_FaceNetBase':
-        """Inference form: BatchNorms that follow a conv are folded into it. Use in eval mode only."""
-        for module in [m for m in self.modules() if m is not self and hasattr(m, 'reparameterize')]:
-            module.reparameterize()
-        return self
 
 
 class CrossScaleFaceNet(_FaceNetBase):

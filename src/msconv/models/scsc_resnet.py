@@ -109,36 +109,11 @@ def make_cross_scale_stages(
     return nn.Sequential(*stages)
 
 
-class CrossScaleResNet(MsconvModel):
-    """ResNet + SCSC (official CBTNet design). ``widths`` are the block output widths (3 x the official planes)."""
+class ConvTrunk(MsconvModel):
+    """The timm model surface shared by the SCSC CNNs (this file's ResNet and ``scsc_face``'s networks): ``stem``,
+    ``stages`` (``nn.Sequential`` of stages), ``head`` with ``fc``, ``reset`` and ``pre_logits``; subclasses build
+    them and set ``in_chans``, ``min_input_size``, ``feature_info`` and ``grad_checkpointing``."""
     family = 'scsc'
-
-    def __init__(
-            self,
-            in_chans: int = 3,
-            num_classes: int = 1000,
-            depths: Sequence[int] = (3, 5, 12, 3),
-            kernel_sizes: Sequence[Sequence[int]] = DEFAULT_KERNEL_SIZES,
-            groups: int = 4,
-            stem_width: int = 96,
-            widths: Sequence[int] = (288, 576, 1152, 1536),
-            routing: str = 'official',
-            drop_rate: float = 0.0,
-            drop_path_rate: float = 0.0,
-            global_pool: str = 'avg',
-    ) -> None:
-        super().__init__()
-        self.num_classes, self.in_chans, self.drop_rate = num_classes, in_chans, drop_rate
-        self.stem = ConvStem(in_chans, stem_width, stride=2)
-        self.stages = make_cross_scale_stages(stem_width, widths, depths, kernel_sizes, groups, routing, drop_path_rate)
-        self.grad_checkpointing = False
-        self.min_input_size = 2 ** (len(widths) + 1)
-        self.feature_info = [
-            dict(num_chs=w, reduction=2 ** (i + 2), module=f'stages.{i}') for i, w in enumerate(widths)
-        ]
-        self.num_features = self.head_hidden_size = widths[-1]
-        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
-        _init_weights(self)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
@@ -171,7 +146,7 @@ class CrossScaleResNet(MsconvModel):
             intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
         """Stage outputs (NCHW) at ``indices`` and the final feature map. ``norm`` is accepted for API parity
-        (this network has no final norm)."""
+        (these networks have no final norm)."""
         if output_fmt != 'NCHW':
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
         check_image_input(x, self.in_chans, self.min_input_size, type(self).__name__)
@@ -203,17 +178,48 @@ class CrossScaleResNet(MsconvModel):
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
+        return self.head(x, pre_logits=pre_logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
     @torch.no_grad()
-    def reparameterize(self) -> 'CrossScaleResNet':
+    def reparameterize(self) -> 'ConvTrunk':
         """Inference form: every BatchNorm folded into its conv. Use in eval mode only."""
         for module in [m for m in self.modules() if m is not self and hasattr(m, 'reparameterize')]:
             module.reparameterize()
         return self
+
+
+class CrossScaleResNet(ConvTrunk):
+    """ResNet + SCSC (official CBTNet design). ``widths`` are the block output widths (3 x the official planes)."""
+
+    def __init__(
+            self,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            depths: Sequence[int] = (3, 5, 12, 3),
+            kernel_sizes: Sequence[Sequence[int]] = DEFAULT_KERNEL_SIZES,
+            groups: int = 4,
+            stem_width: int = 96,
+            widths: Sequence[int] = (288, 576, 1152, 1536),
+            routing: str = 'official',
+            drop_rate: float = 0.0,
+            drop_path_rate: float = 0.0,
+            global_pool: str = 'avg',
+    ) -> None:
+        super().__init__()
+        self.num_classes, self.in_chans, self.drop_rate = num_classes, in_chans, drop_rate
+        self.stem = ConvStem(in_chans, stem_width, stride=2)
+        self.stages = make_cross_scale_stages(stem_width, widths, depths, kernel_sizes, groups, routing, drop_path_rate)
+        self.grad_checkpointing = False
+        self.min_input_size = 2 ** (len(widths) + 1)
+        self.feature_info = [
+            dict(num_chs=w, reduction=2 ** (i + 2), module=f'stages.{i}') for i, w in enumerate(widths)
+        ]
+        self.num_features = self.head_hidden_size = widths[-1]
+        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+        _init_weights(self)
 
 
 def _init_weights(model: nn.Module) -> None:
