@@ -67,7 +67,7 @@ def test_head_api(name):
         model.reset_classifier(5)
         assert model(x).shape == (2, 5) and model.num_classes == 5
         model.reset_classifier(0)
-        assert model(x).shape == (2, model.num_features)
+        assert model(x).shape == (2, model.head_hidden_size) == pre.shape
         model.reset_classifier(0, '')
         assert model(x).dim() == 4
     unpooled = msconv.create_model(name, num_classes=0, global_pool='').eval()

@@ -21,7 +21,6 @@ the paper's face configuration is not available to us, so the configuration belo
 With ``num_classes=0`` the head returns globally average-pooled features (B, C), as every timm model does; with
 ``global_pool=''`` it returns the unpooled map. The flatten embedding needs the configured ``img_size``.
 """
-from __future__ import annotations
 
 import math
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
@@ -31,7 +30,7 @@ import torch.nn as nn
 from timm.models import build_model_with_cfg, generate_default_cfgs
 
 from ..layers.cross_scale import fold_bn_into_conv
-from ._builder import check_image_input
+from ._builder import check_image_input, factory_kwargs
 from ._registry import register_model
 from .scsc_resnet import ConvStem, ConvTrunk, make_cross_scale_stages
 
@@ -43,15 +42,17 @@ DEFAULT_KERNEL_SIZES = ((3, 9, 13), (3, 7, 11), (3, 5, 7), (3, 5))
 class FaceEmbeddingHead(nn.Module):
     """insightface embedding head: BN2d -> Dropout -> Flatten -> Linear -> BN1d (``pool_type='flatten'``).
 
-    ``num_classes`` is the embedding size. With ``num_classes=0`` the head pools (``'avg'``) or passes the map
-    through (``''``).
+    ``num_classes`` is the embedding size; the pre-logits are the flattened, normalised map (``hidden_size`` wide).
+    With ``num_classes=0`` the head returns those pre-logits; ``pool_type='avg'`` pools instead and ``''`` passes
+    the map through (neither uses the BN2d, which is then removed).
     """
 
     def __init__(self, in_chs: int, feat_size: Tuple[int, int], num_classes: int = 512, drop_rate: float = 0.0,
                  pool_type: str = 'flatten') -> None:
         super().__init__()
         self.in_chs, self.feat_size, self.drop_rate = in_chs, tuple(feat_size), drop_rate
-        self.norm = nn.BatchNorm2d(in_chs)
+        self.pool_type = 'flatten'
+        self.norm: nn.Module = nn.BatchNorm2d(in_chs)
         self.drop = nn.Dropout(drop_rate)
         self.reset(num_classes, pool_type)
 
@@ -59,30 +60,47 @@ class FaceEmbeddingHead(nn.Module):
     def flat_features(self) -> int:
         return self.in_chs * self.feat_size[0] * self.feat_size[1]
 
+    @property
+    def hidden_size(self) -> int:
+        """Width of the pre-logits (what the head returns with ``num_classes=0``)."""
+        return self.flat_features if self.pool_type == 'flatten' else self.in_chs
+
     def reset(self, num_classes: int, pool_type: Optional[str] = None) -> None:
+        """New embedding layers on the device and dtype of the current ones; ``pool_type=None`` keeps the pooling."""
+        pool_type = self.pool_type if pool_type is None else pool_type
+        if pool_type not in ('flatten', 'avg', ''):
+            raise ValueError(f"global_pool must be 'flatten', 'avg' or '', got {pool_type!r}")
+        if num_classes > 0 and pool_type != 'flatten':
+            raise ValueError(f"global_pool must be 'flatten' for an embedding head (num_classes > 0), got {pool_type!r}")
+        ref = next(self.parameters(), None)
+        dd = dict(device=ref.device, dtype=ref.dtype) if ref is not None else {}
+        self.pool_type = pool_type
+        if pool_type != 'flatten':
+            self.norm = nn.Identity()
+        elif not isinstance(self.norm, nn.BatchNorm2d):
+            self.norm = nn.BatchNorm2d(self.in_chs, **dd)
         if num_classes > 0:
-            if pool_type not in (None, 'flatten'):
-                raise ValueError(f"global_pool must be 'flatten' for an embedding head (num_classes > 0), got {pool_type!r}")
-            self.pool_type = 'flatten'
-            self.fc = nn.Linear(self.flat_features, num_classes, bias=True)
-            self.features = nn.BatchNorm1d(num_classes)
+            self.fc: nn.Module = nn.Linear(self.flat_features, num_classes, bias=True, **dd)
+            self.features: nn.Module = nn.BatchNorm1d(num_classes, **dd)
         else:
-            if pool_type not in (None, 'flatten', 'avg', ''):
-                raise ValueError(f"global_pool must be 'flatten', 'avg' or '', got {pool_type!r}")
-            self.pool_type = 'avg' if pool_type in (None, 'flatten') else pool_type
             self.fc, self.features = nn.Identity(), nn.Identity()
         self.num_classes = num_classes
+
+    @torch.jit.unused
+    def _check_size(self, x: torch.Tensor) -> None:
+        if isinstance(x, torch.Tensor) and tuple(x.shape[-2:]) != self.feat_size:
+            raise ValueError(
+                f"the flatten embedding head expects a {self.feat_size} feature map (the configured img_size), got "
+                f"{tuple(x.shape[-2:])}"
+            )
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.pool_type == '':
             return x
         if self.pool_type == 'avg':
             return x.mean((2, 3))
-        if tuple(x.shape[-2:]) != self.feat_size:
-            raise ValueError(
-                f"the flatten embedding head expects a {self.feat_size} feature map (the configured img_size), got "
-                f"{tuple(x.shape[-2:])}"
-            )
+        if not torch.jit.is_scripting():
+            self._check_size(x)
         x = self.drop(self.norm(x)).flatten(1)
         if pre_logits:
             return x
@@ -133,23 +151,33 @@ class _FaceNetBase(ConvTrunk):
             feat = [math.ceil(s / 2) for s in feat]
         self.img_size = size
         self.num_features = self.feature_info[-1]['num_chs']
-        self.head = FaceEmbeddingHead(self.num_features, tuple(feat), num_classes, drop_rate, global_pool or '')
-        self.head_hidden_size = self.head.flat_features if num_classes > 0 else self.num_features
+        self.head = FaceEmbeddingHead(self.num_features, tuple(feat), num_classes, drop_rate, global_pool)
+        self.head_hidden_size = self.head.hidden_size
+
+    def _head_hidden_size(self) -> int:
+        return self.head.hidden_size
+
+    @torch.jit.unused
+    def _check_face_input(self, x: torch.Tensor) -> None:
+        if self.head.pool_type != 'flatten':
+            return
+        check_image_input(x, self.in_chans, min(self.img_size), type(self).__name__)
+        if isinstance(x, torch.Tensor) and tuple(x.shape[-2:]) != self.img_size:
+            raise ValueError(
+                f"{type(self).__name__}: the embedding head needs inputs of exactly img_size={self.img_size}, "
+                f"got shape {tuple(x.shape)}"
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.head.pool_type == 'flatten':
-            check_image_input(x, self.in_chans, min(self.img_size), type(self).__name__)
-            if tuple(x.shape[-2:]) != self.img_size:
-                raise ValueError(
-                    f"{type(self).__name__}: the embedding head needs inputs of exactly img_size={self.img_size}, "
-                    f"got shape {tuple(x.shape)}"
-                )
+        if not torch.jit.is_scripting():
+            self._check_face_input(x)
         return self.forward_head(self.forward_features(x))
 
 
 class CrossScaleFaceNet(_FaceNetBase):
     """FaceResNet + SCSC: stride-1 PReLU stem, four stride-2 stages of residual SCSC blocks, embedding head."""
 
+    @factory_kwargs
     def __init__(
             self,
             in_chans: int = 3,
@@ -181,6 +209,7 @@ class CrossScaleFaceNet(_FaceNetBase):
 class FaceIResNet(_FaceNetBase):
     """Plain face ResNet baseline in the insightface IResNet layout (pre-BN basic blocks, PReLU)."""
 
+    @factory_kwargs
     def __init__(
             self,
             in_chans: int = 3,
