@@ -66,8 +66,10 @@ class FaceEmbeddingHead(nn.Module):
         return self.flat_features if self.pool_type == 'flatten' else self.in_chs
 
     def reset(self, num_classes: int, pool_type: Optional[str] = None) -> None:
-        """New embedding layers on the device and dtype of the current ones; ``pool_type=None`` keeps the pooling."""
-        pool_type = self.pool_type if pool_type is None else pool_type
+        """New embedding layers on the device and dtype of the current ones. ``pool_type=None`` keeps the pooling,
+        or, for an embedding (``num_classes > 0``), restores the flatten it needs."""
+        if pool_type is None:
+            pool_type = 'flatten' if num_classes > 0 else self.pool_type
         if pool_type not in ('flatten', 'avg', ''):
             raise ValueError(f"global_pool must be 'flatten', 'avg' or '', got {pool_type!r}")
         if num_classes > 0 and pool_type != 'flatten':
