@@ -11,7 +11,7 @@ the paper's face configuration is not available to us, so the configuration belo
   contract "num_classes = output width" holds), and ``pretrained_cfg['classifier']`` names the embedding Linear.
 - Baseline ``face_iresnet50``: the insightface IResNet-50 layout (3x3 stride-1 stem 64 + BN + PReLU; pre-BN basic
   blocks BN-conv3x3-BN-PReLU-conv3x3-BN with 1x1 projection shortcuts, depths 3,4,14,3, widths 64/128/256/512,
-  every stage stride 2, 7x7 final map): 43.59M params, 6.33 GMACs.
+  every stage stride 2, 7x7 final map): 43.59M params, 6.31 GMACs.
 - ``scsc_faceresnet``: the same stem position (stride 1, PReLU) and the same depths 3,4,14,3 and four stride-2
   stages, with every basic block replaced by the residual SCSC block of ResNet+SCSC (kernel sizes (3,9,13),
   (3,7,11), (3,5,7), (3,5), 4 gate groups); widths 336/384/480/192 after a 96-channel stem. The widths were chosen
@@ -276,7 +276,7 @@ def scsc_faceresnet(pretrained: bool = False, **kwargs: Any) -> CrossScaleFaceNe
 
 @register_model('scsc', paper='IResNet (the insightface baseline)')
 def face_iresnet50(pretrained: bool = False, **kwargs: Any) -> FaceIResNet:
-    """Baseline face ResNet (insightface IResNet-50 layout), 112x112 -> 512-d: 43.59M params, 6.33 GMACs."""
+    """Baseline face ResNet (insightface IResNet-50 layout), 112x112 -> 512-d: 43.59M params, 6.31 GMACs."""
     return _create(FaceIResNet, 'face_iresnet50', pretrained, **kwargs)
 
 
