@@ -53,7 +53,8 @@ from timm.layers import DropPath, SEModule
 from ._fold import fold_bn_into_conv
 from .forms import use_fast_form
 
-__all__ = ['SpatialCrossScaleConv', 'CrossScaleBottleneck', 'convert_scsc_official', 'pointwise_conv']
+__all__ = ['SpatialCrossScaleConv', 'CrossScaleBottleneck', 'convert_scsc_official', 'pointwise_conv',
+           'STAGE_KERNEL_SIZES']
 
 
 def pointwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -82,6 +83,9 @@ def pointwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 
 ROUTINGS = ('official', 'cross_scale')
+
+#: Kernel sizes of the four stages of the official SCSC networks (Swin+SCSC and CBTNet alike).
+STAGE_KERNEL_SIZES = ((3, 9, 13), (3, 7, 11), (3, 5, 7), (3, 5))
 
 
 def _check_kernel_sizes(kernel_sizes: Sequence[int]) -> Tuple[int, ...]:

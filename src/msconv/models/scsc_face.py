@@ -29,14 +29,15 @@ import torch
 import torch.nn as nn
 from timm.models import build_model_with_cfg, generate_default_cfgs
 
-from ..layers.cross_scale import fold_bn_into_conv
+from ..layers._fold import fold_bn_into_conv
+from ..layers.cross_scale import STAGE_KERNEL_SIZES
+from . import scsc_swin
 from ._builder import check_image_input, factory_kwargs
 from ._registry import register_model
 from .scsc_resnet import ConvStem, ConvTrunk, make_cross_scale_stages
 
 __all__ = ['FaceEmbeddingHead', 'IRBlock', 'CrossScaleFaceNet', 'FaceIResNet']
 
-DEFAULT_KERNEL_SIZES = ((3, 9, 13), (3, 7, 11), (3, 5, 7), (3, 5))
 
 
 class FaceEmbeddingHead(nn.Module):
@@ -186,7 +187,7 @@ class CrossScaleFaceNet(_FaceNetBase):
             num_classes: int = 512,
             img_size: Union[int, Tuple[int, int]] = 112,
             depths: Sequence[int] = (3, 4, 14, 3),
-            kernel_sizes: Sequence[Sequence[int]] = DEFAULT_KERNEL_SIZES,
+            kernel_sizes: Sequence[Sequence[int]] = STAGE_KERNEL_SIZES,
             groups: int = 4,
             stem_width: int = 96,
             widths: Sequence[int] = (336, 384, 480, 192),
@@ -249,12 +250,12 @@ def _create(cls: type, variant: str, pretrained: bool = False, **kwargs: Any) ->
     )
 
 
+_FACE_CFG = dict(num_classes=512, input_size=(3, 112, 112), crop_pct=1.0, interpolation='bilinear',
+                 fixed_input_size=True, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), first_conv='stem.conv')
+
+
 def _cfg(**kwargs: Any) -> Dict[str, Any]:
-    return {
-        'url': '', 'num_classes': 512, 'input_size': (3, 112, 112), 'pool_size': (7, 7), 'crop_pct': 1.0,
-        'interpolation': 'bilinear', 'fixed_input_size': True, 'mean': (0.5, 0.5, 0.5), 'std': (0.5, 0.5, 0.5),
-        'first_conv': 'stem.conv', 'classifier': 'head.fc', 'paper_ids': 'arXiv:2308.07110', **kwargs,
-    }
+    return scsc_swin._cfg(**{**_FACE_CFG, **kwargs})
 
 
 _TEST = dict(num_classes=64, input_size=(3, 64, 64), pool_size=(4, 4), test_input_size=(3, 64, 64))

@@ -28,14 +28,13 @@ from timm.models._features import feature_take_indices
 
 from ..layers._fold import fold_bn_into_conv
 from ..layers.forms import use_fast_form
-from ..layers.cross_scale import CrossScaleBottleneck, convert_scsc_official
+from ..layers.cross_scale import STAGE_KERNEL_SIZES, CrossScaleBottleneck, convert_scsc_official
 from . import scsc_swin
 from ._builder import MsconvModel, factory_kwargs
 from ._registry import register_converter, register_model
 
 __all__ = ['CrossScaleResNet', 'checkpoint_filter_fn', 'convert_scsc']
 
-DEFAULT_KERNEL_SIZES = ((3, 9, 13), (3, 7, 11), (3, 5, 7), (3, 5))
 
 
 class ConvStem(nn.Module):
@@ -212,7 +211,7 @@ class CrossScaleResNet(ConvTrunk):
             in_chans: int = 3,
             num_classes: int = 1000,
             depths: Sequence[int] = (3, 5, 12, 3),
-            kernel_sizes: Sequence[Sequence[int]] = DEFAULT_KERNEL_SIZES,
+            kernel_sizes: Sequence[Sequence[int]] = STAGE_KERNEL_SIZES,
             groups: int = 4,
             stem_width: int = 96,
             widths: Sequence[int] = (288, 576, 1152, 1536),
@@ -284,14 +283,8 @@ def _create_scsc_resnet(variant: str, pretrained: bool = False, **kwargs: Any) -
     )
 
 
-def _cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:
-    return {
-        'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'crop_pct': 0.875, 'interpolation': 'bicubic', 'fixed_input_size': False,
-        'mean': (0.485, 0.456, 0.406), 'std': (0.229, 0.224, 0.225),
-        'first_conv': 'stem.conv', 'classifier': 'head.fc',
-        'paper_ids': 'arXiv:2308.07110', 'license': 'apache-2.0', **kwargs,
-    }
+def _cfg(**kwargs: Any) -> Dict[str, Any]:
+    return scsc_swin._cfg(**{'first_conv': 'stem.conv', **kwargs})
 
 
 default_cfgs = generate_default_cfgs({
@@ -305,27 +298,27 @@ default_cfgs = generate_default_cfgs({
 @register_model('scsc', paper='SCSC (ICCVW 2023)')
 def scsc_resnet50(pretrained: bool = False, **kwargs: Any) -> CrossScaleResNet:
     """ResNet-50 + SCSC (official ``cbtnet50``, depths 3,5,12,3): 25.57M params, 4.56 GMACs at 224."""
-    args = dict(depths=(3, 5, 12, 3), kernel_sizes=DEFAULT_KERNEL_SIZES, groups=4)
+    args = dict(depths=(3, 5, 12, 3), kernel_sizes=STAGE_KERNEL_SIZES, groups=4)
     return _create_scsc_resnet('scsc_resnet50', pretrained=pretrained, **dict(args, **kwargs))
 
 
 @register_model('scsc', paper='SCSC (ICCVW 2023)')
 def scsc_resnet101(pretrained: bool = False, **kwargs: Any) -> CrossScaleResNet:
     """ResNet-101 + SCSC (official ``cbtnet101``, depths 3,4,23,3): 37.28M params."""
-    args = dict(depths=(3, 4, 23, 3), kernel_sizes=DEFAULT_KERNEL_SIZES, groups=4)
+    args = dict(depths=(3, 4, 23, 3), kernel_sizes=STAGE_KERNEL_SIZES, groups=4)
     return _create_scsc_resnet('scsc_resnet101', pretrained=pretrained, **dict(args, **kwargs))
 
 
 @register_model('scsc', paper='SCSC (ICCVW 2023)')
 def scsc_resnet152(pretrained: bool = False, **kwargs: Any) -> CrossScaleResNet:
     """ResNet-152 + SCSC (official ``cbtnet152``, depths 3,8,36,3): 52.69M params."""
-    args = dict(depths=(3, 8, 36, 3), kernel_sizes=DEFAULT_KERNEL_SIZES, groups=4)
+    args = dict(depths=(3, 8, 36, 3), kernel_sizes=STAGE_KERNEL_SIZES, groups=4)
     return _create_scsc_resnet('scsc_resnet152', pretrained=pretrained, **dict(args, **kwargs))
 
 
 @register_model('scsc')
 def test_scsc_resnet(pretrained: bool = False, **kwargs: Any) -> CrossScaleResNet:
     """Tiny ResNet + SCSC for tests (stem 24, widths 72/144/288/384, depths 1,2,1,1)."""
-    args = dict(depths=(1, 2, 1, 1), kernel_sizes=DEFAULT_KERNEL_SIZES, groups=4, stem_width=24,
+    args = dict(depths=(1, 2, 1, 1), kernel_sizes=STAGE_KERNEL_SIZES, groups=4, stem_width=24,
                 widths=(72, 144, 288, 384), num_classes=10)
     return _create_scsc_resnet('test_scsc_resnet', pretrained=pretrained, **dict(args, **kwargs))

@@ -31,7 +31,7 @@ from timm.models._features import feature_take_indices
 from timm.models.swin_transformer import PatchMerging
 
 from ..layers._fold import bn_scale_shift
-from ..layers.cross_scale import SpatialCrossScaleConv, convert_scsc_official
+from ..layers.cross_scale import STAGE_KERNEL_SIZES, SpatialCrossScaleConv, convert_scsc_official
 from ..layers.forms import image_chunks, use_fast_form
 from ..layers.linear import Linear
 from ._builder import MsconvModel, factory_kwargs
@@ -39,7 +39,6 @@ from ._registry import register_model
 
 __all__ = ['CrossScaleSwin', 'CrossScaleSwinBlock', 'checkpoint_filter_fn']
 
-DEFAULT_KERNEL_SIZES = ((3, 9, 13), (3, 7, 11), (3, 5, 7), (3, 5))
 _CONV1X1 = ((0, 0), (1, 1), (1, 1), 1)  # padding, stride, dilation, groups of torch.mkldnn_convolution
 
 
@@ -166,7 +165,7 @@ class CrossScaleSwin(MsconvModel):
             num_classes: int = 1000,
             embed_dim: int = 96,
             depths: Sequence[int] = (2, 2, 6, 2),
-            kernel_sizes: Sequence[Sequence[int]] = DEFAULT_KERNEL_SIZES,
+            kernel_sizes: Sequence[Sequence[int]] = STAGE_KERNEL_SIZES,
             groups: int = 4,
             mlp_ratio: float = 4.0,
             drop_rate: float = 0.0,
@@ -337,6 +336,7 @@ def _create_scsc_swin(variant: str, pretrained: bool = False, **kwargs: Any) -> 
 
 
 def _cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:
+    """The pretrained-config defaults of every SCSC network (the CNNs and face networks override a few)."""
     return {
         'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
         'crop_pct': 0.875, 'interpolation': 'bicubic', 'fixed_input_size': False,
@@ -356,19 +356,19 @@ default_cfgs = generate_default_cfgs({
 @register_model('scsc', paper='SCSC (ICCVW 2023)')
 def scsc_swin_tiny(pretrained: bool = False, **kwargs: Any) -> CrossScaleSwin:
     """Swin-T + SCSC (the official ``SCSC_Swin()`` defaults): 21.94M params, 3.30 GMACs at 224."""
-    args = dict(embed_dim=96, depths=(2, 2, 6, 2), kernel_sizes=DEFAULT_KERNEL_SIZES, groups=4, drop_path_rate=0.1)
+    args = dict(embed_dim=96, depths=(2, 2, 6, 2), kernel_sizes=STAGE_KERNEL_SIZES, groups=4, drop_path_rate=0.1)
     return _create_scsc_swin('scsc_swin_tiny', pretrained=pretrained, **dict(args, **kwargs))
 
 
 @register_model('scsc', paper='SCSC (ICCVW 2023)')
 def scsc_swin_small(pretrained: bool = False, **kwargs: Any) -> CrossScaleSwin:
     """Swin-S + SCSC (depths 2,2,18,2; not in the official code, Swin-S's drop-path 0.3): 37.77M params."""
-    args = dict(embed_dim=96, depths=(2, 2, 18, 2), kernel_sizes=DEFAULT_KERNEL_SIZES, groups=4, drop_path_rate=0.3)
+    args = dict(embed_dim=96, depths=(2, 2, 18, 2), kernel_sizes=STAGE_KERNEL_SIZES, groups=4, drop_path_rate=0.3)
     return _create_scsc_swin('scsc_swin_small', pretrained=pretrained, **dict(args, **kwargs))
 
 
 @register_model('scsc')
 def test_scsc_swin(pretrained: bool = False, **kwargs: Any) -> CrossScaleSwin:
     """Tiny Swin + SCSC for tests (embed 24, depths 1,1,2,1 as in the official micro fixture)."""
-    args = dict(embed_dim=24, depths=(1, 1, 2, 1), kernel_sizes=DEFAULT_KERNEL_SIZES, groups=4, num_classes=10)
+    args = dict(embed_dim=24, depths=(1, 1, 2, 1), kernel_sizes=STAGE_KERNEL_SIZES, groups=4, num_classes=10)
     return _create_scsc_swin('test_scsc_swin', pretrained=pretrained, **dict(args, **kwargs))

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, LayerScale, trunc_normal_
+from timm.layers import ClassifierHead, DropPath, LayerScale, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq, named_apply
@@ -376,7 +376,7 @@ class SMT(MsconvModel):
             cur += depths[i]
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool)
         named_apply(_init_weights, self)
 
     @torch.jit.ignore
@@ -397,7 +397,7 @@ class SMT(MsconvModel):
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
-        return self.head
+        return self.head.fc
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         if global_pool is not None:
@@ -405,7 +405,7 @@ class SMT(MsconvModel):
                 raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
             self.global_pool = global_pool
         self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head.reset(num_classes, global_pool)
         self._match_head_to_model()
 
     def forward_intermediates(
@@ -456,9 +456,7 @@ class SMT(MsconvModel):
         return x.permute(0, 3, 1, 2)  # (B, C, H/32, W/32)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == 'avg':
-            x = x.mean(dim=(2, 3))
-        return x if pre_logits else self.head(x)
+        return self.head(x, pre_logits=pre_logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -519,12 +517,15 @@ def _convert_model_key(key: str) -> str:
     return key
 
 
+_HEAD = re.compile(r'^head\.(weight|bias)$')  # the official Linear head (and msconv's before timm's ClassifierHead)
+
+
 def convert_official_smt(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Official SMT keys -> msconv keys, for a whole model (``patch_embed1.*``, ``block1.0.*``, ...) or for one
     official module (an ``Attention``, ``Block`` or ``Mlp`` state dict). Identity on msconv state dicts."""
     whole_model = any(_OFFICIAL_MODEL_KEY.match(k) for k in state_dict)
     convert = _convert_model_key if whole_model else _convert_module_key
-    return {convert(k): v for k, v in state_dict.items()}
+    return {_HEAD.sub(r'head.fc.\1', convert(k)): v for k, v in state_dict.items()}
 
 
 register_converter('smt', convert_official_smt)
@@ -549,7 +550,7 @@ def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
     return {
         'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
         'crop_pct': 0.875, 'interpolation': 'bicubic', 'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'stem.conv1', 'classifier': 'head', 'license': 'mit', 'paper_ids': 'arXiv:2307.08579',
+        'first_conv': 'stem.conv1', 'classifier': 'head.fc', 'license': 'mit', 'paper_ids': 'arXiv:2307.08579',
         'paper_name': 'Scale-Aware Modulation Meet Transformer', 'origin_url': 'https://github.com/AFeng-x/SMT',
         **kwargs,
     }
