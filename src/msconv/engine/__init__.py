@@ -3,7 +3,8 @@ torchrun support."""
 from .config import PRESETS, TrainConfig, resolve_config
 from .demo import demo
 from .evaluate import evaluate
-from .trainer import NonFiniteLossError, build_model, train
+from .build import build_model
+from .trainer import NonFiniteLossError, train
 
 __all__ = ['PRESETS', 'TrainConfig', 'resolve_config', 'evaluate', 'train', 'demo', 'build_model',
            'NonFiniteLossError']

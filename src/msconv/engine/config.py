@@ -91,6 +91,7 @@ class TrainConfig:
     ckpt_every: int = 500  # optimizer steps between checkpoints (0: only at epoch ends and on exit)
     keep_last: int = 3
     resume: Optional[str] = None  # 'auto' (latest in the run folder), a checkpoint folder, or None
+    overwrite: bool = False  # replace what the run folder holds (a new run never writes into an existing one)
     eval_every: int = 1  # epochs
     log_every: int = 10  # steps between metric lines
     progress: bool = True

@@ -3,6 +3,7 @@ and a progress bar (rich) with loss, learning rate, throughput and ETA."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -27,13 +28,15 @@ class MetricsLog:
 
     def truncate_after(self, step: int) -> None:
         """Drop records later than ``step`` (after a resume, the steps past the checkpoint are redone)."""
+        from .checkpoint import atomic_write_bytes
         records = [r for r in read_metrics(self.run_dir) if r.get('step', 0) <= step]
-        self.jsonl.write_text(''.join(json.dumps(r) + '\n' for r in records))
-        with open(self.csv, 'w', newline='') as f:
-            w = csv.DictWriter(f, fieldnames=self.CSV_FIELDS, extrasaction='ignore')
-            w.writeheader()
-            for r in records:
-                w.writerow({k: _fmt(r.get(k)) for k in self.CSV_FIELDS})
+        atomic_write_bytes(self.jsonl, ''.join(json.dumps(r) + '\n' for r in records).encode())
+        buf = io.StringIO(newline='')
+        w = csv.DictWriter(buf, fieldnames=self.CSV_FIELDS, extrasaction='ignore')
+        w.writeheader()
+        for r in records:
+            w.writerow({k: _fmt(r.get(k)) for k in self.CSV_FIELDS})
+        atomic_write_bytes(self.csv, buf.getvalue().encode())
 
     def append(self, record: Dict[str, Any]) -> None:
         with open(self.jsonl, 'a') as f:

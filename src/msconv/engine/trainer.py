@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import shutil
 import signal
 import threading
 import time
@@ -26,11 +27,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .checkpoint import (CheckpointError, get_rng_state, latest_good_checkpoint, list_checkpoints,
-                         load_checkpoint, save_checkpoint, set_rng_state)
+from .checkpoint import (CheckpointError, checkpoint_step, clean_temporaries, clear_run, get_rng_state, holds_run,
+                         latest_good_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint, set_rng_state)
 from .config import TrainConfig, family_of, resolve_config, save_config
 from .distributed import DistInfo, cleanup_distributed, init_distributed, resolve_device
-from .evaluate import _data_config, autocast_context, evaluate_loader
+from .build import build_model, data_config
+from .evaluate import autocast_context, evaluate_loader
 from .metrics import MetricsLog, Progress, plot_curves, read_metrics
 
 __all__ = ['train', 'build_model', 'NonFiniteLossError']
@@ -38,20 +40,6 @@ __all__ = ['train', 'build_model', 'NonFiniteLossError']
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN/inf and ``nan_policy='abort'``: no update, EMA or checkpoint was written from it."""
-
-
-def build_model(name: str, num_classes: int, drop_path: float = 0.0, model_kwargs: Optional[Mapping] = None,
-                checkpoint_path: Optional[str] = None) -> nn.Module:
-    """An msconv model (``msconv.create_model``) or, for other names, a timm model."""
-    kwargs = dict(model_kwargs or {})
-    kwargs.setdefault('num_classes', num_classes)
-    if drop_path > 0:
-        kwargs.setdefault('drop_path_rate', drop_path)
-    if family_of(name) is not None:
-        from ..models import create_model
-        return create_model(name, checkpoint_path=checkpoint_path, **kwargs)
-    import timm
-    return timm.create_model(name, checkpoint_path=checkpoint_path or '', **kwargs)
 
 
 class FaceModel(nn.Module):
@@ -178,7 +166,7 @@ class _Trainer:
         probe_classes = self._num_classes()
         out_features = cfg.embedding_size if cfg.task == 'face' else probe_classes
         model = build_model(cfg.model, out_features, cfg.drop_path, cfg.model_kwargs, cfg.init_checkpoint)
-        self.data_cfg = _data_config(model, cfg)
+        self.data_cfg = data_config(model, cfg)
         self.train_set, self.val_set = self._datasets()
         if cfg.task == 'face':
             from ..layers import ArcFace, CosFace
@@ -346,39 +334,85 @@ class _Trainer:
             self._plot()
         return path
 
-    def _resume(self) -> int:
+    def _prepare_run_dir(self) -> Optional[tuple]:
+        """Decide, before anything is written, which run this is; returns the checkpoint to resume or None.
+
+        A new run never writes into a folder that holds another run (``overwrite`` replaces it); ``resume='auto'``
+        continues the run in ``run_dir`` from its newest valid checkpoint and refuses when it has none (unless
+        ``overwrite``); ``resume=PATH`` continues the run that checkpoint belongs to, and only that one.
+        """
         cfg = self.cfg
-        if cfg.resume is None:
-            return 0
+        run_dir = self.run_dir
+        hint = (f"pass --resume auto to continue it, --overwrite to replace it, or --name NAME for a new run "
+                f"(Python: resume='auto' / overwrite=True / name=...)")
         found = None
-        if cfg.resume == 'auto':
-            found = latest_good_checkpoint(self.run_dir)
-            if found is None:
-                self._print(f"resume: no checkpoint in {self.run_dir}, starting from scratch")
-                return 0
+        if cfg.resume is None:
+            if holds_run(run_dir) and not cfg.overwrite:
+                raise ValueError(f"run folder {str(run_dir)!r} already holds a run; {hint}")
+        elif cfg.resume == 'auto':
+            checkpoints = list_checkpoints(run_dir)
+            found = latest_good_checkpoint(run_dir)
+            if found is None and holds_run(run_dir) and not cfg.overwrite:
+                what = (f"its checkpoints {[p.name for p in checkpoints]} are all corrupt" if checkpoints
+                        else "it has metrics or a config but no checkpoint")
+                raise ValueError(
+                    f"resume: no valid checkpoint in run folder {str(run_dir)!r} ({what}); pass --overwrite to "
+                    f"start this run afresh (its history is replaced), or --resume PATH to a good checkpoint")
         else:
             path = Path(cfg.resume)
-            if path.is_dir() and (path / 'checkpoints').is_dir():  # a run folder
-                found = latest_good_checkpoint(path)
-                if found is None:
-                    raise ValueError(f"resume: run folder {str(path)!r} holds no readable checkpoint")
-            else:
+            if not path.exists():
+                raise ValueError(f"resume: {str(path)!r} does not exist (expected 'auto', a run folder or a "
+                                 f"<run>/checkpoints/step-N folder)")
+            owner = path if (path / 'checkpoints').is_dir() else (
+                path.parent.parent if path.parent.name == 'checkpoints' else None)
+            if owner is not None and owner.resolve() != run_dir.resolve():
+                if cfg.name is not None:
+                    raise ValueError(
+                        f"resume: checkpoint {str(path)!r} belongs to run folder {str(owner)!r}, not to "
+                        f"{str(run_dir)!r} (--name {cfg.name}); continue that run with --name {owner.name} --output "
+                        f"{owner.parent}, or start a new run from its weights with --init-checkpoint")
+                self.run_dir = run_dir = owner
+                self.log = MetricsLog(run_dir)
+            if owner is None and holds_run(run_dir) and not cfg.overwrite:
+                raise ValueError(f"resume: {str(path)!r} is not in a run folder, and run folder {str(run_dir)!r} "
+                                 f"already holds another run; pass --overwrite to replace it, or --name NAME")
+            found = self._load_resume_checkpoint(path)
+        if cfg.overwrite and found is None and self.info.is_main and holds_run(run_dir):
+            clear_run(run_dir)
+            self._print(f"overwrite: removed the previous run's checkpoints, metrics and config in {run_dir}")
+        if self.info.enabled:
+            dist.barrier()  # every rank decided before rank 0 changes the folder
+        return found
+
+    def _load_resume_checkpoint(self, path: Path) -> tuple:
+        if (path / 'checkpoints').is_dir():  # a run folder
+            found = latest_good_checkpoint(path)
+            if found is None:
+                raise ValueError(f"resume: run folder {str(path)!r} holds no valid checkpoint")
+            return found
+        try:
+            return (path, *load_checkpoint(path))
+        except CheckpointError as e:
+            self._print(f"resume: {e}")
+            older = [p for p in list_checkpoints(path.parent.parent)
+                     if path.name.startswith('step-') and p.name < path.name]
+            for p in reversed(older):
                 try:
-                    weights, state, meta = load_checkpoint(path)
-                    found = (path, weights, state, meta)
-                except CheckpointError as e:
-                    self._print(f"resume: {e}")
-                    older = [p for p in list_checkpoints(path.parent.parent)
-                             if path.name.startswith('step-') and p.name < path.name]
-                    for p in reversed(older):
-                        try:
-                            found = (p, *load_checkpoint(p))
-                            break
-                        except CheckpointError as e2:
-                            self._print(f"resume: {e2}")
-                    if found is None:
-                        raise ValueError(f"resume: {e}; and no earlier good checkpoint was found") from e
-                    self._print(f"resume: falling back to the previous good checkpoint {found[0]}")
+                    found = (p, *load_checkpoint(p))
+                    break
+                except CheckpointError as e2:
+                    self._print(f"resume: {e2}")
+            else:
+                raise ValueError(f"resume: {e}; and no earlier valid checkpoint was found") from e
+            self._print(f"resume: falling back to the previous valid checkpoint {found[0]}")
+            return found
+
+    def _resume(self, found: Optional[tuple]) -> int:
+        cfg = self.cfg
+        if found is None:
+            if cfg.resume == 'auto':
+                self._print(f"resume: no checkpoint yet in {self.run_dir}, starting a new run")
+            return 0
         path, weights, state, meta = found
         model = self.model
         target = model.backbone if cfg.task == 'face' else model
@@ -405,10 +439,19 @@ class _Trainer:
                 f"resume: checkpoint {str(path)!r} was made with {meta['steps_per_epoch']} steps per epoch, this run "
                 f"has {self.steps_per_epoch}; keep batch_size, accum_steps and the data identical to resume")
         self.last_eval = meta.get('last_eval')
-        self._print(f"resumed from {path} (step {step}, epoch {step // self.steps_per_epoch})")
+        self._print(f"resumed from {path} (step {step}, {self._epoch_label(step)})")
         if self.info.is_main:
+            # Later checkpoints are corrupt or from the abandoned continuation: none may outrank this one.
+            for later in [p for p in list_checkpoints(self.run_dir) if checkpoint_step(p) > step]:
+                shutil.rmtree(later, ignore_errors=True)
+                self._print(f"resume: removed {later} (later than the resumed step {step})")
             self.log.truncate_after(step)
         return step
+
+    def _epoch_label(self, step: int) -> str:
+        """1-based everywhere: 'epoch 2' once epoch 2 is complete, 'epoch 3 (4/6 steps)' while it runs."""
+        done, offset = divmod(step, self.steps_per_epoch)
+        return f"epoch {done}" if offset == 0 else f"epoch {done + 1} ({offset}/{self.steps_per_epoch} steps)"
 
     def _plot(self) -> None:
         try:
@@ -524,16 +567,19 @@ class _Trainer:
 
     def run(self) -> Dict[str, Any]:
         cfg = self.cfg
-        if self.info.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
         self.progress = None
         self.last_eval = None
         self.last_checkpoint = None
         self.curves = None
+        found = self._prepare_run_dir()
+        if self.info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            for p in clean_temporaries(self.run_dir):
+                self._print(f"removed {p} (left by an interrupted run)")
         self._build()
+        step = self._resume(found)
         if self.info.is_main:
             save_config(cfg, self.run_dir / 'config.yaml')
-        step = self._resume()
         stop = _StopFlag()
         stop.install()
         self.progress = Progress(self.total_steps, step, enabled=cfg.progress and self.info.is_main,
@@ -584,7 +630,7 @@ class _Trainer:
                             self.log.append(rec)
                         window_loss, window_n, window_t0, window_img = 0.0, 0, now, 0
                     self.progress.update(step, loss=out['loss'], lr=lr,
-                                         img_s=train_images / max(train_time, 1e-9), epoch=epoch)
+                                         img_s=train_images / max(train_time, 1e-9), epoch=epoch + 1)
                     if self._any_rank(stop.signum is not None):
                         status = 'interrupted'
                         break
@@ -593,7 +639,7 @@ class _Trainer:
                 if status == 'interrupted':
                     self._save(step, step // self.steps_per_epoch, 'signal')
                     self._print(f"interrupted: checkpoint saved at step {step} in {self.run_dir}; continue with "
-                                f"--resume auto")
+                                f"resume='auto' and the same output/name (CLI: --resume auto)")
                     break
                 epoch_done = step % self.steps_per_epoch == 0
                 done_epochs = step // self.steps_per_epoch
@@ -601,10 +647,10 @@ class _Trainer:
                     rec = self._evaluate(step, step / self.steps_per_epoch)
                     if 'top1' in rec:
                         extra = f", EMA top-1 {rec['ema_top1']:.2f}%" if 'ema_top1' in rec else ''
-                        self._print(f"epoch {done_epochs}: val top-1 {rec['top1']:.2f}% top-5 {rec['top5']:.2f}% "
-                                    f"loss {rec['val_loss']:.4f}{extra}")
+                        self._print(f"{self._epoch_label(step)}: val top-1 {rec['top1']:.2f}% top-5 "
+                                    f"{rec['top5']:.2f}% loss {rec['val_loss']:.4f}{extra}")
                     elif rec.get('verification'):
-                        self._print(f"epoch {done_epochs}: verification {rec['verification']}")
+                        self._print(f"{self._epoch_label(step)}: verification {rec['verification']}")
                 self._save(step, done_epochs, 'epoch' if epoch_done else 'end')
         finally:
             stop.restore()
@@ -613,6 +659,7 @@ class _Trainer:
             self._evaluate(step, step / self.steps_per_epoch)
         result = {
             'status': status,
+            'signal': stop.signum if status == 'interrupted' else None,
             'run_dir': str(self.run_dir),
             'model': cfg.model,
             'params': self.n_params,
