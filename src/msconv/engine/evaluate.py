@@ -50,7 +50,7 @@ def evaluate_loader(
         logits = logits.float()
         b = y.shape[0]
         positions = (torch.arange(local_pos, local_pos + b) * world_size + rank).to(device)
-        keep = positions < n_total
+        keep = (positions < n_total) & (y >= 0)  # label -1: an unreadable image's stand-in
         local_pos += b
         if not keep.any():
             continue

@@ -19,7 +19,7 @@ class MetricsLog:
     Records have a ``kind`` ('train' or 'val'); the CSV keeps a fixed column set and leaves missing values empty.
     """
     CSV_FIELDS = ('kind', 'step', 'epoch', 'loss', 'lr', 'img_per_s', 'top1', 'top5', 'ema_top1', 'val_loss',
-                  'verification', 'time')
+                  'verification', 'bad_images', 'time')
 
     def __init__(self, run_dir: Union[str, Path]):
         self.run_dir = Path(run_dir)

@@ -27,11 +27,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..data.loader import DataError, count_unreadable, unreadable_message
+from .build import build_model, data_config
 from .checkpoint import (CheckpointError, checkpoint_step, clean_temporaries, clear_run, get_rng_state, holds_run,
                          latest_good_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint, set_rng_state)
 from .config import TrainConfig, family_of, resolve_config, save_config
 from .distributed import DistInfo, cleanup_distributed, init_distributed, resolve_device
-from .build import build_model, data_config
 from .evaluate import autocast_context, evaluate_loader
 from .metrics import MetricsLog, Progress, plot_curves, read_metrics
 
@@ -480,9 +481,15 @@ class _Trainer:
                     acc = sum(accs) / len(accs)
                     rec['verification_acc'] = 100.0 * acc if acc <= 1.0 else acc
         else:
+            if hasattr(self.val_set, 'reset_unreadable'):
+                self.val_set.reset_unreadable()
             ev = evaluate_loader(self.model, self.val_loader, self.device, self.amp_dtype, self.cfg.channels_last,
                                  self.info.world_size, self.info.rank)
             rec.update(top1=ev['top1'], top5=ev['top5'], val_loss=ev['val_loss'])
+            bad = count_unreadable(self.val_set)
+            if bad is not None:
+                rec['bad_images'] = bad
+                self._check_data(self.val_set, 'val')
             if self.ema is not None:
                 ev_ema = evaluate_loader(self.ema.module, self.val_loader, self.device, self.amp_dtype,
                                          self.cfg.channels_last, self.info.world_size, self.info.rank)
@@ -500,6 +507,11 @@ class _Trainer:
         t = torch.tensor([1.0 if flag else 0.0], device=self.device if self.device.type == 'cuda' else 'cpu')
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)
+
+    def _check_data(self, dataset, split: str) -> None:
+        msg = unreadable_message(dataset, split, self.cfg.bad_image_threshold, share=self.info.world_size)
+        if self._any_rank(msg is not None):
+            raise DataError(msg or f"too many unreadable images in {split}/ (reported by another process)")
 
     def _forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with autocast_context(self.device, self.amp_dtype is not None, self.amp_dtype):
@@ -594,6 +606,8 @@ class _Trainer:
                 self.train_sampler.set_epoch(epoch)
                 self.train_loader.dataset.set_epoch(epoch)
                 self.train_sampler.set_start(offset * cfg.accum_steps * self.local_bs)
+                if hasattr(self.train_set, 'reset_unreadable'):  # counted per epoch, against the split's size
+                    self.train_set.reset_unreadable()
                 self.ddp_model.train()
                 it = iter(self.train_loader)
                 end = min(self.steps_per_epoch, offset + self.total_steps - step)
@@ -601,6 +615,7 @@ class _Trainer:
                     t0 = time.perf_counter()
                     batches = [next(it) for _ in range(cfg.accum_steps)]
                     out = self._optimizer_step(step, batches)
+                    self._check_data(self.train_set, 'train')
                     step += 1
                     self.scheduler.step_update(num_updates=step)
                     dt = time.perf_counter() - t0
@@ -626,6 +641,9 @@ class _Trainer:
                         rec = {'kind': 'train', 'step': step, 'epoch': step / self.steps_per_epoch,
                                'loss': window_loss / max(window_n, 1), 'lr': lr,
                                'img_per_s': window_img / max(now - window_t0, 1e-9), 'time': time.time()}
+                        bad = count_unreadable(self.train_set)
+                        if bad is not None:
+                            rec['bad_images'] = bad
                         if self.info.is_main:
                             self.log.append(rec)
                         window_loss, window_n, window_t0, window_img = 0.0, 0, now, 0
