@@ -133,6 +133,8 @@ def evaluate(
             weights, trained_as = found[0], meta.get('model')
         else:
             from ..models import read_checkpoint
+            from ..tools._common import check_checkpoint_file
+            check_checkpoint_file(ckpt)
             weights, trained_as = {'model': read_checkpoint(ckpt)}, None
             used = {'checkpoint': str(ckpt), 'step': None}
         key = 'ema' if use_ema else 'model'

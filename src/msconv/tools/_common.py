@@ -7,7 +7,26 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn as nn
 
-__all__ = ['build_model', 'reparameterize']
+__all__ = ['build_model', 'reparameterize', 'check_checkpoint_file']
+
+
+def check_checkpoint_file(path: Union[str, os.PathLike]) -> None:
+    """Refuse, naming the file, what cannot be a checkpoint before anything tries to unpickle it: a missing file,
+    a folder, or a file that is neither safetensors (an 8-byte header length then JSON), a torch zip archive nor a
+    pickle (first byte 0x80)."""
+    import zipfile
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist or is not a file")
+    with open(path, 'rb') as f:
+        head = f.read(9)
+    if path.endswith('.safetensors'):
+        ok = len(head) == 9 and head[8:9] == b'{'
+    else:
+        ok = head[:1] == b'\x80' or zipfile.is_zipfile(path)
+    if not ok:
+        kind = 'a safetensors file' if path.endswith('.safetensors') else 'a torch checkpoint (zip archive or pickle)'
+        raise ValueError(f"checkpoint {path!r} is not {kind}: the file is corrupt or of another kind")
 
 
 def build_model(
@@ -32,6 +51,8 @@ def build_model(
     timm_name = name[len('timm:'):] if name.startswith('timm:') else name
     if not timm.is_model(timm_name):
         raise ValueError(unknown_model_message(name) + ' Prefix timm: for any timm model.')
+    if checkpoint_path is not None and not meta:
+        check_checkpoint_file(checkpoint_path)
     if meta:
         if checkpoint_path is not None:
             raise ValueError('checkpoint_path cannot be loaded into a model built on the meta device')
