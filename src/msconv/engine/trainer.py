@@ -595,7 +595,7 @@ class _Trainer:
         stop = _StopFlag()
         stop.install()
         self.progress = Progress(self.total_steps, step, enabled=cfg.progress and self.info.is_main,
-                                 description=cfg.model)
+                                 description=cfg.model, every=cfg.log_every)
         status = 'finished'
         train_time, train_images, skipped = 0.0, 0, 0
         window_loss, window_n, window_t0, window_img = 0.0, 0, time.perf_counter(), 0
