@@ -251,7 +251,7 @@ class _Trainer:
                 find_unused_parameters=False)
 
     def _build_sparsity(self, options: Dict[str, Any]):
-        from ..layers.shiftwise_sparsity import SparsityScheduler
+        from .sparsity import SparsityScheduler
         options = dict(options)
         options.setdefault('seed', self.cfg.seed)
         try:
