@@ -61,3 +61,61 @@ def test_curves_put_losses_and_accuracies_in_their_panels_with_a_legend():
     assert labels == ['smt: train loss', 'smt: val loss', 'scsc: train loss', 'scsc: val loss']
     import matplotlib.pyplot as plt
     plt.close('all')
+
+
+def test_a_new_task_plugs_in_without_touching_the_trainer(tmp_path, capsys):
+    """A task registered from outside (digit parity: 2 classes from the digits) gets its data, model size, loss,
+    metrics and log line into a run through the Task interface alone."""
+    import json
+    import torch
+    from torch.utils.data import Dataset
+    from msconv.data.loader import build_dataset
+    from msconv.engine.checkpoint import list_checkpoints, load_checkpoint
+    from msconv.engine.evaluate import evaluate_loader
+    from msconv.engine.tasks import TASKS, Task, register_task
+
+    class Parity(Dataset):
+        classes = ['even', 'odd']
+
+        def __init__(self, ds):
+            self.ds = ds
+
+        def __len__(self):
+            return 256  # a small share of the digits keeps the run short
+
+        def __getitem__(self, i):
+            x, y = self.ds[i]
+            return x, y % 2
+
+    calls = []
+
+    @register_task('parity')
+    class ParityTask(Task):
+        def num_classes(self):
+            return 2
+
+        def build_datasets(self, dc):
+            return tuple(Parity(build_dataset(self.cfg, split, dc['size'], dc['mean'], dc['std']))
+                         for split in ('train', 'val'))
+
+        def loss(self, output, y):
+            calls.append(tuple(output.shape))
+            return torch.nn.functional.cross_entropy(output.float(), y)
+
+        def evaluate(self, model, ema_model, val_loader, ctx):
+            return {'parity_acc': evaluate_loader(model, val_loader, ctx.device)['top1']}
+
+        def summary(self, rec):
+            return f"parity accuracy {rec['parity_acc']:.1f}%"
+
+    try:
+        res = train(dict(TINY, task='parity', data='digits', output=str(tmp_path), name='p', max_steps=3))
+    finally:
+        TASKS.pop('parity')
+    assert res['status'] == 'finished' and calls == [(8, 2)] * 3
+    weights = load_checkpoint(list_checkpoints(tmp_path / 'p')[-1])[0]['model']
+    assert weights['head.weight'].shape[0] == 2
+    val = [json.loads(line) for line in (tmp_path / 'p' / 'metrics.jsonl').read_text().splitlines()
+           if json.loads(line)['kind'] == 'val']
+    assert len(val) == 1 and isinstance(val[0]['parity_acc'], float) and 'top1' not in val[0]
+    assert f"epoch 1 (3/32 steps): parity accuracy {val[0]['parity_acc']:.1f}%" in capsys.readouterr().out

@@ -22,7 +22,7 @@ class TrainConfig:
     model: str = ''
     model_kwargs: Dict[str, Any] = field(default_factory=dict)
     init_checkpoint: Optional[str] = None  # weights to start from (official or msconv format)
-    task: str = 'classification'  # or 'face'
+    task: str = 'classification'  # or 'face', or any task added with msconv.engine.tasks.register_task
     preset: str = 'imagenet'
 
     # data
@@ -143,7 +143,6 @@ PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
 
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
 _CHOICES = {
-    'task': ('classification', 'face'),
     'margin': ('arcface', 'cosface'),
     'amp_dtype': ('auto', 'bfloat16', 'float16'),
     'nan_policy': ('abort', 'skip'),
@@ -260,6 +259,8 @@ def validate_config(cfg: TrainConfig, check_paths: bool = True) -> None:
     if family_of(cfg.model) is None and cfg.model not in timm.list_models() and not timm.is_model(cfg.model):
         from ..models._registry import unknown_model_message
         raise ValueError(unknown_model_message(cfg.model))
+    from .tasks import TASKS
+    _require(cfg.task in TASKS, f"task must be one of {tuple(TASKS)}, got {cfg.task!r}")
     for name, choices in _CHOICES.items():
         _require(getattr(cfg, name) in choices, f"{name} must be one of {choices}, got {getattr(cfg, name)!r}")
     for name in ('batch_size', 'accum_steps', 'epochs'):

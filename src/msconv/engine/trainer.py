@@ -28,35 +28,20 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..data.loader import DataError, count_unreadable, unreadable_message
-from .build import build_model, data_config
+from .build import data_config
 from .checkpoint import (CheckpointError, checkpoint_step, clean_temporaries, clear_run, get_rng_state, holds_run,
                          latest_good_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint, set_rng_state)
-from .config import TrainConfig, family_of, resolve_config, save_config
+from .config import TrainConfig, resolve_config, save_config
 from .distributed import DistInfo, cleanup_distributed, init_distributed, resolve_device
-from .evaluate import autocast_context, evaluate_loader
+from .evaluate import autocast_context
 from .metrics import MetricsLog, Progress, plot_curves, read_metrics
+from .tasks import RunContext, create_task
 
-__all__ = ['train', 'build_model', 'NonFiniteLossError']
+__all__ = ['train', 'NonFiniteLossError']
 
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN/inf and ``nan_policy='abort'``: no update, EMA or checkpoint was written from it."""
-
-
-class FaceModel(nn.Module):
-    """Embedding network + margin head (ArcFace/CosFace): ``forward(x, labels) -> margin logits``."""
-
-    def __init__(self, backbone: nn.Module, head: nn.Module):
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-
-    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x), labels)
-
-    def no_weight_decay(self):
-        nwd = getattr(self.backbone, 'no_weight_decay', lambda: set())()
-        return {f'backbone.{n}' for n in nwd}
 
 
 def _step_seed(seed: int, rank: int, step: int) -> int:
@@ -144,6 +129,7 @@ class _Trainer:
         name = cfg.name or f"{cfg.model}-{Path(cfg.data).name if cfg.data != 'digits' else 'digits'}"
         self.run_dir = Path(cfg.output) / name
         self.log = MetricsLog(self.run_dir)
+        self.task = create_task(cfg)
 
     # ---------------------------------------------------------------------------------------------- setup
     def _print(self, msg: str) -> None:
@@ -158,29 +144,19 @@ class _Trainer:
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        # Data first: the number of classes sizes the classifier.
-        if cfg.task == 'face':
-            from ..data import face as face_data
-            self.face_data = face_data
         self.amp_dtype = _amp_dtype(cfg, device)
-
-        probe_classes = self._num_classes()
-        out_features = cfg.embedding_size if cfg.task == 'face' else probe_classes
-        model = build_model(cfg.model, out_features, cfg.drop_path, cfg.model_kwargs, cfg.init_checkpoint)
-        self.data_cfg = data_config(model, cfg)
-        self.train_set, self.val_set = self._datasets()
-        if cfg.task == 'face':
-            from ..layers import ArcFace, CosFace
-            head_cls = ArcFace if cfg.margin == 'arcface' else CosFace
-            head = head_cls(cfg.embedding_size, self.num_classes, s=cfg.margin_s, m=cfg.margin_m)
-            model = FaceModel(model, head)
+        # Data first: the number of classes sizes the classifier.
+        self.num_classes = self.task.num_classes()
+        model = self.task.build_model(self.num_classes)
+        self.data_cfg = data_config(self.task.backbone(model), cfg)
+        self.train_set, self.val_set = self.task.build_datasets(self.data_cfg)
         if cfg.sync_bn and self.info.enabled:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model.to(device)
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
         self.model = model
-        self.n_params = sum(p.numel() for p in (model.backbone if cfg.task == 'face' else model).parameters())
+        self.n_params = sum(p.numel() for p in self.task.backbone(model).parameters())
 
         from ..data.loader import build_loader
         gen_seed = cfg.seed
@@ -221,19 +197,7 @@ class _Trainer:
             updates_per_epoch=self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler('cuda', enabled=self.amp_dtype == torch.float16)
 
-        # Loss: Mixup/CutMix with label smoothing folded into soft targets, else label-smoothed CE (timm).
-        from timm.data import Mixup
-        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-        self.mixup_fn = None
-        if cfg.task == 'classification' and (cfg.mixup > 0 or cfg.cutmix > 0):
-            self.mixup_fn = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
-                                  switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode,
-                                  label_smoothing=cfg.smoothing, num_classes=self.num_classes)
-            self.criterion = SoftTargetCrossEntropy()
-        elif cfg.smoothing > 0:
-            self.criterion = LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
-        else:
-            self.criterion = nn.CrossEntropyLoss()
+        self.task.build_criterion(self.num_classes)
 
         self.ema = None
         if cfg.ema:
@@ -260,48 +224,6 @@ class _Trainer:
         except TypeError as e:
             raise ValueError(f"sparsity: bad option in {options}: {e}") from e
 
-    def _num_classes(self) -> int:
-        cfg = self.cfg
-        if cfg.task == 'face':
-            from ..data.face import FaceIdentityFolder
-            self.num_classes = FaceIdentityFolder(cfg.data).num_identities
-            if self.num_classes < 2:
-                raise ValueError(f"data {cfg.data!r}: face training needs at least 2 identity subfolders, found "
-                                 f"{self.num_classes}")
-            return self.num_classes
-        if cfg.data == 'digits':
-            self.num_classes = 10
-        else:
-            from ..data.loader import check_image_folder
-            self.num_classes = len(check_image_folder(Path(cfg.data), 'train'))
-        return self.num_classes
-
-    def _datasets(self):
-        from ..data.loader import build_dataset
-        cfg, dc = self.cfg, self.data_cfg
-        if cfg.task == 'face':
-            # insightface practice: aligned crops, resized to the model's input, random horizontal flip only.
-            from timm.data import create_transform
-            from ..data.face import FaceIdentityFolder
-            tf = create_transform(dc['size'], is_training=True, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.5,
-                                  color_jitter=None, auto_augment=None, interpolation=cfg.interpolation,
-                                  mean=tuple(dc['mean']), std=tuple(dc['std']))
-            train_set = FaceIdentityFolder(cfg.data, transform=tf)
-            self.face_bins = []
-            for b in cfg.face_val_bins:
-                images, issame = self.face_data.load_bin(b, image_size=(dc['size'], dc['size']))
-                self.face_bins.append((Path(b).stem, images, issame))
-            return train_set, None
-        train_set = build_dataset(cfg, 'train', dc['size'], dc['mean'], dc['std'])
-        val_set = build_dataset(cfg, 'val', dc['size'], dc['mean'], dc['std'])
-        if len(train_set.classes) != self.num_classes:
-            raise ValueError(f"data {cfg.data!r}: train/ has {self.num_classes} classes but the dataset reports "
-                             f"{len(train_set.classes)}")
-        if list(val_set.classes) != list(train_set.classes):
-            raise ValueError(f"data {cfg.data!r}: val/ classes {list(val_set.classes)} differ from train/ classes "
-                             f"{list(train_set.classes)}")
-        return train_set, val_set
-
     # ------------------------------------------------------------------------------------------- checkpoints
     def _state(self, step: int, epoch: int) -> Dict[str, Any]:
         state = {
@@ -319,13 +241,7 @@ class _Trainer:
     def _save(self, step: int, epoch: int, reason: str) -> Optional[Path]:
         if not self.info.is_main:
             return None
-        model = self.model
-        weights = {'model': (model.backbone if self.cfg.task == 'face' else model).state_dict()}
-        if self.cfg.task == 'face':
-            weights['head'] = model.head.state_dict()
-        if self.ema is not None:
-            ema_model = self.ema.module
-            weights['ema'] = (ema_model.backbone if self.cfg.task == 'face' else ema_model).state_dict()
+        weights = self.task.checkpoint_weights(self.model, self.ema.module if self.ema is not None else None)
         meta = {'epoch': epoch, 'reason': reason, 'model': self.cfg.model, 'steps_per_epoch': self.steps_per_epoch,
                 'config': self.cfg.to_dict(), 'last_eval': self.last_eval}
         path = save_checkpoint(self.run_dir, step, weights, self._state(step, epoch), meta,
@@ -415,19 +331,7 @@ class _Trainer:
                 self._print(f"resume: no checkpoint yet in {self.run_dir}, starting a new run")
             return 0
         path, weights, state, meta = found
-        model = self.model
-        target = model.backbone if cfg.task == 'face' else model
-        target.load_state_dict(weights['model'])
-        if cfg.task == 'face' and 'head' in weights:
-            model.head.load_state_dict(weights['head'])
-        if self.ema is not None:
-            ema_target = self.ema.module.backbone if cfg.task == 'face' else self.ema.module
-            if 'ema' in weights:
-                ema_target.load_state_dict(weights['ema'])
-                if cfg.task == 'face':
-                    self.ema.module.head.load_state_dict(weights['head'])
-            else:
-                self.ema.module.load_state_dict(model.state_dict())
+        self.task.load_checkpoint_weights(self.model, self.ema.module if self.ema is not None else None, weights)
         self.optimizer.load_state_dict(state['optimizer'])
         self.scheduler.load_state_dict(state['scheduler'])
         self.scaler.load_state_dict(state['scaler'])
@@ -462,38 +366,18 @@ class _Trainer:
             self._print(f"warning: could not draw curves.png: {e}")
 
     # --------------------------------------------------------------------------------------------- evaluation
-    def _evaluate(self, step: int, epoch: int) -> Dict[str, Any]:
+    def _evaluate(self, step: int, epoch: float) -> Dict[str, Any]:
         rec: Dict[str, Any] = {'kind': 'val', 'step': step, 'epoch': epoch}
-        if self.cfg.task == 'face':
-            from .verification import evaluate_verification
-            results = {}
-            if self.info.is_main:
-                for name, images, issame in self.face_bins:
-                    res = evaluate_verification(self.model.backbone, images, issame, batch_size=self.local_bs,
-                                                device=self.device)
-                    self._print(f"verification {name}: accuracy {res['accuracy']:.4f}")
-                    results[name] = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in res.items()
-                                     if isinstance(v, (int, float))}
-            rec['verification'] = results
-            if results:
-                accs = [r['accuracy'] for r in results.values() if 'accuracy' in r]
-                if accs:
-                    acc = sum(accs) / len(accs)
-                    rec['verification_acc'] = 100.0 * acc if acc <= 1.0 else acc
-        else:
-            if hasattr(self.val_set, 'reset_unreadable'):
-                self.val_set.reset_unreadable()
-            ev = evaluate_loader(self.model, self.val_loader, self.device, self.amp_dtype, self.cfg.channels_last,
-                                 self.info.world_size, self.info.rank)
-            rec.update(top1=ev['top1'], top5=ev['top5'], val_loss=ev['val_loss'])
-            bad = count_unreadable(self.val_set)
-            if bad is not None:
-                rec['bad_images'] = bad
-                self._check_data(self.val_set, 'val')
-            if self.ema is not None:
-                ev_ema = evaluate_loader(self.ema.module, self.val_loader, self.device, self.amp_dtype,
-                                         self.cfg.channels_last, self.info.world_size, self.info.rank)
-                rec['ema_top1'] = ev_ema['top1']
+        ctx = RunContext(self.device, self.amp_dtype, self.cfg.channels_last, self.info.world_size, self.info.rank,
+                         self.local_bs, self._print)
+        if hasattr(self.val_set, 'reset_unreadable'):
+            self.val_set.reset_unreadable()
+        rec.update(self.task.evaluate(self.model, self.ema.module if self.ema is not None else None,
+                                      self.val_loader, ctx))
+        bad = count_unreadable(self.val_set)
+        if bad is not None:
+            rec['bad_images'] = bad
+            self._check_data(self.val_set, 'val')
         rec['time'] = time.time()
         if self.info.is_main:
             self.log.append(rec)
@@ -515,11 +399,8 @@ class _Trainer:
 
     def _forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with autocast_context(self.device, self.amp_dtype is not None, self.amp_dtype):
-            if self.cfg.task == 'face':
-                logits = self.ddp_model(x, y)
-                return nn.functional.cross_entropy(logits.float(), y)
-            out = self.ddp_model(x)
-        return self.criterion(out.float(), y)
+            out = self.task.forward(self.ddp_model, x, y)
+        return self.task.loss(out, y)
 
     @torch.no_grad()
     def _restore_buffers(self, saved: Dict[str, torch.Tensor]) -> None:
@@ -540,8 +421,7 @@ class _Trainer:
             y = y.to(self.device, non_blocking=True)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            if self.mixup_fn is not None:
-                x, y = self.mixup_fn(x, y)
+            x, y = self.task.prepare_batch(x, y)
             n_images += x.shape[0]
             last = i == cfg.accum_steps - 1
             sync = nullcontext() if (last or not self.info.enabled) else self.ddp_model.no_sync()
@@ -663,12 +543,9 @@ class _Trainer:
                 done_epochs = step // self.steps_per_epoch
                 if (epoch_done and done_epochs % cfg.eval_every == 0) or step >= self.total_steps:
                     rec = self._evaluate(step, step / self.steps_per_epoch)
-                    if 'top1' in rec:
-                        extra = f", EMA top-1 {rec['ema_top1']:.2f}%" if 'ema_top1' in rec else ''
-                        self._print(f"{self._epoch_label(step)}: val top-1 {rec['top1']:.2f}% top-5 "
-                                    f"{rec['top5']:.2f}% loss {rec['val_loss']:.4f}{extra}")
-                    elif rec.get('verification'):
-                        self._print(f"{self._epoch_label(step)}: verification {rec['verification']}")
+                    summary = self.task.summary(rec)
+                    if summary:
+                        self._print(f"{self._epoch_label(step)}: {summary}")
                 self._save(step, done_epochs, 'epoch' if epoch_done else 'end')
         finally:
             stop.restore()
