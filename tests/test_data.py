@@ -161,3 +161,17 @@ def test_unreadable_images_are_skipped_named_counted_then_abort(tmp_path):
     with pytest.raises(DataError, match=r"could not be read.*bad_image_threshold=0.01"), \
             pytest.warns(UserWarning, match='broken'):
         train(dict(cfg, name='abort', bad_image_threshold=0.01, max_steps=12))
+
+
+def test_face_identity_folder_skips_unreadable_images(tmp_path):
+    from PIL import Image
+    from msconv.data.face import FaceIdentityFolder
+    for ident in ('alice', 'bob'):
+        (tmp_path / ident).mkdir()
+        Image.fromarray(np.full((8, 8, 3), 10, np.uint8)).save(tmp_path / ident / 'a.png')
+    _truncated_jpeg(tmp_path / 'alice' / 'b.jpg')
+    ds = FaceIdentityFolder(tmp_path)
+    assert len(ds) == 3 and ds.num_identities == 2
+    with pytest.warns(UserWarning, match=r"alice/b\.jpg"):
+        img, label = ds[1]  # alice/b.jpg is unreadable: the next readable image (bob/a.png) stands in
+    assert label == 1 and img.size == (8, 8) and ds.unreadable == 1
