@@ -142,3 +142,16 @@ def test_sigterm_exits_143_with_a_resume_command_that_works(tmp_path, data):
                              text=True, env=_env(), timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert 'resumed from' in resumed.stdout and 'step 3' in resumed.stdout and 'done: 4 steps' in resumed.stdout
+
+
+def test_tools_name_a_checkpoint_of_another_model(tmp_path, capsys):
+    import msconv
+    from safetensors.torch import save_file
+    smt = tmp_path / 'smt.safetensors'
+    save_file(msconv.create_model('test_smt').state_dict(), str(smt))
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        rc = main(['export', 'test_shiftwise', '--checkpoint', str(smt), '--no-check', '--out', str(tmp_path / 'x')])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"checkpoint '{smt}' does not fit 'test_shiftwise'" in err and 'Traceback' not in err
+    assert 'Missing key(s)' in err or 'Unexpected key(s)' in err or 'missing keys' in err

@@ -92,7 +92,8 @@ class TrainConfig:
     ckpt_every: int = 500  # optimizer steps between checkpoints (0: only at epoch ends and on exit)
     keep_last: int = 3
     resume: Optional[str] = None  # 'auto' (latest in the run folder), a checkpoint folder, or None
-    overwrite: bool = False  # replace what the run folder holds (a new run never writes into an existing one)
+    # start afresh in a run folder that holds a run (with resume='auto': only when it has no valid checkpoint)
+    overwrite: bool = False
     eval_every: int = 1  # epochs
     log_every: int = 10  # steps between metric lines
     progress: bool = True

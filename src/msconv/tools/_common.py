@@ -58,11 +58,18 @@ def build_model(
             raise ValueError('checkpoint_path cannot be loaded into a model built on the meta device')
         with torch.device('meta'):
             return timm.create_model(timm_name, **kwargs)
-    if timm_name.split('.')[0] in _MODEL_FAMILY:
-        return msconv.create_model(timm_name, checkpoint_path=checkpoint_path, trust_pickle=trust_pickle, **kwargs)
-    if checkpoint_path is not None and not os.path.isfile(checkpoint_path):
-        raise FileNotFoundError(f"checkpoint_path {str(checkpoint_path)!r} does not exist or is not a file")
-    return timm.create_model(timm_name, checkpoint_path=str(checkpoint_path) if checkpoint_path else '', **kwargs)
+    try:
+        if timm_name.split('.')[0] in _MODEL_FAMILY:
+            return msconv.create_model(timm_name, checkpoint_path=checkpoint_path, trust_pickle=trust_pickle,
+                                       **kwargs)
+        return timm.create_model(timm_name, checkpoint_path=str(checkpoint_path) if checkpoint_path else '',
+                                 **kwargs)
+    except RuntimeError as e:  # load_state_dict: missing/unexpected keys or shapes that differ
+        if checkpoint_path is None or 'state_dict' not in str(e):
+            raise
+        details = ' '.join(line.strip() for line in str(e).splitlines()[1:3])
+        raise ValueError(f"checkpoint {os.fspath(checkpoint_path)!r} does not fit {timm_name!r}: it is a checkpoint "
+                         f"of another model or of another number of classes ({details[:400]})") from e
 
 
 def reparameterize(model: nn.Module) -> nn.Module:

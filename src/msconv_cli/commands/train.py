@@ -39,7 +39,8 @@ _BOOLS = [
     ('channels_last', 'channels_last memory format'),
     ('sync_bn', 'SyncBatchNorm under torchrun'),
     ('progress', 'progress bar (a live bar on a terminal, complete lines every --log-every steps otherwise)'),
-    ('overwrite', "replace what the run folder holds (a new run never writes into another run's folder)"),
+    ('overwrite', "start afresh in a run folder that holds a run (with --resume auto: only when it has no valid "
+                  "checkpoint); without it a new run never writes into another run's folder"),
 ]
 
 
