@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import msconv
 from msconv.layers.shiftwise import ShiftWiseConv2d, shiftwise_geometry, shiftwise_indices
-from msconv.layers.shiftwise_sparsity import SparsityScheduler
+from msconv.engine.sparsity import SparsityScheduler
 
 from conftest import load_fixture, max_abs, official_state_dict
 
