@@ -87,7 +87,7 @@ def test_eval_names_a_checkpoint_of_another_model(tmp_path, data, capsys):
     save_file(msconv.create_model('test_smt', num_classes=10).state_dict(), str(ten))
     assert main(['eval', 'test_smt', '--checkpoint', str(ten), '--data', str(data)]) == 2
     err = capsys.readouterr().err
-    assert 'shapes differ: head.weight: checkpoint (10, ' in err and "with 3 classes" in err
+    assert 'shapes differ: head.fc.weight: checkpoint (10, ' in err and "with 3 classes" in err
 
 
 @pytest.mark.parametrize('suffix', ['.pth', '.safetensors'])

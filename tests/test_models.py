@@ -178,3 +178,30 @@ def test_config_and_feature_info_on_meta(name):
     assert isinstance(model.no_weight_decay(), set)
     matcher = model.group_matcher()
     assert set(matcher) >= {'stem', 'blocks'}
+
+
+def test_read_checkpoint_names_files_that_are_not_checkpoints(tmp_path):
+    junk = tmp_path / 'junk.pth'
+    junk.write_bytes(bytes(range(7, 200)) * 3)  # random bytes: not a zip archive, not a pickle
+    for trust in (False, True):
+        with pytest.raises(ValueError, match=r"junk\.pth' is not a torch checkpoint") as info:
+            msconv.read_checkpoint(junk, trust_pickle=trust)
+        assert 'trust_pickle' not in str(info.value)
+    bad_pickle = tmp_path / 'bad.pth'
+    bad_pickle.write_bytes(b'\x80\x04' + b'\xff' * 64)  # a pickle header, then garbage
+    with pytest.raises(ValueError, match=r"bad\.pth' could not be unpickled"):
+        msconv.read_checkpoint(bad_pickle, trust_pickle=True)
+
+
+def test_checkpoint_of_another_model_fails_before_any_classifier_warning():
+    import warnings
+    other = msconv.create_model('test_scsc_swin').state_dict()
+    model = msconv.create_model('test_smt')
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # no "classifier tensors were dropped" warning first
+        with pytest.raises(RuntimeError, match=r'a checkpoint of another model\?\): \d+ (missing keys|shapes differ): stem\.'):
+            model.load_state_dict(other)
+    ten_classes = msconv.create_model('test_smt', num_classes=10).state_dict()
+    with pytest.warns(UserWarning, match='classifier tensors'):  # same trunk, other classifier: dropped, loads
+        model.load_state_dict(ten_classes)
+    assert torch.equal(model.stem.conv1.weight, ten_classes['stem.conv1.weight'])

@@ -113,10 +113,19 @@ class MsconvModel(nn.Module):
         state_dict = convert_official(state_dict, self.family)
         own = self.state_dict(keep_vars=True)
         prefix = self._classifier_name() + '.'
-        dropped = []
-        for key in [k for k in state_dict if k.startswith(prefix)]:
-            if key not in own or tuple(own[key].shape) != tuple(state_dict[key].shape):
-                dropped.append(key)
+        dropped = [k for k in state_dict if k.startswith(prefix)
+                   and (k not in own or tuple(own[k].shape) != tuple(state_dict[k].shape))]
+        body = {k: v for k, v in state_dict.items() if k not in dropped}
+        if strict:  # the trunk must fit before anything is said about the classifier
+            shapes = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in body.items()
+                      if k in own and tuple(own[k].shape) != tuple(v.shape)]
+            if shapes:
+                raise RuntimeError(self._mismatch_message(shapes=shapes))
+        result = super().load_state_dict(body, strict=False, assign=assign)
+        if strict:
+            missing = [k for k in result.missing_keys if not (dropped and k.startswith(prefix))]
+            if missing or result.unexpected_keys:
+                raise RuntimeError(self._mismatch_message(missing=missing, unexpected=result.unexpected_keys))
         if dropped:
             shapes = {k: tuple(state_dict[k].shape) for k in dropped}
             warnings.warn(
@@ -125,16 +134,31 @@ class MsconvModel(nn.Module):
                 f"fresh initialisation.",
                 stacklevel=2,
             )
-            state_dict = {k: v for k, v in state_dict.items() if k not in dropped}
-        result = super().load_state_dict(state_dict, strict=False if dropped else strict, assign=assign)
-        if dropped and strict:
-            missing = [k for k in result.missing_keys if not k.startswith(prefix)]
-            if missing or result.unexpected_keys:
-                raise RuntimeError(
-                    f"Error(s) in loading state_dict for {type(self).__name__}: missing keys {missing}, "
-                    f"unexpected keys {result.unexpected_keys}"
-                )
         return result
+
+    def _mismatch_message(self, missing=(), unexpected=(), shapes=(), shown: int = 3) -> str:
+        def first(items):
+            items = list(items)
+            return ', '.join(items[:shown]) + (f' (+{len(items) - shown} more)' if len(items) > shown else '')
+        parts = [f"{len(missing)} missing keys: {first(missing)}" if missing else '',
+                 f"{len(unexpected)} unexpected keys: {first(unexpected)}" if unexpected else '',
+                 f"{len(shapes)} shapes differ: {first(shapes)}" if shapes else '']
+        return (f"Error(s) in loading state_dict for {type(self).__name__}: the state dict does not fit this model "
+                f"outside its classifier (a checkpoint of another model?): " + '; '.join(p for p in parts if p))
+
+
+def check_checkpoint_kind(path: Path, name: str = 'checkpoint_path') -> None:
+    """Refuse, naming the file, what cannot be a checkpoint before anything tries to unpickle it: a file that is
+    neither safetensors (an 8-byte header length, then JSON), a torch zip archive nor a pickle (first byte 0x80)."""
+    import zipfile
+    with open(path, 'rb') as f:
+        head = f.read(9)
+    if path.suffix == '.safetensors':
+        ok, kind = len(head) == 9 and head[8:9] == b'{', 'a safetensors file'
+    else:
+        ok, kind = head[:1] == b'\x80' or zipfile.is_zipfile(path), 'a torch checkpoint (zip archive or pickle)'
+    if not ok:
+        raise ValueError(f"{name} {str(path)!r} is not {kind}: the file is corrupt or of another kind")
 
 
 def read_checkpoint(path: Union[str, os.PathLike], trust_pickle: bool = False) -> Dict[str, torch.Tensor]:
@@ -148,6 +172,7 @@ def read_checkpoint(path: Union[str, os.PathLike], trust_pickle: bool = False) -
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint_path {str(path)!r} does not exist or is not a file")
+    check_checkpoint_kind(path)
     if path.suffix == '.safetensors':
         from safetensors.torch import load_file
         try:
@@ -164,7 +189,11 @@ def read_checkpoint(path: Union[str, os.PathLike], trust_pickle: bool = False) -
                     f"with weights_only=True. If you trust the file's origin, pass trust_pickle=True "
                     f"(CLI: --trust-pickle) to unpickle it fully. Details: {str(e).splitlines()[0]}"
                 ) from e
-            obj = torch.load(str(path), map_location='cpu', weights_only=False)
+            try:
+                obj = torch.load(str(path), map_location='cpu', weights_only=False)
+            except Exception as e2:  # a corrupt pickle fails in many ways (UnpicklingError, EOFError, ...)
+                raise ValueError(f"checkpoint_path {str(path)!r} could not be unpickled: "
+                                 f"{type(e2).__name__}: {e2}") from e2
         except (RuntimeError, EOFError) as e:
             raise ValueError(f"checkpoint_path {str(path)!r} is truncated or not a torch checkpoint: {e}") from e
     if isinstance(obj, Mapping):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
@@ -12,21 +13,12 @@ __all__ = ['build_model', 'reparameterize', 'check_checkpoint_file']
 
 def check_checkpoint_file(path: Union[str, os.PathLike]) -> None:
     """Refuse, naming the file, what cannot be a checkpoint before anything tries to unpickle it: a missing file,
-    a folder, or a file that is neither safetensors (an 8-byte header length then JSON), a torch zip archive nor a
-    pickle (first byte 0x80)."""
-    import zipfile
+    a folder, or a file that is neither safetensors, a torch zip archive nor a pickle."""
+    from ..models._builder import check_checkpoint_kind
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist or is not a file")
-    with open(path, 'rb') as f:
-        head = f.read(9)
-    if path.endswith('.safetensors'):
-        ok = len(head) == 9 and head[8:9] == b'{'
-    else:
-        ok = head[:1] == b'\x80' or zipfile.is_zipfile(path)
-    if not ok:
-        kind = 'a safetensors file' if path.endswith('.safetensors') else 'a torch checkpoint (zip archive or pickle)'
-        raise ValueError(f"checkpoint {path!r} is not {kind}: the file is corrupt or of another kind")
+    check_checkpoint_kind(Path(path), name='checkpoint')
 
 
 def build_model(
@@ -67,7 +59,8 @@ def build_model(
     except RuntimeError as e:  # load_state_dict: missing/unexpected keys or shapes that differ
         if checkpoint_path is None or 'state_dict' not in str(e):
             raise
-        details = ' '.join(line.strip() for line in str(e).splitlines()[1:3])
+        details = (' '.join(line.strip() for line in str(e).splitlines()[1:3])  # torch's message
+                   or str(e).split('(a checkpoint of another model?): ', 1)[-1])  # MsconvModel.load_state_dict's
         raise ValueError(f"checkpoint {os.fspath(checkpoint_path)!r} does not fit {timm_name!r}: it is a checkpoint "
                          f"of another model or of another number of classes ({details[:400]})") from e
 
