@@ -29,10 +29,11 @@ import msconv
 from msconv.layers.shiftwise import ShiftWiseConv2d
 
 
-def set_impl(model, impl: str):
+def sw_reference(model):
+    """Every SW of ``model`` runs its plain ``forward_reference`` (the rest of the network keeps its forms)."""
     for m in model.modules():
         if isinstance(m, ShiftWiseConv2d):
-            m.impl = impl
+            m.forward = m.forward_reference
     return model
 
 
@@ -62,7 +63,7 @@ def main() -> None:
                 m.running_mean.normal_(0, 0.1)
                 m.running_var.uniform_(0.5, 2.0)
     x = torch.randn(args.batch, 3, args.size, args.size)
-    ref = set_impl(copy.deepcopy(base), 'reference').eval()
+    ref = sw_reference(copy.deepcopy(base)).eval()
     auto = copy.deepcopy(base).eval()
     deploy = copy.deepcopy(base).eval().reparameterize()
     forms = {'train form (reference)': ref, 'train form (auto)': auto, 'deploy': deploy}
@@ -88,7 +89,7 @@ def main() -> None:
     xt = torch.randn(args.train_batch, 3, args.size, args.size)
     yt = torch.randint(0, 1000, (args.train_batch,))
     models = {'lean (default)': copy.deepcopy(base).train(),
-              'reference (plain autograd)': set_impl(copy.deepcopy(base), 'reference').train()}
+              'reference (plain autograd)': sw_reference(copy.deepcopy(base)).train()}
     opts = {n: torch.optim.AdamW(m.parameters(), lr=1e-4) for n, m in models.items()}
     loss_fn = torch.nn.CrossEntropyLoss()
 
