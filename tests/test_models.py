@@ -205,3 +205,33 @@ def test_checkpoint_of_another_model_fails_before_any_classifier_warning():
     with pytest.warns(UserWarning, match='classifier tensors'):  # same trunk, other classifier: dropped, loads
         model.load_state_dict(ten_classes)
     assert torch.equal(model.stem.conv1.weight, ten_classes['stem.conv1.weight'])
+
+
+@pytest.mark.parametrize('name', TEST_MODELS)
+def test_model_surface_device_dtype_reset_and_reparameterize(name):
+    """timm's factory arguments, a classifier rebuilt on the model's device/dtype/mode, reparameterize() in eval."""
+    model = timm.create_model(name, device='meta', dtype=torch.float64)
+    tensors = [*model.parameters(), *model.buffers()]
+    assert all(t.device.type == 'meta' for t in tensors)
+    assert all(t.dtype == torch.float64 for t in tensors if t.is_floating_point())
+    model = msconv.create_model(name).double().eval()
+    model.reset_classifier(3)
+    fc = model.get_classifier()
+    assert all(p.dtype == torch.float64 for p in fc.parameters()) and not any(m.training for m in model.modules())
+    with torch.no_grad():
+        assert model(_x(model).double()).dtype == torch.float64
+    model = msconv.create_model(name).train()
+    assert model.reparameterize() is model and not model.training
+    assert not any(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize('name', TEST_MODELS)
+def test_pruned_model_uses_every_parameter(name):
+    """What prune_intermediate_layers keeps is used (DDP needs it): the face heads' BN2d goes with the head."""
+    model = msconv.create_model(name).train()
+    x = _x(model)
+    take = model.prune_intermediate_layers([1])
+    feats = model.forward_intermediates(x, indices=take, intermediates_only=True)
+    sum(f.sum() for f in feats).backward()
+    unused = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not unused, unused

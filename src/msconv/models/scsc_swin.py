@@ -261,9 +261,10 @@ class CrossScaleSwin(MsconvModel):
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[:max_index + 1]
-        if prune_norm:
+        if prune_norm or max_index < len(self.stages) - 1:  # the final norm only fits the last stage
             self.norm = nn.Identity()
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+        self.stages = self.stages[:max_index + 1]
         if prune_head:
             self.reset_classifier(0, '')
         return take_indices
