@@ -5,3 +5,9 @@ from .linear import Linear
 from .margin import ArcFace, CosFace
 from .mixed_conv import MultiHeadMixedConv, ScaleAwareAggregation, ScaleAwareModulation
 from .shiftwise import ShiftWiseConv2d
+
+__all__ = [
+    'PER_IMAGE_MIN_PIXELS', 'is_capturing', 'reference_forms', 'reference_forms_enabled', 'use_fast_form',
+    'CrossScaleBottleneck', 'SpatialCrossScaleConv', 'Linear', 'ArcFace', 'CosFace', 'MultiHeadMixedConv',
+    'ScaleAwareAggregation', 'ScaleAwareModulation', 'ShiftWiseConv2d',
+]

@@ -268,7 +268,8 @@ class CrossScaleBottleneck(SpatialCrossScaleConv):
             out_dim=out_dim, stride=stride, out_act=True,
         )
         if stride != 1 or in_dim != out_dim:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_dim, out_dim, 1, stride=stride, bias=False), nn.BatchNorm2d(out_dim))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_dim, out_dim, 1, stride=stride, bias=False), nn.BatchNorm2d(out_dim))
         else:
             self.shortcut = nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()

@@ -21,8 +21,8 @@ from timm.models._manipulate import reparameterize_model
 from ..layers.forms import is_capturing
 from ._registry import _MODEL_FAMILY, convert_official, unknown_model_message
 
-__all__ = ['MsconvModel', 'factory_kwargs', 'create_model', 'read_checkpoint', 'read_class_map', 'select_classifier_rows',
-           'check_image_input', 'reparameterize']
+__all__ = ['MsconvModel', 'factory_kwargs', 'create_model', 'read_checkpoint', 'read_class_map',
+           'select_classifier_rows', 'check_image_input', 'check_checkpoint_kind', 'reparameterize']
 
 _FEATURE_KWARGS = ('out_indices', 'output_fmt', 'feature_cls', 'norm')
 

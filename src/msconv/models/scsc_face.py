@@ -74,7 +74,8 @@ class FaceEmbeddingHead(nn.Module):
         if pool_type not in ('flatten', 'avg', ''):
             raise ValueError(f"global_pool must be 'flatten', 'avg' or '', got {pool_type!r}")
         if num_classes > 0 and pool_type != 'flatten':
-            raise ValueError(f"global_pool must be 'flatten' for an embedding head (num_classes > 0), got {pool_type!r}")
+            raise ValueError(
+                f"global_pool must be 'flatten' for an embedding head (num_classes > 0), got {pool_type!r}")
         ref = next(self.parameters(), None)
         dd = dict(device=ref.device, dtype=ref.dtype) if ref is not None else {}
         self.pool_type = pool_type
