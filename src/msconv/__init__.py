@@ -25,6 +25,7 @@ _LAZY = {
     'demo': 'msconv.engine',
     'TrainConfig': 'msconv.engine',
     'SparsityScheduler': 'msconv.layers.shiftwise_sparsity',
+    'create_detector': 'msconv.dense', 'create_segmenter': 'msconv.dense',
 }
 
 
