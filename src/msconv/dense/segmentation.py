@@ -165,6 +165,8 @@ def create_segmenter(
         checkpoint_path: Optional[Union[str, os.PathLike]] = None,
         drop_path_rate: Optional[float] = None,
         aux_head: bool = True,
+        channels: int = 512,
+        aux_channels: int = 256,
         **backbone_kwargs: Any,
 ) -> UperNet:
     """A segmenter of the papers on an msconv backbone (see the module docstring for the interface).
@@ -176,6 +178,8 @@ def create_segmenter(
         checkpoint_path: ImageNet checkpoint of the backbone.
         drop_path_rate: backbone stochastic depth; default: the configs' value (SMT 0.2, SW 0.4).
         aux_head: the auxiliary FCN head on stage 3 (training only; it has no effect on predictions).
+        channels, aux_channels: widths of the decode and auxiliary heads (the configs: 512 and 256; smaller
+            values only for CPU tests and demos).
     """
     from .detection import config_drop_path_rate
 
@@ -183,8 +187,12 @@ def create_segmenter(
         raise ValueError(f"arch must be one of {SEGMENTER_ARCHS}, got {arch!r}")
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    for name, value in (('channels', channels), ('aux_channels', aux_channels)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
     if drop_path_rate is None and isinstance(backbone, str):
         drop_path_rate = config_drop_path_rate(backbone)
     body = create_backbone(backbone, checkpoint_path=checkpoint_path, drop_path_rate=drop_path_rate,
                            **backbone_kwargs)
-    return UperNet(body, num_classes, aux_weight=0.4 if aux_head else 0.0)
+    return UperNet(body, num_classes, channels=channels, aux_channels=aux_channels,
+                   aux_weight=0.4 if aux_head else 0.0)
