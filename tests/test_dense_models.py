@@ -249,3 +249,21 @@ def test_segmenter_loss_and_ignore():
     assert model(images).shape == (2, 5, 64, 64)
     no_aux = create_segmenter('test_smt', 'upernet', 5, aux_head=False, channels=32)
     assert set(no_aux.loss(images, masks)) == {'loss_decode'}
+
+
+def test_official_smt_checkpoint_feeds_the_dense_models(tmp_path):
+    """An official-format ImageNet checkpoint ({'model': ...}) loads into the detector's and segmenter's backbone,
+    whose stage maps then equal the official implementation's (shared/fixtures/smt/smt_micro)."""
+    from conftest import load_fixture, max_abs, official_state_dict
+
+    t, meta = load_fixture('smt', 'smt_micro')
+    ckpt = tmp_path / 'official.pth'
+    torch.save({'model': official_state_dict(t), 'epoch': 300}, ckpt)
+    kwargs = {k: v for k, v in meta['constructor_kwargs'].items() if k != 'num_classes'}
+    det = create_detector('smt_tiny', 'mask_rcnn', 3, checkpoint_path=ckpt, **kwargs).eval()
+    seg = create_segmenter('smt_tiny', 'upernet', 3, checkpoint_path=ckpt, channels=32, **kwargs).eval()
+    with torch.no_grad():
+        for backbone in (det.backbone.backbone, seg.backbone):
+            feats = backbone(t['input'])
+            for i, f in enumerate(feats):
+                assert max_abs(f, t[f'features.{i + 1}']) <= meta['atol'], f'stage {i + 1}'
