@@ -43,7 +43,8 @@ class _Oracle(nn.Module):
 
 @pytest.fixture(scope='module')
 def coco_val(tmp_path_factory):
-    img_dir, ann = build_digits_coco(tmp_path_factory.mktemp('coco'), 'val', n_images=6, canvas=(64, 96), seed=3)
+    img_dir, ann = build_digits_coco(tmp_path_factory.mktemp('coco'), 'val', n_images=6, canvas=(64, 96),
+                                     digit_size=(20, 48), seed=3)
     return CocoDetection(img_dir, ann, detection_eval_transforms())
 
 
@@ -160,7 +161,7 @@ def test_end_to_end_digits_segmentation(tmp_path):
     """digits -> ADE files -> ADESegmentation -> micro UperNet, a few steps on one batch (loss falls) -> mIoU."""
     torch.manual_seed(0)
     random.seed(0)
-    root = build_digits_ade(tmp_path, 'training', n_images=4, canvas=(64, 64))
+    root = build_digits_ade(tmp_path, 'training', n_images=4, canvas=(64, 64), digit_size=(20, 48))
     train = ADESegmentation(root, 'training', segmentation_train_transforms(scale=(128, 64), crop_size=(64, 64)),
                             num_classes=11)
     val = ADESegmentation(root, 'training', segmentation_eval_transforms(), num_classes=11)

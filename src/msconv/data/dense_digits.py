@@ -2,8 +2,10 @@
 in the COCO and ADE20K formats so that they go through the real loaders (:mod:`msconv.data.coco`,
 :mod:`msconv.data.ade`).
 
-Each image is a dark canvas (low grey noise) with 1-4 digits pasted at random sizes (default 20-56 px square,
-from the 28x28 originals, bilinear), in random colours, without overlapping boxes. A digit's instance mask is its
+Each image is a dark canvas (low grey noise) with 1-3 digits pasted at random sizes (default 36-72 px square,
+from the 28x28 originals, bilinear), in random colours, without overlapping boxes. Keep digits large against the
+detectors' anchors: RetinaNet's smallest anchors are 32-50 px (stride 8), and at IoU 0.5 digits pasted under
+~32 px get a single low-quality positive anchor each (a micro RetinaNet then barely learns to classify them). A digit's instance mask is its
 resized pixels above half intensity; its box is the tight box of that mask.
 
 * :func:`build_digits_coco` -> ``ROOT/{split}/NNNNNN.png`` and ``ROOT/annotations/instances_{split}.json`` with
@@ -71,8 +73,8 @@ def _compose(rng: np.random.RandomState, digits: np.ndarray, labels: np.ndarray,
 
 
 def build_digits_coco(root: Union[str, os.PathLike], split: str = 'train', n_images: int = 200,
-                      canvas: Tuple[int, int] = (128, 128), digit_size: Tuple[int, int] = (20, 56),
-                      max_digits: int = 4, seed: int = 0) -> Tuple[Path, Path]:
+                      canvas: Tuple[int, int] = (128, 128), digit_size: Tuple[int, int] = (36, 72),
+                      max_digits: int = 3, seed: int = 0) -> Tuple[Path, Path]:
     """Write a COCO-format digits detection set; returns ``(image_folder, instances_json)``.
 
     ``split`` 'train' or 'val' also picks the digits' own split (so val digits are unseen), ``seed`` the layout.
@@ -109,8 +111,8 @@ def build_digits_coco(root: Union[str, os.PathLike], split: str = 'train', n_ima
 
 
 def build_digits_ade(root: Union[str, os.PathLike], split: str = 'training', n_images: int = 200,
-                     canvas: Tuple[int, int] = (128, 128), digit_size: Tuple[int, int] = (20, 56),
-                     max_digits: int = 4, seed: int = 0) -> Path:
+                     canvas: Tuple[int, int] = (128, 128), digit_size: Tuple[int, int] = (36, 72),
+                     max_digits: int = 3, seed: int = 0) -> Path:
     """Write an ADE20K-format digits segmentation set (11 classes after ``reduce_zero_label``); returns ``root``.
 
     ``split`` 'training' or 'validation' (the digits' train / val split).
