@@ -11,7 +11,7 @@ import torch.nn as nn
 import msconv
 from msconv.dense import create_backbone, create_backbone_fpn, create_detector, create_segmenter
 from msconv.dense.cascade import CascadeRoIHeads
-from msconv.tools.dense_profile import profile_dense
+from msconv.tools.dense_profile import profile_dense, profile_system
 
 # (backbone, arch, paper params M, paper GMACs, our exact params). Papers: SMT README tables (COCO 1280x800,
 # ADE20K 2048x512); ShiftwiseConv: the repository's get_flops logs (downstream/{detection,segmentation}/README.md).
@@ -267,3 +267,11 @@ def test_official_smt_checkpoint_feeds_the_dense_models(tmp_path):
             feats = backbone(t['input'])
             for i, f in enumerate(feats):
                 assert max_abs(f, t[f'features.{i + 1}']) <= meta['atol'], f'stage {i + 1}'
+
+
+def test_profile_system_by_name():
+    stats = profile_system('smt_base', 'mask_rcnn')
+    assert stats['params'] == 51_679_733 and stats['input_size'] == (3, 1280, 800)
+    assert profile_system('smt_base', 'upernet')['input_size'] == (3, 512, 2048)
+    with pytest.raises(ValueError, match='arch'):
+        profile_system('smt_base', 'fcos')

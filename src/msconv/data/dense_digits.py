@@ -5,8 +5,8 @@ in the COCO and ADE20K formats so that they go through the real loaders (:mod:`m
 Each image is a dark canvas (low grey noise) with 1-3 digits pasted at random sizes (default 36-72 px square,
 from the 28x28 originals, bilinear), in random colours, without overlapping boxes. Keep digits large against the
 detectors' anchors: RetinaNet's smallest anchors are 32-50 px (stride 8), and at IoU 0.5 digits pasted under
-~32 px get a single low-quality positive anchor each (a micro RetinaNet then barely learns to classify them). A digit's instance mask is its
-resized pixels above half intensity; its box is the tight box of that mask.
+~32 px get a single low-quality positive anchor each (a micro RetinaNet then barely learns to classify them).
+A digit's instance mask is its resized pixels above half intensity; its box is the tight box of that mask.
 
 * :func:`build_digits_coco` -> ``ROOT/{split}/NNNNNN.png`` and ``ROOT/annotations/instances_{split}.json`` with
   10 categories (ids 1-10, names '0'-'9'), boxes, areas and RLE masks.

@@ -187,8 +187,9 @@ def create_detector(
             rpn_pre_nms_top_n_train=2000, rpn_post_nms_top_n_train=1000, rpn_pre_nms_top_n_test=1000,
             rpn_post_nms_top_n_test=test_proposals, rpn_nms_thresh=0.7, rpn_fg_iou_thresh=0.7, rpn_bg_iou_thresh=0.3,
             rpn_batch_size_per_image=256, rpn_positive_fraction=0.5, box_score_thresh=0.05, box_nms_thresh=0.5,
-            box_detections_per_img=100, box_fg_iou_thresh=0.5, box_bg_iou_thresh=0.5, box_batch_size_per_image=rois_per_image,
-            box_positive_fraction=0.25, bbox_reg_weights=(10.0, 10.0, 5.0, 5.0), **kwargs, **common)
+            box_detections_per_img=100, box_fg_iou_thresh=0.5, box_bg_iou_thresh=0.5,
+            box_batch_size_per_image=rois_per_image, box_positive_fraction=0.25,
+            bbox_reg_weights=(10.0, 10.0, 5.0, 5.0), **kwargs, **common)
 
     # cascade_mask_rcnn
     rpn = RegionProposalNetwork(

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch

@@ -15,14 +15,14 @@ counter (mmcv / ptflops hooks) does not see the attention matmuls; ``macs`` adds
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from .profile import profile
 
-__all__ = ['DenseFlopsView', 'profile_dense', 'PAPER_INPUT_SIZES']
+__all__ = ['DenseFlopsView', 'profile_dense', 'profile_system', 'PAPER_INPUT_SIZES']
 
 PAPER_INPUT_SIZES = {'detection': (3, 1280, 800), 'segmentation': (3, 512, 2048)}
 
@@ -77,3 +77,24 @@ def profile_dense(model: nn.Module, input_size: Sequence[int] = PAPER_INPUT_SIZE
     aux = getattr(model, 'auxiliary_head', None)
     stats['params_inference'] = stats['params'] - (sum(p.numel() for p in aux.parameters()) if aux is not None else 0)
     return stats
+
+
+def profile_system(backbone: str, arch: str, num_classes: Optional[int] = None,
+                   input_size: Optional[Sequence[int]] = None, **kwargs: Any) -> Dict[str, Any]:
+    """Build ``arch`` on ``backbone`` on the meta device and profile it at the paper's input size.
+
+    ``arch``: a detector (``'mask_rcnn'``, ``'cascade_mask_rcnn'``, ``'retinanet'``; COCO, 80 classes, 1280x800)
+    or ``'upernet'`` (ADE20K, 150 classes, 2048x512). ``kwargs`` go to the builder (e.g. ``n_paths=1``).
+    """
+    from msconv.dense import DETECTOR_ARCHS, SEGMENTER_ARCHS, create_detector, create_segmenter
+
+    if arch not in DETECTOR_ARCHS + SEGMENTER_ARCHS:
+        raise ValueError(f"arch must be one of {DETECTOR_ARCHS + SEGMENTER_ARCHS}, got {arch!r}")
+    segmentation = arch in SEGMENTER_ARCHS
+    with torch.device('meta'):
+        if segmentation:
+            model = create_segmenter(backbone, arch, 150 if num_classes is None else num_classes, **kwargs)
+        else:
+            model = create_detector(backbone, arch, 80 if num_classes is None else num_classes, **kwargs)
+    size = input_size or PAPER_INPUT_SIZES['segmentation' if segmentation else 'detection']
+    return profile_dense(model, size, device='meta')
