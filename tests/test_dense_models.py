@@ -275,3 +275,22 @@ def test_profile_system_by_name():
     assert profile_system('smt_base', 'upernet')['input_size'] == (3, 512, 2048)
     with pytest.raises(ValueError, match='arch'):
         profile_system('smt_base', 'fcos')
+
+
+def test_cascade_refine_regresses_by_class_and_drops_ground_truth():
+    model = create_detector('test_smt', 'cascade_mask_rcnn', 3, rois_per_image=8)
+    heads = model.roi_heads
+    rois = [torch.tensor([[10., 10., 50., 30.], [0., 0., 20., 20.]])]
+    logits = torch.tensor([[0., 5., 1., 1.], [9., 0., 0., 3.]])  # best foreground: class 1, class 3
+    deltas = torch.zeros(2, 4, 4)
+    deltas[0, 2, 0] = 1.0  # class 2 moves roi 0 by dx = 1/10 of its width (stage-1 weight 10)
+    deltas[1, 3, 1] = 2.0  # class 3 moves roi 1 by dy = 2/10 of its height
+    labels = [torch.tensor([2, 0])]  # roi 0 is a positive of class 2, roi 1 background
+    out = heads._refine(0, logits, deltas.reshape(2, 16), rois, labels, [(100, 100)])[0]
+    torch.testing.assert_close(out[0], torch.tensor([14., 10., 54., 30.]))  # by its ground-truth class
+    torch.testing.assert_close(out[1], torch.tensor([0., 4., 20., 24.]))  # by its best foreground class
+    # in training, stage t+1 proposals are the refined sampled rois without the ground-truth boxes
+    targets = [dict(boxes=torch.tensor([[10., 10., 50., 30.]]), labels=torch.tensor([2]))]
+    rois_t, labels_t, matched_t, is_gt = heads._sample(0, rois, targets)
+    assert int(is_gt[0].sum()) == 1 and len(rois_t[0]) == 3
+    assert torch.equal(rois_t[0][is_gt[0]], targets[0]['boxes'])
