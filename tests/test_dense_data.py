@@ -116,6 +116,10 @@ def test_coco_bad_data_is_named_or_skipped(coco_set, tmp_path):
     _, target = ds[0]
     assert target['image_id'] == data['images'][1]['id'] and ds.skipped['images'] == 1
 
+    odd = dict(data, annotations=[dict(data['annotations'][0], segmentation=[[1, 2, 3]])])
+    (tmp_path / 'odd.json').write_text(json.dumps(odd))
+    with pytest.raises(ValueError, match='odd.json: annotation 1: segmentation'):
+        CocoDetection(img_dir, tmp_path / 'odd.json')
     with pytest.raises(ValueError, match='on_error'):
         CocoDetection(img_dir, ann_file, on_error='ignore')
     (tmp_path / 'broken.json').write_text('{"images": [')

@@ -145,10 +145,11 @@ class CocoDetection(Dataset):
             return f"bbox must be 4 finite numbers [x, y, w, h] with w, h >= 0, got {box!r}"
         if self.with_masks and not ann.get('iscrowd', 0):
             seg = ann.get('segmentation')
-            ok = (isinstance(seg, list) and len(seg) > 0 and all(isinstance(p, list) and len(p) >= 6 for p in seg)) \
+            ok = (isinstance(seg, list) and len(seg) > 0
+                  and all(isinstance(p, list) and len(p) >= 2 and len(p) % 2 == 0 for p in seg)) \
                 or (isinstance(seg, dict) and 'counts' in seg and 'size' in seg)
-            if not ok:
-                return "segmentation must be polygons (lists of >= 3 points) or an RLE dict with counts/size"
+            if not ok:  # (COCO itself has a few degenerate polygons of 2 points: pycocotools rasterizes them)
+                return "segmentation must be polygons (lists of x, y pairs) or an RLE dict with counts/size"
         return ''
 
     def __len__(self) -> int:
