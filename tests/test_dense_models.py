@@ -294,3 +294,21 @@ def test_cascade_refine_regresses_by_class_and_drops_ground_truth():
     rois_t, labels_t, matched_t, is_gt = heads._sample(0, rois, targets)
     assert int(is_gt[0].sum()) == 1 and len(rois_t[0]) == 3
     assert torch.equal(rois_t[0][is_gt[0]], targets[0]['boxes'])
+
+
+def test_mask_rcnn_l1_box_losses():
+    from torchvision.models.detection.roi_heads import RoIHeads
+    from msconv.dense.rcnn import L1RegionProposalNetwork, L1RoIHeads, l1_box_loss
+
+    model = create_detector('test_smt', 'mask_rcnn', 3)
+    assert isinstance(model.rpn, L1RegionProposalNetwork) and isinstance(model.roi_heads, L1RoIHeads)
+    plain = create_detector('test_smt', 'mask_rcnn', 3, box_loss='smooth_l1')
+    assert type(plain.roi_heads) is RoIHeads
+    with pytest.raises(ValueError, match='box_loss'):
+        create_detector('test_smt', 'mask_rcnn', 3, box_loss='giou')
+    regression = torch.zeros(3, 4 * 4)
+    regression[0, 8:12] = torch.tensor([1., -1., 2., 0.])  # roi 0, class 2
+    regression[1, 4:8] = 5.0  # roi 1 is background: not counted
+    labels = torch.tensor([2, 0, 1])
+    targets = torch.tensor([[0., 0., 0., 0.], [9., 9., 9., 9.], [0.5, 0., 0., 0.]])
+    assert l1_box_loss(regression, labels, targets).item() == pytest.approx((4.0 + 0.5) / 3)

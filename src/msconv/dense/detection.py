@@ -29,10 +29,11 @@ What follows each config (``detection/configs/*_smt_s_fpn.py`` in AFeng-x/SMT an
 * **retinanet**: FPN over C3-C5 plus P6/P7 convs on C5, 9 anchors per location (3 scales x 3 ratios, base 4x
   stride), 4 stacked convs per branch, focal loss (alpha 0.25, gamma 2), IoU 0.5/0.4 assignment, L1 box loss.
 
-Known differences from mmdetection's implementation (torchvision's maths is kept): the R-CNN box losses are
-smooth-L1 with beta 1/9 (the Mask R-CNN configs say L1), torchvision's RoIAlign uses ``aligned=False`` (mmcv's
-``aligned=True``), and the R-CNN classifiers carry a background row in the regression layer (4 x 1024 + 4
-parameters).
+Mask R-CNN trains its RPN and box head with the config's L1 losses (:mod:`msconv.dense.rcnn`; ``box_loss=
+'smooth_l1'`` gives torchvision's). Known differences from mmdetection's implementation (torchvision's maths is
+kept): torchvision's RoIAlign uses ``aligned=False`` (mmcv's ``aligned=True``), the RPN keeps anchors that cross
+the image border (the Cascade config's ``allowed_border=0`` drops them from training), and the R-CNN classifiers
+carry a background row in the regression layer (4 x 1024 + 4 parameters).
 
 Interface for the engine's task strategy: ``build_model = create_detector``; datasets and collate from
 :mod:`msconv.data.coco`; ``loss = sum(model(images, targets).values())``; ``evaluate_coco`` from
@@ -45,20 +46,22 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
-from torchvision.models.detection import MaskRCNN, RetinaNet
+from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 
 from .cascade import CASCADE_IOUS, CASCADE_LOSS_WEIGHTS, CASCADE_STDS, CascadeRoIHeads, CascadeStage
 from .necks import BackboneWithFPN, create_backbone
+from .rcnn import L1RegionProposalNetwork, L1RoIHeads
 
-__all__ = ['create_detector', 'DETECTOR_ARCHS', 'RetinaNetDetector', 'CascadeMaskRCNN', 'IMAGENET_MEAN',
-           'IMAGENET_STD', 'config_drop_path_rate']
+__all__ = ['create_detector', 'DETECTOR_ARCHS', 'RetinaNetDetector', 'MaskRCNNDetector', 'CascadeMaskRCNN',
+           'IMAGENET_MEAN', 'IMAGENET_STD', 'config_drop_path_rate']
 
 DETECTOR_ARCHS = ('mask_rcnn', 'cascade_mask_rcnn', 'retinanet')
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -98,6 +101,11 @@ class RetinaNetDetector(RetinaNet):
         return [{**d, 'labels': d['labels'] + 1} for d in out]
 
 
+class MaskRCNNDetector(GeneralizedRCNN):
+    """(Mask) R-CNN: torchvision's two-stage skeleton, RPN and RoI heads (with the config's L1 box losses by
+    default, :mod:`msconv.dense.rcnn`)."""
+
+
 class CascadeMaskRCNN(GeneralizedRCNN):
     """Cascade (Mask) R-CNN: torchvision's two-stage skeleton with :class:`CascadeRoIHeads`."""
 
@@ -129,6 +137,7 @@ def create_detector(
         with_masks: bool = True,
         rois_per_image: int = 512,
         test_proposals: int = 1000,
+        box_loss: str = 'l1',
         **backbone_kwargs: Any,
 ) -> nn.Module:
     """A COCO detector of the papers on an msconv backbone (see the module docstring for the interface).
@@ -144,11 +153,15 @@ def create_detector(
         rois_per_image: RoIs sampled per image for each R-CNN stage in training (512 in the configs).
         test_proposals: RPN proposals kept per image at test time (1000 in the configs; also the RetinaNet
             pre-NMS top-k). Smaller values only make CPU tests and demos cheaper.
+        box_loss: Mask R-CNN's RPN and box-head regression loss: ``'l1'`` (the config) or ``'smooth_l1'``
+            (torchvision's, beta 1/9). Cascade uses the config's smooth-L1 RPN and GIoU heads, RetinaNet L1.
         **backbone_kwargs: further backbone keyword arguments (e.g. ``out_norm``).
     """
     if arch not in DETECTOR_ARCHS:
         raise ValueError(f"arch must be one of {DETECTOR_ARCHS}, got {arch!r}")
     num_classes = _check_num_classes(num_classes)
+    if box_loss not in ('l1', 'smooth_l1'):
+        raise ValueError(f"box_loss must be 'l1' or 'smooth_l1', got {box_loss!r}")
     for name, value in (('rois_per_image', rois_per_image), ('test_proposals', test_proposals)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -172,24 +185,19 @@ def create_detector(
     mask_pool = MultiScaleRoIAlign(levels, output_size=14, sampling_ratio=0) if with_masks else None
 
     if arch == 'mask_rcnn':
-        kwargs: Dict[str, Any] = dict(
-            box_roi_pool=box_pool, box_head=TwoMLPHead(256 * 7 * 7, 1024), box_predictor=FastRCNNPredictor(
-                1024, num_classes + 1))
-        if with_masks:
-            kwargs.update(mask_roi_pool=mask_pool, mask_head=MaskRCNNHeads(256, [256] * 4, 1),
-                          mask_predictor=MaskRCNNPredictor(256, 256, num_classes + 1))
-            cls = MaskRCNN
-        else:
-            from torchvision.models.detection import FasterRCNN
-            cls = FasterRCNN
-        return cls(
-            fpn, num_classes=None, rpn_anchor_generator=_rpn_anchors(), rpn_head=RPNHead(256, 3),
-            rpn_pre_nms_top_n_train=2000, rpn_post_nms_top_n_train=1000, rpn_pre_nms_top_n_test=1000,
-            rpn_post_nms_top_n_test=test_proposals, rpn_nms_thresh=0.7, rpn_fg_iou_thresh=0.7, rpn_bg_iou_thresh=0.3,
-            rpn_batch_size_per_image=256, rpn_positive_fraction=0.5, box_score_thresh=0.05, box_nms_thresh=0.5,
-            box_detections_per_img=100, box_fg_iou_thresh=0.5, box_bg_iou_thresh=0.5,
-            box_batch_size_per_image=rois_per_image, box_positive_fraction=0.25,
-            bbox_reg_weights=(10.0, 10.0, 5.0, 5.0), **kwargs, **common)
+        rpn_cls, heads_cls = (L1RegionProposalNetwork, L1RoIHeads) if box_loss == 'l1' else \
+            (RegionProposalNetwork, RoIHeads)
+        rpn = rpn_cls(
+            _rpn_anchors(), RPNHead(256, 3), fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=256,
+            positive_fraction=0.5, pre_nms_top_n=dict(training=2000, testing=1000),
+            post_nms_top_n=dict(training=1000, testing=test_proposals), nms_thresh=0.7)
+        heads = heads_cls(
+            box_pool, TwoMLPHead(256 * 7 * 7, 1024), FastRCNNPredictor(1024, num_classes + 1), fg_iou_thresh=0.5,
+            bg_iou_thresh=0.5, batch_size_per_image=rois_per_image, positive_fraction=0.25,
+            bbox_reg_weights=(10.0, 10.0, 5.0, 5.0), score_thresh=0.05, nms_thresh=0.5, detections_per_img=100,
+            mask_roi_pool=mask_pool, mask_head=MaskRCNNHeads(256, [256] * 4, 1) if with_masks else None,
+            mask_predictor=MaskRCNNPredictor(256, 256, num_classes + 1) if with_masks else None)
+        return MaskRCNNDetector(fpn, rpn, heads, GeneralizedRCNNTransform(**common))
 
     # cascade_mask_rcnn
     rpn = RegionProposalNetwork(
