@@ -312,3 +312,19 @@ def test_mask_rcnn_l1_box_losses():
     labels = torch.tensor([2, 0, 1])
     targets = torch.tensor([[0., 0., 0., 0.], [9., 9., 9., 9.], [0.5, 0., 0., 0.]])
     assert l1_box_loss(regression, labels, targets).item() == pytest.approx((4.0 + 0.5) / 3)
+
+
+def test_cascade_rpn_ignores_border_crossing_anchors():
+    from msconv.dense.rcnn import BorderRegionProposalNetwork
+
+    model = create_detector('test_smt', 'cascade_mask_rcnn', 3)
+    rpn = model.rpn
+    assert isinstance(rpn, BorderRegionProposalNetwork) and rpn.allowed_border == 0.0
+    anchors = [torch.tensor([[10., 10., 40., 40.], [-20., 10., 10., 40.], [60., 60., 100., 90.], [12., 12., 38., 38.]])]
+    targets = [dict(boxes=torch.tensor([[10., 10., 40., 40.]]), labels=torch.tensor([1]))]
+    rpn._image_sizes = [(80, 100)]
+    labels, _ = rpn.assign_targets_to_anchors(anchors, targets)
+    assert labels[0].tolist() == [1.0, -1.0, -1.0, 1.0]  # x1 < 0 and y2 >= 80 cross the border
+    rpn._image_sizes = None
+    labels, _ = rpn.assign_targets_to_anchors(anchors, targets)
+    assert labels[0].tolist()[1:3] == [0.0, 0.0]

@@ -23,7 +23,8 @@ What follows each config (``detection/configs/*_smt_s_fpn.py`` in AFeng-x/SMT an
   14x14 with adaptive sampling; ``Shared2FCBBoxHead`` (two 1024 fcs), class-specific regression with stds
   (0.1, 0.1, 0.2, 0.2); 512 RoIs at 25% positives; ``FCNMaskHead`` with 4 convs; test score 0.05, NMS 0.5, 100
   detections.
-* **cascade_mask_rcnn**: the same RPN (2000 post-NMS proposals in training) and three stages (see
+* **cascade_mask_rcnn**: the same RPN (2000 post-NMS proposals in training, smooth-L1 loss, border-crossing
+  anchors ignored) and three stages (see
   :mod:`msconv.dense.cascade`): IoU 0.5/0.6/0.7, ``Shared4Conv1FC`` heads with BatchNorm, GIoU loss, one mask
   head per stage.
 * **retinanet**: FPN over C3-C5 plus P6/P7 convs on C5, 9 anchors per location (3 scales x 3 ratios, base 4x
@@ -31,9 +32,9 @@ What follows each config (``detection/configs/*_smt_s_fpn.py`` in AFeng-x/SMT an
 
 Mask R-CNN trains its RPN and box head with the config's L1 losses (:mod:`msconv.dense.rcnn`; ``box_loss=
 'smooth_l1'`` gives torchvision's). Known differences from mmdetection's implementation (torchvision's maths is
-kept): torchvision's RoIAlign uses ``aligned=False`` (mmcv's ``aligned=True``), the RPN keeps anchors that cross
-the image border (the Cascade config's ``allowed_border=0`` drops them from training), and the R-CNN classifiers
-carry a background row in the regression layer (4 x 1024 + 4 parameters).
+kept): torchvision's RoIAlign uses ``aligned=False`` (mmcv's ``aligned=True``), and the R-CNN classifiers carry a
+background row in the regression layer (4 x 1024 + 4 parameters). The Cascade RPN leaves border-crossing anchors
+out of training (``allowed_border=0``), as its config.
 
 Interface for the engine's task strategy: ``build_model = create_detector``; datasets and collate from
 :mod:`msconv.data.coco`; ``loss = sum(model(images, targets).values())``; ``evaluate_coco`` from
@@ -58,7 +59,7 @@ from torchvision.ops import MultiScaleRoIAlign
 
 from .cascade import CASCADE_IOUS, CASCADE_LOSS_WEIGHTS, CASCADE_STDS, CascadeRoIHeads, CascadeStage
 from .necks import BackboneWithFPN, create_backbone
-from .rcnn import L1RegionProposalNetwork, L1RoIHeads
+from .rcnn import BorderRegionProposalNetwork, L1RegionProposalNetwork, L1RoIHeads
 
 __all__ = ['create_detector', 'DETECTOR_ARCHS', 'RetinaNetDetector', 'MaskRCNNDetector', 'CascadeMaskRCNN',
            'IMAGENET_MEAN', 'IMAGENET_STD', 'config_drop_path_rate']
@@ -200,10 +201,10 @@ def create_detector(
         return MaskRCNNDetector(fpn, rpn, heads, GeneralizedRCNNTransform(**common))
 
     # cascade_mask_rcnn
-    rpn = RegionProposalNetwork(
+    rpn = BorderRegionProposalNetwork(
         _rpn_anchors(), RPNHead(256, 3), fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=256,
         positive_fraction=0.5, pre_nms_top_n=dict(training=2000, testing=1000),
-        post_nms_top_n=dict(training=2000, testing=test_proposals), nms_thresh=0.7)
+        post_nms_top_n=dict(training=2000, testing=test_proposals), nms_thresh=0.7, allowed_border=0.0)
     stages = []
     for _ in CASCADE_IOUS:
         stages.append(CascadeStage(

@@ -1,10 +1,15 @@
-"""Mask R-CNN's RPN and RoI heads with the L1 box losses of the official SMT Mask R-CNN config.
+"""Mask R-CNN's RPN and RoI heads with the L1 box losses of the official SMT Mask R-CNN config, and the Cascade
+config's RPN that leaves anchors crossing the image border out of training.
 
 torchvision's ``RegionProposalNetwork`` and ``RoIHeads`` train box regression with smooth-L1 (beta 1/9); the
 config (``mask_rcnn_smt_*_fpn.py``) uses ``L1Loss`` for both the RPN and the box head. These subclasses change
 only that: the L1 sum over positive samples divided by the number of sampled anchors / RoIs (mmdet's
 ``avg_factor``; torchvision's own normalization). Everything else (sampling, matching, class-specific
 regression of the gt class, mask loss, inference) is torchvision's, reused as is.
+
+:class:`BorderRegionProposalNetwork` follows mmdet's ``allowed_border`` (0 in the Cascade configs): anchors
+reaching more than that many pixels beyond the (unpadded) image are neither positives nor negatives of the RPN
+loss; proposals still come from every anchor.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import torch.nn.functional as F
 from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_loss
 from torchvision.models.detection.rpn import RegionProposalNetwork
 
-__all__ = ['L1RegionProposalNetwork', 'L1RoIHeads', 'l1_box_loss']
+__all__ = ['L1RegionProposalNetwork', 'L1RoIHeads', 'BorderRegionProposalNetwork', 'l1_box_loss']
 
 
 def l1_box_loss(box_regression: torch.Tensor, labels: torch.Tensor, regression_targets: torch.Tensor) -> torch.Tensor:
@@ -66,3 +71,30 @@ class L1RoIHeads(RoIHeads):
                                                 [t['labels'] for t in targets],
                                                 [m[i] for m, i in zip(matched_idxs, pos)])
         return [], losses
+
+
+class BorderRegionProposalNetwork(RegionProposalNetwork):
+    """torchvision's RPN whose training ignores anchors crossing the image border by more than ``allowed_border``
+    pixels (mmdet ``allowed_border``; negative values keep every anchor, as torchvision)."""
+
+    def __init__(self, *args, allowed_border: float = 0.0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.allowed_border = allowed_border
+        self._image_sizes: Optional[List[Tuple[int, int]]] = None
+
+    def forward(self, images, features, targets=None):
+        self._image_sizes = images.image_sizes  # read by assign_targets_to_anchors during this call
+        try:
+            return super().forward(images, features, targets)
+        finally:
+            self._image_sizes = None
+
+    def assign_targets_to_anchors(self, anchors: List[torch.Tensor], targets: List[Dict[str, torch.Tensor]]):
+        labels, matched_gt_boxes = super().assign_targets_to_anchors(anchors, targets)
+        if self._image_sizes is None or self.allowed_border < 0:
+            return labels, matched_gt_boxes
+        b = self.allowed_border
+        for lab, a, (h, w) in zip(labels, anchors, self._image_sizes):
+            outside = (a[:, 0] < -b) | (a[:, 1] < -b) | (a[:, 2] >= w + b) | (a[:, 3] >= h + b)
+            lab[outside] = -1.0  # the sampler draws neither positives nor negatives among these
+        return labels, matched_gt_boxes
