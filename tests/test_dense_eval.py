@@ -58,6 +58,10 @@ def test_coco_ap_of_oracle_is_one(coco_val):
     assert set(evaluate_coco(_Oracle(coco_val, with_masks=False), coco_val)) == {'bbox'}
     with pytest.raises(ValueError, match='iou_types'):
         evaluate_coco(_Oracle(coco_val), coco_val, iou_types=('keypoints',))
+    in_workers = evaluate_coco(_Oracle(coco_val, shift=6.0), coco_val, num_workers=1)
+    assert in_workers == shifted
+    with pytest.raises(ValueError, match='num_workers'):
+        evaluate_coco(_Oracle(coco_val), coco_val, num_workers=-1)
 
 
 class _ColourSegmenter(nn.Module):
@@ -108,6 +112,8 @@ def test_segmentation_eval_oracle_single_and_multiscale_flip():
     assert single['mIoU'] == pytest.approx(1.0) and single['aAcc'] == pytest.approx(1.0)
     ms = evaluate_segmentation(model, ds, k, ratios=(0.5, 0.75, 1.0, 1.5), flip=True, scale=(120, 40))
     assert ms['mIoU'] > 0.97 and ms['aAcc'] > 0.98
+    assert evaluate_segmentation(model, ds, k, ratios=(0.5, 0.75, 1.0, 1.5), flip=True, scale=(120, 40),
+                                 num_workers=1) == ms
     wrong = evaluate_segmentation(model, _ListDataset([(image, torch.where(mask == 255, mask, (mask + 1) % k))]), k,
                                   scale=None)
     assert wrong['aAcc'] < 0.01

@@ -38,22 +38,44 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _batches(dataset, indices: Sequence[int], batch_size: int, num_workers: int, collate):
+    """Batches of ``dataset[indices]``: in this process, or decoded by a DataLoader's worker processes."""
+    if num_workers == 0:
+        for start in range(0, len(indices), batch_size):
+            yield collate([dataset[i] for i in indices[start:start + batch_size]])
+        return
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, list(indices)), batch_size=batch_size,
+                                         shuffle=False, num_workers=num_workers, collate_fn=collate)
+    yield from loader
+
+
+def _check_loop_args(batch_size: Any, num_workers: Any) -> None:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 0:
+        raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+
+
 @torch.no_grad()
 def coco_results(model: nn.Module, dataset, batch_size: int = 2, max_images: Optional[int] = None,
-                 mask_threshold: float = 0.5) -> Tuple[List[dict], List[dict], List[Any]]:
-    """Run ``model`` over ``dataset`` and return COCO result lists ``(bbox_results, segm_results, image_ids)``."""
+                 mask_threshold: float = 0.5, indices: Optional[Sequence[int]] = None,
+                 num_workers: int = 0) -> Tuple[List[dict], List[dict], List[Any]]:
+    """Run ``model`` over ``dataset`` and return COCO result lists ``(bbox_results, segm_results, image_ids)``.
+
+    ``indices`` selects the items (e.g. one distributed rank's share; the lists of all ranks concatenated give
+    the full evaluation); ``num_workers`` decodes images in DataLoader workers.
+    """
     from pycocotools import mask as mask_utils
 
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    n = len(dataset) if max_images is None else min(int(max_images), len(dataset))
+    _check_loop_args(batch_size, num_workers)
+    if indices is None:
+        indices = range(len(dataset) if max_images is None else min(int(max_images), len(dataset)))
     device = _device_of(model)
     was_training = model.training
     model.eval()
     boxes_out, segm_out, image_ids = [], [], []
     try:
-        for start in range(0, n, batch_size):
-            images, targets = collate_detection([dataset[i] for i in range(start, min(start + batch_size, n))])
+        for images, targets in _batches(dataset, list(indices), batch_size, num_workers, collate_detection):
             outputs = model([im.to(device) for im in images])
             for out, target in zip(outputs, targets):
                 img_id = target['image_id']
@@ -92,14 +114,14 @@ def _coco_eval(coco_gt, results: List[dict], iou_type: str, image_ids: List[Any]
 
 
 def evaluate_coco(model: nn.Module, dataset, batch_size: int = 2, max_images: Optional[int] = None,
-                  iou_types: Sequence[str] = ('bbox', 'segm')) -> Dict[str, Dict[str, float]]:
+                  iou_types: Sequence[str] = ('bbox', 'segm'), num_workers: int = 0) -> Dict[str, Dict[str, float]]:
     """COCO AP of ``model`` on ``dataset`` (see the module docstring). ``segm`` is scored only for mask models."""
     for t in iou_types:
         if t not in ('bbox', 'segm'):
             raise ValueError(f"iou_types must hold 'bbox' and/or 'segm', got {t!r}")
     if not hasattr(dataset, 'coco') or not hasattr(dataset, 'cat_ids'):
         raise ValueError(f"dataset must be an msconv.data.coco.CocoDetection, got {type(dataset).__name__}")
-    boxes, segms, image_ids = coco_results(model, dataset, batch_size, max_images)
+    boxes, segms, image_ids = coco_results(model, dataset, batch_size, max_images, num_workers=num_workers)
     metrics = {}
     if 'bbox' in iou_types:
         metrics['bbox'] = _coco_eval(dataset.coco, boxes, 'bbox', image_ids)
@@ -163,6 +185,10 @@ def predict_segmentation(model: nn.Module, image: torch.Tensor, ratios: Sequence
     return probs / n
 
 
+def _first(batch):
+    return batch[0]
+
+
 def segmentation_metrics(intersect: torch.Tensor, union: torch.Tensor, label_area: torch.Tensor) -> Dict[str, Any]:
     """mIoU, mAcc (over classes with a union / label area; NaN classes left out, as mmseg) and aAcc."""
     iou = intersect / union  # NaN where the class is absent from both prediction and label
@@ -176,10 +202,13 @@ def segmentation_metrics(intersect: torch.Tensor, union: torch.Tensor, label_are
 def evaluate_segmentation(model: nn.Module, dataset, num_classes: int, ratios: Sequence[float] = (1.0,),
                           flip: bool = False, scale: Optional[Tuple[int, int]] = (2048, 512), mode: str = 'whole',
                           crop_size: Tuple[int, int] = (512, 512), stride: Tuple[int, int] = (341, 341),
-                          ignore_index: int = IGNORE_INDEX, max_images: Optional[int] = None) -> Dict[str, Any]:
-    """mIoU / mAcc / aAcc of ``model`` over ``dataset`` items ``(image (3, H, W), mask (H, W))``."""
+                          ignore_index: int = IGNORE_INDEX, max_images: Optional[int] = None,
+                          num_workers: int = 0) -> Dict[str, Any]:
+    """mIoU / mAcc / aAcc of ``model`` over ``dataset`` items ``(image (3, H, W), mask (H, W))``; one image at a
+    time (images keep their own sizes), decoded in ``num_workers`` DataLoader workers if > 0."""
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    _check_loop_args(1, num_workers)
     was_training = model.training
     model.eval()
     inter = torch.zeros(num_classes, dtype=torch.float64)
@@ -188,8 +217,7 @@ def evaluate_segmentation(model: nn.Module, dataset, num_classes: int, ratios: S
     label_area = torch.zeros(num_classes, dtype=torch.float64)
     n = len(dataset) if max_images is None else min(int(max_images), len(dataset))
     try:
-        for i in range(n):
-            image, mask = dataset[i]
+        for image, mask in _batches(dataset, list(range(n)), 1, num_workers, _first):
             pred = predict_segmentation(model, image.as_subclass(torch.Tensor), ratios, flip, scale, mode,
                                         crop_size, stride).argmax(0).cpu()
             mask = mask.as_subclass(torch.Tensor).long()
