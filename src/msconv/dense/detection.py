@@ -24,9 +24,8 @@ What follows each config (``detection/configs/*_smt_s_fpn.py`` in AFeng-x/SMT an
   (0.1, 0.1, 0.2, 0.2); 512 RoIs at 25% positives; ``FCNMaskHead`` with 4 convs; test score 0.05, NMS 0.5, 100
   detections.
 * **cascade_mask_rcnn**: the same RPN (2000 post-NMS proposals in training, smooth-L1 loss, border-crossing
-  anchors ignored) and three stages (see
-  :mod:`msconv.dense.cascade`): IoU 0.5/0.6/0.7, ``Shared4Conv1FC`` heads with BatchNorm, GIoU loss, one mask
-  head per stage.
+  anchors ignored) and three stages (see :mod:`msconv.dense.cascade`): IoU 0.5/0.6/0.7, ``Shared4Conv1FC`` heads
+  with BatchNorm, GIoU loss, one mask head per stage.
 * **retinanet**: FPN over C3-C5 plus P6/P7 convs on C5, 9 anchors per location (3 scales x 3 ratios, base 4x
   stride), 4 stacked convs per branch, focal loss (alpha 0.25, gamma 2), IoU 0.5/0.4 assignment, L1 box loss.
 
