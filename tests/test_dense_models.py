@@ -164,6 +164,8 @@ def test_bad_arguments():
         create_detector('test_smt', 'retinanet', 3, min_size=0)
     with pytest.raises(ValueError, match='rois_per_image'):
         create_detector('test_smt', 'mask_rcnn', 3, rois_per_image=0)
+    with pytest.raises(ValueError, match='fc_channels'):
+        create_detector('test_smt', 'mask_rcnn', 3, fc_channels=0)
     seg = create_segmenter('test_smt', 'upernet', 3)
     with pytest.raises(ValueError, match=r'\(B, 3, H, W\)'):
         seg(torch.rand(3, 64, 64))
@@ -186,7 +188,9 @@ def _synthetic_batch(n_classes: int = 3):
 @pytest.mark.parametrize('arch', ['mask_rcnn', 'cascade_mask_rcnn', 'retinanet'])
 def test_detector_train_and_eval(arch):
     torch.manual_seed(0)
-    model = create_detector('test_smt', arch, 3, min_size=64, max_size=128, rois_per_image=32, test_proposals=20)
+    model = create_detector('test_smt', arch, 3, min_size=64, max_size=128, rois_per_image=32, test_proposals=20,
+                            channels=32, fc_channels=64)
+    assert model.backbone.out_channels == 32
     images, targets = _synthetic_batch()
     model.train()
     losses = model(images, targets)

@@ -138,6 +138,8 @@ def create_detector(
         rois_per_image: int = 512,
         test_proposals: int = 1000,
         box_loss: str = 'l1',
+        channels: int = 256,
+        fc_channels: int = 1024,
         **backbone_kwargs: Any,
 ) -> nn.Module:
     """A COCO detector of the papers on an msconv backbone (see the module docstring for the interface).
@@ -155,11 +157,16 @@ def create_detector(
             pre-NMS top-k). Smaller values only make CPU tests and demos cheaper.
         box_loss: Mask R-CNN's RPN and box-head regression loss: ``'l1'`` (the config) or ``'smooth_l1'``
             (torchvision's, beta 1/9). Cascade uses the config's smooth-L1 RPN and GIoU heads, RetinaNet L1.
+        channels, fc_channels: width of the FPN and of every head's convs (256 in the configs), and of the box
+            heads' fully connected layers (1024). Smaller values only for CPU tests and demos.
         **backbone_kwargs: further backbone keyword arguments (e.g. ``out_norm``).
     """
     if arch not in DETECTOR_ARCHS:
         raise ValueError(f"arch must be one of {DETECTOR_ARCHS}, got {arch!r}")
     num_classes = _check_num_classes(num_classes)
+    for name, value in (('channels', channels), ('fc_channels', fc_channels)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
     if box_loss not in ('l1', 'smooth_l1'):
         raise ValueError(f"box_loss must be 'l1' or 'smooth_l1', got {box_loss!r}")
     for name, value in (('rois_per_image', rois_per_image), ('test_proposals', test_proposals)):
@@ -174,12 +181,12 @@ def create_detector(
                   _skip_resize=True)
 
     if arch == 'retinanet':
-        fpn = BackboneWithFPN(body, in_levels=(1, 2, 3), extra='p6p7')
+        fpn = BackboneWithFPN(body, in_levels=(1, 2, 3), out_channels=channels, extra='p6p7')
         return RetinaNetDetector(
             fpn, num_classes=num_classes, anchor_generator=_retina_anchors(), score_thresh=0.05, nms_thresh=0.5,
             detections_per_img=100, fg_iou_thresh=0.5, bg_iou_thresh=0.4, topk_candidates=test_proposals, **common)
 
-    fpn = BackboneWithFPN(body, in_levels=(0, 1, 2, 3), extra='pool')
+    fpn = BackboneWithFPN(body, in_levels=(0, 1, 2, 3), out_channels=channels, extra='pool')
     levels = ['0', '1', '2', '3']
     box_pool = MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=0)
     mask_pool = MultiScaleRoIAlign(levels, output_size=14, sampling_ratio=0) if with_masks else None
@@ -188,29 +195,30 @@ def create_detector(
         rpn_cls, heads_cls = (L1RegionProposalNetwork, L1RoIHeads) if box_loss == 'l1' else \
             (RegionProposalNetwork, RoIHeads)
         rpn = rpn_cls(
-            _rpn_anchors(), RPNHead(256, 3), fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=256,
+            _rpn_anchors(), RPNHead(channels, 3), fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=256,
             positive_fraction=0.5, pre_nms_top_n=dict(training=2000, testing=1000),
             post_nms_top_n=dict(training=1000, testing=test_proposals), nms_thresh=0.7)
         heads = heads_cls(
-            box_pool, TwoMLPHead(256 * 7 * 7, 1024), FastRCNNPredictor(1024, num_classes + 1), fg_iou_thresh=0.5,
+            box_pool, TwoMLPHead(channels * 7 * 7, fc_channels), FastRCNNPredictor(fc_channels, num_classes + 1),
+            fg_iou_thresh=0.5,
             bg_iou_thresh=0.5, batch_size_per_image=rois_per_image, positive_fraction=0.25,
             bbox_reg_weights=(10.0, 10.0, 5.0, 5.0), score_thresh=0.05, nms_thresh=0.5, detections_per_img=100,
-            mask_roi_pool=mask_pool, mask_head=MaskRCNNHeads(256, [256] * 4, 1) if with_masks else None,
-            mask_predictor=MaskRCNNPredictor(256, 256, num_classes + 1) if with_masks else None)
+            mask_roi_pool=mask_pool, mask_head=MaskRCNNHeads(channels, [channels] * 4, 1) if with_masks else None,
+            mask_predictor=MaskRCNNPredictor(channels, channels, num_classes + 1) if with_masks else None)
         return MaskRCNNDetector(fpn, rpn, heads, GeneralizedRCNNTransform(**common))
 
     # cascade_mask_rcnn
     rpn = BorderRegionProposalNetwork(
-        _rpn_anchors(), RPNHead(256, 3), fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=256,
+        _rpn_anchors(), RPNHead(channels, 3), fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=256,
         positive_fraction=0.5, pre_nms_top_n=dict(training=2000, testing=1000),
         post_nms_top_n=dict(training=2000, testing=test_proposals), nms_thresh=0.7, allowed_border=0.0)
     stages = []
     for _ in CASCADE_IOUS:
         stages.append(CascadeStage(
-            FastRCNNConvFCHead((256, 7, 7), [256] * 4, [1024], norm_layer=nn.BatchNorm2d),
-            FastRCNNPredictor(1024, num_classes + 1),
-            MaskRCNNHeads(256, [256] * 4, 1) if with_masks else None,
-            MaskRCNNPredictor(256, 256, num_classes + 1) if with_masks else None,
+            FastRCNNConvFCHead((channels, 7, 7), [channels] * 4, [fc_channels], norm_layer=nn.BatchNorm2d),
+            FastRCNNPredictor(fc_channels, num_classes + 1),
+            MaskRCNNHeads(channels, [channels] * 4, 1) if with_masks else None,
+            MaskRCNNPredictor(channels, channels, num_classes + 1) if with_masks else None,
         ))
     heads = CascadeRoIHeads(box_pool, stages, mask_pool, CASCADE_IOUS, CASCADE_STDS, CASCADE_LOSS_WEIGHTS,
                             batch_size_per_image=rois_per_image, positive_fraction=0.25, giou_loss_weight=10.0,
