@@ -35,25 +35,22 @@ DTYPES = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
 
 
 def cases(batch: int, only: str | None):
-    """(name, B, C, H, W, KH, KW, padding (top, bottom, left, right), group_kernel_sizes, interleaved, cross)."""
+    """(name, B, C, H, W, KH, KW, padding (top, bottom, left, right), group_kernel_sizes, interleaved)."""
     out = []
     if only in (None, 'smt'):
         # SMT-T: MHMC in stages 1-3 (dims 64/128/256 at 56/28/14), heads of k = 3, 5, 7, 9; the merged form is one
         # 9x9 depthwise conv in SAA's interleaved channel order.
         for C, R in ((64, 56), (128, 28), (256, 14)):
             for k in (3, 5, 7, 9):
-                out.append((f'smt C{C} {R}x{R} k{k}', C, R, R, k, k, (k // 2,) * 4, None, False, None))
-            out.append((f'smt C{C} {R}x{R} mixed3579', C, R, R, 9, 9, (4,) * 4, (3, 5, 7, 9), True, None))
+                out.append((f'smt C{C} {R}x{R} k{k}', C, R, R, k, k, (k // 2,) * 4, None, False))
+            out.append((f'smt C{C} {R}x{R} mixed3579', C, R, R, 9, 9, (4,) * 4, (3, 5, 7, 9), True))
     if only in (None, 'sw'):
         # SW-T (UniRepLKNet-T dims 80/160/320/640): strips of the closed form, small kernel 3.
         # K=51: offsets [-25, 25]; K=49: nk=17 strip of 51 at [-24, 26] (asymmetric); K=47: 48 at [-23, 24].
         for C, R, L, lo in ((80, 56, 51, 25), (80, 56, 51, 24), (160, 28, 51, 24), (320, 14, 48, 23)):
             hi = L - 1 - lo
-            out.append((f'sw C{C} {R}x{R} 3x{L} [-{lo},{hi}]', C, R, R, 3, L, (1, 1, lo, hi), None, False, None))
-            out.append((f'sw C{C} {R}x{R} {L}x3 [-{lo},{hi}]', C, R, R, L, 3, (lo, hi, 1, 1), None, False, None))
-            # the folded inference kernel: both strips as one L x L cross (torch side: two strip convs)
-            out.append((f'sw C{C} {R}x{R} cross{L} [-{lo},{hi}]', C, R, R, L, L, (lo, hi, lo, hi), None, False,
-                        (lo - 1, lo + 2, lo - 1, lo + 2)))
+            out.append((f'sw C{C} {R}x{R} 3x{L} [-{lo},{hi}]', C, R, R, 3, L, (1, 1, lo, hi), None, False))
+            out.append((f'sw C{C} {R}x{R} {L}x3 [-{lo},{hi}]', C, R, R, L, 3, (lo, hi, 1, 1), None, False))
     return [(n, batch, *rest) for n, *rest in out]
 
 
@@ -107,7 +104,7 @@ def interleaved_times(fns, rounds: int, iters: int):
 def run_case(case, dtype, channels_last, copy_bw, check=True):
     from msconv.kernels.depthwise import depthwise_conv2d, depthwise_conv2d_reference
 
-    name, B, C, H, W, KH, KW, pads, gks, inter, cross = case
+    name, B, C, H, W, KH, KW, pads, gks, inter = case
     g = torch.Generator(device=DEVICE).manual_seed(0)
     x = torch.randn(B, C, H, W, device=DEVICE, generator=g).to(dtype)
     w = (torch.randn(C, 1, KH, KW, device=DEVICE, generator=g) / (KH * KW) ** 0.5).to(dtype)
@@ -117,21 +114,21 @@ def run_case(case, dtype, channels_last, copy_bw, check=True):
     xg, wg, bg = (t.detach().requires_grad_(True) for t in (x, w, b))
 
     def tri_fwd():
-        return depthwise_conv2d(x, w, b, pads, gks, inter, cross, backend='triton')
+        return depthwise_conv2d(x, w, b, pads, gks, inter, backend='triton')
 
     def ref_fwd():
-        return depthwise_conv2d_reference(x, w, b, pads, gks, inter, cross)
+        return depthwise_conv2d_reference(x, w, b, pads, gks, inter)
 
     y = tri_fwd()
     gy = torch.randn(y.shape, device=DEVICE, generator=g).to(dtype).contiguous(
         memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
     def tri_step():
-        out = depthwise_conv2d(xg, wg, bg, pads, gks, inter, cross, backend='triton')
+        out = depthwise_conv2d(xg, wg, bg, pads, gks, inter, backend='triton')
         return torch.autograd.grad(out, (xg, wg, bg), gy)
 
     def ref_step():
-        out = depthwise_conv2d_reference(xg, wg, bg, pads, gks, inter, cross)
+        out = depthwise_conv2d_reference(xg, wg, bg, pads, gks, inter)
         return torch.autograd.grad(out, (xg, wg, bg), gy)
 
     err = {}
@@ -148,7 +145,7 @@ def run_case(case, dtype, channels_last, copy_bw, check=True):
         t_tri, t_ref = interleaved_times([tri_fwd, ref_fwd], ROUNDS[0], ROUNDS[1])
     s_tri, s_ref = interleaved_times([tri_step, ref_step], ROUNDS[2], ROUNDS[3])
     es = x.element_size()
-    w_taps = w.numel() if cross is None else C * ((cross[1] - cross[0]) * KW + (cross[3] - cross[2]) * KH)
+    w_taps = w.numel()
     fwd_bytes = (x.numel() + y.numel() + w_taps) * es
     bwd_bytes = (gy.numel() + 2 * x.numel() + w_taps) * es  # read grad_out, x; write grad_x; weights
     return dict(case=name, dtype=str(dtype).replace('torch.', ''), layout='nhwc' if channels_last else 'nchw',
@@ -222,7 +219,7 @@ def main(argv=None) -> int:
         DEVICE, ROUNDS = 'cpu', (1, 1, 1, 1)
         shrink = lambda c: (c[0], 1, 8, 8, 8, *c[5:])  # noqa: E731 - batch 1, 8 channels, 8x8
         todo = [shrink(c) for c in cases(1, None)
-                if c[0].startswith(('smt C64 56x56 mixed', 'sw C80 56x56 3x51 [-25', 'sw C80 56x56 cross51 [-25'))]
+                if c[0].startswith(('smt C64 56x56 mixed', 'sw C80 56x56 3x51 [-25'))]
         copy_bw = copy_bandwidth(1 << 24)
         rows = [run_case(c, torch.float32, cl, copy_bw) for c in todo for cl in (False, True)]
         if args.sweep:

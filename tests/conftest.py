@@ -14,6 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get('MSCONV_SHARED', REPO.parent / 'shared'))
 FIXTURES = SHARED / 'fixtures'
 
+collect_ignore = ["timm_contract"]  # timm's own model tests: run by tests/timm_contract/run.py (make timm-tests)
+
 if os.environ.get('PYTEST_XDIST_WORKER'):
     torch.set_num_threads(1)  # two xdist workers on two cores: no oversubscription
 

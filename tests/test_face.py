@@ -172,7 +172,22 @@ def test_verification_runs_a_face_model():
     model = msconv.create_model('test_scsc_faceresnet')
     images, issame = _face_pairs(20, size=64)
     res = evaluate_verification(model, images, issame, batch_size=8)
-    assert 0.0 <= res['accuracy'] <= 1.0 and model.training  # mode restored
+    assert model.training  # mode restored
+    # the same score from embeddings computed here, one image at a time (eval mode, mean/std, flip sum, L2)
+    model.eval()
+    mean = torch.tensor(model.pretrained_cfg['mean']).view(3, 1, 1)
+    std = torch.tensor(model.pretrained_cfg['std']).view(3, 1, 1)
+    with torch.no_grad():
+        emb = []
+        for img in images:
+            x = ((img.float() / 255 - mean) / std)[None]
+            e = model(x) + model(x.flip(3))
+            emb.append(e[0] / e[0].norm())
+    emb = torch.stack(emb)
+    dist = (emb[0::2] - emb[1::2]).pow(2).sum(1).numpy()
+    expected = verification_metrics(dist, issame.numpy())
+    assert res['accuracy'] == pytest.approx(expected['accuracy'])
+    assert res['best_threshold'] == pytest.approx(expected['best_threshold'])
     with pytest.raises(ValueError, match='2 images per pair'):
         evaluate_verification(model, images[:-1], issame)
 

@@ -44,22 +44,6 @@ def test_reference_mixed_mode_is_per_group_convolutions(interleaved):
         torch.testing.assert_close(y[:, idx], ref)
 
 
-def test_reference_cross_is_the_masked_dense_kernel():
-    """cross=(row0, row1, col0, col1) runs as two strips; it equals the dense correlation with the weight zeroed
-    outside the cross, and the taps outside get no gradient."""
-    x = _x().requires_grad_(True)
-    w = torch.randn(8, 1, 13, 13, requires_grad=True)
-    cross, pads = (5, 8, 4, 7), (6, 6, 4, 8)  # bands off-centre, asymmetric padding
-    y = depthwise_conv2d_reference(x, w, None, pads, cross=cross)
-    mask = torch.zeros(13, 13)
-    mask[5:8, :] = 1
-    mask[:, 4:7] = 1
-    ref = F.conv2d(F.pad(x, (4, 8, 6, 6)), w * mask, groups=8)
-    torch.testing.assert_close(y, ref)
-    (gw,) = torch.autograd.grad(y.square().sum(), w)
-    assert (gw[:, :, mask == 0] == 0).all() and (gw[:, :, mask == 1] != 0).all()
-
-
 def test_channel_kernel_sizes_orders():
     assert dw.channel_kernel_sizes((3, 5), 4) == [3, 3, 5, 5]
     assert dw.channel_kernel_sizes((3, 5), 4, interleaved=True) == [3, 5, 3, 5]
@@ -89,9 +73,6 @@ def test_resolve_padding(padding, expected):
     (dict(group_kernel_sizes=(3, 11)), r'1 <= k <= min'),
     (dict(weight=torch.randn(8, 1, 3, 3, dtype=torch.float64)), r'share one dtype'),
     (dict(backend='cuda'), r"backend must be 'auto', 'triton' or 'torch'"),
-    (dict(weight=torch.randn(8, 1, 5, 5), padding=2, cross=(2, 6, 1, 2)), r'cross must be \(row0, row1, col0, col1\)'),
-    (dict(weight=torch.randn(8, 1, 5, 5), padding=2, cross=(2, 3, 2, 3), group_kernel_sizes=(3, 5)),
-     r'cannot be combined'),
 ])
 def test_bad_arguments_raise_value_error(kwargs, match):
     args = dict(x=_x(), weight=torch.randn(8, 1, 3, 3), bias=None, padding=1)
@@ -163,7 +144,7 @@ def test_triton_kernels_in_interpreter():
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     passed = re.search(r'(\d+) passed', out)
-    assert passed and int(passed.group(1)) >= 24 and 'failed' not in out and 'skipped' not in out, out[-3000:]
+    assert passed and int(passed.group(1)) >= 22 and 'failed' not in out and 'skipped' not in out, out[-3000:]
 
 
 def _nvidia_compiler_available() -> bool:
@@ -178,14 +159,14 @@ def _nvidia_compiler_available() -> bool:
 
 @pytest.mark.skipif(not _nvidia_compiler_available(), reason="triton's NVIDIA compiler backend is not available")
 @pytest.mark.parametrize('kind, channels_last, mixed, dtype', [
-    ('fwd', False, 2, 'fp16'), ('fwd', True, 0, 'bf16'), ('fwd', True, 1, 'fp32'), ('fwd', True, 3, 'fp16'),
+    ('fwd', False, 2, 'fp16'), ('fwd', True, 0, 'bf16'), ('fwd', True, 1, 'fp32'),
     ('wgrad', True, 1, 'fp32'),
     ('wgrad', True, 2, 'bf16'), ('wgrad', False, 0, 'fp16'),
 ])
 def test_kernels_compile_for_sm90_offline(kind, channels_last, mixed, dtype):
     """The interpreter does not run Triton's compiler: build the real GPU binary (ptxas, no GPU needed) at the
-    default launch configurations and each MIXED mode (0: all taps, 1: per-channel windows, 2: per-block window,
-    3: cross)."""
+    default launch configurations and each MIXED mode (0: all taps, 1: per-channel windows, 2: per-block
+    window)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -194,8 +175,7 @@ def test_kernels_compile_for_sm90_offline(kind, channels_last, mixed, dtype):
     if kind == 'fwd':
         fn, ptrs = fwd, dict(x_ptr=dtype, w_ptr=dtype, b_ptr=dtype, y_ptr=dtype, taps_ptr='i32')
         cfg = dw._fwd_config(channels_last, 80, 64 * 56, 56)
-        consts = dict(HAS_BIAS=True, MIXED=mixed, INT64=False, NSEG=3 if mixed == 3 else 1, BR=cfg['BR'],
-                      BW=cfg['BW'], BC=cfg['BC'])
+        consts = dict(HAS_BIAS=True, MIXED=mixed, INT64=False, BR=cfg['BR'], BW=cfg['BW'], BC=cfg['BC'])
     else:
         fn, ptrs = wgrad, dict(x_ptr=dtype, g_ptr=dtype, pw_ptr='fp32', pb_ptr='fp32', taps_ptr='i32')
         tp = 128 if mixed else 256  # 9x9 -> 81 taps, 3x51 -> 153 taps

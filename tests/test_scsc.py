@@ -334,7 +334,9 @@ def test_face_claim_ratios():
 
 @pytest.mark.parametrize('onednn', [True, False])  # the per-image MLP through oneDNN convs, or BLAS GEMMs
 @pytest.mark.parametrize('folded', [False, True])
-def test_inplace_inference_forms_match_plain_forms(folded, onednn):
+def test_inplace_inference_forms_match_plain_forms(folded, onednn, monkeypatch):
+    from msconv.layers import forms
+    monkeypatch.setattr(forms, 'PER_IMAGE_MIN_PIXELS', 1)  # take the per-image GEMM MLP path at this small size
     with onednn_enabled(onednn):
         _check_inplace_inference_forms(folded)
 
@@ -348,12 +350,11 @@ def _check_inplace_inference_forms(folded):
         _randomize_bn(m)
         if folded:
             m.reparameterize()
-    swin.MLP_GEMM_MIN_PIXELS = 1  # take the per-image GEMM MLP path at this small size
     x_big = torch.randn(1, 24, 56, 56)  # large enough for the GEMM form of the 1x1 convs
     x = torch.randn(2, 24, 9, 9)
     for m in (swin, cnn):
         with torch.no_grad():
-            ref = m.forward_plain(x) if m is swin else m.drop_path(m.forward_plain(x)) + m.shortcut(x)
+            ref = m.forward_reference(x)
             x_in = x.clone()
             out = m(x_in)
         assert out.data_ptr() != x_in.data_ptr()
@@ -363,7 +364,7 @@ def _check_inplace_inference_forms(folded):
             assert max_abs(m(x), ref) <= EVAL_TOL
         assert max_abs(m(x), ref) <= EVAL_TOL  # grad enabled: the plain form runs
         with torch.no_grad():
-            ref = swin.forward_plain(x_big)
+            ref = swin.forward_reference(x_big)
             assert max_abs(swin(x_big), ref) <= EVAL_TOL * max(1.0, ref.abs().max().item())
 
 

@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import msconv
 from msconv.layers.shiftwise import ShiftWiseConv2d, shiftwise_geometry, shiftwise_indices
-from msconv.layers.shiftwise_sparsity import SparsityScheduler
+from msconv.engine.sparsity import SparsityScheduler
 
 from conftest import load_fixture, max_abs, official_state_dict
 
@@ -273,8 +273,9 @@ def test_net_reparameterize_matches_fixture(micro, gemm):
 def test_deploy_inference_path_equals_plain_forward(micro, gemm, min_pixels, monkeypatch):
     """Deploy form without autograd: in-place steps, GRN bias folded through fc2, (CPU) image by image; with
     autograd on, the plain module sequence. Non-trivial GRN parameters so that the GRN algebra is exercised."""
+    from msconv.layers import forms
     from msconv.models.shiftwise_net import ShiftWiseBlock
-    monkeypatch.setattr(ShiftWiseBlock, 'INPLACE_MIN_PIXELS', min_pixels)
+    monkeypatch.setattr(forms, 'PER_IMAGE_MIN_PIXELS', min_pixels)
     model, t = micro
     deploy = msconv.create_model('test_shiftwise', num_classes=10).eval()
     deploy.load_state_dict(model.state_dict())
@@ -509,7 +510,10 @@ def test_layer_compile_fullgraph():
     op.weight.grad = None
     xe = x.clone().requires_grad_(True)
     op(xe).square().sum().backward()
-    assert max_abs(xc.grad, xe.grad) < 1e-4 and max_abs(g, op.weight.grad) < 1e-4
+    # compiled: the plain form (a capture never runs the lean autograd.Function); eager: the lean form. Same maths,
+    # different fp32 summation order: weight gradients reach ~600 here, so the 1e-4 tolerance is relative
+    assert max_abs(xc.grad, xe.grad) < 1e-4 * max(1.0, xe.grad.abs().max().item())
+    assert max_abs(g, op.weight.grad) < 1e-4 * max(1.0, g.abs().max().item())
 
 
 def test_layer_bad_arguments():

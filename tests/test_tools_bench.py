@@ -44,11 +44,45 @@ def test_rows_and_baseline_ratio():
         for key in ('infer_img_s', 'train_img_s', 'infer_mem_mb', 'train_mem_mb'):
             assert r[key] > 0 and math.isfinite(r[key])
         assert r['infer_step_ms'] == pytest.approx(1000 * 2 / r['infer_img_s'])
-    assert tiny['infer_ratio'] == pytest.approx(tiny['infer_img_s'] / base['infer_img_s'])
     assert tiny['gmacs'] * 1e9 == profile(TinyNet(), input_size=(3, 32, 32))['macs']
     assert base['params_m'] == pytest.approx(0.469688)
     # train memory includes the gradients (params are float32)
     assert tiny['train_mem_mb'] * 2 ** 20 >= 4 * sum(p.numel() for p in TinyNet().parameters())
+
+
+def test_interleaved_runs_median_and_ratio_from_scripted_timings(monkeypatch):
+    """Each timed run returns a scripted rate: the baseline's runs 10, 30, 20 img/s (median 20), TinyNet's 50, 5, 40
+    (median 40); runs alternate between the models; the ratio is 40 / 20."""
+    from msconv.tools import bench as bench_module
+    script = {'timm:test_resnet': iter([10.0, 30.0, 20.0]), 'TinyNet': iter([50.0, 5.0, 40.0])}
+    calls = []
+
+    def timed(self, step, iters):
+        calls.append((self.name, iters))
+        return next(script[self.name])
+    monkeypatch.setattr(bench_module._Subject, 'timed', timed)
+    base, tiny = benchmark([TinyNet()], baseline='timm:test_resnet', train=False, batch_size=2, img_size=32,
+                           num_warm_iter=0, num_bench_iter=6, repeats=3)
+    assert calls == [('timm:test_resnet', 2), ('TinyNet', 2)] * 3
+    assert (base['infer_img_s'], tiny['infer_img_s']) == (20.0, 40.0)
+    assert (base['infer_ratio'], tiny['infer_ratio']) == (1.0, 2.0)
+    assert tiny['infer_step_ms'] == 50.0 and math.isnan(tiny['train_ratio'])
+
+
+def test_cli_prints_no_profiler_noise(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    src = Path(__file__).resolve().parents[1] / 'src'
+    r = subprocess.run([sys.executable, '-m', 'msconv_cli', 'bench', 'timm:test_resnet', '--batch-size', '2',
+                        '--img-size', '32', '--num-warm-iter', '1', '--num-bench-iter', '2', '--repeats', '2',
+                        '--csv', ''], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                       env=dict(os.environ, PYTHONPATH=str(src), OMP_NUM_THREADS='1'))
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in (r.stdout + r.stderr).splitlines() if line.strip()]
+    assert len(lines) == 6 and 'median of 2 interleaved runs' in lines[0], lines  # title + 5 table lines
+    assert not [line for line in lines if 'profiler' in line or 'ERROR' in line or 'USDT' in line]
 
 
 def test_reparam_benchmarks_inference_form_only():

@@ -97,3 +97,18 @@ def test_cli_export_and_check(tmp_path, capsys):
 def test_cli_missing_checkpoint(tmp_path, capsys):
     assert main(['export', 'timm:resnet10t', '--checkpoint', str(tmp_path / 'nope.pth')]) == 2
     assert 'does not exist' in capsys.readouterr().err
+
+
+def test_checked_export_leaves_no_file_when_onnxruntime_disagrees(tmp_path, monkeypatch):
+    """``export_onnx_checked`` (what ``msconv export`` uses) renames the file into place only after the check."""
+    from msconv.tools import export as export_module
+    model = msconv.create_model('test_smt').eval()
+    size = _input_size(model)
+    out = tmp_path / 'model.onnx'
+    diffs = export_module.export_onnx_checked(model, out, size, batch_sizes=(1, 3))
+    assert out.is_file() and max(diffs.values()) <= export_module.ONNX_RTOL
+    out.unlink()
+    monkeypatch.setattr(export_module, 'check_onnx', lambda *a, **k: {1: 0.0, 3: 0.5})  # a graph that is wrong
+    with pytest.raises(export_module.OnnxCheckError, match='was not written'):
+        export_module.export_onnx_checked(model, out, size, batch_sizes=(1, 3))
+    assert list(tmp_path.iterdir()) == []  # neither the target nor a temporary file is left

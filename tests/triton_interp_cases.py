@@ -43,13 +43,13 @@ def _inputs(kh, kw, dtype, channels_last, bias, gks=None, interleaved=False, cha
     return x, w, b
 
 
-def _check(x, w, b, padding, gks=None, interleaved=False, cross=None):
+def _check(x, w, b, padding, gks=None, interleaved=False):
     """Triton forward + backward vs the float64 reference on the same (rounded) inputs."""
     dtype = x.dtype
     xs = x.detach().requires_grad_(True)
     ws = w.detach().requires_grad_(True)
     bs = b.detach().requires_grad_(True) if b is not None else None
-    y = dw.depthwise_conv2d(xs, ws, bs, padding, gks, interleaved, cross, backend='triton')
+    y = dw.depthwise_conv2d(xs, ws, bs, padding, gks, interleaved, backend='triton')
     gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     leaves = [xs, ws] + ([bs] if bs is not None else [])
     grads = torch.autograd.grad(y, leaves, gy)
@@ -57,7 +57,7 @@ def _check(x, w, b, padding, gks=None, interleaved=False, cross=None):
     x64 = x.detach().double().requires_grad_(True)
     w64 = w.detach().double().requires_grad_(True)
     b64 = b.detach().double().requires_grad_(True) if b is not None else None
-    y64 = dw.depthwise_conv2d_reference(x64, w64, b64, padding, gks, interleaved, cross)
+    y64 = dw.depthwise_conv2d_reference(x64, w64, b64, padding, gks, interleaved)
     grads64 = torch.autograd.grad(y64, [x64, w64] + ([b64] if b64 is not None else []), gy.double())
 
     assert y.dtype == dtype and y.shape == y64.shape
@@ -165,16 +165,3 @@ def test_mixed_block_uniform_channels_last(monkeypatch):
     x, w, b = _inputs(9, 9, torch.float32, True, bias=True, gks=gks)
     _, gw, _ = _check(x, w, b, 4, gks)
     assert (gw[dw._tap_mask(w, gks, False) == 0] == 0).all()
-
-
-@pytest.mark.parametrize('dtype, channels_last', [(torch.float32, False), (torch.bfloat16, True)])
-def test_cross_kernel(dtype, channels_last):
-    """ShiftWise's folded cross: a 3-row band and a 3-column band of a 13 x 13 weight, off-centre (asymmetric
-    footprint), visited as three rectangles; weight gradient as two strips, zero outside the cross."""
-    x, w, b = _inputs(13, 13, dtype, channels_last, bias=True)
-    cross = (5, 8, 4, 7)
-    _, gw, _ = _check(x, w, b, (6, 6, 4, 8), cross=cross)
-    outside = torch.ones(13, 13, dtype=torch.bool)
-    outside[5:8, :] = False
-    outside[:, 4:7] = False
-    assert (gw[:, :, outside] == 0).all()

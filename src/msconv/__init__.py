@@ -24,7 +24,7 @@ _LAZY = {
     'evaluate': 'msconv.engine',
     'demo': 'msconv.engine',
     'TrainConfig': 'msconv.engine',
-    'SparsityScheduler': 'msconv.layers.shiftwise_sparsity',
+    'SparsityScheduler': 'msconv.engine.sparsity',
     'create_detector': 'msconv.dense', 'create_segmenter': 'msconv.dense',
 }
 

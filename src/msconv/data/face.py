@@ -16,6 +16,8 @@ from typing import Callable, Optional, Tuple, Union
 import numpy as np
 import torch
 
+from .loader import CheckedImageFolder
+
 __all__ = ['load_bin', 'save_bin', 'FaceIdentityFolder']
 
 # Python 2 pickles (the original insightface files) store bytes as str; protocol-2 pickles written by
@@ -98,29 +100,21 @@ def save_bin(path: Union[str, os.PathLike], images: torch.Tensor, issame: torch.
         pickle.dump((bins, [bool(s) for s in issame.tolist()]), f, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-class FaceIdentityFolder:
+class FaceIdentityFolder(CheckedImageFolder):
     """A face training set laid out as ``root/<identity>/<image>``: items are (image, identity index).
 
-    Built on ``torchvision.datasets.ImageFolder`` (sorted identity folders, the usual image extensions);
+    Built on ``torchvision.datasets.ImageFolder`` (sorted identity folders, the usual image extensions) through
+    ``CheckedImageFolder``: an unreadable image is skipped with a warning naming it, and counted.
     ``num_identities`` is the number of classes a margin head needs.
     """
 
     def __init__(self, root: Union[str, os.PathLike], transform: Optional[Callable] = None) -> None:
-        from torchvision.datasets import ImageFolder
-
         root = Path(root)
         if not root.is_dir():
             raise ValueError(f"root {str(root)!r} must be a folder of identity sub-folders")
-        self._folder = ImageFolder(str(root), transform=transform)
-        self.identities = self._folder.classes
-        self.samples = self._folder.samples
+        super().__init__(root, transform=transform)
+        self.identities = self.classes
 
     @property
     def num_identities(self) -> int:
         return len(self.identities)
-
-    def __len__(self) -> int:
-        return len(self._folder)
-
-    def __getitem__(self, index: int):
-        return self._folder[index]

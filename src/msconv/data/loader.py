@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 __all__ = [
     'SeededDataset', 'ResumableDistributedSampler', 'check_image_folder', 'build_dataset', 'build_transform',
-    'build_loader', 'IMAGE_EXTENSIONS',
+    'build_loader', 'IMAGE_EXTENSIONS', 'CheckedImageFolder', 'DataError', 'count_unreadable', 'unreadable_message',
 ]
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
@@ -126,6 +126,81 @@ def check_image_folder(root: Path, split: str) -> List[str]:
     return classes
 
 
+class DataError(ValueError):
+    """Too many unreadable samples in a split (the message names the split and the threshold)."""
+
+
+_SLOTS = 64  # one counter per DataLoader worker (+ the main process); ids beyond wrap around
+
+
+class CheckedImageFolder:
+    """An ``ImageFolder`` that survives unreadable images (truncated, corrupt, not an image).
+
+    A file that fails to load is reported with a warning naming it and counted; the sample is replaced by the next
+    readable one, so batches keep their size. With ``exclude=True`` (evaluation) the replacement carries the label
+    -1 so that accuracy counts every readable image once and nothing else. ``unreadable`` counts failures since the
+    last ``reset_unreadable()``, across DataLoader worker processes (a shared-memory counter per worker).
+    """
+
+    def __init__(self, root: Union[str, Path], transform: Optional[Callable] = None, exclude: bool = False):
+        from torchvision.datasets import ImageFolder
+        self._folder = ImageFolder(str(root), transform=transform)
+        self.root = str(root)
+        self.classes, self.class_to_idx = self._folder.classes, self._folder.class_to_idx
+        self.samples, self.targets = self._folder.samples, self._folder.targets
+        self.transform = transform
+        self.exclude = exclude
+        self._bad = torch.zeros(_SLOTS, dtype=torch.int64).share_memory_()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def unreadable(self) -> int:
+        return int(self._bad.sum())
+
+    def reset_unreadable(self) -> None:
+        self._bad.zero_()
+
+    def _record(self, path: str, error: BaseException) -> None:
+        import warnings
+        info = torch.utils.data.get_worker_info()
+        self._bad[(0 if info is None else info.id + 1) % _SLOTS] += 1
+        warnings.warn(f"skipping unreadable image {path!r}: {type(error).__name__}: {error}", stacklevel=3)
+
+    def __getitem__(self, index: int):
+        n = len(self.samples)
+        for attempt in range(n):
+            path, target = self.samples[(index + attempt) % n]
+            try:
+                img = self._folder.loader(path)
+            except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for truncated / corrupt / foreign files
+                self._record(path, e)
+                continue
+            if self.transform is not None:
+                img = self.transform(img)
+            return img, (-1 if self.exclude and attempt else target)
+        raise DataError(f"data {self.root!r}: none of its {n} images can be read")
+
+
+def count_unreadable(dataset) -> Optional[int]:
+    """Unreadable images met since the last reset, for a ``CheckedImageFolder`` (None for other datasets)."""
+    return dataset.unreadable if isinstance(dataset, CheckedImageFolder) else None
+
+
+def unreadable_message(dataset, split: str, threshold: float, share: int = 1) -> Optional[str]:
+    """The error message when more than ``threshold`` (a fraction) of ``split`` could not be read, else None.
+
+    ``share``: the number of processes the split is divided among (each counts only what it loads)."""
+    bad = count_unreadable(dataset)
+    if not bad or bad * share <= threshold * len(dataset):
+        return None
+    return (f"data {getattr(dataset, 'root', '?')!r}: {bad} images could not be read in this process's "
+            f"{len(dataset) // share} of {split}/, more than bad_image_threshold={threshold:g} of the split; the "
+            f"warnings above name each file. Fix or remove them, or raise the threshold (--set "
+            f"bad_image_threshold=...).")
+
+
 def _posterize_keep_zero_bits(img, bits_to_keep, **_):
     """timm's posterize with the pre-Pillow-11 meaning of 0 bits kept (a black image).
 
@@ -170,10 +245,9 @@ def build_dataset(cfg, split: str, input_size: int, mean, std, is_training: Opti
     if cfg.data == 'digits':
         from .digits import DigitsDataset
         return DigitsDataset(split, image_size=input_size, transform=transform)
-    from torchvision.datasets import ImageFolder
     root = Path(cfg.data)
     check_image_folder(root, split)
-    return ImageFolder(str(root / split), transform=transform)
+    return CheckedImageFolder(root / split, transform=transform, exclude=not is_training)
 
 
 def build_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int, num_workers: int,

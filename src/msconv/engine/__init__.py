@@ -1,9 +1,17 @@
 """Training and evaluation engine: ``train(config)``, ``evaluate(...)``, ``demo()``, crash-safe checkpoints,
-torchrun support."""
+torchrun support.
+
+Modules: ``config`` (TrainConfig, presets, YAML), ``build`` (model by name, data configuration, checked weight
+loading), ``tasks`` (one strategy object per training task; ``register_task``), ``trainer`` (the loop),
+``checkpoint`` (atomic, verified checkpoints and run folders), ``metrics`` (records, curves, progress),
+``evaluate``, ``verification`` (face pairs), ``sparsity`` (ShiftWise sparse training), ``distributed``, ``demo``.
+"""
+from .build import build_model
 from .config import PRESETS, TrainConfig, resolve_config
 from .demo import demo
 from .evaluate import evaluate
-from .trainer import NonFiniteLossError, build_model, train
+from .tasks import Task, register_task
+from .trainer import NonFiniteLossError, train
 
 __all__ = ['PRESETS', 'TrainConfig', 'resolve_config', 'evaluate', 'train', 'demo', 'build_model',
-           'NonFiniteLossError']
+           'NonFiniteLossError', 'Task', 'register_task']

@@ -27,7 +27,8 @@ import torch
 
 __all__ = [
     'CheckpointError', 'atomic_write_bytes', 'save_checkpoint', 'load_checkpoint', 'list_checkpoints',
-    'latest_good_checkpoint', 'get_rng_state', 'set_rng_state',
+    'latest_good_checkpoint', 'get_rng_state', 'set_rng_state', 'checkpoint_step', 'clean_temporaries',
+    'holds_run', 'clear_run',
 ]
 
 _PREFIX = 'step-'
@@ -159,9 +160,55 @@ def save_checkpoint(
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(ckpt_root)
-    for old in list_checkpoints(run_dir)[:-keep_last]:
+    # Keep this checkpoint and the newest keep_last - 1 before it. Any later-step folder is from a future this run
+    # abandoned (it resumed from an earlier checkpoint) and goes too: it can never outrank the one just written.
+    others = [p for p in list_checkpoints(run_dir) if p != final]
+    older = [p for p in others if checkpoint_step(p) < step]
+    for old in [p for p in others if checkpoint_step(p) > step] + older[:max(len(older) - (keep_last - 1), 0)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def checkpoint_step(path: Union[str, Path]) -> int:
+    """The step number in a checkpoint folder's name (``step-00001234`` -> 1234)."""
+    return int(Path(path).name[len(_PREFIX):])
+
+
+_RUN_FILES = ('config.yaml', 'metrics.jsonl', 'metrics.csv', 'curves.png')
+
+
+def holds_run(run_dir: Union[str, Path]) -> bool:
+    """Whether ``run_dir`` already holds (part of) a run: its config, metrics, curves or any checkpoint."""
+    run_dir = Path(run_dir)
+    if any((run_dir / f).exists() for f in _RUN_FILES):
+        return True
+    root = run_dir / 'checkpoints'
+    return root.is_dir() and any(root.iterdir())
+
+
+def clear_run(run_dir: Union[str, Path]) -> None:
+    """Remove a run's files (checkpoints, metrics, config, curves) so that a new run starts with no history."""
+    run_dir = Path(run_dir)
+    shutil.rmtree(run_dir / 'checkpoints', ignore_errors=True)
+    for f in _RUN_FILES:
+        (run_dir / f).unlink(missing_ok=True)
+
+
+def clean_temporaries(run_dir: Union[str, Path]) -> List[Path]:
+    """Delete what a crash can leave behind: unfinished ``checkpoints/.tmp-*`` folders and ``.<file>.tmp-*``
+    files of interrupted atomic writes. Returns the removed paths."""
+    run_dir = Path(run_dir)
+    removed = []
+    candidates = list(run_dir.glob('.*.tmp-*'))
+    if (run_dir / 'checkpoints').is_dir():
+        candidates += list((run_dir / 'checkpoints').glob('.tmp-*'))
+    for p in candidates:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
 
 
 def list_checkpoints(run_dir: Union[str, Path]) -> List[Path]:
@@ -170,7 +217,7 @@ def list_checkpoints(run_dir: Union[str, Path]) -> List[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and p.name[len(_PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(_PREFIX):]))
+    return sorted(found, key=checkpoint_step)
 
 
 def load_checkpoint(path: Union[str, Path]) -> Tuple[Dict[str, Dict[str, torch.Tensor]], Dict[str, Any], Dict]:

@@ -22,13 +22,14 @@ class TrainConfig:
     model: str = ''
     model_kwargs: Dict[str, Any] = field(default_factory=dict)
     init_checkpoint: Optional[str] = None  # weights to start from (official or msconv format)
-    task: str = 'classification'  # or 'face'
+    task: str = 'classification'  # or 'face', or any task added with msconv.engine.tasks.register_task
     preset: str = 'imagenet'
 
     # data
     data: str = 'digits'  # 'digits' or an ImageFolder root with train/ and val/
     image_size: Optional[int] = None  # None: the model's pretrained_cfg input size (32 for the digits)
     num_workers: int = 2
+    bad_image_threshold: float = 0.01  # abort when more than this fraction of a split's images cannot be read
     # face task
     face_val_bins: List[str] = field(default_factory=list)
     embedding_size: int = 512
@@ -91,6 +92,8 @@ class TrainConfig:
     ckpt_every: int = 500  # optimizer steps between checkpoints (0: only at epoch ends and on exit)
     keep_last: int = 3
     resume: Optional[str] = None  # 'auto' (latest in the run folder), a checkpoint folder, or None
+    # start afresh in a run folder that holds a run (with resume='auto': only when it has no valid checkpoint)
+    overwrite: bool = False
     eval_every: int = 1  # epochs
     log_every: int = 10  # steps between metric lines
     progress: bool = True
@@ -141,7 +144,6 @@ PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
 
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
 _CHOICES = {
-    'task': ('classification', 'face'),
     'margin': ('arcface', 'cosface'),
     'amp_dtype': ('auto', 'bfloat16', 'float16'),
     'nan_policy': ('abort', 'skip'),
@@ -175,8 +177,16 @@ def load_yaml(path: Union[str, Path]) -> Dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file {str(path)!r} does not exist")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, 'problem_mark', None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ''
+        problem = getattr(e, 'problem', None) or str(e).splitlines()[0]
+        raise ValueError(f"config file {str(path)!r} is not valid YAML{where}: {problem}") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"config file {str(path)!r} is not a text (YAML) file: {e}") from e
     if not isinstance(data, dict):
         raise ValueError(f"config file {str(path)!r} must hold a mapping of option: value, got {type(data).__name__}")
     return data
@@ -250,6 +260,8 @@ def validate_config(cfg: TrainConfig, check_paths: bool = True) -> None:
     if family_of(cfg.model) is None and cfg.model not in timm.list_models() and not timm.is_model(cfg.model):
         from ..models._registry import unknown_model_message
         raise ValueError(unknown_model_message(cfg.model))
+    from .tasks import TASKS
+    _require(cfg.task in TASKS, f"task must be one of {tuple(TASKS)}, got {cfg.task!r}")
     for name, choices in _CHOICES.items():
         _require(getattr(cfg, name) in choices, f"{name} must be one of {choices}, got {getattr(cfg, name)!r}")
     for name in ('batch_size', 'accum_steps', 'epochs'):
@@ -278,6 +290,8 @@ def validate_config(cfg: TrainConfig, check_paths: bool = True) -> None:
     _require(cfg.image_size is None or (isinstance(cfg.image_size, int) and cfg.image_size >= 8),
              f"image_size must be an integer >= 8 or None, got {cfg.image_size!r}")
     _require(cfg.ckpt_every >= 0, f"ckpt_every must be >= 0 (0: only at epoch ends), got {cfg.ckpt_every!r}")
+    _require(isinstance(cfg.bad_image_threshold, (int, float)) and 0 <= cfg.bad_image_threshold <= 1,
+             f"bad_image_threshold must be a fraction in [0, 1], got {cfg.bad_image_threshold!r}")
     _require(cfg.keep_last >= 1, f"keep_last must be >= 1, got {cfg.keep_last!r}")
     _require(cfg.eval_every >= 1, f"eval_every must be >= 1, got {cfg.eval_every!r}")
     _require(cfg.log_every >= 1, f"log_every must be >= 1, got {cfg.log_every!r}")

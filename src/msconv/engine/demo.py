@@ -102,7 +102,8 @@ def demo(
     """
     from ..models import list_models
     from .metrics import plot_curves, read_metrics
-    from .trainer import build_model, train
+    from .build import build_model
+    from .trainer import train
 
     unknown = [f for f in families if f not in DEMO_MODELS]
     if unknown:
@@ -125,8 +126,10 @@ def demo(
         if max_steps is not None:
             overrides['max_steps'] = max_steps
         t0 = time.perf_counter()
+        # The demo is meant to be re-run: each family's run replaces the previous demo's run of that family.
         result = train(model=name, model_kwargs=spec['model_kwargs'], preset='demo', data='digits',
-                       output=str(out), name=fam, progress=progress, device=device, plot=True, **overrides)
+                       output=str(out), name=fam, progress=progress, device=device, plot=True, overwrite=True,
+                       **overrides)
         elapsed = time.perf_counter() - t0
         if result['status'] == 'interrupted':  # SIGTERM / Ctrl-C: the run checkpointed; stop the demo too
             interrupted = True

@@ -50,7 +50,7 @@ def evaluate_loader(
         logits = logits.float()
         b = y.shape[0]
         positions = (torch.arange(local_pos, local_pos + b) * world_size + rank).to(device)
-        keep = positions < n_total
+        keep = (positions < n_total) & (y >= 0)  # label -1: an unreadable image's stand-in
         local_pos += b
         if not keep.any():
             continue
@@ -97,7 +97,11 @@ def evaluate(
             folder (its newest good checkpoint). When the checkpoint sits in a run folder, that run's
             ``config.yaml`` supplies ``model_kwargs``, ``image_size`` and the number of classes.
         use_ema: evaluate the EMA weights of a training checkpoint.
+
+    Returns top1/top5 (%), val_loss, count, and ``checkpoint``/``step``: the checkpoint whose weights were used
+    (for a run folder, its newest valid one). A checkpoint of another model raises ``ValueError`` naming it.
     """
+    from .build import build_model, data_config, load_weights
     from .checkpoint import latest_good_checkpoint, load_checkpoint
     from .config import TrainConfig, load_yaml, _coerce
     from .distributed import resolve_device
@@ -109,6 +113,7 @@ def evaluate(
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     run_cfg: Dict[str, Any] = {}
     state_dict = None
+    used: Dict[str, Any] = {}
     if checkpoint is not None:
         ckpt = Path(checkpoint)
         if not ckpt.exists():
@@ -119,17 +124,25 @@ def evaluate(
         if ckpt.is_dir() and (ckpt / 'checkpoints').is_dir():
             found = latest_good_checkpoint(ckpt)
             if found is None:
-                raise ValueError(f"checkpoint: run folder {str(ckpt)!r} holds no readable checkpoint")
-            weights = found[1]
+                raise ValueError(f"checkpoint: run folder {str(ckpt)!r} holds no valid checkpoint")
+            used = {'checkpoint': str(found[0]), 'step': int(found[3]['step'])}
+            weights, trained_as = found[1], found[3].get('model')
         elif ckpt.is_dir():
-            weights = load_checkpoint(ckpt)[0]
+            _, _, meta = found = load_checkpoint(ckpt)
+            used = {'checkpoint': str(ckpt), 'step': int(meta['step'])}
+            weights, trained_as = found[0], meta.get('model')
         else:
             from ..models import read_checkpoint
-            weights = {'model': read_checkpoint(ckpt)}
+            from ..tools._common import check_checkpoint_file
+            check_checkpoint_file(ckpt)
+            weights, trained_as = {'model': read_checkpoint(ckpt)}, None
+            used = {'checkpoint': str(ckpt), 'step': None}
         key = 'ema' if use_ema else 'model'
         if key not in weights:
             raise ValueError(f"checkpoint {str(ckpt)!r} holds no {key!r} weights (available: {sorted(weights)})")
         state_dict = weights[key]
+        if trained_as is None and cfg_path is not None:
+            trained_as = run_cfg.get('model')
 
     fields = {k: _coerce(k, v) for k, v in run_cfg.items()} if run_cfg else {}
     cfg = TrainConfig(**fields) if fields else TrainConfig()
@@ -149,28 +162,18 @@ def evaluate(
         classes = list(DIGITS_CLASSES)
 
     if isinstance(model, str):
-        from .trainer import build_model
         kwargs = dict(cfg.model_kwargs) if run_cfg.get('model') == model else {}
         kwargs.update(model_kwargs)
         net = build_model(model, num_classes=len(classes), drop_path=0.0, model_kwargs=kwargs)
+        name = model
     else:
-        net = model
+        net, name = model, type(model).__name__
     if state_dict is not None:
-        net.load_state_dict(state_dict)
+        load_weights(net, state_dict, f"checkpoint {used['checkpoint']!r}", name, trained_as=trained_as)
     net.to(dev)
 
-    data_cfg = _data_config(net, cfg)
-    dataset = build_dataset(cfg, split, data_cfg['size'], data_cfg['mean'], data_cfg['std'], is_training=False)
+    dc = data_config(net, cfg)
+    dataset = build_dataset(cfg, split, dc['size'], dc['mean'], dc['std'], is_training=False)
     loader, _ = build_loader(dataset, batch_size, shuffle=False, seed=0, num_workers=num_workers)
     amp_dtype = torch.bfloat16 if amp else None
-    return evaluate_loader(net, loader, dev, amp_dtype=amp_dtype)
-
-
-def _data_config(model: nn.Module, cfg) -> Dict[str, Any]:
-    """Input size, mean, std, crop_pct and interpolation: the config's values, else the model's pretrained_cfg."""
-    from timm.data import resolve_data_config
-    dc = resolve_data_config({}, model=model)
-    size = cfg.image_size or (32 if cfg.data == 'digits' else dc['input_size'][-1])
-    if cfg.crop_pct is None:
-        cfg.crop_pct = 1.0 if cfg.data == 'digits' else dc.get('crop_pct', 0.875)
-    return {'size': int(size), 'mean': dc['mean'], 'std': dc['std']}
+    return dict(evaluate_loader(net, loader, dev, amp_dtype=amp_dtype), **used)

@@ -3,13 +3,16 @@ and a progress bar (rich) with loss, learning rate, throughput and ETA."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
+import sys
+import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, TextIO, Union
 
-__all__ = ['MetricsLog', 'read_metrics', 'plot_curves', 'Progress']
+__all__ = ['MetricsLog', 'read_metrics', 'draw_curves', 'plot_curves', 'Progress']
 
 
 class MetricsLog:
@@ -18,7 +21,7 @@ class MetricsLog:
     Records have a ``kind`` ('train' or 'val'); the CSV keeps a fixed column set and leaves missing values empty.
     """
     CSV_FIELDS = ('kind', 'step', 'epoch', 'loss', 'lr', 'img_per_s', 'top1', 'top5', 'ema_top1', 'val_loss',
-                  'verification', 'time')
+                  'verification', 'bad_images', 'time')
 
     def __init__(self, run_dir: Union[str, Path]):
         self.run_dir = Path(run_dir)
@@ -27,13 +30,15 @@ class MetricsLog:
 
     def truncate_after(self, step: int) -> None:
         """Drop records later than ``step`` (after a resume, the steps past the checkpoint are redone)."""
+        from .checkpoint import atomic_write_bytes
         records = [r for r in read_metrics(self.run_dir) if r.get('step', 0) <= step]
-        self.jsonl.write_text(''.join(json.dumps(r) + '\n' for r in records))
-        with open(self.csv, 'w', newline='') as f:
-            w = csv.DictWriter(f, fieldnames=self.CSV_FIELDS, extrasaction='ignore')
-            w.writeheader()
-            for r in records:
-                w.writerow({k: _fmt(r.get(k)) for k in self.CSV_FIELDS})
+        atomic_write_bytes(self.jsonl, ''.join(json.dumps(r) + '\n' for r in records).encode())
+        buf = io.StringIO(newline='')
+        w = csv.DictWriter(buf, fieldnames=self.CSV_FIELDS, extrasaction='ignore')
+        w.writeheader()
+        for r in records:
+            w.writerow({k: _fmt(r.get(k)) for k in self.CSV_FIELDS})
+        atomic_write_bytes(self.csv, buf.getvalue().encode())
 
     def append(self, record: Dict[str, Any]) -> None:
         with open(self.jsonl, 'a') as f:
@@ -71,47 +76,53 @@ def read_metrics(run_dir: Union[str, Path]) -> List[Dict[str, Any]]:
     return out
 
 
-def plot_curves(records: List[Dict[str, Any]], path: Union[str, Path], title: str = '') -> Optional[Path]:
-    """Training loss (per logged step) and validation top-1 (per evaluation) against the step, as a PNG.
+def draw_curves(records: List[Dict[str, Any]], title: str = ''):
+    """A matplotlib figure of the records: losses (training and validation) in the left panel, accuracies
+    (validation top-1, EMA top-1, face verification) in the right one, every line in a legend.
 
-    ``records`` may come from several runs: give each a ``run`` key to draw one line per run.
+    ``records`` may come from several runs: give each a ``run`` key to draw one colour per run.
     """
     import matplotlib
     matplotlib.use('Agg', force=False)
     import matplotlib.pyplot as plt
 
-    if not records:
-        return None
     runs: Dict[str, List[Dict[str, Any]]] = {}
     for r in records:
         runs.setdefault(r.get('run', ''), []).append(r)
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for run, recs in runs.items():
-        tr = [r for r in recs if r.get('kind') == 'train' and r.get('loss') is not None and math.isfinite(r['loss'])]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (run, recs) in enumerate(runs.items()):
+        prefix, color = (f"{run}: " if run else ''), f"C{i}"
+        tr = [r for r in recs if r.get('kind') == 'train' and _finite(r.get('loss'))]
         va = [r for r in recs if r.get('kind') == 'val']
-        label = run or None
-        if tr:
-            ax_loss.plot([r['step'] for r in tr], [r['loss'] for r in tr], label=label)
-        va_loss = [r for r in va if r.get('val_loss') is not None]
-        if va_loss and not run:
-            ax_loss.plot([r['step'] for r in va_loss], [r['val_loss'] for r in va_loss], 'o-', label='val')
-        key = 'top1' if any(r.get('top1') is not None for r in va) else 'verification_acc'
-        acc = [r for r in va if r.get(key) is not None]
-        if acc:
-            ax_acc.plot([r['step'] for r in acc], [r[key] for r in acc], 'o-', label=label)
-    ax_loss.set_xlabel('step')
-    ax_loss.set_ylabel('loss')
-    ax_loss.set_title('training loss')
-    ax_acc.set_xlabel('step')
-    ax_acc.set_ylabel('val accuracy (%)')
-    ax_acc.set_title('validation top-1')
+        lines = [(ax_loss, tr, 'loss', '-', 'train loss'), (ax_loss, va, 'val_loss', 'o--', 'val loss'),
+                 (ax_acc, va, 'top1', 'o-', 'val top-1'), (ax_acc, va, 'ema_top1', 's:', 'EMA val top-1'),
+                 (ax_acc, va, 'verification_acc', 'o-', 'verification accuracy')]
+        for ax, recs_, key, style, label in lines:
+            points = [(r['step'], r[key]) for r in recs_ if _finite(r.get(key))]
+            if points:
+                ax.plot(*zip(*points), style, color=color, label=prefix + label, markersize=4)
+    ax_loss.set(xlabel='optimizer step', ylabel='loss', title='loss')
+    ax_acc.set(xlabel='optimizer step', ylabel='accuracy (%)', title='accuracy')
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend()
+            ax.legend(fontsize='small')
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def plot_curves(records: List[Dict[str, Any]], path: Union[str, Path], title: str = '') -> Optional[Path]:
+    """Write :func:`draw_curves` as a PNG (atomically); None when there are no records."""
+    import matplotlib.pyplot as plt
+    if not records:
+        return None
+    fig = draw_curves(records, title)
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
     fig.savefig(tmp, dpi=100)
@@ -121,36 +132,65 @@ def plot_curves(records: List[Dict[str, Any]], path: Union[str, Path], title: st
 
 
 class Progress:
-    """A rich progress bar over the optimizer steps of a run: loss, lr, img/s and ETA (disabled: no output)."""
+    """Progress over the optimizer steps of a run: loss, lr, img/s, elapsed time and ETA.
 
-    def __init__(self, total_steps: int, start_step: int = 0, enabled: bool = True, description: str = 'train'):
+    On a terminal, a live rich bar; elsewhere (a log file, a pipe, CI) one complete line every ``every`` steps and
+    at the last step, so that logs stay readable. ``enabled=False``: no progress output at all.
+    """
+
+    def __init__(self, total_steps: int, start_step: int = 0, enabled: bool = True, description: str = 'train',
+                 every: int = 10, stream: Optional[TextIO] = None):
         self.enabled = enabled
+        self.total, self.start, self.every = total_steps, start_step, max(int(every), 1)
+        self.description = description
+        self.stream = stream
+        self._t0 = time.perf_counter()
         self._bar = None
-        if not enabled:
+        out = stream if stream is not None else sys.stdout
+        if not enabled or not (hasattr(out, 'isatty') and out.isatty()):
             return
+        from rich.console import Console
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn,
                                    TimeElapsedColumn, TimeRemainingColumn)
         self._bar = RichProgress(
             TextColumn('[bold]{task.description}'), BarColumn(), MofNCompleteColumn(),
             TextColumn('{task.fields[info]}'), TimeElapsedColumn(), TextColumn('ETA'), TimeRemainingColumn(),
-            transient=False,
+            transient=False, console=Console(file=out),
         )
         self._task = self._bar.add_task(description, total=total_steps, completed=start_step, info='')
         self._bar.start()
 
+    @staticmethod
+    def _info(info: Dict[str, Any]) -> str:
+        return '  '.join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items())
+
     def update(self, step: int, **info: Any) -> None:
-        if self._bar is None:
+        if not self.enabled:
             return
-        text = '  '.join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in info.items())
-        self._bar.update(self._task, completed=step, info=text)
+        if self._bar is not None:
+            self._bar.update(self._task, completed=step, info=self._info(info))
+            return
+        if step % self.every and step != self.total:
+            return
+        elapsed = time.perf_counter() - self._t0
+        done = step - self.start
+        eta = _hms(elapsed / done * (self.total - step)) if done > 0 else '?'
+        pct = 100.0 * step / max(self.total, 1)
+        self.print(f"{self.description} step {step}/{self.total} ({pct:.0f}%)  {self._info(info)}  "
+                   f"elapsed {_hms(elapsed)}  ETA {eta}")
 
     def print(self, msg: str) -> None:
         if self._bar is not None:
             self._bar.console.print(msg)
         else:
-            print(msg, flush=True)
+            print(msg, file=self.stream if self.stream is not None else sys.stdout, flush=True)
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import shutil
 import signal
 import threading
 import time
@@ -26,48 +27,21 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .checkpoint import (CheckpointError, get_rng_state, latest_good_checkpoint, list_checkpoints,
-                         load_checkpoint, save_checkpoint, set_rng_state)
-from .config import TrainConfig, family_of, resolve_config, save_config
+from ..data.loader import DataError, count_unreadable, unreadable_message
+from .build import data_config
+from .checkpoint import (CheckpointError, checkpoint_step, clean_temporaries, clear_run, get_rng_state, holds_run,
+                         latest_good_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint, set_rng_state)
+from .config import TrainConfig, resolve_config, save_config
 from .distributed import DistInfo, cleanup_distributed, init_distributed, resolve_device
-from .evaluate import _data_config, autocast_context, evaluate_loader
+from .evaluate import autocast_context
 from .metrics import MetricsLog, Progress, plot_curves, read_metrics
+from .tasks import RunContext, create_task
 
-__all__ = ['train', 'build_model', 'NonFiniteLossError']
+__all__ = ['train', 'NonFiniteLossError']
 
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN/inf and ``nan_policy='abort'``: no update, EMA or checkpoint was written from it."""
-
-
-def build_model(name: str, num_classes: int, drop_path: float = 0.0, model_kwargs: Optional[Mapping] = None,
-                checkpoint_path: Optional[str] = None) -> nn.Module:
-    """An msconv model (``msconv.create_model``) or, for other names, a timm model."""
-    kwargs = dict(model_kwargs or {})
-    kwargs.setdefault('num_classes', num_classes)
-    if drop_path > 0:
-        kwargs.setdefault('drop_path_rate', drop_path)
-    if family_of(name) is not None:
-        from ..models import create_model
-        return create_model(name, checkpoint_path=checkpoint_path, **kwargs)
-    import timm
-    return timm.create_model(name, checkpoint_path=checkpoint_path or '', **kwargs)
-
-
-class FaceModel(nn.Module):
-    """Embedding network + margin head (ArcFace/CosFace): ``forward(x, labels) -> margin logits``."""
-
-    def __init__(self, backbone: nn.Module, head: nn.Module):
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-
-    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x), labels)
-
-    def no_weight_decay(self):
-        nwd = getattr(self.backbone, 'no_weight_decay', lambda: set())()
-        return {f'backbone.{n}' for n in nwd}
 
 
 def _step_seed(seed: int, rank: int, step: int) -> int:
@@ -155,6 +129,7 @@ class _Trainer:
         name = cfg.name or f"{cfg.model}-{Path(cfg.data).name if cfg.data != 'digits' else 'digits'}"
         self.run_dir = Path(cfg.output) / name
         self.log = MetricsLog(self.run_dir)
+        self.task = create_task(cfg)
 
     # ---------------------------------------------------------------------------------------------- setup
     def _print(self, msg: str) -> None:
@@ -169,29 +144,19 @@ class _Trainer:
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        # Data first: the number of classes sizes the classifier.
-        if cfg.task == 'face':
-            from ..data import face as face_data
-            self.face_data = face_data
         self.amp_dtype = _amp_dtype(cfg, device)
-
-        probe_classes = self._num_classes()
-        out_features = cfg.embedding_size if cfg.task == 'face' else probe_classes
-        model = build_model(cfg.model, out_features, cfg.drop_path, cfg.model_kwargs, cfg.init_checkpoint)
-        self.data_cfg = _data_config(model, cfg)
-        self.train_set, self.val_set = self._datasets()
-        if cfg.task == 'face':
-            from ..layers import ArcFace, CosFace
-            head_cls = ArcFace if cfg.margin == 'arcface' else CosFace
-            head = head_cls(cfg.embedding_size, self.num_classes, s=cfg.margin_s, m=cfg.margin_m)
-            model = FaceModel(model, head)
+        # Data first: the number of classes sizes the classifier.
+        self.num_classes = self.task.num_classes()
+        model = self.task.build_model(self.num_classes)
+        self.data_cfg = data_config(self.task.backbone(model), cfg)
+        self.train_set, self.val_set = self.task.build_datasets(self.data_cfg)
         if cfg.sync_bn and self.info.enabled:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model.to(device)
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
         self.model = model
-        self.n_params = sum(p.numel() for p in (model.backbone if cfg.task == 'face' else model).parameters())
+        self.n_params = sum(p.numel() for p in self.task.backbone(model).parameters())
 
         from ..data.loader import build_loader
         gen_seed = cfg.seed
@@ -232,19 +197,7 @@ class _Trainer:
             updates_per_epoch=self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler('cuda', enabled=self.amp_dtype == torch.float16)
 
-        # Loss: Mixup/CutMix with label smoothing folded into soft targets, else label-smoothed CE (timm).
-        from timm.data import Mixup
-        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-        self.mixup_fn = None
-        if cfg.task == 'classification' and (cfg.mixup > 0 or cfg.cutmix > 0):
-            self.mixup_fn = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
-                                  switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode,
-                                  label_smoothing=cfg.smoothing, num_classes=self.num_classes)
-            self.criterion = SoftTargetCrossEntropy()
-        elif cfg.smoothing > 0:
-            self.criterion = LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
-        else:
-            self.criterion = nn.CrossEntropyLoss()
+        self.task.build_criterion(self.num_classes)
 
         self.ema = None
         if cfg.ema:
@@ -262,7 +215,7 @@ class _Trainer:
                 find_unused_parameters=False)
 
     def _build_sparsity(self, options: Dict[str, Any]):
-        from ..layers.shiftwise_sparsity import SparsityScheduler
+        from .sparsity import SparsityScheduler
         options = dict(options)
         options.setdefault('seed', self.cfg.seed)
         try:
@@ -270,48 +223,6 @@ class _Trainer:
                                      **options)
         except TypeError as e:
             raise ValueError(f"sparsity: bad option in {options}: {e}") from e
-
-    def _num_classes(self) -> int:
-        cfg = self.cfg
-        if cfg.task == 'face':
-            from ..data.face import FaceIdentityFolder
-            self.num_classes = FaceIdentityFolder(cfg.data).num_identities
-            if self.num_classes < 2:
-                raise ValueError(f"data {cfg.data!r}: face training needs at least 2 identity subfolders, found "
-                                 f"{self.num_classes}")
-            return self.num_classes
-        if cfg.data == 'digits':
-            self.num_classes = 10
-        else:
-            from ..data.loader import check_image_folder
-            self.num_classes = len(check_image_folder(Path(cfg.data), 'train'))
-        return self.num_classes
-
-    def _datasets(self):
-        from ..data.loader import build_dataset
-        cfg, dc = self.cfg, self.data_cfg
-        if cfg.task == 'face':
-            # insightface practice: aligned crops, resized to the model's input, random horizontal flip only.
-            from timm.data import create_transform
-            from ..data.face import FaceIdentityFolder
-            tf = create_transform(dc['size'], is_training=True, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.5,
-                                  color_jitter=None, auto_augment=None, interpolation=cfg.interpolation,
-                                  mean=tuple(dc['mean']), std=tuple(dc['std']))
-            train_set = FaceIdentityFolder(cfg.data, transform=tf)
-            self.face_bins = []
-            for b in cfg.face_val_bins:
-                images, issame = self.face_data.load_bin(b, image_size=(dc['size'], dc['size']))
-                self.face_bins.append((Path(b).stem, images, issame))
-            return train_set, None
-        train_set = build_dataset(cfg, 'train', dc['size'], dc['mean'], dc['std'])
-        val_set = build_dataset(cfg, 'val', dc['size'], dc['mean'], dc['std'])
-        if len(train_set.classes) != self.num_classes:
-            raise ValueError(f"data {cfg.data!r}: train/ has {self.num_classes} classes but the dataset reports "
-                             f"{len(train_set.classes)}")
-        if list(val_set.classes) != list(train_set.classes):
-            raise ValueError(f"data {cfg.data!r}: val/ classes {list(val_set.classes)} differ from train/ classes "
-                             f"{list(train_set.classes)}")
-        return train_set, val_set
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def _state(self, step: int, epoch: int) -> Dict[str, Any]:
@@ -330,13 +241,7 @@ class _Trainer:
     def _save(self, step: int, epoch: int, reason: str) -> Optional[Path]:
         if not self.info.is_main:
             return None
-        model = self.model
-        weights = {'model': (model.backbone if self.cfg.task == 'face' else model).state_dict()}
-        if self.cfg.task == 'face':
-            weights['head'] = model.head.state_dict()
-        if self.ema is not None:
-            ema_model = self.ema.module
-            weights['ema'] = (ema_model.backbone if self.cfg.task == 'face' else ema_model).state_dict()
+        weights = self.task.checkpoint_weights(self.model, self.ema.module if self.ema is not None else None)
         meta = {'epoch': epoch, 'reason': reason, 'model': self.cfg.model, 'steps_per_epoch': self.steps_per_epoch,
                 'config': self.cfg.to_dict(), 'last_eval': self.last_eval}
         path = save_checkpoint(self.run_dir, step, weights, self._state(step, epoch), meta,
@@ -346,53 +251,87 @@ class _Trainer:
             self._plot()
         return path
 
-    def _resume(self) -> int:
+    def _prepare_run_dir(self) -> Optional[tuple]:
+        """Decide, before anything is written, which run this is; returns the checkpoint to resume or None.
+
+        A new run never writes into a folder that holds another run (``overwrite`` replaces it); ``resume='auto'``
+        continues the run in ``run_dir`` from its newest valid checkpoint and refuses when it has none (unless
+        ``overwrite``); ``resume=PATH`` continues the run that checkpoint belongs to, and only that one.
+        """
         cfg = self.cfg
-        if cfg.resume is None:
-            return 0
+        run_dir = self.run_dir
+        hint = (f"pass --resume auto to continue it, --overwrite to replace it, or --name NAME for a new run "
+                f"(Python: resume='auto' / overwrite=True / name=...)")
         found = None
-        if cfg.resume == 'auto':
-            found = latest_good_checkpoint(self.run_dir)
-            if found is None:
-                self._print(f"resume: no checkpoint in {self.run_dir}, starting from scratch")
-                return 0
+        if cfg.resume is None:
+            if holds_run(run_dir) and not cfg.overwrite:
+                raise ValueError(f"run folder {str(run_dir)!r} already holds a run; {hint}")
+        elif cfg.resume == 'auto':
+            checkpoints = list_checkpoints(run_dir)
+            found = latest_good_checkpoint(run_dir)
+            if found is None and holds_run(run_dir) and not cfg.overwrite:
+                what = (f"its checkpoints {[p.name for p in checkpoints]} are all corrupt" if checkpoints
+                        else "it has metrics or a config but no checkpoint")
+                raise ValueError(
+                    f"resume: no valid checkpoint in run folder {str(run_dir)!r} ({what}); pass --overwrite to "
+                    f"start this run afresh (its history is replaced), or --resume PATH to a good checkpoint")
         else:
             path = Path(cfg.resume)
-            if path.is_dir() and (path / 'checkpoints').is_dir():  # a run folder
-                found = latest_good_checkpoint(path)
-                if found is None:
-                    raise ValueError(f"resume: run folder {str(path)!r} holds no readable checkpoint")
-            else:
+            if not path.exists():
+                raise ValueError(f"resume: {str(path)!r} does not exist (expected 'auto', a run folder or a "
+                                 f"<run>/checkpoints/step-N folder)")
+            owner = path if (path / 'checkpoints').is_dir() else (
+                path.parent.parent if path.parent.name == 'checkpoints' else None)
+            if owner is not None and owner.resolve() != run_dir.resolve():
+                if cfg.name is not None:
+                    raise ValueError(
+                        f"resume: checkpoint {str(path)!r} belongs to run folder {str(owner)!r}, not to "
+                        f"{str(run_dir)!r} (--name {cfg.name}); continue that run with --name {owner.name} --output "
+                        f"{owner.parent}, or start a new run from its weights with --init-checkpoint")
+                self.run_dir = run_dir = owner
+                self.log = MetricsLog(run_dir)
+            if owner is None and holds_run(run_dir) and not cfg.overwrite:
+                raise ValueError(f"resume: {str(path)!r} is not in a run folder, and run folder {str(run_dir)!r} "
+                                 f"already holds another run; pass --overwrite to replace it, or --name NAME")
+            found = self._load_resume_checkpoint(path)
+        if cfg.overwrite and found is None and self.info.is_main and holds_run(run_dir):
+            clear_run(run_dir)
+            self._print(f"overwrite: removed the previous run's checkpoints, metrics and config in {run_dir}")
+        if self.info.enabled:
+            dist.barrier()  # every rank decided before rank 0 changes the folder
+        return found
+
+    def _load_resume_checkpoint(self, path: Path) -> tuple:
+        if (path / 'checkpoints').is_dir():  # a run folder
+            found = latest_good_checkpoint(path)
+            if found is None:
+                raise ValueError(f"resume: run folder {str(path)!r} holds no valid checkpoint")
+            return found
+        try:
+            return (path, *load_checkpoint(path))
+        except CheckpointError as e:
+            self._print(f"resume: {e}")
+            older = [p for p in list_checkpoints(path.parent.parent)
+                     if path.name.startswith('step-') and p.name < path.name]
+            for p in reversed(older):
                 try:
-                    weights, state, meta = load_checkpoint(path)
-                    found = (path, weights, state, meta)
-                except CheckpointError as e:
-                    self._print(f"resume: {e}")
-                    older = [p for p in list_checkpoints(path.parent.parent)
-                             if path.name.startswith('step-') and p.name < path.name]
-                    for p in reversed(older):
-                        try:
-                            found = (p, *load_checkpoint(p))
-                            break
-                        except CheckpointError as e2:
-                            self._print(f"resume: {e2}")
-                    if found is None:
-                        raise ValueError(f"resume: {e}; and no earlier good checkpoint was found") from e
-                    self._print(f"resume: falling back to the previous good checkpoint {found[0]}")
-        path, weights, state, meta = found
-        model = self.model
-        target = model.backbone if cfg.task == 'face' else model
-        target.load_state_dict(weights['model'])
-        if cfg.task == 'face' and 'head' in weights:
-            model.head.load_state_dict(weights['head'])
-        if self.ema is not None:
-            ema_target = self.ema.module.backbone if cfg.task == 'face' else self.ema.module
-            if 'ema' in weights:
-                ema_target.load_state_dict(weights['ema'])
-                if cfg.task == 'face':
-                    self.ema.module.head.load_state_dict(weights['head'])
+                    found = (p, *load_checkpoint(p))
+                    break
+                except CheckpointError as e2:
+                    self._print(f"resume: {e2}")
             else:
-                self.ema.module.load_state_dict(model.state_dict())
+                raise ValueError(f"resume: {e}; and no earlier valid checkpoint was found") from e
+            self._print(f"resume: falling back to the previous valid checkpoint {found[0]}")
+            return found
+
+    def _resume(self, found: Optional[tuple]) -> int:
+        cfg = self.cfg
+        if found is None:
+            if cfg.resume == 'auto':
+                self._print(f"resume: no checkpoint yet in {self.run_dir}, starting a new run")
+            return 0
+        path, weights, state, meta = found
+        self.task.load_checkpoint_weights(self.model, self.ema.module if self.ema is not None else None, weights)
         self.optimizer.load_state_dict(state['optimizer'])
         self.scheduler.load_state_dict(state['scheduler'])
         self.scaler.load_state_dict(state['scaler'])
@@ -405,10 +344,19 @@ class _Trainer:
                 f"resume: checkpoint {str(path)!r} was made with {meta['steps_per_epoch']} steps per epoch, this run "
                 f"has {self.steps_per_epoch}; keep batch_size, accum_steps and the data identical to resume")
         self.last_eval = meta.get('last_eval')
-        self._print(f"resumed from {path} (step {step}, epoch {step // self.steps_per_epoch})")
+        self._print(f"resumed from {path} (step {step}, {self._epoch_label(step)})")
         if self.info.is_main:
+            # Later checkpoints are corrupt or from the abandoned continuation: none may outrank this one.
+            for later in [p for p in list_checkpoints(self.run_dir) if checkpoint_step(p) > step]:
+                shutil.rmtree(later, ignore_errors=True)
+                self._print(f"resume: removed {later} (later than the resumed step {step})")
             self.log.truncate_after(step)
         return step
+
+    def _epoch_label(self, step: int) -> str:
+        """1-based everywhere: 'epoch 2' once epoch 2 is complete, 'epoch 3 (4/6 steps)' while it runs."""
+        done, offset = divmod(step, self.steps_per_epoch)
+        return f"epoch {done}" if offset == 0 else f"epoch {done + 1} ({offset}/{self.steps_per_epoch} steps)"
 
     def _plot(self) -> None:
         try:
@@ -418,32 +366,18 @@ class _Trainer:
             self._print(f"warning: could not draw curves.png: {e}")
 
     # --------------------------------------------------------------------------------------------- evaluation
-    def _evaluate(self, step: int, epoch: int) -> Dict[str, Any]:
+    def _evaluate(self, step: int, epoch: float) -> Dict[str, Any]:
         rec: Dict[str, Any] = {'kind': 'val', 'step': step, 'epoch': epoch}
-        if self.cfg.task == 'face':
-            from .verification import evaluate_verification
-            results = {}
-            if self.info.is_main:
-                for name, images, issame in self.face_bins:
-                    res = evaluate_verification(self.model.backbone, images, issame, batch_size=self.local_bs,
-                                                device=self.device)
-                    self._print(f"verification {name}: accuracy {res['accuracy']:.4f}")
-                    results[name] = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in res.items()
-                                     if isinstance(v, (int, float))}
-            rec['verification'] = results
-            if results:
-                accs = [r['accuracy'] for r in results.values() if 'accuracy' in r]
-                if accs:
-                    acc = sum(accs) / len(accs)
-                    rec['verification_acc'] = 100.0 * acc if acc <= 1.0 else acc
-        else:
-            ev = evaluate_loader(self.model, self.val_loader, self.device, self.amp_dtype, self.cfg.channels_last,
-                                 self.info.world_size, self.info.rank)
-            rec.update(top1=ev['top1'], top5=ev['top5'], val_loss=ev['val_loss'])
-            if self.ema is not None:
-                ev_ema = evaluate_loader(self.ema.module, self.val_loader, self.device, self.amp_dtype,
-                                         self.cfg.channels_last, self.info.world_size, self.info.rank)
-                rec['ema_top1'] = ev_ema['top1']
+        ctx = RunContext(self.device, self.amp_dtype, self.cfg.channels_last, self.info.world_size, self.info.rank,
+                         self.local_bs, self._print)
+        if hasattr(self.val_set, 'reset_unreadable'):
+            self.val_set.reset_unreadable()
+        rec.update(self.task.evaluate(self.model, self.ema.module if self.ema is not None else None,
+                                      self.val_loader, ctx))
+        bad = count_unreadable(self.val_set)
+        if bad is not None:
+            rec['bad_images'] = bad
+            self._check_data(self.val_set, 'val')
         rec['time'] = time.time()
         if self.info.is_main:
             self.log.append(rec)
@@ -458,13 +392,15 @@ class _Trainer:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)
 
+    def _check_data(self, dataset, split: str) -> None:
+        msg = unreadable_message(dataset, split, self.cfg.bad_image_threshold, share=self.info.world_size)
+        if self._any_rank(msg is not None):
+            raise DataError(msg or f"too many unreadable images in {split}/ (reported by another process)")
+
     def _forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with autocast_context(self.device, self.amp_dtype is not None, self.amp_dtype):
-            if self.cfg.task == 'face':
-                logits = self.ddp_model(x, y)
-                return nn.functional.cross_entropy(logits.float(), y)
-            out = self.ddp_model(x)
-        return self.criterion(out.float(), y)
+            out = self.task.forward(self.ddp_model, x, y)
+        return self.task.loss(out, y)
 
     @torch.no_grad()
     def _restore_buffers(self, saved: Dict[str, torch.Tensor]) -> None:
@@ -485,8 +421,7 @@ class _Trainer:
             y = y.to(self.device, non_blocking=True)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            if self.mixup_fn is not None:
-                x, y = self.mixup_fn(x, y)
+            x, y = self.task.prepare_batch(x, y)
             n_images += x.shape[0]
             last = i == cfg.accum_steps - 1
             sync = nullcontext() if (last or not self.info.enabled) else self.ddp_model.no_sync()
@@ -524,20 +459,23 @@ class _Trainer:
 
     def run(self) -> Dict[str, Any]:
         cfg = self.cfg
-        if self.info.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
         self.progress = None
         self.last_eval = None
         self.last_checkpoint = None
         self.curves = None
+        found = self._prepare_run_dir()
+        if self.info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            for p in clean_temporaries(self.run_dir):
+                self._print(f"removed {p} (left by an interrupted run)")
         self._build()
+        step = self._resume(found)
         if self.info.is_main:
             save_config(cfg, self.run_dir / 'config.yaml')
-        step = self._resume()
         stop = _StopFlag()
         stop.install()
         self.progress = Progress(self.total_steps, step, enabled=cfg.progress and self.info.is_main,
-                                 description=cfg.model)
+                                 description=cfg.model, every=cfg.log_every)
         status = 'finished'
         train_time, train_images, skipped = 0.0, 0, 0
         window_loss, window_n, window_t0, window_img = 0.0, 0, time.perf_counter(), 0
@@ -548,6 +486,8 @@ class _Trainer:
                 self.train_sampler.set_epoch(epoch)
                 self.train_loader.dataset.set_epoch(epoch)
                 self.train_sampler.set_start(offset * cfg.accum_steps * self.local_bs)
+                if hasattr(self.train_set, 'reset_unreadable'):  # counted per epoch, against the split's size
+                    self.train_set.reset_unreadable()
                 self.ddp_model.train()
                 it = iter(self.train_loader)
                 end = min(self.steps_per_epoch, offset + self.total_steps - step)
@@ -555,6 +495,7 @@ class _Trainer:
                     t0 = time.perf_counter()
                     batches = [next(it) for _ in range(cfg.accum_steps)]
                     out = self._optimizer_step(step, batches)
+                    self._check_data(self.train_set, 'train')
                     step += 1
                     self.scheduler.step_update(num_updates=step)
                     dt = time.perf_counter() - t0
@@ -580,11 +521,14 @@ class _Trainer:
                         rec = {'kind': 'train', 'step': step, 'epoch': step / self.steps_per_epoch,
                                'loss': window_loss / max(window_n, 1), 'lr': lr,
                                'img_per_s': window_img / max(now - window_t0, 1e-9), 'time': time.time()}
+                        bad = count_unreadable(self.train_set)
+                        if bad is not None:
+                            rec['bad_images'] = bad
                         if self.info.is_main:
                             self.log.append(rec)
                         window_loss, window_n, window_t0, window_img = 0.0, 0, now, 0
                     self.progress.update(step, loss=out['loss'], lr=lr,
-                                         img_s=train_images / max(train_time, 1e-9), epoch=epoch)
+                                         img_s=train_images / max(train_time, 1e-9), epoch=epoch + 1)
                     if self._any_rank(stop.signum is not None):
                         status = 'interrupted'
                         break
@@ -593,18 +537,15 @@ class _Trainer:
                 if status == 'interrupted':
                     self._save(step, step // self.steps_per_epoch, 'signal')
                     self._print(f"interrupted: checkpoint saved at step {step} in {self.run_dir}; continue with "
-                                f"--resume auto")
+                                f"resume='auto' and the same output/name (CLI: --resume auto)")
                     break
                 epoch_done = step % self.steps_per_epoch == 0
                 done_epochs = step // self.steps_per_epoch
                 if (epoch_done and done_epochs % cfg.eval_every == 0) or step >= self.total_steps:
                     rec = self._evaluate(step, step / self.steps_per_epoch)
-                    if 'top1' in rec:
-                        extra = f", EMA top-1 {rec['ema_top1']:.2f}%" if 'ema_top1' in rec else ''
-                        self._print(f"epoch {done_epochs}: val top-1 {rec['top1']:.2f}% top-5 {rec['top5']:.2f}% "
-                                    f"loss {rec['val_loss']:.4f}{extra}")
-                    elif rec.get('verification'):
-                        self._print(f"epoch {done_epochs}: verification {rec['verification']}")
+                    summary = self.task.summary(rec)
+                    if summary:
+                        self._print(f"{self._epoch_label(step)}: {summary}")
                 self._save(step, done_epochs, 'epoch' if epoch_done else 'end')
         finally:
             stop.restore()
@@ -613,6 +554,7 @@ class _Trainer:
             self._evaluate(step, step / self.steps_per_epoch)
         result = {
             'status': status,
+            'signal': stop.signum if status == 'interrupted' else None,
             'run_dir': str(self.run_dir),
             'model': cfg.model,
             'params': self.n_params,

@@ -6,9 +6,8 @@ One operator serves the two multi-scale designs:
   centred and zero-padded in one ``(C, 1, K, K)`` weight (``K = max k_g``). With ``group_kernel_sizes`` the
   Triton kernel visits only each channel's own ``k_g x k_g`` taps, in a single launch.
 * ShiftwiseConv's closed form (``shiftwise.md`` section 2.4): depthwise correlations with long thin strips
-  (e.g. ``3 x 51`` / ``51 x 3``) whose footprint may be asymmetric, hence per-side padding; and its folded
-  inference kernel, a cross (a band of rows plus a band of columns of an ``L x L`` weight): with ``cross`` only
-  the ``2 * 3 * L`` band taps are visited, not the ``L * L`` dense ones.
+  (e.g. ``3 x 51`` / ``51 x 3``) whose footprint may be asymmetric, hence per-side padding. Its folded
+  inference form runs as two such strips.
 
 ``depthwise_conv2d`` is the public entry point. It checks its arguments, then picks a backend:
 
@@ -103,7 +102,7 @@ def _check_group_kernel_sizes(group_kernel_sizes, channels: int, kernel_size: Tu
     return gks
 
 
-def _check_inputs(x, weight, bias, padding, group_kernel_sizes, cross=None):
+def _check_inputs(x, weight, bias, padding, group_kernel_sizes):
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"x must be a (B, C, H, W) tensor, got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
@@ -122,27 +121,10 @@ def _check_inputs(x, weight, bias, padding, group_kernel_sizes, cross=None):
         raise ValueError(f"padding {pads} (top, bottom, left, right) is too small for a {ks[0]}x{ks[1]} kernel on a "
                          f"{H}x{W} input: the output would be {ho}x{wo}")
     gks = None if group_kernel_sizes is None else _check_group_kernel_sizes(group_kernel_sizes, C, ks)
-    if cross is not None:
-        cross = list(cross)
-        if len(cross) != 4 or not all(isinstance(v, int) and not isinstance(v, bool) for v in cross) \
-                or not (0 <= cross[0] < cross[1] <= ks[0] and 0 <= cross[2] < cross[3] <= ks[1]):
-            raise ValueError(f"cross must be (row0, row1, col0, col1) with 0 <= row0 < row1 <= KH = {ks[0]} and "
-                             f"0 <= col0 < col1 <= KW = {ks[1]}, got {cross}")
-        if gks is not None:
-            raise ValueError("group_kernel_sizes and cross cannot be combined")
     if x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype):
         raise ValueError(f"x, weight and bias must share one dtype, got {x.dtype}, {weight.dtype}"
                          f"{'' if bias is None else ', ' + str(bias.dtype)}")
-    return pads, gks, cross
-
-
-def _cross_mask(weight: torch.Tensor, cross: Sequence[int]) -> torch.Tensor:
-    """1 on rows [row0, row1) and on columns [col0, col1) of the kernel, 0 elsewhere, shaped like ``weight``."""
-    r0, r1, c0, c1 = cross
-    mask = torch.zeros(weight.shape[2:], device=weight.device, dtype=weight.dtype)
-    mask[r0:r1, :] = 1
-    mask[:, c0:c1] = 1
-    return mask.expand_as(weight)
+    return pads, gks
 
 
 def _tap_mask(weight: torch.Tensor, gks: Sequence[int], interleaved: bool) -> torch.Tensor:
@@ -167,15 +149,13 @@ def depthwise_conv2d_reference(
         padding: Padding = 0,
         group_kernel_sizes: Optional[Sequence[int]] = None,
         group_interleaved: bool = False,
-        cross: Optional[Sequence[int]] = None,
 ) -> torch.Tensor:
     """The plain PyTorch definition: ``F.conv2d(F.pad(x, ...), weight * tap_mask, bias, groups=C)``.
 
-    With ``group_kernel_sizes`` (or ``cross``) the taps outside each channel's centred ``k x k`` window (outside
-    the cross) are treated as structural zeros (the weight is multiplied by the tap mask), so their gradient is
-    zero, as on Triton. The cross runs as its two strips (row band, then column band without the overlap)."""
-    pads, gks, cross = _check_inputs(x, weight, bias, padding, group_kernel_sizes, cross)
-    return _reference(x, weight, bias, pads, gks, group_interleaved, cross)
+    With ``group_kernel_sizes`` the taps outside each channel's centred ``k x k`` window are treated as structural
+    zeros (the weight is multiplied by the tap mask), so their gradient is zero, as on Triton."""
+    pads, gks = _check_inputs(x, weight, bias, padding, group_kernel_sizes)
+    return _reference(x, weight, bias, pads, gks, group_interleaved)
 
 
 def _conv_padded(x, weight, bias, pads):
@@ -186,20 +166,10 @@ def _conv_padded(x, weight, bias, pads):
     return F.conv2d(F.pad(x, (left, right, top, bottom)), weight, bias, groups=x.shape[1])
 
 
-def _reference(x, weight, bias, pads, gks, interleaved, cross=None):
+def _reference(x, weight, bias, pads, gks, interleaved):
     if gks is not None:
         weight = weight * _tap_mask(weight, gks, interleaved)
-    if cross is None:
-        return _conv_padded(x, weight, bias, pads)
-    # a cross-shaped kernel as two strips: far fewer taps than the dense KH x KW correlation
-    top, bottom, left, right = pads
-    r0, r1, c0, c1 = cross
-    KH, KW = weight.shape[2], weight.shape[3]
-    rows = weight[:, :, r0:r1, :]
-    cols = torch.cat([weight[:, :, :r0, c0:c1], torch.zeros_like(weight[:, :, r0:r1, c0:c1]),
-                      weight[:, :, r1:, c0:c1]], dim=2)
-    y = _conv_padded(x, rows, bias, (top - r0, bottom - (KH - r1), left, right))
-    return y + _conv_padded(x, cols, None, (top, bottom, left - c0, right - (KW - c1)))
+    return _conv_padded(x, weight, bias, pads)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -216,21 +186,17 @@ def _reference(x, weight, bias, pads, gks, interleaved, cross=None):
 #      scalar loads); the weight gradient zeroes the taps outside each channel's window at the end;
 #   2: every channel block lies in one group (the host checks): the block's window is read once as scalars, so
 #      loads keep channel-uniform masks (vectorisable along contiguous channels) and loops skip the zero taps;
-#   3: (forward only) a cross-shaped kernel, e.g. ShiftWise's folded inference kernel: a band of rows plus a band
-#      of columns, 2 * 3 * 51 taps of a 51 x 51 weight. Its weight gradient is two strip wgrads.
 # ---------------------------------------------------------------------------------------------------------------
 
 def _dw_fwd_kernel(
         x_ptr, w_ptr, b_ptr, y_ptr, taps_ptr,
-        C, H, W, HO, WO, NROWS, KH, KW, pad_t, pad_l, cr0, cr1, cc0, cc1,
+        C, H, W, HO, WO, NROWS, KH, KW, pad_t, pad_l,
         sxb, sxc, sxh, sxw, syb, syc, syh, syw,
-        HAS_BIAS: tl.constexpr, MIXED: tl.constexpr, INT64: tl.constexpr, NSEG: tl.constexpr,
+        HAS_BIAS: tl.constexpr, MIXED: tl.constexpr, INT64: tl.constexpr,
         BR: tl.constexpr, BW: tl.constexpr, BC: tl.constexpr,
 ):
     """y[b, c, oh, ow] = sum_{kh, kw} w[c, kh, kw] * x[b, c, oh + kh - pad_t, ow + kw - pad_l] (+ bias[c]).
-    The weight comes transposed, (KH * KW, C), so that a tap's weights for a channel block are one vector load.
-    MIXED == 3 (cross): the taps are rows [cr0, cr1) x all columns plus columns [cc0, cc1) x the other rows,
-    visited as NSEG = 3 disjoint rectangles."""
+    The weight comes transposed, (KH * KW, C), so that a tap's weights for a channel block are one vector load."""
     pid = tl.program_id(0)
     pid_c = tl.program_id(1)
     n_col_tiles = tl.cdiv(WO, BW)
@@ -266,36 +232,19 @@ def _dw_fwd_kernel(
         kw_start = 0
         kw_stop = KW
     acc = tl.zeros((BR * BW, BC), dtype=tl.float32)
-    for seg in tl.static_range(NSEG):
-        if MIXED == 3:  # cross: the rows above the band, the band, the rows below it
-            if seg == 0:
-                kh_start = 0
-                kh_stop = cr0
-                kw_start = cc0
-                kw_stop = cc1
-            elif seg == 1:
-                kh_start = cr0
-                kh_stop = cr1
-                kw_start = 0
-                kw_stop = KW
-            else:
-                kh_start = cr1
-                kh_stop = KH
-                kw_start = cc0
-                kw_stop = cc1
-        for kh in range(kh_start, kh_stop):
-            ih = oh + kh - pad_t
-            row_ok = pos_ok & (ih >= 0) & (ih < H)
-            row_off = x_img + ih * sxh
-            for kw in range(kw_start, kw_stop):
-                iw = ow + kw - pad_l
-                ok = row_ok & (iw >= 0) & (iw < W)
-                # masks stay uniform over channels (vectorised loads); for MIXED == 1 the host zeroed the weights
-                # outside each channel's window, so the block's bounding window gives the same sums
-                wv = tl.load(w_ptr + (kh * KW + kw) * C + c, mask=c_ok, other=0.).to(tl.float32)
-                xv = tl.load(x_ptr + (row_off + iw * sxw)[:, None] + x_chan[None, :],
-                             mask=ok[:, None] & c_ok[None, :], other=0.).to(tl.float32)
-                acc += xv * wv[None, :]
+    for kh in range(kh_start, kh_stop):
+        ih = oh + kh - pad_t
+        row_ok = pos_ok & (ih >= 0) & (ih < H)
+        row_off = x_img + ih * sxh
+        for kw in range(kw_start, kw_stop):
+            iw = ow + kw - pad_l
+            ok = row_ok & (iw >= 0) & (iw < W)
+            # masks stay uniform over channels (vectorised loads); for MIXED == 1 the host zeroed the weights
+            # outside each channel's window, so the block's bounding window gives the same sums
+            wv = tl.load(w_ptr + (kh * KW + kw) * C + c, mask=c_ok, other=0.).to(tl.float32)
+            xv = tl.load(x_ptr + (row_off + iw * sxw)[:, None] + x_chan[None, :],
+                         mask=ok[:, None] & c_ok[None, :], other=0.).to(tl.float32)
+            acc += xv * wv[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + c, mask=c_ok, other=0.).to(tl.float32)[None, :]
     y_off = (b * syb + oh * syh + ow * syw)[:, None] + (c * syc)[None, :]
@@ -475,9 +424,8 @@ def _layout(x: torch.Tensor) -> Tuple[torch.Tensor, bool]:
     return x.contiguous(), False
 
 
-def _launch_fwd(x, weight, bias, pads, out_hw, taps, cross=None) -> torch.Tensor:
-    """Runs the forward kernel; ``pads`` = (top, left) may be negative, ``out_hw`` the output size; ``cross``:
-    (row0, row1, col0, col1) bands of a cross-shaped kernel."""
+def _launch_fwd(x, weight, bias, pads, out_hw, taps) -> torch.Tensor:
+    """Runs the forward kernel; ``pads`` = (top, left) may be negative, ``out_hw`` the output size."""
     x, cl = _layout(x)
     B, C, H, W = x.shape
     KH, KW = weight.shape[2], weight.shape[3]
@@ -492,10 +440,9 @@ def _launch_fwd(x, weight, bias, pads, out_hw, taps, cross=None) -> torch.Tensor
     with _device_guard(x):
         fwd[grid](
             x, w, bias if bias is not None else w, y, taps if taps is not None else w,
-            C, H, W, HO, WO, B * HO, KH, KW, pads[0], pads[1], *(cross if cross is not None else (0, 0, 0, 0)),
+            C, H, W, HO, WO, B * HO, KH, KW, pads[0], pads[1],
             *x.stride(), *y.stride(),
-            HAS_BIAS=bias is not None, MIXED=3 if cross is not None else _mixed_mode(taps, cfg['BC']),
-            INT64=_needs_int64(x, y), NSEG=3 if cross is not None else 1,
+            HAS_BIAS=bias is not None, MIXED=_mixed_mode(taps, cfg['BC']), INT64=_needs_int64(x, y),
             BR=cfg['BR'], BW=cfg['BW'], BC=cfg['BC'], **extra)
     return y
 
@@ -561,8 +508,7 @@ def _device_guard(x: torch.Tensor):
     return contextlib.nullcontext()
 
 
-def _triton_forward(x, weight, bias, padding: List[int], gks: Optional[List[int]], interleaved: bool,
-                    cross: Optional[List[int]] = None):
+def _triton_forward(x, weight, bias, padding: List[int], gks: Optional[List[int]], interleaved: bool):
     top, bottom, left, right = padding
     KH, KW = weight.shape[2], weight.shape[3]
     out_hw = (x.shape[2] + top + bottom - KH + 1, x.shape[3] + left + right - KW + 1)
@@ -570,10 +516,10 @@ def _triton_forward(x, weight, bias, padding: List[int], gks: Optional[List[int]
     if gks is not None:
         taps = _taps_table((KH, KW), gks, x.shape[1], interleaved, False, x.device)
         weight = weight * _tap_mask(weight, gks, interleaved)  # structural zeros, read by MIXED == 1
-    return _launch_fwd(x, weight, bias, (top, left), out_hw, taps, cross)
+    return _launch_fwd(x, weight, bias, (top, left), out_hw, taps)
 
 
-def _triton_backward(grad_out, x, weight, padding, gks, interleaved, need_input, need_weight, cross=None):
+def _triton_backward(grad_out, x, weight, padding, gks, interleaved, need_input, need_weight):
     top, bottom, left, right = padding
     KH, KW = weight.shape[2], weight.shape[3]
     C = x.shape[1]
@@ -585,18 +531,9 @@ def _triton_backward(grad_out, x, weight, padding, gks, interleaved, need_input,
         if gks is not None:
             taps = _taps_table((KH, KW), gks, C, interleaved, True, x.device)
             w = weight * _tap_mask(weight, gks, interleaved)
-        flipped_cross = None if cross is None else (KH - cross[1], KH - cross[0], KW - cross[3], KW - cross[2])
         grad_x = _launch_fwd(grad_out, w.flip(2, 3), None, (KH - 1 - top, KW - 1 - left),
-                             (x.shape[2], x.shape[3]), taps, flipped_cross)
-    if need_weight and cross is not None:  # the row band (full width) and the column band (other rows)
-        r0, r1, c0, c1 = cross
-        gw_rows, grad_b = _launch_wgrad(x, grad_out, (r1 - r0, KW), (top - r0, left), None)
-        gw_cols, _ = _launch_wgrad(x, grad_out, (KH, c1 - c0), (top, left - c0), None)
-        grad_w = torch.zeros((C, 1, KH, KW), device=x.device, dtype=torch.float32)
-        grad_w[:, :, :, c0:c1] = gw_cols
-        grad_w[:, :, r0:r1, :] = gw_rows
-        grad_w, grad_b = grad_w.to(weight.dtype), grad_b.to(weight.dtype)
-    elif need_weight:
+                             (x.shape[2], x.shape[3]), taps)
+    if need_weight:
         taps = None if gks is None else _taps_table((KH, KW), gks, C, interleaved, False, x.device)
         grad_w, grad_b = _launch_wgrad(x, grad_out, (KH, KW), (top, left), taps)
         grad_w, grad_b = grad_w.to(weight.dtype), grad_b.to(weight.dtype)
@@ -609,13 +546,12 @@ def _triton_backward(grad_out, x, weight, padding, gks, interleaved, need_input,
 
 @torch.library.custom_op('msconv::depthwise_conv2d', mutates_args=())
 def _dw_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding: List[int],
-           group_kernel_sizes: Optional[List[int]], group_interleaved: bool,
-           cross: Optional[List[int]]) -> torch.Tensor:
-    return _triton_forward(x, weight, bias, padding, group_kernel_sizes, group_interleaved, cross)
+           group_kernel_sizes: Optional[List[int]], group_interleaved: bool) -> torch.Tensor:
+    return _triton_forward(x, weight, bias, padding, group_kernel_sizes, group_interleaved)
 
 
 @_dw_op.register_fake
-def _(x, weight, bias, padding, group_kernel_sizes, group_interleaved, cross):
+def _(x, weight, bias, padding, group_kernel_sizes, group_interleaved):
     top, bottom, left, right = padding
     B, C, H, W = x.shape
     ho, wo = H + top + bottom - weight.shape[2] + 1, W + left + right - weight.shape[3] + 1
@@ -626,17 +562,17 @@ def _(x, weight, bias, padding, group_kernel_sizes, group_interleaved, cross):
 
 @torch.library.custom_op('msconv::depthwise_conv2d_backward', mutates_args=())
 def _dw_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, padding: List[int],
-               group_kernel_sizes: Optional[List[int]], group_interleaved: bool, cross: Optional[List[int]],
+               group_kernel_sizes: Optional[List[int]], group_interleaved: bool,
                output_mask: List[bool]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gx, gw, gb = _triton_backward(grad_out, x, weight, padding, group_kernel_sizes, group_interleaved,
-                                  output_mask[0], output_mask[1] or output_mask[2], cross)
+                                  output_mask[0], output_mask[1] or output_mask[2])
     empty = x.new_empty(0)
     return (gx if gx is not None else empty, gw if gw is not None else empty.to(weight.dtype),
             gb if gb is not None else empty.to(weight.dtype))
 
 
 @_dw_bwd_op.register_fake
-def _(grad_out, x, weight, padding, group_kernel_sizes, group_interleaved, cross, output_mask):
+def _(grad_out, x, weight, padding, group_kernel_sizes, group_interleaved, output_mask):
     fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
     gx = torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=fmt) if output_mask[0] else x.new_empty(0)
     need_w = output_mask[1] or output_mask[2]
@@ -646,9 +582,9 @@ def _(grad_out, x, weight, padding, group_kernel_sizes, group_interleaved, cross
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, padding, gks, interleaved, cross = inputs
+    x, weight, bias, padding, gks, interleaved = inputs
     ctx.save_for_backward(x, weight)
-    ctx.padding, ctx.gks, ctx.interleaved, ctx.cross = padding, gks, interleaved, cross
+    ctx.padding, ctx.gks, ctx.interleaved = padding, gks, interleaved
     ctx.has_bias = bias is not None
 
 
@@ -656,9 +592,9 @@ def _backward(ctx, grad_out):
     x, weight = ctx.saved_tensors
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
     if not any(mask):
-        return None, None, None, None, None, None, None
-    gx, gw, gb = _dw_bwd_op(grad_out, x, weight, ctx.padding, ctx.gks, ctx.interleaved, ctx.cross, mask)
-    return (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None, None, None, None, None)
+        return None, None, None, None, None, None
+    gx, gw, gb = _dw_bwd_op(grad_out, x, weight, ctx.padding, ctx.gks, ctx.interleaved, mask)
+    return (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None, None, None, None)
 
 
 _dw_op.register_autograd(_backward, setup_context=_setup_context)
@@ -684,7 +620,6 @@ def depthwise_conv2d(
         padding: Padding = 0,
         group_kernel_sizes: Optional[Sequence[int]] = None,
         group_interleaved: bool = False,
-        cross: Optional[Sequence[int]] = None,
         backend: str = 'auto',
 ) -> torch.Tensor:
     """Depthwise 2-D cross-correlation, stride 1 (``F.conv2d(x, weight, bias, groups=C)`` with per-side padding).
@@ -701,9 +636,6 @@ def depthwise_conv2d(
             taps outside it are structural zeros (never read on Triton, zero gradient on both backends).
         group_interleaved: groups are channels ``[g*C/G, (g+1)*C/G)`` (False, head-major) or ``j*G + g``
             (True, SMT's interleaved order). ``G == C`` is a free per-channel map.
-        cross: ``(row0, row1, col0, col1)``: a cross-shaped kernel (ShiftWise's folded inference kernel) whose taps
-            are rows ``[row0, row1)`` (all columns) plus columns ``[col0, col1)`` (all rows); the other taps are
-            structural zeros. Triton visits only the cross; the reference runs it as two strip convolutions.
         backend: 'auto', 'triton' or 'torch' (see the module docstring).
     """
     if backend not in ('auto', 'triton', 'torch'):
@@ -712,7 +644,7 @@ def depthwise_conv2d(
         dt = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dt), weight.to(dt)
         bias = bias.to(dt) if bias is not None else None
-    pads, gks, cross = _check_inputs(x, weight, bias, padding, group_kernel_sizes, cross)
+    pads, gks = _check_inputs(x, weight, bias, padding, group_kernel_sizes)
     use_triton = backend == 'triton' or (
         backend == 'auto' and x.dtype in _TRITON_DTYPES and triton_available(x.device))
     if use_triton:
@@ -724,5 +656,5 @@ def depthwise_conv2d(
             raise ValueError(f"backend='triton' runs on CUDA tensors, or on CPU tensors in Triton's interpreter "
                              f"(TRITON_INTERPRET=1 set before triton is imported); got a {x.device.type} tensor "
                              f"with the interpreter {'on' if interpreter_active() else 'off'}")
-        return _dw_op(x, weight, bias, list(pads), gks, bool(group_interleaved), cross)
-    return _reference(x, weight, bias, pads, gks, group_interleaved, cross)
+        return _dw_op(x, weight, bias, list(pads), gks, bool(group_interleaved))
+    return _reference(x, weight, bias, pads, gks, group_interleaved)

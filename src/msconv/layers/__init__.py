@@ -1,5 +1,5 @@
 """msconv operators: usable on their own, NCHW in and out."""
-from ._forms import reference_forms, reference_forms_enabled
+from .forms import PER_IMAGE_MIN_PIXELS, is_capturing, reference_forms, reference_forms_enabled, use_fast_form
 from .cross_scale import CrossScaleBottleneck, SpatialCrossScaleConv
 from .linear import Linear
 from .margin import ArcFace, CosFace

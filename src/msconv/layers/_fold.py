@@ -6,7 +6,7 @@ from typing import Tuple
 import torch
 import torch.nn as nn
 
-__all__ = ['bn_scale_shift', 'fold_bn_into_conv', 'use_inplace_inference']
+__all__ = ['bn_scale_shift', 'fold_bn_into_conv']
 
 
 def bn_scale_shift(bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -27,11 +27,3 @@ def fold_bn_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
     fused.bias.copy_(shift + (conv.bias * scale if conv.bias is not None else 0))
     return fused
-
-
-def use_inplace_inference() -> bool:
-    """True when in-place inference forms are safe: autograd is not recording and torch.compile is not tracing.
-
-    On CPU, writing into a tensor just created is much cheaper than a fresh output: a large new buffer is
-    page-faulted in on first touch (e.g. exact GELU on an 8x56x56x256 map: 9 ms out of place, 2 ms in place)."""
-    return not torch.is_grad_enabled() and not torch.compiler.is_compiling()

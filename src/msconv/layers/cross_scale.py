@@ -34,14 +34,14 @@ broadcast multiply-and-reduce over a view.
 ``reparameterize()`` folds every BatchNorm into the conv before it (the inference form); outputs stay identical
 to within float rounding.
 
-Inference fast path: when autograd is not recording (``torch.no_grad`` / ``torch.inference_mode``) and the module is
-not being traced by ``torch.compile``, ``forward`` dispatches to ``forward_inplace``: the same operations in the same
-order, but the GELUs, the sigmoid, the SE product and the residual add are applied in place on tensors the module
-just created. On CPU this matters more than the arithmetic suggests: every fresh activation-sized tensor is a new
-allocation whose pages are faulted in (and zeroed) by the OS, which costs about as much as the GELU itself.
-``forward_plain`` is the reference form and tests check the two agree.
+Forms: ``forward_reference`` is the plain form (the one graph captures and ``reference_forms()`` run). When
+``msconv.layers.forms`` allows in-place forms (autograd off, no capture), ``forward`` runs ``_forward_inplace``: the
+same operations in the same order, but the GELUs, the sigmoid, the SE product and the residual add are applied in
+place on tensors the module just created, the routing as m multiply-accumulates into one output, and on CPU some
+1x1 convs as GEMMs. On CPU this matters more than the arithmetic suggests: every fresh activation-sized tensor is
+a new allocation whose pages are faulted in (and zeroed) by the OS, which costs about as much as the GELU itself.
+Tests check the forms agree.
 """
-from __future__ import annotations
 
 import re
 from typing import Dict, List, Sequence, Tuple
@@ -50,21 +50,25 @@ import torch
 import torch.nn as nn
 from timm.layers import DropPath, SEModule
 
-from ._fold import fold_bn_into_conv, use_inplace_inference
+from ._fold import fold_bn_into_conv
+from .forms import use_fast_form
 
-__all__ = ['SpatialCrossScaleConv', 'CrossScaleBottleneck', 'convert_scsc_official', 'pointwise_conv']
+__all__ = ['SpatialCrossScaleConv', 'CrossScaleBottleneck', 'convert_scsc_official', 'pointwise_conv',
+           'STAGE_KERNEL_SIZES']
 
 
 def pointwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``conv(x)`` for a 1x1 ungrouped conv without padding (stride 1 or 2). On CPU, with few input channels
-    (<= 128) and a large output map (>= 56x56), computed as a batched GEMM on the contiguous (B, C, H*W) view
-    (after subsampling for stride 2), which measured 1.5-3x faster there than the NCHW conv in micro-benchmarks
-    (2 threads; likely the oneDNN conv's layout reorders of the large tensors). Wide inputs (e.g. 288 -> 96
-    channels) measured faster as the conv. Otherwise the conv itself."""
-    B, C = x.shape[:2]
-    s = conv.stride[0]
-    if (x.device.type == 'cpu' and C <= 128 and conv.kernel_size == (1, 1) and conv.stride in ((1, 1), (2, 2))
-            and conv.padding == (0, 0) and conv.groups == 1 and conv.dilation == (1, 1)):
+    """``conv(x)`` for a 1x1 ungrouped conv without padding (stride 1 or 2). Where ``use_fast_form('cpu_gemm')``
+    allows it (CPU fp32, autograd off, no capture), with few input channels (<= 128) and a large output map
+    (>= 56x56), computed as a batched GEMM on the contiguous (B, C, H*W) view (after subsampling for stride 2),
+    which measured 1.5-3x faster there than the NCHW conv in micro-benchmarks (2 threads; likely the oneDNN conv's
+    layout reorders of the large tensors). Wide inputs (e.g. 288 -> 96 channels) measured faster as the conv.
+    Otherwise the conv itself."""
+    if (use_fast_form('cpu_gemm', x) and x.shape[1] <= 128 and conv.kernel_size == (1, 1)
+            and conv.stride in ((1, 1), (2, 2)) and conv.padding == (0, 0) and conv.groups == 1
+            and conv.dilation == (1, 1)):
+        B, C = x.shape[:2]
+        s = conv.stride[0]
         xs = x if s == 1 else x[:, :, ::s, ::s]
         H, W = xs.shape[2:]
         if H * W >= 3136:
@@ -79,6 +83,9 @@ def pointwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 
 ROUTINGS = ('official', 'cross_scale')
+
+#: Kernel sizes of the four stages of the official SCSC networks (Swin+SCSC and CBTNet alike).
+STAGE_KERNEL_SIZES = ((3, 9, 13), (3, 7, 11), (3, 5, 7), (3, 5))
 
 
 def _check_kernel_sizes(kernel_sizes: Sequence[int]) -> Tuple[int, ...]:
@@ -148,20 +155,20 @@ class SpatialCrossScaleConv(nn.Module):
 
     def route(self, feats: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """Gated sum of the m branch features: (B, m*cp, H, W) x (B, m*G, H, W) -> (B, cp, H, W)."""
-        B, _, H, W = feats.shape
         m, G, cp = self.num_scales, self.groups, self.reduced_dim
         if self.routing == 'official':
-            f = feats.view(B, G, cp // G, m, H, W)  # channel q*m + j = (g, r, j)
+            f = feats.unflatten(1, (G, cp // G, m))  # channel q*m + j = (g, r, j)
             # (B, G, 1, m, H, W), gate channel j*G + g; made contiguous (m*G channels: tiny) so that the product,
             # the sum and everything downstream stay in plain contiguous NCHW
-            g = gate.view(B, m, G, H, W).transpose(1, 2).contiguous().unsqueeze(2)
+            g = gate.unflatten(1, (m, G)).transpose(1, 2).contiguous().unsqueeze(2)
             out = (f * g).sum(3)
         else:
-            f = feats.view(B, m, G, cp // G, H, W)  # channel j*cp + q = (j, g, r)
-            g = gate.view(B, m, G, 1, H, W)
+            f = feats.unflatten(1, (m, G, cp // G))  # channel j*cp + q = (j, g, r)
+            g = gate.unflatten(1, (m, G)).unsqueeze(3)
             out = (f * g).sum(1)
-        return out.reshape(B, cp, H, W)
+        return out.flatten(1, 2)
 
+    @torch.jit.unused
     def route_fast(self, feats: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """``route`` as m strided multiply-accumulates into one output: no (B, m*cp, H, W) product tensor is
         materialised (about 2x faster than ``route`` on CPU). Same sum, accumulated in branch order."""
@@ -181,18 +188,20 @@ class SpatialCrossScaleConv(nn.Module):
         return out.view(B, cp, H, W)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if use_inplace_inference():
-            return self.forward_inplace(x)
-        return self.forward_plain(x)
+        if use_fast_form('inplace', x):
+            return self._forward_inplace(x)
+        return self.forward_reference(x)
 
+    @torch.jit.unused
     def _se_inplace(self, y: torch.Tensor) -> torch.Tensor:
         """timm's SEModule forward with the final product in place on ``y`` (a tensor this module created)."""
         se = self.se
         s = se.fc2(se.act(se.bn(se.fc1(y.mean((2, 3), keepdim=True)))))
         return y.mul_(se.gate(s))
 
-    def forward_inplace(self, x: torch.Tensor) -> torch.Tensor:
-        """``forward_plain`` with in-place activations; only valid when autograd is not recording."""
+    @torch.jit.unused
+    def _forward_inplace(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward_reference`` with in-place activations; only valid when autograd is not recording."""
         x_r = torch.ops.aten.gelu_(self.reduce_bn(pointwise_conv(self.reduce, x)))
         feats = torch.ops.aten.gelu_(self.dw_bn(torch.cat([conv(x_r) for conv in self.dw], dim=1)))
         gate = torch.sigmoid_(pointwise_conv(self.router, x_r))
@@ -203,9 +212,15 @@ class SpatialCrossScaleConv(nn.Module):
             return self.se(y)
         return self._se_inplace(y)
 
-    def forward_plain(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        return self._scsc_reference(x)
+
+    def _scsc_reference(self, x: torch.Tensor) -> torch.Tensor:
         x_r = self.act(self.reduce_bn(self.reduce(x)))
-        feats = self.act(self.dw_bn(torch.cat([conv(x_r) for conv in self.dw], dim=1)))
+        branches: List[torch.Tensor] = []
+        for conv in self.dw:
+            branches.append(conv(x_r))
+        feats = self.act(self.dw_bn(torch.cat(branches, dim=1)))
         gate = torch.sigmoid(self.router(x_r))
         y = self.out_act(self.recover_bn(self.recover(self.route(feats, gate))))
         return self.se(y)
@@ -259,10 +274,17 @@ class CrossScaleBottleneck(SpatialCrossScaleConv):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if use_inplace_inference() and not self.training:
-            shortcut = pointwise_conv(self.shortcut, x) if isinstance(self.shortcut, nn.Conv2d) else self.shortcut(x)
-            return self.forward_inplace(x).add_(shortcut)
-        return self.drop_path(self.forward_plain(x)) + self.shortcut(x)
+        if not self.training and use_fast_form('inplace', x):
+            return self._forward_residual_inplace(x)
+        return self.forward_reference(x)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop_path(self._scsc_reference(x)) + self.shortcut(x)
+
+    @torch.jit.unused
+    def _forward_residual_inplace(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = pointwise_conv(self.shortcut, x) if isinstance(self.shortcut, nn.Conv2d) else self.shortcut(x)
+        return self._forward_inplace(x).add_(shortcut)
 
     @torch.no_grad()
     def reparameterize(self) -> None:

@@ -10,12 +10,11 @@ own backward. (bf16 needs no detour: ``F.linear`` already runs bf16 GEMMs on one
 
 The oneDNN path is taken for fp32 contiguous CPU inputs of at least ``ONEDNN_MIN_ROWS`` rows and
 ``ONEDNN_MIN_MACS`` multiply-adds (below that the call overhead of a convolution outweighs the faster kernel) when
-oneDNN is enabled (``torch.backends.mkldnn.enabled = False`` turns it off). It is not taken under CPU autocast
-(which casts ``F.linear`` only), ``torch.compile``/``torch.export`` and TorchScript tracing (exported graphs keep
-a plain MatMul; inductor picks its own GEMM), or inside ``msconv.layers.reference_forms()``. Everywhere else, and
-on every other device, it is ``F.linear``.
+``msconv.layers.forms.use_fast_form('onednn', x)`` allows it: oneDNN available and enabled
+(``torch.backends.mkldnn.enabled = False`` turns it off), no CPU autocast (which casts ``F.linear`` only), no graph
+capture (exported graphs keep a plain MatMul; inductor picks its own GEMM), not inside
+``msconv.layers.reference_forms()``. Everywhere else, and on every other device, it is ``F.linear``.
 """
-from __future__ import annotations
 
 from typing import Optional
 
@@ -23,9 +22,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._forms import reference_forms_enabled
+from .forms import use_fast_form
 
-__all__ = ['Linear', 'linear', 'onednn_enabled', 'ONEDNN_MIN_MACS', 'ONEDNN_MIN_ROWS']
+__all__ = ['Linear', 'linear', 'ONEDNN_MIN_MACS', 'ONEDNN_MIN_ROWS']
 
 # Below either bound BLAS measured faster (2-core AVX-512 machine, 1 and 2 threads): e.g. 3136 x 64 -> 64 (12.8M
 # MACs) runs 1.4x-1.75x faster on oneDNN, while 49 x 512 -> 512 (same MACs, 49 rows) and 256 x 64 -> 64 do not.
@@ -33,32 +32,15 @@ ONEDNN_MIN_MACS = 1 << 23
 ONEDNN_MIN_ROWS = 128
 
 
-def onednn_enabled(x: torch.Tensor) -> bool:
-    """Whether msconv computes fp32 GEMMs on ``x`` with oneDNN: an fp32 CPU tensor, oneDNN available and enabled,
-    and none of CPU autocast, ``torch.compile``/export, TorchScript tracing or ``reference_forms()`` active."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # first: the checks below are not traceable
-        return False
-    return (
-        x.device.type == 'cpu'
-        and x.dtype == torch.float32
-        and torch.backends.mkldnn.is_available()
-        and torch.backends.mkldnn.enabled
-        and not torch.is_autocast_enabled('cpu')  # autocast casts F.linear, not the oneDNN op
-        and not reference_forms_enabled()
-    )
-
-
 def _use_onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # before any shape arithmetic
-        return False
     return (
-        x.dim() >= 3
+        use_fast_form('onednn', x)  # first: under a capture x must not be inspected
+        and x.dim() >= 3
         and weight.dtype == torch.float32
         and (bias is None or bias.dtype == torch.float32)
         and x.numel() * weight.shape[0] >= ONEDNN_MIN_MACS
         and x.numel() >= ONEDNN_MIN_ROWS * x.shape[-1]
         and x.is_contiguous()
-        and onednn_enabled(x)
     )
 
 
@@ -66,6 +48,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     """``F.linear(x, weight, bias)`` for ``x`` of shape (..., in_features); see the module docstring."""
     if not _use_onednn(x, weight, bias):
         return F.linear(x, weight, bias)
+    return _linear_onednn(x, weight, bias)
+
+
+def _linear_onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     # oneDNN's convolution directly: F.conv2d would route 1x1 convs of small batches to the slow native kernel
     # when torch runs on one thread. It has its own autograd formula.
     w4 = weight.contiguous()[:, :, None, None]  # the oneDNN op reads weight and bias as dense, whatever the strides
@@ -98,4 +84,13 @@ class Linear(nn.Linear):
     """``nn.Linear`` (same parameters and state-dict keys) computed by :func:`linear`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_fast_form('onednn', x):
+            return self._forward_fast(x)
+        return self.forward_reference(x)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    @torch.jit.unused
+    def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)

@@ -12,17 +12,16 @@ that each group of the grouped 1x1 conv sees one channel of every head. ``ScaleA
 activations: it permutes the rows of the tiny ``s`` weight and of the depthwise kernels instead, so the
 convolution output is produced directly in interleaved order (the same maths, no copy).
 """
-from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels.depthwise import depthwise_conv2d, triton_available
-from ._fold import fold_bn_into_conv, use_inplace_inference
-from ._forms import reference_forms_enabled
+from ..kernels.depthwise import depthwise_conv2d
+from ._fold import fold_bn_into_conv
+from .forms import use_fast_form
 from .linear import Linear, linear
 
 __all__ = ['MultiHeadMixedConv', 'ScaleAwareAggregation', 'ScaleAwareModulation']
@@ -38,14 +37,15 @@ class MultiHeadMixedConv(nn.Module):
 
     Head ``i`` convolves the contiguous channels ``[i * C/h, (i + 1) * C/h)`` with a ``(3 + 2i)``-sized kernel.
     ``forward`` runs all heads as ONE depthwise convolution whose smaller kernels are zero-padded to the
-    largest size (identical result, one launch, no slicing or concatenation); ``forward_reference`` is the
-    plain per-head loop of the paper.
+    largest size (a ``folded`` form: identical result, one launch, no slicing or concatenation);
+    ``forward_reference`` is the plain per-head loop of the paper.
 
     Args:
         dim: number of channels C (divisible by ``num_heads``).
         num_heads: number of heads h.
         kernel_sizes: odd kernel size per head; defaults to ``3 + 2 * i``.
     """
+    __constants__ = ['deployed']
 
     def __init__(self, dim: int, num_heads: int = 4, kernel_sizes: Optional[Sequence[int]] = None):
         super().__init__()
@@ -58,6 +58,7 @@ class MultiHeadMixedConv(nn.Module):
         self.num_heads = num_heads
         self.kernel_sizes = kernel_sizes
         self.max_kernel = max(kernel_sizes)
+        self.deployed = False  # set by ScaleAwareModulation.reparameterize: one stored (interleaved) kernel
         head_dim = dim // num_heads
         self.convs = nn.ModuleList([
             nn.Conv2d(head_dim, head_dim, k, padding=k // 2, groups=head_dim) for k in kernel_sizes
@@ -73,21 +74,37 @@ class MultiHeadMixedConv(nn.Module):
             weight, bias = _interleave_rows(weight, self.num_heads), _interleave_rows(bias, self.num_heads)
         return weight, bias
 
+    @torch.jit.unused
     def conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, interleaved: bool) -> torch.Tensor:
         """The merged depthwise convolution: Triton's mixed-kernel-size kernel (each head visits only its own
-        taps, one launch) where Triton runs, else ``F.conv2d`` with the zero-padded kernel."""
-        if triton_available(x.device):
+        taps, one launch) where ``use_fast_form('triton')`` allows it, else ``F.conv2d`` with the zero-padded
+        kernel."""
+        if use_fast_form('triton', x):
             return depthwise_conv2d(x, weight, bias, self.max_kernel // 2, group_kernel_sizes=self.kernel_sizes,
                                     group_interleaved=interleaved, backend='triton')
         return F.conv2d(x, weight, bias, padding=self.max_kernel // 2, groups=self.dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) head-major -> same
-        if reference_forms_enabled():
-            return self.forward_reference(x)
-        return self.conv(x, *self.merged_kernel(), interleaved=False)
+        if use_fast_form('folded', x):
+            return self._forward_merged(x)
+        return self.forward_reference(x)
+
+    @torch.jit.unused
+    def _forward_merged(self, x: torch.Tensor) -> torch.Tensor:
+        if self.deployed:
+            return self.conv(x, self.merged.weight, self.merged.bias, interleaved=True)
+        weight, bias = self.merged_kernel()
+        return self.conv(x, weight, bias, interleaved=False)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([conv(part) for conv, part in zip(self.convs, x.chunk(self.num_heads, dim=1))], dim=1)
+        """The per-head loop of the paper; once deployed (channels interleaved), the stored merged conv."""
+        if self.deployed:
+            return F.conv2d(x, self.merged.weight, self.merged.bias, padding=self.max_kernel // 2, groups=self.dim)
+        ch = self.dim // self.num_heads
+        outs: List[torch.Tensor] = []
+        for i, conv in enumerate(self.convs):
+            outs.append(conv(x[:, i * ch:(i + 1) * ch]))
+        return torch.cat(outs, dim=1)
 
 
 class ScaleAwareAggregation(nn.Module):
@@ -107,11 +124,23 @@ class ScaleAwareAggregation(nn.Module):
 
     def forward(self, x: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
         """``x``: (B, C, H, W) in head-major order, or already interleaved when ``interleaved=True``."""
+        if use_fast_form('inplace', x):
+            return self._forward_inplace(x, interleaved)
+        return self.forward_reference(x, interleaved)
+
+    def _interleave(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W), head-major -> interleaved channels
+        return x.unflatten(1, (self.num_heads, self.dim // self.num_heads)).transpose(1, 2).flatten(1, 2)
+
+    def forward_reference(self, x: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
         if not interleaved:
-            B, C, H, W = x.shape
-            x = x.reshape(B, self.num_heads, C // self.num_heads, H, W).transpose(1, 2).reshape(B, C, H, W)
-        x = self.bn(self.proj0(x))
-        return self.proj1(torch.ops.aten.gelu_(x) if use_inplace_inference() else self.act(x))
+            x = self._interleave(x)
+        return self.proj1(self.act(self.bn(self.proj0(x))))
+
+    @torch.jit.unused
+    def _forward_inplace(self, x: torch.Tensor, interleaved: bool) -> torch.Tensor:
+        if not interleaved:
+            x = self._interleave(x)
+        return self.proj1(torch.ops.aten.gelu_(self.bn(self.proj0(x))))
 
     @torch.no_grad()
     def reparameterize(self) -> None:
@@ -134,6 +163,7 @@ class ScaleAwareModulation(nn.Module):
         qkv_bias: bias in the ``v`` and ``s`` projections.
         proj_drop: dropout after the output projection.
     """
+    __constants__ = ['deployed']  # TorchScript compiles only the plain form of the current state
 
     def __init__(
             self,
@@ -172,37 +202,48 @@ class ScaleAwareModulation(nn.Module):
         self.mhmc.merged.weight.copy_(weight)
         self.mhmc.merged.bias.copy_(bias)
         del self.mhmc.convs
+        self.mhmc.deployed = True
         self.s = s
         self.saa.reparameterize()
         self.deployed = True
 
+    @torch.jit.unused
     def modulator(self, x: torch.Tensor) -> torch.Tensor:
-        """The SAA output for channels-last input ``x`` (B, H, W, C), as (B, H, W, C)."""
+        """The SAA output for channels-last input ``x`` (B, H, W, C), as (B, H, W, C): ``s`` with interleaved
+        rows, MHMC as one merged conv (the ``folded`` form) and SAA without an activation shuffle."""
         if self.deployed:
-            s = self.s(x).permute(0, 3, 1, 2)
-            s = self.mhmc.conv(s, self.mhmc.merged.weight, self.mhmc.merged.bias, interleaved=True)
-            return self.saa(s, interleaved=True).permute(0, 2, 3, 1)
+            return self.saa(self.mhmc(self.s(x).permute(0, 3, 1, 2)), interleaved=True).permute(0, 2, 3, 1)
         h = self.num_heads
         weight_s = _interleave_rows(self.s.weight, h)
         bias_s = _interleave_rows(self.s.bias, h) if self.s.bias is not None else None
         s = linear(x, weight_s, bias_s).permute(0, 3, 1, 2)  # (B, C, H, W), interleaved channels
-        s = self.mhmc.conv(s, *self.mhmc.merged_kernel(interleaved=True), interleaved=True)
+        weight, bias = self.mhmc.merged_kernel(interleaved=True)
+        s = self.mhmc.conv(s, weight, bias, interleaved=True)
         return self.saa(s, interleaved=True).permute(0, 2, 3, 1)
 
     def forward_nhwc(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C) -> (B, H, W, C)
-        if reference_forms_enabled() and not self.deployed:
-            return self.forward_reference(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        if use_fast_form('folded', x):
+            return self._forward_folded_nhwc(x)
+        return self.forward_reference_nhwc(x)
+
+    @torch.jit.unused
+    def _forward_folded_nhwc(self, x: torch.Tensor) -> torch.Tensor:
         m = self.modulator(x)  # a fresh tensor: in inference it can take the product in place
-        return self.proj_drop(self.proj(m.mul_(self.v(x)) if use_inplace_inference() else m * self.v(x)))
+        return self.proj_drop(self.proj(m.mul_(self.v(x)) if use_fast_form('inplace', x) else m * self.v(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, H, W)
         return self.forward_nhwc(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
-    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
-        """Plain form of the paper (head loop, activation interleave), NCHW; used to test ``forward``."""
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, H, W)
+        return self.forward_reference_nhwc(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    def forward_reference_nhwc(self, t: torch.Tensor) -> torch.Tensor:
+        """The plain form, channels-last tokens: the paper's (per-head MHMC, activation interleave) or, once
+        reparameterized, the same maths on the merged weights (``s`` rows interleaved, one depthwise conv)."""
         if self.deployed:
-            raise RuntimeError("forward_reference needs the training form; this module was reparameterized")
-        t = x.permute(0, 2, 3, 1)
-        s = self.mhmc.forward_reference(self.s(t).permute(0, 3, 1, 2))
-        m = self.saa(s, interleaved=False).permute(0, 2, 3, 1)
-        return self.proj_drop(self.proj(m * self.v(t))).permute(0, 3, 1, 2)
+            s = self.mhmc.forward_reference(self.s(t).permute(0, 3, 1, 2))  # one conv, interleaved channels
+            m = self.saa.forward_reference(s, interleaved=True).permute(0, 2, 3, 1)
+        else:
+            s = self.mhmc.forward_reference(self.s(t).permute(0, 3, 1, 2))
+            m = self.saa.forward_reference(s, interleaved=False).permute(0, 2, 3, 1)
+        return self.proj_drop(self.proj(m * self.v(t)))

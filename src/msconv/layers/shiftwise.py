@@ -17,15 +17,18 @@ The long axis spans offsets ``[-K//2, nk*k-1-K//2]`` (asymmetric and longer than
 Then ``y_c = BN_h(Kh * x_c) + BN_v(Kv * x_c) + BN_s(Ks * x_c) + x_c`` and the output is ``cat([y_rep, x_ghost])``:
 rep channels first, then ghost channels (the official output channel order).
 
-We never materialise the nk maps. Three forms, checked against each other in tests:
+We never materialise the nk maps. The forms, checked against each other in tests and chosen by
+``msconv.layers.forms``:
 
-* ``forward_reference``: the plain form (assemble kernels, three depthwise convs, the three BatchNorm modules).
-* training: a memory-lean autograd function that keeps only the rep input and per-channel statistics, and
-  recomputes the three strip responses in backward (about 1x the input in saved activations instead of 4x).
-* eval / ``reparameterize()``: BNs, identity and paths folded into one cross-shaped depthwise kernel per channel,
-  run as a k x L and an L x k strip conv (the deploy form; ghost channels are a centre tap).
+* ``forward_reference``: the plain form (assemble kernels, three depthwise convs, the three BatchNorm modules);
+  once reparameterized, the two deploy strip convs, out of place.
+* training (kind ``lean``: not under graph captures or ``reference_forms()``): a memory-lean autograd function
+  that keeps only the rep input and per-channel statistics, and recomputes the three strip responses in backward
+  (about 1x the input in saved activations instead of 4x).
+* eval (kind ``folded``): BNs, identity and paths folded on the fly into one cross-shaped depthwise kernel per
+  channel, run as a k x L and an L x k strip conv; ``reparameterize()`` stores that deploy form (ghost channels
+  become a centre tap). Its strip convs run on Triton where ``use_fast_form('triton')`` allows.
 """
-from __future__ import annotations
 
 import functools
 import math
@@ -37,22 +40,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels import depthwise_conv2d as _fast_depthwise
-from ._fold import use_inplace_inference
+from .forms import is_capturing, use_fast_form
 
 __all__ = ['ShiftWiseConv2d', 'shiftwise_indices', 'shiftwise_geometry']
 
 
 def _depthwise(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding: Tuple[int, int],
                ) -> torch.Tensor:
-    """Depthwise correlation, stride 1: the Triton kernel on CUDA when available, else ``F.conv2d``."""
-    if x.is_cuda:
-        return _fast_depthwise(x, weight, bias, padding)
+    """Depthwise correlation, stride 1: the Triton kernel where ``use_fast_form('triton')`` allows, else
+    ``F.conv2d``."""
+    if use_fast_form('triton', x):
+        return _fast_depthwise(x, weight, bias, padding, backend='triton')
     return F.conv2d(x, weight, bias, padding=padding, groups=x.shape[1])
 
 
 def _add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a + b``, in place into the fresh ``a`` when no autograd graph is being recorded."""
-    return a.add_(b) if use_inplace_inference() else a + b
+    """``a + b``, in place into the fresh ``a`` where ``use_fast_form('inplace')`` allows."""
+    return a.add_(b) if use_fast_form('inplace', a) else a + b
 
 
 def shiftwise_geometry(kernel_size: int, small_kernel: int) -> Dict[str, object]:
@@ -121,11 +125,20 @@ def _take_channels(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.index_select(1, index)
 
 
+def _channels_last_only(t: torch.Tensor) -> bool:
+    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
 def _cat_channels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``torch.cat([a, b], 1)`` that keeps channels_last inputs channels_last."""
-    if all(not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last) for t in (a, b)):
+    if _channels_last_only(a) and _channels_last_only(b):
         return torch.cat([a.permute(0, 2, 3, 1), b.permute(0, 2, 3, 1)], dim=3).permute(0, 3, 1, 2)
     return torch.cat([a, b], dim=1)
+
+
+# layout decisions read tensor strides: FX records these two as leaf calls instead of tracing into them
+torch.fx.wrap('_take_channels')
+torch.fx.wrap('_cat_channels')
 
 
 def _bn_affine(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -215,6 +228,7 @@ class ShiftWiseConv2d(nn.Module):
         n_reps: shuffled placements per strip.
         seed: seed of the official index draw (the official code always uses 123).
     """
+    __constants__ = ['deployed', 'official_order']  # TorchScript compiles only the branch of the current form
 
     def __init__(
             self,
@@ -255,9 +269,6 @@ class ShiftWiseConv2d(nn.Module):
         self.long_pad = max(-lo, hi)  # symmetric conv padding; the strip is zero-extended to 2*long_pad+1
         self.deployed = False
         self.official_order = True
-        # 'auto': lean training form / folded eval form; 'reference': always forward_reference (for benchmarks,
-        # debugging, or BatchNorm variants the lean form does not cover, which 'auto' also routes there)
-        self.impl = 'auto'
 
         idx = shiftwise_indices(channels, kernel_size, small_kernel, ghost_ratio, n_reps, seed)
         for name in ('ghost', 'rep', 'perm_h', 'perm_v', 'centre'):
@@ -338,6 +349,10 @@ class ShiftWiseConv2d(nn.Module):
         e, p = self.extra_pad, self.long_pad
         return (e, p), (p, e), (e, e)
 
+    def _deploy_pads(self) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+        e, p = self.extra_pad, self.long_pad
+        return (e, p), (p, e)
+
     def _bn_eval_affines(self) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         return [_bn_affine(bn, bn.running_mean, bn.running_var) for bn in (self.bn_h, self.bn_v, self.bn_s)]
 
@@ -363,21 +378,37 @@ class ShiftWiseConv2d(nn.Module):
 
     # ---- forward forms ------------------------------------------------------------------------------------
     def _check_input(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.channels:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"ShiftWiseConv2d: input must have shape (B, {self.channels}, H, W), got {shape}")
+        if torch.jit.is_scripting():
+            return
+        if not isinstance(x, torch.Tensor):  # e.g. an FX Proxy while tracing: nothing to check
+            if is_capturing():
+                return
+            raise ValueError(f"ShiftWiseConv2d: input must be a tensor of shape (B, {self.channels}, H, W), got "
+                             f"{type(x).__name__}")
+        if x.dim() != 4 or x.shape[1] != self.channels:
+            raise ValueError(f"ShiftWiseConv2d: input must have shape (B, {self.channels}, H, W), got "
+                             f"{tuple(x.shape)}")
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
-        """The plain form: assemble the kernels, three depthwise convs, the three BatchNorm modules."""
+        """The plain form: assemble the kernels, three depthwise convs, the three BatchNorm modules; once
+        reparameterized, the deploy strips as two depthwise convs."""
         self._check_input(x)
         if self.deployed:
-            raise RuntimeError("forward_reference needs the training form; this module was reparameterized")
-        xr = _take_channels(x, self.rep_index)
-        kh, kv, ks = (t.to(x.dtype) for t in self.strip_kernels())
-        (ph, pv, ps), r = self._pads(), self.rep_channels
+            ph, pv = self._deploy_pads()
+            y = (F.conv2d(x, self.deploy_weight_h.to(x.dtype), self.deploy_bias.to(x.dtype), padding=ph,
+                          groups=self.channels)
+                 + F.conv2d(x, self.deploy_weight_v.to(x.dtype), None, padding=pv, groups=self.channels))
+            if self.official_order:
+                return y.index_select(1, self.output_index)
+            return y
+        xr = x.index_select(1, self.rep_index)
+        kh, kv, ks = self.strip_kernels()
+        kh, kv, ks = kh.to(x.dtype), kv.to(x.dtype), ks.to(x.dtype)
+        ph, pv, ps = self._pads()
+        r = self.rep_channels
         y = (self.bn_h(F.conv2d(xr, kh, padding=ph, groups=r)) + self.bn_v(F.conv2d(xr, kv, padding=pv, groups=r))
              + self.bn_s(F.conv2d(xr, ks, padding=ps, groups=r)) + xr)
-        return _cat_channels(y, _take_channels(x, self.ghost_index))
+        return torch.cat([y, x.index_select(1, self.ghost_index)], dim=1)
 
     def _lean_ok(self) -> bool:
         return all(type(bn) is nn.BatchNorm2d and bn.training for bn in (self.bn_h, self.bn_v, self.bn_s)) and len(
@@ -419,14 +450,18 @@ class ShiftWiseConv2d(nn.Module):
         return _take_channels(y, self.output_index) if self.official_order else y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_fast_form('folded', x):
+            return self._forward_fast(x)
+        return self.forward_reference(x)
+
+    @torch.jit.unused
+    def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         if self.deployed:
             return self._forward_deploy(x)
-        if self.impl == 'reference':
-            return self.forward_reference(x)
         if not self.training and not any(bn.training for bn in (self.bn_h, self.bn_v, self.bn_s)):
             return self._forward_folded(x)
-        if self._lean_ok():
+        if self._lean_ok() and use_fast_form('lean', x):
             return self._forward_train(x)
         return self.forward_reference(x)
 

@@ -3,11 +3,12 @@
 ``create_model`` is the one entry point users need; ``timm.create_model`` works the same way because every
 msconv model converts official state dicts inside its own ``load_state_dict`` (see ``MsconvModel``).
 """
-from __future__ import annotations
 
+import functools
 import os
 import pickle
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
@@ -17,16 +18,24 @@ import timm
 from timm.models._features import FeatureGetterNet
 from timm.models._manipulate import reparameterize_model
 
+from ..layers.forms import is_capturing
 from ._registry import _MODEL_FAMILY, convert_official, unknown_model_message
 
-__all__ = ['MsconvModel', 'create_model', 'read_checkpoint', 'read_class_map', 'select_classifier_rows',
+__all__ = ['MsconvModel', 'factory_kwargs', 'create_model', 'read_checkpoint', 'read_class_map', 'select_classifier_rows',
            'check_image_input', 'reparameterize']
 
 _FEATURE_KWARGS = ('out_indices', 'output_fmt', 'feature_cls', 'norm')
 
 
 def check_image_input(x: torch.Tensor, in_chans: int, min_size: int, name: str) -> None:
-    """Raise a ValueError naming the expected shape when ``x`` is not a (B, in_chans, H>=min_size, W>=min_size) batch."""
+    """Raise a ValueError naming the expected shape when ``x`` is not a (B, in_chans, H>=min_size, W>=min_size) batch.
+
+    Checks run in eager mode, under ``torch.jit.trace``, ``torch.compile`` and ``torch.export`` (on concrete or
+    symbolic shapes); TorchScript and FX symbolic tracing skip them (there is no concrete tensor to check)."""
+    if torch.jit.is_scripting():
+        return
+    if not isinstance(x, torch.Tensor) and is_capturing():  # an FX Proxy
+        return
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name}: input must be a torch.Tensor of shape (B, {in_chans}, H, W), got {type(x).__name__}")
     if x.dim() != 4:
@@ -45,6 +54,20 @@ def check_image_input(x: torch.Tensor, in_chans: int, min_size: int, name: str) 
         )
 
 
+def factory_kwargs(init):
+    """Decorator for a model ``__init__``: accept timm's ``device=`` and ``dtype=`` factory arguments. Every tensor
+    is created on ``device`` (``torch.device`` as a context), then floating-point parameters and buffers are cast to
+    ``dtype``. ``timm.create_model(name, device='meta')`` builds without allocating memory."""
+    @functools.wraps(init)
+    def wrapper(self, *args, device: Optional[Union[str, torch.device]] = None, dtype: Optional[torch.dtype] = None,
+                **kwargs):
+        with torch.device(device) if device is not None else nullcontext():
+            init(self, *args, **kwargs)
+        if dtype is not None:
+            self.to(dtype=dtype)
+    return wrapper
+
+
 class MsconvModel(nn.Module):
     """Base of every msconv network: official checkpoints load through ``load_state_dict``.
 
@@ -53,6 +76,14 @@ class MsconvModel(nn.Module):
     warning, so that fine-tuning with another ``num_classes`` works from any checkpoint.
     """
     family: str = ''
+    in_chans: int = 3
+    min_input_size: int = 32
+
+    @torch.jit.unused
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise a ValueError naming the expected shape unless ``x`` is a (B, in_chans, H, W) batch with H and W of
+        at least ``min_input_size`` (see ``check_image_input``). Callers skip it under TorchScript."""
+        check_image_input(x, self.in_chans, self.min_input_size, type(self).__name__)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
@@ -60,13 +91,19 @@ class MsconvModel(nn.Module):
         tensors: norms, biases, layer-scale gammas). msconv networks have no position embeddings or tokens."""
         return set()
 
+    def _match_head_to_model(self) -> None:
+        """Put a rebuilt classifier head on the model's device and dtype and in its train/eval mode."""
+        ref = next(self.parameters(), None)
+        if ref is not None:
+            self.head.to(device=ref.device, dtype=ref.dtype)
+        self.head.train(self.training)
+
     @torch.no_grad()
     def reparameterize(self) -> 'MsconvModel':
         """Switch to the inference form in place (BatchNorms folded, branches merged; see each family) and
-        return ``self``. Eval outputs are unchanged (within float rounding); train the training form."""
+        return ``self`` in eval mode. Eval outputs are unchanged (within float rounding); train the training form."""
         reparameterize_model(self, inplace=True)
-        self.eval()
-        return self
+        return self.eval()
 
     def _classifier_name(self) -> str:
         cfg = getattr(self, 'pretrained_cfg', None) or {}

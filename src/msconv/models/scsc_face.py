@@ -11,7 +11,7 @@ the paper's face configuration is not available to us, so the configuration belo
   contract "num_classes = output width" holds), and ``pretrained_cfg['classifier']`` names the embedding Linear.
 - Baseline ``face_iresnet50``: the insightface IResNet-50 layout (3x3 stride-1 stem 64 + BN + PReLU; pre-BN basic
   blocks BN-conv3x3-BN-PReLU-conv3x3-BN with 1x1 projection shortcuts, depths 3,4,14,3, widths 64/128/256/512,
-  every stage stride 2, 7x7 final map): 43.59M params, 6.33 GMACs.
+  every stage stride 2, 7x7 final map): 43.59M params, 6.31 GMACs.
 - ``scsc_faceresnet``: the same stem position (stride 1, PReLU) and the same depths 3,4,14,3 and four stride-2
   stages, with every basic block replaced by the residual SCSC block of ResNet+SCSC (kernel sizes (3,9,13),
   (3,7,11), (3,5,7), (3,5), 4 gate groups); widths 336/384/480/192 after a 96-channel stem. The widths were chosen
@@ -21,7 +21,6 @@ the paper's face configuration is not available to us, so the configuration belo
 With ``num_classes=0`` the head returns globally average-pooled features (B, C), as every timm model does; with
 ``global_pool=''`` it returns the unpooled map. The flatten embedding needs the configured ``img_size``.
 """
-from __future__ import annotations
 
 import math
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
@@ -30,28 +29,31 @@ import torch
 import torch.nn as nn
 from timm.models import build_model_with_cfg, generate_default_cfgs
 
-from ..layers.cross_scale import fold_bn_into_conv
-from ._builder import check_image_input
+from ..layers._fold import fold_bn_into_conv
+from ..layers.cross_scale import STAGE_KERNEL_SIZES
+from . import scsc_swin
+from ._builder import check_image_input, factory_kwargs
 from ._registry import register_model
 from .scsc_resnet import ConvStem, ConvTrunk, make_cross_scale_stages
 
 __all__ = ['FaceEmbeddingHead', 'IRBlock', 'CrossScaleFaceNet', 'FaceIResNet']
 
-DEFAULT_KERNEL_SIZES = ((3, 9, 13), (3, 7, 11), (3, 5, 7), (3, 5))
 
 
 class FaceEmbeddingHead(nn.Module):
     """insightface embedding head: BN2d -> Dropout -> Flatten -> Linear -> BN1d (``pool_type='flatten'``).
 
-    ``num_classes`` is the embedding size. With ``num_classes=0`` the head pools (``'avg'``) or passes the map
-    through (``''``).
+    ``num_classes`` is the embedding size; the pre-logits are the flattened, normalised map (``hidden_size`` wide).
+    With ``num_classes=0`` the head returns those pre-logits; ``pool_type='avg'`` pools instead and ``''`` passes
+    the map through (neither uses the BN2d, which is then removed).
     """
 
     def __init__(self, in_chs: int, feat_size: Tuple[int, int], num_classes: int = 512, drop_rate: float = 0.0,
                  pool_type: str = 'flatten') -> None:
         super().__init__()
         self.in_chs, self.feat_size, self.drop_rate = in_chs, tuple(feat_size), drop_rate
-        self.norm = nn.BatchNorm2d(in_chs)
+        self.pool_type = 'flatten'
+        self.norm: nn.Module = nn.BatchNorm2d(in_chs)
         self.drop = nn.Dropout(drop_rate)
         self.reset(num_classes, pool_type)
 
@@ -59,30 +61,49 @@ class FaceEmbeddingHead(nn.Module):
     def flat_features(self) -> int:
         return self.in_chs * self.feat_size[0] * self.feat_size[1]
 
+    @property
+    def hidden_size(self) -> int:
+        """Width of the pre-logits (what the head returns with ``num_classes=0``)."""
+        return self.flat_features if self.pool_type == 'flatten' else self.in_chs
+
     def reset(self, num_classes: int, pool_type: Optional[str] = None) -> None:
+        """New embedding layers on the device and dtype of the current ones. ``pool_type=None`` keeps the pooling,
+        or, for an embedding (``num_classes > 0``), restores the flatten it needs."""
+        if pool_type is None:
+            pool_type = 'flatten' if num_classes > 0 else self.pool_type
+        if pool_type not in ('flatten', 'avg', ''):
+            raise ValueError(f"global_pool must be 'flatten', 'avg' or '', got {pool_type!r}")
+        if num_classes > 0 and pool_type != 'flatten':
+            raise ValueError(f"global_pool must be 'flatten' for an embedding head (num_classes > 0), got {pool_type!r}")
+        ref = next(self.parameters(), None)
+        dd = dict(device=ref.device, dtype=ref.dtype) if ref is not None else {}
+        self.pool_type = pool_type
+        if pool_type != 'flatten':
+            self.norm = nn.Identity()
+        elif not isinstance(self.norm, nn.BatchNorm2d):
+            self.norm = nn.BatchNorm2d(self.in_chs, **dd)
         if num_classes > 0:
-            if pool_type not in (None, 'flatten'):
-                raise ValueError(f"global_pool must be 'flatten' for an embedding head (num_classes > 0), got {pool_type!r}")
-            self.pool_type = 'flatten'
-            self.fc = nn.Linear(self.flat_features, num_classes, bias=True)
-            self.features = nn.BatchNorm1d(num_classes)
+            self.fc: nn.Module = nn.Linear(self.flat_features, num_classes, bias=True, **dd)
+            self.features: nn.Module = nn.BatchNorm1d(num_classes, **dd)
         else:
-            if pool_type not in (None, 'flatten', 'avg', ''):
-                raise ValueError(f"global_pool must be 'flatten', 'avg' or '', got {pool_type!r}")
-            self.pool_type = 'avg' if pool_type in (None, 'flatten') else pool_type
             self.fc, self.features = nn.Identity(), nn.Identity()
         self.num_classes = num_classes
+
+    @torch.jit.unused
+    def _check_size(self, x: torch.Tensor) -> None:
+        if isinstance(x, torch.Tensor) and tuple(x.shape[-2:]) != self.feat_size:
+            raise ValueError(
+                f"the flatten embedding head expects a {self.feat_size} feature map (the configured img_size), got "
+                f"{tuple(x.shape[-2:])}"
+            )
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.pool_type == '':
             return x
         if self.pool_type == 'avg':
             return x.mean((2, 3))
-        if tuple(x.shape[-2:]) != self.feat_size:
-            raise ValueError(
-                f"the flatten embedding head expects a {self.feat_size} feature map (the configured img_size), got "
-                f"{tuple(x.shape[-2:])}"
-            )
+        if not torch.jit.is_scripting():
+            self._check_size(x)
         x = self.drop(self.norm(x)).flatten(1)
         if pre_logits:
             return x
@@ -133,30 +154,40 @@ class _FaceNetBase(ConvTrunk):
             feat = [math.ceil(s / 2) for s in feat]
         self.img_size = size
         self.num_features = self.feature_info[-1]['num_chs']
-        self.head = FaceEmbeddingHead(self.num_features, tuple(feat), num_classes, drop_rate, global_pool or '')
-        self.head_hidden_size = self.head.flat_features if num_classes > 0 else self.num_features
+        self.head = FaceEmbeddingHead(self.num_features, tuple(feat), num_classes, drop_rate, global_pool)
+        self.head_hidden_size = self.head.hidden_size
+
+    def _head_hidden_size(self) -> int:
+        return self.head.hidden_size
+
+    @torch.jit.unused
+    def _check_face_input(self, x: torch.Tensor) -> None:
+        if self.head.pool_type != 'flatten':
+            return
+        check_image_input(x, self.in_chans, min(self.img_size), type(self).__name__)
+        if isinstance(x, torch.Tensor) and tuple(x.shape[-2:]) != self.img_size:
+            raise ValueError(
+                f"{type(self).__name__}: the embedding head needs inputs of exactly img_size={self.img_size}, "
+                f"got shape {tuple(x.shape)}"
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.head.pool_type == 'flatten':
-            check_image_input(x, self.in_chans, min(self.img_size), type(self).__name__)
-            if tuple(x.shape[-2:]) != self.img_size:
-                raise ValueError(
-                    f"{type(self).__name__}: the embedding head needs inputs of exactly img_size={self.img_size}, "
-                    f"got shape {tuple(x.shape)}"
-                )
+        if not torch.jit.is_scripting():
+            self._check_face_input(x)
         return self.forward_head(self.forward_features(x))
 
 
 class CrossScaleFaceNet(_FaceNetBase):
     """FaceResNet + SCSC: stride-1 PReLU stem, four stride-2 stages of residual SCSC blocks, embedding head."""
 
+    @factory_kwargs
     def __init__(
             self,
             in_chans: int = 3,
             num_classes: int = 512,
             img_size: Union[int, Tuple[int, int]] = 112,
             depths: Sequence[int] = (3, 4, 14, 3),
-            kernel_sizes: Sequence[Sequence[int]] = DEFAULT_KERNEL_SIZES,
+            kernel_sizes: Sequence[Sequence[int]] = STAGE_KERNEL_SIZES,
             groups: int = 4,
             stem_width: int = 96,
             widths: Sequence[int] = (336, 384, 480, 192),
@@ -181,6 +212,7 @@ class CrossScaleFaceNet(_FaceNetBase):
 class FaceIResNet(_FaceNetBase):
     """Plain face ResNet baseline in the insightface IResNet layout (pre-BN basic blocks, PReLU)."""
 
+    @factory_kwargs
     def __init__(
             self,
             in_chans: int = 3,
@@ -218,12 +250,12 @@ def _create(cls: type, variant: str, pretrained: bool = False, **kwargs: Any) ->
     )
 
 
+_FACE_CFG = dict(num_classes=512, input_size=(3, 112, 112), crop_pct=1.0, interpolation='bilinear',
+                 fixed_input_size=True, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), first_conv='stem.conv')
+
+
 def _cfg(**kwargs: Any) -> Dict[str, Any]:
-    return {
-        'url': '', 'num_classes': 512, 'input_size': (3, 112, 112), 'pool_size': (7, 7), 'crop_pct': 1.0,
-        'interpolation': 'bilinear', 'fixed_input_size': True, 'mean': (0.5, 0.5, 0.5), 'std': (0.5, 0.5, 0.5),
-        'first_conv': 'stem.conv', 'classifier': 'head.fc', 'paper_ids': 'arXiv:2308.07110', **kwargs,
-    }
+    return scsc_swin._cfg(**{**_FACE_CFG, **kwargs})
 
 
 _TEST = dict(num_classes=64, input_size=(3, 64, 64), pool_size=(4, 4), test_input_size=(3, 64, 64))
@@ -245,7 +277,7 @@ def scsc_faceresnet(pretrained: bool = False, **kwargs: Any) -> CrossScaleFaceNe
 
 @register_model('scsc', paper='IResNet (the insightface baseline)')
 def face_iresnet50(pretrained: bool = False, **kwargs: Any) -> FaceIResNet:
-    """Baseline face ResNet (insightface IResNet-50 layout), 112x112 -> 512-d: 43.59M params, 6.33 GMACs."""
+    """Baseline face ResNet (insightface IResNet-50 layout), 112x112 -> 512-d: 43.59M params, 6.31 GMACs."""
     return _create(FaceIResNet, 'face_iresnet50', pretrained, **kwargs)
 
 

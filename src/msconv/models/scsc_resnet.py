@@ -15,7 +15,6 @@ shipped), and it hard-codes ``H // 2`` after a stride-2 conv, so inputs whose st
 (e.g. 112x112) crash. Here the spatial size is always taken from the conv output (``ceil(H / 2)``), so any
 input of at least 32x32 runs (224, 160, 128, 112, 100, ...), with identical results where the official code runs.
 """
-from __future__ import annotations
 
 import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -27,15 +26,15 @@ from timm.layers import ClassifierHead
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs
 from timm.models._features import feature_take_indices
 
-from ..layers._fold import fold_bn_into_conv, use_inplace_inference
-from ..layers.cross_scale import CrossScaleBottleneck, convert_scsc_official
+from ..layers._fold import fold_bn_into_conv
+from ..layers.forms import use_fast_form
+from ..layers.cross_scale import STAGE_KERNEL_SIZES, CrossScaleBottleneck, convert_scsc_official
 from . import scsc_swin
-from ._builder import MsconvModel, check_image_input
+from ._builder import MsconvModel, factory_kwargs
 from ._registry import register_converter, register_model
 
 __all__ = ['CrossScaleResNet', 'checkpoint_filter_fn', 'convert_scsc']
 
-DEFAULT_KERNEL_SIZES = ((3, 9, 13), (3, 7, 11), (3, 5, 7), (3, 5))
 
 
 class ConvStem(nn.Module):
@@ -47,11 +46,32 @@ class ConvStem(nn.Module):
         self.bn = nn.BatchNorm2d(out_chs)
         self.act = act_layer(out_chs) if act_layer is nn.PReLU else act_layer()
 
-    IM2COL_MAX_CHANS = 4  # RGB/gray stems: K = in_chans * 9 is too thin for oneDNN's NCHW kernel
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_fast_form('inplace', x):
+            return self._forward_inference(x)
+        return self.forward_reference(x)
 
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+    @torch.jit.unused
+    def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:
+        """Without autograd: the conv as im2col GEMMs where ``use_fast_form('cpu_gemm')`` allows and the input
+        has at most 4 channels (an RGB/gray stem: K = in_chans * 9 is too thin for oneDNN's NCHW kernel), and a
+        ReLU in place on the fresh output."""
+        if use_fast_form('cpu_gemm', x) and x.shape[1] <= 4 and x.is_contiguous():
+            y = self.bn(self._conv_im2col(x))
+        else:
+            y = self.bn(self.conv(x))
+        if type(self.act) is nn.ReLU:
+            return torch.relu_(y)  # y is ours: no fresh activation-sized allocation
+        return self.act(y)
+
+    @torch.jit.unused
     def _conv_im2col(self, x: torch.Tensor) -> torch.Tensor:
-        """``self.conv(x)`` as one GEMM per image over the unfolded 3x3 patches: 1.5x faster than the oneDNN NCHW
-        conv for a 3-channel input on CPU (8x3x224x224 -> 96 channels: 22 ms vs 33 ms), inference only."""
+        """``self.conv(x)`` as one GEMM per image over the unfolded 3x3 patches (each image's unfolded patches are
+        a cache-sized buffer, hence the loop, which is part of this form): 1.5x faster than the oneDNN NCHW conv
+        for a 3-channel input on CPU (8x3x224x224 -> 96 channels: 22 ms vs 33 ms)."""
         conv = self.conv
         B, _, H, W = x.shape
         s = conv.stride[0]
@@ -59,22 +79,12 @@ class ConvStem(nn.Module):
         out = x.new_empty(B, conv.out_channels, Ho * Wo)
         w = conv.weight.reshape(conv.out_channels, -1)
         for i in range(B):
-            cols = F.unfold(x[i:i + 1], 3, padding=1, stride=s)[0]  # (C * 9, Ho * Wo), cache-sized per image
+            cols = F.unfold(x[i:i + 1], 3, padding=1, stride=s)[0]  # (C * 9, Ho * Wo)
             if conv.bias is None:
                 torch.mm(w, cols, out=out[i])
             else:
                 torch.addmm(conv.bias.unsqueeze(1), w, cols, out=out[i])
         return out.view(B, conv.out_channels, Ho, Wo)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (use_inplace_inference() and x.device.type == 'cpu' and x.dtype == torch.float32 and x.dim() == 4
-                and x.shape[1] <= self.IM2COL_MAX_CHANS and x.is_contiguous()):
-            y = self.bn(self._conv_im2col(x))
-        else:
-            y = self.bn(self.conv(x))
-        if type(self.act) is nn.ReLU and use_inplace_inference():
-            return torch.relu_(y)  # y is ours: no fresh activation-sized allocation
-        return self.act(y)
 
     @torch.no_grad()
     def reparameterize(self) -> None:
@@ -130,11 +140,12 @@ class ConvTrunk(MsconvModel):
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
         self.head.reset(num_classes, global_pool)
+        self._match_head_to_model()
+        self.head_hidden_size = self._head_hidden_size()
 
-    def _run_stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(stage, x)
-        return stage(x)
+    def _head_hidden_size(self) -> int:
+        return self.num_features
+
 
     def forward_intermediates(
             self,
@@ -149,13 +160,17 @@ class ConvTrunk(MsconvModel):
         (these networks have no final norm)."""
         if output_fmt != 'NCHW':
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        check_image_input(x, self.in_chans, self.min_input_size, type(self).__name__)
+        if not torch.jit.is_scripting():
+            self.check_input(x)
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         intermediates = []
         x = self.stem(x)
         stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
         for i, stage in enumerate(stages):
-            x = self._run_stage(stage, x)
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint_seq(stage, x)
+            else:
+                x = stage(x)
             if i in take_indices:
                 intermediates.append(x)
         if intermediates_only:
@@ -171,10 +186,14 @@ class ConvTrunk(MsconvModel):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        check_image_input(x, self.in_chans, self.min_input_size, type(self).__name__)
+        if not torch.jit.is_scripting():
+            self.check_input(x)
         x = self.stem(x)
-        for stage in self.stages:
-            x = self._run_stage(stage, x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            for stage in self.stages:
+                x = checkpoint_seq(stage, x)
+        else:
+            x = self.stages(x)
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -183,23 +202,16 @@ class ConvTrunk(MsconvModel):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
-    @torch.no_grad()
-    def reparameterize(self) -> 'ConvTrunk':
-        """Inference form: every BatchNorm folded into its conv. Use in eval mode only."""
-        for module in [m for m in self.modules() if m is not self and hasattr(m, 'reparameterize')]:
-            module.reparameterize()
-        return self
-
-
 class CrossScaleResNet(ConvTrunk):
     """ResNet + SCSC (official CBTNet design). ``widths`` are the block output widths (3 x the official planes)."""
 
+    @factory_kwargs
     def __init__(
             self,
             in_chans: int = 3,
             num_classes: int = 1000,
             depths: Sequence[int] = (3, 5, 12, 3),
-            kernel_sizes: Sequence[Sequence[int]] = DEFAULT_KERNEL_SIZES,
+            kernel_sizes: Sequence[Sequence[int]] = STAGE_KERNEL_SIZES,
             groups: int = 4,
             stem_width: int = 96,
             widths: Sequence[int] = (288, 576, 1152, 1536),
@@ -271,14 +283,8 @@ def _create_scsc_resnet(variant: str, pretrained: bool = False, **kwargs: Any) -
     )
 
 
-def _cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:
-    return {
-        'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'crop_pct': 0.875, 'interpolation': 'bicubic', 'fixed_input_size': False,
-        'mean': (0.485, 0.456, 0.406), 'std': (0.229, 0.224, 0.225),
-        'first_conv': 'stem.conv', 'classifier': 'head.fc',
-        'paper_ids': 'arXiv:2308.07110', 'license': 'apache-2.0', **kwargs,
-    }
+def _cfg(**kwargs: Any) -> Dict[str, Any]:
+    return scsc_swin._cfg(**{'first_conv': 'stem.conv', **kwargs})
 
 
 default_cfgs = generate_default_cfgs({
@@ -292,27 +298,27 @@ default_cfgs = generate_default_cfgs({
 @register_model('scsc', paper='SCSC (ICCVW 2023)')
 def scsc_resnet50(pretrained: bool = False, **kwargs: Any) -> CrossScaleResNet:
     """ResNet-50 + SCSC (official ``cbtnet50``, depths 3,5,12,3): 25.57M params, 4.56 GMACs at 224."""
-    args = dict(depths=(3, 5, 12, 3), kernel_sizes=DEFAULT_KERNEL_SIZES, groups=4)
+    args = dict(depths=(3, 5, 12, 3), kernel_sizes=STAGE_KERNEL_SIZES, groups=4)
     return _create_scsc_resnet('scsc_resnet50', pretrained=pretrained, **dict(args, **kwargs))
 
 
 @register_model('scsc', paper='SCSC (ICCVW 2023)')
 def scsc_resnet101(pretrained: bool = False, **kwargs: Any) -> CrossScaleResNet:
     """ResNet-101 + SCSC (official ``cbtnet101``, depths 3,4,23,3): 37.28M params."""
-    args = dict(depths=(3, 4, 23, 3), kernel_sizes=DEFAULT_KERNEL_SIZES, groups=4)
+    args = dict(depths=(3, 4, 23, 3), kernel_sizes=STAGE_KERNEL_SIZES, groups=4)
     return _create_scsc_resnet('scsc_resnet101', pretrained=pretrained, **dict(args, **kwargs))
 
 
 @register_model('scsc', paper='SCSC (ICCVW 2023)')
 def scsc_resnet152(pretrained: bool = False, **kwargs: Any) -> CrossScaleResNet:
     """ResNet-152 + SCSC (official ``cbtnet152``, depths 3,8,36,3): 52.69M params."""
-    args = dict(depths=(3, 8, 36, 3), kernel_sizes=DEFAULT_KERNEL_SIZES, groups=4)
+    args = dict(depths=(3, 8, 36, 3), kernel_sizes=STAGE_KERNEL_SIZES, groups=4)
     return _create_scsc_resnet('scsc_resnet152', pretrained=pretrained, **dict(args, **kwargs))
 
 
 @register_model('scsc')
 def test_scsc_resnet(pretrained: bool = False, **kwargs: Any) -> CrossScaleResNet:
     """Tiny ResNet + SCSC for tests (stem 24, widths 72/144/288/384, depths 1,2,1,1)."""
-    args = dict(depths=(1, 2, 1, 1), kernel_sizes=DEFAULT_KERNEL_SIZES, groups=4, stem_width=24,
+    args = dict(depths=(1, 2, 1, 1), kernel_sizes=STAGE_KERNEL_SIZES, groups=4, stem_width=24,
                 widths=(72, 144, 288, 384), num_classes=10)
     return _create_scsc_resnet('test_scsc_resnet', pretrained=pretrained, **dict(args, **kwargs))

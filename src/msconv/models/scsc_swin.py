@@ -18,27 +18,27 @@ Differences from the released code (behaviour-preserving at the official 224x224
 (patch merging pads odd sizes like timm's Swin), and ``reparameterize()`` folds every BatchNorm (three per mixer,
 the MLP pre-norm into ``fc1``).
 """
-from __future__ import annotations
 
 import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import ClassifierHead, DropPath, LayerNorm2d, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs
 from timm.models._features import feature_take_indices
 from timm.models.swin_transformer import PatchMerging
 
-from ..layers._fold import bn_scale_shift, use_inplace_inference
-from ..layers.cross_scale import SpatialCrossScaleConv, convert_scsc_official
-from ..layers.linear import Linear, onednn_enabled
-from ._builder import MsconvModel, check_image_input
+from ..layers._fold import bn_scale_shift
+from ..layers.cross_scale import STAGE_KERNEL_SIZES, SpatialCrossScaleConv, convert_scsc_official
+from ..layers.forms import image_chunks, use_fast_form
+from ..layers.linear import Linear
+from ._builder import MsconvModel, factory_kwargs
 from ._registry import register_model
 
 __all__ = ['CrossScaleSwin', 'CrossScaleSwinBlock', 'checkpoint_filter_fn']
 
-DEFAULT_KERNEL_SIZES = ((3, 9, 13), (3, 7, 11), (3, 5, 7), (3, 5))
 _CONV1X1 = ((0, 0), (1, 1), (1, 1), 1)  # padding, stride, dilation, groups of torch.mkldnn_convolution
 
 
@@ -62,8 +62,12 @@ class PatchMergingNCHW(PatchMerging):
         super().__init__(dim, out_dim)
         self.reduction = Linear(4 * dim, self.out_dim, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, out_dim, ceil(H/2), ceil(W/2))
+        x = x.permute(0, 2, 3, 1)  # (B, H, W, C)
+        B, H, W, C = x.shape
+        x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))  # odd sizes: one zero row / column, as timm's Swin
+        x = x.reshape(B, (H + 1) // 2, 2, (W + 1) // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)
+        return self.reduction(self.norm(x)).permute(0, 3, 1, 2).contiguous()
 
 
 class CrossScaleSwinBlock(nn.Module):
@@ -86,42 +90,39 @@ class CrossScaleSwinBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if use_inplace_inference() and not self.training:
-            return self.forward_inplace(x)
-        return self.forward_plain(x)
+        if not self.training and use_fast_form('inplace', x):
+            return self._forward_inplace(x)
+        return self.forward_reference(x)
 
-    MLP_GEMM_MIN_PIXELS = 784  # 28x28: stages 1-2 of a 224 input take the per-image GEMM path
-
-    def forward_plain(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.mixer(x))
         x = x + self.drop_path(self.mlp(self.norm(x)))
         return x
 
-    def forward_inplace(self, x: torch.Tensor) -> torch.Tensor:
-        """Eval without autograd: ``forward_plain`` with the residual adds in place and, on CPU, the MLP run one
-        image at a time (oneDNN 1x1 convs, or without oneDNN two BLAS GEMMs on the (C, H*W) view with the residual
-        add as the second GEMM's accumulate) with the GELU in place, so the 4x-wide hidden activation is a
-        per-image, cache-sized buffer instead of a fresh whole-batch allocation. Below ``MLP_GEMM_MIN_PIXELS``
-        pixels per image the batched 1x1 convs measure faster (CPU, 2 threads)."""
+    @torch.jit.unused
+    def _forward_inplace(self, x: torch.Tensor) -> torch.Tensor:
+        """Eval without autograd: ``forward_reference`` with the residual adds in place and, where
+        ``use_fast_form('per_image')`` allows (CPU, large maps), the MLP run one image at a time (oneDNN 1x1 convs
+        where ``use_fast_form('onednn')`` allows, else two BLAS GEMMs on the (C, H*W) view with the residual add as
+        the second GEMM's accumulate) with the GELU in place, so the 4x-wide hidden activation is a per-image,
+        cache-sized buffer instead of a fresh whole-batch allocation."""
         x = self.mixer(x).add_(x)
         fc1, fc2 = self.mlp.fc1, self.mlp.fc2
-        B, C, H, W = x.shape
         if (fc1.bias is None or fc2.bias is None or type(self.mlp.act) is not nn.GELU
-                or H * W < self.MLP_GEMM_MIN_PIXELS or x.device.type != 'cpu'):
+                or not use_fast_form('per_image', x)):
             return x.add_(self.mlp(self.norm(x)))
         xn = x if isinstance(self.norm, nn.Identity) else self.norm(x)
-        if onednn_enabled(x):  # oneDNN 1x1 convs on each (1, C, H, W) image: 1.6x faster than BLAS here
+        if use_fast_form('onednn', x):  # oneDNN 1x1 convs on each (1, C, H, W) image: 1.6x faster than BLAS here
             w1, w2 = fc1.weight.contiguous(), fc2.weight.contiguous()
-            for i in range(B):
-                h = torch.ops.aten.gelu_(torch.mkldnn_convolution(xn[i:i + 1], w1, fc1.bias, *_CONV1X1))
-                x[i:i + 1].add_(torch.mkldnn_convolution(h, w2, fc2.bias, *_CONV1X1))
+            for xi, xni in image_chunks(x, xn):
+                h = torch.ops.aten.gelu_(torch.mkldnn_convolution(xni, w1, fc1.bias, *_CONV1X1))
+                xi.add_(torch.mkldnn_convolution(h, w2, fc2.bias, *_CONV1X1))
             return x
         w1, b1 = fc1.weight.flatten(1), fc1.bias.unsqueeze(1)
         w2, b2 = fc2.weight.flatten(1), fc2.bias.unsqueeze(1)
-        xs, xn = x.view(B, C, H * W), xn.view(B, C, H * W)
-        for i in range(B):
-            h = torch.ops.aten.gelu_(torch.addmm(b1, w1, xn[i]))
-            xs[i].addmm_(w2, h).add_(b2)  # the residual add is the GEMM's accumulate
+        for xi, xni in image_chunks(x, xn):  # (1, C, H, W) views; as (C, H*W) matrices below
+            h = torch.ops.aten.gelu_(torch.addmm(b1, w1, xni.flatten(2)[0]))
+            xi.flatten(2)[0].addmm_(w2, h).add_(b2)  # the residual add is the GEMM's accumulate
         return x
 
     @torch.no_grad()
@@ -157,13 +158,14 @@ class CrossScaleSwin(MsconvModel):
     """Swin + SCSC. Keyword arguments follow the official ``SCSC_Swin`` defaults (Swin-T: 21.94M params)."""
     family = 'scsc'
 
+    @factory_kwargs
     def __init__(
             self,
             in_chans: int = 3,
             num_classes: int = 1000,
             embed_dim: int = 96,
             depths: Sequence[int] = (2, 2, 6, 2),
-            kernel_sizes: Sequence[Sequence[int]] = DEFAULT_KERNEL_SIZES,
+            kernel_sizes: Sequence[Sequence[int]] = STAGE_KERNEL_SIZES,
             groups: int = 4,
             mlp_ratio: float = 4.0,
             drop_rate: float = 0.0,
@@ -224,6 +226,7 @@ class CrossScaleSwin(MsconvModel):
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
         self.head.reset(num_classes, global_pool)
+        self._match_head_to_model()
 
     def forward_intermediates(
             self,
@@ -237,7 +240,8 @@ class CrossScaleSwin(MsconvModel):
         """Stage outputs (NCHW, before the next patch merging) at ``indices``, and the final normed features."""
         if output_fmt not in ('NCHW', 'NHWC'):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        check_image_input(x, self.in_chans, self.min_input_size, type(self).__name__)
+        if not torch.jit.is_scripting():
+            self.check_input(x)
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         intermediates = []
         x = self.stem(x)
@@ -265,7 +269,8 @@ class CrossScaleSwin(MsconvModel):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        check_image_input(x, self.in_chans, self.min_input_size, type(self).__name__)
+        if not torch.jit.is_scripting():
+            self.check_input(x)
         x = self.stages(self.stem(x))
         return self.norm(x)
 
@@ -274,14 +279,6 @@ class CrossScaleSwin(MsconvModel):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
-
-    @torch.no_grad()
-    def reparameterize(self) -> 'CrossScaleSwin':
-        """Inference form: every BatchNorm folded (mixers and MLP pre-norms). Use in eval mode only."""
-        for module in [m for m in self.modules() if m is not self and hasattr(m, 'reparameterize')]:
-            module.reparameterize()
-        return self
-
 
 def _init_weights(module: nn.Module) -> None:
     """The official init: trunc-normal(.02) Linear with zero bias, LayerNorm 1/0, PyTorch defaults elsewhere;
@@ -339,6 +336,7 @@ def _create_scsc_swin(variant: str, pretrained: bool = False, **kwargs: Any) -> 
 
 
 def _cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:
+    """The pretrained-config defaults of every SCSC network (the CNNs and face networks override a few)."""
     return {
         'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
         'crop_pct': 0.875, 'interpolation': 'bicubic', 'fixed_input_size': False,
@@ -358,19 +356,19 @@ default_cfgs = generate_default_cfgs({
 @register_model('scsc', paper='SCSC (ICCVW 2023)')
 def scsc_swin_tiny(pretrained: bool = False, **kwargs: Any) -> CrossScaleSwin:
     """Swin-T + SCSC (the official ``SCSC_Swin()`` defaults): 21.94M params, 3.30 GMACs at 224."""
-    args = dict(embed_dim=96, depths=(2, 2, 6, 2), kernel_sizes=DEFAULT_KERNEL_SIZES, groups=4, drop_path_rate=0.1)
+    args = dict(embed_dim=96, depths=(2, 2, 6, 2), kernel_sizes=STAGE_KERNEL_SIZES, groups=4, drop_path_rate=0.1)
     return _create_scsc_swin('scsc_swin_tiny', pretrained=pretrained, **dict(args, **kwargs))
 
 
 @register_model('scsc', paper='SCSC (ICCVW 2023)')
 def scsc_swin_small(pretrained: bool = False, **kwargs: Any) -> CrossScaleSwin:
     """Swin-S + SCSC (depths 2,2,18,2; not in the official code, Swin-S's drop-path 0.3): 37.77M params."""
-    args = dict(embed_dim=96, depths=(2, 2, 18, 2), kernel_sizes=DEFAULT_KERNEL_SIZES, groups=4, drop_path_rate=0.3)
+    args = dict(embed_dim=96, depths=(2, 2, 18, 2), kernel_sizes=STAGE_KERNEL_SIZES, groups=4, drop_path_rate=0.3)
     return _create_scsc_swin('scsc_swin_small', pretrained=pretrained, **dict(args, **kwargs))
 
 
 @register_model('scsc')
 def test_scsc_swin(pretrained: bool = False, **kwargs: Any) -> CrossScaleSwin:
     """Tiny Swin + SCSC for tests (embed 24, depths 1,1,2,1 as in the official micro fixture)."""
-    args = dict(embed_dim=24, depths=(1, 1, 2, 1), kernel_sizes=DEFAULT_KERNEL_SIZES, groups=4, num_classes=10)
+    args = dict(embed_dim=24, depths=(1, 1, 2, 1), kernel_sizes=STAGE_KERNEL_SIZES, groups=4, num_classes=10)
     return _create_scsc_swin('test_scsc_swin', pretrained=pretrained, **dict(args, **kwargs))

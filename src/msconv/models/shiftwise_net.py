@@ -14,7 +14,6 @@ then mean pooling, LayerNorm and a Linear classifier. Every block of stage i use
 BN that follows it folded in and its output left in input channel order (the SE and first Linear are permuted
 once instead), and the BN and layer scale after the second Linear are folded into it.
 """
-from __future__ import annotations
 
 import re
 from functools import partial
@@ -27,10 +26,11 @@ from timm.layers.grn import GlobalResponseNorm
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs
 from timm.models._features import feature_take_indices
 
-from ..layers._fold import bn_scale_shift, use_inplace_inference
+from ..layers._fold import bn_scale_shift
+from ..layers.forms import image_chunks, use_fast_form
 from ..layers.linear import Linear, linear
 from ..layers.shiftwise import ShiftWiseConv2d, convert_official_op
-from ._builder import MsconvModel, check_image_input
+from ._builder import MsconvModel, factory_kwargs
 from ._registry import register_converter, register_model
 
 __all__ = ['ShiftWiseNet', 'ShiftWiseBlock', 'ShiftWiseStage', 'checkpoint_filter_fn']
@@ -78,11 +78,12 @@ class ShiftWiseBlock(nn.Module):
         self.ls = LayerScale2d(dim, layer_scale_init_value) if layer_scale_init_value > 0 else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
-    INPLACE_MIN_PIXELS = 28 * 28  # maps at least this large run image by image in the inference path (CPU)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._inference_ok(x):
+        if not self.training and self.conv.deployed and use_fast_form('inplace', x):
             return self._forward_inference(x)
+        return self.forward_reference(x)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
         x = self.se(self.norm(self.conv(x)))
         x = x.permute(0, 2, 3, 1)  # (B, H, W, C)
@@ -91,28 +92,30 @@ class ShiftWiseBlock(nn.Module):
         return shortcut + self.drop_path(x)
 
     def _inference_ok(self, x: torch.Tensor) -> bool:
-        return (use_inplace_inference() and not self.training and self.conv.deployed
-                and isinstance(self.norm2, nn.Identity) and isinstance(self.ls, nn.Identity)
+        """The structure the inference form assumes (reparameterized block, exact GELU, plain SE) and a
+        channels-last input."""
+        return (isinstance(self.norm2, nn.Identity) and isinstance(self.ls, nn.Identity)
                 and self.fc2.bias is not None and type(self.act) is nn.GELU and self.act.approximate == 'none'
                 and not getattr(self.se, 'add_maxpool', False)
-                and not torch.is_autocast_enabled(x.device.type)  # mixed dtypes: the plain path promotes as usual
                 and x.is_contiguous(memory_format=torch.channels_last))
 
+    @torch.jit.unused
     def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:
-        """Deploy form without autograd: the same maths as ``forward`` with every elementwise step in place on a
-        fresh buffer, the GRN bias folded through ``fc2`` and, on CPU for maps of at least ``INPLACE_MIN_PIXELS``
-        pixels, the MLP run image by image so that its 4x-wide hidden tensor stays cache-sized.
+        """Deploy form without autograd: the same maths as ``forward_reference`` with every elementwise step in
+        place on a fresh buffer, the GRN bias folded through ``fc2`` and, where ``use_fast_form('per_image')``
+        allows (CPU, large maps), the MLP run image by image so that its 4x-wide hidden tensor stays cache-sized.
 
         GRN(h) = h + bias + weight * h * n = h * (1 + weight * n) + bias, with n the per-image channel norms
         over the mean norm; so fc2(GRN(h)) = fc2_no_bias(h * (1 + weight * n)) + (fc2.bias + fc2.weight @ bias)."""
+        if not self._inference_ok(x):
+            return self.forward_reference(x)
         y = self.conv(x)  # fresh, channels-last; ends up holding the block output
         se = self.se
         gate = se.gate(se.fc2(se.act(se.bn(se.fc1(y.mean((2, 3), keepdim=True))))))
         y.mul_(gate)
         bias2 = torch.addmv(self.fc2.bias, self.fc2.weight, self.grn.bias)
         yt, xt = y.permute(0, 2, 3, 1), x.permute(0, 2, 3, 1)  # (B, H, W, C) views, contiguous
-        per_image = x.device.type == 'cpu' and x.shape[0] > 1 and x.shape[2] * x.shape[3] >= self.INPLACE_MIN_PIXELS
-        for yi, xi in zip(yt.split(1), xt.split(1)) if per_image else ((yt, xt),):
+        for yi, xi in image_chunks(yt, xt, hw_dims=(1, 2)):
             h = torch.ops.aten.gelu_(self.fc1(yi))
             hv = h.flatten(1, 2)  # (b, H*W, 4C) view
             norms = _spatial_l2_norms(hv)
@@ -182,6 +185,7 @@ class ShiftWiseNet(MsconvModel):
     """ShiftWise v2 backbone/classifier (timm model contract)."""
     family = 'shiftwise'
 
+    @factory_kwargs
     def __init__(
             self,
             in_chans: int = 3,
@@ -219,6 +223,7 @@ class ShiftWiseNet(MsconvModel):
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.channels_last = channels_last
+        self.min_input_size = 32  # total stride
         self.stem = nn.Sequential(
             nn.Conv2d(in_chans, dims[0] // 2, kernel_size=3, stride=2, padding=1),
             LayerNorm2d(dims[0] // 2, eps=1e-6),
@@ -273,6 +278,7 @@ class ShiftWiseNet(MsconvModel):
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, reset_other: bool = False):
         self.num_classes = num_classes
         self.head.reset(num_classes, global_pool, reset_other=reset_other, in_features=self.num_features)
+        self._match_head_to_model()
         self.head_hidden_size = self.head.num_features
 
     def forward_intermediates(
@@ -288,7 +294,8 @@ class ShiftWiseNet(MsconvModel):
         final unpooled feature map. ``norm`` is accepted for API compatibility (the final norm lives in the head)."""
         if output_fmt != 'NCHW':
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        check_image_input(x, self.in_chans, 32, type(self).__name__)
+        if not torch.jit.is_scripting():
+            self.check_input(x)
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         intermediates = []
         x = self.stem(self._layout(x))
@@ -317,7 +324,8 @@ class ShiftWiseNet(MsconvModel):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        check_image_input(x, self.in_chans, 32, type(self).__name__)
+        if not torch.jit.is_scripting():
+            self.check_input(x)
         return self.stages(self.stem(self._layout(x)))
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
@@ -328,15 +336,6 @@ class ShiftWiseNet(MsconvModel):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
-
-    @torch.no_grad()
-    def reparameterize(self) -> 'ShiftWiseNet':
-        """Switch every block to its inference form in place (eval outputs unchanged); returns ``self``."""
-        for m in self.modules():
-            if isinstance(m, ShiftWiseBlock):
-                m.reparameterize()
-        return self
-
 
 def _init_weights(m: nn.Module) -> None:
     # the official init: trunc_normal(std=.02) for every conv/linear weight (the small SW kernels included)

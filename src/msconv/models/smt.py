@@ -14,7 +14,6 @@ stored modulator side effect, and ``in_chans`` honoured by the stem.
 Evolutionary Hybrid Network layout: stages 1-2 are SAM blocks, stage 3 alternates SAM (even index) and MSA
 (odd index), stage 4 is MSA.
 """
-from __future__ import annotations
 
 import math
 import re
@@ -24,15 +23,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, LayerScale, trunc_normal_
+from timm.layers import ClassifierHead, DropPath, LayerScale, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq, named_apply
 
-from ..layers._fold import fold_bn_into_conv, use_inplace_inference
+from ..layers._fold import fold_bn_into_conv
+from ..layers.forms import map_images, use_fast_form
 from ..layers.linear import Linear
 from ..layers.mixed_conv import ScaleAwareModulation
-from ._builder import MsconvModel, check_image_input
+from ._builder import MsconvModel, factory_kwargs
 from ._registry import register_converter, register_model
 
 __all__ = ['SMT']
@@ -59,14 +59,18 @@ class ConvMlp(nn.Module):
             self.dwconv.weight[:, 0, 1, 1] += 1.0
             self.residual_folded = True
 
+    @torch.jit.unused
     def _forward_inplace(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc1(x)
         c = self.dwconv(h.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return self.fc2(torch.ops.aten.gelu_(c if self.residual_folded else c.add_(h)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
-        if use_inplace_inference() and not self.training:  # same maths without hidden-sized temporaries
+        if not self.training and use_fast_form('inplace', x):  # same maths without hidden-sized temporaries
             return self._forward_inplace(x)
+        return self.forward_reference(x)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc1(x)
         c = self.dwconv(h.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return self.drop(self.fc2(self.drop(self.act(c if self.residual_folded else h + c))))
@@ -74,6 +78,7 @@ class ConvMlp(nn.Module):
 
 class Attention(nn.Module):
     """MSA: global multi-head self-attention plus a depthwise 3x3 "local enhancement" of V."""
+    __constants__ = ['fused_qkv']  # TorchScript compiles only the projections present
 
     def __init__(
             self,
@@ -96,11 +101,12 @@ class Attention(nn.Module):
         self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.qkv: Optional[nn.Linear] = None  # inference form: q and kv as one projection
+        self.fused_qkv = False
 
     @torch.no_grad()
     def reparameterize(self) -> None:
         """Inference form: ``q`` and ``kv`` merged into one ``qkv`` linear (one GEMM instead of two)."""
-        if self.qkv is not None:
+        if self.fused_qkv:
             return
         dim = self.q.in_features
         qkv = Linear(dim, 3 * dim, bias=self.q.bias is not None, device=self.q.weight.device,
@@ -109,12 +115,24 @@ class Attention(nn.Module):
         if self.q.bias is not None:
             qkv.bias.copy_(torch.cat([self.q.bias, self.kv.bias]))
         self.qkv = qkv
+        self.fused_qkv = True
         del self.q, self.kv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
-        B, H, W, C = x.shape
+        out, local = self._attend(x)
+        if use_fast_form('inplace', x):
+            return self.proj_drop(self.proj(out.add_(local)))  # out: a fresh copy (reshape)
+        return self.proj_drop(self.proj(out + local))
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        out, local = self._attend(x)
+        return self.proj_drop(self.proj(out + local))
+
+    def _attend(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Attention output and the local enhancement of V, both (B, H, W, C)."""
+        B, H, W, C = x.shape[0], x.shape[1], x.shape[2], x.shape[3]  # indexed: FX cannot unpack a Proxy
         h = self.num_heads
-        if self.qkv is not None:
+        if self.fused_qkv:
             qkv = self.qkv(x).reshape(B, H * W, 3, C)
             q, kv = qkv[:, :, 0].unflatten(-1, (h, C // h)).transpose(1, 2), qkv[:, :, 1:]
         else:
@@ -128,12 +146,12 @@ class Attention(nn.Module):
         )
         out = out.transpose(1, 2).reshape(B, H, W, C)
         local = self.local_conv(v_tokens.reshape(B, H, W, C).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        out = out.add_(local) if use_inplace_inference() else out + local  # out: a fresh copy (reshape)
-        return self.proj_drop(self.proj(out))
+        return out, local
 
 
 class Block(nn.Module):
     """Pre-norm residual block; the token mixer is SAM (``ca_attention=1``) or MSA (``ca_attention=0``)."""
+    __constants__ = ['sam_mixer']
 
     def __init__(
             self,
@@ -153,6 +171,7 @@ class Block(nn.Module):
     ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.sam_mixer = ca_attention == 1
         if ca_attention == 1:
             self.attn: nn.Module = ScaleAwareModulation(
                 dim, num_heads=ca_num_heads, expand_ratio=expand_ratio, qkv_bias=qkv_bias, proj_drop=drop,
@@ -179,15 +198,21 @@ class Block(nn.Module):
                 linear.bias.mul_(ls.gamma)
                 setattr(self, ls_name, nn.Identity())
 
-    def _mix(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.attn, ScaleAwareModulation):
+    def _mix(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C) tokens; SAM's own forward is NCHW
+        if self.sam_mixer:
             return self.attn.forward_nhwc(x)
         return self.attn(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
         x = x + self.drop_path1(self.ls1(self._mix(self.norm1(x))))
         mlp = self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        return x.add_(mlp) if use_inplace_inference() else x + mlp  # x was created just above
+        if use_fast_form('inplace', x):
+            return x.add_(mlp)  # x was created just above
+        return x + mlp
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self._mix(self.norm1(x))))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
 class Stem(nn.Module):
@@ -241,14 +266,17 @@ class SmtStage(nn.Module):
         x = self.downsample(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.blocks, x)
-        elif (use_inplace_inference() and not self.training and x.device.type == 'cpu' and x.shape[0] > 1
-              and x.shape[1] * x.shape[2] >= 28 * 28):
-            # Eval blocks treat images independently; on CPU, large maps go one image at a time so that every
-            # temporary (the 4x-wide MLP hidden tensors above all) stays small and cache-resident.
-            x = torch.cat([self.blocks(xi) for xi in x.split(1)])
+        elif not self.training and use_fast_form('per_image', x, hw_dims=(1, 2)):
+            x = self._blocks_per_image(x)
         else:
             x = self.blocks(x)
         return self.norm(x)
+
+    @torch.jit.unused
+    def _blocks_per_image(self, x: torch.Tensor) -> torch.Tensor:
+        """Eval blocks treat images independently; on CPU, large maps go one image at a time so that every
+        temporary (the 4x-wide MLP hidden tensors above all) stays small and cache-resident."""
+        return map_images(self.blocks, x, hw_dims=(1, 2))
 
 
 def _as_tuple(value: Union[int, float, Sequence], n: int, name: str) -> tuple:
@@ -287,6 +315,7 @@ class SMT(MsconvModel):
     """
     family = 'smt'
 
+    @factory_kwargs
     def __init__(
             self,
             in_chans: int = 3,
@@ -347,7 +376,7 @@ class SMT(MsconvModel):
             cur += depths[i]
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool)
         named_apply(_init_weights, self)
 
     @torch.jit.ignore
@@ -368,7 +397,7 @@ class SMT(MsconvModel):
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
-        return self.head
+        return self.head.fc
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         if global_pool is not None:
@@ -376,7 +405,8 @@ class SMT(MsconvModel):
                 raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
             self.global_pool = global_pool
         self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head.reset(num_classes, global_pool)
+        self._match_head_to_model()
 
     def forward_intermediates(
             self,
@@ -393,7 +423,8 @@ class SMT(MsconvModel):
         """
         if output_fmt not in ('NCHW', 'NHWC'):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        check_image_input(x, self.in_chans, self.min_input_size, type(self).__name__)
+        if not torch.jit.is_scripting():
+            self.check_input(x)
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         stages = self.stages[:max_index + 1] if stop_early else self.stages
         intermediates = []
@@ -419,14 +450,13 @@ class SMT(MsconvModel):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        check_image_input(x, self.in_chans, self.min_input_size, type(self).__name__)
+        if not torch.jit.is_scripting():
+            self.check_input(x)
         x = self.stages(self.stem(x))
         return x.permute(0, 3, 1, 2)  # (B, C, H/32, W/32)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == 'avg':
-            x = x.mean(dim=(2, 3))
-        return x if pre_logits else self.head(x)
+        return self.head(x, pre_logits=pre_logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -487,12 +517,15 @@ def _convert_model_key(key: str) -> str:
     return key
 
 
+_HEAD = re.compile(r'^head\.(weight|bias)$')  # the official Linear head (and msconv's before timm's ClassifierHead)
+
+
 def convert_official_smt(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Official SMT keys -> msconv keys, for a whole model (``patch_embed1.*``, ``block1.0.*``, ...) or for one
     official module (an ``Attention``, ``Block`` or ``Mlp`` state dict). Identity on msconv state dicts."""
     whole_model = any(_OFFICIAL_MODEL_KEY.match(k) for k in state_dict)
     convert = _convert_model_key if whole_model else _convert_module_key
-    return {convert(k): v for k, v in state_dict.items()}
+    return {_HEAD.sub(r'head.fc.\1', convert(k)): v for k, v in state_dict.items()}
 
 
 register_converter('smt', convert_official_smt)
@@ -517,7 +550,7 @@ def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
     return {
         'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
         'crop_pct': 0.875, 'interpolation': 'bicubic', 'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'stem.conv1', 'classifier': 'head', 'license': 'mit', 'paper_ids': 'arXiv:2307.08579',
+        'first_conv': 'stem.conv1', 'classifier': 'head.fc', 'license': 'mit', 'paper_ids': 'arXiv:2307.08579',
         'paper_name': 'Scale-Aware Modulation Meet Transformer', 'origin_url': 'https://github.com/AFeng-x/SMT',
         **kwargs,
     }

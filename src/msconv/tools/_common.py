@@ -7,7 +7,26 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn as nn
 
-__all__ = ['build_model', 'reparameterize']
+__all__ = ['build_model', 'reparameterize', 'check_checkpoint_file']
+
+
+def check_checkpoint_file(path: Union[str, os.PathLike]) -> None:
+    """Refuse, naming the file, what cannot be a checkpoint before anything tries to unpickle it: a missing file,
+    a folder, or a file that is neither safetensors (an 8-byte header length then JSON), a torch zip archive nor a
+    pickle (first byte 0x80)."""
+    import zipfile
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist or is not a file")
+    with open(path, 'rb') as f:
+        head = f.read(9)
+    if path.endswith('.safetensors'):
+        ok = len(head) == 9 and head[8:9] == b'{'
+    else:
+        ok = head[:1] == b'\x80' or zipfile.is_zipfile(path)
+    if not ok:
+        kind = 'a safetensors file' if path.endswith('.safetensors') else 'a torch checkpoint (zip archive or pickle)'
+        raise ValueError(f"checkpoint {path!r} is not {kind}: the file is corrupt or of another kind")
 
 
 def build_model(
@@ -32,16 +51,25 @@ def build_model(
     timm_name = name[len('timm:'):] if name.startswith('timm:') else name
     if not timm.is_model(timm_name):
         raise ValueError(unknown_model_message(name) + ' Prefix timm: for any timm model.')
+    if checkpoint_path is not None and not meta:
+        check_checkpoint_file(checkpoint_path)
     if meta:
         if checkpoint_path is not None:
             raise ValueError('checkpoint_path cannot be loaded into a model built on the meta device')
         with torch.device('meta'):
             return timm.create_model(timm_name, **kwargs)
-    if timm_name.split('.')[0] in _MODEL_FAMILY:
-        return msconv.create_model(timm_name, checkpoint_path=checkpoint_path, trust_pickle=trust_pickle, **kwargs)
-    if checkpoint_path is not None and not os.path.isfile(checkpoint_path):
-        raise FileNotFoundError(f"checkpoint_path {str(checkpoint_path)!r} does not exist or is not a file")
-    return timm.create_model(timm_name, checkpoint_path=str(checkpoint_path) if checkpoint_path else '', **kwargs)
+    try:
+        if timm_name.split('.')[0] in _MODEL_FAMILY:
+            return msconv.create_model(timm_name, checkpoint_path=checkpoint_path, trust_pickle=trust_pickle,
+                                       **kwargs)
+        return timm.create_model(timm_name, checkpoint_path=str(checkpoint_path) if checkpoint_path else '',
+                                 **kwargs)
+    except RuntimeError as e:  # load_state_dict: missing/unexpected keys or shapes that differ
+        if checkpoint_path is None or 'state_dict' not in str(e):
+            raise
+        details = ' '.join(line.strip() for line in str(e).splitlines()[1:3])
+        raise ValueError(f"checkpoint {os.fspath(checkpoint_path)!r} does not fit {timm_name!r}: it is a checkpoint "
+                         f"of another model or of another number of classes ({details[:400]})") from e
 
 
 def reparameterize(model: nn.Module) -> nn.Module:

@@ -18,10 +18,12 @@ The process RSS is not used: it includes the Python heap and never goes down.
 from __future__ import annotations
 
 import math
+import os
 import statistics
+import sys
 import time
-from contextlib import nullcontext
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from contextlib import contextmanager, nullcontext
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -38,6 +40,30 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@contextmanager
+def _native_output_discarded() -> Iterator[None]:
+    """Discard what C++ code prints straight to file descriptors 1 and 2 for the duration of the block.
+
+    torch.profiler's kineto backend prints profiler start/stop lines and, on a machine without a GPU, a
+    ``gpuGetDeviceCount failed`` error at every session; they say nothing about the benchmark. (The step measured
+    inside has already run during the timing, so nothing of its own is lost.)"""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(os.devnull, 'w') as null:
+            os.dup2(null.fileno(), 1)
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+
+
 def _peak_step_memory(step: Callable[[], Any], device: torch.device) -> int:
     """Peak bytes allocated by one call of ``step`` above what was live before it."""
     if device.type == 'cuda':
@@ -49,7 +75,7 @@ def _peak_step_memory(step: Callable[[], Any], device: torch.device) -> int:
         return max(torch.cuda.max_memory_allocated(device) - before, 0)
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    with torch_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _native_output_discarded(), torch_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     events = sorted(
         (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == '[memory]'

@@ -9,6 +9,8 @@ cannot capture.
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
@@ -16,7 +18,14 @@ import torch.nn as nn
 
 from ._common import reparameterize
 
-__all__ = ['export_onnx', 'check_onnx']
+__all__ = ['export_onnx', 'check_onnx', 'export_onnx_checked', 'OnnxCheckError']
+
+#: Largest accepted onnxruntime-vs-PyTorch difference, relative to the largest output magnitude.
+ONNX_RTOL = 1e-5
+
+
+class OnnxCheckError(ValueError):
+    """The exported graph does not compute the PyTorch model's outputs (no file was left behind)."""
 
 EXPORTERS = ('dynamo', 'torchscript')
 
@@ -75,8 +84,10 @@ def check_onnx(
         input_size: Sequence[int] = (3, 224, 224),
         batch_sizes: Sequence[int] = (1, 3),
         seed: int = 0,
+        relative: bool = False,
 ) -> Dict[int, float]:
-    """Run the ONNX file in onnxruntime (CPU) and return the max-abs difference to ``model`` per batch size."""
+    """Run the ONNX file in onnxruntime (CPU) and return the max-abs difference to ``model`` per batch size
+    (divided by the largest ``|model output|`` when ``relative``)."""
     import numpy as np
     import onnxruntime as ort
 
@@ -93,7 +104,40 @@ def check_onnx(
         if got.shape != ref.shape:
             raise ValueError(f"onnx output shape {got.shape} differs from PyTorch {ref.shape} at batch size {b}")
         diffs[b] = float(np.abs(got - ref).max())
+        if relative:
+            diffs[b] /= max(float(np.abs(ref).max()), 1e-12)
     return diffs
+
+
+def export_onnx_checked(
+        model: nn.Module,
+        path: Union[str, os.PathLike],
+        input_size: Sequence[int] = (3, 224, 224),
+        *,
+        batch_sizes: Sequence[int] = (1, 3),
+        rtol: float = ONNX_RTOL,
+        **export_kwargs: Any,
+) -> Dict[int, float]:
+    """``export_onnx`` into a temporary file beside ``path``, check it in onnxruntime at ``batch_sizes`` and only
+    then rename it to ``path`` (atomic). A graph whose outputs differ by more than ``rtol`` (relative to the largest
+    output magnitude) raises ``OnnxCheckError`` and leaves no file behind, nor does any other failure. Returns the
+    relative differences per batch size."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent if str(path.parent) else '.')
+    os.close(fd)
+    try:
+        export_onnx(model, tmp, input_size, **export_kwargs)
+        diffs = check_onnx(model, tmp, input_size, batch_sizes=batch_sizes, relative=True)
+        if max(diffs.values()) > rtol:
+            raise OnnxCheckError(
+                f"the exported ONNX graph does not match the PyTorch model (relative differences "
+                f"{ {b: f'{d:.1e}' for b, d in diffs.items()} } > {rtol:g}); {str(path)!r} was not written")
+        os.replace(tmp, path)
+        return diffs
+    finally:
+        for leftover in (tmp, tmp + '.data'):
+            if os.path.exists(leftover):
+                os.remove(leftover)
 
 
 def _onnx_summary(path: Union[str, os.PathLike]) -> Dict[str, Any]:

@@ -46,9 +46,9 @@ def _input_size(name: str) -> tuple:
     return tuple(getattr(cfg, 'input_size', None) or INPUT_SIZE)
 
 
-def table_rows(include_test: bool = False) -> List[Dict[str, Any]]:
-    """One dict per registered model (``test_*`` models left out unless ``include_test``): families in
-    ``FAMILIES`` order, by parameter count within a family."""
+def table_rows(include_test: bool = False, names: Optional[List[str]] = None) -> List[Dict[str, Any]]:
+    """One dict per registered model (``test_*`` models left out unless ``include_test``; only ``names`` when
+    given): families in ``FAMILIES`` order, by parameter count within a family."""
     from msconv.models import FAMILIES, list_models, model_info
     from msconv.tools.profile import profile
 
@@ -56,7 +56,7 @@ def table_rows(include_test: bool = False) -> List[Dict[str, Any]]:
     for family in FAMILIES:
         family_rows = []
         for name in list_models(family=family):
-            if name.startswith('test_') and not include_test:
+            if (name.startswith('test_') and not include_test) or (names is not None and name not in names):
                 continue
             info = model_info(name)
             size = _input_size(name)

@@ -28,7 +28,7 @@ from typing import Dict, Iterator, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .shiftwise import ShiftWiseConv2d
+from ..layers.shiftwise import ShiftWiseConv2d
 
 __all__ = ['SparsityScheduler']
 

@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from msconv.models import list_models, model_info
+    from msconv.models import list_models
 
     if args.markdown:
         from msconv.tools.model_table import render
@@ -30,14 +30,15 @@ def run(args: argparse.Namespace) -> int:
         return 0
     import timm
     from msconv.tools._table import print_table
+    from msconv.tools.model_table import table_rows
 
     rows = []
-    for name in names:
-        info = model_info(name)
-        tags = [t for t in timm.list_pretrained(f'{name}.*')]
-        top1 = info.get('paper_top1')
-        rows.append((name, info['family'], '-' if top1 is None else f'{top1:.1f}',
-                     ', '.join(t.split('.', 1)[1] for t in tags) or '-'))
-    print_table(f'{len(names)} msconv models', ('model', 'family', 'paper top-1 (%)', 'pretrained tags'), rows,
-                left=(0, 1, 3))
+    for r in table_rows(include_test=True, names=names):
+        tags = [t.split('.', 1)[1] for t in timm.list_pretrained(f"{r['model']}.*")]
+        top1 = '-' if r['paper_top1'] is None else f"{r['paper_top1']:.1f}"
+        rows.append((r['model'], r['family'], str(r['input_size'][1]), f"{r['params'] / 1e6:.2f}",
+                     f"{r['macs'] / 1e9:.2f}", top1, ', '.join(tags) or '-'))
+    print_table(f'{len(rows)} msconv models (params and MACs at the input size, counted on the meta device)',
+                ('model', 'family', 'input', 'params (M)', 'GMACs', 'paper top-1 (%)', 'pretrained tags'), rows,
+                left=(0, 1, 6))
     return 0

@@ -25,6 +25,9 @@ def run(args: argparse.Namespace) -> int:
     res = evaluate(args.model, checkpoint=args.checkpoint, data=args.data, split=args.split,
                    batch_size=args.batch_size, image_size=args.image_size, device=args.device,
                    num_workers=args.workers, use_ema=args.ema, amp=args.amp)
+    if res.get('checkpoint'):
+        step = '' if res.get('step') is None else f" (step {res['step']})"
+        print(f"weights: {res['checkpoint']}{step}{', EMA' if args.ema else ''}")
     print(f"{args.model} on {args.data}/{args.split}: top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  "
           f"loss {res['val_loss']:.4f}  ({res['count']} images)")
     return 0

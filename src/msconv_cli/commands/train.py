@@ -29,6 +29,7 @@ _FLAGS = [
     ('--keep-last', 'keep_last', int, 'checkpoints kept'),
     ('--nan-policy', 'nan_policy', str, "on a NaN/inf loss: 'abort' (default) or 'skip' the step"),
     ('--seed', 'seed', int, 'random seed'),
+    ('--log-every', 'log_every', int, 'optimizer steps between metric records (and progress lines off a terminal)'),
     ('--embedding-size', 'embedding_size', int, 'face task: embedding width'),
     ('--margin', 'margin', str, "face task: 'arcface' or 'cosface'"),
 ]
@@ -37,7 +38,9 @@ _BOOLS = [
     ('ema', 'model EMA (timm ModelEmaV3)'),
     ('channels_last', 'channels_last memory format'),
     ('sync_bn', 'SyncBatchNorm under torchrun'),
-    ('progress', 'progress bar'),
+    ('progress', 'progress bar (a live bar on a terminal, complete lines every --log-every steps otherwise)'),
+    ('overwrite', "start afresh in a run folder that holds a run (with --resume auto: only when it has no valid "
+                  "checkpoint); without it a new run never writes into another run's folder"),
 ]
 
 
@@ -67,20 +70,46 @@ def collect_overrides(args: argparse.Namespace) -> dict:
         if '=' not in item:
             raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
         key, value = item.split('=', 1)
-        overrides[key.strip().replace('-', '_')] = yaml.safe_load(value)
+        try:
+            overrides[key.strip().replace('-', '_')] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ValueError(f"--set {item!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from e
     return {k: v for k, v in overrides.items() if v is not None}
 
 
+def resume_command(argv: list, run_dir: str) -> str:
+    """The command that continues this run: the same arguments with ``--resume auto`` and the run folder spelt
+    out (``--output``/``--name``), without ``--overwrite``."""
+    import os
+    import shlex
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ('--resume', '--output', '--name'):
+            skip = True
+            continue
+        if a.startswith(('--resume=', '--output=', '--name=')) or a in ('--overwrite', '--no-overwrite'):
+            continue
+        out.append(a)
+    run_dir = os.path.normpath(run_dir)
+    out += ['--output', os.path.dirname(run_dir) or '.', '--name', os.path.basename(run_dir), '--resume', 'auto']
+    return shlex.join(['msconv'] + out)
+
+
 def run(args: argparse.Namespace) -> int:
+    import signal
     from msconv.engine import train
     result = train(args.config, **collect_overrides(args))
     import os
     if int(os.environ.get('RANK', '0')) != 0:
         return 0
     if result['status'] == 'interrupted':
-        print(f"interrupted; checkpoint {result['checkpoint']} (resume with --resume auto --name "
-              f"{os.path.basename(result['run_dir'])})")
-        return 130
+        argv = getattr(args, 'argv', None) or ['train', args.model]
+        print(f"interrupted; checkpoint {result['checkpoint']}. Continue with:\n  "
+              f"{resume_command(argv, result['run_dir'])}")
+        return 143 if result.get('signal') == signal.SIGTERM else 130
     line = f"done: {result['steps']} steps, run folder {result['run_dir']}"
     if result.get('top1') is not None:
         line += f", val top-1 {result['top1']:.2f}%"

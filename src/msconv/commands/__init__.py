@@ -1,1 +1,0 @@
-"""Sub-commands of the `msconv` CLI, one module each (see msconv/cli.py)."""

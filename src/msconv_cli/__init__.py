@@ -1,0 +1,81 @@
+"""The `msconv` command line: argument parsing and printing only.
+
+Each sub-command lives in ``msconv_cli/commands/<name>.py`` and defines ``HELP`` (one line),
+``add_arguments(parser)`` and ``run(args) -> int``; the work itself is a library function users can call
+from Python. This package sits beside ``msconv`` (not inside it) because ``import msconv`` registers the models
+in timm and so imports torch; ``msconv --help`` and argument errors import neither.
+
+User errors (bad paths, bad values, malformed YAML, unreadable or foreign checkpoints, bad data) are printed as
+one line on stderr with exit status 2; ``--debug`` shows the traceback instead. Ctrl-C exits with 130, SIGTERM
+with 143.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from typing import List, Optional
+
+from . import commands
+
+__all__ = ['build_parser', 'main', 'user_error_message']
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog='msconv', description='Multi-scale convolution backbones: SMT, SCSC, ShiftwiseConv.'
+    )
+    parser.add_argument('--debug', action='store_true', help='show the full traceback of an error')
+    sub = parser.add_subparsers(dest='command', metavar='COMMAND')
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        if info.name.startswith('_'):
+            continue
+        module = importlib.import_module(f'{commands.__name__}.{info.name}')
+        name = getattr(module, 'NAME', info.name)
+        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+        p.add_argument('--debug', action='store_true', default=argparse.SUPPRESS,
+                       help='show the full traceback of an error')
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def user_error_message(e: BaseException) -> Optional[str]:
+    """The one-line message for an error caused by the user's input, or None for anything else (a bug)."""
+    import pickle
+    if isinstance(e, pickle.UnpicklingError):
+        return (f"a file could not be unpickled ({e}); it is corrupt or not a torch checkpoint / pickle "
+                f"(use --debug to see which call read it)")
+    if isinstance(e, (ValueError, OSError, FloatingPointError)):
+        return str(e) or type(e).__name__
+    if type(e).__module__.split('.')[0] == 'yaml':  # a YAML error that reached here without its file name
+        return f"malformed YAML: {e}"
+    return None
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, '_run'):
+        parser.print_help()
+        return 2
+    args.argv = argv
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"msconv {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        message = user_error_message(e)
+        if message is None or args.debug:
+            raise
+        print(f"msconv {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == '__main__':
+    sys.exit(main())
