@@ -6,7 +6,11 @@
 * datasets and transforms: :mod:`msconv.data.coco`, :mod:`msconv.data.ade`, :mod:`msconv.data.dense_digits`
 * parameters / MACs as the papers count them: :func:`msconv.tools.dense_profile.profile_dense`
 
-What an engine task strategy calls (one function each, no engine state inside):
+What an engine task strategy (``msconv.engine.tasks.Task``, registered with ``register_task('detection')`` /
+``register_task('segmentation')``) calls, one function each, no engine state inside: ``build_datasets`` ->
+datasets + transforms (+ the collate for the loaders), ``build_model`` -> the builder, ``forward(model, x, y)`` ->
+the loss dict (train mode), ``loss(output, y)`` -> ``sum(output.values())``, ``evaluate`` -> the evaluation
+function, ``backbone(model)`` -> ``model.backbone`` (detectors: ``.backbone.backbone``):
 
 =================  ==========================================  ==========================================
 step               detection                                   segmentation
