@@ -5,7 +5,8 @@
 Shapes are the per-image (B=1) and batch-8 token linears of smt_tiny and shiftwise_tiny at 224 (M tokens x K
 -> N). For each: forward under inference_mode, and forward + backward (input, weight and bias gradients), both
 implementations timed alternately in this process; the speed-up is BLAS time / oneDNN time (median / best).
-This measurement is what decided the CPU GEMM path of ``msconv.layers.Linear``.
+``msconv.layers.Linear`` makes the same measurement at run time (``msconv.layers.forms.tuned``): the last column
+is what its autotuner chose on this machine for the inference form.
 """
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, time_interleaved  # noqa: E402
+from _common import machine_line, print_table, time_interleaved  # noqa: E402
 
+from msconv.layers import forms  # noqa: E402
 from msconv.layers import linear as linear_module  # noqa: E402
 
 # (batch, H, W, K, N): smt_tiny stage 1 fc1/fc2 (ratio 8), stage 2 fc1 (ratio 6), stage 3 fc1 and qkv, stage 4;
@@ -31,7 +33,7 @@ SHAPES = [
 
 
 def _ratio(t) -> str:
-    return f"{t['blas'].median / t['ours'].median:.2f}x / {t['blas'].best / t['ours'].best:.2f}x"
+    return f"{t['blas'].median / t['onednn'].median:.2f}x / {t['blas'].best / t['onednn'].best:.2f}x"
 
 
 def main() -> None:
@@ -46,28 +48,32 @@ def main() -> None:
         x = torch.randn(b, h, w, k)
         weight, bias = torch.randn(n, k) / k ** 0.5, torch.randn(n)
         macs = b * h * w * k * n
-        onednn = linear_module._use_onednn(x, weight, bias)
+        onednn = linear_module._linear_onednn
         with torch.inference_mode():
-            err = (linear_module.linear(x, weight, bias) - F.linear(x, weight, bias)).abs().max().item()
+            err = (onednn(x, weight, bias) - F.linear(x, weight, bias)).abs().max().item()
             fwd = time_interleaved({'blas': lambda: F.linear(x, weight, bias),
-                                    'ours': lambda: linear_module.linear(x, weight, bias)},
+                                    'onednn': lambda: onednn(x, weight, bias)},
                                    warmup=3, repeats=args.repeats)
+            linear_module.linear(x, weight, bias)  # the autotuner measures this shape once
+        choice = [c for key, c in forms.autotune_choices().items() if key.startswith(f'linear|{tuple(x.shape)}|')
+                  and key.endswith(f'|{k}->{n}+b')]
         xg, wg, bg = (t.clone().requires_grad_() for t in (x, weight, bias))
         gy = torch.randn(b, h, w, n)
 
         def train(fn):
             return lambda: torch.autograd.grad(fn(xg, wg, bg), (xg, wg, bg), gy)
 
-        bwd = time_interleaved({'blas': train(F.linear), 'ours': train(linear_module.linear)},
+        bwd = time_interleaved({'blas': train(F.linear), 'onednn': train(onednn)},
                                warmup=2, repeats=max(3, args.repeats // 2))
         rows.append({
             'B,H,W: K->N': f'{b},{h},{w}: {k}->{n}', 'MMACs': f'{macs / 1e6:.0f}',
-            'path': 'oneDNN' if onednn else 'BLAS (small)', 'max |diff|': f'{err:.1e}',
-            'fwd BLAS ms': f"{fwd['blas'].median * 1e3:.3f}", 'fwd ours ms': f"{fwd['ours'].median * 1e3:.3f}",
+            'max |diff|': f'{err:.1e}',
+            'fwd BLAS ms': f"{fwd['blas'].median * 1e3:.3f}", 'fwd oneDNN ms': f"{fwd['onednn'].median * 1e3:.3f}",
             'fwd speed-up': _ratio(fwd), 'fwd+bwd speed-up': _ratio(bwd),
+            'autotuner': choice[0] if choice else '-',
         })
-    print(f"torch {torch.__version__}, {args.threads} threads, fp32; speed-up = BLAS / ours (median / best)")
-    print_table(rows, 'Token linears: F.linear vs msconv.layers.linear')
+    print(machine_line(args.threads) + '; fp32; speed-up = BLAS / oneDNN (median / best)')
+    print_table(rows, 'Token linears: F.linear (BLAS) vs the oneDNN 1x1-conv GEMM')
 
 
 if __name__ == '__main__':

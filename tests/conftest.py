@@ -62,13 +62,12 @@ def seeded():
 
 
 @pytest.fixture(params=['blas', 'onednn'])
-def gemm(request, monkeypatch):
-    """Run a test twice: every ``msconv.layers.Linear`` on BLAS (``F.linear``), then on oneDNN for every size
-    (micro models are below the size at which the oneDNN path is normally taken)."""
-    from msconv.layers import linear as linear_module
-    monkeypatch.setattr(linear_module, 'ONEDNN_MIN_MACS', 0 if request.param == 'onednn' else float('inf'))
-    monkeypatch.setattr(linear_module, 'ONEDNN_MIN_ROWS', 0)
-    return request.param
+def gemm(request):
+    """Run a test twice: every ``msconv.layers.Linear`` GEMM on BLAS (``F.linear``), then on oneDNN, whatever the
+    autotuner would choose (with autograd on too)."""
+    from msconv.layers import forms
+    with forms.forced_choices(linear=request.param):
+        yield request.param
 
 
 @contextmanager

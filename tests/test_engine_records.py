@@ -114,7 +114,7 @@ def test_a_new_task_plugs_in_without_touching_the_trainer(tmp_path, capsys):
         TASKS.pop('parity')
     assert res['status'] == 'finished' and calls == [(8, 2)] * 3
     weights = load_checkpoint(list_checkpoints(tmp_path / 'p')[-1])[0]['model']
-    assert weights['head.weight'].shape[0] == 2
+    assert weights['head.fc.weight'].shape[0] == 2
     val = [json.loads(line) for line in (tmp_path / 'p' / 'metrics.jsonl').read_text().splitlines()
            if json.loads(line)['kind'] == 'val']
     assert len(val) == 1 and isinstance(val[0]['parity_acc'], float) and 'top1' not in val[0]

@@ -1,4 +1,5 @@
-"""``msconv.layers.Linear``: the oneDNN (1x1 convolution) GEMM path against ``F.linear``, and when it is taken."""
+"""``msconv.layers.Linear``: the oneDNN (1x1 convolution) GEMM path against ``F.linear``, and how the faster one
+is chosen (measured by ``msconv.layers.forms.tuned``)."""
 from __future__ import annotations
 
 import warnings
@@ -9,8 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from msconv.layers import Linear, reference_forms
-from msconv.layers import linear as linear_module
+from msconv.layers import Linear, forms, reference_forms
 from msconv.layers.linear import linear
 
 from conftest import max_abs, onednn_enabled
@@ -25,9 +25,9 @@ def _ops(fn) -> set:
 
 
 @pytest.fixture
-def always_onednn(monkeypatch):
-    monkeypatch.setattr(linear_module, 'ONEDNN_MIN_MACS', 0)
-    monkeypatch.setattr(linear_module, 'ONEDNN_MIN_ROWS', 0)
+def always_onednn():
+    with forms.forced_choices(linear='onednn'):
+        yield
 
 
 @pytest.mark.parametrize('shape', [(2, 5, 7, 24), (3, 11, 24), (1, 1, 24), (2, 1, 1, 24)])
@@ -74,17 +74,44 @@ def test_autocast_keeps_its_lower_precision(always_onednn):
         assert linear(x, w).dtype == torch.bfloat16
 
 
-def test_path_choice():
+def test_path_choice_is_measured_once_per_shape_and_cached(monkeypatch, tmp_path):
+    """In eager inference the autotuner times BLAS and oneDNN on the first call for a shape, keeps the faster,
+    reuses it (also from MSCONV_CACHE_DIR in a new process), and returns the chosen form's own result."""
+    monkeypatch.setattr(forms, '_CHOICES', {})
+    monkeypatch.setattr(forms, '_DISK', None)
+    monkeypatch.setenv('MSCONV_CACHE_DIR', str(tmp_path))
+    calls = []
+    real = forms._measure
+    monkeypatch.setattr(forms, '_measure', lambda cands, rounds=3: calls.append(sorted(cands)) or real(cands, rounds))
     w = torch.randn(512, 64)
-    big = torch.randn(1, 56, 56, 64)  # 3136 x 64 -> 512: 103M MACs
-    assert 'aten::mkldnn_convolution' in _ops(lambda: linear(big, w))
-    small = torch.randn(1, 7, 7, 64)  # 2M MACs: BLAS
-    assert 'aten::mkldnn_convolution' not in _ops(lambda: linear(small, w))
-    few_rows = torch.randn(1, 7, 7, 512)  # 49 rows x 512 -> 512: 12.8M MACs, but too few rows: BLAS
-    assert 'aten::mkldnn_convolution' not in _ops(lambda: linear(few_rows, torch.randn(512, 512)))
-    many_rows = torch.randn(1, 56, 56, 64)  # 3136 rows x 64 -> 64: 12.8M MACs: oneDNN
-    assert 'aten::mkldnn_convolution' in _ops(lambda: linear(many_rows, torch.randn(64, 64)))
-    assert 'aten::mkldnn_convolution' not in _ops(lambda: linear(big.flatten(0, 2), w))  # 2-D: BLAS
+    big = torch.randn(1, 56, 56, 64)
+    with torch.no_grad():
+        first = linear(big, w)
+        again = linear(big, w)
+    assert calls == [['blas', 'onednn']] and torch.equal(first, again)
+    (key, choice), = forms.autotune_choices().items()
+    assert key.startswith('linear|(1, 56, 56, 64)|c|float32|cpu|') and choice in ('blas', 'onednn')
+    assert (tmp_path / 'autotune.json').is_file()
+    monkeypatch.setattr(forms, '_CHOICES', {})
+    monkeypatch.setattr(forms, '_DISK', None)  # a new process: the disk cache answers, nothing is measured
+    with torch.no_grad():
+        linear(big, w)
+    assert len(calls) == 1 and forms.autotune_choices() == {key: choice}
+    with torch.no_grad():
+        linear(torch.randn(1, 7, 7, 64), w)  # another shape: measured
+    assert len(calls) == 2
+    # autograd on (training) or MSCONV_AUTOTUNE=0: no measuring, the plain BLAS GEMM
+    assert 'aten::mkldnn_convolution' not in _ops(lambda: linear(big, w.requires_grad_()))
+    w.requires_grad_(False)
+    monkeypatch.setenv('MSCONV_AUTOTUNE', '0')
+    with torch.no_grad():
+        assert 'aten::mkldnn_convolution' not in _ops(lambda: linear(torch.randn(1, 9, 9, 64), w))
+    assert len(calls) == 2
+
+
+def test_forms_that_never_apply(always_onednn):
+    w = torch.randn(512, 64)
+    big = torch.randn(1, 56, 56, 64)
     strided = torch.randn(1, 56, 56, 128)[..., ::2]  # not contiguous: BLAS
     assert 'aten::mkldnn_convolution' not in _ops(lambda: linear(strided, w))
     assert max_abs(linear(strided, w), F.linear(strided, w)) == 0

@@ -334,10 +334,10 @@ def test_face_claim_ratios():
 
 @pytest.mark.parametrize('onednn', [True, False])  # the per-image MLP through oneDNN convs, or BLAS GEMMs
 @pytest.mark.parametrize('folded', [False, True])
-def test_inplace_inference_forms_match_plain_forms(folded, onednn, monkeypatch):
+def test_inplace_inference_forms_match_plain_forms(folded, onednn):
     from msconv.layers import forms
-    monkeypatch.setattr(forms, 'PER_IMAGE_MIN_PIXELS', 1)  # take the per-image GEMM MLP path at this small size
-    with onednn_enabled(onednn):
+    mlp = 'per_image_onednn' if onednn else 'per_image_gemm'  # the per-image MLP forms, whatever is fastest here
+    with onednn_enabled(onednn), forms.forced_choices(scsc_swin_block=mlp, pointwise_conv='gemm'):
         _check_inplace_inference_forms(folded)
 
 

@@ -269,13 +269,13 @@ def test_net_reparameterize_matches_fixture(micro, gemm):
     assert isinstance(block.norm, torch.nn.Identity) and isinstance(block.norm2, torch.nn.Identity)
 
 
-@pytest.mark.parametrize('min_pixels', [4, 10 ** 9])  # image by image / whole batch
-def test_deploy_inference_path_equals_plain_forward(micro, gemm, min_pixels, monkeypatch):
+@pytest.mark.parametrize('mlp', ['per_image', 'batched'])
+def test_deploy_inference_path_equals_plain_forward(micro, gemm, mlp, monkeypatch):
     """Deploy form without autograd: in-place steps, GRN bias folded through fc2, (CPU) image by image; with
     autograd on, the plain module sequence. Non-trivial GRN parameters so that the GRN algebra is exercised."""
     from msconv.layers import forms
     from msconv.models.shiftwise_net import ShiftWiseBlock
-    monkeypatch.setattr(forms, 'PER_IMAGE_MIN_PIXELS', min_pixels)
+    monkeypatch.setitem(forms._FORCED, 'shiftwise_block', mlp)  # as forms.forced_choices, for the whole test
     model, t = micro
     deploy = msconv.create_model('test_shiftwise', num_classes=10).eval()
     deploy.load_state_dict(model.state_dict())

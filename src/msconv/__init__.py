@@ -25,6 +25,7 @@ _LAZY = {
     'demo': 'msconv.engine',
     'TrainConfig': 'msconv.engine',
     'SparsityScheduler': 'msconv.engine.sparsity',
+    'create_detector': 'msconv.dense', 'create_segmenter': 'msconv.dense',
 }
 
 

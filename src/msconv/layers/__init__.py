@@ -1,5 +1,7 @@
 """msconv operators: usable on their own, NCHW in and out."""
-from .forms import PER_IMAGE_MIN_PIXELS, is_capturing, reference_forms, reference_forms_enabled, use_fast_form
+from .forms import (
+    autotune_choices, forced_choices, is_capturing, reference_forms, reference_forms_enabled, tuned, use_fast_form,
+)
 from .cross_scale import CrossScaleBottleneck, SpatialCrossScaleConv
 from .linear import Linear
 from .margin import ArcFace, CosFace
@@ -7,7 +9,8 @@ from .mixed_conv import MultiHeadMixedConv, ScaleAwareAggregation, ScaleAwareMod
 from .shiftwise import ShiftWiseConv2d
 
 __all__ = [
-    'PER_IMAGE_MIN_PIXELS', 'is_capturing', 'reference_forms', 'reference_forms_enabled', 'use_fast_form',
+    'autotune_choices', 'forced_choices', 'is_capturing', 'reference_forms', 'reference_forms_enabled', 'tuned',
+    'use_fast_form',
     'CrossScaleBottleneck', 'SpatialCrossScaleConv', 'Linear', 'ArcFace', 'CosFace', 'MultiHeadMixedConv',
     'ScaleAwareAggregation', 'ScaleAwareModulation', 'ShiftWiseConv2d',
 ]

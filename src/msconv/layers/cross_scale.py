@@ -51,7 +51,7 @@ import torch.nn as nn
 from timm.layers import DropPath, SEModule
 
 from ._fold import fold_bn_into_conv
-from .forms import use_fast_form
+from .forms import tuned, use_fast_form
 
 __all__ = ['SpatialCrossScaleConv', 'CrossScaleBottleneck', 'convert_scsc_official', 'pointwise_conv',
            'STAGE_KERNEL_SIZES']
@@ -59,27 +59,29 @@ __all__ = ['SpatialCrossScaleConv', 'CrossScaleBottleneck', 'convert_scsc_offici
 
 def pointwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """``conv(x)`` for a 1x1 ungrouped conv without padding (stride 1 or 2). Where ``use_fast_form('cpu_gemm')``
-    allows it (CPU fp32, autograd off, no capture), with few input channels (<= 128) and a large output map
-    (>= 56x56), computed as a batched GEMM on the contiguous (B, C, H*W) view (after subsampling for stride 2),
-    which measured 1.5-3x faster there than the NCHW conv in micro-benchmarks (2 threads; likely the oneDNN conv's
-    layout reorders of the large tensors). Wide inputs (e.g. 288 -> 96 channels) measured faster as the conv.
-    Otherwise the conv itself."""
-    if (use_fast_form('cpu_gemm', x) and x.shape[1] <= 128 and conv.kernel_size == (1, 1)
-            and conv.stride in ((1, 1), (2, 2)) and conv.padding == (0, 0) and conv.groups == 1
-            and conv.dilation == (1, 1)):
-        B, C = x.shape[:2]
-        s = conv.stride[0]
-        xs = x if s == 1 else x[:, :, ::s, ::s]
-        H, W = xs.shape[2:]
-        if H * W >= 3136:
-            xs = xs.contiguous().view(B, C, H * W)
-            w = conv.weight.flatten(1)
-            if conv.bias is None:
-                y = torch.bmm(w.expand(B, -1, -1), xs)
-            else:
-                y = torch.baddbmm(conv.bias.view(1, -1, 1).expand(B, -1, H * W), w.expand(B, -1, -1), xs)
-            return y.view(B, -1, H, W)
-    return conv(x)
+    allows it (CPU fp32, autograd off, no capture), it may instead run as a batched GEMM on the contiguous
+    (B, C, H*W) view (after subsampling for stride 2): on the machine it was written on that measured 1.5-3x faster
+    with few input channels on large maps, and slower for wide inputs, so which of the two runs is measured per
+    shape (``msconv.layers.forms.tuned``)."""
+    if not (use_fast_form('cpu_gemm', x) and conv.kernel_size == (1, 1) and conv.stride in ((1, 1), (2, 2))
+            and conv.padding == (0, 0) and conv.groups == 1 and conv.dilation == (1, 1)):
+        return conv(x)
+    return tuned('pointwise_conv', x, {'conv': lambda: conv(x), 'gemm': lambda: _pointwise_gemm(conv, x)},
+                 extra=f'{conv.in_channels}->{conv.out_channels}/s{conv.stride[0]}')
+
+
+def _pointwise_gemm(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    B, C = x.shape[:2]
+    s = conv.stride[0]
+    xs = x if s == 1 else x[:, :, ::s, ::s]
+    H, W = xs.shape[2:]
+    xs = xs.contiguous().view(B, C, H * W)
+    w = conv.weight.flatten(1)
+    if conv.bias is None:
+        y = torch.bmm(w.expand(B, -1, -1), xs)
+    else:
+        y = torch.baddbmm(conv.bias.view(1, -1, 1).expand(B, -1, H * W), w.expand(B, -1, -1), xs)
+    return y.view(B, -1, H, W)
 
 
 ROUTINGS = ('official', 'cross_scale')

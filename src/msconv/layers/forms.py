@@ -10,9 +10,8 @@ one of these kinds:
               everywhere except inside ``reference_forms()``.
 ``inplace``   the same ops writing into tensors the module just created (GELU, residual adds, products).
               Needs autograd off (``torch.no_grad``/``inference_mode``) and no autocast (mixed dtypes).
-``per_image`` image-by-image execution of a block on CPU so that its temporaries stay cache-sized (see
-              ``PER_IMAGE_MIN_PIXELS``). Needs what ``inplace`` needs; see :func:`map_images` /
-              :func:`image_chunks`.
+``per_image`` image-by-image execution of a block on CPU so that its temporaries stay cache-sized. Needs
+              what ``inplace`` needs; see :func:`map_images`.
 ``onednn``    fp32 GEMMs through oneDNN's convolution op on CPU (``msconv.layers.Linear``). Works with
               autograd; not under CPU autocast (autocast only casts the ops on its list).
 ``cpu_gemm``  convolutions computed as explicit GEMMs on CPU (SCSC's 1x1 convs, the im2col stem), fp32.
@@ -28,6 +27,13 @@ in-place write that the capture cannot see, a buffer sized by a traced value or 
 so every capture gives the eager numbers at every batch size. Inside ``reference_forms()`` no fast form runs
 at all (the tests compare against this, and ``msconv.profile`` counts the architecture's MACs in it).
 
+Where several exact forms are allowed and the fastest depends on the machine (BLAS or oneDNN GEMM, image by
+image or batched, a convolution or an explicit GEMM), :func:`tuned` measures them on the running machine the
+first time it meets an operation and shape in eager inference, keeps the fastest (in memory, and on disk under
+``MSCONV_CACHE_DIR`` when set) and runs it from then on. It never measures under a graph capture or with autograd
+on (the plain form runs there); ``MSCONV_AUTOTUNE=0`` gives the plain forms everywhere; :func:`forced_choices`
+pins a choice (tests, benchmarks); :func:`autotune_choices` lists what was chosen.
+
 Conditions that belong to a module's own state (eval mode, a reparameterized branch, a bias present) stay with
 the module; conditions of the environment (autograd, capture, device, dtype, autocast, oneDNN switched off) are
 decided here only.
@@ -37,21 +43,22 @@ the script compiler), and the fast methods it guards are ``@torch.jit.unused``, 
 only the plain forms.
 """
 
+import json
+import os
+import statistics
+import time
 from contextlib import contextmanager
-from typing import Callable, Iterator, Tuple
+from pathlib import Path
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
 __all__ = [
-    'FORMS', 'PER_IMAGE_MIN_PIXELS', 'reference_forms', 'reference_forms_enabled', 'is_capturing', 'use_fast_form',
-    'map_images', 'image_chunks',
+    'FORMS', 'reference_forms', 'reference_forms_enabled', 'is_capturing', 'use_fast_form', 'map_images',
+    'tuned', 'forced_choices', 'autotune_choices', 'autotune_enabled',
 ]
 
 FORMS = ('folded', 'inplace', 'per_image', 'onednn', 'cpu_gemm', 'triton', 'lean')
-
-#: Per-image execution (CPU, autograd off) for maps of at least this many pixels: 28x28, i.e. stages 1-2 of a
-#: 224 input. Below it the batched ops' temporaries fit in cache anyway and one batched call is cheaper.
-PER_IMAGE_MIN_PIXELS = 28 * 28
 
 _REFERENCE = False
 
@@ -86,18 +93,15 @@ def is_capturing() -> bool:
             or torch.onnx.is_in_onnx_export())
 
 
-def use_fast_form(form: str, x: torch.Tensor, hw_dims: Tuple[int, int] = (2, 3)) -> bool:
-    """May a fast form of kind ``form`` (one of ``FORMS``) run on input ``x`` here?
-
-    ``hw_dims``: the dims of ``x`` holding the map's height and width ((2, 3) for NCHW, (1, 2) for channels-last
-    tokens); only ``per_image`` reads them.
-    """
+def use_fast_form(form: str, x: torch.Tensor) -> bool:
+    """May a fast form of kind ``form`` (one of ``FORMS``) run on input ``x`` here? (Whether it is also faster is
+    for :func:`tuned` to measure.)"""
     if torch.jit.is_scripting():
         return False
-    return _use_fast_form(form, x, hw_dims)
+    return _use_fast_form(form, x)
 
 
-def _use_fast_form(form: str, x: torch.Tensor, hw_dims: Tuple[int, int]) -> bool:
+def _use_fast_form(form: str, x: torch.Tensor) -> bool:
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     if _REFERENCE:
@@ -124,23 +128,141 @@ def _use_fast_form(form: str, x: torch.Tensor, hw_dims: Tuple[int, int]) -> bool
     if form == 'cpu_gemm':
         return cpu_fp32
     # per_image
-    pixels = x.shape[hw_dims[0]] * x.shape[hw_dims[1]]
-    return x.device.type == 'cpu' and x.shape[0] > 1 and pixels >= PER_IMAGE_MIN_PIXELS
+    return x.device.type == 'cpu' and x.shape[0] > 1
 
 
-def map_images(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-               hw_dims: Tuple[int, int] = (2, 3)) -> torch.Tensor:
-    """``fn(x)``, computed one image at a time (and concatenated) when ``use_fast_form('per_image', x, hw_dims)``;
-    ``fn`` must treat images independently (eval mode)."""
-    if use_fast_form('per_image', x, hw_dims):
-        return torch.cat([fn(xi) for xi in x.split(1)])
-    return fn(x)
+def map_images(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, op: str) -> torch.Tensor:
+    """``fn(x)`` for an ``fn`` that treats images independently (eval mode), computed batched or one image at a time
+    (concatenated), whichever :func:`tuned` measures faster for ``op`` at this shape, where ``per_image`` forms are
+    allowed."""
+    if not use_fast_form('per_image', x):
+        return fn(x)
+    return tuned(op, x, {'batched': lambda: fn(x), 'per_image': lambda: torch.cat([fn(xi) for xi in x.split(1)])})
 
 
-def image_chunks(*tensors: torch.Tensor, hw_dims: Tuple[int, int] = (2, 3)) -> Iterator[Tuple[torch.Tensor, ...]]:
-    """Views of ``tensors`` (all with the same batch size) one image at a time when
-    ``use_fast_form('per_image', tensors[0], hw_dims)``, else the whole tensors once. For loops that write each
-    chunk's result into a preallocated output."""
-    if use_fast_form('per_image', tensors[0], hw_dims):
-        return zip(*(t.split(1) for t in tensors))
-    return iter((tensors,))
+# ---- the autotuner ---------------------------------------------------------------------------------------------
+
+_CHOICES: Dict[str, str] = {}
+_FORCED: Dict[str, str] = {}
+_DISK: Optional[Dict[str, str]] = None
+
+
+def autotune_enabled() -> bool:
+    """False when ``MSCONV_AUTOTUNE`` is ``0`` (or ``false``/``off``): every tuned operation runs its plain form."""
+    return os.environ.get('MSCONV_AUTOTUNE', '1').strip().lower() not in ('0', 'false', 'off', 'no')
+
+
+@contextmanager
+def forced_choices(**choices: str) -> Iterator[None]:
+    """Pin the form of tuned operations inside the block, e.g. ``forced_choices(linear='onednn')``; an operation
+    name maps to one of its candidates' names (an unknown candidate raises when the operation runs)."""
+    previous = dict(_FORCED)
+    _FORCED.update(choices)
+    try:
+        yield
+    finally:
+        _FORCED.clear()
+        _FORCED.update(previous)
+
+
+def autotune_choices() -> Dict[str, str]:
+    """What the autotuner chose in this process: ``'op|shape|dtype|device|threads|extra' -> candidate``."""
+    return dict(_CHOICES)
+
+
+def _machine() -> str:
+    model = ''
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('model name'):
+                model = line.split(':', 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model or 'unknown cpu'} | torch {torch.__version__}"
+
+
+def _cache_file() -> Optional[Path]:
+    folder = os.environ.get('MSCONV_CACHE_DIR')
+    return Path(folder) / 'autotune.json' if folder else None
+
+
+def _disk() -> Dict[str, str]:
+    global _DISK
+    if _DISK is None:
+        _DISK = {}
+        path = _cache_file()
+        if path is not None and path.is_file():
+            try:
+                _DISK = dict(json.loads(path.read_text()).get(_machine(), {}))
+            except (OSError, ValueError, AttributeError):
+                _DISK = {}  # an unreadable cache is measured again and rewritten
+    return _DISK
+
+
+def _store(key: str, choice: str) -> None:
+    path = _cache_file()
+    if path is None:
+        return
+    _disk()[key] = choice
+    try:
+        everything = json.loads(path.read_text()) if path.is_file() else {}
+        if not isinstance(everything, dict):
+            everything = {}
+    except (OSError, ValueError):
+        everything = {}
+    everything[_machine()] = dict(_disk())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
+    tmp.write_text(json.dumps(everything, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _measure(candidates: Dict[str, Callable[[], torch.Tensor]], rounds: int = 3) -> Tuple[str, torch.Tensor]:
+    """Time every candidate ``rounds`` times, interleaved; the one with the lowest median wins. Returns its name and
+    its last output (so that the calling op's result is the winner's, as on every later call)."""
+    times: Dict[str, list] = {name: [] for name in candidates}
+    outputs: Dict[str, torch.Tensor] = {}
+    for _ in range(rounds):
+        for name, fn in candidates.items():
+            start = time.perf_counter()
+            out = fn()
+            if out.device.type == 'cuda':
+                torch.cuda.synchronize(out.device)
+            times[name].append(time.perf_counter() - start)
+            outputs[name] = out
+    best = min(times, key=lambda n: statistics.median(times[n]))
+    return best, outputs[best]
+
+
+def _dispatch_mode_active() -> bool:
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+    return _get_current_dispatch_mode() is not None
+
+
+def tuned(op: str, x: torch.Tensor, candidates: Dict[str, Callable[[], torch.Tensor]], extra: str = '') -> torch.Tensor:
+    """The result of the fastest of ``candidates`` (forms computing the same thing, the first one the plain form) for
+    operation ``op`` on input ``x``: measured on the first call for this (op, shape, dtype, device, threads,
+    ``extra``) in eager inference, then reused. Candidates must not write into ``x``."""
+    forced = _FORCED.get(op)
+    if forced is not None:
+        if forced not in candidates:
+            raise ValueError(f"forced_choices: {op!r} has the forms {list(candidates)}, got {forced!r}")
+        return candidates[forced]()
+    plain = next(iter(candidates))
+    if not autotune_enabled() or torch.is_grad_enabled() or is_capturing():
+        return candidates[plain]()
+    layout = 'cl' if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+        memory_format=torch.channels_last) else ('c' if x.is_contiguous() else 's')
+    key = f"{op}|{tuple(x.shape)}|{layout}|{str(x.dtype).replace('torch.', '')}|{x.device.type}|" \
+          f"{torch.get_num_threads()}|{extra}"
+    choice = _CHOICES.get(key) or _disk().get(key)
+    if choice in candidates:
+        _CHOICES[key] = choice
+        return candidates[choice]()
+    if _dispatch_mode_active():  # e.g. a FlopCounterMode counting this call: measuring would be counted too
+        return candidates[plain]()
+    choice, out = _measure(candidates)
+    _CHOICES[key] = choice
+    _store(key, choice)
+    return out

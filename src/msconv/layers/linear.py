@@ -8,12 +8,11 @@ for the machine at hand). A contiguous (..., C) tensor viewed as (1, C, M, 1) or
 (B, C, H, W) is channels-last already, so the detour costs no copy, and autograd goes through the convolution's
 own backward. (bf16 needs no detour: ``F.linear`` already runs bf16 GEMMs on oneDNN.)
 
-The oneDNN path is taken for fp32 contiguous CPU inputs of at least ``ONEDNN_MIN_ROWS`` rows and
-``ONEDNN_MIN_MACS`` multiply-adds (below that the call overhead of a convolution outweighs the faster kernel) when
-``msconv.layers.forms.use_fast_form('onednn', x)`` allows it: oneDNN available and enabled
-(``torch.backends.mkldnn.enabled = False`` turns it off), no CPU autocast (which casts ``F.linear`` only), no graph
-capture (exported graphs keep a plain MatMul; inductor picks its own GEMM), not inside
-``msconv.layers.reference_forms()``. Everywhere else, and on every other device, it is ``F.linear``.
+Which of the two runs is measured, not assumed: on another machine of the same kind the same shapes ran 0.75x-1.08x
+(slower on 9 of 10), so where ``msconv.layers.forms.use_fast_form('onednn', x)`` allows the oneDNN form (fp32 CPU,
+oneDNN enabled, no autocast, no graph capture, not inside ``reference_forms()``), ``msconv.layers.forms.tuned``
+times both on the first call for each shape in eager inference and keeps the faster. With autograd on (training),
+under captures and everywhere else it is ``F.linear``.
 """
 
 from typing import Optional
@@ -22,33 +21,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .forms import use_fast_form
+from .forms import tuned, use_fast_form
 
-__all__ = ['Linear', 'linear', 'ONEDNN_MIN_MACS', 'ONEDNN_MIN_ROWS']
-
-# Below either bound BLAS measured faster (2-core AVX-512 machine, 1 and 2 threads): e.g. 3136 x 64 -> 64 (12.8M
-# MACs) runs 1.4x-1.75x faster on oneDNN, while 49 x 512 -> 512 (same MACs, 49 rows) and 256 x 64 -> 64 do not.
-ONEDNN_MIN_MACS = 1 << 23
-ONEDNN_MIN_ROWS = 128
-
-
-def _use_onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
-    return (
-        use_fast_form('onednn', x)  # first: under a capture x must not be inspected
-        and x.dim() >= 3
-        and weight.dtype == torch.float32
-        and (bias is None or bias.dtype == torch.float32)
-        and x.numel() * weight.shape[0] >= ONEDNN_MIN_MACS
-        and x.numel() >= ONEDNN_MIN_ROWS * x.shape[-1]
-        and x.is_contiguous()
-    )
+__all__ = ['Linear', 'linear']
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` for ``x`` of shape (..., in_features); see the module docstring."""
-    if not _use_onednn(x, weight, bias):
+    """``F.linear(x, weight, bias)`` for ``x`` of shape (..., in_features), as a BLAS or a oneDNN GEMM, whichever
+    is faster here (see the module docstring)."""
+    if not (use_fast_form('onednn', x) and x.dim() >= 2 and x.is_contiguous() and weight.dtype == torch.float32
+            and (bias is None or bias.dtype == torch.float32)):
         return F.linear(x, weight, bias)
-    return _linear_onednn(x, weight, bias)
+    return tuned('linear', x, {'blas': lambda: F.linear(x, weight, bias),
+                               'onednn': lambda: _linear_onednn(x, weight, bias)},
+                 extra=f"{weight.shape[1]}->{weight.shape[0]}{'+b' if bias is not None else ''}")
 
 
 def _linear_onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:

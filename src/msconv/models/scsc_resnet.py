@@ -27,7 +27,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices
 
 from ..layers._fold import fold_bn_into_conv
-from ..layers.forms import use_fast_form
+from ..layers.forms import tuned, use_fast_form
 from ..layers.cross_scale import STAGE_KERNEL_SIZES, CrossScaleBottleneck, convert_scsc_official
 from . import scsc_swin
 from ._builder import MsconvModel, factory_kwargs
@@ -56,11 +56,12 @@ class ConvStem(nn.Module):
 
     @torch.jit.unused
     def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:
-        """Without autograd: the conv as im2col GEMMs where ``use_fast_form('cpu_gemm')`` allows and the input
-        has at most 4 channels (an RGB/gray stem: K = in_chans * 9 is too thin for oneDNN's NCHW kernel), and a
-        ReLU in place on the fresh output."""
-        if use_fast_form('cpu_gemm', x) and x.shape[1] <= 4 and x.is_contiguous():
-            y = self.bn(self._conv_im2col(x))
+        """Without autograd: the conv, or where ``use_fast_form('cpu_gemm')`` allows and it measures faster (an
+        RGB stem: K = in_chans * 9 is thin for oneDNN's NCHW kernel), im2col GEMMs; a ReLU in place on the fresh
+        output."""
+        if use_fast_form('cpu_gemm', x) and x.is_contiguous():
+            y = self.bn(tuned('stem_conv', x, {'conv': lambda: self.conv(x), 'im2col': lambda: self._conv_im2col(x)},
+                              extra=f'{self.conv.out_channels}/s{self.conv.stride[0]}'))
         else:
             y = self.bn(self.conv(x))
         if type(self.act) is nn.ReLU:

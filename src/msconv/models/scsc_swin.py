@@ -32,7 +32,7 @@ from timm.models.swin_transformer import PatchMerging
 
 from ..layers._fold import bn_scale_shift
 from ..layers.cross_scale import STAGE_KERNEL_SIZES, SpatialCrossScaleConv, convert_scsc_official
-from ..layers.forms import image_chunks, use_fast_form
+from ..layers.forms import tuned, use_fast_form
 from ..layers.linear import Linear
 from ._builder import MsconvModel, factory_kwargs
 from ._registry import register_model
@@ -101,26 +101,35 @@ class CrossScaleSwinBlock(nn.Module):
 
     @torch.jit.unused
     def _forward_inplace(self, x: torch.Tensor) -> torch.Tensor:
-        """Eval without autograd: ``forward_reference`` with the residual adds in place and, where
-        ``use_fast_form('per_image')`` allows (CPU, large maps), the MLP run one image at a time (oneDNN 1x1 convs
-        where ``use_fast_form('onednn')`` allows, else two BLAS GEMMs on the (C, H*W) view with the residual add as
-        the second GEMM's accumulate) with the GELU in place, so the 4x-wide hidden activation is a per-image,
-        cache-sized buffer instead of a fresh whole-batch allocation."""
-        x = self.mixer(x).add_(x)
+        """Eval without autograd: ``forward_reference`` with the residual adds in place; where
+        ``use_fast_form('per_image')`` allows, the MLP may run one image at a time, as two BLAS GEMMs on the
+        (C, H*W) view (the residual add as the second GEMM's accumulate) or, where ``use_fast_form('onednn')``
+        allows, as oneDNN 1x1 convs, with the GELU in place, so the 4x-wide hidden activation is a per-image,
+        cache-sized buffer instead of a fresh whole-batch allocation. Which form runs is measured per shape."""
         fc1, fc2 = self.mlp.fc1, self.mlp.fc2
         if (fc1.bias is None or fc2.bias is None or type(self.mlp.act) is not nn.GELU
                 or not use_fast_form('per_image', x)):
+            return self._inplace_form(x, 'batched')
+        forms = {name: (lambda name=name: self._inplace_form(x, name)) for name in ('batched', 'per_image_gemm')}
+        if use_fast_form('onednn', x):
+            forms['per_image_onednn'] = lambda: self._inplace_form(x, 'per_image_onednn')
+        return tuned('scsc_swin_block', x, forms)
+
+    def _inplace_form(self, x: torch.Tensor, mlp: str) -> torch.Tensor:
+        x = self.mixer(x).add_(x)  # fresh: the residual adds below write into it
+        if mlp == 'batched':
             return x.add_(self.mlp(self.norm(x)))
+        fc1, fc2 = self.mlp.fc1, self.mlp.fc2
         xn = x if isinstance(self.norm, nn.Identity) else self.norm(x)
-        if use_fast_form('onednn', x):  # oneDNN 1x1 convs on each (1, C, H, W) image: 1.6x faster than BLAS here
+        if mlp == 'per_image_onednn':
             w1, w2 = fc1.weight.contiguous(), fc2.weight.contiguous()
-            for xi, xni in image_chunks(x, xn):
+            for xi, xni in zip(x.split(1), xn.split(1)):
                 h = torch.ops.aten.gelu_(torch.mkldnn_convolution(xni, w1, fc1.bias, *_CONV1X1))
                 xi.add_(torch.mkldnn_convolution(h, w2, fc2.bias, *_CONV1X1))
             return x
         w1, b1 = fc1.weight.flatten(1), fc1.bias.unsqueeze(1)
         w2, b2 = fc2.weight.flatten(1), fc2.bias.unsqueeze(1)
-        for xi, xni in image_chunks(x, xn):  # (1, C, H, W) views; as (C, H*W) matrices below
+        for xi, xni in zip(x.split(1), xn.split(1)):  # (1, C, H, W) views; as (C, H*W) matrices below
             h = torch.ops.aten.gelu_(torch.addmm(b1, w1, xni.flatten(2)[0]))
             xi.flatten(2)[0].addmm_(w2, h).add_(b2)  # the residual add is the GEMM's accumulate
         return x

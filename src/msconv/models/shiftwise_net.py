@@ -27,7 +27,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices
 
 from ..layers._fold import bn_scale_shift
-from ..layers.forms import image_chunks, use_fast_form
+from ..layers.forms import tuned, use_fast_form
 from ..layers.linear import Linear, linear
 from ..layers.shiftwise import ShiftWiseConv2d, convert_official_op
 from ._builder import MsconvModel, factory_kwargs
@@ -103,19 +103,26 @@ class ShiftWiseBlock(nn.Module):
     def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:
         """Deploy form without autograd: the same maths as ``forward_reference`` with every elementwise step in
         place on a fresh buffer, the GRN bias folded through ``fc2`` and, where ``use_fast_form('per_image')``
-        allows (CPU, large maps), the MLP run image by image so that its 4x-wide hidden tensor stays cache-sized.
+        allows and it measures faster, the MLP run image by image so that its 4x-wide hidden tensor stays
+        cache-sized.
 
         GRN(h) = h + bias + weight * h * n = h * (1 + weight * n) + bias, with n the per-image channel norms
         over the mean norm; so fc2(GRN(h)) = fc2_no_bias(h * (1 + weight * n)) + (fc2.bias + fc2.weight @ bias)."""
         if not self._inference_ok(x):
             return self.forward_reference(x)
+        if not use_fast_form('per_image', x):
+            return self._inference_form(x, per_image=False)
+        return tuned('shiftwise_block', x, {'batched': lambda: self._inference_form(x, per_image=False),
+                                            'per_image': lambda: self._inference_form(x, per_image=True)})
+
+    def _inference_form(self, x: torch.Tensor, per_image: bool) -> torch.Tensor:
         y = self.conv(x)  # fresh, channels-last; ends up holding the block output
         se = self.se
         gate = se.gate(se.fc2(se.act(se.bn(se.fc1(y.mean((2, 3), keepdim=True))))))
         y.mul_(gate)
         bias2 = torch.addmv(self.fc2.bias, self.fc2.weight, self.grn.bias)
         yt, xt = y.permute(0, 2, 3, 1), x.permute(0, 2, 3, 1)  # (B, H, W, C) views, contiguous
-        for yi, xi in image_chunks(yt, xt, hw_dims=(1, 2)):
+        for yi, xi in zip(yt.split(1), xt.split(1)) if per_image else ((yt, xt),):
             h = torch.ops.aten.gelu_(self.fc1(yi))
             hv = h.flatten(1, 2)  # (b, H*W, 4C) view
             norms = _spatial_l2_norms(hv)

@@ -266,7 +266,7 @@ class SmtStage(nn.Module):
         x = self.downsample(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.blocks, x)
-        elif not self.training and use_fast_form('per_image', x, hw_dims=(1, 2)):
+        elif not self.training and use_fast_form('per_image', x):
             x = self._blocks_per_image(x)
         else:
             x = self.blocks(x)
@@ -274,9 +274,9 @@ class SmtStage(nn.Module):
 
     @torch.jit.unused
     def _blocks_per_image(self, x: torch.Tensor) -> torch.Tensor:
-        """Eval blocks treat images independently; on CPU, large maps go one image at a time so that every
-        temporary (the 4x-wide MLP hidden tensors above all) stays small and cache-resident."""
-        return map_images(self.blocks, x, hw_dims=(1, 2))
+        """Eval blocks treat images independently; on CPU, one image at a time keeps every temporary (the 4x-wide
+        MLP hidden tensors above all) small and cache-resident; measured against the batched blocks per shape."""
+        return map_images(self.blocks, x, 'smt_stage')
 
 
 def _as_tuple(value: Union[int, float, Sequence], n: int, name: str) -> tuple:

@@ -1,0 +1,227 @@
+"""COCO detectors with msconv backbones: Mask R-CNN, Cascade Mask R-CNN and RetinaNet, as in the SMT and
+ShiftwiseConv papers' official mmdetection 2.x configs, built on torchvision's detection models.
+
+``create_detector(backbone, arch, num_classes)`` returns a torchvision-style detector:
+
+* ``model(images, targets)`` in train mode -> dict of losses (sum them to train). ``images`` is a list of float
+  (3, H, W) tensors in [0, 1] (the model normalizes with the ImageNet mean/std and pads to a multiple of 32);
+  ``targets`` a list of dicts with ``boxes`` (N, 4) XYXY float, ``labels`` (N,) int64 in 1..num_classes and, for
+  the mask models, ``masks`` (N, H, W) uint8.
+* ``model(images)`` in eval mode -> list of dicts with ``boxes``, ``labels`` (1..num_classes), ``scores`` and
+  ``masks`` (N, 1, H, W) probabilities for the mask models, in the coordinates of the given images.
+
+Training images are resized by the data pipeline (``msconv.data.coco.detection_train_transforms``: the configs'
+multi-scale 480-800 resize / crop and flips), so the model does not resize them again; evaluation images are
+resized by the model to the test scale (shorter side ``min_size=800``, longer at most ``max_size=1333``) and the
+predictions are mapped back to the input image.
+
+What follows each config (``detection/configs/*_smt_s_fpn.py`` in AFeng-x/SMT and
+``downstream/detection/configs/cascade_mask_rcnn_sw_*`` in lidc54/shift-wiseConv):
+
+* **mask_rcnn**: FPN 256 with 5 levels (P6 max-pool), RPN with 3 anchors per location (sizes 32-512, ratios
+  0.5/1/2), 2000 pre-NMS per level and 1000 post-NMS proposals in training and test, NMS 0.7; RoIAlign 7x7 and
+  14x14 with adaptive sampling; ``Shared2FCBBoxHead`` (two 1024 fcs), class-specific regression with stds
+  (0.1, 0.1, 0.2, 0.2); 512 RoIs at 25% positives; ``FCNMaskHead`` with 4 convs; test score 0.05, NMS 0.5, 100
+  detections.
+* **cascade_mask_rcnn**: the same RPN (2000 post-NMS proposals in training, smooth-L1 loss, border-crossing
+  anchors ignored) and three stages (see :mod:`msconv.dense.cascade`): IoU 0.5/0.6/0.7, ``Shared4Conv1FC`` heads
+  with BatchNorm, GIoU loss, one mask head per stage.
+* **retinanet**: FPN over C3-C5 plus P6/P7 convs on C5, 9 anchors per location (3 scales x 3 ratios, base 4x
+  stride), 4 stacked convs per branch, focal loss (alpha 0.25, gamma 2), IoU 0.5/0.4 assignment, L1 box loss.
+
+Mask R-CNN trains its RPN and box head with the config's L1 losses (:mod:`msconv.dense.rcnn`; ``box_loss=
+'smooth_l1'`` gives torchvision's). Known differences from mmdetection's implementation (torchvision's maths is
+kept): torchvision's RoIAlign uses ``aligned=False`` (mmcv's ``aligned=True``), and the R-CNN classifiers carry a
+background row in the regression layer (4 x 1024 + 4 parameters). The Cascade RPN leaves border-crossing anchors
+out of training (``allowed_border=0``), as its config.
+
+Interface for the engine's task strategy: ``build_model = create_detector``; datasets and collate from
+:mod:`msconv.data.coco`; ``loss = sum(model(images, targets).values())``; ``evaluate_coco`` from
+:mod:`msconv.dense.evaluation`.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+from torchvision.models.detection import RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import MultiScaleRoIAlign
+
+from .cascade import CASCADE_IOUS, CASCADE_LOSS_WEIGHTS, CASCADE_STDS, CascadeRoIHeads, CascadeStage
+from .necks import BackboneWithFPN, create_backbone
+from .rcnn import BorderRegionProposalNetwork, L1RegionProposalNetwork, L1RoIHeads
+
+__all__ = ['create_detector', 'DETECTOR_ARCHS', 'RetinaNetDetector', 'MaskRCNNDetector', 'CascadeMaskRCNN',
+           'IMAGENET_MEAN', 'IMAGENET_STD', 'config_drop_path_rate']
+
+DETECTOR_ARCHS = ('mask_rcnn', 'cascade_mask_rcnn', 'retinanet')
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# drop_path_rate of the official dense configs, per backbone family (SMT-S/B: 0.2; SW-T: 0.4)
+_CONFIG_DROP_PATH = {'smt': 0.2, 'shiftwise': 0.4}
+
+
+def config_drop_path_rate(model_name: str) -> Optional[float]:
+    """The backbone drop-path rate of the official dense configs for this family (None: the model's default)."""
+    from msconv.models._registry import _MODEL_FAMILY
+    family = _MODEL_FAMILY.get(model_name.split('.')[0])
+    return _CONFIG_DROP_PATH.get(family)
+
+
+def _rpn_anchors() -> AnchorGenerator:
+    # mmdet AnchorGenerator(scales=[8], ratios=[0.5, 1, 2], strides=[4, 8, 16, 32, 64]) -> sizes 32..512
+    return AnchorGenerator(sizes=((32,), (64,), (128,), (256,), (512,)), aspect_ratios=((0.5, 1.0, 2.0),) * 5)
+
+
+def _retina_anchors() -> AnchorGenerator:
+    # octave_base_scale=4, scales_per_octave=3, strides 8..128 (torchvision's RetinaNet anchors, same maths)
+    sizes = tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in (32, 64, 128, 256, 512))
+    return AnchorGenerator(sizes=sizes, aspect_ratios=((0.5, 1.0, 2.0),) * 5)
+
+
+class RetinaNetDetector(RetinaNet):
+    """torchvision's RetinaNet with labels 1..K in and out, as the R-CNNs (its classifier has K columns, as
+    mmdet's sigmoid RetinaHead; torchvision indexes the columns by label, so labels are shifted by one)."""
+
+    def forward(self, images: List[torch.Tensor], targets: Optional[List[Dict[str, torch.Tensor]]] = None):
+        if targets is not None:
+            targets = [{**t, 'labels': t['labels'] - 1} for t in targets]
+        out = super().forward(images, targets)
+        if self.training:
+            return out
+        return [{**d, 'labels': d['labels'] + 1} for d in out]
+
+
+class MaskRCNNDetector(GeneralizedRCNN):
+    """(Mask) R-CNN: torchvision's two-stage skeleton, RPN and RoI heads (with the config's L1 box losses by
+    default, :mod:`msconv.dense.rcnn`)."""
+
+
+class CascadeMaskRCNN(GeneralizedRCNN):
+    """Cascade (Mask) R-CNN: torchvision's two-stage skeleton with :class:`CascadeRoIHeads`."""
+
+
+def _check_num_classes(num_classes: Any) -> int:
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int (object classes, without background), got "
+                         f"{num_classes!r}")
+    return num_classes
+
+
+def _check_sizes(min_size: Any, max_size: Any) -> Tuple[int, int]:
+    if not isinstance(min_size, int) or min_size < 1:
+        raise ValueError(f"min_size must be a positive int (test shorter side), got {min_size!r}")
+    if not isinstance(max_size, int) or max_size < min_size:
+        raise ValueError(f"max_size must be an int >= min_size ({min_size}), got {max_size!r}")
+    return min_size, max_size
+
+
+def create_detector(
+        backbone: str,
+        arch: str = 'mask_rcnn',
+        num_classes: int = 80,
+        *,
+        checkpoint_path: Optional[Union[str, os.PathLike]] = None,
+        drop_path_rate: Optional[float] = None,
+        min_size: int = 800,
+        max_size: int = 1333,
+        with_masks: bool = True,
+        rois_per_image: int = 512,
+        test_proposals: int = 1000,
+        box_loss: str = 'l1',
+        channels: int = 256,
+        fc_channels: int = 1024,
+        **backbone_kwargs: Any,
+) -> nn.Module:
+    """A COCO detector of the papers on an msconv backbone (see the module docstring for the interface).
+
+    Args:
+        backbone: msconv model name, e.g. ``'smt_small'``, ``'shiftwise_tiny'`` (``'test_smt'`` for tests).
+        arch: ``'mask_rcnn'``, ``'cascade_mask_rcnn'`` or ``'retinanet'``.
+        num_classes: object classes without background (80 for COCO).
+        checkpoint_path: ImageNet checkpoint of the backbone (official or msconv format).
+        drop_path_rate: backbone stochastic depth; default: the configs' value for the family (SMT 0.2, SW 0.4).
+        min_size, max_size: test-time resize (shorter side, longer-side cap); training images are not resized.
+        with_masks: the R-CNNs' mask branch (``False`` gives Faster / Cascade R-CNN).
+        rois_per_image: RoIs sampled per image for each R-CNN stage in training (512 in the configs).
+        test_proposals: RPN proposals kept per image at test time (1000 in the configs; also the RetinaNet
+            pre-NMS top-k). Smaller values only make CPU tests and demos cheaper.
+        box_loss: Mask R-CNN's RPN and box-head regression loss: ``'l1'`` (the config) or ``'smooth_l1'``
+            (torchvision's, beta 1/9). Cascade uses the config's smooth-L1 RPN and GIoU heads, RetinaNet L1.
+        channels, fc_channels: width of the FPN and of every head's convs (256 in the configs), and of the box
+            heads' fully connected layers (1024). Smaller values only for CPU tests and demos.
+        **backbone_kwargs: further backbone keyword arguments (e.g. ``out_norm``).
+    """
+    if arch not in DETECTOR_ARCHS:
+        raise ValueError(f"arch must be one of {DETECTOR_ARCHS}, got {arch!r}")
+    num_classes = _check_num_classes(num_classes)
+    for name, value in (('channels', channels), ('fc_channels', fc_channels)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if box_loss not in ('l1', 'smooth_l1'):
+        raise ValueError(f"box_loss must be 'l1' or 'smooth_l1', got {box_loss!r}")
+    for name, value in (('rois_per_image', rois_per_image), ('test_proposals', test_proposals)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    min_size, max_size = _check_sizes(min_size, max_size)
+    if drop_path_rate is None and isinstance(backbone, str):
+        drop_path_rate = config_drop_path_rate(backbone)
+    body = create_backbone(backbone, checkpoint_path=checkpoint_path, drop_path_rate=drop_path_rate,
+                           **backbone_kwargs)
+    common = dict(min_size=min_size, max_size=max_size, image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD),
+                  _skip_resize=True)
+
+    if arch == 'retinanet':
+        fpn = BackboneWithFPN(body, in_levels=(1, 2, 3), out_channels=channels, extra='p6p7')
+        return RetinaNetDetector(
+            fpn, num_classes=num_classes, anchor_generator=_retina_anchors(), score_thresh=0.05, nms_thresh=0.5,
+            detections_per_img=100, fg_iou_thresh=0.5, bg_iou_thresh=0.4, topk_candidates=test_proposals, **common)
+
+    fpn = BackboneWithFPN(body, in_levels=(0, 1, 2, 3), out_channels=channels, extra='pool')
+    levels = ['0', '1', '2', '3']
+    box_pool = MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=0)
+    mask_pool = MultiScaleRoIAlign(levels, output_size=14, sampling_ratio=0) if with_masks else None
+
+    if arch == 'mask_rcnn':
+        rpn_cls, heads_cls = (L1RegionProposalNetwork, L1RoIHeads) if box_loss == 'l1' else \
+            (RegionProposalNetwork, RoIHeads)
+        rpn = rpn_cls(
+            _rpn_anchors(), RPNHead(channels, 3), fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=256,
+            positive_fraction=0.5, pre_nms_top_n=dict(training=2000, testing=1000),
+            post_nms_top_n=dict(training=1000, testing=test_proposals), nms_thresh=0.7)
+        heads = heads_cls(
+            box_pool, TwoMLPHead(channels * 7 * 7, fc_channels), FastRCNNPredictor(fc_channels, num_classes + 1),
+            fg_iou_thresh=0.5,
+            bg_iou_thresh=0.5, batch_size_per_image=rois_per_image, positive_fraction=0.25,
+            bbox_reg_weights=(10.0, 10.0, 5.0, 5.0), score_thresh=0.05, nms_thresh=0.5, detections_per_img=100,
+            mask_roi_pool=mask_pool, mask_head=MaskRCNNHeads(channels, [channels] * 4, 1) if with_masks else None,
+            mask_predictor=MaskRCNNPredictor(channels, channels, num_classes + 1) if with_masks else None)
+        return MaskRCNNDetector(fpn, rpn, heads, GeneralizedRCNNTransform(**common))
+
+    # cascade_mask_rcnn
+    rpn = BorderRegionProposalNetwork(
+        _rpn_anchors(), RPNHead(channels, 3), fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=256,
+        positive_fraction=0.5, pre_nms_top_n=dict(training=2000, testing=1000),
+        post_nms_top_n=dict(training=2000, testing=test_proposals), nms_thresh=0.7, allowed_border=0.0)
+    stages = []
+    for _ in CASCADE_IOUS:
+        stages.append(CascadeStage(
+            FastRCNNConvFCHead((channels, 7, 7), [channels] * 4, [fc_channels], norm_layer=nn.BatchNorm2d),
+            FastRCNNPredictor(fc_channels, num_classes + 1),
+            MaskRCNNHeads(channels, [channels] * 4, 1) if with_masks else None,
+            MaskRCNNPredictor(channels, channels, num_classes + 1) if with_masks else None,
+        ))
+    heads = CascadeRoIHeads(box_pool, stages, mask_pool, CASCADE_IOUS, CASCADE_STDS, CASCADE_LOSS_WEIGHTS,
+                            batch_size_per_image=rois_per_image, positive_fraction=0.25, giou_loss_weight=10.0,
+                            score_thresh=0.05, nms_thresh=0.5, detections_per_img=100)
+    transform = GeneralizedRCNNTransform(**common)
+    return CascadeMaskRCNN(fpn, rpn, heads, transform)
