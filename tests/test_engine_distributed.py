@@ -43,7 +43,7 @@ def test_torchrun_two_gloo_processes_match_one_process(tmp_path):
     for k, v in a[0]['model'].items():
         torch.testing.assert_close(b[0]['model'][k], v, rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
     # the runs trained (weights moved) and logged the same losses and the same val accuracy over all 15 images
-    recs = {name: [json.loads(l) for l in (tmp_path / name / 'metrics.jsonl').read_text().splitlines()]
+    recs = {name: [json.loads(line) for line in (tmp_path / name / 'metrics.jsonl').read_text().splitlines()]
             for name in ('single', 'ddp')}
     tr = {n: [r['loss'] for r in rs if r['kind'] == 'train'] for n, rs in recs.items()}
     assert len(tr['single']) == 4 and tr['single'][0] != tr['single'][-1]

@@ -52,7 +52,7 @@ def test_face_task_trains_margin_head_and_checkpoints_embedding(tmp_path, margin
     again = evaluate_verification(net, images, issame, batch_size=4)
     assert ver['accuracy'] == pytest.approx(again['accuracy']) and ver['num_pairs'] == 10
     assert weights['head']['weight'].shape == (3, 32)  # (identities, embedding)
-    recs = [json.loads(l) for l in (tmp_path / 'face' / 'metrics.jsonl').read_text().splitlines()]
+    recs = [json.loads(line) for line in (tmp_path / 'face' / 'metrics.jsonl').read_text().splitlines()]
     assert any(r['kind'] == 'val' and 'verification_acc' in r for r in recs)
 
 

@@ -92,7 +92,7 @@ def test_train_writes_records_checkpoints_and_curves(tmp_path, folder):
     model = msconv.create_model('test_smt', num_classes=3,
                                 checkpoint_path=run / 'checkpoints' / 'step-00000006' / 'model.safetensors')
     assert model.num_classes == 3
-    lines = [json.loads(l) for l in (run / 'metrics.jsonl').read_text().splitlines()]
+    lines = [json.loads(line) for line in (run / 'metrics.jsonl').read_text().splitlines()]
     assert [r['step'] for r in lines if r['kind'] == 'train'] == [2, 4, 6]
     assert all(r['lr'] > 0 and r['img_per_s'] > 0 for r in lines if r['kind'] == 'train')
     assert (run / 'metrics.csv').read_text().startswith('kind,step,epoch,loss,lr')
@@ -220,8 +220,8 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, folder):
     for k in a[0]['model']:
         assert torch.equal(a[0]['model'][k], c[0]['model'][k]), k
     # the metrics file holds each step once
-    steps = [json.loads(l)['step'] for l in (tmp_path / 'crash' / 'run' / 'metrics.jsonl').read_text().splitlines()
-             if json.loads(l)['kind'] == 'train']
+    steps = [json.loads(line)['step'] for line in (tmp_path / 'crash' / 'run' / 'metrics.jsonl').read_text().splitlines()
+             if json.loads(line)['kind'] == 'train']
     assert steps == sorted(set(steps))
 
 

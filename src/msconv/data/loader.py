@@ -255,8 +255,9 @@ def build_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int,
                  pin_memory: bool = False) -> Tuple[DataLoader, ResumableDistributedSampler]:
     """A loader over ``dataset`` (wrapped in ``SeededDataset``) with a ``ResumableDistributedSampler``.
 
-    ``batch_size`` is the per-process batch. Training loaders (``shuffle=True``) seed every sample's augmentation. Evaluation loaders (``shuffle=False``) pad the last rank's share as
-    DistributedSampler does; the caller de-duplicates by counting only ``len(dataset)`` samples.
+    ``batch_size`` is the per-process batch. Training loaders (``shuffle=True``) seed every sample's augmentation.
+    Evaluation loaders (``shuffle=False``) pad the last rank's share as DistributedSampler does; the caller
+    de-duplicates by counting only ``len(dataset)`` samples.
     """
     seeded = SeededDataset(dataset, seed if shuffle else None)
     sampler = ResumableDistributedSampler(seeded, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)

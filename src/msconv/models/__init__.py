@@ -5,3 +5,9 @@ from ._builder import (
     select_classifier_rows,
 )
 from . import scsc_face, scsc_resnet, scsc_swin, shiftwise_net, smt
+
+__all__ = [
+    'FAMILIES', 'convert_official', 'list_models', 'model_family', 'model_info', 'register_converter', 'register_model',
+    'MsconvModel', 'check_image_input', 'create_model', 'read_checkpoint', 'read_class_map', 'reparameterize',
+    'select_classifier_rows', 'scsc_face', 'scsc_resnet', 'scsc_swin', 'shiftwise_net', 'smt',
+]

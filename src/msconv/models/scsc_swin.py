@@ -187,7 +187,8 @@ class CrossScaleSwin(MsconvModel):
             raise ValueError(f"depths must be a non-empty sequence of positive ints, got {depths!r}")
         if not isinstance(kernel_sizes, (list, tuple)) or len(kernel_sizes) != len(depths):
             raise ValueError(
-                f"kernel_sizes must hold one tuple of kernel sizes per stage ({len(depths)} stages), got {kernel_sizes!r}"
+                f"kernel_sizes must hold one tuple of kernel sizes per stage ({len(depths)} stages), "
+                f"got {kernel_sizes!r}"
             )
         if not isinstance(embed_dim, int) or embed_dim <= 0:
             raise ValueError(f"embed_dim must be a positive int, got {embed_dim!r}")

@@ -79,8 +79,8 @@ def render(include_test: bool = False) -> str:
     for r in table_rows(include_test):
         top1 = f"{r['paper_top1']:.1f}" if r['paper_top1'] is not None else '-'
         lines.append(
-            f"| `{r['model']}` | {r['family']} | {r['input_size'][1]} | {r['params'] / 1e6:.2f} | {r['macs'] / 1e9:.2f} | "
-            f"{r['macs_attention'] / 1e9:.2f} | {top1} | {r['paper']} |"
+            f"| `{r['model']}` | {r['family']} | {r['input_size'][1]} | {r['params'] / 1e6:.2f} | "
+            f"{r['macs'] / 1e9:.2f} | {r['macs_attention'] / 1e9:.2f} | {top1} | {r['paper']} |"
         )
     lines.append('')
     lines.append(

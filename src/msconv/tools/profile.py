@@ -55,9 +55,9 @@ _CONV_OPS = (aten.convolution, aten._convolution)
 
 def _sdpa_cpu_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     """FLOPs of softmax(q k^T) v: two batched matmuls (used when this torch has no formula for the CPU op)."""
-    b, h, l, e = query_shape
+    b, h, n_q, e = query_shape
     s, ev = key_shape[-2], value_shape[-1]
-    return 2 * b * h * l * s * e + 2 * b * h * l * s * ev
+    return 2 * b * h * n_q * s * e + 2 * b * h * n_q * s * ev
 
 
 def _custom_mapping() -> Dict[Any, Any]:

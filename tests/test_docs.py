@@ -1,0 +1,82 @@
+"""The documentation's generated parts (scripts/mkdocs_hooks.py) and its page list; `make docs` builds the site."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+import msconv
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope='module')
+def hooks():
+    spec = importlib.util.spec_from_file_location('mkdocs_hooks', REPO / 'scripts' / 'mkdocs_hooks.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _nav_pages(nav) -> list:
+    pages = []
+    for item in nav:
+        for value in item.values():
+            pages += _nav_pages(value) if isinstance(value, list) else [value]
+    return pages
+
+
+def test_every_page_is_in_the_nav_and_exists():
+    config = yaml.safe_load((REPO / 'mkdocs.yml').read_text())
+    nav = _nav_pages(config['nav'])
+    on_disk = sorted(str(p.relative_to(REPO / 'docs')) for p in (REPO / 'docs').rglob('*.md'))
+    assert sorted(nav) == on_disk
+
+
+def test_family_pages_ask_for_their_variants():
+    for family, page in (('smt', 'smt'), ('scsc', 'scsc'), ('shiftwise', 'shiftwise')):
+        text = (REPO / 'docs' / 'families' / f'{page}.md').read_text()
+        assert f'<!-- msconv:variants {family} -->' in text
+
+
+def test_variants_table_lists_the_family(hooks):
+    table = hooks.variants_table('smt')
+    listed = re.findall(r'^\| `(\w+)` \|', table, re.MULTILINE)
+    assert listed == ['smt_tiny', 'smt_small', 'smt_base', 'smt_large']  # by parameter count, no test_ models
+    row = next(line for line in table.splitlines() if line.startswith('| `smt_tiny` |'))
+    assert [c.strip() for c in row.strip('|').split('|')][1:3] == ['224', '11.51']
+    with pytest.raises(ValueError, match='unknown family'):
+        hooks.variants_table('nope')
+
+
+def test_weights_table_gives_every_model_its_licence(hooks):
+    table = hooks.weights_table()
+    rows = [[c.strip() for c in line.strip('|').split('|')] for line in table.splitlines()[2:]]
+    models = {r[0].strip('`') for r in rows}
+    assert models == {n for n in msconv.list_models() if not n.startswith('test_')}
+    licences = {(r[0].strip('`'), r[1]): r[3] for r in rows}
+    assert licences[('smt_tiny', 'in1k')] == 'mit' and licences[('scsc_resnet50', '-')] == 'apache-2.0'
+    assert all(r[3] != '-' for r in rows), 'a pretrained config without a licence'
+
+
+def test_cli_reference_covers_every_command(hooks):
+    from msconv_cli import build_parser
+
+    text = hooks.cli_reference()
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == '_SubParsersAction')
+    for name in sub.choices:
+        assert f'## msconv {name}\n' in text and f'usage: msconv {name}' in text
+    assert '--max-steps' in text  # an option of `msconv demo`, from the parser itself
+
+
+def test_markers_are_replaced_and_unknown_ones_fail(hooks):
+    page = 'intro\n<!-- msconv:cli -->\nend\n'
+    out = hooks.on_page_markdown(page, None, None, None)
+    assert '<!-- msconv:' not in out and 'usage: msconv' in out and out.startswith('intro\n')
+    with pytest.raises(ValueError, match='unknown documentation marker'):
+        hooks.on_page_markdown('<!-- msconv:nothing -->\n', None, None, None)
