@@ -2,6 +2,7 @@
 
 Ratios are what we report: both sides are timed in the same process, alternating, so machine noise hits both.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -23,6 +24,7 @@ def machine_line(threads: int) -> str:
     import platform
 
     import torch
+
     model, flags = platform.processor() or 'unknown CPU', set()
     try:
         for line in Path('/proc/cpuinfo').read_text().splitlines():
@@ -33,8 +35,10 @@ def machine_line(threads: int) -> str:
     except OSError:
         pass
     isa = [f for f in ('avx2', 'avx512f', 'avx512_vnni', 'avx512_bf16', 'amx_bf16', 'amx_tile') if f in flags]
-    return (f"{model}; ISA: {' '.join(isa) or 'n/a'}; torch {torch.__version__}; {threads} threads; "
-            f"oneDNN {'on' if torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled else 'off'}")
+    return (
+        f"{model}; ISA: {' '.join(isa) or 'n/a'}; torch {torch.__version__}; {threads} threads; "
+        f"oneDNN {'on' if torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled else 'off'}"
+    )
 
 
 def time_interleaved(fns: Dict[str, Callable[[], object]], warmup: int = 2, repeats: int = 7) -> Dict[str, Timing]:
@@ -81,7 +85,7 @@ def import_official_file(path: Path, module_name: str, stub_modules: tuple = ())
     for name in stub_modules:
         if name not in sys.modules:
             stub = types.ModuleType(name)
-            stub.__getattr__ = lambda attr, _n=name: (lambda *a, **k: None)  # any attribute is a no-op callable
+            stub.__getattr__ = lambda attr, _n=name: lambda *a, **k: None  # any attribute is a no-op callable
             sys.modules[name] = stub
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)

@@ -18,6 +18,7 @@ Before timing, every case checks the Triton output and gradients against PyTorch
 reports the fastest, to tune the defaults in ``msconv/kernels/depthwise.py``.
 Exits with a message (status 2) on a machine without CUDA.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -120,8 +121,11 @@ def run_case(case, dtype, channels_last, copy_bw, check=True):
         return depthwise_conv2d_reference(x, w, b, pads, gks, inter)
 
     y = tri_fwd()
-    gy = torch.randn(y.shape, device=DEVICE, generator=g).to(dtype).contiguous(
-        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    gy = (
+        torch.randn(y.shape, device=DEVICE, generator=g)
+        .to(dtype)
+        .contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    )
 
     def tri_step():
         out = depthwise_conv2d(xg, wg, bg, pads, gks, inter, backend='triton')
@@ -148,12 +152,22 @@ def run_case(case, dtype, channels_last, copy_bw, check=True):
     w_taps = w.numel()
     fwd_bytes = (x.numel() + y.numel() + w_taps) * es
     bwd_bytes = (gy.numel() + 2 * x.numel() + w_taps) * es  # read grad_out, x; write grad_x; weights
-    return dict(case=name, dtype=str(dtype).replace('torch.', ''), layout='nhwc' if channels_last else 'nchw',
-                fwd_triton_ms=t_tri * 1e3, fwd_torch_ms=t_ref * 1e3, fwd_speedup=t_ref / t_tri,
-                fwd_bw_triton=fwd_bytes / t_tri / copy_bw, fwd_bw_torch=fwd_bytes / t_ref / copy_bw,
-                step_triton_ms=s_tri * 1e3, step_torch_ms=s_ref * 1e3, step_speedup=s_ref / s_tri,
-                bwd_bw_triton=bwd_bytes / max(s_tri - t_tri, 1e-9) / copy_bw,
-                bwd_bw_torch=bwd_bytes / max(s_ref - t_ref, 1e-9) / copy_bw, errors=err)
+    return dict(
+        case=name,
+        dtype=str(dtype).replace('torch.', ''),
+        layout='nhwc' if channels_last else 'nchw',
+        fwd_triton_ms=t_tri * 1e3,
+        fwd_torch_ms=t_ref * 1e3,
+        fwd_speedup=t_ref / t_tri,
+        fwd_bw_triton=fwd_bytes / t_tri / copy_bw,
+        fwd_bw_torch=fwd_bytes / t_ref / copy_bw,
+        step_triton_ms=s_tri * 1e3,
+        step_torch_ms=s_ref * 1e3,
+        step_speedup=s_ref / s_tri,
+        bwd_bw_triton=bwd_bytes / max(s_tri - t_tri, 1e-9) / copy_bw,
+        bwd_bw_torch=bwd_bytes / max(s_ref - t_ref, 1e-9) / copy_bw,
+        errors=err,
+    )
 
 
 def sweep_configs(kind: str, layout: str, C: int, taps_p2: int):
@@ -161,21 +175,35 @@ def sweep_configs(kind: str, layout: str, C: int, taps_p2: int):
     weight-gradient steps of at most 8192 position x tap x channel products)."""
     blocks = [bc for bc in (8, 16, 32, 64) if C % bc == 0] or [min(64, 1 << (C - 1).bit_length())]
     if kind == 'fwd' and layout == 'nchw':
-        return [dict(BR=r, BW=w, BC=1, num_warps=nw) for (r, w) in ((16, 64), (8, 64), (32, 32), (4, 64), (32, 64))
-                for nw in (4, 8)]
+        return [
+            dict(BR=r, BW=w, BC=1, num_warps=nw)
+            for (r, w) in ((16, 64), (8, 64), (32, 32), (4, 64), (32, 64))
+            for nw in (4, 8)
+        ]
     if kind == 'fwd':
-        return [dict(BR=max(1, p // 8), BW=min(p, 8), BC=bc, num_warps=nw)
-                for bc in blocks for p in (8, 16, 32, 64) if 256 <= p * bc <= 4096 for nw in (4, 8)]
+        return [
+            dict(BR=max(1, p // 8), BW=min(p, 8), BC=bc, num_warps=nw)
+            for bc in blocks
+            for p in (8, 16, 32, 64)
+            if 256 <= p * bc <= 4096
+            for nw in (4, 8)
+        ]
     if layout == 'nchw':
-        return [dict(BP=p, BC=1, num_warps=nw) for p in (8, 16, 32, 64, 128) if p * taps_p2 <= 8192
-                for nw in (4, 8)]
-    return [dict(BP=p, BC=bc, num_warps=nw) for bc in blocks if bc <= 32 for p in (1, 2, 4, 8)
-            if p * bc * taps_p2 <= 8192 for nw in (4, 8)]
+        return [dict(BP=p, BC=1, num_warps=nw) for p in (8, 16, 32, 64, 128) if p * taps_p2 <= 8192 for nw in (4, 8)]
+    return [
+        dict(BP=p, BC=bc, num_warps=nw)
+        for bc in blocks
+        if bc <= 32
+        for p in (1, 2, 4, 8)
+        if p * bc * taps_p2 <= 8192
+        for nw in (4, 8)
+    ]
 
 
 def sweep(case, dtype, channels_last):
     """Fastest launch configuration of each kernel for this case (forward and full step timed per config)."""
     from msconv.kernels import depthwise as dw
+
     layout = 'nhwc' if channels_last else 'nchw'
     best = {}
     for kind in ('fwd', 'wgrad'):
@@ -205,21 +233,24 @@ def main(argv=None) -> int:
     p.add_argument('--only', choices=['smt', 'sw'], default=None)
     p.add_argument('--sweep', action='store_true', help='also search launch configurations')
     p.add_argument('--json', type=Path, default=None, help='write the results here')
-    p.add_argument('--dry-run', action='store_true',
-                   help='no GPU: two tiny cases on CPU in the Triton interpreter (needs TRITON_INTERPRET=1), '
-                        'to check this script itself; the figures mean nothing')
+    p.add_argument(
+        '--dry-run',
+        action='store_true',
+        help='no GPU: two tiny cases on CPU in the Triton interpreter (needs TRITON_INTERPRET=1), '
+        'to check this script itself; the figures mean nothing',
+    )
     args = p.parse_args(argv)
 
     global DEVICE, ROUNDS
     if args.dry_run:
         from msconv.kernels.depthwise import interpreter_active
+
         if not interpreter_active():
             print("bench_kernels_gpu --dry-run: set TRITON_INTERPRET=1", file=sys.stderr)
             return 2
         DEVICE, ROUNDS = 'cpu', (1, 1, 1, 1)
         shrink = lambda c: (c[0], 1, 8, 8, 8, *c[5:])  # noqa: E731 - batch 1, 8 channels, 8x8
-        todo = [shrink(c) for c in cases(1, None)
-                if c[0].startswith(('smt C64 56x56 mixed', 'sw C80 56x56 3x51 [-25'))]
+        todo = [shrink(c) for c in cases(1, None) if c[0].startswith(('smt C64 56x56 mixed', 'sw C80 56x56 3x51 [-25'))]
         copy_bw = copy_bandwidth(1 << 24)
         rows = [run_case(c, torch.float32, cl, copy_bw) for c in todo for cl in (False, True)]
         if args.sweep:
@@ -227,21 +258,28 @@ def main(argv=None) -> int:
         print(f"dry run: {len(rows)} cases ran; errors {[r['errors'] for r in rows]}")
         return 0
     if not torch.cuda.is_available():
-        print("bench_kernels_gpu: no CUDA device here; this benchmark times Triton kernels on a GPU. "
-              "(Correctness on CPU: pytest tests/test_kernels.py, which runs the kernels in Triton's interpreter.)",
-              file=sys.stderr)
+        print(
+            "bench_kernels_gpu: no CUDA device here; this benchmark times Triton kernels on a GPU. "
+            "(Correctness on CPU: pytest tests/test_kernels.py, which runs the kernels in Triton's interpreter.)",
+            file=sys.stderr,
+        )
         return 2
     from msconv.kernels.depthwise import HAS_TRITON
+
     if not HAS_TRITON:
         print("bench_kernels_gpu: triton is not importable", file=sys.stderr)
         return 2
     torch.backends.cudnn.benchmark = True
     copy_bw = copy_bandwidth()
     dev = torch.cuda.get_device_name()
-    print(f"device: {dev}; torch {torch.__version__}; copy bandwidth {copy_bw / 1e9:.0f} GB/s "
-          f"(clone of 1 GiB, read+write); batch {args.batch}")
-    hdr = (f"{'case':34s} {'dtype':8s} {'lay':4s} | {'fwd tri':>8s} {'fwd pt':>8s} {'x':>5s} {'bw tri':>6s} "
-           f"{'bw pt':>6s} | {'step tri':>8s} {'step pt':>8s} {'x':>5s} {'bwdbw tri':>9s} {'bwdbw pt':>8s}")
+    print(
+        f"device: {dev}; torch {torch.__version__}; copy bandwidth {copy_bw / 1e9:.0f} GB/s "
+        f"(clone of 1 GiB, read+write); batch {args.batch}"
+    )
+    hdr = (
+        f"{'case':34s} {'dtype':8s} {'lay':4s} | {'fwd tri':>8s} {'fwd pt':>8s} {'x':>5s} {'bw tri':>6s} "
+        f"{'bw pt':>6s} | {'step tri':>8s} {'step pt':>8s} {'x':>5s} {'bwdbw tri':>9s} {'bwdbw pt':>8s}"
+    )
     print(hdr)
     print('-' * len(hdr))
     rows = []
@@ -250,21 +288,32 @@ def main(argv=None) -> int:
             for layout in args.layouts:
                 r = run_case(case, DTYPES[dname], layout == 'nhwc', copy_bw)
                 rows.append(r)
-                print(f"{r['case']:34s} {dname:8s} {layout:4s} | {r['fwd_triton_ms']:8.3f} {r['fwd_torch_ms']:8.3f} "
-                      f"{r['fwd_speedup']:5.2f} {r['fwd_bw_triton']:6.0%} {r['fwd_bw_torch']:6.0%} | "
-                      f"{r['step_triton_ms']:8.3f} {r['step_torch_ms']:8.3f} {r['step_speedup']:5.2f} "
-                      f"{r['bwd_bw_triton']:9.0%} {r['bwd_bw_torch']:8.0%}", flush=True)
+                print(
+                    f"{r['case']:34s} {dname:8s} {layout:4s} | {r['fwd_triton_ms']:8.3f} {r['fwd_torch_ms']:8.3f} "
+                    f"{r['fwd_speedup']:5.2f} {r['fwd_bw_triton']:6.0%} {r['fwd_bw_torch']:6.0%} | "
+                    f"{r['step_triton_ms']:8.3f} {r['step_torch_ms']:8.3f} {r['step_speedup']:5.2f} "
+                    f"{r['bwd_bw_triton']:9.0%} {r['bwd_bw_torch']:8.0%}",
+                    flush=True,
+                )
                 if args.sweep:
-                    r['sweep'] = {k: dict(ms=v[0], config=v[1])
-                                  for k, v in sweep(case, DTYPES[dname], layout == 'nhwc').items()}
+                    r['sweep'] = {
+                        k: dict(ms=v[0], config=v[1]) for k, v in sweep(case, DTYPES[dname], layout == 'nhwc').items()
+                    }
     fb = [r['fwd_bw_triton'] for r in rows]
-    print(f"\nforward bandwidth fraction of copy (Triton): median {statistics.median(fb):.0%}, min {min(fb):.0%}; "
-          f"cases >= 60%: {sum(f >= 0.6 for f in fb)}/{len(fb)}")
-    print(f"forward speedup vs PyTorch: median {statistics.median(r['fwd_speedup'] for r in rows):.2f}x; "
-          f"fwd+bwd: median {statistics.median(r['step_speedup'] for r in rows):.2f}x")
+    print(
+        f"\nforward bandwidth fraction of copy (Triton): median {statistics.median(fb):.0%}, min {min(fb):.0%}; "
+        f"cases >= 60%: {sum(f >= 0.6 for f in fb)}/{len(fb)}"
+    )
+    print(
+        f"forward speedup vs PyTorch: median {statistics.median(r['fwd_speedup'] for r in rows):.2f}x; "
+        f"fwd+bwd: median {statistics.median(r['step_speedup'] for r in rows):.2f}x"
+    )
     if args.json:
-        args.json.write_text(json.dumps(dict(device=dev, torch=torch.__version__, copy_bw=copy_bw,
-                                             batch=args.batch, rows=rows), indent=1))
+        args.json.write_text(
+            json.dumps(
+                dict(device=dev, torch=torch.__version__, copy_bw=copy_bw, batch=args.batch, rows=rows), indent=1
+            )
+        )
     return 0
 
 

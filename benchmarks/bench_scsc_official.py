@@ -14,6 +14,7 @@ and the minimum are reported, with ratios official / ours.
 
     python benchmarks/bench_scsc_official.py /path/to/SCSC --threads 2 --batch 8 --size 224 --iters 5
 """
+
 from __future__ import annotations
 
 import argparse
@@ -98,11 +99,17 @@ def bench_model(repo: Path, name: str, args) -> list:
         def fn():
             with torch.inference_mode():
                 m(x)
+
         return fn
 
-    variants = {'official': run_eval(official), 'ours (eager)': run_eval(ours), 'ours reparameterized': run_eval(deploy)}
+    variants = {
+        'official': run_eval(official),
+        'ours (eager)': run_eval(ours),
+        'ours reparameterized': run_eval(deploy),
+    }
     if args.compile:
         import torch._inductor.config as inductor_config
+
         inductor_config.freezing = True
         compiled = torch.compile(deploy)
         variants['ours reparam. + compile'] = run_eval(compiled)
@@ -122,11 +129,13 @@ def bench_model(repo: Path, name: str, args) -> list:
                 opt.zero_grad(set_to_none=True)
                 nn.functional.cross_entropy(model(xt), y).backward()
                 opt.step()
+
             steps[label] = step
         t = interleaved(steps, args.train_iters, 1)
         for k, (lo, med) in t.items():
-            rows.append((name, 'train step', k, lo, med, args.train_batch / lo, t['official'][0] / lo,
-                         t['official'][1] / med))
+            rows.append(
+                (name, 'train step', k, lo, med, args.train_batch / lo, t['official'][0] / lo, t['official'][1] / med)
+            )
     return rows
 
 
@@ -148,13 +157,17 @@ def main() -> int:
         if not (args.official_repo / f).is_file():
             raise SystemExit(f"official_repo: {args.official_repo} has no {f}; pass a checkout of megvii-research/SCSC")
     torch.set_num_threads(args.threads)
-    print(f"CPU: {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads, "
-          f"fp32, batch {args.batch} at {args.size}x{args.size}, {args.iters} interleaved rounds")
+    print(
+        f"CPU: {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads, "
+        f"fp32, batch {args.batch} at {args.size}x{args.size}, {args.iters} interleaved rounds"
+    )
     rows = []
     for name in args.models:
         rows += bench_model(args.official_repo, name, args)
-    print("Best (min) and median seconds per call; speed-up = official / ours for each statistic. The min is the\n"
-          "least-disturbed call, the better estimate on a shared machine.")
+    print(
+        "Best (min) and median seconds per call; speed-up = official / ours for each statistic. The min is the\n"
+        "least-disturbed call, the better estimate on a shared machine."
+    )
     print(f"{'model':15} {'mode':10} {'variant':24} {'min s':>7} {'med s':>7} {'img/s':>6} {'x(min)':>7} {'x(med)':>7}")
     for name, mode, variant, lo, med, ips, r_lo, r_med in rows:
         print(f"{name:15} {mode:10} {variant:24} {lo:7.3f} {med:7.3f} {ips:6.2f} {r_lo:6.2f}x {r_med:6.2f}x")

@@ -9,6 +9,7 @@ For context, the official CUDA op writes repN*nk*(H+2e)^2 floats per image per p
 
     PYTHONPATH=src python benchmarks/bench_shiftwise_layer.py [--threads 2] [--repeats 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,6 +54,7 @@ def main() -> None:
         def run():
             xi = x.detach().requires_grad_(True)
             mod(xi).backward(u)
+
         return run
 
     def saved(mod):
@@ -68,14 +70,20 @@ def main() -> None:
     ref_eval = copy.deepcopy(ref).eval()
     dense.eval()
     with torch.no_grad():
-        inf = {'sw deploy': lambda: deploy(x), 'sw eval (on-the-fly fold)': lambda: folded(x),
-               'sw eval (reference)': lambda: ref_eval(x), dense_name: lambda: dense(x)}
+        inf = {
+            'sw deploy': lambda: deploy(x),
+            'sw eval (on-the-fly fold)': lambda: folded(x),
+            'sw eval (reference)': lambda: ref_eval(x),
+            dense_name: lambda: dense(x),
+        }
         inf_t = {n: v.median for n, v in time_interleaved(inf, warmup=1, repeats=args.repeats).items()}
 
     e = 1
     official = sw.rep_channels * sw.nk * (args.size + 2 * e) ** 2 * args.batch * 4 / in_bytes
-    print(f"ShiftWiseConv2d C={c} {args.size}x{args.size} K={k} k=3 batch {args.batch}, CPU {args.threads} threads, "
-          f"fp32, {'channels_last' if args.channels_last else 'NCHW'}, median of {args.repeats}")
+    print(
+        f"ShiftWiseConv2d C={c} {args.size}x{args.size} K={k} k=3 batch {args.batch}, CPU {args.threads} threads, "
+        f"fp32, {'channels_last' if args.channels_last else 'NCHW'}, median of {args.repeats}"
+    )
     print(f"{'training form':28s} {'fwd+bwd ms':>11s} {'vs dense':>9s} {'saved act. (x input)':>21s}")
     for n in forms:
         print(f"{n:28s} {train_t[n] * 1e3:11.1f} {train_t[dense_name] / train_t[n]:8.2f}x {mem[n]:21.2f}")
@@ -83,10 +91,12 @@ def main() -> None:
     print(f"{'inference':28s} {'fwd ms':>11s} {'vs dense':>9s}")
     for n in inf:
         print(f"{n:28s} {inf_t[n] * 1e3:11.1f} {inf_t[dense_name] / inf_t[n]:8.2f}x")
-    print(f"targets: saved activations {mem['sw train (lean)']:.2f}x < 3x input: "
-          f"{'PASS' if mem['sw train (lean)'] < 3 else 'FAIL'}; deploy faster than {dense_name} "
-          f"({inf_t[dense_name] / inf_t['sw deploy']:.2f}x): "
-          f"{'PASS' if inf_t['sw deploy'] < inf_t[dense_name] else 'FAIL'}")
+    print(
+        f"targets: saved activations {mem['sw train (lean)']:.2f}x < 3x input: "
+        f"{'PASS' if mem['sw train (lean)'] < 3 else 'FAIL'}; deploy faster than {dense_name} "
+        f"({inf_t[dense_name] / inf_t['sw deploy']:.2f}x): "
+        f"{'PASS' if inf_t['sw deploy'] < inf_t[dense_name] else 'FAIL'}"
+    )
 
 
 if __name__ == '__main__':

@@ -12,6 +12,7 @@ training form. The official model cannot run on CPU (CUDA-only op), so it is not
 
     PYTHONPATH=src python benchmarks/bench_shiftwise_model.py [--threads 2] [--batch 8] [--repeats 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,12 +76,16 @@ def main() -> None:
     params = {n: sum(p.numel() for p in m.parameters()) / 1e6 for n, m in forms.items()}
     gmacs = {n: macs(m, x) / 1e9 for n, m in forms.items()}
 
-    print(f"{args.model} eval, batch {args.batch} at {args.size}, CPU {args.threads} threads, fp32, "
-          f"median of {args.repeats} (max |logit diff| between forms {err:.2e})")
+    print(
+        f"{args.model} eval, batch {args.batch} at {args.size}, CPU {args.threads} threads, fp32, "
+        f"median of {args.repeats} (max |logit diff| between forms {err:.2e})"
+    )
     print(f"{'form':26s} {'params M':>9s} {'GMACs/img':>10s} {'ms/batch':>10s} {'img/s':>7s} {'deploy speed-up':>16s}")
     for n in forms:
-        print(f"{n:26s} {params[n]:9.2f} {gmacs[n]:10.2f} {inf_t[n] * 1e3:10.0f} {args.batch / inf_t[n]:7.2f} "
-              f"{inf_t[n] / inf_t['deploy']:15.2f}x")
+        print(
+            f"{n:26s} {params[n]:9.2f} {gmacs[n]:10.2f} {inf_t[n] * 1e3:10.0f} {args.batch / inf_t[n]:7.2f} "
+            f"{inf_t[n] / inf_t['deploy']:15.2f}x"
+        )
     ratio = inf_t['train form (reference)'] / inf_t['deploy']
     print(f"target deploy >= 2x faster than the training form: {ratio:.2f}x -> {'PASS' if ratio >= 2 else 'FAIL'}")
 
@@ -88,8 +93,10 @@ def main() -> None:
         return
     xt = torch.randn(args.train_batch, 3, args.size, args.size)
     yt = torch.randint(0, 1000, (args.train_batch,))
-    models = {'lean (default)': copy.deepcopy(base).train(),
-              'reference (plain autograd)': sw_reference(copy.deepcopy(base)).train()}
+    models = {
+        'lean (default)': copy.deepcopy(base).train(),
+        'reference (plain autograd)': sw_reference(copy.deepcopy(base)).train(),
+    }
     opts = {n: torch.optim.AdamW(m.parameters(), lr=1e-4) for n, m in models.items()}
     loss_fn = torch.nn.CrossEntropyLoss()
 
@@ -98,17 +105,22 @@ def main() -> None:
             opts[n].zero_grad(set_to_none=True)
             loss_fn(models[n](xt), yt).backward()
             opts[n].step()
+
         return run
 
-    saved = {n: saved_bytes(lambda m=m: loss_fn(m(xt), yt)) / 2 ** 20 for n, m in models.items()}
+    saved = {n: saved_bytes(lambda m=m: loss_fn(m(xt), yt)) / 2**20 for n, m in models.items()}
     ttimes = time_interleaved({n: step(n) for n in models}, warmup=1, repeats=args.repeats)
     tr_t = {n: v.median for n, v in ttimes.items()}
-    print(f"\n{args.model} training step (fwd+bwd+AdamW), batch {args.train_batch} at {args.size}, CPU "
-          f"{args.threads} threads, fp32, median of {args.repeats}")
+    print(
+        f"\n{args.model} training step (fwd+bwd+AdamW), batch {args.train_batch} at {args.size}, CPU "
+        f"{args.threads} threads, fp32, median of {args.repeats}"
+    )
     print(f"{'training form':28s} {'s/step':>8s} {'img/s':>7s} {'saved act. MiB':>15s} {'speed vs reference':>19s}")
     for n in models:
-        print(f"{n:28s} {tr_t[n]:8.2f} {args.train_batch / tr_t[n]:7.2f} {saved[n]:15.0f} "
-              f"{tr_t['reference (plain autograd)'] / tr_t[n]:18.2f}x")
+        print(
+            f"{n:28s} {tr_t[n]:8.2f} {args.train_batch / tr_t[n]:7.2f} {saved[n]:15.0f} "
+            f"{tr_t['reference (plain autograd)'] / tr_t[n]:18.2f}x"
+        )
 
 
 if __name__ == '__main__':

@@ -13,6 +13,7 @@ Also compares the two ways of running MHMC's four depthwise convolutions (one ze
 interleave folded into its rows vs four separate convs, concatenated and interleaved), which decided the form
 msconv uses.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,6 +34,7 @@ OFFICIAL_FACTORY = {'smt_tiny': 'smt_t', 'smt_small': 'smt_s', 'smt_base': 'smt_
 
 def load_official(repo: Path):
     import timm.data.transforms as tdt
+
     if not hasattr(tdt, '_pil_interp'):  # removed from newer timm; only used by the official notebook helpers
         tdt._pil_interp = lambda *a, **k: None
     return import_official_file(repo / 'models' / 'smt.py', 'official_smt', stub_modules=('ptflops', 'thop'))
@@ -56,21 +58,33 @@ def bench_mhmc(batch: int, repeats: int) -> list:
             return F.conv2d(x, merged, padding=4, groups=dim)
 
         def four_convs():
-            return torch.cat([F.conv2d(p, w, padding=w.shape[-1] // 2, groups=dim // 4)
-                              for p, w in zip(x.chunk(4, 1), per_head)], 1)
+            return torch.cat(
+                [F.conv2d(p, w, padding=w.shape[-1] // 2, groups=dim // 4) for p, w in zip(x.chunk(4, 1), per_head)], 1
+            )
 
         def four_convs_interleaved():
             y = four_convs()
-            return y.unflatten(1, (4, dim // 4)).transpose(1, 2).flatten(1, 2).contiguous(
-                memory_format=torch.channels_last)
+            return (
+                y.unflatten(1, (4, dim // 4))
+                .transpose(1, 2)
+                .flatten(1, 2)
+                .contiguous(memory_format=torch.channels_last)
+            )
 
         with torch.inference_mode():
-            t = time_interleaved({'one': one_conv, 'four': four_convs, 'four_il': four_convs_interleaved},
-                                 warmup=2, repeats=repeats)
-        rows.append({'C': dim, 'HxW': f'{size}x{size}', 'one 9x9 conv ms': f"{t['one'].median * 1e3:.2f}",
-                     'four convs ms': f"{t['four'].median * 1e3:.2f}",
-                     'four convs + interleave ms': f"{t['four_il'].median * 1e3:.2f}",
-                     'one conv vs four + interleave (median/best)': _ratios(t['four_il'], t['one'])})
+            t = time_interleaved(
+                {'one': one_conv, 'four': four_convs, 'four_il': four_convs_interleaved}, warmup=2, repeats=repeats
+            )
+        rows.append(
+            {
+                'C': dim,
+                'HxW': f'{size}x{size}',
+                'one 9x9 conv ms': f"{t['one'].median * 1e3:.2f}",
+                'four convs ms': f"{t['four'].median * 1e3:.2f}",
+                'four convs + interleave ms': f"{t['four_il'].median * 1e3:.2f}",
+                'one conv vs four + interleave (median/best)': _ratios(t['four_il'], t['one']),
+            }
+        )
     return rows
 
 
@@ -100,16 +114,22 @@ def main() -> None:
         with torch.inference_mode():
             ref = theirs(x)
             err = max((ours(x) - ref).abs().max().item(), (deployed(x) - ref).abs().max().item())
-            t = time_interleaved({'official': lambda: theirs(x), 'ours': lambda: ours(x),
-                                  'deployed': lambda: deployed(x)}, warmup=1, repeats=args.repeats)
-        eval_rows.append({
-            'model': name, 'max |diff|': f'{err:.1e}',
-            'official img/s': f"{args.batch_size / t['official'].median:.1f}",
-            'ours img/s': f"{args.batch_size / t['ours'].median:.1f}",
-            'ours reparam img/s': f"{args.batch_size / t['deployed'].median:.1f}",
-            'speed-up ours (median/best)': _ratios(t['official'], t['ours']),
-            'speed-up reparam (median/best)': _ratios(t['official'], t['deployed']),
-        })
+            t = time_interleaved(
+                {'official': lambda: theirs(x), 'ours': lambda: ours(x), 'deployed': lambda: deployed(x)},
+                warmup=1,
+                repeats=args.repeats,
+            )
+        eval_rows.append(
+            {
+                'model': name,
+                'max |diff|': f'{err:.1e}',
+                'official img/s': f"{args.batch_size / t['official'].median:.1f}",
+                'ours img/s': f"{args.batch_size / t['ours'].median:.1f}",
+                'ours reparam img/s': f"{args.batch_size / t['deployed'].median:.1f}",
+                'speed-up ours (median/best)': _ratios(t['official'], t['ours']),
+                'speed-up reparam (median/best)': _ratios(t['official'], t['deployed']),
+            }
+        )
         if args.no_train:
             continue
         theirs.train()
@@ -123,18 +143,24 @@ def main() -> None:
                 opt.zero_grad(set_to_none=True)
                 F.cross_entropy(model(x), target).backward()
                 opt.step()
+
             steps[label] = step
         t = time_interleaved(steps, warmup=1, repeats=max(2, args.repeats // 2))
-        train_rows.append({
-            'model': name, 'official img/s': f"{args.batch_size / t['official'].median:.1f}",
-            'ours img/s': f"{args.batch_size / t['ours'].median:.1f}",
-            'speed-up (median/best)': _ratios(t['official'], t['ours']),
-        })
+        train_rows.append(
+            {
+                'model': name,
+                'official img/s': f"{args.batch_size / t['official'].median:.1f}",
+                'ours img/s': f"{args.batch_size / t['ours'].median:.1f}",
+                'speed-up (median/best)': _ratios(t['official'], t['ours']),
+            }
+        )
     print_table(eval_rows, 'Inference (eval)')
     if train_rows:
         print_table(train_rows, 'Training step (forward + backward + AdamW)')
-    print_table(bench_mhmc(args.batch_size, args.repeats),
-                'MHMC: one zero-padded 9x9 depthwise conv (interleave folded) vs four convs (+ the interleave copy)')
+    print_table(
+        bench_mhmc(args.batch_size, args.repeats),
+        'MHMC: one zero-padded 9x9 depthwise conv (interleave folded) vs four convs (+ the interleave copy)',
+    )
 
 
 if __name__ == '__main__':

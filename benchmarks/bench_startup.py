@@ -4,6 +4,7 @@ Each command runs in a fresh interpreter; the runs are interleaved (torch+timm, 
 so that a busy machine slows all of them alike, and the median of ``--repeats`` runs is printed. Targets
 (issue #15): ``import msconv`` at most 0.3 s above ``import torch, timm``; ``msconv --help`` under 1.5 s.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,11 @@ SRC = Path(__file__).resolve().parents[1] / 'src'
 COMMANDS = {
     'import torch, timm': [sys.executable, '-c', 'import torch, timm'],
     'import msconv': [sys.executable, '-c', 'import msconv'],
-    'msconv after torch, timm': [sys.executable, '-c', 'import time, torch, timm; t = time.perf_counter(); '
-                                 'import msconv; print(time.perf_counter() - t)'],
+    'msconv after torch, timm': [
+        sys.executable,
+        '-c',
+        'import time, torch, timm; t = time.perf_counter(); import msconv; print(time.perf_counter() - t)',
+    ],
     'msconv --help': [sys.executable, '-m', 'msconv_cli', '--help'],
     'msconv train --help': [sys.executable, '-m', 'msconv_cli', 'train', '--help'],
 }
@@ -43,8 +47,10 @@ def main() -> None:
     for name, t in med.items():
         print(f"{name:22s} median {t:6.3f} s   (runs: {', '.join(f'{x:.2f}' for x in times[name])})")
     extra = med['import msconv'] - med['import torch, timm']
-    print(f"import msconv - import torch, timm: {extra:+.3f} s between processes, "
-          f"{med['msconv after torch, timm']:.3f} s in process (target <= 0.3 s)")
+    print(
+        f"import msconv - import torch, timm: {extra:+.3f} s between processes, "
+        f"{med['msconv after torch, timm']:.3f} s in process (target <= 0.3 s)"
+    )
     print(f"msconv --help: {med['msconv --help']:.3f} s (target < 1.5 s)")
 
 

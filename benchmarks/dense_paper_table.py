@@ -6,6 +6,7 @@ COCO systems are counted at 1280x800 and ADE20K systems at 2048x512 with mmdet/m
 convention (see ``msconv.tools.dense_profile``). "conv+lin" is what the papers' counter sees; "+attn" adds the
 attention matmuls that it misses (SMT's global attention in stages 3-4).
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,16 +28,20 @@ SYSTEMS = [
 
 
 def main() -> None:
-    print(f"{'system':36s} {'params M':>9s} {'paper':>7s} {'diff':>6s}   {'GMACs conv+lin':>14s} {'paper':>7s} "
-          f"{'diff':>6s} {'+attn':>7s}")
+    print(
+        f"{'system':36s} {'params M':>9s} {'paper':>7s} {'diff':>6s}   {'GMACs conv+lin':>14s} {'paper':>7s} "
+        f"{'diff':>6s} {'+attn':>7s}"
+    )
     for backbone, arch, p_params, p_macs, source in SYSTEMS:
         with torch.device('meta'):
             model = create_segmenter(backbone, arch, 150) if arch == 'upernet' else create_detector(backbone, arch, 80)
         size = PAPER_INPUT_SIZES['segmentation' if arch == 'upernet' else 'detection']
         s = profile_dense(model, size)
         params, macs = s['params'] / 1e6, s['macs_conv_linear'] / 1e9
-        print(f"{backbone + ' ' + arch:36s} {params:9.2f} {p_params:7.2f} {100 * (params / p_params - 1):+5.1f}%   "
-              f"{macs:14.1f} {p_macs:7.1f} {100 * (macs / p_macs - 1):+5.1f}% {s['macs'] / 1e9:7.1f}  ({source})")
+        print(
+            f"{backbone + ' ' + arch:36s} {params:9.2f} {p_params:7.2f} {100 * (params / p_params - 1):+5.1f}%   "
+            f"{macs:14.1f} {p_macs:7.1f} {100 * (macs / p_macs - 1):+5.1f}% {s['macs'] / 1e9:7.1f}  ({source})"
+        )
 
 
 if __name__ == '__main__':

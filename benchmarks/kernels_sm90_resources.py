@@ -6,6 +6,7 @@ ptxas) at the default launch configurations and print registers, spills and how 
 A companion to bench_kernels_gpu.py (which times them on a GPU): a config with spills, or channels_last loads
 that did not become ``ld.global.v4``, is worth fixing before timing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,11 +36,13 @@ def main(argv=None) -> int:
     C, dt = args.channels, args.dtype
     divisible = ('C', 'sxb', 'sxh', 'sxw', 'syb', 'syh', 'syw', 'sgb', 'sgh', 'sgw')
     print(f"sm_90, {dt}, C={C}; channels_last strides specialised as Triton does at launch (stride 1, others % 16)")
-    print(f"{'kernel':6s} {'layout':6s} {'taps':>9s} {'MIXED':>5s} {'config':46s} {'regs':>4s} {'spill B':>7s} "
-          f"{'ld.v4':>5s} {'ld.scalar':>9s}")
+    print(
+        f"{'kernel':6s} {'layout':6s} {'taps':>9s} {'MIXED':>5s} {'config':46s} {'regs':>4s} {'spill B':>7s} "
+        f"{'ld.v4':>5s} {'ld.scalar':>9s}"
+    )
     for kind in ('fwd', 'wgrad'):
         for cl in (False, True):
-            for (kh, kw, mixed) in ((3, 3, 0), (9, 9, 0), (9, 9, 2 if not cl else 1), (3, 51, 0), (51, 3, 0)):
+            for kh, kw, mixed in ((3, 3, 0), (9, 9, 0), (9, 9, 2 if not cl else 1), (3, 51, 0), (51, 3, 0)):
                 fn = fwd if kind == 'fwd' else wgrad
                 if kind == 'fwd':
                     cfg = dw._fwd_config(cl, C, 64 * 56, 56)
@@ -57,10 +60,15 @@ def main(argv=None) -> int:
                         if n in sig:
                             consts[n] = 1
                 sig.update({n: 'constexpr' for n in consts})
-                attrs = {(fn.arg_names.index(n),): [['tt.divisibility', 16]]
-                         for n in list(ptrs) + [d for d in divisible if d in fn.arg_names and sig[d] == 'i32']}
-                k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget('cuda', 90, 32),
-                                   options=dict(num_warps=cfg['num_warps'], enable_fp_fusion=True))
+                attrs = {
+                    (fn.arg_names.index(n),): [['tt.divisibility', 16]]
+                    for n in list(ptrs) + [d for d in divisible if d in fn.arg_names and sig[d] == 'i32']
+                }
+                k = triton.compile(
+                    ASTSource(fn, sig, consts, attrs),
+                    target=GPUTarget('cuda', 90, 32),
+                    options=dict(num_warps=cfg['num_warps'], enable_fp_fusion=True),
+                )
                 with tempfile.NamedTemporaryFile('wb', suffix='.cubin') as f:
                     f.write(k.asm['cubin'])
                     f.flush()
@@ -71,8 +79,10 @@ def main(argv=None) -> int:
                 v4 = len(re.findall(r'ld\.global(?:\.\w+)*\.v4', ptx))
                 scalar = len(re.findall(r'ld\.global(?:\.\w+)*\.b(?:16|32)\b', ptx))
                 cfg_s = ' '.join(f'{a}={b}' for a, b in cfg.items())
-                print(f"{kind:6s} {'nhwc' if cl else 'nchw':6s} {f'{kh}x{kw}':>9s} {mixed:5d} {cfg_s:46s} "
-                      f"{regs.group(1) if regs else '?':>4s} {stack.group(1) if stack else '?':>7s} {v4:5d} {scalar:9d}")
+                print(
+                    f"{kind:6s} {'nhwc' if cl else 'nchw':6s} {f'{kh}x{kw}':>9s} {mixed:5d} {cfg_s:46s} "
+                    f"{regs.group(1) if regs else '?':>4s} {stack.group(1) if stack else '?':>7s} {v4:5d} {scalar:9d}"
+                )
     return 0
 
 

@@ -1,4 +1,5 @@
 """Shared test helpers: the official fixtures in ../shared/fixtures, thread settings, tiny inputs."""
+
 from __future__ import annotations
 
 import json
@@ -38,7 +39,7 @@ def load_fixture(family: str, name: str) -> Tuple[Dict[str, torch.Tensor], dict]
 def official_state_dict(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """The ``state_dict.<official key>`` entries of a fixture, with the prefix removed."""
     p = 'state_dict.'
-    return {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)}
+    return {k[len(p) :]: v for k, v in tensors.items() if k.startswith(p)}
 
 
 def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -66,6 +67,7 @@ def gemm(request):
     """Run a test twice: every ``msconv.layers.Linear`` GEMM on BLAS (``F.linear``), then on oneDNN, whatever the
     autotuner would choose (with autograd on too)."""
     from msconv.layers import forms
+
     with forms.forced_choices(linear=request.param):
         yield request.param
 

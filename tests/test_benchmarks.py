@@ -2,6 +2,7 @@
 
 They check the scripts still run end to end on tiny sizes and print their tables; the figures themselves are
 timings and are not asserted."""
+
 from __future__ import annotations
 
 import os
@@ -9,15 +10,20 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 
 pytestmark = pytest.mark.slow
 
 
 def _run(args, **env):
-    proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, 'PYTHONPATH': str(REPO / 'src'), **env})
+    proc = subprocess.run(
+        [sys.executable, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, 'PYTHONPATH': str(REPO / 'src'), **env},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -28,11 +34,25 @@ def test_cpu_linear_benchmark():
 
 
 def test_shiftwise_benchmarks_at_tiny_sizes():
-    out = _run(['benchmarks/bench_shiftwise_layer.py', '--batch', '1', '--size', '16', '--channels', '8',
-                '--kernel', '13', '--repeats', '1'])
+    out = _run(
+        [
+            'benchmarks/bench_shiftwise_layer.py',
+            '--batch',
+            '1',
+            '--size',
+            '16',
+            '--channels',
+            '8',
+            '--kernel',
+            '13',
+            '--repeats',
+            '1',
+        ]
+    )
     assert 'dense 13x13' in out and 'targets:' in out
-    out = _run(['benchmarks/bench_shiftwise_model.py', '--batch', '1', '--size', '64', '--repeats', '1',
-                '--train-batch', '1'])
+    out = _run(
+        ['benchmarks/bench_shiftwise_model.py', '--batch', '1', '--size', '64', '--repeats', '1', '--train-batch', '1']
+    )
     assert 'deploy speed-up' in out and 'training step' in out
 
 

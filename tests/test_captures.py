@@ -8,6 +8,7 @@ training form and in the reparameterized inference form, against eager at relati
 ``torch.compile(fullgraph=True)``. Eager runs under ``torch.no_grad()``, i.e. with the fast forms (in place, image
 by image, oneDNN GEMMs); the captures must step aside to the plain forms and still agree.
 """
+
 import warnings
 
 import pytest
@@ -48,8 +49,14 @@ def _inputs(model, batches=(1, 2, 3)):
 
 
 #: the eager reference runs every fast form a capture has to step aside from (whatever the autotuner would pick)
-ALL_FAST_FORMS = dict(linear='onednn', smt_stage='per_image', shiftwise_block='per_image',
-                      scsc_swin_block='per_image_gemm', pointwise_conv='gemm', stem_conv='im2col')
+ALL_FAST_FORMS = dict(
+    linear='onednn',
+    smt_stage='per_image',
+    shiftwise_block='per_image',
+    scsc_swin_block='per_image_gemm',
+    pointwise_conv='gemm',
+    stem_conv='im2col',
+)
 
 
 @pytest.fixture(autouse=True)

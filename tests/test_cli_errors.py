@@ -1,5 +1,6 @@
 """The command line: user errors are one line on stderr (the traceback only with --debug), conventional exit codes,
 a resume command that works, and help without torch."""
+
 from __future__ import annotations
 
 import os
@@ -11,10 +12,10 @@ import warnings
 from pathlib import Path
 
 import pytest
+from test_engine_train import make_image_folder
 
 from msconv_cli import main
 from msconv_cli.commands.train import resume_command
-from test_engine_train import make_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -69,8 +70,24 @@ def test_second_run_in_the_same_folder_is_refused_with_the_options(tmp_path, dat
 
 
 def test_eval_names_a_checkpoint_of_another_model(tmp_path, data, capsys):
-    assert main(['train', 'test_smt', '--data', str(data), '--output', str(tmp_path), '--name', 'smt',
-                 '--max-steps', '2', *QUICK]) == 0
+    assert (
+        main(
+            [
+                'train',
+                'test_smt',
+                '--data',
+                str(data),
+                '--output',
+                str(tmp_path),
+                '--name',
+                'smt',
+                '--max-steps',
+                '2',
+                *QUICK,
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
@@ -81,8 +98,10 @@ def test_eval_names_a_checkpoint_of_another_model(tmp_path, data, capsys):
     assert 'step-00000002' in err and 'keys missing' in err and 'unexpected keys' in err
     assert not [w for w in caught if 'dropped' in str(w.message)]
     # same model, another number of classes: the classifier shapes are named
-    import msconv
     from safetensors.torch import save_file
+
+    import msconv
+
     ten = tmp_path / 'ten.safetensors'
     save_file(msconv.create_model('test_smt', num_classes=10).state_dict(), str(ten))
     assert main(['eval', 'test_smt', '--checkpoint', str(ten), '--data', str(data)]) == 2
@@ -97,17 +116,32 @@ def test_random_bytes_checkpoint_is_named(tmp_path, data, capsys, suffix):
     assert main(['eval', 'test_smt', '--checkpoint', str(junk), '--data', str(data)]) == 2
     err = capsys.readouterr().err
     assert f"checkpoint '{junk}' is not a" in err and 'trust' not in err and 'Traceback' not in err
-    assert main(['export', 'test_smt', '--checkpoint', str(junk), '--trust-pickle', '--no-check',
-                 '--out', str(tmp_path / 'x.onnx')]) == 2
+    assert (
+        main(
+            [
+                'export',
+                'test_smt',
+                '--checkpoint',
+                str(junk),
+                '--trust-pickle',
+                '--no-check',
+                '--out',
+                str(tmp_path / 'x.onnx'),
+            ]
+        )
+        == 2
+    )
     assert f"checkpoint '{junk}' is not a" in capsys.readouterr().err
 
 
 def test_resume_command_reproduces_the_run():
     argv = ['train', 'smt_tiny', '--data', 'd', '--resume', '/old/step-1', '--overwrite', '--name=x', '--lr', '0.1']
-    assert resume_command(argv, 'out/x') == \
-        'msconv train smt_tiny --data d --lr 0.1 --output out --name x --resume auto'
-    assert resume_command(['train', 'a b'], 'runs/a b-digits').endswith("'a b' --output runs --name 'a b-digits' "
-                                                                         "--resume auto")
+    assert (
+        resume_command(argv, 'out/x') == 'msconv train smt_tiny --data d --lr 0.1 --output out --name x --resume auto'
+    )
+    assert resume_command(['train', 'a b'], 'runs/a b-digits').endswith(
+        "'a b' --output runs --name 'a b-digits' --resume auto"
+    )
 
 
 _TERM_SCRIPT = textwrap.dedent('''
@@ -130,23 +164,30 @@ _TERM_SCRIPT = textwrap.dedent('''
 def test_sigterm_exits_143_with_a_resume_command_that_works(tmp_path, data):
     script = tmp_path / 'term.py'
     script.write_text(_TERM_SCRIPT)
-    argv = ['train', 'test_smt', '--data', str(data), '--output', str(tmp_path / 'runs'), '--max-steps', '4',
-            *QUICK]
-    r = subprocess.run([sys.executable, str(script), 'kill', *argv], capture_output=True, text=True, env=_env(),
-                       timeout=300)
+    argv = ['train', 'test_smt', '--data', str(data), '--output', str(tmp_path / 'runs'), '--max-steps', '4', *QUICK]
+    r = subprocess.run(
+        [sys.executable, str(script), 'kill', *argv], capture_output=True, text=True, env=_env(), timeout=300
+    )
     assert r.returncode == 143, r.stdout + r.stderr
     hint = r.stdout.strip().splitlines()[-1].strip()
     assert hint.startswith('msconv train test_smt') and '--resume auto' in hint
     assert f"--output {tmp_path / 'runs'} --name test_smt-" in hint
-    resumed = subprocess.run([sys.executable, str(script), 'go', *shlex.split(hint)[1:]], capture_output=True,
-                             text=True, env=_env(), timeout=300)
+    resumed = subprocess.run(
+        [sys.executable, str(script), 'go', *shlex.split(hint)[1:]],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert 'resumed from' in resumed.stdout and 'step 3' in resumed.stdout and 'done: 4 steps' in resumed.stdout
 
 
 def test_tools_name_a_checkpoint_of_another_model(tmp_path, capsys):
-    import msconv
     from safetensors.torch import save_file
+
+    import msconv
+
     smt = tmp_path / 'smt.safetensors'
     save_file(msconv.create_model('test_smt').state_dict(), str(smt))
     with warnings.catch_warnings():

@@ -1,14 +1,14 @@
 """`msconv train / eval / demo` from the command line (in-process, tiny configurations)."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 import yaml
-
-from msconv.cli import main
 from test_engine_train import make_image_folder
 
+from msconv.cli import main
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -16,10 +16,33 @@ pytestmark = pytest.mark.usefixtures('one_thread')
 def test_train_yaml_flags_precedence_then_eval(tmp_path, capsys):
     data = make_image_folder(tmp_path / 'imgs', n_train=8, n_val=3)
     cfg = tmp_path / 'run.yaml'
-    cfg.write_text(yaml.safe_dump({'preset': 'demo', 'epochs': 9, 'batch_size': 4, 'lr': 0.5, 'mixup': 0.3,
-                                   'progress': False, 'plot': False}))
-    rc = main(['train', 'test_smt', '--config', str(cfg), '--data', str(data), '--lr', '0.001', '--max-steps', '2',
-               '--output', str(tmp_path), '--name', 'cli', '--set', 'smoothing=0.2', '--ema', '--no-amp'])
+    cfg.write_text(
+        yaml.safe_dump(
+            {'preset': 'demo', 'epochs': 9, 'batch_size': 4, 'lr': 0.5, 'mixup': 0.3, 'progress': False, 'plot': False}
+        )
+    )
+    rc = main(
+        [
+            'train',
+            'test_smt',
+            '--config',
+            str(cfg),
+            '--data',
+            str(data),
+            '--lr',
+            '0.001',
+            '--max-steps',
+            '2',
+            '--output',
+            str(tmp_path),
+            '--name',
+            'cli',
+            '--set',
+            'smoothing=0.2',
+            '--ema',
+            '--no-amp',
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     assert 'done: 2 steps' in out and 'val top-1' in out
@@ -34,14 +57,17 @@ def test_train_yaml_flags_precedence_then_eval(tmp_path, capsys):
     assert rc == 0
 
 
-@pytest.mark.parametrize('argv, message', [
-    (['train', 'smt_tinyy'], 'not an msconv model'),
-    (['train', 'test_smt', '--batch-size', '0'], 'batch_size must be a positive integer'),
-    (['train', 'test_smt', '--data', '/does/not/exist'], 'no such folder'),
-    (['train', 'test_smt', '--set', 'no_such_option=1'], "unknown config option 'no_such_option'"),
-    (['train', 'test_smt', '--set', 'oops'], '--set expects KEY=VALUE'),
-    (['eval', 'test_smt', '--checkpoint', '/does/not/exist.safetensors'], 'does not exist'),
-])
+@pytest.mark.parametrize(
+    'argv, message',
+    [
+        (['train', 'smt_tinyy'], 'not an msconv model'),
+        (['train', 'test_smt', '--batch-size', '0'], 'batch_size must be a positive integer'),
+        (['train', 'test_smt', '--data', '/does/not/exist'], 'no such folder'),
+        (['train', 'test_smt', '--set', 'no_such_option=1'], "unknown config option 'no_such_option'"),
+        (['train', 'test_smt', '--set', 'oops'], '--set expects KEY=VALUE'),
+        (['eval', 'test_smt', '--checkpoint', '/does/not/exist.safetensors'], 'does not exist'),
+    ],
+)
 def test_bad_input_is_one_clear_line(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -49,8 +75,9 @@ def test_bad_input_is_one_clear_line(argv, message, capsys):
 
 
 def test_demo_micro_run(tmp_path, capsys):
-    rc = main(['demo', '--families', 'smt', '--output', str(tmp_path), '--no-progress', '--epochs', '1',
-               '--max-steps', '3'])
+    rc = main(
+        ['demo', '--families', 'smt', '--output', str(tmp_path), '--no-progress', '--epochs', '1', '--max-steps', '3']
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     assert 'val top-1' in out and 'smt_tiny' in out and 'MACs' in out
@@ -61,6 +88,7 @@ def test_demo_micro_run(tmp_path, capsys):
 def test_full_demo_reaches_95_percent_for_every_family(tmp_path):
     """The README's demo: nano SMT, SCSC-Swin and ShiftWise each >= 95% val top-1 on the digits (minutes)."""
     from msconv.engine.demo import demo
+
     res = demo(output=str(tmp_path), progress=False)
     assert [r['family'] for r in res['rows']] == ['smt', 'scsc', 'shiftwise']
     for r in res['rows']:

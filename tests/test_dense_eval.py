@@ -1,5 +1,6 @@
 """Dense evaluation: COCO AP and mIoU / aAcc on oracle models with known answers, slide vs whole inference,
 multi-scale + flip, and a tiny end-to-end run (digits set on disk -> loaders -> micro model -> metrics)."""
+
 from __future__ import annotations
 
 import math
@@ -10,8 +11,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from msconv.data.ade import ADESegmentation, collate_segmentation, segmentation_eval_transforms, \
-    segmentation_train_transforms
+from msconv.data.ade import (
+    ADESegmentation,
+    collate_segmentation,
+    segmentation_eval_transforms,
+    segmentation_train_transforms,
+)
 from msconv.data.coco import CocoDetection, collate_detection, detection_eval_transforms, detection_train_transforms
 from msconv.data.dense_digits import build_digits_ade, build_digits_coco
 from msconv.dense import create_detector, create_segmenter, evaluate_coco, evaluate_segmentation, predict_segmentation
@@ -27,8 +32,11 @@ class _Oracle(nn.Module):
         self.answers = []
         for i in range(len(dataset)):
             _, t = dataset[i]
-            out = dict(boxes=t['boxes'].as_subclass(torch.Tensor) + shift, labels=t['labels'],
-                       scores=torch.linspace(0.9, 0.5, len(t['labels'])))
+            out = dict(
+                boxes=t['boxes'].as_subclass(torch.Tensor) + shift,
+                labels=t['labels'],
+                scores=torch.linspace(0.9, 0.5, len(t['labels'])),
+            )
             if with_masks:
                 out['masks'] = torch.roll(t['masks'].float(), int(shift), dims=2)[:, None]
             self.answers.append(out)
@@ -36,15 +44,16 @@ class _Oracle(nn.Module):
         self.roi_heads = type('H', (), {'has_mask': staticmethod(lambda: with_masks)})()
 
     def forward(self, images):
-        out = self.answers[self.calls:self.calls + len(images)]
+        out = self.answers[self.calls : self.calls + len(images)]
         self.calls += len(images)
         return out
 
 
 @pytest.fixture(scope='module')
 def coco_val(tmp_path_factory):
-    img_dir, ann = build_digits_coco(tmp_path_factory.mktemp('coco'), 'val', n_images=6, canvas=(64, 96),
-                                     digit_size=(20, 48), seed=3)
+    img_dir, ann = build_digits_coco(
+        tmp_path_factory.mktemp('coco'), 'val', n_images=6, canvas=(64, 96), digit_size=(20, 48), seed=3
+    )
     return CocoDetection(img_dir, ann, detection_eval_transforms())
 
 
@@ -89,9 +98,9 @@ class _ListDataset:
 
 
 def test_segmentation_metrics_by_hand():
-    inter = torch.tensor([2., 0., 3.], dtype=torch.float64)
-    union = torch.tensor([4., 0., 3.], dtype=torch.float64)
-    area = torch.tensor([3., 0., 3.], dtype=torch.float64)
+    inter = torch.tensor([2.0, 0.0, 3.0], dtype=torch.float64)
+    union = torch.tensor([4.0, 0.0, 3.0], dtype=torch.float64)
+    area = torch.tensor([3.0, 0.0, 3.0], dtype=torch.float64)
     m = segmentation_metrics(inter, union, area)
     assert m['mIoU'] == pytest.approx((0.5 + 1.0) / 2) and math.isnan(m['IoU'][1])
     assert m['aAcc'] == pytest.approx(5 / 6) and m['mAcc'] == pytest.approx((2 / 3 + 1) / 2)
@@ -102,8 +111,8 @@ def test_segmentation_eval_oracle_single_and_multiscale_flip():
     image = torch.zeros(3, 40, 60)
     mask = torch.zeros(40, 60, dtype=torch.long)
     for c, (y, x) in enumerate([(0, 0), (0, 30), (20, 0), (20, 30)]):
-        image[0, y:y + 20, x:x + 30] = c / (k - 1)
-        mask[y:y + 20, x:x + 30] = c
+        image[0, y : y + 20, x : x + 30] = c / (k - 1)
+        mask[y : y + 20, x : x + 30] = c
     image[1] = torch.linspace(0, 1, 60)  # asymmetric: a missing un-flip would show
     mask[:2] = 255
     ds = _ListDataset([(image, mask)])
@@ -112,10 +121,13 @@ def test_segmentation_eval_oracle_single_and_multiscale_flip():
     assert single['mIoU'] == pytest.approx(1.0) and single['aAcc'] == pytest.approx(1.0)
     ms = evaluate_segmentation(model, ds, k, ratios=(0.5, 0.75, 1.0, 1.5), flip=True, scale=(120, 40))
     assert ms['mIoU'] > 0.97 and ms['aAcc'] > 0.98
-    assert evaluate_segmentation(model, ds, k, ratios=(0.5, 0.75, 1.0, 1.5), flip=True, scale=(120, 40),
-                                 num_workers=1) == ms
-    wrong = evaluate_segmentation(model, _ListDataset([(image, torch.where(mask == 255, mask, (mask + 1) % k))]), k,
-                                  scale=None)
+    assert (
+        evaluate_segmentation(model, ds, k, ratios=(0.5, 0.75, 1.0, 1.5), flip=True, scale=(120, 40), num_workers=1)
+        == ms
+    )
+    wrong = evaluate_segmentation(
+        model, _ListDataset([(image, torch.where(mask == 255, mask, (mask + 1) % k))]), k, scale=None
+    )
     assert wrong['aAcc'] < 0.01
 
 
@@ -140,10 +152,10 @@ def test_end_to_end_digits_detection(tmp_path, arch):
     """digits -> COCO files -> CocoDetection -> micro detector, two optimizer steps -> COCO AP."""
     torch.manual_seed(0)
     random.seed(0)
-    img_dir, ann = build_digits_coco(tmp_path, 'train', n_images=4, canvas=(64, 64), digit_size=(20, 40),
-                                     max_digits=2)
-    train = CocoDetection(img_dir, ann, detection_train_transforms(scales=(64,), max_size=100, crop=False),
-                          filter_empty=True)
+    img_dir, ann = build_digits_coco(tmp_path, 'train', n_images=4, canvas=(64, 64), digit_size=(20, 40), max_digits=2)
+    train = CocoDetection(
+        img_dir, ann, detection_train_transforms(scales=(64,), max_size=100, crop=False), filter_empty=True
+    )
     val = CocoDetection(img_dir, ann, detection_eval_transforms())
     model = create_detector('test_smt', arch, 10, min_size=64, max_size=100, rois_per_image=32, test_proposals=20)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
@@ -168,8 +180,9 @@ def test_end_to_end_digits_segmentation(tmp_path):
     torch.manual_seed(0)
     random.seed(0)
     root = build_digits_ade(tmp_path, 'training', n_images=4, canvas=(64, 64), digit_size=(20, 48))
-    train = ADESegmentation(root, 'training', segmentation_train_transforms(scale=(128, 64), crop_size=(64, 64)),
-                            num_classes=11)
+    train = ADESegmentation(
+        root, 'training', segmentation_train_transforms(scale=(128, 64), crop_size=(64, 64)), num_classes=11
+    )
     val = ADESegmentation(root, 'training', segmentation_eval_transforms(), num_classes=11)
     model = create_segmenter('test_smt', 'upernet', 11, channels=64, aux_channels=32)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)

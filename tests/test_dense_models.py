@@ -1,5 +1,6 @@
 """Dense models: the papers' parameter counts and MACs (full size, meta device), the configs' structure, and
 train / eval passes of micro systems."""
+
 from __future__ import annotations
 
 import math
@@ -177,7 +178,7 @@ def _synthetic_batch(n_classes: int = 3):
     images, targets = [], []
     for h, w in ((96, 128), (64, 96)):
         images.append(torch.rand(3, h, w))
-        boxes = torch.tensor([[10., 12., 50., 60.], [30., 5., 70., 40.]])
+        boxes = torch.tensor([[10.0, 12.0, 50.0, 60.0], [30.0, 5.0, 70.0, 40.0]])
         masks = torch.zeros(2, h, w, dtype=torch.uint8)
         masks[0, 12:60, 10:50] = 1
         masks[1, 5:40, 30:70] = 1
@@ -188,14 +189,25 @@ def _synthetic_batch(n_classes: int = 3):
 @pytest.mark.parametrize('arch', ['mask_rcnn', 'cascade_mask_rcnn', 'retinanet'])
 def test_detector_train_and_eval(arch):
     torch.manual_seed(0)
-    model = create_detector('test_smt', arch, 3, min_size=64, max_size=128, rois_per_image=32, test_proposals=20,
-                            channels=32, fc_channels=64)
+    model = create_detector(
+        'test_smt',
+        arch,
+        3,
+        min_size=64,
+        max_size=128,
+        rois_per_image=32,
+        test_proposals=20,
+        channels=32,
+        fc_channels=64,
+    )
     assert model.backbone.out_channels == 32
     images, targets = _synthetic_batch()
     model.train()
     losses = model(images, targets)
-    expected = {'mask_rcnn': {'loss_classifier', 'loss_box_reg', 'loss_mask', 'loss_objectness', 'loss_rpn_box_reg'},
-                'retinanet': {'classification', 'bbox_regression'}}.get(arch)
+    expected = {
+        'mask_rcnn': {'loss_classifier', 'loss_box_reg', 'loss_mask', 'loss_objectness', 'loss_rpn_box_reg'},
+        'retinanet': {'classification', 'bbox_regression'},
+    }.get(arch)
     if expected is None:
         expected = {f's{t}.{k}' for t in range(3) for k in ('loss_classifier', 'loss_box_reg', 'loss_mask')}
         expected |= {'loss_objectness', 'loss_rpn_box_reg'}
@@ -220,8 +232,8 @@ def test_cascade_stages_sample_at_their_iou():
     """A proposal at IoU ~0.65 with its ground truth is positive for stages 1-2 and negative for stage 3."""
     model = create_detector('test_smt', 'cascade_mask_rcnn', 3, rois_per_image=8)
     heads = model.roi_heads
-    gt = torch.tensor([[0., 0., 100., 100.]])
-    prop = torch.tensor([[0., 0., 100., 65.]])  # IoU 0.65
+    gt = torch.tensor([[0.0, 0.0, 100.0, 100.0]])
+    prop = torch.tensor([[0.0, 0.0, 100.0, 65.0]])  # IoU 0.65
     targets = [dict(boxes=gt, labels=torch.tensor([2]))]
     flags = []
     for t in range(3):
@@ -284,17 +296,17 @@ def test_profile_system_by_name():
 def test_cascade_refine_regresses_by_class_and_drops_ground_truth():
     model = create_detector('test_smt', 'cascade_mask_rcnn', 3, rois_per_image=8)
     heads = model.roi_heads
-    rois = [torch.tensor([[10., 10., 50., 30.], [0., 0., 20., 20.]])]
-    logits = torch.tensor([[0., 5., 1., 1.], [9., 0., 0., 3.]])  # best foreground: class 1, class 3
+    rois = [torch.tensor([[10.0, 10.0, 50.0, 30.0], [0.0, 0.0, 20.0, 20.0]])]
+    logits = torch.tensor([[0.0, 5.0, 1.0, 1.0], [9.0, 0.0, 0.0, 3.0]])  # best foreground: class 1, class 3
     deltas = torch.zeros(2, 4, 4)
     deltas[0, 2, 0] = 1.0  # class 2 moves roi 0 by dx = 1/10 of its width (stage-1 weight 10)
     deltas[1, 3, 1] = 2.0  # class 3 moves roi 1 by dy = 2/10 of its height
     labels = [torch.tensor([2, 0])]  # roi 0 is a positive of class 2, roi 1 background
     out = heads._refine(0, logits, deltas.reshape(2, 16), rois, labels, [(100, 100)])[0]
-    torch.testing.assert_close(out[0], torch.tensor([14., 10., 54., 30.]))  # by its ground-truth class
-    torch.testing.assert_close(out[1], torch.tensor([0., 4., 20., 24.]))  # by its best foreground class
+    torch.testing.assert_close(out[0], torch.tensor([14.0, 10.0, 54.0, 30.0]))  # by its ground-truth class
+    torch.testing.assert_close(out[1], torch.tensor([0.0, 4.0, 20.0, 24.0]))  # by its best foreground class
     # in training, stage t+1 proposals are the refined sampled rois without the ground-truth boxes
-    targets = [dict(boxes=torch.tensor([[10., 10., 50., 30.]]), labels=torch.tensor([2]))]
+    targets = [dict(boxes=torch.tensor([[10.0, 10.0, 50.0, 30.0]]), labels=torch.tensor([2]))]
     rois_t, labels_t, matched_t, is_gt = heads._sample(0, rois, targets)
     assert int(is_gt[0].sum()) == 1 and len(rois_t[0]) == 3
     assert torch.equal(rois_t[0][is_gt[0]], targets[0]['boxes'])
@@ -302,6 +314,7 @@ def test_cascade_refine_regresses_by_class_and_drops_ground_truth():
 
 def test_mask_rcnn_l1_box_losses():
     from torchvision.models.detection.roi_heads import RoIHeads
+
     from msconv.dense.rcnn import L1RegionProposalNetwork, L1RoIHeads, l1_box_loss
 
     model = create_detector('test_smt', 'mask_rcnn', 3)
@@ -311,10 +324,10 @@ def test_mask_rcnn_l1_box_losses():
     with pytest.raises(ValueError, match='box_loss'):
         create_detector('test_smt', 'mask_rcnn', 3, box_loss='giou')
     regression = torch.zeros(3, 4 * 4)
-    regression[0, 8:12] = torch.tensor([1., -1., 2., 0.])  # roi 0, class 2
+    regression[0, 8:12] = torch.tensor([1.0, -1.0, 2.0, 0.0])  # roi 0, class 2
     regression[1, 4:8] = 5.0  # roi 1 is background: not counted
     labels = torch.tensor([2, 0, 1])
-    targets = torch.tensor([[0., 0., 0., 0.], [9., 9., 9., 9.], [0.5, 0., 0., 0.]])
+    targets = torch.tensor([[0.0, 0.0, 0.0, 0.0], [9.0, 9.0, 9.0, 9.0], [0.5, 0.0, 0.0, 0.0]])
     assert l1_box_loss(regression, labels, targets).item() == pytest.approx((4.0 + 0.5) / 3)
 
 
@@ -324,8 +337,12 @@ def test_cascade_rpn_ignores_border_crossing_anchors():
     model = create_detector('test_smt', 'cascade_mask_rcnn', 3)
     rpn = model.rpn
     assert isinstance(rpn, BorderRegionProposalNetwork) and rpn.allowed_border == 0.0
-    anchors = [torch.tensor([[10., 10., 40., 40.], [-20., 10., 10., 40.], [60., 60., 100., 90.], [12., 12., 38., 38.]])]
-    targets = [dict(boxes=torch.tensor([[10., 10., 40., 40.]]), labels=torch.tensor([1]))]
+    anchors = [
+        torch.tensor(
+            [[10.0, 10.0, 40.0, 40.0], [-20.0, 10.0, 10.0, 40.0], [60.0, 60.0, 100.0, 90.0], [12.0, 12.0, 38.0, 38.0]]
+        )
+    ]
+    targets = [dict(boxes=torch.tensor([[10.0, 10.0, 40.0, 40.0]]), labels=torch.tensor([1]))]
     rpn._image_sizes = [(80, 100)]
     labels, _ = rpn.assign_targets_to_anchors(anchors, targets)
     assert labels[0].tolist() == [1.0, -1.0, -1.0, 1.0]  # x1 < 0 and y2 >= 80 cross the border

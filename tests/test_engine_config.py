@@ -1,4 +1,5 @@
 """Config resolution: presets, YAML, overrides, and errors before any work."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -29,15 +30,18 @@ def test_precedence_defaults_preset_yaml_flags(tmp_path):
     assert cfg.scale == (0.5, 1.0) and cfg.data == 'digits'
 
 
-@pytest.mark.parametrize('values, match', [
-    ({'model': 'smt_tinny'}, "not an msconv model.*smt_tiny"),
-    ({'model': 'test_smt', 'batch_size': 0}, 'batch_size must be a positive integer'),
-    ({'model': 'test_smt', 'data': '/no/such/folder'}, "no such folder"),
-    ({'model': 'test_smt', 'nan_policy': 'ignore'}, "nan_policy must be one of"),
-    ({'model': 'test_smt', 'lr': -1.0}, 'lr must be'),
-    ({'model': 'test_smt', 'learning_rate': 1.0}, "unknown config option 'learning_rate'"),
-    ({}, 'a model name is required'),
-])
+@pytest.mark.parametrize(
+    'values, match',
+    [
+        ({'model': 'smt_tinny'}, "not an msconv model.*smt_tiny"),
+        ({'model': 'test_smt', 'batch_size': 0}, 'batch_size must be a positive integer'),
+        ({'model': 'test_smt', 'data': '/no/such/folder'}, "no such folder"),
+        ({'model': 'test_smt', 'nan_policy': 'ignore'}, "nan_policy must be one of"),
+        ({'model': 'test_smt', 'lr': -1.0}, 'lr must be'),
+        ({'model': 'test_smt', 'learning_rate': 1.0}, "unknown config option 'learning_rate'"),
+        ({}, 'a model name is required'),
+    ],
+)
 def test_bad_values_fail_early(values, match):
     with pytest.raises(ValueError, match=match):
         resolve_config(values)
@@ -45,6 +49,7 @@ def test_bad_values_fail_early(values, match):
 
 def test_one_class_folder_fails_early(tmp_path):
     from PIL import Image
+
     for split in ('train', 'val'):
         d = tmp_path / split / 'only'
         d.mkdir(parents=True)
@@ -59,6 +64,7 @@ def test_timm_models_are_accepted():
 
 def test_trainconfig_object_gets_the_preset_beneath_its_set_fields():
     from msconv.engine import TrainConfig
+
     cfg = resolve_config(TrainConfig(model='test_smt', preset='demo', epochs=3), {'lr': 0.5})
     assert cfg.epochs == 3 and cfg.lr == 0.5
     assert cfg.batch_size == PRESETS['demo']['smt']['batch_size'] and cfg.mixup == 0.0

@@ -1,4 +1,5 @@
 """torchrun scale-out: 2 gloo processes on CPU give the result of one process with the same global batch."""
+
 from __future__ import annotations
 
 import json
@@ -9,18 +10,44 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_engine_train import make_image_folder
 
 from msconv.engine.checkpoint import list_checkpoints, load_checkpoint
-from test_engine_train import make_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
 # test_vit (timm) has LayerNorm only: without SyncBatchNorm (CUDA-only in torch) per-rank BatchNorm statistics
 # would differ from the single-process ones by design. SGD rather than AdamW: parameters whose true gradient is
 # zero (the key bias of attention) get float-noise gradients that differ with the reduction order, and Adam's
 # normalisation turns that noise into lr-sized updates; SGD keeps the comparison at float precision.
-ARGS = ['train', 'test_vit', '--preset', 'demo', '--batch-size', '8', '--max-steps', '4', '--epochs', '2',
-        '--no-progress', '--workers', '0', '--set', 'model_kwargs={img_size: 32}', '--set', 'plot=false',
-        '--set', 'log_every=1', '--set', 'drop_path=0.0', '--set', 'warmup_epochs=0.2', '--set', 'opt=sgd', '--lr', '0.05']
+ARGS = [
+    'train',
+    'test_vit',
+    '--preset',
+    'demo',
+    '--batch-size',
+    '8',
+    '--max-steps',
+    '4',
+    '--epochs',
+    '2',
+    '--no-progress',
+    '--workers',
+    '0',
+    '--set',
+    'model_kwargs={img_size: 32}',
+    '--set',
+    'plot=false',
+    '--set',
+    'log_every=1',
+    '--set',
+    'drop_path=0.0',
+    '--set',
+    'warmup_epochs=0.2',
+    '--set',
+    'opt=sgd',
+    '--lr',
+    '0.05',
+]
 
 
 def _env():
@@ -30,12 +57,33 @@ def _env():
 def test_torchrun_two_gloo_processes_match_one_process(tmp_path):
     data = make_image_folder(tmp_path / 'imgs', n_train=16, n_val=5)
     common = ARGS + ['--data', str(data), '--output', str(tmp_path)]
-    single = subprocess.run([sys.executable, '-m', 'msconv', *common, '--name', 'single'], env=_env(),
-                            capture_output=True, text=True, timeout=300)
+    single = subprocess.run(
+        [sys.executable, '-m', 'msconv', *common, '--name', 'single'],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert single.returncode == 0, single.stderr
-    multi = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
-                            '-m', 'msconv', *common, '--name', 'ddp'], env=_env(), capture_output=True, text=True,
-                           timeout=300)
+    multi = subprocess.run(
+        [
+            sys.executable,
+            '-m',
+            'torch.distributed.run',
+            '--standalone',
+            '--nproc_per_node',
+            '2',
+            '-m',
+            'msconv',
+            *common,
+            '--name',
+            'ddp',
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert multi.returncode == 0, multi.stderr[-3000:]
     a = load_checkpoint(list_checkpoints(tmp_path / 'single')[-1])
     b = load_checkpoint(list_checkpoints(tmp_path / 'ddp')[-1])
@@ -43,8 +91,10 @@ def test_torchrun_two_gloo_processes_match_one_process(tmp_path):
     for k, v in a[0]['model'].items():
         torch.testing.assert_close(b[0]['model'][k], v, rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
     # the runs trained (weights moved) and logged the same losses and the same val accuracy over all 15 images
-    recs = {name: [json.loads(line) for line in (tmp_path / name / 'metrics.jsonl').read_text().splitlines()]
-            for name in ('single', 'ddp')}
+    recs = {
+        name: [json.loads(line) for line in (tmp_path / name / 'metrics.jsonl').read_text().splitlines()]
+        for name in ('single', 'ddp')
+    }
     tr = {n: [r['loss'] for r in rs if r['kind'] == 'train'] for n, rs in recs.items()}
     assert len(tr['single']) == 4 and tr['single'][0] != tr['single'][-1]
     assert tr['single'] == pytest.approx(tr['ddp'], rel=1e-5)

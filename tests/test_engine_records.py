@@ -1,14 +1,15 @@
 """What people read: progress lines off a terminal, one epoch numbering, curves with the right panels and legends."""
+
 from __future__ import annotations
 
 import io
 import re
 
 import pytest
+from test_engine_train import TINY, make_image_folder
 
 from msconv.engine import train
 from msconv.engine.metrics import Progress, draw_curves
-from test_engine_train import TINY, make_image_folder
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -43,14 +44,17 @@ def test_one_epoch_numbering_in_the_log_and_the_progress_lines(tmp_path, capsys)
 
 def test_curves_put_losses_and_accuracies_in_their_panels_with_a_legend():
     recs = [dict(kind='train', step=s, loss=2.0 / s) for s in (1, 2, 3, 4)]
-    recs += [dict(kind='val', step=2, top1=50.0, ema_top1=40.0, val_loss=1.5),
-             dict(kind='val', step=4, top1=80.0, ema_top1=70.0, val_loss=0.7)]
+    recs += [
+        dict(kind='val', step=2, top1=50.0, ema_top1=40.0, val_loss=1.5),
+        dict(kind='val', step=4, top1=80.0, ema_top1=70.0, val_loss=0.7),
+    ]
     fig = draw_curves(recs, title='t')
     ax_loss, ax_acc = fig.axes
-    lines = {ax: {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()}
-             for ax in (ax_loss, ax_acc)}
-    assert lines[ax_loss] == {'train loss': ([1, 2, 3, 4], [2.0, 1.0, 2.0 / 3, 0.5]),
-                              'val loss': ([2, 4], [1.5, 0.7])}
+    lines = {
+        ax: {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()}
+        for ax in (ax_loss, ax_acc)
+    }
+    assert lines[ax_loss] == {'train loss': ([1, 2, 3, 4], [2.0, 1.0, 2.0 / 3, 0.5]), 'val loss': ([2, 4], [1.5, 0.7])}
     assert lines[ax_acc] == {'val top-1': ([2, 4], [50.0, 80.0]), 'EMA val top-1': ([2, 4], [40.0, 70.0])}
     for ax in (ax_loss, ax_acc):
         assert [t.get_text() for t in ax.get_legend().get_texts()] == list(lines[ax])
@@ -60,6 +64,7 @@ def test_curves_put_losses_and_accuracies_in_their_panels_with_a_legend():
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert labels == ['smt: train loss', 'smt: val loss', 'scsc: train loss', 'scsc: val loss']
     import matplotlib.pyplot as plt
+
     plt.close('all')
 
 
@@ -67,8 +72,10 @@ def test_a_new_task_plugs_in_without_touching_the_trainer(tmp_path, capsys):
     """A task registered from outside (digit parity: 2 classes from the digits) gets its data, model size, loss,
     metrics and log line into a run through the Task interface alone."""
     import json
+
     import torch
     from torch.utils.data import Dataset
+
     from msconv.data.loader import build_dataset
     from msconv.engine.checkpoint import list_checkpoints, load_checkpoint
     from msconv.engine.evaluate import evaluate_loader
@@ -95,8 +102,9 @@ def test_a_new_task_plugs_in_without_touching_the_trainer(tmp_path, capsys):
             return 2
 
         def build_datasets(self, dc):
-            return tuple(Parity(build_dataset(self.cfg, split, dc['size'], dc['mean'], dc['std']))
-                         for split in ('train', 'val'))
+            return tuple(
+                Parity(build_dataset(self.cfg, split, dc['size'], dc['mean'], dc['std'])) for split in ('train', 'val')
+            )
 
         def loss(self, output, y):
             calls.append(tuple(output.shape))
@@ -115,7 +123,10 @@ def test_a_new_task_plugs_in_without_touching_the_trainer(tmp_path, capsys):
     assert res['status'] == 'finished' and calls == [(8, 2)] * 3
     weights = load_checkpoint(list_checkpoints(tmp_path / 'p')[-1])[0]['model']
     assert weights['head.fc.weight'].shape[0] == 2
-    val = [json.loads(line) for line in (tmp_path / 'p' / 'metrics.jsonl').read_text().splitlines()
-           if json.loads(line)['kind'] == 'val']
+    val = [
+        json.loads(line)
+        for line in (tmp_path / 'p' / 'metrics.jsonl').read_text().splitlines()
+        if json.loads(line)['kind'] == 'val'
+    ]
     assert len(val) == 1 and isinstance(val[0]['parity_acc'], float) and 'top1' not in val[0]
     assert f"epoch 1 (3/32 steps): parity accuracy {val[0]['parity_acc']:.1f}%" in capsys.readouterr().out

@@ -1,16 +1,16 @@
 """Run folders and checkpoint hygiene: one run per folder, validity decides what is resumed and kept, no mixed
 histories, crash leftovers cleaned, atomic rewrites."""
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 import pytest
-import torch
+from test_engine_train import TINY, make_image_folder
 
 from msconv.engine import evaluate, train
 from msconv.engine.checkpoint import list_checkpoints, load_checkpoint
-from test_engine_train import TINY, make_image_folder
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -21,8 +21,11 @@ def folder(tmp_path_factory):
 
 
 def _train_steps(run: Path):
-    return [json.loads(line)['step'] for line in (run / 'metrics.jsonl').read_text().splitlines()
-            if json.loads(line)['kind'] == 'train']
+    return [
+        json.loads(line)['step']
+        for line in (run / 'metrics.jsonl').read_text().splitlines()
+        if json.loads(line)['kind'] == 'train'
+    ]
 
 
 def _corrupt(ckpt: Path) -> None:
@@ -47,8 +50,7 @@ def test_same_command_twice_refuses_instead_of_mixing_runs(tmp_path, folder):
 
 
 def test_eval_of_a_run_folder_names_the_checkpoint_it_used(tmp_path, folder):
-    res = train(dict(TINY, data=str(folder), output=str(tmp_path), name='r', max_steps=4, ckpt_every=2,
-                     keep_last=3))
+    res = train(dict(TINY, data=str(folder), output=str(tmp_path), name='r', max_steps=4, ckpt_every=2, keep_last=3))
     run = Path(res['run_dir'])
     _corrupt(run / 'checkpoints' / 'step-00000004')
     with pytest.warns(UserWarning, match='step-00000004'):
@@ -56,8 +58,12 @@ def test_eval_of_a_run_folder_names_the_checkpoint_it_used(tmp_path, folder):
     assert Path(ev['checkpoint']).name == 'step-00000002' and ev['step'] == 2
     # the accuracy is that of the step-2 weights, computed independently from the loaded file
     w = load_checkpoint(run / 'checkpoints' / 'step-00000002')[0]['model']
-    ev2 = evaluate('test_smt', checkpoint=run / 'checkpoints' / 'step-00000002' / 'model.safetensors',
-                   data=str(folder), num_classes=3)
+    ev2 = evaluate(
+        'test_smt',
+        checkpoint=run / 'checkpoints' / 'step-00000002' / 'model.safetensors',
+        data=str(folder),
+        num_classes=3,
+    )
     assert ev['top1'] == ev2['top1'] and ev['val_loss'] == pytest.approx(ev2['val_loss'])
     assert set(w) and ev['count'] == 12
 
@@ -69,8 +75,10 @@ def test_resume_auto_with_only_corrupt_checkpoints_refuses(tmp_path, folder):
     for p in list_checkpoints(run):
         _corrupt(p)
     history = (run / 'metrics.jsonl').read_text()
-    with pytest.raises(ValueError, match=r"no valid checkpoint.*step-00000004.*--overwrite"), \
-            pytest.warns(UserWarning, match='truncated or corrupt'):
+    with (
+        pytest.raises(ValueError, match=r"no valid checkpoint.*step-00000004.*--overwrite"),
+        pytest.warns(UserWarning, match='truncated or corrupt'),
+    ):
         train(dict(common, max_steps=6, resume='auto'))
     assert (run / 'metrics.jsonl').read_text() == history
     # told to start afresh: the history is replaced, not appended to; good checkpoints are kept over bad ones
@@ -107,12 +115,14 @@ def test_crash_leftovers_are_cleaned_and_rewrites_are_atomic(tmp_path, folder, m
     (run / '.metrics.jsonl.tmp-999').write_text('partial')
     # every rewrite of a run file goes through a temporary + rename
     import msconv.engine.checkpoint as ck
+
     replaced = []
     real_replace = ck.os.replace
 
     def spy(src, dst):
         replaced.append(Path(dst).name)
         return real_replace(src, dst)
+
     monkeypatch.setattr(ck.os, 'replace', spy)
     train(dict(common, max_steps=4, resume='auto', plot=True))
     assert not leftover.exists() and not (run / '.metrics.jsonl.tmp-999').exists()
@@ -131,5 +141,4 @@ def test_resume_from_a_checkpoint_continues_that_run_only(tmp_path, folder):
     assert res['steps'] == 6
     # the steps after the resumed checkpoint were redone once, and its later checkpoint replaced
     assert _train_steps(tmp_path / 'a') == [2, 4, 6]
-    assert [p.name for p in list_checkpoints(tmp_path / 'a')] == ['step-00000002', 'step-00000004',
-                                                                   'step-00000006']
+    assert [p.name for p in list_checkpoints(tmp_path / 'a')] == ['step-00000002', 'step-00000004', 'step-00000006']

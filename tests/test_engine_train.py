@@ -1,4 +1,5 @@
 """The training loop: records, checkpoints, optimizer groups, NaN guards, bit-exact resume after SIGKILL."""
+
 from __future__ import annotations
 
 import json
@@ -25,6 +26,7 @@ def make_image_folder(root: Path, n_train: int = 16, n_val: int = 4, classes=('a
     """A tiny ImageFolder tree of random-noise images whose class sets the mean colour (learnable, fast)."""
     import numpy as np
     from PIL import Image
+
     rng = np.random.RandomState(0)
     for split, n in (('train', n_train), ('val', n_val)):
         for ci, c in enumerate(classes):
@@ -51,6 +53,7 @@ TINY = dict(model='test_smt', preset='demo', batch_size=8, progress=False, num_w
 
 def _weights(run_dir):
     from safetensors.torch import load_file
+
     return load_file(str(list_checkpoints(run_dir)[-1] / 'model.safetensors'))
 
 
@@ -60,6 +63,7 @@ def _hand_top1(run_dir, data, key):
     and cropping are identities), one image at a time."""
     import numpy as np
     from PIL import Image
+
     weights = load_checkpoint(list_checkpoints(run_dir)[-1])[0][key]
     model = msconv.create_model('test_smt', num_classes=3)
     model.load_state_dict(weights)
@@ -77,8 +81,20 @@ def _hand_top1(run_dir, data, key):
 
 
 def test_train_writes_records_checkpoints_and_curves(tmp_path, folder):
-    res = train(dict(TINY, data=str(folder), output=str(tmp_path), name='r', plot=True, max_steps=6, ckpt_every=2, keep_last=2, ema=True,
-                     ema_decay=0.9))
+    res = train(
+        dict(
+            TINY,
+            data=str(folder),
+            output=str(tmp_path),
+            name='r',
+            plot=True,
+            max_steps=6,
+            ckpt_every=2,
+            keep_last=2,
+            ema=True,
+            ema_decay=0.9,
+        )
+    )
     run = Path(res['run_dir'])
     assert res['status'] == 'finished' and res['steps'] == 6
     # the reported accuracies are those of the saved weights, recomputed here by hand from the image files
@@ -89,8 +105,9 @@ def test_train_writes_records_checkpoints_and_curves(tmp_path, folder):
     assert set(weights) == {'model', 'ema'} and meta['step'] == 6 and state['step'] == 6
     assert set(state) >= {'optimizer', 'scheduler', 'scaler', 'rng'}
     # the weights load into a fresh model by name
-    model = msconv.create_model('test_smt', num_classes=3,
-                                checkpoint_path=run / 'checkpoints' / 'step-00000006' / 'model.safetensors')
+    model = msconv.create_model(
+        'test_smt', num_classes=3, checkpoint_path=run / 'checkpoints' / 'step-00000006' / 'model.safetensors'
+    )
     assert model.num_classes == 3
     lines = [json.loads(line) for line in (run / 'metrics.jsonl').read_text().splitlines()]
     assert [r['step'] for r in lines if r['kind'] == 'train'] == [2, 4, 6]
@@ -103,8 +120,9 @@ def test_train_writes_records_checkpoints_and_curves(tmp_path, folder):
 
 
 def test_optimizer_groups_and_schedule():
-    cfg = resolve_config(dict(TINY, output='/nonexistent-unused', max_steps=1, lr=1e-3, warmup_lr=1e-6,
-                              warmup_epochs=1, epochs=3))
+    cfg = resolve_config(
+        dict(TINY, output='/nonexistent-unused', max_steps=1, lr=1e-3, warmup_lr=1e-6, warmup_epochs=1, epochs=3)
+    )
     t = _Trainer(cfg, torch.device('cpu'), DistInfo())
     t._build()
     groups = t.optimizer.param_groups
@@ -125,8 +143,19 @@ def test_optimizer_groups_and_schedule():
 
 @pytest.mark.parametrize('policy', ['skip', 'abort'])
 def test_nan_loss_never_reaches_weights_ema_or_checkpoint(tmp_path, folder, policy):
-    cfg = resolve_config(dict(TINY, data=str(folder), output=str(tmp_path), name='nan', max_steps=4, ckpt_every=1, keep_last=5, ema=True,
-                              nan_policy=policy))
+    cfg = resolve_config(
+        dict(
+            TINY,
+            data=str(folder),
+            output=str(tmp_path),
+            name='nan',
+            max_steps=4,
+            ckpt_every=1,
+            keep_last=5,
+            ema=True,
+            nan_policy=policy,
+        )
+    )
     t = _Trainer(cfg, torch.device('cpu'), DistInfo())
     calls = {'n': 0}
     orig_build = t._build
@@ -139,7 +168,9 @@ def test_nan_loss_never_reaches_weights_ema_or_checkpoint(tmp_path, folder, poli
             calls['n'] += 1
             loss = orig(x, y)
             return loss * float('nan') if calls['n'] == 3 else loss
+
         t._forward_loss = poisoned
+
     t._build = build
     if policy == 'abort':
         with pytest.raises(NonFiniteLossError, match='step 3.*nan_policy'):
@@ -186,8 +217,9 @@ def _run_script(tmp_path, *args):
     script = tmp_path / 'kill_run.py'
     script.write_text(_KILL_SCRIPT)
     env = dict(os.environ, PYTHONPATH=str(REPO / 'src'))
-    return subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True, env=env,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, str(script), *map(str, args)], capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 def test_resume_after_sigkill_is_bit_exact(tmp_path, folder):
@@ -220,8 +252,11 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, folder):
     for k in a[0]['model']:
         assert torch.equal(a[0]['model'][k], c[0]['model'][k]), k
     # the metrics file holds each step once
-    steps = [json.loads(line)['step'] for line in (tmp_path / 'crash' / 'run' / 'metrics.jsonl').read_text().splitlines()
-             if json.loads(line)['kind'] == 'train']
+    steps = [
+        json.loads(line)['step']
+        for line in (tmp_path / 'crash' / 'run' / 'metrics.jsonl').read_text().splitlines()
+        if json.loads(line)['kind'] == 'train'
+    ]
     assert steps == sorted(set(steps))
 
 
@@ -245,23 +280,45 @@ def test_corrupt_checkpoint_is_named_and_resume_falls_back(tmp_path, folder):
     train(dict(TINY_F, output=str(tmp_path), name='d', max_steps=6, ckpt_every=2, keep_last=3))
     bad = tmp_path / 'd' / 'checkpoints' / 'step-00000006' / 'state.pt'
     bad.write_bytes(bad.read_bytes()[:100])
-    res = train(dict(TINY_F, output=str(tmp_path), name='d', max_steps=6, ckpt_every=2, keep_last=3,
-                     resume=str(bad.parent)))
+    res = train(
+        dict(TINY_F, output=str(tmp_path), name='d', max_steps=6, ckpt_every=2, keep_last=3, resume=str(bad.parent))
+    )
     assert res['steps'] == 6 and res['status'] == 'finished'
 
 
 def test_accumulation_amp_channels_last(tmp_path, folder):
     """2 micro-batches of 4 accumulate to the update of one batch of 8 (LayerNorm model: no batch statistics);
     bf16 autocast on CPU and channels_last run and stay finite."""
-    common = dict(TINY, model='test_vit', model_kwargs={'img_size': 32}, data=str(folder), output=str(tmp_path),
-                  max_steps=2, drop_path=0.0, opt='sgd', lr=0.05)
+    common = dict(
+        TINY,
+        model='test_vit',
+        model_kwargs={'img_size': 32},
+        data=str(folder),
+        output=str(tmp_path),
+        max_steps=2,
+        drop_path=0.0,
+        opt='sgd',
+        lr=0.05,
+    )
     big = train(dict(common, name='big', batch_size=8, accum_steps=1))
     acc = train(dict(common, name='acc', batch_size=4, accum_steps=2))
     assert big['steps'] == acc['steps'] == 2
     wa, wb = _weights(tmp_path / 'big'), _weights(tmp_path / 'acc')
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6)
-    amp = train(dict(TINY, data=str(folder), output=str(tmp_path), name='amp', max_steps=2, amp=True,
-                     amp_dtype='bfloat16', channels_last=True, accum_steps=2, batch_size=4))
+    amp = train(
+        dict(
+            TINY,
+            data=str(folder),
+            output=str(tmp_path),
+            name='amp',
+            max_steps=2,
+            amp=True,
+            amp_dtype='bfloat16',
+            channels_last=True,
+            accum_steps=2,
+            batch_size=4,
+        )
+    )
     assert amp['status'] == 'finished' and amp['skipped_steps'] == 0
     assert all(torch.isfinite(v).all() for v in _weights(tmp_path / 'amp').values() if v.is_floating_point())

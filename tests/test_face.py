@@ -1,4 +1,5 @@
 """Face recognition parts: margin heads, the insightface .bin reader, verification metrics, identity folders."""
+
 from __future__ import annotations
 
 import math
@@ -15,8 +16,8 @@ from msconv.data.face import FaceIdentityFolder, load_bin, save_bin
 from msconv.engine.verification import evaluate_verification, verification_metrics
 from msconv.layers import ArcFace, CosFace
 
-
 # ------------------------------------------------------------------ margin heads
+
 
 def _angles(head, emb):
     return torch.acos(F.linear(F.normalize(emb), F.normalize(head.weight)).clamp(-1, 1).double())
@@ -74,6 +75,7 @@ def test_margin_heads_bad_input():
 
 
 # ------------------------------------------------------------------ a small synthetic verification set
+
 
 def _face_pairs(num_pairs: int = 40, size: int = 32, seed: int = 0):
     """Pairs built from skimage's bundled LFW faces: genuine = the same face with a brightness change and noise,

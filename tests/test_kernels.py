@@ -1,5 +1,6 @@
 """msconv.kernels.depthwise: argument checks, the PyTorch reference, backend dispatch, and (in a subprocess under
 Triton's CPU interpreter) the Triton kernels against the reference (``tests/triton_interp_cases.py``)."""
+
 from __future__ import annotations
 
 import os
@@ -24,6 +25,7 @@ def _x(c=8, h=9, w=11):
 
 # ---- the reference ---------------------------------------------------------------------------------------------
 
+
 def test_reference_asymmetric_padding_is_pad_then_valid_conv():
     x, w = _x(), torch.randn(8, 1, 3, 13)
     y = depthwise_conv2d_reference(x, w, None, (1, 1, 5, 7))
@@ -40,7 +42,7 @@ def test_reference_mixed_mode_is_per_group_convolutions(interleaved):
     for g, k in enumerate(gks):
         idx = torch.arange(g, C, 4) if interleaved else torch.arange(g * 2, g * 2 + 2)
         lo = (9 - k) // 2
-        ref = F.conv2d(x[:, idx], w[idx, :, lo:lo + k, lo:lo + k], b[idx], padding=k // 2, groups=len(idx))
+        ref = F.conv2d(x[:, idx], w[idx, :, lo : lo + k, lo : lo + k], b[idx], padding=k // 2, groups=len(idx))
         torch.testing.assert_close(y[:, idx], ref)
 
 
@@ -49,31 +51,41 @@ def test_channel_kernel_sizes_orders():
     assert dw.channel_kernel_sizes((3, 5), 4, interleaved=True) == [3, 5, 3, 5]
 
 
-@pytest.mark.parametrize('padding, expected', [
-    (2, (2, 2, 2, 2)), ((1, 3), (1, 1, 3, 3)), ((0, 1, 2, 3), (0, 1, 2, 3)), ('same', (1, 2, 0, 0)),
-    ('valid', (0, 0, 0, 0)),
-])
+@pytest.mark.parametrize(
+    'padding, expected',
+    [
+        (2, (2, 2, 2, 2)),
+        ((1, 3), (1, 1, 3, 3)),
+        ((0, 1, 2, 3), (0, 1, 2, 3)),
+        ('same', (1, 2, 0, 0)),
+        ('valid', (0, 0, 0, 0)),
+    ],
+)
 def test_resolve_padding(padding, expected):
     assert dw.resolve_padding(padding, (4, 1)) == expected
 
 
 # ---- argument checks -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize('kwargs, match', [
-    (dict(x=torch.randn(8, 9, 11)), r'x must be a \(B, C, H, W\)'),
-    (dict(weight=torch.randn(8, 2, 3, 3)), r'weight must be a depthwise \(C, 1, KH, KW\)'),
-    (dict(weight=torch.randn(4, 1, 3, 3)), r'weight must be a depthwise'),
-    (dict(bias=torch.randn(4)), r'bias must be None or a \(8,\)'),
-    (dict(padding=-1), r'padding must be a non-negative'),
-    (dict(padding=(1, 2, 3)), r'padding must be'),
-    (dict(padding='full'), r'padding must be'),
-    (dict(weight=torch.randn(8, 1, 13, 3), padding=0), r'too small'),
-    (dict(group_kernel_sizes=(3, 5, 7)), r'group_kernel_sizes must hold G >= 1 sizes with G dividing'),
-    (dict(group_kernel_sizes=(3, 4)), r'centred'),
-    (dict(group_kernel_sizes=(3, 11)), r'1 <= k <= min'),
-    (dict(weight=torch.randn(8, 1, 3, 3, dtype=torch.float64)), r'share one dtype'),
-    (dict(backend='cuda'), r"backend must be 'auto', 'triton' or 'torch'"),
-])
+
+@pytest.mark.parametrize(
+    'kwargs, match',
+    [
+        (dict(x=torch.randn(8, 9, 11)), r'x must be a \(B, C, H, W\)'),
+        (dict(weight=torch.randn(8, 2, 3, 3)), r'weight must be a depthwise \(C, 1, KH, KW\)'),
+        (dict(weight=torch.randn(4, 1, 3, 3)), r'weight must be a depthwise'),
+        (dict(bias=torch.randn(4)), r'bias must be None or a \(8,\)'),
+        (dict(padding=-1), r'padding must be a non-negative'),
+        (dict(padding=(1, 2, 3)), r'padding must be'),
+        (dict(padding='full'), r'padding must be'),
+        (dict(weight=torch.randn(8, 1, 13, 3), padding=0), r'too small'),
+        (dict(group_kernel_sizes=(3, 5, 7)), r'group_kernel_sizes must hold G >= 1 sizes with G dividing'),
+        (dict(group_kernel_sizes=(3, 4)), r'centred'),
+        (dict(group_kernel_sizes=(3, 11)), r'1 <= k <= min'),
+        (dict(weight=torch.randn(8, 1, 3, 3, dtype=torch.float64)), r'share one dtype'),
+        (dict(backend='cuda'), r"backend must be 'auto', 'triton' or 'torch'"),
+    ],
+)
 def test_bad_arguments_raise_value_error(kwargs, match):
     args = dict(x=_x(), weight=torch.randn(8, 1, 3, 3), bias=None, padding=1)
     args.update(kwargs)
@@ -83,9 +95,11 @@ def test_bad_arguments_raise_value_error(kwargs, match):
 
 # ---- dispatch --------------------------------------------------------------------------------------------------
 
+
 def _forbid_triton(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("the Triton path was taken")
+
     monkeypatch.setattr(dw, '_triton_forward', boom)
 
 
@@ -118,8 +132,9 @@ def test_reference_path_compiles_without_graph_break():
     """backend='auto' on CPU (dispatch decision included) traces into one graph."""
     x = _x().requires_grad_(True)
     w = torch.randn(8, 1, 9, 9, requires_grad=True)
-    f = torch.compile(lambda x, w: depthwise_conv2d(x, w, None, 4, (3, 5, 7, 9), True),
-                      fullgraph=True, backend='aot_eager')
+    f = torch.compile(
+        lambda x, w: depthwise_conv2d(x, w, None, 4, (3, 5, 7, 9), True), fullgraph=True, backend='aot_eager'
+    )
     y = f(x, w)
     y.square().sum().backward()
     outside = dw._tap_mask(w, (3, 5, 7, 9), True) == 0  # 2 channels each of k = 3, 5, 7: 2 * (72 + 56 + 32) taps
@@ -129,18 +144,38 @@ def test_reference_path_compiles_without_graph_break():
 
 # ---- the Triton kernels, under the interpreter -----------------------------------------------------------------
 
+
 @pytest.mark.skipif(not dw.HAS_TRITON, reason='triton is not installed')
 def test_triton_kernels_in_interpreter():
     """Runs tests/triton_interp_cases.py in a fresh interpreter with TRITON_INTERPRET=1 (Triton decides at import
     time whether it interprets, so it cannot be switched on inside this process)."""
-    env = dict(os.environ, TRITON_INTERPRET='1', PYTHONPATH=os.pathsep.join(
-        [str(REPO / 'src')] + ([os.environ['PYTHONPATH']] if os.environ.get('PYTHONPATH') else [])))
+    env = dict(
+        os.environ,
+        TRITON_INTERPRET='1',
+        PYTHONPATH=os.pathsep.join(
+            [str(REPO / 'src')] + ([os.environ['PYTHONPATH']] if os.environ.get('PYTHONPATH') else [])
+        ),
+    )
     env.pop('MSCONV_DISABLE_TRITON', None)
     env.pop('PYTEST_XDIST_WORKER', None)
     proc = subprocess.run(
-        [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', '-p', 'no:xdist',
-         str(REPO / 'tests' / 'triton_interp_cases.py')],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        [
+            sys.executable,
+            '-m',
+            'pytest',
+            '-q',
+            '-p',
+            'no:cacheprovider',
+            '-p',
+            'no:xdist',
+            str(REPO / 'tests' / 'triton_interp_cases.py'),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     passed = re.search(r'(\d+) passed', out)
@@ -152,17 +187,24 @@ def _nvidia_compiler_available() -> bool:
         return False
     try:
         from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+
         return True
     except ImportError:
         return False
 
 
 @pytest.mark.skipif(not _nvidia_compiler_available(), reason="triton's NVIDIA compiler backend is not available")
-@pytest.mark.parametrize('kind, channels_last, mixed, dtype', [
-    ('fwd', False, 2, 'fp16'), ('fwd', True, 0, 'bf16'), ('fwd', True, 1, 'fp32'),
-    ('wgrad', True, 1, 'fp32'),
-    ('wgrad', True, 2, 'bf16'), ('wgrad', False, 0, 'fp16'),
-])
+@pytest.mark.parametrize(
+    'kind, channels_last, mixed, dtype',
+    [
+        ('fwd', False, 2, 'fp16'),
+        ('fwd', True, 0, 'bf16'),
+        ('fwd', True, 1, 'fp32'),
+        ('wgrad', True, 1, 'fp32'),
+        ('wgrad', True, 2, 'bf16'),
+        ('wgrad', False, 0, 'fp16'),
+    ],
+)
 def test_kernels_compile_for_sm90_offline(kind, channels_last, mixed, dtype):
     """The interpreter does not run Triton's compiler: build the real GPU binary (ptxas, no GPU needed) at the
     default launch configurations and each MIXED mode (0: all taps, 1: per-channel windows, 2: per-block
@@ -184,8 +226,11 @@ def test_kernels_compile_for_sm90_offline(kind, channels_last, mixed, dtype):
     signature = {name: 'i32' for name in fn.arg_names}
     signature.update({name: '*' + t for name, t in ptrs.items()})
     signature.update({name: 'constexpr' for name in consts})
-    compiled = triton.compile(ASTSource(fn, signature, consts), target=GPUTarget('cuda', 90, 32),
-                              options=dict(num_warps=cfg['num_warps'], enable_fp_fusion=True))
+    compiled = triton.compile(
+        ASTSource(fn, signature, consts),
+        target=GPUTarget('cuda', 90, 32),
+        options=dict(num_warps=cfg['num_warps'], enable_fp_fusion=True),
+    )
     assert len(compiled.asm['cubin']) > 0
 
 

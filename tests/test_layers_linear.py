@@ -1,5 +1,6 @@
 """``msconv.layers.Linear``: the oneDNN (1x1 convolution) GEMM path against ``F.linear``, and how the faster one
 is chosen (measured by ``msconv.layers.forms.tuned``)."""
+
 from __future__ import annotations
 
 import warnings
@@ -8,12 +9,11 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import max_abs, onednn_enabled
 from torch.profiler import ProfilerActivity, profile
 
 from msconv.layers import Linear, forms, reference_forms
 from msconv.layers.linear import linear
-
-from conftest import max_abs, onednn_enabled
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason='torch built without oneDNN')
 
@@ -89,7 +89,7 @@ def test_path_choice_is_measured_once_per_shape_and_cached(monkeypatch, tmp_path
         first = linear(big, w)
         again = linear(big, w)
     assert calls == [['blas', 'onednn']] and torch.equal(first, again)
-    (key, choice), = forms.autotune_choices().items()
+    ((key, choice),) = forms.autotune_choices().items()
     assert key.startswith('linear|(1, 56, 56, 64)|c|float32|cpu|') and choice in ('blas', 'onednn')
     assert (tmp_path / 'autotune.json').is_file()
     monkeypatch.setattr(forms, '_CHOICES', {})
@@ -146,6 +146,7 @@ def test_compiled_module_matches(always_onednn):
 
 def test_flop_counter_counts_the_onednn_path(always_onednn):
     from torch.utils.flop_counter import FlopCounterMode
+
     x = torch.randn(2, 8, 8, 32, requires_grad=True)
     w, b = torch.randn(48, 32, requires_grad=True), torch.randn(48, requires_grad=True)
     totals = []

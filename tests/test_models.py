@@ -3,6 +3,7 @@
 Tiny ``test_*`` variants run the numeric checks (forward, backward, features, intermediates, compile);
 every registered model is built on the meta device for the config and feature checks.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -195,6 +196,7 @@ def test_read_checkpoint_names_files_that_are_not_checkpoints(tmp_path):
 
 def test_checkpoint_of_another_model_fails_before_any_classifier_warning():
     import warnings
+
     other = msconv.create_model('test_scsc_swin').state_dict()
     model = msconv.create_model('test_smt')
     with warnings.catch_warnings():

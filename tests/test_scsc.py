@@ -1,18 +1,18 @@
 """SCSC: parity with the official fixtures, both routings, folding, sizes, counts."""
+
 from __future__ import annotations
 
 import pytest
 import timm
 import torch
 import torch.nn as nn
+from conftest import load_fixture, max_abs, official_state_dict, onednn_enabled
 from torch.utils.flop_counter import FlopCounterMode
 
 import msconv
 from msconv.layers import CrossScaleBottleneck, SpatialCrossScaleConv
 from msconv.models.scsc_resnet import CrossScaleResNet
 from msconv.models.scsc_swin import CrossScaleSwin
-
-from conftest import load_fixture, max_abs, official_state_dict, onednn_enabled
 
 EVAL_TOL = 1e-5
 TRAIN_TOL = 1e-4
@@ -36,19 +36,22 @@ def _randomize_bn(model: nn.Module, seed: int = 0) -> None:
 
 def _raw(name):
     """Fixture tensors without the float32 cast (for the float64 references)."""
-    from safetensors.torch import load_file
     from conftest import FIXTURES
+    from safetensors.torch import load_file
+
     return load_file(str(FIXTURES / 'scsc' / f'{name}.safetensors'))
 
 
 def _save_official(tmp_path, tensors, name):
     from safetensors.torch import save_file
+
     path = tmp_path / f'{name}.safetensors'
     save_file({k: v.contiguous() for k, v in official_state_dict(tensors).items()}, str(path))
     return path
 
 
 # ------------------------------------------------------------------ module fixtures
+
 
 def _scsc_block(routing='official'):
     t, _ = load_fixture('scsc', 'scsc_block')
@@ -96,13 +99,14 @@ def test_scsc_block_train_output_grads_and_running_stats():
     (y * _nhwc_to_nchw(t['upstream'])).sum().backward()
     assert max_abs(x.grad, _nhwc_to_nchw(t['grad.input'])) <= TRAIN_TOL
     ref_grads = msconv.convert_official(
-        {k[len('grad.'):]: v for k, v in t.items() if k.startswith('grad.') and k != 'grad.input'}, 'scsc')
+        {k[len('grad.') :]: v for k, v in t.items() if k.startswith('grad.') and k != 'grad.input'}, 'scsc'
+    )
     params = dict(m.named_parameters())
     assert set(ref_grads) == set(params)
     for k, g in ref_grads.items():
         assert max_abs(params[k].grad, g) <= TRAIN_TOL, k
     after_official = dict(official_state_dict(t))  # the full official dict, so the module is recognised
-    after_official.update({k[len('state_dict_after.'):]: v for k, v in t.items() if k.startswith('state_dict_after.')})
+    after_official.update({k[len('state_dict_after.') :]: v for k, v in t.items() if k.startswith('state_dict_after.')})
     after = {k: v for k, v in msconv.convert_official(after_official, 'scsc').items() if 'running' in k}
     assert len(after) == 6
     buffers = dict(m.named_buffers())
@@ -124,6 +128,7 @@ def test_cnn_block_stride2_matches_official():
 
 
 # ------------------------------------------------------------------ model fixtures (load through create_model)
+
 
 def test_swin_micro_matches_official_via_checkpoint_path(tmp_path, gemm):
     t, _ = load_fixture('scsc', 'scsc_swin_micro')
@@ -184,6 +189,7 @@ def test_converter_is_identity_on_msconv_state_dicts():
 
 
 # ------------------------------------------------------------------ routings
+
 
 def _naive_route(feats, gate, m, groups, cp, routing):
     """Per-channel loops straight from the formulas in the module docstring."""
@@ -249,6 +255,7 @@ def test_layer_bad_arguments_raise_value_error():
 
 
 # ------------------------------------------------------------------ whole-model folding, compile, sizes, counts
+
 
 @pytest.mark.parametrize('name', ['test_scsc_swin', 'test_scsc_resnet', 'test_scsc_faceresnet', 'test_face_iresnet'])
 def test_reparameterize_keeps_outputs(name):
@@ -332,10 +339,12 @@ def test_face_claim_ratios():
 
 # ------------------------------------------------------------------ in-place inference forms against the plain forms
 
+
 @pytest.mark.parametrize('onednn', [True, False])  # the per-image MLP through oneDNN convs, or BLAS GEMMs
 @pytest.mark.parametrize('folded', [False, True])
 def test_inplace_inference_forms_match_plain_forms(folded, onednn):
     from msconv.layers import forms
+
     mlp = 'per_image_onednn' if onednn else 'per_image_gemm'  # the per-image MLP forms, whatever is fastest here
     with onednn_enabled(onednn), forms.forced_choices(scsc_swin_block=mlp, pointwise_conv='gemm'):
         _check_inplace_inference_forms(folded)
@@ -343,6 +352,7 @@ def test_inplace_inference_forms_match_plain_forms(folded, onednn):
 
 def _check_inplace_inference_forms(folded):
     from msconv.models.scsc_swin import CrossScaleSwinBlock
+
     torch.manual_seed(0)
     swin = CrossScaleSwinBlock(24, (3, 5), groups=2).eval()
     cnn = CrossScaleBottleneck(24, 36, (3, 5), groups=2, stride=2).eval()
@@ -379,6 +389,7 @@ def test_fast_routing_matches_plain_routing(routing):
 @pytest.mark.parametrize('stride,size,bias', [(1, 56, True), (2, 112, False), (2, 113, True)])
 def test_pointwise_conv_gemm_form_matches_conv(stride, size, bias):
     from msconv.layers.cross_scale import pointwise_conv
+
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 24, 1, stride=stride, bias=bias)
     x = torch.randn(2, 16, size, size)
@@ -392,6 +403,7 @@ def test_pointwise_conv_gemm_form_matches_conv(stride, size, bias):
 @pytest.mark.parametrize('stride,size,folded', [(2, 33, False), (2, 32, True), (1, 17, True)])
 def test_conv_stem_im2col_inference_matches_conv(stride, size, folded):
     from msconv.models.scsc_resnet import ConvStem
+
     torch.manual_seed(0)
     stem = ConvStem(3, 16, stride=stride).eval()
     _randomize_bn(stem)

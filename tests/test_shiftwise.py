@@ -1,19 +1,18 @@
 """ShiftWise: the operator against the official fixtures and an emulation of the official CUDA op, its fast forms,
 the network, reparameterization, precision, RNG hygiene, sparsity, sizes and compile."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import load_fixture, max_abs, official_state_dict
 from torch.utils.flop_counter import FlopCounterMode
 
 import msconv
-from msconv.layers.shiftwise import ShiftWiseConv2d, shiftwise_geometry, shiftwise_indices
 from msconv.engine.sparsity import SparsityScheduler
-
-from conftest import load_fixture, max_abs, official_state_dict
+from msconv.layers.shiftwise import ShiftWiseConv2d, shiftwise_geometry, shiftwise_indices
 
 OP_FIXTURES = ['sw_op_k13', 'sw_op_k51', 'sw_op_k13_train']
 
@@ -21,8 +20,9 @@ OP_FIXTURES = ['sw_op_k13', 'sw_op_k51', 'sw_op_k13_train']
 def _op_from_fixture(name):
     tensors, meta = load_fixture('shiftwise', name)
     kw = meta['constructor_kwargs']
-    op = ShiftWiseConv2d(kw['in_channels'], kw['big_kernel'], kw['small_kernel'], kw['ghost_ratio'], kw['N_path'],
-                         kw['N_rep'])
+    op = ShiftWiseConv2d(
+        kw['in_channels'], kw['big_kernel'], kw['small_kernel'], kw['ghost_ratio'], kw['N_path'], kw['N_rep']
+    )
     op.load_state_dict(msconv.convert_official(official_state_dict(tensors), 'shiftwise'), strict=True)
     return op, tensors, meta
 
@@ -55,7 +55,7 @@ def _emulate_official(op: ShiftWiseConv2d, x: torch.Tensor) -> torch.Tensor:
         y0, y1 = max(0, -dy), min(hin, hh - dy)
         x0, x1 = max(0, -dx), min(win, ww - dx)
         if y0 < y1 and x0 < x1:
-            out[:, oc, y0 + dy:y1 + dy, x0 + dx:x1 + dx] += src[:, y0:y1, x0:x1]
+            out[:, oc, y0 + dy : y1 + dy, x0 + dx : x1 + dx] += src[:, y0:y1, x0:x1]
 
     for pc in range(r * nk):
         oc = pc // nk
@@ -65,8 +65,22 @@ def _emulate_official(op: ShiftWiseConv2d, x: torch.Tensor) -> torch.Tensor:
             if pc == int(idx['idx_identit'][oc, g]):
                 scatter(s, oc, conv[:, pc], -e, -e)
     bns = [op.bn_h, op.bn_v, op.bn_s]
-    y = sum(F.batch_norm(t, bn.running_mean.to(x.dtype), bn.running_var.to(x.dtype), bn.weight.detach().to(x.dtype),
-                         bn.bias.detach().to(x.dtype), False, 0.0, bn.eps) for t, bn in zip((h, v, s), bns)) + xr
+    y = (
+        sum(
+            F.batch_norm(
+                t,
+                bn.running_mean.to(x.dtype),
+                bn.running_var.to(x.dtype),
+                bn.weight.detach().to(x.dtype),
+                bn.bias.detach().to(x.dtype),
+                False,
+                0.0,
+                bn.eps,
+            )
+            for t, bn in zip((h, v, s), bns)
+        )
+        + xr
+    )
     return torch.cat([y, x[:, idx['ghost'].long()]], dim=1)
 
 
@@ -85,7 +99,7 @@ def test_net_indices_equal_official():
     for key, ref in tensors.items():
         if not key.startswith('index.'):
             continue
-        path, attr = key[len('index.'):].split('.large_kernel.')
+        path, attr = key[len('index.') :].split('.large_kernel.')
         i, j = path.split('.')[1:]
         ours = model.stages[int(i)].blocks[int(j)].conv.official_indices()
         assert torch.equal(ours[attr.split('.')[-1]], ref), key
@@ -160,8 +174,8 @@ def test_asymmetric_footprints_match_official_emulation(kernel_size, offsets):
         cross = op.cross_kernel()
         p = op.long_pad
         lo, hi = offsets
-        assert cross[..., p + lo:p + hi + 1].abs().sum() > 0
-        assert cross[..., :p + lo].abs().sum() == 0 and cross[..., p + hi + 1:].abs().sum() == 0
+        assert cross[..., p + lo : p + hi + 1].abs().sum() > 0
+        assert cross[..., : p + lo].abs().sum() == 0 and cross[..., p + hi + 1 :].abs().sum() == 0
 
 
 def test_lean_training_form_equals_reference_and_saves_little():
@@ -275,6 +289,7 @@ def test_deploy_inference_path_equals_plain_forward(micro, gemm, mlp, monkeypatc
     autograd on, the plain module sequence. Non-trivial GRN parameters so that the GRN algebra is exercised."""
     from msconv.layers import forms
     from msconv.models.shiftwise_net import ShiftWiseBlock
+
     monkeypatch.setitem(forms._FORCED, 'shiftwise_block', mlp)  # as forms.forced_choices, for the whole test
     model, t = micro
     deploy = msconv.create_model('test_shiftwise', num_classes=10).eval()
@@ -308,6 +323,7 @@ def test_deploy_inference_path_equals_plain_forward(micro, gemm, mlp, monkeypatc
 
 def test_official_checkpoint_through_create_model(micro, tmp_path):
     from safetensors.torch import save_file
+
     _, t = micro
     path = tmp_path / 'official.safetensors'
     save_file({k: v.contiguous() for k, v in official_state_dict(t).items()}, str(path))

@@ -1,4 +1,5 @@
 """SMT parity with the official implementation (../shared/fixtures/smt) and its layers."""
+
 from __future__ import annotations
 
 import json
@@ -9,13 +10,12 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
+from conftest import FIXTURES, load_fixture, max_abs, official_state_dict
 from safetensors.torch import save_file
 
 import msconv
 from msconv.layers import MultiHeadMixedConv, ScaleAwareModulation
 from msconv.models.smt import SMT, Block
-
-from conftest import FIXTURES, load_fixture, max_abs, official_state_dict
 
 EVAL_FIXTURES = ['smt_micro', 'smt_micro_ls_k7', 'smt_micro_eps']
 
@@ -44,7 +44,11 @@ def test_features_only_through_create_model_match_official(tmp_path):
     ckpt = tmp_path / 'official.safetensors'
     save_file(official_state_dict(t), str(ckpt))  # a bare official state dict as safetensors
     backbone = msconv.create_model(
-        'smt_tiny', checkpoint_path=ckpt, features_only=True, out_indices=(1, 2, 3), **meta['constructor_kwargs'],
+        'smt_tiny',
+        checkpoint_path=ckpt,
+        features_only=True,
+        out_indices=(1, 2, 3),
+        **meta['constructor_kwargs'],
     ).eval()
     with torch.no_grad():
         feats = backbone(t['input'])
@@ -72,11 +76,11 @@ def test_train_step_loss_grads_and_bn_stats_match_official(gemm):
     assert grads and afters
     strict = meta.get('strict_atol_per_tensor', {})
     for k in grads:
-        ours = _our_key(k[len('grad.'):])
+        ours = _our_key(k[len('grad.') :])
         tol = min(atol, strict.get(k, atol)) if isinstance(strict, dict) else atol
         assert max_abs(params[ours].grad, t[k]) <= tol, k
     for k in afters:
-        ours = _our_key(k[len('after.'):])
+        ours = _our_key(k[len('after.') :])
         assert max_abs(buffers[ours].double(), t[k].double()) <= atol, k
 
 
@@ -88,15 +92,21 @@ def test_official_key_manifest_converts_exactly(variant, name):
         model = msconv.create_model(name)
     converted = msconv.convert_official(official, 'smt')
     ours = model.state_dict()
-    assert set(converted) == set(ours), (set(converted) ^ set(ours))
+    assert set(converted) == set(ours), set(converted) ^ set(ours)
     assert all(tuple(converted[k].shape) == tuple(ours[k].shape) for k in ours)
     n_params = sum(p.numel() for p in model.parameters())
     assert n_params == manifest['num_params']
 
 
-@pytest.mark.parametrize('name,millions', [
-    ('smt_tiny', 11.51), ('smt_small', 22.55), ('smt_base', 32.04), ('smt_large', 80.62),
-])
+@pytest.mark.parametrize(
+    'name,millions',
+    [
+        ('smt_tiny', 11.51),
+        ('smt_small', 22.55),
+        ('smt_base', 32.04),
+        ('smt_large', 80.62),
+    ],
+)
 def test_parameter_counts(name, millions):
     with torch.device('meta'):
         model = msconv.create_model(name)
@@ -194,10 +204,10 @@ def test_missing_or_corrupt_checkpoint_gives_clear_error(tmp_path):
 def test_single_official_module_state_dicts_load_into_our_layers():
     t, _ = load_fixture('smt', 'smt_micro')
     sd = official_state_dict(t)
-    sam_sd = {k[len('block1.0.attn.'):]: v for k, v in sd.items() if k.startswith('block1.0.attn.')}
+    sam_sd = {k[len('block1.0.attn.') :]: v for k, v in sd.items() if k.startswith('block1.0.attn.')}
     sam = ScaleAwareModulation(16, num_heads=4, expand_ratio=2, qkv_bias=True)
     sam.load_state_dict(msconv.convert_official(sam_sd, 'smt'))
-    block_sd = {k[len('block3.1.'):]: v for k, v in sd.items() if k.startswith('block3.1.')}
+    block_sd = {k[len('block3.1.') :]: v for k, v in sd.items() if k.startswith('block3.1.')}
     block = Block(64, ca_num_heads=4, sa_num_heads=8, mlp_ratio=4, qkv_bias=True, ca_attention=0)
     block.load_state_dict(msconv.convert_official(block_sd, 'smt'))
     # the converter is the identity on our own keys (it runs inside every model's load_state_dict)
@@ -278,9 +288,15 @@ def test_reference_forms_give_the_same_model_outputs():
     assert max_abs(fast, ref) < 1e-5
 
 
-@pytest.mark.parametrize('name,conv_linear,attention', [
-    ('smt_tiny', 2.38, 0.08), ('smt_small', 4.66, 0.18), ('smt_base', 7.69, 0.28), ('smt_large', 17.48, 0.43),
-])
+@pytest.mark.parametrize(
+    'name,conv_linear,attention',
+    [
+        ('smt_tiny', 2.38, 0.08),
+        ('smt_small', 4.66, 0.18),
+        ('smt_base', 7.69, 0.28),
+        ('smt_large', 17.48, 0.43),
+    ],
+)
 def test_profile_macs_match_the_official_counts(name, conv_linear, attention):
     """conv+linear GMACs as the official README counts them (ptflops, no attention matmuls), attention apart."""
     stats = msconv.profile(name, input_size=(3, 224, 224))
@@ -323,11 +339,13 @@ def test_sam_through_triton_kernel_in_interpreter():
     import subprocess
     import sys
     from pathlib import Path
+
     src = Path(__file__).resolve().parents[1] / 'src'
     env = dict(os.environ, TRITON_INTERPRET='1', PYTHONPATH=f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     env.pop('MSCONV_DISABLE_TRITON', None)
-    proc = subprocess.run([sys.executable, '-c', _TRITON_SAM_CHECK], env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, '-c', _TRITON_SAM_CHECK], env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0 and proc.stdout.strip().endswith('ok'), proc.stderr[-3000:]
 
 

@@ -1,5 +1,6 @@
 """Start-up: `import msconv` loads only what the models need (torch, timm); the engine, the tools and their
 heavy dependencies load where used. Timings are in benchmarks/bench_startup.py, not asserted here."""
+
 from __future__ import annotations
 
 import os
@@ -8,11 +9,20 @@ import sys
 import textwrap
 
 import pytest
-
 from conftest import REPO
 
-HEAVY = ('matplotlib', 'onnx', 'onnxruntime', 'onnxscript', 'skimage', 'rich', 'msconv.engine',
-         'msconv.tools', 'msconv.data', 'msconv_cli')
+HEAVY = (
+    'matplotlib',
+    'onnx',
+    'onnxruntime',
+    'onnxscript',
+    'skimage',
+    'rich',
+    'msconv.engine',
+    'msconv.tools',
+    'msconv.data',
+    'msconv_cli',
+)
 
 
 def _loaded_after(code: str):
@@ -21,8 +31,13 @@ def _loaded_after(code: str):
         {code}
         print(sorted(m for m in {HEAVY!r} if m in sys.modules))
     ''')
-    out = subprocess.run([sys.executable, '-c', probe], capture_output=True, text=True, timeout=300,
-                         env=dict(os.environ, PYTHONPATH=str(REPO / 'src')))
+    out = subprocess.run(
+        [sys.executable, '-c', probe],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=str(REPO / 'src')),
+    )
     assert out.returncode == 0, out.stderr
     return out.stdout.strip().splitlines()[-1]
 
@@ -39,6 +54,7 @@ def test_lazy_names_load_their_module_on_first_use():
 def test_sparsity_scheduler_lives_in_the_engine():
     import msconv
     from msconv.engine.sparsity import SparsityScheduler
+
     assert msconv.SparsityScheduler is SparsityScheduler
     assert SparsityScheduler.__module__ == 'msconv.engine.sparsity'
     with pytest.raises(ImportError):  # layers never import upwards from the engine

@@ -1,4 +1,5 @@
 """msconv.tools.bench: result rows, ratios against an interleaved baseline, reparam, memory accounting, CLI."""
+
 from __future__ import annotations
 
 import csv
@@ -47,22 +48,32 @@ def test_rows_and_baseline_ratio():
     assert tiny['gmacs'] * 1e9 == profile(TinyNet(), input_size=(3, 32, 32))['macs']
     assert base['params_m'] == pytest.approx(0.469688)
     # train memory includes the gradients (params are float32)
-    assert tiny['train_mem_mb'] * 2 ** 20 >= 4 * sum(p.numel() for p in TinyNet().parameters())
+    assert tiny['train_mem_mb'] * 2**20 >= 4 * sum(p.numel() for p in TinyNet().parameters())
 
 
 def test_interleaved_runs_median_and_ratio_from_scripted_timings(monkeypatch):
     """Each timed run returns a scripted rate: the baseline's runs 10, 30, 20 img/s (median 20), TinyNet's 50, 5, 40
     (median 40); runs alternate between the models; the ratio is 40 / 20."""
     from msconv.tools import bench as bench_module
+
     script = {'timm:test_resnet': iter([10.0, 30.0, 20.0]), 'TinyNet': iter([50.0, 5.0, 40.0])}
     calls = []
 
     def timed(self, step, iters):
         calls.append((self.name, iters))
         return next(script[self.name])
+
     monkeypatch.setattr(bench_module._Subject, 'timed', timed)
-    base, tiny = benchmark([TinyNet()], baseline='timm:test_resnet', train=False, batch_size=2, img_size=32,
-                           num_warm_iter=0, num_bench_iter=6, repeats=3)
+    base, tiny = benchmark(
+        [TinyNet()],
+        baseline='timm:test_resnet',
+        train=False,
+        batch_size=2,
+        img_size=32,
+        num_warm_iter=0,
+        num_bench_iter=6,
+        repeats=3,
+    )
     assert calls == [('timm:test_resnet', 2), ('TinyNet', 2)] * 3
     assert (base['infer_img_s'], tiny['infer_img_s']) == (20.0, 40.0)
     assert (base['infer_ratio'], tiny['infer_ratio']) == (1.0, 2.0)
@@ -74,11 +85,34 @@ def test_cli_prints_no_profiler_noise(tmp_path):
     import subprocess
     import sys
     from pathlib import Path
+
     src = Path(__file__).resolve().parents[1] / 'src'
-    r = subprocess.run([sys.executable, '-m', 'msconv_cli', 'bench', 'timm:test_resnet', '--batch-size', '2',
-                        '--img-size', '32', '--num-warm-iter', '1', '--num-bench-iter', '2', '--repeats', '2',
-                        '--csv', ''], capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                       env=dict(os.environ, PYTHONPATH=str(src), OMP_NUM_THREADS='1'))
+    r = subprocess.run(
+        [
+            sys.executable,
+            '-m',
+            'msconv_cli',
+            'bench',
+            'timm:test_resnet',
+            '--batch-size',
+            '2',
+            '--img-size',
+            '32',
+            '--num-warm-iter',
+            '1',
+            '--num-bench-iter',
+            '2',
+            '--repeats',
+            '2',
+            '--csv',
+            '',
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=str(src), OMP_NUM_THREADS='1'),
+    )
     assert r.returncode == 0, r.stderr
     lines = [line for line in (r.stdout + r.stderr).splitlines() if line.strip()]
     assert len(lines) == 6 and 'median of 2 interleaved runs' in lines[0], lines  # title + 5 table lines
@@ -94,19 +128,25 @@ def test_reparam_benchmarks_inference_form_only():
 
 def test_cpu_peak_memory_is_exact_for_known_allocations():
     def step():
-        a = torch.ones(2 ** 20)  # 4 MiB
-        b = torch.ones(2 ** 21)  # 8 MiB, both live
+        a = torch.ones(2**20)  # 4 MiB
+        b = torch.ones(2**21)  # 8 MiB, both live
         del a, b
-        torch.ones(2 ** 20)
+        torch.ones(2**20)
 
     peak = _peak_step_memory(step, torch.device('cpu'))
-    assert 12 * 2 ** 20 <= peak < 12 * 2 ** 20 + 2 ** 16
+    assert 12 * 2**20 <= peak < 12 * 2**20 + 2**16
 
 
-@pytest.mark.parametrize('kwargs, match', [
-    (dict(batch_size=0), 'batch_size'), (dict(img_size=-1), 'img_size'), (dict(repeats=0), 'repeats'),
-    (dict(num_bench_iter=1, repeats=2), 'num_bench_iter'), (dict(amp=True, amp_dtype='int8'), 'amp_dtype'),
-])
+@pytest.mark.parametrize(
+    'kwargs, match',
+    [
+        (dict(batch_size=0), 'batch_size'),
+        (dict(img_size=-1), 'img_size'),
+        (dict(repeats=0), 'repeats'),
+        (dict(num_bench_iter=1, repeats=2), 'num_bench_iter'),
+        (dict(amp=True, amp_dtype='int8'), 'amp_dtype'),
+    ],
+)
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         benchmark([TinyNet()], **{**FAST, **kwargs})
@@ -122,8 +162,27 @@ def test_unknown_model_and_missing_cuda():
 
 def test_cli_table_and_csv(tmp_path, capsys):
     out = tmp_path / 'b.csv'
-    rc = main(['bench', 'timm:test_resnet', '--vs', 'timm:test_resnet', '--batch-size', '2', '--img-size', '32',
-               '--num-warm-iter', '1', '--num-bench-iter', '2', '--repeats', '2', '--no-train', '--csv', str(out)])
+    rc = main(
+        [
+            'bench',
+            'timm:test_resnet',
+            '--vs',
+            'timm:test_resnet',
+            '--batch-size',
+            '2',
+            '--img-size',
+            '32',
+            '--num-warm-iter',
+            '1',
+            '--num-bench-iter',
+            '2',
+            '--repeats',
+            '2',
+            '--no-train',
+            '--csv',
+            str(out),
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     assert 'timm:test_resnet (baseline)' in text and 'infer vs base' in text
@@ -137,8 +196,11 @@ def test_cli_bad_model_is_one_line_error(capsys):
     assert 'not an msconv model' in capsys.readouterr().err
 
 
-@pytest.mark.parametrize('options', [dict(amp=True), dict(channels_last=True), dict(compile='eager')],
-                         ids=['amp-bf16', 'channels-last', 'compile-eager'])
+@pytest.mark.parametrize(
+    'options',
+    [dict(amp=True), dict(channels_last=True), dict(compile='eager')],
+    ids=['amp-bf16', 'channels-last', 'compile-eager'],
+)
 def test_options_run_both_modes(options):
     row = benchmark([TinyNet()], **FAST, **options)[0]
     assert row['infer_img_s'] > 0 and row['train_img_s'] > 0

@@ -1,4 +1,5 @@
 """Effective receptive field: exact maps for a known convolution, area ratios, real-image loaders, figure, CLI."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -41,17 +42,18 @@ def test_relu_vs_abs():
     images = torch.rand(2, 3, 9, 9)
     w = model.conv.weight.detach().double()
     np.testing.assert_allclose(erf_map(model, images, grad='abs')[2:7, 2:7], w.abs().sum((0, 1)).numpy(), rtol=1e-6)
-    np.testing.assert_allclose(erf_map(model, images, grad='relu')[2:7, 2:7], w.clamp(min=0).sum((0, 1)).numpy(),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        erf_map(model, images, grad='relu')[2:7, 2:7], w.clamp(min=0).sum((0, 1)).numpy(), rtol=1e-6
+    )
     with pytest.raises(ValueError, match='grad'):
         erf_map(model, images, grad='square')
 
 
 def test_area_ratios_centred_squares():
     data = np.zeros((11, 11))
-    data[5, 5] = 1.0                # centre pixel: 39% of the total (2.75)
-    data[4:7, 4:7] += 1.0 / 12      # centred 3x3 square: 64%
-    data[0, 0] = 1.0                # a far corner: the remaining 36%
+    data[5, 5] = 1.0  # centre pixel: 39% of the total (2.75)
+    data[4:7, 4:7] += 1.0 / 12  # centred 3x3 square: 64%
+    data[0, 0] = 1.0  # a far corner: the remaining 36%
     total = data.sum()
     ratios = area_ratios(data, (0.2, 0.5, 0.99, 1.0))
     assert data[5, 5] / total >= 0.2 and ratios[0.2] == 1 / 121
@@ -78,6 +80,7 @@ def test_bundled_images(source):
 
 def test_folder_images_and_bad_source(tmp_path):
     from PIL import Image
+
     for i in range(2):
         pixels = (np.random.default_rng(i).random((40, 50, 3)) * 255).astype(np.uint8)
         Image.fromarray(pixels).save(tmp_path / f'{i}.png')
@@ -97,6 +100,7 @@ def test_compute_and_plot_side_by_side(tmp_path):
     assert set(results) == {'a', 'b'}
     assert results['a']['ratios'][0.99] <= 25 / 256  # a 5x5 kernel: everything within the centred 5x5 square
     from PIL import Image
+
     w, h = Image.open(out).size
     assert w > 1.8 * h  # two panels side by side
     with pytest.raises(ValueError, match='at least one'):
@@ -105,8 +109,7 @@ def test_compute_and_plot_side_by_side(tmp_path):
 
 def test_cli_erf(tmp_path, capsys):
     out = tmp_path / 'erf.png'
-    rc = main(['erf', 'timm:resnet10t', '--data', 'digits', '--num-images', '2', '--img-size', '64',
-               '--out', str(out)])
+    rc = main(['erf', 'timm:resnet10t', '--data', 'digits', '--num-images', '2', '--img-size', '64', '--out', str(out)])
     assert rc == 0 and out.is_file()
     text = capsys.readouterr().out
     assert 't=0.99' in text and 'resnet10t (random init)' in text

@@ -1,4 +1,5 @@
 """ONNX export of the inference form: onnxruntime matches PyTorch within 1e-4 at two batch sizes (dynamic batch)."""
+
 from __future__ import annotations
 
 import pytest
@@ -12,7 +13,8 @@ from msconv.tools.export import _onnx_summary, check_onnx, export_onnx
 # one tiny test_* model per family present in the registry (preferring one named after its family)
 FAMILY_MODELS = [
     next((n for n in names if f in n), names[0])
-    for f, names in ((f, msconv.list_models('test_*', family=f)) for f in msconv.FAMILIES) if names
+    for f, names in ((f, msconv.list_models('test_*', family=f)) for f in msconv.FAMILIES)
+    if names
 ]
 
 
@@ -70,6 +72,7 @@ def test_reparameterized_form_is_exported(exporter, tmp_path):
     path = export_onnx(model, tmp_path / 'rep.onnx', (3, 16, 16), exporter=exporter)
     assert model.fused is not None and not hasattr(model, 'c1')
     import onnx
+
     convs = [n for n in onnx.load(path).graph.node if n.op_type == 'Conv']
     assert len(convs) == 1  # the merged kernel, not the two training branches
     diffs = check_onnx(model, path, (3, 16, 16), batch_sizes=(1, 5))
@@ -87,8 +90,20 @@ def test_bad_arguments(tmp_path):
 
 def test_cli_export_and_check(tmp_path, capsys):
     out = tmp_path / 'r.onnx'
-    rc = main(['export', 'timm:resnet10t', '--img-size', '32', '--num-classes', '7', '--exporter', 'torchscript',
-               '--out', str(out)])
+    rc = main(
+        [
+            'export',
+            'timm:resnet10t',
+            '--img-size',
+            '32',
+            '--num-classes',
+            '7',
+            '--exporter',
+            'torchscript',
+            '--out',
+            str(out),
+        ]
+    )
     text = capsys.readouterr().out
     assert rc == 0, text
     assert out.is_file() and "['batch', 3, 32, 32]" in text and 'batch 3:' in text
@@ -102,6 +117,7 @@ def test_cli_missing_checkpoint(tmp_path, capsys):
 def test_checked_export_leaves_no_file_when_onnxruntime_disagrees(tmp_path, monkeypatch):
     """``export_onnx_checked`` (what ``msconv export`` uses) renames the file into place only after the check."""
     from msconv.tools import export as export_module
+
     model = msconv.create_model('test_smt').eval()
     size = _input_size(model)
     out = tmp_path / 'model.onnx'

@@ -1,4 +1,5 @@
 """The generated model table stays in sync with the registry, docs/models.md and the README section."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,8 +31,11 @@ def test_table_covers_the_registry(table):
 
 
 def _cells(text: str, name: str):
-    row = next(line for line in text.splitlines() if line.strip().strip('|│ ').startswith(f'`{name}`')
-               or line.strip().strip('|│ ').startswith(f'{name} '))
+    row = next(
+        line
+        for line in text.splitlines()
+        if line.strip().strip('|│ ').startswith(f'`{name}`') or line.strip().strip('|│ ').startswith(f'{name} ')
+    )
     return [c.strip().strip('`') for c in row.replace('│', '|').strip().strip('|').split('|')]
 
 
@@ -42,6 +46,7 @@ def test_table_numbers_match_independent_counts(table):
     assert cells[2] == '224' and cells[3] == '11.51' and cells[5] == '0.08'
     assert abs(float(cells[4]) - (2.38 + 0.08)) <= 0.01
     import torch
+
     with torch.device('meta'):
         model = msconv.create_model('test_smt')
     n = sum(p.numel() for p in model.parameters())
@@ -51,15 +56,17 @@ def test_table_numbers_match_independent_counts(table):
 def test_docs_models_md_in_sync(table):
     doc = REPO / 'docs' / 'models.md'
     assert doc.is_file(), 'docs/models.md is missing: run `python -m msconv.tools.model_table --write`'
-    assert doc.read_text() == model_table.doc_text(table), \
+    assert doc.read_text() == model_table.doc_text(table), (
         'docs/models.md is stale: run `python -m msconv.tools.model_table --write`'
+    )
 
 
 def test_readme_section_in_sync(table):
     readme = (REPO / 'README.md').read_text()
     section = model_table.readme_section(readme)  # fails when the markers are missing
-    assert section.strip() == table.strip(), \
+    assert section.strip() == table.strip(), (
         'the README model table is stale: run `python -m msconv.tools.model_table --write`'
+    )
 
 
 def test_update_readme_replaces_only_the_section():

@@ -1,4 +1,5 @@
 """msconv.tools.profile: exact MAC / activation counts on hand-computed toy models, meta == cpu, timm anchors."""
+
 from __future__ import annotations
 
 import pytest
@@ -15,7 +16,7 @@ class ToyAttention(nn.Module):
     def __init__(self, fused: bool) -> None:
         super().__init__()
         self.fused = fused
-        self.stem = nn.Conv2d(3, 16, 4, stride=4)             # 16 x 8 x 8 out
+        self.stem = nn.Conv2d(3, 16, 4, stride=4)  # 16 x 8 x 8 out
         self.dw = nn.Conv2d(16, 16, 7, padding=3, groups=16)
         self.dw_weight = nn.Parameter(torch.randn(16, 1, 5, 5))
         self.qkv = nn.Linear(16, 48)
@@ -26,12 +27,12 @@ class ToyAttention(nn.Module):
         x = self.dw(self.stem(x))
         x = F.conv2d(x, self.dw_weight, padding=2, groups=16)
         b, c, h, w = x.shape
-        t = x.flatten(2).transpose(1, 2)                       # (B, N, C)
+        t = x.flatten(2).transpose(1, 2)  # (B, N, C)
         q, k, v = self.qkv(t).reshape(b, h * w, 3, 2, 8).permute(2, 0, 3, 1, 4)  # (B, heads=2, N, 8)
         if self.fused:
             o = F.scaled_dot_product_attention(q, k, v)
         else:
-            o = ((q @ k.transpose(-2, -1)) * 8 ** -0.5).softmax(-1) @ v
+            o = ((q @ k.transpose(-2, -1)) * 8**-0.5).softmax(-1) @ v
         t = self.proj(o.transpose(1, 2).reshape(b, h * w, c))
         return self.head(t.mean(1))
 
@@ -94,6 +95,7 @@ def test_bad_model_and_batch():
 def test_smt_attention_counted_with_sdpa_on_cpu_and_meta():
     # SMT's MSA blocks use F.scaled_dot_product_attention: fused op on CPU, decomposed matmuls on meta
     import msconv
+
     model = msconv.create_model('test_smt')
     cpu = profile(model, input_size=(3, 64, 64), batch_size=2)
     meta = profile(model, input_size=(3, 64, 64), batch_size=2, device='meta')
@@ -113,12 +115,12 @@ def test_smt_tiny_full_size_on_meta():
 def test_cpu_sdpa_fallback_formula_matches_torch():
     # used only on torch versions without a formula for the CPU fused op; must agree with torch's own sdpa_flop
     from torch.utils.flop_counter import sdpa_flop_count
+
     from msconv.tools.profile import _sdpa_cpu_flop
 
     q, k, v = (2, 3, 10, 8), (2, 3, 12, 8), (2, 3, 12, 4)
     assert _sdpa_cpu_flop(q, k, v) == 2 * 2 * 3 * 10 * 12 * 8 + 2 * 2 * 3 * 10 * 12 * 4
     assert _sdpa_cpu_flop(q, k, v) == sdpa_flop_count(q, k, v)
-
 
 
 class WeightProducts(nn.Module):
@@ -129,11 +131,11 @@ class WeightProducts(nn.Module):
         self.a = nn.Parameter(torch.randn(6, 4))
         self.b = nn.Parameter(torch.randn(4, 8))
 
-    def forward(self, x):                      # x: (B, 3, 2, 8) -> tokens (B, 6, 8)
+    def forward(self, x):  # x: (B, 3, 2, 8) -> tokens (B, 6, 8)
         t = x.reshape(x.shape[0], 6, 8)
-        w = self.a @ self.b                    # weights only: 6*4*8 MACs
-        y = t @ w.t()                          # activation x weight: B*6*8*6
-        return y @ y.transpose(1, 2)           # activation x activation: B*6*6*6
+        w = self.a @ self.b  # weights only: 6*4*8 MACs
+        y = t @ w.t()  # activation x weight: B*6*8*6
+        return y @ y.transpose(1, 2)  # activation x activation: B*6*6*6
 
 
 @pytest.mark.parametrize('device', ['cpu', 'meta'])

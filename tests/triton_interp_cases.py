@@ -11,6 +11,7 @@ result of the same rounded inputs every output is within one ulp of its dtype (`
 twice the rounding bound) plus the fp32 accumulation error (``atol = 1e-5``); fp32 uses torch's own fp32
 defaults (``rtol = 1.3e-6, atol = 1e-5``).
 """
+
 from __future__ import annotations
 
 import math
@@ -24,9 +25,11 @@ if not dw.interpreter_active():
     raise RuntimeError("run this file with TRITON_INTERPRET=1 in the environment (see the module docstring)")
 
 B, C, H, W = 2, 8, 9, 11
-TOL = {torch.float32: dict(rtol=1.3e-6, atol=1e-5),
-       torch.float16: dict(rtol=torch.finfo(torch.float16).eps, atol=1e-5),
-       torch.bfloat16: dict(rtol=torch.finfo(torch.bfloat16).eps, atol=1e-5)}
+TOL = {
+    torch.float32: dict(rtol=1.3e-6, atol=1e-5),
+    torch.float16: dict(rtol=torch.finfo(torch.float16).eps, atol=1e-5),
+    torch.bfloat16: dict(rtol=torch.finfo(torch.bfloat16).eps, atol=1e-5),
+}
 
 
 def _inputs(kh, kw, dtype, channels_last, bias, gks=None, interleaved=False, channels=C):
@@ -75,10 +78,13 @@ def test_square(k, channels_last):
 
 
 @pytest.mark.parametrize('channels_last', [False, True])
-@pytest.mark.parametrize('kh, kw, padding', [
-    (3, 13, (1, 1, 5, 7)),  # horizontal strip, long axis offsets [-5, 7] (asymmetric footprint)
-    (13, 3, (6, 4, 1, 1)),  # vertical strip taller than the 9-row input, offsets [-6, 6] + asymmetric pad
-])
+@pytest.mark.parametrize(
+    'kh, kw, padding',
+    [
+        (3, 13, (1, 1, 5, 7)),  # horizontal strip, long axis offsets [-5, 7] (asymmetric footprint)
+        (13, 3, (6, 4, 1, 1)),  # vertical strip taller than the 9-row input, offsets [-6, 6] + asymmetric pad
+    ],
+)
 def test_strip_asymmetric(kh, kw, padding, channels_last):
     _check(*_inputs(kh, kw, torch.float32, channels_last, bias=True), padding=padding)
 
@@ -102,8 +108,11 @@ def test_mixed_matches_separate_heads():
     for i, k in enumerate(gks):
         lo = (9 - k) // 2
         sl = slice(i * C // 4, (i + 1) * C // 4)
-        parts.append(torch.nn.functional.conv2d(x[:, sl], w[sl, :, lo:lo + k, lo:lo + k], b[sl], padding=k // 2,
-                                                groups=C // 4))
+        parts.append(
+            torch.nn.functional.conv2d(
+                x[:, sl], w[sl, :, lo : lo + k, lo : lo + k], b[sl], padding=k // 2, groups=C // 4
+            )
+        )
     torch.testing.assert_close(y, torch.cat(parts, 1), **TOL[torch.float32])
 
 
@@ -115,12 +124,15 @@ def test_padding_wider_than_kernel_and_strided_input():
     _check(xbig[..., ::2], w, b, (1, 1, 2, 2))
 
 
-@pytest.mark.parametrize('dtype, kh, kw, padding, gks, interleaved, channels_last', [
-    (torch.float16, 3, 3, 1, None, False, False),
-    (torch.bfloat16, 3, 13, (1, 1, 5, 7), None, False, True),
-    (torch.float16, 9, 9, 4, (3, 5, 7, 9), True, True),
-    (torch.bfloat16, 9, 9, 4, (3, 5, 7, 9), False, False),
-])
+@pytest.mark.parametrize(
+    'dtype, kh, kw, padding, gks, interleaved, channels_last',
+    [
+        (torch.float16, 3, 3, 1, None, False, False),
+        (torch.bfloat16, 3, 13, (1, 1, 5, 7), None, False, True),
+        (torch.float16, 9, 9, 4, (3, 5, 7, 9), True, True),
+        (torch.bfloat16, 9, 9, 4, (3, 5, 7, 9), False, False),
+    ],
+)
 def test_low_precision(dtype, kh, kw, padding, gks, interleaved, channels_last):
     x, w, b = _inputs(kh, kw, dtype, channels_last, bias=True, gks=gks, interleaved=interleaved)
     _check(x, w, b, padding, gks, interleaved)
@@ -136,16 +148,16 @@ def test_auto_dispatch_uses_triton_and_compiles():
         return real(*args)
 
     x, w, b = _inputs(9, 9, torch.float32, True, bias=True, gks=(3, 5, 7, 9), interleaved=True)
-    f = torch.compile(lambda x, w, b: dw.depthwise_conv2d(x, w, b, 4, (3, 5, 7, 9), True),
-                      fullgraph=True, backend='aot_eager')
+    f = torch.compile(
+        lambda x, w, b: dw.depthwise_conv2d(x, w, b, 4, (3, 5, 7, 9), True), fullgraph=True, backend='aot_eager'
+    )
     dw._triton_forward = counting
     try:
         y = f(x, w, b)
     finally:
         dw._triton_forward = real
     assert len(calls) == 1
-    torch.testing.assert_close(y, dw.depthwise_conv2d_reference(x, w, b, 4, (3, 5, 7, 9), True),
-                               **TOL[torch.float32])
+    torch.testing.assert_close(y, dw.depthwise_conv2d_reference(x, w, b, 4, (3, 5, 7, 9), True), **TOL[torch.float32])
 
 
 def test_int64_indexing_path(monkeypatch):

@@ -2,12 +2,20 @@
 
 ``import msconv`` registers every model in timm's registry, so ``timm.create_model('smt_tiny')`` works too.
 """
+
 from importlib import import_module
 from typing import Any
 
 from . import layers, models
 from .models import (
-    FAMILIES, convert_official, create_model, list_models, model_family, model_info, read_checkpoint, reparameterize,
+    FAMILIES,
+    convert_official,
+    create_model,
+    list_models,
+    model_family,
+    model_info,
+    read_checkpoint,
+    reparameterize,
     select_classifier_rows,
 )
 
@@ -25,7 +33,8 @@ _LAZY = {
     'demo': 'msconv.engine',
     'TrainConfig': 'msconv.engine',
     'SparsityScheduler': 'msconv.engine.sparsity',
-    'create_detector': 'msconv.dense', 'create_segmenter': 'msconv.dense',
+    'create_detector': 'msconv.dense',
+    'create_segmenter': 'msconv.dense',
 }
 
 
@@ -36,7 +45,17 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    'FAMILIES', 'convert_official', 'create_model', 'list_models', 'model_family', 'model_info', 'read_checkpoint',
-    'reparameterize', 'select_classifier_rows', 'layers',
-    'models', '__version__', *_LAZY,
+    'FAMILIES',
+    'convert_official',
+    'create_model',
+    'list_models',
+    'model_family',
+    'model_info',
+    'read_checkpoint',
+    'reparameterize',
+    'select_classifier_rows',
+    'layers',
+    'models',
+    '__version__',
+    *_LAZY,
 ]

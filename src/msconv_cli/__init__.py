@@ -9,6 +9,7 @@ User errors (bad paths, bad values, malformed YAML, unreadable or foreign checkp
 one line on stderr with exit status 2; ``--debug`` shows the traceback instead. Ctrl-C exits with 130, SIGTERM
 with 143.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
         name = getattr(module, 'NAME', info.name)
         p = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(p)
-        p.add_argument('--debug', action='store_true', default=argparse.SUPPRESS,
-                       help='show the full traceback of an error')
+        p.add_argument(
+            '--debug', action='store_true', default=argparse.SUPPRESS, help='show the full traceback of an error'
+        )
         p.set_defaults(_run=module.run)
     return parser
 
@@ -44,9 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
 def user_error_message(e: BaseException) -> Optional[str]:
     """The one-line message for an error caused by the user's input, or None for anything else (a bug)."""
     import pickle
+
     if isinstance(e, pickle.UnpicklingError):
-        return (f"a file could not be unpickled ({e}); it is corrupt or not a torch checkpoint / pickle "
-                f"(use --debug to see which call read it)")
+        return (
+            f"a file could not be unpickled ({e}); it is corrupt or not a torch checkpoint / pickle "
+            f"(use --debug to see which call read it)"
+        )
     if isinstance(e, (ValueError, OSError, FloatingPointError)):
         return str(e) or type(e).__name__
     if type(e).__module__.split('.')[0] == 'yaml':  # a YAML error that reached here without its file name

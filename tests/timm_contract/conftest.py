@@ -12,6 +12,7 @@ never committed here) next to this conftest and runs pytest on it. This conftest
 * deselects the tests that are not about an msconv model (timm's tests of named timm models) and the tests that
   download from the Hugging Face hub.
 """
+
 import os
 
 import pytest
@@ -48,9 +49,16 @@ def _msconv_only(names):
 def list_models(filter='', module='', pretrained=False, exclude_filters='', name_matches_cfg=False, include_tags=None):
     if module:
         module = ([module] if isinstance(module, str) else list(module)) + MSCONV_MODULES
-    return _msconv_only(_list_models(filter=filter, module=module, pretrained=pretrained,
-                                     exclude_filters=exclude_filters, name_matches_cfg=name_matches_cfg,
-                                     include_tags=include_tags))
+    return _msconv_only(
+        _list_models(
+            filter=filter,
+            module=module,
+            pretrained=pretrained,
+            exclude_filters=exclude_filters,
+            name_matches_cfg=name_matches_cfg,
+            include_tags=include_tags,
+        )
+    )
 
 
 def list_pretrained(filter='', exclude_filters=''):

@@ -6,6 +6,7 @@ The test file comes from the source distribution of the *installed* timm version
 (``pip download --no-binary :all: timm==VERSION``), cached under ``.cache/timm-tests/VERSION``; it is never
 committed. If it cannot be fetched the run fails with a message saying so (it never passes silently).
 """
+
 import argparse
 import os
 import shutil
@@ -25,13 +26,26 @@ def fetch_test_file(version: str) -> Path:
     if target.is_file():
         return target
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, '-m', 'pip', 'download', '--quiet', '--no-deps', '--no-binary', ':all:',
-               f'timm=={version}', '-d', tmp]
+        cmd = [
+            sys.executable,
+            '-m',
+            'pip',
+            'download',
+            '--quiet',
+            '--no-deps',
+            '--no-binary',
+            ':all:',
+            f'timm=={version}',
+            '-d',
+            tmp,
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         sdists = list(Path(tmp).glob('timm-*.tar.gz'))
         if proc.returncode != 0 or not sdists:
-            sys.exit(f"timm-tests: could not fetch the source distribution of timm {version} from the package "
-                     f"registry, so timm's test_models.py cannot run (pip said: {proc.stderr.strip()[-500:]})")
+            sys.exit(
+                f"timm-tests: could not fetch the source distribution of timm {version} from the package "
+                f"registry, so timm's test_models.py cannot run (pip said: {proc.stderr.strip()[-500:]})"
+            )
         with tarfile.open(sdists[0]) as tar:
             member = tar.getmember(f'timm-{version}/tests/test_models.py')
             data = tar.extractfile(member).read()
@@ -47,19 +61,44 @@ def main() -> int:
     parser.add_argument('--models', default='micro', help="'micro' (test_* variants), 'full' or NAME,NAME")
     args, pytest_args = parser.parse_known_args()
     import timm
+
     source = fetch_test_file(timm.__version__)
     run_dir = REPO / 'build' / 'timm-tests'
     run_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, run_dir / 'test_models.py')
     shutil.copyfile(HERE / 'conftest.py', run_dir / 'conftest.py')
     (run_dir / 'pytest.ini').write_text(
-        '[pytest]\nmarkers =\n' + ''.join(f'    {m}: timm marker\n' for m in (
-            'base', 'forward', 'backward', 'cfg', 'cfg_nonstd', 'torchscript', 'features', 'fxforward', 'fxbackward',
-            'timeout')) + 'filterwarnings =\n    ignore::DeprecationWarning\n    ignore::FutureWarning\n')
+        '[pytest]\nmarkers =\n'
+        + ''.join(
+            f'    {m}: timm marker\n'
+            for m in (
+                'base',
+                'forward',
+                'backward',
+                'cfg',
+                'cfg_nonstd',
+                'torchscript',
+                'features',
+                'fxforward',
+                'fxbackward',
+                'timeout',
+            )
+        )
+        + 'filterwarnings =\n    ignore::DeprecationWarning\n    ignore::FutureWarning\n'
+    )
     env = dict(os.environ, MSCONV_TIMM_MODELS=args.models)
     print(f"timm {timm.__version__}: tests/test_models.py against msconv models ({args.models})", flush=True)
-    cmd = [sys.executable, '-m', 'pytest', '-c', str(run_dir / 'pytest.ini'), '--rootdir', str(run_dir),
-           str(run_dir / 'test_models.py'), *pytest_args]
+    cmd = [
+        sys.executable,
+        '-m',
+        'pytest',
+        '-c',
+        str(run_dir / 'pytest.ini'),
+        '--rootdir',
+        str(run_dir),
+        str(run_dir / 'test_models.py'),
+        *pytest_args,
+    ]
     return subprocess.run(cmd, env=env, cwd=run_dir).returncode
 
 

@@ -15,6 +15,7 @@ mmsegmentation does; any other value above ``num_classes`` is an error naming th
   aspect), random 512x512 crop in which no class covers more than 75% (10 tries), flip 0.5, photometric
   distortion, padding to 512 (image 0, label 255).
 """
+
 from __future__ import annotations
 
 import os
@@ -32,8 +33,17 @@ from torchvision.transforms.v2 import functional as TF
 
 from .coco import _check_on_error
 
-__all__ = ['ADESegmentation', 'RandomRescale', 'RandomCropCatMax', 'PadTo', 'segmentation_train_transforms',
-           'segmentation_eval_transforms', 'collate_segmentation', 'IGNORE_INDEX', 'rescale_size']
+__all__ = [
+    'ADESegmentation',
+    'RandomRescale',
+    'RandomCropCatMax',
+    'PadTo',
+    'segmentation_train_transforms',
+    'segmentation_eval_transforms',
+    'collate_segmentation',
+    'IGNORE_INDEX',
+    'rescale_size',
+]
 
 IGNORE_INDEX = 255
 _IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
@@ -51,8 +61,15 @@ class ADESegmentation(Dataset):
         on_error: ``'raise'`` or ``'skip'``.
     """
 
-    def __init__(self, root: Union[str, os.PathLike], split: str = 'training', transforms: Optional[Callable] = None,
-                 num_classes: int = 150, reduce_zero_label: bool = True, on_error: str = 'raise') -> None:
+    def __init__(
+        self,
+        root: Union[str, os.PathLike],
+        split: str = 'training',
+        transforms: Optional[Callable] = None,
+        num_classes: int = 150,
+        reduce_zero_label: bool = True,
+        on_error: str = 'raise',
+    ) -> None:
         self.root = Path(root)
         self.split = split
         self.transforms = transforms
@@ -65,8 +82,9 @@ class ADESegmentation(Dataset):
         img_dir, ann_dir = self.root / 'images' / split, self.root / 'annotations' / split
         for d in (img_dir, ann_dir):
             if not d.is_dir():
-                raise ValueError(f"root must hold images/{split}/ and annotations/{split}/ (ADE20K layout); "
-                                 f"{d} is not a directory")
+                raise ValueError(
+                    f"root must hold images/{split}/ and annotations/{split}/ (ADE20K layout); {d} is not a directory"
+                )
         images = {p.stem: p for p in sorted(img_dir.iterdir()) if p.suffix.lower() in _IMAGE_SUFFIXES}
         labels = {p.stem: p for p in sorted(ann_dir.iterdir()) if p.suffix.lower() == '.png'}
         for stem in sorted(set(images) - set(labels)):
@@ -101,16 +119,20 @@ class ADESegmentation(Dataset):
         except Exception as e:
             raise ValueError(f"{ann_path}: unreadable annotation ({type(e).__name__}: {e})") from e
         if label.shape != (image.height, image.width):
-            raise ValueError(f"{ann_path}: annotation is {label.shape[1]}x{label.shape[0]} but the image "
-                             f"{img_path.name} is {image.width}x{image.height}")
+            raise ValueError(
+                f"{ann_path}: annotation is {label.shape[1]}x{label.shape[0]} but the image "
+                f"{img_path.name} is {image.width}x{image.height}"
+            )
         if self.reduce_zero_label:
             label = label.astype(np.int16) - 1
             label[label < 0] = IGNORE_INDEX
             label = label.astype(np.uint8)
         bad = (label >= self.num_classes) & (label != IGNORE_INDEX)
         if bad.any():
-            raise ValueError(f"{ann_path}: label value {int(label[bad].max()) + int(self.reduce_zero_label)} is out "
-                             f"of range for {self.num_classes} classes")
+            raise ValueError(
+                f"{ann_path}: label value {int(label[bad].max()) + int(self.reduce_zero_label)} is out "
+                f"of range for {self.num_classes} classes"
+            )
         return image, label
 
     def __getitem__(self, index: int):
@@ -163,8 +185,9 @@ class RandomCropCatMax(v2.Transform):
     """mmseg ``RandomCrop(crop_size, cat_max_ratio)``: a random crop, redrawn up to 10 times while one class
     (ignore excluded) covers more than ``cat_max_ratio`` of it."""
 
-    def __init__(self, size: Tuple[int, int] = (512, 512), cat_max_ratio: float = 0.75,
-                 ignore_index: int = IGNORE_INDEX) -> None:
+    def __init__(
+        self, size: Tuple[int, int] = (512, 512), cat_max_ratio: float = 0.75, ignore_index: int = IGNORE_INDEX
+    ) -> None:
         super().__init__()
         self.size, self.cat_max_ratio, self.ignore_index = tuple(size), cat_max_ratio, ignore_index
 
@@ -179,8 +202,9 @@ class RandomCropCatMax(v2.Transform):
         if mask is None or self.cat_max_ratio >= 1.0:
             return params
         for _ in range(10):
-            crop = mask[..., params['top']:params['top'] + params['height'],
-                        params['left']:params['left'] + params['width']]
+            crop = mask[
+                ..., params['top'] : params['top'] + params['height'], params['left'] : params['left'] + params['width']
+            ]
             _, counts = torch.unique(crop[crop != self.ignore_index], return_counts=True)
             if len(counts) > 1 and counts.max().item() / counts.sum().item() < self.cat_max_ratio:
                 break
@@ -218,20 +242,27 @@ class _FinishSegmentation(v2.Transform):
         return inpt
 
 
-def segmentation_train_transforms(scale: Tuple[int, int] = (2048, 512), ratio_range: Tuple[float, float] = (0.5, 2.0),
-                                  crop_size: Tuple[int, int] = (512, 512), cat_max_ratio: float = 0.75) -> v2.Compose:
+def segmentation_train_transforms(
+    scale: Tuple[int, int] = (2048, 512),
+    ratio_range: Tuple[float, float] = (0.5, 2.0),
+    crop_size: Tuple[int, int] = (512, 512),
+    cat_max_ratio: float = 0.75,
+) -> v2.Compose:
     """The ADE20K configs' training pipeline (module docstring). Photometric distortion: torchvision's
     ``RandomPhotometricDistort`` with mmseg's ranges (contrast and saturation 0.5-1.5, hue +-18/180 of the
     circle, each with probability 0.5); brightness is multiplicative 0.875-1.125 where mmseg adds +-32 levels."""
-    return v2.Compose([
-        RandomRescale(scale, ratio_range),
-        RandomCropCatMax(crop_size, cat_max_ratio),
-        v2.RandomHorizontalFlip(0.5),
-        v2.RandomPhotometricDistort(brightness=(0.875, 1.125), contrast=(0.5, 1.5), saturation=(0.5, 1.5),
-                                    hue=(-0.1, 0.1), p=0.5),
-        PadTo(crop_size),
-        _FinishSegmentation(),
-    ])
+    return v2.Compose(
+        [
+            RandomRescale(scale, ratio_range),
+            RandomCropCatMax(crop_size, cat_max_ratio),
+            v2.RandomHorizontalFlip(0.5),
+            v2.RandomPhotometricDistort(
+                brightness=(0.875, 1.125), contrast=(0.5, 1.5), saturation=(0.5, 1.5), hue=(-0.1, 0.1), p=0.5
+            ),
+            PadTo(crop_size),
+            _FinishSegmentation(),
+        ]
+    )
 
 
 def segmentation_eval_transforms() -> v2.Compose:
@@ -243,7 +274,11 @@ def collate_segmentation(batch: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> 
     """Stack equally sized ``(image, mask)`` pairs (training crops); evaluation uses batch size 1."""
     sizes = {tuple(img.shape[-2:]) for img, _ in batch}
     if len(sizes) != 1:
-        raise ValueError(f"collate_segmentation needs images of one size (train crops), got sizes {sorted(sizes)}; "
-                         f"use batch_size=1 for evaluation")
-    return (torch.stack([img.as_subclass(torch.Tensor) for img, _ in batch]),
-            torch.stack([m.as_subclass(torch.Tensor) for _, m in batch]))
+        raise ValueError(
+            f"collate_segmentation needs images of one size (train crops), got sizes {sorted(sizes)}; "
+            f"use batch_size=1 for evaluation"
+        )
+    return (
+        torch.stack([img.as_subclass(torch.Tensor) for img, _ in batch]),
+        torch.stack([m.as_subclass(torch.Tensor) for _, m in batch]),
+    )

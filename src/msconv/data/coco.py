@@ -16,6 +16,7 @@ official configs' augmentations in ``torchvision.transforms.v2`` and ``tv_tensor
   detector resizes to its test scale).
 * :func:`collate_detection`: lists of images and targets, as torchvision's detectors take them.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,8 +36,14 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-__all__ = ['CocoDetection', 'RandomSizeCrop', 'detection_train_transforms', 'detection_eval_transforms',
-           'collate_detection', 'TRAIN_SCALES']
+__all__ = [
+    'CocoDetection',
+    'RandomSizeCrop',
+    'detection_train_transforms',
+    'detection_eval_transforms',
+    'collate_detection',
+    'TRAIN_SCALES',
+]
 
 TRAIN_SCALES = tuple(range(480, 801, 32))  # 480, 512, ..., 800
 
@@ -64,9 +71,15 @@ class CocoDetection(Dataset):
         on_error: ``'raise'`` or ``'skip'`` for bad images and annotations.
     """
 
-    def __init__(self, root: Union[str, os.PathLike], ann_file: Union[str, os.PathLike],
-                 transforms: Optional[Callable] = None, with_masks: bool = True, filter_empty: bool = False,
-                 on_error: str = 'raise') -> None:
+    def __init__(
+        self,
+        root: Union[str, os.PathLike],
+        ann_file: Union[str, os.PathLike],
+        transforms: Optional[Callable] = None,
+        with_masks: bool = True,
+        filter_empty: bool = False,
+        on_error: str = 'raise',
+    ) -> None:
         from pycocotools.coco import COCO
 
         self.root = Path(root)
@@ -83,10 +96,12 @@ class CocoDetection(Dataset):
             data = json.loads(self.ann_file.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{self.ann_file}: not a readable COCO json ({e})") from e
-        if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in
-                                                 ('images', 'annotations', 'categories')):
-            raise ValueError(f"{self.ann_file}: a COCO instances json needs 'images', 'annotations' and "
-                             f"'categories' lists")
+        if not isinstance(data, dict) or not all(
+            isinstance(data.get(k), list) for k in ('images', 'annotations', 'categories')
+        ):
+            raise ValueError(
+                f"{self.ann_file}: a COCO instances json needs 'images', 'annotations' and 'categories' lists"
+            )
         self.cat_ids = sorted(int(c['id']) for c in data['categories'])
         self.label_of = {cid: i + 1 for i, cid in enumerate(self.cat_ids)}
         self.class_names = [c.get('name', str(c['id'])) for c in sorted(data['categories'], key=lambda c: c['id'])]
@@ -101,8 +116,10 @@ class CocoDetection(Dataset):
         for ann in data['annotations']:
             problem = self._check_annotation(ann, images)
             if problem:
-                self._bad(f"{self.ann_file}: annotation {ann.get('id') if isinstance(ann, dict) else ann!r}: "
-                          f"{problem}", 'annotations')
+                self._bad(
+                    f"{self.ann_file}: annotation {ann.get('id') if isinstance(ann, dict) else ann!r}: {problem}",
+                    'annotations',
+                )
                 continue
             good_anns.append(ann)
             if ann.get('iscrowd', 0):
@@ -123,8 +140,7 @@ class CocoDetection(Dataset):
         self.images = images
         self.anns = anns
         self.coco = COCO()  # ground truth for COCOeval, holding only the annotations that passed the checks
-        self.coco.dataset = dict(data, annotations=good_anns,
-                                 images=[images[i] for i in images])
+        self.coco.dataset = dict(data, annotations=good_anns, images=[images[i] for i in images])
         _quiet(self.coco.createIndex)
 
     def _bad(self, message: str, kind: str) -> None:
@@ -140,14 +156,21 @@ class CocoDetection(Dataset):
         if ann.get('category_id') not in self.label_of:
             return f"category_id {ann.get('category_id')!r} is not in 'categories'"
         box = ann.get('bbox')
-        if (not isinstance(box, (list, tuple)) or len(box) != 4
-                or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in box) or box[2] < 0 or box[3] < 0):
+        if (
+            not isinstance(box, (list, tuple))
+            or len(box) != 4
+            or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in box)
+            or box[2] < 0
+            or box[3] < 0
+        ):
             return f"bbox must be 4 finite numbers [x, y, w, h] with w, h >= 0, got {box!r}"
         if self.with_masks and not ann.get('iscrowd', 0):
             seg = ann.get('segmentation')
-            ok = (isinstance(seg, list) and len(seg) > 0
-                  and all(isinstance(p, list) and len(p) >= 2 and len(p) % 2 == 0 for p in seg)) \
-                or (isinstance(seg, dict) and 'counts' in seg and 'size' in seg)
+            ok = (
+                isinstance(seg, list)
+                and len(seg) > 0
+                and all(isinstance(p, list) and len(p) >= 2 and len(p) % 2 == 0 for p in seg)
+            ) or (isinstance(seg, dict) and 'counts' in seg and 'size' in seg)
             if not ok:  # (COCO itself has a few degenerate polygons of 2 points: pycocotools rasterizes them)
                 return "segmentation must be polygons (lists of x, y pairs) or an RLE dict with counts/size"
         return ''
@@ -163,8 +186,9 @@ class CocoDetection(Dataset):
         except Exception as e:  # PIL raises several types for truncated / corrupt files
             raise ValueError(f"{path}: unreadable image ({type(e).__name__}: {e})") from e
         if im.size != (img['width'], img['height']):
-            raise ValueError(f"{path}: image is {im.size[0]}x{im.size[1]} but {self.ann_file} says "
-                             f"{img['width']}x{img['height']}")
+            raise ValueError(
+                f"{path}: image is {im.size[0]}x{im.size[1]} but {self.ann_file} says {img['width']}x{img['height']}"
+            )
         return im
 
     def __getitem__(self, index: int) -> Tuple[Any, Dict[str, Any]]:
@@ -197,8 +221,9 @@ class CocoDetection(Dataset):
                 try:
                     masks[i] = self.coco.annToMask(a)
                 except Exception as e:
-                    raise ValueError(f"{self.ann_file}: annotation {a.get('id')}: undecodable segmentation "
-                                     f"({type(e).__name__}: {e})") from e
+                    raise ValueError(
+                        f"{self.ann_file}: annotation {a.get('id')}: undecodable segmentation ({type(e).__name__}: {e})"
+                    ) from e
             target['masks'] = tv_tensors.Mask(torch.from_numpy(masks))
         image = tv_tensors.Image(TF.pil_to_tensor(pil))
         if self.transforms is not None:
@@ -213,8 +238,9 @@ class RandomSizeCrop(v2.Transform):
     def __init__(self, min_size: int = 384, max_size: int = 600) -> None:
         super().__init__()
         if not (isinstance(min_size, int) and isinstance(max_size, int) and 0 < min_size <= max_size):
-            raise ValueError(f"min_size and max_size must be ints with 0 < min_size <= max_size, got "
-                             f"{min_size!r}, {max_size!r}")
+            raise ValueError(
+                f"min_size and max_size must be ints with 0 < min_size <= max_size, got {min_size!r}, {max_size!r}"
+            )
         self.min_size, self.max_size = min_size, max_size
 
     def make_params(self, flat_inputs: List[Any]) -> Dict[str, Any]:
@@ -227,20 +253,40 @@ class RandomSizeCrop(v2.Transform):
         return TF.crop(inpt, **params)
 
 
-def detection_train_transforms(scales: Sequence[int] = TRAIN_SCALES, max_size: int = 1333, crop: bool = True,
-                               crop_scales: Sequence[int] = (400, 500, 600), crop_size: Tuple[int, int] = (384, 600),
-                               ) -> v2.Compose:
+def detection_train_transforms(
+    scales: Sequence[int] = TRAIN_SCALES,
+    max_size: int = 1333,
+    crop: bool = True,
+    crop_scales: Sequence[int] = (400, 500, 600),
+    crop_size: Tuple[int, int] = (384, 600),
+) -> v2.Compose:
     """The 3x configs' training augmentation (see the module docstring); ``crop=False`` keeps only the
     multi-scale resize and flip (the plain ``mstrain`` configs). Sizes can be scaled down for small images."""
     if not scales or not all(isinstance(s, int) and s > 0 for s in scales):
         raise ValueError(f"scales must be a non-empty sequence of positive ints, got {scales!r}")
     resize = v2.RandomShortestSize(list(scales), max_size=max_size)
     if crop:
-        resize = v2.RandomChoice([resize, v2.Compose([
-            v2.RandomShortestSize(list(crop_scales), max_size=max_size), RandomSizeCrop(*crop_size),
-            v2.RandomShortestSize(list(scales), max_size=max_size)])])
-    return v2.Compose([v2.RandomHorizontalFlip(0.5), resize, v2.ClampBoundingBoxes(),
-                       v2.SanitizeBoundingBoxes(min_size=1.0), v2.ToDtype(torch.float32, scale=True)])
+        resize = v2.RandomChoice(
+            [
+                resize,
+                v2.Compose(
+                    [
+                        v2.RandomShortestSize(list(crop_scales), max_size=max_size),
+                        RandomSizeCrop(*crop_size),
+                        v2.RandomShortestSize(list(scales), max_size=max_size),
+                    ]
+                ),
+            ]
+        )
+    return v2.Compose(
+        [
+            v2.RandomHorizontalFlip(0.5),
+            resize,
+            v2.ClampBoundingBoxes(),
+            v2.SanitizeBoundingBoxes(min_size=1.0),
+            v2.ToDtype(torch.float32, scale=True),
+        ]
+    )
 
 
 def detection_eval_transforms() -> v2.Compose:
@@ -253,6 +299,7 @@ def collate_detection(batch: Sequence[Tuple[Any, Dict[str, Any]]]) -> Tuple[List
     images, targets = [], []
     for image, target in batch:
         images.append(image.as_subclass(torch.Tensor))
-        targets.append({k: (v.as_subclass(torch.Tensor) if isinstance(v, torch.Tensor) else v)
-                        for k, v in target.items()})
+        targets.append(
+            {k: (v.as_subclass(torch.Tensor) if isinstance(v, torch.Tensor) else v) for k, v in target.items()}
+        )
     return images, targets

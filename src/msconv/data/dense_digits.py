@@ -14,6 +14,7 @@ A digit's instance mask is its resized pixels above half intensity; its box is t
   label 1 background, 2-11 the digits 0-9, 0 (ignored) on the soft edge of each digit (intensity 48-127), so
   that with ``reduce_zero_label`` there are 11 classes (0 background, 1-10 digits 0-9) and an ignore band.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,14 @@ def _check(n_images: int, canvas: Tuple[int, int], digit_size: Tuple[int, int], 
         raise ValueError(f"max_digits must be a positive int, got {max_digits!r}")
 
 
-def _compose(rng: np.random.RandomState, digits: np.ndarray, labels: np.ndarray, canvas: Tuple[int, int],
-             digit_size: Tuple[int, int], max_digits: int):
+def _compose(
+    rng: np.random.RandomState,
+    digits: np.ndarray,
+    labels: np.ndarray,
+    canvas: Tuple[int, int],
+    digit_size: Tuple[int, int],
+    max_digits: int,
+):
     """One canvas: (RGB uint8 (H, W, 3), [(class, alpha float (H, W) in [0, 1])])."""
     h, w = canvas
     image = rng.randint(0, 24, size=(h, w, 3)).astype(np.float32)
@@ -65,16 +72,22 @@ def _compose(rng: np.random.RandomState, digits: np.ndarray, labels: np.ndarray,
             continue
         placed.append((x, y, x + s, y + s))
         alpha = np.zeros((h, w), np.float32)
-        alpha[y:y + s, x:x + s] = patch
+        alpha[y : y + s, x : x + s] = patch
         color = rng.randint(140, 256, size=3).astype(np.float32)
         image = image * (1 - alpha[..., None]) + color * alpha[..., None]
         objects.append((int(labels[k]), alpha))
     return image.round().clip(0, 255).astype(np.uint8), objects
 
 
-def build_digits_coco(root: Union[str, os.PathLike], split: str = 'train', n_images: int = 200,
-                      canvas: Tuple[int, int] = (128, 128), digit_size: Tuple[int, int] = (36, 72),
-                      max_digits: int = 3, seed: int = 0) -> Tuple[Path, Path]:
+def build_digits_coco(
+    root: Union[str, os.PathLike],
+    split: str = 'train',
+    n_images: int = 200,
+    canvas: Tuple[int, int] = (128, 128),
+    digit_size: Tuple[int, int] = (36, 72),
+    max_digits: int = 3,
+    seed: int = 0,
+) -> Tuple[Path, Path]:
     """Write a COCO-format digits detection set; returns ``(image_folder, instances_json)``.
 
     ``split`` 'train' or 'val' also picks the digits' own split (so val digits are unseen), ``seed`` the layout.
@@ -102,17 +115,32 @@ def build_digits_coco(root: Union[str, os.PathLike], split: str = 'train', n_ima
             x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
             rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
             rle['counts'] = rle['counts'].decode('ascii')
-            annotations.append(dict(id=len(annotations) + 1, image_id=i + 1, category_id=cls + 1,
-                                    bbox=[x0, y0, x1 - x0, y1 - y0], area=int(m.sum()), iscrowd=0, segmentation=rle))
+            annotations.append(
+                dict(
+                    id=len(annotations) + 1,
+                    image_id=i + 1,
+                    category_id=cls + 1,
+                    bbox=[x0, y0, x1 - x0, y1 - y0],
+                    area=int(m.sum()),
+                    iscrowd=0,
+                    segmentation=rle,
+                )
+            )
     categories = [dict(id=c + 1, name=DIGITS_DENSE_CLASSES[c], supercategory='digit') for c in range(10)]
     ann_file = ann_dir / f"instances_{split}.json"
     ann_file.write_text(json.dumps(dict(images=images, annotations=annotations, categories=categories)))
     return img_dir, ann_file
 
 
-def build_digits_ade(root: Union[str, os.PathLike], split: str = 'training', n_images: int = 200,
-                     canvas: Tuple[int, int] = (128, 128), digit_size: Tuple[int, int] = (36, 72),
-                     max_digits: int = 3, seed: int = 0) -> Path:
+def build_digits_ade(
+    root: Union[str, os.PathLike],
+    split: str = 'training',
+    n_images: int = 200,
+    canvas: Tuple[int, int] = (128, 128),
+    digit_size: Tuple[int, int] = (36, 72),
+    max_digits: int = 3,
+    seed: int = 0,
+) -> Path:
     """Write an ADE20K-format digits segmentation set (11 classes after ``reduce_zero_label``); returns ``root``.
 
     ``split`` 'training' or 'validation' (the digits' train / val split).
@@ -135,4 +163,3 @@ def build_digits_ade(root: Union[str, os.PathLike], split: str = 'training', n_i
         Image.fromarray(image).save(img_dir / f"{i:06d}.jpg", quality=95)
         Image.fromarray(label).save(ann_dir / f"{i:06d}.png")
     return root
-

@@ -6,6 +6,7 @@ are never imported), split into train/val with a fixed stratified split, and ser
 (28x28 digits zero-padded, then resized when a size other than 32 is asked for) so that timm's transforms
 apply unchanged. Data source: Y. LeCun, C. Cortes, C. Burges, the MNIST database.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -101,6 +102,7 @@ class DigitsDataset(Dataset):
 
     def __getitem__(self, index: int):
         from PIL import Image
+
         img = Image.fromarray(self.images[index], mode='L').convert('RGB')
         if self.transform is not None:
             img = self.transform(img)

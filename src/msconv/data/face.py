@@ -5,6 +5,7 @@ The insightface ``.bin`` files (``lfw.bin``, ``cfp_fp.bin``, ``agedb_30.bin``, .
 and ``issame_list`` holds N booleans. ``load_bin`` reads them with a restricted unpickler that can build only
 plain containers, bytes, numbers and booleans, so a crafted file cannot run code.
 """
+
 from __future__ import annotations
 
 import io
@@ -24,10 +25,20 @@ __all__ = ['load_bin', 'save_bin', 'FaceIdentityFolder']
 # Python 3 store bytes through _codecs.encode. Nothing else may be looked up.
 _ALLOWED_GLOBALS = {
     ('_codecs', 'encode'),
-    ('builtins', 'bytes'), ('builtins', 'bytearray'), ('builtins', 'list'), ('builtins', 'tuple'),
-    ('builtins', 'bool'), ('builtins', 'int'), ('builtins', 'str'),
-    ('__builtin__', 'bytes'), ('__builtin__', 'bytearray'), ('__builtin__', 'list'), ('__builtin__', 'tuple'),
-    ('__builtin__', 'bool'), ('__builtin__', 'int'), ('__builtin__', 'str'),
+    ('builtins', 'bytes'),
+    ('builtins', 'bytearray'),
+    ('builtins', 'list'),
+    ('builtins', 'tuple'),
+    ('builtins', 'bool'),
+    ('builtins', 'int'),
+    ('builtins', 'str'),
+    ('__builtin__', 'bytes'),
+    ('__builtin__', 'bytearray'),
+    ('__builtin__', 'list'),
+    ('__builtin__', 'tuple'),
+    ('__builtin__', 'bool'),
+    ('__builtin__', 'int'),
+    ('__builtin__', 'str'),
 }
 
 
@@ -50,8 +61,9 @@ def _decode(buf: bytes, image_size: Optional[Tuple[int, int]]) -> np.ndarray:
         return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
 
 
-def load_bin(path: Union[str, os.PathLike], image_size: Optional[Tuple[int, int]] = None
-             ) -> Tuple[torch.Tensor, torch.Tensor]:
+def load_bin(
+    path: Union[str, os.PathLike], image_size: Optional[Tuple[int, int]] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Read an insightface verification ``.bin``.
 
     Args:

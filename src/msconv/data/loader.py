@@ -6,6 +6,7 @@ Determinism (what makes ``--resume`` bit-exact and a torchrun run equal to a sin
 - every sample's augmentation is drawn from its own seed ``(seed, epoch, index)`` (``SeededDataset``), so it
   does not depend on which worker, which rank or which resumed process loads it.
 """
+
 from __future__ import annotations
 
 import random
@@ -18,8 +19,17 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 __all__ = [
-    'SeededDataset', 'ResumableDistributedSampler', 'check_image_folder', 'build_dataset', 'build_transform',
-    'build_loader', 'IMAGE_EXTENSIONS', 'CheckedImageFolder', 'DataError', 'count_unreadable', 'unreadable_message',
+    'SeededDataset',
+    'ResumableDistributedSampler',
+    'check_image_folder',
+    'build_dataset',
+    'build_transform',
+    'build_loader',
+    'IMAGE_EXTENSIONS',
+    'CheckedImageFolder',
+    'DataError',
+    'count_unreadable',
+    'unreadable_message',
 ]
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
@@ -83,10 +93,16 @@ class ResumableDistributedSampler(DistributedSampler):
     step ``s`` is exactly the global batch ``s`` of a single-process run with N times the batch size.
     """
 
-    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
-                 seed: int = 0, drop_last: bool = False):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
-                         drop_last=drop_last)
+    def __init__(
+        self,
+        dataset: Dataset,
+        num_replicas: int = 1,
+        rank: int = 0,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+    ):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
         self.start = 0
 
     def set_start(self, num_samples_to_skip: int) -> None:
@@ -99,7 +115,7 @@ class ResumableDistributedSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[int]:
         indices = list(super().__iter__())
-        return iter(indices[self.start:])
+        return iter(indices[self.start :])
 
     def __len__(self) -> int:
         return max(self.num_samples - self.start, 0)
@@ -119,8 +135,11 @@ def check_image_folder(root: Path, split: str) -> List[str]:
             f"data {str(folder)!r} has {len(classes)} class subfolder(s) {classes}; classification needs at least "
             f"2 classes, each a subfolder of images."
         )
-    empty = [c for c in classes
-             if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in (folder / c).rglob('*') if p.is_file())]
+    empty = [
+        c
+        for c in classes
+        if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in (folder / c).rglob('*') if p.is_file())
+    ]
     if empty:
         raise ValueError(f"data {str(folder)!r}: class folder(s) {empty} contain no images ({IMAGE_EXTENSIONS})")
     return classes
@@ -144,6 +163,7 @@ class CheckedImageFolder:
 
     def __init__(self, root: Union[str, Path], transform: Optional[Callable] = None, exclude: bool = False):
         from torchvision.datasets import ImageFolder
+
         self._folder = ImageFolder(str(root), transform=transform)
         self.root = str(root)
         self.classes, self.class_to_idx = self._folder.classes, self._folder.class_to_idx
@@ -164,6 +184,7 @@ class CheckedImageFolder:
 
     def _record(self, path: str, error: BaseException) -> None:
         import warnings
+
         info = torch.utils.data.get_worker_info()
         self._bad[(0 if info is None else info.id + 1) % _SLOTS] += 1
         warnings.warn(f"skipping unreadable image {path!r}: {type(error).__name__}: {error}", stacklevel=3)
@@ -195,10 +216,12 @@ def unreadable_message(dataset, split: str, threshold: float, share: int = 1) ->
     bad = count_unreadable(dataset)
     if not bad or bad * share <= threshold * len(dataset):
         return None
-    return (f"data {getattr(dataset, 'root', '?')!r}: {bad} images could not be read in this process's "
-            f"{len(dataset) // share} of {split}/, more than bad_image_threshold={threshold:g} of the split; the "
-            f"warnings above name each file. Fix or remove them, or raise the threshold (--set "
-            f"bad_image_threshold=...).")
+    return (
+        f"data {getattr(dataset, 'root', '?')!r}: {bad} images could not be read in this process's "
+        f"{len(dataset) // share} of {split}/, more than bad_image_threshold={threshold:g} of the split; the "
+        f"warnings above name each file. Fix or remove them, or raise the threshold (--set "
+        f"bad_image_threshold=...)."
+    )
 
 
 def _posterize_keep_zero_bits(img, bits_to_keep, **_):
@@ -209,6 +232,7 @@ def _posterize_keep_zero_bits(img, bits_to_keep, **_):
     would crash a training run after hours.
     """
     from PIL import ImageOps
+
     if bits_to_keep >= 8:
         return img
     if bits_to_keep <= 0:
@@ -218,6 +242,7 @@ def _posterize_keep_zero_bits(img, bits_to_keep, **_):
 
 def _patch_timm_posterize() -> None:
     from timm.data import auto_augment
+
     for name in ('Posterize', 'PosterizeIncreasing', 'PosterizeOriginal'):
         if auto_augment.NAME_TO_OP.get(name) is auto_augment.posterize:
             auto_augment.NAME_TO_OP[name] = _posterize_keep_zero_bits
@@ -226,16 +251,32 @@ def _patch_timm_posterize() -> None:
 def build_transform(cfg, is_training: bool, input_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
     """timm's train/eval transform from the augmentation fields of a ``TrainConfig``."""
     from timm.data import create_transform
+
     _patch_timm_posterize()
     if is_training:
         return create_transform(
-            input_size, is_training=True, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), hflip=cfg.hflip,
+            input_size,
+            is_training=True,
+            scale=tuple(cfg.scale),
+            ratio=tuple(cfg.ratio),
+            hflip=cfg.hflip,
             color_jitter=cfg.color_jitter if cfg.color_jitter > 0 else None,
-            auto_augment=cfg.auto_augment or None, interpolation=cfg.interpolation, mean=tuple(mean),
-            std=tuple(std), re_prob=cfg.re_prob, re_mode=cfg.re_mode, re_count=cfg.re_count,
+            auto_augment=cfg.auto_augment or None,
+            interpolation=cfg.interpolation,
+            mean=tuple(mean),
+            std=tuple(std),
+            re_prob=cfg.re_prob,
+            re_mode=cfg.re_mode,
+            re_count=cfg.re_count,
         )
-    return create_transform(input_size, is_training=False, interpolation=cfg.interpolation, mean=tuple(mean),
-                            std=tuple(std), crop_pct=cfg.crop_pct)
+    return create_transform(
+        input_size,
+        is_training=False,
+        interpolation=cfg.interpolation,
+        mean=tuple(mean),
+        std=tuple(std),
+        crop_pct=cfg.crop_pct,
+    )
 
 
 def build_dataset(cfg, split: str, input_size: int, mean, std, is_training: Optional[bool] = None) -> Dataset:
@@ -244,15 +285,25 @@ def build_dataset(cfg, split: str, input_size: int, mean, std, is_training: Opti
     transform = build_transform(cfg, is_training, input_size, mean, std)
     if cfg.data == 'digits':
         from .digits import DigitsDataset
+
         return DigitsDataset(split, image_size=input_size, transform=transform)
     root = Path(cfg.data)
     check_image_folder(root, split)
     return CheckedImageFolder(root / split, transform=transform, exclude=not is_training)
 
 
-def build_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int, num_workers: int,
-                 world_size: int = 1, rank: int = 0, drop_last: bool = False,
-                 pin_memory: bool = False) -> Tuple[DataLoader, ResumableDistributedSampler]:
+def build_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int,
+    num_workers: int,
+    world_size: int = 1,
+    rank: int = 0,
+    drop_last: bool = False,
+    pin_memory: bool = False,
+) -> Tuple[DataLoader, ResumableDistributedSampler]:
     """A loader over ``dataset`` (wrapped in ``SeededDataset``) with a ``ResumableDistributedSampler``.
 
     ``batch_size`` is the per-process batch. Training loaders (``shuffle=True``) seed every sample's augmentation.
@@ -262,7 +313,12 @@ def build_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int,
     seeded = SeededDataset(dataset, seed if shuffle else None)
     sampler = ResumableDistributedSampler(seeded, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
     loader = DataLoader(
-        seeded, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last,
-        pin_memory=pin_memory, persistent_workers=False,
+        seeded,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        pin_memory=pin_memory,
+        persistent_workers=False,
     )
     return loader, sampler

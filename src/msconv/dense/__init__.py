@@ -24,11 +24,24 @@ loss dict          ``model(images, targets)`` (train mode)     ``model.loss(imag
 evaluate           ``evaluate_coco(model, dataset)``           ``evaluate_segmentation(model, ds, K, ...)``
 =================  ==========================================  ==========================================
 """
+
 from .detection import DETECTOR_ARCHS, create_detector
 from .evaluation import MS_RATIOS, evaluate_coco, evaluate_segmentation, predict_segmentation
 from .necks import BackboneWithFPN, MsconvBackbone, create_backbone, create_backbone_fpn
 from .segmentation import SEGMENTER_ARCHS, UperNet, create_segmenter
 
-__all__ = ['DETECTOR_ARCHS', 'create_detector', 'SEGMENTER_ARCHS', 'UperNet', 'create_segmenter', 'MS_RATIOS',
-           'evaluate_coco', 'evaluate_segmentation', 'predict_segmentation', 'BackboneWithFPN', 'MsconvBackbone',
-           'create_backbone', 'create_backbone_fpn']
+__all__ = [
+    'DETECTOR_ARCHS',
+    'create_detector',
+    'SEGMENTER_ARCHS',
+    'UperNet',
+    'create_segmenter',
+    'MS_RATIOS',
+    'evaluate_coco',
+    'evaluate_segmentation',
+    'predict_segmentation',
+    'BackboneWithFPN',
+    'MsconvBackbone',
+    'create_backbone',
+    'create_backbone_fpn',
+]

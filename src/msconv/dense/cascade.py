@@ -17,6 +17,7 @@ stages of the official SMT / ShiftwiseConv configs (``cascade_mask_rcnn_*_giou_4
 * at test time the class logits of the three stages are averaged, boxes come from the last stage's regression,
   and the mask probabilities of the three mask heads are averaged (mmdet ``CascadeRoIHead.simple_test``).
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -39,8 +40,13 @@ CASCADE_LOSS_WEIGHTS = (1.0, 0.5, 0.25)
 class CascadeStage(nn.Module):
     """One cascade stage: box head + predictor, and (optionally) a mask head + predictor."""
 
-    def __init__(self, box_head: nn.Module, box_predictor: nn.Module, mask_head: Optional[nn.Module] = None,
-                 mask_predictor: Optional[nn.Module] = None) -> None:
+    def __init__(
+        self,
+        box_head: nn.Module,
+        box_predictor: nn.Module,
+        mask_head: Optional[nn.Module] = None,
+        mask_predictor: Optional[nn.Module] = None,
+    ) -> None:
         super().__init__()
         self.box_head = box_head
         self.box_predictor = box_predictor
@@ -68,19 +74,19 @@ class CascadeRoIHeads(nn.Module):
     """
 
     def __init__(
-            self,
-            box_roi_pool: nn.Module,
-            stages: Sequence[CascadeStage],
-            mask_roi_pool: Optional[nn.Module] = None,
-            iou_thresholds: Sequence[float] = CASCADE_IOUS,
-            target_stds: Sequence[Sequence[float]] = CASCADE_STDS,
-            stage_loss_weights: Sequence[float] = CASCADE_LOSS_WEIGHTS,
-            batch_size_per_image: int = 512,
-            positive_fraction: float = 0.25,
-            giou_loss_weight: float = 10.0,
-            score_thresh: float = 0.05,
-            nms_thresh: float = 0.5,
-            detections_per_img: int = 100,
+        self,
+        box_roi_pool: nn.Module,
+        stages: Sequence[CascadeStage],
+        mask_roi_pool: Optional[nn.Module] = None,
+        iou_thresholds: Sequence[float] = CASCADE_IOUS,
+        target_stds: Sequence[Sequence[float]] = CASCADE_STDS,
+        stage_loss_weights: Sequence[float] = CASCADE_LOSS_WEIGHTS,
+        batch_size_per_image: int = 512,
+        positive_fraction: float = 0.25,
+        giou_loss_weight: float = 10.0,
+        score_thresh: float = 0.05,
+        nms_thresh: float = 0.5,
+        detections_per_img: int = 100,
     ) -> None:
         super().__init__()
         n = len(stages)
@@ -114,7 +120,7 @@ class CascadeRoIHeads(nn.Module):
             gt = t['boxes'].to(props.dtype)
             props = torch.cat([props, gt])
             gt_flag = torch.zeros(len(props), dtype=torch.bool, device=props.device)
-            gt_flag[len(props) - len(gt):] = True
+            gt_flag[len(props) - len(gt) :] = True
             if gt.numel() == 0:
                 idx = torch.zeros(len(props), dtype=torch.int64, device=props.device)
                 lab = torch.zeros(len(props), dtype=torch.int64, device=props.device)
@@ -130,8 +136,12 @@ class CascadeRoIHeads(nn.Module):
             is_gt.append(gt_flag)
         pos, neg = self.sampler(labels)
         keep = [torch.where(p | q)[0] for p, q in zip(pos, neg)]
-        return ([r[k] for r, k in zip(rois, keep)], [lab[k] for lab, k in zip(labels, keep)],
-                [m[k] for m, k in zip(matched, keep)], [g[k] for g, k in zip(is_gt, keep)])
+        return (
+            [r[k] for r, k in zip(rois, keep)],
+            [lab[k] for lab, k in zip(labels, keep)],
+            [m[k] for m, k in zip(matched, keep)],
+            [g[k] for g, k in zip(is_gt, keep)],
+        )
 
     def _box_loss(self, stage: int, class_logits, box_regression, rois, labels, matched, targets):
         labels_all = torch.cat(labels)
@@ -140,8 +150,9 @@ class CascadeRoIHeads(nn.Module):
         if pos.numel() == 0:
             return loss_cls, box_regression.sum() * 0.0
         rois_all = torch.cat(rois)
-        gt_all = torch.cat([t['boxes'][m] if len(t['boxes']) else t['boxes'].new_zeros(len(m), 4)
-                            for t, m in zip(targets, matched)])
+        gt_all = torch.cat(
+            [t['boxes'][m] if len(t['boxes']) else t['boxes'].new_zeros(len(m), 4) for t, m in zip(targets, matched)]
+        )
         deltas = _class_deltas(box_regression[pos], labels_all[pos])
         pred = self.box_coders[stage].decode_single(deltas, rois_all[pos])
         loss_box = generalized_box_iou_loss(pred, gt_all[pos].to(pred.dtype), reduction='sum')
@@ -158,8 +169,13 @@ class CascadeRoIHeads(nn.Module):
             out.append(box_ops.clip_boxes_to_image(b, shape))
         return out
 
-    def forward(self, features: Dict[str, torch.Tensor], proposals: List[torch.Tensor],
-                image_shapes: List[Tuple[int, int]], targets: Optional[List[Dict[str, torch.Tensor]]] = None):
+    def forward(
+        self,
+        features: Dict[str, torch.Tensor],
+        proposals: List[torch.Tensor],
+        image_shapes: List[Tuple[int, int]],
+        targets: Optional[List[Dict[str, torch.Tensor]]] = None,
+    ):
         if self.training:
             if targets is None:
                 raise ValueError("targets must be given in training mode")
@@ -182,8 +198,13 @@ class CascadeRoIHeads(nn.Module):
                     losses[f's{t}.loss_mask'] = sum(q.sum() for q in stage.parameters()) * 0.0
                 else:
                     logits = stage.masks(self.mask_roi_pool(features, pos_rois, image_shapes))
-                    loss_mask = maskrcnn_loss(logits, pos_rois, [tg['masks'] for tg in targets],
-                                              [tg['labels'] for tg in targets], [m[p] for m, p in zip(matched, pos)])
+                    loss_mask = maskrcnn_loss(
+                        logits,
+                        pos_rois,
+                        [tg['masks'] for tg in targets],
+                        [tg['labels'] for tg in targets],
+                        [m[p] for m, p in zip(matched, pos)],
+                    )
                     losses[f's{t}.loss_mask'] = w * loss_mask
             if t + 1 < len(self.stages):
                 refined = self._refine(t, class_logits, box_regression, rois, labels, image_shapes)
@@ -204,8 +225,9 @@ class CascadeRoIHeads(nn.Module):
         num_classes = scores.shape[-1]
         pred = self.box_coders[-1].decode(box_regression, rois).reshape(-1, num_classes, 4)  # (N, K+1, 4)
         result = []
-        for boxes, sc, shape in zip(pred.split([len(r) for r in rois]), scores.split([len(r) for r in rois]),
-                                    image_shapes):
+        for boxes, sc, shape in zip(
+            pred.split([len(r) for r in rois]), scores.split([len(r) for r in rois]), image_shapes
+        ):
             boxes = box_ops.clip_boxes_to_image(boxes, shape)[:, 1:].reshape(-1, 4)
             labels = torch.arange(1, num_classes, device=sc.device).expand(len(sc), -1).reshape(-1)
             sc = sc[:, 1:].reshape(-1)
@@ -213,7 +235,7 @@ class CascadeRoIHeads(nn.Module):
             boxes, sc, labels = boxes[keep], sc[keep], labels[keep]
             keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
             boxes, sc, labels = boxes[keep], sc[keep], labels[keep]
-            keep = box_ops.batched_nms(boxes, sc, labels, self.nms_thresh)[:self.detections_per_img]
+            keep = box_ops.batched_nms(boxes, sc, labels, self.nms_thresh)[: self.detections_per_img]
             result.append({'boxes': boxes[keep], 'labels': labels[keep], 'scores': sc[keep]})
         if self.has_mask():
             det_boxes = [r['boxes'] for r in result]

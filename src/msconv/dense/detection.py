@@ -39,6 +39,7 @@ Interface for the engine's task strategy: ``build_model = create_detector``; dat
 :mod:`msconv.data.coco`; ``loss = sum(model(images, targets).values())``; ``evaluate_coco`` from
 :mod:`msconv.dense.evaluation`.
 """
+
 from __future__ import annotations
 
 import os
@@ -60,8 +61,16 @@ from .cascade import CASCADE_IOUS, CASCADE_LOSS_WEIGHTS, CASCADE_STDS, CascadeRo
 from .necks import BackboneWithFPN, create_backbone
 from .rcnn import BorderRegionProposalNetwork, L1RegionProposalNetwork, L1RoIHeads
 
-__all__ = ['create_detector', 'DETECTOR_ARCHS', 'RetinaNetDetector', 'MaskRCNNDetector', 'CascadeMaskRCNN',
-           'IMAGENET_MEAN', 'IMAGENET_STD', 'config_drop_path_rate']
+__all__ = [
+    'create_detector',
+    'DETECTOR_ARCHS',
+    'RetinaNetDetector',
+    'MaskRCNNDetector',
+    'CascadeMaskRCNN',
+    'IMAGENET_MEAN',
+    'IMAGENET_STD',
+    'config_drop_path_rate',
+]
 
 DETECTOR_ARCHS = ('mask_rcnn', 'cascade_mask_rcnn', 'retinanet')
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -73,6 +82,7 @@ _CONFIG_DROP_PATH = {'smt': 0.2, 'shiftwise': 0.4}
 def config_drop_path_rate(model_name: str) -> Optional[float]:
     """The backbone drop-path rate of the official dense configs for this family (None: the model's default)."""
     from msconv.models._registry import _MODEL_FAMILY
+
     family = _MODEL_FAMILY.get(model_name.split('.')[0])
     return _CONFIG_DROP_PATH.get(family)
 
@@ -112,8 +122,9 @@ class CascadeMaskRCNN(GeneralizedRCNN):
 
 def _check_num_classes(num_classes: Any) -> int:
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int (object classes, without background), got "
-                         f"{num_classes!r}")
+        raise ValueError(
+            f"num_classes must be a positive int (object classes, without background), got {num_classes!r}"
+        )
     return num_classes
 
 
@@ -126,21 +137,21 @@ def _check_sizes(min_size: Any, max_size: Any) -> Tuple[int, int]:
 
 
 def create_detector(
-        backbone: str,
-        arch: str = 'mask_rcnn',
-        num_classes: int = 80,
-        *,
-        checkpoint_path: Optional[Union[str, os.PathLike]] = None,
-        drop_path_rate: Optional[float] = None,
-        min_size: int = 800,
-        max_size: int = 1333,
-        with_masks: bool = True,
-        rois_per_image: int = 512,
-        test_proposals: int = 1000,
-        box_loss: str = 'l1',
-        channels: int = 256,
-        fc_channels: int = 1024,
-        **backbone_kwargs: Any,
+    backbone: str,
+    arch: str = 'mask_rcnn',
+    num_classes: int = 80,
+    *,
+    checkpoint_path: Optional[Union[str, os.PathLike]] = None,
+    drop_path_rate: Optional[float] = None,
+    min_size: int = 800,
+    max_size: int = 1333,
+    with_masks: bool = True,
+    rois_per_image: int = 512,
+    test_proposals: int = 1000,
+    box_loss: str = 'l1',
+    channels: int = 256,
+    fc_channels: int = 1024,
+    **backbone_kwargs: Any,
 ) -> nn.Module:
     """A COCO detector of the papers on an msconv backbone (see the module docstring for the interface).
 
@@ -175,16 +186,29 @@ def create_detector(
     min_size, max_size = _check_sizes(min_size, max_size)
     if drop_path_rate is None and isinstance(backbone, str):
         drop_path_rate = config_drop_path_rate(backbone)
-    body = create_backbone(backbone, checkpoint_path=checkpoint_path, drop_path_rate=drop_path_rate,
-                           **backbone_kwargs)
-    common = dict(min_size=min_size, max_size=max_size, image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD),
-                  _skip_resize=True)
+    body = create_backbone(backbone, checkpoint_path=checkpoint_path, drop_path_rate=drop_path_rate, **backbone_kwargs)
+    common = dict(
+        min_size=min_size,
+        max_size=max_size,
+        image_mean=list(IMAGENET_MEAN),
+        image_std=list(IMAGENET_STD),
+        _skip_resize=True,
+    )
 
     if arch == 'retinanet':
         fpn = BackboneWithFPN(body, in_levels=(1, 2, 3), out_channels=channels, extra='p6p7')
         return RetinaNetDetector(
-            fpn, num_classes=num_classes, anchor_generator=_retina_anchors(), score_thresh=0.05, nms_thresh=0.5,
-            detections_per_img=100, fg_iou_thresh=0.5, bg_iou_thresh=0.4, topk_candidates=test_proposals, **common)
+            fpn,
+            num_classes=num_classes,
+            anchor_generator=_retina_anchors(),
+            score_thresh=0.05,
+            nms_thresh=0.5,
+            detections_per_img=100,
+            fg_iou_thresh=0.5,
+            bg_iou_thresh=0.4,
+            topk_candidates=test_proposals,
+            **common,
+        )
 
     fpn = BackboneWithFPN(body, in_levels=(0, 1, 2, 3), out_channels=channels, extra='pool')
     levels = ['0', '1', '2', '3']
@@ -192,36 +216,74 @@ def create_detector(
     mask_pool = MultiScaleRoIAlign(levels, output_size=14, sampling_ratio=0) if with_masks else None
 
     if arch == 'mask_rcnn':
-        rpn_cls, heads_cls = (L1RegionProposalNetwork, L1RoIHeads) if box_loss == 'l1' else \
-            (RegionProposalNetwork, RoIHeads)
+        rpn_cls, heads_cls = (
+            (L1RegionProposalNetwork, L1RoIHeads) if box_loss == 'l1' else (RegionProposalNetwork, RoIHeads)
+        )
         rpn = rpn_cls(
-            _rpn_anchors(), RPNHead(channels, 3), fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=256,
-            positive_fraction=0.5, pre_nms_top_n=dict(training=2000, testing=1000),
-            post_nms_top_n=dict(training=1000, testing=test_proposals), nms_thresh=0.7)
+            _rpn_anchors(),
+            RPNHead(channels, 3),
+            fg_iou_thresh=0.7,
+            bg_iou_thresh=0.3,
+            batch_size_per_image=256,
+            positive_fraction=0.5,
+            pre_nms_top_n=dict(training=2000, testing=1000),
+            post_nms_top_n=dict(training=1000, testing=test_proposals),
+            nms_thresh=0.7,
+        )
         heads = heads_cls(
-            box_pool, TwoMLPHead(channels * 7 * 7, fc_channels), FastRCNNPredictor(fc_channels, num_classes + 1),
+            box_pool,
+            TwoMLPHead(channels * 7 * 7, fc_channels),
+            FastRCNNPredictor(fc_channels, num_classes + 1),
             fg_iou_thresh=0.5,
-            bg_iou_thresh=0.5, batch_size_per_image=rois_per_image, positive_fraction=0.25,
-            bbox_reg_weights=(10.0, 10.0, 5.0, 5.0), score_thresh=0.05, nms_thresh=0.5, detections_per_img=100,
-            mask_roi_pool=mask_pool, mask_head=MaskRCNNHeads(channels, [channels] * 4, 1) if with_masks else None,
-            mask_predictor=MaskRCNNPredictor(channels, channels, num_classes + 1) if with_masks else None)
+            bg_iou_thresh=0.5,
+            batch_size_per_image=rois_per_image,
+            positive_fraction=0.25,
+            bbox_reg_weights=(10.0, 10.0, 5.0, 5.0),
+            score_thresh=0.05,
+            nms_thresh=0.5,
+            detections_per_img=100,
+            mask_roi_pool=mask_pool,
+            mask_head=MaskRCNNHeads(channels, [channels] * 4, 1) if with_masks else None,
+            mask_predictor=MaskRCNNPredictor(channels, channels, num_classes + 1) if with_masks else None,
+        )
         return MaskRCNNDetector(fpn, rpn, heads, GeneralizedRCNNTransform(**common))
 
     # cascade_mask_rcnn
     rpn = BorderRegionProposalNetwork(
-        _rpn_anchors(), RPNHead(channels, 3), fg_iou_thresh=0.7, bg_iou_thresh=0.3, batch_size_per_image=256,
-        positive_fraction=0.5, pre_nms_top_n=dict(training=2000, testing=1000),
-        post_nms_top_n=dict(training=2000, testing=test_proposals), nms_thresh=0.7, allowed_border=0.0)
+        _rpn_anchors(),
+        RPNHead(channels, 3),
+        fg_iou_thresh=0.7,
+        bg_iou_thresh=0.3,
+        batch_size_per_image=256,
+        positive_fraction=0.5,
+        pre_nms_top_n=dict(training=2000, testing=1000),
+        post_nms_top_n=dict(training=2000, testing=test_proposals),
+        nms_thresh=0.7,
+        allowed_border=0.0,
+    )
     stages = []
     for _ in CASCADE_IOUS:
-        stages.append(CascadeStage(
-            FastRCNNConvFCHead((channels, 7, 7), [channels] * 4, [fc_channels], norm_layer=nn.BatchNorm2d),
-            FastRCNNPredictor(fc_channels, num_classes + 1),
-            MaskRCNNHeads(channels, [channels] * 4, 1) if with_masks else None,
-            MaskRCNNPredictor(channels, channels, num_classes + 1) if with_masks else None,
-        ))
-    heads = CascadeRoIHeads(box_pool, stages, mask_pool, CASCADE_IOUS, CASCADE_STDS, CASCADE_LOSS_WEIGHTS,
-                            batch_size_per_image=rois_per_image, positive_fraction=0.25, giou_loss_weight=10.0,
-                            score_thresh=0.05, nms_thresh=0.5, detections_per_img=100)
+        stages.append(
+            CascadeStage(
+                FastRCNNConvFCHead((channels, 7, 7), [channels] * 4, [fc_channels], norm_layer=nn.BatchNorm2d),
+                FastRCNNPredictor(fc_channels, num_classes + 1),
+                MaskRCNNHeads(channels, [channels] * 4, 1) if with_masks else None,
+                MaskRCNNPredictor(channels, channels, num_classes + 1) if with_masks else None,
+            )
+        )
+    heads = CascadeRoIHeads(
+        box_pool,
+        stages,
+        mask_pool,
+        CASCADE_IOUS,
+        CASCADE_STDS,
+        CASCADE_LOSS_WEIGHTS,
+        batch_size_per_image=rois_per_image,
+        positive_fraction=0.25,
+        giou_loss_weight=10.0,
+        score_thresh=0.05,
+        nms_thresh=0.5,
+        detections_per_img=100,
+    )
     transform = GeneralizedRCNNTransform(**common)
     return CascadeMaskRCNN(fpn, rpn, heads, transform)

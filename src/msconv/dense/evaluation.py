@@ -12,6 +12,7 @@ multi-scale + flip inference (mmsegmentation's ``whole`` and ``slide`` modes).
   mAcc and aAcc (pixel accuracy), ignoring the ignore index. ``ratios=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75),
   flip=True`` is the papers' multi-scale + flip setting.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,8 +28,14 @@ import torch.nn.functional as F
 from ..data.ade import IGNORE_INDEX, rescale_size
 from ..data.coco import collate_detection
 
-__all__ = ['evaluate_coco', 'coco_results', 'predict_segmentation', 'evaluate_segmentation', 'segmentation_metrics',
-           'MS_RATIOS']
+__all__ = [
+    'evaluate_coco',
+    'coco_results',
+    'predict_segmentation',
+    'evaluate_segmentation',
+    'segmentation_metrics',
+    'MS_RATIOS',
+]
 
 MS_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 _COCO_NAMES = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl')
@@ -42,10 +49,15 @@ def _batches(dataset, indices: Sequence[int], batch_size: int, num_workers: int,
     """Batches of ``dataset[indices]``: in this process, or decoded by a DataLoader's worker processes."""
     if num_workers == 0:
         for start in range(0, len(indices), batch_size):
-            yield collate([dataset[i] for i in indices[start:start + batch_size]])
+            yield collate([dataset[i] for i in indices[start : start + batch_size]])
         return
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, list(indices)), batch_size=batch_size,
-                                         shuffle=False, num_workers=num_workers, collate_fn=collate)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, list(indices)),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate,
+    )
     yield from loader
 
 
@@ -57,9 +69,15 @@ def _check_loop_args(batch_size: Any, num_workers: Any) -> None:
 
 
 @torch.no_grad()
-def coco_results(model: nn.Module, dataset, batch_size: int = 2, max_images: Optional[int] = None,
-                 mask_threshold: float = 0.5, indices: Optional[Sequence[int]] = None,
-                 num_workers: int = 0) -> Tuple[List[dict], List[dict], List[Any]]:
+def coco_results(
+    model: nn.Module,
+    dataset,
+    batch_size: int = 2,
+    max_images: Optional[int] = None,
+    mask_threshold: float = 0.5,
+    indices: Optional[Sequence[int]] = None,
+    num_workers: int = 0,
+) -> Tuple[List[dict], List[dict], List[Any]]:
     """Run ``model`` over ``dataset`` and return COCO result lists ``(bbox_results, segm_results, image_ids)``.
 
     ``indices`` selects the items (e.g. one distributed rank's share; the lists of all ranks concatenated give
@@ -84,8 +102,9 @@ def coco_results(model: nn.Module, dataset, batch_size: int = 2, max_images: Opt
                 xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
                 scores, labels = out['scores'].cpu().tolist(), out['labels'].cpu().tolist()
                 cats = [dataset.cat_ids[lab - 1] for lab in labels]
-                boxes_out += [dict(image_id=img_id, category_id=c, bbox=b, score=s)
-                              for c, b, s in zip(cats, xywh, scores)]
+                boxes_out += [
+                    dict(image_id=img_id, category_id=c, bbox=b, score=s) for c, b, s in zip(cats, xywh, scores)
+                ]
                 if 'masks' in out and len(labels):
                     binary = (out['masks'][:, 0] > mask_threshold).cpu().numpy().astype(np.uint8)
                     rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0)))
@@ -113,8 +132,14 @@ def _coco_eval(coco_gt, results: List[dict], iou_type: str, image_ids: List[Any]
     return {k: float(v) for k, v in zip(_COCO_NAMES, ev.stats[:6])}
 
 
-def evaluate_coco(model: nn.Module, dataset, batch_size: int = 2, max_images: Optional[int] = None,
-                  iou_types: Sequence[str] = ('bbox', 'segm'), num_workers: int = 0) -> Dict[str, Dict[str, float]]:
+def evaluate_coco(
+    model: nn.Module,
+    dataset,
+    batch_size: int = 2,
+    max_images: Optional[int] = None,
+    iou_types: Sequence[str] = ('bbox', 'segm'),
+    num_workers: int = 0,
+) -> Dict[str, Dict[str, float]]:
     """COCO AP of ``model`` on ``dataset`` (see the module docstring). ``segm`` is scored only for mask models."""
     for t in iou_types:
         if t not in ('bbox', 'segm'):
@@ -151,9 +176,16 @@ def _slide_logits(model: nn.Module, image: torch.Tensor, crop: Tuple[int, int], 
 
 
 @torch.no_grad()
-def predict_segmentation(model: nn.Module, image: torch.Tensor, ratios: Sequence[float] = (1.0,), flip: bool = False,
-                         scale: Optional[Tuple[int, int]] = (2048, 512), mode: str = 'whole',
-                         crop_size: Tuple[int, int] = (512, 512), stride: Tuple[int, int] = (341, 341)):
+def predict_segmentation(
+    model: nn.Module,
+    image: torch.Tensor,
+    ratios: Sequence[float] = (1.0,),
+    flip: bool = False,
+    scale: Optional[Tuple[int, int]] = (2048, 512),
+    mode: str = 'whole',
+    crop_size: Tuple[int, int] = (512, 512),
+    stride: Tuple[int, int] = (341, 341),
+):
     """Class probabilities (K, H, W) of one float image (3, H, W) in [0, 1] (see the module docstring).
 
     ``scale=None`` runs at the image's own size times each ratio.
@@ -174,7 +206,7 @@ def predict_segmentation(model: nn.Module, image: torch.Tensor, ratios: Sequence
         else:
             size = rescale_size(h, w, (int(scale[0] * r), int(scale[1] * r)))
         scaled = F.interpolate(image, size=size, mode='bilinear', align_corners=False)
-        for flipped in ((False, True) if flip else (False,)):
+        for flipped in (False, True) if flip else (False,):
             x = scaled.flip(-1) if flipped else scaled
             logits = model(x) if mode == 'whole' else _slide_logits(model, x, crop_size, stride)
             if flipped:
@@ -193,17 +225,29 @@ def segmentation_metrics(intersect: torch.Tensor, union: torch.Tensor, label_are
     """mIoU, mAcc (over classes with a union / label area; NaN classes left out, as mmseg) and aAcc."""
     iou = intersect / union  # NaN where the class is absent from both prediction and label
     acc = intersect / label_area
-    return dict(mIoU=float(np.nanmean(iou.numpy())) if not torch.isnan(iou).all() else math.nan,
-                mAcc=float(np.nanmean(acc.numpy())) if not torch.isnan(acc).all() else math.nan,
-                aAcc=float(intersect.sum() / label_area.sum().clamp(min=1)), IoU=iou.tolist())
+    return dict(
+        mIoU=float(np.nanmean(iou.numpy())) if not torch.isnan(iou).all() else math.nan,
+        mAcc=float(np.nanmean(acc.numpy())) if not torch.isnan(acc).all() else math.nan,
+        aAcc=float(intersect.sum() / label_area.sum().clamp(min=1)),
+        IoU=iou.tolist(),
+    )
 
 
 @torch.no_grad()
-def evaluate_segmentation(model: nn.Module, dataset, num_classes: int, ratios: Sequence[float] = (1.0,),
-                          flip: bool = False, scale: Optional[Tuple[int, int]] = (2048, 512), mode: str = 'whole',
-                          crop_size: Tuple[int, int] = (512, 512), stride: Tuple[int, int] = (341, 341),
-                          ignore_index: int = IGNORE_INDEX, max_images: Optional[int] = None,
-                          num_workers: int = 0) -> Dict[str, Any]:
+def evaluate_segmentation(
+    model: nn.Module,
+    dataset,
+    num_classes: int,
+    ratios: Sequence[float] = (1.0,),
+    flip: bool = False,
+    scale: Optional[Tuple[int, int]] = (2048, 512),
+    mode: str = 'whole',
+    crop_size: Tuple[int, int] = (512, 512),
+    stride: Tuple[int, int] = (341, 341),
+    ignore_index: int = IGNORE_INDEX,
+    max_images: Optional[int] = None,
+    num_workers: int = 0,
+) -> Dict[str, Any]:
     """mIoU / mAcc / aAcc of ``model`` over ``dataset`` items ``(image (3, H, W), mask (H, W))``; one image at a
     time (images keep their own sizes), decoded in ``num_workers`` DataLoader workers if > 0."""
     if not isinstance(num_classes, int) or num_classes < 1:
@@ -218,8 +262,13 @@ def evaluate_segmentation(model: nn.Module, dataset, num_classes: int, ratios: S
     n = len(dataset) if max_images is None else min(int(max_images), len(dataset))
     try:
         for image, mask in _batches(dataset, list(range(n)), 1, num_workers, _first):
-            pred = predict_segmentation(model, image.as_subclass(torch.Tensor), ratios, flip, scale, mode,
-                                        crop_size, stride).argmax(0).cpu()
+            pred = (
+                predict_segmentation(
+                    model, image.as_subclass(torch.Tensor), ratios, flip, scale, mode, crop_size, stride
+                )
+                .argmax(0)
+                .cpu()
+            )
             mask = mask.as_subclass(torch.Tensor).long()
             valid = mask != ignore_index
             p, t = pred[valid], mask[valid]

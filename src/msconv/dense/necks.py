@@ -12,6 +12,7 @@ nearest top-down upsampling: mmdetection's ``FPN`` maths). The extra levels foll
 (``norm0..norm3`` in ``SW_v2_unirep.py``); SMT's own stage norms already end each stage, so nothing is added there.
 :func:`create_backbone` picks this per family (``out_norm=None``) or as asked.
 """
+
 from __future__ import annotations
 
 import os
@@ -60,11 +61,11 @@ class MsconvBackbone(nn.Module):
 
 
 def create_backbone(
-        model_name: str,
-        checkpoint_path: Optional[Union[str, os.PathLike]] = None,
-        drop_path_rate: Optional[float] = None,
-        out_norm: Optional[bool] = None,
-        **kwargs,
+    model_name: str,
+    checkpoint_path: Optional[Union[str, os.PathLike]] = None,
+    drop_path_rate: Optional[float] = None,
+    out_norm: Optional[bool] = None,
+    **kwargs,
 ) -> MsconvBackbone:
     """The four-level backbone of a dense model from any msconv model name.
 
@@ -80,14 +81,16 @@ def create_backbone(
     from msconv.models._registry import _MODEL_FAMILY
 
     if not isinstance(model_name, str) or model_name.split('.')[0] not in _MODEL_FAMILY:
-        raise ValueError(f"model_name must be a registered msconv model name (see msconv.list_models()), "
-                         f"got {model_name!r}")
+        raise ValueError(
+            f"model_name must be a registered msconv model name (see msconv.list_models()), got {model_name!r}"
+        )
     if drop_path_rate is not None:
         if not isinstance(drop_path_rate, (int, float)) or not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be a float in [0, 1), got {drop_path_rate!r}")
         kwargs['drop_path_rate'] = float(drop_path_rate)
-    body = msconv.create_model(model_name, checkpoint_path=checkpoint_path, features_only=True,
-                               out_indices=(0, 1, 2, 3), **kwargs)
+    body = msconv.create_model(
+        model_name, checkpoint_path=checkpoint_path, features_only=True, out_indices=(0, 1, 2, 3), **kwargs
+    )
     if out_norm is None:
         out_norm = _MODEL_FAMILY[model_name.split('.')[0]] in _OUT_NORM_FAMILIES
     return MsconvBackbone(body, out_norm=out_norm)
@@ -104,13 +107,21 @@ class BackboneWithFPN(nn.Module):
         extra: ``'pool'`` (P6 = max-pool of P5) or ``'p6p7'`` (P6/P7 convs on C5) or ``None``.
     """
 
-    def __init__(self, backbone: MsconvBackbone, in_levels: Sequence[int] = (0, 1, 2, 3), out_channels: int = 256,
-                 extra: Optional[str] = 'pool') -> None:
+    def __init__(
+        self,
+        backbone: MsconvBackbone,
+        in_levels: Sequence[int] = (0, 1, 2, 3),
+        out_channels: int = 256,
+        extra: Optional[str] = 'pool',
+    ) -> None:
         super().__init__()
         n = len(backbone.channels)
         in_levels = tuple(in_levels)
-        if not in_levels or any(not isinstance(i, int) or not 0 <= i < n for i in in_levels) \
-                or list(in_levels) != sorted(set(in_levels)):
+        if (
+            not in_levels
+            or any(not isinstance(i, int) or not 0 <= i < n for i in in_levels)
+            or list(in_levels) != sorted(set(in_levels))
+        ):
             raise ValueError(f"in_levels must be increasing level indices in [0, {n}), got {in_levels!r}")
         extra_block: Optional[ExtraFPNBlock]
         if extra == 'pool':
@@ -124,8 +135,9 @@ class BackboneWithFPN(nn.Module):
             raise ValueError(f"extra must be 'pool', 'p6p7' or None, got {extra!r}")
         self.backbone = backbone
         self.in_levels = in_levels
-        self.fpn = FeaturePyramidNetwork([backbone.channels[i] for i in in_levels], out_channels,
-                                         extra_blocks=extra_block)
+        self.fpn = FeaturePyramidNetwork(
+            [backbone.channels[i] for i in in_levels], out_channels, extra_blocks=extra_block
+        )
         self.out_channels = out_channels
         self.strides = [backbone.reductions[i] for i in in_levels] + {
             'pool': [backbone.reductions[in_levels[-1]] * 2],
@@ -137,7 +149,12 @@ class BackboneWithFPN(nn.Module):
         return self.fpn(OrderedDict((str(k), feats[i]) for k, i in enumerate(self.in_levels)))
 
 
-def create_backbone_fpn(model_name: str, extra: Optional[str] = 'pool', in_levels: Sequence[int] = (0, 1, 2, 3),
-                        out_channels: int = 256, **backbone_kwargs) -> BackboneWithFPN:
+def create_backbone_fpn(
+    model_name: str,
+    extra: Optional[str] = 'pool',
+    in_levels: Sequence[int] = (0, 1, 2, 3),
+    out_channels: int = 256,
+    **backbone_kwargs,
+) -> BackboneWithFPN:
     """:func:`create_backbone` followed by an FPN (see :class:`BackboneWithFPN`)."""
     return BackboneWithFPN(create_backbone(model_name, **backbone_kwargs), in_levels, out_channels, extra)

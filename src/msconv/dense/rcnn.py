@@ -11,6 +11,7 @@ regression of the gt class, mask loss, inference) is torchvision's, reused as is
 reaching more than that many pixels beyond the (unpadded) image are neither positives nor negatives of the RPN
 loss; proposals still come from every anchor.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
@@ -34,8 +35,13 @@ def l1_box_loss(box_regression: torch.Tensor, labels: torch.Tensor, regression_t
 class L1RegionProposalNetwork(RegionProposalNetwork):
     """torchvision's RPN with an L1 anchor regression loss."""
 
-    def compute_loss(self, objectness: torch.Tensor, pred_bbox_deltas: torch.Tensor, labels: List[torch.Tensor],
-                     regression_targets: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    def compute_loss(
+        self,
+        objectness: torch.Tensor,
+        pred_bbox_deltas: torch.Tensor,
+        labels: List[torch.Tensor],
+        regression_targets: List[torch.Tensor],
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         pos, neg = self.fg_bg_sampler(labels)
         pos = torch.where(torch.cat(pos, dim=0))[0]
         neg = torch.where(torch.cat(neg, dim=0))[0]
@@ -50,8 +56,13 @@ class L1RegionProposalNetwork(RegionProposalNetwork):
 class L1RoIHeads(RoIHeads):
     """torchvision's box + mask RoI heads with an L1 box regression loss (inference unchanged)."""
 
-    def forward(self, features: Dict[str, torch.Tensor], proposals: List[torch.Tensor],
-                image_shapes: List[Tuple[int, int]], targets: Optional[List[Dict[str, torch.Tensor]]] = None):
+    def forward(
+        self,
+        features: Dict[str, torch.Tensor],
+        proposals: List[torch.Tensor],
+        image_shapes: List[Tuple[int, int]],
+        targets: Optional[List[Dict[str, torch.Tensor]]] = None,
+    ):
         if not self.training:
             return super().forward(features, proposals, image_shapes, targets)
         proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
@@ -65,11 +76,16 @@ class L1RoIHeads(RoIHeads):
         if self.has_mask():
             pos = [torch.where(lab > 0)[0] for lab in labels]
             mask_proposals = [p[i] for p, i in zip(proposals, pos)]
-            mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, mask_proposals,
-                                                                                image_shapes)))
-            losses['loss_mask'] = maskrcnn_loss(mask_logits, mask_proposals, [t['masks'] for t in targets],
-                                                [t['labels'] for t in targets],
-                                                [m[i] for m, i in zip(matched_idxs, pos)])
+            mask_logits = self.mask_predictor(
+                self.mask_head(self.mask_roi_pool(features, mask_proposals, image_shapes))
+            )
+            losses['loss_mask'] = maskrcnn_loss(
+                mask_logits,
+                mask_proposals,
+                [t['masks'] for t in targets],
+                [t['labels'] for t in targets],
+                [m[i] for m, i in zip(matched_idxs, pos)],
+            )
         return [], losses
 
 

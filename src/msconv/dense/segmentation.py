@@ -20,6 +20,7 @@ Interface for the engine's task strategy: ``build_model = create_segmenter``; da
 masks)`` -> dict of losses; ``model(images)`` -> logits at the input size; ``evaluate_segmentation`` from
 :mod:`msconv.dense.evaluation` (whole / slide inference, multi-scale + flip).
 """
+
 from __future__ import annotations
 
 import os
@@ -31,8 +32,16 @@ import torch.nn.functional as F
 
 from .necks import MsconvBackbone, create_backbone
 
-__all__ = ['ConvBNReLU', 'PyramidPoolingModule', 'UperHead', 'FCNHead', 'UperNet', 'create_segmenter',
-           'SEGMENTER_ARCHS', 'IGNORE_INDEX']
+__all__ = [
+    'ConvBNReLU',
+    'PyramidPoolingModule',
+    'UperHead',
+    'FCNHead',
+    'UperNet',
+    'create_segmenter',
+    'SEGMENTER_ARCHS',
+    'IGNORE_INDEX',
+]
 
 SEGMENTER_ARCHS = ('upernet',)
 IGNORE_INDEX = 255
@@ -61,7 +70,8 @@ class PyramidPoolingModule(nn.Module):
     def __init__(self, in_chs: int, channels: int, pool_scales: Sequence[int] = (1, 2, 3, 6)) -> None:
         super().__init__()
         self.stages = nn.ModuleList(
-            [nn.Sequential(nn.AdaptiveAvgPool2d(s), ConvBNReLU(in_chs, channels, 1)) for s in pool_scales])
+            [nn.Sequential(nn.AdaptiveAvgPool2d(s), ConvBNReLU(in_chs, channels, 1)) for s in pool_scales]
+        )
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         return [_resize(stage(x), x.shape[2:]) for stage in self.stages]
@@ -70,8 +80,14 @@ class PyramidPoolingModule(nn.Module):
 class UperHead(nn.Module):
     """UperNet's decode head over the four backbone levels (finest first); returns logits at stride 4."""
 
-    def __init__(self, in_channels: Sequence[int], num_classes: int, channels: int = 512,
-                 pool_scales: Sequence[int] = (1, 2, 3, 6), dropout: float = 0.1) -> None:
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        num_classes: int,
+        channels: int = 512,
+        pool_scales: Sequence[int] = (1, 2, 3, 6),
+        dropout: float = 0.1,
+    ) -> None:
         super().__init__()
         self.ppm = PyramidPoolingModule(in_channels[-1], channels, pool_scales)
         self.bottleneck = ConvBNReLU(in_channels[-1] + len(pool_scales) * channels, channels, 3)
@@ -96,8 +112,9 @@ class UperHead(nn.Module):
 class FCNHead(nn.Module):
     """The auxiliary head: ``num_convs`` 3x3 ConvBNReLU, dropout, 1x1 classifier (``concat_input=False``)."""
 
-    def __init__(self, in_chs: int, num_classes: int, channels: int = 256, num_convs: int = 1,
-                 dropout: float = 0.1) -> None:
+    def __init__(
+        self, in_chs: int, num_classes: int, channels: int = 256, num_convs: int = 1, dropout: float = 0.1
+    ) -> None:
         super().__init__()
         self.convs = nn.Sequential(*[ConvBNReLU(in_chs if i == 0 else channels, channels, 3) for i in range(num_convs)])
         self.dropout = nn.Dropout2d(dropout)
@@ -115,9 +132,18 @@ class UperNet(nn.Module):
     ``loss_aux`` (already weighted).
     """
 
-    def __init__(self, backbone: MsconvBackbone, num_classes: int, channels: int = 512,
-                 pool_scales: Sequence[int] = (1, 2, 3, 6), aux_channels: int = 256, aux_level: int = 2,
-                 aux_weight: float = 0.4, dropout: float = 0.1, ignore_index: int = IGNORE_INDEX) -> None:
+    def __init__(
+        self,
+        backbone: MsconvBackbone,
+        num_classes: int,
+        channels: int = 512,
+        pool_scales: Sequence[int] = (1, 2, 3, 6),
+        aux_channels: int = 256,
+        aux_level: int = 2,
+        aux_weight: float = 0.4,
+        dropout: float = 0.1,
+        ignore_index: int = IGNORE_INDEX,
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.num_classes = num_classes
@@ -125,8 +151,9 @@ class UperNet(nn.Module):
         self.decode_head = UperHead(backbone.channels, num_classes, channels, pool_scales, dropout)
         self.aux_level = aux_level
         self.aux_weight = aux_weight
-        self.auxiliary_head = FCNHead(backbone.channels[aux_level], num_classes, aux_channels, 1, dropout) \
-            if aux_weight > 0 else None
+        self.auxiliary_head = (
+            FCNHead(backbone.channels[aux_level], num_classes, aux_channels, 1, dropout) if aux_weight > 0 else None
+        )
         self.register_buffer('mean', torch.tensor(_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer('std', torch.tensor(_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -144,13 +171,18 @@ class UperNet(nn.Module):
 
     def loss(self, images: torch.Tensor, masks: torch.Tensor) -> Dict[str, torch.Tensor]:
         if not isinstance(masks, torch.Tensor) or masks.dim() != 3 or masks.shape[0] != images.shape[0]:
-            raise ValueError(f"masks must be an int64 tensor of shape (B, H, W) matching images "
-                             f"{tuple(images.shape)}, got {getattr(masks, 'shape', type(masks).__name__)}")
+            raise ValueError(
+                f"masks must be an int64 tensor of shape (B, H, W) matching images "
+                f"{tuple(images.shape)}, got {getattr(masks, 'shape', type(masks).__name__)}"
+            )
         feats = self._features(images)
         size = masks.shape[1:]
         masks = masks.long()
-        losses = {'loss_decode': F.cross_entropy(_resize(self.decode_head(feats), size), masks,
-                                                 ignore_index=self.ignore_index)}
+        losses = {
+            'loss_decode': F.cross_entropy(
+                _resize(self.decode_head(feats), size), masks, ignore_index=self.ignore_index
+            )
+        }
         if self.auxiliary_head is not None:
             aux = _resize(self.auxiliary_head(feats[self.aux_level]), size)
             losses['loss_aux'] = self.aux_weight * F.cross_entropy(aux, masks, ignore_index=self.ignore_index)
@@ -158,16 +190,16 @@ class UperNet(nn.Module):
 
 
 def create_segmenter(
-        backbone: str,
-        arch: str = 'upernet',
-        num_classes: int = 150,
-        *,
-        checkpoint_path: Optional[Union[str, os.PathLike]] = None,
-        drop_path_rate: Optional[float] = None,
-        aux_head: bool = True,
-        channels: int = 512,
-        aux_channels: int = 256,
-        **backbone_kwargs: Any,
+    backbone: str,
+    arch: str = 'upernet',
+    num_classes: int = 150,
+    *,
+    checkpoint_path: Optional[Union[str, os.PathLike]] = None,
+    drop_path_rate: Optional[float] = None,
+    aux_head: bool = True,
+    channels: int = 512,
+    aux_channels: int = 256,
+    **backbone_kwargs: Any,
 ) -> UperNet:
     """A segmenter of the papers on an msconv backbone (see the module docstring for the interface).
 
@@ -192,7 +224,5 @@ def create_segmenter(
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if drop_path_rate is None and isinstance(backbone, str):
         drop_path_rate = config_drop_path_rate(backbone)
-    body = create_backbone(backbone, checkpoint_path=checkpoint_path, drop_path_rate=drop_path_rate,
-                           **backbone_kwargs)
-    return UperNet(body, num_classes, channels=channels, aux_channels=aux_channels,
-                   aux_weight=0.4 if aux_head else 0.0)
+    body = create_backbone(backbone, checkpoint_path=checkpoint_path, drop_path_rate=drop_path_rate, **backbone_kwargs)
+    return UperNet(body, num_classes, channels=channels, aux_channels=aux_channels, aux_weight=0.4 if aux_head else 0.0)

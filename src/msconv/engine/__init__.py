@@ -6,6 +6,7 @@ loading), ``tasks`` (one strategy object per training task; ``register_task``), 
 ``checkpoint`` (atomic, verified checkpoints and run folders), ``metrics`` (records, curves, progress),
 ``evaluate``, ``verification`` (face pairs), ``sparsity`` (ShiftWise sparse training), ``distributed``, ``demo``.
 """
+
 from .build import build_model
 from .config import PRESETS, TrainConfig, resolve_config
 from .demo import demo
@@ -13,5 +14,15 @@ from .evaluate import evaluate
 from .tasks import Task, register_task
 from .trainer import NonFiniteLossError, train
 
-__all__ = ['PRESETS', 'TrainConfig', 'resolve_config', 'evaluate', 'train', 'demo', 'build_model',
-           'NonFiniteLossError', 'Task', 'register_task']
+__all__ = [
+    'PRESETS',
+    'TrainConfig',
+    'resolve_config',
+    'evaluate',
+    'train',
+    'demo',
+    'build_model',
+    'NonFiniteLossError',
+    'Task',
+    'register_task',
+]

@@ -11,6 +11,7 @@ POSIX), so a crash leaves either the previous checkpoints or a complete new one.
 hashes and that each file parses, and names the bad file; ``latest_good_checkpoint`` falls back to the newest
 checkpoint that passes.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,9 +27,18 @@ import numpy as np
 import torch
 
 __all__ = [
-    'CheckpointError', 'atomic_write_bytes', 'save_checkpoint', 'load_checkpoint', 'list_checkpoints',
-    'latest_good_checkpoint', 'get_rng_state', 'set_rng_state', 'checkpoint_step', 'clean_temporaries',
-    'holds_run', 'clear_run',
+    'CheckpointError',
+    'atomic_write_bytes',
+    'save_checkpoint',
+    'load_checkpoint',
+    'list_checkpoints',
+    'latest_good_checkpoint',
+    'get_rng_state',
+    'set_rng_state',
+    'checkpoint_step',
+    'clean_temporaries',
+    'holds_run',
+    'clear_run',
 ]
 
 _PREFIX = 'step-'
@@ -77,8 +87,12 @@ def get_rng_state() -> Dict[str, Any]:
     np_state = np.random.get_state()
     state = {
         'python': random.getstate(),
-        'numpy': {'key': torch.from_numpy(np_state[1].astype(np.int64)), 'pos': int(np_state[2]),
-                  'has_gauss': int(np_state[3]), 'cached_gaussian': float(np_state[4])},
+        'numpy': {
+            'key': torch.from_numpy(np_state[1].astype(np.int64)),
+            'pos': int(np_state[2]),
+            'has_gauss': int(np_state[3]),
+            'cached_gaussian': float(np_state[4]),
+        },
         'torch': torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -90,8 +104,7 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     py = state['python']
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = state['numpy']
-    np.random.set_state(('MT19937', n['key'].numpy().astype(np.uint32), n['pos'], n['has_gauss'],
-                         n['cached_gaussian']))
+    np.random.set_state(('MT19937', n['key'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['cached_gaussian']))
     torch.set_rng_state(state['torch'])
     if 'cuda' in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state['cuda'])
@@ -106,6 +119,7 @@ def _contiguous_cpu(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 
 def _write_safetensors(tensors: Dict[str, torch.Tensor], path: Path, metadata: Optional[Dict[str, str]] = None):
     from safetensors.torch import save
+
     # Tied/shared storages are cloned so that safetensors accepts them.
     tensors = {k: v.clone() for k, v in _contiguous_cpu(tensors).items()}
     data = save(tensors, metadata=metadata)
@@ -116,12 +130,12 @@ def _write_safetensors(tensors: Dict[str, torch.Tensor], path: Path, metadata: O
 
 
 def save_checkpoint(
-        run_dir: Union[str, Path],
-        step: int,
-        weights: Dict[str, Dict[str, torch.Tensor]],
-        state: Dict[str, Any],
-        meta: Dict[str, Any],
-        keep_last: int = 3,
+    run_dir: Union[str, Path],
+    step: int,
+    weights: Dict[str, Dict[str, torch.Tensor]],
+    state: Dict[str, Any],
+    meta: Dict[str, Any],
+    keep_last: int = 3,
 ) -> Path:
     """Atomically write checkpoint ``step`` under ``run_dir/checkpoints`` and prune to the last ``keep_last``.
 
@@ -164,14 +178,14 @@ def save_checkpoint(
     # abandoned (it resumed from an earlier checkpoint) and goes too: it can never outrank the one just written.
     others = [p for p in list_checkpoints(run_dir) if p != final]
     older = [p for p in others if checkpoint_step(p) < step]
-    for old in [p for p in others if checkpoint_step(p) > step] + older[:max(len(older) - (keep_last - 1), 0)]:
+    for old in [p for p in others if checkpoint_step(p) > step] + older[: max(len(older) - (keep_last - 1), 0)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def checkpoint_step(path: Union[str, Path]) -> int:
     """The step number in a checkpoint folder's name (``step-00001234`` -> 1234)."""
-    return int(Path(path).name[len(_PREFIX):])
+    return int(Path(path).name[len(_PREFIX) :])
 
 
 _RUN_FILES = ('config.yaml', 'metrics.jsonl', 'metrics.csv', 'curves.png')
@@ -216,7 +230,9 @@ def list_checkpoints(run_dir: Union[str, Path]) -> List[Path]:
     root = Path(run_dir) / 'checkpoints'
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and p.name[len(_PREFIX):].isdigit()]
+    found = [
+        p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and p.name[len(_PREFIX) :].isdigit()
+    ]
     return sorted(found, key=checkpoint_step)
 
 
@@ -226,6 +242,7 @@ def load_checkpoint(path: Union[str, Path]) -> Tuple[Dict[str, Dict[str, torch.T
     Raises ``CheckpointError`` naming the file that is missing, truncated or does not match its recorded hash.
     """
     from safetensors.torch import load_file
+
     path = Path(path)
     meta_path = path / 'meta.json'
     if not path.is_dir():
@@ -249,7 +266,7 @@ def load_checkpoint(path: Union[str, Path]) -> Tuple[Dict[str, Dict[str, torch.T
     for name in files:
         if name.endswith('.safetensors'):
             try:
-                weights[name[:-len('.safetensors')]] = load_file(str(path / name), device='cpu')
+                weights[name[: -len('.safetensors')]] = load_file(str(path / name), device='cpu')
             except Exception as e:
                 raise CheckpointError(f"checkpoint file {str(path / name)!r} is not a readable safetensors file: {e}")
     try:

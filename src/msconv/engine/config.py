@@ -4,6 +4,7 @@ Precedence, lowest first: dataclass defaults < preset (``'imagenet'``: the famil
 or ``'demo'``: small and fast) < YAML file < explicit overrides (CLI flags). ``resolve_config`` returns the
 merged, validated ``TrainConfig``; ``save_config`` writes it beside the run.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,6 +20,7 @@ __all__ = ['TrainConfig', 'PRESETS', 'resolve_config', 'load_yaml', 'save_config
 class TrainConfig:
     """Every knob of ``msconv.train``. Learning rates are given for ``lr_base_size`` images per optimizer step
     and scaled linearly to the actual global batch (``batch_size * accum_steps``), as the official code does."""
+
     model: str = ''
     model_kwargs: Dict[str, Any] = field(default_factory=dict)
     init_checkpoint: Optional[str] = None  # weights to start from (official or msconv format)
@@ -110,35 +112,113 @@ class TrainConfig:
 
 # The official ImageNet-1K recipes (reference notes: smt.md §5, scsc.md §4.3, shiftwise.md §5).
 _IMAGENET_COMMON = dict(
-    epochs=300, opt='adamw', weight_decay=0.05, opt_eps=1e-8, opt_betas=(0.9, 0.999), sched='cosine',
-    smoothing=0.1, cutmix=1.0, mixup_prob=1.0, mixup_switch_prob=0.5, mixup_mode='batch',
-    auto_augment='rand-m9-mstd0.5-inc1', color_jitter=0.4, re_prob=0.25, re_mode='pixel', re_count=1, hflip=0.5,
-    scale=(0.08, 1.0), interpolation='bicubic', ema=False,
+    epochs=300,
+    opt='adamw',
+    weight_decay=0.05,
+    opt_eps=1e-8,
+    opt_betas=(0.9, 0.999),
+    sched='cosine',
+    smoothing=0.1,
+    cutmix=1.0,
+    mixup_prob=1.0,
+    mixup_switch_prob=0.5,
+    mixup_mode='batch',
+    auto_augment='rand-m9-mstd0.5-inc1',
+    color_jitter=0.4,
+    re_prob=0.25,
+    re_mode='pixel',
+    re_count=1,
+    hflip=0.5,
+    scale=(0.08, 1.0),
+    interpolation='bicubic',
+    ema=False,
 )
 PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
     'imagenet': {
         # SMT: 8x128=1024 images, LR 1e-3/1e-7/1e-6 per 512, 5 warm-up epochs, clip 5, AMP, Mixup 0.2.
         # Drop path per size (T 0.1, S 0.2, B 0.3, L 0.4) is set by model name in `_model_overrides`.
-        'smt': dict(_IMAGENET_COMMON, batch_size=1024, lr=1e-3, warmup_lr=1e-7, min_lr=1e-6, lr_base_size=512,
-                    warmup_epochs=5, clip_grad=5.0, mixup=0.2, drop_path=0.1, amp=True),
+        'smt': dict(
+            _IMAGENET_COMMON,
+            batch_size=1024,
+            lr=1e-3,
+            warmup_lr=1e-7,
+            min_lr=1e-6,
+            lr_base_size=512,
+            warmup_epochs=5,
+            clip_grad=5.0,
+            mixup=0.2,
+            drop_path=0.1,
+            amp=True,
+        ),
         # SCSC (Swin pipeline): 1024 images, LR 1e-3/5e-7/5e-6 per 512, 20 warm-up epochs, clip 5, Mixup 0.8.
-        'scsc': dict(_IMAGENET_COMMON, batch_size=1024, lr=1e-3, warmup_lr=5e-7, min_lr=5e-6, lr_base_size=512,
-                     warmup_epochs=20, clip_grad=5.0, mixup=0.8, drop_path=0.1, amp=True),
+        'scsc': dict(
+            _IMAGENET_COMMON,
+            batch_size=1024,
+            lr=1e-3,
+            warmup_lr=5e-7,
+            min_lr=5e-6,
+            lr_base_size=512,
+            warmup_epochs=20,
+            clip_grad=5.0,
+            mixup=0.8,
+            drop_path=0.1,
+            amp=True,
+        ),
         # ShiftWise SW-T (ConvNeXt pipeline): 8x64x8 = 4096 images, absolute LR 4e-3, min 1e-6, 5 warm-up epochs,
         # no clipping, fp32, drop path 0.2, SyncBN, coarse sparsity 0.3.
-        'shiftwise': dict(_IMAGENET_COMMON, batch_size=512, accum_steps=8, lr=4e-3, warmup_lr=0.0, min_lr=1e-6,
-                          lr_base_size=None, warmup_epochs=5, clip_grad=None, mixup=0.8, drop_path=0.2, amp=False,
-                          sync_bn=True, sparsity=dict(target=0.3, prune_rate=0.3, interval=100, gap=131)),
+        'shiftwise': dict(
+            _IMAGENET_COMMON,
+            batch_size=512,
+            accum_steps=8,
+            lr=4e-3,
+            warmup_lr=0.0,
+            min_lr=1e-6,
+            lr_base_size=None,
+            warmup_epochs=5,
+            clip_grad=None,
+            mixup=0.8,
+            drop_path=0.2,
+            amp=False,
+            sync_bn=True,
+            sparsity=dict(target=0.3, prune_rate=0.3, interval=100, gap=131),
+        ),
     },
     # Small and fast: the bundled digits at 32x32, a few epochs on CPU. Light augmentation (no flips for digits).
     'demo': {
         fam: dict(
-            data='digits', image_size=32, epochs=4, batch_size=64, accum_steps=1, lr=2e-3, warmup_lr=1e-5,
-            min_lr=1e-5, lr_base_size=None, warmup_epochs=0.5, weight_decay=0.05, clip_grad=5.0, drop_path=0.0,
-            smoothing=0.1, mixup=0.0, cutmix=0.0, auto_augment=None, color_jitter=0.0, re_prob=0.0, hflip=0.0,
-            scale=(0.85, 1.0), ratio=(0.9, 1.1), interpolation='bilinear', crop_pct=1.0, amp=False, ema=False,
-            num_workers=1, ckpt_every=0, keep_last=1, log_every=20, sparsity=None,
-        ) for fam in ('smt', 'scsc', 'shiftwise')
+            data='digits',
+            image_size=32,
+            epochs=4,
+            batch_size=64,
+            accum_steps=1,
+            lr=2e-3,
+            warmup_lr=1e-5,
+            min_lr=1e-5,
+            lr_base_size=None,
+            warmup_epochs=0.5,
+            weight_decay=0.05,
+            clip_grad=5.0,
+            drop_path=0.0,
+            smoothing=0.1,
+            mixup=0.0,
+            cutmix=0.0,
+            auto_augment=None,
+            color_jitter=0.0,
+            re_prob=0.0,
+            hflip=0.0,
+            scale=(0.85, 1.0),
+            ratio=(0.9, 1.1),
+            interpolation='bilinear',
+            crop_pct=1.0,
+            amp=False,
+            ema=False,
+            num_workers=1,
+            ckpt_every=0,
+            keep_last=1,
+            log_every=20,
+            sparsity=None,
+        )
+        for fam in ('smt', 'scsc', 'shiftwise')
     },
 }
 
@@ -156,6 +236,7 @@ _CHOICES = {
 def family_of(model_name: str) -> Optional[str]:
     """msconv family of a model name, or None for a plain timm model."""
     from ..models import model_family
+
     try:
         return model_family(model_name)
     except ValueError:
@@ -174,6 +255,7 @@ def _model_overrides(model_name: str, preset: str) -> Dict[str, Any]:
 
 def load_yaml(path: Union[str, Path]) -> Dict[str, Any]:
     import yaml
+
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file {str(path)!r} does not exist")
@@ -195,6 +277,7 @@ def load_yaml(path: Union[str, Path]) -> Dict[str, Any]:
 def _coerce(name: str, value: Any) -> Any:
     if name not in _FIELDS:
         import difflib
+
         close = difflib.get_close_matches(name, list(_FIELDS), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ''
         raise ValueError(f"unknown config option {name!r}{hint}")
@@ -207,9 +290,9 @@ def _coerce(name: str, value: Any) -> Any:
 
 
 def resolve_config(
-        config: Union[TrainConfig, Mapping[str, Any], str, Path, None] = None,
-        overrides: Optional[Mapping[str, Any]] = None,
-        check_paths: bool = True,
+    config: Union[TrainConfig, Mapping[str, Any], str, Path, None] = None,
+    overrides: Optional[Mapping[str, Any]] = None,
+    check_paths: bool = True,
 ) -> TrainConfig:
     """Merge defaults < preset < ``config`` (a TrainConfig, a dict or a YAML path) < ``overrides``, then validate.
 
@@ -257,50 +340,83 @@ def _require(cond: bool, message: str) -> None:
 def validate_config(cfg: TrainConfig, check_paths: bool = True) -> None:
     """Reject bad values with a message that says what to fix (called before any work starts)."""
     import timm
+
     if family_of(cfg.model) is None and cfg.model not in timm.list_models() and not timm.is_model(cfg.model):
         from ..models._registry import unknown_model_message
+
         raise ValueError(unknown_model_message(cfg.model))
     from .tasks import TASKS
+
     _require(cfg.task in TASKS, f"task must be one of {tuple(TASKS)}, got {cfg.task!r}")
     for name, choices in _CHOICES.items():
         _require(getattr(cfg, name) in choices, f"{name} must be one of {choices}, got {getattr(cfg, name)!r}")
     for name in ('batch_size', 'accum_steps', 'epochs'):
         v = getattr(cfg, name)
-        _require(isinstance(v, int) and not isinstance(v, bool) and v >= 1,
-                 f"{name} must be a positive integer, got {v!r}")
-    _require(cfg.max_steps is None or (isinstance(cfg.max_steps, int) and cfg.max_steps >= 1),
-             f"max_steps must be a positive integer or None, got {cfg.max_steps!r}")
-    _require(isinstance(cfg.num_workers, int) and cfg.num_workers >= 0,
-             f"num_workers must be an integer >= 0, got {cfg.num_workers!r}")
-    for name in ('lr', 'warmup_lr', 'min_lr', 'weight_decay', 'drop_path', 'smoothing', 'mixup', 'cutmix',
-                 're_prob', 'hflip', 'color_jitter', 'warmup_epochs'):
+        _require(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{name} must be a positive integer, got {v!r}"
+        )
+    _require(
+        cfg.max_steps is None or (isinstance(cfg.max_steps, int) and cfg.max_steps >= 1),
+        f"max_steps must be a positive integer or None, got {cfg.max_steps!r}",
+    )
+    _require(
+        isinstance(cfg.num_workers, int) and cfg.num_workers >= 0,
+        f"num_workers must be an integer >= 0, got {cfg.num_workers!r}",
+    )
+    for name in (
+        'lr',
+        'warmup_lr',
+        'min_lr',
+        'weight_decay',
+        'drop_path',
+        'smoothing',
+        'mixup',
+        'cutmix',
+        're_prob',
+        'hflip',
+        'color_jitter',
+        'warmup_epochs',
+    ):
         v = getattr(cfg, name)
-        _require(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0,
-                 f"{name} must be a finite number >= 0, got {v!r}")
+        _require(
+            isinstance(v, (int, float)) and math.isfinite(v) and v >= 0,
+            f"{name} must be a finite number >= 0, got {v!r}",
+        )
     _require(cfg.lr > 0, f"lr must be > 0, got {cfg.lr!r}")
-    _require(cfg.warmup_epochs < cfg.epochs,
-             f"warmup_epochs ({cfg.warmup_epochs}) must be smaller than epochs ({cfg.epochs}): raise --epochs or "
-             f"lower --warmup-epochs")
+    _require(
+        cfg.warmup_epochs < cfg.epochs,
+        f"warmup_epochs ({cfg.warmup_epochs}) must be smaller than epochs ({cfg.epochs}): raise --epochs or "
+        f"lower --warmup-epochs",
+    )
     for name in ('drop_path', 'smoothing', 're_prob', 'hflip', 'mixup_prob', 'mixup_switch_prob'):
         v = getattr(cfg, name)
         _require(0 <= v <= 1, f"{name} must be in [0, 1], got {v!r}")
     _require(cfg.clip_grad is None or cfg.clip_grad > 0, f"clip_grad must be > 0 or None, got {cfg.clip_grad!r}")
-    _require(cfg.lr_base_size is None or cfg.lr_base_size >= 1,
-             f"lr_base_size must be a positive integer or None, got {cfg.lr_base_size!r}")
-    _require(cfg.image_size is None or (isinstance(cfg.image_size, int) and cfg.image_size >= 8),
-             f"image_size must be an integer >= 8 or None, got {cfg.image_size!r}")
+    _require(
+        cfg.lr_base_size is None or cfg.lr_base_size >= 1,
+        f"lr_base_size must be a positive integer or None, got {cfg.lr_base_size!r}",
+    )
+    _require(
+        cfg.image_size is None or (isinstance(cfg.image_size, int) and cfg.image_size >= 8),
+        f"image_size must be an integer >= 8 or None, got {cfg.image_size!r}",
+    )
     _require(cfg.ckpt_every >= 0, f"ckpt_every must be >= 0 (0: only at epoch ends), got {cfg.ckpt_every!r}")
-    _require(isinstance(cfg.bad_image_threshold, (int, float)) and 0 <= cfg.bad_image_threshold <= 1,
-             f"bad_image_threshold must be a fraction in [0, 1], got {cfg.bad_image_threshold!r}")
+    _require(
+        isinstance(cfg.bad_image_threshold, (int, float)) and 0 <= cfg.bad_image_threshold <= 1,
+        f"bad_image_threshold must be a fraction in [0, 1], got {cfg.bad_image_threshold!r}",
+    )
     _require(cfg.keep_last >= 1, f"keep_last must be >= 1, got {cfg.keep_last!r}")
     _require(cfg.eval_every >= 1, f"eval_every must be >= 1, got {cfg.eval_every!r}")
     _require(cfg.log_every >= 1, f"log_every must be >= 1, got {cfg.log_every!r}")
     _require(0 < cfg.ema_decay < 1, f"ema_decay must be in (0, 1), got {cfg.ema_decay!r}")
     _require(isinstance(cfg.model_kwargs, dict), f"model_kwargs must be a mapping, got {cfg.model_kwargs!r}")
-    _require(cfg.device == 'auto' or cfg.device == 'cpu' or cfg.device.startswith('cuda'),
-             f"device must be 'auto', 'cpu' or 'cuda[:N]', got {cfg.device!r}")
+    _require(
+        cfg.device == 'auto' or cfg.device == 'cpu' or cfg.device.startswith('cuda'),
+        f"device must be 'auto', 'cpu' or 'cuda[:N]', got {cfg.device!r}",
+    )
     if cfg.device.startswith('cuda'):
         import torch
+
         _require(torch.cuda.is_available(), f"device {cfg.device!r} was asked for but CUDA is not available")
     if cfg.task == 'face':
         _require(cfg.data != 'digits', "task 'face' needs --data PATH to a folder of identity subfolders")
@@ -308,14 +424,19 @@ def validate_config(cfg: TrainConfig, check_paths: bool = True) -> None:
     if check_paths:
         if cfg.data != 'digits':
             root = Path(cfg.data)
-            _require(root.is_dir(), f"data {cfg.data!r}: no such folder. Pass an ImageFolder root (train/, val/) "
-                                    f"or 'digits' for the bundled MNIST digits.")
+            _require(
+                root.is_dir(),
+                f"data {cfg.data!r}: no such folder. Pass an ImageFolder root (train/, val/) "
+                f"or 'digits' for the bundled MNIST digits.",
+            )
             if cfg.task == 'classification':
                 from ..data.loader import check_image_folder
+
                 check_image_folder(root, 'train')
                 check_image_folder(root, 'val')
         else:
             from ..data.digits import digits_path
+
             digits_path()
         for b in cfg.face_val_bins:
             _require(Path(b).is_file(), f"face_val_bins: {b!r} does not exist (expected a verification .bin file)")
@@ -326,6 +447,8 @@ def validate_config(cfg: TrainConfig, check_paths: bool = True) -> None:
 def save_config(cfg: TrainConfig, path: Union[str, Path]) -> None:
     """Write the resolved config as YAML (atomically)."""
     import yaml
+
     from .checkpoint import atomic_write_bytes
+
     text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
     atomic_write_bytes(Path(path), text.encode())

@@ -4,6 +4,7 @@ Each nano model is a registered full-size entry point shrunk with constructor ke
 are registered). Training uses the 'demo' preset: 32x32 digits, AdamW + warm-up/cosine (timm), label smoothing,
 light random-resized-crop, a few epochs.
 """
+
 from __future__ import annotations
 
 import time
@@ -16,13 +17,19 @@ __all__ = ['DEMO_MODELS', 'demo', 'count_macs', 'format_table']
 
 # family -> (entry point, nano keyword arguments, demo-config overrides)
 DEMO_MODELS: Dict[str, Dict[str, Any]] = {
-    'smt': dict(model='smt_tiny', model_kwargs=dict(
-        embed_dims=(16, 32, 64, 128), depths=(1, 1, 2, 1), mlp_ratios=(2, 2, 2, 2)), overrides=dict(epochs=5)),
-    'scsc': dict(model='scsc_swin_tiny', model_kwargs=dict(embed_dim=24, depths=(1, 1, 2, 1)),
-                 overrides=dict(epochs=5)),
-    'shiftwise': dict(model='shiftwise_tiny', model_kwargs=dict(
-        depths=(1, 1, 2, 1), dims=(16, 32, 64, 128), kernel_sizes=(13, 11, 9, 7), small_kernel=3),
-        overrides=dict(epochs=5)),
+    'smt': dict(
+        model='smt_tiny',
+        model_kwargs=dict(embed_dims=(16, 32, 64, 128), depths=(1, 1, 2, 1), mlp_ratios=(2, 2, 2, 2)),
+        overrides=dict(epochs=5),
+    ),
+    'scsc': dict(
+        model='scsc_swin_tiny', model_kwargs=dict(embed_dim=24, depths=(1, 1, 2, 1)), overrides=dict(epochs=5)
+    ),
+    'shiftwise': dict(
+        model='shiftwise_tiny',
+        model_kwargs=dict(depths=(1, 1, 2, 1), dims=(16, 32, 64, 128), kernel_sizes=(13, 11, 9, 7), small_kernel=3),
+        overrides=dict(epochs=5),
+    ),
 }
 
 
@@ -38,6 +45,7 @@ def count_macs(model: torch.nn.Module, input_size: Sequence[int]) -> Optional[in
         if macs is not None:
             return int(macs)
     from torch.utils.flop_counter import FlopCounterMode
+
     was_training = model.training
     model.eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -62,9 +70,18 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
         if r.get('error'):
             lines.append((r['family'], r['model'], '-', '-', r['error'], '-', '-', '-'))
             continue
-        lines.append((r['family'], r['model'], _fmt_count(r['params']), _fmt_count(r['macs']),
-                      f"{r['top1']:.2f}%", f"{r['train_img_per_s']:.0f}", f"{r['eval_img_per_s']:.0f}",
-                      f"{r['time_s']:.0f}s"))
+        lines.append(
+            (
+                r['family'],
+                r['model'],
+                _fmt_count(r['params']),
+                _fmt_count(r['macs']),
+                f"{r['top1']:.2f}%",
+                f"{r['train_img_per_s']:.0f}",
+                f"{r['eval_img_per_s']:.0f}",
+                f"{r['time_s']:.0f}s",
+            )
+        )
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
     fmt = lambda row: '  '.join(str(x).ljust(w) for x, w in zip(row, widths))  # noqa: E731
     return '\n'.join([fmt(header), fmt(['-' * w for w in widths])] + [fmt(r) for r in lines])
@@ -83,14 +100,14 @@ def _eval_throughput(model: torch.nn.Module, image_size: int, batch: int = 64, r
 
 
 def demo(
-        families: Sequence[str] = ('smt', 'scsc', 'shiftwise'),
-        output: str = 'runs/demo',
-        epochs: Optional[int] = None,
-        max_steps: Optional[int] = None,
-        threads: Optional[int] = 1,
-        progress: bool = True,
-        device: str = 'cpu',
-        print_fn=print,
+    families: Sequence[str] = ('smt', 'scsc', 'shiftwise'),
+    output: str = 'runs/demo',
+    epochs: Optional[int] = None,
+    max_steps: Optional[int] = None,
+    threads: Optional[int] = 1,
+    progress: bool = True,
+    device: str = 'cpu',
+    print_fn=print,
 ) -> Dict[str, Any]:
     """Train the nano variant of each family on the digits; returns rows (params, MACs, top-1, img/s) + PNG path.
 
@@ -101,8 +118,8 @@ def demo(
             on a 2-core machine the second core runs the data-loading worker; None keeps torch's setting).
     """
     from ..models import list_models
-    from .metrics import plot_curves, read_metrics
     from .build import build_model
+    from .metrics import plot_curves, read_metrics
     from .trainer import train
 
     unknown = [f for f in families if f not in DEMO_MODELS]
@@ -127,23 +144,46 @@ def demo(
             overrides['max_steps'] = max_steps
         t0 = time.perf_counter()
         # The demo is meant to be re-run: each family's run replaces the previous demo's run of that family.
-        result = train(model=name, model_kwargs=spec['model_kwargs'], preset='demo', data='digits',
-                       output=str(out), name=fam, progress=progress, device=device, plot=True, overwrite=True,
-                       **overrides)
+        result = train(
+            model=name,
+            model_kwargs=spec['model_kwargs'],
+            preset='demo',
+            data='digits',
+            output=str(out),
+            name=fam,
+            progress=progress,
+            device=device,
+            plot=True,
+            overwrite=True,
+            **overrides,
+        )
         elapsed = time.perf_counter() - t0
         if result['status'] == 'interrupted':  # SIGTERM / Ctrl-C: the run checkpointed; stop the demo too
             interrupted = True
             break
         net = build_model(name, num_classes=10, model_kwargs=spec['model_kwargs'])
         image_size = 32
-        row = dict(family=fam, model=name, params=sum(p.numel() for p in net.parameters()),
-                   macs=count_macs(net, (3, image_size, image_size)), top1=result['top1'],
-                   train_img_per_s=result['train_img_per_s'], eval_img_per_s=_eval_throughput(net, image_size),
-                   time_s=elapsed, run_dir=result['run_dir'])
+        row = dict(
+            family=fam,
+            model=name,
+            params=sum(p.numel() for p in net.parameters()),
+            macs=count_macs(net, (3, image_size, image_size)),
+            top1=result['top1'],
+            train_img_per_s=result['train_img_per_s'],
+            eval_img_per_s=_eval_throughput(net, image_size),
+            time_s=elapsed,
+            run_dir=result['run_dir'],
+        )
         rows.append(row)
         records += [dict(r, run=fam) for r in read_metrics(result['run_dir'])]
         print_fn(f"{fam}: val top-1 {row['top1']:.2f}% in {elapsed:.0f}s")
-    curves = plot_curves(records, out / 'curves.png', title='msconv demo: nano models on MNIST digits') \
-        if records else None
-    return {'rows': rows, 'curves': str(curves) if curves else None, 'total_time_s': time.perf_counter() - t_all,
-            'table': format_table(rows), 'interrupted': interrupted}
+    curves = (
+        plot_curves(records, out / 'curves.png', title='msconv demo: nano models on MNIST digits') if records else None
+    )
+    return {
+        'rows': rows,
+        'curves': str(curves) if curves else None,
+        'total_time_s': time.perf_counter() - t_all,
+        'table': format_table(rows),
+        'interrupted': interrupted,
+    }

@@ -3,6 +3,7 @@
 The same command runs on one machine or many: ``torchrun --nproc_per_node=N [--nnodes ...] -m msconv train ...``.
 Without torchrun (no ``WORLD_SIZE`` in the environment) everything runs in a single process.
 """
+
 from __future__ import annotations
 
 import datetime

@@ -1,5 +1,6 @@
 """Evaluation: top-1/top-5 and loss of a classifier over a loader (DDP-aware), and ``msconv.evaluate`` for a
 saved model on a dataset."""
+
 from __future__ import annotations
 
 import contextlib
@@ -22,13 +23,13 @@ def autocast_context(device: torch.device, amp: bool, dtype: Optional[torch.dtyp
 
 @torch.no_grad()
 def evaluate_loader(
-        model: nn.Module,
-        loader,
-        device: torch.device,
-        amp_dtype: Optional[torch.dtype] = None,
-        channels_last: bool = False,
-        world_size: int = 1,
-        rank: int = 0,
+    model: nn.Module,
+    loader,
+    device: torch.device,
+    amp_dtype: Optional[torch.dtype] = None,
+    channels_last: bool = False,
+    world_size: int = 1,
+    rank: int = 0,
 ) -> Dict[str, float]:
     """Top-1 / top-5 accuracy (%) and mean cross-entropy over ``loader``.
 
@@ -58,14 +59,25 @@ def evaluate_loader(
         k = min(5, logits.shape[1])
         topk = logits.topk(k, dim=1).indices
         correct = topk.eq(y[:, None])
-        sums += torch.tensor([correct[:, 0].sum().item(), correct.any(1).sum().item(),
-                              F.cross_entropy(logits, y, reduction='sum').item(), y.shape[0]], dtype=torch.float64)
+        sums += torch.tensor(
+            [
+                correct[:, 0].sum().item(),
+                correct.any(1).sum().item(),
+                F.cross_entropy(logits, y, reduction='sum').item(),
+                y.shape[0],
+            ],
+            dtype=torch.float64,
+        )
     if world_size > 1:
         dist.all_reduce(sums)
     model.train(was_training)
     count = max(sums[3].item(), 1.0)
-    return {'top1': 100.0 * sums[0].item() / count, 'top5': 100.0 * sums[1].item() / count,
-            'val_loss': sums[2].item() / count, 'count': int(sums[3].item())}
+    return {
+        'top1': 100.0 * sums[0].item() / count,
+        'top5': 100.0 * sums[1].item() / count,
+        'val_loss': sums[2].item() / count,
+        'count': int(sums[3].item()),
+    }
 
 
 def _find_run_config(path: Path) -> Optional[Path]:
@@ -77,17 +89,17 @@ def _find_run_config(path: Path) -> Optional[Path]:
 
 
 def evaluate(
-        model: Union[str, nn.Module],
-        checkpoint: Optional[Union[str, Path]] = None,
-        data: str = 'digits',
-        split: str = 'val',
-        batch_size: int = 128,
-        image_size: Optional[int] = None,
-        device: str = 'auto',
-        amp: bool = False,
-        num_workers: int = 0,
-        use_ema: bool = False,
-        **model_kwargs: Any,
+    model: Union[str, nn.Module],
+    checkpoint: Optional[Union[str, Path]] = None,
+    data: str = 'digits',
+    split: str = 'val',
+    batch_size: int = 128,
+    image_size: Optional[int] = None,
+    device: str = 'auto',
+    amp: bool = False,
+    num_workers: int = 0,
+    use_ema: bool = False,
+    **model_kwargs: Any,
 ) -> Dict[str, float]:
     """Evaluate a classifier on ``split`` of ``data`` ('digits' or an ImageFolder root); returns top1/top5/loss.
 
@@ -101,11 +113,11 @@ def evaluate(
     Returns top1/top5 (%), val_loss, count, and ``checkpoint``/``step``: the checkpoint whose weights were used
     (for a run folder, its newest valid one). A checkpoint of another model raises ``ValueError`` naming it.
     """
+    from ..data.loader import build_dataset, build_loader
     from .build import build_model, data_config, load_weights
     from .checkpoint import latest_good_checkpoint, load_checkpoint
-    from .config import TrainConfig, load_yaml, _coerce
+    from .config import TrainConfig, _coerce, load_yaml
     from .distributed import resolve_device
-    from ..data.loader import build_dataset, build_loader
 
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -134,6 +146,7 @@ def evaluate(
         else:
             from ..models import read_checkpoint
             from ..tools._common import check_checkpoint_file
+
             check_checkpoint_file(ckpt)
             weights, trained_as = {'model': read_checkpoint(ckpt)}, None
             used = {'checkpoint': str(ckpt), 'step': None}
@@ -153,12 +166,14 @@ def evaluate(
 
     if cfg.data != 'digits':
         from ..data.loader import check_image_folder
+
         root = Path(cfg.data)
         if not root.is_dir():
             raise ValueError(f"data {data!r}: no such folder (expected an ImageFolder root with {split}/ inside)")
         classes = check_image_folder(root, split)
     else:
         from ..data.digits import DIGITS_CLASSES
+
         classes = list(DIGITS_CLASSES)
 
     if isinstance(model, str):

@@ -1,5 +1,6 @@
 """Run records: metrics appended to ``metrics.csv`` and ``metrics.jsonl``, loss/accuracy curves as a PNG,
 and a progress bar (rich) with loss, learning rate, throughput and ETA."""
+
 from __future__ import annotations
 
 import csv
@@ -20,8 +21,22 @@ class MetricsLog:
 
     Records have a ``kind`` ('train' or 'val'); the CSV keeps a fixed column set and leaves missing values empty.
     """
-    CSV_FIELDS = ('kind', 'step', 'epoch', 'loss', 'lr', 'img_per_s', 'top1', 'top5', 'ema_top1', 'val_loss',
-                  'verification', 'bad_images', 'time')
+
+    CSV_FIELDS = (
+        'kind',
+        'step',
+        'epoch',
+        'loss',
+        'lr',
+        'img_per_s',
+        'top1',
+        'top5',
+        'ema_top1',
+        'val_loss',
+        'verification',
+        'bad_images',
+        'time',
+    )
 
     def __init__(self, run_dir: Union[str, Path]):
         self.run_dir = Path(run_dir)
@@ -31,6 +46,7 @@ class MetricsLog:
     def truncate_after(self, step: int) -> None:
         """Drop records later than ``step`` (after a resume, the steps past the checkpoint are redone)."""
         from .checkpoint import atomic_write_bytes
+
         records = [r for r in read_metrics(self.run_dir) if r.get('step', 0) <= step]
         atomic_write_bytes(self.jsonl, ''.join(json.dumps(r) + '\n' for r in records).encode())
         buf = io.StringIO(newline='')
@@ -83,6 +99,7 @@ def draw_curves(records: List[Dict[str, Any]], title: str = ''):
     ``records`` may come from several runs: give each a ``run`` key to draw one colour per run.
     """
     import matplotlib
+
     matplotlib.use('Agg', force=False)
     import matplotlib.pyplot as plt
 
@@ -94,9 +111,13 @@ def draw_curves(records: List[Dict[str, Any]], title: str = ''):
         prefix, color = (f"{run}: " if run else ''), f"C{i}"
         tr = [r for r in recs if r.get('kind') == 'train' and _finite(r.get('loss'))]
         va = [r for r in recs if r.get('kind') == 'val']
-        lines = [(ax_loss, tr, 'loss', '-', 'train loss'), (ax_loss, va, 'val_loss', 'o--', 'val loss'),
-                 (ax_acc, va, 'top1', 'o-', 'val top-1'), (ax_acc, va, 'ema_top1', 's:', 'EMA val top-1'),
-                 (ax_acc, va, 'verification_acc', 'o-', 'verification accuracy')]
+        lines = [
+            (ax_loss, tr, 'loss', '-', 'train loss'),
+            (ax_loss, va, 'val_loss', 'o--', 'val loss'),
+            (ax_acc, va, 'top1', 'o-', 'val top-1'),
+            (ax_acc, va, 'ema_top1', 's:', 'EMA val top-1'),
+            (ax_acc, va, 'verification_acc', 'o-', 'verification accuracy'),
+        ]
         for ax, recs_, key, style, label in lines:
             points = [(r['step'], r[key]) for r in recs_ if _finite(r.get(key))]
             if points:
@@ -120,6 +141,7 @@ def _finite(v) -> bool:
 def plot_curves(records: List[Dict[str, Any]], path: Union[str, Path], title: str = '') -> Optional[Path]:
     """Write :func:`draw_curves` as a PNG (atomically); None when there are no records."""
     import matplotlib.pyplot as plt
+
     if not records:
         return None
     fig = draw_curves(records, title)
@@ -138,8 +160,15 @@ class Progress:
     at the last step, so that logs stay readable. ``enabled=False``: no progress output at all.
     """
 
-    def __init__(self, total_steps: int, start_step: int = 0, enabled: bool = True, description: str = 'train',
-                 every: int = 10, stream: Optional[TextIO] = None):
+    def __init__(
+        self,
+        total_steps: int,
+        start_step: int = 0,
+        enabled: bool = True,
+        description: str = 'train',
+        every: int = 10,
+        stream: Optional[TextIO] = None,
+    ):
         self.enabled = enabled
         self.total, self.start, self.every = total_steps, start_step, max(int(every), 1)
         self.description = description
@@ -150,12 +179,19 @@ class Progress:
         if not enabled or not (hasattr(out, 'isatty') and out.isatty()):
             return
         from rich.console import Console
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import Progress as RichProgress
+
         self._bar = RichProgress(
-            TextColumn('[bold]{task.description}'), BarColumn(), MofNCompleteColumn(),
-            TextColumn('{task.fields[info]}'), TimeElapsedColumn(), TextColumn('ETA'), TimeRemainingColumn(),
-            transient=False, console=Console(file=out),
+            TextColumn('[bold]{task.description}'),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn('{task.fields[info]}'),
+            TimeElapsedColumn(),
+            TextColumn('ETA'),
+            TimeRemainingColumn(),
+            transient=False,
+            console=Console(file=out),
         )
         self._task = self._bar.add_task(description, total=total_steps, completed=start_step, info='')
         self._bar.start()
@@ -176,8 +212,10 @@ class Progress:
         done = step - self.start
         eta = _hms(elapsed / done * (self.total - step)) if done > 0 else '?'
         pct = 100.0 * step / max(self.total, 1)
-        self.print(f"{self.description} step {step}/{self.total} ({pct:.0f}%)  {self._info(info)}  "
-                   f"elapsed {_hms(elapsed)}  ETA {eta}")
+        self.print(
+            f"{self.description} step {step}/{self.total} ({pct:.0f}%)  {self._info(info)}  "
+            f"elapsed {_hms(elapsed)}  ETA {eta}"
+        )
 
     def print(self, msg: str) -> None:
         if self._bar is not None:

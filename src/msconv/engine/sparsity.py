@@ -20,6 +20,7 @@ All randomness comes from a local ``torch.Generator`` seeded with ``seed`` (the 
 every data-parallel rank computes the same masks without a broadcast. ``state_dict()``/``load_state_dict()``
 carry masks, counters and the generator state for checkpoints.
 """
+
 from __future__ import annotations
 
 import math
@@ -49,16 +50,16 @@ class SparsityScheduler:
     """
 
     def __init__(
-            self,
-            model: nn.Module,
-            target: float = 0.3,
-            interval: int = 100,
-            total_steps: int = 1,
-            prune_rate: float = 0.3,
-            final_prune_rate: float = 0.005,
-            gap: int = 131,
-            optimizer: Optional[torch.optim.Optimizer] = None,
-            seed: int = 0,
+        self,
+        model: nn.Module,
+        target: float = 0.3,
+        interval: int = 100,
+        total_steps: int = 1,
+        prune_rate: float = 0.3,
+        final_prune_rate: float = 0.005,
+        gap: int = 131,
+        optimizer: Optional[torch.optim.Optimizer] = None,
+        seed: int = 0,
     ) -> None:
         if not (0.0 <= target < 1.0):
             raise ValueError(f"target must be in [0, 1), got {target!r}")
@@ -180,9 +181,15 @@ class SparsityScheduler:
 
     def state_dict(self) -> dict:
         return dict(
-            steps=self.steps, updates=self.updates, target=self.target, interval=self.interval,
-            total_steps=self.total_steps, prune_rate=self.prune_rate, final_prune_rate=self.final_prune_rate,
-            gap=self.gap, generator=self.generator.get_state(),
+            steps=self.steps,
+            updates=self.updates,
+            target=self.target,
+            interval=self.interval,
+            total_steps=self.total_steps,
+            prune_rate=self.prune_rate,
+            final_prune_rate=self.final_prune_rate,
+            gap=self.gap,
+            generator=self.generator.get_state(),
             masks={n: m.clone() for n, m in self.masks.items()},
         )
 
@@ -191,10 +198,13 @@ class SparsityScheduler:
         if not isinstance(masks, dict) or set(masks) != set(self.layers):
             raise ValueError(
                 f"state['masks'] must name exactly this model's ShiftWiseConv2d layers {sorted(self.layers)}, got "
-                f"{sorted(masks) if isinstance(masks, dict) else type(masks).__name__}")
+                f"{sorted(masks) if isinstance(masks, dict) else type(masks).__name__}"
+            )
         for n, m in masks.items():
             if tuple(m.shape) != tuple(self.masks[n].shape):
-                raise ValueError(f"state['masks'][{n!r}] must have shape {tuple(self.masks[n].shape)}, got {tuple(m.shape)}")
+                raise ValueError(
+                    f"state['masks'][{n!r}] must have shape {tuple(self.masks[n].shape)}, got {tuple(m.shape)}"
+                )
         self.masks = {n: m.to(torch.bool).cpu().clone() for n, m in masks.items()}
         for key in ('steps', 'updates', 'target', 'interval', 'total_steps', 'prune_rate', 'final_prune_rate', 'gap'):
             if key in state:

@@ -17,6 +17,7 @@ checkpoint files, records, resume); a ``Task`` answers the task-specific questio
 plug in here: their datasets return targets other than class indices, their ``forward``/``loss`` take them, and
 their ``evaluate`` returns their own metrics).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -29,13 +30,13 @@ import torch.nn.functional as F
 
 from .build import build_model
 
-__all__ = ['Task', 'ClassificationTask', 'FaceTask', 'FaceModel', 'RunContext', 'TASKS', 'register_task',
-           'create_task']
+__all__ = ['Task', 'ClassificationTask', 'FaceTask', 'FaceModel', 'RunContext', 'TASKS', 'register_task', 'create_task']
 
 
 @dataclass
 class RunContext:
     """What a task needs to know about the run when it evaluates."""
+
     device: torch.device
     amp_dtype: Optional[torch.dtype] = None
     channels_last: bool = False
@@ -51,6 +52,7 @@ class RunContext:
 
 class Task:
     """The task-specific half of a training run (see the module docstring for the call order)."""
+
     name = ''
 
     def __init__(self, cfg):
@@ -87,8 +89,7 @@ class Task:
         return self.criterion(output.float(), y)
 
     # evaluation -----------------------------------------------------------------------------------------------
-    def evaluate(self, model: nn.Module, ema_model: Optional[nn.Module], val_loader, ctx: RunContext
-                 ) -> Dict[str, Any]:
+    def evaluate(self, model: nn.Module, ema_model: Optional[nn.Module], val_loader, ctx: RunContext) -> Dict[str, Any]:
         raise NotImplementedError
 
     def summary(self, record: Dict[str, Any]) -> str:
@@ -101,8 +102,9 @@ class Task:
             weights['ema'] = self.backbone(ema_model).state_dict()
         return weights
 
-    def load_checkpoint_weights(self, model: nn.Module, ema_model: Optional[nn.Module], weights: Dict[str, Dict]
-                                ) -> None:
+    def load_checkpoint_weights(
+        self, model: nn.Module, ema_model: Optional[nn.Module], weights: Dict[str, Dict]
+    ) -> None:
         self.backbone(model).load_state_dict(weights['model'])
         if ema_model is not None:
             if 'ema' in weights:
@@ -119,6 +121,7 @@ def register_task(name: str) -> Callable[[Type[Task]], Type[Task]]:
         cls.name = name
         TASKS[name] = cls
         return cls
+
     return add
 
 
@@ -137,31 +140,43 @@ class ClassificationTask(Task):
         cfg = self.cfg
         if getattr(self, '_num_classes', None) is None:
             from ..data.loader import check_image_folder
+
             self._num_classes = 10 if cfg.data == 'digits' else len(check_image_folder(Path(cfg.data), 'train'))
         return self._num_classes
 
     def build_datasets(self, data_cfg):
         from ..data.loader import build_dataset
+
         cfg, dc = self.cfg, data_cfg
         train_set = build_dataset(cfg, 'train', dc['size'], dc['mean'], dc['std'])
         val_set = build_dataset(cfg, 'val', dc['size'], dc['mean'], dc['std'])
         n = self.num_classes()
         if len(train_set.classes) != n:
-            raise ValueError(f"data {cfg.data!r}: train/ has {n} classes but the dataset reports "
-                             f"{len(train_set.classes)}")
+            raise ValueError(
+                f"data {cfg.data!r}: train/ has {n} classes but the dataset reports {len(train_set.classes)}"
+            )
         if list(val_set.classes) != list(train_set.classes):
-            raise ValueError(f"data {cfg.data!r}: val/ classes {list(val_set.classes)} differ from train/ classes "
-                             f"{list(train_set.classes)}")
+            raise ValueError(
+                f"data {cfg.data!r}: val/ classes {list(val_set.classes)} differ from train/ classes "
+                f"{list(train_set.classes)}"
+            )
         return train_set, val_set
 
     def build_criterion(self, num_classes: int) -> None:
         from timm.data import Mixup
         from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
         cfg = self.cfg
         if cfg.mixup > 0 or cfg.cutmix > 0:  # label smoothing folded into the soft targets
-            self.mixup_fn = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
-                                  switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode,
-                                  label_smoothing=cfg.smoothing, num_classes=num_classes)
+            self.mixup_fn = Mixup(
+                mixup_alpha=cfg.mixup,
+                cutmix_alpha=cfg.cutmix,
+                prob=cfg.mixup_prob,
+                switch_prob=cfg.mixup_switch_prob,
+                mode=cfg.mixup_mode,
+                label_smoothing=cfg.smoothing,
+                num_classes=num_classes,
+            )
             self.criterion = SoftTargetCrossEntropy()
         elif cfg.smoothing > 0:
             self.criterion = LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
@@ -173,6 +188,7 @@ class ClassificationTask(Task):
 
     def evaluate(self, model, ema_model, val_loader, ctx):
         from .evaluate import evaluate_loader
+
         args = (val_loader, ctx.device, ctx.amp_dtype, ctx.channels_last, ctx.world_size, ctx.rank)
         ev = evaluate_loader(model, *args)
         rec = {'top1': ev['top1'], 'top5': ev['top5'], 'val_loss': ev['val_loss']}
@@ -213,6 +229,7 @@ class FaceTask(Task):
 
     def num_classes(self) -> int:
         from ..data.face import FaceIdentityFolder
+
         n = FaceIdentityFolder(self.cfg.data).num_identities
         if n < 2:
             raise ValueError(f"data {self.cfg.data!r}: face training needs at least 2 identity subfolders, found {n}")
@@ -221,11 +238,22 @@ class FaceTask(Task):
     def build_datasets(self, data_cfg):
         # aligned crops, resized to the model's input, random horizontal flip only
         from timm.data import create_transform
+
         from ..data.face import FaceIdentityFolder, load_bin
+
         cfg, dc = self.cfg, data_cfg
-        tf = create_transform(dc['size'], is_training=True, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.5,
-                              color_jitter=None, auto_augment=None, interpolation=cfg.interpolation,
-                              mean=tuple(dc['mean']), std=tuple(dc['std']))
+        tf = create_transform(
+            dc['size'],
+            is_training=True,
+            scale=(1.0, 1.0),
+            ratio=(1.0, 1.0),
+            hflip=0.5,
+            color_jitter=None,
+            auto_augment=None,
+            interpolation=cfg.interpolation,
+            mean=tuple(dc['mean']),
+            std=tuple(dc['std']),
+        )
         self.bins = []
         for b in cfg.face_val_bins:
             images, issame = load_bin(b, image_size=(dc['size'], dc['size']))
@@ -234,6 +262,7 @@ class FaceTask(Task):
 
     def build_model(self, num_classes: int) -> nn.Module:
         from ..layers import ArcFace, CosFace
+
         cfg = self.cfg
         backbone = build_model(cfg.model, cfg.embedding_size, cfg.drop_path, cfg.model_kwargs, cfg.init_checkpoint)
         head_cls = ArcFace if cfg.margin == 'arcface' else CosFace
@@ -250,11 +279,13 @@ class FaceTask(Task):
 
     def evaluate(self, model, ema_model, val_loader, ctx):
         from .verification import evaluate_verification
+
         results = {}
         if ctx.is_main:
             for name, images, issame in self.bins:
-                res = evaluate_verification(model.backbone, images, issame, batch_size=ctx.local_batch_size,
-                                            device=ctx.device)
+                res = evaluate_verification(
+                    model.backbone, images, issame, batch_size=ctx.local_batch_size, device=ctx.device
+                )
                 ctx.print(f"verification {name}: accuracy {res['accuracy']:.4f}")
                 results[name] = {k: float(v) for k, v in res.items() if isinstance(v, (int, float))}
         rec: Dict[str, Any] = {'verification': results}

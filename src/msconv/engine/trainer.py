@@ -9,6 +9,7 @@ Reproducibility: each optimizer step reseeds the Python/numpy/torch generators f
 sample is augmented from ``(seed, epoch, index)``, so a run resumed from a mid-epoch checkpoint is bit-identical
 to one that never stopped, and a torchrun run sees the same global batches as a single-process run.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,8 +30,19 @@ import torch.nn as nn
 
 from ..data.loader import DataError, count_unreadable, unreadable_message
 from .build import data_config
-from .checkpoint import (CheckpointError, checkpoint_step, clean_temporaries, clear_run, get_rng_state, holds_run,
-                         latest_good_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint, set_rng_state)
+from .checkpoint import (
+    CheckpointError,
+    checkpoint_step,
+    clean_temporaries,
+    clear_run,
+    get_rng_state,
+    holds_run,
+    latest_good_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+)
 from .config import TrainConfig, resolve_config, save_config
 from .distributed import DistInfo, cleanup_distributed, init_distributed, resolve_device
 from .evaluate import autocast_context
@@ -45,7 +57,7 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def _step_seed(seed: int, rank: int, step: int) -> int:
-    return (seed * 1_000_003 + rank * 7_919 + step * 104_729) % (2 ** 31 - 1)
+    return (seed * 1_000_003 + rank * 7_919 + step * 104_729) % (2**31 - 1)
 
 
 def _reseed(seed: int) -> None:
@@ -93,8 +105,9 @@ class _StopFlag:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, 'module') and isinstance(model, nn.parallel.DistributedDataParallel) \
-        else model
+    return (
+        model.module if hasattr(model, 'module') and isinstance(model, nn.parallel.DistributedDataParallel) else model
+    )
 
 
 def train(config: Union[TrainConfig, Mapping[str, Any], str, Path, None] = None, **overrides: Any) -> Dict[str, Any]:
@@ -120,12 +133,15 @@ class _Trainer:
     def __init__(self, cfg: TrainConfig, device: torch.device, info: DistInfo):
         self.cfg, self.device, self.info = cfg, device, info
         if cfg.batch_size % info.world_size:
-            raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes "
-                             f"({info.world_size})")
+            raise ValueError(
+                f"batch_size {cfg.batch_size} must be divisible by the number of processes ({info.world_size})"
+            )
         self.local_bs = cfg.batch_size // info.world_size
         if cfg.sync_bn and info.enabled and device.type != 'cuda':
-            raise ValueError("sync_bn needs CUDA devices (torch's SyncBatchNorm does not run on CPU); "
-                             "turn sync_bn off (--no-sync-bn) for CPU torchrun runs")
+            raise ValueError(
+                "sync_bn needs CUDA devices (torch's SyncBatchNorm does not run on CPU); "
+                "turn sync_bn off (--no-sync-bn) for CPU torchrun runs"
+            )
         name = cfg.name or f"{cfg.model}-{Path(cfg.data).name if cfg.data != 'digits' else 'digits'}"
         self.run_dir = Path(cfg.output) / name
         self.log = MetricsLog(self.run_dir)
@@ -159,22 +175,38 @@ class _Trainer:
         self.n_params = sum(p.numel() for p in self.task.backbone(model).parameters())
 
         from ..data.loader import build_loader
+
         gen_seed = cfg.seed
         self.train_loader, self.train_sampler = build_loader(
-            self.train_set, self.local_bs, shuffle=True, seed=gen_seed, num_workers=cfg.num_workers,
-            world_size=self.info.world_size, rank=self.info.rank, drop_last=True,
-            pin_memory=device.type == 'cuda')
+            self.train_set,
+            self.local_bs,
+            shuffle=True,
+            seed=gen_seed,
+            num_workers=cfg.num_workers,
+            world_size=self.info.world_size,
+            rank=self.info.rank,
+            drop_last=True,
+            pin_memory=device.type == 'cuda',
+        )
         self.val_loader = None
         if self.val_set is not None:
             self.val_loader, _ = build_loader(
-                self.val_set, self.local_bs, shuffle=False, seed=gen_seed, num_workers=cfg.num_workers,
-                world_size=self.info.world_size, rank=self.info.rank, pin_memory=device.type == 'cuda')
+                self.val_set,
+                self.local_bs,
+                shuffle=False,
+                seed=gen_seed,
+                num_workers=cfg.num_workers,
+                world_size=self.info.world_size,
+                rank=self.info.rank,
+                pin_memory=device.type == 'cuda',
+            )
         micro_per_epoch = len(self.train_set) // self.info.world_size // self.local_bs
         self.steps_per_epoch = micro_per_epoch // cfg.accum_steps
         if self.steps_per_epoch < 1:
             raise ValueError(
                 f"batch_size {cfg.batch_size} x accum_steps {cfg.accum_steps} is larger than the training set "
-                f"({len(self.train_set)} images): lower batch_size or accum_steps")
+                f"({len(self.train_set)} images): lower batch_size or accum_steps"
+            )
         self.total_steps = cfg.epochs * self.steps_per_epoch
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
@@ -182,19 +214,28 @@ class _Trainer:
         # Optimizer and schedule (timm). LRs are per lr_base_size images, scaled linearly to the global batch.
         from timm.optim import create_optimizer_v2
         from timm.scheduler import create_scheduler_v2
+
         scale = 1.0 if cfg.lr_base_size is None else cfg.batch_size * cfg.accum_steps / cfg.lr_base_size
         self.lr, warmup_lr, min_lr = cfg.lr * scale, cfg.warmup_lr * scale, cfg.min_lr * scale
         opt_kwargs = dict(eps=cfg.opt_eps, betas=tuple(cfg.opt_betas)) if 'adam' in cfg.opt.lower() else {}
         try:
-            self.optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=self.lr, weight_decay=cfg.weight_decay,
-                                                 filter_bias_and_bn=True, **opt_kwargs)
+            self.optimizer = create_optimizer_v2(
+                model, opt=cfg.opt, lr=self.lr, weight_decay=cfg.weight_decay, filter_bias_and_bn=True, **opt_kwargs
+            )
         except (AssertionError, ValueError) as e:
             raise ValueError(f"opt {cfg.opt!r}: {e}") from e
         warmup = cfg.warmup_epochs  # validated < epochs; warmup_prefix: the cosine covers the remaining epochs
         self.scheduler, _ = create_scheduler_v2(
-            self.optimizer, sched=cfg.sched, num_epochs=cfg.epochs - warmup, warmup_epochs=warmup,
-            warmup_lr=warmup_lr, min_lr=min_lr, warmup_prefix=True, step_on_epochs=False,
-            updates_per_epoch=self.steps_per_epoch)
+            self.optimizer,
+            sched=cfg.sched,
+            num_epochs=cfg.epochs - warmup,
+            warmup_epochs=warmup,
+            warmup_lr=warmup_lr,
+            min_lr=min_lr,
+            warmup_prefix=True,
+            step_on_epochs=False,
+            updates_per_epoch=self.steps_per_epoch,
+        )
         self.scaler = torch.amp.GradScaler('cuda', enabled=self.amp_dtype == torch.float16)
 
         self.task.build_criterion(self.num_classes)
@@ -202,6 +243,7 @@ class _Trainer:
         self.ema = None
         if cfg.ema:
             from timm.utils import ModelEmaV3
+
             self.ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup, device=device)
 
         self.sparsity = None
@@ -211,16 +253,18 @@ class _Trainer:
         self.ddp_model = model
         if self.info.enabled:
             self.ddp_model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == 'cuda' else None,
-                find_unused_parameters=False)
+                model, device_ids=[device.index] if device.type == 'cuda' else None, find_unused_parameters=False
+            )
 
     def _build_sparsity(self, options: Dict[str, Any]):
         from .sparsity import SparsityScheduler
+
         options = dict(options)
         options.setdefault('seed', self.cfg.seed)
         try:
-            return SparsityScheduler(self.model, total_steps=max(self.total_steps, 1), optimizer=self.optimizer,
-                                     **options)
+            return SparsityScheduler(
+                self.model, total_steps=max(self.total_steps, 1), optimizer=self.optimizer, **options
+            )
         except TypeError as e:
             raise ValueError(f"sparsity: bad option in {options}: {e}") from e
 
@@ -242,10 +286,17 @@ class _Trainer:
         if not self.info.is_main:
             return None
         weights = self.task.checkpoint_weights(self.model, self.ema.module if self.ema is not None else None)
-        meta = {'epoch': epoch, 'reason': reason, 'model': self.cfg.model, 'steps_per_epoch': self.steps_per_epoch,
-                'config': self.cfg.to_dict(), 'last_eval': self.last_eval}
-        path = save_checkpoint(self.run_dir, step, weights, self._state(step, epoch), meta,
-                               keep_last=self.cfg.keep_last)
+        meta = {
+            'epoch': epoch,
+            'reason': reason,
+            'model': self.cfg.model,
+            'steps_per_epoch': self.steps_per_epoch,
+            'config': self.cfg.to_dict(),
+            'last_eval': self.last_eval,
+        }
+        path = save_checkpoint(
+            self.run_dir, step, weights, self._state(step, epoch), meta, keep_last=self.cfg.keep_last
+        )
         self.last_checkpoint = path
         if self.cfg.plot:
             self._plot()
@@ -260,8 +311,10 @@ class _Trainer:
         """
         cfg = self.cfg
         run_dir = self.run_dir
-        hint = (f"pass --resume auto to continue it, --overwrite to replace it, or --name NAME for a new run "
-                f"(Python: resume='auto' / overwrite=True / name=...)")
+        hint = (
+            "pass --resume auto to continue it, --overwrite to replace it, or --name NAME for a new run "
+            "(Python: resume='auto' / overwrite=True / name=...)"
+        )
         found = None
         if cfg.resume is None:
             if holds_run(run_dir) and not cfg.overwrite:
@@ -270,29 +323,41 @@ class _Trainer:
             checkpoints = list_checkpoints(run_dir)
             found = latest_good_checkpoint(run_dir)
             if found is None and holds_run(run_dir) and not cfg.overwrite:
-                what = (f"its checkpoints {[p.name for p in checkpoints]} are all corrupt" if checkpoints
-                        else "it has metrics or a config but no checkpoint")
+                what = (
+                    f"its checkpoints {[p.name for p in checkpoints]} are all corrupt"
+                    if checkpoints
+                    else "it has metrics or a config but no checkpoint"
+                )
                 raise ValueError(
                     f"resume: no valid checkpoint in run folder {str(run_dir)!r} ({what}); pass --overwrite to "
-                    f"start this run afresh (its history is replaced), or --resume PATH to a good checkpoint")
+                    f"start this run afresh (its history is replaced), or --resume PATH to a good checkpoint"
+                )
         else:
             path = Path(cfg.resume)
             if not path.exists():
-                raise ValueError(f"resume: {str(path)!r} does not exist (expected 'auto', a run folder or a "
-                                 f"<run>/checkpoints/step-N folder)")
-            owner = path if (path / 'checkpoints').is_dir() else (
-                path.parent.parent if path.parent.name == 'checkpoints' else None)
+                raise ValueError(
+                    f"resume: {str(path)!r} does not exist (expected 'auto', a run folder or a "
+                    f"<run>/checkpoints/step-N folder)"
+                )
+            owner = (
+                path
+                if (path / 'checkpoints').is_dir()
+                else (path.parent.parent if path.parent.name == 'checkpoints' else None)
+            )
             if owner is not None and owner.resolve() != run_dir.resolve():
                 if cfg.name is not None:
                     raise ValueError(
                         f"resume: checkpoint {str(path)!r} belongs to run folder {str(owner)!r}, not to "
                         f"{str(run_dir)!r} (--name {cfg.name}); continue that run with --name {owner.name} --output "
-                        f"{owner.parent}, or start a new run from its weights with --init-checkpoint")
+                        f"{owner.parent}, or start a new run from its weights with --init-checkpoint"
+                    )
                 self.run_dir = run_dir = owner
                 self.log = MetricsLog(run_dir)
             if owner is None and holds_run(run_dir) and not cfg.overwrite:
-                raise ValueError(f"resume: {str(path)!r} is not in a run folder, and run folder {str(run_dir)!r} "
-                                 f"already holds another run; pass --overwrite to replace it, or --name NAME")
+                raise ValueError(
+                    f"resume: {str(path)!r} is not in a run folder, and run folder {str(run_dir)!r} "
+                    f"already holds another run; pass --overwrite to replace it, or --name NAME"
+                )
             found = self._load_resume_checkpoint(path)
         if cfg.overwrite and found is None and self.info.is_main and holds_run(run_dir):
             clear_run(run_dir)
@@ -311,8 +376,9 @@ class _Trainer:
             return (path, *load_checkpoint(path))
         except CheckpointError as e:
             self._print(f"resume: {e}")
-            older = [p for p in list_checkpoints(path.parent.parent)
-                     if path.name.startswith('step-') and p.name < path.name]
+            older = [
+                p for p in list_checkpoints(path.parent.parent) if path.name.startswith('step-') and p.name < path.name
+            ]
             for p in reversed(older):
                 try:
                     found = (p, *load_checkpoint(p))
@@ -342,7 +408,8 @@ class _Trainer:
         if meta.get('steps_per_epoch') not in (None, self.steps_per_epoch):
             raise ValueError(
                 f"resume: checkpoint {str(path)!r} was made with {meta['steps_per_epoch']} steps per epoch, this run "
-                f"has {self.steps_per_epoch}; keep batch_size, accum_steps and the data identical to resume")
+                f"has {self.steps_per_epoch}; keep batch_size, accum_steps and the data identical to resume"
+            )
         self.last_eval = meta.get('last_eval')
         self._print(f"resumed from {path} (step {step}, {self._epoch_label(step)})")
         if self.info.is_main:
@@ -368,12 +435,20 @@ class _Trainer:
     # --------------------------------------------------------------------------------------------- evaluation
     def _evaluate(self, step: int, epoch: float) -> Dict[str, Any]:
         rec: Dict[str, Any] = {'kind': 'val', 'step': step, 'epoch': epoch}
-        ctx = RunContext(self.device, self.amp_dtype, self.cfg.channels_last, self.info.world_size, self.info.rank,
-                         self.local_bs, self._print)
+        ctx = RunContext(
+            self.device,
+            self.amp_dtype,
+            self.cfg.channels_last,
+            self.info.world_size,
+            self.info.rank,
+            self.local_bs,
+            self._print,
+        )
         if hasattr(self.val_set, 'reset_unreadable'):
             self.val_set.reset_unreadable()
-        rec.update(self.task.evaluate(self.model, self.ema.module if self.ema is not None else None,
-                                      self.val_loader, ctx))
+        rec.update(
+            self.task.evaluate(self.model, self.ema.module if self.ema is not None else None, self.val_loader, ctx)
+        )
         bad = count_unreadable(self.val_set)
         if bad is not None:
             rec['bad_images'] = bad
@@ -430,8 +505,12 @@ class _Trainer:
                 bad = self._any_rank(not bool(torch.isfinite(loss.detach()).item()))
                 if bad:
                     self._restore_buffers(buffers)
-                    return {'applied': False, 'loss': float(loss.detach().item()), 'images': n_images,
-                            'reason': 'non-finite loss'}
+                    return {
+                        'applied': False,
+                        'loss': float(loss.detach().item()),
+                        'images': n_images,
+                        'reason': 'non-finite loss',
+                    }
                 self.scaler.scale(loss / cfg.accum_steps).backward()
             total_loss += float(loss.detach().item()) / cfg.accum_steps
         if self.info.enabled:  # log the global-batch loss, not rank 0's share
@@ -454,8 +533,13 @@ class _Trainer:
         if applied:
             if self.ema is not None:
                 self.ema.update(self.model, step=step + 1)
-        return {'applied': applied, 'loss': total_loss, 'images': n_images, 'grad_norm': grad_norm,
-                'reason': None if applied else 'fp16 overflow (scaler)'}
+        return {
+            'applied': applied,
+            'loss': total_loss,
+            'images': n_images,
+            'grad_norm': grad_norm,
+            'reason': None if applied else 'fp16 overflow (scaler)',
+        }
 
     def run(self) -> Dict[str, Any]:
         cfg = self.cfg
@@ -474,8 +558,13 @@ class _Trainer:
             save_config(cfg, self.run_dir / 'config.yaml')
         stop = _StopFlag()
         stop.install()
-        self.progress = Progress(self.total_steps, step, enabled=cfg.progress and self.info.is_main,
-                                 description=cfg.model, every=cfg.log_every)
+        self.progress = Progress(
+            self.total_steps,
+            step,
+            enabled=cfg.progress and self.info.is_main,
+            description=cfg.model,
+            every=cfg.log_every,
+        )
         status = 'finished'
         train_time, train_images, skipped = 0.0, 0, 0
         window_loss, window_n, window_t0, window_img = 0.0, 0, time.perf_counter(), 0
@@ -503,13 +592,16 @@ class _Trainer:
                     train_images += out['images'] * self.info.world_size
                     if not out['applied']:
                         skipped += 1
-                        msg = (f"step {step}: {out['reason']} (loss {out['loss']}) - the update was skipped; "
-                               f"weights, EMA and checkpoints are untouched")
+                        msg = (
+                            f"step {step}: {out['reason']} (loss {out['loss']}) - the update was skipped; "
+                            f"weights, EMA and checkpoints are untouched"
+                        )
                         if out['reason'] != 'fp16 overflow (scaler)' and cfg.nan_policy == 'abort':
                             raise NonFiniteLossError(
                                 f"step {step}: {out['reason']} (loss {out['loss']}); stopped without updating the "
                                 f"weights, EMA or checkpoints (nan_policy='abort'; use nan_policy='skip' / "
-                                f"--nan-policy skip to skip such steps, or lower lr / enable clip_grad)")
+                                f"--nan-policy skip to skip such steps, or lower lr / enable clip_grad)"
+                            )
                         self._print(msg)
                     else:
                         window_loss += out['loss']
@@ -518,17 +610,24 @@ class _Trainer:
                     lr = self.optimizer.param_groups[0]['lr']
                     if step % cfg.log_every == 0 or step == self.total_steps:
                         now = time.perf_counter()
-                        rec = {'kind': 'train', 'step': step, 'epoch': step / self.steps_per_epoch,
-                               'loss': window_loss / max(window_n, 1), 'lr': lr,
-                               'img_per_s': window_img / max(now - window_t0, 1e-9), 'time': time.time()}
+                        rec = {
+                            'kind': 'train',
+                            'step': step,
+                            'epoch': step / self.steps_per_epoch,
+                            'loss': window_loss / max(window_n, 1),
+                            'lr': lr,
+                            'img_per_s': window_img / max(now - window_t0, 1e-9),
+                            'time': time.time(),
+                        }
                         bad = count_unreadable(self.train_set)
                         if bad is not None:
                             rec['bad_images'] = bad
                         if self.info.is_main:
                             self.log.append(rec)
                         window_loss, window_n, window_t0, window_img = 0.0, 0, now, 0
-                    self.progress.update(step, loss=out['loss'], lr=lr,
-                                         img_s=train_images / max(train_time, 1e-9), epoch=epoch + 1)
+                    self.progress.update(
+                        step, loss=out['loss'], lr=lr, img_s=train_images / max(train_time, 1e-9), epoch=epoch + 1
+                    )
                     if self._any_rank(stop.signum is not None):
                         status = 'interrupted'
                         break
@@ -536,8 +635,10 @@ class _Trainer:
                         self._save(step, epoch, 'periodic')
                 if status == 'interrupted':
                     self._save(step, step // self.steps_per_epoch, 'signal')
-                    self._print(f"interrupted: checkpoint saved at step {step} in {self.run_dir}; continue with "
-                                f"resume='auto' and the same output/name (CLI: --resume auto)")
+                    self._print(
+                        f"interrupted: checkpoint saved at step {step} in {self.run_dir}; continue with "
+                        f"resume='auto' and the same output/name (CLI: --resume auto)"
+                    )
                     break
                 epoch_done = step % self.steps_per_epoch == 0
                 done_epochs = step // self.steps_per_epoch

@@ -10,6 +10,7 @@ Protocol (the insightface ``verification.py`` convention):
    below it) is <= 1e-3, and the fraction of genuine pairs accepted at it. With fewer than 1,000 impostor pairs
    this means zero false accepts.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Optional, Sequence, Union
@@ -24,13 +25,13 @@ __all__ = ['evaluate_verification', 'embed_images', 'verification_metrics']
 
 @torch.no_grad()
 def embed_images(
-        model: nn.Module,
-        images: torch.Tensor,
-        batch_size: int = 64,
-        device: Union[str, torch.device] = 'cpu',
-        flip: bool = True,
-        mean: Optional[Sequence[float]] = None,
-        std: Optional[Sequence[float]] = None,
+    model: nn.Module,
+    images: torch.Tensor,
+    batch_size: int = 64,
+    device: Union[str, torch.device] = 'cpu',
+    flip: bool = True,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
 ) -> torch.Tensor:
     """L2-normalised embeddings (N, D) of uint8 images (N, 3, H, W); flip-augmented (sum) when ``flip``."""
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
@@ -45,7 +46,7 @@ def embed_images(
     out = []
     try:
         for i in range(0, images.shape[0], batch_size):
-            x = images[i:i + batch_size].to(device)
+            x = images[i : i + batch_size].to(device)
             x = x.float().div(255.0) if x.dtype == torch.uint8 else x.float()
             x = (x - mean) / std
             e = model(x).float()
@@ -57,8 +58,9 @@ def embed_images(
     return torch.cat(out)
 
 
-def verification_metrics(distances: np.ndarray, issame: np.ndarray, nfolds: int = 10,
-                         far_target: float = 1e-3) -> Dict[str, float]:
+def verification_metrics(
+    distances: np.ndarray, issame: np.ndarray, nfolds: int = 10, far_target: float = 1e-3
+) -> Dict[str, float]:
     """Metrics from pair distances (smaller = more similar) and ground truth (see the module docstring)."""
     distances, issame = np.asarray(distances, dtype=np.float64), np.asarray(issame, dtype=bool)
     n = distances.shape[0]
@@ -93,14 +95,14 @@ def verification_metrics(distances: np.ndarray, issame: np.ndarray, nfolds: int 
 
 
 def evaluate_verification(
-        model: nn.Module,
-        images: torch.Tensor,
-        issame: torch.Tensor,
-        batch_size: int = 64,
-        device: Union[str, torch.device] = 'cpu',
-        flip: bool = True,
-        nfolds: int = 10,
-        far_target: float = 1e-3,
+    model: nn.Module,
+    images: torch.Tensor,
+    issame: torch.Tensor,
+    batch_size: int = 64,
+    device: Union[str, torch.device] = 'cpu',
+    flip: bool = True,
+    nfolds: int = 10,
+    far_target: float = 1e-3,
 ) -> Dict[str, float]:
     """Embed ``images`` (uint8 (2N, 3, H, W), pairs 2i/2i+1) with ``model`` and score the pairs.
 

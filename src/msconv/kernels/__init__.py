@@ -3,6 +3,7 @@
 ``depthwise_conv2d`` is the depthwise convolution behind SMT's multi-head mixed convolution and ShiftwiseConv's
 strip kernels: Triton kernels on CUDA (forward and backward), PyTorch's ``F.conv2d`` as fallback and reference.
 """
+
 from .depthwise import (
     channel_kernel_sizes,
     depthwise_conv2d,
@@ -12,5 +13,11 @@ from .depthwise import (
     triton_available,
 )
 
-__all__ = ['depthwise_conv2d', 'depthwise_conv2d_reference', 'triton_available', 'interpreter_active',
-           'resolve_padding', 'channel_kernel_sizes']
+__all__ = [
+    'depthwise_conv2d',
+    'depthwise_conv2d_reference',
+    'triton_available',
+    'interpreter_active',
+    'resolve_padding',
+    'channel_kernel_sizes',
+]

@@ -25,6 +25,7 @@ implementation and an autograd formula), so ``torch.compile(fullgraph=True)`` tr
 break; the compiled graph calls the Triton kernels as one opaque op. Double backward is not supported on the
 Triton path (the reference path supports it).
 """
+
 from __future__ import annotations
 
 import functools
@@ -37,14 +38,21 @@ import torch.nn.functional as F
 try:  # Triton is optional: without it every call takes the reference path.
     import triton
     import triton.language as tl
+
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
     tl = None
     HAS_TRITON = False
 
-__all__ = ['depthwise_conv2d', 'depthwise_conv2d_reference', 'triton_available', 'interpreter_active',
-           'resolve_padding', 'channel_kernel_sizes']
+__all__ = [
+    'depthwise_conv2d',
+    'depthwise_conv2d_reference',
+    'triton_available',
+    'interpreter_active',
+    'resolve_padding',
+    'channel_kernel_sizes',
+]
 
 Padding = Union[int, str, Sequence[int]]
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -53,6 +61,7 @@ _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # ---------------------------------------------------------------------------------------------------------------
 # Argument handling (shared by both backends)
 # ---------------------------------------------------------------------------------------------------------------
+
 
 def resolve_padding(padding: Padding, kernel_size: Tuple[int, int]) -> Tuple[int, int, int, int]:
     """``(top, bottom, left, right)`` from an int, ``(pad_h, pad_w)``, ``(top, bottom, left, right)`` or
@@ -63,8 +72,9 @@ def resolve_padding(padding: Padding, kernel_size: Tuple[int, int]) -> Tuple[int
             return ((kh - 1) // 2, kh - 1 - (kh - 1) // 2, (kw - 1) // 2, kw - 1 - (kw - 1) // 2)
         if padding == 'valid':
             return (0, 0, 0, 0)
-        raise ValueError(f"padding must be an int, 'same', 'valid', (pad_h, pad_w) or (top, bottom, left, right), "
-                         f"got {padding!r}")
+        raise ValueError(
+            f"padding must be an int, 'same', 'valid', (pad_h, pad_w) or (top, bottom, left, right), got {padding!r}"
+        )
     if isinstance(padding, int):
         pads = (padding,) * 4
     else:
@@ -72,8 +82,10 @@ def resolve_padding(padding: Padding, kernel_size: Tuple[int, int]) -> Tuple[int
         if len(pads) == 2:
             pads = (pads[0], pads[0], pads[1], pads[1])
     if len(pads) != 4 or not all(isinstance(p, int) and not isinstance(p, bool) and p >= 0 for p in pads):
-        raise ValueError(f"padding must be a non-negative int, (pad_h, pad_w) or (top, bottom, left, right) "
-                         f"of non-negative ints, got {padding!r}")
+        raise ValueError(
+            f"padding must be a non-negative int, (pad_h, pad_w) or (top, bottom, left, right) "
+            f"of non-negative ints, got {padding!r}"
+        )
     return pads  # type: ignore[return-value]
 
 
@@ -92,38 +104,50 @@ def _check_group_kernel_sizes(group_kernel_sizes, channels: int, kernel_size: Tu
     gks = list(group_kernel_sizes)
     kh, kw = kernel_size
     if len(gks) == 0 or channels % len(gks) != 0:
-        raise ValueError(f"group_kernel_sizes must hold G >= 1 sizes with G dividing the channel count {channels}, "
-                         f"got {tuple(gks)}")
+        raise ValueError(
+            f"group_kernel_sizes must hold G >= 1 sizes with G dividing the channel count {channels}, got {tuple(gks)}"
+        )
     for k in gks:
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1 or k > min(kh, kw) \
-                or (kh - k) % 2 or (kw - k) % 2:
-            raise ValueError(f"group_kernel_sizes entries must be ints k with 1 <= k <= min(KH, KW) and "
-                             f"(KH - k), (KW - k) even (centred in the {kh}x{kw} weight), got {tuple(gks)}")
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1 or k > min(kh, kw) or (kh - k) % 2 or (kw - k) % 2:
+            raise ValueError(
+                f"group_kernel_sizes entries must be ints k with 1 <= k <= min(KH, KW) and "
+                f"(KH - k), (KW - k) even (centred in the {kh}x{kw} weight), got {tuple(gks)}"
+            )
     return gks
 
 
 def _check_inputs(x, weight, bias, padding, group_kernel_sizes):
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        raise ValueError(f"x must be a (B, C, H, W) tensor, got "
-                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        raise ValueError(
+            f"x must be a (B, C, H, W) tensor, got "
+            f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
+        )
     C = x.shape[1]
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or weight.shape[0] != C or weight.shape[1] != 1:
-        raise ValueError(f"weight must be a depthwise (C, 1, KH, KW) tensor with C = {C}, got "
-                         f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+        raise ValueError(
+            f"weight must be a depthwise (C, 1, KH, KW) tensor with C = {C}, got "
+            f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}"
+        )
     if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (C,)):
-        raise ValueError(f"bias must be None or a ({C},) tensor, got "
-                         f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+        raise ValueError(
+            f"bias must be None or a ({C},) tensor, got "
+            f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}"
+        )
     ks = (int(weight.shape[2]), int(weight.shape[3]))
     pads = resolve_padding(padding, ks)
     H, W = x.shape[2], x.shape[3]
     ho, wo = H + pads[0] + pads[1] - ks[0] + 1, W + pads[2] + pads[3] - ks[1] + 1
     if ho < 1 or wo < 1:
-        raise ValueError(f"padding {pads} (top, bottom, left, right) is too small for a {ks[0]}x{ks[1]} kernel on a "
-                         f"{H}x{W} input: the output would be {ho}x{wo}")
+        raise ValueError(
+            f"padding {pads} (top, bottom, left, right) is too small for a {ks[0]}x{ks[1]} kernel on a "
+            f"{H}x{W} input: the output would be {ho}x{wo}"
+        )
     gks = None if group_kernel_sizes is None else _check_group_kernel_sizes(group_kernel_sizes, C, ks)
     if x.dtype != weight.dtype or (bias is not None and bias.dtype != x.dtype):
-        raise ValueError(f"x, weight and bias must share one dtype, got {x.dtype}, {weight.dtype}"
-                         f"{'' if bias is None else ', ' + str(bias.dtype)}")
+        raise ValueError(
+            f"x, weight and bias must share one dtype, got {x.dtype}, {weight.dtype}"
+            f"{'' if bias is None else ', ' + str(bias.dtype)}"
+        )
     return pads, gks
 
 
@@ -142,13 +166,14 @@ def _tap_mask(weight: torch.Tensor, gks: Sequence[int], interleaved: bool) -> to
 # Reference
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def depthwise_conv2d_reference(
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: Optional[torch.Tensor] = None,
-        padding: Padding = 0,
-        group_kernel_sizes: Optional[Sequence[int]] = None,
-        group_interleaved: bool = False,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    padding: Padding = 0,
+    group_kernel_sizes: Optional[Sequence[int]] = None,
+    group_interleaved: bool = False,
 ) -> torch.Tensor:
     """The plain PyTorch definition: ``F.conv2d(F.pad(x, ...), weight * tap_mask, bias, groups=C)``.
 
@@ -188,12 +213,37 @@ def _reference(x, weight, bias, pads, gks, interleaved):
 #      loads keep channel-uniform masks (vectorisable along contiguous channels) and loops skip the zero taps;
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def _dw_fwd_kernel(
-        x_ptr, w_ptr, b_ptr, y_ptr, taps_ptr,
-        C, H, W, HO, WO, NROWS, KH, KW, pad_t, pad_l,
-        sxb, sxc, sxh, sxw, syb, syc, syh, syw,
-        HAS_BIAS: tl.constexpr, MIXED: tl.constexpr, INT64: tl.constexpr,
-        BR: tl.constexpr, BW: tl.constexpr, BC: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    taps_ptr,
+    C,
+    H,
+    W,
+    HO,
+    WO,
+    NROWS,
+    KH,
+    KW,
+    pad_t,
+    pad_l,
+    sxb,
+    sxc,
+    sxh,
+    sxw,
+    syb,
+    syc,
+    syh,
+    syw,
+    HAS_BIAS: tl.constexpr,
+    MIXED: tl.constexpr,
+    INT64: tl.constexpr,
+    BR: tl.constexpr,
+    BW: tl.constexpr,
+    BC: tl.constexpr,
 ):
     """y[b, c, oh, ow] = sum_{kh, kw} w[c, kh, kw] * x[b, c, oh + kh - pad_t, ow + kw - pad_l] (+ bias[c]).
     The weight comes transposed, (KH * KW, C), so that a tap's weights for a channel block are one vector load."""
@@ -241,21 +291,47 @@ def _dw_fwd_kernel(
             ok = row_ok & (iw >= 0) & (iw < W)
             # masks stay uniform over channels (vectorised loads); for MIXED == 1 the host zeroed the weights
             # outside each channel's window, so the block's bounding window gives the same sums
-            wv = tl.load(w_ptr + (kh * KW + kw) * C + c, mask=c_ok, other=0.).to(tl.float32)
-            xv = tl.load(x_ptr + (row_off + iw * sxw)[:, None] + x_chan[None, :],
-                         mask=ok[:, None] & c_ok[None, :], other=0.).to(tl.float32)
+            wv = tl.load(w_ptr + (kh * KW + kw) * C + c, mask=c_ok, other=0.0).to(tl.float32)
+            xv = tl.load(
+                x_ptr + (row_off + iw * sxw)[:, None] + x_chan[None, :], mask=ok[:, None] & c_ok[None, :], other=0.0
+            ).to(tl.float32)
             acc += xv * wv[None, :]
     if HAS_BIAS:
-        acc += tl.load(b_ptr + c, mask=c_ok, other=0.).to(tl.float32)[None, :]
+        acc += tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
     y_off = (b * syb + oh * syh + ow * syw)[:, None] + (c * syc)[None, :]
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=pos_ok[:, None] & c_ok[None, :])
 
 
 def _dw_wgrad_kernel(
-        x_ptr, g_ptr, pw_ptr, pb_ptr, taps_ptr,
-        C, H, W, HO, WO, NPOS, CHUNK, KH, KW, pad_t, pad_l,
-        sxb, sxc, sxh, sxw, sgb, sgc, sgh, sgw,
-        MIXED: tl.constexpr, INT64: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr, TP: tl.constexpr,
+    x_ptr,
+    g_ptr,
+    pw_ptr,
+    pb_ptr,
+    taps_ptr,
+    C,
+    H,
+    W,
+    HO,
+    WO,
+    NPOS,
+    CHUNK,
+    KH,
+    KW,
+    pad_t,
+    pad_l,
+    sxb,
+    sxc,
+    sxh,
+    sxw,
+    sgb,
+    sgc,
+    sgh,
+    sgw,
+    MIXED: tl.constexpr,
+    INT64: tl.constexpr,
+    BP: tl.constexpr,
+    BC: tl.constexpr,
+    TP: tl.constexpr,
 ):
     """Partial sums over one chunk of CHUNK output positions (flattened B*HO*WO) of
     gw[c, kh, kw] = sum g[b, c, oh, ow] * x[b, c, oh + kh - pad_t, ow + kw - pad_l] and gb[c] = sum g[b, c, oh, ow].
@@ -280,12 +356,21 @@ def _dw_wgrad_kernel(
         h_hi = tl.load(taps_ptr + c * 4 + 1, mask=c_ok, other=0)
         w_lo = tl.load(taps_ptr + c * 4 + 2, mask=c_ok, other=0)
         w_hi = tl.load(taps_ptr + c * 4 + 3, mask=c_ok, other=0)
-        tap_ok = tap_ok & (kh[:, None] >= h_lo[None, :]) & (kh[:, None] < h_hi[None, :]) \
-            & (kw[:, None] >= w_lo[None, :]) & (kw[:, None] < w_hi[None, :])
+        tap_ok = (
+            tap_ok
+            & (kh[:, None] >= h_lo[None, :])
+            & (kh[:, None] < h_hi[None, :])
+            & (kw[:, None] >= w_lo[None, :])
+            & (kw[:, None] < w_hi[None, :])
+        )
     elif MIXED == 2:
         c0 = pid_c * BC
-        in_window = (kh >= tl.load(taps_ptr + c0 * 4 + 0)) & (kh < tl.load(taps_ptr + c0 * 4 + 1)) \
-            & (kw >= tl.load(taps_ptr + c0 * 4 + 2)) & (kw < tl.load(taps_ptr + c0 * 4 + 3))
+        in_window = (
+            (kh >= tl.load(taps_ptr + c0 * 4 + 0))
+            & (kh < tl.load(taps_ptr + c0 * 4 + 1))
+            & (kw >= tl.load(taps_ptr + c0 * 4 + 2))
+            & (kw < tl.load(taps_ptr + c0 * 4 + 3))
+        )
         tap_ok = tap_ok & in_window[:, None]
         load_ok = tap_ok
     acc = tl.zeros((TP, BC), dtype=tl.float32)
@@ -304,17 +389,18 @@ def _dw_wgrad_kernel(
             oh = oh.to(tl.int64)
             ow = ow.to(tl.int64)
         g_off = (b * sgb + oh * sgh + ow * sgw)[:, None] + g_chan[None, :]
-        g = tl.load(g_ptr + g_off, mask=pos_ok[:, None] & c_ok[None, :], other=0.).to(tl.float32)  # (BP, BC)
+        g = tl.load(g_ptr + g_off, mask=pos_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)  # (BP, BC)
         acc_b += tl.sum(g, axis=0)
         ih = oh[:, None] + kh[None, :] - pad_t  # (BP, TP)
         iw = ow[:, None] + kw[None, :] - pad_l
         ok = pos_ok[:, None] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         x_off = b[:, None] * sxb + ih * sxh + iw * sxw  # (BP, TP)
-        xv = tl.load(x_ptr + x_off[:, :, None] + x_chan[None, None, :],
-                     mask=ok[:, :, None] & load_ok[None, :, :], other=0.).to(tl.float32)  # (BP, TP, BC)
+        xv = tl.load(
+            x_ptr + x_off[:, :, None] + x_chan[None, None, :], mask=ok[:, :, None] & load_ok[None, :, :], other=0.0
+        ).to(tl.float32)  # (BP, TP, BC)
         acc += tl.sum(xv * g[:, None, :], axis=0)
     if MIXED == 1:  # taps outside a channel's window were summed over channel-uniform loads: zero them
-        acc = tl.where(tap_ok, acc, 0.)
+        acc = tl.where(tap_ok, acc, 0.0)
     out_off = (pid * (KH * KW) + t)[:, None].to(tl.int64) * C + c[None, :]
     tl.store(pw_ptr + out_off, acc, mask=(t < KH * KW)[:, None] & c_ok[None, :])
     tl.store(pb_ptr + pid * C + c, acc_b, mask=c_ok)
@@ -326,6 +412,7 @@ def interpreter_active() -> bool:
     if not HAS_TRITON:
         return False
     from triton.runtime.interpreter import InterpretedFunction
+
     return isinstance(tl.standard.cdiv, InterpretedFunction)
 
 
@@ -334,6 +421,7 @@ def _kernels(interpret: bool):
     """The two kernels, compiled for the GPU or wrapped for Triton's CPU interpreter (built on first use)."""
     if interpret:
         from triton.runtime.interpreter import InterpretedFunction
+
         return InterpretedFunction(_dw_fwd_kernel), InterpretedFunction(_dw_wgrad_kernel)
     return triton.jit(_dw_fwd_kernel), triton.jit(_dw_wgrad_kernel)
 
@@ -392,8 +480,9 @@ def _wgrad_config(channels_last: bool, C: int, taps_p2: int) -> dict:
 
 
 @functools.lru_cache(maxsize=64)
-def _taps_table_cpu(kernel_size: Tuple[int, int], gks: Tuple[int, ...], channels: int, interleaved: bool,
-                    flipped: bool) -> torch.Tensor:
+def _taps_table_cpu(
+    kernel_size: Tuple[int, int], gks: Tuple[int, ...], channels: int, interleaved: bool, flipped: bool
+) -> torch.Tensor:
     kh, kw = kernel_size
     rows = []
     for k in channel_kernel_sizes(gks, channels, interleaved):
@@ -430,8 +519,12 @@ def _launch_fwd(x, weight, bias, pads, out_hw, taps) -> torch.Tensor:
     B, C, H, W = x.shape
     KH, KW = weight.shape[2], weight.shape[3]
     HO, WO = out_hw
-    y = torch.empty((B, C, HO, WO), device=x.device, dtype=x.dtype,
-                    memory_format=torch.channels_last if cl else torch.contiguous_format)
+    y = torch.empty(
+        (B, C, HO, WO),
+        device=x.device,
+        dtype=x.dtype,
+        memory_format=torch.channels_last if cl else torch.contiguous_format,
+    )
     w = weight.reshape(C, KH * KW).t().contiguous()  # (taps, C): a tap's weights are contiguous over channels
     cfg = _fwd_config(cl, C, B * HO, WO)
     fwd, _ = _kernels(interpreter_active())
@@ -439,11 +532,31 @@ def _launch_fwd(x, weight, bias, pads, out_hw, taps) -> torch.Tensor:
     extra = {} if interpreter_active() else dict(num_warps=cfg['num_warps'])
     with _device_guard(x):
         fwd[grid](
-            x, w, bias if bias is not None else w, y, taps if taps is not None else w,
-            C, H, W, HO, WO, B * HO, KH, KW, pads[0], pads[1],
-            *x.stride(), *y.stride(),
-            HAS_BIAS=bias is not None, MIXED=_mixed_mode(taps, cfg['BC']), INT64=_needs_int64(x, y),
-            BR=cfg['BR'], BW=cfg['BW'], BC=cfg['BC'], **extra)
+            x,
+            w,
+            bias if bias is not None else w,
+            y,
+            taps if taps is not None else w,
+            C,
+            H,
+            W,
+            HO,
+            WO,
+            B * HO,
+            KH,
+            KW,
+            pads[0],
+            pads[1],
+            *x.stride(),
+            *y.stride(),
+            HAS_BIAS=bias is not None,
+            MIXED=_mixed_mode(taps, cfg['BC']),
+            INT64=_needs_int64(x, y),
+            BR=cfg['BR'],
+            BW=cfg['BW'],
+            BC=cfg['BC'],
+            **extra,
+        )
     return y
 
 
@@ -468,10 +581,31 @@ def _launch_wgrad(x, grad_out, kernel_size, pads, taps) -> Tuple[torch.Tensor, t
     extra = {} if interpreter_active() else dict(num_warps=cfg['num_warps'])
     with _device_guard(x):
         wgrad[(n_chunks, c_blocks)](
-            x, g, pw, pb, taps if taps is not None else pb,
-            C, H, W, HO, WO, n_pos, chunk, KH, KW, pads[0], pads[1],
-            *x.stride(), *g.stride(),
-            MIXED=_mixed_mode(taps, cfg['BC']), INT64=_needs_int64(x, g), BP=cfg['BP'], BC=cfg['BC'], TP=tp, **extra)
+            x,
+            g,
+            pw,
+            pb,
+            taps if taps is not None else pb,
+            C,
+            H,
+            W,
+            HO,
+            WO,
+            n_pos,
+            chunk,
+            KH,
+            KW,
+            pads[0],
+            pads[1],
+            *x.stride(),
+            *g.stride(),
+            MIXED=_mixed_mode(taps, cfg['BC']),
+            INT64=_needs_int64(x, g),
+            BP=cfg['BP'],
+            BC=cfg['BC'],
+            TP=tp,
+            **extra,
+        )
     grad_w = pw.sum(0).t().contiguous().reshape(C, 1, KH, KW)
     return grad_w, pb.sum(0)
 
@@ -492,19 +626,21 @@ def _blocks_uniform(taps: torch.Tensor, block_c: int) -> bool:
     if key not in _UNIFORM_CACHE:  # taps tables are cached and never freed, so the pointer is a stable key
         rows = taps.cpu()
         _UNIFORM_CACHE[key] = block_c == 1 or all(
-            bool((rows[i:i + block_c] == rows[i]).all()) for i in range(0, rows.shape[0], block_c))
+            bool((rows[i : i + block_c] == rows[i]).all()) for i in range(0, rows.shape[0], block_c)
+        )
     return _UNIFORM_CACHE[key]
 
 
 def _needs_int64(*tensors: torch.Tensor) -> bool:
     """Whether some element offset (in elements, of any of the tensors) can reach 2**31."""
-    return any(sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) >= 2 ** 31 - 1 for t in tensors)
+    return any(sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) >= 2**31 - 1 for t in tensors)
 
 
 def _device_guard(x: torch.Tensor):
     if x.device.type == 'cuda':
         return torch.cuda.device(x.device)
     import contextlib
+
     return contextlib.nullcontext()
 
 
@@ -531,8 +667,9 @@ def _triton_backward(grad_out, x, weight, padding, gks, interleaved, need_input,
         if gks is not None:
             taps = _taps_table((KH, KW), gks, C, interleaved, True, x.device)
             w = weight * _tap_mask(weight, gks, interleaved)
-        grad_x = _launch_fwd(grad_out, w.flip(2, 3), None, (KH - 1 - top, KW - 1 - left),
-                             (x.shape[2], x.shape[3]), taps)
+        grad_x = _launch_fwd(
+            grad_out, w.flip(2, 3), None, (KH - 1 - top, KW - 1 - left), (x.shape[2], x.shape[3]), taps
+        )
     if need_weight:
         taps = None if gks is None else _taps_table((KH, KW), gks, C, interleaved, False, x.device)
         grad_w, grad_b = _launch_wgrad(x, grad_out, (KH, KW), (top, left), taps)
@@ -544,9 +681,16 @@ def _triton_backward(grad_out, x, weight, padding, gks, interleaved, need_input,
 # torch.library registration: one opaque op for torch.compile, with its autograd formula
 # ---------------------------------------------------------------------------------------------------------------
 
+
 @torch.library.custom_op('msconv::depthwise_conv2d', mutates_args=())
-def _dw_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding: List[int],
-           group_kernel_sizes: Optional[List[int]], group_interleaved: bool) -> torch.Tensor:
+def _dw_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    padding: List[int],
+    group_kernel_sizes: Optional[List[int]],
+    group_interleaved: bool,
+) -> torch.Tensor:
     return _triton_forward(x, weight, bias, padding, group_kernel_sizes, group_interleaved)
 
 
@@ -556,19 +700,40 @@ def _(x, weight, bias, padding, group_kernel_sizes, group_interleaved):
     B, C, H, W = x.shape
     ho, wo = H + top + bottom - weight.shape[2] + 1, W + left + right - weight.shape[3] + 1
     cl = _is_channels_last(x)
-    return torch.empty((B, C, ho, wo), device=x.device, dtype=x.dtype,
-                       memory_format=torch.channels_last if cl else torch.contiguous_format)
+    return torch.empty(
+        (B, C, ho, wo),
+        device=x.device,
+        dtype=x.dtype,
+        memory_format=torch.channels_last if cl else torch.contiguous_format,
+    )
 
 
 @torch.library.custom_op('msconv::depthwise_conv2d_backward', mutates_args=())
-def _dw_bwd_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, padding: List[int],
-               group_kernel_sizes: Optional[List[int]], group_interleaved: bool,
-               output_mask: List[bool]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    gx, gw, gb = _triton_backward(grad_out, x, weight, padding, group_kernel_sizes, group_interleaved,
-                                  output_mask[0], output_mask[1] or output_mask[2])
+def _dw_bwd_op(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    padding: List[int],
+    group_kernel_sizes: Optional[List[int]],
+    group_interleaved: bool,
+    output_mask: List[bool],
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gx, gw, gb = _triton_backward(
+        grad_out,
+        x,
+        weight,
+        padding,
+        group_kernel_sizes,
+        group_interleaved,
+        output_mask[0],
+        output_mask[1] or output_mask[2],
+    )
     empty = x.new_empty(0)
-    return (gx if gx is not None else empty, gw if gw is not None else empty.to(weight.dtype),
-            gb if gb is not None else empty.to(weight.dtype))
+    return (
+        gx if gx is not None else empty,
+        gw if gw is not None else empty.to(weight.dtype),
+        gb if gb is not None else empty.to(weight.dtype),
+    )
 
 
 @_dw_bwd_op.register_fake
@@ -604,6 +769,7 @@ _dw_op.register_autograd(_backward, setup_context=_setup_context)
 # Dispatch
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def triton_available(device: Union[str, torch.device] = 'cuda') -> bool:
     """Whether ``backend='auto'`` would run Triton for a tensor on ``device``."""
     if not HAS_TRITON or os.environ.get('MSCONV_DISABLE_TRITON', '0') not in ('', '0'):
@@ -614,13 +780,13 @@ def triton_available(device: Union[str, torch.device] = 'cuda') -> bool:
 
 
 def depthwise_conv2d(
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: Optional[torch.Tensor] = None,
-        padding: Padding = 0,
-        group_kernel_sizes: Optional[Sequence[int]] = None,
-        group_interleaved: bool = False,
-        backend: str = 'auto',
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    padding: Padding = 0,
+    group_kernel_sizes: Optional[Sequence[int]] = None,
+    group_interleaved: bool = False,
+    backend: str = 'auto',
 ) -> torch.Tensor:
     """Depthwise 2-D cross-correlation, stride 1 (``F.conv2d(x, weight, bias, groups=C)`` with per-side padding).
 
@@ -645,16 +811,17 @@ def depthwise_conv2d(
         x, weight = x.to(dt), weight.to(dt)
         bias = bias.to(dt) if bias is not None else None
     pads, gks = _check_inputs(x, weight, bias, padding, group_kernel_sizes)
-    use_triton = backend == 'triton' or (
-        backend == 'auto' and x.dtype in _TRITON_DTYPES and triton_available(x.device))
+    use_triton = backend == 'triton' or (backend == 'auto' and x.dtype in _TRITON_DTYPES and triton_available(x.device))
     if use_triton:
         if not HAS_TRITON:
             raise ValueError("backend='triton' needs the triton package, which is not importable")
         if x.dtype not in _TRITON_DTYPES:
             raise ValueError(f"backend='triton' supports float32, float16 and bfloat16 inputs, got {x.dtype}")
         if not (x.device.type == 'cuda' or (x.device.type == 'cpu' and interpreter_active())):
-            raise ValueError(f"backend='triton' runs on CUDA tensors, or on CPU tensors in Triton's interpreter "
-                             f"(TRITON_INTERPRET=1 set before triton is imported); got a {x.device.type} tensor "
-                             f"with the interpreter {'on' if interpreter_active() else 'off'}")
+            raise ValueError(
+                f"backend='triton' runs on CUDA tensors, or on CPU tensors in Triton's interpreter "
+                f"(TRITON_INTERPRET=1 set before triton is imported); got a {x.device.type} tensor "
+                f"with the interpreter {'on' if interpreter_active() else 'off'}"
+            )
         return _dw_op(x, weight, bias, list(pads), gks, bool(group_interleaved))
     return _reference(x, weight, bias, pads, gks, group_interleaved)

@@ -1,4 +1,5 @@
 """Small helpers shared by the operators' inference forms."""
+
 from __future__ import annotations
 
 from typing import Tuple
@@ -20,9 +21,17 @@ def fold_bn_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     """A new Conv2d computing ``bn(conv(x))`` with the BatchNorm in eval mode (running statistics)."""
     scale, shift = bn_scale_shift(bn)
     fused = nn.Conv2d(
-        conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-        dilation=conv.dilation, groups=conv.groups, bias=True, padding_mode=conv.padding_mode,
-        device=conv.weight.device, dtype=conv.weight.dtype,
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=True,
+        padding_mode=conv.padding_mode,
+        device=conv.weight.device,
+        dtype=conv.weight.dtype,
     )
     fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
     fused.bias.copy_(shift + (conv.bias * scale if conv.bias is not None else 0))

@@ -53,8 +53,13 @@ from timm.layers import DropPath, SEModule
 from ._fold import fold_bn_into_conv
 from .forms import tuned, use_fast_form
 
-__all__ = ['SpatialCrossScaleConv', 'CrossScaleBottleneck', 'convert_scsc_official', 'pointwise_conv',
-           'STAGE_KERNEL_SIZES']
+__all__ = [
+    'SpatialCrossScaleConv',
+    'CrossScaleBottleneck',
+    'convert_scsc_official',
+    'pointwise_conv',
+    'STAGE_KERNEL_SIZES',
+]
 
 
 def pointwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -63,11 +68,21 @@ def pointwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     (B, C, H*W) view (after subsampling for stride 2): on the machine it was written on that measured 1.5-3x faster
     with few input channels on large maps, and slower for wide inputs, so which of the two runs is measured per
     shape (``msconv.layers.forms.tuned``)."""
-    if not (use_fast_form('cpu_gemm', x) and conv.kernel_size == (1, 1) and conv.stride in ((1, 1), (2, 2))
-            and conv.padding == (0, 0) and conv.groups == 1 and conv.dilation == (1, 1)):
+    if not (
+        use_fast_form('cpu_gemm', x)
+        and conv.kernel_size == (1, 1)
+        and conv.stride in ((1, 1), (2, 2))
+        and conv.padding == (0, 0)
+        and conv.groups == 1
+        and conv.dilation == (1, 1)
+    ):
         return conv(x)
-    return tuned('pointwise_conv', x, {'conv': lambda: conv(x), 'gemm': lambda: _pointwise_gemm(conv, x)},
-                 extra=f'{conv.in_channels}->{conv.out_channels}/s{conv.stride[0]}')
+    return tuned(
+        'pointwise_conv',
+        x,
+        {'conv': lambda: conv(x), 'gemm': lambda: _pointwise_gemm(conv, x)},
+        extra=f'{conv.in_channels}->{conv.out_channels}/s{conv.stride[0]}',
+    )
 
 
 def _pointwise_gemm(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -112,15 +127,15 @@ class SpatialCrossScaleConv(nn.Module):
     """
 
     def __init__(
-            self,
-            dim: int,
-            kernel_sizes: Sequence[int] = (3, 7, 11),
-            groups: int = 4,
-            se_reduction: int = 16,
-            routing: str = 'official',
-            out_dim: int | None = None,
-            stride: int = 1,
-            out_act: bool = False,
+        self,
+        dim: int,
+        kernel_sizes: Sequence[int] = (3, 7, 11),
+        groups: int = 4,
+        se_reduction: int = 16,
+        routing: str = 'official',
+        out_dim: int | None = None,
+        stride: int = 1,
+        out_act: bool = False,
     ) -> None:
         super().__init__()
         ks = _check_kernel_sizes(kernel_sizes)
@@ -144,9 +159,9 @@ class SpatialCrossScaleConv(nn.Module):
 
         self.reduce = nn.Conv2d(dim, cp, 1, bias=False)
         self.reduce_bn = nn.BatchNorm2d(cp)
-        self.dw = nn.ModuleList([
-            nn.Conv2d(cp, cp, k, stride=stride, padding=k // 2, groups=cp, bias=False) for k in ks
-        ])
+        self.dw = nn.ModuleList(
+            [nn.Conv2d(cp, cp, k, stride=stride, padding=k // 2, groups=cp, bias=False) for k in ks]
+        )
         self.dw_bn = nn.BatchNorm2d(m * cp)  # concat (branch-major) channel order
         self.router = nn.Conv2d(cp, m * groups, 1, stride=stride, bias=False)
         self.recover = nn.Conv2d(cp, out_dim, 1, bias=False)
@@ -238,7 +253,7 @@ class SpatialCrossScaleConv(nn.Module):
         for s, conv in enumerate(self.dw):
             bn = nn.BatchNorm2d(cp, eps=self.dw_bn.eps).to(self.dw_bn.weight)
             for name in ('weight', 'bias', 'running_mean', 'running_var'):
-                getattr(bn, name).copy_(getattr(self.dw_bn, name)[s * cp:(s + 1) * cp])
+                getattr(bn, name).copy_(getattr(self.dw_bn, name)[s * cp : (s + 1) * cp])
             bn.eval()
             folded.append(fold_bn_into_conv(conv, bn))
         self.dw = nn.ModuleList(folded)
@@ -255,23 +270,30 @@ class CrossScaleBottleneck(SpatialCrossScaleConv):
     """
 
     def __init__(
-            self,
-            in_dim: int,
-            out_dim: int,
-            kernel_sizes: Sequence[int] = (3, 7, 11),
-            groups: int = 4,
-            stride: int = 1,
-            se_reduction: int = 16,
-            routing: str = 'official',
-            drop_path: float = 0.0,
+        self,
+        in_dim: int,
+        out_dim: int,
+        kernel_sizes: Sequence[int] = (3, 7, 11),
+        groups: int = 4,
+        stride: int = 1,
+        se_reduction: int = 16,
+        routing: str = 'official',
+        drop_path: float = 0.0,
     ) -> None:
         super().__init__(
-            in_dim, kernel_sizes=kernel_sizes, groups=groups, se_reduction=se_reduction, routing=routing,
-            out_dim=out_dim, stride=stride, out_act=True,
+            in_dim,
+            kernel_sizes=kernel_sizes,
+            groups=groups,
+            se_reduction=se_reduction,
+            routing=routing,
+            out_dim=out_dim,
+            stride=stride,
+            out_act=True,
         )
         if stride != 1 or in_dim != out_dim:
             self.shortcut = nn.Sequential(
-                nn.Conv2d(in_dim, out_dim, 1, stride=stride, bias=False), nn.BatchNorm2d(out_dim))
+                nn.Conv2d(in_dim, out_dim, 1, stride=stride, bias=False), nn.BatchNorm2d(out_dim)
+            )
         else:
             self.shortcut = nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -321,9 +343,9 @@ def convert_scsc_official(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torc
     shuffled order to our concat order. Every other key passes through unchanged (identity on msconv keys).
     """
     out = dict(state_dict)
-    prefixes = [k[:-len('reduction_c.weight')] for k in state_dict if k.endswith('reduction_c.weight')]
+    prefixes = [k[: -len('reduction_c.weight')] for k in state_dict if k.endswith('reduction_c.weight')]
     for p in prefixes:
-        sub = {k[len(p):]: v for k, v in state_dict.items() if k.startswith(p)}
+        sub = {k[len(p) :]: v for k, v in state_dict.items() if k.startswith(p)}
         m = sum(1 for k in sub if re.fullmatch(r'layers\.\d+(?:\.0)?\.weight', k))
         for k, v in sub.items():
             for pat, rep in _MODULE_RENAMES:

@@ -54,8 +54,16 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 import torch
 
 __all__ = [
-    'FORMS', 'reference_forms', 'reference_forms_enabled', 'is_capturing', 'use_fast_form', 'map_images',
-    'tuned', 'forced_choices', 'autotune_choices', 'autotune_enabled',
+    'FORMS',
+    'reference_forms',
+    'reference_forms_enabled',
+    'is_capturing',
+    'use_fast_form',
+    'map_images',
+    'tuned',
+    'forced_choices',
+    'autotune_choices',
+    'autotune_enabled',
 ]
 
 FORMS = ('folded', 'inplace', 'per_image', 'onednn', 'cpu_gemm', 'triton', 'lean')
@@ -81,6 +89,7 @@ def reference_forms(enabled: bool = True) -> Iterator[None]:
 
 def _fx_symbolic_tracing() -> bool:
     from torch.fx._symbolic_trace import _get_is_fx_tracing  # the flag itself; the public getter warns
+
     return _get_is_fx_tracing()
 
 
@@ -89,8 +98,12 @@ def is_capturing() -> bool:
     ``torch.compile``/dynamo, ``torch.export`` (strict or not) and ONNX export (either exporter)."""
     if torch.jit.is_scripting():
         return True
-    return (torch.jit.is_tracing() or torch.compiler.is_compiling() or _fx_symbolic_tracing()
-            or torch.onnx.is_in_onnx_export())
+    return (
+        torch.jit.is_tracing()
+        or torch.compiler.is_compiling()
+        or _fx_symbolic_tracing()
+        or torch.onnx.is_in_onnx_export()
+    )
 
 
 def use_fast_form(form: str, x: torch.Tensor) -> bool:
@@ -114,11 +127,16 @@ def _use_fast_form(form: str, x: torch.Tensor) -> bool:
         return True
     if form == 'triton':
         from ..kernels.depthwise import triton_available
+
         return x.dtype in (torch.float32, torch.float16, torch.bfloat16) and triton_available(x.device)
     cpu_fp32 = x.device.type == 'cpu' and x.dtype == torch.float32
     if form == 'onednn':
-        return (cpu_fp32 and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-                and not torch.is_autocast_enabled('cpu'))
+        return (
+            cpu_fp32
+            and torch.backends.mkldnn.is_available()
+            and torch.backends.mkldnn.enabled
+            and not torch.is_autocast_enabled('cpu')
+        )
     if torch.is_grad_enabled():  # the remaining kinds write in place or loop without autograd
         return False
     if torch.is_autocast_enabled(x.device.type):  # mixed dtypes: an in-place write could not hold the result
@@ -237,6 +255,7 @@ def _measure(candidates: Dict[str, Callable[[], torch.Tensor]], rounds: int = 3)
 
 def _dispatch_mode_active() -> bool:
     from torch.utils._python_dispatch import _get_current_dispatch_mode
+
     return _get_current_dispatch_mode() is not None
 
 
@@ -252,10 +271,15 @@ def tuned(op: str, x: torch.Tensor, candidates: Dict[str, Callable[[], torch.Ten
     plain = next(iter(candidates))
     if not autotune_enabled() or torch.is_grad_enabled() or is_capturing():
         return candidates[plain]()
-    layout = 'cl' if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
-        memory_format=torch.channels_last) else ('c' if x.is_contiguous() else 's')
-    key = f"{op}|{tuple(x.shape)}|{layout}|{str(x.dtype).replace('torch.', '')}|{x.device.type}|" \
-          f"{torch.get_num_threads()}|{extra}"
+    layout = (
+        'cl'
+        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        else ('c' if x.is_contiguous() else 's')
+    )
+    key = (
+        f"{op}|{tuple(x.shape)}|{layout}|{str(x.dtype).replace('torch.', '')}|{x.device.type}|"
+        f"{torch.get_num_threads()}|{extra}"
+    )
     choice = _CHOICES.get(key) or _disk().get(key)
     if choice in candidates:
         _CHOICES[key] = choice

@@ -29,12 +29,20 @@ __all__ = ['Linear', 'linear']
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for ``x`` of shape (..., in_features), as a BLAS or a oneDNN GEMM, whichever
     is faster here (see the module docstring)."""
-    if not (use_fast_form('onednn', x) and x.dim() >= 2 and x.is_contiguous() and weight.dtype == torch.float32
-            and (bias is None or bias.dtype == torch.float32)):
+    if not (
+        use_fast_form('onednn', x)
+        and x.dim() >= 2
+        and x.is_contiguous()
+        and weight.dtype == torch.float32
+        and (bias is None or bias.dtype == torch.float32)
+    ):
         return F.linear(x, weight, bias)
-    return tuned('linear', x, {'blas': lambda: F.linear(x, weight, bias),
-                               'onednn': lambda: _linear_onednn(x, weight, bias)},
-                 extra=f"{weight.shape[1]}->{weight.shape[0]}{'+b' if bias is not None else ''}")
+    return tuned(
+        'linear',
+        x,
+        {'blas': lambda: F.linear(x, weight, bias), 'onednn': lambda: _linear_onednn(x, weight, bias)},
+        extra=f"{weight.shape[1]}->{weight.shape[0]}{'+b' if bias is not None else ''}",
+    )
 
 
 def _linear_onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -54,12 +62,14 @@ def _register_flop_formula() -> None:
     """Teach ``torch.utils.flop_counter.FlopCounterMode`` the oneDNN convolution op this module calls directly
     (torch registers formulas for ``aten.convolution`` and the cuDNN ops, not for ``aten.mkldnn_convolution``)."""
     from torch.utils import flop_counter
+
     if torch.ops.aten.mkldnn_convolution in flop_counter.flop_registry:
         return
 
     @flop_counter.register_flop_formula(torch.ops.aten.mkldnn_convolution)
-    def _mkldnn_conv_flop(x_shape, w_shape, _bias, _padding, _stride, _dilation, _groups, *args, out_shape=None,
-                          **kwargs) -> int:
+    def _mkldnn_conv_flop(
+        x_shape, w_shape, _bias, _padding, _stride, _dilation, _groups, *args, out_shape=None, **kwargs
+    ) -> int:
         return flop_counter.conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
 
 

@@ -9,6 +9,7 @@ Both hold a class-centre matrix ``weight`` of shape (num_classes, embedding_size
 to logits for ``nn.CrossEntropyLoss``; every non-target logit is ``s * cos(theta)``. In eval (no labels needed),
 ``cosine(embeddings)`` gives the plain cosine similarities.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,17 +39,16 @@ class _MarginHead(nn.Module):
     def cosine(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Cosine similarity of each embedding with each class centre, (B, num_classes)."""
         if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
-            raise ValueError(
-                f"embeddings must have shape (B, {self.embedding_size}), got {tuple(embeddings.shape)}"
-            )
+            raise ValueError(f"embeddings must have shape (B, {self.embedding_size}), got {tuple(embeddings.shape)}")
         return F.linear(F.normalize(embeddings.float()), F.normalize(self.weight.float())).clamp(-1.0, 1.0)
 
     def _check_labels(self, labels: torch.Tensor, batch: int) -> torch.Tensor:
         if not isinstance(labels, torch.Tensor) or labels.shape != (batch,) or labels.is_floating_point():
             raise ValueError(f"labels must be an integer tensor of shape ({batch},), got {labels!r:.80}")
         if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
-            raise ValueError(f"labels must lie in [0, {self.num_classes}), got range "
-                             f"[{labels.min().item()}, {labels.max().item()}]")
+            raise ValueError(
+                f"labels must lie in [0, {self.num_classes}), got range [{labels.min().item()}, {labels.max().item()}]"
+            )
         return labels.long()
 
     def target_logit(self, cos_t: torch.Tensor) -> torch.Tensor:

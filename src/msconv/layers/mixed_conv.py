@@ -45,6 +45,7 @@ class MultiHeadMixedConv(nn.Module):
         num_heads: number of heads h.
         kernel_sizes: odd kernel size per head; defaults to ``3 + 2 * i``.
     """
+
     __constants__ = ['deployed']
 
     def __init__(self, dim: int, num_heads: int = 4, kernel_sizes: Optional[Sequence[int]] = None):
@@ -60,9 +61,9 @@ class MultiHeadMixedConv(nn.Module):
         self.max_kernel = max(kernel_sizes)
         self.deployed = False  # set by ScaleAwareModulation.reparameterize: one stored (interleaved) kernel
         head_dim = dim // num_heads
-        self.convs = nn.ModuleList([
-            nn.Conv2d(head_dim, head_dim, k, padding=k // 2, groups=head_dim) for k in kernel_sizes
-        ])
+        self.convs = nn.ModuleList(
+            [nn.Conv2d(head_dim, head_dim, k, padding=k // 2, groups=head_dim) for k in kernel_sizes]
+        )
 
     def merged_kernel(self, interleaved: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
         """All heads' kernels zero-padded to ``max_kernel`` as one depthwise (C, 1, K, K) weight and (C,) bias,
@@ -80,8 +81,15 @@ class MultiHeadMixedConv(nn.Module):
         taps, one launch) where ``use_fast_form('triton')`` allows it, else ``F.conv2d`` with the zero-padded
         kernel."""
         if use_fast_form('triton', x):
-            return depthwise_conv2d(x, weight, bias, self.max_kernel // 2, group_kernel_sizes=self.kernel_sizes,
-                                    group_interleaved=interleaved, backend='triton')
+            return depthwise_conv2d(
+                x,
+                weight,
+                bias,
+                self.max_kernel // 2,
+                group_kernel_sizes=self.kernel_sizes,
+                group_interleaved=interleaved,
+                backend='triton',
+            )
         return F.conv2d(x, weight, bias, padding=self.max_kernel // 2, groups=self.dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) head-major -> same
@@ -103,7 +111,7 @@ class MultiHeadMixedConv(nn.Module):
         ch = self.dim // self.num_heads
         outs: List[torch.Tensor] = []
         for i, conv in enumerate(self.convs):
-            outs.append(conv(x[:, i * ch:(i + 1) * ch]))
+            outs.append(conv(x[:, i * ch : (i + 1) * ch]))
         return torch.cat(outs, dim=1)
 
 
@@ -163,15 +171,16 @@ class ScaleAwareModulation(nn.Module):
         qkv_bias: bias in the ``v`` and ``s`` projections.
         proj_drop: dropout after the output projection.
     """
+
     __constants__ = ['deployed']  # TorchScript compiles only the plain form of the current state
 
     def __init__(
-            self,
-            dim: int,
-            num_heads: int = 4,
-            expand_ratio: int = 2,
-            qkv_bias: bool = True,
-            proj_drop: float = 0.,
+        self,
+        dim: int,
+        num_heads: int = 4,
+        expand_ratio: int = 2,
+        qkv_bias: bool = True,
+        proj_drop: float = 0.0,
     ):
         super().__init__()
         self.dim = dim
@@ -191,14 +200,22 @@ class ScaleAwareModulation(nn.Module):
         if self.deployed:
             return
         h = self.num_heads
-        s = Linear(self.dim, self.dim, bias=self.s.bias is not None, device=self.s.weight.device,
-                      dtype=self.s.weight.dtype)
+        s = Linear(
+            self.dim, self.dim, bias=self.s.bias is not None, device=self.s.weight.device, dtype=self.s.weight.dtype
+        )
         s.weight.copy_(_interleave_rows(self.s.weight, h))
         if self.s.bias is not None:
             s.bias.copy_(_interleave_rows(self.s.bias, h))
         weight, bias = self.mhmc.merged_kernel(interleaved=True)
-        self.mhmc.merged = nn.Conv2d(self.dim, self.dim, self.mhmc.max_kernel, padding=self.mhmc.max_kernel // 2,
-                                     groups=self.dim, device=weight.device, dtype=weight.dtype)
+        self.mhmc.merged = nn.Conv2d(
+            self.dim,
+            self.dim,
+            self.mhmc.max_kernel,
+            padding=self.mhmc.max_kernel // 2,
+            groups=self.dim,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
         self.mhmc.merged.weight.copy_(weight)
         self.mhmc.merged.bias.copy_(bias)
         del self.mhmc.convs

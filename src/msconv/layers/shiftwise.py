@@ -45,8 +45,12 @@ from .forms import is_capturing, use_fast_form
 __all__ = ['ShiftWiseConv2d', 'shiftwise_indices', 'shiftwise_geometry']
 
 
-def _depthwise(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding: Tuple[int, int],
-               ) -> torch.Tensor:
+def _depthwise(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    padding: Tuple[int, int],
+) -> torch.Tensor:
     """Depthwise correlation, stride 1: the Triton kernel where ``use_fast_form('triton')`` allows, else
     ``F.conv2d``."""
     if use_fast_form('triton', x):
@@ -67,18 +71,22 @@ def shiftwise_geometry(kernel_size: int, small_kernel: int) -> Dict[str, object]
     mid = kernel_size // 2
     real_pad = [mid - t * small_kernel - padding for t in range(nk)]
     return dict(
-        nk=nk, padding=padding, extra_pad=padding - small_kernel // 2, mid=mid, real_pad=real_pad,
+        nk=nk,
+        padding=padding,
+        extra_pad=padding - small_kernel // 2,
+        mid=mid,
+        real_pad=real_pad,
         offsets=(-mid, nk * small_kernel - 1 - mid),
     )
 
 
 def shiftwise_indices(
-        channels: int,
-        kernel_size: int,
-        small_kernel: int = 3,
-        ghost_ratio: float = 0.23,
-        n_reps: int = 4,
-        seed: int = 123,
+    channels: int,
+    kernel_size: int,
+    small_kernel: int = 3,
+    ghost_ratio: float = 0.23,
+    n_reps: int = 4,
+    seed: int = 123,
 ) -> Dict[str, torch.Tensor]:
     """Regenerate the official index draw bit-exactly, without touching any global random state.
 
@@ -95,8 +103,14 @@ def shiftwise_indices(
 
 
 @functools.lru_cache(maxsize=64)
-def _cached_indices(channels: int, kernel_size: int, small_kernel: int, ghost_ratio: float, n_reps: int, seed: int,
-                    ) -> Dict[str, torch.Tensor]:
+def _cached_indices(
+    channels: int,
+    kernel_size: int,
+    small_kernel: int,
+    ghost_ratio: float,
+    n_reps: int,
+    seed: int,
+) -> Dict[str, torch.Tensor]:
     # every block of a stage draws the same indices (same arguments, fresh seed): draw them once
     rep_n = int(channels * (1 - ghost_ratio)) // 2 * 2
     ghost_n = channels - rep_n
@@ -106,15 +120,21 @@ def _cached_indices(channels: int, kernel_size: int, small_kernel: int, ghost_ra
     gen = torch.Generator(device='cpu').manual_seed(seed)
     perms = []
     for _ in range(2):  # horizontal, then vertical
-        perms.append(torch.stack([
-            torch.stack([torch.randperm(nk, generator=gen, device='cpu') for _ in range(rep_n)])
-            for _ in range(n_reps)
-        ]))
+        perms.append(
+            torch.stack(
+                [
+                    torch.stack([torch.randperm(nk, generator=gen, device='cpu') for _ in range(rep_n)])
+                    for _ in range(n_reps)
+                ]
+            )
+        )
     centre = torch.stack([torch.randint(0, nk, (rep_n,), generator=gen, device='cpu') for _ in range(n_reps)])
     return dict(
         ghost=torch.as_tensor(ghost, dtype=torch.long, device='cpu').reshape(ghost_n),
         rep=torch.as_tensor(rep, dtype=torch.long, device='cpu').reshape(rep_n),
-        perm_h=perms[0].long(), perm_v=perms[1].long(), centre=centre.long(),
+        perm_h=perms[0].long(),
+        perm_v=perms[1].long(),
+        centre=centre.long(),
     )
 
 
@@ -206,7 +226,8 @@ class _LeanShiftWiseTrain(torch.autograd.Function):
             gz = scale * (gy32 - (sum_g / n).view(1, -1, 1, 1) - xhat * (sum_gx / n).view(1, -1, 1, 1))
             gz = gz.to(xr.dtype)
             gxi, gki, _ = torch.ops.aten.convolution_backward(
-                gz, xr, k, None, [1, 1], list(pad), [1, 1], False, [0, 0], groups, [need_x, need_k, False])
+                gz, xr, k, None, [1, 1], list(pad), [1, 1], False, [0, 0], groups, [need_x, need_k, False]
+            )
             if need_x:
                 gx = gx + gxi
             gks[i] = gki
@@ -228,21 +249,27 @@ class ShiftWiseConv2d(nn.Module):
         n_reps: shuffled placements per strip.
         seed: seed of the official index draw (the official code always uses 123).
     """
+
     __constants__ = ['deployed', 'official_order']  # TorchScript compiles only the branch of the current form
 
     def __init__(
-            self,
-            channels: int,
-            kernel_size: int,
-            small_kernel: int = 3,
-            ghost_ratio: float = 0.23,
-            n_paths: int = 2,
-            n_reps: int = 4,
-            seed: int = 123,
+        self,
+        channels: int,
+        kernel_size: int,
+        small_kernel: int = 3,
+        ghost_ratio: float = 0.23,
+        n_paths: int = 2,
+        n_reps: int = 4,
+        seed: int = 123,
     ) -> None:
         super().__init__()
-        for name, val, lo in (('channels', channels, 2), ('kernel_size', kernel_size, 1),
-                              ('small_kernel', small_kernel, 1), ('n_paths', n_paths, 1), ('n_reps', n_reps, 1)):
+        for name, val, lo in (
+            ('channels', channels, 2),
+            ('kernel_size', kernel_size, 1),
+            ('small_kernel', small_kernel, 1),
+            ('n_paths', n_paths, 1),
+            ('n_reps', n_reps, 1),
+        ):
             if not isinstance(val, int) or isinstance(val, bool) or val < lo:
                 raise ValueError(f"{name} must be an int >= {lo}, got {val!r}")
         if small_kernel % 2 != 1:
@@ -257,7 +284,8 @@ class ShiftWiseConv2d(nn.Module):
         if rep_n < 2:
             raise ValueError(
                 f"channels={channels} with ghost_ratio={ghost_ratio} leaves {rep_n} shift-wise channels; "
-                f"need at least 2 (use more channels or a smaller ghost_ratio)")
+                f"need at least 2 (use more channels or a smaller ghost_ratio)"
+            )
         geo = shiftwise_geometry(kernel_size, small_kernel)
         self.channels, self.kernel_size, self.small_kernel = channels, kernel_size, small_kernel
         self.ghost_ratio, self.n_paths, self.n_reps, self.seed = float(ghost_ratio), n_paths, n_reps, seed
@@ -298,10 +326,12 @@ class ShiftWiseConv2d(nn.Module):
             nn.init.uniform_(self.weight, -bound, bound)
 
     def extra_repr(self) -> str:
-        return (f"{self.channels}, kernel_size={self.kernel_size}, small_kernel={self.small_kernel}, "
-                f"rep={self.rep_channels}, ghost={self.ghost_channels}, n_paths={self.n_paths}, "
-                f"n_reps={self.n_reps}, seed={self.seed}, footprint={self.long_offsets}"
-                + (", deployed" if self.deployed else ""))
+        return (
+            f"{self.channels}, kernel_size={self.kernel_size}, small_kernel={self.small_kernel}, "
+            f"rep={self.rep_channels}, ghost={self.ghost_channels}, n_paths={self.n_paths}, "
+            f"n_reps={self.n_reps}, seed={self.seed}, footprint={self.long_offsets}"
+            + (", deployed" if self.deployed else "")
+        )
 
     # ---- official index layouts (for checks against the official module) -------------------------------
     def official_indices(self) -> Dict[str, torch.Tensor]:
@@ -316,8 +346,11 @@ class ShiftWiseConv2d(nn.Module):
             pad_hv[(rows + self.perm_v[g].cpu()).reshape(-1), n + g] = real_pad.repeat(r)
         idx_identit = (rows + self.centre.cpu().t()).to(torch.int32)
         return dict(
-            ghost=self.ghost_index.cpu().int(), rep=self.rep_index.cpu().int(), pad_hv=pad_hv,
-            idx_identit=idx_identit, idx_out=(torch.arange(r * nk) // nk).int(),
+            ghost=self.ghost_index.cpu().int(),
+            rep=self.rep_index.cpu().int(),
+            pad_hv=pad_hv,
+            idx_identit=idx_identit,
+            idx_out=(torch.arange(r * nk) // nk).int(),
         )
 
     # ---- kernel assembly ----------------------------------------------------------------------------------
@@ -383,11 +416,11 @@ class ShiftWiseConv2d(nn.Module):
         if not isinstance(x, torch.Tensor):  # e.g. an FX Proxy while tracing: nothing to check
             if is_capturing():
                 return
-            raise ValueError(f"ShiftWiseConv2d: input must be a tensor of shape (B, {self.channels}, H, W), got "
-                             f"{type(x).__name__}")
+            raise ValueError(
+                f"ShiftWiseConv2d: input must be a tensor of shape (B, {self.channels}, H, W), got {type(x).__name__}"
+            )
         if x.dim() != 4 or x.shape[1] != self.channels:
-            raise ValueError(f"ShiftWiseConv2d: input must have shape (B, {self.channels}, H, W), got "
-                             f"{tuple(x.shape)}")
+            raise ValueError(f"ShiftWiseConv2d: input must have shape (B, {self.channels}, H, W), got {tuple(x.shape)}")
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The plain form: assemble the kernels, three depthwise convs, the three BatchNorm modules; once
@@ -395,9 +428,9 @@ class ShiftWiseConv2d(nn.Module):
         self._check_input(x)
         if self.deployed:
             ph, pv = self._deploy_pads()
-            y = (F.conv2d(x, self.deploy_weight_h.to(x.dtype), self.deploy_bias.to(x.dtype), padding=ph,
-                          groups=self.channels)
-                 + F.conv2d(x, self.deploy_weight_v.to(x.dtype), None, padding=pv, groups=self.channels))
+            y = F.conv2d(
+                x, self.deploy_weight_h.to(x.dtype), self.deploy_bias.to(x.dtype), padding=ph, groups=self.channels
+            ) + F.conv2d(x, self.deploy_weight_v.to(x.dtype), None, padding=pv, groups=self.channels)
             if self.official_order:
                 return y.index_select(1, self.output_index)
             return y
@@ -406,13 +439,19 @@ class ShiftWiseConv2d(nn.Module):
         kh, kv, ks = kh.to(x.dtype), kv.to(x.dtype), ks.to(x.dtype)
         ph, pv, ps = self._pads()
         r = self.rep_channels
-        y = (self.bn_h(F.conv2d(xr, kh, padding=ph, groups=r)) + self.bn_v(F.conv2d(xr, kv, padding=pv, groups=r))
-             + self.bn_s(F.conv2d(xr, ks, padding=ps, groups=r)) + xr)
+        y = (
+            self.bn_h(F.conv2d(xr, kh, padding=ph, groups=r))
+            + self.bn_v(F.conv2d(xr, kv, padding=pv, groups=r))
+            + self.bn_s(F.conv2d(xr, ks, padding=ps, groups=r))
+            + xr
+        )
         return torch.cat([y, x.index_select(1, self.ghost_index)], dim=1)
 
     def _lean_ok(self) -> bool:
-        return all(type(bn) is nn.BatchNorm2d and bn.training for bn in (self.bn_h, self.bn_v, self.bn_s)) and len(
-            {bn.eps for bn in (self.bn_h, self.bn_v, self.bn_s)}) == 1
+        return (
+            all(type(bn) is nn.BatchNorm2d and bn.training for bn in (self.bn_h, self.bn_v, self.bn_s))
+            and len({bn.eps for bn in (self.bn_h, self.bn_v, self.bn_s)}) == 1
+        )
 
     def _forward_train(self, x: torch.Tensor) -> torch.Tensor:
         xr = _take_channels(x, self.rep_index)
@@ -478,14 +517,14 @@ class ShiftWiseConv2d(nn.Module):
         (H+2e) x (W+2e), k*k each. This is the SW part of the paper's 5.0 GMACs for SW-T (the shift-add counts 0);
         the closed form actually executes more (the strips overlap), see ``benchmarks/bench_shiftwise_model.py``."""
         e = self.extra_pad
-        return self.rep_channels * self.nk * self.small_kernel ** 2 * (height + 2 * e) * (width + 2 * e)
+        return self.rep_channels * self.nk * self.small_kernel**2 * (height + 2 * e) * (width + 2 * e)
 
     # ---- inference form -------------------------------------------------------------------------------------
     @torch.no_grad()
     def deploy_params(
-            self,
-            out_scale: Optional[torch.Tensor] = None,
-            out_shift: Optional[torch.Tensor] = None,
+        self,
+        out_scale: Optional[torch.Tensor] = None,
+        out_shift: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """All-channel deploy weights in INPUT channel order: ``(Wh (C,1,k,2P+1), Wv (C,1,2P+1,k), bias (C,))``.
 
@@ -514,10 +553,10 @@ class ShiftWiseConv2d(nn.Module):
 
     @torch.no_grad()
     def reparameterize(
-            self,
-            out_scale: Optional[torch.Tensor] = None,
-            out_shift: Optional[torch.Tensor] = None,
-            official_order: bool = True,
+        self,
+        out_scale: Optional[torch.Tensor] = None,
+        out_shift: Optional[torch.Tensor] = None,
+        official_order: bool = True,
     ) -> None:
         """Switch to the inference form: one cross-shaped depthwise conv (a k x L plus an L x k strip) plus bias.
 
@@ -536,8 +575,9 @@ class ShiftWiseConv2d(nn.Module):
         self.official_order = official_order
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # Official checkpoints do not carry the indices: keep the regenerated ones when they are absent.
         for name in ('ghost_index', 'rep_index', 'perm_h', 'perm_v', 'centre'):
             if prefix + name not in state_dict:
@@ -551,8 +591,9 @@ class ShiftWiseConv2d(nn.Module):
                 state_dict[key] = torch.cat([w, w.new_zeros((self.n_paths - 1, *w.shape[1:]))])
             elif w.shape[0] > 1 and self.n_paths == 1:
                 state_dict[key] = w.sum(0, keepdim=True)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
 
 def convert_official_op(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -562,6 +603,7 @@ def convert_official_op(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.
     unchanged (so msconv state dicts are returned as they are).
     """
     import re
+
     out: Dict[str, torch.Tensor] = {}
     paths: Dict[str, Dict[int, torch.Tensor]] = {}
     bn_names = {'bn_lora1': 'bn_h', 'bn_lora2': 'bn_v', 'bn_small': 'bn_s'}
@@ -576,6 +618,7 @@ def convert_official_op(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.
             continue
         out[key] = val
     for prefix, by_path in paths.items():
-        out[prefix + 'weight'] = torch.stack([by_path[i].reshape(by_path[i].shape[0], *by_path[i].shape[2:])
-                                              for i in sorted(by_path)])
+        out[prefix + 'weight'] = torch.stack(
+            [by_path[i].reshape(by_path[i].shape[0], *by_path[i].shape[2:]) for i in sorted(by_path)]
+        )
     return out

@@ -1,13 +1,43 @@
 """msconv networks. Importing this package registers every model in timm's registry."""
-from ._registry import FAMILIES, convert_official, list_models, model_family, model_info, register_converter, register_model
+
+from . import scsc_face, scsc_resnet, scsc_swin, shiftwise_net, smt
 from ._builder import (
-    MsconvModel, check_image_input, create_model, read_checkpoint, read_class_map, reparameterize,
+    MsconvModel,
+    check_image_input,
+    create_model,
+    read_checkpoint,
+    read_class_map,
+    reparameterize,
     select_classifier_rows,
 )
-from . import scsc_face, scsc_resnet, scsc_swin, shiftwise_net, smt
+from ._registry import (
+    FAMILIES,
+    convert_official,
+    list_models,
+    model_family,
+    model_info,
+    register_converter,
+    register_model,
+)
 
 __all__ = [
-    'FAMILIES', 'convert_official', 'list_models', 'model_family', 'model_info', 'register_converter', 'register_model',
-    'MsconvModel', 'check_image_input', 'create_model', 'read_checkpoint', 'read_class_map', 'reparameterize',
-    'select_classifier_rows', 'scsc_face', 'scsc_resnet', 'scsc_swin', 'shiftwise_net', 'smt',
+    'FAMILIES',
+    'convert_official',
+    'list_models',
+    'model_family',
+    'model_info',
+    'register_converter',
+    'register_model',
+    'MsconvModel',
+    'check_image_input',
+    'create_model',
+    'read_checkpoint',
+    'read_class_map',
+    'reparameterize',
+    'select_classifier_rows',
+    'scsc_face',
+    'scsc_resnet',
+    'scsc_swin',
+    'shiftwise_net',
+    'smt',
 ]

@@ -12,17 +12,26 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
+import timm
 import torch
 import torch.nn as nn
-import timm
 from timm.models._features import FeatureGetterNet
 from timm.models._manipulate import reparameterize_model
 
 from ..layers.forms import is_capturing
 from ._registry import _MODEL_FAMILY, convert_official, unknown_model_message
 
-__all__ = ['MsconvModel', 'factory_kwargs', 'create_model', 'read_checkpoint', 'read_class_map',
-           'select_classifier_rows', 'check_image_input', 'check_checkpoint_kind', 'reparameterize']
+__all__ = [
+    'MsconvModel',
+    'factory_kwargs',
+    'create_model',
+    'read_checkpoint',
+    'read_class_map',
+    'select_classifier_rows',
+    'check_image_input',
+    'check_checkpoint_kind',
+    'reparameterize',
+]
 
 _FEATURE_KWARGS = ('out_indices', 'output_fmt', 'feature_cls', 'norm')
 
@@ -58,13 +67,16 @@ def factory_kwargs(init):
     """Decorator for a model ``__init__``: accept timm's ``device=`` and ``dtype=`` factory arguments. Every tensor
     is created on ``device`` (``torch.device`` as a context), then floating-point parameters and buffers are cast to
     ``dtype``. ``timm.create_model(name, device='meta')`` builds without allocating memory."""
+
     @functools.wraps(init)
-    def wrapper(self, *args, device: Optional[Union[str, torch.device]] = None, dtype: Optional[torch.dtype] = None,
-                **kwargs):
+    def wrapper(
+        self, *args, device: Optional[Union[str, torch.device]] = None, dtype: Optional[torch.dtype] = None, **kwargs
+    ):
         with torch.device(device) if device is not None else nullcontext():
             init(self, *args, **kwargs)
         if dtype is not None:
             self.to(dtype=dtype)
+
     return wrapper
 
 
@@ -75,6 +87,7 @@ class MsconvModel(nn.Module):
     identity on msconv state dicts) and drops a classifier whose shape does not match this model, with a
     warning, so that fine-tuning with another ``num_classes`` works from any checkpoint.
     """
+
     family: str = ''
     in_chans: int = 3
     min_input_size: int = 32
@@ -113,12 +126,18 @@ class MsconvModel(nn.Module):
         state_dict = convert_official(state_dict, self.family)
         own = self.state_dict(keep_vars=True)
         prefix = self._classifier_name() + '.'
-        dropped = [k for k in state_dict if k.startswith(prefix)
-                   and (k not in own or tuple(own[k].shape) != tuple(state_dict[k].shape))]
+        dropped = [
+            k
+            for k in state_dict
+            if k.startswith(prefix) and (k not in own or tuple(own[k].shape) != tuple(state_dict[k].shape))
+        ]
         body = {k: v for k, v in state_dict.items() if k not in dropped}
         if strict:  # the trunk must fit before anything is said about the classifier
-            shapes = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in body.items()
-                      if k in own and tuple(own[k].shape) != tuple(v.shape)]
+            shapes = [
+                f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                for k, v in body.items()
+                if k in own and tuple(own[k].shape) != tuple(v.shape)
+            ]
             if shapes:
                 raise RuntimeError(self._mismatch_message(shapes=shapes))
         result = super().load_state_dict(body, strict=False, assign=assign)
@@ -140,17 +159,23 @@ class MsconvModel(nn.Module):
         def first(items):
             items = list(items)
             return ', '.join(items[:shown]) + (f' (+{len(items) - shown} more)' if len(items) > shown else '')
-        parts = [f"{len(missing)} missing keys: {first(missing)}" if missing else '',
-                 f"{len(unexpected)} unexpected keys: {first(unexpected)}" if unexpected else '',
-                 f"{len(shapes)} shapes differ: {first(shapes)}" if shapes else '']
-        return (f"Error(s) in loading state_dict for {type(self).__name__}: the state dict does not fit this model "
-                f"outside its classifier (a checkpoint of another model?): " + '; '.join(p for p in parts if p))
+
+        parts = [
+            f"{len(missing)} missing keys: {first(missing)}" if missing else '',
+            f"{len(unexpected)} unexpected keys: {first(unexpected)}" if unexpected else '',
+            f"{len(shapes)} shapes differ: {first(shapes)}" if shapes else '',
+        ]
+        return (
+            f"Error(s) in loading state_dict for {type(self).__name__}: the state dict does not fit this model "
+            f"outside its classifier (a checkpoint of another model?): " + '; '.join(p for p in parts if p)
+        )
 
 
 def check_checkpoint_kind(path: Path, name: str = 'checkpoint_path') -> None:
     """Refuse, naming the file, what cannot be a checkpoint before anything tries to unpickle it: a file that is
     neither safetensors (an 8-byte header length, then JSON), a torch zip archive nor a pickle (first byte 0x80)."""
     import zipfile
+
     with open(path, 'rb') as f:
         head = f.read(9)
     if path.suffix == '.safetensors':
@@ -175,6 +200,7 @@ def read_checkpoint(path: Union[str, os.PathLike], trust_pickle: bool = False) -
     check_checkpoint_kind(path)
     if path.suffix == '.safetensors':
         from safetensors.torch import load_file
+
         try:
             obj: Any = load_file(str(path), device='cpu')
         except Exception as e:  # safetensors raises its own error types for truncated headers
@@ -192,8 +218,9 @@ def read_checkpoint(path: Union[str, os.PathLike], trust_pickle: bool = False) -
             try:
                 obj = torch.load(str(path), map_location='cpu', weights_only=False)
             except Exception as e2:  # a corrupt pickle fails in many ways (UnpicklingError, EOFError, ...)
-                raise ValueError(f"checkpoint_path {str(path)!r} could not be unpickled: "
-                                 f"{type(e2).__name__}: {e2}") from e2
+                raise ValueError(
+                    f"checkpoint_path {str(path)!r} could not be unpickled: {type(e2).__name__}: {e2}"
+                ) from e2
         except (RuntimeError, EOFError) as e:
             raise ValueError(f"checkpoint_path {str(path)!r} is truncated or not a torch checkpoint: {e}") from e
     if isinstance(obj, Mapping):
@@ -203,7 +230,7 @@ def read_checkpoint(path: Union[str, os.PathLike], trust_pickle: bool = False) -
                 break
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"checkpoint_path {str(path)!r} does not hold a state dict of tensors")
-    return {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in obj.items()}
+    return {(k[len('module.') :] if k.startswith('module.') else k): v for k, v in obj.items()}
 
 
 def read_class_map(class_map: Union[str, os.PathLike, Sequence[int]]) -> List[int]:
@@ -223,8 +250,9 @@ def read_class_map(class_map: Union[str, os.PathLike, Sequence[int]]) -> List[in
     return indices
 
 
-def select_classifier_rows(state_dict: Mapping[str, torch.Tensor], classifier: str,
-                           class_map: Union[str, os.PathLike, Sequence[int]]) -> Dict[str, torch.Tensor]:
+def select_classifier_rows(
+    state_dict: Mapping[str, torch.Tensor], classifier: str, class_map: Union[str, os.PathLike, Sequence[int]]
+) -> Dict[str, torch.Tensor]:
     """A copy of ``state_dict`` whose classifier (``<classifier>.weight`` / ``.bias``) keeps only the rows
     ``class_map`` lists, in that order: e.g. the 1000 ImageNet-1K rows of a 21841-class ImageNet-22K head with the
     official ``data/map22kto1k.txt`` of SMT (the Swin file), as the official fine-tuning loader does."""
@@ -235,8 +263,10 @@ def select_classifier_rows(state_dict: Mapping[str, torch.Tensor], classifier: s
     rows = state_dict[keys[0]].shape[0]
     bad = [i for i in indices if not 0 <= i < rows]
     if bad:
-        raise ValueError(f"class_map: indices must lie in [0, {rows}) (the checkpoint classifier has {rows} classes), "
-                         f"got {bad[:5]}{'...' if len(bad) > 5 else ''}")
+        raise ValueError(
+            f"class_map: indices must lie in [0, {rows}) (the checkpoint classifier has {rows} classes), "
+            f"got {bad[:5]}{'...' if len(bad) > 5 else ''}"
+        )
     index = torch.tensor(indices, dtype=torch.long)
     out = dict(state_dict)
     for k in keys:
@@ -245,13 +275,13 @@ def select_classifier_rows(state_dict: Mapping[str, torch.Tensor], classifier: s
 
 
 def create_model(
-        model_name: str,
-        pretrained: bool = False,
-        checkpoint_path: Optional[Union[str, os.PathLike]] = None,
-        *,
-        trust_pickle: bool = False,
-        class_map: Optional[Union[str, os.PathLike, Sequence[int]]] = None,
-        **kwargs: Any,
+    model_name: str,
+    pretrained: bool = False,
+    checkpoint_path: Optional[Union[str, os.PathLike]] = None,
+    *,
+    trust_pickle: bool = False,
+    class_map: Optional[Union[str, os.PathLike, Sequence[int]]] = None,
+    **kwargs: Any,
 ) -> nn.Module:
     """Build a registered msconv model, optionally loading an official or msconv checkpoint.
 
@@ -282,6 +312,7 @@ def create_model(
                 f"pretrained=True: no official weights are published for {model_name!r}; pass checkpoint_path"
             )
         from timm.models._hub import download_cached_file
+
         checkpoint_path = download_cached_file(url)
 
     features_only = kwargs.pop('features_only', False)
@@ -289,8 +320,9 @@ def create_model(
     model = timm.create_model(model_name, **kwargs)
     state_dict = read_checkpoint(checkpoint_path, trust_pickle=trust_pickle)
     if class_map is not None:
-        state_dict = select_classifier_rows(convert_official(state_dict, model.family), model._classifier_name(),
-                                            class_map)
+        state_dict = select_classifier_rows(
+            convert_official(state_dict, model.family), model._classifier_name(), class_map
+        )
     model.load_state_dict(state_dict)
     if features_only:
         feature_cls = feature_kwargs.pop('feature_cls', 'getter')

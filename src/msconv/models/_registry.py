@@ -6,6 +6,7 @@ from this file (a thin wrapper of timm's decorator that also records the family)
 official state dict of a whole model *or* of one official module (keys relative to it), and must leave
 keys that are already in msconv form unchanged (it is applied on every ``load_state_dict``).
 """
+
 from __future__ import annotations
 
 import difflib
@@ -16,7 +17,13 @@ import torch
 from timm.models import register_model as _timm_register_model
 
 __all__ = [
-    'register_model', 'register_converter', 'convert_official', 'list_models', 'model_family', 'model_info', 'FAMILIES',
+    'register_model',
+    'register_converter',
+    'convert_official',
+    'list_models',
+    'model_family',
+    'model_info',
+    'FAMILIES',
 ]
 
 FAMILIES = ('smt', 'shiftwise', 'scsc')
@@ -73,8 +80,7 @@ def list_models(pattern: str = '*', family: str | None = None) -> List[str]:
     if family is not None and family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES} or None, got {family!r}")
     return sorted(
-        n for n, f in _MODEL_FAMILY.items()
-        if fnmatch.fnmatch(n, pattern) and (family is None or f == family)
+        n for n, f in _MODEL_FAMILY.items() if fnmatch.fnmatch(n, pattern) and (family is None or f == family)
     )
 
 

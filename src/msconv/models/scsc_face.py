@@ -39,7 +39,6 @@ from .scsc_resnet import ConvStem, ConvTrunk, make_cross_scale_stages
 __all__ = ['FaceEmbeddingHead', 'IRBlock', 'CrossScaleFaceNet', 'FaceIResNet']
 
 
-
 class FaceEmbeddingHead(nn.Module):
     """insightface embedding head: BN2d -> Dropout -> Flatten -> Linear -> BN1d (``pool_type='flatten'``).
 
@@ -48,8 +47,14 @@ class FaceEmbeddingHead(nn.Module):
     the map through (neither uses the BN2d, which is then removed).
     """
 
-    def __init__(self, in_chs: int, feat_size: Tuple[int, int], num_classes: int = 512, drop_rate: float = 0.0,
-                 pool_type: str = 'flatten') -> None:
+    def __init__(
+        self,
+        in_chs: int,
+        feat_size: Tuple[int, int],
+        num_classes: int = 512,
+        drop_rate: float = 0.0,
+        pool_type: str = 'flatten',
+    ) -> None:
         super().__init__()
         self.in_chs, self.feat_size, self.drop_rate = in_chs, tuple(feat_size), drop_rate
         self.pool_type = 'flatten'
@@ -75,7 +80,8 @@ class FaceEmbeddingHead(nn.Module):
             raise ValueError(f"global_pool must be 'flatten', 'avg' or '', got {pool_type!r}")
         if num_classes > 0 and pool_type != 'flatten':
             raise ValueError(
-                f"global_pool must be 'flatten' for an embedding head (num_classes > 0), got {pool_type!r}")
+                f"global_pool must be 'flatten' for an embedding head (num_classes > 0), got {pool_type!r}"
+            )
         ref = next(self.parameters(), None)
         dd = dict(device=ref.device, dtype=ref.dtype) if ref is not None else {}
         self.pool_type = pool_type
@@ -123,7 +129,9 @@ class IRBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_chs, out_chs, 3, stride=stride, padding=1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_chs)
         if stride != 1 or in_chs != out_chs:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False), nn.BatchNorm2d(out_chs))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False), nn.BatchNorm2d(out_chs)
+            )
         else:
             self.shortcut = nn.Identity()
 
@@ -145,8 +153,9 @@ class IRBlock(nn.Module):
 class _FaceNetBase(ConvTrunk):
     """Shared trunk plumbing: stride-1 stem, four stride-2 stages, embedding head."""
 
-    def _build_head(self, img_size: Union[int, Tuple[int, int]], num_classes: int, drop_rate: float,
-                    global_pool: str) -> None:
+    def _build_head(
+        self, img_size: Union[int, Tuple[int, int]], num_classes: int, drop_rate: float, global_pool: str
+    ) -> None:
         size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         if len(size) != 2 or not all(isinstance(s, int) and s >= self.min_input_size for s in size):
             raise ValueError(f"img_size must be an int or (H, W) of ints >= {self.min_input_size}, got {img_size!r}")
@@ -183,26 +192,28 @@ class CrossScaleFaceNet(_FaceNetBase):
 
     @factory_kwargs
     def __init__(
-            self,
-            in_chans: int = 3,
-            num_classes: int = 512,
-            img_size: Union[int, Tuple[int, int]] = 112,
-            depths: Sequence[int] = (3, 4, 14, 3),
-            kernel_sizes: Sequence[Sequence[int]] = STAGE_KERNEL_SIZES,
-            groups: int = 4,
-            stem_width: int = 96,
-            widths: Sequence[int] = (336, 384, 480, 192),
-            routing: str = 'official',
-            drop_rate: float = 0.0,
-            drop_path_rate: float = 0.0,
-            global_pool: str = 'flatten',
+        self,
+        in_chans: int = 3,
+        num_classes: int = 512,
+        img_size: Union[int, Tuple[int, int]] = 112,
+        depths: Sequence[int] = (3, 4, 14, 3),
+        kernel_sizes: Sequence[Sequence[int]] = STAGE_KERNEL_SIZES,
+        groups: int = 4,
+        stem_width: int = 96,
+        widths: Sequence[int] = (336, 384, 480, 192),
+        routing: str = 'official',
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        global_pool: str = 'flatten',
     ) -> None:
         super().__init__()
         self.num_classes, self.in_chans, self.grad_checkpointing = num_classes, in_chans, False
         self.min_input_size = 2 ** len(widths)
         self.stem = ConvStem(in_chans, stem_width, stride=1, act_layer=nn.PReLU)
         self.stages = make_cross_scale_stages(stem_width, widths, depths, kernel_sizes, groups, routing, drop_path_rate)
-        self.feature_info = [dict(num_chs=w, reduction=2 ** (i + 1), module=f'stages.{i}') for i, w in enumerate(widths)]
+        self.feature_info = [
+            dict(num_chs=w, reduction=2 ** (i + 1), module=f'stages.{i}') for i, w in enumerate(widths)
+        ]
         self._build_head(img_size, num_classes, drop_rate, global_pool)
         se_convs = {id(c) for m in self.modules() if hasattr(m, 'fc1') and hasattr(m, 'gate') for c in (m.fc1, m.fc2)}
         for m in self.modules():
@@ -215,15 +226,15 @@ class FaceIResNet(_FaceNetBase):
 
     @factory_kwargs
     def __init__(
-            self,
-            in_chans: int = 3,
-            num_classes: int = 512,
-            img_size: Union[int, Tuple[int, int]] = 112,
-            depths: Sequence[int] = (3, 4, 14, 3),
-            stem_width: int = 64,
-            widths: Sequence[int] = (64, 128, 256, 512),
-            drop_rate: float = 0.0,
-            global_pool: str = 'flatten',
+        self,
+        in_chans: int = 3,
+        num_classes: int = 512,
+        img_size: Union[int, Tuple[int, int]] = 112,
+        depths: Sequence[int] = (3, 4, 14, 3),
+        stem_width: int = 64,
+        widths: Sequence[int] = (64, 128, 256, 512),
+        drop_rate: float = 0.0,
+        global_pool: str = 'flatten',
     ) -> None:
         super().__init__()
         if len(widths) != len(depths) or not all(isinstance(d, int) and d > 0 for d in depths):
@@ -233,10 +244,14 @@ class FaceIResNet(_FaceNetBase):
         self.stem = ConvStem(in_chans, stem_width, stride=1, act_layer=nn.PReLU)
         stages, in_chs = [], stem_width
         for w, d in zip(widths, depths):
-            stages.append(nn.Sequential(*[IRBlock(in_chs if b == 0 else w, w, stride=2 if b == 0 else 1) for b in range(d)]))
+            stages.append(
+                nn.Sequential(*[IRBlock(in_chs if b == 0 else w, w, stride=2 if b == 0 else 1) for b in range(d)])
+            )
             in_chs = w
         self.stages = nn.Sequential(*stages)
-        self.feature_info = [dict(num_chs=w, reduction=2 ** (i + 1), module=f'stages.{i}') for i, w in enumerate(widths)]
+        self.feature_info = [
+            dict(num_chs=w, reduction=2 ** (i + 1), module=f'stages.{i}') for i, w in enumerate(widths)
+        ]
         self._build_head(img_size, num_classes, drop_rate, global_pool)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -245,14 +260,24 @@ class FaceIResNet(_FaceNetBase):
 
 def _create(cls: type, variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     return build_model_with_cfg(
-        cls, variant, pretrained,
+        cls,
+        variant,
+        pretrained,
         feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls='getter'),
         **kwargs,
     )
 
 
-_FACE_CFG = dict(num_classes=512, input_size=(3, 112, 112), crop_pct=1.0, interpolation='bilinear',
-                 fixed_input_size=True, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), first_conv='stem.conv')
+_FACE_CFG = dict(
+    num_classes=512,
+    input_size=(3, 112, 112),
+    crop_pct=1.0,
+    interpolation='bilinear',
+    fixed_input_size=True,
+    mean=(0.5, 0.5, 0.5),
+    std=(0.5, 0.5, 0.5),
+    first_conv='stem.conv',
+)
 
 
 def _cfg(**kwargs: Any) -> Dict[str, Any]:
@@ -260,14 +285,17 @@ def _cfg(**kwargs: Any) -> Dict[str, Any]:
 
 
 _TEST = dict(num_classes=64, input_size=(3, 64, 64), pool_size=(4, 4), test_input_size=(3, 64, 64))
-default_cfgs = generate_default_cfgs({
-    'scsc_faceresnet': _cfg(),
-    'face_iresnet50': _cfg(
-        paper_ids='arXiv:2004.04989', paper_name='Improved Residual Networks for Image and Video Recognition',
-    ),
-    'test_scsc_faceresnet': _cfg(**_TEST),
-    'test_face_iresnet': _cfg(**_TEST),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        'scsc_faceresnet': _cfg(),
+        'face_iresnet50': _cfg(
+            paper_ids='arXiv:2004.04989',
+            paper_name='Improved Residual Networks for Image and Video Recognition',
+        ),
+        'test_scsc_faceresnet': _cfg(**_TEST),
+        'test_face_iresnet': _cfg(**_TEST),
+    }
+)
 
 
 @register_model('scsc', paper='SCSC (ICCVW 2023)')

@@ -27,14 +27,13 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices
 
 from ..layers._fold import fold_bn_into_conv
-from ..layers.forms import tuned, use_fast_form
 from ..layers.cross_scale import STAGE_KERNEL_SIZES, CrossScaleBottleneck, convert_scsc_official
+from ..layers.forms import tuned, use_fast_form
 from . import scsc_swin
 from ._builder import MsconvModel, factory_kwargs
 from ._registry import register_converter, register_model
 
 __all__ = ['CrossScaleResNet', 'checkpoint_filter_fn', 'convert_scsc']
-
 
 
 class ConvStem(nn.Module):
@@ -60,8 +59,14 @@ class ConvStem(nn.Module):
         RGB stem: K = in_chans * 9 is thin for oneDNN's NCHW kernel), im2col GEMMs; a ReLU in place on the fresh
         output."""
         if use_fast_form('cpu_gemm', x) and x.is_contiguous():
-            y = self.bn(tuned('stem_conv', x, {'conv': lambda: self.conv(x), 'im2col': lambda: self._conv_im2col(x)},
-                              extra=f'{self.conv.out_channels}/s{self.conv.stride[0]}'))
+            y = self.bn(
+                tuned(
+                    'stem_conv',
+                    x,
+                    {'conv': lambda: self.conv(x), 'im2col': lambda: self._conv_im2col(x)},
+                    extra=f'{self.conv.out_channels}/s{self.conv.stride[0]}',
+                )
+            )
         else:
             y = self.bn(self.conv(x))
         if type(self.act) is nn.ReLU:
@@ -80,7 +85,7 @@ class ConvStem(nn.Module):
         out = x.new_empty(B, conv.out_channels, Ho * Wo)
         w = conv.weight.reshape(conv.out_channels, -1)
         for i in range(B):
-            cols = F.unfold(x[i:i + 1], 3, padding=1, stride=s)[0]  # (C * 9, Ho * Wo)
+            cols = F.unfold(x[i : i + 1], 3, padding=1, stride=s)[0]  # (C * 9, Ho * Wo)
             if conv.bias is None:
                 torch.mm(w, cols, out=out[i])
             else:
@@ -94,8 +99,13 @@ class ConvStem(nn.Module):
 
 
 def make_cross_scale_stages(
-        in_chs: int, widths: Sequence[int], depths: Sequence[int], kernel_sizes: Sequence[Sequence[int]],
-        groups: int, routing: str, drop_path_rate: float,
+    in_chs: int,
+    widths: Sequence[int],
+    depths: Sequence[int],
+    kernel_sizes: Sequence[Sequence[int]],
+    groups: int,
+    routing: str,
+    drop_path_rate: float,
 ) -> nn.Sequential:
     """Stages of ``CrossScaleBottleneck``; each stage's first block has stride 2 and a projection shortcut."""
     if not (len(widths) == len(depths) == len(kernel_sizes)):
@@ -110,10 +120,17 @@ def make_cross_scale_stages(
     for width, depth, ks in zip(widths, depths, kernel_sizes):
         blocks = []
         for b in range(depth):
-            blocks.append(CrossScaleBottleneck(
-                in_chs if b == 0 else width, width, ks, groups=groups, stride=2 if b == 0 else 1, routing=routing,
-                drop_path=dpr[n],
-            ))
+            blocks.append(
+                CrossScaleBottleneck(
+                    in_chs if b == 0 else width,
+                    width,
+                    ks,
+                    groups=groups,
+                    stride=2 if b == 0 else 1,
+                    routing=routing,
+                    drop_path=dpr[n],
+                )
+            )
             n += 1
         stages.append(nn.Sequential(*blocks))
         in_chs = width
@@ -124,6 +141,7 @@ class ConvTrunk(MsconvModel):
     """The timm model surface shared by the SCSC CNNs (this file's ResNet and ``scsc_face``'s networks): ``stem``,
     ``stages`` (``nn.Sequential`` of stages), ``head`` with ``fc``, ``reset`` and ``pre_logits``; subclasses build
     them and set ``in_chans``, ``min_input_size``, ``feature_info`` and ``grad_checkpointing``."""
+
     family = 'scsc'
 
     @torch.jit.ignore
@@ -147,15 +165,14 @@ class ConvTrunk(MsconvModel):
     def _head_hidden_size(self) -> int:
         return self.num_features
 
-
     def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = 'NCHW',
+        intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
         """Stage outputs (NCHW) at ``indices`` and the final feature map. ``norm`` is accepted for API parity
         (these networks have no final norm)."""
@@ -166,7 +183,7 @@ class ConvTrunk(MsconvModel):
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         intermediates = []
         x = self.stem(x)
-        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
+        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[: max_index + 1]
         for i, stage in enumerate(stages):
             if self.grad_checkpointing and not torch.jit.is_scripting():
                 x = checkpoint_seq(stage, x)
@@ -178,10 +195,11 @@ class ConvTrunk(MsconvModel):
             return intermediates
         return x, intermediates
 
-    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> List[int]:
+    def prune_intermediate_layers(
+        self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> List[int]:
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[:max_index + 1]
+        self.stages = self.stages[: max_index + 1]
         if prune_head:
             self.reset_classifier(0, '')
         return take_indices
@@ -203,23 +221,24 @@ class ConvTrunk(MsconvModel):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+
 class CrossScaleResNet(ConvTrunk):
     """ResNet + SCSC (official CBTNet design). ``widths`` are the block output widths (3 x the official planes)."""
 
     @factory_kwargs
     def __init__(
-            self,
-            in_chans: int = 3,
-            num_classes: int = 1000,
-            depths: Sequence[int] = (3, 5, 12, 3),
-            kernel_sizes: Sequence[Sequence[int]] = STAGE_KERNEL_SIZES,
-            groups: int = 4,
-            stem_width: int = 96,
-            widths: Sequence[int] = (288, 576, 1152, 1536),
-            routing: str = 'official',
-            drop_rate: float = 0.0,
-            drop_path_rate: float = 0.0,
-            global_pool: str = 'avg',
+        self,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        depths: Sequence[int] = (3, 5, 12, 3),
+        kernel_sizes: Sequence[Sequence[int]] = STAGE_KERNEL_SIZES,
+        groups: int = 4,
+        stem_width: int = 96,
+        widths: Sequence[int] = (288, 576, 1152, 1536),
+        routing: str = 'official',
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        global_pool: str = 'avg',
     ) -> None:
         super().__init__()
         self.num_classes, self.in_chans, self.drop_rate = num_classes, in_chans, drop_rate
@@ -247,7 +266,9 @@ def _init_weights(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: Optional[nn.Module] = None) -> Dict[str, torch.Tensor]:
+def checkpoint_filter_fn(
+    state_dict: Dict[str, torch.Tensor], model: Optional[nn.Module] = None
+) -> Dict[str, torch.Tensor]:
     """Official ``CBTNet`` state dict (whole model, or one ``CNN_Trans_block``) -> ours; identity on msconv keys."""
     whole_model = 'conv1.weight' in state_dict and any(k.startswith('layer1.') for k in state_dict)
     out = {}
@@ -256,9 +277,9 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: Optional[nn
             if k == 'conv1.weight':
                 k = 'stem.conv.weight'
             elif k.startswith('bn1.'):
-                k = 'stem.bn.' + k[len('bn1.'):]
+                k = 'stem.bn.' + k[len('bn1.') :]
             elif k.startswith('fc.'):
-                k = 'head.fc.' + k[len('fc.'):]
+                k = 'head.fc.' + k[len('fc.') :]
             else:
                 m = re.match(r'^layer(\d)\.(\d+)\.(.+)$', k)
                 if m:
@@ -277,7 +298,9 @@ register_converter('scsc', convert_scsc)
 
 def _create_scsc_resnet(variant: str, pretrained: bool = False, **kwargs: Any) -> CrossScaleResNet:
     return build_model_with_cfg(
-        CrossScaleResNet, variant, pretrained,
+        CrossScaleResNet,
+        variant,
+        pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls='getter'),
         **kwargs,
@@ -288,12 +311,14 @@ def _cfg(**kwargs: Any) -> Dict[str, Any]:
     return scsc_swin._cfg(**{'first_conv': 'stem.conv', **kwargs})
 
 
-default_cfgs = generate_default_cfgs({
-    'scsc_resnet50': _cfg(),
-    'scsc_resnet101': _cfg(),
-    'scsc_resnet152': _cfg(),
-    'test_scsc_resnet': _cfg(num_classes=10, input_size=(3, 64, 64), pool_size=(2, 2), test_input_size=(3, 64, 64)),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        'scsc_resnet50': _cfg(),
+        'scsc_resnet101': _cfg(),
+        'scsc_resnet152': _cfg(),
+        'test_scsc_resnet': _cfg(num_classes=10, input_size=(3, 64, 64), pool_size=(2, 2), test_input_size=(3, 64, 64)),
+    }
+)
 
 
 @register_model('scsc', paper='SCSC (ICCVW 2023)')
@@ -320,6 +345,12 @@ def scsc_resnet152(pretrained: bool = False, **kwargs: Any) -> CrossScaleResNet:
 @register_model('scsc')
 def test_scsc_resnet(pretrained: bool = False, **kwargs: Any) -> CrossScaleResNet:
     """Tiny ResNet + SCSC for tests (stem 24, widths 72/144/288/384, depths 1,2,1,1)."""
-    args = dict(depths=(1, 2, 1, 1), kernel_sizes=STAGE_KERNEL_SIZES, groups=4, stem_width=24,
-                widths=(72, 144, 288, 384), num_classes=10)
+    args = dict(
+        depths=(1, 2, 1, 1),
+        kernel_sizes=STAGE_KERNEL_SIZES,
+        groups=4,
+        stem_width=24,
+        widths=(72, 144, 288, 384),
+        num_classes=10,
+    )
     return _create_scsc_resnet('test_scsc_resnet', pretrained=pretrained, **dict(args, **kwargs))

@@ -74,14 +74,14 @@ class CrossScaleSwinBlock(nn.Module):
     """SCSC token mixer + BatchNorm-pre-norm MLP (1x1 convs), both residual; NCHW in and out."""
 
     def __init__(
-            self,
-            dim: int,
-            kernel_sizes: Sequence[int],
-            groups: int = 4,
-            mlp_ratio: float = 4.0,
-            drop_rate: float = 0.0,
-            drop_path: float = 0.0,
-            routing: str = 'official',
+        self,
+        dim: int,
+        kernel_sizes: Sequence[int],
+        groups: int = 4,
+        mlp_ratio: float = 4.0,
+        drop_rate: float = 0.0,
+        drop_path: float = 0.0,
+        routing: str = 'official',
     ) -> None:
         super().__init__()
         self.mixer = SpatialCrossScaleConv(dim, kernel_sizes, groups=groups, routing=routing)
@@ -107,8 +107,12 @@ class CrossScaleSwinBlock(nn.Module):
         allows, as oneDNN 1x1 convs, with the GELU in place, so the 4x-wide hidden activation is a per-image,
         cache-sized buffer instead of a fresh whole-batch allocation. Which form runs is measured per shape."""
         fc1, fc2 = self.mlp.fc1, self.mlp.fc2
-        if (fc1.bias is None or fc2.bias is None or type(self.mlp.act) is not nn.GELU
-                or not use_fast_form('per_image', x)):
+        if (
+            fc1.bias is None
+            or fc2.bias is None
+            or type(self.mlp.act) is not nn.GELU
+            or not use_fast_form('per_image', x)
+        ):
             return self._inplace_form(x, 'batched')
         forms = {name: (lambda name=name: self._inplace_form(x, name)) for name in ('batched', 'per_image_gemm')}
         if use_fast_form('onednn', x):
@@ -147,14 +151,22 @@ class CrossScaleSwinBlock(nn.Module):
 
 
 class CrossScaleSwinStage(nn.Module):
-    def __init__(self, dim_in: int, dim: int, depth: int, kernel_sizes: Sequence[int], downsample: bool,
-                 drop_path: Sequence[float], **block_kwargs: Any) -> None:
+    def __init__(
+        self,
+        dim_in: int,
+        dim: int,
+        depth: int,
+        kernel_sizes: Sequence[int],
+        downsample: bool,
+        drop_path: Sequence[float],
+        **block_kwargs: Any,
+    ) -> None:
         super().__init__()
         self.grad_checkpointing = False
         self.downsample = PatchMergingNCHW(dim_in, dim) if downsample else nn.Identity()
-        self.blocks = nn.Sequential(*[
-            CrossScaleSwinBlock(dim, kernel_sizes, drop_path=drop_path[i], **block_kwargs) for i in range(depth)
-        ])
+        self.blocks = nn.Sequential(
+            *[CrossScaleSwinBlock(dim, kernel_sizes, drop_path=drop_path[i], **block_kwargs) for i in range(depth)]
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
@@ -165,22 +177,23 @@ class CrossScaleSwinStage(nn.Module):
 
 class CrossScaleSwin(MsconvModel):
     """Swin + SCSC. Keyword arguments follow the official ``SCSC_Swin`` defaults (Swin-T: 21.94M params)."""
+
     family = 'scsc'
 
     @factory_kwargs
     def __init__(
-            self,
-            in_chans: int = 3,
-            num_classes: int = 1000,
-            embed_dim: int = 96,
-            depths: Sequence[int] = (2, 2, 6, 2),
-            kernel_sizes: Sequence[Sequence[int]] = STAGE_KERNEL_SIZES,
-            groups: int = 4,
-            mlp_ratio: float = 4.0,
-            drop_rate: float = 0.0,
-            drop_path_rate: float = 0.1,
-            routing: str = 'official',
-            global_pool: str = 'avg',
+        self,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 96,
+        depths: Sequence[int] = (2, 2, 6, 2),
+        kernel_sizes: Sequence[Sequence[int]] = STAGE_KERNEL_SIZES,
+        groups: int = 4,
+        mlp_ratio: float = 4.0,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.1,
+        routing: str = 'official',
+        global_pool: str = 'avg',
     ) -> None:
         super().__init__()
         if not isinstance(depths, (list, tuple)) or not depths or not all(isinstance(d, int) and d > 0 for d in depths):
@@ -194,21 +207,30 @@ class CrossScaleSwin(MsconvModel):
             raise ValueError(f"embed_dim must be a positive int, got {embed_dim!r}")
         self.num_classes, self.in_chans, self.drop_rate = num_classes, in_chans, drop_rate
         num_stages = len(depths)
-        dims = [embed_dim * 2 ** i for i in range(num_stages)]
+        dims = [embed_dim * 2**i for i in range(num_stages)]
         self.num_features = self.head_hidden_size = dims[-1]
         self.min_input_size = 4 * 2 ** (num_stages - 1)
 
         self.stem = PatchEmbed(in_chans, embed_dim)
         dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths), device='cpu').split(list(depths))]
-        self.stages = nn.Sequential(*[
-            CrossScaleSwinStage(
-                dims[max(i - 1, 0)], dims[i], depths[i], kernel_sizes[i], downsample=i > 0, drop_path=dpr[i],
-                groups=groups, mlp_ratio=mlp_ratio, drop_rate=drop_rate, routing=routing,
-            ) for i in range(num_stages)
-        ])
-        self.feature_info = [
-            dict(num_chs=dims[i], reduction=4 * 2 ** i, module=f'stages.{i}') for i in range(num_stages)
-        ]
+        self.stages = nn.Sequential(
+            *[
+                CrossScaleSwinStage(
+                    dims[max(i - 1, 0)],
+                    dims[i],
+                    depths[i],
+                    kernel_sizes[i],
+                    downsample=i > 0,
+                    drop_path=dpr[i],
+                    groups=groups,
+                    mlp_ratio=mlp_ratio,
+                    drop_rate=drop_rate,
+                    routing=routing,
+                )
+                for i in range(num_stages)
+            ]
+        )
+        self.feature_info = [dict(num_chs=dims[i], reduction=4 * 2**i, module=f'stages.{i}') for i in range(num_stages)]
         self.norm = LayerNorm2d(self.num_features, eps=1e-5)
         self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
         self.apply(_init_weights)
@@ -217,7 +239,9 @@ class CrossScaleSwin(MsconvModel):
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         return dict(
             stem=r'^stem',
-            blocks=r'^stages\.(\d+)' if coarse else [
+            blocks=r'^stages\.(\d+)'
+            if coarse
+            else [
                 (r'^stages\.(\d+)\.downsample', (0,)),
                 (r'^stages\.(\d+)\.blocks\.(\d+)', None),
                 (r'^norm', (99999,)),
@@ -239,13 +263,13 @@ class CrossScaleSwin(MsconvModel):
         self._match_head_to_model()
 
     def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = 'NCHW',
+        intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
         """Stage outputs (NCHW, before the next patch merging) at ``indices``, and the final normed features."""
         if output_fmt not in ('NCHW', 'NHWC'):
@@ -255,7 +279,7 @@ class CrossScaleSwin(MsconvModel):
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         intermediates = []
         x = self.stem(x)
-        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
+        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[: max_index + 1]
         last = len(self.stages) - 1
         for i, stage in enumerate(stages):
             x = stage(x)
@@ -268,13 +292,14 @@ class CrossScaleSwin(MsconvModel):
             x = self.norm(x)
         return x, intermediates
 
-    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> List[int]:
+    def prune_intermediate_layers(
+        self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> List[int]:
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         if prune_norm or max_index < len(self.stages) - 1:  # the final norm only fits the last stage
             self.norm = nn.Identity()
             self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
-        self.stages = self.stages[:max_index + 1]
+        self.stages = self.stages[: max_index + 1]
         if prune_head:
             self.reset_classifier(0, '')
         return take_indices
@@ -291,23 +316,24 @@ class CrossScaleSwin(MsconvModel):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+
 def _init_weights(module: nn.Module) -> None:
     """The official init: trunc-normal(.02) Linear with zero bias, LayerNorm 1/0, PyTorch defaults elsewhere;
     the SE FCs (Linear in the official code, 1x1 convs here) also get trunc-normal(.02)."""
     if isinstance(module, Mlp):  # 1x1 convs here, Linear in the official code
         for fc in (module.fc1, module.fc2):
-            trunc_normal_(fc.weight, std=.02)
+            trunc_normal_(fc.weight, std=0.02)
             nn.init.zeros_(fc.bias)
     elif isinstance(module, nn.Linear):
-        trunc_normal_(module.weight, std=.02)
+        trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
     elif hasattr(module, 'fc1') and hasattr(module, 'gate'):  # timm SEModule (Linear in the official code)
-        trunc_normal_(module.fc1.weight, std=.02)
-        trunc_normal_(module.fc2.weight, std=.02)
+        trunc_normal_(module.fc1.weight, std=0.02)
+        trunc_normal_(module.fc2.weight, std=0.02)
 
 
 _OFFICIAL_SWIN_RENAMES = [
@@ -319,7 +345,9 @@ _OFFICIAL_SWIN_RENAMES = [
 ]
 
 
-def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: Optional[nn.Module] = None) -> Dict[str, torch.Tensor]:
+def checkpoint_filter_fn(
+    state_dict: Dict[str, torch.Tensor], model: Optional[nn.Module] = None
+) -> Dict[str, torch.Tensor]:
     """Official ``SCSC_Swin`` state dict (whole model, or one ``SCSC_block``) -> ours; identity on msconv keys."""
     out = {}
     for k, v in state_dict.items():
@@ -339,7 +367,9 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: Optional[nn
 
 def _create_scsc_swin(variant: str, pretrained: bool = False, **kwargs: Any) -> CrossScaleSwin:
     return build_model_with_cfg(
-        CrossScaleSwin, variant, pretrained,
+        CrossScaleSwin,
+        variant,
+        pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls='getter'),
         **kwargs,
@@ -349,19 +379,30 @@ def _create_scsc_swin(variant: str, pretrained: bool = False, **kwargs: Any) -> 
 def _cfg(url: str = '', **kwargs: Any) -> Dict[str, Any]:
     """The pretrained-config defaults of every SCSC network (the CNNs and face networks override a few)."""
     return {
-        'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'crop_pct': 0.875, 'interpolation': 'bicubic', 'fixed_input_size': False,
-        'mean': (0.485, 0.456, 0.406), 'std': (0.229, 0.224, 0.225),
-        'first_conv': 'stem.proj', 'classifier': 'head.fc',
-        'paper_ids': 'arXiv:2308.07110', 'license': 'apache-2.0', **kwargs,
+        'url': url,
+        'num_classes': 1000,
+        'input_size': (3, 224, 224),
+        'pool_size': (7, 7),
+        'crop_pct': 0.875,
+        'interpolation': 'bicubic',
+        'fixed_input_size': False,
+        'mean': (0.485, 0.456, 0.406),
+        'std': (0.229, 0.224, 0.225),
+        'first_conv': 'stem.proj',
+        'classifier': 'head.fc',
+        'paper_ids': 'arXiv:2308.07110',
+        'license': 'apache-2.0',
+        **kwargs,
     }
 
 
-default_cfgs = generate_default_cfgs({
-    'scsc_swin_tiny': _cfg(),
-    'scsc_swin_small': _cfg(),
-    'test_scsc_swin': _cfg(num_classes=10, input_size=(3, 64, 64), pool_size=(2, 2), test_input_size=(3, 64, 64)),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        'scsc_swin_tiny': _cfg(),
+        'scsc_swin_small': _cfg(),
+        'test_scsc_swin': _cfg(num_classes=10, input_size=(3, 64, 64), pool_size=(2, 2), test_input_size=(3, 64, 64)),
+    }
+)
 
 
 @register_model('scsc', paper='SCSC (ICCVW 2023)')

@@ -53,17 +53,17 @@ class ShiftWiseBlock(nn.Module):
     """SW -> BN -> SE -> Linear(4C) -> GELU -> GRN -> Linear(C, no bias) -> BN -> layer scale -> drop path, residual."""
 
     def __init__(
-            self,
-            dim: int,
-            kernel_size: int,
-            small_kernel: int = 3,
-            ghost_ratio: float = 0.23,
-            n_paths: int = 2,
-            n_reps: int = 4,
-            seed: int = 123,
-            mlp_ratio: int = 4,
-            drop_path: float = 0.0,
-            layer_scale_init_value: float = 1e-6,
+        self,
+        dim: int,
+        kernel_size: int,
+        small_kernel: int = 3,
+        ghost_ratio: float = 0.23,
+        n_paths: int = 2,
+        n_reps: int = 4,
+        seed: int = 123,
+        mlp_ratio: int = 4,
+        drop_path: float = 0.0,
+        layer_scale_init_value: float = 1e-6,
     ) -> None:
         super().__init__()
         hidden = mlp_ratio * dim
@@ -94,10 +94,15 @@ class ShiftWiseBlock(nn.Module):
     def _inference_ok(self, x: torch.Tensor) -> bool:
         """The structure the inference form assumes (reparameterized block, exact GELU, plain SE) and a
         channels-last input."""
-        return (isinstance(self.norm2, nn.Identity) and isinstance(self.ls, nn.Identity)
-                and self.fc2.bias is not None and type(self.act) is nn.GELU and self.act.approximate == 'none'
-                and not getattr(self.se, 'add_maxpool', False)
-                and x.is_contiguous(memory_format=torch.channels_last))
+        return (
+            isinstance(self.norm2, nn.Identity)
+            and isinstance(self.ls, nn.Identity)
+            and self.fc2.bias is not None
+            and type(self.act) is nn.GELU
+            and self.act.approximate == 'none'
+            and not getattr(self.se, 'add_maxpool', False)
+            and x.is_contiguous(memory_format=torch.channels_last)
+        )
 
     @torch.jit.unused
     def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,8 +117,14 @@ class ShiftWiseBlock(nn.Module):
             return self.forward_reference(x)
         if not use_fast_form('per_image', x):
             return self._inference_form(x, per_image=False)
-        return tuned('shiftwise_block', x, {'batched': lambda: self._inference_form(x, per_image=False),
-                                            'per_image': lambda: self._inference_form(x, per_image=True)})
+        return tuned(
+            'shiftwise_block',
+            x,
+            {
+                'batched': lambda: self._inference_form(x, per_image=False),
+                'per_image': lambda: self._inference_form(x, per_image=True),
+            },
+        )
 
     def _inference_form(self, x: torch.Tensor, per_image: bool) -> torch.Tensor:
         y = self.conv(x)  # fresh, channels-last; ends up holding the block output
@@ -158,14 +169,14 @@ class ShiftWiseStage(nn.Module):
     """Optional downsample (conv3x3 s2 + LayerNorm) followed by ``depth`` ShiftWise blocks."""
 
     def __init__(
-            self,
-            in_chs: int,
-            out_chs: int,
-            depth: int,
-            kernel_size: int,
-            downsample: bool = True,
-            drop_path_rates: Optional[Sequence[float]] = None,
-            **block_kwargs,
+        self,
+        in_chs: int,
+        out_chs: int,
+        depth: int,
+        kernel_size: int,
+        downsample: bool = True,
+        drop_path_rates: Optional[Sequence[float]] = None,
+        **block_kwargs,
     ) -> None:
         super().__init__()
         self.grad_checkpointing = False
@@ -177,9 +188,9 @@ class ShiftWiseStage(nn.Module):
         else:
             self.downsample = nn.Identity()
         dpr = list(drop_path_rates) if drop_path_rates is not None else [0.0] * depth
-        self.blocks = nn.Sequential(*[
-            ShiftWiseBlock(out_chs, kernel_size, drop_path=dpr[j], **block_kwargs) for j in range(depth)
-        ])
+        self.blocks = nn.Sequential(
+            *[ShiftWiseBlock(out_chs, kernel_size, drop_path=dpr[j], **block_kwargs) for j in range(depth)]
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
@@ -190,28 +201,29 @@ class ShiftWiseStage(nn.Module):
 
 class ShiftWiseNet(MsconvModel):
     """ShiftWise v2 backbone/classifier (timm model contract)."""
+
     family = 'shiftwise'
 
     @factory_kwargs
     def __init__(
-            self,
-            in_chans: int = 3,
-            num_classes: int = 1000,
-            global_pool: str = 'avg',
-            depths: Sequence[int] = (3, 3, 18, 3),
-            dims: Sequence[int] = (80, 160, 320, 640),
-            kernel_sizes: Sequence[int] = (51, 49, 47, 13),
-            small_kernel: int = 3,
-            ghost_ratio: float = 0.23,
-            n_paths: int = 2,
-            n_reps: int = 4,
-            seed: int = 123,
-            mlp_ratio: int = 4,
-            layer_scale_init_value: float = 1e-6,
-            head_init_scale: float = 1.0,
-            drop_rate: float = 0.0,
-            drop_path_rate: float = 0.0,
-            channels_last: bool = True,
+        self,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = 'avg',
+        depths: Sequence[int] = (3, 3, 18, 3),
+        dims: Sequence[int] = (80, 160, 320, 640),
+        kernel_sizes: Sequence[int] = (51, 49, 47, 13),
+        small_kernel: int = 3,
+        ghost_ratio: float = 0.23,
+        n_paths: int = 2,
+        n_reps: int = 4,
+        seed: int = 123,
+        mlp_ratio: int = 4,
+        layer_scale_init_value: float = 1e-6,
+        head_init_scale: float = 1.0,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        channels_last: bool = True,
     ) -> None:
         """``channels_last`` keeps activations in channels_last memory (NCHW shapes, NHWC strides): the depthwise
         strip convs run several times faster that way on CPU and the channels-last Linears need no copies.
@@ -221,7 +233,8 @@ class ShiftWiseNet(MsconvModel):
         if not (len(depths) == len(dims) == len(kernel_sizes) == 4):
             raise ValueError(
                 f"depths, dims and kernel_sizes must each have 4 entries (one per stage), got depths={depths}, "
-                f"dims={dims}, kernel_sizes={kernel_sizes}")
+                f"dims={dims}, kernel_sizes={kernel_sizes}"
+            )
         if any(d % 2 for d in dims) or min(dims) < 4:
             raise ValueError(f"dims must be even ints >= 4 (the stem halves dims[0]), got {dims}")
         if not (0.0 <= drop_path_rate < 1.0):
@@ -244,17 +257,32 @@ class ShiftWiseNet(MsconvModel):
         for i in range(4):
             if i > 0:
                 reduction *= 2
-            stages.append(ShiftWiseStage(
-                prev, dims[i], depths[i], kernel_sizes[i], downsample=i > 0, drop_path_rates=dpr[i],
-                small_kernel=small_kernel, ghost_ratio=ghost_ratio, n_paths=n_paths, n_reps=n_reps, seed=seed,
-                mlp_ratio=mlp_ratio, layer_scale_init_value=layer_scale_init_value,
-            ))
+            stages.append(
+                ShiftWiseStage(
+                    prev,
+                    dims[i],
+                    depths[i],
+                    kernel_sizes[i],
+                    downsample=i > 0,
+                    drop_path_rates=dpr[i],
+                    small_kernel=small_kernel,
+                    ghost_ratio=ghost_ratio,
+                    n_paths=n_paths,
+                    n_reps=n_reps,
+                    seed=seed,
+                    mlp_ratio=mlp_ratio,
+                    layer_scale_init_value=layer_scale_init_value,
+                )
+            )
             self.feature_info.append(dict(num_chs=dims[i], reduction=reduction, module=f'stages.{i}'))
             prev = dims[i]
         self.stages = nn.Sequential(*stages)
         self.num_features = self.head_hidden_size = dims[-1]
         self.head = NormMlpClassifierHead(
-            self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate,
+            self.num_features,
+            num_classes,
+            pool_type=global_pool,
+            drop_rate=drop_rate,
             norm_layer=partial(LayerNorm2d, eps=1e-6),
         )
         self.apply(_init_weights)
@@ -266,7 +294,9 @@ class ShiftWiseNet(MsconvModel):
     def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:
         return dict(
             stem=r'^stem',
-            blocks=r'^stages\.(\d+)' if coarse else [
+            blocks=r'^stages\.(\d+)'
+            if coarse
+            else [
                 (r'^stages\.(\d+)\.downsample', (0,)),
                 (r'^stages\.(\d+)\.blocks\.(\d+)', None),
                 (r'^head\.norm', (99999,)),
@@ -289,13 +319,13 @@ class ShiftWiseNet(MsconvModel):
         self.head_hidden_size = self.head.num_features
 
     def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = 'NCHW',
+        intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
         """Stage outputs (after each stage's downsample and blocks) plus, unless ``intermediates_only``, the
         final unpooled feature map. ``norm`` is accepted for API compatibility (the final norm lives in the head)."""
@@ -306,7 +336,7 @@ class ShiftWiseNet(MsconvModel):
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         intermediates = []
         x = self.stem(self._layout(x))
-        stages = self.stages if not stop_early else self.stages[:max_index + 1]
+        stages = self.stages if not stop_early else self.stages[: max_index + 1]
         for i, stage in enumerate(stages):
             x = stage(x)
             if i in take_indices:
@@ -316,14 +346,14 @@ class ShiftWiseNet(MsconvModel):
         return x, intermediates
 
     def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
+        self,
+        indices: Union[int, List[int]] = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
     ) -> List[int]:
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         prune_end = max_index < len(self.stages) - 1
-        self.stages = self.stages[:max_index + 1]
+        self.stages = self.stages[: max_index + 1]
         if prune_end:
             self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
         if prune_head or prune_end or prune_norm:
@@ -343,6 +373,7 @@ class ShiftWiseNet(MsconvModel):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
 
 def _init_weights(m: nn.Module) -> None:
     # the official init: trunc_normal(std=.02) for every conv/linear weight (the small SW kernels included)
@@ -367,8 +398,10 @@ _BLOCK_RENAMES = (
 )
 
 
-def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: Optional[nn.Module] = None,
-                         ) -> Dict[str, torch.Tensor]:
+def checkpoint_filter_fn(
+    state_dict: Dict[str, torch.Tensor],
+    model: Optional[nn.Module] = None,
+) -> Dict[str, torch.Tensor]:
     """Official ShiftWise_v2 (or single ShifthWiseConv2dImplicit) state dict -> msconv keys. Pure; identity on
     msconv keys. The official rep-then-ghost channel order is kept by our layer, so no tensor is permuted."""
     if 'model' in state_dict and isinstance(state_dict['model'], dict):
@@ -376,7 +409,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: Optional[nn
     out: Dict[str, torch.Tensor] = {}
     for key, val in state_dict.items():
         if key.startswith('module.'):
-            key = key[len('module.'):]
+            key = key[len('module.') :]
         m = re.match(r'downsample_layers\.(\d+)\.(.*)', key)
         if m:
             i = int(m.group(1))
@@ -404,7 +437,9 @@ register_converter('shiftwise', checkpoint_filter_fn)
 
 def _create_shiftwise(variant: str, pretrained: bool = False, **kwargs) -> ShiftWiseNet:
     return build_model_with_cfg(
-        ShiftWiseNet, variant, pretrained,
+        ShiftWiseNet,
+        variant,
+        pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls='getter'),
         **kwargs,
@@ -413,21 +448,33 @@ def _create_shiftwise(variant: str, pretrained: bool = False, **kwargs) -> Shift
 
 def _cfg(url: str = '', **kwargs) -> dict:
     return {
-        'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'crop_pct': 0.875, 'interpolation': 'bicubic', 'mean': (0.485, 0.456, 0.406), 'std': (0.229, 0.224, 0.225),
-        'first_conv': 'stem.0', 'classifier': 'head.fc', 'license': 'mit',
-        'paper_ids': 'arXiv:2401.12736', 'paper_name': 'ShiftwiseConv: Small Convolutional Kernel with Large Kernel Effect',
-        'origin_url': 'https://github.com/lidc54/shift-wiseConv', **kwargs,
+        'url': url,
+        'num_classes': 1000,
+        'input_size': (3, 224, 224),
+        'pool_size': (7, 7),
+        'crop_pct': 0.875,
+        'interpolation': 'bicubic',
+        'mean': (0.485, 0.456, 0.406),
+        'std': (0.229, 0.224, 0.225),
+        'first_conv': 'stem.0',
+        'classifier': 'head.fc',
+        'license': 'mit',
+        'paper_ids': 'arXiv:2401.12736',
+        'paper_name': 'ShiftwiseConv: Small Convolutional Kernel with Large Kernel Effect',
+        'origin_url': 'https://github.com/lidc54/shift-wiseConv',
+        **kwargs,
     }
 
 
-default_cfgs = generate_default_cfgs({
-    'shiftwise_tiny': _cfg(),
-    'shiftwise_small': _cfg(),
-    'shiftwise_base': _cfg(),
-    'shiftwise_large': _cfg(),
-    'test_shiftwise': _cfg(input_size=(3, 64, 64), pool_size=(2, 2), test_input_size=(3, 64, 64)),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        'shiftwise_tiny': _cfg(),
+        'shiftwise_small': _cfg(),
+        'shiftwise_base': _cfg(),
+        'shiftwise_large': _cfg(),
+        'test_shiftwise': _cfg(input_size=(3, 64, 64), pool_size=(2, 2), test_input_size=(3, 64, 64)),
+    }
+)
 
 _SW_KERNELS = dict(kernel_sizes=(51, 49, 47, 13), small_kernel=3)
 _PAPER = 'ShiftwiseConv (CVPR 2025)'

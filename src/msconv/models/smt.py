@@ -43,7 +43,7 @@ _PAPER = 'SMT (ICCV 2023)'
 class ConvMlp(nn.Module):
     """MLP with a depthwise 3x3 conv inside: ``fc2(drop(GELU(h + dwconv(h))))`` with ``h = fc1(x)``."""
 
-    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.):
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0):
         super().__init__()
         self.fc1 = Linear(dim, hidden_dim)
         self.dwconv = nn.Conv2d(hidden_dim, hidden_dim, 3, padding=1, groups=hidden_dim)
@@ -78,16 +78,17 @@ class ConvMlp(nn.Module):
 
 class Attention(nn.Module):
     """MSA: global multi-head self-attention plus a depthwise 3x3 "local enhancement" of V."""
+
     __constants__ = ['fused_qkv']  # TorchScript compiles only the projections present
 
     def __init__(
-            self,
-            dim: int,
-            num_heads: int = 8,
-            qkv_bias: bool = False,
-            qk_scale: Optional[float] = None,
-            attn_drop: float = 0.,
-            proj_drop: float = 0.,
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = False,
+        qk_scale: Optional[float] = None,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
     ):
         super().__init__()
         if num_heads < 1 or dim % num_heads != 0:
@@ -109,8 +110,7 @@ class Attention(nn.Module):
         if self.fused_qkv:
             return
         dim = self.q.in_features
-        qkv = Linear(dim, 3 * dim, bias=self.q.bias is not None, device=self.q.weight.device,
-                        dtype=self.q.weight.dtype)
+        qkv = Linear(dim, 3 * dim, bias=self.q.bias is not None, device=self.q.weight.device, dtype=self.q.weight.dtype)
         qkv.weight.copy_(torch.cat([self.q.weight, self.kv.weight]))
         if self.q.bias is not None:
             qkv.bias.copy_(torch.cat([self.q.bias, self.kv.bias]))
@@ -142,7 +142,11 @@ class Attention(nn.Module):
         v_tokens = kv[:, :, 1]  # (B, N, C)
         v = v_tokens.unflatten(-1, (h, C // h)).transpose(1, 2)
         out = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.attn_drop if self.training else 0., scale=self.scale,
+            q,
+            k,
+            v,
+            dropout_p=self.attn_drop if self.training else 0.0,
+            scale=self.scale,
         )
         out = out.transpose(1, 2).reshape(B, H, W, C)
         local = self.local_conv(v_tokens.reshape(B, H, W, C).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
@@ -151,42 +155,51 @@ class Attention(nn.Module):
 
 class Block(nn.Module):
     """Pre-norm residual block; the token mixer is SAM (``ca_attention=1``) or MSA (``ca_attention=0``)."""
+
     __constants__ = ['sam_mixer']
 
     def __init__(
-            self,
-            dim: int,
-            ca_num_heads: int,
-            sa_num_heads: int,
-            mlp_ratio: float = 4.,
-            qkv_bias: bool = False,
-            qk_scale: Optional[float] = None,
-            use_layerscale: bool = False,
-            layerscale_value: float = 1e-4,
-            drop: float = 0.,
-            attn_drop: float = 0.,
-            drop_path: float = 0.,
-            ca_attention: int = 1,
-            expand_ratio: int = 2,
+        self,
+        dim: int,
+        ca_num_heads: int,
+        sa_num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = False,
+        qk_scale: Optional[float] = None,
+        use_layerscale: bool = False,
+        layerscale_value: float = 1e-4,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        ca_attention: int = 1,
+        expand_ratio: int = 2,
     ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.sam_mixer = ca_attention == 1
         if ca_attention == 1:
             self.attn: nn.Module = ScaleAwareModulation(
-                dim, num_heads=ca_num_heads, expand_ratio=expand_ratio, qkv_bias=qkv_bias, proj_drop=drop,
+                dim,
+                num_heads=ca_num_heads,
+                expand_ratio=expand_ratio,
+                qkv_bias=qkv_bias,
+                proj_drop=drop,
             )
         else:
             self.attn = Attention(
-                dim, num_heads=sa_num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop,
+                dim,
+                num_heads=sa_num_heads,
+                qkv_bias=qkv_bias,
+                qk_scale=qk_scale,
+                attn_drop=attn_drop,
                 proj_drop=drop,
             )
         self.ls1 = LayerScale(dim, layerscale_value) if use_layerscale else nn.Identity()
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = ConvMlp(dim, int(dim * mlp_ratio), drop=drop)
         self.ls2 = LayerScale(dim, layerscale_value) if use_layerscale else nn.Identity()
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     @torch.no_grad()
     def reparameterize(self) -> None:
@@ -313,31 +326,32 @@ class SMT(MsconvModel):
         expand_ratio: SAA expansion.
         img_size: accepted for compatibility and ignored (SMT has no position embeddings).
     """
+
     family = 'smt'
 
     @factory_kwargs
     def __init__(
-            self,
-            in_chans: int = 3,
-            num_classes: int = 1000,
-            global_pool: str = 'avg',
-            embed_dims: Sequence[int] = (64, 128, 256, 512),
-            depths: Sequence[int] = (2, 2, 8, 1),
-            ca_num_heads: Sequence[int] = (4, 4, 4, -1),
-            sa_num_heads: Sequence[int] = (-1, -1, 8, 16),
-            mlp_ratios: Sequence[float] = (8, 6, 4, 2),
-            qkv_bias: bool = False,
-            qk_scale: Optional[float] = None,
-            use_layerscale: bool = False,
-            layerscale_value: float = 1e-4,
-            drop_rate: float = 0.,
-            attn_drop_rate: float = 0.,
-            drop_path_rate: float = 0.,
-            ca_attentions: Sequence[int] = (1, 1, 1, 0),
-            num_stages: int = 4,
-            head_conv: int = 3,
-            expand_ratio: int = 2,
-            img_size: Optional[Union[int, Tuple[int, int]]] = None,
+        self,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = 'avg',
+        embed_dims: Sequence[int] = (64, 128, 256, 512),
+        depths: Sequence[int] = (2, 2, 8, 1),
+        ca_num_heads: Sequence[int] = (4, 4, 4, -1),
+        sa_num_heads: Sequence[int] = (-1, -1, 8, 16),
+        mlp_ratios: Sequence[float] = (8, 6, 4, 2),
+        qkv_bias: bool = False,
+        qk_scale: Optional[float] = None,
+        use_layerscale: bool = False,
+        layerscale_value: float = 1e-4,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        ca_attentions: Sequence[int] = (1, 1, 1, 0),
+        num_stages: int = 4,
+        head_conv: int = 3,
+        expand_ratio: int = 2,
+        img_size: Optional[Union[int, Tuple[int, int]]] = None,
     ):
         super().__init__()
         if num_stages != 4:
@@ -364,17 +378,25 @@ class SMT(MsconvModel):
         for i in range(4):
             blocks = [
                 Block(
-                    embed_dims[i], ca_num_heads=ca_num_heads[i], sa_num_heads=sa_num_heads[i],
-                    mlp_ratio=mlp_ratios[i], qkv_bias=qkv_bias, qk_scale=qk_scale, use_layerscale=use_layerscale,
-                    layerscale_value=layerscale_value, drop=drop_rate, attn_drop=attn_drop_rate,
-                    drop_path=dpr[cur + j], expand_ratio=expand_ratio,
+                    embed_dims[i],
+                    ca_num_heads=ca_num_heads[i],
+                    sa_num_heads=sa_num_heads[i],
+                    mlp_ratio=mlp_ratios[i],
+                    qkv_bias=qkv_bias,
+                    qk_scale=qk_scale,
+                    use_layerscale=use_layerscale,
+                    layerscale_value=layerscale_value,
+                    drop=drop_rate,
+                    attn_drop=attn_drop_rate,
+                    drop_path=dpr[cur + j],
+                    expand_ratio=expand_ratio,
                     ca_attention=0 if (i == 2 and j % 2 == 1) else ca_attentions[i],
                 )
                 for j in range(depths[i])
             ]
             stages.append(SmtStage(embed_dims[i - 1] if i else embed_dims[0], embed_dims[i], blocks, downsample=i > 0))
             cur += depths[i]
-            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f'stages.{i}'))
+            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2**i, module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
         self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool)
         named_apply(_init_weights, self)
@@ -383,7 +405,9 @@ class SMT(MsconvModel):
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         return dict(
             stem=r'^stem',
-            blocks=r'^stages\.(\d+)' if coarse else [
+            blocks=r'^stages\.(\d+)'
+            if coarse
+            else [
                 (r'^stages\.(\d+)\.downsample', (0,)),
                 (r'^stages\.(\d+)\.blocks\.(\d+)', None),
                 (r'^stages\.(\d+)\.norm', (99999,)),
@@ -409,13 +433,13 @@ class SMT(MsconvModel):
         self._match_head_to_model()
 
     def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = 'NCHW',
+        intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
         """Stage outputs (each after its stage LayerNorm, as the official model passes them on).
 
@@ -426,7 +450,7 @@ class SMT(MsconvModel):
         if not torch.jit.is_scripting():
             self.check_input(x)
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        stages = self.stages[:max_index + 1] if stop_early else self.stages
+        stages = self.stages[: max_index + 1] if stop_early else self.stages
         intermediates = []
         x = self.stem(x)
         for i, stage in enumerate(stages):
@@ -438,13 +462,13 @@ class SMT(MsconvModel):
         return x.permute(0, 3, 1, 2), intermediates
 
     def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
+        self,
+        indices: Union[int, List[int]] = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
     ) -> List[int]:
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[:max_index + 1]
+        self.stages = self.stages[: max_index + 1]
         if prune_head:
             self.reset_classifier(0, '')
         return take_indices
@@ -465,7 +489,7 @@ class SMT(MsconvModel):
 def _init_weights(module: nn.Module, name: str = '') -> None:
     """The official init: trunc-normal(0.02) linears, He-normal (fan-out) convs, zero biases."""
     if isinstance(module, nn.Linear):
-        trunc_normal_(module.weight, std=.02)
+        trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Conv2d):
@@ -539,7 +563,9 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SMT) -> Dic
 
 def _create_smt(variant: str, pretrained: bool = False, **kwargs) -> SMT:
     return build_model_with_cfg(
-        SMT, variant, pretrained,
+        SMT,
+        variant,
+        pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls='getter'),
         **kwargs,
@@ -548,30 +574,46 @@ def _create_smt(variant: str, pretrained: bool = False, **kwargs) -> SMT:
 
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
     return {
-        'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'crop_pct': 0.875, 'interpolation': 'bicubic', 'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'stem.conv1', 'classifier': 'head.fc', 'license': 'mit', 'paper_ids': 'arXiv:2307.08579',
-        'paper_name': 'Scale-Aware Modulation Meet Transformer', 'origin_url': 'https://github.com/AFeng-x/SMT',
+        'url': url,
+        'num_classes': 1000,
+        'input_size': (3, 224, 224),
+        'pool_size': (7, 7),
+        'crop_pct': 0.875,
+        'interpolation': 'bicubic',
+        'mean': IMAGENET_DEFAULT_MEAN,
+        'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'stem.conv1',
+        'classifier': 'head.fc',
+        'license': 'mit',
+        'paper_ids': 'arXiv:2307.08579',
+        'paper_name': 'Scale-Aware Modulation Meet Transformer',
+        'origin_url': 'https://github.com/AFeng-x/SMT',
         **kwargs,
     }
 
 
 _RELEASE = 'https://github.com/AFeng-x/SMT/releases/download/v1.0.0/'
 
-default_cfgs = generate_default_cfgs({
-    'smt_tiny.in1k': _cfg(_RELEASE + 'smt_tiny.pth'),
-    'smt_small.in1k': _cfg(_RELEASE + 'smt_small.pth'),
-    'smt_base.in1k': _cfg(_RELEASE + 'smt_base.pth'),
-    'smt_large.in22k_ft_in1k': _cfg(_RELEASE + 'smt_large_22k_224_ft.pth'),
-    'smt_large.in22k_ft_in1k_384': _cfg(
-        _RELEASE + 'smt_large_22k_384_ft.pth', input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0,
-    ),
-    'smt_large.in22k': _cfg(_RELEASE + 'smt_large_22k.pth', num_classes=21841),
-    'test_smt.untrained': _cfg(input_size=(3, 64, 64), pool_size=(2, 2), crop_pct=1.0),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        'smt_tiny.in1k': _cfg(_RELEASE + 'smt_tiny.pth'),
+        'smt_small.in1k': _cfg(_RELEASE + 'smt_small.pth'),
+        'smt_base.in1k': _cfg(_RELEASE + 'smt_base.pth'),
+        'smt_large.in22k_ft_in1k': _cfg(_RELEASE + 'smt_large_22k_224_ft.pth'),
+        'smt_large.in22k_ft_in1k_384': _cfg(
+            _RELEASE + 'smt_large_22k_384_ft.pth',
+            input_size=(3, 384, 384),
+            pool_size=(12, 12),
+            crop_pct=1.0,
+        ),
+        'smt_large.in22k': _cfg(_RELEASE + 'smt_large_22k.pth', num_classes=21841),
+        'test_smt.untrained': _cfg(input_size=(3, 64, 64), pool_size=(2, 2), crop_pct=1.0),
+    }
+)
 
-_COMMON = dict(ca_num_heads=(4, 4, 4, -1), sa_num_heads=(-1, -1, 8, 16), ca_attentions=(1, 1, 1, 0), qkv_bias=True,
-               expand_ratio=2)
+_COMMON = dict(
+    ca_num_heads=(4, 4, 4, -1), sa_num_heads=(-1, -1, 8, 16), ca_attentions=(1, 1, 1, 0), qkv_bias=True, expand_ratio=2
+)
 
 
 @register_model('smt', paper_top1=82.2, paper=_PAPER)
@@ -595,8 +637,14 @@ def smt_base(pretrained: bool = False, **kwargs) -> SMT:
 @register_model('smt', paper_top1=87.1, paper=_PAPER)
 def smt_large(pretrained: bool = False, **kwargs) -> SMT:
     """SMT-L with layer scale, as every official SMT-L config trains it (22K pre-trained, 87.1 at 224)."""
-    args = dict(embed_dims=(96, 192, 384, 768), depths=(4, 6, 28, 4), mlp_ratios=(8, 6, 4, 2), head_conv=7,
-                use_layerscale=True, **_COMMON)
+    args = dict(
+        embed_dims=(96, 192, 384, 768),
+        depths=(4, 6, 28, 4),
+        mlp_ratios=(8, 6, 4, 2),
+        head_conv=7,
+        use_layerscale=True,
+        **_COMMON,
+    )
     return _create_smt('smt_large', pretrained, **dict(args, **kwargs))
 
 

@@ -1,4 +1,5 @@
 """Shared by the tools: building a model from a name (msconv or timm) and switching it to its inference form."""
+
 from __future__ import annotations
 
 import os
@@ -15,6 +16,7 @@ def check_checkpoint_file(path: Union[str, os.PathLike]) -> None:
     """Refuse, naming the file, what cannot be a checkpoint before anything tries to unpickle it: a missing file,
     a folder, or a file that is neither safetensors, a torch zip archive nor a pickle."""
     from ..models._builder import check_checkpoint_kind
+
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist or is not a file")
@@ -22,12 +24,12 @@ def check_checkpoint_file(path: Union[str, os.PathLike]) -> None:
 
 
 def build_model(
-        name: str,
-        checkpoint_path: Optional[Union[str, os.PathLike]] = None,
-        *,
-        meta: bool = False,
-        trust_pickle: bool = False,
-        **kwargs: Any,
+    name: str,
+    checkpoint_path: Optional[Union[str, os.PathLike]] = None,
+    *,
+    meta: bool = False,
+    trust_pickle: bool = False,
+    **kwargs: Any,
 ) -> nn.Module:
     """An msconv model by registered name, or any timm model (``timm:`` prefix optional).
 
@@ -35,12 +37,13 @@ def build_model(
     loaded strictly; ``meta=True`` builds the model on the meta device (shapes only, for counting).
     """
     import timm
+
     import msconv
     from msconv.models._registry import _MODEL_FAMILY, unknown_model_message
 
     if not isinstance(name, str):
         raise ValueError(f"model name must be a string, got {type(name).__name__}")
-    timm_name = name[len('timm:'):] if name.startswith('timm:') else name
+    timm_name = name[len('timm:') :] if name.startswith('timm:') else name
     if not timm.is_model(timm_name):
         raise ValueError(unknown_model_message(name) + ' Prefix timm: for any timm model.')
     if checkpoint_path is not None and not meta:
@@ -52,17 +55,19 @@ def build_model(
             return timm.create_model(timm_name, **kwargs)
     try:
         if timm_name.split('.')[0] in _MODEL_FAMILY:
-            return msconv.create_model(timm_name, checkpoint_path=checkpoint_path, trust_pickle=trust_pickle,
-                                       **kwargs)
-        return timm.create_model(timm_name, checkpoint_path=str(checkpoint_path) if checkpoint_path else '',
-                                 **kwargs)
+            return msconv.create_model(timm_name, checkpoint_path=checkpoint_path, trust_pickle=trust_pickle, **kwargs)
+        return timm.create_model(timm_name, checkpoint_path=str(checkpoint_path) if checkpoint_path else '', **kwargs)
     except RuntimeError as e:  # load_state_dict: missing/unexpected keys or shapes that differ
         if checkpoint_path is None or 'state_dict' not in str(e):
             raise
-        details = (' '.join(line.strip() for line in str(e).splitlines()[1:3])  # torch's message
-                   or str(e).split('(a checkpoint of another model?): ', 1)[-1])  # MsconvModel.load_state_dict's
-        raise ValueError(f"checkpoint {os.fspath(checkpoint_path)!r} does not fit {timm_name!r}: it is a checkpoint "
-                         f"of another model or of another number of classes ({details[:400]})") from e
+        details = (
+            ' '.join(line.strip() for line in str(e).splitlines()[1:3])  # torch's message
+            or str(e).split('(a checkpoint of another model?): ', 1)[-1]
+        )  # MsconvModel.load_state_dict's
+        raise ValueError(
+            f"checkpoint {os.fspath(checkpoint_path)!r} does not fit {timm_name!r}: it is a checkpoint "
+            f"of another model or of another number of classes ({details[:400]})"
+        ) from e
 
 
 def reparameterize(model: nn.Module) -> nn.Module:
@@ -75,4 +80,5 @@ def reparameterize(model: nn.Module) -> nn.Module:
         model.reparameterize()
         return model
     from timm.models import reparameterize_model
+
     return reparameterize_model(model, inplace=True)

@@ -1,11 +1,13 @@
 """Printing result tables with rich (kept wide enough when stdout is not a terminal, e.g. in logs and CI)."""
+
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
 
-def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]],
-                left: Optional[Sequence[int]] = None) -> None:
+def print_table(
+    title: str, columns: Sequence[str], rows: Sequence[Sequence[object]], left: Optional[Sequence[int]] = None
+) -> None:
     """``left``: indices of left-aligned columns (default: the first only; the others hold numbers)."""
     from rich.console import Console
     from rich.table import Table

@@ -15,6 +15,7 @@ the caching allocator's ``max_memory_allocated``, on CPU from the allocation eve
 (``profile_memory=True``).
 The process RSS is not used: it includes the Python heap and never goes down.
 """
+
 from __future__ import annotations
 
 import math
@@ -73,13 +74,12 @@ def _peak_step_memory(step: Callable[[], Any], device: torch.device) -> int:
         step()
         _sync(device)
         return max(torch.cuda.max_memory_allocated(device) - before, 0)
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     with _native_output_discarded(), torch_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    events = sorted(
-        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == '[memory]'
-    )
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == '[memory]')
     current = peak = 0
     for _, nbytes in events:
         current += nbytes
@@ -90,9 +90,21 @@ def _peak_step_memory(step: Callable[[], Any], device: torch.device) -> int:
 class _Subject:
     """One model under test with its input, inference step and training step."""
 
-    def __init__(self, name: str, model: nn.Module, *, batch_size: int, img_size: int, in_chans: int,
-                 device: torch.device, amp_dtype: Optional[torch.dtype], channels_last: bool, compile_backend: Optional[str],
-                 reparam: bool, train: bool) -> None:
+    def __init__(
+        self,
+        name: str,
+        model: nn.Module,
+        *,
+        batch_size: int,
+        img_size: int,
+        in_chans: int,
+        device: torch.device,
+        amp_dtype: Optional[torch.dtype],
+        channels_last: bool,
+        compile_backend: Optional[str],
+        reparam: bool,
+        train: bool,
+    ) -> None:
         from msconv.tools.profile import profile
 
         self.name = name
@@ -106,6 +118,7 @@ class _Subject:
         self.train_model = None
         if train and not reparam:
             import copy
+
             from timm.optim import create_optimizer_v2
 
             self.train_model = copy.deepcopy(self.infer_model).train()
@@ -147,22 +160,22 @@ class _Subject:
 
 
 def benchmark(
-        models: Sequence[Union[str, nn.Module]],
-        *,
-        baseline: Optional[Union[str, nn.Module]] = None,
-        batch_size: Optional[int] = None,
-        img_size: int = 224,
-        device: Union[str, torch.device] = 'cpu',
-        amp: bool = False,
-        amp_dtype: Optional[str] = None,
-        channels_last: bool = False,
-        compile: Optional[str] = None,
-        reparam: bool = False,
-        train: bool = True,
-        num_warm_iter: int = 10,
-        num_bench_iter: int = 40,
-        repeats: int = 5,
-        model_kwargs: Optional[Dict[str, Any]] = None,
+    models: Sequence[Union[str, nn.Module]],
+    *,
+    baseline: Optional[Union[str, nn.Module]] = None,
+    batch_size: Optional[int] = None,
+    img_size: int = 224,
+    device: Union[str, torch.device] = 'cpu',
+    amp: bool = False,
+    amp_dtype: Optional[str] = None,
+    channels_last: bool = False,
+    compile: Optional[str] = None,
+    reparam: bool = False,
+    train: bool = True,
+    num_warm_iter: int = 10,
+    num_bench_iter: int = 40,
+    repeats: int = 5,
+    model_kwargs: Optional[Dict[str, Any]] = None,
 ) -> List[Dict[str, Any]]:
     """Measure every model (and the ``baseline``) interleaved in one run; one result dict per model.
 
@@ -191,9 +204,13 @@ def benchmark(
         raise ValueError(f"device {str(device)!r} requested but CUDA is not available")
     if batch_size is None:
         batch_size = 256 if device.type == 'cuda' else 16
-    for arg, value, low in (('batch_size', batch_size, 1), ('img_size', img_size, 1),
-                            ('num_bench_iter', num_bench_iter, 1), ('repeats', repeats, 1),
-                            ('num_warm_iter', num_warm_iter, 0)):
+    for arg, value, low in (
+        ('batch_size', batch_size, 1),
+        ('img_size', img_size, 1),
+        ('num_bench_iter', num_bench_iter, 1),
+        ('repeats', repeats, 1),
+        ('num_warm_iter', num_warm_iter, 0),
+    ):
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{arg} must be an int >= {low}, got {value!r}")
     if num_bench_iter < repeats:
@@ -217,9 +234,21 @@ def benchmark(
             name, model = entry, build_model(entry, **(model_kwargs or {}))
         else:
             raise ValueError(f"models must be names or nn.Module instances, got {type(entry).__name__}")
-        subjects.append(_Subject(
-            name, model, batch_size=batch_size, img_size=img_size, in_chans=in_chans, device=device, amp_dtype=dtype,
-            channels_last=channels_last, compile_backend=compile, reparam=reparam, train=train))
+        subjects.append(
+            _Subject(
+                name,
+                model,
+                batch_size=batch_size,
+                img_size=img_size,
+                in_chans=in_chans,
+                device=device,
+                amp_dtype=dtype,
+                channels_last=channels_last,
+                compile_backend=compile,
+                reparam=reparam,
+                train=train,
+            )
+        )
 
     modes = ['infer'] + (['train'] if train and not reparam else [])
     per_run = num_bench_iter // repeats
@@ -237,9 +266,16 @@ def benchmark(
     results = []
     for i, s in enumerate(subjects):
         row: Dict[str, Any] = dict(
-            model=s.name, device=str(device), batch_size=batch_size, img_size=img_size,
-            amp=str(dtype).replace('torch.', '') if dtype else 'float32', channels_last=channels_last,
-            compile=compile or '', reparam=reparam, params_m=s.params / 1e6, gmacs=s.macs / 1e9,
+            model=s.name,
+            device=str(device),
+            batch_size=batch_size,
+            img_size=img_size,
+            amp=str(dtype).replace('torch.', '') if dtype else 'float32',
+            channels_last=channels_last,
+            compile=compile or '',
+            reparam=reparam,
+            params_m=s.params / 1e6,
+            gmacs=s.macs / 1e9,
         )
         for mode in ('infer', 'train'):
             if mode in modes:
@@ -248,7 +284,7 @@ def benchmark(
                 row[f'{mode}_step_ms'] = 1000.0 * batch_size / rate
                 if mode == 'train':  # gradients count as step memory (on CPU and CUDA alike)
                     s.optimizer.zero_grad(set_to_none=True)
-                row[f'{mode}_mem_mb'] = _peak_step_memory(getattr(s, f'{mode}_step'), device) / 2 ** 20
+                row[f'{mode}_mem_mb'] = _peak_step_memory(getattr(s, f'{mode}_step'), device) / 2**20
             else:
                 row[f'{mode}_img_s'] = row[f'{mode}_step_ms'] = row[f'{mode}_mem_mb'] = math.nan
         results.append(row)

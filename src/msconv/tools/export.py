@@ -6,6 +6,7 @@ merged, wherever the family defines it. The default exporter is ``torch.export``
 default of torch >= 2.9); ``exporter='torchscript'`` selects the legacy tracer for models ``torch.export``
 cannot capture.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,18 +28,19 @@ ONNX_RTOL = 1e-5
 class OnnxCheckError(ValueError):
     """The exported graph does not compute the PyTorch model's outputs (no file was left behind)."""
 
+
 EXPORTERS = ('dynamo', 'torchscript')
 
 
 def export_onnx(
-        model: nn.Module,
-        path: Union[str, os.PathLike],
-        input_size: Sequence[int] = (3, 224, 224),
-        *,
-        exporter: str = 'dynamo',
-        opset: Optional[int] = None,
-        reparam: bool = True,
-        example_batch: int = 2,
+    model: nn.Module,
+    path: Union[str, os.PathLike],
+    input_size: Sequence[int] = (3, 224, 224),
+    *,
+    exporter: str = 'dynamo',
+    opset: Optional[int] = None,
+    reparam: bool = True,
+    example_batch: int = 2,
 ) -> str:
     """Write ``model`` (its inference form when ``reparam``) to ``path`` as ONNX with a dynamic batch size.
 
@@ -47,12 +49,16 @@ def export_onnx(
     """
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
-    if (not isinstance(input_size, (tuple, list)) or len(input_size) != 3
-            or not all(isinstance(v, int) and v > 0 for v in input_size)):
+    if (
+        not isinstance(input_size, (tuple, list))
+        or len(input_size) != 3
+        or not all(isinstance(v, int) and v > 0 for v in input_size)
+    ):
         raise ValueError(f"input_size must be a (C, H, W) tuple of 3 positive ints, got {input_size!r}")
     if example_batch < 2:
         raise ValueError(
-            f"example_batch must be >= 2 (a batch of 1 is specialised by the exporter), got {example_batch}")
+            f"example_batch must be >= 2 (a batch of 1 is specialised by the exporter), got {example_batch}"
+        )
     path = str(path)
     model.eval()
     if reparam:
@@ -61,30 +67,42 @@ def export_onnx(
     with torch.no_grad():
         if exporter == 'dynamo':
             program = torch.onnx.export(
-                model, (x,), None, dynamo=True, verbose=False, opset_version=opset,
-                input_names=['input'], output_names=['output'],
+                model,
+                (x,),
+                None,
+                dynamo=True,
+                verbose=False,
+                opset_version=opset,
+                input_names=['input'],
+                output_names=['output'],
                 dynamic_shapes=({0: torch.export.Dim('batch')},),
             )
             program.save(path)
         else:
             import warnings
+
             with warnings.catch_warnings():  # the user chose the legacy exporter: no deprecation notice
                 warnings.simplefilter('ignore', DeprecationWarning)
                 torch.onnx.export(
-                    model, (x,), path, dynamo=False, opset_version=opset or 17,
-                    input_names=['input'], output_names=['output'],
+                    model,
+                    (x,),
+                    path,
+                    dynamo=False,
+                    opset_version=opset or 17,
+                    input_names=['input'],
+                    output_names=['output'],
                     dynamic_axes={'input': {0: 'batch'}, 'output': {0: 'batch'}},
                 )
     return path
 
 
 def check_onnx(
-        model: nn.Module,
-        path: Union[str, os.PathLike],
-        input_size: Sequence[int] = (3, 224, 224),
-        batch_sizes: Sequence[int] = (1, 3),
-        seed: int = 0,
-        relative: bool = False,
+    model: nn.Module,
+    path: Union[str, os.PathLike],
+    input_size: Sequence[int] = (3, 224, 224),
+    batch_sizes: Sequence[int] = (1, 3),
+    seed: int = 0,
+    relative: bool = False,
 ) -> Dict[int, float]:
     """Run the ONNX file in onnxruntime (CPU) and return the max-abs difference to ``model`` per batch size
     (divided by the largest ``|model output|`` when ``relative``)."""
@@ -110,13 +128,13 @@ def check_onnx(
 
 
 def export_onnx_checked(
-        model: nn.Module,
-        path: Union[str, os.PathLike],
-        input_size: Sequence[int] = (3, 224, 224),
-        *,
-        batch_sizes: Sequence[int] = (1, 3),
-        rtol: float = ONNX_RTOL,
-        **export_kwargs: Any,
+    model: nn.Module,
+    path: Union[str, os.PathLike],
+    input_size: Sequence[int] = (3, 224, 224),
+    *,
+    batch_sizes: Sequence[int] = (1, 3),
+    rtol: float = ONNX_RTOL,
+    **export_kwargs: Any,
 ) -> Dict[int, float]:
     """``export_onnx`` into a temporary file beside ``path``, check it in onnxruntime at ``batch_sizes`` and only
     then rename it to ``path`` (atomic). A graph whose outputs differ by more than ``rtol`` (relative to the largest
@@ -131,7 +149,8 @@ def export_onnx_checked(
         if max(diffs.values()) > rtol:
             raise OnnxCheckError(
                 f"the exported ONNX graph does not match the PyTorch model (relative differences "
-                f"{ {b: f'{d:.1e}' for b, d in diffs.items()} } > {rtol:g}); {str(path)!r} was not written")
+                f"{ {b: f'{d:.1e}' for b, d in diffs.items()} } > {rtol:g}); {str(path)!r} was not written"
+            )
         os.replace(tmp, path)
         return diffs
     finally:
@@ -145,5 +164,8 @@ def _onnx_summary(path: Union[str, os.PathLike]) -> Dict[str, Any]:
 
     m = onnx.load(str(path))
     dims = [d.dim_param or d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim]
-    return dict(opset=max(o.version for o in m.opset_import if o.domain in ('', 'ai.onnx')), input_shape=dims,
-                nodes=len(m.graph.node))
+    return dict(
+        opset=max(o.version for o in m.opset_import if o.domain in ('', 'ai.onnx')),
+        input_shape=dims,
+        nodes=len(m.graph.node),
+    )

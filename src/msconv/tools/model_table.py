@@ -7,6 +7,7 @@ size (224x224 for the ImageNet models). The README
 includes it between ``<!-- model-table:start -->`` and ``<!-- model-table:end -->`` and ``docs/models.md``
 holds it too; ``python -m msconv.tools.model_table --write`` regenerates both and a test keeps them in sync.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,11 +62,18 @@ def table_rows(include_test: bool = False, names: Optional[List[str]] = None) ->
             info = model_info(name)
             size = _input_size(name)
             stats = profile(name, input_size=size)
-            family_rows.append(dict(
-                model=name, family=family, input_size=size, params=stats['params'], macs=stats['macs'],
-                macs_attention=stats['macs_attention'], paper_top1=info.get('paper_top1'),
-                paper=_paper_link(name, info.get('paper')),
-            ))
+            family_rows.append(
+                dict(
+                    model=name,
+                    family=family,
+                    input_size=size,
+                    params=stats['params'],
+                    macs=stats['macs'],
+                    macs_attention=stats['macs_attention'],
+                    paper_top1=info.get('paper_top1'),
+                    paper=_paper_link(name, info.get('paper')),
+                )
+            )
         rows += sorted(family_rows, key=lambda r: (r['params'], r['model']))
     return rows
 
@@ -98,13 +106,14 @@ def readme_section(text: str) -> str:
     start, end = text.find(START), text.find(END)
     if start < 0 or end < start:
         raise ValueError(f"README must contain the markers {START!r} and {END!r} (in this order)")
-    return text[start + len(START):end]
+    return text[start + len(START) : end]
 
 
 def update_readme(text: str, table: str) -> str:
     readme_section(text)  # validates the markers
-    return re.sub(re.escape(START) + '.*?' + re.escape(END), lambda _: f'{START}\n{table}{END}', text, count=1,
-                  flags=re.S)
+    return re.sub(
+        re.escape(START) + '.*?' + re.escape(END), lambda _: f'{START}\n{table}{END}', text, count=1, flags=re.S
+    )
 
 
 def write(repo_root: Path, table: Optional[str] = None) -> List[Path]:

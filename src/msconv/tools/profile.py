@@ -22,6 +22,7 @@ real kernel sizes (SMT-T: 2.38 G conv+linear, as the paper).
 Run it on the meta device (``device='meta'``, or a model built under ``torch.device('meta')``) to profile
 full-size models in well under a second with no memory: only shapes are computed.
 """
+
 from __future__ import annotations
 
 import copy
@@ -31,8 +32,8 @@ import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.weak import WeakIdKeyDictionary
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, shape_wrapper
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..layers import reference_forms
 from ._common import build_model
@@ -42,12 +43,14 @@ __all__ = ['profile', 'format_profile']
 aten = torch.ops.aten
 
 _SDPA_OPS = tuple(
-    getattr(aten, name) for name in (
+    getattr(aten, name)
+    for name in (
         '_scaled_dot_product_efficient_attention',
         '_scaled_dot_product_flash_attention',
         '_scaled_dot_product_flash_attention_for_cpu',
         '_scaled_dot_product_cudnn_attention',
-    ) if hasattr(aten, name)
+    )
+    if hasattr(aten, name)
 )
 _MATMUL_OPS = (aten.mm, aten.addmm, aten.bmm, aten.baddbmm)
 _CONV_OPS = (aten.convolution, aten._convolution)
@@ -119,8 +122,11 @@ class _DataFlowCounter(TorchDispatchMode):
 
 
 def _check_input_size(input_size: Any) -> tuple:
-    if (not isinstance(input_size, (tuple, list)) or len(input_size) != 3
-            or not all(isinstance(v, int) and v > 0 for v in input_size)):
+    if (
+        not isinstance(input_size, (tuple, list))
+        or len(input_size) != 3
+        or not all(isinstance(v, int) and v > 0 for v in input_size)
+    ):
         raise ValueError(f"input_size must be a (C, H, W) tuple of 3 positive ints, got {input_size!r}")
     return tuple(input_size)
 
@@ -135,10 +141,10 @@ def _model_device(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def profile(
-        model: Union[nn.Module, str],
-        input_size: Sequence[int] = (3, 224, 224),
-        batch_size: int = 1,
-        device: Optional[Union[str, torch.device]] = None,
+    model: Union[nn.Module, str],
+    input_size: Sequence[int] = (3, 224, 224),
+    batch_size: int = 1,
+    device: Optional[Union[str, torch.device]] = None,
 ) -> Dict[str, Any]:
     """Count the parameters, MACs and activations of one forward pass of ``model`` in eval mode.
 
@@ -198,12 +204,14 @@ def format_profile(stats: Dict[str, Any], name: str = '') -> str:
     """A few human-readable lines (M params, G MACs, M activations)."""
     c, h, w = stats['input_size']
     head = f"{name} " if name else ''
-    return '\n'.join([
-        f"{head}input {stats['batch_size']}x{c}x{h}x{w}",
-        f"  params             {stats['params'] / 1e6:10.2f} M",
-        f"  MACs (total)       {stats['macs'] / 1e9:10.3f} G",
-        f"    conv + linear    {stats['macs_conv_linear'] / 1e9:10.3f} G",
-        f"    attention matmul {stats['macs_attention'] / 1e9:10.3f} G",
-        f"    other            {stats['macs_other'] / 1e9:10.3f} G",
-        f"  activations        {stats['activations'] / 1e6:10.2f} M",
-    ])
+    return '\n'.join(
+        [
+            f"{head}input {stats['batch_size']}x{c}x{h}x{w}",
+            f"  params             {stats['params'] / 1e6:10.2f} M",
+            f"  MACs (total)       {stats['macs'] / 1e9:10.3f} G",
+            f"    conv + linear    {stats['macs_conv_linear'] / 1e9:10.3f} G",
+            f"    attention matmul {stats['macs_attention'] / 1e9:10.3f} G",
+            f"    other            {stats['macs_other'] / 1e9:10.3f} G",
+            f"  activations        {stats['activations'] / 1e6:10.2f} M",
+        ]
+    )

@@ -1,4 +1,5 @@
 """`msconv bench MODEL [MODEL...]`: inference/training throughput, peak memory, params and MACs."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,27 +8,48 @@ HELP = 'measure inference and training throughput (img/s), peak memory, params a
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('models', nargs='+', metavar='MODEL',
-                        help='msconv model names, or timm models (optionally prefixed timm:)')
-    parser.add_argument('--vs', metavar='MODEL', default=None,
-                        help='baseline measured in the same run, interleaved; ratios are printed '
-                             '(e.g. timm:convnext_tiny)')
+    parser.add_argument(
+        'models', nargs='+', metavar='MODEL', help='msconv model names, or timm models (optionally prefixed timm:)'
+    )
+    parser.add_argument(
+        '--vs',
+        metavar='MODEL',
+        default=None,
+        help='baseline measured in the same run, interleaved; ratios are printed (e.g. timm:convnext_tiny)',
+    )
     parser.add_argument('--batch-size', type=int, default=None, help='images per step (default 256 on CUDA, 16 on CPU)')
     parser.add_argument('--img-size', type=int, default=224, help='input height and width (default 224)')
     parser.add_argument('--device', default=None, help='cpu, cuda, cuda:1, ... (default: cuda if available)')
     parser.add_argument('--amp', action='store_true', help='mixed precision with torch.autocast')
-    parser.add_argument('--amp-dtype', choices=['float16', 'bfloat16'], default=None,
-                        help='autocast dtype (default float16 on CUDA, bfloat16 on CPU)')
+    parser.add_argument(
+        '--amp-dtype',
+        choices=['float16', 'bfloat16'],
+        default=None,
+        help='autocast dtype (default float16 on CUDA, bfloat16 on CPU)',
+    )
     parser.add_argument('--channels-last', action='store_true', help='NHWC memory format for model and input')
-    parser.add_argument('--compile', nargs='?', const='inductor', default=None, metavar='BACKEND',
-                        help='torch.compile the models (backend, default inductor)')
-    parser.add_argument('--reparam', action='store_true',
-                        help='benchmark the inference form (model.reparameterize()); training is not measured')
+    parser.add_argument(
+        '--compile',
+        nargs='?',
+        const='inductor',
+        default=None,
+        metavar='BACKEND',
+        help='torch.compile the models (backend, default inductor)',
+    )
+    parser.add_argument(
+        '--reparam',
+        action='store_true',
+        help='benchmark the inference form (model.reparameterize()); training is not measured',
+    )
     parser.add_argument('--no-train', action='store_true', help='measure inference only')
     parser.add_argument('--num-warm-iter', type=int, default=10, help='warm-up steps per model and mode (default 10)')
     parser.add_argument('--num-bench-iter', type=int, default=40, help='timed steps per model and mode (default 40)')
-    parser.add_argument('--repeats', type=int, default=5,
-                        help='the timed steps are split into this many runs; the median run is reported (default 5)')
+    parser.add_argument(
+        '--repeats',
+        type=int,
+        default=5,
+        help='the timed steps are split into this many runs; the median run is reported (default 5)',
+    )
     parser.add_argument('--csv', default='bench.csv', help="write the results here (default bench.csv; '' to skip)")
 
 
@@ -36,30 +58,48 @@ def _fmt(value: float, spec: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from msconv.tools._table import print_table
     from msconv.tools.bench import benchmark, write_csv
 
-    import torch
-
     device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     results = benchmark(
-        args.models, baseline=args.vs, batch_size=args.batch_size, img_size=args.img_size, device=device,
-        amp=args.amp, amp_dtype=args.amp_dtype, channels_last=args.channels_last, compile=args.compile,
-        reparam=args.reparam, train=not args.no_train, num_warm_iter=args.num_warm_iter,
-        num_bench_iter=args.num_bench_iter, repeats=args.repeats,
+        args.models,
+        baseline=args.vs,
+        batch_size=args.batch_size,
+        img_size=args.img_size,
+        device=device,
+        amp=args.amp,
+        amp_dtype=args.amp_dtype,
+        channels_last=args.channels_last,
+        compile=args.compile,
+        reparam=args.reparam,
+        train=not args.no_train,
+        num_warm_iter=args.num_warm_iter,
+        num_bench_iter=args.num_bench_iter,
+        repeats=args.repeats,
     )
     r0 = results[0]
-    title = (f"{r0['device']}, batch {r0['batch_size']}, {r0['img_size']}px, {r0['amp']}"
-             f"{', channels_last' if args.channels_last else ''}{', compile=' + args.compile if args.compile else ''}"
-             f"{', reparameterized' if args.reparam else ''}; median of {args.repeats} interleaved runs")
+    title = (
+        f"{r0['device']}, batch {r0['batch_size']}, {r0['img_size']}px, {r0['amp']}"
+        f"{', channels_last' if args.channels_last else ''}{', compile=' + args.compile if args.compile else ''}"
+        f"{', reparameterized' if args.reparam else ''}; median of {args.repeats} interleaved runs"
+    )
     columns = ['model', 'params (M)', 'GMACs', 'infer img/s', 'infer mem (MB)', 'train img/s', 'train mem (MB)']
     if args.vs:
         columns += ['infer vs base', 'train vs base']
     rows = []
     for r in results:
-        row = [r['model'] + (' (baseline)' if r.get('baseline') else ''), f"{r['params_m']:.2f}", f"{r['gmacs']:.3f}",
-               _fmt(r['infer_img_s'], '.1f'), _fmt(r['infer_mem_mb'], '.1f'),
-               _fmt(r['train_img_s'], '.1f'), _fmt(r['train_mem_mb'], '.1f')]
+        row = [
+            r['model'] + (' (baseline)' if r.get('baseline') else ''),
+            f"{r['params_m']:.2f}",
+            f"{r['gmacs']:.3f}",
+            _fmt(r['infer_img_s'], '.1f'),
+            _fmt(r['infer_mem_mb'], '.1f'),
+            _fmt(r['train_img_s'], '.1f'),
+            _fmt(r['train_mem_mb'], '.1f'),
+        ]
         if args.vs:
             row += [_fmt(r['infer_ratio'], '.2f') + 'x', _fmt(r['train_ratio'], '.2f') + 'x']
         rows.append(row)

@@ -1,4 +1,5 @@
 """`msconv eval MODEL --checkpoint ... --data ...`: thin wrapper over ``msconv.evaluate``."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,8 +9,11 @@ HELP = 'evaluate a checkpoint (top-1/top-5) on the bundled digits or an ImageFol
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('model', help='model name, e.g. smt_tiny')
-    parser.add_argument('--checkpoint', default=None,
-                        help='weights file (.safetensors/.pth), a training checkpoint folder, or a run folder')
+    parser.add_argument(
+        '--checkpoint',
+        default=None,
+        help='weights file (.safetensors/.pth), a training checkpoint folder, or a run folder',
+    )
     parser.add_argument('--data', default='digits', help="'digits' or an ImageFolder root")
     parser.add_argument('--split', default='val', help="'val' (default) or 'train'")
     parser.add_argument('--batch-size', type=int, default=128)
@@ -22,12 +26,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from msconv.engine import evaluate
-    res = evaluate(args.model, checkpoint=args.checkpoint, data=args.data, split=args.split,
-                   batch_size=args.batch_size, image_size=args.image_size, device=args.device,
-                   num_workers=args.workers, use_ema=args.ema, amp=args.amp)
+
+    res = evaluate(
+        args.model,
+        checkpoint=args.checkpoint,
+        data=args.data,
+        split=args.split,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        device=args.device,
+        num_workers=args.workers,
+        use_ema=args.ema,
+        amp=args.amp,
+    )
     if res.get('checkpoint'):
         step = '' if res.get('step') is None else f" (step {res['step']})"
         print(f"weights: {res['checkpoint']}{step}{', EMA' if args.ema else ''}")
-    print(f"{args.model} on {args.data}/{args.split}: top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  "
-          f"loss {res['val_loss']:.4f}  ({res['count']} images)")
+    print(
+        f"{args.model} on {args.data}/{args.split}: top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  "
+        f"loss {res['val_loss']:.4f}  ({res['count']} images)"
+    )
     return 0

@@ -1,4 +1,5 @@
 """`msconv export MODEL --checkpoint ... --format onnx`: the inference form as ONNX with a dynamic batch size."""
+
 from __future__ import annotations
 
 import argparse
@@ -14,8 +15,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--out', default=None, help='output file (default MODEL.onnx)')
     parser.add_argument('--img-size', type=int, default=None, help="input height and width (default: the model's cfg)")
     parser.add_argument('--num-classes', type=int, default=None, help='classifier size (default: the model default)')
-    parser.add_argument('--exporter', default='dynamo', choices=['dynamo', 'torchscript'],
-                        help='torch.export-based exporter (default) or the legacy TorchScript tracer')
+    parser.add_argument(
+        '--exporter',
+        default='dynamo',
+        choices=['dynamo', 'torchscript'],
+        help='torch.export-based exporter (default) or the legacy TorchScript tracer',
+    )
     parser.add_argument('--opset', type=int, default=None, help='ONNX opset (default: the exporter default)')
     parser.add_argument('--no-reparam', action='store_true', help='export the training form as is')
     parser.add_argument('--no-check', action='store_true', help='skip the onnxruntime comparison with PyTorch')
@@ -39,9 +44,13 @@ def run(args: argparse.Namespace) -> int:
     else:  # written to a temporary file, renamed into place only once onnxruntime reproduces the model
         diffs = export_onnx_checked(model, out, (c, h, w), batch_sizes=(1, 3), **export_kwargs)
     info = _onnx_summary(out)
-    print(f"wrote {out}: opset {info['opset']}, input {info['input_shape']}, {info['nodes']} nodes"
-          f"{'' if args.no_reparam else ', inference (re-parameterized) form'}")
+    print(
+        f"wrote {out}: opset {info['opset']}, input {info['input_shape']}, {info['nodes']} nodes"
+        f"{'' if args.no_reparam else ', inference (re-parameterized) form'}"
+    )
     if not args.no_check:
-        print('onnxruntime vs PyTorch, max relative difference: '
-              + ', '.join(f"batch {b}: {d:.1e}" for b, d in diffs.items()))
+        print(
+            'onnxruntime vs PyTorch, max relative difference: '
+            + ', '.join(f"batch {b}: {d:.1e}" for b, d in diffs.items())
+        )
     return 0

@@ -1,4 +1,5 @@
 """`msconv profile MODEL [MODEL...]`: parameters, MACs (conv/linear and attention) and activations."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,8 +8,9 @@ HELP = 'count parameters, MACs (conv+linear and attention matmuls) and activatio
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('models', nargs='+', metavar='MODEL',
-                        help='msconv model name, or any timm model (optionally prefixed timm:)')
+    parser.add_argument(
+        'models', nargs='+', metavar='MODEL', help='msconv model name, or any timm model (optionally prefixed timm:)'
+    )
     parser.add_argument('--img-size', type=int, default=224, help='input height and width (default 224)')
     parser.add_argument('--in-chans', type=int, default=3, help='input channels (default 3)')
     parser.add_argument('--batch-size', type=int, default=1, help='images per forward pass (default 1)')
@@ -18,8 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from msconv.tools._table import print_table
     from msconv.tools._common import build_model
+    from msconv.tools._table import print_table
     from msconv.tools.profile import profile
 
     if args.img_size < 1 or args.in_chans < 1:
@@ -40,12 +42,19 @@ def run(args: argparse.Namespace) -> int:
     columns += ['GMACs other'] * other + ['activations (M)']
     table = []
     for name, s in rows:
-        row = [name, f"{s['params'] / 1e6:.2f}", f"{s['macs'] / 1e9:.3f}", f"{s['macs_conv_linear'] / 1e9:.3f}",
-               f"{s['macs_attention'] / 1e9:.3f}"]
+        row = [
+            name,
+            f"{s['params'] / 1e6:.2f}",
+            f"{s['macs'] / 1e9:.3f}",
+            f"{s['macs_conv_linear'] / 1e9:.3f}",
+            f"{s['macs_attention'] / 1e9:.3f}",
+        ]
         row += [f"{s['macs_other'] / 1e9:.3f}"] * other + [f"{s['activations'] / 1e6:.2f}"]
         table.append(row)
     print_table(
         f"forward pass, input {args.batch_size}x{size[0]}x{size[1]}x{size[2]} (MACs = FLOPs / 2, operators in "
-        f"their reference form)", columns, table,
+        f"their reference form)",
+        columns,
+        table,
     )
     return 0

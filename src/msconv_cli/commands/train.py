@@ -1,4 +1,5 @@
 """`msconv train MODEL --data PATH|digits ...`: thin wrapper over ``msconv.train``."""
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,11 @@ _BOOLS = [
     ('channels_last', 'channels_last memory format'),
     ('sync_bn', 'SyncBatchNorm under torchrun'),
     ('progress', 'progress bar (a live bar on a terminal, complete lines every --log-every steps otherwise)'),
-    ('overwrite', "start afresh in a run folder that holds a run (with --resume auto: only when it has no valid "
-                  "checkpoint); without it a new run never writes into another run's folder"),
+    (
+        'overwrite',
+        "start afresh in a run folder that holds a run (with --resume auto: only when it has no valid "
+        "checkpoint); without it a new run never writes into another run's folder",
+    ),
 ]
 
 
@@ -50,16 +54,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for flag, dest, typ, hlp in _FLAGS:
         parser.add_argument(flag, dest=dest, type=typ, default=None, help=hlp)
     for dest, hlp in _BOOLS:
-        parser.add_argument(f"--{dest.replace('_', '-')}", dest=dest, action=argparse.BooleanOptionalAction,
-                            default=None, help=hlp)
-    parser.add_argument('--face-val-bin', dest='face_val_bins', action='append', default=None,
-                        help='face task: a verification .bin file (repeatable)')
-    parser.add_argument('--set', dest='set_values', action='append', default=[], metavar='KEY=VALUE',
-                        help='any other config option, VALUE parsed as YAML (e.g. --set mixup=0.2)')
+        parser.add_argument(
+            f"--{dest.replace('_', '-')}", dest=dest, action=argparse.BooleanOptionalAction, default=None, help=hlp
+        )
+    parser.add_argument(
+        '--face-val-bin',
+        dest='face_val_bins',
+        action='append',
+        default=None,
+        help='face task: a verification .bin file (repeatable)',
+    )
+    parser.add_argument(
+        '--set',
+        dest='set_values',
+        action='append',
+        default=[],
+        metavar='KEY=VALUE',
+        help='any other config option, VALUE parsed as YAML (e.g. --set mixup=0.2)',
+    )
 
 
 def collect_overrides(args: argparse.Namespace) -> dict:
     import yaml
+
     overrides = {'model': args.model}
     for _, dest, _, _ in _FLAGS:
         overrides[dest] = getattr(args, dest)
@@ -82,6 +99,7 @@ def resume_command(argv: list, run_dir: str) -> str:
     out (``--output``/``--name``), without ``--overwrite``."""
     import os
     import shlex
+
     out, skip = [], False
     for a in argv:
         if skip:
@@ -100,15 +118,20 @@ def resume_command(argv: list, run_dir: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     import signal
+
     from msconv.engine import train
+
     result = train(args.config, **collect_overrides(args))
     import os
+
     if int(os.environ.get('RANK', '0')) != 0:
         return 0
     if result['status'] == 'interrupted':
         argv = getattr(args, 'argv', None) or ['train', args.model]
-        print(f"interrupted; checkpoint {result['checkpoint']}. Continue with:\n  "
-              f"{resume_command(argv, result['run_dir'])}")
+        print(
+            f"interrupted; checkpoint {result['checkpoint']}. Continue with:\n  "
+            f"{resume_command(argv, result['run_dir'])}"
+        )
         return 143 if result.get('signal') == signal.SIGTERM else 130
     line = f"done: {result['steps']} steps, run folder {result['run_dir']}"
     if result.get('top1') is not None:
