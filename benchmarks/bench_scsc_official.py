@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
-import platform
 import statistics
 import sys
 import time
@@ -31,6 +30,9 @@ import torch
 import torch.nn as nn
 
 import msconv
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine_line  # noqa: E402
 
 
 def _import(path: Path, name: str):
@@ -158,8 +160,8 @@ def main() -> int:
             raise SystemExit(f"official_repo: {args.official_repo} has no {f}; pass a checkout of megvii-research/SCSC")
     torch.set_num_threads(args.threads)
     print(
-        f"CPU: {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads, "
-        f"fp32, batch {args.batch} at {args.size}x{args.size}, {args.iters} interleaved rounds"
+        f"{machine_line(args.threads)}; fp32, batch {args.batch} at {args.size}x{args.size}, {args.iters} "
+        f"interleaved rounds"
     )
     rows = []
     for name in args.models:

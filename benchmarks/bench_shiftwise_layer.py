@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import saved_bytes, time_interleaved  # noqa: E402
+from _common import machine_line, saved_bytes, time_interleaved  # noqa: E402
 
 from msconv.layers.shiftwise import ShiftWiseConv2d
 
@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument('--channels-last', action='store_true', help='channels_last input (the model default)')
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    print(machine_line(args.threads))
     torch.manual_seed(0)
     c, k = args.channels, args.kernel
     x = torch.randn(args.batch, c, args.size, args.size)

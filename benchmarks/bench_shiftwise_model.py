@@ -24,7 +24,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import saved_bytes, time_interleaved  # noqa: E402
+from _common import machine_line, saved_bytes, time_interleaved  # noqa: E402
 
 import msconv
 from msconv.layers.shiftwise import ShiftWiseConv2d
@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument('--skip-train', action='store_true')
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    print(machine_line(args.threads))
     torch.manual_seed(0)
     base = msconv.create_model(args.model)
     # non-trivial BN statistics so that folding is exercised

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Timing, import_official_file, print_table, time_interleaved  # noqa: E402
+from _common import Timing, import_official_file, machine_line, print_table, time_interleaved  # noqa: E402
 
 import msconv  # noqa: E402
 
@@ -101,7 +101,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     official = load_official(args.official_repo)
-    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch_size} at {args.img_size}, fp32")
+    print(f"{machine_line(args.threads)}; batch {args.batch_size} at {args.img_size}, fp32")
     eval_rows, train_rows = [], []
     for name in args.models:
         torch.manual_seed(0)
