@@ -17,8 +17,10 @@ def build_model(
     drop_path: float = 0.0,
     model_kwargs: Optional[Mapping] = None,
     checkpoint_path: Optional[str] = None,
+    class_map: Optional[str] = None,
 ) -> nn.Module:
-    """An msconv model (``msconv.create_model``) or, for other names, a timm model."""
+    """An msconv model (``msconv.create_model``) or, for other names, a timm model. ``class_map``: keep these rows
+    of the checkpoint's classifier (e.g. ImageNet-22K -> 1K, ``msconv.create_model``'s ``class_map``)."""
     from .config import family_of
 
     kwargs = dict(model_kwargs or {})
@@ -28,7 +30,11 @@ def build_model(
     if family_of(name) is not None:
         from ..models import create_model
 
+        if class_map is not None:
+            kwargs['class_map'] = class_map
         return create_model(name, checkpoint_path=checkpoint_path, **kwargs)
+    if class_map is not None:
+        raise ValueError(f"class_map is supported for msconv models only, not for the timm model {name!r}")
     import timm
 
     return timm.create_model(name, checkpoint_path=checkpoint_path or '', **kwargs)

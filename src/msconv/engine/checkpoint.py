@@ -10,6 +10,10 @@ The folder is written under a temporary name, every file is fsynced, then it is 
 POSIX), so a crash leaves either the previous checkpoints or a complete new one. ``load_checkpoint`` checks the
 hashes and that each file parses, and names the bad file; ``latest_good_checkpoint`` falls back to the newest
 checkpoint that passes.
+
+The best evaluation's weights (highest top-1; the official scripts report the best epoch) are kept the same way in
+``<run>/checkpoints/best-00001234/`` (``save_best_checkpoint``; the previous best folder is removed only after the
+new one is in place), found with ``best_checkpoint``.
 """
 
 from __future__ import annotations
@@ -39,9 +43,13 @@ __all__ = [
     'clean_temporaries',
     'holds_run',
     'clear_run',
+    'save_best_checkpoint',
+    'list_best_checkpoints',
+    'best_checkpoint',
 ]
 
 _PREFIX = 'step-'
+_BEST_PREFIX = 'best-'
 
 
 class CheckpointError(ValueError):
@@ -129,33 +137,26 @@ def _write_safetensors(tensors: Dict[str, torch.Tensor], path: Path, metadata: O
         os.fsync(f.fileno())
 
 
-def save_checkpoint(
-    run_dir: Union[str, Path],
+def _write_folder(
+    ckpt_root: Path,
+    name: str,
     step: int,
     weights: Dict[str, Dict[str, torch.Tensor]],
     state: Dict[str, Any],
     meta: Dict[str, Any],
-    keep_last: int = 3,
 ) -> Path:
-    """Atomically write checkpoint ``step`` under ``run_dir/checkpoints`` and prune to the last ``keep_last``.
-
-    Args:
-        weights: ``{'model': sd, 'ema': sd, 'head': sd}`` (each written as ``<name>.safetensors``).
-        state: everything else (written with ``torch.save`` as ``state.pt``; tensors, numbers, strings only).
-        meta: JSON-serialisable run information (step, epoch, config, metrics).
-    """
-    ckpt_root = Path(run_dir) / 'checkpoints'
+    """Write one checkpoint folder ``ckpt_root/name`` atomically (temporary folder, fsync, rename)."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    final = ckpt_root / f"{_PREFIX}{step:08d}"
+    final = ckpt_root / name
     tmp = ckpt_root / f".tmp-{final.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
     files: Dict[str, str] = {}
-    for name, sd in weights.items():
+    for wname, sd in weights.items():
         if sd is None:
             continue
-        path = tmp / f"{name}.safetensors"
+        path = tmp / f"{wname}.safetensors"
         _write_safetensors(sd, path, metadata={'format': 'pt', 'step': str(step)})
         files[path.name] = _sha256(path)
     state_path = tmp / 'state.pt'
@@ -174,6 +175,25 @@ def save_checkpoint(
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(ckpt_root)
+    return final
+
+
+def save_checkpoint(
+    run_dir: Union[str, Path],
+    step: int,
+    weights: Dict[str, Dict[str, torch.Tensor]],
+    state: Dict[str, Any],
+    meta: Dict[str, Any],
+    keep_last: int = 3,
+) -> Path:
+    """Atomically write checkpoint ``step`` under ``run_dir/checkpoints`` and prune to the last ``keep_last``.
+
+    Args:
+        weights: ``{'model': sd, 'ema': sd, 'head': sd}`` (each written as ``<name>.safetensors``).
+        state: everything else (written with ``torch.save`` as ``state.pt``; tensors, numbers, strings only).
+        meta: JSON-serialisable run information (step, epoch, config, metrics).
+    """
+    final = _write_folder(Path(run_dir) / 'checkpoints', f"{_PREFIX}{step:08d}", step, weights, state, meta)
     # Keep this checkpoint and the newest keep_last - 1 before it. Any later-step folder is from a future this run
     # abandoned (it resumed from an earlier checkpoint) and goes too: it can never outrank the one just written.
     others = [p for p in list_checkpoints(run_dir) if p != final]
@@ -286,6 +306,42 @@ def latest_good_checkpoint(run_dir: Union[str, Path]):
             weights, state, meta = load_checkpoint(path)
         except CheckpointError as e:
             warnings.warn(f"{e}; falling back to the previous checkpoint", stacklevel=2)
+            continue
+        return path, weights, state, meta
+    return None
+
+
+def save_best_checkpoint(
+    run_dir: Union[str, Path], step: int, weights: Dict[str, Dict[str, torch.Tensor]], meta: Dict[str, Any]
+) -> Path:
+    """Atomically write the best evaluation's weights as ``run_dir/checkpoints/best-<step>`` (``meta`` should hold
+    its ``top1`` and ``epoch``), then remove the other best folders. A crash leaves at least one complete one."""
+    final = _write_folder(
+        Path(run_dir) / 'checkpoints', f"{_BEST_PREFIX}{step:08d}", step, weights, {'step': step}, dict(meta, best=True)
+    )
+    for old in list_best_checkpoints(run_dir):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_best_checkpoints(run_dir: Union[str, Path]) -> List[Path]:
+    """Best-weights folders of a run, oldest first (normally one)."""
+    root = Path(run_dir) / 'checkpoints'
+    if not root.is_dir():
+        return []
+    n = len(_BEST_PREFIX)
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(_BEST_PREFIX) and p.name[n:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[n:]))
+
+
+def best_checkpoint(run_dir: Union[str, Path]):
+    """``(path, weights, state, meta)`` of the run's best-weights checkpoint that verifies, or None."""
+    for path in reversed(list_best_checkpoints(run_dir)):
+        try:
+            weights, state, meta = load_checkpoint(path)
+        except CheckpointError as e:
+            warnings.warn(f"{e}; falling back to an earlier best checkpoint", stacklevel=2)
             continue
         return path, weights, state, meta
     return None

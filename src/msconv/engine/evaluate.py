@@ -99,6 +99,7 @@ def evaluate(
     amp: bool = False,
     num_workers: int = 0,
     use_ema: bool = False,
+    which: str = 'last',
     **model_kwargs: Any,
 ) -> Dict[str, float]:
     """Evaluate a classifier on ``split`` of ``data`` ('digits' or an ImageFolder root); returns top1/top5/loss.
@@ -109,13 +110,15 @@ def evaluate(
             folder (its newest good checkpoint). When the checkpoint sits in a run folder, that run's
             ``config.yaml`` supplies ``model_kwargs``, ``image_size`` and the number of classes.
         use_ema: evaluate the EMA weights of a training checkpoint.
+        which: for a run folder, ``'last'`` (its newest valid checkpoint) or ``'best'`` (the weights of its best
+            evaluation, ``<run>/checkpoints/best-<step>``, kept by the trainer).
 
     Returns top1/top5 (%), val_loss, count, and ``checkpoint``/``step``: the checkpoint whose weights were used
     (for a run folder, its newest valid one). A checkpoint of another model raises ``ValueError`` naming it.
     """
     from ..data.loader import build_dataset, build_loader
     from .build import build_model, data_config, load_weights
-    from .checkpoint import latest_good_checkpoint, load_checkpoint
+    from .checkpoint import best_checkpoint, latest_good_checkpoint, load_checkpoint
     from .config import TrainConfig, _coerce, load_yaml
     from .distributed import resolve_device
 
@@ -123,6 +126,8 @@ def evaluate(
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if split not in ('train', 'val'):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if which not in ('last', 'best'):
+        raise ValueError(f"which must be 'last' or 'best', got {which!r}")
     run_cfg: Dict[str, Any] = {}
     state_dict = None
     used: Dict[str, Any] = {}
@@ -133,11 +138,16 @@ def evaluate(
         cfg_path = _find_run_config(ckpt if ckpt.is_dir() else ckpt.parent)
         if cfg_path is not None:
             run_cfg = load_yaml(cfg_path)
+        if which == 'best' and not (ckpt.is_dir() and (ckpt / 'checkpoints').is_dir()):
+            raise ValueError(f"which='best' needs a run folder (holding checkpoints/), got {str(ckpt)!r}")
         if ckpt.is_dir() and (ckpt / 'checkpoints').is_dir():
-            found = latest_good_checkpoint(ckpt)
+            found = latest_good_checkpoint(ckpt) if which == 'last' else best_checkpoint(ckpt)
             if found is None:
-                raise ValueError(f"checkpoint: run folder {str(ckpt)!r} holds no valid checkpoint")
-            used = {'checkpoint': str(found[0]), 'step': int(found[3]['step'])}
+                what = 'valid checkpoint' if which == 'last' else 'best checkpoint (no evaluation was kept)'
+                raise ValueError(f"checkpoint: run folder {str(ckpt)!r} holds no {what}")
+            used = {'checkpoint': str(found[0]), 'step': int(found[3]['step']), 'which': which}
+            if which == 'best':
+                used.update(best_top1=found[3].get('top1'), best_epoch=found[3].get('epoch'))
             weights, trained_as = found[1], found[3].get('model')
         elif ckpt.is_dir():
             _, _, meta = found = load_checkpoint(ckpt)

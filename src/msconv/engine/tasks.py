@@ -70,7 +70,9 @@ class Task:
     # model ----------------------------------------------------------------------------------------------------
     def build_model(self, num_classes: int) -> nn.Module:
         cfg = self.cfg
-        return build_model(cfg.model, num_classes, cfg.drop_path, cfg.model_kwargs, cfg.init_checkpoint)
+        return build_model(
+            cfg.model, num_classes, cfg.drop_path, cfg.model_kwargs, cfg.init_checkpoint, class_map=cfg.class_map
+        )
 
     def backbone(self, model: nn.Module) -> nn.Module:
         return model

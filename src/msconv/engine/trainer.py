@@ -21,7 +21,7 @@ import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -38,18 +38,20 @@ from .checkpoint import (
     get_rng_state,
     holds_run,
     latest_good_checkpoint,
+    list_best_checkpoints,
     list_checkpoints,
     load_checkpoint,
+    save_best_checkpoint,
     save_checkpoint,
     set_rng_state,
 )
-from .config import TrainConfig, resolve_config, save_config
+from .config import TrainConfig, preset_info, resolve_config, save_config, split_global_batch
 from .distributed import DistInfo, cleanup_distributed, init_distributed, resolve_device
 from .evaluate import autocast_context
 from .metrics import MetricsLog, Progress, plot_curves, read_metrics
 from .tasks import RunContext, create_task
 
-__all__ = ['train', 'NonFiniteLossError']
+__all__ = ['train', 'NonFiniteLossError', 'weight_decay_groups']
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -66,18 +68,55 @@ def _reseed(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds the CUDA generators
 
 
-def _amp_dtype(cfg: TrainConfig, device: torch.device) -> Optional[torch.dtype]:
+def _amp_dtype(cfg: TrainConfig, device: torch.device) -> Tuple[Optional[torch.dtype], Optional[str]]:
+    """The autocast dtype of this run (None: fp32) and, when it differs from what the config asks for, why.
+
+    'float16' (the official mode of SMT and SCSC: fp16 autocast + GradScaler) needs CUDA; on CPU the run trains
+    in fp32 and says so (CPU fp16 autocast is slow or unsupported for many ops, and GradScaler is CUDA-only);
+    ``amp_dtype='bfloat16'`` gives bf16 autocast on CPU too."""
     if not cfg.amp:
-        return None
+        return None, None
     if cfg.amp_dtype == 'bfloat16':
-        return torch.bfloat16
+        return torch.bfloat16, None
     if cfg.amp_dtype == 'float16':
         if device.type != 'cuda':
-            raise ValueError("amp_dtype 'float16' needs a CUDA device; on CPU use 'bfloat16' (or 'auto')")
-        return torch.float16
+            return None, (
+                f"amp_dtype 'float16' (fp16 autocast + GradScaler, the official mixed precision) needs CUDA; on "
+                f"{device.type} this run trains in fp32 (--amp-dtype bfloat16 for bf16 autocast, --no-amp to silence)"
+            )
+        return torch.float16, None
     if device.type == 'cuda' and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
+        return torch.float16, None
+    return torch.bfloat16, None
+
+
+def weight_decay_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
+    """timm's parameter groups (no decay for 1-D parameters, biases and ``model.no_weight_decay()``), except that
+    parameters a module lists in ``force_weight_decay()`` (ShiftWise GRN gamma/beta, 4-D and decayed in the
+    official model) are decayed."""
+    from timm.optim import param_groups_weight_decay
+
+    skip = model.no_weight_decay() if hasattr(model, 'no_weight_decay') else set()
+    groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=skip)
+    forced = set()
+    for prefix, module in model.named_modules():
+        if hasattr(module, 'force_weight_decay'):
+            forced |= {f"{prefix}.{n}" if prefix else n for n in module.force_weight_decay()}
+    if not forced or not weight_decay:
+        return groups
+    params = dict(model.named_parameters())
+    forced_ids = {id(params[n]) for n in forced if n in params}
+    moved = []
+    for g in groups:
+        if g['weight_decay'] == 0.0:
+            moved += [p for p in g['params'] if id(p) in forced_ids]
+            g['params'] = [p for p in g['params'] if id(p) not in forced_ids]
+    decay = next((g for g in groups if g['weight_decay'] > 0 and not g.get('use_fallback')), None)
+    if decay is None:
+        decay = {'params': [], 'weight_decay': weight_decay}
+        groups.append(decay)
+    decay['params'] += moved
+    return [g for g in groups if g['params']]
 
 
 class _StopFlag:
@@ -131,6 +170,7 @@ def train(config: Union[TrainConfig, Mapping[str, Any], str, Path, None] = None,
 
 class _Trainer:
     def __init__(self, cfg: TrainConfig, device: torch.device, info: DistInfo):
+        cfg = split_global_batch(cfg, info.world_size)  # --per-gpu-batch: accumulation makes up the global batch
         self.cfg, self.device, self.info = cfg, device, info
         if cfg.batch_size % info.world_size:
             raise ValueError(
@@ -160,7 +200,9 @@ class _Trainer:
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        self.amp_dtype = _amp_dtype(cfg, device)
+        self.amp_dtype, amp_note = _amp_dtype(cfg, device)
+        if amp_note:
+            self._print(amp_note)
         # Data first: the number of classes sizes the classifier.
         self.num_classes = self.task.num_classes()
         model = self.task.build_model(self.num_classes)
@@ -220,19 +262,25 @@ class _Trainer:
         opt_kwargs = dict(eps=cfg.opt_eps, betas=tuple(cfg.opt_betas)) if 'adam' in cfg.opt.lower() else {}
         try:
             self.optimizer = create_optimizer_v2(
-                model, opt=cfg.opt, lr=self.lr, weight_decay=cfg.weight_decay, filter_bias_and_bn=True, **opt_kwargs
+                weight_decay_groups(model, cfg.weight_decay),
+                opt=cfg.opt,
+                lr=self.lr,
+                weight_decay=cfg.weight_decay,
+                **opt_kwargs,
             )
         except (AssertionError, ValueError) as e:
             raise ValueError(f"opt {cfg.opt!r}: {e}") from e
-        warmup = cfg.warmup_epochs  # validated < epochs; warmup_prefix: the cosine covers the remaining epochs
+        # warmup_prefix: the cosine covers the epochs after the warm-up (timm, SMT); without it the cosine spans all
+        # epochs and the warm-up replaces its start (SCSC: timm CosineLRScheduler(t_initial=all steps, warmup_t)).
+        warmup = cfg.warmup_epochs  # validated < epochs
         self.scheduler, _ = create_scheduler_v2(
             self.optimizer,
             sched=cfg.sched,
-            num_epochs=cfg.epochs - warmup,
+            num_epochs=cfg.epochs - warmup if cfg.warmup_prefix else cfg.epochs,
             warmup_epochs=warmup,
             warmup_lr=warmup_lr,
             min_lr=min_lr,
-            warmup_prefix=True,
+            warmup_prefix=cfg.warmup_prefix,
             step_on_epochs=False,
             updates_per_epoch=self.steps_per_epoch,
         )
@@ -267,6 +315,71 @@ class _Trainer:
             )
         except TypeError as e:
             raise ValueError(f"sparsity: bad option in {options}: {e}") from e
+
+    @torch.no_grad()
+    def _broadcast_scores(self, scores: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        if not self.info.enabled:
+            return scores
+        dev = self.device if self.device.type == 'cuda' else torch.device('cpu')
+        for name in sorted(scores):
+            t = scores[name].to(dev)
+            dist.broadcast(t, src=0)
+            scores[name] = t.cpu()
+        return scores
+
+    def _snip_init(self) -> None:
+        """The official SNIP initialisation of the sparsity masks: one training batch (epoch 0's first, before
+        Mixup), plain cross-entropy on a deep copy of the model in fp32, ``|w * grad|`` scores (rank 0's, shared
+        with every rank so that all draw the same masks) -> per-layer densities -> random masks."""
+        import copy
+
+        import torch.nn.functional as F
+
+        self.train_sampler.set_epoch(0)
+        self.train_loader.dataset.set_epoch(0)
+        self.train_sampler.set_start(0)
+        x, y = next(iter(self.train_loader))
+        x, y = x.to(self.device), y.to(self.device)
+        net = copy.deepcopy(self.model)
+        net.train()
+        net.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            out = self.task.forward(net, x, y)
+            loss = F.cross_entropy(out, y) if self.cfg.task == 'classification' else self.task.loss(out, y)
+            loss.backward()
+        scores = self._broadcast_scores(self.sparsity.snip_scores(net))
+        del net
+        self.sparsity.init_from_scores(scores)
+        dense = f"; dense (>= 0.99): {len(self.sparsity.dense_layers)} layer(s)" if self.sparsity.dense_layers else ''
+        self._print(
+            f"sparsity: SNIP init over {len(self.sparsity._all_layers)} layer(s), sparsity "
+            f"{self.sparsity.sparsity():.3f} (target {self.sparsity.target}){dense}"
+        )
+
+    def _recipe_lines(self) -> str:
+        cfg = self.cfg
+        info = preset_info(cfg.model, cfg.preset)
+        kind = 'official' if info['official'] else 'NOT an official recipe'
+        glob = cfg.batch_size * cfg.accum_steps
+        per = f"{self.local_bs} per process x {self.info.world_size} process(es) x accumulation {cfg.accum_steps}"
+        base = 'absolute' if cfg.lr_base_size is None else f"{cfg.lr:g} per {cfg.lr_base_size}"
+        if self.amp_dtype is None:
+            amp = 'fp32'
+        else:
+            amp = {torch.float16: 'fp16 + GradScaler', torch.bfloat16: 'bf16'}[self.amp_dtype]
+        sched = 'prefix' if cfg.warmup_prefix else 'inside the cosine'
+        sp = ''
+        if cfg.sparsity:
+            sp = ', sparsity ' + ' '.join(f"{k}={v}" for k, v in cfg.sparsity.items())
+        return (
+            f"recipe: preset {cfg.preset!r} for {cfg.model} ({kind}; based on {info['based_on']})\n"
+            f"  epochs {cfg.epochs}, global batch {glob} ({per}), lr {self.lr:.4g} ({base}), warm-up "
+            f"{cfg.warmup_epochs:g} epochs from {cfg.warmup_lr:g} ({sched}), min lr {cfg.min_lr:g}, {cfg.sched}\n"
+            f"  {cfg.opt} wd {cfg.weight_decay:g} eps {cfg.opt_eps:g} betas {tuple(cfg.opt_betas)}, clip "
+            f"{cfg.clip_grad}, drop path {cfg.drop_path:g}, smoothing {cfg.smoothing:g}, mixup {cfg.mixup:g}, cutmix "
+            f"{cfg.cutmix:g}, aa {cfg.auto_augment}, re {cfg.re_prob:g}, ema {cfg.ema}, precision {amp}, sync_bn "
+            f"{cfg.sync_bn}{sp}"
+        )
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def _state(self, step: int, epoch: int) -> Dict[str, Any]:
@@ -432,6 +545,41 @@ class _Trainer:
         except Exception as e:  # plotting must never stop training
             self._print(f"warning: could not draw curves.png: {e}")
 
+    def _track_best(self, rec: Dict[str, Any], step: int) -> None:
+        """Record the last and the best (highest top-1, the first such) evaluation; keep the best weights."""
+        if rec.get('top1') is None:
+            return
+        self.last = {'top1': rec['top1'], 'step': step, 'epoch': step / self.steps_per_epoch}
+        if self.best is not None and rec['top1'] <= self.best['top1']:
+            return
+        self.best = dict(self.last)
+        if self.cfg.keep_best and self.info.is_main:
+            weights = self.task.checkpoint_weights(self.model, self.ema.module if self.ema is not None else None)
+            meta = {
+                'epoch': self.best['epoch'],
+                'top1': rec['top1'],
+                'model': self.cfg.model,
+                'config': self.cfg.to_dict(),
+                'eval': rec,
+            }
+            self.best['checkpoint'] = str(save_best_checkpoint(self.run_dir, step, weights, meta))
+
+    def _restore_best(self, step: int) -> None:
+        """After a resume at ``step``: last/best from the kept metrics; best folders of the abandoned future go."""
+        vals = [r for r in read_metrics(self.run_dir) if r.get('kind') == 'val' and r.get('top1') is not None]
+        vals = [r for r in vals if r['step'] <= step]
+        if vals:
+            r = vals[-1]
+            self.last = {'top1': r['top1'], 'step': r['step'], 'epoch': r['step'] / self.steps_per_epoch}
+            b = max(vals, key=lambda v: (v['top1'], -v['step']))
+            self.best = {'top1': b['top1'], 'step': b['step'], 'epoch': b['step'] / self.steps_per_epoch}
+        if self.info.is_main:
+            for p in list_best_checkpoints(self.run_dir):
+                if int(p.name.split('-')[-1]) > step:
+                    shutil.rmtree(p, ignore_errors=True)
+                elif self.best is not None and int(p.name.split('-')[-1]) == self.best['step']:
+                    self.best['checkpoint'] = str(p)
+
     # --------------------------------------------------------------------------------------------- evaluation
     def _evaluate(self, step: int, epoch: float) -> Dict[str, Any]:
         rec: Dict[str, Any] = {'kind': 'val', 'step': step, 'epoch': epoch}
@@ -457,6 +605,7 @@ class _Trainer:
         if self.info.is_main:
             self.log.append(rec)
         self.last_eval = rec
+        self._track_best(rec, step)
         return rec
 
     # --------------------------------------------------------------------------------------------- the loop
@@ -547,6 +696,7 @@ class _Trainer:
         self.last_eval = None
         self.last_checkpoint = None
         self.curves = None
+        self.best = self.last = None
         found = self._prepare_run_dir()
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -554,6 +704,11 @@ class _Trainer:
                 self._print(f"removed {p} (left by an interrupted run)")
         self._build()
         step = self._resume(found)
+        self._print(self._recipe_lines())
+        if found is not None:
+            self._restore_best(step)
+        elif self.sparsity is not None and self.sparsity.init == 'snip' and step == 0:
+            self._snip_init()
         if self.info.is_main:
             save_config(cfg, self.run_dir / 'config.yaml')
         stop = _StopFlag()
@@ -671,4 +826,7 @@ class _Trainer:
         if self.last_eval and 'top1' in self.last_eval:
             result['top1'] = self.last_eval['top1']
             result['ema_top1'] = self.last_eval.get('ema_top1')
+        # the official scripts report the best epoch's top-1 ("Max accuracy"); both are reported here
+        result['last'] = self.last
+        result['best'] = self.best
         return result

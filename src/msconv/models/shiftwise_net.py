@@ -17,7 +17,7 @@ once instead), and the BN and layer scale after the second Linear are folded int
 
 import re
 from functools import partial
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -302,6 +302,13 @@ class ShiftWiseNet(MsconvModel):
                 (r'^head\.norm', (99999,)),
             ],
         )
+
+    @torch.jit.ignore
+    def force_weight_decay(self) -> Set[str]:
+        """Parameters decayed although they are 1-D: the GRN gamma/beta, which are 4-D ``(1, 1, 1, C)`` in the
+        official model and so are not excluded by its 1-D rule (official ``optim_factory.py:80``). Their shapes here
+        stay 1-D (checkpoint conversion reshapes them); the training parameter groups read this list."""
+        return {n for n, _ in self.named_parameters() if n.rsplit('.', 2)[-2] == 'grn'}
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -21,6 +21,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--device', default='auto')
     parser.add_argument('--workers', type=int, default=0)
     parser.add_argument('--ema', action='store_true', help='evaluate the EMA weights of a training checkpoint')
+    parser.add_argument(
+        '--which',
+        choices=('last', 'best'),
+        default='last',
+        help="with a run folder as --checkpoint: its newest checkpoint ('last', default) or the weights of its best "
+        "evaluation ('best')",
+    )
     parser.add_argument('--amp', action='store_true', help='bf16 autocast')
 
 
@@ -38,10 +45,14 @@ def run(args: argparse.Namespace) -> int:
         num_workers=args.workers,
         use_ema=args.ema,
         amp=args.amp,
+        which=args.which,
     )
     if res.get('checkpoint'):
         step = '' if res.get('step') is None else f" (step {res['step']})"
-        print(f"weights: {res['checkpoint']}{step}{', EMA' if args.ema else ''}")
+        best = ''
+        if res.get('which') == 'best' and res.get('best_top1') is not None:
+            best = f", best evaluation: top-1 {res['best_top1']:.2f}% at epoch {res['best_epoch']:g}"
+        print(f"weights: {res['checkpoint']}{step}{', EMA' if args.ema else ''}{best}")
     print(
         f"{args.model} on {args.data}/{args.split}: top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  "
         f"loss {res['val_loss']:.4f}  ({res['count']} images)"

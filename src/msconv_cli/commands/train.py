@@ -9,7 +9,13 @@ HELP = 'train a model: timm recipe, per-family presets, crash-safe checkpoints, 
 # flag -> config field; value None means "not given" so that YAML values stay.
 _FLAGS = [
     ('--data', 'data', str, "'digits' (bundled MNIST) or an ImageFolder root with train/ and val/"),
-    ('--preset', 'preset', str, "'imagenet' (the family's official recipe, default) or 'demo' (small, fast)"),
+    (
+        '--preset',
+        'preset',
+        str,
+        "'imagenet' (the family's official ImageNet-1K recipe, default), 'demo' (small, fast), and for SMT-L "
+        "'imagenet22k', 'imagenet22kto1k', 'imagenet22kto1k_384' (see docs/guides/recipes.md)",
+    ),
     ('--task', 'task', str, "'classification' (default) or 'face'"),
     ('--epochs', 'epochs', int, 'training epochs'),
     ('--max-steps', 'max_steps', int, 'stop after this many optimizer steps'),
@@ -33,9 +39,19 @@ _FLAGS = [
     ('--log-every', 'log_every', int, 'optimizer steps between metric records (and progress lines off a terminal)'),
     ('--embedding-size', 'embedding_size', int, 'face task: embedding width'),
     ('--margin', 'margin', str, "face task: 'arcface' or 'cosface'"),
+    ('--amp-dtype', 'amp_dtype', str, "'float16' (fp16 + GradScaler; needs CUDA, fp32 on CPU), 'bfloat16' or 'auto'"),
+    (
+        '--per-gpu-batch',
+        'per_gpu_batch',
+        int,
+        'images per process per micro-step (the official per-GPU batch: BatchNorm statistics); gradient '
+        'accumulation makes up the global batch (batch-size x accum-steps), the LR follows the global batch',
+    ),
+    ('--class-map', 'class_map', str, 'with --init-checkpoint: classifier rows to keep (e.g. map22kto1k.txt)'),
 ]
 _BOOLS = [
-    ('amp', 'mixed precision (bf16 on CPU, fp16/bf16 on GPU)'),
+    ('amp', 'mixed precision (--amp-dtype; the presets: fp16 + GradScaler for SMT/SCSC, off for ShiftWise)'),
+    ('keep_best', "keep the best evaluation's weights in checkpoints/best-<step> (default on)"),
     ('ema', 'model EMA (timm ModelEmaV3)'),
     ('channels_last', 'channels_last memory format'),
     ('sync_bn', 'SyncBatchNorm under torchrun'),
@@ -63,6 +79,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action='append',
         default=None,
         help='face task: a verification .bin file (repeatable)',
+    )
+    parser.add_argument(
+        '--print-config',
+        action='store_true',
+        help='print the resolved config (preset < --config < flags) as YAML, with what its preset is based on; exit',
     )
     parser.add_argument(
         '--set',
@@ -121,6 +142,15 @@ def run(args: argparse.Namespace) -> int:
 
     from msconv.engine import train
 
+    if getattr(args, 'print_config', False):
+        from msconv.engine.config import config_yaml, preset_info, resolve_config
+
+        cfg = resolve_config(args.config, collect_overrides(args))
+        info = preset_info(cfg.model, cfg.preset)
+        kind = 'official recipe' if info['official'] else 'NOT an official recipe'
+        print(f"# preset {cfg.preset!r} for {cfg.model}: {kind}; based on {info['based_on']}")
+        print(config_yaml(cfg), end='')
+        return 0
     result = train(args.config, **collect_overrides(args))
     import os
 
@@ -134,7 +164,12 @@ def run(args: argparse.Namespace) -> int:
         )
         return 143 if result.get('signal') == signal.SIGTERM else 130
     line = f"done: {result['steps']} steps, run folder {result['run_dir']}"
-    if result.get('top1') is not None:
+    last, best = result.get('last'), result.get('best')
+    if last is not None:
+        line += f", val top-1 last {last['top1']:.2f}% (epoch {last['epoch']:.2f})"
+        if best is not None:
+            line += f", best {best['top1']:.2f}% (epoch {best['epoch']:.2f})"
+    elif result.get('top1') is not None:
         line += f", val top-1 {result['top1']:.2f}%"
     print(line)
     if result.get('curves'):
