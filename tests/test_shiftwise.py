@@ -435,10 +435,11 @@ def test_sparsity_reached_held_and_masked_kernels_stay_zero():
         model(x).square().mean().backward()
         opt.step()
         sched.step()
-        assert abs(sched.sparsity() - 0.3) < 0.01
+        # the official random regrowth holds the sparsity on average (Adam moments are not masked, as officially:
+        # tests/test_engine_sparsity.py checks each rule)
+        assert abs(sched.sparsity() - 0.3) < 0.1
         for name, layer in sched.layers.items():
             assert (_kernel_l1(layer)[~sched.masks[name]] == 0).all()
-            assert (opt.state[layer.weight]['exp_avg'].abs().sum((-2, -1))[~sched.masks[name]] == 0).all()
     assert sched.updates == 4
     assert any(not torch.equal(before[n], sched.masks[n]) for n in before)  # masks evolve
     # the 3rd update aligned the masks across paths; the 4th evolved them per path again
@@ -457,13 +458,10 @@ def test_sparsity_path_alignment_and_snip_init():
     sched = SparsityScheduler(model, target=0.3, interval=1, total_steps=10, gap=1)
     sched.init_from_grads()
     assert abs(sched.sparsity() - 0.3) < 0.01
-    sched.step()  # gap=1: every update aligns the paths on the summed L1 norm
+    sched.step()  # gap=1: every update aligns the paths (prune on the summed L1 norm, regrow at random, copy)
     for name, layer in sched.layers.items():
         m = sched.masks[name]
         assert all(torch.equal(m[0], m[p]) for p in range(m.shape[0]))
-        l1 = _kernel_l1(layer).sum(0)
-        if (~m[0]).any() and m[0].any():
-            assert l1[m[0]].min() >= l1[~m[0]].max()
 
 
 def test_sparsity_bad_arguments():
