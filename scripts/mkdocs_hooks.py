@@ -32,7 +32,7 @@ def variants_table(family: str) -> str:
         '|---|---:|---:|---:|---:|---:|',
     ]
     for r in model_table.table_rows(names=names):
-        top1 = '-' if r['paper_top1'] is None else f"{r['paper_top1']:.1f}"
+        top1 = model_table.format_top1(r)
         lines.append(
             f"| `{r['model']}` | {r['input_size'][1]} | {r['params'] / 1e6:.2f} | {r['macs'] / 1e9:.2f} | "
             f"{r['macs_attention'] / 1e9:.2f} | {top1} |"

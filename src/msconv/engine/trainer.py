@@ -363,6 +363,7 @@ class _Trainer:
         glob = cfg.batch_size * cfg.accum_steps
         per = f"{self.local_bs} per process x {self.info.world_size} process(es) x accumulation {cfg.accum_steps}"
         base = 'absolute' if cfg.lr_base_size is None else f"{cfg.lr:g} per {cfg.lr_base_size}"
+        scale = 1.0 if cfg.lr_base_size is None else glob / cfg.lr_base_size
         if self.amp_dtype is None:
             amp = 'fp32'
         else:
@@ -374,7 +375,8 @@ class _Trainer:
         return (
             f"recipe: preset {cfg.preset!r} for {cfg.model} ({kind}; based on {info['based_on']})\n"
             f"  epochs {cfg.epochs}, global batch {glob} ({per}), lr {self.lr:.4g} ({base}), warm-up "
-            f"{cfg.warmup_epochs:g} epochs from {cfg.warmup_lr:g} ({sched}), min lr {cfg.min_lr:g}, {cfg.sched}\n"
+            f"{cfg.warmup_epochs:g} epochs from {cfg.warmup_lr * scale:.4g} ({sched}), min lr "
+            f"{cfg.min_lr * scale:.4g}, {cfg.sched}, image {self.data_cfg['size']} (eval crop_pct {cfg.crop_pct:g})\n"
             f"  {cfg.opt} wd {cfg.weight_decay:g} eps {cfg.opt_eps:g} betas {tuple(cfg.opt_betas)}, clip "
             f"{cfg.clip_grad}, drop path {cfg.drop_path:g}, smoothing {cfg.smoothing:g}, mixup {cfg.mixup:g}, cutmix "
             f"{cfg.cutmix:g}, aa {cfg.auto_augment}, re {cfg.re_prob:g}, ema {cfg.ema}, precision {amp}, sync_bn "

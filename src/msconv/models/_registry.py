@@ -33,15 +33,18 @@ _MODEL_PAPER: Dict[str, Dict[str, Any]] = {}
 _CONVERTERS: Dict[str, Callable[[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]] = {}
 
 
-def register_model(family: str, paper_top1: Optional[float] = None, paper: Optional[str] = None) -> Callable:
+def register_model(
+    family: str, paper_top1: Optional[float] = None, paper: Optional[str] = None, paper_top1_note: Optional[str] = None
+) -> Callable:
     """Decorator: register a model entry point in timm's registry and record its msconv family, and, for the
-    variants a paper reports, its ImageNet-1K top-1 (%) and the paper (timm's PretrainedCfg has no such field)."""
+    variants a paper reports, its ImageNet-1K top-1 (%) and the paper (timm's PretrainedCfg has no such field);
+    ``paper_top1_note`` says how that top-1 was obtained when it is not ImageNet-1K training from scratch."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
 
     def _decorate(fn: Callable) -> Callable:
         _MODEL_FAMILY[fn.__name__] = family
-        _MODEL_PAPER[fn.__name__] = {'paper_top1': paper_top1, 'paper': paper}
+        _MODEL_PAPER[fn.__name__] = {'paper_top1': paper_top1, 'paper': paper, 'paper_top1_note': paper_top1_note}
         return _timm_register_model(fn)
 
     return _decorate

@@ -634,7 +634,7 @@ def smt_base(pretrained: bool = False, **kwargs) -> SMT:
     return _create_smt('smt_base', pretrained, **dict(args, **kwargs))
 
 
-@register_model('smt', paper_top1=87.1, paper=_PAPER)
+@register_model('smt', paper_top1=87.1, paper=_PAPER, paper_top1_note='ImageNet-22K pre-trained')
 def smt_large(pretrained: bool = False, **kwargs) -> SMT:
     """SMT-L with layer scale, as every official SMT-L config trains it (22K pre-trained, 87.1 at 224)."""
     args = dict(

@@ -71,11 +71,20 @@ def table_rows(include_test: bool = False, names: Optional[List[str]] = None) ->
                     macs=stats['macs'],
                     macs_attention=stats['macs_attention'],
                     paper_top1=info.get('paper_top1'),
+                    paper_top1_note=info.get('paper_top1_note'),
                     paper=_paper_link(name, info.get('paper')),
                 )
             )
         rows += sorted(family_rows, key=lambda r: (r['params'], r['model']))
     return rows
+
+
+def format_top1(row: Dict[str, Any]) -> str:
+    """A row's paper top-1 as the tables show it: '-' when none, with its note (e.g. 22K pre-training)."""
+    if row['paper_top1'] is None:
+        return '-'
+    note = row.get('paper_top1_note')
+    return f"{row['paper_top1']:.1f}" + (f" ({note})" if note else '')
 
 
 def render(include_test: bool = False) -> str:
@@ -85,7 +94,7 @@ def render(include_test: bool = False) -> str:
         '|---|---|---:|---:|---:|---:|---:|---|',
     ]
     for r in table_rows(include_test):
-        top1 = f"{r['paper_top1']:.1f}" if r['paper_top1'] is not None else '-'
+        top1 = format_top1(r)
         lines.append(
             f"| `{r['model']}` | {r['family']} | {r['input_size'][1]} | {r['params'] / 1e6:.2f} | "
             f"{r['macs'] / 1e9:.2f} | {r['macs_attention'] / 1e9:.2f} | {top1} | {r['paper']} |"
@@ -96,7 +105,8 @@ def render(include_test: bool = False) -> str:
         '(Input x Input; MACs = FLOPs / 2), with '
         'every operator in its plain reference form (the architecture\'s cost, not a fast form\'s zero padding), '
         'and include the attention matmuls, which most model cards leave out. '
-        'Paper top-1: ImageNet-1K accuracy reported by the paper for the released weights.'
+        'Paper top-1: ImageNet-1K accuracy reported by the paper for the released weights (trained on ImageNet-1K '
+        'from scratch unless noted).'
     )
     return '\n'.join(lines) + '\n'
 

@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         step = '' if res.get('step') is None else f" (step {res['step']})"
         best = ''
         if res.get('which') == 'best' and res.get('best_top1') is not None:
-            best = f", best evaluation: top-1 {res['best_top1']:.2f}% at epoch {res['best_epoch']:g}"
+            best = f", best evaluation: top-1 {res['best_top1']:.2f}% at epoch {res['best_epoch']:.3g}"
         print(f"weights: {res['checkpoint']}{step}{', EMA' if args.ema else ''}{best}")
     print(
         f"{args.model} on {args.data}/{args.split}: top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  "
