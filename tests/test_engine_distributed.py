@@ -1,4 +1,5 @@
-"""torchrun scale-out: 2 gloo processes on CPU give the result of one process with the same global batch."""
+"""torchrun scale-out: 2 gloo processes on CPU give the result of one process with the same global batch, also
+when --per-gpu-batch splits it into accumulation micro-steps."""
 
 from __future__ import annotations
 
@@ -103,3 +104,32 @@ def test_torchrun_two_gloo_processes_match_one_process(tmp_path):
     assert va['single']['val_loss'] == pytest.approx(va['ddp']['val_loss'], rel=1e-5)
     # only rank 0 wrote: one config, one metrics stream
     assert sum(1 for r in recs['ddp'] if r['kind'] == 'train') == 4
+    # --per-gpu-batch 2 on 2 processes: 2 images per process per micro-step, 2 accumulation micro-steps make up
+    # the same global batch of 8 (same images, same LR): the same weights as the single process
+    pgb = subprocess.run(
+        [
+            sys.executable,
+            '-m',
+            'torch.distributed.run',
+            '--standalone',
+            '--nproc_per_node',
+            '2',
+            '-m',
+            'msconv',
+            *common,
+            '--name',
+            'pgb',
+            '--per-gpu-batch',
+            '2',
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert pgb.returncode == 0, pgb.stderr[-3000:]
+    assert 'global batch 8 (2 per process x 2 process(es) x accumulation 2)' in pgb.stdout
+    c = load_checkpoint(list_checkpoints(tmp_path / 'pgb')[-1])
+    assert c[2]['step'] == 4 and (c[2]['config']['batch_size'], c[2]['config']['accum_steps']) == (4, 2)
+    for k, v in a[0]['model'].items():
+        torch.testing.assert_close(c[0]['model'][k], v, rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")

@@ -186,3 +186,37 @@ def test_grn_gamma_beta_are_decayed_and_keep_their_shapes():
     assert len(converted) == n_grn
     for k, v in converted.items():
         assert torch.equal(v, sd[k]), k
+
+
+def test_trainer_runs_the_snip_init_when_asked(tmp_path, capsys):
+    from test_engine_train import make_image_folder
+
+    from msconv.engine import train
+    from msconv.engine.checkpoint import list_checkpoints, load_checkpoint
+
+    data = make_image_folder(tmp_path / 'imgs', n_train=4, n_val=1)
+    res = train(
+        dict(
+            model='test_shiftwise',
+            preset='demo',
+            data=str(data),
+            batch_size=4,
+            max_steps=1,
+            progress=False,
+            plot=False,
+            num_workers=0,
+            output=str(tmp_path),
+            name='snip',
+            sparsity=dict(target=0.3, interval=100, gap=131, init='snip'),
+        )
+    )
+    assert res['status'] == 'finished'
+    assert 'sparsity: SNIP init over 5 layer(s)' in capsys.readouterr().out
+    weights, state, _ = load_checkpoint(list_checkpoints(tmp_path / 'snip')[-1])
+    sp = state['sparsity']
+    assert sp['init'] == 'snip' and set(sp['masks']) | set(sp['dense_layers']) == {
+        n for n, m in msconv.create_model('test_shiftwise').named_modules() if type(m).__name__ == 'ShiftWiseConv2d'
+    }
+    for name, mask in sp['masks'].items():
+        w = weights['model'][f'{name}.weight']
+        assert (w.abs().sum((-2, -1))[~mask] == 0).all(), name

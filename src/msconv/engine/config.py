@@ -925,11 +925,13 @@ def preset_info(model: str, preset: str) -> Dict[str, Any]:
     if preset == 'demo':
         return dict(official=False, based_on='the small CPU demo (digits, 32x32)', recipe=None)
     fam = family_of(base)
+    if fam is None:
+        return dict(official=False, based_on='the TrainConfig defaults (a timm model: no family preset)', recipe=None)
     official_for = sorted(
         {m for r in OFFICIAL_RECIPES.values() if r['preset'] == preset for m in r['models'] if family_of(m) == fam}
     )
     where = f"an official recipe only for {', '.join(official_for)}" if official_for else 'no official recipe'
-    return dict(official=False, based_on=f"the {fam or 'timm'} family's {preset!r} preset ({where})", recipe=None)
+    return dict(official=False, based_on=f"the {fam} family's {preset!r} preset ({where})", recipe=None)
 
 
 def _fmt_value(v: Any) -> str:

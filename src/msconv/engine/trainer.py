@@ -345,7 +345,10 @@ class _Trainer:
         net.zero_grad(set_to_none=True)
         with torch.enable_grad():
             out = self.task.forward(net, x, y)
-            loss = F.cross_entropy(out, y) if self.cfg.task == 'classification' else self.task.loss(out, y)
+            if self.cfg.task == 'classification':  # hard labels, no Mixup (-1: an unreadable image's stand-in)
+                loss = F.cross_entropy(out.float(), y, ignore_index=-1)
+            else:
+                loss = self.task.loss(out, y)
             loss.backward()
         scores = self._broadcast_scores(self.sparsity.snip_scores(net))
         del net
