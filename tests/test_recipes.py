@@ -281,3 +281,47 @@ def test_best_and_last_are_tracked_and_eval_picks_either(tmp_path, capsys):
         msconv.evaluate('test_smt', checkpoint=t.run_dir, data=str(data), which='first')
     with pytest.raises(ValueError, match="which='best' needs a run folder"):
         msconv.evaluate('test_smt', checkpoint=list_best_checkpoints(t.run_dir)[0], data=str(data), which='best')
+
+
+def test_top1_summary_reports_last_and_best():
+    from msconv.engine.metrics import top1_summary
+
+    recs = [
+        {'kind': 'train', 'step': 5, 'loss': 1.0},
+        {'kind': 'val', 'step': 10, 'top1': 40.0},
+        {'kind': 'val', 'step': 20, 'top1': 55.0},
+        {'kind': 'val', 'step': 30, 'top1': 55.0},
+        {'kind': 'val', 'step': 40, 'top1': 50.0},
+    ]
+    s = top1_summary(recs, steps_per_epoch=10)
+    assert s['last'] == {'top1': 50.0, 'step': 40, 'epoch': 4.0}
+    assert s['best'] == {'top1': 55.0, 'step': 20, 'epoch': 2.0}  # the first of equal ones
+    assert top1_summary(recs, 10, up_to_step=15)['best']['step'] == 10
+    assert top1_summary(recs[:1]) == {'last': None, 'best': None}
+
+
+def test_best_survives_a_resume(tmp_path):
+    from msconv.engine.checkpoint import list_best_checkpoints
+    from msconv.engine.metrics import read_metrics, top1_summary
+
+    data = make_image_folder(tmp_path / 'imgs', n_train=4, n_val=2)
+    common = dict(
+        model='test_smt',
+        preset='demo',
+        data=str(data),
+        batch_size=4,
+        progress=False,
+        plot=False,
+        num_workers=0,
+        output=str(tmp_path),
+        name='r',
+        epochs=3,
+    )
+    first = msconv.train(dict(common, max_steps=1))
+    assert first['best']['step'] == 1 and first['last']['step'] == 1
+    second = msconv.train(dict(common, max_steps=2, resume='auto'))
+    expected = top1_summary(read_metrics(tmp_path / 'r'), steps_per_epoch=3)
+    assert second['last'] == expected['last'] and second['last']['step'] == 2
+    assert {k: second['best'][k] for k in ('top1', 'step', 'epoch')} == expected['best']
+    (best_dir,) = list_best_checkpoints(tmp_path / 'r')
+    assert best_dir.name == f"best-{expected['best']['step']:08d}" and second['best']['checkpoint'] == str(best_dir)

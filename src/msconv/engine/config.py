@@ -1,8 +1,11 @@
 """Training configuration: one dataclass, per-family presets, YAML files, and checks before any work starts.
 
 Precedence, lowest first: dataclass defaults < preset (``'imagenet'``: the family's official ImageNet-1K recipe,
-or ``'demo'``: small and fast) < YAML file < explicit overrides (CLI flags). ``resolve_config`` returns the
-merged, validated ``TrainConfig``; ``save_config`` writes it beside the run.
+``'imagenet22k'`` / ``'imagenet22kto1k'`` / ``'imagenet22kto1k_384'``: SMT-L's 22K pre-training and fine-tuning,
+or ``'demo'``: small and fast) < per-model values of the preset (drop path per size) < YAML file < explicit
+overrides (CLI flags). ``resolve_config`` returns the merged, validated ``TrainConfig``; ``save_config`` writes it
+beside the run. ``OFFICIAL_RECIPES`` lists every preset's hyper-parameters with the official file and line they
+come from (``UNOFFICIAL_PRESETS``: those with no official recipe), ``preset_info`` says which is which.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ __all__ = [
     'split_global_batch',
     'recipe_value',
     'recipe_table_markdown',
+    'UNOFFICIAL_PRESETS',
 ]
 
 

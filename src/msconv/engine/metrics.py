@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, TextIO, Union
 
-__all__ = ['MetricsLog', 'read_metrics', 'draw_curves', 'plot_curves', 'Progress']
+__all__ = ['MetricsLog', 'read_metrics', 'top1_summary', 'draw_curves', 'plot_curves', 'Progress']
 
 
 class MetricsLog:
@@ -90,6 +90,25 @@ def read_metrics(run_dir: Union[str, Path]) -> List[Dict[str, Any]]:
         except ValueError:  # a line cut by a crash
             continue
     return out
+
+
+def top1_summary(
+    records: List[Dict[str, Any]], steps_per_epoch: Optional[int] = None, up_to_step: Optional[int] = None
+) -> Dict[str, Optional[Dict[str, Any]]]:
+    """The last and the best evaluation of a run: ``{'last': {top1, step, epoch}, 'best': {...}}`` (None when no
+    evaluation has top-1). The best is the highest top-1, the earliest of equal ones (as the official scripts'
+    ``max_accuracy``). ``up_to_step``: ignore later records; ``steps_per_epoch``: recompute ``epoch`` from steps."""
+    vals = [r for r in records if r.get('kind') == 'val' and r.get('top1') is not None]
+    if up_to_step is not None:
+        vals = [r for r in vals if r['step'] <= up_to_step]
+
+    def entry(r):
+        epoch = r['step'] / steps_per_epoch if steps_per_epoch else r.get('epoch')
+        return {'top1': r['top1'], 'step': r['step'], 'epoch': epoch}
+
+    if not vals:
+        return {'last': None, 'best': None}
+    return {'last': entry(vals[-1]), 'best': entry(max(vals, key=lambda r: (r['top1'], -r['step'])))}
 
 
 def draw_curves(records: List[Dict[str, Any]], title: str = ''):

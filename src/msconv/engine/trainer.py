@@ -48,7 +48,7 @@ from .checkpoint import (
 from .config import TrainConfig, preset_info, resolve_config, save_config, split_global_batch
 from .distributed import DistInfo, cleanup_distributed, init_distributed, resolve_device
 from .evaluate import autocast_context
-from .metrics import MetricsLog, Progress, plot_curves, read_metrics
+from .metrics import MetricsLog, Progress, plot_curves, read_metrics, top1_summary
 from .tasks import RunContext, create_task
 
 __all__ = ['train', 'NonFiniteLossError', 'weight_decay_groups']
@@ -571,13 +571,8 @@ class _Trainer:
 
     def _restore_best(self, step: int) -> None:
         """After a resume at ``step``: last/best from the kept metrics; best folders of the abandoned future go."""
-        vals = [r for r in read_metrics(self.run_dir) if r.get('kind') == 'val' and r.get('top1') is not None]
-        vals = [r for r in vals if r['step'] <= step]
-        if vals:
-            r = vals[-1]
-            self.last = {'top1': r['top1'], 'step': r['step'], 'epoch': r['step'] / self.steps_per_epoch}
-            b = max(vals, key=lambda v: (v['top1'], -v['step']))
-            self.best = {'top1': b['top1'], 'step': b['step'], 'epoch': b['step'] / self.steps_per_epoch}
+        summary = top1_summary(read_metrics(self.run_dir), self.steps_per_epoch, up_to_step=step)
+        self.last, self.best = summary['last'], summary['best']
         if self.info.is_main:
             for p in list_best_checkpoints(self.run_dir):
                 if int(p.name.split('-')[-1]) > step:
