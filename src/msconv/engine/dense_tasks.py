@@ -42,7 +42,16 @@ import torch.nn as nn
 
 from .tasks import RunContext, Task, register_task
 
-__all__ = ['DetectionTask', 'SegmentationTask', 'DENSE_TASKS', 'find_coco_split', 'digits_dense_root', 'evaluate_dense']
+__all__ = [
+    'DetectionTask',
+    'SegmentationTask',
+    'DENSE_TASKS',
+    'find_coco_split',
+    'digits_dense_root',
+    'evaluate_dense',
+    'dense_run_task',
+    'format_dense_metrics',
+]
 
 DENSE_TASKS = ('detection', 'segmentation')
 _DENSE_PRESETS = ('coco_3x', 'ade20k_160k')
@@ -161,7 +170,9 @@ class _DenseTask(Task):
             if cfg.total_iters is None:
                 kw['num_epochs'] = cfg.epochs
         if cfg.lr_milestones is not None:
-            kw['decay_milestones'] = [float(m) for m in cfg.lr_milestones]
+            # timm's multistep decays when t + 1 passes a milestone (one update early); half an update later puts
+            # the decay on the first update of the milestone epoch, as mmcv's step policy
+            kw['decay_milestones'] = [(float(m) * steps_per_epoch + 0.5) / steps_per_epoch for m in cfg.lr_milestones]
         kw['decay_rate'] = cfg.decay_rate
         return kw, total_steps
 
@@ -414,6 +425,37 @@ def evaluate_dense(
     task.build_datasets({})
     rec = task.evaluate(model, None, None, RunContext(resolve_device(device)))
     return dict(rec, task=cfg.task, arch=task.arch, checkpoint=str(path), step=int(meta['step']))
+
+
+def dense_run_task(checkpoint: str) -> Optional[str]:
+    """'detection' / 'segmentation' when ``checkpoint`` (a run or step folder) belongs to a dense run, else None."""
+    from .config import load_yaml
+    from .evaluate import _find_run_config
+
+    path = Path(checkpoint)
+    if not path.is_dir():
+        return None
+    cfg_path = _find_run_config(path)
+    task = load_yaml(cfg_path).get('task') if cfg_path is not None else None
+    return task if task in DENSE_TASKS else None
+
+
+def format_dense_metrics(res: Dict[str, Any]) -> str:
+    """The metric lines ``msconv eval`` prints for a dense run."""
+    if res['task'] == 'detection':
+        lines = []
+        for kind, label in (('bbox', 'box'), ('segm', 'mask')):
+            if f"{kind}_AP" in res:
+                lines.append(
+                    f"{res['arch']} {label}: "
+                    + '  '.join(f"{k} {res[f'{kind}_{k}']:.3f}" for k in ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl'))
+                )
+        return '\n'.join(lines)
+    line = f"{res['arch']}: mIoU {res['mIoU']:.3f}  mAcc {res['mAcc']:.3f}  aAcc {res['aAcc']:.3f}"
+    if 'ms_mIoU' in res:
+        ms = '  '.join(f"{k} {res[f'ms_{k}']:.3f}" for k in ('mIoU', 'mAcc', 'aAcc'))
+        line += f"\n{res['arch']} multi-scale + flip: {ms}"
+    return line
 
 
 TASKS_BY_NAME = {'detection': DetectionTask, 'segmentation': SegmentationTask}

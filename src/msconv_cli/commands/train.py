@@ -9,8 +9,15 @@ HELP = 'train a model: timm recipe, per-family presets, crash-safe checkpoints, 
 # flag -> config field; value None means "not given" so that YAML values stay.
 _FLAGS = [
     ('--data', 'data', str, "'digits' (bundled MNIST) or an ImageFolder root with train/ and val/"),
-    ('--preset', 'preset', str, "'imagenet' (the family's official recipe, default) or 'demo' (small, fast)"),
-    ('--task', 'task', str, "'classification' (default) or 'face'"),
+    (
+        '--preset',
+        'preset',
+        str,
+        "'imagenet' (the family's official recipe, default), 'demo' (small, fast), 'coco_3x' (default for "
+        "--task detection) or 'ade20k_160k' (default for --task segmentation)",
+    ),
+    ('--task', 'task', str, "'classification' (default), 'face', 'detection' (COCO folder) or 'segmentation' (ADE20K)"),
+    ('--arch', 'arch', str, "dense tasks: 'mask_rcnn', 'cascade_mask_rcnn', 'retinanet' or 'upernet'"),
     ('--epochs', 'epochs', int, 'training epochs'),
     ('--max-steps', 'max_steps', int, 'stop after this many optimizer steps'),
     ('--batch-size', 'batch_size', int, 'global batch per micro-step (split over torchrun processes)'),
@@ -91,6 +98,8 @@ def collect_overrides(args: argparse.Namespace) -> dict:
             overrides[key.strip().replace('-', '_')] = yaml.safe_load(value)
         except yaml.YAMLError as e:
             raise ValueError(f"--set {item!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from e
+    if args.config is None and overrides.get('preset') is None:  # the dense tasks' own recipes by default
+        overrides['preset'] = {'detection': 'coco_3x', 'segmentation': 'ade20k_160k'}.get(overrides.get('task'))
     return {k: v for k, v in overrides.items() if v is not None}
 
 
@@ -136,6 +145,10 @@ def run(args: argparse.Namespace) -> int:
     line = f"done: {result['steps']} steps, run folder {result['run_dir']}"
     if result.get('top1') is not None:
         line += f", val top-1 {result['top1']:.2f}%"
+    ev = result.get('last_eval') or {}
+    for key in ('bbox_AP', 'bbox_AP50', 'segm_AP', 'mIoU', 'aAcc', 'ms_mIoU'):  # the dense tasks' metrics
+        if isinstance(ev.get(key), float):
+            line += f", {key} {ev[key]:.3f}"
     print(line)
     if result.get('curves'):
         print(f"curves: {result['curves']}")
