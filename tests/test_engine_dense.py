@@ -166,3 +166,22 @@ def test_segmentation_run_learns_and_eval_reports_single_and_multi_scale(tmp_pat
         if r['kind'] == 'train'
     ]
     assert sum(losses[-5:]) < 0.75 * sum(losses[:5])
+
+
+@pytest.mark.slow  # writes 900 canvases and evaluates 100
+def test_dense_demo_runs_from_a_given_backbone(tmp_path):
+    from safetensors.torch import save_file
+
+    import msconv
+    from msconv.engine.demo import DEMO_MODELS, dense_demo
+
+    spec = DEMO_MODELS['smt']
+    weights = tmp_path / 'nano.safetensors'
+    save_file(msconv.create_model(spec['model'], num_classes=10, **spec['model_kwargs']).state_dict(), str(weights))
+    res = dense_demo('segmentation', output=str(tmp_path / 'demo'), pretrained=str(weights), max_steps=2, progress=False)
+    (row,) = res['rows']
+    assert row['arch'] == 'upernet' and row['steps'] == 2 and 0.0 <= row['value'] <= 1.0 and row['cpu_s'] > 0
+    assert (tmp_path / 'demo' / 'data' / 'ade' / 'annotations' / 'validation' / '000099.png').is_file()
+    assert 'upernet' in res['table'] and 'mIoU' in res['table']
+    with pytest.raises(ValueError, match=r"archs for task 'segmentation' must be among \('upernet',\)"):
+        dense_demo('segmentation', archs=['mask_rcnn'], output=str(tmp_path / 'x'), pretrained=str(weights))
