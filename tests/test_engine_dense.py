@@ -178,7 +178,8 @@ def test_dense_demo_runs_from_a_given_backbone(tmp_path):
     spec = DEMO_MODELS['smt']
     weights = tmp_path / 'nano.safetensors'
     save_file(msconv.create_model(spec['model'], num_classes=10, **spec['model_kwargs']).state_dict(), str(weights))
-    res = dense_demo('segmentation', output=str(tmp_path / 'demo'), pretrained=str(weights), max_steps=2, progress=False)
+    out = str(tmp_path / 'demo')
+    res = dense_demo('segmentation', output=out, pretrained=str(weights), max_steps=2, progress=False)
     (row,) = res['rows']
     assert row['arch'] == 'upernet' and row['steps'] == 2 and 0.0 <= row['value'] <= 1.0 and row['cpu_s'] > 0
     assert (tmp_path / 'demo' / 'data' / 'ade' / 'annotations' / 'validation' / '000099.png').is_file()
