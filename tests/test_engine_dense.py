@@ -124,7 +124,7 @@ def test_bad_dense_settings_are_named(tmp_path):
         train(dict(SEG, output=str(tmp_path), total_iters=0))
 
 
-def test_detection_run_trains_evaluates_and_resumes_bit_exactly(tmp_path):
+def test_detection_run_trains_evaluates_and_resumes_bit_exactly(tmp_path, capsys):
     # Mask R-CNN with EMA and drop path: 4 steps straight, and 2 steps + resume for 2 more, give equal weights
     common = dict(DET, arch='mask_rcnn', output=str(tmp_path), ema=True, ema_decay=0.9, lr=1e-3, warmup_iters=1)
     ref = train(dict(common, name='ref', max_steps=4, ckpt_every=2))
@@ -149,6 +149,11 @@ def test_detection_run_trains_evaluates_and_resumes_bit_exactly(tmp_path):
     assert again['step'] == 4 and again['arch'] == 'mask_rcnn'
     for key in ('bbox_AP', 'bbox_AP50', 'segm_AP'):
         assert again[key] == pytest.approx(ev[key]), key
+    from msconv.cli import main
+
+    assert main(['eval', 'test_smt', '--checkpoint', str(tmp_path / 'ref'), '--device', 'cpu']) == 0
+    out = capsys.readouterr().out
+    assert f"mask_rcnn box: AP {ev['bbox_AP']:.3f}  AP50 {ev['bbox_AP50']:.3f}" in out and 'mask_rcnn mask: AP' in out
 
 
 def test_segmentation_run_learns_and_eval_reports_single_and_multi_scale(tmp_path):
