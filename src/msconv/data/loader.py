@@ -303,6 +303,7 @@ def build_loader(
     rank: int = 0,
     drop_last: bool = False,
     pin_memory: bool = False,
+    collate_fn: Optional[Callable] = None,
 ) -> Tuple[DataLoader, ResumableDistributedSampler]:
     """A loader over ``dataset`` (wrapped in ``SeededDataset``) with a ``ResumableDistributedSampler``.
 
@@ -320,5 +321,6 @@ def build_loader(
         drop_last=drop_last,
         pin_memory=pin_memory,
         persistent_workers=False,
+        collate_fn=collate_fn,  # None: torch's default (stacked tensors); the dense tasks pass theirs
     )
     return loader, sampler

@@ -128,8 +128,8 @@ class UperNet(nn.Module):
     """Encoder-decoder segmenter: msconv backbone, :class:`UperHead`, auxiliary :class:`FCNHead` on level 2.
 
     ``forward(images)`` takes float images in [0, 1] (normalized inside with the ImageNet mean/std) and returns
-    decode-head logits upsampled to the input size; ``loss(images, masks)`` returns ``loss_decode`` and
-    ``loss_aux`` (already weighted).
+    decode-head logits upsampled to the input size; ``loss(images, masks)`` (or ``forward(images, masks)``)
+    returns ``loss_decode`` and ``loss_aux`` (already weighted).
     """
 
     def __init__(
@@ -166,7 +166,11 @@ class UperNet(nn.Module):
         self._check(images)
         return self.backbone((images - self.mean) / self.std)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, masks: Optional[torch.Tensor] = None):
+        """Logits (B, K, H, W) at the input size; with ``masks``, the loss dict of :meth:`loss` (so that a
+        ``DistributedDataParallel`` wrapper sees the training forward)."""
+        if masks is not None:
+            return self.loss(images, masks)
         return _resize(self.decode_head(self._features(images)), images.shape[2:])
 
     def loss(self, images: torch.Tensor, masks: torch.Tensor) -> Dict[str, torch.Tensor]:

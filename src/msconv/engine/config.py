@@ -105,6 +105,25 @@ class TrainConfig:
     deterministic: bool = False
     sparsity: Optional[Dict[str, Any]] = None  # ShiftWise sparse training (opt-in)
 
+    # dense tasks ('detection', 'segmentation': msconv.engine.dense_tasks; presets in msconv.engine.dense_recipes)
+    arch: Optional[str] = None  # detection: mask_rcnn | cascade_mask_rcnn | retinanet; segmentation: upernet
+    dense_kwargs: Dict[str, Any] = field(default_factory=dict)  # create_detector / create_segmenter keywords
+    det_scales: Optional[List[int]] = None  # training shorter sides (None: 480..800 step 32)
+    det_max_size: int = 1333  # training longer-side cap
+    det_crop: bool = True  # the 3x configs' resize + crop branch
+    seg_scale: Tuple[int, int] = (2048, 512)  # rescale scale (train, x ratio) and test scale
+    seg_ratio_range: Tuple[float, float] = (0.5, 2.0)
+    seg_crop: Tuple[int, int] = (512, 512)
+    seg_num_classes: int = 150
+    seg_reduce_zero_label: bool = True
+    seg_eval_ms: bool = False  # also report multi-scale + flip mIoU at the end of a run
+    eval_max_images: Optional[int] = None  # evaluate on the first N val images only
+    norm_eval: bool = False  # BatchNorm layers in eval mode while training (mmdet's norm_eval)
+    warmup_iters: Optional[int] = None  # warm-up length in optimizer steps (replaces warmup_epochs)
+    total_iters: Optional[int] = None  # schedule length in optimizer steps (replaces epochs)
+    lr_milestones: Optional[List[float]] = None  # sched 'multistep': epochs at which the lr is multiplied
+    decay_rate: float = 0.1  # the multistep factor, or the power of sched 'poly'
+
     # output, checkpoints, safety
     output: str = 'runs'
     name: Optional[str] = None  # run folder name; default '<model>-<data>'
@@ -983,3 +1002,6 @@ def recipe_table_markdown() -> str:
                 f"{_fmt_value(recipe_value(cfg, row['field']))} |"
             )
     return '\n'.join(out) + '\n'
+
+
+from . import dense_recipes  # noqa: E402,F401  (adds the 'coco_3x' and 'ade20k_160k' presets to PRESETS)

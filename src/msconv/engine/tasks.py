@@ -6,16 +6,17 @@ checkpoint files, records, resume); a ``Task`` answers the task-specific questio
 1. data:        ``num_classes()``, then ``build_datasets(data_cfg)`` -> (train set, val set or None);
 2. model:       ``build_model(num_classes)`` (what the optimizer trains) and ``backbone(model)`` (what is
                 exported and counted);
-3. loss:        ``build_criterion(num_classes)``, ``prepare_batch(x, y)`` (e.g. Mixup), ``forward(model, x, y)``
-                under autocast and ``loss(output, y)`` in float32;
+3. loss:        ``build_criterion(num_classes)``, ``to_device(x, y, device, channels_last)`` (batches built by
+                ``collate_fn``), ``prepare_batch(x, y)`` (e.g. Mixup), ``forward(model, x, y)`` under autocast and
+                ``loss(output, y)`` in float32; ``schedule(...)`` may reshape the learning-rate schedule;
 4. evaluation:  ``evaluate(model, ema_model, val_loader, ctx)`` -> metric fields of a 'val' record, and
                 ``summary(record)`` for the log line;
 5. checkpoint:  ``checkpoint_weights(model, ema_model)`` -> {file stem: state dict} and
                 ``load_checkpoint_weights(...)``, its inverse.
 
-``TASKS`` maps ``TrainConfig.task`` to a class; ``register_task`` adds one (detection and segmentation will
-plug in here: their datasets return targets other than class indices, their ``forward``/``loss`` take them, and
-their ``evaluate`` returns their own metrics).
+``TASKS`` maps ``TrainConfig.task`` to a class; ``register_task`` adds one. Detection and segmentation
+(:mod:`msconv.engine.dense_tasks`) plug in here: their datasets return targets other than class indices, their
+``collate_fn``/``to_device``/``forward``/``loss`` take them, and their ``evaluate`` returns their own metrics.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class Task:
     """The task-specific half of a training run (see the module docstring for the call order)."""
 
     name = ''
+    collate_fn: Optional[Callable] = None  # the loaders' collate (None: torch's default, stacked tensors)
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -81,6 +83,13 @@ class Task:
     def build_criterion(self, num_classes: int) -> None:
         self.criterion = nn.CrossEntropyLoss()
 
+    def to_device(self, x: Any, y: Any, device: torch.device, channels_last: bool = False) -> Tuple[Any, Any]:
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y
+
     def prepare_batch(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         return x, y
 
@@ -89,6 +98,14 @@ class Task:
 
     def loss(self, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.criterion(output.float(), y)
+
+    # schedule -------------------------------------------------------------------------------------------------
+    def schedule(
+        self, sched_kwargs: Dict[str, Any], total_steps: int, steps_per_epoch: int
+    ) -> Tuple[Dict[str, Any], int]:
+        """``timm.scheduler.create_scheduler_v2`` keywords and the run's optimizer steps, as the trainer derived
+        them from the config's epochs; a task may change both (iteration-based recipes)."""
+        return sched_kwargs, total_steps
 
     # evaluation -----------------------------------------------------------------------------------------------
     def evaluate(self, model: nn.Module, ema_model: Optional[nn.Module], val_loader, ctx: RunContext) -> Dict[str, Any]:
@@ -310,3 +327,6 @@ class FaceTask(Task):
             model.head.load_state_dict(weights['head'])
             if ema_model is not None:
                 ema_model.head.load_state_dict(weights['head'])
+
+
+from . import dense_tasks  # noqa: E402,F401  (registers 'detection' and 'segmentation')

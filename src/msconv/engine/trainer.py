@@ -229,6 +229,7 @@ class _Trainer:
             rank=self.info.rank,
             drop_last=True,
             pin_memory=device.type == 'cuda',
+            collate_fn=self.task.collate_fn,
         )
         self.val_loader = None
         if self.val_set is not None:
@@ -241,6 +242,7 @@ class _Trainer:
                 world_size=self.info.world_size,
                 rank=self.info.rank,
                 pin_memory=device.type == 'cuda',
+                collate_fn=self.task.collate_fn,
             )
         micro_per_epoch = len(self.train_set) // self.info.world_size // self.local_bs
         self.steps_per_epoch = micro_per_epoch // cfg.accum_steps
@@ -273,8 +275,7 @@ class _Trainer:
         # warmup_prefix: the cosine covers the epochs after the warm-up (timm, SMT); without it the cosine spans all
         # epochs and the warm-up replaces its start (SCSC: timm CosineLRScheduler(t_initial=all steps, warmup_t)).
         warmup = cfg.warmup_epochs  # validated < epochs
-        self.scheduler, _ = create_scheduler_v2(
-            self.optimizer,
+        sched_kwargs = dict(
             sched=cfg.sched,
             num_epochs=cfg.epochs - warmup if cfg.warmup_prefix else cfg.epochs,
             warmup_epochs=warmup,
@@ -284,6 +285,9 @@ class _Trainer:
             step_on_epochs=False,
             updates_per_epoch=self.steps_per_epoch,
         )
+        # task hook: iteration-based recipes (e.g. ADE20K 160k) change the schedule's length and shape
+        sched_kwargs, self.total_steps = self.task.schedule(sched_kwargs, self.total_steps, self.steps_per_epoch)
+        self.scheduler, _ = create_scheduler_v2(self.optimizer, **sched_kwargs)
         self.scaler = torch.amp.GradScaler('cuda', enabled=self.amp_dtype == torch.float16)
 
         self.task.build_criterion(self.num_classes)
@@ -641,12 +645,9 @@ class _Trainer:
         total_loss = 0.0
         n_images = 0
         for i, (x, y) in enumerate(batches):
-            x = x.to(self.device, non_blocking=True)
-            y = y.to(self.device, non_blocking=True)
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x, y = self.task.to_device(x, y, self.device, cfg.channels_last)  # task hook (lists for detection)
             x, y = self.task.prepare_batch(x, y)
-            n_images += x.shape[0]
+            n_images += len(x)
             last = i == cfg.accum_steps - 1
             sync = nullcontext() if (last or not self.info.enabled) else self.ddp_model.no_sync()
             with sync:

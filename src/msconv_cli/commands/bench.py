@@ -51,6 +51,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help='the timed steps are split into this many runs; the median run is reported (default 5)',
     )
     parser.add_argument('--csv', default='bench.csv', help="write the results here (default bench.csv; '' to skip)")
+    parser.add_argument(
+        '--dense',
+        nargs='+',
+        metavar='ARCH',
+        default=None,
+        help='dense systems on each MODEL backbone (mask_rcnn cascade_mask_rcnn retinanet upernet) at the papers\' '
+        'input sizes, beside torchvision\'s Mask R-CNN / RetinaNet R50-FPN (batch 1; --num-bench-iter steps)',
+    )
 
 
 def _fmt(value: float, spec: str) -> str:
@@ -59,6 +67,20 @@ def _fmt(value: float, spec: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     import torch
+
+    if args.dense:  # the dense systems: msconv.tools.dense_bench
+        from msconv.tools.dense_bench import bench_dense, format_dense_bench
+
+        rows = bench_dense(
+            [f"{m}:{a}" for m in args.models for a in args.dense],
+            batch_size=args.batch_size or 1,
+            device=args.device or ('cuda' if torch.cuda.is_available() else 'cpu'),
+            train=not args.no_train,
+            num_warm_iter=min(args.num_warm_iter, 1),
+            num_bench_iter=args.num_bench_iter,
+        )
+        print(format_dense_bench(rows))
+        return 0
 
     from msconv.tools._table import print_table
     from msconv.tools.bench import benchmark, write_csv

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-HELP = 'evaluate a checkpoint (top-1/top-5) on the bundled digits or an ImageFolder split'
+HELP = 'evaluate a checkpoint: top-1/top-5 of a classifier; COCO AP or mIoU of a detection/segmentation run'
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,11 +29,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "evaluation ('best')",
     )
     parser.add_argument('--amp', action='store_true', help='bf16 autocast')
+    parser.add_argument('--multi-scale', action='store_true', help='segmentation runs: also multi-scale + flip mIoU')
 
 
 def run(args: argparse.Namespace) -> int:
     from msconv.engine import evaluate
+    from msconv.engine.dense_tasks import dense_run_task, evaluate_dense, format_dense_metrics
 
+    if args.checkpoint is not None and dense_run_task(args.checkpoint) is not None:  # a detection/segmentation run
+        res = evaluate_dense(
+            args.checkpoint,
+            data=None if args.data == 'digits' else args.data,
+            use_ema=args.ema,
+            multi_scale=args.multi_scale or None,
+            device=args.device,
+        )
+        print(f"weights: {res['checkpoint']} (step {res['step']}){', EMA' if args.ema else ''}")
+        print(format_dense_metrics(res))
+        return 0
     res = evaluate(
         args.model,
         checkpoint=args.checkpoint,

@@ -13,10 +13,12 @@ _FLAGS = [
         '--preset',
         'preset',
         str,
-        "'imagenet' (the family's official ImageNet-1K recipe, default), 'demo' (small, fast), and for SMT-L "
-        "'imagenet22k', 'imagenet22kto1k', 'imagenet22kto1k_384' (see docs/guides/recipes.md)",
+        "'imagenet' (the family's official recipe, default), 'demo' (small, fast), for SMT-L 'imagenet22k', "
+        "'imagenet22kto1k', 'imagenet22kto1k_384' (see docs/guides/recipes.md), 'coco_3x' (default for "
+        "--task detection) or 'ade20k_160k' (default for --task segmentation)",
     ),
-    ('--task', 'task', str, "'classification' (default) or 'face'"),
+    ('--task', 'task', str, "'classification' (default), 'face', 'detection' (COCO folder) or 'segmentation' (ADE20K)"),
+    ('--arch', 'arch', str, "dense tasks: 'mask_rcnn', 'cascade_mask_rcnn', 'retinanet' or 'upernet'"),
     ('--epochs', 'epochs', int, 'training epochs'),
     ('--max-steps', 'max_steps', int, 'stop after this many optimizer steps'),
     ('--batch-size', 'batch_size', int, 'global batch per micro-step (split over torchrun processes)'),
@@ -112,6 +114,8 @@ def collect_overrides(args: argparse.Namespace) -> dict:
             overrides[key.strip().replace('-', '_')] = yaml.safe_load(value)
         except yaml.YAMLError as e:
             raise ValueError(f"--set {item!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from e
+    if args.config is None and overrides.get('preset') is None:  # the dense tasks' own recipes by default
+        overrides['preset'] = {'detection': 'coco_3x', 'segmentation': 'ade20k_160k'}.get(overrides.get('task'))
     return {k: v for k, v in overrides.items() if v is not None}
 
 
@@ -171,6 +175,10 @@ def run(args: argparse.Namespace) -> int:
             line += f", best {best['top1']:.2f}% (epoch {best['epoch']:.2f})"
     elif result.get('top1') is not None:
         line += f", val top-1 {result['top1']:.2f}%"
+    ev = result.get('last_eval') or {}
+    for key in ('bbox_AP', 'bbox_AP50', 'segm_AP', 'mIoU', 'aAcc', 'ms_mIoU'):  # the dense tasks' metrics
+        if isinstance(ev.get(key), float):
+            line += f", {key} {ev[key]:.3f}"
     print(line)
     if result.get('curves'):
         print(f"curves: {result['curves']}")

@@ -1,0 +1,220 @@
+"""Speed of the dense systems: images/s and peak step memory of msconv detectors / segmenters at the papers' input
+sizes, beside torchvision's ``maskrcnn_resnet50_fpn`` and ``retinanet_resnet50_fpn`` (``weights=None``) measured
+in the same run.
+
+* Subjects are named ``BACKBONE:ARCH`` (``smt_small:mask_rcnn``, ``shiftwise_tiny:upernet``) or ``tv:NAME`` for a
+  torchvision detection builder. Detection runs on a 1280x800 image (W x H, the papers' FLOPs size; the test
+  resize to shorter side 800 / longer <= 1333 leaves it as it is, for msconv and torchvision alike), segmentation
+  on 2048x512. Inference is end to end (resize, backbone, heads, post-processing) under ``torch.inference_mode``;
+  training (``train=True``) is one SGD step on the loss dict with two synthetic boxes (and masks) per image, or a
+  random label map (segmentation trains on at least 2 images: UperNet's pooling branch has a 1x1 BatchNorm).
+* Timing follows :mod:`msconv.tools.bench`: warm-up calls, then the subjects **interleaved** call by call, the
+  median per subject; each msconv detector's ratio is against the torchvision baseline of its kind (RetinaNet vs
+  ``retinanet_resnet50_fpn``, the R-CNNs vs ``maskrcnn_resnet50_fpn``) measured in the same rounds.
+* Peak memory: tensor bytes allocated during one step above what was live before it (``tools.bench``'s counter:
+  the CUDA allocator, or ``torch.profiler`` memory events on CPU).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from .bench import _peak_step_memory, _sync
+
+__all__ = ['bench_dense', 'format_dense_bench', 'DENSE_BASELINES', 'DENSE_INPUT_SIZES']
+
+DENSE_BASELINES = ('tv:maskrcnn_resnet50_fpn', 'tv:retinanet_resnet50_fpn')
+DENSE_INPUT_SIZES = {'detection': (800, 1280), 'segmentation': (512, 2048)}  # (H, W)
+_TV = ('maskrcnn_resnet50_fpn', 'retinanet_resnet50_fpn', 'fasterrcnn_resnet50_fpn')
+
+
+def _parse(name: str) -> Tuple[str, str]:
+    from ..dense import DETECTOR_ARCHS, SEGMENTER_ARCHS
+
+    if not isinstance(name, str) or ':' not in name:
+        raise ValueError(f"subjects are 'BACKBONE:ARCH' or 'tv:NAME', got {name!r}")
+    left, right = name.split(':', 1)
+    if left == 'tv':
+        if right not in _TV:
+            raise ValueError(f"torchvision baseline must be one of {sorted(_TV)}, got {right!r}")
+    elif right not in DETECTOR_ARCHS + SEGMENTER_ARCHS:
+        raise ValueError(f"arch in {name!r} must be one of {DETECTOR_ARCHS + SEGMENTER_ARCHS}, got {right!r}")
+    return left, right
+
+
+def _kind(name: str) -> str:
+    left, right = _parse(name)
+    return 'segmentation' if right == 'upernet' else 'detection'
+
+
+def _build(name: str, size: Tuple[int, int]) -> nn.Module:
+    left, right = _parse(name)
+    min_size, max_size = min(size), max(1333, max(size))  # the test resize leaves the benchmark image as it is
+    if left == 'tv':
+        import torchvision.models.detection as tvd
+
+        return getattr(tvd, right)(weights=None, weights_backbone=None, min_size=min_size, max_size=max_size)
+    if right == 'upernet':
+        from ..dense import create_segmenter
+
+        return create_segmenter(left, 'upernet', 150)
+    from ..dense import create_detector
+
+    return create_detector(left, right, 80, min_size=min_size, max_size=max_size)
+
+
+def _targets(n: int, size: Tuple[int, int], masks: bool) -> List[Dict[str, torch.Tensor]]:
+    h, w = size
+    boxes = torch.tensor([[0.1 * w, 0.1 * h, 0.4 * w, 0.5 * h], [0.5 * w, 0.3 * h, 0.9 * w, 0.9 * h]])
+    out = []
+    for _ in range(n):
+        t = {'boxes': boxes.clone(), 'labels': torch.tensor([1, 2])}
+        if masks:
+            m = torch.zeros(2, h, w, dtype=torch.uint8)
+            for i, (x0, y0, x1, y1) in enumerate(boxes.long().tolist()):
+                m[i, y0:y1, x0:x1] = 1
+            t['masks'] = m
+        out.append(t)
+    return out
+
+
+class _Subject:
+    def __init__(self, name: str, size: Tuple[int, int], batch_size: int, device: torch.device, train: bool):
+        self.name, self.kind = name, _kind(name)
+        self.model = _build(name, size).to(device)
+        self.params = sum(p.numel() for p in self.model.parameters())
+        h, w = size
+        g = torch.Generator().manual_seed(0)
+        if self.kind == 'detection':
+            self.x: Any = [torch.rand(3, h, w, generator=g).to(device) for _ in range(batch_size)]
+            masks = name.endswith('mask_rcnn') or name == 'tv:maskrcnn_resnet50_fpn'
+            self.y: Any = [{k: v.to(device) for k, v in t.items()} for t in _targets(batch_size, size, masks)]
+        else:  # training needs 2+ images: UperNet's pooling branch has a 1x1 BatchNorm
+            self.x = torch.rand(batch_size, 3, h, w, generator=g).to(device)
+            self.train_x = torch.rand(max(batch_size, 2), 3, h, w, generator=g).to(device)
+            self.y = torch.randint(0, 150, (max(batch_size, 2), h, w), generator=g).to(device)
+        self.train_batch = len(self.y)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-4) if train else None
+
+    def infer_step(self) -> None:
+        self.model.eval()
+        with torch.inference_mode():
+            self.model(self.x)
+
+    def train_step(self) -> None:
+        self.model.train()
+        self.opt.zero_grad(set_to_none=True)
+        losses = self.model(getattr(self, 'train_x', self.x), self.y)
+        sum(losses.values()).backward()
+        self.opt.step()
+
+
+def _interleaved(subjects: List[_Subject], step: Callable[[_Subject], None], warm: int, iters: int, device):
+    for _ in range(warm):
+        for s in subjects:
+            step(s)
+    times: Dict[str, List[float]] = {s.name: [] for s in subjects}
+    for _ in range(iters):
+        for s in subjects:
+            _sync(device)
+            t0 = time.perf_counter()
+            step(s)
+            _sync(device)
+            times[s.name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def bench_dense(
+    subjects: Sequence[str],
+    baselines: Sequence[str] = DENSE_BASELINES,
+    batch_size: int = 1,
+    device: str = 'cpu',
+    size: Optional[Dict[str, Tuple[int, int]]] = None,
+    train: bool = False,
+    num_warm_iter: int = 1,
+    num_bench_iter: int = 3,
+    memory: bool = True,
+) -> List[Dict[str, Any]]:
+    """Images/s (and peak memory) of each subject and baseline; returns one dict per model (see the module).
+
+    Args:
+        subjects: ``'BACKBONE:ARCH'`` names, e.g. ``['smt_small:mask_rcnn', 'smt_small:upernet']``.
+        baselines: torchvision detectors measured beside them (``'tv:NAME'``).
+        size: input (H, W) per kind; default the papers' sizes :data:`DENSE_INPUT_SIZES`.
+        train: also time a training step.
+    """
+    for name, value in (('batch_size', batch_size), ('num_bench_iter', num_bench_iter)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not isinstance(num_warm_iter, int) or num_warm_iter < 0:
+        raise ValueError(f"num_warm_iter must be an int >= 0, got {num_warm_iter!r}")
+    if not subjects:
+        raise ValueError('subjects must name at least one BACKBONE:ARCH system')
+    names = list(dict.fromkeys(list(subjects) + list(baselines)))
+    for n in names:
+        _parse(n)
+    for n in baselines:
+        if not n.startswith('tv:'):
+            raise ValueError(f"baselines must be torchvision detectors 'tv:NAME', got {n!r}")
+    sizes = dict(DENSE_INPUT_SIZES, **(size or {}))
+    dev = torch.device(device)
+    models = [_Subject(n, tuple(sizes[_kind(n)]), batch_size, dev, train) for n in names]
+    infer = _interleaved(models, _Subject.infer_step, num_warm_iter, num_bench_iter, dev)
+    trained = _interleaved(models, _Subject.train_step, num_warm_iter, num_bench_iter, dev) if train else {}
+    rows = []
+    for s in models:
+        row: Dict[str, Any] = dict(
+            model=s.name,
+            kind=s.kind,
+            size=tuple(sizes[s.kind]),
+            batch_size=batch_size,
+            device=str(dev),
+            params_m=s.params / 1e6,
+            baseline=s.name in baselines and s.name not in subjects,
+            infer_img_s=batch_size / infer[s.name],
+            infer_mem_mb=_peak_step_memory(s.infer_step, dev) / 2**20 if memory else float('nan'),
+            train_img_s=s.train_batch / trained[s.name] if train else float('nan'),
+            train_mem_mb=_peak_step_memory(s.train_step, dev) / 2**20 if (train and memory) else float('nan'),
+        )
+        rows.append(row)
+    by_name = {r['model']: r for r in rows}
+    for r in rows:
+        arch = r['model'].split(':', 1)[1]
+        base = None
+        if not r['baseline'] and r['kind'] == 'detection':
+            want = 'tv:retinanet_resnet50_fpn' if arch == 'retinanet' else 'tv:maskrcnn_resnet50_fpn'
+            base = by_name.get(want)
+        r['vs'] = base['model'] if base else None
+        r['infer_ratio'] = r['infer_img_s'] / base['infer_img_s'] if base else float('nan')
+        r['train_ratio'] = r['train_img_s'] / base['train_img_s'] if (base and train) else float('nan')
+    return rows
+
+
+def _f(value: float, spec: str) -> str:
+    return '-' if value != value else format(value, spec)
+
+
+def format_dense_bench(rows: Sequence[Dict[str, Any]]) -> str:
+    """A plain-text table of :func:`bench_dense` rows."""
+    header = ('model', 'input', 'params (M)', 'infer img/s', 'infer mem (MB)', 'train img/s', 'vs', 'infer ratio')
+    lines = [
+        (
+            r['model'] + (' (baseline)' if r['baseline'] else ''),
+            f"{r['size'][1]}x{r['size'][0]}",
+            f"{r['params_m']:.2f}",
+            _f(r['infer_img_s'], '.3f'),
+            _f(r['infer_mem_mb'], '.0f'),
+            _f(r['train_img_s'], '.3f'),
+            r['vs'] or '-',
+            _f(r['infer_ratio'], '.2f') + ('x' if r['infer_ratio'] == r['infer_ratio'] else ''),
+        )
+        for r in rows
+    ]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
+    fmt = lambda row: '  '.join(str(x).ljust(w) for x, w in zip(row, widths))  # noqa: E731
+    return '\n'.join([fmt(header), fmt(['-' * w for w in widths])] + [fmt(r) for r in lines])

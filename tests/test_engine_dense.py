@@ -1,0 +1,193 @@
+"""The dense tasks in the engine: presets, the schedule hook, training + evaluation + bit-exact resume of micro
+detectors and segmenters on the digits sets, ``msconv eval`` on a dense run, and the errors for bad settings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from msconv.engine import train
+from msconv.engine.checkpoint import list_checkpoints, load_checkpoint
+from msconv.engine.config import resolve_config
+from msconv.engine.dense_tasks import DetectionTask, SegmentationTask, evaluate_dense, find_coco_split
+
+# micro systems on the 128x128 digits canvases: one fixed scale, slim heads, one thread
+DET = dict(
+    model='test_smt',
+    task='detection',
+    preset='coco_3x',
+    data='digits',
+    batch_size=4,
+    epochs=2,
+    num_workers=0,
+    progress=False,
+    plot=False,
+    log_every=1,
+    drop_path=0.1,
+    det_scales=[128],
+    det_max_size=128,
+    det_crop=False,
+    eval_max_images=6,
+    dense_kwargs=dict(min_size=128, max_size=128, channels=32, fc_channels=64, rois_per_image=32, test_proposals=50),
+)
+SEG = dict(
+    model='test_smt',
+    task='segmentation',
+    preset='ade20k_160k',
+    data='digits',
+    batch_size=4,
+    total_iters=30,
+    warmup_iters=2,
+    num_workers=0,
+    progress=False,
+    plot=False,
+    log_every=1,
+    seg_scale=(128, 128),
+    seg_crop=(128, 128),
+    eval_max_images=6,
+    dense_kwargs=dict(channels=32, aux_channels=16),
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # two threads on two shared cores run these micro models several times slower
+    yield
+    torch.set_num_threads(n)
+
+
+def test_presets_hold_the_official_recipes():
+    coco = resolve_config(dict(model='smt_small', task='detection', preset='coco_3x'), check_paths=False)
+    assert (coco.opt, coco.lr, coco.weight_decay, coco.epochs, coco.batch_size) == ('adamw', 1e-4, 0.05, 36, 16)
+    assert (coco.sched, coco.lr_milestones, coco.decay_rate, coco.warmup_iters) == ('multistep', [27, 33], 0.1, 500)
+    assert coco.warmup_lr == pytest.approx(1e-7) and coco.lr_base_size is None and coco.clip_grad is None
+    assert coco.arch == 'mask_rcnn' and coco.drop_path == 0.2 and coco.mixup == 0 and coco.cutmix == 0
+    ade = resolve_config(dict(model='smt_small', task='segmentation', preset='ade20k_160k'), check_paths=False)
+    assert (ade.lr, ade.weight_decay, ade.sched, ade.decay_rate) == (6e-5, 0.01, 'poly', 1.0)
+    assert (ade.total_iters, ade.warmup_iters, ade.batch_size, ade.min_lr) == (160_000, 1500, 16, 0.0)
+    sw = resolve_config(dict(model='shiftwise_tiny', task='segmentation', preset='ade20k_160k'), check_paths=False)
+    assert (sw.lr, sw.weight_decay, sw.drop_path) == (1e-4, 0.05, 0.4)
+    sw_det = resolve_config(dict(model='shiftwise_tiny', task='detection', preset='coco_3x'), check_paths=False)
+    assert sw_det.arch == 'cascade_mask_rcnn'
+
+
+def _lrs(task, steps_per_epoch, total_steps, at):
+    from timm.scheduler import create_scheduler_v2
+
+    cfg = task.cfg
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    kw = dict(
+        sched=cfg.sched,
+        num_epochs=cfg.epochs - cfg.warmup_epochs,
+        warmup_epochs=cfg.warmup_epochs,
+        warmup_lr=cfg.warmup_lr,
+        min_lr=cfg.min_lr,
+        warmup_prefix=True,
+        step_on_epochs=False,
+        updates_per_epoch=steps_per_epoch,
+    )
+    kw, total = task.schedule(kw, total_steps, steps_per_epoch)
+    sched, _ = create_scheduler_v2(opt, **kw)
+    out = []
+    for t in at:
+        sched.step_update(num_updates=t)
+        out.append(opt.param_groups[0]['lr'])
+    return out, total
+
+
+def test_schedule_hook_gives_mmdet_step_and_mmseg_poly_schedules():
+    # COCO 3x with 100 steps per epoch: linear warm-up over 500 steps from lr x 0.001, x0.1 at epochs 27 and 33
+    task = DetectionTask(resolve_config(dict(model='smt_small', task='detection', preset='coco_3x'), check_paths=False))
+    lrs, total = _lrs(task, 100, 3600, [0, 250, 500, 2699, 2700, 3299, 3300, 3599])
+    assert total == 3600
+    expected = [1e-7, 1e-7 + 250 * (1e-4 - 1e-7) / 500, 1e-4, 1e-4, 1e-5, 1e-5, 1e-6, 1e-6]
+    assert lrs == pytest.approx(expected, rel=1e-6)
+    # ADE 160k: 160000 steps whatever the epoch length, poly power 1 to 0 counted from step 0
+    task = SegmentationTask(
+        resolve_config(dict(model='smt_small', task='segmentation', preset='ade20k_160k'), check_paths=False)
+    )
+    lrs, total = _lrs(task, 1263, 1263, [1500, 80_000, 159_999])
+    assert total == 160_000
+    assert lrs == pytest.approx([6e-5 * (1 - 1500 / 160_000), 3e-5, 6e-5 / 160_000], rel=1e-3)
+
+
+def test_bad_dense_settings_are_named(tmp_path):
+    with pytest.raises(ValueError, match="arch must be one of .*'retinanet'.* got 'upernet'"):
+        DetectionTask(resolve_config(dict(DET, arch='upernet'), check_paths=False))
+    with pytest.raises(ValueError, match="preset 'imagenet' is a classification recipe; use preset 'coco_3x'"):
+        DetectionTask(resolve_config(dict(DET, preset='imagenet', epochs=10), check_paths=False))
+    (tmp_path / 'annotations').mkdir()
+    with pytest.raises(ValueError, match=r"not a COCO folder with a train split; expected train2017/ \+ annotations"):
+        find_coco_split(tmp_path, 'train')
+    with pytest.raises(ValueError, match='total_iters must be a positive integer'):
+        train(dict(SEG, output=str(tmp_path), total_iters=0))
+
+
+def test_detection_run_trains_evaluates_and_resumes_bit_exactly(tmp_path, capsys):
+    # Mask R-CNN with EMA and drop path: 4 steps straight, and 2 steps + resume for 2 more, give equal weights
+    common = dict(DET, arch='mask_rcnn', output=str(tmp_path), ema=True, ema_decay=0.9, lr=1e-3, warmup_iters=1)
+    ref = train(dict(common, name='ref', max_steps=4, ckpt_every=2))
+    assert ref['status'] == 'finished' and ref['steps'] == 4
+    ev = ref['last_eval']
+    for key in ('bbox_AP', 'bbox_AP50', 'bbox_AP75', 'segm_AP', 'segm_AP50', 'ema_bbox_AP'):
+        assert 0.0 <= ev[key] <= 1.0, key
+    train(dict(common, name='cut', max_steps=2))
+    res = train(dict(common, name='cut', max_steps=4, resume='auto'))
+    assert res['steps'] == 4
+    a = load_checkpoint(list_checkpoints(tmp_path / 'ref')[-1])
+    b = load_checkpoint(list_checkpoints(tmp_path / 'cut')[-1])
+    assert a[0]['model'].keys() == b[0]['model'].keys() and any(k.startswith('roi_heads.mask') for k in a[0]['model'])
+    for key in ('model', 'ema'):
+        for k in a[0][key]:
+            assert torch.equal(a[0][key][k], b[0][key][k]), (key, k)
+    # the weights moved between steps 2 and 4, and `msconv eval` on the run reproduces its last evaluation
+    mid = load_checkpoint(list_checkpoints(tmp_path / 'ref')[0])
+    assert mid[2]['step'] == 2
+    assert any(not torch.equal(mid[0]['model'][k], a[0]['model'][k]) for k in a[0]['model'] if 'backbone' in k)
+    again = evaluate_dense(str(tmp_path / 'ref'), device='cpu')
+    assert again['step'] == 4 and again['arch'] == 'mask_rcnn'
+    for key in ('bbox_AP', 'bbox_AP50', 'segm_AP'):
+        assert again[key] == pytest.approx(ev[key]), key
+    from msconv.cli import main
+
+    assert main(['eval', 'test_smt', '--checkpoint', str(tmp_path / 'ref'), '--device', 'cpu']) == 0
+    out = capsys.readouterr().out
+    assert f"mask_rcnn box: AP {ev['bbox_AP']:.3f}  AP50 {ev['bbox_AP50']:.3f}" in out and 'mask_rcnn mask: AP' in out
+
+
+def test_segmentation_run_learns_and_eval_reports_single_and_multi_scale(tmp_path):
+    res = train(dict(SEG, output=str(tmp_path), name='seg', lr=2e-3, seg_eval_ms=True))
+    assert res['steps'] == 30
+    ev = res['last_eval']
+    assert {'mIoU', 'mAcc', 'aAcc', 'ms_mIoU', 'ms_aAcc'} <= set(ev)
+    # 30 steps on the digits: the background class is learnt, most pixels are right
+    assert ev['aAcc'] > 0.6, ev
+    again = evaluate_dense(str(tmp_path / 'seg'), multi_scale=False, device='cpu')
+    assert again['mIoU'] == pytest.approx(ev['mIoU']) and 'ms_mIoU' not in again
+    losses = [
+        r['loss']
+        for r in map(__import__('json').loads, (tmp_path / 'seg' / 'metrics.jsonl').read_text().splitlines())
+        if r['kind'] == 'train'
+    ]
+    assert sum(losses[-5:]) < 0.75 * sum(losses[:5])
+
+
+@pytest.mark.slow  # writes 900 canvases and evaluates 100
+def test_dense_demo_runs_from_a_given_backbone(tmp_path):
+    from safetensors.torch import save_file
+
+    import msconv
+    from msconv.engine.demo import DEMO_MODELS, dense_demo
+
+    spec = DEMO_MODELS['smt']
+    weights = tmp_path / 'nano.safetensors'
+    save_file(msconv.create_model(spec['model'], num_classes=10, **spec['model_kwargs']).state_dict(), str(weights))
+    out = str(tmp_path / 'demo')
+    res = dense_demo('segmentation', output=out, pretrained=str(weights), max_steps=2, progress=False)
+    (row,) = res['rows']
+    assert row['arch'] == 'upernet' and row['steps'] == 2 and 0.0 <= row['value'] <= 1.0 and row['cpu_s'] > 0
+    assert (tmp_path / 'demo' / 'data' / 'ade' / 'annotations' / 'validation' / '000099.png').is_file()
+    assert 'upernet' in res['table'] and 'mIoU' in res['table']
+    with pytest.raises(ValueError, match=r"archs for task 'segmentation' must be among \('upernet',\)"):
+        dense_demo('segmentation', archs=['mask_rcnn'], output=str(tmp_path / 'x'), pretrained=str(weights))
