@@ -203,7 +203,10 @@ def inference_model(
         if device.type == 'cuda' and not torch.cuda.is_available():
             raise ValueError(f"device {str(device)!r} requested but CUDA is not available")
 
-    net = reparameterize(model)  # a copy, in eval mode
+    net = copy.deepcopy(model)
+    if callable(getattr(net, 'reparameterize', None)):  # the model's own (MsconvModel's calls timm's, as below)
+        net.reparameterize()
+    net = reparameterize(net, inplace=True).eval()  # every sub-module's reparameterize()/fuse(), timm's way
     weight_dtype = dt if precision == 'weights' else torch.float32
     net = net.to(device=device, dtype=weight_dtype) if device is not None else net.to(dtype=weight_dtype)
     if channels_last is True:
