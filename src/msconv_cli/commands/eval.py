@@ -22,6 +22,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--workers', type=int, default=0)
     parser.add_argument('--ema', action='store_true', help='evaluate the EMA weights of a training checkpoint')
     parser.add_argument('--amp', action='store_true', help='bf16 autocast')
+    parser.add_argument(
+        '--dtype',
+        choices=['fp32', 'bf16', 'fp16'],
+        default=None,
+        help='evaluate the inference form (msconv.inference_model) with its weights in this dtype',
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,12 +44,14 @@ def run(args: argparse.Namespace) -> int:
         num_workers=args.workers,
         use_ema=args.ema,
         amp=args.amp,
+        dtype=args.dtype,
     )
     if res.get('checkpoint'):
         step = '' if res.get('step') is None else f" (step {res['step']})"
         print(f"weights: {res['checkpoint']}{step}{', EMA' if args.ema else ''}")
+    form = f" ({args.dtype} inference form)" if args.dtype else ''
     print(
-        f"{args.model} on {args.data}/{args.split}: top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  "
+        f"{args.model}{form} on {args.data}/{args.split}: top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  "
         f"loss {res['val_loss']:.4f}  ({res['count']} images)"
     )
     return 0
