@@ -246,3 +246,24 @@ def test_options_run_both_modes(options):
     assert row['infer_img_s'] > 0 and row['train_img_s'] > 0
     assert row['amp'] == ('bfloat16' if options.get('amp') else 'float32')
     assert row['compile'] == options.get('compile', '')
+
+
+@pytest.mark.slow
+def test_timm_peers_benchmark_script_at_a_tiny_size():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    args = ['--batch', '1', '--size', '64', '--repeats', '1', '--warmup', '0', '--pairs', 'test_smt:test_convnext']
+    r = subprocess.run(
+        [sys.executable, 'benchmarks/bench_timm_peers.py', *args],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, PYTHONPATH=str(repo / 'src')),
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'test_smt' in r.stdout and 'ratio_median' in r.stdout and 'threads' in r.stdout.splitlines()[-1]
