@@ -20,25 +20,11 @@ class Timing(NamedTuple):
 
 
 def machine_line(threads: int) -> str:
-    """The machine a figure comes from: CPU model, the ISA extensions that decide CPU kernels, torch, threads."""
-    import platform
+    """The machine a figure comes from: CPU model, the ISA extensions that decide CPU kernels, torch, threads
+    (``msconv.tools._common.machine_line``, which ``msconv bench`` prints too)."""
+    from msconv.tools._common import machine_line as _machine_line
 
-    import torch
-
-    model, flags = platform.processor() or 'unknown CPU', set()
-    try:
-        for line in Path('/proc/cpuinfo').read_text().splitlines():
-            if line.startswith('model name'):
-                model = line.split(':', 1)[1].strip()
-            elif line.startswith('flags'):
-                flags = set(line.split(':', 1)[1].split())
-    except OSError:
-        pass
-    isa = [f for f in ('avx2', 'avx512f', 'avx512_vnni', 'avx512_bf16', 'amx_bf16', 'amx_tile') if f in flags]
-    return (
-        f"{model}; ISA: {' '.join(isa) or 'n/a'}; torch {torch.__version__}; {threads} threads; "
-        f"oneDNN {'on' if torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled else 'off'}"
-    )
+    return _machine_line(threads)
 
 
 def time_interleaved(fns: Dict[str, Callable[[], object]], warmup: int = 2, repeats: int = 7) -> Dict[str, Timing]:

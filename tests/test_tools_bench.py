@@ -115,15 +115,53 @@ def test_cli_prints_no_profiler_noise(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     lines = [line for line in (r.stdout + r.stderr).splitlines() if line.strip()]
-    assert len(lines) == 6 and 'median of 2 interleaved runs' in lines[0], lines  # title + 5 table lines
+    assert len(lines) == 7 and 'median of 2 interleaved runs' in lines[0], lines  # title, 5 table lines, machine
+    assert lines[-1].startswith('machine: ') and 'torch' in lines[-1] and 'threads' in lines[-1]
     assert not [line for line in lines if 'profiler' in line or 'ERROR' in line or 'USDT' in line]
 
 
-def test_reparam_benchmarks_inference_form_only():
+def test_reparam_benchmarks_inference_form_only(monkeypatch):
+    from msconv.tools import bench as bench_module
+
+    benchmarked = []
+    real = bench_module.inference_model
+
+    def recording(m, **kw):
+        benchmarked.append(real(m, **kw))
+        return benchmarked[-1]
+
+    monkeypatch.setattr(bench_module, 'inference_model', recording)
     model = TinyNet()
     rows = benchmark([model], reparam=True, **FAST)
-    assert model.reparameterized and isinstance(model.bn, nn.Identity)
+    assert not model.reparameterized, 'msconv.inference_model converts a copy'
+    assert benchmarked[0].model.reparameterized and isinstance(benchmarked[0].model.bn, nn.Identity)
     assert math.isnan(rows[0]['train_img_s']) and rows[0]['infer_img_s'] > 0
+    assert rows[0]['reparam'] and rows[0]['dtype'] == 'float32'
+    assert rows[0]['layout'] in ('contiguous', 'channels_last')
+
+
+def test_dtype_runs_every_model_and_the_baseline_in_inference_form_at_equal_dtype():
+    rows = benchmark([TinyNet()], baseline='timm:test_resnet', dtype='bf16', **FAST)
+    assert [r['dtype'] for r in rows] == ['bfloat16', 'bfloat16']
+    base, tiny = rows
+    assert base['infer_ratio'] == 1.0 and tiny['infer_ratio'] == tiny['infer_img_s'] / base['infer_img_s']
+    assert all(math.isnan(r['train_img_s']) and r['infer_img_s'] > 0 for r in rows)
+    assert tiny['gmacs'] * 1e9 == profile(TinyNet(), input_size=(3, 32, 32))['macs']  # counted on an fp32 copy
+
+
+def test_amp_on_the_inference_form_is_autocast_with_fp32_weights():
+    row = benchmark([TinyNet()], reparam=True, amp=True, **FAST)[0]
+    assert row['dtype'] == 'float32' and row['amp'] == 'bfloat16' and row['infer_img_s'] > 0
+
+
+def test_cli_dtype_vs_timm_peer_prints_ratio_and_machine(capsys):
+    args = ['bench', 'timm:test_resnet', '--vs', 'timm:test_convnext', '--dtype', 'bf16', '--threads', '1']
+    args += ['--batch-size', '2', '--img-size', '32', '--num-warm-iter', '1', '--num-bench-iter', '2']
+    assert main(args + ['--repeats', '2', '--csv', '']) == 0
+    text = capsys.readouterr().out
+    assert 'bfloat16 weights' in text and 'inference form' in text and 'infer vs base' in text
+    assert 'timm:test_convnext (baseline)' in text
+    assert 'machine: ' in text and '1 threads' in text
 
 
 def test_cpu_peak_memory_is_exact_for_known_allocations():
@@ -145,6 +183,8 @@ def test_cpu_peak_memory_is_exact_for_known_allocations():
         (dict(repeats=0), 'repeats'),
         (dict(num_bench_iter=1, repeats=2), 'num_bench_iter'),
         (dict(amp=True, amp_dtype='int8'), 'amp_dtype'),
+        (dict(dtype='int8'), 'dtype must be'),
+        (dict(dtype='bf16', amp=True), 'are exclusive'),
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -206,3 +246,24 @@ def test_options_run_both_modes(options):
     assert row['infer_img_s'] > 0 and row['train_img_s'] > 0
     assert row['amp'] == ('bfloat16' if options.get('amp') else 'float32')
     assert row['compile'] == options.get('compile', '')
+
+
+@pytest.mark.slow
+def test_timm_peers_benchmark_script_at_a_tiny_size():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    args = ['--batch', '1', '--size', '64', '--repeats', '1', '--warmup', '0', '--pairs', 'test_smt:test_convnext']
+    r = subprocess.run(
+        [sys.executable, 'benchmarks/bench_timm_peers.py', *args],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, PYTHONPATH=str(repo / 'src')),
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'test_smt' in r.stdout and 'ratio_median' in r.stdout and 'threads' in r.stdout.splitlines()[-1]

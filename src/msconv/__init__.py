@@ -26,6 +26,8 @@ _LAZY = {
     'profile': 'msconv.tools.profile',
     'benchmark': 'msconv.tools.bench',
     'export_onnx': 'msconv.tools.export',
+    'inference_model': 'msconv.inference',
+    'InferenceModel': 'msconv.inference',
     'compute_erf': 'msconv.tools.erf',
     'depthwise_conv2d': 'msconv.kernels.depthwise',
     'train': 'msconv.engine',

@@ -100,6 +100,7 @@ def evaluate(
     num_workers: int = 0,
     use_ema: bool = False,
     which: str = 'last',
+    dtype: Optional[str] = None,
     **model_kwargs: Any,
 ) -> Dict[str, float]:
     """Evaluate a classifier on ``split`` of ``data`` ('digits' or an ImageFolder root); returns top1/top5/loss.
@@ -112,6 +113,8 @@ def evaluate(
         use_ema: evaluate the EMA weights of a training checkpoint.
         which: for a run folder, ``'last'`` (its newest valid checkpoint) or ``'best'`` (the weights of its best
             evaluation, ``<run>/checkpoints/best-<step>``, kept by the trainer).
+        dtype: 'fp32', 'bf16' or 'fp16': evaluate the inference form (``msconv.inference_model``) with its weights
+            in that dtype; None: the model as built (``amp`` adds bf16 autocast).
 
     Returns top1/top5 (%), val_loss, count, and ``checkpoint``/``step``: the checkpoint whose weights were used
     (for a run folder, its newest valid one). A checkpoint of another model raises ``ValueError`` naming it.
@@ -201,4 +204,10 @@ def evaluate(
     dataset = build_dataset(cfg, split, dc['size'], dc['mean'], dc['std'], is_training=False)
     loader, _ = build_loader(dataset, batch_size, shuffle=False, seed=0, num_workers=num_workers)
     amp_dtype = torch.bfloat16 if amp else None
+    if dtype is not None:
+        from ..inference import inference_model
+
+        if amp:
+            raise ValueError(f"amp (bf16 autocast) and dtype={dtype!r} (weights in that dtype) are exclusive: pick one")
+        net = inference_model(net, dtype=dtype, device=dev)
     return dict(evaluate_loader(net, loader, dev, amp_dtype=amp_dtype), **used)

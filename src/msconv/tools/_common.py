@@ -9,7 +9,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn as nn
 
-__all__ = ['build_model', 'reparameterize', 'check_checkpoint_file']
+__all__ = ['build_model', 'reparameterize', 'check_checkpoint_file', 'machine_line']
 
 
 def check_checkpoint_file(path: Union[str, os.PathLike]) -> None:
@@ -82,3 +82,28 @@ def reparameterize(model: nn.Module) -> nn.Module:
     from timm.models import reparameterize_model
 
     return reparameterize_model(model, inplace=True)
+
+
+def machine_line(threads: Optional[int] = None) -> str:
+    """The machine a figure comes from: CPU model, the ISA extensions that decide CPU kernels, torch, threads
+    (default: torch's current thread count), oneDNN; and the GPU when CUDA is available."""
+    import platform
+
+    threads = torch.get_num_threads() if threads is None else threads
+    model, flags = platform.processor() or 'unknown CPU', set()
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('model name'):
+                model = line.split(':', 1)[1].strip()
+            elif line.startswith('flags'):
+                flags = set(line.split(':', 1)[1].split())
+    except OSError:
+        pass
+    isa = [f for f in ('avx2', 'avx512f', 'avx512_vnni', 'avx512_bf16', 'amx_bf16', 'amx_tile') if f in flags]
+    line = (
+        f"{model}; ISA: {' '.join(isa) or 'n/a'}; torch {torch.__version__}; {threads} threads; "
+        f"oneDNN {'on' if torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled else 'off'}"
+    )
+    if torch.cuda.is_available():
+        line += f"; GPU {torch.cuda.get_device_name()}"
+    return line

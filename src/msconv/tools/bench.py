@@ -14,6 +14,12 @@ before it (weights, input and optimizer state are not included; gradients and ac
 the caching allocator's ``max_memory_allocated``, on CPU from the allocation events of ``torch.profiler``
 (``profile_memory=True``).
 The process RSS is not used: it includes the Python heap and never goes down.
+
+``dtype`` (or ``reparam``) benchmarks every model, the baseline included, in its inference form, the one
+``msconv.inference_model`` returns: reparameterized, weights in ``dtype``, channels-last where the autotuner measures
+it faster (``channels_last=True`` forces it), optionally compiled. A timm peer gets the same treatment (eval,
+timm's ``reparameterize_model``, the dtype, the layout choice, the compile), so ``--vs timm:PEER --dtype bf16`` is a
+comparison at equal dtype. Training is not measured in that mode.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Unio
 import torch
 import torch.nn as nn
 
-from ._common import build_model, reparameterize
+from ..inference import InferenceModel, inference_model, resolve_dtype
+from ._common import build_model
 
 __all__ = ['benchmark', 'write_csv']
 
@@ -104,21 +111,42 @@ class _Subject:
         compile_backend: Optional[str],
         reparam: bool,
         train: bool,
+        dtype: Optional[torch.dtype] = None,
     ) -> None:
+        import copy
+
         from msconv.tools.profile import profile
 
         self.name = name
+        self.channels_last = channels_last
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.device = device
         self.autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
         self.x = torch.randn(batch_size, in_chans, img_size, img_size, device=device).to(memory_format=fmt)
         self.batch_size = batch_size
 
+        if dtype is not None:  # the inference form, as msconv.inference_model gives it (training is not measured)
+            self.autocast = nullcontext  # the InferenceModel runs its own autocast (precision='autocast')
+            fast = inference_model(
+                model,
+                dtype=amp_dtype or dtype,
+                precision='autocast' if amp_dtype else 'weights',
+                compile=compile_backend or False,
+                channels_last=True if channels_last else 'auto',
+                device=device,
+            )
+            self.x = self.x.to(fast.weight_dtype)  # the wrapper would cast it at every step
+            # params and MACs of the inference form (counted on an fp32 meta copy)
+            meta_copy = copy.deepcopy(fast.model).to('meta', torch.float32)
+            stats = profile(meta_copy, input_size=(in_chans, img_size, img_size))
+            self.params, self.macs = stats['params'], stats['macs']
+            self.infer_model: nn.Module = fast
+            self.train_model = None
+            self.train_forward = None
+            return
         self.infer_model = model.to(device=device, memory_format=fmt).eval()
         self.train_model = None
-        if train and not reparam:
-            import copy
-
+        if train:
             from timm.optim import create_optimizer_v2
 
             self.train_model = copy.deepcopy(self.infer_model).train()
@@ -126,8 +154,6 @@ class _Subject:
             num_classes = getattr(self.train_model, 'num_classes', 1000) or 1000
             self.target = torch.randint(0, num_classes, (batch_size,), device=device)
             self.loss_fn = nn.CrossEntropyLoss()
-        if reparam:
-            self.infer_model = reparameterize(self.infer_model)
         # params and MACs of the form that is benchmarked for inference (counted on a meta copy)
         stats = profile(self.infer_model, input_size=(in_chans, img_size, img_size), device='meta')
         self.params, self.macs = stats['params'], stats['macs']
@@ -137,6 +163,12 @@ class _Subject:
             if self.train_model is not None:
                 self.train_compiled = torch.compile(self.train_model, backend=compile_backend)
         self.train_forward = getattr(self, 'train_compiled', self.train_model)
+
+    @property
+    def layout(self) -> str:
+        """The memory format the inference model ran in ('auto' only if nothing was measured)."""
+        cl = self.infer_model.channels_last if isinstance(self.infer_model, InferenceModel) else self.channels_last
+        return {True: 'channels_last', False: 'contiguous'}.get(cl, str(cl))
 
     def infer_step(self) -> None:
         with torch.inference_mode(), self.autocast():
@@ -171,6 +203,7 @@ def benchmark(
     channels_last: bool = False,
     compile: Optional[str] = None,
     reparam: bool = False,
+    dtype: Optional[Union[str, torch.dtype]] = None,
     train: bool = True,
     num_warm_iter: int = 10,
     num_bench_iter: int = 40,
@@ -189,14 +222,17 @@ def benchmark(
         amp: run under ``torch.autocast`` with ``amp_dtype`` (default float16 on CUDA, bfloat16 on CPU).
         channels_last: model and input in NHWC memory format.
         compile: a ``torch.compile`` backend ('inductor', 'aot_eager', ...), or None for eager.
-        reparam: benchmark the inference form (``model.reparameterize()``; training is then not measured).
+        reparam: benchmark the inference form (``msconv.inference_model`` in fp32; training is then not measured).
+        dtype: 'fp32', 'bf16' or 'fp16': benchmark every model's inference form (``msconv.inference_model``) with
+            its weights in that dtype; None: fp32, and the inference form only with ``reparam``.
         train: also measure the training step.
         num_warm_iter, num_bench_iter, repeats: warm-up steps; timed steps per mode, split into ``repeats``
             runs whose median images/s is reported.
         model_kwargs: keyword arguments for building models given by name.
 
     Returns:
-        dicts with model, device, batch_size, img_size, params, gmacs (per image), infer_img_s, infer_step_ms,
+        dicts with model, device, batch_size, img_size, amp, dtype, layout (the memory format inference ran in),
+        params, gmacs (per image), infer_img_s, infer_step_ms,
         infer_mem_mb, train_img_s, train_step_ms, train_mem_mb (NaN where not measured), and the ratios.
     """
     device = torch.device(device)
@@ -219,7 +255,12 @@ def benchmark(
         raise ValueError(f"amp_dtype must be one of {sorted(AMP_DTYPES)}, got {amp_dtype!r}")
     if not models:
         raise ValueError('models must name at least one model')
-    dtype = AMP_DTYPES[amp_dtype or ('float16' if device.type == 'cuda' else 'bfloat16')] if amp else None
+    weights_dtype = resolve_dtype(dtype) if (dtype is not None or reparam) else None
+    if amp and weights_dtype not in (None, torch.float32):
+        raise ValueError(
+            f"amp (autocast with fp32 weights) and dtype={dtype!r} (weights in that dtype) are exclusive: pick one"
+        )
+    autocast_dtype = AMP_DTYPES[amp_dtype or ('float16' if device.type == 'cuda' else 'bfloat16')] if amp else None
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -242,15 +283,16 @@ def benchmark(
                 img_size=img_size,
                 in_chans=in_chans,
                 device=device,
-                amp_dtype=dtype,
+                amp_dtype=autocast_dtype,
                 channels_last=channels_last,
                 compile_backend=compile,
                 reparam=reparam,
                 train=train,
+                dtype=weights_dtype,
             )
         )
 
-    modes = ['infer'] + (['train'] if train and not reparam else [])
+    modes = ['infer'] + (['train'] if train and weights_dtype is None else [])
     per_run = num_bench_iter // repeats
     rates: Dict[tuple, List[float]] = {}
     for mode in modes:
@@ -270,10 +312,12 @@ def benchmark(
             device=str(device),
             batch_size=batch_size,
             img_size=img_size,
-            amp=str(dtype).replace('torch.', '') if dtype else 'float32',
+            amp=str(autocast_dtype).replace('torch.', '') if autocast_dtype else 'float32',
+            dtype=str(weights_dtype or torch.float32).replace('torch.', ''),
             channels_last=channels_last,
+            layout=s.layout,
             compile=compile or '',
-            reparam=reparam,
+            reparam=weights_dtype is not None,
             params_m=s.params / 1e6,
             gmacs=s.macs / 1e9,
         )

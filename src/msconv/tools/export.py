@@ -1,10 +1,10 @@
 """ONNX export of a model's inference form, with a dynamic batch dimension, checked in onnxruntime.
 
-The model is put in eval mode and re-parameterized first (``model.reparameterize()`` when the model has it,
-else timm's ``reparameterize_model``), so the exported graph is the deploy form: BN folded, parallel kernels
-merged, wherever the family defines it. The default exporter is ``torch.export``-based (``dynamo=True``, the
-default of torch >= 2.9); ``exporter='torchscript'`` selects the legacy tracer for models ``torch.export``
-cannot capture.
+The exported graph is the inference form ``msconv.inference_model`` gives (a copy: the model passed in is not
+modified): eval mode, re-parameterized (the model's own ``reparameterize()`` and timm's ``reparameterize_model`` on
+its sub-modules), so BN folded and parallel kernels merged wherever the family defines it. The default exporter is
+``torch.export``-based (``dynamo=True``, the default of torch >= 2.9); ``exporter='torchscript'`` selects the legacy
+tracer for models ``torch.export`` cannot capture.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from ._common import reparameterize
+from ..inference import inference_model
 
 __all__ = ['export_onnx', 'check_onnx', 'export_onnx_checked', 'OnnxCheckError']
 
@@ -45,7 +45,7 @@ def export_onnx(
     """Write ``model`` (its inference form when ``reparam``) to ``path`` as ONNX with a dynamic batch size.
 
     The graph has one input ``input`` of shape ``(batch, C, H, W)`` (H and W fixed to ``input_size``) and one
-    output ``output``. The model is switched to eval mode (and re-parameterized) in place. Returns ``path``.
+    output ``output``. ``model`` itself is not modified (its inference form is a copy). Returns ``path``.
     """
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
@@ -60,9 +60,10 @@ def export_onnx(
             f"example_batch must be >= 2 (a batch of 1 is specialised by the exporter), got {example_batch}"
         )
     path = str(path)
-    model.eval()
-    if reparam:
-        model = reparameterize(model)
+    if reparam:  # the reparameterized eval copy, fp32, default layout (an ONNX graph has no memory format)
+        model = inference_model(model, channels_last=False).model
+    else:
+        model.eval()
     x = torch.randn(example_batch, *input_size)
     with torch.no_grad():
         if exporter == 'dynamo':

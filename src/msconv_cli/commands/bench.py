@@ -1,4 +1,7 @@
-"""`msconv bench MODEL [MODEL...]`: inference/training throughput, peak memory, params and MACs."""
+"""`msconv bench MODEL [MODEL...]`: inference/training throughput, peak memory, params and MACs.
+
+``msconv bench smt_tiny --vs timm:convnext_tiny --dtype bf16``: both in inference form (``msconv.inference_model``)
+with bf16 weights, interleaved in one run; the ratio and the machine line are printed."""
 
 from __future__ import annotations
 
@@ -17,6 +20,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help='baseline measured in the same run, interleaved; ratios are printed (e.g. timm:convnext_tiny)',
     )
+    parser.add_argument(
+        '--dtype',
+        choices=['fp32', 'bf16', 'fp16'],
+        default=None,
+        help='benchmark the inference form (msconv.inference_model) of every model, the --vs baseline included, '
+        'with its weights in this dtype; training is not measured',
+    )
+    parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch default)')
     parser.add_argument('--batch-size', type=int, default=None, help='images per step (default 256 on CUDA, 16 on CPU)')
     parser.add_argument('--img-size', type=int, default=224, help='input height and width (default 224)')
     parser.add_argument('--device', default=None, help='cpu, cuda, cuda:1, ... (default: cuda if available)')
@@ -27,7 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help='autocast dtype (default float16 on CUDA, bfloat16 on CPU)',
     )
-    parser.add_argument('--channels-last', action='store_true', help='NHWC memory format for model and input')
+    parser.add_argument(
+        '--channels-last',
+        action='store_true',
+        help='NHWC memory format for model and input (with --dtype/--reparam: forced, instead of measured)',
+    )
     parser.add_argument(
         '--compile',
         nargs='?',
@@ -39,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         '--reparam',
         action='store_true',
-        help='benchmark the inference form (model.reparameterize()); training is not measured',
+        help='benchmark the inference form (msconv.inference_model, fp32 unless --amp); training is not measured',
     )
     parser.add_argument('--no-train', action='store_true', help='measure inference only')
     parser.add_argument('--num-warm-iter', type=int, default=10, help='warm-up steps per model and mode (default 10)')
@@ -82,9 +97,14 @@ def run(args: argparse.Namespace) -> int:
         print(format_dense_bench(rows))
         return 0
 
+    from msconv.tools._common import machine_line
     from msconv.tools._table import print_table
     from msconv.tools.bench import benchmark, write_csv
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be a positive integer, got {args.threads}")
+        torch.set_num_threads(args.threads)
     device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     results = benchmark(
         args.models,
@@ -97,18 +117,24 @@ def run(args: argparse.Namespace) -> int:
         channels_last=args.channels_last,
         compile=args.compile,
         reparam=args.reparam,
+        dtype=args.dtype,
         train=not args.no_train,
         num_warm_iter=args.num_warm_iter,
         num_bench_iter=args.num_bench_iter,
         repeats=args.repeats,
     )
     r0 = results[0]
+    inference_form = r0['reparam']
+    precision = f"{r0['dtype']} weights" + (f", {r0['amp']} autocast" if args.amp else '')
     title = (
-        f"{r0['device']}, batch {r0['batch_size']}, {r0['img_size']}px, {r0['amp']}"
+        f"{r0['device']}, batch {r0['batch_size']}, {r0['img_size']}px, {precision}"
         f"{', channels_last' if args.channels_last else ''}{', compile=' + args.compile if args.compile else ''}"
-        f"{', reparameterized' if args.reparam else ''}; median of {args.repeats} interleaved runs"
+        f"{', inference form (msconv.inference_model)' if inference_form else ''}; "
+        f"median of {args.repeats} interleaved runs"
     )
     columns = ['model', 'params (M)', 'GMACs', 'infer img/s', 'infer mem (MB)', 'train img/s', 'train mem (MB)']
+    if inference_form:
+        columns.insert(1, 'layout')
     if args.vs:
         columns += ['infer vs base', 'train vs base']
     rows = []
@@ -122,10 +148,13 @@ def run(args: argparse.Namespace) -> int:
             _fmt(r['train_img_s'], '.1f'),
             _fmt(r['train_mem_mb'], '.1f'),
         ]
+        if inference_form:
+            row.insert(1, r['layout'])
         if args.vs:
             row += [_fmt(r['infer_ratio'], '.2f') + 'x', _fmt(r['train_ratio'], '.2f') + 'x']
         rows.append(row)
-    print_table(title, columns, rows)
+    print_table(title, columns, rows, left=(0, 1) if inference_form else None)
+    print(f"machine: {machine_line()}")
     if args.csv:
         write_csv(results, args.csv)
         print(f"results written to {args.csv}")

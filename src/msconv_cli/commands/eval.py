@@ -30,6 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument('--amp', action='store_true', help='bf16 autocast')
     parser.add_argument('--multi-scale', action='store_true', help='segmentation runs: also multi-scale + flip mIoU')
+    parser.add_argument(
+        '--dtype',
+        choices=['fp32', 'bf16', 'fp16'],
+        default=None,
+        help='evaluate the inference form (msconv.inference_model) with its weights in this dtype',
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         use_ema=args.ema,
         amp=args.amp,
         which=args.which,
+        dtype=args.dtype,
     )
     if res.get('checkpoint'):
         step = '' if res.get('step') is None else f" (step {res['step']})"
@@ -66,8 +73,9 @@ def run(args: argparse.Namespace) -> int:
         if res.get('which') == 'best' and res.get('best_top1') is not None:
             best = f", best evaluation: top-1 {res['best_top1']:.2f}% at epoch {res['best_epoch']:.3g}"
         print(f"weights: {res['checkpoint']}{step}{', EMA' if args.ema else ''}{best}")
+    form = f" ({args.dtype} inference form)" if args.dtype else ''
     print(
-        f"{args.model} on {args.data}/{args.split}: top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  "
+        f"{args.model}{form} on {args.data}/{args.split}: top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  "
         f"loss {res['val_loss']:.4f}  ({res['count']} images)"
     )
     return 0
