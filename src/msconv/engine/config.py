@@ -754,7 +754,8 @@ OFFICIAL_RECIPES: Dict[str, Dict[str, Any]] = {
         models=('scsc_swin_tiny',),
         official=True,
         repo='megvii-research/SCSC@94fad31',
-        based_on='config.py, main.py, lr_scheduler.py, scsc_swin.py, run.sh (8 V100 x 128)',
+        based_on='config.py, main.py, lr_scheduler.py, scsc_swin.py, '
+        'run.sh (8 GPUs of rlaunch group research_model_v100, x 128)',
         rows=[
             _row('epochs', 'epochs', 300, 'config.py:79'),
             _row('warm-up epochs', 'warmup_epochs', 20, 'config.py:80'),
