@@ -726,7 +726,12 @@ OFFICIAL_RECIPES: Dict[str, Dict[str, Any]] = {
             _row('base LR (per 512 images)', 'lr', 1e-5, 'configs/smt/smt_large_224_22kto1k_finetune.yaml:20'),
             _row('warm-up LR (per 512)', 'warmup_lr', 1e-8, 'configs/smt/smt_large_224_22kto1k_finetune.yaml:21'),
             _row('min LR (per 512)', 'min_lr', 1e-7, 'configs/smt/smt_large_224_22kto1k_finetune.yaml:22'),
-            _row('global batch', 'global_batch', 512, 'README.md:124-127 (8 x 64)'),
+            _row(
+                'global batch',
+                'global_batch',
+                512,
+                'README.md:124-127 (8 x 64; the README shows the fine-tuning command with the 384 config)',
+            ),
             _row('drop path', 'drop_path', 0.1, 'configs/smt/smt_large_224_22kto1k_finetune.yaml:4'),
         ]
         + _SMT_SHARED,
@@ -773,7 +778,8 @@ OFFICIAL_RECIPES: Dict[str, Dict[str, Any]] = {
         models=('scsc_swin_tiny',),
         official=True,
         repo='megvii-research/SCSC@94fad31',
-        based_on='config.py, main.py, lr_scheduler.py, scsc_swin.py, run.sh (8 V100 x 128)',
+        based_on='config.py, main.py, lr_scheduler.py, scsc_swin.py, '
+        'run.sh (8 GPUs of rlaunch group research_model_v100, x 128)',
         rows=[
             _row('epochs', 'epochs', 300, 'config.py:79'),
             _row('warm-up epochs', 'warmup_epochs', 20, 'config.py:80'),
@@ -828,10 +834,10 @@ OFFICIAL_RECIPES: Dict[str, Dict[str, Any]] = {
             _row('warm-up epochs', 'warmup_epochs', 5, 'README.md:45 (--warmup_epochs 5)'),
             _row('LR (absolute)', 'lr', 4e-3, 'README.md:45 (--lr 4e-3)'),
             _row('LR scaling', 'lr_base_size', None, 'main.py:96 (absolute, not scaled)'),
-            _row('warm-up start LR', 'warmup_lr', 0.0, 'main.py:411-414 (utils.cosine_scheduler, start 0)'),
+            _row('warm-up start LR', 'warmup_lr', 0.0, 'main.py:411-414, utils.py:431-439 (start_warmup_value 0)'),
             _row('min LR', 'min_lr', 1e-6, 'main.py:99'),
             _row('global batch', 'global_batch', 4096, 'README.md:45 (8 GPUs x --batch_size 64 x --update_freq 8)'),
-            _row('warm-up prefix', 'warmup_prefix', True, 'main.py:411-414'),
+            _row('warm-up prefix', 'warmup_prefix', True, 'utils.py:431-445 (warm-up, then a cosine over the rest)'),
             _row('AdamW betas (default)', 'opt_betas', (0.9, 0.999), 'main.py:84 (None: torch default)'),
             _row('grad clip', 'clip_grad', None, 'main.py:86'),
             _row('Mixup alpha', 'mixup', 0.8, 'main.py:130'),
