@@ -221,3 +221,22 @@ def test_builders_validate_arguments(tmp_path):
         build_digits_ade(tmp_path, 'training', digit_size=(4, 10))
     with pytest.raises(ValueError, match='n_images'):
         build_digits_coco(tmp_path, 'val', n_images=0)
+
+
+def test_digits_ade_label_dilation_widens_the_digit_labels(tmp_path):
+    plain = build_digits_ade(tmp_path / 'plain', 'validation', n_images=3, seed=3)
+    wide = build_digits_ade(tmp_path / 'wide', 'validation', n_images=3, seed=3, label_dilation=2)
+    for i in range(3):
+        name = f"annotations/validation/{i:06d}.png"
+        a, b = np.array(Image.open(plain / name)), np.array(Image.open(wide / name))
+        assert np.array_equal(
+            np.array(Image.open(plain / f"images/validation/{i:06d}.jpg")),
+            np.array(Image.open(wide / f"images/validation/{i:06d}.jpg")),
+        )
+        # every stroke pixel keeps its class, and the classes spread over a wider area
+        strokes = a >= 2
+        assert np.array_equal(b[strokes], a[strokes])
+        assert (b >= 2).sum() > 1.5 * strokes.sum()
+        assert set(np.unique(b[b >= 2])) == set(np.unique(a[strokes]))
+    with pytest.raises(ValueError, match='label_dilation must be an int >= 0, got -1'):
+        build_digits_ade(tmp_path / 'bad', 'validation', n_images=1, label_dilation=-1)

@@ -349,3 +349,18 @@ def test_cascade_rpn_ignores_border_crossing_anchors():
     rpn._image_sizes = None
     labels, _ = rpn.assign_targets_to_anchors(anchors, targets)
     assert labels[0].tolist()[1:3] == [0.0, 0.0]
+
+
+def test_retinanet_head_norm_option():
+    torch.manual_seed(0)
+    plain = create_detector('test_smt', 'retinanet', 3, min_size=64, max_size=64, channels=32)
+    model = create_detector('test_smt', 'retinanet', 3, min_size=64, max_size=64, channels=32, head_norm=True)
+    assert not any(isinstance(m, nn.GroupNorm) for m in plain.head.modules())
+    norms = [m for m in model.head.modules() if isinstance(m, nn.GroupNorm)]
+    assert len(norms) == 8 and all(m.num_groups == 32 for m in norms)  # 4 convs in each of the two branches
+    images = [torch.rand(3, 64, 64) for _ in range(2)]
+    targets = [{'boxes': torch.tensor([[8.0, 8.0, 40.0, 48.0]]), 'labels': torch.tensor([2])} for _ in range(2)]
+    losses = model(images, targets)
+    assert set(losses) == {'classification', 'bbox_regression'} and all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for p in model.head.parameters())

@@ -116,7 +116,7 @@ class TrainConfig:
     seg_crop: Tuple[int, int] = (512, 512)
     seg_num_classes: int = 150
     seg_reduce_zero_label: bool = True
-    seg_eval_ms: bool = False  # also report multi-scale + flip mIoU at the end of a run
+    seg_eval_ms: bool = False  # also report multi-scale + flip mIoU at each evaluation
     eval_max_images: Optional[int] = None  # evaluate on the first N val images only
     norm_eval: bool = False  # BatchNorm layers in eval mode while training (mmdet's norm_eval)
     warmup_iters: Optional[int] = None  # warm-up length in optimizer steps (replaces warmup_epochs)
