@@ -153,8 +153,8 @@ class InferenceModel(nn.Module):
             x = self._input(x, bool(self.channels_last))
             if self.compile_backend is None:
                 return self._run(self.model, x)
-            if self._compiled is None:
-                self._compiled = torch.compile(self.model, backend=self.compile_backend)
+            if self._compiled is None:  # kept out of the submodules: state_dict() holds the weights once
+                object.__setattr__(self, '_compiled', torch.compile(self.model, backend=self.compile_backend))
             return self._run(self._compiled, x)
 
 
