@@ -112,6 +112,19 @@ def test_evaluate_in_a_dtype(monkeypatch):
         msconv.evaluate(model, dtype='int4', **common)
 
 
+def test_cli_eval_dtype(monkeypatch, capsys):
+    from msconv.cli import main
+
+    monkeypatch.setenv('MSCONV_AUTOTUNE', '0')
+    args = ['eval', 'test_smt', '--data', 'digits', '--image-size', '32', '--batch-size', '250', '--dtype', 'bf16']
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert 'test_smt (bf16 inference form) on digits/val: top-1' in out and '(500 images)' in out
+    with pytest.raises(SystemExit):  # argparse: exit status 2 and the choices
+        main(args[:-1] + ['int8'])
+    assert "invalid choice: 'int8'" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('family', ['smt', 'scsc', 'shiftwise'])
 def test_trained_demo_nano_model_top1_in_bf16_within_half_a_point(family, tmp_path):
