@@ -62,8 +62,9 @@ def test_fixture_logits_in_bf16(name):
             assert _rel_err(out, ref) <= BF16_RTOL
             with torch.autocast('cpu', dtype=torch.bfloat16):
                 assert _rel_err(form(x), ref) <= BF16_RTOL
-    for precision in ('weights', 'autocast'):
-        assert _rel_err(inference_model(model, dtype='bf16', precision=precision)(x), ref) <= BF16_RTOL
+    for precision in ('weights', 'autocast'):  # (the layout choice is tested in test_inference)
+        fast = inference_model(model, dtype='bf16', precision=precision, channels_last=False)
+        assert _rel_err(fast(x), ref) <= BF16_RTOL
 
 
 @pytest.mark.parametrize('name', TEST_MODELS)
@@ -110,6 +111,19 @@ def test_evaluate_in_a_dtype(monkeypatch):
         msconv.evaluate(model, dtype='bf16', amp=True, **common)
     with pytest.raises(ValueError, match='dtype must be'):
         msconv.evaluate(model, dtype='int4', **common)
+
+
+def test_cli_eval_dtype(monkeypatch, capsys):
+    from msconv.cli import main
+
+    monkeypatch.setenv('MSCONV_AUTOTUNE', '0')
+    args = ['eval', 'test_smt', '--data', 'digits', '--image-size', '32', '--batch-size', '250', '--dtype', 'bf16']
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert 'test_smt (bf16 inference form) on digits/val: top-1' in out and '(500 images)' in out
+    with pytest.raises(SystemExit):  # argparse: exit status 2 and the choices
+        main(args[:-1] + ['int8'])
+    assert "invalid choice: 'int8'" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -104,6 +104,7 @@ def test_compile_path_on_a_micro_model():
     assert _close(fast(x), ref, 1e-5)
     assert fast._compiled is not None
     assert _close(fast(x), ref, 1e-5)
+    assert all(k.startswith('model.') for k in fast.state_dict()), 'the compiled module shares the weights'
 
 
 @pytest.mark.slow

@@ -1,13 +1,15 @@
 """One call for the fastest inference model: :func:`inference_model`.
 
 ``msconv.inference_model(model, dtype='bf16')`` returns an :class:`InferenceModel`: a copy of ``model`` in eval mode
-and in its inference form (``msconv.reparameterize``: BatchNorms folded, parallel branches merged; for a timm model
-the same call is timm's ``reparameterize_model``, a no-op for plain models), with
+and in its inference form (the model's own ``reparameterize()`` if it has one, then timm's ``reparameterize_model``
+on its sub-modules, as ``msconv.reparameterize`` does: BatchNorms folded, parallel branches merged; a no-op for
+plain timm models), with
 
 * its weights in ``dtype`` (``precision='weights'``, the default) or fp32 weights run under ``torch.autocast``
-  (``precision='autocast'``). Measured on a 2-core AMD EPYC (Zen 4, AVX-512-BF16, no AMX), reparameterized models,
-  batch 8 at 224: bf16 weights ran 0.9x-1.1x the speed of bf16 autocast depending on the model (see
-  ``docs/speed.md``), and halve the weights' memory, so they are the default;
+  (``precision='autocast'``). Measured on a 2-core AMD EPYC VM (AVX-512-BF16, no AMX), reparameterized models, batch
+  8 at 224, 2 threads: bf16 weights 170 ms vs autocast 175 ms for smt_tiny, 292 ms vs 301 ms for scsc_swin_tiny
+  (fp32: 342 and 573 ms; see ``docs/speed.md``); they are as fast or faster and halve the weights' memory, so they
+  are the default;
 * channels-last memory only where it wins: with ``channels_last='auto'`` the first eager call times both layouts on
   the real input through the autotuner (``msconv.layers.forms.tuned``: measured once per model, shape, dtype,
   device and thread count, cached in memory and under ``MSCONV_CACHE_DIR``; ``MSCONV_AUTOTUNE=0`` keeps the
@@ -153,8 +155,8 @@ class InferenceModel(nn.Module):
             x = self._input(x, bool(self.channels_last))
             if self.compile_backend is None:
                 return self._run(self.model, x)
-            if self._compiled is None:
-                self._compiled = torch.compile(self.model, backend=self.compile_backend)
+            if self._compiled is None:  # kept out of the submodules: state_dict() holds the weights once
+                object.__setattr__(self, '_compiled', torch.compile(self.model, backend=self.compile_backend))
             return self._run(self._compiled, x)
 
 
