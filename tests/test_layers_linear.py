@@ -177,3 +177,20 @@ def test_linear_gelu_forms_match_linear_then_gelu(form, shape, bias):
     assert (out - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
     out = linear_gelu(x, w, b)  # autograd on: the plain form, differentiable
     assert (out - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
+
+
+def test_linear_gelu_fused_form_runs_bf16_within_bf16_rounding():
+    """bf16 tokens and weights: the oneDNN post-op form keeps bf16 and stays within bf16 rounding (8 bits of
+    mantissa: 2^-8 of the largest output, twice for the GEMM's and the GELU's roundings) of the fp32 maths."""
+    from msconv.layers.linear import linear_gelu
+
+    torch.manual_seed(0)
+    w, b, x = torch.randn(40, 16).bfloat16(), torch.randn(40).bfloat16(), torch.randn(2, 5, 5, 16).bfloat16()
+    ref = F.gelu(F.linear(x.float(), w.float(), b.float()))
+    with torch.no_grad():
+        if not forms.use_fast_form('fused', x):
+            pytest.skip('no oneDNN here: the fused form is not allowed')
+        with forms.forced_choices(linear_gelu='fused'):
+            out = linear_gelu(x, w, b)
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+    assert (out.float() - ref).abs().max().item() <= 2 * 2**-8 * ref.abs().max().item()
