@@ -7,6 +7,8 @@ layout the autotuner measures faster, eval, no autograd); timm models are built 
 depend on them). For each pair and dtype: one call each decides the layout and the autotuner's forms, then warm-up
 calls, then the two models alternate call by call; the ratio is the peer's seconds per batch over ours (> 1: ours
 is faster), from the medians and from the best calls (the least disturbed, the fairer figure on a shared machine).
+The MAC ratio (``torch.utils.flop_counter``: matmuls and convolutions) bounds what equal per-MAC efficiency gives:
+peer MACs / ours.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_line, print_table, time_interleaved  # noqa: E402
@@ -54,6 +57,11 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, args.size, args.size)
     rows = []
+    mac_ratio = {}
+    for ours_name, peer_name in args.pairs:
+        mac_ratio[ours_name, peer_name] = _gmacs(_build(timm.create_model, peer_name, args.size), args.size) / _gmacs(
+            _build(msconv.create_model, ours_name, args.size), args.size
+        )
     for dtype in args.dtypes:
         for ours_name, peer_name in args.pairs:
             ours = msconv.inference_model(_build(msconv.create_model, ours_name, args.size), dtype=dtype)
@@ -73,6 +81,7 @@ def main(argv=None) -> None:
                     ratio_median=f"{t['peer'].median / t['ours'].median:.2f}x",
                     ratio_best=f"{t['peer'].best / t['ours'].best:.2f}x",
                     layouts=f"{_layout(ours)}/{_layout(peer)}",
+                    peer_over_ours_macs=f"{mac_ratio[ours_name, peer_name]:.2f}",
                 )
             )
             print('  '.join(str(v) for v in rows[-1].values()), flush=True)  # progress
@@ -94,6 +103,14 @@ def _build(factory, name: str, size: int):
         return factory(name, img_size=size)
     except TypeError:  # a convnet: any input size
         return factory(name)
+
+
+def _gmacs(model: torch.nn.Module, size: int) -> float:
+    """Multiply-accumulates of one ``size`` x ``size`` image through the reparameterized fp32 model."""
+    model = msconv.reparameterize(model.eval()) if hasattr(model, 'reparameterize') else model.eval()
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(torch.randn(1, 3, size, size))
+    return counter.get_total_flops() / 2e9
 
 
 def _layout(model) -> str:

@@ -155,3 +155,42 @@ def test_flop_counter_counts_the_onednn_path(always_onednn):
             fn(x, w, b).sum().backward()
         totals.append(counter.get_total_flops())
     assert totals[0] == totals[1] == 3 * 2 * (2 * 8 * 8) * 32 * 48
+
+
+@pytest.mark.parametrize('form', ['plain', 'fused'])
+@pytest.mark.parametrize('shape', [(2, 5, 7, 16), (3, 11, 16), (13, 16)])
+@pytest.mark.parametrize('bias', [True, False])
+def test_linear_gelu_forms_match_linear_then_gelu(form, shape, bias):
+    from msconv.layers import forms
+    from msconv.layers.linear import linear_gelu
+
+    torch.manual_seed(0)
+    w, b = torch.randn(40, 16) * 0.2, (torch.randn(40) if bias else None)
+    x = torch.randn(*shape)
+    ref = torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b))
+    with torch.no_grad():
+        if form == 'fused' and not forms.use_fast_form('fused', x):
+            pytest.skip('no oneDNN here: the fused form is not allowed')
+        with forms.forced_choices(linear_gelu=form):
+            out = linear_gelu(x, w, b)
+    assert out.shape == ref.shape and out.is_contiguous()
+    assert (out - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
+    out = linear_gelu(x, w, b)  # autograd on: the plain form, differentiable
+    assert (out - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
+
+
+def test_linear_gelu_fused_form_runs_bf16_within_bf16_rounding():
+    """bf16 tokens and weights: the oneDNN post-op form keeps bf16 and stays within bf16 rounding (8 bits of
+    mantissa: 2^-8 of the largest output, twice for the GEMM's and the GELU's roundings) of the fp32 maths."""
+    from msconv.layers.linear import linear_gelu
+
+    torch.manual_seed(0)
+    w, b, x = torch.randn(40, 16).bfloat16(), torch.randn(40).bfloat16(), torch.randn(2, 5, 5, 16).bfloat16()
+    ref = F.gelu(F.linear(x.float(), w.float(), b.float()))
+    with torch.no_grad():
+        if not forms.use_fast_form('fused', x):
+            pytest.skip('no oneDNN here: the fused form is not allowed')
+        with forms.forced_choices(linear_gelu='fused'):
+            out = linear_gelu(x, w, b)
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+    assert (out.float() - ref).abs().max().item() <= 2 * 2**-8 * ref.abs().max().item()

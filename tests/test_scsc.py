@@ -414,3 +414,68 @@ def test_conv_stem_im2col_inference_matches_conv(stride, size, folded):
     with torch.no_grad():
         out = stem(x)
     assert out.shape == ref.shape and max_abs(out, ref) <= 1e-5
+
+
+# ------------------------------------------------------------------ conv + GELU fused (oneDNN post-op), token form
+
+
+def _fused_ok():
+    from msconv.layers import forms
+
+    return forms.use_fast_form('fused', torch.zeros(1)) if not torch.is_grad_enabled() else False
+
+
+@pytest.mark.parametrize('form', ['plain', 'fused'])
+@pytest.mark.parametrize(
+    'kernel,stride,groups,bias', [(1, 1, 1, True), (1, 2, 1, False), (7, 1, 16, True), (5, 2, 16, True)]
+)
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_conv_gelu_forms_match_conv_then_gelu(form, kernel, stride, groups, bias, channels_last):
+    from msconv.layers import forms
+    from msconv.layers.cross_scale import conv_gelu
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 16 if groups > 1 else 24, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=bias)
+    x = torch.randn(2, 16, 15, 13)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = nn.functional.gelu(conv(x))
+        if form == 'fused' and not _fused_ok():
+            pytest.skip('no oneDNN here: the fused form is not allowed')
+        with forms.forced_choices(conv_gelu=form):
+            out = conv_gelu(conv, x)
+    assert out.shape == ref.shape
+    assert max_abs(out, ref) <= EVAL_TOL * max(1.0, ref.abs().max().item())
+
+
+@pytest.mark.parametrize('form', ['plain', 'fused'])
+@pytest.mark.parametrize('routing', ['official', 'cross_scale'])
+@pytest.mark.parametrize('in_dim,out_dim,stride', [(24, 24, 1), (24, 36, 2), (36, 36, 2)])
+def test_channels_last_token_form_matches_reference(form, routing, in_dim, out_dim, stride, monkeypatch):
+    """A reparameterized SCSC block given a channels-last input runs its token form: same result as the plain
+    form within the eval tolerance, channels-last output, the caller's tensor untouched."""
+    from msconv.layers import forms
+
+    torch.manual_seed(0)
+    block = CrossScaleBottleneck(in_dim, out_dim, (3, 5, 7), groups=2, stride=stride, routing=routing).eval()
+    mixer = SpatialCrossScaleConv(in_dim, (3, 5), groups=2, routing=routing).eval()
+    calls = []
+    original = SpatialCrossScaleConv._forward_tokens
+    monkeypatch.setattr(SpatialCrossScaleConv, '_forward_tokens', lambda self, x: calls.append(1) or original(self, x))
+    for m in (block, mixer):
+        _randomize_bn(m)
+        m.reparameterize()
+        x = torch.randn(2, in_dim, 11, 10)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            ref = m.forward_reference(x)
+            if form == 'fused' and not _fused_ok():
+                pytest.skip('no oneDNN here: the fused form is not allowed')
+            with forms.forced_choices(conv_gelu=form):
+                out = m(x_cl)
+        assert calls, 'the token form did not run'
+        calls.clear()
+        assert torch.equal(x_cl, x)
+        assert out.shape == ref.shape and out.is_contiguous(memory_format=torch.channels_last)
+        assert max_abs(out, ref) <= EVAL_TOL * max(1.0, ref.abs().max().item())

@@ -362,3 +362,20 @@ def test_inference_fast_paths_equal_the_plain_forward(gemm):
         with torch.no_grad():
             fast = model(x)
         assert max_abs(fast, plain) < 1e-5
+
+
+@pytest.mark.parametrize('form', ['plain', 'fused'])
+def test_reparameterized_mlp_conv_gelu_forms_match_official(form):
+    """The inference MLP's GELU(dwconv(h)): conv then in-place GELU, or one oneDNN conv with a GELU post-op."""
+    from msconv.layers import forms
+
+    t, meta = load_fixture('smt', 'smt_micro')
+    model = SMT(**meta['constructor_kwargs'])
+    model.load_state_dict(official_state_dict(t))
+    deployed = msconv.reparameterize(model).eval()
+    with torch.no_grad():
+        if form == 'fused' and not forms.use_fast_form('fused', t['input']):
+            pytest.skip('no oneDNN here: the fused form is not allowed')
+        with forms.forced_choices(conv_gelu=form):
+            out = deployed(t['input'])
+    assert max_abs(out, t['logits']) <= meta['atol']

@@ -18,6 +18,9 @@ one of these kinds:
               Needs what ``inplace`` needs.
 ``triton``    msconv's Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``).
 ``lean``      a custom ``autograd.Function`` that saves less for backward (ShiftWise training). Eager only.
+``fused``     a oneDNN convolution with the activation after it applied as a post-op
+              (``torch.ops.mkldnn._convolution_pointwise``): no separate pass over the output. CPU fp32/bf16,
+              oneDNN enabled; needs what ``inplace`` needs (the op has no autograd formula).
 ============  ===================================================================================================
 
 :func:`use_fast_form` answers "may this kind of fast form run on ``x`` now?". Under any graph capture
@@ -66,7 +69,7 @@ __all__ = [
     'autotune_enabled',
 ]
 
-FORMS = ('folded', 'inplace', 'per_image', 'onednn', 'cpu_gemm', 'triton', 'lean')
+FORMS = ('folded', 'inplace', 'per_image', 'onednn', 'cpu_gemm', 'triton', 'lean', 'fused')
 
 _REFERENCE = False
 
@@ -145,6 +148,14 @@ def _use_fast_form(form: str, x: torch.Tensor) -> bool:
         return True
     if form == 'cpu_gemm':
         return cpu_fp32
+    if form == 'fused':
+        return (
+            x.device.type == 'cpu'
+            and x.dtype in (torch.float32, torch.bfloat16)
+            and torch.backends.mkldnn.is_available()
+            and torch.backends.mkldnn.enabled
+            and hasattr(torch.ops.mkldnn, '_convolution_pointwise')
+        )
     # per_image
     return x.device.type == 'cpu' and x.shape[0] > 1
 

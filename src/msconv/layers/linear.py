@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .forms import tuned, use_fast_form
 
-__all__ = ['Linear', 'linear']
+__all__ = ['Linear', 'linear', 'linear_gelu']
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -43,6 +43,34 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
         {'blas': lambda: F.linear(x, weight, bias), 'onednn': lambda: _linear_onednn(x, weight, bias)},
         extra=f"{weight.shape[1]}->{weight.shape[0]}{'+b' if bias is not None else ''}",
     )
+
+
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``GELU(F.linear(x, weight, bias))`` (exact GELU) into a fresh tensor, for eager inference without autograd:
+    :func:`linear` then the GELU in place, or where ``use_fast_form('fused')`` allows and
+    ``msconv.layers.forms.tuned`` measures it faster, one oneDNN 1x1 convolution over the channels-last view of
+    ``x`` (no copy) with the GELU as a post-op, so the 4x-wide hidden tensor is written once."""
+    plain = lambda: torch.ops.aten.gelu_(linear(x, weight, bias))  # noqa: E731
+    if torch.is_grad_enabled() or not (
+        use_fast_form('fused', x) and x.dim() >= 2 and x.is_contiguous() and weight.dtype == x.dtype
+    ):
+        return plain()
+    return tuned(
+        'linear_gelu',
+        x,
+        {'plain': plain, 'fused': lambda: _linear_gelu_onednn(x, weight, bias)},
+        extra=f"{weight.shape[1]}->{weight.shape[0]}{'+b' if bias is not None else ''}",
+    )
+
+
+def _linear_gelu_onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    w4 = weight.contiguous()[:, :, None, None]
+    bias = bias.contiguous() if bias is not None else None
+    x4 = x.reshape(-1, *x.shape[-3:]) if x.dim() >= 4 else x.reshape(1, -1, 1, x.shape[-1])  # (N, H, W, C) tokens
+    out = torch.ops.mkldnn._convolution_pointwise(
+        x4.permute(0, 3, 1, 2), w4, bias, [0, 0], [1, 1], [1, 1], 1, 'gelu', [], 'none'
+    )  # channels-last in, channels-last out
+    return out.permute(0, 2, 3, 1).reshape(*x.shape[:-1], weight.shape[0])
 
 
 def _linear_onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:

@@ -28,7 +28,7 @@ from timm.models._features import feature_take_indices
 
 from ..layers._fold import bn_scale_shift
 from ..layers.forms import tuned, use_fast_form
-from ..layers.linear import Linear, linear
+from ..layers.linear import Linear, linear, linear_gelu
 from ..layers.shiftwise import ShiftWiseConv2d, convert_official_op
 from ._builder import MsconvModel, factory_kwargs
 from ._registry import register_converter, register_model
@@ -134,7 +134,7 @@ class ShiftWiseBlock(nn.Module):
         bias2 = torch.addmv(self.fc2.bias, self.fc2.weight, self.grn.bias)
         yt, xt = y.permute(0, 2, 3, 1), x.permute(0, 2, 3, 1)  # (B, H, W, C) views, contiguous
         for yi, xi in zip(yt.split(1), xt.split(1)) if per_image else ((yt, xt),):
-            h = torch.ops.aten.gelu_(self.fc1(yi))
+            h = linear_gelu(yi, self.fc1.weight, self.fc1.bias)  # GELU(fc1(yi)), fresh
             hv = h.flatten(1, 2)  # (b, H*W, 4C) view
             norms = _spatial_l2_norms(hv)
             norms.div_(norms.mean(dim=-1, keepdim=True).add_(self.grn.eps))

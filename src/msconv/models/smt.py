@@ -29,6 +29,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq, named_apply
 
 from ..layers._fold import fold_bn_into_conv
+from ..layers.cross_scale import conv_gelu
 from ..layers.forms import map_images, use_fast_form
 from ..layers.linear import Linear
 from ..layers.mixed_conv import ScaleAwareModulation
@@ -62,6 +63,9 @@ class ConvMlp(nn.Module):
     @torch.jit.unused
     def _forward_inplace(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc1(x)
+        if self.residual_folded and type(self.act) is nn.GELU and self.act.approximate == 'none':
+            hc = h.permute(0, 3, 1, 2)  # channels-last view
+            return self.fc2(conv_gelu(self.dwconv, hc).permute(0, 2, 3, 1))  # GELU(dwconv(h)), measured form
         c = self.dwconv(h.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return self.fc2(torch.ops.aten.gelu_(c if self.residual_folded else c.add_(h)))
 
