@@ -240,3 +240,27 @@ def test_digits_ade_label_dilation_widens_the_digit_labels(tmp_path):
         assert set(np.unique(b[b >= 2])) == set(np.unique(a[strokes]))
     with pytest.raises(ValueError, match='label_dilation must be an int >= 0, got -1'):
         build_digits_ade(tmp_path / 'bad', 'validation', n_images=1, label_dilation=-1)
+
+
+def test_train_transforms_flip_probability(coco_set, ade_root):
+    # flip=0 (digits are not mirror-symmetric) never flips, flip=1 always does; both pipelines check the argument
+    img_dir, ann_file = coco_set
+    plain = CocoDetection(img_dir, ann_file, detection_eval_transforms())
+    image, target = plain[0]
+    for flip in (0.0, 1.0):
+        tf = detection_train_transforms(scales=(96,), max_size=200, crop=False, flip=flip)
+        out, t = CocoDetection(img_dir, ann_file, tf)[0]
+        want_img, want_masks = (image, target['masks']) if flip == 0 else (image.flip(-1), target['masks'].flip(-1))
+        torch.testing.assert_close(out.as_subclass(torch.Tensor), want_img.as_subclass(torch.Tensor))
+        assert torch.equal(t['masks'].as_subclass(torch.Tensor), want_masks.as_subclass(torch.Tensor))
+    ds = ADESegmentation(ade_root, 'training', segmentation_eval_transforms(), num_classes=11)
+    _, mask = ds[0]
+    for flip in (0.0, 1.0):
+        tf = segmentation_train_transforms(scale=(256, 96), ratio_range=(1.0, 1.0), crop_size=(96, 128), flip=flip)
+        _, m = ADESegmentation(ade_root, 'training', tf, num_classes=11)[0]
+        assert torch.equal(m, mask if flip == 0 else mask.flip(-1))
+    for bad in (-0.1, 1.5, True, '0.5'):
+        with pytest.raises(ValueError, match='flip must be a probability'):
+            detection_train_transforms(flip=bad)
+        with pytest.raises(ValueError, match='flip must be a probability'):
+            segmentation_train_transforms(flip=bad)

@@ -247,15 +247,19 @@ def segmentation_train_transforms(
     ratio_range: Tuple[float, float] = (0.5, 2.0),
     crop_size: Tuple[int, int] = (512, 512),
     cat_max_ratio: float = 0.75,
+    flip: float = 0.5,
 ) -> v2.Compose:
-    """The ADE20K configs' training pipeline (module docstring). Photometric distortion: torchvision's
+    """The ADE20K configs' training pipeline (module docstring); ``flip``: the horizontal flip probability (the
+    configs' 0.5; 0 for classes that are not mirror-symmetric, such as digits). Photometric distortion: torchvision's
     ``RandomPhotometricDistort`` with mmseg's ranges (contrast and saturation 0.5-1.5, hue +-18/180 of the
     circle, each with probability 0.5); brightness is multiplicative 0.875-1.125 where mmseg adds +-32 levels."""
+    if isinstance(flip, bool) or not isinstance(flip, (int, float)) or not 0 <= flip <= 1:
+        raise ValueError(f"flip must be a probability in [0, 1], got {flip!r}")
     return v2.Compose(
         [
             RandomRescale(scale, ratio_range),
             RandomCropCatMax(crop_size, cat_max_ratio),
-            v2.RandomHorizontalFlip(0.5),
+            v2.RandomHorizontalFlip(flip),
             v2.RandomPhotometricDistort(
                 brightness=(0.875, 1.125), contrast=(0.5, 1.5), saturation=(0.5, 1.5), hue=(-0.1, 0.1), p=0.5
             ),

@@ -259,9 +259,13 @@ def detection_train_transforms(
     crop: bool = True,
     crop_scales: Sequence[int] = (400, 500, 600),
     crop_size: Tuple[int, int] = (384, 600),
+    flip: float = 0.5,
 ) -> v2.Compose:
     """The 3x configs' training augmentation (see the module docstring); ``crop=False`` keeps only the
-    multi-scale resize and flip (the plain ``mstrain`` configs). Sizes can be scaled down for small images."""
+    multi-scale resize and flip (the plain ``mstrain`` configs). Sizes can be scaled down for small images.
+    ``flip``: the horizontal flip probability (the configs' 0.5; 0 for classes that are not mirror-symmetric)."""
+    if isinstance(flip, bool) or not isinstance(flip, (int, float)) or not 0 <= flip <= 1:
+        raise ValueError(f"flip must be a probability in [0, 1], got {flip!r}")
     if not scales or not all(isinstance(s, int) and s > 0 for s in scales):
         raise ValueError(f"scales must be a non-empty sequence of positive ints, got {scales!r}")
     resize = v2.RandomShortestSize(list(scales), max_size=max_size)
@@ -280,7 +284,7 @@ def detection_train_transforms(
         )
     return v2.Compose(
         [
-            v2.RandomHorizontalFlip(0.5),
+            v2.RandomHorizontalFlip(flip),
             resize,
             v2.ClampBoundingBoxes(),
             v2.SanitizeBoundingBoxes(min_size=1.0),

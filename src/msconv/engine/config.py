@@ -117,6 +117,7 @@ class TrainConfig:
     seg_num_classes: int = 150
     seg_reduce_zero_label: bool = True
     seg_eval_ms: bool = False  # also report multi-scale + flip mIoU at each evaluation
+    seg_eval_flip: bool = True  # the multi-scale evaluation also averages the flipped images
     eval_max_images: Optional[int] = None  # evaluate on the first N val images only
     norm_eval: bool = False  # BatchNorm layers in eval mode while training (mmdet's norm_eval)
     warmup_iters: Optional[int] = None  # warm-up length in optimizer steps (replaces warmup_epochs)

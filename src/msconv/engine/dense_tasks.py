@@ -13,7 +13,7 @@ model (``--arch``) ``create_detector(model, arch, K)``: mask_rcnn,  ``create_seg
 batches            lists of images and target dicts                 stacked crops and (B, H, W) label maps
 loss               sum of the detector's loss dict                  decode + 0.4 x auxiliary cross-entropy
 evaluation         COCO box (and mask) AP, AP50, AP75, APs/m/l      mIoU / mAcc / aAcc, single scale (+ multi-scale
-                                                                    and flip with ``seg_eval_ms``)
+                                                                    and flip with ``seg_eval_ms``/``seg_eval_flip``)
 checkpoint         the whole detector (``model`` / ``ema``)         the whole segmenter
 =================  ===============================================  ===============================================
 
@@ -228,7 +228,10 @@ class DetectionTask(_DenseTask):
         cfg = self.cfg
         train = self._train_set()
         train.transforms = detection_train_transforms(
-            scales=tuple(cfg.det_scales or TRAIN_SCALES), max_size=cfg.det_max_size, crop=cfg.det_crop
+            scales=tuple(cfg.det_scales or TRAIN_SCALES),
+            max_size=cfg.det_max_size,
+            crop=cfg.det_crop,
+            flip=cfg.hflip,
         )
         img_dir, ann = find_coco_split(self._root('coco'), 'val')
         self.val_set = CocoDetection(img_dir, ann, detection_eval_transforms(), with_masks=False, on_error='skip')
@@ -315,7 +318,10 @@ class SegmentationTask(_DenseTask):
         root = self._root('ade')
         common = dict(num_classes=self.num_classes(), reduce_zero_label=cfg.seg_reduce_zero_label, on_error='skip')
         tf = segmentation_train_transforms(
-            scale=tuple(cfg.seg_scale), ratio_range=tuple(cfg.seg_ratio_range), crop_size=tuple(cfg.seg_crop)
+            scale=tuple(cfg.seg_scale),
+            ratio_range=tuple(cfg.seg_ratio_range),
+            crop_size=tuple(cfg.seg_crop),
+            flip=cfg.hflip,
         )
         train = ADESegmentation(root, 'training', tf, **common)
         self.val_set = ADESegmentation(root, 'validation', segmentation_eval_transforms(), **common)
@@ -343,7 +349,8 @@ class SegmentationTask(_DenseTask):
         ss = evaluate_segmentation(model, self.val_set, self.num_classes(), **common)
         rec = {'mIoU': ss['mIoU'], 'mAcc': ss['mAcc'], 'aAcc': ss['aAcc']}
         if cfg.seg_eval_ms:
-            ms = evaluate_segmentation(model, self.val_set, self.num_classes(), ratios=MS_RATIOS, flip=True, **common)
+            n = self.num_classes()
+            ms = evaluate_segmentation(model, self.val_set, n, ratios=MS_RATIOS, flip=cfg.seg_eval_flip, **common)
             rec.update(ms_mIoU=ms['mIoU'], ms_mAcc=ms['mAcc'], ms_aAcc=ms['aAcc'])
         return rec
 
@@ -362,7 +369,7 @@ class SegmentationTask(_DenseTask):
     def summary(self, rec):
         line = f"mIoU {rec['mIoU']:.3f} mAcc {rec['mAcc']:.3f} aAcc {rec['aAcc']:.3f}"
         if 'ms_mIoU' in rec:
-            line += f"; multi-scale + flip mIoU {rec['ms_mIoU']:.3f}"
+            line += f"; multi-scale{' + flip' if self.cfg.seg_eval_flip else ''} mIoU {rec['ms_mIoU']:.3f}"
         if 'ema_mIoU' in rec:
             line += f"; EMA mIoU {rec['ema_mIoU']:.3f}"
         return line
@@ -424,7 +431,10 @@ def evaluate_dense(
     model.to(resolve_device(device))
     task.build_datasets({})
     rec = task.evaluate(model, None, None, RunContext(resolve_device(device)))
-    return dict(rec, task=cfg.task, arch=task.arch, checkpoint=str(path), step=int(meta['step']))
+    res = dict(rec, task=cfg.task, arch=task.arch, checkpoint=str(path), step=int(meta['step']))
+    if 'ms_mIoU' in rec:
+        res['ms_flip'] = cfg.seg_eval_flip
+    return res
 
 
 def dense_run_task(checkpoint: str) -> Optional[str]:
@@ -454,7 +464,7 @@ def format_dense_metrics(res: Dict[str, Any]) -> str:
     line = f"{res['arch']}: mIoU {res['mIoU']:.3f}  mAcc {res['mAcc']:.3f}  aAcc {res['aAcc']:.3f}"
     if 'ms_mIoU' in res:
         ms = '  '.join(f"{k} {res[f'ms_{k}']:.3f}" for k in ('mIoU', 'mAcc', 'aAcc'))
-        line += f"\n{res['arch']} multi-scale + flip: {ms}"
+        line += f"\n{res['arch']} multi-scale{' + flip' if res.get('ms_flip', True) else ''}: {ms}"
     return line
 
 
