@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterator, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import pytest
 import torch
@@ -82,3 +84,25 @@ def onednn_enabled(enabled: bool) -> Iterator[None]:
         yield
     finally:
         torch.backends.mkldnn.enabled = previous
+
+
+def run_training(
+    args: List[str], out: Path, name: str, nproc: int = 1, timeout: int = 300
+) -> Tuple[subprocess.CompletedProcess, tuple, List[dict]]:
+    """``python -m msconv ARGS --name NAME`` (under ``torchrun --standalone`` with ``nproc`` gloo processes when
+    ``nproc > 1``), one OpenMP thread, this checkout's ``src`` first; asserts it exited 0 and returns the process,
+    the run folder ``out/NAME``'s last checkpoint (``load_checkpoint``) and its ``metrics.jsonl`` records."""
+    from msconv.engine.checkpoint import list_checkpoints, load_checkpoint
+
+    launcher = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(nproc)] if nproc > 1 else []
+    proc = subprocess.run(
+        [sys.executable, *launcher, '-m', 'msconv', *args, '--name', name],
+        env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / 'src'), OMP_NUM_THREADS='1'),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = out / name
+    records = [json.loads(line) for line in (run / 'metrics.jsonl').read_text().splitlines()]
+    return proc, load_checkpoint(list_checkpoints(run)[-1]), records

@@ -9,18 +9,10 @@ batch the same padded size on both sides; SGD rather than AdamW for the reason t
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import run_training
 
-from msconv.engine.checkpoint import list_checkpoints, load_checkpoint
-
-REPO = Path(__file__).resolve().parents[1]
 ARGS = [
     'train',
     'test_smt',
@@ -64,40 +56,15 @@ ARGS = [
 ]
 
 
-def _env():
-    return dict(os.environ, PYTHONPATH=str(REPO / 'src'), OMP_NUM_THREADS='1')
-
-
 @pytest.mark.slow
 def test_torchrun_two_gloo_processes_train_retinanet_as_one(tmp_path):
     common = ARGS + ['--output', str(tmp_path)]
-    single = subprocess.run(
-        [sys.executable, '-m', 'msconv', *common, '--name', 'single'],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert single.returncode == 0, single.stderr[-3000:]
-    multi = subprocess.run(
-        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', '-m', 'msconv']
-        + common
-        + ['--name', 'ddp'],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert multi.returncode == 0, multi.stderr[-3000:]
-    a = load_checkpoint(list_checkpoints(tmp_path / 'single')[-1])
-    b = load_checkpoint(list_checkpoints(tmp_path / 'ddp')[-1])
+    _, a, rec_single = run_training(common, tmp_path, 'single', timeout=600)
+    _, b, rec_ddp = run_training(common, tmp_path, 'ddp', nproc=2, timeout=600)
     assert a[2]['step'] == b[2]['step'] == 3
     for k, v in a[0]['model'].items():
         torch.testing.assert_close(b[0]['model'][k], v, rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
-    recs = {
-        name: [json.loads(line) for line in (tmp_path / name / 'metrics.jsonl').read_text().splitlines()]
-        for name in ('single', 'ddp')
-    }
+    recs = {'single': rec_single, 'ddp': rec_ddp}
     tr = {n: [r['loss'] for r in rs if r['kind'] == 'train'] for n, rs in recs.items()}
     assert len(tr['single']) == 3 and tr['single'][0] != tr['single'][-1]
     assert tr['single'] == pytest.approx(tr['ddp'], rel=1e-5)

@@ -3,19 +3,11 @@ when --per-gpu-batch splits it into accumulation micro-steps."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import run_training
 from test_engine_train import make_image_folder
 
-from msconv.engine.checkpoint import list_checkpoints, load_checkpoint
-
-REPO = Path(__file__).resolve().parents[1]
 # test_vit (timm) has LayerNorm only: without SyncBatchNorm (CUDA-only in torch) per-rank BatchNorm statistics
 # would differ from the single-process ones by design. SGD rather than AdamW: parameters whose true gradient is
 # zero (the key bias of attention) get float-noise gradients that differ with the reduction order, and Adam's
@@ -51,51 +43,16 @@ ARGS = [
 ]
 
 
-def _env():
-    return dict(os.environ, PYTHONPATH=str(REPO / 'src'), OMP_NUM_THREADS='1')
-
-
 def test_torchrun_two_gloo_processes_match_one_process(tmp_path):
     data = make_image_folder(tmp_path / 'imgs', n_train=16, n_val=5)
     common = ARGS + ['--data', str(data), '--output', str(tmp_path)]
-    single = subprocess.run(
-        [sys.executable, '-m', 'msconv', *common, '--name', 'single'],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert single.returncode == 0, single.stderr
-    multi = subprocess.run(
-        [
-            sys.executable,
-            '-m',
-            'torch.distributed.run',
-            '--standalone',
-            '--nproc_per_node',
-            '2',
-            '-m',
-            'msconv',
-            *common,
-            '--name',
-            'ddp',
-        ],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert multi.returncode == 0, multi.stderr[-3000:]
-    a = load_checkpoint(list_checkpoints(tmp_path / 'single')[-1])
-    b = load_checkpoint(list_checkpoints(tmp_path / 'ddp')[-1])
+    _, a, rec_single = run_training(common, tmp_path, 'single')
+    _, b, rec_ddp = run_training(common, tmp_path, 'ddp', nproc=2)
     assert a[2]['step'] == b[2]['step'] == 4
     for k, v in a[0]['model'].items():
         torch.testing.assert_close(b[0]['model'][k], v, rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
     # the runs trained (weights moved) and logged the same losses and the same val accuracy over all 15 images
-    recs = {
-        name: [json.loads(line) for line in (tmp_path / name / 'metrics.jsonl').read_text().splitlines()]
-        for name in ('single', 'ddp')
-    }
+    recs = {'single': rec_single, 'ddp': rec_ddp}
     tr = {n: [r['loss'] for r in rs if r['kind'] == 'train'] for n, rs in recs.items()}
     assert len(tr['single']) == 4 and tr['single'][0] != tr['single'][-1]
     assert tr['single'] == pytest.approx(tr['ddp'], rel=1e-5)
@@ -106,30 +63,8 @@ def test_torchrun_two_gloo_processes_match_one_process(tmp_path):
     assert sum(1 for r in recs['ddp'] if r['kind'] == 'train') == 4
     # --per-gpu-batch 2 on 2 processes: 2 images per process per micro-step, 2 accumulation micro-steps make up
     # the same global batch of 8 (same images, same LR): the same weights as the single process
-    pgb = subprocess.run(
-        [
-            sys.executable,
-            '-m',
-            'torch.distributed.run',
-            '--standalone',
-            '--nproc_per_node',
-            '2',
-            '-m',
-            'msconv',
-            *common,
-            '--name',
-            'pgb',
-            '--per-gpu-batch',
-            '2',
-        ],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert pgb.returncode == 0, pgb.stderr[-3000:]
+    pgb, c, _ = run_training(common + ['--per-gpu-batch', '2'], tmp_path, 'pgb', nproc=2)
     assert 'global batch 8 (2 per process x 2 process(es) x accumulation 2)' in pgb.stdout
-    c = load_checkpoint(list_checkpoints(tmp_path / 'pgb')[-1])
     assert c[2]['step'] == 4 and (c[2]['config']['batch_size'], c[2]['config']['accum_steps']) == (4, 2)
     for k, v in a[0]['model'].items():
         torch.testing.assert_close(c[0]['model'][k], v, rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")

@@ -87,6 +87,18 @@ def config_drop_path_rate(model_name: str) -> Optional[float]:
     return _CONFIG_DROP_PATH.get(family)
 
 
+# The configs' RPN (both R-CNNs): IoU 0.7/0.3 assignment, 256 anchors per image at 1:1, 2000 proposals before NMS
+# at 0.7 in training, 1000 at test; the proposals kept after NMS differ per detector.
+_RPN_ASSIGNER = dict(
+    fg_iou_thresh=0.7,
+    bg_iou_thresh=0.3,
+    batch_size_per_image=256,
+    positive_fraction=0.5,
+    pre_nms_top_n=dict(training=2000, testing=1000),
+    nms_thresh=0.7,
+)
+
+
 def _rpn_anchors() -> AnchorGenerator:
     # mmdet AnchorGenerator(scales=[8], ratios=[0.5, 1, 2], strides=[4, 8, 16, 32, 64]) -> sizes 32..512
     return AnchorGenerator(sizes=((32,), (64,), (128,), (256,), (512,)), aspect_ratios=((0.5, 1.0, 2.0),) * 5)
@@ -235,13 +247,8 @@ def create_detector(
         rpn = rpn_cls(
             _rpn_anchors(),
             RPNHead(channels, 3),
-            fg_iou_thresh=0.7,
-            bg_iou_thresh=0.3,
-            batch_size_per_image=256,
-            positive_fraction=0.5,
-            pre_nms_top_n=dict(training=2000, testing=1000),
             post_nms_top_n=dict(training=1000, testing=test_proposals),
-            nms_thresh=0.7,
+            **_RPN_ASSIGNER,
         )
         heads = heads_cls(
             box_pool,
@@ -265,14 +272,9 @@ def create_detector(
     rpn = BorderRegionProposalNetwork(
         _rpn_anchors(),
         RPNHead(channels, 3),
-        fg_iou_thresh=0.7,
-        bg_iou_thresh=0.3,
-        batch_size_per_image=256,
-        positive_fraction=0.5,
-        pre_nms_top_n=dict(training=2000, testing=1000),
         post_nms_top_n=dict(training=2000, testing=test_proposals),
-        nms_thresh=0.7,
         allowed_border=0.0,
+        **_RPN_ASSIGNER,
     )
     stages = []
     for _ in CASCADE_IOUS:

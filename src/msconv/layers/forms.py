@@ -133,13 +133,9 @@ def _use_fast_form(form: str, x: torch.Tensor) -> bool:
 
         return x.dtype in (torch.float32, torch.float16, torch.bfloat16) and triton_available(x.device)
     cpu_fp32 = x.device.type == 'cpu' and x.dtype == torch.float32
+    onednn_on = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
     if form == 'onednn':
-        return (
-            cpu_fp32
-            and torch.backends.mkldnn.is_available()
-            and torch.backends.mkldnn.enabled
-            and not torch.is_autocast_enabled('cpu')
-        )
+        return cpu_fp32 and onednn_on and not torch.is_autocast_enabled('cpu')
     if torch.is_grad_enabled():  # the remaining kinds write in place or loop without autograd
         return False
     if torch.is_autocast_enabled(x.device.type):  # mixed dtypes: an in-place write could not hold the result
@@ -152,8 +148,7 @@ def _use_fast_form(form: str, x: torch.Tensor) -> bool:
         return (
             x.device.type == 'cpu'
             and x.dtype in (torch.float32, torch.bfloat16)
-            and torch.backends.mkldnn.is_available()
-            and torch.backends.mkldnn.enabled
+            and onednn_on
             and hasattr(torch.ops.mkldnn, '_convolution_pointwise')
         )
     # per_image

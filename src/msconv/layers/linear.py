@@ -51,9 +51,7 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     ``msconv.layers.forms.tuned`` measures it faster, one oneDNN 1x1 convolution over the channels-last view of
     ``x`` (no copy) with the GELU as a post-op, so the 4x-wide hidden tensor is written once."""
     plain = lambda: torch.ops.aten.gelu_(linear(x, weight, bias))  # noqa: E731
-    if torch.is_grad_enabled() or not (
-        use_fast_form('fused', x) and x.dim() >= 2 and x.is_contiguous() and weight.dtype == x.dtype
-    ):
+    if not (use_fast_form('fused', x) and x.dim() >= 2 and x.is_contiguous() and weight.dtype == x.dtype):
         return plain()
     return tuned(
         'linear_gelu',

@@ -42,6 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    common = dict(max_steps=args.max_steps, threads=args.threads, progress=args.progress, device=args.device)
     if args.task != 'classification':
         from msconv.engine.demo import dense_demo
 
@@ -50,34 +51,19 @@ def run(args: argparse.Namespace) -> int:
             archs=args.archs,
             output=args.output or 'runs/demo_dense',
             pretrained=args.pretrained,
-            max_steps=args.max_steps,
-            threads=args.threads,
-            progress=args.progress,
-            device=args.device,
+            **common,
         )
-        print()
-        print(res['table'])
-        if res['interrupted']:
-            print('interrupted')
-            return 130
-        print(f"\ntotal time {res['total_time_s']:.0f}s (data {res['data_time_s']:.0f}s); backbone {res['backbone']}")
-        return 0
+    else:
+        from msconv.engine.demo import demo
 
-    from msconv.engine.demo import demo
-
-    res = demo(
-        families=args.families,
-        output=args.output or 'runs/demo',
-        epochs=args.epochs,
-        max_steps=args.max_steps,
-        threads=args.threads,
-        progress=args.progress,
-        device=args.device,
-    )
+        res = demo(families=args.families, output=args.output or 'runs/demo', epochs=args.epochs, **common)
     print()
     print(res['table'])
     if res['interrupted']:
         print('interrupted')
         return 130
+    if args.task != 'classification':
+        print(f"\ntotal time {res['total_time_s']:.0f}s (data {res['data_time_s']:.0f}s); backbone {res['backbone']}")
+        return 0
     print(f"\ntotal time {res['total_time_s']:.0f}s; curves: {res['curves']}")
     return 0 if all(not r.get('error') for r in res['rows']) else 1
