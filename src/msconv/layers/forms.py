@@ -34,8 +34,10 @@ Where several exact forms are allowed and the fastest depends on the machine (BL
 image or batched, a convolution or an explicit GEMM), :func:`tuned` measures them on the running machine the
 first time it meets an operation and shape in eager inference, keeps the fastest (in memory, and on disk under
 ``MSCONV_CACHE_DIR`` when set) and runs it from then on. It never measures under a graph capture or with autograd
-on (the plain form runs there); ``MSCONV_AUTOTUNE=0`` gives the plain forms everywhere; :func:`forced_choices`
-pins a choice (tests, benchmarks); :func:`autotune_choices` lists what was chosen.
+on (the plain form runs there). A timing taken while an inner operation was itself being measured is discarded and
+taken again, and long runs are timed fewer times (see ``_measure``). ``MSCONV_AUTOTUNE=0`` gives the plain forms
+everywhere; :func:`forced_choices` pins a choice (tests, benchmarks); :func:`autotune_choices` lists what was
+chosen.
 
 Conditions that belong to a module's own state (eval mode, a reparameterized branch, a bias present) stay with
 the module; conditions of the environment (autograd, capture, device, dtype, autocast, oneDNN switched off) are
@@ -242,20 +244,47 @@ def _store(key: str, choice: str) -> None:
     os.replace(tmp, path)
 
 
+#: Seconds of repeated timing rounds one measurement may spend after its first clean round (see ``_measure``).
+_ROUNDS_BUDGET_S = 2.0
+#: How many measurements this process has started (nested ones included): a candidate's run during which this
+#: changed also measured an inner operation, so its time is not the form's own.
+_MEASUREMENTS = 0
+
+
 def _measure(candidates: Dict[str, Callable[[], torch.Tensor]], rounds: int = 3) -> Tuple[str, torch.Tensor]:
-    """Time every candidate ``rounds`` times, interleaved; the one with the lowest median wins. Returns its name and
-    its last output (so that the calling op's result is the winner's, as on every later call)."""
+    """Time every candidate up to ``rounds`` times, interleaved; the one with the lowest median wins. Returns its name
+    and its last output (so that the calling op's result is the winner's, as on every later call).
+
+    Two rules keep this honest and bounded when candidates are large (a whole model, a big batch):
+
+    * a run during which another operation was measured (an inner tuned operation met for the first time, as when
+      ``inference_model`` times whole models) is not a timing of the form and is run again;
+    * the rounds after the first clean one are kept within ``_ROUNDS_BUDGET_S`` seconds: candidates whose runs take
+      long are timed fewer times (at least once), where one run is long enough for the OS's noise to matter little.
+    """
     times: Dict[str, list] = {name: [] for name in candidates}
     outputs: Dict[str, torch.Tensor] = {}
-    for _ in range(rounds):
+    wanted = rounds
+    for _ in range(rounds + 2):  # each nested measurement costs a candidate one extra run, at most twice
         for name, fn in candidates.items():
+            if len(times[name]) >= wanted:
+                continue
+            measurements = _MEASUREMENTS
             start = time.perf_counter()
             out = fn()
             if out.device.type == 'cuda':
                 torch.cuda.synchronize(out.device)
-            times[name].append(time.perf_counter() - start)
+            elapsed = time.perf_counter() - start
             outputs[name] = out
-    best = min(times, key=lambda n: statistics.median(times[n]))
+            if _MEASUREMENTS == measurements:
+                times[name].append(elapsed)
+        if all(times.values()):
+            one_round = sum(min(t) for t in times.values())
+            wanted = max(1, min(rounds, 1 + int(_ROUNDS_BUDGET_S / max(one_round, 1e-9))))
+            if all(len(t) >= wanted for t in times.values()):
+                break
+    timed = [name for name in candidates if times[name]] or list(candidates)
+    best = min(timed, key=lambda n: statistics.median(times[n]) if times[n] else float('inf'))
     return best, outputs[best]
 
 
@@ -292,6 +321,8 @@ def tuned(op: str, x: torch.Tensor, candidates: Dict[str, Callable[[], torch.Ten
         return candidates[choice]()
     if _dispatch_mode_active():  # e.g. a FlopCounterMode counting this call: measuring would be counted too
         return candidates[plain]()
+    global _MEASUREMENTS
+    _MEASUREMENTS += 1
     choice, out = _measure(candidates)
     _CHOICES[key] = choice
     _store(key, choice)
