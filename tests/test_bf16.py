@@ -142,3 +142,18 @@ def test_trained_demo_nano_model_top1_in_bf16_within_half_a_point(family, tmp_pa
     tops = {dtype: msconv.evaluate(spec['model'], dtype=dtype, **kw)['top1'] for dtype in ('fp32', 'bf16')}
     assert tops['fp32'] > 50, tops  # trained, or the comparison says nothing
     assert abs(tops['bf16'] - tops['fp32']) <= 0.5, tops
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_spatial_mean_is_the_plain_mean(dtype, channels_last):
+    """The SE statistic of the inference forms, reduced image by image for bf16/fp16 on CPU: bit-identical."""
+    from msconv.layers._fold import spatial_mean
+
+    torch.manual_seed(0)
+    y = torch.randn(3, 40, 9, 11).to(dtype)
+    if channels_last:
+        y = y.contiguous(memory_format=torch.channels_last)
+    out = spatial_mean(y)
+    assert out.dtype == dtype and out.shape == (3, 40, 1, 1)
+    assert torch.equal(out, y.mean((2, 3), keepdim=True))

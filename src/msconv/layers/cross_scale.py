@@ -50,7 +50,7 @@ import torch
 import torch.nn as nn
 from timm.layers import DropPath, SEModule
 
-from ._fold import fold_bn_into_conv
+from ._fold import fold_bn_into_conv, spatial_mean
 from .forms import tuned, use_fast_form
 from .linear import linear
 
@@ -263,7 +263,7 @@ class SpatialCrossScaleConv(nn.Module):
     def _se_inplace(self, y: torch.Tensor) -> torch.Tensor:
         """timm's SEModule forward with the final product in place on ``y`` (a tensor this module created)."""
         se = self.se
-        s = se.fc2(se.act(se.bn(se.fc1(y.mean((2, 3), keepdim=True)))))
+        s = se.fc2(se.act(se.bn(se.fc1(spatial_mean(y)))))
         return y.mul_(se.gate(s))
 
     @torch.jit.unused

@@ -26,7 +26,7 @@ from timm.layers.grn import GlobalResponseNorm
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs
 from timm.models._features import feature_take_indices
 
-from ..layers._fold import bn_scale_shift
+from ..layers._fold import bn_scale_shift, spatial_mean
 from ..layers.forms import tuned, use_fast_form
 from ..layers.linear import Linear, linear, linear_gelu
 from ..layers.shiftwise import ShiftWiseConv2d, convert_official_op
@@ -129,7 +129,7 @@ class ShiftWiseBlock(nn.Module):
     def _inference_form(self, x: torch.Tensor, per_image: bool) -> torch.Tensor:
         y = self.conv(x)  # fresh, channels-last; ends up holding the block output
         se = self.se
-        gate = se.gate(se.fc2(se.act(se.bn(se.fc1(y.mean((2, 3), keepdim=True))))))
+        gate = se.gate(se.fc2(se.act(se.bn(se.fc1(spatial_mean(y))))))
         y.mul_(gate)
         bias2 = torch.addmv(self.fc2.bias, self.fc2.weight, self.grn.bias)
         yt, xt = y.permute(0, 2, 3, 1), x.permute(0, 2, 3, 1)  # (B, H, W, C) views, contiguous
