@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_line, print_table, time_interleaved  # noqa: E402
 
 import msconv  # noqa: E402
+from msconv.layers import reference_forms  # noqa: E402
 
 PAIRS = (
     ('smt_tiny', 'convnext_tiny'),
@@ -106,9 +107,10 @@ def _build(factory, name: str, size: int):
 
 
 def _gmacs(model: torch.nn.Module, size: int) -> float:
-    """Multiply-accumulates of one ``size`` x ``size`` image through the reparameterized fp32 model."""
+    """Multiply-accumulates of one ``size`` x ``size`` image through the reparameterized fp32 model, in its plain
+    forms (the architecture's MACs, as ``msconv profile`` counts them)."""
     model = msconv.reparameterize(model.eval()) if hasattr(model, 'reparameterize') else model.eval()
-    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+    with FlopCounterMode(display=False) as counter, torch.inference_mode(), reference_forms():
         model(torch.randn(1, 3, size, size))
     return counter.get_total_flops() / 2e9
 

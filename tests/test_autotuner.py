@@ -92,3 +92,25 @@ def test_inference_model_layout_choice_is_timed_without_inner_measurements(fresh
     ((counts),) = timed
     assert all(n >= 3 for n in counts.values()), counts
     assert any(n > 3 for n in counts.values()), 'the inner operations were measured inside the layout runs'
+
+
+def test_a_dispatch_mode_sees_the_plain_form_even_with_a_cached_choice(fresh_tuner):
+    """A FlopCounterMode (msconv profile, the benchmarks' MAC columns) counts the same operations whether or not the
+    autotuner has already chosen, in this process or on disk; a forced_choices pin still wins."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    calls: dict = {}
+    x = torch.zeros(2, 3)
+    cands = {'plain': _counting(calls, 'plain'), 'fast': _counting(calls, 'fast')}
+    with forms.forced_choices(op='fast'), torch.no_grad():
+        forms.tuned('op', x, cands)  # the forced path stores nothing
+    forms._CHOICES['op|(2, 3)|c|float32|cpu|%d|' % torch.get_num_threads()] = 'fast'
+    calls.clear()
+    with torch.no_grad():
+        forms.tuned('op', x, cands)
+        assert calls == {'fast': 1}, 'the cached choice runs'
+        with FlopCounterMode(display=False):
+            forms.tuned('op', x, cands)
+            with forms.forced_choices(op='fast'):
+                forms.tuned('op', x, cands)
+    assert calls == {'fast': 2, 'plain': 1}

@@ -297,7 +297,9 @@ def _dispatch_mode_active() -> bool:
 def tuned(op: str, x: torch.Tensor, candidates: Dict[str, Callable[[], torch.Tensor]], extra: str = '') -> torch.Tensor:
     """The result of the fastest of ``candidates`` (forms computing the same thing, the first one the plain form) for
     operation ``op`` on input ``x``: measured on the first call for this (op, shape, dtype, device, threads,
-    ``extra``) in eager inference, then reused. Candidates must not write into ``x``."""
+    ``extra``) in eager inference, then reused. The plain form runs with autograd on, under a capture and inside a
+    dispatch mode (so a ``FlopCounterMode`` counts the same operations whether or not a choice is cached); a
+    ``forced_choices`` pin wins everywhere. Candidates must not write into ``x``."""
     forced = _FORCED.get(op)
     if forced is not None:
         if forced not in candidates:
@@ -305,6 +307,8 @@ def tuned(op: str, x: torch.Tensor, candidates: Dict[str, Callable[[], torch.Ten
         return candidates[forced]()
     plain = next(iter(candidates))
     if not autotune_enabled() or torch.is_grad_enabled() or is_capturing():
+        return candidates[plain]()
+    if _dispatch_mode_active():  # e.g. a FlopCounterMode: it counts the plain form, whatever a cache holds
         return candidates[plain]()
     layout = (
         'cl'
@@ -319,8 +323,6 @@ def tuned(op: str, x: torch.Tensor, candidates: Dict[str, Callable[[], torch.Ten
     if choice in candidates:
         _CHOICES[key] = choice
         return candidates[choice]()
-    if _dispatch_mode_active():  # e.g. a FlopCounterMode counting this call: measuring would be counted too
-        return candidates[plain]()
     global _MEASUREMENTS
     _MEASUREMENTS += 1
     choice, out = _measure(candidates)
