@@ -59,3 +59,8 @@ def test_shiftwise_benchmarks_at_tiny_sizes():
 def test_gpu_kernel_benchmark_dry_run_in_the_triton_interpreter():
     out = _run(['benchmarks/bench_kernels_gpu.py', '--dry-run'], TRITON_INTERPRET='1')
     assert 'dry run:' in out
+
+
+def test_bf16_benchmark_on_micro_models():
+    out = _run(['benchmarks/bench_bf16.py', 'test_smt', 'test_shiftwise', '--batch', '2', '--repeats', '1'])
+    assert 'bf16 vs fp32' in out and 'autocast_speedup' in out and 'test_shiftwise' in out and 'ISA:' in out
