@@ -7,7 +7,9 @@ without touching the checkout.
 
 For each model the official network is built with its own init, BatchNorm statistics are randomised, the same
 weights are loaded into ours through ``msconv.convert_official`` and the outputs are checked to agree (1e-4)
-before any timing. Inference compares official eval against ours reparameterized (BatchNorms folded); training
+before any timing. Inference compares official eval (as shipped, NCHW, and with model and input in channels-last,
+which the official code runs too) against ours eager, reparameterized (BatchNorms folded) and through
+``msconv.inference_model`` (reparameterized, the layout measured on this machine); training
 compares one step (forward + backward + AdamW step) of each in train mode. Variants are timed round-robin
 (one call of each per round) so that load from other processes hits all of them alike; the median over rounds
 and the minimum are reported, with ratios official / ours.
@@ -96,18 +98,23 @@ def bench_model(repo: Path, name: str, args) -> list:
     if max(err, err_deploy) > 1e-4:
         raise RuntimeError(f"{name}: outputs disagree with the official model ({err:.2e}, {err_deploy:.2e})")
     rows = []
+    official_cl = copy.deepcopy(official).to(memory_format=torch.channels_last)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    fastest = msconv.inference_model(ours)  # its layout is chosen (measured) on the first call, below
 
-    def run_eval(m):
+    def run_eval(m, inp=x):
         def fn():
             with torch.inference_mode():
-                m(x)
+                m(inp)
 
         return fn
 
     variants = {
         'official': run_eval(official),
+        'official channels-last': run_eval(official_cl, x_cl),
         'ours (eager)': run_eval(ours),
         'ours reparameterized': run_eval(deploy),
+        'ours inference_model': run_eval(fastest),
     }
     if args.compile:
         import torch._inductor.config as inductor_config

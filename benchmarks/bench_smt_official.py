@@ -6,7 +6,9 @@ The official ``models/smt.py`` is imported from a local checkout (never committe
 imports (ptflops, thop) are stubbed. For each model: the official model is built, its weights are loaded into
 ours (checking the outputs agree), and the two are timed alternately:
 
-* eval: official vs ours (training form) vs ours reparameterized, batch 8 at 224, fp32, inference_mode;
+* eval: official (as shipped, NCHW; and with model and input in channels-last) vs ours (training form), ours
+  reparameterized and ours through ``msconv.inference_model`` (layout measured here), batch 8 at 224, fp32,
+  inference_mode;
 * train step: forward + cross-entropy backward + AdamW step, official vs ours (training form).
 
 Also compares the two ways of running MHMC's four depthwise convolutions (one zero-padded 9x9 conv with SAA's
@@ -110,12 +112,21 @@ def main() -> None:
         ours = msconv.create_model(name).eval()
         ours.load_state_dict(theirs.state_dict())
         deployed = msconv.reparameterize(ours)
+        fastest = msconv.inference_model(ours)  # reparameterized, its layout measured on its first call
+        theirs_cl = copy.deepcopy(theirs).to(memory_format=torch.channels_last)
         x = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             ref = theirs(x)
-            err = max((ours(x) - ref).abs().max().item(), (deployed(x) - ref).abs().max().item())
+            err = max((m(x) - ref).abs().max().item() for m in (ours, deployed, fastest))
             t = time_interleaved(
-                {'official': lambda: theirs(x), 'ours': lambda: ours(x), 'deployed': lambda: deployed(x)},
+                {
+                    'official': lambda: theirs(x),
+                    'official_cl': lambda: theirs_cl(x_cl),
+                    'ours': lambda: ours(x),
+                    'deployed': lambda: deployed(x),
+                    'fastest': lambda: fastest(x),
+                },
                 warmup=1,
                 repeats=args.repeats,
             )
@@ -123,11 +134,14 @@ def main() -> None:
             {
                 'model': name,
                 'max |diff|': f'{err:.1e}',
-                'official img/s': f"{args.batch_size / t['official'].median:.1f}",
+                'official img/s (NCHW / channels-last)': f"{args.batch_size / t['official'].median:.1f} / "
+                f"{args.batch_size / t['official_cl'].median:.1f}",
                 'ours img/s': f"{args.batch_size / t['ours'].median:.1f}",
                 'ours reparam img/s': f"{args.batch_size / t['deployed'].median:.1f}",
                 'speed-up ours (median/best)': _ratios(t['official'], t['ours']),
                 'speed-up reparam (median/best)': _ratios(t['official'], t['deployed']),
+                'speed-up inference_model (median/best)': _ratios(t['official'], t['fastest']),
+                'inference_model vs official channels-last': _ratios(t['official_cl'], t['fastest']),
             }
         )
         if args.no_train:
