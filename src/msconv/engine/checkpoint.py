@@ -301,11 +301,17 @@ def latest_good_checkpoint(run_dir: Union[str, Path]):
 
     Each bad checkpoint met on the way is reported with a warning naming its bad file.
     """
-    for path in reversed(list_checkpoints(run_dir)):
+    return _newest_that_verifies(list_checkpoints(run_dir), 'the previous checkpoint')
+
+
+def _newest_that_verifies(paths: List[Path], fallback: str):
+    """``(path, weights, state, meta)`` of the last of ``paths`` that loads, warning about each one that does not
+    (the warning says it falls back to ``fallback``), or None."""
+    for path in reversed(paths):
         try:
             weights, state, meta = load_checkpoint(path)
         except CheckpointError as e:
-            warnings.warn(f"{e}; falling back to the previous checkpoint", stacklevel=2)
+            warnings.warn(f"{e}; falling back to {fallback}", stacklevel=3)
             continue
         return path, weights, state, meta
     return None
@@ -337,11 +343,4 @@ def list_best_checkpoints(run_dir: Union[str, Path]) -> List[Path]:
 
 def best_checkpoint(run_dir: Union[str, Path]):
     """``(path, weights, state, meta)`` of the run's best-weights checkpoint that verifies, or None."""
-    for path in reversed(list_best_checkpoints(run_dir)):
-        try:
-            weights, state, meta = load_checkpoint(path)
-        except CheckpointError as e:
-            warnings.warn(f"{e}; falling back to an earlier best checkpoint", stacklevel=2)
-            continue
-        return path, weights, state, meta
-    return None
+    return _newest_that_verifies(list_best_checkpoints(run_dir), 'an earlier best checkpoint')
