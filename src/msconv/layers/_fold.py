@@ -7,7 +7,7 @@ from typing import Tuple
 import torch
 import torch.nn as nn
 
-__all__ = ['bn_scale_shift', 'fold_bn_into_conv', 'spatial_mean']
+__all__ = ['bn_scale_shift', 'channels_last_only', 'fold_bn_into_conv', 'spatial_mean']
 
 
 def bn_scale_shift(bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -36,6 +36,11 @@ def fold_bn_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
     fused.bias.copy_(shift + (conv.bias * scale if conv.bias is not None else 0))
     return fused
+
+
+def channels_last_only(x: torch.Tensor) -> bool:
+    """True for a 4-D tensor laid out channels-last and not also plain contiguous (so not when C or H*W is 1)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 def spatial_mean(y: torch.Tensor) -> torch.Tensor:

@@ -50,7 +50,7 @@ import torch
 import torch.nn as nn
 from timm.layers import DropPath, SEModule
 
-from ._fold import fold_bn_into_conv, spatial_mean
+from ._fold import channels_last_only, fold_bn_into_conv, spatial_mean
 from .forms import tuned, use_fast_form
 from .linear import linear
 
@@ -69,14 +69,7 @@ def pointwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     (B, C, H*W) view (after subsampling for stride 2): on the machine it was written on that measured 1.5-3x faster
     with few input channels on large maps, and slower for wide inputs, so which of the two runs is measured per
     shape (``msconv.layers.forms.tuned``)."""
-    if not (
-        use_fast_form('cpu_gemm', x)
-        and conv.kernel_size == (1, 1)
-        and conv.stride in ((1, 1), (2, 2))
-        and conv.padding == (0, 0)
-        and conv.groups == 1
-        and conv.dilation == (1, 1)
-    ):
+    if not (use_fast_form('cpu_gemm', x) and _is_pointwise(conv) and conv.stride[0] in (1, 2)):
         return conv(x)
     return tuned(
         'pointwise_conv',
@@ -124,10 +117,6 @@ def _is_pointwise(conv: nn.Conv2d) -> bool:
         and conv.dilation == (1, 1)
         and conv.stride[0] == conv.stride[1]
     )
-
-
-def _channels_last_only(x: torch.Tensor) -> bool:
-    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 def _linear_1x1(conv: nn.Conv2d, xt: torch.Tensor) -> torch.Tensor:
@@ -271,7 +260,7 @@ class SpatialCrossScaleConv(nn.Module):
         """``forward_reference`` with in-place activations; only valid when autograd is not recording. A
         channels-last input to the reparameterized module runs the token form (``_forward_tokens``) and gives a
         channels-last output."""
-        if _channels_last_only(x) and isinstance(self.reduce_bn, nn.Identity):  # reparameterized: no BN left
+        if channels_last_only(x) and isinstance(self.reduce_bn, nn.Identity):  # reparameterized: no BN left
             return self._forward_tokens(x)
         if isinstance(self.reduce_bn, nn.Identity):  # reparameterized: each GELU follows its conv directly
             x_r = conv_gelu(self.reduce, x, lambda: torch.ops.aten.gelu_(pointwise_conv(self.reduce, x)))
@@ -410,7 +399,7 @@ class CrossScaleBottleneck(SpatialCrossScaleConv):
     @torch.jit.unused
     def _forward_residual_inplace(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.shortcut, nn.Conv2d):
-            if _channels_last_only(x) and _is_pointwise(self.shortcut):
+            if channels_last_only(x) and _is_pointwise(self.shortcut):
                 s = self.shortcut.stride[0]
                 xt = x.permute(0, 2, 3, 1)
                 shortcut = _linear_1x1(self.shortcut, xt[:, ::s, ::s] if s > 1 else xt).permute(0, 3, 1, 2)

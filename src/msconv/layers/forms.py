@@ -58,6 +58,8 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
+from ._fold import channels_last_only
+
 __all__ = [
     'FORMS',
     'reference_forms',
@@ -310,11 +312,7 @@ def tuned(op: str, x: torch.Tensor, candidates: Dict[str, Callable[[], torch.Ten
         return candidates[plain]()
     if _dispatch_mode_active():  # e.g. a FlopCounterMode: it counts the plain form, whatever a cache holds
         return candidates[plain]()
-    layout = (
-        'cl'
-        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-        else ('c' if x.is_contiguous() else 's')
-    )
+    layout = 'cl' if channels_last_only(x) else ('c' if x.is_contiguous() else 's')
     key = (
         f"{op}|{tuple(x.shape)}|{layout}|{str(x.dtype).replace('torch.', '')}|{x.device.type}|"
         f"{torch.get_num_threads()}|{extra}"

@@ -40,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels import depthwise_conv2d as _fast_depthwise
+from ._fold import channels_last_only
 from .forms import is_capturing, use_fast_form
 
 __all__ = ['ShiftWiseConv2d', 'shiftwise_indices', 'shiftwise_geometry']
@@ -140,18 +141,14 @@ def _cached_indices(
 
 def _take_channels(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``x.index_select(1, index)`` that keeps a channels_last input channels_last (one copy either way)."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    if channels_last_only(x):
         return x.permute(0, 2, 3, 1).index_select(3, index).permute(0, 3, 1, 2)
     return x.index_select(1, index)
 
 
-def _channels_last_only(t: torch.Tensor) -> bool:
-    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-
-
 def _cat_channels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``torch.cat([a, b], 1)`` that keeps channels_last inputs channels_last."""
-    if _channels_last_only(a) and _channels_last_only(b):
+    if channels_last_only(a) and channels_last_only(b):
         return torch.cat([a.permute(0, 2, 3, 1), b.permute(0, 2, 3, 1)], dim=3).permute(0, 3, 1, 2)
     return torch.cat([a, b], dim=1)
 
