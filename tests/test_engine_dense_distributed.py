@@ -10,8 +10,7 @@ batch the same padded size on both sides; SGD rather than AdamW for the reason t
 from __future__ import annotations
 
 import pytest
-import torch
-from conftest import run_training
+from conftest import assert_trained_alike, run_training
 
 ARGS = [
     'train',
@@ -61,14 +60,7 @@ def test_torchrun_two_gloo_processes_train_retinanet_as_one(tmp_path):
     common = ARGS + ['--output', str(tmp_path)]
     _, a, rec_single = run_training(common, tmp_path, 'single', timeout=600)
     _, b, rec_ddp = run_training(common, tmp_path, 'ddp', nproc=2, timeout=600)
-    assert a[2]['step'] == b[2]['step'] == 3
-    for k, v in a[0]['model'].items():
-        torch.testing.assert_close(b[0]['model'][k], v, rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
-    recs = {'single': rec_single, 'ddp': rec_ddp}
-    tr = {n: [r['loss'] for r in rs if r['kind'] == 'train'] for n, rs in recs.items()}
-    assert len(tr['single']) == 3 and tr['single'][0] != tr['single'][-1]
-    assert tr['single'] == pytest.approx(tr['ddp'], rel=1e-5)
+    va_single, va_ddp = assert_trained_alike((a, rec_single), (b, rec_ddp), steps=3)
     # the evaluation (each rank detects on its share, the results gathered) gives the same AP
-    va = {n: [r for r in rs if r['kind'] == 'val'][-1] for n, rs in recs.items()}
     for key in ('bbox_AP', 'bbox_AP50'):
-        assert va['single'][key] == pytest.approx(va['ddp'][key]), key
+        assert va_single[key] == pytest.approx(va_ddp[key]), key

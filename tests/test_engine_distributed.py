@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import run_training
+from conftest import assert_trained_alike, run_training
 from test_engine_train import make_image_folder
 
 # test_vit (timm) has LayerNorm only: without SyncBatchNorm (CUDA-only in torch) per-rank BatchNorm statistics
@@ -48,19 +48,12 @@ def test_torchrun_two_gloo_processes_match_one_process(tmp_path):
     common = ARGS + ['--data', str(data), '--output', str(tmp_path)]
     _, a, rec_single = run_training(common, tmp_path, 'single')
     _, b, rec_ddp = run_training(common, tmp_path, 'ddp', nproc=2)
-    assert a[2]['step'] == b[2]['step'] == 4
-    for k, v in a[0]['model'].items():
-        torch.testing.assert_close(b[0]['model'][k], v, rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
     # the runs trained (weights moved) and logged the same losses and the same val accuracy over all 15 images
-    recs = {'single': rec_single, 'ddp': rec_ddp}
-    tr = {n: [r['loss'] for r in rs if r['kind'] == 'train'] for n, rs in recs.items()}
-    assert len(tr['single']) == 4 and tr['single'][0] != tr['single'][-1]
-    assert tr['single'] == pytest.approx(tr['ddp'], rel=1e-5)
-    va = {n: [r for r in rs if r['kind'] == 'val'][-1] for n, rs in recs.items()}
-    assert va['single']['top1'] == pytest.approx(va['ddp']['top1'])
-    assert va['single']['val_loss'] == pytest.approx(va['ddp']['val_loss'], rel=1e-5)
+    va_single, va_ddp = assert_trained_alike((a, rec_single), (b, rec_ddp), steps=4)
+    assert va_single['top1'] == pytest.approx(va_ddp['top1'])
+    assert va_single['val_loss'] == pytest.approx(va_ddp['val_loss'], rel=1e-5)
     # only rank 0 wrote: one config, one metrics stream
-    assert sum(1 for r in recs['ddp'] if r['kind'] == 'train') == 4
+    assert sum(1 for r in rec_ddp if r['kind'] == 'train') == 4
     # --per-gpu-batch 2 on 2 processes: 2 images per process per micro-step, 2 accumulation micro-steps make up
     # the same global batch of 8 (same images, same LR): the same weights as the single process
     pgb, c, _ = run_training(common + ['--per-gpu-batch', '2'], tmp_path, 'pgb', nproc=2)
