@@ -153,7 +153,7 @@ def test_unreadable_images_are_skipped_named_counted_then_abort(tmp_path):
     data = make_image_folder(tmp_path / 'imgs')  # 48 train, 12 val images
     bad = _truncated_jpeg(data / 'train' / 'a' / 'broken.jpg')  # now 49 train images
     cfg = dict(TINY, data=str(data), output=str(tmp_path), max_steps=6, bad_image_threshold=0.05)
-    with pytest.warns(UserWarning, match=r"skipping unreadable image .*broken\.jpg"):
+    with pytest.warns(UserWarning, match=r"skipping .*/a/broken\.jpg: not a readable image"):
         res = train(dict(cfg, name='skip'))
     assert res['status'] == 'finished' and res['steps'] == 6
     records = [json.loads(line) for line in (tmp_path / 'skip' / 'metrics.jsonl').read_text().splitlines()]
@@ -179,7 +179,10 @@ def test_unreadable_images_are_skipped_named_counted_then_abort(tmp_path):
     # past the threshold (default 1% of the split): a clear error naming the threshold
     _truncated_jpeg(data / 'train' / 'b' / 'broken2.jpg')
     with (
-        pytest.raises(DataError, match=r"could not be read.*bad_image_threshold=0.01"),
+        pytest.raises(
+            DataError,
+            match=r"[12] of 50 files in train could not be used, more than bad_image_threshold=0.01 of the split: ",
+        ),
         pytest.warns(UserWarning, match='broken'),
     ):
         train(dict(cfg, name='abort', bad_image_threshold=0.01, max_steps=12))

@@ -17,6 +17,7 @@ from typing import Callable, Optional, Tuple, Union
 import numpy as np
 import torch
 
+from .images import to_rgb
 from .loader import CheckedImageFolder
 
 __all__ = ['load_bin', 'save_bin', 'FaceIdentityFolder']
@@ -55,7 +56,7 @@ def _decode(buf: bytes, image_size: Optional[Tuple[int, int]]) -> np.ndarray:
     from PIL import Image
 
     with Image.open(io.BytesIO(buf)) as im:
-        im = im.convert('RGB')
+        im = to_rgb(im)  # 16-bit samples keep their high byte, as the training folders read them
         if image_size is not None and im.size != (image_size[1], image_size[0]):
             im = im.resize((image_size[1], image_size[0]), Image.BILINEAR)
         return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
@@ -115,8 +116,8 @@ def save_bin(path: Union[str, os.PathLike], images: torch.Tensor, issame: torch.
 class FaceIdentityFolder(CheckedImageFolder):
     """A face training set laid out as ``root/<identity>/<image>``: items are (image, identity index).
 
-    Built on ``torchvision.datasets.ImageFolder`` (sorted identity folders, the usual image extensions) through
-    ``CheckedImageFolder``: an unreadable image is skipped with a warning naming it, and counted.
+    A ``CheckedImageFolder`` (torchvision's ImageFolder order: sorted identity folders, the usual image
+    extensions): a file it cannot use is skipped with a warning naming it, and counted once in ``self.skips``.
     ``num_identities`` is the number of classes a margin head needs.
     """
 

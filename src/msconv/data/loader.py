@@ -9,6 +9,8 @@ Determinism (what makes ``--resume`` bit-exact and a torchrun run equal to a sin
 
 from __future__ import annotations
 
+import math
+import os
 import random
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -17,6 +19,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
+
+from .images import UnusableFile, load_image
+from .skips import DEFAULT_THRESHOLD, DataError, SkippedFiles, skipped_files
 
 __all__ = [
     'SeededDataset',
@@ -28,6 +33,7 @@ __all__ = [
     'IMAGE_EXTENSIONS',
     'CheckedImageFolder',
     'DataError',
+    'scan_image_folder',
     'count_unreadable',
     'unreadable_message',
 ]
@@ -129,99 +135,174 @@ def check_image_folder(root: Path, split: str) -> List[str]:
             f"data {str(root)!r}: missing the {split!r} subfolder {str(folder)!r}. An image-folder dataset needs "
             f"train/ and val/ subfolders, each with one subfolder of images per class (or pass --data digits)."
         )
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith('.'))
+    classes = _class_folders(folder)
     if len(classes) < 2:
         raise ValueError(
             f"data {str(folder)!r} has {len(classes)} class subfolder(s) {classes}; classification needs at least "
             f"2 classes, each a subfolder of images."
         )
-    empty = [
-        c
-        for c in classes
-        if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in (folder / c).rglob('*') if p.is_file())
-    ]
+    empty = [c for c in classes if not any(_images(files) for _, files in _walk_class(str(folder / c), _no, _no))]
     if empty:
         raise ValueError(f"data {str(folder)!r}: class folder(s) {empty} contain no images ({IMAGE_EXTENSIONS})")
     return classes
 
 
-class DataError(ValueError):
-    """Too many unreadable samples in a split (the message names the split and the threshold)."""
+def _class_folders(folder: Union[str, Path]) -> List[str]:
+    """The class folders of a split: its sub-folders (or links to folders), hidden ones (``.name``) left out."""
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith('.'))
 
 
-_SLOTS = 64  # one counter per DataLoader worker (+ the main process); ids beyond wrap around
+def _images(paths: List[str]) -> List[str]:
+    return [p for p in paths if p.lower().endswith(IMAGE_EXTENSIONS)]
 
 
-class CheckedImageFolder:
-    """An ``ImageFolder`` that survives unreadable images (truncated, corrupt, not an image).
+def _no(*_) -> None:
+    pass
 
-    A file that fails to load is reported with a warning naming it and counted; the sample is replaced by the next
-    readable one, so batches keep their size. With ``exclude=True`` (evaluation) the replacement carries the label
-    -1 so that accuracy counts every readable image once and nothing else. ``unreadable`` counts failures since the
-    last ``reset_unreadable()``, across DataLoader worker processes (a shared-memory counter per worker).
+
+def _walk_class(top: str, skip, note) -> Iterator[Tuple[str, List[str]]]:
+    """``(folder, its files sorted)`` under ``top``, following links to folders but reading each real folder
+    once: a link back into what was read (``ln -s . loop``) or a second link to the same folder is not followed,
+    and ``note``-d. Hidden entries (``.name``) are left out; an entry that is not a regular file (a broken link, a
+    pipe) is passed to ``skip``. Sorting the pairs gives torchvision's order (``sorted(os.walk(...))``)."""
+    seen = set()
+    stack = [top]
+    while stack:
+        folder = stack.pop()
+        try:
+            st = os.stat(folder)
+        except OSError as e:
+            skip(folder, f"folder cannot be read ({type(e).__name__}: {e.strerror or e})")
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            note(
+                f"{folder}: a link to {os.path.realpath(folder)}, a folder already read for this class, is not "
+                f"followed (each file is read once)"
+            )
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        files, folders = [], []
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as e:
+            skip(folder, f"folder cannot be listed ({type(e).__name__}: {e.strerror or e})")
+            continue
+        for entry in entries:
+            if entry.name.startswith('.'):
+                continue
+            if entry.is_dir():
+                folders.append(entry.path)
+            elif entry.is_file():
+                files.append(entry.path)
+            else:
+                skip(entry.path, 'not a regular file (a broken link, a pipe or a device)')
+        yield folder, sorted(files)
+        stack.extend(reversed(folders))  # the first name is read first: which of two links is followed is fixed
+
+
+def scan_image_folder(
+    folder: Union[str, Path],
+) -> Tuple[List[str], List[Tuple[str, int]], List[Tuple[str, str]], List[str]]:
+    """``(classes, samples, skipped, notes)`` of an ImageFolder tree: what torchvision's ``ImageFolder`` finds
+    (same classes, files and order) except that each real folder is read once per class (torchvision follows a
+    link loop until the path is too long: ``ln -s . train/a/loop`` read class a 41 times), hidden files and
+    folders are left out, and every other file it would pass over is returned in ``skipped`` with the reason."""
+    folder = str(folder)
+    classes = _class_folders(folder)
+    samples: List[Tuple[str, int]] = []
+    skipped: List[Tuple[str, str]] = []
+    notes: List[str] = []
+    for index, name in enumerate(classes):
+        walk = _walk_class(os.path.join(folder, name), lambda p, r: skipped.append((p, r)), notes.append)
+        for path in (path for _, files in sorted(walk) for path in files):
+            if path.lower().endswith(IMAGE_EXTENSIONS):
+                samples.append((path, index))
+            else:
+                skipped.append((path, f"not an image file name (extensions read: {' '.join(IMAGE_EXTENSIONS)})"))
+    found = {t for _, t in samples}
+    empty = [c for i, c in enumerate(classes) if i not in found]
+    if empty:
+        raise ValueError(f"data {folder!r}: class folder(s) {empty} contain no images ({IMAGE_EXTENSIONS})")
+    return classes, samples, skipped, notes
+
+
+class CheckedImageFolder(Dataset):
+    """An ImageFolder (``root/<class>/**/<image>``) that names what it cannot use.
+
+    The files are those torchvision's ``ImageFolder`` finds, in its order (see ``scan_image_folder`` for what
+    differs: link loops, hidden files). Images are read by ``msconv.data.images.load_image`` (EXIF orientation,
+    16-bit samples, the decompression-bomb limit, ``short_side``). What cannot be used is recorded in
+    ``self.skips`` (``msconv.data.skips.SkippedFiles``): files that are not images when the folder is read, and a
+    file that fails to load when it is first met; that item is then replaced by the next usable one, so batches
+    keep their size. With ``exclude=True`` (evaluation) the stand-in carries the label -1 so that accuracy
+    counts every usable image once and nothing else. ``unreadable`` counts the entries met since the last
+    ``reset_unreadable()``, across DataLoader worker processes.
     """
 
-    def __init__(self, root: Union[str, Path], transform: Optional[Callable] = None, exclude: bool = False):
-        from torchvision.datasets import ImageFolder
-
-        self._folder = ImageFolder(str(root), transform=transform)
+    def __init__(
+        self,
+        root: Union[str, Path],
+        transform: Optional[Callable] = None,
+        exclude: bool = False,
+        short_side: Optional[int] = None,
+        threshold: float = DEFAULT_THRESHOLD,
+    ):
+        if not Path(root).is_dir():
+            raise ValueError(f"data {str(root)!r} is not a folder of class sub-folders")
         self.root = str(root)
-        self.classes, self.class_to_idx = self._folder.classes, self._folder.class_to_idx
-        self.samples, self.targets = self._folder.samples, self._folder.targets
+        self.classes, self.samples, skipped, notes = scan_image_folder(root)
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        self.targets = [t for _, t in self.samples]
         self.transform = transform
         self.exclude = exclude
-        self._bad = torch.zeros(_SLOTS, dtype=torch.int64).share_memory_()
+        self.short_side = short_side
+        self.skips = SkippedFiles(self.root, [p for p, _ in self.samples], threshold=threshold, root=self.root)
+        for message in notes:
+            self.skips.note(message)
+        for path, reason in skipped:
+            self.skips.add(path, reason)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     @property
     def unreadable(self) -> int:
-        return int(self._bad.sum())
+        return self.skips.count(window=True)
 
     def reset_unreadable(self) -> None:
-        self._bad.zero_()
-
-    def _record(self, path: str, error: BaseException) -> None:
-        import warnings
-
-        info = torch.utils.data.get_worker_info()
-        self._bad[(0 if info is None else info.id + 1) % _SLOTS] += 1
-        warnings.warn(f"skipping unreadable image {path!r}: {type(error).__name__}: {error}", stacklevel=3)
+        self.skips.new_window()
 
     def __getitem__(self, index: int):
         n = len(self.samples)
         for attempt in range(n):
-            path, target = self.samples[(index + attempt) % n]
+            i = (index + attempt) % n
+            if self.skips.is_marked(i):
+                continue
+            path, target = self.samples[i]
             try:
-                img = self._folder.loader(path)
-            except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for truncated / corrupt / foreign files
-                self._record(path, e)
+                img = load_image(path, self.short_side)
+            except UnusableFile as e:
+                self.skips.mark(i, e)
                 continue
             if self.transform is not None:
                 img = self.transform(img)
             return img, (-1 if self.exclude and attempt else target)
-        raise DataError(f"data {self.root!r}: none of its {n} images can be read")
+        raise DataError(f"data {self.root!r}: none of its {n} images can be used")
 
 
 def count_unreadable(dataset) -> Optional[int]:
-    """Unreadable images met since the last reset, for a ``CheckedImageFolder`` (None for other datasets)."""
-    return dataset.unreadable if isinstance(dataset, CheckedImageFolder) else None
+    """Files and annotations ``dataset`` could not use (its ``SkippedFiles``), those met since the last
+    ``reset_unreadable()``; None for a dataset without an account (the bundled digits)."""
+    skips = skipped_files(dataset)
+    return None if skips is None else skips.count(window=True)
 
 
 def unreadable_message(dataset, split: str, threshold: float, share: int = 1) -> Optional[str]:
-    """The error message when more than ``threshold`` (a fraction) of ``split`` could not be read, else None.
-
-    ``share``: the number of processes the split is divided among (each counts only what it loads)."""
-    bad = count_unreadable(dataset)
-    if not bad or bad * share <= threshold * len(dataset):
-        return None
-    return (
-        f"data {getattr(dataset, 'root', '?')!r}: {bad} images could not be read in this process's "
-        f"{len(dataset) // share} of {split}/, more than bad_image_threshold={threshold:g} of the split; the "
-        f"warnings above name each file. Fix or remove them, or raise the threshold (--set "
-        f"bad_image_threshold=...)."
-    )
+    """The refusal when more than ``threshold`` (a fraction) of one kind of ``split``'s entries could not be used
+    (``SkippedFiles.message``), else None. ``share``: the number of processes the split is divided among (each
+    counts only what it loads)."""
+    skips = skipped_files(dataset)
+    return None if skips is None else skips.message(split, threshold, share=share, window=True)
 
 
 def _posterize_keep_zero_bits(img, bits_to_keep, **_):
@@ -289,7 +370,13 @@ def build_dataset(cfg, split: str, input_size: int, mean, std, is_training: Opti
         return DigitsDataset(split, image_size=input_size, transform=transform)
     root = Path(cfg.data)
     check_image_folder(root, split)
-    return CheckedImageFolder(root / split, transform=transform, exclude=not is_training)
+    # the eval transform resizes the shorter side to input_size / crop_pct first (timm): an image whose aspect ratio
+    # makes that a decompression bomb is skipped, in both splits
+    short_side = math.floor(input_size / (cfg.crop_pct or 0.875))
+    threshold = getattr(cfg, 'bad_image_threshold', DEFAULT_THRESHOLD)
+    return CheckedImageFolder(
+        root / split, transform=transform, exclude=not is_training, short_side=short_side, threshold=threshold
+    )
 
 
 def build_loader(
