@@ -1,9 +1,9 @@
 """A careless dataset, file by file: every case ends with the file named (a warning, the refusal, the skip record)
 and nothing lost, or with an exact, documented conversion (``msconv.data.images``).
 
-Classification and face folders (``CheckedImageFolder``) keep one account of what they could not use
-(``msconv.data.skips.SkippedFiles``): each file is named once, counted once, and the split is refused past one
-threshold.
+Classification and face folders (``CheckedImageFolder``), COCO (``CocoDetection``) and ADE20K
+(``ADESegmentation``) share one account of what they could not use (``msconv.data.skips.SkippedFiles``): each file
+or annotation is named once, counted once, and the split is refused past one threshold.
 All files are generated here and tiny (a 60000x60000 "bomb" is a 60-byte PNG header)."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from msconv.data.loader import CheckedImageFolder, count_unreadable, unreadable_message
+from msconv.data.loader import CheckedImageFolder, DataError, count_unreadable, unreadable_message
 
 # ----------------------------------------------------------------------------------------------- generated files
 
@@ -189,6 +189,86 @@ def test_sixteen_bit_images_keep_their_values(tmp_path):
     assert np.array_equal(np.asarray(img), (rgb >> 8).astype(np.uint8))
 
 
+# ----------------------------------------------------------------------------------------------- issue 22, item 7
+
+
+@pytest.fixture(scope='module')
+def coco_digits(tmp_path_factory):
+    """4 images, 7 annotations (RLE masks), 48x48 canvases."""
+    from msconv.data.dense_digits import build_digits_coco
+
+    return build_digits_coco(tmp_path_factory.mktemp('coco'), 'train', n_images=4, canvas=(48, 48), digit_size=(16, 20))
+
+
+def _coco_copy(coco_digits, tmp_path, edit):
+    """A copy of the digits set (images and json) with ``edit(data, image_dir)`` applied; returns (dir, json)."""
+    img_dir, ann = coco_digits
+    new_dir = tmp_path / 'train'
+    shutil.copytree(img_dir, new_dir)
+    data = json.loads(ann.read_text())
+    edit(data, new_dir)
+    new_ann = tmp_path / 'instances_train.json'
+    new_ann.write_text(json.dumps(data))
+    return new_dir, new_ann
+
+
+def _bad_annotations(data, img_dir):
+    anns = data['annotations']
+    anns[0]['category_id'] = 77  # unknown category
+    anns[1]['bbox'][2] = -3  # negative width
+    anns[2]['segmentation'] = []  # empty segmentation
+    anns[3]['segmentation'] = dict(anns[3]['segmentation'], size=[24, 24])  # RLE of the wrong size
+    data['images'].append(dict(id=99, file_name='missing.png', height=48, width=48))
+    truncated_jpeg(img_dir / 'truncated.jpg')
+    data['images'].append(dict(id=98, file_name='truncated.jpg', height=48, width=48))
+    anns.append(dict(anns[4], id=1000, image_id=98))
+
+
+def test_dense_annotations_are_skipped_named_counted_and_refused(coco_digits, tmp_path):
+    from msconv.data.coco import CocoDetection, detection_eval_transforms
+
+    img_dir, ann = _coco_copy(coco_digits, tmp_path, _bad_annotations)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        ds = CocoDetection(img_dir, ann, detection_eval_transforms(), on_error='skip')
+        for i in range(len(ds)):  # before: the RLE of the wrong size stopped the loop with a ValueError
+            ds[i]
+    text = '\n'.join(str(w.message) for w in caught)
+    for needle in ('annotation 1: category_id 77', 'annotation 2: bbox', 'annotation 3: segmentation', 'annotation 4:'):
+        assert needle in text, text
+    assert 'missing.png' in text and 'truncated.jpg' in text
+    counts = ds.skips.counts()
+    assert counts == {'annotation': 4, 'file': 2}, counts
+    msg = unreadable_message(ds, 'train', 0.01)  # before: None (nothing counted), the run went on
+    assert msg is not None and 'annotation 1' in msg and 'missing.png' in msg
+    assert unreadable_message(ds, 'train', 0.9) is None
+    with pytest.raises(DataError, match=r'4 of 8 annotations'):
+        ds.skips.check('train')
+
+
+def test_dense_annotation_refusal_stops_the_training_run(coco_digits, tmp_path):
+    """Most training annotations unusable: the run refuses naming the first ones (before: exit 0, AP on the rest)."""
+    from test_engine_dense import DET
+
+    from msconv.engine import train
+
+    root = tmp_path / 'coco'
+    (root / 'annotations').mkdir(parents=True)
+    img_dir, ann = _coco_copy(coco_digits, root, _bad_annotations)
+    ann.rename(root / 'annotations' / 'instances_train.json')
+    shutil.copytree(coco_digits[0], root / 'val')
+    shutil.copy(coco_digits[1], root / 'annotations' / 'instances_val.json')
+    cfg = dict(DET, data=str(root), output=str(tmp_path / 'runs'), arch='retinanet', batch_size=2, max_steps=1)
+    cfg.update(det_scales=[48], det_max_size=48, dense_kwargs=dict(min_size=48, max_size=48, channels=16))
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        with pytest.raises(
+            DataError,
+            match=r"2 of 8 annotations and 2 of 6 files in train.*threshold=0.01.*annotation 1 \(category_id 77",
+        ):
+            train(cfg)
+
+
 # ----------------------------------------------------------------------------------------------- a careless dataset
 
 
@@ -335,6 +415,46 @@ def test_empty_class_folder_is_refused_by_name(tmp_path):
     (root / 'c' / 'readme.txt').write_text('todo')
     with pytest.raises(ValueError, match=r"class folder\(s\) \['c'\] contain no images"):
         CheckedImageFolder(root)
+
+
+def test_coco_zero_byte_json_and_duplicate_ids(coco_digits, tmp_path):
+    from msconv.data.coco import CocoDetection
+
+    img_dir, ann = coco_digits
+    empty = tmp_path / 'empty.json'
+    empty.write_bytes(b'')
+    with pytest.raises(ValueError, match='empty.json'):
+        CocoDetection(img_dir, empty, on_error='skip')
+
+    def duplicate(data, _):
+        data['images'].append(dict(data['images'][1], id=1))  # a second file with image id 1
+        data['annotations'].append(dict(data['annotations'][-1]))  # an annotation id used twice
+
+    d, a = _coco_copy(coco_digits, tmp_path, duplicate)
+    with pytest.raises(ValueError, match=r'image id 1 is given to 2 files .*000000.png.*000001.png'):
+        CocoDetection(d, a)
+    with pytest.warns(UserWarning, match='image id 1'):
+        ds = CocoDetection(d, a, on_error='skip')
+    data = json.loads(a.read_text())
+    on_image_1 = sum(x['image_id'] == 1 for x in data['annotations'])
+    assert data['annotations'][-1]['image_id'] != 1
+    # before: the second entry silently replaced the first, and image 1's annotations landed on 000001.png
+    assert sorted(ds.ids) == [2, 3, 4] and ds.images[2]['file_name'] == '000001.png'
+    assert ds.skips.counts() == {'file': 2, 'annotation': on_image_1 + 1}
+    assert sum(len(ds.anns[i]) for i in ds.ids) == len(data['annotations']) - on_image_1 - 1
+
+
+def test_ade_zero_byte_annotation_is_named(tmp_path):
+    from msconv.data.ade import ADESegmentation
+    from msconv.data.dense_digits import build_digits_ade
+
+    root = build_digits_ade(tmp_path / 'ade', 'training', n_images=3, canvas=(48, 48), digit_size=(16, 20))
+    label = sorted((root / 'annotations' / 'training').iterdir())[1]
+    label.write_bytes(b'')
+    ds = ADESegmentation(root, 'training', num_classes=11, on_error='skip')
+    items, messages = read_all(ds)
+    assert len(items) == 3 and [m for m in messages if label.name in m and 'annotation' in m]
+    assert ds.skips.counts() == {'file': 1} and label.name in unreadable_message(ds, 'training', 0.01)
 
 
 def test_face_folder_shares_the_account(tmp_path):

@@ -45,7 +45,7 @@ def test_digits_coco_files_and_loader(coco_set):
     assert len(data['images']) == 12 and len(list(img_dir.glob('*.png'))) == 12
     assert [c['id'] for c in data['categories']] == list(range(1, 11))
     ds = CocoDetection(img_dir, ann_file, detection_eval_transforms())
-    assert len(ds) == 12 and ds.skipped == {'images': 0, 'annotations': 0, 'crowd': 0, 'degenerate': 0}
+    assert len(ds) == 12 and ds.skips.counts() == {} and ds.skips.notes == []
     n_boxes = 0
     for i in range(len(ds)):
         image, target = ds[i]
@@ -104,14 +104,14 @@ def test_coco_bad_data_is_named_or_skipped(coco_set, tmp_path):
     with pytest.raises(ValueError, match=r'bad\.json: annotation 9999: category_id 77'):
         CocoDetection(img_dir, bad_file)
     ds = CocoDetection(img_dir, bad_file, on_error='skip')
-    assert ds.skipped['annotations'] == 1 and len(ds) == 12
+    assert ds.skips.counts() == {'annotation': 1} and len(ds) == 12
 
     missing = dict(data, images=data['images'] + [dict(id=500, file_name='nope.png', height=10, width=10)])
     missing_file = tmp_path / 'missing.json'
     missing_file.write_text(json.dumps(missing))
     with pytest.raises(ValueError, match='nope.png'):
         CocoDetection(img_dir, missing_file)
-    assert CocoDetection(img_dir, missing_file, on_error='skip').skipped['images'] == 1
+    assert CocoDetection(img_dir, missing_file, on_error='skip').skips.counts() == {'file': 1}
 
     corrupt_dir = tmp_path / 'imgs'
     corrupt_dir.mkdir()
@@ -123,7 +123,7 @@ def test_coco_bad_data_is_named_or_skipped(coco_set, tmp_path):
         ds[0]
     ds = CocoDetection(corrupt_dir, ann_file, detection_eval_transforms(), on_error='skip')
     _, target = ds[0]
-    assert target['image_id'] == data['images'][1]['id'] and ds.skipped['images'] == 1
+    assert target['image_id'] == data['images'][1]['id'] and ds.skips.counts() == {'file': 1}
 
     odd = dict(data, annotations=[dict(data['annotations'][0], segmentation=[[1, 2, 3]])])
     (tmp_path / 'odd.json').write_text(json.dumps(odd))
@@ -145,7 +145,7 @@ def test_coco_crowd_and_tiny_boxes_are_left_out(coco_set, tmp_path):
     f = tmp_path / 'crowd.json'
     f.write_text(json.dumps(dict(data, annotations=anns)))
     ds = CocoDetection(img_dir, f, filter_empty=True)
-    assert ds.skipped['crowd'] == 1 and ds.skipped['degenerate'] == 1
+    assert ds.skips.counts() == {} and '1 crowd annotation(s)' in ds.skips.notes[0] and '1 box(es)' in ds.skips.notes[0]
     total = sum(len(ds.anns[i]) for i in ds.ids)
     assert total == len(anns) - 2
 
@@ -200,7 +200,7 @@ def test_ade_bad_data(ade_root, tmp_path):
     with pytest.raises(ValueError, match=first.stem):
         ADESegmentation(root, 'training', num_classes=11)
     ds = ADESegmentation(root, 'training', num_classes=11, on_error='skip')
-    assert len(ds) == 5 and ds.skipped['annotations'] == 1
+    assert len(ds) == 5 and ds.skips.counts() == {'file': 1}
 
     second = sorted((root / 'annotations' / 'training').iterdir())[0]
     Image.fromarray(np.full((96, 128), 40, np.uint8)).save(second)  # label 39 with 11 classes
@@ -209,7 +209,7 @@ def test_ade_bad_data(ade_root, tmp_path):
         ds.load(0)
     ds.transforms = segmentation_eval_transforms()
     _, mask = ds[0]  # skipped to the next readable pair
-    assert ds.skipped['images'] == 1 and mask.max() <= 255
+    assert ds.skips.counts() == {'file': 2} and mask.max() <= 255
     with pytest.raises(ValueError, match='annotations/validation'):
         ADESegmentation(root, 'validation')
 

@@ -8,9 +8,13 @@ mmsegmentation does; any other value above ``num_classes`` is an error naming th
 * :class:`ADESegmentation` -> ``(image, mask)``: ``tv_tensors.Image`` (3, H, W) and ``tv_tensors.Mask`` (1, H, W)
   before the transforms; after :func:`segmentation_train_transforms` / :func:`segmentation_eval_transforms`, a
   float image in [0, 1] and an int64 (H, W) mask.
+* Images are read by :func:`msconv.data.images.load_image` (EXIF orientation, 16-bit samples, the
+  decompression-bomb limit); label PNGs as stored.
 * Bad data: an image without annotation PNG (or the reverse), an unreadable file, a size mismatch or an
-  out-of-range label raises a ``ValueError`` naming the file, or with ``on_error='skip'`` is skipped and counted in
-  ``dataset.skipped`` (pairs at construction; unreadable files when loaded, replaced by the next readable item).
+  out-of-range label raises a ``ValueError`` naming the file, or with ``on_error='skip'`` is skipped with a warning
+  naming it and counted once in ``dataset.skips`` (:class:`msconv.data.skips.SkippedFiles`): unpaired files when
+  the folder is read, a pair that fails when it is first loaded (marked in shared memory, so DataLoader workers
+  count it too; the item is replaced by the next usable pair).
 * :func:`segmentation_train_transforms`: random rescale of the (2048, 512) scale by a ratio in [0.5, 2.0] (keep
   aspect), random 512x512 crop in which no class covers more than 75% (10 tries), flip 0.5, photometric
   distortion, padding to 512 (image 0, label 255).
@@ -32,6 +36,8 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from .coco import _check_on_error
+from .images import BAD_ANNOTATION, UnusableFile, load_image
+from .skips import DataError, SkippedFiles
 
 __all__ = [
     'ADESegmentation',
@@ -76,7 +82,6 @@ class ADESegmentation(Dataset):
         self.num_classes = num_classes
         self.reduce_zero_label = reduce_zero_label
         self.on_error = _check_on_error(on_error)
-        self.skipped = {'images': 0, 'annotations': 0}
         if not isinstance(num_classes, int) or not 0 < num_classes < IGNORE_INDEX:
             raise ValueError(f"num_classes must be an int in [1, {IGNORE_INDEX}), got {num_classes!r}")
         img_dir, ann_dir = self.root / 'images' / split, self.root / 'annotations' / split
@@ -85,43 +90,69 @@ class ADESegmentation(Dataset):
                 raise ValueError(
                     f"root must hold images/{split}/ and annotations/{split}/ (ADE20K layout); {d} is not a directory"
                 )
-        images = {p.stem: p for p in sorted(img_dir.iterdir()) if p.suffix.lower() in _IMAGE_SUFFIXES}
-        labels = {p.stem: p for p in sorted(ann_dir.iterdir()) if p.suffix.lower() == '.png'}
-        for stem in sorted(set(images) - set(labels)):
-            self._bad(f"{images[stem]}: no annotation {ann_dir / (stem + '.png')}", 'annotations')
-        for stem in sorted(set(labels) - set(images)):
-            self._bad(f"{labels[stem]}: annotation without an image in {img_dir}", 'images')
+        problems: List[Tuple[str, str]] = []
+        images = self._files(img_dir, _IMAGE_SUFFIXES, problems)
+        labels = self._files(ann_dir, ('.png',), problems)
+        problems += [
+            (str(images[s]), f"no annotation {ann_dir / (s + '.png')}") for s in sorted(set(images) - set(labels))
+        ]
+        problems += [
+            (str(labels[s]), f"an annotation without an image in {img_dir}") for s in sorted(set(labels) - set(images))
+        ]
+        if problems and on_error == 'raise':
+            raise ValueError(f"{problems[0][0]}: {problems[0][1]} (pass on_error='skip' to skip such files)")
         self.samples = [(images[s], labels[s]) for s in sorted(set(images) & set(labels))]
         if not self.samples:
             raise ValueError(f"{img_dir}: no image with an annotation PNG found")
+        self.skips = SkippedFiles(img_dir, [f"{img} (label {ann.name})" for img, ann in self.samples], root=self.root)
+        for name, reason in problems:
+            self.skips.add(name, reason)
 
-    def _bad(self, message: str, kind: str) -> None:
-        if self.on_error == 'raise':
-            raise ValueError(message + " (pass on_error='skip' to skip such files)")
-        self.skipped[kind] += 1
+    @staticmethod
+    def _files(folder: Path, suffixes: Tuple[str, ...], problems: List[Tuple[str, str]]) -> Dict[str, Path]:
+        """The files of ``folder`` by stem; other files, and files sharing a stem (which image goes with which
+        label?), are added to ``problems``. Hidden files are left out."""
+        by_stem: Dict[str, List[Path]] = {}
+        for p in sorted(folder.iterdir()):
+            if p.name.startswith('.'):
+                continue
+            if p.suffix.lower() in suffixes and p.is_file():
+                by_stem.setdefault(p.stem, []).append(p)
+            else:
+                problems.append((str(p), f"not a {'/'.join(suffixes)} file"))
+        for paths in by_stem.values():
+            if len(paths) > 1:
+                problems += [(str(p), f"{len(paths)} files share the name {p.stem!r}") for p in paths]
+        return {stem: paths[0] for stem, paths in by_stem.items() if len(paths) == 1}
+
+    @property
+    def unreadable(self) -> int:
+        return self.skips.count(window=True)
+
+    def reset_unreadable(self) -> None:
+        self.skips.new_window()
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def load(self, index: int) -> Tuple[Image.Image, np.ndarray]:
-        """The raw RGB image and label array (after ``reduce_zero_label``) of item ``index``; ValueError if bad."""
+        """The RGB image and label array (after ``reduce_zero_label``) of item ``index``; ``UnusableFile`` (a
+        ``ValueError``) naming the file if it cannot be used."""
         img_path, ann_path = self.samples[index]
-        try:
-            with Image.open(img_path) as im:
-                image = im.convert('RGB')
-        except Exception as e:
-            raise ValueError(f"{img_path}: unreadable image ({type(e).__name__}: {e})") from e
+        image = load_image(img_path)
         try:
             with Image.open(ann_path) as an:
                 if an.mode not in ('L', 'P'):
                     raise ValueError(f"expected an 8-bit single-channel PNG, got mode {an.mode}")
                 label = np.array(an, dtype=np.uint8)
         except Exception as e:
-            raise ValueError(f"{ann_path}: unreadable annotation ({type(e).__name__}: {e})") from e
+            raise UnusableFile(ann_path, BAD_ANNOTATION, f"unreadable annotation ({type(e).__name__}: {e})") from None
         if label.shape != (image.height, image.width):
-            raise ValueError(
-                f"{ann_path}: annotation is {label.shape[1]}x{label.shape[0]} but the image "
-                f"{img_path.name} is {image.width}x{image.height}"
+            raise UnusableFile(
+                ann_path,
+                BAD_ANNOTATION,
+                f"the annotation is {label.shape[1]}x{label.shape[0]} but the image {img_path.name} is "
+                f"{image.width}x{image.height}",
             )
         if self.reduce_zero_label:
             label = label.astype(np.int16) - 1
@@ -129,27 +160,33 @@ class ADESegmentation(Dataset):
             label = label.astype(np.uint8)
         bad = (label >= self.num_classes) & (label != IGNORE_INDEX)
         if bad.any():
-            raise ValueError(
-                f"{ann_path}: label value {int(label[bad].max()) + int(self.reduce_zero_label)} is out "
-                f"of range for {self.num_classes} classes"
+            raise UnusableFile(
+                ann_path,
+                BAD_ANNOTATION,
+                f"label value {int(label[bad].max()) + int(self.reduce_zero_label)} is out of range for "
+                f"{self.num_classes} classes",
             )
         return image, label
 
     def __getitem__(self, index: int):
-        for attempt in range(len(self.samples)):
+        n = len(self.samples)
+        for attempt in range(n):
+            i = (index + attempt) % n
+            if self.skips.is_marked(i):
+                continue
             try:
-                image, label = self.load((index + attempt) % len(self.samples))
-            except ValueError:
+                image, label = self.load(i)
+            except UnusableFile as e:
                 if self.on_error == 'raise':
                     raise
-                self.skipped['images'] += 1
+                self.skips.mark(i, e)
                 continue
             image = tv_tensors.Image(TF.pil_to_tensor(image))
             mask = tv_tensors.Mask(torch.from_numpy(label)[None])  # (1, H, W) uint8
             if self.transforms is not None:
                 image, mask = self.transforms(image, mask)
             return image, mask
-        raise ValueError(f"{self.root}: no readable image left in the dataset")
+        raise DataError(f"{self.root}: no usable image left in the dataset")
 
 
 def rescale_size(h: int, w: int, scale: Tuple[int, int]) -> Tuple[int, int]:

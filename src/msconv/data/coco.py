@@ -4,12 +4,17 @@ official configs' augmentations in ``torchvision.transforms.v2`` and ``tv_tensor
 * :class:`CocoDetection` -> ``(image, target)``: ``image`` a ``tv_tensors.Image``; ``target`` a dict with
   ``boxes`` (``tv_tensors.BoundingBoxes``, XYXY pixels), ``labels`` (int64, 1..K: the json's category ids sorted
   and numbered from 1), ``masks`` (``tv_tensors.Mask`` (N, H, W) uint8, from polygons or RLE via pycocotools),
-  ``image_id``. Crowd annotations are left out of the targets (torchvision's detectors have no ignore regions);
-  boxes under 1 pixel wide or high are dropped, as mmdetection does (both counted in ``skipped``).
-* Bad data: a missing image file, an unreadable image, or an annotation that names an unknown image or category or
-  has a malformed box/segmentation raises a ``ValueError`` naming the file (and annotation id), or, with
-  ``on_error='skip'``, is skipped and counted in ``dataset.skipped`` (unreadable images are found when loaded: the
-  item is replaced by the next readable one; counts made inside DataLoader workers stay in the workers).
+  ``image_id``. Images are read by :func:`msconv.data.images.load_image` (EXIF orientation, 16-bit samples, the
+  decompression-bomb limit). Crowd annotations are left out of the targets (torchvision's detectors have no ignore
+  regions) and boxes under 1 pixel wide or high are dropped, as mmdetection does: both announced once
+  (``dataset.skips.notes``), not counted.
+* Bad data: a missing image file, an image id given to two files, an unreadable image or one of another size than
+  the json says, an annotation that names an unknown image or category, reuses an id or has a malformed box or
+  segmentation (an RLE of another size than its image) raises a ``ValueError`` naming the file or annotation, or,
+  with ``on_error='skip'``, is skipped with a warning naming it and counted once in ``dataset.skips``
+  (:class:`msconv.data.skips.SkippedFiles`: kinds ``'file'`` and ``'annotation'``, one threshold). Images that fail
+  when loaded are marked in shared memory (so DataLoader workers count them too) and replaced by the next usable
+  one.
 * :func:`detection_train_transforms`: flip 0.5, then one of (a) resize the shorter side to one of 480..800 (step
   32, longer side <= 1333) or (b) resize to 400/500/600, random crop of 384-600 px per side, resize to 480..800
   (the DETR-style ``AutoAugment`` of the 3x configs); :func:`detection_eval_transforms` keeps the image size (the
@@ -35,6 +40,9 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
+
+from .images import BAD_ANNOTATION, UnusableFile, load_image
+from .skips import DataError, SkippedFiles
 
 __all__ = [
     'CocoDetection',
@@ -87,7 +95,7 @@ class CocoDetection(Dataset):
         self.transforms = transforms
         self.with_masks = with_masks
         self.on_error = _check_on_error(on_error)
-        self.skipped = {'images': 0, 'annotations': 0, 'crowd': 0, 'degenerate': 0}
+        self._problems: List[Tuple[str, str, str]] = []  # (name, reason, kind) until self.skips exists
         if not self.root.is_dir():
             raise ValueError(f"root must be a folder of images, {str(self.root)!r} is not a directory")
         if not self.ann_file.is_file():
@@ -102,55 +110,89 @@ class CocoDetection(Dataset):
             raise ValueError(
                 f"{self.ann_file}: a COCO instances json needs 'images', 'annotations' and 'categories' lists"
             )
+        if not all(isinstance(c, dict) and isinstance(c.get('id'), int) for c in data['categories']):
+            raise ValueError(f"{self.ann_file}: every entry of 'categories' needs an integer 'id'")
         self.cat_ids = sorted(int(c['id']) for c in data['categories'])
         self.label_of = {cid: i + 1 for i, cid in enumerate(self.cat_ids)}
         self.class_names = [c.get('name', str(c['id'])) for c in sorted(data['categories'], key=lambda c: c['id'])]
-        images = {}
-        for img in data['images']:
-            if not isinstance(img, dict) or not {'id', 'file_name', 'height', 'width'} <= img.keys():
-                self._bad(f"{self.ann_file}: image entry {img!r:.80} lacks id/file_name/height/width", 'images')
-                continue
-            images[img['id']] = img
+        images, ambiguous = self._read_images(data['images'])
         anns: Dict[Any, List[dict]] = {i: [] for i in images}
-        good_anns = []
-        for ann in data['annotations']:
-            problem = self._check_annotation(ann, images)
+        good_anns, ann_ids, crowd, tiny = [], set(), 0, 0
+        for k, ann in enumerate(data['annotations']):
+            ann_id = ann.get('id') if isinstance(ann, dict) else None
+            name = f"annotation {ann_id if ann_id is not None else f'#{k}'}"
+            problem = self._check_annotation(ann, images, ambiguous)
+            if not problem and ann_id in ann_ids:
+                problem, name = f"id {ann_id!r} is used by an earlier annotation", f"{name} (entry {k})"
             if problem:
-                self._bad(
-                    f"{self.ann_file}: annotation {ann.get('id') if isinstance(ann, dict) else ann!r}: {problem}",
-                    'annotations',
-                )
+                self._bad(name, problem, 'annotation')
                 continue
+            ann_ids.add(ann_id)
             good_anns.append(ann)
             if ann.get('iscrowd', 0):
-                self.skipped['crowd'] += 1
+                crowd += 1
                 continue
             if ann['bbox'][2] < 1 or ann['bbox'][3] < 1:
-                self.skipped['degenerate'] += 1
+                tiny += 1
                 continue
             anns[ann['image_id']].append(ann)
         self.ids = []
         for img_id, img in images.items():
             if not (self.root / img['file_name']).is_file():
-                self._bad(f"{self.root / img['file_name']}: image file of image id {img_id} is missing", 'images')
+                self._bad(str(self.root / img['file_name']), f"the image file of image id {img_id} is missing", 'file')
                 continue
             if filter_empty and not anns[img_id]:
                 continue
             self.ids.append(img_id)
         self.images = images
         self.anns = anns
+        self.skips = SkippedFiles(
+            self.ann_file,
+            [str(self.root / images[i]['file_name']) for i in self.ids],
+            totals={'file': len(data['images']), 'annotation': len(data['annotations'])},
+            root=self.root,
+        )
+        for name, reason, kind in self._problems:
+            self.skips.add(name, reason, kind)
+        if crowd or tiny:
+            self.skips.note(
+                f"{self.ann_file}: {crowd} crowd annotation(s) left out of the training targets (torchvision's "
+                f"detectors have no ignore regions) and {tiny} box(es) under 1 pixel wide or high (as mmdetection)"
+            )
         self.coco = COCO()  # ground truth for COCOeval, holding only the annotations that passed the checks
         self.coco.dataset = dict(data, annotations=good_anns, images=[images[i] for i in images])
         _quiet(self.coco.createIndex)
 
-    def _bad(self, message: str, kind: str) -> None:
-        if self.on_error == 'raise':
-            raise ValueError(message + " (pass on_error='skip' to skip such entries)")
-        self.skipped[kind] += 1
+    def _read_images(self, entries: List[Any]) -> Tuple[Dict[Any, dict], Dict[Any, List[str]]]:
+        """The usable image entries by id, and the ids given to several files (all of those are left out: no
+        annotation can say which file it belongs to)."""
+        files: Dict[Any, List[str]] = {}
+        images = {}
+        for img in entries:
+            ok = isinstance(img, dict) and {'id', 'file_name', 'height', 'width'} <= img.keys()
+            if not ok or not all(isinstance(img[k], int) and img[k] > 0 for k in ('height', 'width')):
+                self._bad(f"image entry {img!r:.80}", 'it lacks id/file_name or a positive height/width', 'file')
+                continue
+            files.setdefault(img['id'], []).append(img['file_name'])
+            images[img['id']] = img
+        ambiguous = {i: names for i, names in files.items() if len(names) > 1}
+        for img_id, names in ambiguous.items():
+            for name in names:
+                self._bad(str(self.root / name), f"image id {img_id!r} is given to {len(names)} files {names}", 'file')
+            del images[img_id]
+        return images, ambiguous
 
-    def _check_annotation(self, ann: Any, images: Dict) -> str:
+    def _bad(self, name: str, reason: str, kind: str) -> None:
+        if self.on_error == 'raise':
+            where = '' if kind == 'file' and name.startswith(str(self.root)) else f"{self.ann_file}: "
+            raise ValueError(f"{where}{name}: {reason} (pass on_error='skip' to skip such entries)")
+        self._problems.append((name, reason, kind))
+
+    def _check_annotation(self, ann: Any, images: Dict, ambiguous: Dict) -> str:
         if not isinstance(ann, dict):
             return 'not an object'
+        if ann.get('image_id') in ambiguous:
+            return f"image_id {ann.get('image_id')!r} is given to several files {ambiguous[ann['image_id']]}"
         if ann.get('image_id') not in images:
             return f"image_id {ann.get('image_id')!r} is not in 'images'"
         if ann.get('category_id') not in self.label_of:
@@ -166,11 +208,25 @@ class CocoDetection(Dataset):
             return f"bbox must be 4 finite numbers [x, y, w, h] with w, h >= 0, got {box!r}"
         if self.with_masks and not ann.get('iscrowd', 0):
             seg = ann.get('segmentation')
+            img = images[ann['image_id']]
+            if isinstance(seg, dict) and 'counts' in seg and 'size' in seg:
+                if list(seg['size']) != [img['height'], img['width']]:
+                    return (
+                        f"segmentation: RLE of size {seg['size']!r} on image {img['file_name']} of "
+                        f"{img['height']}x{img['width']} (height x width)"
+                    )
+                return ''
             ok = (
                 isinstance(seg, list)
                 and len(seg) > 0
-                and all(isinstance(p, list) and len(p) >= 2 and len(p) % 2 == 0 for p in seg)
-            ) or (isinstance(seg, dict) and 'counts' in seg and 'size' in seg)
+                and all(
+                    isinstance(p, list)
+                    and len(p) >= 2
+                    and len(p) % 2 == 0
+                    and all(isinstance(v, (int, float)) and math.isfinite(v) for v in p)
+                    for p in seg
+                )
+            )
             if not ok:  # (COCO itself has a few degenerate polygons of 2 points: pycocotools rasterizes them)
                 return "segmentation must be polygons (lists of x, y pairs) or an RLE dict with counts/size"
         return ''
@@ -178,31 +234,38 @@ class CocoDetection(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
+    @property
+    def unreadable(self) -> int:
+        return self.skips.count(window=True)
+
+    def reset_unreadable(self) -> None:
+        self.skips.new_window()
+
     def _load_image(self, img: dict) -> Image.Image:
         path = self.root / img['file_name']
-        try:
-            with Image.open(path) as im:
-                im = im.convert('RGB')
-        except Exception as e:  # PIL raises several types for truncated / corrupt files
-            raise ValueError(f"{path}: unreadable image ({type(e).__name__}: {e})") from e
+        im = load_image(path)
         if im.size != (img['width'], img['height']):
-            raise ValueError(
-                f"{path}: image is {im.size[0]}x{im.size[1]} but {self.ann_file} says {img['width']}x{img['height']}"
+            raise UnusableFile(
+                path,
+                BAD_ANNOTATION,
+                f"the image is {im.size[0]}x{im.size[1]} but {self.ann_file} says {img['width']}x{img['height']}",
             )
         return im
 
     def __getitem__(self, index: int) -> Tuple[Any, Dict[str, Any]]:
-        for attempt in range(len(self.ids)):
-            img_id = self.ids[(index + attempt) % len(self.ids)]
+        n = len(self.ids)
+        for attempt in range(n):
+            i = (index + attempt) % n
+            if self.skips.is_marked(i):
+                continue
+            img_id = self.ids[i]
             try:
-                pil = self._load_image(self.images[img_id])
-            except ValueError:
+                return self._sample(img_id, self._load_image(self.images[img_id]))
+            except UnusableFile as e:
                 if self.on_error == 'raise':
                     raise
-                self.skipped['images'] += 1
-                continue
-            return self._sample(img_id, pil)
-        raise ValueError(f"{self.root}: no readable image left in the dataset")
+                self.skips.mark(i, e)
+        raise DataError(f"{self.root}: no usable image left in the dataset")
 
     def _sample(self, img_id: Any, pil: Image.Image):
         img = self.images[img_id]
@@ -220,10 +283,13 @@ class CocoDetection(Dataset):
             for i, a in enumerate(anns):
                 try:
                     masks[i] = self.coco.annToMask(a)
-                except Exception as e:
-                    raise ValueError(
-                        f"{self.ann_file}: annotation {a.get('id')}: undecodable segmentation ({type(e).__name__}: {e})"
-                    ) from e
+                except Exception as e:  # what the checks at construction cannot see (the RLE counts themselves)
+                    raise UnusableFile(
+                        self.root / img['file_name'],
+                        BAD_ANNOTATION,
+                        f"{self.ann_file}: annotation {a.get('id')}: undecodable segmentation "
+                        f"({type(e).__name__}: {e})",
+                    ) from None
             target['masks'] = tv_tensors.Mask(torch.from_numpy(masks))
         image = tv_tensors.Image(TF.pil_to_tensor(pil))
         if self.transforms is not None:
