@@ -384,6 +384,18 @@ def test_files_that_are_not_images_are_named_not_silently_ignored(tmp_path):
     assert ds.skips.count() == 2 and 'notes.txt' in unreadable_message(ds, 'train', 0.01)
 
 
+def test_broken_links_and_pipes_are_named_not_opened(tmp_path):
+    """A named pipe called ``.png`` would block ``Image.open`` for ever; a broken link fails at every epoch."""
+    root = image_folder(tmp_path / 'train')
+    os.mkfifo(root / 'a' / 'pipe.png')
+    os.symlink(tmp_path / 'gone.png', root / 'b' / 'broken.png')
+    with pytest.warns(UserWarning, match='pipe.png'):
+        ds = CheckedImageFolder(root)
+    items, messages = read_all(ds)
+    assert len(items) == len(ds) == 8 and not messages
+    assert sorted(Path(e[0]).name for e in ds.skips.entries()) == ['broken.png', 'pipe.png']
+
+
 def test_animated_images_give_their_first_frame(tmp_path):
     from msconv.data.images import load_image
 
