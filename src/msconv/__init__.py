@@ -7,6 +7,7 @@ from importlib import import_module
 from typing import Any
 
 from . import layers, models
+from ._extras import MissingExtraError
 from .models import (
     FAMILIES,
     convert_official,
@@ -48,6 +49,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     'FAMILIES',
+    'MissingExtraError',
     'convert_official',
     'create_model',
     'list_models',
