@@ -95,7 +95,8 @@ def test_export_onnxruntime(tmp_path, monkeypatch, capsys):
     ns = run_example('export_onnxruntime.py', flags, img, img, monkeypatch=monkeypatch)
     assert (tmp_path / 'm.onnx').is_file()
     out = capsys.readouterr().out
-    assert out.count('photo.png') == 2
+    assert out.count('photo.png') == 2 and 'test_smt has random weights' in out
+    assert all('class ' in line for line in out.splitlines() if line.startswith('photo.png'))  # named classes
 
     # the server's numpy preprocessing matches timm's eval transform of the model's pretrained_cfg
     import timm
@@ -110,6 +111,9 @@ def test_export_onnxruntime(tmp_path, monkeypatch, capsys):
     np.testing.assert_allclose(ns['preprocess'](Image.open(img), **pre), x.numpy(), atol=5e-2)
     top, probs = server([Image.open(img)], k=3)
     assert top.shape == probs.shape == (1, 3) and np.all(np.diff(probs[0]) <= 0)
+    assert server.labels == [f'class {i}' for i in range(7)]
+    names = ns['class_names'](1000)  # ImageNet-1K's, from timm
+    assert names[1] == 'goldfish' and names[999] == 'toilet tissue' and len(set(names)) > 990
 
 
 def test_draw_erf(tmp_path, monkeypatch, capsys):
@@ -118,4 +122,5 @@ def test_draw_erf(tmp_path, monkeypatch, capsys):
     run_example('draw_erf.py', flags, tmp_path / 'erf.png', monkeypatch=monkeypatch)
     assert (tmp_path / 'erf.png').stat().st_size > 0
     out = capsys.readouterr().out
-    assert 'test_smt: high-contribution area ratio' in out and 'test_shiftwise:' in out
+    assert 'test_smt (random weights): high-contribution area ratio' in out and 'test_shiftwise (random' in out
+    assert 'note: test_smt has random weights' in out

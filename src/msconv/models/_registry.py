@@ -74,9 +74,10 @@ def model_info(model_name: str) -> Dict[str, Any]:
 def unknown_model_message(model_name: str) -> str:
     close = difflib.get_close_matches(str(model_name), list(_MODEL_FAMILY), n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ''
+    shown = sum(not n.startswith('test_') for n in _MODEL_FAMILY)  # as many as `msconv list` shows
     return (
-        f"model_name {model_name!r} is not an msconv model.{hint} "
-        f"Run `msconv list` or msconv.list_models() to see the {len(_MODEL_FAMILY)} registered names."
+        f"model_name {model_name!r} is not an msconv model.{hint} Run `msconv list` to see the {shown} models "
+        f"(`msconv list --all` or msconv.list_models() adds the {len(_MODEL_FAMILY) - shown} test_ micro models)."
     )
 
 
