@@ -77,8 +77,8 @@ def test_detection_fasterrcnn(monkeypatch, capsys):
     res = ns['main'](['--model', 'test_smt', '--img-size', '64'])
     assert set(res['losses']) == {'loss_classifier', 'loss_box_reg', 'loss_objectness', 'loss_rpn_box_reg'}
     assert all(torch.isfinite(v) for v in res['losses'].values())
-    body = res['detector'].backbone.body
-    assert body.feature_info.reduction() == [8, 16, 32]
+    body = res['detector'].backbone.backbone.body  # msconv.create_backbone_fpn: FPN over the stride 8/16/32 maps
+    assert res['detector'].backbone.strides == [8, 16, 32, 64]
     trunk = [n for n, p in body.named_parameters() if p.requires_grad and p.grad is None]
     assert not trunk, f'backbone parameters without a gradient: {trunk[:5]}'
     det = res['detections']

@@ -38,6 +38,7 @@ _LAZY = {
     'SparsityScheduler': 'msconv.engine.sparsity',
     'create_detector': 'msconv.dense',
     'create_segmenter': 'msconv.dense',
+    'create_backbone_fpn': 'msconv.dense',
 }
 
 

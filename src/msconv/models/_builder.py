@@ -19,6 +19,7 @@ from timm.models._features import FeatureGetterNet
 from timm.models._manipulate import reparameterize_model
 
 from ..layers.forms import is_capturing
+from ._features import MsconvFeatureGetterNet
 from ._registry import _MODEL_FAMILY, convert_official, unknown_model_message
 from ._weights import download_weights
 
@@ -323,7 +324,7 @@ def create_model(
         if feature_cls not in ('getter', FeatureGetterNet):
             raise ValueError(f"feature_cls must be 'getter' for msconv models, got {feature_cls!r}")
         feature_kwargs.setdefault('out_indices', (0, 1, 2, 3))
-        model = FeatureGetterNet(model, **feature_kwargs)
+        model = MsconvFeatureGetterNet(model, **feature_kwargs)
     return model
 
 

@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 import torch
 from timm.models import register_model as _timm_register_model
 
+from ._features import with_feature_getter
 from ._weights import with_weights_messages
 
 __all__ = [
@@ -47,7 +48,8 @@ def register_model(
     def _decorate(fn: Callable) -> Callable:
         _MODEL_FAMILY[fn.__name__] = family
         _MODEL_PAPER[fn.__name__] = {'paper_top1': paper_top1, 'paper': paper, 'paper_top1_note': paper_top1_note}
-        return _timm_register_model(with_weights_messages(fn))  # pretrained=True's one-line errors (_weights.py)
+        # pretrained=True's one-line errors (_weights.py); features_only with set_grad_checkpointing (_features.py)
+        return _timm_register_model(with_feature_getter(with_weights_messages(fn)))
 
     return _decorate
 
