@@ -35,6 +35,14 @@ stray = [n for n in names if n.split('/')[0] in ('tests', 'benchmarks', 'docs', 
 print(f"{len(names)} files; licence: {licence}; typed: {[n for n in names if n.endswith('py.typed')]}")
 if missing or not licence or stray:
     sys.exit(f"bad wheel: missing {missing}, licence {licence}, files outside the packages {stray}")
+meta_name = next(n for n in names if n.endswith('.dist-info/METADATA'))
+meta = zipfile.ZipFile(sys.argv[1]).read(meta_name).decode()
+fields = {k: [line for line in meta.splitlines() if line.startswith(k + ': ')] for k in
+          ('Classifier', 'Project-URL', 'Author', 'Keywords', 'License-Expression', 'Provides-Extra')}
+print({k: len(v) for k, v in fields.items()})
+absent = [k for k, v in fields.items() if not v]
+if absent:
+    sys.exit(f"bad wheel: METADATA has no {absent}")
 PY
 
 step "a fresh virtual environment: the core alone"

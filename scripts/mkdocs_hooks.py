@@ -146,7 +146,7 @@ def relative_404(html: str, site_root: str = '/') -> str:
     """``404.html`` with links relative to the site's root (where the file sits): MkDocs writes them absolute
     (``/models.html``), which leads nowhere when the site is opened from files. Served over HTTP, the page may
     answer any missing path, so a ``<base>`` pointing at the site's root is set there (and only there)."""
-    html = re.sub(r'(href|src)="/(?!/)', r'\1="./', html)
+    html = re.sub(r'(href|src)="' + re.escape(site_root) + r'(?!/)', r'\1="./', html)  # the site's root: here
     base = f"<script>if (location.protocol !== 'file:') document.write('<base href=\"{site_root}\">');</script>"
     return html.replace('<head>', '<head>\n' + base, 1)
 

@@ -107,6 +107,8 @@ def test_404_links_are_relative_to_the_site_root(hooks):
     out = hooks.relative_404(html, '/')
     assert 'href="./assets/x.css"' in out and 'href="./models.html"' in out and 'href="//cdn/x"' in out
     assert "location.protocol !== 'file:'" in out and "document.write('<base href=\"/\">')" in out
+    served = hooks.relative_404('<head></head><a href="/msconv/weights.html">w</a><a href="/other/">o</a>', '/msconv/')
+    assert 'href="./weights.html"' in served and 'href="/other/"' in served and '<base href="/msconv/">' in served
 
 
 def test_markers_are_replaced_and_unknown_ones_fail(hooks):
