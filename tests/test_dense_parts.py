@@ -201,3 +201,26 @@ def test_photometric_distortion_keeps_channel_order():
     image = tv_tensors.Image(torch.rand(3, 8, 8))
     for _ in range(5):
         torch.testing.assert_close(t(image).as_subclass(torch.Tensor), image.as_subclass(torch.Tensor))
+
+
+def test_low_quality_matches_follow_mmdets_assigner():
+    from msconv.dense.anchors import MaxIoUMatcher
+
+    iou = torch.tensor(
+        [
+            [0.20, 0.10, 0.00, 0.00],  # a small object: best anchor at 0.2 < min_pos_iou 0.3: no positive (mmdet)
+            [0.00, 0.60, 0.65, 0.00],  # best anchor 2
+            [0.00, 0.00, 0.40, 0.40],  # best anchors 2 and 3 (ties): the later ground truth takes anchor 2
+        ]
+    )
+    m = MaxIoUMatcher(0.7, 0.3, min_pos_iou=0.3)(iou)
+    assert m.tolist() == [-1, -2, 2, 2]  # anchor 0: background (0.2 < 0.3), anchor 1: ignored (0.3 <= 0.6 < 0.7)
+    from torchvision.models.detection._utils import Matcher
+
+    tv = Matcher(0.7, 0.3, allow_low_quality_matches=True)(iou)
+    assert tv.tolist() == [0, -2, 1, 2]  # torchvision: anchor 0 for the small object, anchor 2 kept by its best gt
+    assert MaxIoUMatcher(0.5, 0.4, min_pos_iou=0.0)(iou).tolist() == [0, 1, 2, 2]
+    model = create_detector('test_smt', 'mask_rcnn', 3)
+    assert isinstance(model.rpn.proposal_matcher, MaxIoUMatcher) and model.rpn.proposal_matcher.min_pos_iou == 0.3
+    retina = create_detector('test_smt', 'retinanet', 3)
+    assert isinstance(retina.proposal_matcher, MaxIoUMatcher) and retina.proposal_matcher.min_pos_iou == 0.0

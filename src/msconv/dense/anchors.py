@@ -1,4 +1,5 @@
-"""Anchors as mmdetection 2.x's ``AnchorGenerator`` lays them out, with torchvision's interface.
+"""Anchors as mmdetection 2.x's ``AnchorGenerator`` lays them out and ``MaxIoUAssigner`` matches them, with
+torchvision's interfaces.
 
 torchvision's :class:`~torchvision.models.detection.anchor_utils.AnchorGenerator` rounds its base anchors to whole
 pixels and derives each level's stride from ``image_size // grid_size``. mmdet 2.x (the SMT and ShiftwiseConv
@@ -22,10 +23,11 @@ from __future__ import annotations
 from typing import List, Sequence
 
 import torch
+from torchvision.models.detection._utils import Matcher
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 
-__all__ = ['MMDetAnchorGenerator', 'rpn_anchor_generator', 'retinanet_anchor_generator']
+__all__ = ['MMDetAnchorGenerator', 'MaxIoUMatcher', 'rpn_anchor_generator', 'retinanet_anchor_generator']
 
 
 class MMDetAnchorGenerator(AnchorGenerator):
@@ -82,3 +84,29 @@ def retinanet_anchor_generator() -> MMDetAnchorGenerator:
     """RetinaNet's: ``octave_base_scale=4``, ``scales_per_octave=3``, ``ratios=[0.5, 1.0, 2.0]``, strides 8-128."""
     scales = [4 * 2 ** (i / 3) for i in range(3)]
     return MMDetAnchorGenerator((8, 16, 32, 64, 128), scales, (0.5, 1.0, 2.0))
+
+
+class MaxIoUMatcher(Matcher):
+    """torchvision's ``Matcher`` with mmdet's ``MaxIoUAssigner`` rule for low-quality matches.
+
+    Both match each anchor to its best ground truth (foreground at IoU >= ``high``, background below ``low``,
+    ignored between) and then give each ground truth the anchors at its highest IoU. mmdet does the latter only
+    for ground truths whose highest IoU reaches ``min_pos_iou`` (0.3 for the RPNs, 0 for RetinaNet: a 12-pixel
+    object, at IoU 0.14 with its best 32-pixel anchor, has no positive anchor in the RPN), and assigns such an
+    anchor to that ground truth (the last one, if it is the best anchor of several); torchvision does it for every
+    ground truth and keeps the anchor's own best ground truth.
+    """
+
+    def __init__(self, high: float, low: float, min_pos_iou: float) -> None:
+        super().__init__(high, low, allow_low_quality_matches=True)
+        self.min_pos_iou = float(min_pos_iou)
+
+    def set_low_quality_matches_(
+        self, matches: torch.Tensor, all_matches: torch.Tensor, match_quality_matrix: torch.Tensor
+    ) -> None:
+        highest = match_quality_matrix.max(dim=1).values  # (G,)
+        best = (match_quality_matrix == highest[:, None]) & (highest[:, None] >= self.min_pos_iou)  # (G, N)
+        order = torch.arange(1, best.shape[0] + 1, device=best.device)[:, None]
+        last = (best.long() * order).max(dim=0).values  # 1 + the last ground truth an anchor is best for; 0: none
+        hit = last > 0
+        matches[hit] = last[hit] - 1

@@ -33,12 +33,13 @@ Mask R-CNN trains its RPN and box head with the config's L1 losses (:mod:`msconv
 'smooth_l1'`` gives torchvision's). The Cascade RPN leaves border-crossing anchors out of training
 (``allowed_border=0``), as its config. Where torchvision's parts compute differently from mmdetection 2.x, the
 systems follow mmdet (checked against the official configs run in mmdet 2.28.2: ``tests/test_dense_reference.py``):
-unrounded anchors at the configured strides (:mod:`msconv.dense.anchors`), RoIAlign with ``aligned=True`` and
-mmdet's level rule (:mod:`msconv.dense.poolers`), aligned binary mask targets and mmdet's mask pasting
-(:mod:`msconv.dense.masks`), P7 on P6 without ReLU, RetinaNet losses over the batch's positives, mmdet's
-initialisation of the FPN and heads. What remains of torchvision's: the R-CNN regression layers carry a background
-block (4 x 1024 + 4 parameters, never read), and the RPN drops proposals under 1e-3 pixel where mmdet drops those
-of zero size. Official mmdet checkpoints convert with :func:`msconv.dense.convert.convert_official_dense`.
+unrounded anchors at the configured strides and mmdet's low-quality matches (:mod:`msconv.dense.anchors`),
+RoIAlign with ``aligned=True`` and mmdet's level rule (:mod:`msconv.dense.poolers`), aligned binary mask targets
+and mmdet's mask pasting (:mod:`msconv.dense.masks`), P7 on P6 without ReLU, RetinaNet losses over the batch's
+positives, mmdet's initialisation of the FPN and heads. What remains of torchvision's: the R-CNN regression layers
+carry a background block (4 x 1024 + 4 parameters, never read), and the RPN drops proposals under 1e-3 pixel where
+mmdet drops those of zero size. Official mmdet checkpoints convert with
+:func:`msconv.dense.convert.convert_official_dense`.
 
 Interface for the engine's task strategy: ``build_model = create_detector``; datasets and collate from
 :mod:`msconv.data.coco`; ``loss = sum(model(images, targets).values())``; ``evaluate_coco`` from
@@ -62,7 +63,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import boxes as box_ops
 from torchvision.ops import sigmoid_focal_loss
 
-from .anchors import retinanet_anchor_generator, rpn_anchor_generator
+from .anchors import MaxIoUMatcher, retinanet_anchor_generator, rpn_anchor_generator
 from .cascade import CASCADE_IOUS, CASCADE_LOSS_WEIGHTS, CASCADE_STDS, CascadeRoIHeads, CascadeStage
 from .necks import BackboneWithFPN, create_backbone
 from .poolers import AlignedRoIAlign
@@ -272,8 +273,7 @@ def create_detector(
             score_thresh=0.05,
             nms_thresh=0.5,
             detections_per_img=100,
-            fg_iou_thresh=0.5,
-            bg_iou_thresh=0.4,
+            proposal_matcher=MaxIoUMatcher(0.5, 0.4, min_pos_iou=0.0),
             topk_candidates=test_proposals,
             **common,
         )
@@ -309,6 +309,7 @@ def create_detector(
             mask_head=MaskRCNNHeads(channels, [channels] * 4, 1) if with_masks else None,
             mask_predictor=MaskRCNNPredictor(channels, channels, num_classes + 1) if with_masks else None,
         )
+        rpn.proposal_matcher = MaxIoUMatcher(0.7, 0.3, min_pos_iou=0.3)
         _init_rcnn_heads(heads.box_head, heads.box_predictor, heads.mask_predictor)
         return MaskRCNNDetector(fpn, rpn, heads, MMDetTransform(**common))
 
@@ -344,6 +345,7 @@ def create_detector(
         nms_thresh=0.5,
         detections_per_img=100,
     )
+    rpn.proposal_matcher = MaxIoUMatcher(0.7, 0.3, min_pos_iou=0.3)
     for stage in heads.stages:
         _init_rcnn_heads(stage.box_head, stage.box_predictor, stage.mask_predictor)
     return CascadeMaskRCNN(fpn, rpn, heads, MMDetTransform(**common))
