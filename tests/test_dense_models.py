@@ -12,6 +12,7 @@ import torch.nn as nn
 import msconv
 from msconv.dense import create_backbone, create_backbone_fpn, create_detector, create_segmenter
 from msconv.dense.cascade import CascadeRoIHeads
+from msconv.dense.necks import LastLevelP6P7OnInput
 from msconv.tools.dense_profile import profile_dense, profile_system
 
 # (backbone, arch, paper params M, paper GMACs, our exact params). Papers: SMT README tables (COCO 1280x800,
@@ -90,7 +91,7 @@ def test_heads_follow_configs():
 
     retina = _build_meta('smt_small', 'retinanet')
     assert retina.backbone.strides == [8, 16, 32, 64, 128]
-    assert retina.backbone.fpn.extra_blocks.use_P5 is False
+    assert isinstance(retina.backbone.fpn.extra_blocks, LastLevelP6P7OnInput)  # P7 on P6, no ReLU
     assert retina.backbone.fpn.extra_blocks.p6.in_channels == 512  # P6 on the C5 input
     assert retina.anchor_generator.num_anchors_per_location() == [9] * 5
     assert retina.head.classification_head.cls_logits.out_channels == 9 * 80
@@ -115,7 +116,12 @@ def test_heads_follow_configs():
 
 
 def _drop_rates(model: nn.Module):
-    return [m.drop_prob for m in model.modules() if hasattr(m, 'drop_prob')]
+    """Drop rates of the backbone's DropPath (per sample) or nn.Dropout (element-wise, SMT's dense code)."""
+    return [
+        m.drop_prob if hasattr(m, 'drop_prob') else m.p
+        for m in model.modules()
+        if hasattr(m, 'drop_prob') or isinstance(m, nn.Dropout)
+    ]
 
 
 def test_backbone_defaults_and_options(tmp_path):
