@@ -46,6 +46,7 @@ __all__ = [
     'save_best_checkpoint',
     'list_best_checkpoints',
     'best_checkpoint',
+    'find_run_config',
 ]
 
 _PREFIX = 'step-'
@@ -344,3 +345,14 @@ def list_best_checkpoints(run_dir: Union[str, Path]) -> List[Path]:
 def best_checkpoint(run_dir: Union[str, Path]):
     """``(path, weights, state, meta)`` of the run's best-weights checkpoint that verifies, or None."""
     return _newest_that_verifies(list_best_checkpoints(run_dir), 'an earlier best checkpoint')
+
+
+def find_run_config(path: Union[str, Path]) -> Optional[Path]:
+    """The ``config.yaml`` of the run that ``path`` (a run folder, a ``checkpoints/step-N`` folder or a file in one)
+    belongs to: the first found in ``path`` or up to three folders above it; None when there is none."""
+    path = Path(path)
+    for parent in [path] + list(path.parents)[:3]:
+        cand = parent / 'config.yaml'
+        if cand.is_file():
+            return cand
+    return None

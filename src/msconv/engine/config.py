@@ -21,6 +21,7 @@ __all__ = [
     'PRESETS',
     'OFFICIAL_RECIPES',
     'resolve_config',
+    'config_from_mapping',
     'load_yaml',
     'save_config',
     'config_yaml',
@@ -397,6 +398,11 @@ def _coerce(name: str, value: Any) -> Any:
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     return value
+
+
+def config_from_mapping(values: Mapping[str, Any]) -> TrainConfig:
+    """The options a run recorded (its ``config.yaml``) as a ``TrainConfig``: no preset beneath them, no checks."""
+    return TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
 
 
 def resolve_config(
@@ -924,7 +930,7 @@ def recipe_value(cfg: TrainConfig, name: Optional[str]) -> Any:
         import torch
 
         from ..models import create_model
-        from .trainer import weight_decay_groups
+        from .optim import weight_decay_groups
 
         with torch.device('meta'):
             model = create_model(cfg.model)

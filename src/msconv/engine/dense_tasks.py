@@ -272,7 +272,7 @@ class DetectionTask(_DenseTask):
 
 def _detection_metrics(model, dataset, ctx: RunContext, max_images: Optional[int]) -> Dict[str, float]:
     """COCO AP over the val set, each rank running its share; the result lists are gathered before scoring."""
-    from ..dense.evaluation import _coco_eval, coco_results
+    from ..dense.evaluation import coco_eval, coco_results
 
     n = len(dataset) if max_images is None else min(int(max_images), len(dataset))
     indices = list(range(ctx.rank, n, ctx.world_size))
@@ -283,9 +283,9 @@ def _detection_metrics(model, dataset, ctx: RunContext, max_images: Optional[int
         boxes = [b for g in gathered for b in g[0]]
         segms = [s for g in gathered for s in g[1]]
         ids = [i for g in gathered for i in g[2]]
-    rec = {f"bbox_{k}": v for k, v in _coco_eval(dataset.coco, boxes, 'bbox', ids).items()}
+    rec = {f"bbox_{k}": v for k, v in coco_eval(dataset.coco, boxes, 'bbox', ids).items()}
     if getattr(getattr(model, 'roi_heads', None), 'has_mask', lambda: False)():
-        rec.update({f"segm_{k}": v for k, v in _coco_eval(dataset.coco, segms, 'segm', ids).items()})
+        rec.update({f"segm_{k}": v for k, v in coco_eval(dataset.coco, segms, 'segm', ids).items()})
     return rec
 
 
@@ -392,10 +392,9 @@ def evaluate_dense(
         multi_scale: also multi-scale + flip mIoU (segmentation; default: the run's ``seg_eval_ms``).
         max_images: the first N val images only.
     """
-    from .checkpoint import latest_good_checkpoint, load_checkpoint
+    from .checkpoint import find_run_config, latest_good_checkpoint, load_checkpoint
     from .config import load_yaml, resolve_config
     from .distributed import resolve_device
-    from .evaluate import _find_run_config
 
     ckpt = Path(checkpoint)
     if not ckpt.is_dir():
@@ -408,7 +407,7 @@ def evaluate_dense(
     else:
         path = ckpt
         weights, _, meta = load_checkpoint(ckpt)
-    cfg_path = _find_run_config(path)
+    cfg_path = find_run_config(path)
     if cfg_path is None:
         raise ValueError(f"checkpoint {str(ckpt)!r}: no config.yaml of its run found beside it")
     run = load_yaml(cfg_path)
@@ -439,13 +438,13 @@ def evaluate_dense(
 
 def dense_run_task(checkpoint: str) -> Optional[str]:
     """'detection' / 'segmentation' when ``checkpoint`` (a run or step folder) belongs to a dense run, else None."""
+    from .checkpoint import find_run_config
     from .config import load_yaml
-    from .evaluate import _find_run_config
 
     path = Path(checkpoint)
     if not path.is_dir():
         return None
-    cfg_path = _find_run_config(path)
+    cfg_path = find_run_config(path)
     task = load_yaml(cfg_path).get('task') if cfg_path is not None else None
     return task if task in DENSE_TASKS else None
 

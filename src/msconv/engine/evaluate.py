@@ -80,14 +80,6 @@ def evaluate_loader(
     }
 
 
-def _find_run_config(path: Path) -> Optional[Path]:
-    for parent in [path] + list(path.parents)[:3]:
-        cand = parent / 'config.yaml'
-        if cand.is_file():
-            return cand
-    return None
-
-
 def evaluate(
     model: Union[str, nn.Module],
     checkpoint: Optional[Union[str, Path]] = None,
@@ -121,8 +113,8 @@ def evaluate(
     """
     from ..data.loader import build_dataset, build_loader
     from .build import build_model, data_config, load_weights
-    from .checkpoint import best_checkpoint, latest_good_checkpoint, load_checkpoint
-    from .config import TrainConfig, _coerce, load_yaml
+    from .checkpoint import best_checkpoint, find_run_config, latest_good_checkpoint, load_checkpoint
+    from .config import config_from_mapping, load_yaml
     from .distributed import resolve_device
 
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -138,7 +130,7 @@ def evaluate(
         ckpt = Path(checkpoint)
         if not ckpt.exists():
             raise FileNotFoundError(f"checkpoint {str(ckpt)!r} does not exist")
-        cfg_path = _find_run_config(ckpt if ckpt.is_dir() else ckpt.parent)
+        cfg_path = find_run_config(ckpt if ckpt.is_dir() else ckpt.parent)
         if cfg_path is not None:
             run_cfg = load_yaml(cfg_path)
         if which == 'best' and not (ckpt.is_dir() and (ckpt / 'checkpoints').is_dir()):
@@ -170,8 +162,7 @@ def evaluate(
         if trained_as is None and cfg_path is not None:
             trained_as = run_cfg.get('model')
 
-    fields = {k: _coerce(k, v) for k, v in run_cfg.items()} if run_cfg else {}
-    cfg = TrainConfig(**fields) if fields else TrainConfig()
+    cfg = config_from_mapping(run_cfg)
     cfg.data = data
     if image_size is not None:
         cfg.image_size = image_size

@@ -21,7 +21,7 @@ import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -49,9 +49,10 @@ from .config import TrainConfig, preset_info, resolve_config, save_config, split
 from .distributed import DistInfo, cleanup_distributed, init_distributed, resolve_device
 from .evaluate import autocast_context
 from .metrics import MetricsLog, Progress, plot_curves, read_metrics, top1_summary
+from .optim import weight_decay_groups
 from .tasks import RunContext, create_task
 
-__all__ = ['train', 'NonFiniteLossError', 'weight_decay_groups']
+__all__ = ['train', 'NonFiniteLossError']
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -88,35 +89,6 @@ def _amp_dtype(cfg: TrainConfig, device: torch.device) -> Tuple[Optional[torch.d
     if device.type == 'cuda' and not torch.cuda.is_bf16_supported():
         return torch.float16, None
     return torch.bfloat16, None
-
-
-def weight_decay_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
-    """timm's parameter groups (no decay for 1-D parameters, biases and ``model.no_weight_decay()``), except that
-    parameters a module lists in ``force_weight_decay()`` (ShiftWise GRN gamma/beta, 4-D and decayed in the
-    official model) are decayed."""
-    from timm.optim import param_groups_weight_decay
-
-    skip = model.no_weight_decay() if hasattr(model, 'no_weight_decay') else set()
-    groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=skip)
-    forced = set()
-    for prefix, module in model.named_modules():
-        if hasattr(module, 'force_weight_decay'):
-            forced |= {f"{prefix}.{n}" if prefix else n for n in module.force_weight_decay()}
-    if not forced or not weight_decay:
-        return groups
-    params = dict(model.named_parameters())
-    forced_ids = {id(params[n]) for n in forced if n in params}
-    moved = []
-    for g in groups:
-        if g['weight_decay'] == 0.0:
-            moved += [p for p in g['params'] if id(p) in forced_ids]
-            g['params'] = [p for p in g['params'] if id(p) not in forced_ids]
-    decay = next((g for g in groups if g['weight_decay'] > 0 and not g.get('use_fallback')), None)
-    if decay is None:
-        decay = {'params': [], 'weight_decay': weight_decay}
-        groups.append(decay)
-    decay['params'] += moved
-    return [g for g in groups if g['params']]
 
 
 class _StopFlag:
