@@ -11,8 +11,13 @@ from .build import build_model
 from .config import PRESETS, TrainConfig, resolve_config
 from .demo import demo
 from .evaluate import evaluate
-from .tasks import Task, register_task
+from .registry import register_task
+from .tasks import Task
 from .trainer import NonFiniteLossError, train
+
+# isort: split
+# The built-in tasks: importing a task's module registers it (one line per task module).
+from . import dense_tasks  # noqa: F401  (detection, segmentation)
 
 __all__ = [
     'PRESETS',

@@ -1,5 +1,5 @@
 """Training presets of the dense tasks: the official COCO 3x and ADE20K 160k recipes (``preset='coco_3x'`` /
-``'ade20k_160k'``), registered into :data:`msconv.engine.config.PRESETS` when the config module loads.
+``'ade20k_160k'``), registered with :func:`msconv.engine.config.register_presets` when this module loads.
 
 Facts, per official file (AFeng-x/SMT at 1efac6e; lidc54/shift-wiseConv as quoted in ``shared/reference``):
 
@@ -40,7 +40,7 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from .config import PRESETS
+from .config import register_presets
 
 __all__ = ['DENSE_PRESETS']
 
@@ -119,4 +119,5 @@ DENSE_PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
     },
 }
 
-PRESETS.update(DENSE_PRESETS)
+for _name, _by_family in DENSE_PRESETS.items():
+    register_presets(_name, _by_family)

@@ -40,12 +40,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from . import dense_recipes  # noqa: F401  (registers the presets 'coco_3x' and 'ade20k_160k')
+from .registry import task_class
 from .tasks import RunContext, Task, register_task
 
 __all__ = [
     'DetectionTask',
     'SegmentationTask',
-    'DENSE_TASKS',
     'find_coco_split',
     'digits_dense_root',
     'evaluate_dense',
@@ -53,7 +54,6 @@ __all__ = [
     'format_dense_metrics',
 ]
 
-DENSE_TASKS = ('detection', 'segmentation')
 _DENSE_PRESETS = ('coco_3x', 'ade20k_160k')
 # digits sets written for ``--data digits`` (the demo writes its own, sized for its targets)
 _DIGITS_SIZES = dict(n_train=400, n_val=50, canvas=(128, 128), digit_size=(36, 72))
@@ -411,8 +411,8 @@ def evaluate_dense(
     if cfg_path is None:
         raise ValueError(f"checkpoint {str(ckpt)!r}: no config.yaml of its run found beside it")
     run = load_yaml(cfg_path)
-    if run.get('task') not in DENSE_TASKS:
-        raise ValueError(f"{cfg_path}: task {run.get('task')!r} is not a dense task {DENSE_TASKS}")
+    if not issubclass(task_class(run.get('task', 'classification')), _DenseTask):
+        raise ValueError(f"{cfg_path}: task {run.get('task')!r} is not a dense task")
     overrides: Dict[str, Any] = dict(resume=None, overwrite=False, init_checkpoint=None, drop_path=0.0)
     if data is not None:
         overrides['data'] = data
@@ -421,7 +421,7 @@ def evaluate_dense(
     if max_images is not None:
         overrides['eval_max_images'] = max_images
     cfg = resolve_config(run, overrides)
-    task = TASKS_BY_NAME[cfg.task](cfg)
+    task = task_class(cfg.task)(cfg)
     model = task.build_model(task.num_classes())
     key = 'ema' if use_ema else 'model'
     if key not in weights:
@@ -445,8 +445,8 @@ def dense_run_task(checkpoint: str) -> Optional[str]:
     if not path.is_dir():
         return None
     cfg_path = find_run_config(path)
-    task = load_yaml(cfg_path).get('task') if cfg_path is not None else None
-    return task if task in DENSE_TASKS else None
+    task = load_yaml(cfg_path).get('task', 'classification') if cfg_path is not None else 'classification'
+    return task if issubclass(task_class(task), _DenseTask) else None
 
 
 def format_dense_metrics(res: Dict[str, Any]) -> str:
@@ -465,6 +465,3 @@ def format_dense_metrics(res: Dict[str, Any]) -> str:
         ms = '  '.join(f"{k} {res[f'ms_{k}']:.3f}" for k in ('mIoU', 'mAcc', 'aAcc'))
         line += f"\n{res['arch']} multi-scale{' + flip' if res.get('ms_flip', True) else ''}: {ms}"
     return line
-
-
-TASKS_BY_NAME = {'detection': DetectionTask, 'segmentation': SegmentationTask}

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple, Type
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .build import build_model
+from .registry import TASKS, register_task, task_class
 
 __all__ = ['Task', 'ClassificationTask', 'FaceTask', 'FaceModel', 'RunContext', 'TASKS', 'register_task', 'create_task']
 
@@ -132,22 +133,9 @@ class Task:
                 self.backbone(ema_model).load_state_dict(self.backbone(model).state_dict())
 
 
-TASKS: Dict[str, Type[Task]] = {}
-
-
-def register_task(name: str) -> Callable[[Type[Task]], Type[Task]]:
-    def add(cls: Type[Task]) -> Type[Task]:
-        cls.name = name
-        TASKS[name] = cls
-        return cls
-
-    return add
-
-
 def create_task(cfg) -> Task:
-    if cfg.task not in TASKS:
-        raise ValueError(f"task must be one of {sorted(TASKS)}, got {cfg.task!r}")
-    return TASKS[cfg.task](cfg)
+    """The task object of a run: the class registered as ``cfg.task``, given the config."""
+    return task_class(cfg.task)(cfg)
 
 
 @register_task('classification')
@@ -327,6 +315,3 @@ class FaceTask(Task):
             model.head.load_state_dict(weights['head'])
             if ema_model is not None:
                 ema_model.head.load_state_dict(weights['head'])
-
-
-from . import dense_tasks  # noqa: E402,F401  (registers 'detection' and 'segmentation')

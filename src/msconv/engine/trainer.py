@@ -45,11 +45,12 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .config import TrainConfig, preset_info, resolve_config, save_config, split_global_batch
+from .config import TrainConfig, resolve_config, save_config, split_global_batch
 from .distributed import DistInfo, cleanup_distributed, init_distributed, resolve_device
 from .evaluate import autocast_context
 from .metrics import MetricsLog, Progress, plot_curves, read_metrics, top1_summary
 from .optim import weight_decay_groups
+from .recipes import preset_info
 from .tasks import RunContext, create_task
 
 __all__ = ['train', 'NonFiniteLossError']

@@ -147,7 +147,8 @@ def run(args: argparse.Namespace) -> int:
     from msconv.engine import train
 
     if getattr(args, 'print_config', False):
-        from msconv.engine.config import config_yaml, preset_info, resolve_config
+        from msconv.engine.config import config_yaml, resolve_config
+        from msconv.engine.recipes import preset_info
 
         cfg = resolve_config(args.config, collect_overrides(args))
         info = preset_info(cfg.model, cfg.preset)
