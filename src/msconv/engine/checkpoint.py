@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save
 
 __all__ = [
     'CheckpointError',
@@ -127,8 +128,6 @@ def _contiguous_cpu(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 
 
 def _write_safetensors(tensors: Dict[str, torch.Tensor], path: Path, metadata: Optional[Dict[str, str]] = None):
-    from safetensors.torch import save
-
     # Tied/shared storages are cloned so that safetensors accepts them.
     tensors = {k: v.clone() for k, v in _contiguous_cpu(tensors).items()}
     data = save(tensors, metadata=metadata)
@@ -262,8 +261,6 @@ def load_checkpoint(path: Union[str, Path]) -> Tuple[Dict[str, Dict[str, torch.T
 
     Raises ``CheckpointError`` naming the file that is missing, truncated or does not match its recorded hash.
     """
-    from safetensors.torch import load_file
-
     path = Path(path)
     meta_path = path / 'meta.json'
     if not path.is_dir():
