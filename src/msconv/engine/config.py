@@ -1,12 +1,19 @@
-"""Training configuration: one dataclass, registered presets, YAML files, and checks before any work starts.
+"""Training configuration: the options every task shares, each task's own section, registered presets, YAML
+files, and checks before any work starts.
 
-Precedence, lowest first: dataclass defaults < preset (the model family's values of it) < per-model values of the
-preset (drop path per size) < YAML file < explicit overrides (CLI flags). ``resolve_config`` returns the merged,
-validated ``TrainConfig``; ``save_config`` writes it beside the run.
+``TrainConfig`` holds what the trainer uses for every task (model, data, schedule and optimizer, runtime, run
+folder). A task's config is a subclass that adds its section (``ClassificationConfig``: Mixup, label smoothing,
+augmentation; ``FaceConfig``: margin head; ``DetectionConfig`` / ``SegmentationConfig``: the dense pipelines),
+declared in the task's module and named by its ``Task.config_class``. The options stay one flat set of names, in
+YAML files, ``--set`` and a run's ``config.yaml``.
+
+Precedence, lowest first: the task's dataclass defaults < preset (the model family's values of it) < per-model
+values of the preset (drop path per size) < YAML file < explicit overrides (CLI flags). ``resolve_config`` returns
+the merged, validated config of the run's task; ``save_config`` writes it beside the run.
 
 Presets are registered by the modules that own them with ``register_presets``: the ImageNet recipes by
-:mod:`msconv.engine.recipes`, the COCO and ADE20K ones by :mod:`msconv.engine.dense_recipes`. The task named by
-``TrainConfig.task`` is looked up in :mod:`msconv.engine.registry`; this module imports no task and no trainer.
+:mod:`msconv.engine.recipes`, the COCO and ADE20K ones by :mod:`msconv.engine.dense_recipes`. Tasks are looked up in
+:mod:`msconv.engine.registry`; this module imports no task and no trainer.
 """
 
 from __future__ import annotations
@@ -16,23 +23,33 @@ import difflib
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Type, Union
 
 import timm
 import torch
 import yaml
 
 from ..data.digits import digits_path
-from ..data.loader import check_image_folder
 from ..models import model_family
 from ..models._registry import unknown_model_message
 from .checkpoint import atomic_write_bytes
-from .registry import task_class
+from .registry import TASKS, task_class
+
+# the resampling names of timm's transforms
+INTERPOLATIONS = ('bilinear', 'bicubic', 'nearest', 'random')
 
 __all__ = [
     'TrainConfig',
+    'INTERPOLATIONS',
+    'option',
+    'require',
+    'require_nonnegative',
+    'require_fraction',
+    'own_options',
+    'task_flags',
     'PRESETS',
     'register_presets',
+    'preset_task',
     'resolve_config',
     'config_from_mapping',
     'validate_config',
@@ -44,28 +61,48 @@ __all__ = [
 ]
 
 
+def option(
+    default: Any = dataclasses.MISSING,
+    *,
+    factory: Optional[Callable[[], Any]] = None,
+    help: str = '',
+    choices: Optional[Sequence[Any]] = None,
+    flag: Optional[str] = None,
+    repeat: bool = False,
+) -> Any:
+    """A config field that says what it is: ``help`` (shown by ``msconv tasks``), the values it accepts
+    (``choices``, checked by ``validate``) and, for a task's own options, its ``msconv train`` flag (``repeat``: the
+    flag may be given several times, each adding one list item)."""
+    metadata = dict(help=help, choices=tuple(choices) if choices is not None else None, flag=flag, repeat=repeat)
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def require(cond: bool, message: str) -> None:
+    """``ValueError(message)`` unless ``cond``: the checks of ``TrainConfig.validate`` and its task sections."""
+    if not cond:
+        raise ValueError(message)
+
+
 @dataclass
 class TrainConfig:
-    """Every knob of ``msconv.train``. Learning rates are given for ``lr_base_size`` images per optimizer step
-    and scaled linearly to the actual global batch (``batch_size * accum_steps``), as the official code does."""
+    """The options of ``msconv.train`` that every task shares; a task's own options are in its subclass of this
+    class (``Task.config_class``). Learning rates are given for ``lr_base_size`` images per optimizer step and
+    scaled linearly to the actual global batch (``batch_size * accum_steps``), as the official code does."""
 
     model: str = ''
     model_kwargs: Dict[str, Any] = field(default_factory=dict)
     init_checkpoint: Optional[str] = None  # weights to start from (official or msconv format)
-    task: str = 'classification'  # or 'face', or any task added with msconv.engine.tasks.register_task
-    preset: str = 'imagenet'
+    task: str = 'classification'  # a registered task (msconv.engine.registry; `msconv tasks` lists them)
+    preset: Optional[str] = None  # None: the task's default preset (Task.default_preset)
 
     # data
-    data: str = 'digits'  # 'digits' or an ImageFolder root with train/ and val/
+    data: str = 'digits'  # 'digits' or the task's dataset folder (classification: an ImageFolder root)
     image_size: Optional[int] = None  # None: the model's pretrained_cfg input size (32 for the digits)
     num_workers: int = 2
     bad_image_threshold: float = 0.01  # abort when more than this fraction of a split's images cannot be read
-    # face task
-    face_val_bins: List[str] = field(default_factory=list)
-    embedding_size: int = 512
-    margin: str = 'arcface'  # or 'cosface'
-    margin_s: float = 64.0
-    margin_m: float = 0.5
+    hflip: float = 0.5  # horizontal flip probability of the training augmentation
 
     # schedule and optimizer
     epochs: int = 300
@@ -83,30 +120,19 @@ class TrainConfig:
     sched: str = 'cosine'
     warmup_epochs: float = 5.0
     clip_grad: Optional[float] = 5.0
-
-    # regularisation and augmentation (timm)
-    drop_path: float = 0.1
-    smoothing: float = 0.1
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
-    mixup_mode: str = 'batch'
-    auto_augment: Optional[str] = 'rand-m9-mstd0.5-inc1'
-    color_jitter: float = 0.4
-    re_prob: float = 0.25
-    re_mode: str = 'pixel'
-    re_count: int = 1
-    hflip: float = 0.5
-    scale: Tuple[float, float] = (0.08, 1.0)
-    ratio: Tuple[float, float] = (3 / 4, 4 / 3)
-    interpolation: str = 'bicubic'
-    crop_pct: Optional[float] = None  # None: the model's pretrained_cfg crop_pct
+    # True: the warm-up comes first and the cosine spans the remaining epochs (timm, Swin, SMT); False: the cosine
+    # spans all epochs and the linear warm-up replaces its first warmup_epochs (SCSC's lr_scheduler.py)
+    warmup_prefix: bool = True
+    # images per process per micro-step (the official per-GPU batch that BatchNorm normalises over); the global
+    # batch batch_size x accum_steps is kept and gradient accumulation makes it up (None: batch_size / processes)
+    per_gpu_batch: Optional[int] = None
+    drop_path: float = 0.1  # stochastic depth of the backbone (timm)
 
     # runtime
     device: str = 'auto'  # 'auto', 'cpu', 'cuda', 'cuda:1', ...
     amp: bool = True
-    amp_dtype: str = 'auto'  # 'auto' (bf16 on CPU and on GPUs that support it, else fp16), 'bfloat16', 'float16'
+    # 'auto' (bf16 on CPU and on GPUs that support it, else fp16), 'bfloat16', 'float16'
+    amp_dtype: str = option('auto', choices=('auto', 'bfloat16', 'float16'))
     channels_last: bool = False
     ema: bool = False
     ema_decay: float = 0.9998
@@ -115,26 +141,6 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False
     sparsity: Optional[Dict[str, Any]] = None  # ShiftWise sparse training (opt-in)
-
-    # dense tasks ('detection', 'segmentation': msconv.engine.dense_tasks; presets in msconv.engine.dense_recipes)
-    arch: Optional[str] = None  # detection: mask_rcnn | cascade_mask_rcnn | retinanet; segmentation: upernet
-    dense_kwargs: Dict[str, Any] = field(default_factory=dict)  # create_detector / create_segmenter keywords
-    det_scales: Optional[List[int]] = None  # training shorter sides (None: 480..800 step 32)
-    det_max_size: int = 1333  # training longer-side cap
-    det_crop: bool = True  # the 3x configs' resize + crop branch
-    seg_scale: Tuple[int, int] = (2048, 512)  # rescale scale (train, x ratio) and test scale
-    seg_ratio_range: Tuple[float, float] = (0.5, 2.0)
-    seg_crop: Tuple[int, int] = (512, 512)
-    seg_num_classes: int = 150
-    seg_reduce_zero_label: bool = True
-    seg_eval_ms: bool = False  # also report multi-scale + flip mIoU at each evaluation
-    seg_eval_flip: bool = True  # the multi-scale evaluation also averages the flipped images
-    eval_max_images: Optional[int] = None  # evaluate on the first N val images only
-    norm_eval: bool = False  # BatchNorm layers in eval mode while training (mmdet's norm_eval)
-    warmup_iters: Optional[int] = None  # warm-up length in optimizer steps (replaces warmup_epochs)
-    total_iters: Optional[int] = None  # schedule length in optimizer steps (replaces epochs)
-    lr_milestones: Optional[List[float]] = None  # sched 'multistep': epochs at which the lr is multiplied
-    decay_rate: float = 0.1  # the multistep factor, or the power of sched 'poly'
 
     # output, checkpoints, safety
     output: str = 'runs'
@@ -147,18 +153,9 @@ class TrainConfig:
     eval_every: int = 1  # epochs
     log_every: int = 10  # steps between metric lines
     progress: bool = True
-    nan_policy: str = 'abort'  # 'abort' or 'skip' a step whose loss is NaN/inf
+    nan_policy: str = option('abort', choices=('abort', 'skip'))  # 'abort' or 'skip' a step whose loss is NaN/inf
     plot: bool = True
-
-    # recipes (issue 16)
-    # True: the warm-up comes first and the cosine spans the remaining epochs (timm, Swin, SMT); False: the cosine
-    # spans all epochs and the linear warm-up replaces its first warmup_epochs (SCSC's lr_scheduler.py)
-    warmup_prefix: bool = True
-    # images per process per micro-step (the official per-GPU batch that BatchNorm normalises over); the global
-    # batch batch_size x accum_steps is kept and gradient accumulation makes it up (None: batch_size / processes)
-    per_gpu_batch: Optional[int] = None
-    class_map: Optional[str] = None  # with init_checkpoint: keep these classifier rows (e.g. map22kto1k.txt)
-    keep_best: bool = True  # keep the best-top-1 weights in <run>/checkpoints/best-<step> (atomic, like the others)
+    keep_best: bool = True  # keep the best evaluation's weights in <run>/checkpoints/best-<step> (atomic)
 
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -167,20 +164,142 @@ class TrainConfig:
                 d[k] = list(v)
         return d
 
+    def validate(self, check_paths: bool = True) -> None:
+        """Reject bad values with a message that says what to fix (called before any work starts). A task's config
+        extends it with the checks of its own options."""
+        cfg = self
+        if family_of(cfg.model) is None and cfg.model not in timm.list_models() and not timm.is_model(cfg.model):
+            raise ValueError(unknown_model_message(cfg.model))
+        task_class(cfg.task)  # a registered task, or the list of them
+        for f in fields(cfg):
+            choices = f.metadata.get('choices')
+            v = getattr(cfg, f.name)
+            require(choices is None or v in choices, f"{f.name} must be one of {choices}, got {v!r}")
+        for name in ('batch_size', 'accum_steps', 'epochs'):
+            v = getattr(cfg, name)
+            require(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                f"{name} must be a positive integer, got {v!r}",
+            )
+        require(
+            cfg.max_steps is None or (isinstance(cfg.max_steps, int) and cfg.max_steps >= 1),
+            f"max_steps must be a positive integer or None, got {cfg.max_steps!r}",
+        )
+        require(
+            isinstance(cfg.num_workers, int) and cfg.num_workers >= 0,
+            f"num_workers must be an integer >= 0, got {cfg.num_workers!r}",
+        )
+        for name in ('lr', 'warmup_lr', 'min_lr', 'weight_decay', 'drop_path', 'hflip', 'warmup_epochs'):
+            require_nonnegative(cfg, name)
+        require(cfg.lr > 0, f"lr must be > 0, got {cfg.lr!r}")
+        require(
+            cfg.per_gpu_batch is None
+            or (
+                isinstance(cfg.per_gpu_batch, int)
+                and not isinstance(cfg.per_gpu_batch, bool)
+                and cfg.per_gpu_batch >= 1
+            ),
+            f"per_gpu_batch must be a positive integer or None, got {cfg.per_gpu_batch!r}",
+        )
+        check = _PRESET_RULES[cfg.preset]['check'] if cfg.preset in _PRESET_RULES else None
+        problem = check(cfg) if check is not None else None
+        require(problem is None, problem or '')
+        require(
+            cfg.warmup_epochs < cfg.epochs,
+            f"warmup_epochs ({cfg.warmup_epochs}) must be smaller than epochs ({cfg.epochs}): raise --epochs or "
+            f"lower --warmup-epochs",
+        )
+        for name in ('drop_path', 'hflip'):
+            require_fraction(cfg, name)
+        require(cfg.clip_grad is None or cfg.clip_grad > 0, f"clip_grad must be > 0 or None, got {cfg.clip_grad!r}")
+        require(
+            cfg.lr_base_size is None or cfg.lr_base_size >= 1,
+            f"lr_base_size must be a positive integer or None, got {cfg.lr_base_size!r}",
+        )
+        require(
+            cfg.image_size is None or (isinstance(cfg.image_size, int) and cfg.image_size >= 8),
+            f"image_size must be an integer >= 8 or None, got {cfg.image_size!r}",
+        )
+        require(cfg.ckpt_every >= 0, f"ckpt_every must be >= 0 (0: only at epoch ends), got {cfg.ckpt_every!r}")
+        require(
+            isinstance(cfg.bad_image_threshold, (int, float)) and 0 <= cfg.bad_image_threshold <= 1,
+            f"bad_image_threshold must be a fraction in [0, 1], got {cfg.bad_image_threshold!r}",
+        )
+        require(cfg.keep_last >= 1, f"keep_last must be >= 1, got {cfg.keep_last!r}")
+        require(cfg.eval_every >= 1, f"eval_every must be >= 1, got {cfg.eval_every!r}")
+        require(cfg.log_every >= 1, f"log_every must be >= 1, got {cfg.log_every!r}")
+        require(0 < cfg.ema_decay < 1, f"ema_decay must be in (0, 1), got {cfg.ema_decay!r}")
+        require(isinstance(cfg.model_kwargs, dict), f"model_kwargs must be a mapping, got {cfg.model_kwargs!r}")
+        require(
+            cfg.device == 'auto' or cfg.device == 'cpu' or cfg.device.startswith('cuda'),
+            f"device must be 'auto', 'cpu' or 'cuda[:N]', got {cfg.device!r}",
+        )
+        if cfg.device.startswith('cuda'):
+            require(torch.cuda.is_available(), f"device {cfg.device!r} was asked for but CUDA is not available")
+        if check_paths:
+            if cfg.data != 'digits':
+                require(
+                    Path(cfg.data).is_dir(),
+                    f"data {cfg.data!r}: no such folder. Pass an ImageFolder root (train/, val/) "
+                    f"or 'digits' for the bundled MNIST digits.",
+                )
+            else:
+                digits_path()
+            if cfg.init_checkpoint is not None:
+                require(Path(cfg.init_checkpoint).is_file(), f"init_checkpoint {cfg.init_checkpoint!r} does not exist")
 
-_FIELDS = {f.name: f for f in fields(TrainConfig)}
-_CHOICES = {
-    'margin': ('arcface', 'cosface'),
-    'amp_dtype': ('auto', 'bfloat16', 'float16'),
-    'nan_policy': ('abort', 'skip'),
-    'mixup_mode': ('batch', 'pair', 'elem'),
-    're_mode': ('const', 'rand', 'pixel'),
-    'interpolation': ('bilinear', 'bicubic', 'nearest', 'random'),
-}
 
-# preset name -> model family -> option values (the families' values; what each preset registered)
+def require_nonnegative(cfg: TrainConfig, name: str) -> None:
+    """Option ``name`` of ``cfg`` is a finite number >= 0."""
+    v = getattr(cfg, name)
+    require(
+        isinstance(v, (int, float)) and math.isfinite(v) and v >= 0, f"{name} must be a finite number >= 0, got {v!r}"
+    )
+
+
+def require_fraction(cfg: TrainConfig, name: str) -> None:
+    """Option ``name`` of ``cfg`` is in [0, 1]."""
+    v = getattr(cfg, name)
+    require(0 <= v <= 1, f"{name} must be in [0, 1], got {v!r}")
+
+
+def own_options(config_class: Type[TrainConfig]) -> List[dataclasses.Field]:
+    """The fields a task's config class adds to ``TrainConfig``: the task's own section."""
+    common = {f.name for f in fields(TrainConfig)}
+    return [f for f in fields(config_class) if f.name not in common]
+
+
+def _config_classes() -> List[Type[TrainConfig]]:
+    return [TrainConfig] + [t.config_class for t in TASKS.values()]
+
+
+def _all_options() -> Set[str]:
+    return {f.name for c in _config_classes() for f in fields(c)}
+
+
+def task_flags() -> List[Tuple[str, str, Dict[str, Any]]]:
+    """``(flag, option, argparse keywords)`` of every registered task's own options that declare a flag; a flag
+    two tasks share (the dense tasks' ``--arch``) is listed once."""
+    out: Dict[str, Tuple[str, str, Dict[str, Any]]] = {}
+    for task in TASKS.values():
+        for f in own_options(task.config_class):
+            flag = f.metadata.get('flag')
+            if not flag:
+                continue
+            if flag in out and out[flag][1] != f.name:
+                raise ValueError(f"flag {flag} is declared for both {out[flag][1]!r} and {f.name!r}")
+            if f.metadata.get('repeat'):
+                kwargs: Dict[str, Any] = dict(action='append', type=str)
+            else:
+                default = f.default if f.default is not dataclasses.MISSING else None
+                kwargs = dict(type=type(default) if isinstance(default, (int, float, str)) else str)
+            out.setdefault(flag, (flag, f.name, dict(kwargs, help=f"{task.name}: {f.metadata.get('help', '')}")))
+    return list(out.values())
+
+
+# preset name -> model family -> option values (what each preset registered)
 PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {}
-# preset name -> how it applies: per_model values, the family whose values other models take, a check
+# preset name -> how it applies: its task, per-model values, the family whose values other models take, a check
 _PRESET_RULES: Dict[str, Dict[str, Any]] = {}
 
 
@@ -188,6 +307,7 @@ def register_presets(
     name: str,
     by_family: Mapping[str, Mapping[str, Any]],
     *,
+    task: Optional[str] = None,
     per_model: Optional[Mapping[str, Mapping[str, Any]]] = None,
     other_models: Optional[str] = None,
     check: Optional[Callable[[Any], Optional[str]]] = None,
@@ -195,17 +315,36 @@ def register_presets(
     """Add preset ``name``: option values for each model family ('smt', 'scsc', 'shiftwise').
 
     Args:
+        task: the task the preset is a recipe of: it serves that task only, and a run that names the preset but
+            no task is a run of it. None: a shared preset, for every task that takes shared presets; a task takes
+            the options of its own config and leaves the others.
         per_model: values on top of the family's for named models (e.g. drop path per size).
         other_models: models of no msconv family (timm models) take this family's values; None: none.
         check: called with the resolved config; returns a message when the preset cannot run as configured.
     """
     if name in PRESETS:
         raise ValueError(f"preset {name!r} is registered already")
-    for values in list(by_family.values()) + list((per_model or {}).values()):
-        for key in values:
-            _coerce(key, None)  # a misspelt option fails at registration, naming it
     PRESETS[name] = {fam: dict(values) for fam, values in by_family.items()}
-    _PRESET_RULES[name] = dict(per_model=dict(per_model or {}), other_models=other_models, check=check)
+    _PRESET_RULES[name] = dict(task=task, per_model=dict(per_model or {}), other_models=other_models, check=check)
+
+
+def preset_task(preset: Optional[str]) -> Optional[str]:
+    """The task ``preset`` is a recipe of, or None (a shared preset, or no such preset)."""
+    return _PRESET_RULES[preset]['task'] if preset in _PRESET_RULES else None
+
+
+def _check_preset(preset: str, task) -> None:
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    owner = preset_task(preset)
+    if owner == task.name or (owner is None and not task.own_presets_only):
+        return
+    own = sorted(p for p in PRESETS if preset_task(p) == task.name)
+    what = f"a recipe of task {owner!r}" if owner is not None else 'a shared preset'
+    message = f"task {task.name!r}: preset {preset!r} is {what}, not one of the task's own {own}"
+    if task.default_preset:
+        message += f"; use preset {task.default_preset!r} (--preset {task.default_preset}) and override what you need"
+    raise ValueError(message)
 
 
 def _preset_values(preset: str, model: str) -> Dict[str, Any]:
@@ -219,6 +358,9 @@ def _preset_values(preset: str, model: str) -> Dict[str, Any]:
         )
     values = dict(PRESETS[preset].get(fam if fam is not None else rules['other_models'], {}))
     values.update(rules['per_model'].get(model.split('.')[0], {}))
+    unknown = sorted(set(values) - _all_options())
+    if unknown:
+        raise ValueError(f"preset {preset!r} sets unknown config option(s) {unknown}")
     return values
 
 
@@ -249,22 +391,50 @@ def load_yaml(path: Union[str, Path]) -> Dict[str, Any]:
     return data
 
 
-def _coerce(name: str, value: Any) -> Any:
-    if name not in _FIELDS:
-        close = difflib.get_close_matches(name, list(_FIELDS), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ''
-        raise ValueError(f"unknown config option {name!r}{hint}")
-    default = _FIELDS[name].default
-    if isinstance(default, tuple) and isinstance(value, (list, tuple)):
-        return tuple(value)
-    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    return value
+def _unknown(name: str) -> ValueError:
+    close = difflib.get_close_matches(name, sorted(_all_options()), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ''
+    return ValueError(f"unknown config option {name!r}{hint}")
 
 
-def config_from_mapping(values: Mapping[str, Any]) -> TrainConfig:
-    """The options a run recorded (its ``config.yaml``) as a ``TrainConfig``: no preset beneath them, no checks."""
-    return TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
+def _not_of_this_task(name: str, task: str) -> ValueError:
+    if name not in _all_options():
+        return _unknown(name)
+    owners = [t.name for t in TASKS.values() if name in {f.name for f in fields(t.config_class)}]
+    return ValueError(
+        f"option {name!r} belongs to task {' / '.join(map(repr, owners))}, not to this run's task {task!r}"
+    )
+
+
+def _coerce(config_class: Type[TrainConfig], values: Mapping[str, Any]) -> Dict[str, Any]:
+    """YAML's lists as the tuples and integers as the floats the fields hold."""
+    defaults = {f.name: f.default for f in fields(config_class)}
+    out = {}
+    for name, value in values.items():
+        default = defaults[name]
+        if isinstance(default, tuple) and isinstance(value, (list, tuple)):
+            value = tuple(value)
+        elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        out[name] = value
+    return out
+
+
+def _split_given(values: Mapping[str, Any], config_class: Type[TrainConfig]) -> Dict[str, Any]:
+    """The options of ``values`` that ``config_class`` holds; another task's options are left out (a run folder's
+    config.yaml written before the tasks had their own sections records every task's options); unknown names fail."""
+    own = {f.name for f in fields(config_class)}
+    for name in values:
+        if name not in own and name not in _all_options():
+            raise _unknown(name)
+    return {k: v for k, v in values.items() if k in own}
+
+
+def config_from_mapping(values: Mapping[str, Any], task: Optional[str] = None) -> TrainConfig:
+    """The options a run recorded (its ``config.yaml``) as the config of its task (``task``, else the one the
+    mapping names): no preset beneath them, no checks; options of other tasks are left out."""
+    cls = task_class(task or values.get('task') or TrainConfig.task).config_class
+    return cls(**_coerce(cls, _split_given(values, cls)))
 
 
 def resolve_config(
@@ -272,151 +442,51 @@ def resolve_config(
     overrides: Optional[Mapping[str, Any]] = None,
     check_paths: bool = True,
 ) -> TrainConfig:
-    """Merge defaults < preset < ``config`` (a TrainConfig, a dict or a YAML path) < ``overrides``, then validate.
+    """Merge defaults < preset < ``config`` (a TrainConfig, a dict or a YAML path) < ``overrides``, then validate;
+    returns the config of the run's task (an instance of its ``Task.config_class``).
 
-    The preset is looked up for the model's family ('imagenet' presets for the three msconv families; a timm
-    model gets the dataclass defaults, or the SMT demo preset with ``preset='demo'``). In a ``TrainConfig``,
-    fields equal to their dataclass default count as not given. ``model`` must be given somewhere.
+    The task is the one given, else the one the preset is a recipe of, else 'classification'; the preset is the
+    one given, else the task's default. The preset is looked up for the model's family (a timm model gets none of
+    it, or the SMT values of ``preset='demo'``). In a ``TrainConfig``, fields equal to their dataclass default count
+    as not given. ``model`` must be given somewhere. ``config`` may hold other tasks' options (they are left out:
+    the ``config.yaml`` of older run folders records every task's); ``overrides`` may not.
     """
     if isinstance(config, TrainConfig):
         # Fields left at their dataclass default count as "not given", so the preset applies beneath the rest.
-        defaults = TrainConfig().to_dict()
-        user: Dict[str, Any] = {k: v for k, v in config.to_dict().items() if v != defaults[k]}
+        defaults = type(config)().to_dict()
+        given: Dict[str, Any] = {k: v for k, v in config.to_dict().items() if v != defaults[k]}
     else:
-        user = load_yaml(config) if isinstance(config, (str, Path)) else dict(config or {})
+        given = load_yaml(config) if isinstance(config, (str, Path)) else dict(config or {})
     overrides = {k: v for k, v in dict(overrides or {}).items() if v is not None}
-    merged_user = {**user, **overrides}
-    for k, v in list(merged_user.items()):
-        merged_user[k] = _coerce(k, v)
+    merged = {**given, **overrides}
 
-    model = merged_user.get('model')
+    model = merged.get('model')
     if not model or not isinstance(model, str):
         raise ValueError("model: a model name is required, e.g. 'smt_tiny' (see `msconv list`)")
-    preset = merged_user.get('preset', TrainConfig.preset)
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    task = task_class(merged.get('task') or preset_task(merged.get('preset')) or TrainConfig.task)
+    cls = task.config_class
+    own = {f.name for f in fields(cls)}
+    for name in overrides:
+        if name not in own:
+            raise _not_of_this_task(name, task.name)
+    given = _split_given(given, cls)
+    preset = merged.get('preset') or task.default_preset
 
-    values: Dict[str, Any] = TrainConfig().to_dict()
-    values.update(_preset_values(preset, model))
-    values.update(merged_user)
-    values = {k: _coerce(k, v) for k, v in values.items()}
-    cfg = TrainConfig(**values)
-    validate_config(cfg, check_paths=check_paths)
+    values: Dict[str, Any] = cls().to_dict()
+    if preset is not None:
+        _check_preset(preset, task)
+        values.update({k: v for k, v in _preset_values(preset, model).items() if k in own})
+    values.update(given)
+    values.update(overrides)
+    values.update(task=task.name, preset=preset)
+    cfg = cls(**_coerce(cls, values))
+    cfg.validate(check_paths=check_paths)
     return cfg
 
 
-def _require(cond: bool, message: str) -> None:
-    if not cond:
-        raise ValueError(message)
-
-
 def validate_config(cfg: TrainConfig, check_paths: bool = True) -> None:
-    """Reject bad values with a message that says what to fix (called before any work starts)."""
-    if family_of(cfg.model) is None and cfg.model not in timm.list_models() and not timm.is_model(cfg.model):
-        raise ValueError(unknown_model_message(cfg.model))
-    task_class(cfg.task)  # a registered task, or the list of them
-    for name, choices in _CHOICES.items():
-        _require(getattr(cfg, name) in choices, f"{name} must be one of {choices}, got {getattr(cfg, name)!r}")
-    for name in ('batch_size', 'accum_steps', 'epochs'):
-        v = getattr(cfg, name)
-        _require(
-            isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{name} must be a positive integer, got {v!r}"
-        )
-    _require(
-        cfg.max_steps is None or (isinstance(cfg.max_steps, int) and cfg.max_steps >= 1),
-        f"max_steps must be a positive integer or None, got {cfg.max_steps!r}",
-    )
-    _require(
-        isinstance(cfg.num_workers, int) and cfg.num_workers >= 0,
-        f"num_workers must be an integer >= 0, got {cfg.num_workers!r}",
-    )
-    for name in (
-        'lr',
-        'warmup_lr',
-        'min_lr',
-        'weight_decay',
-        'drop_path',
-        'smoothing',
-        'mixup',
-        'cutmix',
-        're_prob',
-        'hflip',
-        'color_jitter',
-        'warmup_epochs',
-    ):
-        v = getattr(cfg, name)
-        _require(
-            isinstance(v, (int, float)) and math.isfinite(v) and v >= 0,
-            f"{name} must be a finite number >= 0, got {v!r}",
-        )
-    _require(cfg.lr > 0, f"lr must be > 0, got {cfg.lr!r}")
-    _require(
-        cfg.per_gpu_batch is None
-        or (isinstance(cfg.per_gpu_batch, int) and not isinstance(cfg.per_gpu_batch, bool) and cfg.per_gpu_batch >= 1),
-        f"per_gpu_batch must be a positive integer or None, got {cfg.per_gpu_batch!r}",
-    )
-    check = _PRESET_RULES[cfg.preset]['check'] if cfg.preset in _PRESET_RULES else None
-    problem = check(cfg) if check is not None else None
-    _require(problem is None, problem or '')
-    _require(
-        cfg.class_map is None or cfg.init_checkpoint is not None,
-        "class_map selects rows of the classifier of init_checkpoint: pass --init-checkpoint too",
-    )
-    _require(
-        cfg.warmup_epochs < cfg.epochs,
-        f"warmup_epochs ({cfg.warmup_epochs}) must be smaller than epochs ({cfg.epochs}): raise --epochs or "
-        f"lower --warmup-epochs",
-    )
-    for name in ('drop_path', 'smoothing', 're_prob', 'hflip', 'mixup_prob', 'mixup_switch_prob'):
-        v = getattr(cfg, name)
-        _require(0 <= v <= 1, f"{name} must be in [0, 1], got {v!r}")
-    _require(cfg.clip_grad is None or cfg.clip_grad > 0, f"clip_grad must be > 0 or None, got {cfg.clip_grad!r}")
-    _require(
-        cfg.lr_base_size is None or cfg.lr_base_size >= 1,
-        f"lr_base_size must be a positive integer or None, got {cfg.lr_base_size!r}",
-    )
-    _require(
-        cfg.image_size is None or (isinstance(cfg.image_size, int) and cfg.image_size >= 8),
-        f"image_size must be an integer >= 8 or None, got {cfg.image_size!r}",
-    )
-    _require(cfg.ckpt_every >= 0, f"ckpt_every must be >= 0 (0: only at epoch ends), got {cfg.ckpt_every!r}")
-    _require(
-        isinstance(cfg.bad_image_threshold, (int, float)) and 0 <= cfg.bad_image_threshold <= 1,
-        f"bad_image_threshold must be a fraction in [0, 1], got {cfg.bad_image_threshold!r}",
-    )
-    _require(cfg.keep_last >= 1, f"keep_last must be >= 1, got {cfg.keep_last!r}")
-    _require(cfg.eval_every >= 1, f"eval_every must be >= 1, got {cfg.eval_every!r}")
-    _require(cfg.log_every >= 1, f"log_every must be >= 1, got {cfg.log_every!r}")
-    _require(0 < cfg.ema_decay < 1, f"ema_decay must be in (0, 1), got {cfg.ema_decay!r}")
-    _require(isinstance(cfg.model_kwargs, dict), f"model_kwargs must be a mapping, got {cfg.model_kwargs!r}")
-    _require(
-        cfg.device == 'auto' or cfg.device == 'cpu' or cfg.device.startswith('cuda'),
-        f"device must be 'auto', 'cpu' or 'cuda[:N]', got {cfg.device!r}",
-    )
-    if cfg.device.startswith('cuda'):
-        _require(torch.cuda.is_available(), f"device {cfg.device!r} was asked for but CUDA is not available")
-    if cfg.task == 'face':
-        _require(cfg.data != 'digits', "task 'face' needs --data PATH to a folder of identity subfolders")
-        _require(cfg.embedding_size >= 2, f"embedding_size must be >= 2, got {cfg.embedding_size!r}")
-    if check_paths:
-        if cfg.data != 'digits':
-            root = Path(cfg.data)
-            _require(
-                root.is_dir(),
-                f"data {cfg.data!r}: no such folder. Pass an ImageFolder root (train/, val/) "
-                f"or 'digits' for the bundled MNIST digits.",
-            )
-            if cfg.task == 'classification':
-                check_image_folder(root, 'train')
-                check_image_folder(root, 'val')
-        else:
-            digits_path()
-        for b in cfg.face_val_bins:
-            _require(Path(b).is_file(), f"face_val_bins: {b!r} does not exist (expected a verification .bin file)")
-        if cfg.init_checkpoint is not None:
-            _require(Path(cfg.init_checkpoint).is_file(), f"init_checkpoint {cfg.init_checkpoint!r} does not exist")
-        if cfg.class_map is not None:
-            _require(Path(cfg.class_map).is_file(), f"class_map {cfg.class_map!r} does not exist")
+    """``cfg.validate(check_paths)``: reject bad values with a message that says what to fix."""
+    cfg.validate(check_paths=check_paths)
 
 
 def save_config(cfg: TrainConfig, path: Union[str, Path]) -> None:

@@ -551,9 +551,11 @@ def _recipe_config(model: str, preset: str) -> TrainConfig:
     return resolve_config(dict(model=model, preset=preset, **extra), check_paths=False)
 
 
-def preset_info(model: str, preset: str) -> Dict[str, Any]:
+def preset_info(model: str, preset: Optional[str]) -> Dict[str, Any]:
     """Whether ``preset`` for ``model`` is an official recipe, and what it is based on:
     ``{'official': bool, 'based_on': str, 'recipe': key in OFFICIAL_RECIPES or None}``."""
+    if preset is None:
+        return dict(official=False, based_on="no preset: the task config's defaults", recipe=None)
     base = model.split('.')[0]
     for key, rec in OFFICIAL_RECIPES.items():
         if rec['preset'] == preset and base in rec['models']:
