@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import write_old_config
 
 from msconv.engine import train
 from msconv.engine.checkpoint import list_checkpoints, load_checkpoint
@@ -150,6 +151,10 @@ def test_detection_run_trains_evaluates_and_resumes_bit_exactly(tmp_path, capsys
     assert again['step'] == 4 and again['arch'] == 'mask_rcnn'
     for key in ('bbox_AP', 'bbox_AP50', 'segm_AP'):
         assert again[key] == pytest.approx(ev[key]), key
+    # the run folder as msconv wrote it before the task sections (every task's options in config.yaml) evaluates alike
+    assert write_old_config(tmp_path / 'ref')['mixup'] == 0.8
+    old = evaluate_dense(str(tmp_path / 'ref'), device='cpu')
+    assert {k: old[k] for k in ('bbox_AP', 'segm_AP', 'step')} == {k: again[k] for k in ('bbox_AP', 'segm_AP', 'step')}
     from msconv.cli import main
 
     assert main(['eval', 'test_smt', '--checkpoint', str(tmp_path / 'ref'), '--device', 'cpu']) == 0
