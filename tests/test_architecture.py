@@ -1,4 +1,5 @@
-"""The architecture as the code states it: imports between msconv's modules form no loop.
+"""The architecture as the code states it: imports between msconv's modules form no loop, and in the engine and
+the command line every import made inside a function says why it waits.
 
 The graph is read from the source with ``ast`` (nothing is imported): an edge A -> B for each ``import``/``from
 ... import`` that runs when A loads (module body, class bodies, module-level ``if``/``try``; not ``if
@@ -13,8 +14,12 @@ import ast
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Set, Tuple
 
+import pytest
+
 SRC = Path(__file__).resolve().parents[1] / 'src'
 PACKAGES = ('msconv', 'msconv_cli')
+# where every import inside a function carries its reason (a comment on its line or on the lines right above)
+REASONED = ('msconv.engine', 'msconv_cli')
 
 
 def _module_files(src: Path = SRC) -> Dict[str, Path]:
@@ -164,3 +169,30 @@ def test_no_loop_hides_in_imports_inside_functions():
         edges[module].add(target)
     loops = import_loops(edges)
     assert loops == [], 'import loops through function-level imports: ' + '; '.join(' <-> '.join(c) for c in loops)
+
+
+def _has_reason(lines: List[str], lineno: int) -> bool:
+    """A comment on the import's line, or on the line above it (skipping the imports grouped with it, blank lines
+    included)."""
+    i = lineno - 1
+    if '#' in lines[i]:
+        return True
+    i -= 1
+    while i >= 0 and (not lines[i].strip() or lines[i].strip().startswith(('import ', 'from '))):
+        if '#' in lines[i]:
+            return True
+        i -= 1
+    return i >= 0 and lines[i].strip().startswith('#')
+
+
+@pytest.mark.parametrize('package', REASONED)
+def test_imports_inside_functions_say_why(package):
+    missing = []
+    for module, path in _module_files().items():
+        if not (module == package or module.startswith(package + '.')):
+            continue
+        lines = path.read_text().splitlines()
+        for node, at_load in _imports(ast.parse('\n'.join(lines), str(path))):
+            if not at_load and not _has_reason(lines, node.lineno):
+                missing.append(f"{path.relative_to(SRC)}:{node.lineno}")
+    assert missing == [], 'imports inside functions without a reason comment: ' + ', '.join(missing)
