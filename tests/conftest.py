@@ -120,3 +120,41 @@ def assert_trained_alike(single: tuple, ddp: tuple, steps: int) -> Tuple[dict, d
     assert len(tr['single']) == steps and tr['single'][0] != tr['single'][-1]
     assert tr['single'] == pytest.approx(tr['ddp'], rel=1e-5)
     return tuple([r for r in rs if r['kind'] == 'val'][-1] for rs in (rec_single, rec_ddp))
+
+
+# The options of every config.yaml msconv wrote before each task had its own config section (04fee90 and earlier):
+# one flat TrainConfig of 90 fields, whatever the task.
+OLD_CONFIG_OPTIONS = (
+    'model model_kwargs init_checkpoint task preset data image_size num_workers bad_image_threshold face_val_bins '
+    'embedding_size margin margin_s margin_m epochs max_steps batch_size accum_steps opt lr warmup_lr min_lr '
+    'lr_base_size weight_decay opt_eps opt_betas sched warmup_epochs clip_grad drop_path smoothing mixup cutmix '
+    'mixup_prob mixup_switch_prob mixup_mode auto_augment color_jitter re_prob re_mode re_count hflip scale ratio '
+    'interpolation crop_pct device amp amp_dtype channels_last ema ema_decay ema_warmup sync_bn seed deterministic '
+    'sparsity arch dense_kwargs det_scales det_max_size det_crop seg_scale seg_ratio_range seg_crop seg_num_classes '
+    'seg_reduce_zero_label seg_eval_ms seg_eval_flip eval_max_images norm_eval warmup_iters total_iters '
+    'lr_milestones decay_rate output name ckpt_every keep_last resume overwrite eval_every log_every progress '
+    'nan_policy plot warmup_prefix per_gpu_batch class_map keep_best'
+).split()
+
+
+def write_old_config(run_dir: Path) -> dict:
+    """Rewrite ``run_dir/config.yaml`` as msconv wrote it before the task sections: every one of the 90 options, the
+    run's own values and the other tasks' defaults of that time (``arch`` None outside the dense tasks)."""
+    import dataclasses
+
+    import yaml
+
+    from msconv.engine import TASKS, TrainConfig
+
+    classes = [TrainConfig] + [t.config_class for t in TASKS.values()]
+    defaults = {f.name: dataclasses.asdict(c())[f.name] for c in reversed(classes) for f in dataclasses.fields(c)}
+    lost = [name for name in OLD_CONFIG_OPTIONS if name not in defaults]
+    assert not lost, f"options of old config.yaml files that no task knows any more: {lost}"
+    path = Path(run_dir) / 'config.yaml'
+    own = yaml.safe_load(path.read_text())
+    old = {}
+    for name in OLD_CONFIG_OPTIONS:
+        value = own[name] if name in own else (None if name == 'arch' else defaults[name])
+        old[name] = list(value) if isinstance(value, tuple) else value
+    path.write_text(yaml.safe_dump(old, sort_keys=False))
+    return old

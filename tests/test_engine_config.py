@@ -58,8 +58,22 @@ def test_one_class_folder_fails_early(tmp_path):
         resolve_config({'model': 'test_smt', 'data': str(tmp_path)})
 
 
-def test_timm_models_are_accepted():
-    assert resolve_config({'model': 'test_vit', 'preset': 'demo'}).model == 'test_vit'
+def test_timm_models_take_the_smt_demo_values_and_no_family_preset():
+    """A timm model has no msconv family: preset 'demo' gives it the SMT demo values, preset 'imagenet' nothing (the
+    classification config's defaults)."""
+    from dataclasses import fields
+
+    from msconv.engine import ClassificationConfig
+
+    demo = resolve_config({'model': 'test_vit', 'preset': 'demo'})
+    assert (demo.model, demo.task, demo.preset) == ('test_vit', 'classification', 'demo')
+    assert {k: getattr(demo, k) for k in PRESETS['demo']['smt']} == PRESETS['demo']['smt']
+    plain = resolve_config({'model': 'test_vit'})
+    defaults = ClassificationConfig()
+    assert plain.preset == 'imagenet'
+    for f in fields(ClassificationConfig):
+        if f.name not in ('model', 'preset'):
+            assert getattr(plain, f.name) == getattr(defaults, f.name), f.name
 
 
 def test_trainconfig_object_gets_the_preset_beneath_its_set_fields():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import write_old_config
 
 from msconv.engine import train
 from msconv.engine.checkpoint import list_checkpoints, load_checkpoint
@@ -62,7 +63,8 @@ def test_presets_hold_the_official_recipes():
     assert (coco.opt, coco.lr, coco.weight_decay, coco.epochs, coco.batch_size) == ('adamw', 1e-4, 0.05, 36, 16)
     assert (coco.sched, coco.lr_milestones, coco.decay_rate, coco.warmup_iters) == ('multistep', [27, 33], 0.1, 500)
     assert coco.warmup_lr == pytest.approx(1e-7) and coco.lr_base_size is None and coco.clip_grad is None
-    assert coco.arch == 'mask_rcnn' and coco.drop_path == 0.2 and coco.mixup == 0 and coco.cutmix == 0
+    assert coco.arch == 'mask_rcnn' and coco.drop_path == 0.2
+    assert not hasattr(coco, 'mixup') and not hasattr(coco, 'smoothing')  # classification's options, not detection's
     ade = resolve_config(dict(model='smt_small', task='segmentation', preset='ade20k_160k'), check_paths=False)
     assert (ade.lr, ade.weight_decay, ade.sched, ade.decay_rate) == (6e-5, 0.01, 'poly', 1.0)
     assert (ade.total_iters, ade.warmup_iters, ade.batch_size, ade.min_lr) == (160_000, 1500, 16, 0.0)
@@ -115,7 +117,7 @@ def test_schedule_hook_gives_mmdet_step_and_mmseg_poly_schedules():
 def test_bad_dense_settings_are_named(tmp_path):
     with pytest.raises(ValueError, match="arch must be one of .*'retinanet'.* got 'upernet'"):
         DetectionTask(resolve_config(dict(DET, arch='upernet'), check_paths=False))
-    with pytest.raises(ValueError, match="preset 'imagenet' is a classification recipe; use preset 'coco_3x'"):
+    with pytest.raises(ValueError, match="preset 'imagenet' is a shared preset, not one of .*; use preset 'coco_3x'"):
         DetectionTask(resolve_config(dict(DET, preset='imagenet', epochs=10), check_paths=False))
     (tmp_path / 'annotations').mkdir()
     with pytest.raises(ValueError, match=r"not a COCO folder with a train split; expected train2017/ \+ annotations"):
@@ -149,6 +151,10 @@ def test_detection_run_trains_evaluates_and_resumes_bit_exactly(tmp_path, capsys
     assert again['step'] == 4 and again['arch'] == 'mask_rcnn'
     for key in ('bbox_AP', 'bbox_AP50', 'segm_AP'):
         assert again[key] == pytest.approx(ev[key]), key
+    # the run folder as msconv wrote it before the task sections (every task's options in config.yaml) evaluates alike
+    assert write_old_config(tmp_path / 'ref')['mixup'] == 0.8
+    old = evaluate_dense(str(tmp_path / 'ref'), device='cpu')
+    assert {k: old[k] for k in ('bbox_AP', 'segm_AP', 'step')} == {k: again[k] for k in ('bbox_AP', 'segm_AP', 'step')}
     from msconv.cli import main
 
     assert main(['eval', 'test_smt', '--checkpoint', str(tmp_path / 'ref'), '--device', 'cpu']) == 0
@@ -170,7 +176,8 @@ def test_segmentation_run_learns_and_eval_reports_single_and_multi_scale(tmp_pat
         for r in map(__import__('json').loads, (tmp_path / 'seg' / 'metrics.jsonl').read_text().splitlines())
         if r['kind'] == 'train'
     ]
-    assert sum(losses[-5:]) < 0.75 * sum(losses[:5])
+    # (mmseg's N(0, 0.01) classifiers start near ln K, so the drop is smaller than from a wider init: 0.78 here)
+    assert sum(losses[-5:]) < 0.82 * sum(losses[:5])
 
 
 @pytest.mark.slow  # writes 900 canvases and evaluates 100

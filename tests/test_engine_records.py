@@ -78,6 +78,7 @@ def test_a_new_task_plugs_in_without_touching_the_trainer(tmp_path, capsys):
 
     from msconv.data.loader import build_dataset
     from msconv.engine.checkpoint import list_checkpoints, load_checkpoint
+    from msconv.engine.classification import ClassificationConfig
     from msconv.engine.evaluate import evaluate_loader
     from msconv.engine.tasks import TASKS, Task, register_task
 
@@ -98,6 +99,8 @@ def test_a_new_task_plugs_in_without_touching_the_trainer(tmp_path, capsys):
 
     @register_task('parity')
     class ParityTask(Task):
+        config_class = ClassificationConfig  # its data are classification's: the same transforms and options
+
         def num_classes(self):
             return 2
 

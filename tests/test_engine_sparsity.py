@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import msconv
+from msconv.engine.optim import weight_decay_groups
 from msconv.engine.sparsity import SparsityScheduler
-from msconv.engine.trainer import weight_decay_groups
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 

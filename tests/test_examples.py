@@ -45,7 +45,37 @@ def digit_folder(tmp_path_factory) -> Path:
     return root
 
 
-def test_finetune_imagefolder(digit_folder, tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def created_models(monkeypatch):
+    """The models the example builds with ``msconv.create_model``, each with a copy of its weights as created."""
+    import msconv
+
+    made = []
+    real = msconv.create_model
+
+    def recording(*args, **kwargs):
+        model = real(*args, **kwargs)
+        made.append((model, {k: v.clone() for k, v in model.state_dict().items()}))
+        return model
+
+    monkeypatch.setattr(msconv, 'create_model', recording)
+    return made
+
+
+def _top1(model, folder: Path, size: int) -> float:
+    """Top-1 (%) of ``model`` on ``folder`` (an ImageFolder), one image at a time with the model's eval transform."""
+    import timm.data
+    from torchvision.datasets import ImageFolder
+
+    cfg = dict(timm.data.resolve_data_config({}, model=model), input_size=(3, size, size))
+    images = ImageFolder(str(folder), transform=timm.data.create_transform(**cfg))
+    model.eval()
+    with torch.no_grad():
+        correct = sum(int(model(x[None]).argmax(1).item() == y) for x, y in images)
+    return 100.0 * correct / len(images)
+
+
+def test_finetune_imagefolder(digit_folder, tmp_path, monkeypatch, capsys, created_models):
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     flags = '--model test_smt --img-size 32 --epochs 2 --batch-size 8 --max-steps 3 --lr 1e-3 --data'
@@ -53,21 +83,31 @@ def test_finetune_imagefolder(digit_folder, tmp_path, monkeypatch, capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith('epoch ')]
     assert [line.split(':')[0] for line in lines] == ['epoch 1/2', 'epoch 2/2']
     top1 = float(lines[-1].rsplit(' ', 1)[1].rstrip('%'))
-    assert 0.0 <= top1 <= 100.0
+    # the printed top-1 is the trained model's, over every val image (24: a multiple of 100/24 %)
+    ((model, initial),) = created_models
+    assert top1 == pytest.approx(_top1(model, digit_folder / 'val', 32), abs=0.05)
+    assert any(not torch.equal(v, model.state_dict()[k]) for k, v in initial.items()), 'the example did not train'
 
 
-def test_finetune_imagefolder_starts_from_a_checkpoint(digit_folder, tmp_path, monkeypatch, capsys):
+def test_finetune_imagefolder_starts_from_a_checkpoint(digit_folder, tmp_path, monkeypatch, capsys, created_models):
     """--checkpoint loads the trunk and replaces the classifier (one output per class folder)."""
     from safetensors.torch import save_file
 
     import msconv
 
     src = msconv.create_model('test_smt')  # default head (1000 classes) that must be dropped
+    trunk = {k: v for k, v in src.state_dict().items() if not k.startswith('head.fc.')}
     save_file(src.state_dict(), str(tmp_path / 'w.safetensors'))
+    created_models.clear()
     with pytest.warns(UserWarning, match='classifier tensors .* were dropped'):
         flags = f'--model test_smt --img-size 32 --epochs 1 --max-steps 1 --data {digit_folder} --checkpoint'
-        ns = run_example('finetune_imagefolder.py', flags, tmp_path / 'w.safetensors', monkeypatch=monkeypatch)
-    assert 'main' in ns and 'epoch 1/1' in capsys.readouterr().out
+        run_example('finetune_imagefolder.py', flags, tmp_path / 'w.safetensors', monkeypatch=monkeypatch)
+    assert 'epoch 1/1' in capsys.readouterr().out
+    ((model, initial),) = created_models
+    assert initial['head.fc.weight'].shape[0] == 3 and model.num_classes == 3  # digit0, digit1, digit2
+    assert set(initial) - set(trunk) == {'head.fc.weight', 'head.fc.bias'}
+    for k, v in trunk.items():  # the example starts from the checkpoint's trunk, tensor for tensor
+        assert torch.equal(initial[k], v), k
 
 
 def test_detection_fasterrcnn(monkeypatch, capsys):

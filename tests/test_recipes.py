@@ -12,18 +12,16 @@ import torch
 from test_engine_train import make_image_folder
 
 import msconv
-from msconv.engine.config import (
+from msconv.engine.config import PRESETS, resolve_config, split_global_batch
+from msconv.engine.distributed import DistInfo
+from msconv.engine.recipes import (
     _SAME,
     OFFICIAL_RECIPES,
-    PRESETS,
     UNOFFICIAL_PRESETS,
     preset_info,
     recipe_table_markdown,
     recipe_value,
-    resolve_config,
-    split_global_batch,
 )
-from msconv.engine.distributed import DistInfo
 from msconv.engine.trainer import _amp_dtype, _Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,7 +75,7 @@ def test_presets_match_official_table():
     m = re.search(r'<!-- recipe-table:start -->\n(.*)<!-- recipe-table:end -->', text, re.S)
     assert m, 'docs/guides/recipes.md lacks the recipe-table markers'
     assert m.group(1) == recipe_table_markdown(), (
-        "docs/guides/recipes.md is out of date: paste msconv.engine.config.recipe_table_markdown() between the markers"
+        "docs/guides/recipes.md is out of date: paste msconv.engine.recipes.recipe_table_markdown() between the markers"
     )
 
 

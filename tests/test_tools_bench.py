@@ -149,21 +149,59 @@ def test_dtype_runs_every_model_and_the_baseline_in_inference_form_at_equal_dtyp
     assert tiny['gmacs'] * 1e9 == profile(TinyNet(), input_size=(3, 32, 32))['macs']  # counted on an fp32 copy
 
 
+class DtypeRecorder(TinyNet):
+    """TinyNet that records, at every forward, the dtype of its weights and of its output."""
+
+    seen = []
+
+    def forward(self, x):
+        out = super().forward(x)
+        DtypeRecorder.seen.append((self.conv.weight.dtype, out.dtype))
+        return out
+
+
 def test_amp_on_the_inference_form_is_autocast_with_fp32_weights():
-    row = benchmark([TinyNet()], reparam=True, amp=True, **FAST)[0]
+    DtypeRecorder.seen.clear()
+    row = benchmark([DtypeRecorder()], reparam=True, amp=True, **FAST)[0]
     assert row['dtype'] == 'float32' and row['amp'] == 'bfloat16' and row['infer_img_s'] > 0
+    # the timed forwards ran fp32 weights under bf16 autocast (the linear head's output is bf16); one forward, the
+    # MAC count (msconv.tools.profile), runs outside autocast
+    runs = FAST['repeats'] * (FAST['num_warm_iter'] + FAST['num_bench_iter'])
+    autocast = [s for s in DtypeRecorder.seen if s == (torch.float32, torch.bfloat16)]
+    assert len(autocast) >= runs and DtypeRecorder.seen.count((torch.float32, torch.float32)) == 1
+    assert len(autocast) + 1 == len(DtypeRecorder.seen)
 
 
 def test_cli_dtype_vs_timm_peer_prints_ratio_and_machine(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    from msconv.tools import bench as bench_module
+
+    results = []
+
+    def recording(*args, **kwargs):
+        results.extend(benchmark(*args, **kwargs))
+        return results
+
+    monkeypatch.setattr(bench_module, 'benchmark', recording)
     args = ['bench', 'timm:test_resnet', '--vs', 'timm:test_convnext', '--dtype', 'bf16', '--threads', '1']
     args += ['--batch-size', '2', '--img-size', '32', '--num-warm-iter', '1', '--num-bench-iter', '2']
     assert main(args + ['--repeats', '2']) == 0
     assert not (tmp_path / 'bench.csv').exists(), 'bench.csv written into the current folder without --csv'
     text = capsys.readouterr().out
     assert 'bfloat16 weights' in text and 'inference form' in text and 'infer vs base' in text
-    assert 'timm:test_convnext (baseline)' in text
     assert 'machine: ' in text and '1 threads' in text
+    # the table shows the measured rows: bf16 weights, the peer's rate and its ratio to the baseline's
+    base, peer = results
+    assert base['baseline'] and base['model'] == 'timm:test_convnext' and peer['model'] == 'timm:test_resnet'
+    assert base['dtype'] == peer['dtype'] == 'bfloat16'
+    assert peer['infer_ratio'] == pytest.approx(peer['infer_img_s'] / base['infer_img_s'])
+    cells = {
+        c[0]: c for c in ([x.strip() for x in line.strip('│').split('│')] for line in text.splitlines()) if len(c) > 8
+    }
+    assert cells['timm:test_convnext (baseline)'][-2] == '1.00x'
+    row = cells['timm:test_resnet']
+    assert row[4] == f"{peer['infer_img_s']:.1f}" and row[-2] == f"{peer['infer_ratio']:.2f}x"
+    assert row[6] == '-' and row[-1] == '-'  # no training timed in the inference form: no rate, no ratio
 
 
 def test_cpu_peak_memory_is_exact_for_known_allocations():

@@ -21,6 +21,7 @@ EXTRAS = {
     'onnxscript': ('onnxscript', 'export'),
     'onnxruntime': ('onnxruntime', 'export'),
     'pycocotools': ('pycocotools', 'dense'),
+    'scipy': ('scipy', 'dense'),
     'matplotlib': ('matplotlib', 'plots'),
     'skimage': ('scikit-image', 'erf'),
     'mlxtend': ('mlxtend', 'digits'),

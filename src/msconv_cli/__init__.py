@@ -2,7 +2,9 @@
 
 Each sub-command lives in ``msconv_cli/commands/<name>.py`` and defines ``HELP`` (one line),
 ``add_arguments(parser)`` and ``run(args) -> int``; the work itself is a library function users can call
-from Python. This package sits beside ``msconv`` (not inside it) because ``import msconv`` registers the models
+from Python. A command with ``TAKES_TASK_OPTIONS = True`` (``msconv train``) gets the arguments its parser does not
+know in ``args.task_args``: the options each training task declares, parsed once the engine is loaded. This package
+sits beside ``msconv`` (not inside it) because ``import msconv`` registers the models
 in timm and so imports torch; ``msconv --help`` and argument errors import neither.
 
 User errors (bad paths, bad values, malformed YAML, unreadable or foreign checkpoints, bad data, an optional
@@ -39,13 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             '--debug', action='store_true', default=argparse.SUPPRESS, help='show the full traceback of an error'
         )
-        p.set_defaults(_run=module.run)
+        p.set_defaults(_run=module.run, _takes_task_options=getattr(module, 'TAKES_TASK_OPTIONS', False))
     return parser
 
 
 def user_error_message(e: BaseException) -> Optional[str]:
     """The one-line message for an error caused by the user's input, or None for anything else (a bug)."""
-    import pickle
+    import pickle  # deferred: only an error needs it (`msconv --help` loads nothing it does not need)
 
     if isinstance(e, pickle.UnpicklingError):
         return (
@@ -66,7 +68,11 @@ def user_error_message(e: BaseException) -> Optional[str]:
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # a command that takes the tasks' own options (`msconv train`) parses the arguments left over once it runs
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, '_takes_task_options', False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.task_args = extra
     if not hasattr(args, '_run'):
         parser.print_help()
         return 2

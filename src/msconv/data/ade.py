@@ -44,6 +44,7 @@ __all__ = [
     'RandomRescale',
     'RandomCropCatMax',
     'PadTo',
+    'PhotometricDistortion',
     'segmentation_train_transforms',
     'segmentation_eval_transforms',
     'collate_segmentation',
@@ -268,6 +269,16 @@ class PadTo(v2.Transform):
         return TF.pad(inpt, params['padding'], fill=fill)
 
 
+class PhotometricDistortion(v2.RandomPhotometricDistort):
+    """torchvision's ``RandomPhotometricDistort`` without its random channel permutation, which mmseg's
+    ``PhotoMetricDistortion`` does not do (the random draws are the same as torchvision's)."""
+
+    def make_params(self, flat_inputs: List[Any]) -> Dict[str, Any]:
+        params = super().make_params(flat_inputs)
+        params['channel_permutation'] = None
+        return params
+
+
 class _FinishSegmentation(v2.Transform):
     """Float image in [0, 1], int64 (H, W) mask."""
 
@@ -289,7 +300,8 @@ def segmentation_train_transforms(
     """The ADE20K configs' training pipeline (module docstring); ``flip``: the horizontal flip probability (the
     configs' 0.5; 0 for classes that are not mirror-symmetric, such as digits). Photometric distortion: torchvision's
     ``RandomPhotometricDistort`` with mmseg's ranges (contrast and saturation 0.5-1.5, hue +-18/180 of the
-    circle, each with probability 0.5); brightness is multiplicative 0.875-1.125 where mmseg adds +-32 levels."""
+    circle, each with probability 0.5) and, as mmseg, no channel permutation (:class:`PhotometricDistortion`);
+    brightness is multiplicative 0.875-1.125 where mmseg adds +-32 levels."""
     if isinstance(flip, bool) or not isinstance(flip, (int, float)) or not 0 <= flip <= 1:
         raise ValueError(f"flip must be a probability in [0, 1], got {flip!r}")
     return v2.Compose(
@@ -297,7 +309,7 @@ def segmentation_train_transforms(
             RandomRescale(scale, ratio_range),
             RandomCropCatMax(crop_size, cat_max_ratio),
             v2.RandomHorizontalFlip(flip),
-            v2.RandomPhotometricDistort(
+            PhotometricDistortion(
                 brightness=(0.875, 1.125), contrast=(0.5, 1.5), saturation=(0.5, 1.5), hue=(-0.1, 0.1), p=0.5
             ),
             PadTo(crop_size),

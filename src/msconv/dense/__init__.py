@@ -1,10 +1,13 @@
 """Dense prediction with msconv backbones: the SMT and ShiftwiseConv papers' COCO detectors and ADE20K segmenters.
 
-* :func:`create_detector` (``mask_rcnn``, ``cascade_mask_rcnn``, ``retinanet``): :mod:`msconv.dense.detection`
+* :func:`create_detector` (``mask_rcnn``, ``cascade_mask_rcnn``, ``retinanet``: :mod:`msconv.dense.detection`;
+  ``atss``: :mod:`msconv.dense.atss`; ``sparse_rcnn``: :mod:`msconv.dense.sparse_rcnn`)
 * :func:`create_segmenter` (``upernet``): :mod:`msconv.dense.segmentation`
 * :func:`evaluate_coco`, :func:`evaluate_segmentation`: :mod:`msconv.dense.evaluation`
 * datasets and transforms: :mod:`msconv.data.coco`, :mod:`msconv.data.ade`, :mod:`msconv.data.dense_digits`
 * parameters / MACs as the papers count them: :func:`msconv.tools.dense_profile.profile_dense`
+* official mmdet / mmseg checkpoints of the SMT and ShiftwiseConv repositories: :func:`convert_official_dense`
+  (``model.load_state_dict(convert_official_dense(torch.load(path)))``)
 
 What an engine task strategy (``msconv.engine.tasks.Task``, registered with ``register_task('detection')`` /
 ``register_task('segmentation')``) calls, one function each, no engine state inside: ``build_datasets`` ->
@@ -25,6 +28,7 @@ evaluate           ``evaluate_coco(model, dataset)``           ``evaluate_segmen
 =================  ==========================================  ==========================================
 """
 
+from .convert import convert_official_dense
 from .detection import DETECTOR_ARCHS, create_detector
 from .evaluation import MS_RATIOS, evaluate_coco, evaluate_segmentation, predict_segmentation
 from .necks import BackboneWithFPN, MsconvBackbone, create_backbone, create_backbone_fpn
@@ -44,4 +48,5 @@ __all__ = [
     'MsconvBackbone',
     'create_backbone',
     'create_backbone_fpn',
+    'convert_official_dense',
 ]

@@ -2,7 +2,7 @@
 
 torchvision has no cascade, so this module composes torchvision's own parts (``MultiScaleRoIAlign``,
 ``FastRCNNConvFCHead``, ``FastRCNNPredictor``, ``MaskRCNNHeads``/``MaskRCNNPredictor``, ``Matcher``,
-``BalancedPositiveNegativeSampler``, ``BoxCoder``, ``maskrcnn_loss``, ``generalized_box_iou_loss``) into the three
+``BalancedPositiveNegativeSampler``, ``BoxCoder``, ``generalized_box_iou_loss``) into the three
 stages of the official SMT / ShiftwiseConv configs (``cascade_mask_rcnn_*_giou_4conv1f_adamw_3x``):
 
 * stage ``t`` matches RoIs to ground truth at IoU 0.5 / 0.6 / 0.7 (no low-quality matches), samples 512 RoIs with
@@ -11,11 +11,13 @@ stages of the official SMT / ShiftwiseConv configs (``cascade_mask_rcnn_*_giou_4
 * the box head is ``Shared4Conv1FC`` (four 3x3 convs with BatchNorm, one 1024 fc), class-specific regression
   decoded and trained with GIoU (weight 10, summed over positives and divided by the sampled RoIs, as mmdet's
   ``avg_factor``); classification is cross-entropy; stage losses are weighted 1, 0.5, 0.25;
-* each stage has its own FCN mask head (4 convs, deconv, 28x28 masks) trained on its positives;
+* each stage has its own FCN mask head (4 convs, deconv, 28x28 masks) trained on its positives (mmdet's aligned,
+  binarised targets: :func:`msconv.dense.masks.mask_loss`);
 * between stages, the sampled RoIs are regressed by their class (ground-truth class for positives, best
   non-background class otherwise), detached, and the ground-truth proposals are removed;
 * at test time the class logits of the three stages are averaged, boxes come from the last stage's regression,
-  and the mask probabilities of the three mask heads are averaged (mmdet ``CascadeRoIHead.simple_test``).
+  and the mask probabilities of the three mask heads are averaged (mmdet ``CascadeRoIHead.simple_test``);
+  detections of any size are kept (mmdet's ``multiclass_nms``).
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.detection import _utils as det_utils
-from torchvision.models.detection.roi_heads import maskrcnn_loss
 from torchvision.ops import boxes as box_ops
 from torchvision.ops import generalized_box_iou_loss
+
+from .masks import mask_loss
 
 __all__ = ['CascadeStage', 'CascadeRoIHeads', 'CASCADE_IOUS', 'CASCADE_STDS', 'CASCADE_LOSS_WEIGHTS']
 
@@ -198,7 +201,7 @@ class CascadeRoIHeads(nn.Module):
                     losses[f's{t}.loss_mask'] = sum(q.sum() for q in stage.parameters()) * 0.0
                 else:
                     logits = stage.masks(self.mask_roi_pool(features, pos_rois, image_shapes))
-                    loss_mask = maskrcnn_loss(
+                    loss_mask = mask_loss(
                         logits,
                         pos_rois,
                         [tg['masks'] for tg in targets],
@@ -232,8 +235,6 @@ class CascadeRoIHeads(nn.Module):
             labels = torch.arange(1, num_classes, device=sc.device).expand(len(sc), -1).reshape(-1)
             sc = sc[:, 1:].reshape(-1)
             keep = torch.where(sc > self.score_thresh)[0]
-            boxes, sc, labels = boxes[keep], sc[keep], labels[keep]
-            keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
             boxes, sc, labels = boxes[keep], sc[keep], labels[keep]
             keep = box_ops.batched_nms(boxes, sc, labels, self.nms_thresh)[: self.detections_per_img]
             result.append({'boxes': boxes[keep], 'labels': labels[keep], 'scores': sc[keep]})

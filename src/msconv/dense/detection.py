@@ -1,5 +1,6 @@
 """COCO detectors with msconv backbones: Mask R-CNN, Cascade Mask R-CNN and RetinaNet, as in the SMT and
-ShiftwiseConv papers' official mmdetection 2.x configs, built on torchvision's detection models.
+ShiftwiseConv papers' official mmdetection 2.x configs, built on torchvision's detection models; ATSS and Sparse
+R-CNN, the SMT paper's other two systems, in :mod:`msconv.dense.atss` and :mod:`msconv.dense.sparse_rcnn`.
 
 ``create_detector(backbone, arch, num_classes)`` returns a torchvision-style detector:
 
@@ -30,10 +31,16 @@ What follows each config (``detection/configs/*_smt_s_fpn.py`` in AFeng-x/SMT an
   stride), 4 stacked convs per branch, focal loss (alpha 0.25, gamma 2), IoU 0.5/0.4 assignment, L1 box loss.
 
 Mask R-CNN trains its RPN and box head with the config's L1 losses (:mod:`msconv.dense.rcnn`; ``box_loss=
-'smooth_l1'`` gives torchvision's). Known differences from mmdetection's implementation (torchvision's maths is
-kept): torchvision's RoIAlign uses ``aligned=False`` (mmcv's ``aligned=True``), and the R-CNN classifiers carry a
-background row in the regression layer (4 x 1024 + 4 parameters). The Cascade RPN leaves border-crossing anchors
-out of training (``allowed_border=0``), as its config.
+'smooth_l1'`` gives torchvision's). The Cascade RPN leaves border-crossing anchors out of training
+(``allowed_border=0``), as its config. Where torchvision's parts compute differently from mmdetection 2.x, the
+systems follow mmdet (checked against the official configs run in mmdet 2.28.2: ``tests/test_dense_reference.py``):
+unrounded anchors at the configured strides and mmdet's low-quality matches (:mod:`msconv.dense.anchors`),
+RoIAlign with ``aligned=True`` and mmdet's level rule (:mod:`msconv.dense.poolers`), aligned binary mask targets
+and mmdet's mask pasting (:mod:`msconv.dense.masks`), P7 on P6 without ReLU, RetinaNet losses over the batch's
+positives, mmdet's initialisation of the FPN and heads. What remains of torchvision's: the R-CNN regression layers
+carry a background block (4 x 1024 + 4 parameters, never read), and the RPN drops proposals under 1e-3 pixel where
+mmdet drops those of zero size. Official mmdet checkpoints convert with
+:func:`msconv.dense.convert.convert_official_dense`.
 
 Interface for the engine's task strategy: ``build_model = create_detector``; datasets and collate from
 :mod:`msconv.data.coco`; ``loss = sum(model(images, targets).values())``; ``evaluate_coco`` from
@@ -47,19 +54,30 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torchvision.models.detection import RetinaNet
-from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
-from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops import boxes as box_ops
+from torchvision.ops import sigmoid_focal_loss
 
+from .anchors import MaxIoUMatcher, retinanet_anchor_generator, rpn_anchor_generator
 from .cascade import CASCADE_IOUS, CASCADE_LOSS_WEIGHTS, CASCADE_STDS, CascadeRoIHeads, CascadeStage
+from .losses import mean_over_processes
 from .necks import BackboneWithFPN, create_backbone
-from .rcnn import BorderRegionProposalNetwork, L1RegionProposalNetwork, L1RoIHeads
+from .poolers import AlignedRoIAlign
+from .rcnn import (
+    BorderRegionProposalNetwork,
+    L1RegionProposalNetwork,
+    L1RoIHeads,
+    MMDetTransform,
+    init_box_head_,
+    init_box_predictor_,
+    init_mask_predictor_,
+)
 
 __all__ = [
     'create_detector',
@@ -72,7 +90,7 @@ __all__ = [
     'config_drop_path_rate',
 ]
 
-DETECTOR_ARCHS = ('mask_rcnn', 'cascade_mask_rcnn', 'retinanet')
+DETECTOR_ARCHS = ('mask_rcnn', 'cascade_mask_rcnn', 'retinanet', 'atss', 'sparse_rcnn')
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # drop_path_rate of the official dense configs, per backbone family (SMT-S/B: 0.2; SW-T: 0.4)
@@ -99,20 +117,37 @@ _RPN_ASSIGNER = dict(
 )
 
 
-def _rpn_anchors() -> AnchorGenerator:
-    # mmdet AnchorGenerator(scales=[8], ratios=[0.5, 1, 2], strides=[4, 8, 16, 32, 64]) -> sizes 32..512
-    return AnchorGenerator(sizes=((32,), (64,), (128,), (256,), (512,)), aspect_ratios=((0.5, 1.0, 2.0),) * 5)
-
-
-def _retina_anchors() -> AnchorGenerator:
-    # octave_base_scale=4, scales_per_octave=3, strides 8..128 (torchvision's RetinaNet anchors, same maths)
-    sizes = tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in (32, 64, 128, 256, 512))
-    return AnchorGenerator(sizes=sizes, aspect_ratios=((0.5, 1.0, 2.0),) * 5)
-
-
 class RetinaNetDetector(RetinaNet):
     """torchvision's RetinaNet with labels 1..K in and out, as the R-CNNs (its classifier has K columns, as
-    mmdet's sigmoid RetinaHead; torchvision indexes the columns by label, so labels are shifted by one)."""
+    mmdet's sigmoid RetinaHead; torchvision indexes the columns by label, so labels are shifted by one), and
+    mmdet's loss normalisation: the focal and L1 box losses summed over every image of the batch and divided by
+    the number of positive anchors per process, averaged over the processes (mmdet's ``reduce_mean``; at least 1),
+    where torchvision divides each image's sum by its own positives and averages over the images. The mean of
+    the processes' gradients is then the gradient of one process holding the whole batch."""
+
+    def compute_loss(self, targets, head_outputs, anchors):
+        matched_idxs = []
+        for anchors_per_image, targets_per_image in zip(anchors, targets):
+            if targets_per_image['boxes'].numel() == 0:
+                matched_idxs.append(torch.full((anchors_per_image.size(0),), -1, dtype=torch.int64))
+                continue
+            quality = box_ops.box_iou(targets_per_image['boxes'], anchors_per_image)
+            matched_idxs.append(self.proposal_matcher(quality))
+        cls_logits, box_regression = head_outputs['cls_logits'], head_outputs['bbox_regression']
+        box_coder = self.head.regression_head.box_coder
+        focal, l1, num_pos = cls_logits.sum() * 0, box_regression.sum() * 0, 0
+        for tgt, logits, deltas, anchors_i, matched in zip(targets, cls_logits, box_regression, anchors, matched_idxs):
+            fg = torch.where(matched >= 0)[0]
+            num_pos += fg.numel()
+            gt_classes = torch.zeros_like(logits)
+            gt_classes[fg, tgt['labels'][matched[fg]]] = 1.0
+            valid = matched != self.proposal_matcher.BETWEEN_THRESHOLDS
+            focal = focal + sigmoid_focal_loss(logits[valid], gt_classes[valid], reduction='sum')
+            if fg.numel():
+                target = box_coder.encode_single(tgt['boxes'][matched[fg]], anchors_i[fg])
+                l1 = l1 + F.l1_loss(deltas[fg], target, reduction='sum')
+        norm = mean_over_processes(float(num_pos), cls_logits.device)
+        return {'classification': focal / max(norm, 1.0), 'bbox_regression': l1 / max(norm, 1.0)}
 
     def forward(self, images: List[torch.Tensor], targets: Optional[List[Dict[str, torch.Tensor]]] = None):
         if targets is not None:
@@ -162,35 +197,45 @@ def create_detector(
     test_proposals: int = 1000,
     box_loss: str = 'l1',
     channels: int = 256,
-    fc_channels: int = 1024,
+    fc_channels: Optional[int] = None,
     head_norm: bool = False,
+    num_proposals: Optional[int] = None,
     **backbone_kwargs: Any,
 ) -> nn.Module:
     """A COCO detector of the papers on an msconv backbone (see the module docstring for the interface).
 
     Args:
         backbone: msconv model name, e.g. ``'smt_small'``, ``'shiftwise_tiny'`` (``'test_smt'`` for tests).
-        arch: ``'mask_rcnn'``, ``'cascade_mask_rcnn'`` or ``'retinanet'``.
+        arch: ``'mask_rcnn'``, ``'cascade_mask_rcnn'``, ``'retinanet'``, ``'atss'`` (:mod:`msconv.dense.atss`) or
+            ``'sparse_rcnn'`` (:mod:`msconv.dense.sparse_rcnn`).
         num_classes: object classes without background (80 for COCO).
         checkpoint_path: ImageNet checkpoint of the backbone (official or msconv format).
         drop_path_rate: backbone stochastic depth; default: the configs' value for the family (SMT 0.2, SW 0.4).
         min_size, max_size: test-time resize (shorter side, longer-side cap); training images are not resized.
         with_masks: the R-CNNs' mask branch (``False`` gives Faster / Cascade R-CNN).
         rois_per_image: RoIs sampled per image for each R-CNN stage in training (512 in the configs).
-        test_proposals: RPN proposals kept per image at test time (1000 in the configs; also the RetinaNet
-            pre-NMS top-k). Smaller values only make CPU tests and demos cheaper.
+        test_proposals: RPN proposals kept per image at test time (1000 in the configs; also the RetinaNet and
+            ATSS pre-NMS top-k per level). Smaller values only make CPU tests and demos cheaper.
         box_loss: Mask R-CNN's RPN and box-head regression loss: ``'l1'`` (the config) or ``'smooth_l1'``
             (torchvision's, beta 1/9). Cascade uses the config's smooth-L1 RPN and GIoU heads, RetinaNet L1.
-        channels, fc_channels: width of the FPN and of every head's convs (256 in the configs), and of the box
-            heads' fully connected layers (1024). Smaller values only for CPU tests and demos.
+        channels, fc_channels: width of the FPN and of every head's convs (256 in the configs; ATSS: a multiple of
+            32, its GroupNorm groups; Sparse R-CNN: also the proposal features, a multiple of its 8 attention heads),
+            and of the R-CNN box heads' fully connected layers (default 1024) or Sparse R-CNN's FFN (default 2048).
+            Smaller values only for CPU tests and demos.
         head_norm: RetinaNet only: GroupNorm (32 groups) after each head conv, torchvision's RetinaNet v2 head; the
             configs' RetinaHead has none (the default). Faster to train from few images (the digits demo).
+        num_proposals: Sparse R-CNN only: learnable proposals, also the detections per image (default 300, the 3x
+            config's; its 1x base config has 100).
         **backbone_kwargs: further backbone keyword arguments (e.g. ``out_norm``).
     """
     if arch not in DETECTOR_ARCHS:
         raise ValueError(f"arch must be one of {DETECTOR_ARCHS}, got {arch!r}")
     num_classes = _check_num_classes(num_classes)
-    for name, value in (('channels', channels), ('fc_channels', fc_channels)):
+    if fc_channels is None:
+        fc_channels = 2048 if arch == 'sparse_rcnn' else 1024
+    if num_proposals is None:
+        num_proposals = 300
+    for name, value in (('channels', channels), ('fc_channels', fc_channels), ('num_proposals', num_proposals)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if box_loss not in ('l1', 'smooth_l1'):
@@ -210,9 +255,28 @@ def create_detector(
         _skip_resize=True,
     )
 
+    if arch == 'atss':
+        from .atss import ATSS, ATSSHead, atss_anchor_generator
+
+        fpn = BackboneWithFPN(body, in_levels=(1, 2, 3), out_channels=channels, extra='p6p7_on_output')
+        return ATSS(
+            fpn,
+            ATSSHead(channels, num_classes, num_levels=5),
+            atss_anchor_generator(),
+            MMDetTransform(**common),
+            topk_candidates=test_proposals,
+        )
+
+    if arch == 'sparse_rcnn':
+        from .sparse_rcnn import DIIHead, SparseRCNN
+
+        fpn = BackboneWithFPN(body, in_levels=(0, 1, 2, 3), out_channels=channels, extra=None)
+        stages = [DIIHead(num_classes, channels, feedforward_channels=fc_channels) for _ in range(6)]
+        return SparseRCNN(fpn, stages, MMDetTransform(**common), num_proposals=num_proposals, channels=channels)
+
     if arch == 'retinanet':
         fpn = BackboneWithFPN(body, in_levels=(1, 2, 3), out_channels=channels, extra='p6p7')
-        anchors = _retina_anchors()
+        anchors = retinanet_anchor_generator()
         head = None
         if head_norm:
             from functools import partial
@@ -229,23 +293,22 @@ def create_detector(
             score_thresh=0.05,
             nms_thresh=0.5,
             detections_per_img=100,
-            fg_iou_thresh=0.5,
-            bg_iou_thresh=0.4,
+            proposal_matcher=MaxIoUMatcher(0.5, 0.4, min_pos_iou=0.0),
             topk_candidates=test_proposals,
             **common,
         )
 
     fpn = BackboneWithFPN(body, in_levels=(0, 1, 2, 3), out_channels=channels, extra='pool')
     levels = ['0', '1', '2', '3']
-    box_pool = MultiScaleRoIAlign(levels, output_size=7, sampling_ratio=0)
-    mask_pool = MultiScaleRoIAlign(levels, output_size=14, sampling_ratio=0) if with_masks else None
+    box_pool = AlignedRoIAlign(levels, output_size=7, sampling_ratio=0)
+    mask_pool = AlignedRoIAlign(levels, output_size=14, sampling_ratio=0) if with_masks else None
 
     if arch == 'mask_rcnn':
         rpn_cls, heads_cls = (
             (L1RegionProposalNetwork, L1RoIHeads) if box_loss == 'l1' else (RegionProposalNetwork, RoIHeads)
         )
         rpn = rpn_cls(
-            _rpn_anchors(),
+            rpn_anchor_generator(),
             RPNHead(channels, 3),
             post_nms_top_n=dict(training=1000, testing=test_proposals),
             **_RPN_ASSIGNER,
@@ -266,11 +329,13 @@ def create_detector(
             mask_head=MaskRCNNHeads(channels, [channels] * 4, 1) if with_masks else None,
             mask_predictor=MaskRCNNPredictor(channels, channels, num_classes + 1) if with_masks else None,
         )
-        return MaskRCNNDetector(fpn, rpn, heads, GeneralizedRCNNTransform(**common))
+        rpn.proposal_matcher = MaxIoUMatcher(0.7, 0.3, min_pos_iou=0.3)
+        _init_rcnn_heads(heads.box_head, heads.box_predictor, heads.mask_predictor)
+        return MaskRCNNDetector(fpn, rpn, heads, MMDetTransform(**common))
 
     # cascade_mask_rcnn
     rpn = BorderRegionProposalNetwork(
-        _rpn_anchors(),
+        rpn_anchor_generator(),
         RPNHead(channels, 3),
         post_nms_top_n=dict(training=2000, testing=test_proposals),
         allowed_border=0.0,
@@ -300,5 +365,14 @@ def create_detector(
         nms_thresh=0.5,
         detections_per_img=100,
     )
-    transform = GeneralizedRCNNTransform(**common)
-    return CascadeMaskRCNN(fpn, rpn, heads, transform)
+    rpn.proposal_matcher = MaxIoUMatcher(0.7, 0.3, min_pos_iou=0.3)
+    for stage in heads.stages:
+        _init_rcnn_heads(stage.box_head, stage.box_predictor, stage.mask_predictor)
+    return CascadeMaskRCNN(fpn, rpn, heads, MMDetTransform(**common))
+
+
+def _init_rcnn_heads(box_head: nn.Module, box_predictor: nn.Module, mask_predictor: Optional[nn.Module]) -> None:
+    init_box_head_(box_head)
+    init_box_predictor_(box_predictor)
+    if mask_predictor is not None:
+        init_mask_predictor_(mask_predictor)

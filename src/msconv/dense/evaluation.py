@@ -31,6 +31,7 @@ from ..data.coco import collate_detection
 __all__ = [
     'evaluate_coco',
     'coco_results',
+    'coco_eval',
     'predict_segmentation',
     'evaluate_segmentation',
     'segmentation_metrics',
@@ -116,7 +117,8 @@ def coco_results(
     return boxes_out, segm_out, image_ids
 
 
-def _coco_eval(coco_gt, results: List[dict], iou_type: str, image_ids: List[Any]) -> Dict[str, float]:
+def coco_eval(coco_gt, results: List[dict], iou_type: str, image_ids: List[Any]) -> Dict[str, float]:
+    """AP, AP50, AP75, APs, APm, APl of ``results`` (COCO result dicts) against ``coco_gt`` on ``image_ids``."""
     from pycocotools.cocoeval import COCOeval
 
     if not results:
@@ -149,10 +151,10 @@ def evaluate_coco(
     boxes, segms, image_ids = coco_results(model, dataset, batch_size, max_images, num_workers=num_workers)
     metrics = {}
     if 'bbox' in iou_types:
-        metrics['bbox'] = _coco_eval(dataset.coco, boxes, 'bbox', image_ids)
+        metrics['bbox'] = coco_eval(dataset.coco, boxes, 'bbox', image_ids)
     has_masks = getattr(getattr(model, 'roi_heads', None), 'has_mask', lambda: False)()
     if 'segm' in iou_types and has_masks:
-        metrics['segm'] = _coco_eval(dataset.coco, segms, 'segm', image_ids)
+        metrics['segm'] = coco_eval(dataset.coco, segms, 'segm', image_ids)
     return metrics
 
 

@@ -12,8 +12,12 @@ to the papers' head. The maths follows mmseg's ``UPerHead`` + ``FCNHead``:
 * dropout 0.1 and a 1x1 classifier; auxiliary ``FCNHead`` on level 2: one 3x3 ConvBNReLU to 256, dropout 0.1,
   1x1 classifier, loss weight 0.4;
 * losses: cross-entropy with ignore index 255 on logits upsampled bilinearly (``align_corners=False``) to the
-  label size. Convs before BatchNorm have no bias (mmcv ``ConvModule``); BN is plain BatchNorm2d here (the
-  configs use SyncBN: ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` for DDP).
+  label size, **averaged over all pixels** (ignored ones count as zero: mmseg 0.30's ``avg_non_ignore=False``,
+  the configs' default; averaging over the non-ignored pixels instead scales the loss by the inverse of the
+  labelled fraction of each batch). Convs before BatchNorm have no bias (mmcv ``ConvModule``) and start
+  Kaiming-normal (fan out, ReLU) as ``ConvModule``'s init; the classifiers N(0, 0.01) with zero bias (mmseg's
+  ``BaseDecodeHead``). BN is plain BatchNorm2d here (the configs use SyncBN:
+  ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` for DDP).
 
 Interface for the engine's task strategy: ``build_model = create_segmenter``; datasets from :mod:`msconv.data.ade`
 (``images`` float (B, 3, H, W) in [0, 1], ``masks`` int64 (B, H, W) with 255 ignored); ``model.loss(images,
@@ -41,6 +45,7 @@ __all__ = [
     'create_segmenter',
     'SEGMENTER_ARCHS',
     'IGNORE_INDEX',
+    'seg_cross_entropy',
 ]
 
 SEGMENTER_ARCHS = ('upernet',)
@@ -58,6 +63,20 @@ class ConvBNReLU(nn.Sequential):
             nn.BatchNorm2d(out_chs),
             nn.ReLU(inplace=True),
         )
+        nn.init.kaiming_normal_(self[0].weight, mode='fan_out', nonlinearity='relu')
+
+
+def _classifier(in_chs: int, num_classes: int) -> nn.Conv2d:
+    conv = nn.Conv2d(in_chs, num_classes, 1)
+    nn.init.normal_(conv.weight, std=0.01)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
+def seg_cross_entropy(logits: torch.Tensor, masks: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """mmseg 0.30's ``CrossEntropyLoss`` (``avg_non_ignore=False``): per-pixel cross-entropy, ignored pixels 0,
+    averaged over all pixels."""
+    return F.cross_entropy(logits, masks, ignore_index=ignore_index, reduction='none').mean()
 
 
 def _resize(x: torch.Tensor, size) -> torch.Tensor:
@@ -95,7 +114,7 @@ class UperHead(nn.Module):
         self.fpn_convs = nn.ModuleList([ConvBNReLU(channels, channels, 3) for _ in in_channels[:-1]])
         self.fpn_bottleneck = ConvBNReLU(len(in_channels) * channels, channels, 3)
         self.dropout = nn.Dropout2d(dropout)
-        self.conv_seg = nn.Conv2d(channels, num_classes, 1)
+        self.conv_seg = _classifier(channels, num_classes)
 
     def forward(self, feats: List[torch.Tensor]) -> torch.Tensor:
         top = feats[-1]
@@ -118,7 +137,7 @@ class FCNHead(nn.Module):
         super().__init__()
         self.convs = nn.Sequential(*[ConvBNReLU(in_chs if i == 0 else channels, channels, 3) for i in range(num_convs)])
         self.dropout = nn.Dropout2d(dropout)
-        self.conv_seg = nn.Conv2d(channels, num_classes, 1)
+        self.conv_seg = _classifier(channels, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv_seg(self.dropout(self.convs(x)))
@@ -182,14 +201,10 @@ class UperNet(nn.Module):
         feats = self._features(images)
         size = masks.shape[1:]
         masks = masks.long()
-        losses = {
-            'loss_decode': F.cross_entropy(
-                _resize(self.decode_head(feats), size), masks, ignore_index=self.ignore_index
-            )
-        }
+        losses = {'loss_decode': seg_cross_entropy(_resize(self.decode_head(feats), size), masks, self.ignore_index)}
         if self.auxiliary_head is not None:
             aux = _resize(self.auxiliary_head(feats[self.aux_level]), size)
-            losses['loss_aux'] = self.aux_weight * F.cross_entropy(aux, masks, ignore_index=self.ignore_index)
+            losses['loss_aux'] = self.aux_weight * seg_cross_entropy(aux, masks, self.ignore_index)
         return losses
 
 

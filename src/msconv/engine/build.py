@@ -5,8 +5,13 @@ from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Optional
 
+import timm
 import torch
 import torch.nn as nn
+from timm.data import resolve_data_config
+
+from ..models import convert_official, create_model
+from .config import family_of
 
 __all__ = ['build_model', 'data_config', 'load_weights']
 
@@ -21,35 +26,26 @@ def build_model(
 ) -> nn.Module:
     """An msconv model (``msconv.create_model``) or, for other names, a timm model. ``class_map``: keep these rows
     of the checkpoint's classifier (e.g. ImageNet-22K -> 1K, ``msconv.create_model``'s ``class_map``)."""
-    from .config import family_of
-
     kwargs = dict(model_kwargs or {})
     kwargs.setdefault('num_classes', num_classes)
     if drop_path > 0:
         kwargs.setdefault('drop_path_rate', drop_path)
     if family_of(name) is not None:
-        from ..models import create_model
-
         if class_map is not None:
             kwargs['class_map'] = class_map
         return create_model(name, checkpoint_path=checkpoint_path, **kwargs)
     if class_map is not None:
         raise ValueError(f"class_map is supported for msconv models only, not for the timm model {name!r}")
-    import timm
-
     return timm.create_model(name, checkpoint_path=checkpoint_path or '', **kwargs)
 
 
 def data_config(model: nn.Module, cfg) -> Dict[str, Any]:
-    """Input size, mean and std: the config's values, else the model's pretrained_cfg (sets ``cfg.crop_pct`` when
-    it is None)."""
-    from timm.data import resolve_data_config
-
+    """Input size, mean, std and eval crop fraction: the config's image size, else the model's pretrained_cfg (the
+    bundled digits: 32 pixels, no crop)."""
     dc = resolve_data_config({}, model=model)
     size = cfg.image_size or (32 if cfg.data == 'digits' else dc['input_size'][-1])
-    if cfg.crop_pct is None:
-        cfg.crop_pct = 1.0 if cfg.data == 'digits' else dc.get('crop_pct', 0.875)
-    return {'size': int(size), 'mean': dc['mean'], 'std': dc['std']}
+    crop_pct = 1.0 if cfg.data == 'digits' else dc.get('crop_pct', 0.875)
+    return {'size': int(size), 'mean': dc['mean'], 'std': dc['std'], 'crop_pct': crop_pct}
 
 
 def load_weights(
@@ -65,13 +61,9 @@ def load_weights(
     A checkpoint of another model (or of another number of classes) raises one ``ValueError`` naming ``source``,
     the model it was trained as when known, and the first ``shown`` missing, unexpected and mis-shaped keys.
     """
-    from .config import family_of
-
     fam = family_of(model_name)
     sd = dict(state_dict)
     if fam is not None:
-        from ..models import convert_official
-
         sd = convert_official(sd, fam)
     own = model.state_dict()
     missing = [k for k in own if k not in sd]

@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save
 
 __all__ = [
     'CheckpointError',
@@ -46,6 +47,7 @@ __all__ = [
     'save_best_checkpoint',
     'list_best_checkpoints',
     'best_checkpoint',
+    'find_run_config',
 ]
 
 _PREFIX = 'step-'
@@ -126,8 +128,6 @@ def _contiguous_cpu(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 
 
 def _write_safetensors(tensors: Dict[str, torch.Tensor], path: Path, metadata: Optional[Dict[str, str]] = None):
-    from safetensors.torch import save
-
     # Tied/shared storages are cloned so that safetensors accepts them.
     tensors = {k: v.clone() for k, v in _contiguous_cpu(tensors).items()}
     data = save(tensors, metadata=metadata)
@@ -261,8 +261,6 @@ def load_checkpoint(path: Union[str, Path]) -> Tuple[Dict[str, Dict[str, torch.T
 
     Raises ``CheckpointError`` naming the file that is missing, truncated or does not match its recorded hash.
     """
-    from safetensors.torch import load_file
-
     path = Path(path)
     meta_path = path / 'meta.json'
     if not path.is_dir():
@@ -344,3 +342,14 @@ def list_best_checkpoints(run_dir: Union[str, Path]) -> List[Path]:
 def best_checkpoint(run_dir: Union[str, Path]):
     """``(path, weights, state, meta)`` of the run's best-weights checkpoint that verifies, or None."""
     return _newest_that_verifies(list_best_checkpoints(run_dir), 'an earlier best checkpoint')
+
+
+def find_run_config(path: Union[str, Path]) -> Optional[Path]:
+    """The ``config.yaml`` of the run that ``path`` (a run folder, a ``checkpoints/step-N`` folder or a file in one)
+    belongs to: the first found in ``path`` or up to three folders above it; None when there is none."""
+    path = Path(path)
+    for parent in [path] + list(path.parents)[:3]:
+        cand = parent / 'config.yaml'
+        if cand.is_file():
+            return cand
+    return None

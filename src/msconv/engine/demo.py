@@ -5,7 +5,8 @@ are registered). Training uses the 'demo' preset: 32x32 digits, AdamW + warm-up/
 light random-resized-crop, a few epochs.
 
 ``dense_demo`` (``msconv demo --task detection|segmentation``) fine-tunes the nano SMT trained here as the backbone
-of Mask R-CNN and RetinaNet (box AP50) or UperNet (mIoU) on MNIST-digit canvases written as COCO / ADE20K files.
+of a dense task's systems on MNIST-digit canvases written in the task's file format: the task gives its runs
+(``demo_runs``: Mask R-CNN and RetinaNet to box AP50, UperNet to mIoU) and its digits writer.
 """
 
 from __future__ import annotations
@@ -15,13 +16,21 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..models import list_models
+from ..tools.profile import profile
+from .build import build_model
+from .checkpoint import latest_good_checkpoint
+from .metrics import plot_curves, read_metrics
+from .registry import TASKS, task_class
+from .trainer import train
 
 __all__ = [
     'DEMO_MODELS',
     'demo',
     'count_macs',
     'format_table',
-    'DENSE_DEMO',
     'DENSE_DIGITS',
     'dense_demo',
     'pretrained_nano_backbone',
@@ -46,18 +55,11 @@ DEMO_MODELS: Dict[str, Dict[str, Any]] = {
 
 
 def count_macs(model: torch.nn.Module, input_size: Sequence[int]) -> Optional[int]:
-    """Forward multiply-accumulates for one image: ``msconv.tools.profile`` when present, else torch's counter."""
-    try:
-        from ..tools.profile import profile
-    except ImportError:
-        profile = None
-    if profile is not None:
-        res = profile(model, tuple(input_size))
-        macs = res.get('macs') if isinstance(res, dict) else getattr(res, 'macs', None)
-        if macs is not None:
-            return int(macs)
-    from torch.utils.flop_counter import FlopCounterMode
-
+    """Forward multiply-accumulates for one image: ``msconv.tools.profile``'s count, else torch's counter."""
+    res = profile(model, tuple(input_size))
+    macs = res.get('macs') if isinstance(res, dict) else getattr(res, 'macs', None)
+    if macs is not None:
+        return int(macs)
     was_training = model.training
     model.eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -129,11 +131,6 @@ def demo(
         threads: torch CPU threads for the model (default 1: nano models gain little from intra-op threads, and
             on a 2-core machine the second core runs the data-loading worker; None keeps torch's setting).
     """
-    from ..models import list_models
-    from .build import build_model
-    from .metrics import plot_curves, read_metrics
-    from .trainer import train
-
     unknown = [f for f in families if f not in DEMO_MODELS]
     if unknown:
         raise ValueError(f"families must be among {sorted(DEMO_MODELS)}, got {unknown}")
@@ -206,83 +203,12 @@ def demo(
 
 # The digits canvases (msconv.data.dense_digits): 128x128, 1-3 digits of 36-72 px, 10 classes, close to the scale
 # the backbone was pre-trained at (28 px digits in 32 px images; at stride 4-32 a 36-72 px digit spans 1-18 cells).
-# Their tight ink boxes (median 26x33 px) all match best on RetinaNet's P3 anchors (32-50 px); 84% have an anchor at
-# IoU >= 0.5, the narrow 1s only their best one (torchvision's low-quality matches). No flips anywhere in the demo
-# (hflip=0): digits are not mirror-symmetric, and with the configs' flips a flipped 2 is taught as a 2 that reads 5.
-# Segmentation labels a digit's strokes dilated by 3 px (``label_dilation``): MNIST strokes are 2-3 px at 28 px,
-# 4-8 px here, about one cell of the stride-4 maps the UperNet head upsamples from.
-DENSE_DIGITS: Dict[str, Any] = dict(
-    canvas=(128, 128), digit_size=(36, 72), max_digits=3, n_train=800, n_val=100, label_dilation=3
-)
-
-_DET_DEMO = dict(
-    task='detection',
-    preset='coco_3x',
-    batch_size=8,
-    lr=1e-3,
-    warmup_iters=50,
-    warmup_lr=1e-6,
-    hflip=0.0,  # digits are not mirror-symmetric (a flipped 2 reads as a 5): no flips, unlike the configs' 0.5
-    det_scales=[112, 128, 144],
-    det_max_size=200,
-    det_crop=False,
-    dense_kwargs=dict(min_size=128, max_size=128, channels=64, fc_channels=256, rois_per_image=64, test_proposals=100),
-)
-# arch -> the engine run's overrides, and the metric and target the issue set
-DENSE_DEMO: Dict[str, Dict[str, Any]] = {
-    'mask_rcnn': dict(
-        metric='bbox_AP50',
-        target=0.8,
-        overrides=dict(_DET_DEMO, arch='mask_rcnn', epochs=4, lr_milestones=[3], eval_every=2),
-    ),
-    'retinanet': dict(
-        metric='bbox_AP50',
-        target=0.8,
-        overrides=dict(
-            _DET_DEMO,
-            arch='retinanet',
-            epochs=10,
-            lr_milestones=[8],
-            eval_every=2,
-            # torchvision's RetinaNet v2 head (GroupNorm): the configs' plain head reached AP50 0.12 in 4 epochs
-            dense_kwargs=dict(_DET_DEMO['dense_kwargs'], head_norm=True),
-        ),
-    ),
-    'upernet': dict(
-        metric='mIoU',
-        target=0.7,
-        overrides=dict(
-            task='segmentation',
-            preset='ade20k_160k',
-            arch='upernet',
-            batch_size=8,
-            epochs=1,
-            total_iters=1000,
-            lr=1e-3,
-            warmup_iters=50,
-            warmup_lr=1e-6,
-            weight_decay=0.01,
-            seg_scale=(256, 128),
-            # the test scale +-25%: the configs' 0.5-2.0 takes 128 px crops of canvases up to 256 px, where
-            # digits up to 144 px are cut and lose their identity
-            seg_ratio_range=(0.75, 1.25),
-            seg_crop=(128, 128),
-            seg_num_classes=11,
-            hflip=0.0,  # digits are not mirror-symmetric: no flips in training nor in the multi-scale test
-            seg_eval_ms=True,
-            seg_eval_flip=False,
-            eval_every=200,
-            dense_kwargs=dict(channels=64, aux_channels=32),
-        ),
-    ),
-}
-DENSE_DEMO_TASKS = {'detection': ('mask_rcnn', 'retinanet'), 'segmentation': ('upernet',)}
+# A dense task adds its own geometry (``demo_digits``) and writes them in its format (``write_digits``).
+DENSE_DIGITS: Dict[str, Any] = dict(canvas=(128, 128), digit_size=(36, 72), max_digits=3, n_train=800, n_val=100)
 
 
 def _classification_checkpoint(path: Path) -> Optional[Path]:
     """The model weights file of a classification run folder's newest valid checkpoint, or None."""
-    from .checkpoint import latest_good_checkpoint
-
     if not (path / 'checkpoints').is_dir():
         return None
     found = latest_good_checkpoint(path)
@@ -316,23 +242,6 @@ def pretrained_nano_backbone(
     return ckpt
 
 
-def write_dense_digits(root: Union[str, Path], task: str) -> Path:
-    """The demo's digits set for ``task`` ('detection': COCO files, 'segmentation': ADE20K files) under ``root``."""
-    from ..data.dense_digits import build_digits_ade, build_digits_coco
-
-    d = DENSE_DIGITS
-    geometry = dict(canvas=d['canvas'], digit_size=d['digit_size'], max_digits=d['max_digits'])
-    root = Path(root)
-    if task == 'detection':
-        build_digits_coco(root, 'train', n_images=d['n_train'], seed=0, **geometry)
-        build_digits_coco(root, 'val', n_images=d['n_val'], seed=1, **geometry)
-    else:
-        geometry['label_dilation'] = d['label_dilation']
-        build_digits_ade(root, 'training', n_images=d['n_train'], seed=0, **geometry)
-        build_digits_ade(root, 'validation', n_images=d['n_val'], seed=1, **geometry)
-    return root
-
-
 def dense_demo(
     task: str = 'detection',
     archs: Optional[Sequence[str]] = None,
@@ -347,22 +256,26 @@ def dense_demo(
     """Fine-tune the papers' dense systems with the nano SMT backbone on digits canvases written as COCO / ADE20K
     files (read back by the real loaders); returns rows with the metric (box AP50 / mIoU), target and times.
 
+    The task class gives the runs: ``demo_runs`` (system -> the metric, the target and the engine run's options),
+    ``demo_digits`` (its geometry of the canvases), ``write_digits(root, n_train, n_val, **geometry)`` and
+    ``digits_folder``.
+
     Args:
-        task: 'detection' (Mask R-CNN and RetinaNet) or 'segmentation' (UperNet).
+        task: 'detection' (Mask R-CNN and RetinaNet) or 'segmentation' (UperNet), or any task with ``demo_runs``.
         archs: a subset of the task's systems.
         pretrained: the backbone's weights (a file or a classification run folder); default: the classification
             demo's run (``runs/demo/smt``), pre-trained here when absent.
         max_steps: shorten each run (tests).
         threads: torch CPU threads (default 1: two threads on two busy cores run several times slower).
     """
-    from .trainer import train
-
-    if task not in DENSE_DEMO_TASKS:
-        raise ValueError(f"task must be one of {sorted(DENSE_DEMO_TASKS)}, got {task!r}")
-    archs = tuple(archs or DENSE_DEMO_TASKS[task])
-    bad = [a for a in archs if a not in DENSE_DEMO_TASKS[task]]
+    with_runs = [name for name, cls in TASKS.items() if getattr(cls, 'demo_runs', None)]
+    if task not in with_runs:
+        raise ValueError(f"task must be one of {with_runs}, got {task!r}")
+    cls = task_class(task)
+    archs = tuple(archs or cls.demo_runs)
+    bad = [a for a in archs if a not in cls.demo_runs]
     if bad:
-        raise ValueError(f"archs for task {task!r} must be among {DENSE_DEMO_TASKS[task]}, got {bad}")
+        raise ValueError(f"archs for task {task!r} must be among {tuple(cls.demo_runs)}, got {bad}")
     if threads is not None:
         torch.set_num_threads(threads)
     out = Path(output)
@@ -370,12 +283,12 @@ def dense_demo(
     weights = pretrained_nano_backbone(out, pretrained, progress=progress, print_fn=print_fn)
     spec = DEMO_MODELS['smt']
     t0 = time.perf_counter()
-    data = write_dense_digits(out / 'data' / ('coco' if task == 'detection' else 'ade'), task)
+    data = cls.write_digits(out / 'data' / cls.digits_folder, **DENSE_DIGITS, **cls.demo_digits)
     data_time = time.perf_counter() - t0
     rows, interrupted = [], False
     for arch in archs:
-        demo_spec = DENSE_DEMO[arch]
-        overrides = dict(demo_spec['overrides'])
+        demo_spec = cls.demo_runs[arch]
+        overrides = dict(demo_spec['overrides'], task=task)
         if max_steps is not None:
             overrides['max_steps'] = max_steps
         t0, cpu0 = time.perf_counter(), _cpu_seconds()
@@ -433,7 +346,7 @@ def dense_demo(
 def _cpu_seconds() -> float:
     """CPU seconds of this process and its finished children (the data workers): the run's cost on a machine it
     would have to itself, where wall time also counts the waits for other programs' work."""
-    import resource
+    import resource  # deferred: a Unix-only module, and only the dense demo's timing reads it
 
     c = resource.getrusage(resource.RUSAGE_CHILDREN)
     return time.process_time() + c.ru_utime + c.ru_stime

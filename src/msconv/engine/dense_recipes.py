@@ -1,5 +1,5 @@
 """Training presets of the dense tasks: the official COCO 3x and ADE20K 160k recipes (``preset='coco_3x'`` /
-``'ade20k_160k'``), registered into :data:`msconv.engine.config.PRESETS` when the config module loads.
+``'ade20k_160k'``), registered with :func:`msconv.engine.config.register_presets` when this module loads.
 
 Facts, per official file (AFeng-x/SMT at 1efac6e; lidc54/shift-wiseConv as quoted in ``shared/reference``):
 
@@ -40,12 +40,13 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from .config import PRESETS
+from .config import register_presets
 
 __all__ = ['DENSE_PRESETS']
 
-# What every dense preset resets from the classification defaults: no Mixup/CutMix/label smoothing or timm
-# image augmentation (the dense pipelines have their own), no gradient clipping (grad_clip=None), fp32.
+# What every dense preset sets beside the shared defaults: an absolute learning rate, 16 images per step, no gradient
+# clipping (grad_clip=None), fp32. (The dense tasks have no Mixup, label smoothing or timm augmentation options:
+# their pipelines have their own.)
 _DENSE_COMMON: Dict[str, Any] = dict(
     opt='adamw',
     opt_eps=1e-8,
@@ -54,12 +55,6 @@ _DENSE_COMMON: Dict[str, Any] = dict(
     batch_size=16,
     accum_steps=1,
     clip_grad=None,
-    smoothing=0.0,
-    mixup=0.0,
-    cutmix=0.0,
-    auto_augment=None,
-    color_jitter=0.0,
-    re_prob=0.0,
     amp=False,
     ema=False,
     warmup_epochs=0.0,
@@ -68,7 +63,6 @@ _DENSE_COMMON: Dict[str, Any] = dict(
 
 _COCO_3X: Dict[str, Any] = dict(
     _DENSE_COMMON,
-    task='detection',
     arch='mask_rcnn',
     epochs=36,
     lr=1e-4,
@@ -87,7 +81,6 @@ _COCO_3X: Dict[str, Any] = dict(
 
 _ADE_160K: Dict[str, Any] = dict(
     _DENSE_COMMON,
-    task='segmentation',
     arch='upernet',
     epochs=1,  # replaced by total_iters
     total_iters=160_000,
@@ -119,4 +112,5 @@ DENSE_PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
     },
 }
 
-PRESETS.update(DENSE_PRESETS)
+register_presets('coco_3x', DENSE_PRESETS['coco_3x'], task='detection')
+register_presets('ade20k_160k', DENSE_PRESETS['ade20k_160k'], task='segmentation')

@@ -17,10 +17,13 @@ evaluation         COCO box (and mask) AP, AP50, AP75, APs/m/l      mIoU / mAcc 
 checkpoint         the whole detector (``model`` / ``ema``)         the whole segmenter
 =================  ===============================================  ===============================================
 
-Model sizes and pipelines come from the config: ``model_kwargs`` go to the backbone (e.g. a nano SMT),
+Model sizes and pipelines come from the config (``DetectionConfig`` / ``SegmentationConfig``: the options both
+share, in ``DenseConfig``, and each one's own): ``model_kwargs`` go to the backbone (e.g. a nano SMT),
 ``dense_kwargs`` to ``create_detector`` / ``create_segmenter`` (e.g. ``min_size``, ``channels``),
 ``init_checkpoint`` is the backbone's ImageNet (or classification-run) checkpoint, ``drop_path`` its stochastic
-depth. Recipes: ``preset='coco_3x'`` / ``'ade20k_160k'`` (:mod:`msconv.engine.dense_recipes`).
+depth. Recipes: ``preset='coco_3x'`` / ``'ade20k_160k'`` (:mod:`msconv.engine.dense_recipes`), the only presets
+these tasks take and their defaults. ``msconv eval`` of a run: ``evaluate_dense``; ``msconv demo --task``: the
+systems fine-tuned from the nano SMT on digits canvases (``demo_runs``, run by :func:`msconv.engine.demo.dense_demo`).
 
 Distributed evaluation: each rank runs the detector on its share of the val images and the COCO results are
 gathered before scoring, so every rank reports the same AP; segmentation is scored on rank 0 and broadcast.
@@ -33,30 +36,107 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .tasks import RunContext, Task, register_task
+from ..data.ade import (
+    ADESegmentation,
+    collate_segmentation,
+    segmentation_eval_transforms,
+    segmentation_train_transforms,
+)
+from ..data.coco import (
+    TRAIN_SCALES,
+    CocoDetection,
+    collate_detection,
+    detection_eval_transforms,
+    detection_train_transforms,
+)
+from ..data.dense_digits import build_digits_ade, build_digits_coco
+from ..dense import DETECTOR_ARCHS, MS_RATIOS, SEGMENTER_ARCHS, create_detector, create_segmenter, evaluate_segmentation
+from ..dense.evaluation import coco_eval, coco_results
+from . import dense_recipes  # noqa: F401  (registers the presets 'coco_3x' and 'ade20k_160k')
+from .checkpoint import find_run_config, latest_good_checkpoint, load_checkpoint
+from .config import TrainConfig, load_yaml, option, require, resolve_config
+from .demo import dense_demo
+from .distributed import resolve_device
+from .registry import register_task, task_class
+from .tasks import RunContext, Task, evaluate_run, task_of_run
 
 __all__ = [
+    'DenseConfig',
+    'DetectionConfig',
+    'SegmentationConfig',
     'DetectionTask',
     'SegmentationTask',
-    'DENSE_TASKS',
     'find_coco_split',
     'digits_dense_root',
     'evaluate_dense',
-    'dense_run_task',
-    'format_dense_metrics',
 ]
 
-DENSE_TASKS = ('detection', 'segmentation')
-_DENSE_PRESETS = ('coco_3x', 'ade20k_160k')
 # digits sets written for ``--data digits`` (the demo writes its own, sized for its targets)
 _DIGITS_SIZES = dict(n_train=400, n_val=50, canvas=(128, 128), digit_size=(36, 72))
+
+
+@dataclass
+class DenseConfig(TrainConfig):
+    """``TrainConfig`` plus the options detection and segmentation share (their pipelines and mmcv's schedules)."""
+
+    dense_kwargs: Dict[str, Any] = option(
+        factory=dict, help='create_detector / create_segmenter keywords (e.g. min_size, channels)'
+    )
+    eval_max_images: Optional[int] = option(None, help='evaluate on the first N val images only')
+    norm_eval: bool = option(False, help="BatchNorm layers in eval mode while training (mmdet's norm_eval)")
+    warmup_iters: Optional[int] = option(None, help='warm-up length in optimizer steps (replaces warmup_epochs)')
+    total_iters: Optional[int] = option(None, help='schedule length in optimizer steps (replaces epochs)')
+    lr_milestones: Optional[List[float]] = option(
+        None, help="sched 'multistep': epochs at which the lr is multiplied by decay_rate"
+    )
+    decay_rate: float = option(0.1, help="the multistep factor, or the power of sched 'poly'")
+
+    def validate(self, check_paths: bool = True) -> None:
+        super().validate(check_paths)
+        require(
+            isinstance(self.dense_kwargs, dict),
+            f"dense_kwargs must be a mapping of builder keywords, got {self.dense_kwargs!r}",
+        )
+        require(
+            self.total_iters is None or (isinstance(self.total_iters, int) and self.total_iters >= 1),
+            f"total_iters must be a positive integer, got {self.total_iters!r}",
+        )
+        require(
+            self.warmup_iters is None or (isinstance(self.warmup_iters, int) and self.warmup_iters >= 0),
+            f"warmup_iters must be an integer >= 0, got {self.warmup_iters!r}",
+        )
+
+
+@dataclass
+class DetectionConfig(DenseConfig):
+    """``TrainConfig`` plus the options of COCO detection / instance segmentation."""
+
+    arch: str = option('mask_rcnn', choices=DETECTOR_ARCHS, flag='--arch', help='the detector')
+    det_scales: Optional[List[int]] = option(None, help='training shorter sides (None: 480..800 step 32)')
+    det_max_size: int = option(1333, help='training longer-side cap')
+    det_crop: bool = option(True, help="the 3x configs' resize + crop branch")
+
+
+@dataclass
+class SegmentationConfig(DenseConfig):
+    """``TrainConfig`` plus the options of ADE20K-format semantic segmentation."""
+
+    arch: str = option('upernet', choices=SEGMENTER_ARCHS, flag='--arch', help='the segmenter')
+    seg_scale: Tuple[int, int] = option((2048, 512), help='rescale scale (train, x ratio) and test scale')
+    seg_ratio_range: Tuple[float, float] = option((0.5, 2.0), help='training rescale ratio range')
+    seg_crop: Tuple[int, int] = option((512, 512), help='training crop')
+    seg_num_classes: int = option(150, help='classes (ADE20K: 150)')
+    seg_reduce_zero_label: bool = option(True, help='label 0 is "other" and ignored (ADE20K)')
+    seg_eval_ms: bool = option(False, help='also report multi-scale + flip mIoU at each evaluation')
+    seg_eval_flip: bool = option(True, help='the multi-scale evaluation also averages the flipped images')
 
 
 def find_coco_split(root: Path, split: str) -> Tuple[Path, Path]:
@@ -74,25 +154,18 @@ def find_coco_split(root: Path, split: str) -> Tuple[Path, Path]:
     )
 
 
-def digits_dense_root(output: str, kind: str) -> Path:
-    """The digits COCO (``kind='coco'``) or ADE (``'ade'``) set under ``output/_digits``, written once.
+def digits_dense_root(output: Union[str, Path], task: Union[str, Type['_DenseTask']]) -> Path:
+    """The digits set of ``task`` ('detection': COCO files, 'segmentation': ADE20K files) under
+    ``output/_digits``, written once.
 
     Written to a temporary folder and renamed into place, so concurrent ranks never see half a set."""
-    from ..data.dense_digits import build_digits_ade, build_digits_coco
-
-    root = Path(output) / '_digits' / kind
+    cls = task_class(task) if isinstance(task, str) else task
+    root = Path(output) / '_digits' / cls.digits_folder
     if (root / '.complete').is_file():
         return root
-    tmp = root.parent / f".tmp-{kind}-{os.getpid()}"
+    tmp = root.parent / f".tmp-{cls.digits_folder}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    s = _DIGITS_SIZES
-    geometry = dict(canvas=s['canvas'], digit_size=s['digit_size'])
-    if kind == 'coco':
-        build_digits_coco(tmp, 'train', n_images=s['n_train'], seed=0, **geometry)
-        build_digits_coco(tmp, 'val', n_images=s['n_val'], seed=1, **geometry)
-    else:
-        build_digits_ade(tmp, 'training', n_images=s['n_train'], seed=0, **geometry)
-        build_digits_ade(tmp, 'validation', n_images=s['n_val'], seed=1, **geometry)
+    cls.write_digits(tmp, **_DIGITS_SIZES)
     (tmp / '.complete').touch()
     try:
         os.replace(tmp, root)
@@ -108,29 +181,29 @@ def _freeze_batchnorm(model: nn.Module) -> None:
 
 
 class _DenseTask(Task):
-    """What detection and segmentation share: config checks, whole-model checkpoints, the schedule hook."""
+    """What detection and segmentation share: their own presets, whole-model checkpoints, the schedule hook,
+    ``msconv eval`` of a run and the digits demo."""
 
-    default_arch = ''
-    archs: Tuple[str, ...] = ()
-    preset_hint = ''
+    default_preset = ''
+    own_presets_only = True
+    digits_folder = ''  # where --data digits and the demo write this task's digits set
+    # the demo: arch -> the metric and target it reaches, and the engine run's overrides (msconv.engine.demo)
+    demo_runs: Dict[str, Dict[str, Any]] = {}
+    demo_digits: Dict[str, Any] = {}  # this task's own geometry of the demo's digits canvases
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        if cfg.preset in ('imagenet', 'demo'):
-            raise ValueError(
-                f"task {self.name!r}: preset {cfg.preset!r} is a classification recipe; use preset "
-                f"{self.preset_hint!r} (--preset {self.preset_hint}) and override what you need"
-            )
-        self.arch = cfg.arch or self.default_arch
-        if self.arch not in self.archs:
-            raise ValueError(f"arch must be one of {self.archs} for task {self.name!r}, got {self.arch!r}")
-        if not isinstance(cfg.dense_kwargs, dict):
-            raise ValueError(f"dense_kwargs must be a mapping of builder keywords, got {cfg.dense_kwargs!r}")
+        self.arch = cfg.arch
         self.val_set = None
 
-    def _root(self, kind: str) -> Path:
+    @staticmethod
+    def write_digits(root: Path, n_train: int, n_val: int, **geometry) -> Path:
+        """Write a digits set of this task's format under ``root`` (``msconv.data.dense_digits``)."""
+        raise NotImplementedError
+
+    def _root(self) -> Path:
         cfg = self.cfg
-        return digits_dense_root(cfg.output, kind) if cfg.data == 'digits' else Path(cfg.data)
+        return digits_dense_root(cfg.output, type(self)) if cfg.data == 'digits' else Path(cfg.data)
 
     def _backbone_kwargs(self) -> Dict[str, Any]:
         cfg = self.cfg
@@ -158,13 +231,9 @@ class _DenseTask(Task):
         cfg = self.cfg
         kw = dict(sched_kwargs)
         if cfg.total_iters is not None:
-            if not isinstance(cfg.total_iters, int) or cfg.total_iters < 1:
-                raise ValueError(f"total_iters must be a positive integer, got {cfg.total_iters!r}")
             total_steps = cfg.total_iters if cfg.max_steps is None else min(cfg.total_iters, cfg.max_steps)
             kw['num_epochs'] = cfg.total_iters / steps_per_epoch
         if cfg.warmup_iters is not None:
-            if not isinstance(cfg.warmup_iters, int) or cfg.warmup_iters < 0:
-                raise ValueError(f"warmup_iters must be an integer >= 0, got {cfg.warmup_iters!r}")
             # mmcv's warm-up is not a prefix: the milestones and the poly decay count from step 0
             kw.update(warmup_epochs=cfg.warmup_iters / steps_per_epoch, warmup_prefix=False)
             if cfg.total_iters is None:
@@ -175,6 +244,13 @@ class _DenseTask(Task):
             kw['decay_milestones'] = [(float(m) * steps_per_epoch + 0.5) / steps_per_epoch for m in cfg.lr_milestones]
         kw['decay_rate'] = cfg.decay_rate
         return kw, total_steps
+
+    def recipe_line(self) -> str:
+        cfg = self.cfg
+        iters = f", {cfg.total_iters} steps" if cfg.total_iters is not None else ''
+        warm = f", warm-up {cfg.warmup_iters} steps" if cfg.warmup_iters is not None else ''
+        steps = f", milestones {cfg.lr_milestones}" if cfg.lr_milestones is not None else ''
+        return f"arch {self.arch}{iters}{warm}{steps}, decay rate {cfg.decay_rate:g}, norm_eval {cfg.norm_eval}"
 
     # checkpoints: the whole dense model ---------------------------------------------------------------------
     def checkpoint_weights(self, model, ema_model):
@@ -188,32 +264,136 @@ class _DenseTask(Task):
         if ema_model is not None:
             ema_model.load_state_dict(weights.get('ema', weights['model']))
 
+    # outside a run ------------------------------------------------------------------------------------------
+    @classmethod
+    def _evaluate_run(
+        cls, checkpoint: str, overrides: Dict[str, Any], use_ema: bool, device: str
+    ) -> Tuple['_DenseTask', Dict[str, Any]]:
+        """Build the run's system from its config.yaml (with ``overrides``), load the checkpoint's weights and
+        evaluate on its val split."""
+        ckpt = Path(checkpoint)
+        if not ckpt.is_dir():
+            raise ValueError(f"checkpoint {str(ckpt)!r}: expected a run folder or a checkpoints/step-N folder")
+        if (ckpt / 'checkpoints').is_dir():
+            found = latest_good_checkpoint(ckpt)
+            if found is None:
+                raise ValueError(f"checkpoint: run folder {str(ckpt)!r} holds no valid checkpoint")
+            path, weights, meta = found[0], found[1], found[3]
+        else:
+            path = ckpt
+            weights, _, meta = load_checkpoint(ckpt)
+        cfg_path = find_run_config(path)
+        if cfg_path is None:
+            raise ValueError(f"checkpoint {str(ckpt)!r}: no config.yaml of its run found beside it")
+        run = load_yaml(cfg_path)
+        if run.get('task') != cls.name:
+            raise ValueError(f"{cfg_path}: task {run.get('task')!r} is not {cls.name!r}")
+        overrides = dict(overrides, resume=None, overwrite=False, init_checkpoint=None, drop_path=0.0)
+        task = cls(resolve_config(run, overrides))
+        model = task.build_model(task.num_classes())
+        key = 'ema' if use_ema else 'model'
+        if key not in weights:
+            raise ValueError(f"checkpoint {str(path)!r} holds no {key!r} weights (available: {sorted(weights)})")
+        model.load_state_dict(weights[key])
+        model.to(resolve_device(device))
+        task.build_datasets({})
+        rec = task.evaluate(model, None, None, RunContext(resolve_device(device)))
+        res = dict(rec, task=cls.name, arch=task.arch, checkpoint=str(path), step=int(meta['step']), use_ema=use_ema)
+        return task, res
+
+    @classmethod
+    def demo(
+        cls,
+        archs: Optional[Sequence[str]] = None,
+        output: str = 'runs/demo_dense',
+        pretrained: Optional[str] = None,
+        max_steps: Optional[int] = None,
+        threads: Optional[int] = 1,
+        progress: bool = True,
+        device: str = 'cpu',
+    ) -> Dict[str, Any]:
+        res = dense_demo(
+            task=cls.name,
+            archs=archs,
+            output=output,
+            pretrained=pretrained,
+            max_steps=max_steps,
+            threads=threads,
+            progress=progress,
+            device=device,
+        )
+        res['summary'] = (
+            f"total time {res['total_time_s']:.0f}s (data {res['data_time_s']:.0f}s); backbone {res['backbone']}"
+        )
+        res['ok'] = True
+        return res
+
+
+# The demo's detection runs: the digits canvases' tight ink boxes (median 26x33 px) all match best on RetinaNet's P3
+# anchors (32-50 px); 84% have an anchor at IoU >= 0.5, the narrow 1s only their best one (torchvision's low-quality
+# matches). No flips (hflip=0): digits are not mirror-symmetric, and with the configs' flips a flipped 2 is taught
+# as a 2 that reads 5.
+_DET_DEMO = dict(
+    preset='coco_3x',
+    batch_size=8,
+    lr=1e-3,
+    warmup_iters=50,
+    warmup_lr=1e-6,
+    hflip=0.0,  # digits are not mirror-symmetric (a flipped 2 reads as a 5): no flips, unlike the configs' 0.5
+    det_scales=[112, 128, 144],
+    det_max_size=200,
+    det_crop=False,
+    dense_kwargs=dict(min_size=128, max_size=128, channels=64, fc_channels=256, rois_per_image=64, test_proposals=100),
+)
+
 
 @register_task('detection')
 class DetectionTask(_DenseTask):
-    """COCO detection / instance segmentation (see the module docstring)."""
+    """COCO detection and instance segmentation: Mask R-CNN, Cascade Mask R-CNN or RetinaNet on an msconv backbone
+    (see the module docstring)."""
 
-    default_arch = 'mask_rcnn'
-    preset_hint = 'coco_3x'
+    config_class = DetectionConfig
+    default_preset = 'coco_3x'
+    headline_metrics = ('bbox_AP', 'bbox_AP50', 'segm_AP')
+    digits_folder = 'coco'
+    demo_runs = {
+        'mask_rcnn': dict(
+            metric='bbox_AP50',
+            target=0.8,
+            overrides=dict(_DET_DEMO, arch='mask_rcnn', epochs=4, lr_milestones=[3], eval_every=2),
+        ),
+        'retinanet': dict(
+            metric='bbox_AP50',
+            target=0.8,
+            overrides=dict(
+                _DET_DEMO,
+                arch='retinanet',
+                epochs=10,
+                lr_milestones=[8],
+                eval_every=2,
+                # torchvision's RetinaNet v2 head (GroupNorm): the configs' plain head reached AP50 0.12 in 4 epochs
+                dense_kwargs=dict(_DET_DEMO['dense_kwargs'], head_norm=True),
+            ),
+        ),
+    }
 
     def __init__(self, cfg):
-        from ..dense import DETECTOR_ARCHS
-
-        self.archs = DETECTOR_ARCHS
         super().__init__(cfg)
         self._train = None
 
     @staticmethod
     def collate_fn(batch):
-        from ..data.coco import collate_detection
-
         return collate_detection(batch)
+
+    @staticmethod
+    def write_digits(root: Path, n_train: int, n_val: int, **geometry) -> Path:
+        build_digits_coco(root, 'train', n_images=n_train, seed=0, **geometry)
+        build_digits_coco(root, 'val', n_images=n_val, seed=1, **geometry)
+        return Path(root)
 
     def _train_set(self):
         if self._train is None:
-            from ..data.coco import CocoDetection
-
-            img_dir, ann = find_coco_split(self._root('coco'), 'train')
+            img_dir, ann = find_coco_split(self._root(), 'train')
             self._train = CocoDetection(
                 img_dir, ann, with_masks=self.arch != 'retinanet', filter_empty=True, on_error='skip'
             )
@@ -223,8 +403,6 @@ class DetectionTask(_DenseTask):
         return len(self._train_set().cat_ids)
 
     def build_datasets(self, data_cfg):
-        from ..data.coco import TRAIN_SCALES, CocoDetection, detection_eval_transforms, detection_train_transforms
-
         cfg = self.cfg
         train = self._train_set()
         train.transforms = detection_train_transforms(
@@ -233,7 +411,7 @@ class DetectionTask(_DenseTask):
             crop=cfg.det_crop,
             flip=cfg.hflip,
         )
-        img_dir, ann = find_coco_split(self._root('coco'), 'val')
+        img_dir, ann = find_coco_split(self._root(), 'val')
         self.val_set = CocoDetection(img_dir, ann, detection_eval_transforms(), with_masks=False, on_error='skip')
         if self.val_set.cat_ids != train.cat_ids:
             raise ValueError(
@@ -242,8 +420,6 @@ class DetectionTask(_DenseTask):
         return train, self.val_set
 
     def build_model(self, num_classes: int) -> nn.Module:
-        from ..dense import create_detector
-
         return create_detector(self.cfg.model, self.arch, num_classes, **self._backbone_kwargs())
 
     def backbone(self, model):
@@ -269,11 +445,34 @@ class DetectionTask(_DenseTask):
             parts.append(f"EMA box AP {rec['ema_bbox_AP']:.3f}")
         return '; '.join(parts)
 
+    @classmethod
+    def evaluate_run(
+        cls,
+        model: Optional[str],
+        checkpoint: Optional[str],
+        data: Optional[str] = None,
+        use_ema: bool = False,
+        max_images: Optional[int] = None,
+        device: str = 'auto',
+    ) -> Dict[str, Any]:
+        """COCO box (and mask) AP of a detection run's checkpoint on its val split (``model``: the run's)."""
+        overrides = dict(data=data, eval_max_images=max_images)
+        return cls._evaluate_run(checkpoint, {k: v for k, v in overrides.items() if v is not None}, use_ema, device)[1]
+
+    @classmethod
+    def format_evaluation(cls, res: Dict[str, Any]) -> str:
+        lines = [f"weights: {res['checkpoint']} (step {res['step']}){', EMA' if res.get('use_ema') else ''}"]
+        for kind, label in (('bbox', 'box'), ('segm', 'mask')):
+            if f"{kind}_AP" in res:
+                lines.append(
+                    f"{res['arch']} {label}: "
+                    + '  '.join(f"{k} {res[f'{kind}_{k}']:.3f}" for k in ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl'))
+                )
+        return '\n'.join(lines)
+
 
 def _detection_metrics(model, dataset, ctx: RunContext, max_images: Optional[int]) -> Dict[str, float]:
     """COCO AP over the val set, each rank running its share; the result lists are gathered before scoring."""
-    from ..dense.evaluation import _coco_eval, coco_results
-
     n = len(dataset) if max_images is None else min(int(max_images), len(dataset))
     indices = list(range(ctx.rank, n, ctx.world_size))
     boxes, segms, ids = coco_results(model, dataset, batch_size=2, indices=indices)
@@ -283,39 +482,68 @@ def _detection_metrics(model, dataset, ctx: RunContext, max_images: Optional[int
         boxes = [b for g in gathered for b in g[0]]
         segms = [s for g in gathered for s in g[1]]
         ids = [i for g in gathered for i in g[2]]
-    rec = {f"bbox_{k}": v for k, v in _coco_eval(dataset.coco, boxes, 'bbox', ids).items()}
+    rec = {f"bbox_{k}": v for k, v in coco_eval(dataset.coco, boxes, 'bbox', ids).items()}
     if getattr(getattr(model, 'roi_heads', None), 'has_mask', lambda: False)():
-        rec.update({f"segm_{k}": v for k, v in _coco_eval(dataset.coco, segms, 'segm', ids).items()})
+        rec.update({f"segm_{k}": v for k, v in coco_eval(dataset.coco, segms, 'segm', ids).items()})
     return rec
 
 
 @register_task('segmentation')
 class SegmentationTask(_DenseTask):
-    """ADE20K-format semantic segmentation (see the module docstring)."""
+    """ADE20K-format semantic segmentation: UperNet on an msconv backbone (see the module docstring)."""
 
-    default_arch = 'upernet'
-    preset_hint = 'ade20k_160k'
-
-    def __init__(self, cfg):
-        from ..dense import SEGMENTER_ARCHS
-
-        self.archs = SEGMENTER_ARCHS
-        super().__init__(cfg)
+    config_class = SegmentationConfig
+    default_preset = 'ade20k_160k'
+    headline_metrics = ('mIoU', 'aAcc', 'ms_mIoU')
+    digits_folder = 'ade'
+    # Segmentation labels a digit's strokes dilated by 3 px: MNIST strokes are 2-3 px at 28 px, 4-8 px on the demo's
+    # canvases, about one cell of the stride-4 maps the UperNet head upsamples from.
+    demo_digits = dict(label_dilation=3)
+    demo_runs = {
+        'upernet': dict(
+            metric='mIoU',
+            target=0.7,
+            overrides=dict(
+                preset='ade20k_160k',
+                arch='upernet',
+                batch_size=8,
+                epochs=1,
+                total_iters=1000,
+                lr=1e-3,
+                warmup_iters=50,
+                warmup_lr=1e-6,
+                weight_decay=0.01,
+                seg_scale=(256, 128),
+                # the test scale +-25%: the configs' 0.5-2.0 takes 128 px crops of canvases up to 256 px, where
+                # digits up to 144 px are cut and lose their identity
+                seg_ratio_range=(0.75, 1.25),
+                seg_crop=(128, 128),
+                seg_num_classes=11,
+                hflip=0.0,  # digits are not mirror-symmetric: no flips in training nor in the multi-scale test
+                seg_eval_ms=True,
+                seg_eval_flip=False,
+                eval_every=200,
+                dense_kwargs=dict(channels=64, aux_channels=32),
+            ),
+        ),
+    }
 
     @staticmethod
     def collate_fn(batch):
-        from ..data.ade import collate_segmentation
-
         return collate_segmentation(batch)
+
+    @staticmethod
+    def write_digits(root: Path, n_train: int, n_val: int, **geometry) -> Path:
+        build_digits_ade(root, 'training', n_images=n_train, seed=0, **geometry)
+        build_digits_ade(root, 'validation', n_images=n_val, seed=1, **geometry)
+        return Path(root)
 
     def num_classes(self) -> int:
         return 11 if self.cfg.data == 'digits' else self.cfg.seg_num_classes
 
     def build_datasets(self, data_cfg):
-        from ..data.ade import ADESegmentation, segmentation_eval_transforms, segmentation_train_transforms
-
         cfg = self.cfg
-        root = self._root('ade')
+        root = self._root()
         common = dict(num_classes=self.num_classes(), reduce_zero_label=cfg.seg_reduce_zero_label, on_error='skip')
         tf = segmentation_train_transforms(
             scale=tuple(cfg.seg_scale),
@@ -328,8 +556,6 @@ class SegmentationTask(_DenseTask):
         return train, self.val_set
 
     def build_model(self, num_classes: int) -> nn.Module:
-        from ..dense import create_segmenter
-
         return create_segmenter(self.cfg.model, self.arch, num_classes, **self._backbone_kwargs())
 
     def backbone(self, model):
@@ -342,8 +568,6 @@ class SegmentationTask(_DenseTask):
         return x, y.to(device, non_blocking=True)
 
     def _metrics(self, model) -> Dict[str, float]:
-        from ..dense import MS_RATIOS, evaluate_segmentation
-
         cfg = self.cfg
         common = dict(scale=tuple(cfg.seg_scale), max_images=cfg.eval_max_images)
         ss = evaluate_segmentation(model, self.val_set, self.num_classes(), **common)
@@ -374,6 +598,35 @@ class SegmentationTask(_DenseTask):
             line += f"; EMA mIoU {rec['ema_mIoU']:.3f}"
         return line
 
+    @classmethod
+    def evaluate_run(
+        cls,
+        model: Optional[str],
+        checkpoint: Optional[str],
+        data: Optional[str] = None,
+        use_ema: bool = False,
+        multi_scale: Optional[bool] = None,
+        max_images: Optional[int] = None,
+        device: str = 'auto',
+    ) -> Dict[str, Any]:
+        """mIoU / mAcc / aAcc of a segmentation run's checkpoint on its val split (``multi_scale``: also multi-scale
+        + flip; default: the run's ``seg_eval_ms``)."""
+        overrides = dict(data=data, eval_max_images=max_images, seg_eval_ms=multi_scale)
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        task, res = cls._evaluate_run(checkpoint, overrides, use_ema, device)
+        if 'ms_mIoU' in res:
+            res['ms_flip'] = task.cfg.seg_eval_flip
+        return res
+
+    @classmethod
+    def format_evaluation(cls, res: Dict[str, Any]) -> str:
+        line = f"{res['arch']}: mIoU {res['mIoU']:.3f}  mAcc {res['mAcc']:.3f}  aAcc {res['aAcc']:.3f}"
+        if 'ms_mIoU' in res:
+            ms = '  '.join(f"{k} {res[f'ms_{k}']:.3f}" for k in ('mIoU', 'mAcc', 'aAcc'))
+            line += f"\n{res['arch']} multi-scale{' + flip' if res.get('ms_flip', True) else ''}: {ms}"
+        weights = f"weights: {res['checkpoint']} (step {res['step']}){', EMA' if res.get('use_ema') else ''}"
+        return weights + '\n' + line
+
 
 def evaluate_dense(
     checkpoint: str,
@@ -383,7 +636,8 @@ def evaluate_dense(
     max_images: Optional[int] = None,
     device: str = 'auto',
 ) -> Dict[str, Any]:
-    """Evaluate a detection / segmentation training run (``msconv eval``): COCO AP or mIoU on its val split.
+    """Evaluate a detection / segmentation training run (what ``msconv eval`` does for one): COCO AP or mIoU on
+    its val split.
 
     Args:
         checkpoint: a run folder (its newest valid checkpoint) or a ``checkpoints/step-N`` folder.
@@ -392,80 +646,8 @@ def evaluate_dense(
         multi_scale: also multi-scale + flip mIoU (segmentation; default: the run's ``seg_eval_ms``).
         max_images: the first N val images only.
     """
-    from .checkpoint import latest_good_checkpoint, load_checkpoint
-    from .config import load_yaml, resolve_config
-    from .distributed import resolve_device
-    from .evaluate import _find_run_config
-
-    ckpt = Path(checkpoint)
-    if not ckpt.is_dir():
-        raise ValueError(f"checkpoint {str(ckpt)!r}: expected a run folder or a checkpoints/step-N folder")
-    if (ckpt / 'checkpoints').is_dir():
-        found = latest_good_checkpoint(ckpt)
-        if found is None:
-            raise ValueError(f"checkpoint: run folder {str(ckpt)!r} holds no valid checkpoint")
-        path, weights, meta = found[0], found[1], found[3]
-    else:
-        path = ckpt
-        weights, _, meta = load_checkpoint(ckpt)
-    cfg_path = _find_run_config(path)
-    if cfg_path is None:
-        raise ValueError(f"checkpoint {str(ckpt)!r}: no config.yaml of its run found beside it")
-    run = load_yaml(cfg_path)
-    if run.get('task') not in DENSE_TASKS:
-        raise ValueError(f"{cfg_path}: task {run.get('task')!r} is not a dense task {DENSE_TASKS}")
-    overrides: Dict[str, Any] = dict(resume=None, overwrite=False, init_checkpoint=None, drop_path=0.0)
-    if data is not None:
-        overrides['data'] = data
-    if multi_scale is not None:
-        overrides['seg_eval_ms'] = bool(multi_scale)
-    if max_images is not None:
-        overrides['eval_max_images'] = max_images
-    cfg = resolve_config(run, overrides)
-    task = TASKS_BY_NAME[cfg.task](cfg)
-    model = task.build_model(task.num_classes())
-    key = 'ema' if use_ema else 'model'
-    if key not in weights:
-        raise ValueError(f"checkpoint {str(path)!r} holds no {key!r} weights (available: {sorted(weights)})")
-    model.load_state_dict(weights[key])
-    model.to(resolve_device(device))
-    task.build_datasets({})
-    rec = task.evaluate(model, None, None, RunContext(resolve_device(device)))
-    res = dict(rec, task=cfg.task, arch=task.arch, checkpoint=str(path), step=int(meta['step']))
-    if 'ms_mIoU' in rec:
-        res['ms_flip'] = cfg.seg_eval_flip
-    return res
-
-
-def dense_run_task(checkpoint: str) -> Optional[str]:
-    """'detection' / 'segmentation' when ``checkpoint`` (a run or step folder) belongs to a dense run, else None."""
-    from .config import load_yaml
-    from .evaluate import _find_run_config
-
-    path = Path(checkpoint)
-    if not path.is_dir():
-        return None
-    cfg_path = _find_run_config(path)
-    task = load_yaml(cfg_path).get('task') if cfg_path is not None else None
-    return task if task in DENSE_TASKS else None
-
-
-def format_dense_metrics(res: Dict[str, Any]) -> str:
-    """The metric lines ``msconv eval`` prints for a dense run."""
-    if res['task'] == 'detection':
-        lines = []
-        for kind, label in (('bbox', 'box'), ('segm', 'mask')):
-            if f"{kind}_AP" in res:
-                lines.append(
-                    f"{res['arch']} {label}: "
-                    + '  '.join(f"{k} {res[f'{kind}_{k}']:.3f}" for k in ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl'))
-                )
-        return '\n'.join(lines)
-    line = f"{res['arch']}: mIoU {res['mIoU']:.3f}  mAcc {res['mAcc']:.3f}  aAcc {res['aAcc']:.3f}"
-    if 'ms_mIoU' in res:
-        ms = '  '.join(f"{k} {res[f'ms_{k}']:.3f}" for k in ('mIoU', 'mAcc', 'aAcc'))
-        line += f"\n{res['arch']} multi-scale{' + flip' if res.get('ms_flip', True) else ''}: {ms}"
-    return line
-
-
-TASKS_BY_NAME = {'detection': DetectionTask, 'segmentation': SegmentationTask}
+    task = task_of_run(checkpoint)
+    if not issubclass(task, _DenseTask):
+        raise ValueError(f"checkpoint {str(checkpoint)!r}: task {task.name!r} is not a dense task")
+    options = dict(data=data, use_ema=use_ema, multi_scale=multi_scale, max_images=max_images, device=device)
+    return evaluate_run(None, checkpoint, **options)[1]

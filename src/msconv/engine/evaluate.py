@@ -12,6 +12,16 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..data.digits import DIGITS_CLASSES
+from ..data.loader import build_dataset, build_loader, check_image_folder
+from ..inference import inference_model
+from ..models import read_checkpoint
+from ..tools._common import check_checkpoint_file
+from .build import build_model, data_config, load_weights
+from .checkpoint import best_checkpoint, find_run_config, latest_good_checkpoint, load_checkpoint
+from .config import config_from_mapping, load_yaml
+from .distributed import resolve_device
+
 __all__ = ['evaluate', 'evaluate_loader', 'autocast_context']
 
 
@@ -80,14 +90,6 @@ def evaluate_loader(
     }
 
 
-def _find_run_config(path: Path) -> Optional[Path]:
-    for parent in [path] + list(path.parents)[:3]:
-        cand = parent / 'config.yaml'
-        if cand.is_file():
-            return cand
-    return None
-
-
 def evaluate(
     model: Union[str, nn.Module],
     checkpoint: Optional[Union[str, Path]] = None,
@@ -119,12 +121,6 @@ def evaluate(
     Returns top1/top5 (%), val_loss, count, and ``checkpoint``/``step``: the checkpoint whose weights were used
     (for a run folder, its newest valid one). A checkpoint of another model raises ``ValueError`` naming it.
     """
-    from ..data.loader import build_dataset, build_loader
-    from .build import build_model, data_config, load_weights
-    from .checkpoint import best_checkpoint, latest_good_checkpoint, load_checkpoint
-    from .config import TrainConfig, _coerce, load_yaml
-    from .distributed import resolve_device
-
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if split not in ('train', 'val'):
@@ -138,7 +134,7 @@ def evaluate(
         ckpt = Path(checkpoint)
         if not ckpt.exists():
             raise FileNotFoundError(f"checkpoint {str(ckpt)!r} does not exist")
-        cfg_path = _find_run_config(ckpt if ckpt.is_dir() else ckpt.parent)
+        cfg_path = find_run_config(ckpt if ckpt.is_dir() else ckpt.parent)
         if cfg_path is not None:
             run_cfg = load_yaml(cfg_path)
         if which == 'best' and not (ckpt.is_dir() and (ckpt / 'checkpoints').is_dir()):
@@ -157,9 +153,6 @@ def evaluate(
             used = {'checkpoint': str(ckpt), 'step': int(meta['step'])}
             weights, trained_as = found[0], meta.get('model')
         else:
-            from ..models import read_checkpoint
-            from ..tools._common import check_checkpoint_file
-
             check_checkpoint_file(ckpt)
             weights, trained_as = {'model': read_checkpoint(ckpt)}, None
             used = {'checkpoint': str(ckpt), 'step': None}
@@ -170,23 +163,18 @@ def evaluate(
         if trained_as is None and cfg_path is not None:
             trained_as = run_cfg.get('model')
 
-    fields = {k: _coerce(k, v) for k, v in run_cfg.items()} if run_cfg else {}
-    cfg = TrainConfig(**fields) if fields else TrainConfig()
+    cfg = config_from_mapping(run_cfg, task='classification')  # the options of the run's transforms
     cfg.data = data
     if image_size is not None:
         cfg.image_size = image_size
     dev = resolve_device(device)
 
     if cfg.data != 'digits':
-        from ..data.loader import check_image_folder
-
         root = Path(cfg.data)
         if not root.is_dir():
             raise ValueError(f"data {data!r}: no such folder (expected an ImageFolder root with {split}/ inside)")
         classes = check_image_folder(root, split)
     else:
-        from ..data.digits import DIGITS_CLASSES
-
         classes = list(DIGITS_CLASSES)
 
     if isinstance(model, str):
@@ -201,12 +189,12 @@ def evaluate(
     net.to(dev)
 
     dc = data_config(net, cfg)
+    if cfg.crop_pct is None:
+        cfg.crop_pct = dc['crop_pct']
     dataset = build_dataset(cfg, split, dc['size'], dc['mean'], dc['std'], is_training=False)
     loader, _ = build_loader(dataset, batch_size, shuffle=False, seed=0, num_workers=num_workers)
     amp_dtype = torch.bfloat16 if amp else None
     if dtype is not None:
-        from ..inference import inference_model
-
         if amp:
             raise ValueError(f"amp (bf16 autocast) and dtype={dtype!r} (weights in that dtype) are exclusive: pick one")
         net = inference_model(net, dtype=dtype, device=dev)

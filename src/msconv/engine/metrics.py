@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, TextIO, Union
 
 from .._extras import require
+from .checkpoint import atomic_write_bytes
 
 __all__ = ['MetricsLog', 'read_metrics', 'top1_summary', 'draw_curves', 'plot_curves', 'Progress']
 
@@ -48,8 +49,6 @@ class MetricsLog:
 
     def truncate_after(self, step: int) -> None:
         """Drop records later than ``step`` (after a resume, the steps past the checkpoint are redone)."""
-        from .checkpoint import atomic_write_bytes
-
         records = [r for r in read_metrics(self.run_dir) if r.get('step', 0) <= step]
         atomic_write_bytes(self.jsonl, ''.join(json.dumps(r) + '\n' for r in records).encode())
         buf = io.StringIO(newline='')
@@ -120,9 +119,9 @@ def draw_curves(records: List[Dict[str, Any]], title: str = ''):
 
     ``records`` may come from several runs: give each a ``run`` key to draw one colour per run.
     """
-    matplotlib = require('matplotlib', 'curves.png')
+    matplotlib = require('matplotlib', 'curves.png')  # deferred: ~0.5 s to load, only a run that plots needs it
     matplotlib.use('Agg', force=False)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: as matplotlib, after choosing its headless backend
 
     runs: Dict[str, List[Dict[str, Any]]] = {}
     for r in records:
@@ -162,7 +161,7 @@ def _finite(v) -> bool:
 def plot_curves(records: List[Dict[str, Any]], path: Union[str, Path], title: str = '') -> Optional[Path]:
     """Write :func:`draw_curves` as a PNG (atomically); None when there are no records."""
     require('matplotlib', 'curves.png')
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: as in draw_curves
 
     if not records:
         return None
@@ -200,6 +199,7 @@ class Progress:
         out = stream if stream is not None else sys.stdout
         if not enabled or not (hasattr(out, 'isatty') and out.isatty()) or find_spec('rich') is None:
             return  # line mode; the live bar needs rich (the `progress` extra)
+        # deferred: rich loads only for a live bar on a terminal (msconv.train stays light without it)
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
         from rich.progress import Progress as RichProgress

@@ -1,37 +1,54 @@
 """Training tasks as strategy objects: everything that differs between tasks, behind one interface.
 
 The trainer owns what every task shares (optimizer and schedule, AMP, accumulation, DDP, EMA, NaN guards,
-checkpoint files, records, resume); a ``Task`` answers the task-specific questions at six points:
+checkpoint files, records, resume) and asks a ``Task`` the task-specific questions at five points of a run:
 
 1. data:        ``num_classes()``, then ``build_datasets(data_cfg)`` -> (train set, val set or None);
 2. model:       ``build_model(num_classes)`` (what the optimizer trains) and ``backbone(model)`` (what is
                 exported and counted);
 3. loss:        ``build_criterion(num_classes)``, ``to_device(x, y, device, channels_last)`` (batches built by
                 ``collate_fn``), ``prepare_batch(x, y)`` (e.g. Mixup), ``forward(model, x, y)`` under autocast and
-                ``loss(output, y)`` in float32; ``schedule(...)`` may reshape the learning-rate schedule;
-4. evaluation:  ``evaluate(model, ema_model, val_loader, ctx)`` -> metric fields of a 'val' record, and
-                ``summary(record)`` for the log line;
+                ``loss(output, y)`` in float32 (``plain_loss``: without batch mixing, for SNIP's scores);
+                ``schedule(...)`` may reshape the learning-rate schedule;
+4. evaluation:  ``evaluate(model, ema_model, val_loader, ctx)`` -> metric fields of a 'val' record,
+                ``summary(record)`` for the log line, ``headline_metrics`` for the end of ``msconv train``;
 5. checkpoint:  ``checkpoint_weights(model, ema_model)`` -> {file stem: state dict} and
                 ``load_checkpoint_weights(...)``, its inverse.
 
-``TASKS`` maps ``TrainConfig.task`` to a class; ``register_task`` adds one. Detection and segmentation
-(:mod:`msconv.engine.dense_tasks`) plug in here: their datasets return targets other than class indices, their
-``collate_fn``/``to_device``/``forward``/``loss`` take them, and their ``evaluate`` returns their own metrics.
+Outside a run, the class answers for its task: ``config_class`` (the task's config: ``TrainConfig`` plus its own
+section, with the ``msconv train`` flags of its options), ``default_preset`` and ``own_presets_only`` (which
+presets it takes), ``recipe_line`` (its part of the printed recipe), ``evaluate_run`` / ``format_evaluation``
+(``msconv eval`` of one of its runs) and ``demo`` (``msconv demo --task``).
+
+A task module registers its class with ``@register_task(name)`` (:mod:`msconv.engine.registry`); the built-in ones
+are :mod:`~msconv.engine.classification`, :mod:`~msconv.engine.face` and :mod:`~msconv.engine.dense_tasks`.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple, Type
+from typing import Any, Callable, Dict, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .build import build_model
+from .checkpoint import find_run_config
+from .config import TrainConfig, load_yaml
+from .registry import TASKS, register_task, task_class
 
-__all__ = ['Task', 'ClassificationTask', 'FaceTask', 'FaceModel', 'RunContext', 'TASKS', 'register_task', 'create_task']
+__all__ = [
+    'Task',
+    'RunContext',
+    'TASKS',
+    'register_task',
+    'create_task',
+    'task_of_run',
+    'evaluate_run',
+    'run_demo',
+]
 
 
 @dataclass
@@ -54,7 +71,11 @@ class RunContext:
 class Task:
     """The task-specific half of a training run (see the module docstring for the call order)."""
 
-    name = ''
+    name = ''  # set by register_task
+    config_class: Type[TrainConfig] = TrainConfig  # the task's config: TrainConfig + the task's own options
+    default_preset: Optional[str] = 'imagenet'  # the preset of a run that names none (None: the config defaults)
+    own_presets_only = False  # True: only the presets registered for this task (register_presets(task=...))
+    headline_metrics: Tuple[str, ...] = ()  # evaluation fields `msconv train` prints when the run ends
     collate_fn: Optional[Callable] = None  # the loaders' collate (None: torch's default, stacked tensors)
 
     def __init__(self, cfg):
@@ -72,9 +93,7 @@ class Task:
     # model ----------------------------------------------------------------------------------------------------
     def build_model(self, num_classes: int) -> nn.Module:
         cfg = self.cfg
-        return build_model(
-            cfg.model, num_classes, cfg.drop_path, cfg.model_kwargs, cfg.init_checkpoint, class_map=cfg.class_map
-        )
+        return build_model(cfg.model, num_classes, cfg.drop_path, cfg.model_kwargs, cfg.init_checkpoint)
 
     def backbone(self, model: nn.Module) -> nn.Module:
         return model
@@ -99,6 +118,11 @@ class Task:
     def loss(self, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.criterion(output.float(), y)
 
+    def plain_loss(self, output: Any, y: Any) -> torch.Tensor:
+        """The loss of a batch as it comes from the loader, without batch mixing or smoothing (the SNIP scores of
+        ShiftWise sparsity are taken from it)."""
+        return self.loss(output, y)
+
     # schedule -------------------------------------------------------------------------------------------------
     def schedule(
         self, sched_kwargs: Dict[str, Any], total_steps: int, steps_per_epoch: int
@@ -112,6 +136,10 @@ class Task:
         raise NotImplementedError
 
     def summary(self, record: Dict[str, Any]) -> str:
+        return ''
+
+    def recipe_line(self) -> str:
+        """The task's own options in the recipe the trainer prints when a run starts ('' for none)."""
         return ''
 
     # checkpoint payload ---------------------------------------------------------------------------------------
@@ -131,202 +159,61 @@ class Task:
             else:  # a checkpoint from a run without EMA: the EMA starts from the weights
                 self.backbone(ema_model).load_state_dict(self.backbone(model).state_dict())
 
+    # outside a run --------------------------------------------------------------------------------------------
+    @classmethod
+    def evaluate_run(cls, model: Optional[str], checkpoint: Optional[str], **options: Any) -> Dict[str, Any]:
+        """``msconv eval``: evaluate ``checkpoint`` (weights of this task's run) with ``options``."""
+        raise ValueError(f"msconv eval: task {cls.name!r} has no evaluation of a saved run")
 
-TASKS: Dict[str, Type[Task]] = {}
+    @classmethod
+    def format_evaluation(cls, result: Dict[str, Any]) -> str:
+        """The lines ``msconv eval`` prints for ``evaluate_run``'s result."""
+        return '\n'.join(f"{k}: {v}" for k, v in result.items())
 
-
-def register_task(name: str) -> Callable[[Type[Task]], Type[Task]]:
-    def add(cls: Type[Task]) -> Type[Task]:
-        cls.name = name
-        TASKS[name] = cls
-        return cls
-
-    return add
+    @classmethod
+    def demo(cls, **options: Any) -> Dict[str, Any]:
+        """``msconv demo --task NAME``: a small run of this task on the bundled digits; returns ``table`` (text),
+        ``summary`` (a line), ``interrupted`` and ``ok``."""
+        raise ValueError(f"msconv demo: task {cls.name!r} has no demo")
 
 
 def create_task(cfg) -> Task:
-    if cfg.task not in TASKS:
-        raise ValueError(f"task must be one of {sorted(TASKS)}, got {cfg.task!r}")
-    return TASKS[cfg.task](cfg)
+    """The task object of a run: the class registered as ``cfg.task``, given the config."""
+    return task_class(cfg.task)(cfg)
 
 
-@register_task('classification')
-class ClassificationTask(Task):
-    """Image classification on an ImageFolder tree or the bundled digits: (label-smoothed) cross-entropy, or soft
-    targets with Mixup/CutMix (timm); top-1/top-5 and loss on the val split, for the weights and the EMA."""
-
-    def num_classes(self) -> int:
-        cfg = self.cfg
-        if getattr(self, '_num_classes', None) is None:
-            from ..data.loader import check_image_folder
-
-            self._num_classes = 10 if cfg.data == 'digits' else len(check_image_folder(Path(cfg.data), 'train'))
-        return self._num_classes
-
-    def build_datasets(self, data_cfg):
-        from ..data.loader import build_dataset
-
-        cfg, dc = self.cfg, data_cfg
-        train_set = build_dataset(cfg, 'train', dc['size'], dc['mean'], dc['std'])
-        val_set = build_dataset(cfg, 'val', dc['size'], dc['mean'], dc['std'])
-        n = self.num_classes()
-        if len(train_set.classes) != n:
-            raise ValueError(
-                f"data {cfg.data!r}: train/ has {n} classes but the dataset reports {len(train_set.classes)}"
-            )
-        if list(val_set.classes) != list(train_set.classes):
-            raise ValueError(
-                f"data {cfg.data!r}: val/ classes {list(val_set.classes)} differ from train/ classes "
-                f"{list(train_set.classes)}"
-            )
-        return train_set, val_set
-
-    def build_criterion(self, num_classes: int) -> None:
-        from timm.data import Mixup
-        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-
-        cfg = self.cfg
-        if cfg.mixup > 0 or cfg.cutmix > 0:  # label smoothing folded into the soft targets
-            self.mixup_fn = Mixup(
-                mixup_alpha=cfg.mixup,
-                cutmix_alpha=cfg.cutmix,
-                prob=cfg.mixup_prob,
-                switch_prob=cfg.mixup_switch_prob,
-                mode=cfg.mixup_mode,
-                label_smoothing=cfg.smoothing,
-                num_classes=num_classes,
-            )
-            self.criterion = SoftTargetCrossEntropy()
-        elif cfg.smoothing > 0:
-            self.criterion = LabelSmoothingCrossEntropy(smoothing=cfg.smoothing)
-        else:
-            self.criterion = nn.CrossEntropyLoss()
-
-    def prepare_batch(self, x, y):
-        return self.mixup_fn(x, y) if self.mixup_fn is not None else (x, y)
-
-    def evaluate(self, model, ema_model, val_loader, ctx):
-        from .evaluate import evaluate_loader
-
-        args = (val_loader, ctx.device, ctx.amp_dtype, ctx.channels_last, ctx.world_size, ctx.rank)
-        ev = evaluate_loader(model, *args)
-        rec = {'top1': ev['top1'], 'top5': ev['top5'], 'val_loss': ev['val_loss']}
-        if ema_model is not None:
-            rec['ema_top1'] = evaluate_loader(ema_model, *args)['top1']
-        return rec
-
-    def summary(self, rec):
-        extra = f", EMA top-1 {rec['ema_top1']:.2f}%" if rec.get('ema_top1') is not None else ''
-        return f"val top-1 {rec['top1']:.2f}% top-5 {rec['top5']:.2f}% loss {rec['val_loss']:.4f}{extra}"
+def task_of_run(checkpoint: Optional[Union[str, Path]]) -> Type[Task]:
+    """The task class of the run ``checkpoint`` (a run folder, a checkpoint folder or a file in one) belongs to,
+    from its ``config.yaml``; 'classification' for weights outside a run folder (or no checkpoint)."""
+    cfg_path = find_run_config(Path(checkpoint)) if checkpoint is not None else None
+    name = load_yaml(cfg_path).get('task') if cfg_path is not None else None
+    return task_class(name or TrainConfig.task)
 
 
-class FaceModel(nn.Module):
-    """Embedding network + margin head (ArcFace/CosFace): ``forward(x, labels) -> margin logits``."""
-
-    def __init__(self, backbone: nn.Module, head: nn.Module):
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-
-    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x), labels)
-
-    def no_weight_decay(self):
-        nwd = getattr(self.backbone, 'no_weight_decay', lambda: set())()
-        return {f'backbone.{n}' for n in nwd}
+def _takes(function: Callable, options: Dict[str, Any], what: str) -> Dict[str, Any]:
+    """``options`` less those that are None; ``ValueError`` naming any that ``function`` does not take."""
+    options = {k: v for k, v in options.items() if v is not None}
+    params = inspect.signature(function).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        extra = sorted(set(options) - set(params))
+        if extra:
+            raise ValueError(f"option(s) {extra} do not apply to {what}")
+    return options
 
 
-@register_task('face')
-class FaceTask(Task):
-    """Face recognition (insightface practice): an embedding network trained through an ArcFace/CosFace margin
-    head on a folder of identities; verification accuracy on .bin pair files. The checkpoint's ``model`` is the
-    embedding network alone (loadable by name with ``num_classes=embedding_size``), ``head`` the margin head."""
-
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.bins = []
-
-    def num_classes(self) -> int:
-        from ..data.face import FaceIdentityFolder
-
-        n = FaceIdentityFolder(self.cfg.data).num_identities
-        if n < 2:
-            raise ValueError(f"data {self.cfg.data!r}: face training needs at least 2 identity subfolders, found {n}")
-        return n
-
-    def build_datasets(self, data_cfg):
-        # aligned crops, resized to the model's input, random horizontal flip only
-        from timm.data import create_transform
-
-        from ..data.face import FaceIdentityFolder, load_bin
-
-        cfg, dc = self.cfg, data_cfg
-        tf = create_transform(
-            dc['size'],
-            is_training=True,
-            scale=(1.0, 1.0),
-            ratio=(1.0, 1.0),
-            hflip=0.5,
-            color_jitter=None,
-            auto_augment=None,
-            interpolation=cfg.interpolation,
-            mean=tuple(dc['mean']),
-            std=tuple(dc['std']),
-        )
-        self.bins = []
-        for b in cfg.face_val_bins:
-            images, issame = load_bin(b, image_size=(dc['size'], dc['size']))
-            self.bins.append((Path(b).stem, images, issame))
-        return FaceIdentityFolder(cfg.data, transform=tf), None
-
-    def build_model(self, num_classes: int) -> nn.Module:
-        from ..layers import ArcFace, CosFace
-
-        cfg = self.cfg
-        backbone = build_model(cfg.model, cfg.embedding_size, cfg.drop_path, cfg.model_kwargs, cfg.init_checkpoint)
-        head_cls = ArcFace if cfg.margin == 'arcface' else CosFace
-        return FaceModel(backbone, head_cls(cfg.embedding_size, num_classes, s=cfg.margin_s, m=cfg.margin_m))
-
-    def backbone(self, model):
-        return model.backbone
-
-    def forward(self, model, x, y):
-        return model(x, y)
-
-    def loss(self, output, y):
-        return F.cross_entropy(output.float(), y)
-
-    def evaluate(self, model, ema_model, val_loader, ctx):
-        from .verification import evaluate_verification
-
-        results = {}
-        if ctx.is_main:
-            for name, images, issame in self.bins:
-                res = evaluate_verification(
-                    model.backbone, images, issame, batch_size=ctx.local_batch_size, device=ctx.device
-                )
-                ctx.print(f"verification {name}: accuracy {res['accuracy']:.4f}")
-                results[name] = {k: float(v) for k, v in res.items() if isinstance(v, (int, float))}
-        rec: Dict[str, Any] = {'verification': results}
-        accs = [r['accuracy'] for r in results.values() if 'accuracy' in r]
-        if accs:
-            rec['verification_acc'] = 100.0 * sum(accs) / len(accs)
-        return rec
-
-    def summary(self, rec):
-        return f"verification {rec['verification']}" if rec.get('verification') else ''
-
-    def checkpoint_weights(self, model, ema_model):
-        weights = super().checkpoint_weights(model, ema_model)
-        weights['head'] = model.head.state_dict()
-        return weights
-
-    def load_checkpoint_weights(self, model, ema_model, weights):
-        super().load_checkpoint_weights(model, ema_model, weights)
-        if 'head' in weights:
-            model.head.load_state_dict(weights['head'])
-            if ema_model is not None:
-                ema_model.head.load_state_dict(weights['head'])
+def evaluate_run(
+    model: Optional[str], checkpoint: Optional[Union[str, Path]] = None, **options: Any
+) -> Tuple[Type[Task], Dict[str, Any]]:
+    """``msconv eval``: the task of ``checkpoint``'s run evaluates it with ``options`` (those that are not None);
+    returns the task class (its ``format_evaluation`` prints the result) and the result. An option the task does
+    not take raises ``ValueError`` naming it."""
+    task = task_of_run(checkpoint)
+    options = _takes(task.evaluate_run, options, f"the evaluation of a {task.name!r} run")
+    return task, task.evaluate_run(model, None if checkpoint is None else str(checkpoint), **options)
 
 
-from . import dense_tasks  # noqa: E402,F401  (registers 'detection' and 'segmentation')
+def run_demo(task: str = TrainConfig.task, **options: Any) -> Dict[str, Any]:
+    """``msconv demo --task``: the demo of ``task`` with ``options`` (those that are not None); an option its demo
+    does not take raises ``ValueError`` naming it."""
+    cls = task_class(task)
+    return cls.demo(**_takes(cls.demo, options, f"the demo of task {task!r}"))

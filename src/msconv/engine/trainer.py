@@ -12,6 +12,7 @@ to one that never stopped, and a torchrun run sees the same global batches as a 
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import random
@@ -21,14 +22,17 @@ import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
 
-from ..data.loader import DataError, count_unreadable, unreadable_message
+from ..data.loader import DataError, build_loader, count_unreadable, unreadable_message
 from .build import data_config
 from .checkpoint import (
     CheckpointError,
@@ -45,13 +49,16 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .config import TrainConfig, preset_info, resolve_config, save_config, split_global_batch
+from .config import TrainConfig, resolve_config, save_config, split_global_batch
 from .distributed import DistInfo, cleanup_distributed, init_distributed, resolve_device
 from .evaluate import autocast_context
 from .metrics import MetricsLog, Progress, plot_curves, read_metrics, top1_summary
+from .optim import weight_decay_groups
+from .recipes import preset_info
+from .sparsity import SparsityScheduler
 from .tasks import RunContext, create_task
 
-__all__ = ['train', 'NonFiniteLossError', 'weight_decay_groups']
+__all__ = ['train', 'NonFiniteLossError']
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -88,35 +95,6 @@ def _amp_dtype(cfg: TrainConfig, device: torch.device) -> Tuple[Optional[torch.d
     if device.type == 'cuda' and not torch.cuda.is_bf16_supported():
         return torch.float16, None
     return torch.bfloat16, None
-
-
-def weight_decay_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
-    """timm's parameter groups (no decay for 1-D parameters, biases and ``model.no_weight_decay()``), except that
-    parameters a module lists in ``force_weight_decay()`` (ShiftWise GRN gamma/beta, 4-D and decayed in the
-    official model) are decayed."""
-    from timm.optim import param_groups_weight_decay
-
-    skip = model.no_weight_decay() if hasattr(model, 'no_weight_decay') else set()
-    groups = param_groups_weight_decay(model, weight_decay, no_weight_decay_list=skip)
-    forced = set()
-    for prefix, module in model.named_modules():
-        if hasattr(module, 'force_weight_decay'):
-            forced |= {f"{prefix}.{n}" if prefix else n for n in module.force_weight_decay()}
-    if not forced or not weight_decay:
-        return groups
-    params = dict(model.named_parameters())
-    forced_ids = {id(params[n]) for n in forced if n in params}
-    moved = []
-    for g in groups:
-        if g['weight_decay'] == 0.0:
-            moved += [p for p in g['params'] if id(p) in forced_ids]
-            g['params'] = [p for p in g['params'] if id(p) not in forced_ids]
-    decay = next((g for g in groups if g['weight_decay'] > 0 and not g.get('use_fallback')), None)
-    if decay is None:
-        decay = {'params': [], 'weight_decay': weight_decay}
-        groups.append(decay)
-    decay['params'] += moved
-    return [g for g in groups if g['params']]
 
 
 class _StopFlag:
@@ -216,8 +194,6 @@ class _Trainer:
         self.model = model
         self.n_params = sum(p.numel() for p in self.task.backbone(model).parameters())
 
-        from ..data.loader import build_loader
-
         gen_seed = cfg.seed
         self.train_loader, self.train_sampler = build_loader(
             self.train_set,
@@ -256,9 +232,6 @@ class _Trainer:
             self.total_steps = min(self.total_steps, cfg.max_steps)
 
         # Optimizer and schedule (timm). LRs are per lr_base_size images, scaled linearly to the global batch.
-        from timm.optim import create_optimizer_v2
-        from timm.scheduler import create_scheduler_v2
-
         scale = 1.0 if cfg.lr_base_size is None else cfg.batch_size * cfg.accum_steps / cfg.lr_base_size
         self.lr, warmup_lr, min_lr = cfg.lr * scale, cfg.warmup_lr * scale, cfg.min_lr * scale
         opt_kwargs = dict(eps=cfg.opt_eps, betas=tuple(cfg.opt_betas)) if 'adam' in cfg.opt.lower() else {}
@@ -294,8 +267,6 @@ class _Trainer:
 
         self.ema = None
         if cfg.ema:
-            from timm.utils import ModelEmaV3
-
             self.ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup, device=device)
 
         self.sparsity = None
@@ -309,8 +280,6 @@ class _Trainer:
             )
 
     def _build_sparsity(self, options: Dict[str, Any]):
-        from .sparsity import SparsityScheduler
-
         options = dict(options)
         options.setdefault('seed', self.cfg.seed)
         try:
@@ -335,10 +304,6 @@ class _Trainer:
         """The official SNIP initialisation of the sparsity masks: one training batch (epoch 0's first, before
         Mixup), plain cross-entropy on a deep copy of the model in fp32, ``|w * grad|`` scores (rank 0's, shared
         with every rank so that all draw the same masks) -> per-layer densities -> random masks."""
-        import copy
-
-        import torch.nn.functional as F
-
         self.train_sampler.set_epoch(0)
         self.train_loader.dataset.set_epoch(0)
         self.train_sampler.set_start(0)
@@ -349,11 +314,7 @@ class _Trainer:
         net.zero_grad(set_to_none=True)
         with torch.enable_grad():
             out = self.task.forward(net, x, y)
-            if self.cfg.task == 'classification':  # hard labels, no Mixup (-1: an unreadable image's stand-in)
-                loss = F.cross_entropy(out.float(), y, ignore_index=-1)
-            else:
-                loss = self.task.loss(out, y)
-            loss.backward()
+            self.task.plain_loss(out, y).backward()
         scores = self._broadcast_scores(self.sparsity.snip_scores(net))
         del net
         self.sparsity.init_from_scores(scores)
@@ -379,15 +340,15 @@ class _Trainer:
         sp = ''
         if cfg.sparsity:
             sp = ', sparsity ' + ' '.join(f"{k}={v}" for k, v in cfg.sparsity.items())
+        own = self.task.recipe_line()
         return (
             f"recipe: preset {cfg.preset!r} for {cfg.model} ({kind}; based on {info['based_on']})\n"
             f"  epochs {cfg.epochs}, global batch {glob} ({per}), lr {self.lr:.4g} ({base}), warm-up "
             f"{cfg.warmup_epochs:g} epochs from {cfg.warmup_lr * scale:.4g} ({sched}), min lr "
-            f"{cfg.min_lr * scale:.4g}, {cfg.sched}, image {self.data_cfg['size']} (eval crop_pct {cfg.crop_pct:g})\n"
+            f"{cfg.min_lr * scale:.4g}, {cfg.sched}, image {self.data_cfg['size']}\n"
             f"  {cfg.opt} wd {cfg.weight_decay:g} eps {cfg.opt_eps:g} betas {tuple(cfg.opt_betas)}, clip "
-            f"{cfg.clip_grad}, drop path {cfg.drop_path:g}, smoothing {cfg.smoothing:g}, mixup {cfg.mixup:g}, cutmix "
-            f"{cfg.cutmix:g}, aa {cfg.auto_augment}, re {cfg.re_prob:g}, ema {cfg.ema}, precision {amp}, sync_bn "
-            f"{cfg.sync_bn}{sp}"
+            f"{cfg.clip_grad}, drop path {cfg.drop_path:g}, hflip {cfg.hflip:g}, ema {cfg.ema}, precision {amp}, "
+            f"sync_bn {cfg.sync_bn}{sp}" + (f"\n  {self.task.name}: {own}" if own else '')
         )
 
     # ------------------------------------------------------------------------------------------- checkpoints
@@ -823,6 +784,10 @@ class _Trainer:
             'checkpoint': str(self.last_checkpoint) if self.last_checkpoint else None,
             'curves': str(self.curves) if self.curves else None,
             'last_eval': self.last_eval,
+        }
+        # the task's headline metrics of the last evaluation (what `msconv train` prints when the run ends)
+        result['headline'] = {
+            k: self.last_eval[k] for k in self.task.headline_metrics if isinstance((self.last_eval or {}).get(k), float)
         }
         if self.last_eval and 'top1' in self.last_eval:
             result['top1'] = self.last_eval['top1']

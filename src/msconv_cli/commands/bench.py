@@ -76,15 +76,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _fmt(value: float, spec: str, suffix: str = '') -> str:
-    return '-' if value != value else format(value, spec) + suffix  # NaN (not measured) -> '-'
+def _fmt(value: float, spec: str) -> str:
+    return '-' if value != value else format(value, spec)  # NaN (not measured) -> '-'
+
+
+def _ratio(value: float) -> str:
+    return '-' if value != value else f"{value:.2f}x"  # NaN (nothing timed) -> '-'
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
+    import torch  # deferred: msconv loads torch (`msconv --help` and argument errors do not)
 
     if args.dense:  # the dense systems: msconv.tools.dense_bench
-        from msconv.tools.dense_bench import bench_dense, format_dense_bench
+        from msconv.tools.dense_bench import bench_dense, format_dense_bench  # deferred: as torch above
 
         rows = bench_dense(
             [f"{m}:{a}" for m in args.models for a in args.dense],
@@ -97,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         print(format_dense_bench(rows))
         return 0
 
+    # deferred: as torch above
     from msconv.tools._common import machine_line
     from msconv.tools._table import print_table
     from msconv.tools.bench import benchmark, write_csv
@@ -152,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
         if inference_form:
             row.insert(1, r['layout'])
         if args.vs:
-            row += [_fmt(r['infer_ratio'], '.2f', 'x')] + ([_fmt(r['train_ratio'], '.2f', 'x')] if train else [])
+            row += [_ratio(r['infer_ratio'])] + ([_ratio(r['train_ratio'])] if train else [])
         rows.append(row)
     print_table(title, columns, rows, left=(0, 1) if inference_form else None)
     print(f"machine: {machine_line()}")

@@ -1,5 +1,6 @@
 """`msconv demo`: nano SMT, SCSC-Swin and ShiftWise trained on the bundled MNIST digits on CPU, in minutes;
-``--task detection|segmentation``: Mask R-CNN, RetinaNet or UperNet fine-tuned from the nano SMT on digits canvases."""
+``--task``: the demo of another task (detection, segmentation: Mask R-CNN, RetinaNet or UperNet fine-tuned from the
+nano SMT on digits canvases). Each task runs its own demo (``msconv.engine.tasks.run_demo``)."""
 
 from __future__ import annotations
 
@@ -9,16 +10,14 @@ HELP = 'train nano SMT, SCSC-Swin and ShiftWise on the bundled digits (CPU, minu
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # defaults None: an option not given is left to the task's demo, which refuses options it does not take
     parser.add_argument(
         '--task',
         default='classification',
-        choices=['classification', 'detection', 'segmentation'],
         help="'classification' (default: the three nano families), 'detection' (Mask R-CNN and RetinaNet on "
         "digits canvases, box AP50) or 'segmentation' (UperNet, mIoU)",
     )
-    parser.add_argument(
-        '--families', nargs='+', default=['smt', 'scsc', 'shiftwise'], help='families to train (default: all three)'
-    )
+    parser.add_argument('--families', nargs='+', default=None, help='classification: the families (default: all three)')
     parser.add_argument(
         '--archs', nargs='+', default=None, help='dense tasks: a subset of mask_rcnn retinanet / upernet'
     )
@@ -29,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         'pre-trained first when absent)',
     )
     parser.add_argument('--output', default=None, help='folder for the runs (default runs/demo, runs/demo_dense)')
-    parser.add_argument('--epochs', type=int, default=None, help='override the epochs of every run')
+    parser.add_argument('--epochs', type=int, default=None, help='classification: override the epochs of every run')
     parser.add_argument('--max-steps', type=int, default=None, help='stop every run after this many steps')
     parser.add_argument(
         '--threads',
@@ -42,28 +41,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    common = dict(max_steps=args.max_steps, threads=args.threads, progress=args.progress, device=args.device)
-    if args.task != 'classification':
-        from msconv.engine.demo import dense_demo
+    from msconv.engine.tasks import run_demo  # deferred: the engine loads torch (`msconv --help` does not)
 
-        res = dense_demo(
-            task=args.task,
-            archs=args.archs,
-            output=args.output or 'runs/demo_dense',
-            pretrained=args.pretrained,
-            **common,
-        )
-    else:
-        from msconv.engine.demo import demo
-
-        res = demo(families=args.families, output=args.output or 'runs/demo', epochs=args.epochs, **common)
+    res = run_demo(
+        args.task,
+        families=args.families,
+        archs=args.archs,
+        pretrained=args.pretrained,
+        output=args.output,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        threads=args.threads,
+        progress=args.progress,
+        device=args.device,
+    )
     print()
     print(res['table'])
     if res['interrupted']:
         print('interrupted')
         return 130
-    if args.task != 'classification':
-        print(f"\ntotal time {res['total_time_s']:.0f}s (data {res['data_time_s']:.0f}s); backbone {res['backbone']}")
-        return 0
-    print(f"\ntotal time {res['total_time_s']:.0f}s; curves: {res['curves']}")
-    return 0 if all(not r.get('error') for r in res['rows']) else 1
+    print(f"\n{res['summary']}")
+    return 0 if res['ok'] else 1

@@ -61,6 +61,7 @@ def parse_kwargs(items) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    # deferred: msconv loads torch (`msconv --help` and argument errors do not)
     from msconv.tools._common import build_model
     from msconv.tools._table import print_table
     from msconv.tools.erf import THRESHOLDS, compute_erf

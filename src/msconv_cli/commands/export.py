@@ -27,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # deferred: msconv loads torch (`msconv --help` and argument errors do not)
     from msconv.tools._common import build_model
     from msconv.tools.export import _onnx_summary, export_onnx, export_onnx_checked
 

@@ -20,10 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from msconv.models import list_models
+    from msconv.models import list_models  # deferred: msconv loads torch (`msconv --help` and argument errors do not)
 
     if args.markdown:
-        from msconv.tools.model_table import render
+        from msconv.tools.model_table import render  # deferred: as msconv above
 
         print(render(include_test=args.all), end='')
         return 0
@@ -33,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
     if args.names:
         print('\n'.join(names))
         return 0
+    # deferred: as msconv above
     import timm
 
     from msconv.tools._table import print_table

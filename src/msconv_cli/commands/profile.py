@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 HELP = 'count parameters, MACs (conv+linear and attention matmuls) and activations of a forward pass'
 
@@ -18,8 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
+    # deferred: msconv loads torch (`msconv --help` and argument errors do not)
     from msconv.tools._common import build_model
     from msconv.tools._table import print_table
     from msconv.tools.profile import profile

@@ -1,10 +1,24 @@
-"""`msconv train MODEL --data PATH|digits ...`: thin wrapper over ``msconv.train``."""
+"""`msconv train MODEL --data PATH|digits ...`: thin wrapper over ``msconv.train``.
+
+The flags below are the options every task shares, parsed without importing torch (``--help`` stays fast). A
+task's own options come from its config (``msconv.engine``; ``msconv tasks`` lists them): the arguments left over
+are parsed against them once the engine is loaded.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
+import signal
 
 HELP = 'train a model: timm recipe, per-family presets, crash-safe checkpoints, --resume, torchrun'
+EPILOG = (
+    "Each task adds its own options (e.g. a detector's --arch): `msconv tasks` lists the tasks, their presets and "
+    "options; any option can also be set with --set NAME=VALUE."
+)
+# `msconv train` takes the arguments its parser does not know: the options of the tasks (see the module docstring)
+TAKES_TASK_OPTIONS = True
 
 # flag -> config field; value None means "not given" so that YAML values stay.
 _FLAGS = [
@@ -13,12 +27,10 @@ _FLAGS = [
         '--preset',
         'preset',
         str,
-        "'imagenet' (the family's official recipe, default), 'demo' (small, fast), for SMT-L 'imagenet22k', "
-        "'imagenet22kto1k', 'imagenet22kto1k_384' (see docs/guides/recipes.md), 'coco_3x' (default for "
-        "--task detection) or 'ade20k_160k' (default for --task segmentation)",
+        "the recipe to start from (default: the task's own; classification: 'imagenet', the family's official "
+        "recipe; 'demo': small and fast; see docs/guides/recipes.md and `msconv tasks`)",
     ),
-    ('--task', 'task', str, "'classification' (default), 'face', 'detection' (COCO folder) or 'segmentation' (ADE20K)"),
-    ('--arch', 'arch', str, "dense tasks: 'mask_rcnn', 'cascade_mask_rcnn', 'retinanet' or 'upernet'"),
+    ('--task', 'task', str, "the training task (default 'classification', or the preset's task; `msconv tasks`)"),
     ('--epochs', 'epochs', int, 'training epochs'),
     ('--max-steps', 'max_steps', int, 'stop after this many optimizer steps'),
     ('--batch-size', 'batch_size', int, 'global batch per micro-step (split over torchrun processes)'),
@@ -39,8 +51,6 @@ _FLAGS = [
     ('--nan-policy', 'nan_policy', str, "on a NaN/inf loss: 'abort' (default) or 'skip' the step"),
     ('--seed', 'seed', int, 'random seed'),
     ('--log-every', 'log_every', int, 'optimizer steps between metric records (and progress lines off a terminal)'),
-    ('--embedding-size', 'embedding_size', int, 'face task: embedding width'),
-    ('--margin', 'margin', str, "face task: 'arcface' or 'cosface'"),
     ('--amp-dtype', 'amp_dtype', str, "'float16' (fp16 + GradScaler; needs CUDA, fp32 on CPU), 'bfloat16' or 'auto'"),
     (
         '--per-gpu-batch',
@@ -49,7 +59,6 @@ _FLAGS = [
         'images per process per micro-step (the official per-GPU batch: BatchNorm statistics); gradient '
         'accumulation makes up the global batch (batch-size x accum-steps), the LR follows the global batch',
     ),
-    ('--class-map', 'class_map', str, 'with --init-checkpoint: classifier rows to keep (e.g. map22kto1k.txt)'),
 ]
 _BOOLS = [
     ('amp', 'mixed precision (--amp-dtype; the presets: fp16 + GradScaler for SMT/SCSC, off for ShiftWise)'),
@@ -67,6 +76,7 @@ _BOOLS = [
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EPILOG
     parser.add_argument('model', help="model name, e.g. smt_tiny (see `msconv list`), or any timm model")
     parser.add_argument('--config', '-c', default=None, help='YAML file of config options (flags override it)')
     for flag, dest, typ, hlp in _FLAGS:
@@ -75,13 +85,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
             f"--{dest.replace('_', '-')}", dest=dest, action=argparse.BooleanOptionalAction, default=None, help=hlp
         )
-    parser.add_argument(
-        '--face-val-bin',
-        dest='face_val_bins',
-        action='append',
-        default=None,
-        help='face task: a verification .bin file (repeatable)',
-    )
     parser.add_argument(
         '--print-config',
         action='store_true',
@@ -98,14 +101,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def collect_overrides(args: argparse.Namespace) -> dict:
-    import yaml
+    """The config options given on the command line: the shared flags, ``--set`` and, once the engine is loaded,
+    the tasks' own flags (``args.task_args``: the arguments the parser left over)."""
+    import yaml  # deferred: only a run parses values (`msconv train --help` loads no YAML parser)
 
     overrides = {'model': args.model}
     for _, dest, _, _ in _FLAGS:
         overrides[dest] = getattr(args, dest)
     for dest, _ in _BOOLS:
         overrides[dest] = getattr(args, dest)
-    overrides['face_val_bins'] = args.face_val_bins
+    overrides.update(task_options(getattr(args, 'task_args', None) or []))
     for item in args.set_values:
         if '=' not in item:
             raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
@@ -114,17 +119,30 @@ def collect_overrides(args: argparse.Namespace) -> dict:
             overrides[key.strip().replace('-', '_')] = yaml.safe_load(value)
         except yaml.YAMLError as e:
             raise ValueError(f"--set {item!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from e
-    if args.config is None and overrides.get('preset') is None:  # the dense tasks' own recipes by default
-        overrides['preset'] = {'detection': 'coco_3x', 'segmentation': 'ade20k_160k'}.get(overrides.get('task'))
     return {k: v for k, v in overrides.items() if v is not None}
+
+
+def task_options(argv: list) -> dict:
+    """The options of the tasks given as flags in ``argv`` (each task's config declares its flags)."""
+    from msconv.engine.config import task_flags  # deferred: the tasks' flags are known once the engine is loaded
+
+    if not argv:
+        return {}
+    parser = argparse.ArgumentParser(prog='msconv train', add_help=False, exit_on_error=False)
+    for flag, dest, kwargs in task_flags():
+        parser.add_argument(flag, dest=dest, default=None, **kwargs)
+    try:
+        ns, rest = parser.parse_known_args(argv)
+    except argparse.ArgumentError as e:
+        raise ValueError(str(e)) from e
+    if rest:
+        raise ValueError(f"unrecognized arguments: {' '.join(rest)} (`msconv tasks` lists the options of each task)")
+    return {k: v for k, v in vars(ns).items() if v is not None}
 
 
 def resume_command(argv: list, run_dir: str) -> str:
     """The command that continues this run: the same arguments with ``--resume auto`` and the run folder spelt
     out (``--output``/``--name``), without ``--overwrite``."""
-    import os
-    import shlex
-
     out, skip = [], False
     for a in argv:
         if skip:
@@ -142,12 +160,12 @@ def resume_command(argv: list, run_dir: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import signal
-
-    from msconv.engine import train
+    from msconv.engine import train  # deferred: the engine loads torch (`msconv train --help` does not)
 
     if getattr(args, 'print_config', False):
-        from msconv.engine.config import config_yaml, preset_info, resolve_config
+        # deferred: as train above
+        from msconv.engine.config import config_yaml, resolve_config
+        from msconv.engine.recipes import preset_info
 
         cfg = resolve_config(args.config, collect_overrides(args))
         info = preset_info(cfg.model, cfg.preset)
@@ -156,8 +174,6 @@ def run(args: argparse.Namespace) -> int:
         print(config_yaml(cfg), end='')
         return 0
     result = train(args.config, **collect_overrides(args))
-    import os
-
     if int(os.environ.get('RANK', '0')) != 0:
         return 0
     if result['status'] == 'interrupted':
@@ -175,10 +191,8 @@ def run(args: argparse.Namespace) -> int:
             line += f", best {best['top1']:.2f}% (epoch {best['epoch']:.2f})"
     elif result.get('top1') is not None:
         line += f", val top-1 {result['top1']:.2f}%"
-    ev = result.get('last_eval') or {}
-    for key in ('bbox_AP', 'bbox_AP50', 'segm_AP', 'mIoU', 'aAcc', 'ms_mIoU'):  # the dense tasks' metrics
-        if isinstance(ev.get(key), float):
-            line += f", {key} {ev[key]:.3f}"
+    for key, value in result.get('headline', {}).items():  # the task's headline metrics
+        line += f", {key} {value:.3f}"
     print(line)
     if result.get('curves'):
         print(f"curves: {result['curves']}")
