@@ -196,7 +196,7 @@ def test_cli_dtype_vs_timm_peer_prints_ratio_and_machine(capsys, tmp_path, monke
     assert base['dtype'] == peer['dtype'] == 'bfloat16'
     assert peer['infer_ratio'] == pytest.approx(peer['infer_img_s'] / base['infer_img_s'])
     cells = {
-        c[0]: c for c in ([x.strip() for x in line.strip('│').split('│')] for line in text.splitlines()) if len(c) > 8
+        c[0]: c for c in ([x.strip() for x in line.strip('|').split('|')] for line in text.splitlines()) if len(c) > 8
     }
     assert cells['timm:test_convnext (baseline)'][-2] == '1.00x'
     row = cells['timm:test_resnet']

@@ -57,7 +57,7 @@ def user_error_message(e: BaseException) -> Optional[str]:
     if isinstance(e, (ValueError, OSError, FloatingPointError)):
         return str(e) or type(e).__name__
     if isinstance(e, ImportError):  # an optional dependency that is not installed: name its extra
-        from msconv._extras import MissingExtraError, extra_for_missing_module
+        from msconv._extras import MissingExtraError, extra_for_missing_module  # deferred: msconv loads torch
 
         return str(e) if isinstance(e, MissingExtraError) else extra_for_missing_module(e)
     if type(e).__module__.split('.')[0] == 'yaml':  # a YAML error that reached here without its file name

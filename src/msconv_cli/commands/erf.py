@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def parse_kwargs(items) -> dict:
     """``['k=v', ...]`` -> ``{'k': yaml(v)}`` (a one-line error for an item without '=')."""
-    import yaml
+    import yaml  # deferred: `msconv --help` loads nothing it does not print
 
     kwargs = {}
     for item in items:
