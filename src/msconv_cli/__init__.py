@@ -7,9 +7,9 @@ know in ``args.task_args``: the options each training task declares, parsed once
 sits beside ``msconv`` (not inside it) because ``import msconv`` registers the models
 in timm and so imports torch; ``msconv --help`` and argument errors import neither.
 
-User errors (bad paths, bad values, malformed YAML, unreadable or foreign checkpoints, bad data) are printed as
-one line on stderr with exit status 2; ``--debug`` shows the traceback instead. Ctrl-C exits with 130, SIGTERM
-with 143.
+User errors (bad paths, bad values, malformed YAML, unreadable or foreign checkpoints, bad data, an optional
+dependency that is not installed: the line names the extra) are printed as one line on stderr with exit status 2;
+``--debug`` shows the traceback instead. Ctrl-C exits with 130, SIGTERM with 143.
 """
 
 from __future__ import annotations
@@ -56,6 +56,10 @@ def user_error_message(e: BaseException) -> Optional[str]:
         )
     if isinstance(e, (ValueError, OSError, FloatingPointError)):
         return str(e) or type(e).__name__
+    if isinstance(e, ImportError):  # an optional dependency that is not installed: name its extra
+        from msconv._extras import MissingExtraError, extra_for_missing_module  # deferred: msconv loads torch
+
+        return str(e) if isinstance(e, MissingExtraError) else extra_for_missing_module(e)
     if type(e).__module__.split('.')[0] == 'yaml':  # a YAML error that reached here without its file name
         return f"malformed YAML: {e}"
     return None
