@@ -390,7 +390,7 @@ def test_fast_routing_matches_plain_routing(routing):
 
 @pytest.mark.parametrize('stride,size,bias', [(1, 56, True), (2, 112, False), (2, 113, True)])
 def test_pointwise_conv_gemm_form_matches_conv(stride, size, bias):
-    from msconv.layers.cross_scale import pointwise_conv
+    from msconv.layers.fast_ops import pointwise_conv
 
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 24, 1, stride=stride, bias=bias)
@@ -434,7 +434,7 @@ def _fused_ok():
 @pytest.mark.parametrize('channels_last', [False, True])
 def test_conv_gelu_forms_match_conv_then_gelu(form, kernel, stride, groups, bias, channels_last):
     from msconv.layers import forms
-    from msconv.layers.cross_scale import conv_gelu
+    from msconv.layers.fast_ops import conv_gelu
 
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 16 if groups > 1 else 24, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=bias)

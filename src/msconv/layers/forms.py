@@ -11,7 +11,7 @@ one of these kinds:
 ``inplace``   the same ops writing into tensors the module just created (GELU, residual adds, products).
               Needs autograd off (``torch.no_grad``/``inference_mode``) and no autocast (mixed dtypes).
 ``per_image`` image-by-image execution of a block on CPU so that its temporaries stay cache-sized. Needs
-              what ``inplace`` needs; see :func:`map_images`.
+              what ``inplace`` needs; see ``msconv.layers.fast_ops.map_images``.
 ``onednn``    fp32 GEMMs through oneDNN's convolution op on CPU (``msconv.layers.Linear``). Works with
               autograd; not under CPU autocast (autocast only casts the ops on its list).
 ``cpu_gemm``  convolutions computed as explicit GEMMs on CPU (SCSC's 1x1 convs, the im2col stem), fp32.
@@ -66,7 +66,6 @@ __all__ = [
     'reference_forms_enabled',
     'is_capturing',
     'use_fast_form',
-    'map_images',
     'tuned',
     'forced_choices',
     'autotune_choices',
@@ -157,15 +156,6 @@ def _use_fast_form(form: str, x: torch.Tensor) -> bool:
         )
     # per_image
     return x.device.type == 'cpu' and x.shape[0] > 1
-
-
-def map_images(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, op: str) -> torch.Tensor:
-    """``fn(x)`` for an ``fn`` that treats images independently (eval mode), computed batched or one image at a time
-    (concatenated), whichever :func:`tuned` measures faster for ``op`` at this shape, where ``per_image`` forms are
-    allowed."""
-    if not use_fast_form('per_image', x):
-        return fn(x)
-    return tuned(op, x, {'batched': lambda: fn(x), 'per_image': lambda: torch.cat([fn(xi) for xi in x.split(1)])})
 
 
 # ---- the autotuner ---------------------------------------------------------------------------------------------

@@ -21,13 +21,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import ClassifierHead
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs
 from timm.models._features import feature_take_indices
 
 from ..layers._fold import fold_bn_into_conv
 from ..layers.cross_scale import STAGE_KERNEL_SIZES, CrossScaleBottleneck, convert_scsc_official
+from ..layers.fast_ops import conv_im2col
 from ..layers.forms import tuned, use_fast_form
 from . import scsc_swin
 from ._builder import MsconvModel, factory_kwargs
@@ -63,7 +63,7 @@ class ConvStem(nn.Module):
                 tuned(
                     'stem_conv',
                     x,
-                    {'conv': lambda: self.conv(x), 'im2col': lambda: self._conv_im2col(x)},
+                    {'conv': lambda: self.conv(x), 'im2col': lambda: conv_im2col(self.conv, x)},
                     extra=f'{self.conv.out_channels}/s{self.conv.stride[0]}',
                 )
             )
@@ -72,25 +72,6 @@ class ConvStem(nn.Module):
         if type(self.act) is nn.ReLU:
             return torch.relu_(y)  # y is ours: no fresh activation-sized allocation
         return self.act(y)
-
-    @torch.jit.unused
-    def _conv_im2col(self, x: torch.Tensor) -> torch.Tensor:
-        """``self.conv(x)`` as one GEMM per image over the unfolded 3x3 patches (each image's unfolded patches are
-        a cache-sized buffer, hence the loop, which is part of this form): 1.5x faster than the oneDNN NCHW conv
-        for a 3-channel input on CPU (8x3x224x224 -> 96 channels: 22 ms vs 33 ms)."""
-        conv = self.conv
-        B, _, H, W = x.shape
-        s = conv.stride[0]
-        Ho, Wo = (H + 2 - 3) // s + 1, (W + 2 - 3) // s + 1
-        out = x.new_empty(B, conv.out_channels, Ho * Wo)
-        w = conv.weight.reshape(conv.out_channels, -1)
-        for i in range(B):
-            cols = F.unfold(x[i : i + 1], 3, padding=1, stride=s)[0]  # (C * 9, Ho * Wo)
-            if conv.bias is None:
-                torch.mm(w, cols, out=out[i])
-            else:
-                torch.addmm(conv.bias.unsqueeze(1), w, cols, out=out[i])
-        return out.view(B, conv.out_channels, Ho, Wo)
 
     @torch.no_grad()
     def reparameterize(self) -> None:

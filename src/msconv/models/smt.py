@@ -29,8 +29,8 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq, named_apply
 
 from ..layers._fold import fold_bn_into_conv
-from ..layers.cross_scale import conv_gelu
-from ..layers.forms import map_images, use_fast_form
+from ..layers.fast_ops import conv_gelu, map_images
+from ..layers.forms import use_fast_form
 from ..layers.linear import Linear
 from ..layers.mixed_conv import ScaleAwareModulation
 from ._builder import MsconvModel, factory_kwargs
