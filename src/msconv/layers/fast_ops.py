@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .forms import tuned, use_fast_form
+from .forms import tunable, tuned, use_fast_form
 
 __all__ = [
     'linear',
@@ -36,9 +36,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     """``F.linear(x, weight, bias)`` for ``x`` of shape (..., in_features), as a BLAS or a oneDNN GEMM, whichever
     is faster here (see ``msconv.layers.linear``)."""
     if not (
-        use_fast_form('onednn', x)
+        tunable('linear', x)
         and x.dim() >= 2
-        and x.is_contiguous()
         and weight.dtype == torch.float32
         and (bias is None or bias.dtype == torch.float32)
     ):
@@ -57,7 +56,7 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     ``msconv.layers.forms.tuned`` measures it faster, one oneDNN 1x1 convolution over the channels-last view of
     ``x`` (no copy) with the GELU as a post-op, so the 4x-wide hidden tensor is written once."""
     plain = lambda: torch.ops.aten.gelu_(linear(x, weight, bias))  # noqa: E731
-    if not (use_fast_form('fused', x) and x.dim() >= 2 and x.is_contiguous() and weight.dtype == x.dtype):
+    if not (tunable('linear_gelu', x) and x.dim() >= 2 and weight.dtype == x.dtype):
         return plain()
     return tuned(
         'linear_gelu',
@@ -133,7 +132,7 @@ def pointwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     (B, C, H*W) view (after subsampling for stride 2): on the machine it was written on that measured 1.5-3x faster
     with few input channels on large maps, and slower for wide inputs, so which of the two runs is measured per
     shape (``msconv.layers.forms.tuned``)."""
-    if not (use_fast_form('cpu_gemm', x) and is_pointwise(conv) and conv.stride[0] in (1, 2)):
+    if not (tunable('pointwise_conv', x) and is_pointwise(conv) and conv.stride[0] in (1, 2)):
         return conv(x)
     return tuned(
         'pointwise_conv',
@@ -165,7 +164,7 @@ def conv_gelu(conv: nn.Conv2d, x: torch.Tensor, plain: Optional[Callable[[], tor
     if plain is None:
         plain = lambda: torch.ops.aten.gelu_(conv(x))  # noqa: E731
     if not (
-        use_fast_form('fused', x)
+        tunable('conv_gelu', x)
         and conv.padding_mode == 'zeros'
         and not isinstance(conv.padding, str)
         and conv.weight.dtype == x.dtype
@@ -213,17 +212,23 @@ def map_images(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, op: 
     """``fn(x)`` for an ``fn`` that treats images independently (eval mode), computed batched or one image at a time
     (concatenated), whichever :func:`~msconv.layers.forms.tuned` measures faster for ``op`` at this shape, where
     ``per_image`` forms are allowed."""
-    if not use_fast_form('per_image', x):
+    if not tunable(op, x):
         return fn(x)
-    return tuned(op, x, {'batched': lambda: fn(x), 'per_image': lambda: torch.cat([fn(xi) for xi in x.split(1)])})
+    return tuned(
+        op,
+        x,
+        {'batched': lambda: fn(x), 'per_image': lambda: torch.cat([fn(xi) for xi in x.split(1)])},
+        module=fn if isinstance(fn, nn.Module) else None,
+    )
 
 
 def spatial_mean(y: torch.Tensor) -> torch.Tensor:
     """``y.mean((2, 3), keepdim=True)`` for a (B, C, H, W) ``y`` (any memory layout), e.g. a squeeze-excitation's
     statistic. On CPU, ATen reduces bf16/fp16 by first copying the whole tensor to fp32: a batch-sized temporary
-    (29 MB for scsc_resnet50's 8x288x56x56), freshly page-faulted in on every call. This reduces image by image
-    instead: the same fp32 sums (bit-identical results) through an image-sized copy."""
-    if y.device.type != 'cpu' or y.dtype not in (torch.bfloat16, torch.float16) or y.shape[0] == 1:
+    (29 MB for scsc_resnet50's 8x288x56x56), freshly page-faulted in on every call. For those dtypes, where
+    ``use_fast_form('per_image')`` allows, this reduces image by image instead: the same fp32 sums (bit-identical
+    results) through an image-sized copy. (fp32 needs no copy: there the batched mean is this form already.)"""
+    if y.dtype not in (torch.bfloat16, torch.float16) or not use_fast_form('per_image', y):
         return y.mean((2, 3), keepdim=True)
     out = y.new_empty(y.shape[0], y.shape[1], 1, 1)
     for i in range(y.shape[0]):
@@ -232,10 +237,12 @@ def spatial_mean(y: torch.Tensor) -> torch.Tensor:
 
 
 def spatial_l2_norms(hv: torch.Tensor) -> torch.Tensor:
-    """(b, N, C) -> (b, 1, C): L2 norms over N, GRN's statistic. Squares and sums image by image through one
-    image-sized buffer: ~10x faster than ``vector_norm`` over a non-innermost dim on CPU, and no batch-sized
-    temporary (fresh multi-MB buffers are page-faulted in on every call: 2.4 ms vs 0.3 ms at 8x196x1280)."""
-    if hv.device.type != 'cpu':  # caching allocators elsewhere: one batched pass beats a per-image loop
+    """(b, N, C) -> (b, 1, C): L2 norms over N, GRN's statistic, for eager inference without autograd. Where
+    ``use_fast_form('per_image')`` allows, squares and sums image by image through one image-sized buffer: ~10x
+    faster than ``vector_norm`` over a non-innermost dim on CPU, and no batch-sized temporary (fresh multi-MB buffers
+    are page-faulted in on every call: 2.4 ms vs 0.3 ms at 8x196x1280); elsewhere (other devices, with caching
+    allocators, or one image: the same sums) one batched pass."""
+    if not use_fast_form('per_image', hv):
         return (hv * hv).sum(1, keepdim=True).sqrt_()
     squares = torch.empty_like(hv[0])
     norms = hv.new_empty(hv.shape[0], 1, hv.shape[2])

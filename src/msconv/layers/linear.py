@@ -9,9 +9,10 @@ for the machine at hand). A contiguous (..., C) tensor viewed as (1, C, M, 1) or
 own backward. (bf16 needs no detour: ``F.linear`` already runs bf16 GEMMs on oneDNN.)
 
 Which of the two runs is measured, not assumed: on another machine of the same kind the same shapes ran 0.75x-1.08x
-(slower on 9 of 10), so where ``msconv.layers.forms.use_fast_form('onednn', x)`` allows the oneDNN form (fp32 CPU,
-oneDNN enabled, no autocast, no graph capture, not inside ``reference_forms()``), ``msconv.layers.forms.tuned``
-times both on the first call for each shape in eager inference and keeps the faster. With autograd on (training),
+(slower on 9 of 10), so where the gate allows the oneDNN form of the tuned operation ``linear``
+(``msconv.layers.forms.tunable('linear', x)``: kind ``onednn``, i.e. fp32 CPU, oneDNN enabled, no autocast, no graph
+capture, not inside ``reference_forms()``, and a contiguous input), ``msconv.layers.forms.tuned`` times both on the
+first call for each shape in eager inference and keeps the faster. With autograd on (training),
 under captures and everywhere else it is ``F.linear``.
 """
 
@@ -20,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .fast_ops import linear
-from .forms import use_fast_form
+from .forms import tunable
 
 __all__ = ['Linear']
 
@@ -29,7 +30,7 @@ class Linear(nn.Linear):
     """``nn.Linear`` (same parameters and state-dict keys) computed by ``msconv.layers.fast_ops.linear``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if use_fast_form('onednn', x):
+        if tunable('linear', x):
             return self._forward_fast(x)
         return self.forward_reference(x)
 

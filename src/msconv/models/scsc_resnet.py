@@ -28,7 +28,7 @@ from timm.models._features import feature_take_indices
 from ..layers._fold import fold_bn_into_conv
 from ..layers.cross_scale import STAGE_KERNEL_SIZES, CrossScaleBottleneck, convert_scsc_official
 from ..layers.fast_ops import conv_im2col
-from ..layers.forms import tuned, use_fast_form
+from ..layers.forms import tunable, tuned, use_fast_form
 from . import scsc_swin
 from ._builder import MsconvModel, factory_kwargs
 from ._registry import register_converter, register_model
@@ -55,20 +55,21 @@ class ConvStem(nn.Module):
 
     @torch.jit.unused
     def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:
-        """Without autograd: the conv, or where ``use_fast_form('cpu_gemm')`` allows and it measures faster (an
-        RGB stem: K = in_chans * 9 is thin for oneDNN's NCHW kernel), im2col GEMMs; a ReLU in place on the fresh
-        output."""
-        if use_fast_form('cpu_gemm', x) and x.is_contiguous():
+        """Without autograd: the conv, or where the gate allows the ``stem_conv`` operation's im2col form (CPU fp32,
+        a contiguous input) and it measures faster (an RGB stem: K = in_chans * 9 is thin for oneDNN's NCHW kernel),
+        im2col GEMMs; a ReLU in place on the fresh output."""
+        conv = self.conv
+        if tunable('stem_conv', x):
             y = self.bn(
                 tuned(
                     'stem_conv',
                     x,
-                    {'conv': lambda: self.conv(x), 'im2col': lambda: conv_im2col(self.conv, x)},
-                    extra=f'{self.conv.out_channels}/s{self.conv.stride[0]}',
+                    {'conv': lambda: conv(x), 'im2col': lambda: conv_im2col(conv, x)},
+                    extra=f"{conv.out_channels}/s{conv.stride[0]}{'+b' if conv.bias is not None else ''}",
                 )
             )
         else:
-            y = self.bn(self.conv(x))
+            y = self.bn(conv(x))
         if type(self.act) is nn.ReLU:
             return torch.relu_(y)  # y is ours: no fresh activation-sized allocation
         return self.act(y)

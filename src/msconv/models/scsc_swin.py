@@ -107,17 +107,10 @@ class CrossScaleSwinBlock(nn.Module):
         allows, as oneDNN 1x1 convs, with the GELU in place, so the 4x-wide hidden activation is a per-image,
         cache-sized buffer instead of a fresh whole-batch allocation. Which form runs is measured per shape."""
         fc1, fc2 = self.mlp.fc1, self.mlp.fc2
-        if (
-            fc1.bias is None
-            or fc2.bias is None
-            or type(self.mlp.act) is not nn.GELU
-            or not use_fast_form('per_image', x)
-        ):
+        if fc1.bias is None or fc2.bias is None or type(self.mlp.act) is not nn.GELU:
             return self._inplace_form(x, 'batched')
-        forms = {name: (lambda name=name: self._inplace_form(x, name)) for name in ('batched', 'per_image_gemm')}
-        if use_fast_form('onednn', x):
-            forms['per_image_onednn'] = lambda: self._inplace_form(x, 'per_image_onednn')
-        return tuned('scsc_swin_block', x, forms)
+        forms = ('batched', 'per_image_gemm', 'per_image_onednn')
+        return tuned('scsc_swin_block', x, {f: (lambda f=f: self._inplace_form(x, f)) for f in forms}, module=self)
 
     def _inplace_form(self, x: torch.Tensor, mlp: str) -> torch.Tensor:
         x = self.mixer(x).add_(x)  # fresh: the residual adds below write into it

@@ -67,7 +67,7 @@ class ShiftWiseBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training and self.conv.deployed and use_fast_form('inplace', x):
+        if not self.training and use_fast_form('inplace', x, layout='channels_last') and self._inference_ok():
             return self._forward_inference(x)
         return self.forward_reference(x)
 
@@ -79,32 +79,29 @@ class ShiftWiseBlock(nn.Module):
         x = self.ls(self.norm2(x.permute(0, 3, 1, 2)))  # (B, C, H, W)
         return shortcut + self.drop_path(x)
 
-    def _inference_ok(self, x: torch.Tensor) -> bool:
-        """The structure the inference form assumes (reparameterized block, exact GELU, plain SE) and a
-        channels-last input."""
+    @torch.jit.unused
+    def _inference_ok(self) -> bool:
+        """The structure the inference form assumes (reparameterized block, exact GELU, plain SE); what it needs of
+        the input and the environment (in-place forms allowed, channels-last memory) is the gate's question."""
         return (
-            isinstance(self.norm2, nn.Identity)
+            self.conv.deployed
+            and isinstance(self.norm2, nn.Identity)
             and isinstance(self.ls, nn.Identity)
             and self.fc2.bias is not None
             and type(self.act) is nn.GELU
             and self.act.approximate == 'none'
             and not getattr(self.se, 'add_maxpool', False)
-            and x.is_contiguous(memory_format=torch.channels_last)
         )
 
     @torch.jit.unused
     def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:
         """Deploy form without autograd: the same maths as ``forward_reference`` with every elementwise step in
-        place on a fresh buffer, the GRN bias folded through ``fc2`` and, where ``use_fast_form('per_image')``
-        allows and it measures faster, the MLP run image by image so that its 4x-wide hidden tensor stays
-        cache-sized.
+        place on a fresh buffer, the GRN bias folded through ``fc2`` and, where the gate allows the
+        ``shiftwise_block`` operation's ``per_image`` form and it measures faster, the MLP run image by image so that
+        its 4x-wide hidden tensor stays cache-sized.
 
         GRN(h) = h + bias + weight * h * n = h * (1 + weight * n) + bias, with n the per-image channel norms
         over the mean norm; so fc2(GRN(h)) = fc2_no_bias(h * (1 + weight * n)) + (fc2.bias + fc2.weight @ bias)."""
-        if not self._inference_ok(x):
-            return self.forward_reference(x)
-        if not use_fast_form('per_image', x):
-            return self._inference_form(x, per_image=False)
         return tuned(
             'shiftwise_block',
             x,
@@ -112,6 +109,7 @@ class ShiftWiseBlock(nn.Module):
                 'batched': lambda: self._inference_form(x, per_image=False),
                 'per_image': lambda: self._inference_form(x, per_image=True),
             },
+            module=self,
         )
 
     def _inference_form(self, x: torch.Tensor, per_image: bool) -> torch.Tensor:

@@ -30,7 +30,7 @@ from timm.models._manipulate import checkpoint_seq, named_apply
 
 from ..layers._fold import fold_bn_into_conv
 from ..layers.fast_ops import conv_gelu, map_images
-from ..layers.forms import use_fast_form
+from ..layers.forms import tunable, use_fast_form
 from ..layers.linear import Linear
 from ..layers.mixed_conv import ScaleAwareModulation
 from ._builder import MsconvModel, factory_kwargs
@@ -283,7 +283,7 @@ class SmtStage(nn.Module):
         x = self.downsample(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.blocks, x)
-        elif not self.training and use_fast_form('per_image', x):
+        elif not self.training and tunable('smt_stage', x):
             x = self._blocks_per_image(x)
         else:
             x = self.blocks(x)
