@@ -7,12 +7,13 @@ the fastest depends on the machine, measured by the autotuner (``forms.tuned``, 
 ``forms.TUNED``).
 """
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels import depthwise as _depthwise
 from .forms import tunable, tuned, use_fast_form
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     'is_pointwise',
     'conv_gelu',
     'conv_im2col',
+    'depthwise_conv2d',
     'map_images',
     'spatial_mean',
     'spatial_l2_norms',
@@ -203,6 +205,22 @@ def conv_im2col(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         else:
             torch.addmm(conv.bias.unsqueeze(1), w, cols, out=out[i])
     return out.view(B, conv.out_channels, Ho, Wo)
+
+
+def depthwise_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    padding: _depthwise.Padding = 0,
+    group_kernel_sizes: Optional[Sequence[int]] = None,
+    group_interleaved: bool = False,
+) -> torch.Tensor:
+    """Depthwise 2-D cross-correlation, stride 1, with per-side padding and SMT's mixed kernel sizes
+    (``msconv.kernels.depthwise.depthwise_conv2d``, whose docstring gives the arguments): msconv's Triton kernels
+    where ``use_fast_form('triton')`` allows (CUDA or Triton's CPU interpreter, fp32/fp16/bf16, no graph capture,
+    not inside ``reference_forms()``, ``MSCONV_DISABLE_TRITON`` unset), the PyTorch reference elsewhere."""
+    backend = 'triton' if use_fast_form('triton', x) else 'torch'
+    return _depthwise.depthwise_conv2d(x, weight, bias, padding, group_kernel_sizes, group_interleaved, backend=backend)
 
 
 # ---- image by image -----------------------------------------------------------------------------------------------
