@@ -292,12 +292,24 @@ def test_scsc_resnet_runs_at_any_size_surviving_the_stride(size):
 
 
 def test_tiny_resnet_odd_sizes_numerically():
+    """At sizes whose stage resolutions become odd (each stride-2 stage rounds up), the inference forms with every
+    tuned form pinned fast (stride-2 1x1 convs as GEMMs on the subsampled map, the im2col stem, the fused conv+GELU
+    once reparameterized) give the plain forms' numbers, and the stages have ceil(size / 2**k) sides."""
     torch.manual_seed(0)
     model = msconv.create_model('test_scsc_resnet').eval()
-    for size in (112, 100, 37):
-        with torch.no_grad():
-            y = model(torch.randn(1, 3, size, size))
-        assert y.shape == (1, 10) and torch.isfinite(y).all()
+    _randomize_bn(model)
+    pins = dict(pointwise_conv='gemm', stem_conv='im2col', conv_gelu='fused')
+    for net in (model, msconv.reparameterize(model)):
+        for size in (112, 100, 37):
+            x = torch.randn(2, 3, size, size)
+            with torch.no_grad():
+                with forms.reference_forms():
+                    ref = net(x)
+                    sides = [f.shape[-1] for f in net.forward_intermediates(x, intermediates_only=True)]
+                with forms.forced_choices(**pins):
+                    out = net(x)
+            assert sides == [-(-size // 2**k) for k in (2, 3, 4, 5)]
+            assert out.shape == (2, 10) and max_abs(out, ref) <= EVAL_TOL * max(1.0, ref.abs().max().item())
 
 
 PARAMS = {
@@ -366,7 +378,8 @@ def _check_inplace_inference_forms(folded):
     x = torch.randn(2, 24, 9, 9)
     for m in (swin, cnn):
         with torch.no_grad():
-            ref = m.forward_reference(x)
+            with forms.reference_forms():  # the mixer inside the block's forward_reference has fast forms too
+                ref = m.forward_reference(x)
             x_in = x.clone()
             out = m(x_in)
         assert out.data_ptr() != x_in.data_ptr()
@@ -376,7 +389,8 @@ def _check_inplace_inference_forms(folded):
             assert max_abs(m(x), ref) <= EVAL_TOL
         assert max_abs(m(x), ref) <= EVAL_TOL  # grad enabled: the plain form runs
         with torch.no_grad():
-            ref = swin.forward_reference(x_big)
+            with forms.reference_forms():
+                ref = swin.forward_reference(x_big)
             assert max_abs(swin(x_big), ref) <= EVAL_TOL * max(1.0, ref.abs().max().item())
 
 
