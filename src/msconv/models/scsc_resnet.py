@@ -17,13 +17,12 @@ input of at least 32x32 runs (224, 160, 128, 112, 100, ...), with identical resu
 """
 
 import re
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
 from timm.layers import ClassifierHead
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs
-from timm.models._features import feature_take_indices
 
 from ..layers._fold import fold_bn_into_conv
 from ..layers.cross_scale import STAGE_KERNEL_SIZES, CrossScaleBottleneck, convert_scsc_official
@@ -120,9 +119,10 @@ def make_cross_scale_stages(
 
 
 class ConvTrunk(MsconvModel):
-    """The timm model surface shared by the SCSC CNNs (this file's ResNet and ``scsc_face``'s networks): ``stem``,
-    ``stages`` (``nn.Sequential`` of stages), ``head`` with ``fc``, ``reset`` and ``pre_logits``; subclasses build
-    them and set ``in_chans``, ``min_input_size``, ``feature_info`` and ``grad_checkpointing``."""
+    """What the SCSC CNNs (this file's ResNet and ``scsc_face``'s networks) share beyond ``MsconvModel``: stages that
+    are ``nn.Sequential`` of blocks (no downsample of their own, hence their ``group_matcher``) and one
+    ``grad_checkpointing`` flag for the model; subclasses build ``stem``, ``stages`` and ``head`` and set
+    ``in_chans``, ``min_input_size``, ``feature_info`` and ``grad_checkpointing``."""
 
     family = 'scsc'
 
@@ -133,58 +133,6 @@ class ConvTrunk(MsconvModel):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool)
-        self._match_head_to_model()
-        self.head_hidden_size = self._head_hidden_size()
-
-    def _head_hidden_size(self) -> int:
-        return self.num_features
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = 'NCHW',
-        intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Stage outputs (NCHW) at ``indices`` and the final feature map. ``norm`` is accepted for API parity
-        (these networks have no final norm)."""
-        if output_fmt != 'NCHW':
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        if not torch.jit.is_scripting():
-            self.check_input(x)
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        intermediates = []
-        x = self.stem(x)
-        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[: max_index + 1]
-        for i, stage in enumerate(stages):
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint_seq(stage, x)
-            else:
-                x = stage(x)
-            if i in take_indices:
-                intermediates.append(x)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
-
-    def prune_intermediate_layers(
-        self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True
-    ) -> List[int]:
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[: max_index + 1]
-        if prune_head:
-            self.reset_classifier(0, '')
-        return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
@@ -197,11 +145,8 @@ class ConvTrunk(MsconvModel):
             x = self.stages(x)
         return x
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def _forward_stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return checkpoint_seq(stage, x) if self.grad_checkpointing else stage(x)
 
 
 class CrossScaleResNet(ConvTrunk):

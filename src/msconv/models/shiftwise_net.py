@@ -17,7 +17,7 @@ once instead), and the BN and layer scale after the second Linear are folded int
 
 import re
 from functools import partial
-from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Set, Union
 
 import torch
 import torch.nn as nn
@@ -189,6 +189,7 @@ class ShiftWiseNet(MsconvModel):
     """ShiftWise v2 backbone/classifier (timm model contract)."""
 
     family = 'shiftwise'
+    final_norm_group = r'^head\.norm'
 
     @factory_kwargs
     def __init__(
@@ -277,66 +278,17 @@ class ShiftWiseNet(MsconvModel):
             self.head.fc.bias.data.mul_(head_init_scale)
 
     @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:
-        return dict(
-            stem=r'^stem',
-            blocks=r'^stages\.(\d+)'
-            if coarse
-            else [
-                (r'^stages\.(\d+)\.downsample', (0,)),
-                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
-                (r'^head\.norm', (99999,)),
-            ],
-        )
-
-    @torch.jit.ignore
     def force_weight_decay(self) -> Set[str]:
         """Parameters decayed although they are 1-D: the GRN gamma/beta, which are 4-D ``(1, 1, 1, C)`` in the
         official model and so are not excluded by its 1-D rule (official ``optim_factory.py:80``). Their shapes here
         stay 1-D (checkpoint conversion reshapes them); the training parameter groups read this list."""
         return {n for n, _ in self.named_parameters() if n.rsplit('.', 2)[-2] == 'grn'}
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for s in self.stages:
-            s.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, reset_other: bool = False):
         self.num_classes = num_classes
         self.head.reset(num_classes, global_pool, reset_other=reset_other, in_features=self.num_features)
         self._match_head_to_model()
         self.head_hidden_size = self.head.num_features
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = 'NCHW',
-        intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Stage outputs (after each stage's downsample and blocks) plus, unless ``intermediates_only``, the
-        final unpooled feature map. ``norm`` is accepted for API compatibility (the final norm lives in the head)."""
-        if output_fmt != 'NCHW':
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        if not torch.jit.is_scripting():
-            self.check_input(x)
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        intermediates = []
-        x = self.stem(self._layout(x))
-        stages = self.stages if not stop_early else self.stages[: max_index + 1]
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take_indices:
-                intermediates.append(x)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
 
     def prune_intermediate_layers(
         self,
@@ -356,16 +308,10 @@ class ShiftWiseNet(MsconvModel):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
             self.check_input(x)
-        return self.stages(self.stem(self._layout(x)))
+        return self.stages(self._forward_stem(x))
 
-    def _layout(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def _forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stem(x.contiguous(memory_format=torch.channels_last) if self.channels_last else x)
 
 
 def _init_weights(m: nn.Module) -> None:
