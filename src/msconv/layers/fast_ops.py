@@ -37,12 +37,14 @@ __all__ = [
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for ``x`` of shape (..., in_features), as a BLAS or a oneDNN GEMM, whichever
     is faster here (see ``msconv.layers.linear``)."""
-    if not (
-        tunable('linear', x)
-        and x.dim() >= 2
-        and weight.dtype == torch.float32
-        and (bias is None or bias.dtype == torch.float32)
-    ):
+    if not tunable('linear', x):
+        return F.linear(x, weight, bias)
+    return linear_tuned(x, weight, bias)
+
+
+def linear_tuned(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`linear` for a caller that has asked ``tunable('linear', x)`` already (``msconv.layers.Linear``)."""
+    if x.dim() < 2 or weight.dtype != torch.float32 or (bias is not None and bias.dtype != torch.float32):
         return F.linear(x, weight, bias)
     return tuned(
         'linear',

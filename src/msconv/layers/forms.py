@@ -40,6 +40,7 @@ the script compiler), and the fast methods it guards are ``@torch.jit.unused``, 
 only the plain forms.
 """
 
+import functools
 import hashlib
 import json
 import os
@@ -82,12 +83,14 @@ __all__ = [
 
 
 def _triton_ok(x: torch.Tensor) -> bool:
+    """Triton available for the device"""
     from ..kernels.depthwise import triton_available  # kernels sit below layers; imported where first needed
 
     return triton_available(x.device)
 
 
 def _onednn_pointwise_op_ok(x: torch.Tensor) -> bool:
+    """torch's oneDNN pointwise-conv op"""
     return hasattr(torch.ops.mkldnn, '_convolution_pointwise')
 
 
@@ -115,7 +118,7 @@ class FormKind:
         parts += ['/'.join(str(d).replace('torch.', '') for d in self.dtypes)] if self.dtypes else []
         parts += ['oneDNN'] if self.onednn else []
         parts += [f'batch >= {self.min_batch}'] if self.min_batch > 1 else []
-        parts += [self.available.__doc__ or 'available'] if self.available else []
+        parts += [self.available.__doc__ or self.available.__name__] if self.available else []  # what it checks
         return ', '.join(parts) or 'nothing'
 
 
@@ -190,9 +193,6 @@ LAYOUTS: Dict[str, Callable[[torch.Tensor], bool]] = {
     'channels_last': lambda x: x.is_contiguous(memory_format=torch.channels_last),
 }
 
-_triton_ok.__doc__ = 'Triton available'
-_onednn_pointwise_op_ok.__doc__ = "torch's oneDNN pointwise-conv op"
-
 
 # ---- the tuned operations -----------------------------------------------------------------------------------------
 
@@ -213,6 +213,14 @@ class TunedOp:
     @property
     def plain(self) -> str:
         return next(iter(self.candidates))
+
+    @functools.cached_property
+    def fast(self) -> Tuple[Tuple[str, Tuple[str, ...], Optional[str]], ...]:
+        """``(name, kinds, layout)`` of every candidate but the plain one (what the gate is asked, per call)."""
+        return tuple(
+            (name, tuple(n for n in needs if n not in LAYOUTS), next((n for n in needs if n in LAYOUTS), None))
+            for name, needs in list(self.candidates.items())[1:]
+        )
 
 
 #: Every tuned operation, declared once. ``tuned`` refuses an operation or a candidate that is not here.
@@ -356,9 +364,7 @@ def _use_fast_form(form: str, x: torch.Tensor, layout: Optional[str]) -> bool:
     return layout is None or LAYOUTS[layout](x)
 
 
-def _meets(needs: Tuple[str, ...], x: torch.Tensor) -> bool:
-    layout = next((n for n in needs if n in LAYOUTS), None)
-    kinds = [n for n in needs if n not in LAYOUTS]
+def _meets(kinds: Tuple[str, ...], layout: Optional[str], x: torch.Tensor) -> bool:
     if not kinds:  # an exact alternative needing no kind of fast form (a memory layout to try)
         return not _REFERENCE and not is_capturing() and (layout is None or LAYOUTS[layout](x))
     return all(_use_fast_form(k, x, layout) for k in kinds)
@@ -366,7 +372,7 @@ def _meets(needs: Tuple[str, ...], x: torch.Tensor) -> bool:
 
 def _allowed(op: TunedOp, x: torch.Tensor) -> Tuple[str, ...]:
     """The candidates of ``op`` other than the plain one that may run on ``x`` here."""
-    return tuple(name for name, needs in list(op.candidates.items())[1:] if _meets(needs, x))
+    return tuple(name for name, kinds, layout in op.fast if _meets(kinds, layout, x))
 
 
 def tunable(op: str, x: torch.Tensor) -> bool:
@@ -374,7 +380,7 @@ def tunable(op: str, x: torch.Tensor) -> bool:
     this before looking at ``x`` or their operands, then call :func:`tuned`."""
     if torch.jit.is_scripting():
         return False
-    return bool(_allowed(_declared(op), x))
+    return any(_meets(kinds, layout, x) for _, kinds, layout in _declared(op).fast)
 
 
 def _declared(op: str) -> TunedOp:
@@ -596,8 +602,9 @@ def tuned(
     forced = _FORCED.get(op)
     if forced is not None:
         return candidates[forced if forced in allowed else plain]()
-    if not allowed or not can_measure():  # e.g. in a FlopCounterMode: it counts the plain form, whatever is cached
-        return candidates[plain]()
+    # can_measure() without asking is_capturing() again: under a capture nothing is allowed
+    if not allowed or not autotune_enabled() or torch.is_grad_enabled() or _dispatch_mode_active():
+        return candidates[plain]()  # e.g. in a FlopCounterMode: it counts the plain form, whatever is cached
     layout = 'cl' if channels_last_only(x) else ('c' if x.is_contiguous() else 's')
     key = (
         f"{op}|{tuple(x.shape)}|{layout}|{str(x.dtype).replace('torch.', '')}|{x.device.type}|"
