@@ -7,8 +7,9 @@ augmentation; ``FaceConfig``: margin head; ``DetectionConfig`` / ``SegmentationC
 declared in the task's module and named by its ``Task.config_class``. The options stay one flat set of names, in
 YAML files, ``--set`` and a run's ``config.yaml``.
 
-Precedence, lowest first: the task's dataclass defaults < preset (the model family's values of it) < per-model
-values of the preset (drop path per size) < YAML file < explicit overrides (CLI flags). ``resolve_config`` returns
+Precedence, lowest first: the task's dataclass defaults < preset (the model family's values of it) < the preset's
+values for the run's value of an option (a dense preset's per ``arch``) < per-model values of the preset (drop path
+per size) < YAML file < explicit overrides (CLI flags). ``resolve_config`` returns
 the merged, validated config of the run's task; ``save_config`` writes it beside the run.
 
 Presets are registered by the modules that own them with ``register_presets``: the ImageNet recipes by

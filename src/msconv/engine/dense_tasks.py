@@ -21,8 +21,10 @@ Model sizes and pipelines come from the config (``DetectionConfig`` / ``Segmenta
 share, in ``DenseConfig``, and each one's own): ``model_kwargs`` go to the backbone (e.g. a nano SMT),
 ``dense_kwargs`` to ``create_detector`` / ``create_segmenter`` (e.g. ``min_size``, ``channels``),
 ``init_checkpoint`` is the backbone's ImageNet (or classification-run) checkpoint, ``drop_path`` its stochastic
-depth. Recipes: ``preset='coco_3x'`` / ``'ade20k_160k'`` (:mod:`msconv.engine.dense_recipes`), the only presets
-these tasks take and their defaults. ``msconv eval`` of a run: ``evaluate_dense``; ``msconv demo --task``: the
+depth. Recipes: ``preset='coco_3x'`` (default) / ``'coco_1x'`` and ``'ade20k_160k'``
+(:mod:`msconv.engine.dense_recipes`), the only presets these tasks take, each following the config of the system
+asked for; the optimizer's groups follow the configs' constructors (``param_groups``) and SyncBN the configs'
+SyncBN (``convert_sync_batchnorm``). ``msconv eval`` of a run: ``evaluate_dense``; ``msconv demo --task``: the
 systems fine-tuned from the nano SMT on digits canvases (``demo_runs``, run by :func:`msconv.engine.demo.dense_demo`).
 
 Distributed evaluation: each rank runs the detector on its share of the val images and the COCO results are
