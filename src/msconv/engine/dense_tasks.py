@@ -614,7 +614,9 @@ class SegmentationTask(_DenseTask):
                 seg_eval_ms=True,
                 seg_eval_flip=False,
                 eval_every_iters=1000,  # at the end
-                dense_kwargs=dict(channels=64, aux_channels=32),
+                # torch's classifier init, not mmseg's N(0, 0.01): with it this UperNet settles on the background
+                # in 1000 steps (mIoU 0.10; the one departure from the configs' system in this demo)
+                dense_kwargs=dict(channels=64, aux_channels=32, classifier_init='torch'),
             ),
         ),
     }
