@@ -9,11 +9,12 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-__all__ = ['DistInfo', 'init_distributed', 'cleanup_distributed', 'resolve_device']
+__all__ = ['DistInfo', 'init_distributed', 'cleanup_distributed', 'resolve_device', 'sync_bn_plan']
 
 
 @dataclass
@@ -58,3 +59,18 @@ def init_distributed(device: torch.device) -> DistInfo:
 def cleanup_distributed(info: DistInfo) -> None:
     if info.initialized_here and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def sync_bn_plan(sync_bn: bool, device: torch.device, world_size: int) -> Tuple[bool, Optional[str]]:
+    """Whether a run converts its BatchNorm layers to SyncBatchNorm, and the line it prints when it does not although
+    ``sync_bn`` asks for it: the conversion happens under torchrun (``world_size`` > 1) on CUDA devices; torch's
+    SyncBatchNorm has no CPU kernels, so a CPU run of several processes keeps plain BatchNorm and says so. One
+    process needs none (its batch statistics are the whole batch's)."""
+    if not sync_bn or world_size <= 1:
+        return False, None
+    if device.type != 'cuda':
+        return False, (
+            f"sync_bn: torch's SyncBatchNorm runs on CUDA only; this {device.type} run of {world_size} processes keeps "
+            f"plain BatchNorm (each process normalises over its own images; --no-sync-bn to silence)"
+        )
+    return True, None
