@@ -205,6 +205,18 @@ def test_training_step_updates_the_shiftwise_weights_and_statistics():
     assert not torch.equal(sw.weight, before) and not torch.equal(sw.bn_h.running_mean, stats)
 
 
+def test_sparsity_scheduler_prunes_the_replaced_layers():
+    model = replace_large_kernels(_convnext())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = msconv.SparsityScheduler(model, target=0.3, interval=1, total_steps=10, optimizer=opt, seed=1)
+    assert sorted(sched.layers) == sorted(_sw_layers(model)) and abs(sched.sparsity() - 0.3) < 0.05
+    model(torch.randn(2, *SIZE)).square().mean().backward()
+    opt.step()
+    sched.step()
+    for name, layer in sched.layers.items():
+        assert (layer.weight.detach().abs().sum((-2, -1))[~sched.masks[name]] == 0).all()
+
+
 @pytest.mark.parametrize(
     'conv, words',
     [
