@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save
 
 __all__ = [
+    'SKIP_LIST',
     'CheckpointError',
     'atomic_write_bytes',
     'save_checkpoint',
@@ -208,7 +209,8 @@ def checkpoint_step(path: Union[str, Path]) -> int:
     return int(Path(path).name[len(_PREFIX) :])
 
 
-_RUN_FILES = ('config.yaml', 'metrics.jsonl', 'metrics.csv', 'curves.png')
+SKIP_LIST = 'skipped.tsv'  # the files and annotations a run could not use (msconv.data.skips), one a line
+_RUN_FILES = ('config.yaml', 'metrics.jsonl', 'metrics.csv', 'curves.png', SKIP_LIST)
 
 
 def holds_run(run_dir: Union[str, Path]) -> bool:

@@ -169,6 +169,7 @@ class ClassificationTask(Task):
         amp: bool = False,
         which: str = 'last',
         dtype: Optional[str] = None,
+        bad_image_threshold: Optional[float] = None,
     ) -> Dict[str, Any]:
         res = evaluate(
             model,
@@ -183,6 +184,7 @@ class ClassificationTask(Task):
             amp=amp,
             which=which,
             dtype=dtype,
+            bad_image_threshold=bad_image_threshold,
         )
         return dict(res, model=model, data=data, split=split, dtype=dtype, use_ema=use_ema)
 
@@ -198,7 +200,7 @@ class ClassificationTask(Task):
         form = f" ({res['dtype']} inference form)" if res['dtype'] else ''
         lines.append(
             f"{res['model']}{form} on {res['data']}/{res['split']}: top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%"
-            f"  loss {res['val_loss']:.4f}  ({res['count']} images)"
+            f"  loss {res['val_loss']:.4f}  ({res['count']} images{_skipped(res)})"
         )
         return '\n'.join(lines)
 
@@ -225,3 +227,9 @@ class ClassificationTask(Task):
         res['summary'] = f"total time {res['total_time_s']:.0f}s; curves: {res['curves']}"
         res['ok'] = all(not r.get('error') for r in res['rows'])
         return res
+
+
+def _skipped(res: Dict[str, Any]) -> str:
+    """', N unusable files left out' of an evaluation result (named in the warnings), or ''."""
+    n = res.get('skipped_files') or 0
+    return f", {n} unusable file{'s' if n != 1 else ''} left out (named above)" if n else ''

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ..data.digits import DIGITS_CLASSES
 from ..data.loader import build_dataset, build_loader, check_image_folder
+from ..data.skips import skipped_files
 from ..inference import inference_model
 from ..models import read_checkpoint
 from ..tools._common import check_checkpoint_file
@@ -103,6 +104,7 @@ def evaluate(
     use_ema: bool = False,
     which: str = 'last',
     dtype: Optional[str] = None,
+    bad_image_threshold: Optional[float] = None,
     **model_kwargs: Any,
 ) -> Dict[str, float]:
     """Evaluate a classifier on ``split`` of ``data`` ('digits' or an ImageFolder root); returns top1/top5/loss.
@@ -117,9 +119,13 @@ def evaluate(
             evaluation, ``<run>/checkpoints/best-<step>``, kept by the trainer).
         dtype: 'fp32', 'bf16' or 'fp16': evaluate the inference form (``msconv.inference_model``) with its weights
             in that dtype; None: the model as built (``amp`` adds bf16 autocast).
+        bad_image_threshold: the largest fraction of the split's files that may be unusable (default: the run's,
+            else 0.01); past it ``DataError`` names them.
 
     Returns top1/top5 (%), val_loss, count, and ``checkpoint``/``step``: the checkpoint whose weights were used
-    (for a run folder, its newest valid one). A checkpoint of another model raises ``ValueError`` naming it.
+    (for a run folder, its newest valid one); for a folder dataset ``skipped_files``, the files it could not use
+    (each named in a warning; more than the run's ``bad_image_threshold`` raises ``DataError``). A checkpoint of
+    another model raises ``ValueError`` naming it.
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -192,10 +198,18 @@ def evaluate(
     if cfg.crop_pct is None:
         cfg.crop_pct = dc['crop_pct']
     dataset = build_dataset(cfg, split, dc['size'], dc['mean'], dc['std'], is_training=False)
+    skips = skipped_files(dataset)  # what the split cannot use: named, counted, refused past the run's threshold
+    if skips is not None:
+        skips.threshold = cfg.bad_image_threshold if bad_image_threshold is None else float(bad_image_threshold)
+        skips.check(split)
     loader, _ = build_loader(dataset, batch_size, shuffle=False, seed=0, num_workers=num_workers)
     amp_dtype = torch.bfloat16 if amp else None
     if dtype is not None:
         if amp:
             raise ValueError(f"amp (bf16 autocast) and dtype={dtype!r} (weights in that dtype) are exclusive: pick one")
         net = inference_model(net, dtype=dtype, device=dev)
-    return dict(evaluate_loader(net, loader, dev, amp_dtype=amp_dtype), **used)
+    result = dict(evaluate_loader(net, loader, dev, amp_dtype=amp_dtype), **used)
+    if skips is not None:
+        skips.check(split)
+        result.update(skips.metrics())
+    return result

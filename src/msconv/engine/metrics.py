@@ -36,7 +36,8 @@ class MetricsLog:
         'ema_top1',
         'val_loss',
         'verification',
-        'bad_images',
+        'skipped_files',
+        'skipped_annotations',
         'time',
     )
 

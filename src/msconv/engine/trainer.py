@@ -32,10 +32,13 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
-from ..data.loader import DataError, build_loader, count_unreadable, unreadable_message
+from ..data.loader import build_loader
+from ..data.skips import skipped_files
 from .build import data_config
 from .checkpoint import (
+    SKIP_LIST,
     CheckpointError,
+    atomic_write_bytes,
     checkpoint_step,
     clean_temporaries,
     clear_run,
@@ -186,6 +189,7 @@ class _Trainer:
         model = self.task.build_model(self.num_classes)
         self.data_cfg = data_config(self.task.backbone(model), cfg)
         self.train_set, self.val_set = self.task.build_datasets(self.data_cfg)
+        self._setup_skips()  # refuses a split past bad_image_threshold before step 1
         if cfg.sync_bn and self.info.enabled:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model.to(device)
@@ -557,15 +561,12 @@ class _Trainer:
             self.local_bs,
             self._print,
         )
-        if hasattr(self.val_set, 'reset_unreadable'):
-            self.val_set.reset_unreadable()
         rec.update(
             self.task.evaluate(self.model, self.ema.module if self.ema is not None else None, self.val_loader, ctx)
         )
-        bad = count_unreadable(self.val_set)
-        if bad is not None:
-            rec['bad_images'] = bad
-            self._check_data(self.val_set, 'val')
+        self._sync_skips('val')
+        if 'val' in self.skips:
+            rec.update(self.skips['val'].metrics())
         rec['time'] = time.time()
         if self.info.is_main:
             self.log.append(rec)
@@ -581,10 +582,62 @@ class _Trainer:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)
 
-    def _check_data(self, dataset, split: str) -> None:
-        msg = unreadable_message(dataset, split, self.cfg.bad_image_threshold, share=self.info.world_size)
-        if self._any_rank(msg is not None):
-            raise DataError(msg or f"too many unreadable images in {split}/ (reported by another process)")
+    # --------------------------------------------------------------------------------------------- unusable data
+    def _setup_skips(self) -> None:
+        """Each split's account of the files and annotations it cannot use (``msconv.data.skips``), under the run's
+        ``bad_image_threshold``: its notes go to the log, and a split already past the threshold (files that are not
+        images, unusable annotations) is refused here, before step 1."""
+        self.skips = {}
+        for split, dataset in (('train', self.train_set), ('val', self.val_set)):
+            skips = skipped_files(dataset) if dataset is not None else None
+            if skips is None:  # the bundled digits
+                continue
+            skips.threshold = self.cfg.bad_image_threshold
+            self.skips[split] = skips
+            for note in skips.notes:
+                self._print(f"data ({split}): {note}")
+        self._synced = {split: -1 for split in self.skips}
+        for split in self.skips:
+            self._sync_skips(split)
+
+    def _sync_skips(self, split: str) -> None:
+        """Count what every rank found unusable in ``split`` (the union: each file once, whichever rank met it),
+        rewrite the run folder's ``skipped.tsv``, and refuse past the threshold (the same message on every rank).
+        Collective under torchrun; the marks are reduced only when some rank found something new."""
+        skips = self.skips.get(split)
+        if skips is None:
+            return
+        found = int(torch.count_nonzero(skips.marks))
+        changed = found != self._synced[split]
+        if self.info.enabled:
+            if not self._any_rank(changed):
+                return
+            marks = skips.marks.to(self.device if self.device.type == 'cuda' else 'cpu')
+            dist.all_reduce(marks, op=dist.ReduceOp.MAX)
+            skips.merge(marks)
+            found = int(torch.count_nonzero(skips.marks))
+        elif not changed:
+            return
+        self._synced[split] = found
+        if self.info.is_main:
+            self._write_skip_list()
+        skips.check(split)
+
+    def _write_skip_list(self) -> None:
+        """``<run>/skipped.tsv``: every file and annotation the run could not use so far, and the notes (removed
+        when there are none)."""
+        rows = [
+            f"{split}\t{kind}\t{name}\t{reason}"
+            for split, skips in self.skips.items()
+            for name, reason, kind in skips.entries()
+        ]
+        rows += [f"{split}\tnote\t\t{note}" for split, skips in self.skips.items() for note in skips.notes]
+        path = self.run_dir / SKIP_LIST
+        if not rows:
+            path.unlink(missing_ok=True)
+            return
+        text = 'split\tkind\tname\treason\n' + ''.join(r.replace('\n', ' ') + '\n' for r in rows)
+        atomic_write_bytes(path, text.encode())
 
     def _forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with autocast_context(self.device, self.amp_dtype is not None, self.amp_dtype):
@@ -692,8 +745,6 @@ class _Trainer:
                 self.train_sampler.set_epoch(epoch)
                 self.train_loader.dataset.set_epoch(epoch)
                 self.train_sampler.set_start(offset * cfg.accum_steps * self.local_bs)
-                if hasattr(self.train_set, 'reset_unreadable'):  # counted per epoch, against the split's size
-                    self.train_set.reset_unreadable()
                 self.ddp_model.train()
                 it = iter(self.train_loader)
                 end = min(self.steps_per_epoch, offset + self.total_steps - step)
@@ -701,7 +752,7 @@ class _Trainer:
                     t0 = time.perf_counter()
                     batches = [next(it) for _ in range(cfg.accum_steps)]
                     out = self._optimizer_step(step, batches)
-                    self._check_data(self.train_set, 'train')
+                    self._sync_skips('train')
                     step += 1
                     self.scheduler.step_update(num_updates=step)
                     dt = time.perf_counter() - t0
@@ -736,9 +787,8 @@ class _Trainer:
                             'img_per_s': window_img / max(now - window_t0, 1e-9),
                             'time': time.time(),
                         }
-                        bad = count_unreadable(self.train_set)
-                        if bad is not None:
-                            rec['bad_images'] = bad
+                        if 'train' in self.skips:
+                            rec.update(self.skips['train'].metrics())
                         if self.info.is_main:
                             self.log.append(rec)
                         window_loss, window_n, window_t0, window_img = 0.0, 0, now, 0
