@@ -196,7 +196,14 @@ class ClassificationTask(Task):
             best = ''
             if res.get('which') == 'best' and res.get('best_top1') is not None:
                 best = f", best evaluation: top-1 {res['best_top1']:.2f}% at epoch {res['best_epoch']:.3g}"
-            lines.append(f"weights: {res['checkpoint']}{step}{', EMA' if res['use_ema'] else ''}{best}")
+            unverified = (
+                ' (not verified: a bare weights file carries no checksum; run-folder checkpoints are hash-checked)'
+                if res.get('verified') is False
+                else ''
+            )
+            lines.append(f"weights: {res['checkpoint']}{step}{', EMA' if res['use_ema'] else ''}{best}{unverified}")
+        if res.get('preprocessing'):
+            lines.append(f"preprocessing: {res['preprocessing']}")
         form = f" ({res['dtype']} inference form)" if res['dtype'] else ''
         lines.append(
             f"{res['model']}{form} on {res['data']}/{res['split']}: top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%"

@@ -4,12 +4,68 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Dict, Optional, Union
 
+import timm
 import torch
 import torch.nn as nn
 
-__all__ = ['build_model', 'reparameterize', 'check_checkpoint_file', 'machine_line']
+__all__ = ['build_model', 'reparameterize', 'check_checkpoint_file', 'weights_file', 'machine_line']
+
+
+def weights_file(path: Union[str, os.PathLike]) -> str:
+    """The weights file ``path`` names: itself for a file; for a training checkpoint folder (``step-N``,
+    ``best-N``), its ``model.safetensors`` once the folder verifies; for a run folder (holding ``checkpoints/``), that
+    of its newest checkpoint that verifies (as ``msconv eval``). Anything else is returned as given."""
+    # deferred: the engine's checkpoint reader (the engine imports this module)
+    from ..engine.checkpoint import CheckpointError, latest_good_checkpoint, load_checkpoint
+
+    folder = Path(path)
+    if not folder.is_dir():
+        return os.fspath(path)
+    if (folder / 'checkpoints').is_dir():
+        found = latest_good_checkpoint(folder)
+        if found is None:
+            raise ValueError(f"checkpoint: run folder {str(folder)!r} holds no valid checkpoint")
+        folder = found[0]
+    elif (folder / 'meta.json').is_file():
+        try:
+            load_checkpoint(folder)
+        except CheckpointError as e:
+            raise ValueError(str(e)) from None
+    else:
+        raise ValueError(
+            f"checkpoint {str(folder)!r} is a folder but neither a run folder (with checkpoints/) nor a training "
+            f"checkpoint (with meta.json); pass a weights file (.safetensors/.pth)"
+        )
+    weights = folder / 'model.safetensors'
+    if not weights.is_file():
+        raise ValueError(f"checkpoint {str(folder)!r} holds no model.safetensors")
+    return str(weights)
+
+
+def _run_model_kwargs(name: str, weights: str) -> Dict[str, Any]:
+    """The keywords a training run built ``name`` with: its config.yaml's ``model_kwargs`` and the number of
+    classes of the classifier in ``weights`` (the data decided it; the model's default would drop the trained
+    classifier)."""
+    # deferred: the engine's run-folder readers (the engine imports this module)
+    from safetensors import safe_open
+
+    from ..engine.checkpoint import find_run_config
+    from ..engine.config import load_yaml
+
+    out: Dict[str, Any] = {}
+    cfg = find_run_config(Path(weights).parent)
+    if cfg is not None:
+        run = load_yaml(cfg)
+        if run.get('model') == name:
+            out.update(run.get('model_kwargs') or {})
+    classifier = timm.models.get_pretrained_cfg_value(name, 'classifier')
+    if isinstance(classifier, str):
+        with safe_open(weights, 'pt') as f:
+            if f'{classifier}.weight' in f.keys():
+                out['num_classes'] = f.get_slice(f'{classifier}.weight').get_shape()[0]
+    return out
 
 
 def check_checkpoint_file(path: Union[str, os.PathLike]) -> None:
@@ -33,11 +89,10 @@ def build_model(
 ) -> nn.Module:
     """An msconv model by registered name, or any timm model (``timm:`` prefix optional).
 
-    ``checkpoint_path`` (official or msconv format for msconv models, any timm checkpoint for timm models) is
-    loaded strictly; ``meta=True`` builds the model on the meta device (shapes only, for counting).
+    ``checkpoint_path`` (official or msconv format for msconv models, any timm checkpoint for timm models; a
+    training run folder or checkpoint folder gives its verified ``model.safetensors``) is loaded strictly;
+    ``meta=True`` builds the model on the meta device (shapes only, for counting).
     """
-    import timm
-
     import msconv
     from msconv.models._registry import _MODEL_FAMILY, unknown_model_message
 
@@ -47,6 +102,9 @@ def build_model(
     if not timm.is_model(timm_name):
         raise ValueError(unknown_model_message(name) + ' Prefix timm: for any timm model.')
     if checkpoint_path is not None and not meta:
+        if Path(checkpoint_path).is_dir():  # a run folder or a checkpoint folder: its weights, as the run built it
+            checkpoint_path = weights_file(checkpoint_path)
+            kwargs = {**_run_model_kwargs(timm_name, checkpoint_path), **kwargs}
         check_checkpoint_file(checkpoint_path)
     if meta:
         if checkpoint_path is not None:
