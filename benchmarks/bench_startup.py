@@ -1,4 +1,5 @@
-"""Start-up cost of ``import msconv`` over ``import torch, timm``, and of ``msconv --help``.
+"""Start-up cost of ``import msconv`` over ``import timm`` (which it needs) and ``import torch, timm``, and of
+``msconv --help``.
 
 Each command runs in a fresh interpreter; the runs are interleaved (torch+timm, msconv, help, torch+timm, ...)
 so that a busy machine slows all of them alike, and the median of ``--repeats`` runs is printed. Targets
@@ -17,6 +18,7 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / 'src'
 COMMANDS = {
+    'import timm': [sys.executable, '-c', 'import timm'],
     'import torch, timm': [sys.executable, '-c', 'import torch, timm'],
     'import msconv': [sys.executable, '-c', 'import msconv'],
     'msconv after torch, timm': [
@@ -46,6 +48,10 @@ def main() -> None:
     med = {name: statistics.median(t) for name, t in times.items()}
     for name, t in med.items():
         print(f"{name:22s} median {t:6.3f} s   (runs: {', '.join(f'{x:.2f}' for x in times[name])})")
+    print(
+        f"import msconv / import timm: {med['import msconv'] / med['import timm']:.2f}x "
+        f"({med['import msconv'] - med['import timm']:+.3f} s)"
+    )
     extra = med['import msconv'] - med['import torch, timm']
     print(
         f"import msconv - import torch, timm: {extra:+.3f} s between processes, "

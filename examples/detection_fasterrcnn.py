@@ -2,9 +2,11 @@
 
     python examples/detection_fasterrcnn.py --model smt_tiny --img-size 512
 
-msconv models follow timm's ``features_only`` contract: ``feature_info.channels()`` and
-``feature_info.reduction()`` describe the maps at strides 8, 16 and 32 (``out_indices=(1, 2, 3)``);
-torchvision's ``FeaturePyramidNetwork`` brings them to one width, as ``FasterRCNN`` (and ``RetinaNet``) expect.
+``msconv.create_backbone_fpn`` is the ``backbone`` torchvision's detectors expect (an ``out_channels`` attribute
+and an ordered dict of maps): an msconv ``features_only`` trunk (timm's contract: ``feature_info.channels()`` and
+``.reduction()``) whose maps at strides 8, 16 and 32 (``in_levels=(1, 2, 3)``) torchvision's
+``FeaturePyramidNetwork`` brings to one width, plus a max-pooled level (``extra='pool'``), as ``FasterRCNN`` (and
+``RetinaNet``, with ``extra='p6p7'``) expect. ``checkpoint_path=`` loads ImageNet weights into the trunk.
 The script builds the detector, runs one training step on a synthetic image with two boxes (the losses must be
 finite and give every trainable parameter a gradient) and one inference pass.
 """
@@ -12,36 +14,17 @@ finite and give every trainable parameter a gradient) and one inference pass.
 from __future__ import annotations
 
 import argparse
-from collections import OrderedDict
 
 import torch
-from torch import nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops import MultiScaleRoIAlign
 
 import msconv
 
 
-class BackboneWithFPN(nn.Module):
-    """An msconv ``features_only`` trunk followed by an FPN; returns ``{'0': P3, '1': P4, '2': P5, 'pool': P6}``."""
-
-    def __init__(self, model_name: str, out_channels: int = 256, **model_kwargs):
-        super().__init__()
-        self.body = msconv.create_model(model_name, features_only=True, out_indices=(1, 2, 3), **model_kwargs)
-        self.fpn = FeaturePyramidNetwork(
-            self.body.feature_info.channels(), out_channels, extra_blocks=LastLevelMaxPool()
-        )
-        self.out_channels = out_channels  # read by torchvision's detectors
-
-    def forward(self, x: torch.Tensor) -> 'OrderedDict[str, torch.Tensor]':
-        feats = self.body(x)  # list of (B, C_i, H / s_i, W / s_i), s_i = 8, 16, 32
-        return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(feats)))
-
-
 def build_detector(model_name: str, num_classes: int, img_size: int, **model_kwargs) -> FasterRCNN:
-    backbone = BackboneWithFPN(model_name, **model_kwargs)
+    backbone = msconv.create_backbone_fpn(model_name, extra='pool', in_levels=(1, 2, 3), **model_kwargs)
     levels = ['0', '1', '2', 'pool']
     anchors = AnchorGenerator(
         sizes=tuple((s,) for s in (32, 64, 128, 256)), aspect_ratios=((0.5, 1.0, 2.0),) * len(levels)

@@ -27,10 +27,12 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
 
     checkpoints = args.checkpoints + ['none'] * (len(args.models) - len(args.checkpoints))
-    models = [
-        (name, msconv.create_model(name, checkpoint_path=None if ckpt == 'none' else ckpt))
-        for name, ckpt in zip(args.models, checkpoints)
-    ]
+    models = []
+    for name, ckpt in zip(args.models, checkpoints):
+        if ckpt == 'none':  # an untrained network's ERF is not the trained one's: say so, in the figure too
+            print(f'note: {name} has random weights (no checkpoint given for it)')
+        label = name if ckpt != 'none' else f'{name} (random weights)'
+        models.append((label, msconv.create_model(name, checkpoint_path=None if ckpt == 'none' else ckpt)))
     res = msconv.compute_erf(
         models,
         data=args.data,

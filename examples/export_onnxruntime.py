@@ -1,17 +1,21 @@
 """Export a model's inference form to ONNX and serve it with onnxruntime.
 
     python examples/export_onnxruntime.py --model smt_tiny --checkpoint smt_tiny.pth --images a.jpg b.jpg
+    python examples/export_onnxruntime.py --model smt_tiny --pretrained --images a.jpg   # downloads the weights
 
 ``export_onnx_checked`` re-parameterizes the model (BatchNorms folded, parallel kernels merged), exports it with
 a dynamic batch dimension, compares onnxruntime with PyTorch at batch sizes 1 and 3 and only then moves the file
 into place. Serving needs nothing of msconv or torch: onnxruntime, numpy and Pillow, with the preprocessing
 read from the model's ``pretrained_cfg`` (resize, centre crop, mean/std), written here in numpy so that it can
-be copied into a server. Without ``--images``, random pixels stand in for photos.
+be copied into a server, and the class names (ImageNet-1K's, from ``timm.data.ImageNetInfo``, for a 1000-class
+model) written beside the ONNX file. Without ``--checkpoint`` or ``--pretrained`` the weights are random and the
+script says so; without ``--images``, random pixels stand in for photos.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 
 import numpy as np
@@ -19,18 +23,39 @@ import onnxruntime as ort
 from PIL import Image
 
 
-def export(model_name: str, path: str, checkpoint=None, img_size=None, num_classes=None) -> dict:
-    """Export ``model_name`` to ``path``; returns the preprocessing the server needs. Imports torch."""
+def export(model_name: str, path: str, checkpoint=None, img_size=None, num_classes=None, pretrained=False) -> dict:
+    """Export ``model_name`` to ``path`` and its class names to ``path``'s ``.labels.json``; returns what the server
+    needs: the preprocessing and the class names. Imports torch."""
     import msconv
     from msconv.tools.export import export_onnx_checked
 
     kwargs = {} if num_classes is None else {'num_classes': num_classes}
-    model = msconv.create_model(model_name, checkpoint_path=checkpoint, **kwargs)
+    model = msconv.create_model(model_name, pretrained=pretrained, checkpoint_path=checkpoint, **kwargs)
+    if checkpoint is None and not pretrained:
+        print(f'note: {model_name} has random weights (no --checkpoint, no --pretrained): its predictions mean nothing')
     cfg = dict(model.pretrained_cfg)
     size = img_size or cfg['input_size'][-1]
     diffs = export_onnx_checked(model, path, (3, size, size))
     print(f'exported {path}; onnxruntime vs PyTorch, relative difference per batch size: {diffs}')
-    return {'size': size, 'crop_pct': cfg.get('crop_pct', 0.875), 'mean': cfg['mean'], 'std': cfg['std']}
+    labels = class_names(model.num_classes)
+    with open(labels_path(path), 'w') as f:
+        json.dump(labels, f)
+    pre = {'size': size, 'crop_pct': cfg.get('crop_pct', 0.875), 'mean': cfg['mean'], 'std': cfg['std']}
+    return dict(pre, labels=labels)
+
+
+def class_names(num_classes: int) -> list:
+    """ImageNet-1K's names for a 1000-class model ('goldfish', ...), else 'class 0', 'class 1', ..."""
+    if num_classes == 1000:
+        from timm.data import ImageNetInfo
+
+        info = ImageNetInfo()
+        return [info.index_to_description(i).split(',')[0] for i in range(1000)]
+    return [f'class {i}' for i in range(num_classes)]
+
+
+def labels_path(onnx_path: str) -> str:
+    return onnx_path.rsplit('.', 1)[0] + '.labels.json'
 
 
 def preprocess(image: Image.Image, size: int, crop_pct: float, mean, std) -> np.ndarray:
@@ -47,11 +72,16 @@ def preprocess(image: Image.Image, size: int, crop_pct: float, mean, std) -> np.
 
 
 class OnnxClassifier:
-    """A minimal server-side model: a batch of PIL images in, (top-k indices, probabilities) out."""
+    """A minimal server-side model: a batch of PIL images in, (top-k indices, probabilities) out; ``labels`` (the
+    class names, default: read from the ``.labels.json`` beside the ONNX file) name the indices."""
 
-    def __init__(self, path: str, size: int, crop_pct: float, mean, std):
+    def __init__(self, path: str, size: int, crop_pct: float, mean, std, labels=None):
         self.session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
         self.pre = dict(size=size, crop_pct=crop_pct, mean=mean, std=std)
+        if labels is None:
+            with open(labels_path(path)) as f:
+                labels = json.load(f)
+        self.labels = labels
 
     def __call__(self, images, k: int = 5):
         batch = np.stack([preprocess(im, **self.pre) for im in images])  # (B, 3, H, W)
@@ -65,7 +95,8 @@ class OnnxClassifier:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--model', default='smt_tiny')
-    p.add_argument('--checkpoint', default=None)
+    p.add_argument('--checkpoint', default=None, help='weights file (without it and --pretrained: random weights)')
+    p.add_argument('--pretrained', action='store_true', help='the official weights (downloaded once)')
     p.add_argument('--out', default=None, help='ONNX file (default MODEL.onnx)')
     p.add_argument('--img-size', type=int, default=None)
     p.add_argument('--num-classes', type=int, default=None)
@@ -73,7 +104,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     path = args.out or f'{args.model}.onnx'
-    pre = export(args.model, path, args.checkpoint, args.img_size, args.num_classes)
+    pre = export(args.model, path, args.checkpoint, args.img_size, args.num_classes, args.pretrained)
     server = OnnxClassifier(path, **pre)
     rng = np.random.default_rng(0)
     images = [Image.open(f) for f in args.images] or [
@@ -81,7 +112,7 @@ def main(argv=None):
     ]
     top, probs = server(images)
     for name, t, pr in zip(args.images or ['random-0', 'random-1'], top, probs):
-        print(name, ', '.join(f'{i}: {q:.3f}' for i, q in zip(t.tolist(), pr.tolist())))
+        print(name, ', '.join(f'{server.labels[i]} {q:.3f}' for i, q in zip(t.tolist(), pr.tolist())))
     return top, probs
 
 

@@ -43,6 +43,8 @@ SYSTEMS: Dict[str, Tuple[str, str]] = {
     'smt_s_mask_rcnn': ('smt_small', 'mask_rcnn'),
     'smt_s_cascade_mask_rcnn': ('smt_small', 'cascade_mask_rcnn'),
     'smt_s_retinanet': ('smt_small', 'retinanet'),
+    'smt_s_atss': ('smt_small', 'atss'),
+    'smt_s_sparse_rcnn': ('smt_small', 'sparse_rcnn'),
     'smt_s_upernet': ('smt_small', 'upernet'),
     'sw_t_cascade_mask_rcnn': ('shiftwise_tiny', 'cascade_mask_rcnn'),
     'sw_t_upernet': ('shiftwise_tiny', 'upernet'),
@@ -55,10 +57,18 @@ LOSS_NAMES = {
     'loss_cls': 'loss_classifier',
     'loss_bbox': 'loss_box_reg',
     'loss_mask': 'loss_mask',
+    'loss_iou': 'loss_giou',
     'decode.loss_ce': 'loss_decode',
     'aux.loss_ce': 'loss_aux',
 }
 RETINA_LOSS_NAMES = {'loss_cls': 'classification', 'loss_bbox': 'bbox_regression'}
+ATSS_LOSS_NAMES = {**RETINA_LOSS_NAMES, 'loss_centerness': 'bbox_ctrness'}
+RCNN_ARCHS = ('mask_rcnn', 'cascade_mask_rcnn')  # RPN + RoI heads with masks
+
+
+def loss_names(arch: str) -> Dict[str, str]:
+    """Official loss names -> msconv's for a detector arch."""
+    return {'retinanet': RETINA_LOSS_NAMES, 'atss': ATSS_LOSS_NAMES}.get(arch, LOSS_NAMES)
 
 
 # ----------------------------------------------------------------------------------------------- scenes
@@ -108,6 +118,9 @@ def _draw(key: str, shape: Sequence[int], dtype: str, seed: int, sparse: bool) -
         return torch.zeros(shape, dtype=torch.int64)
     g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % (2**62))
     shape = tuple(shape)
+    if key.endswith('init_proposal_bboxes.weight'):  # Sparse R-CNN's learnable boxes: (cx, cy, w, h) / image size
+        ctr = 0.2 + 0.6 * torch.rand(shape[0], 2, generator=g)
+        return torch.cat([ctr, 0.1 + 0.5 * torch.rand(shape[0], 2, generator=g)], dim=1)
     name = key.rsplit('.', 1)[-1]
     if name == 'running_mean':
         return 0.1 * torch.randn(shape, generator=g)
@@ -125,11 +138,13 @@ def _draw(key: str, shape: Sequence[int], dtype: str, seed: int, sparse: bool) -
         return 1.0 + 0.1 * torch.randn(shape, generator=g)  # norm weights
     fan_in = numel // shape[0]
     gain = 1.0
-    if key.startswith('roi_head.bbox_head.') and key[len('roi_head.bbox_head.')].isdigit() and 'fc_cls.' in key:
+    if 'fc_cls.' in key and shape[0] == NUM_CLASSES['det']:
+        gain = 1.0  # Sparse R-CNN's sigmoid classifier (no background row): scores away from saturation
+    elif key.startswith('roi_head.bbox_head.') and key[len('roi_head.bbox_head.')].isdigit() and 'fc_cls.' in key:
         gain = 6.0  # Cascade averages three stages' logits: spread them further
     elif any(p in key for p in ('fc_cls.', 'conv_seg.', 'conv_logits.')):
         gain = 3.0  # spread the class and mask scores: detections above 0.05, mask probabilities away from 0.5
-    elif any(p in key for p in ('fc_reg.', 'rpn_reg.', 'retina_reg.')):
+    elif any(p in key for p in ('fc_reg.', 'rpn_reg.', 'retina_reg.', 'atss_reg.')):
         gain = 0.1  # small box deltas: proposals and detections stay near their anchors
     elif 'LoRAs.' in key:
         gain = 0.05  # each shift-wise output sums 2 paths x 4 groups x ceil(K / 3) shifted small kernels
@@ -170,6 +185,14 @@ def detection_outputs(
         out['mask_areas'] = binary_masks.flatten(1).sum(1).to(torch.int64)
         packed = np.packbits(binary_masks[:MASKS_KEPT].numpy().astype(bool), axis=-1)
         out['masks_packed'] = torch.from_numpy(packed)
+
+
+def stage_outputs(prefix: str, logits: torch.Tensor, deltas: torch.Tensor, out: Dict[str, torch.Tensor]) -> None:
+    """A Sparse R-CNN stage's class logits (B, P, K), kept as their first 8 classes and every proposal's sum, and
+    its box deltas (B, P, 4)."""
+    out[f'{prefix}.cls.head'] = logits[..., :8].detach().float().contiguous()
+    out[f'{prefix}.cls.sum'] = logits.detach().double().sum(-1).float()
+    out[f'{prefix}.reg.head'] = deltas.detach().float().contiguous()
 
 
 def unpack_masks(packed: torch.Tensor, width: int = SIZE) -> torch.Tensor:
@@ -226,7 +249,13 @@ def _capture_detector(model, arch: str):
     and the mask probabilities before pasting."""
     cap: Dict[str, object] = {}
     handles = [model.backbone.register_forward_hook(lambda m, i, o: cap.__setitem__('fpn', list(o.values())))]
-    if arch == 'retinanet':
+    if arch == 'atss':
+        handles.append(model.head.register_forward_hook(lambda m, i, o: cap.__setitem__('dense', o)))
+    elif arch == 'sparse_rcnn':
+        cap['stages'] = []
+        for stage in model.stages:
+            handles.append(stage.register_forward_hook(lambda m, i, o: cap['stages'].append(o[:2])))
+    elif arch == 'retinanet':
         cls_head, reg_head = model.head.classification_head, model.head.regression_head
         cap['cls'], cap['reg'] = [], []
         handles.append(cls_head.cls_logits.register_forward_hook(lambda m, i, o: cap['cls'].append(o)))
@@ -300,6 +329,13 @@ def run_msconv(name: str, model: torch.nn.Module, multi_scale: bool = True) -> D
         for i, (c, r) in enumerate(zip(cap['cls'], cap['reg'])):
             sample_map(f'head.cls.{i}', c, out)
             sample_map(f'head.reg.{i}', r, out)
+    elif arch == 'atss':
+        for i, maps in enumerate(zip(*cap['dense'])):
+            for kind, x in zip(('cls', 'reg', 'ctr'), maps):
+                sample_map(f'head.{kind}.{i}', x, out)
+    elif arch == 'sparse_rcnn':
+        for t, (logits, deltas) in enumerate(cap['stages']):
+            stage_outputs(f's{t}', logits, deltas, out)
     else:
         objectness, deltas = cap['rpn']
         for i, (c, r) in enumerate(zip(objectness, deltas)):
@@ -315,7 +351,7 @@ def run_msconv(name: str, model: torch.nn.Module, multi_scale: bool = True) -> D
     scenes = [make_scene(s) for s in TRAIN_SCENES]
     targets = [dict(boxes=s['boxes'], labels=s['labels'], masks=s['masks']) for s in scenes]
     model.train()
-    if arch != 'retinanet':
+    if arch in RCNN_ARCHS:
         model.rpn.fg_bg_sampler.batch_size_per_image = SAMPLE_ALL
     with torch.no_grad():
         losses = model([s['image'] for s in scenes], targets)

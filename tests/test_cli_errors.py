@@ -196,3 +196,12 @@ def test_tools_name_a_checkpoint_of_another_model(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and f"checkpoint '{smt}' does not fit 'test_shiftwise'" in err and 'Traceback' not in err
     assert 'Missing key(s)' in err or 'Unexpected key(s)' in err or 'missing keys' in err
+
+
+def test_an_unknown_name_counts_the_models_msconv_list_shows(capsys):
+    assert main(['list', '--names']) == 0
+    shown = capsys.readouterr().out.split()
+    assert main(['profile', 'smt_tinyy']) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'Did you mean smt_tiny' in err
+    assert f"see the {len(shown)} models" in err and 'test_ micro models' in err

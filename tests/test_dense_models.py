@@ -12,7 +12,7 @@ import torch.nn as nn
 import msconv
 from msconv.dense import create_backbone, create_backbone_fpn, create_detector, create_segmenter
 from msconv.dense.cascade import CascadeRoIHeads
-from msconv.dense.necks import LastLevelP6P7OnInput
+from msconv.dense.necks import LastLevelP6P7OnInput, LastLevelP6P7OnOutput
 from msconv.tools.dense_profile import profile_dense, profile_system
 
 # (backbone, arch, paper params M, paper GMACs, our exact params). Papers: SMT README tables (COCO 1280x800,
@@ -22,6 +22,8 @@ PAPER = [
     ('smt_base', 'mask_rcnn', 52.0, 328.0, 51_679_733),
     ('smt_small', 'cascade_mask_rcnn', 78.0, 744.0, 80_037_249),
     ('smt_small', 'retinanet', 30.0, 247.0, 32_271_540),
+    ('smt_small', 'atss', 28.0, 214.0, 30_137_114),
+    ('smt_small', 'sparse_rcnn', 102.0, 171.0, 104_135_528),
     ('shiftwise_tiny', 'cascade_mask_rcnn', 86.89, 751.21, 89_211_117),
     ('smt_small', 'upernet', 50.0, 935.0, 52_345_580),
     ('smt_base', 'upernet', 62.0, 1004.0, 61_831_980),
@@ -36,6 +38,7 @@ PAPER = [
 # 0.6%; with one path per shift-wise conv (as the UperNet log's 'rep1' line) it is within 2%
 # (test_shiftwise_one_path_logs).
 WITHIN_2PCT = {('smt_base', 'mask_rcnn'), ('smt_base', 'upernet'), ('shiftwise_tiny', 'upernet')}
+# Sparse R-CNN's gap is the same +2.1M (2.1% of its 102M)
 
 
 def _build_meta(backbone: str, arch: str) -> nn.Module:
@@ -108,6 +111,35 @@ def test_heads_follow_configs():
     assert sum(isinstance(m, nn.BatchNorm2d) for m in stage.box_head.modules()) == 4  # Shared4Conv1FC
     assert stage.box_predictor.bbox_pred.out_features == 81 * 4  # class-specific regression
 
+    atss = _build_meta('smt_small', 'atss')
+    assert atss.backbone.strides == [8, 16, 32, 64, 128] and atss.backbone.in_levels == (1, 2, 3)
+    assert isinstance(atss.backbone.fpn.extra_blocks, LastLevelP6P7OnOutput)  # P6 on the P5 output, P7 on P6
+    assert atss.backbone.fpn.extra_blocks.p6.in_channels == 256
+    assert atss.anchor_generator.num_anchors_per_location() == [1] * 5
+    assert atss.anchor_generator.sizes[0] == (64.0,)  # 8 x stride 8, square
+    norms = [m for m in atss.head.modules() if isinstance(m, nn.GroupNorm)]
+    assert len(norms) == 8 and all(m.num_groups == 32 for m in norms)  # 4 convs in each tower
+    assert atss.head.atss_cls.out_channels == 80 and atss.head.atss_centerness.out_channels == 1
+    assert len(atss.head.scales) == 5 and atss.box_coder.weights == (10.0, 10.0, 5.0, 5.0)
+    assert (atss.topk, atss.nms_thresh, atss.score_thresh, atss.topk_candidates) == (9, 0.6, 0.05, 1000)
+    assert atss.bbox_loss_weight == 2.0
+
+    sparse = _build_meta('smt_small', 'sparse_rcnn')
+    assert sparse.backbone.strides == [4, 8, 16, 32] and sparse.backbone.fpn.extra_blocks is None
+    assert sparse.num_proposals == 300 and sparse.proposal_features.embedding_dim == 256
+    assert len(sparse.stages) == 6 and sparse.stage_loss_weights == [1.0] * 6
+    assert sparse.roi_pool.sampling_ratio == 2 and sparse.roi_pool.aligned
+    assert sparse.box_coder.weights == (2.0, 2.0, 1.0, 1.0)  # stds 0.5, 0.5, 1, 1
+    assert (sparse.cls_loss_weight, sparse.l1_loss_weight, sparse.giou_loss_weight) == (2.0, 5.0, 2.0)
+    stage = sparse.stages[0]
+    assert stage.attention.num_heads == 8 and stage.ffn[0].out_features == 2048
+    assert stage.instance_interactive_conv.dynamic_layer.out_features == 2 * 256 * 64
+    assert stage.instance_interactive_conv.fc_layer.in_features == 256 * 7 * 7
+    assert (
+        sum(isinstance(m, nn.Linear) for m in stage.cls_fcs) == 1
+        and sum(isinstance(m, nn.Linear) for m in stage.reg_fcs) == 3
+    )
+
     seg = _build_meta('smt_small', 'upernet')
     assert [s[0].output_size for s in seg.decode_head.ppm.stages] == [1, 2, 3, 6]
     assert seg.decode_head.conv_seg.in_channels == 512
@@ -173,6 +205,14 @@ def test_bad_arguments():
         create_detector('test_smt', 'mask_rcnn', 3, rois_per_image=0)
     with pytest.raises(ValueError, match='fc_channels'):
         create_detector('test_smt', 'mask_rcnn', 3, fc_channels=0)
+    with pytest.raises(ValueError, match='num_proposals'):
+        create_detector('test_smt', 'sparse_rcnn', 3, num_proposals=0)
+    with pytest.raises(ValueError, match='channels must be a multiple of 32'):
+        create_detector('test_smt', 'atss', 3, channels=48)
+    with pytest.raises(ValueError, match='channels must be a multiple of 8'):
+        create_detector('test_smt', 'sparse_rcnn', 3, channels=36)
+    with pytest.raises(ValueError, match='targets'):
+        create_detector('test_smt', 'atss', 3, channels=32).train()([torch.rand(3, 64, 64)])
     seg = create_segmenter('test_smt', 'upernet', 3)
     with pytest.raises(ValueError, match=r'\(B, 3, H, W\)'):
         seg(torch.rand(3, 64, 64))
@@ -192,7 +232,7 @@ def _synthetic_batch(n_classes: int = 3):
     return images, targets
 
 
-@pytest.mark.parametrize('arch', ['mask_rcnn', 'cascade_mask_rcnn', 'retinanet'])
+@pytest.mark.parametrize('arch', ['mask_rcnn', 'cascade_mask_rcnn', 'retinanet', 'atss', 'sparse_rcnn'])
 def test_detector_train_and_eval(arch):
     torch.manual_seed(0)
     model = create_detector(
@@ -205,6 +245,7 @@ def test_detector_train_and_eval(arch):
         test_proposals=20,
         channels=32,
         fc_channels=64,
+        num_proposals=16,
     )
     assert model.backbone.out_channels == 32
     images, targets = _synthetic_batch()
@@ -213,6 +254,8 @@ def test_detector_train_and_eval(arch):
     expected = {
         'mask_rcnn': {'loss_classifier', 'loss_box_reg', 'loss_mask', 'loss_objectness', 'loss_rpn_box_reg'},
         'retinanet': {'classification', 'bbox_regression'},
+        'atss': {'classification', 'bbox_regression', 'bbox_ctrness'},
+        'sparse_rcnn': {f's{t}.{k}' for t in range(6) for k in ('loss_classifier', 'loss_box_reg', 'loss_giou')},
     }.get(arch)
     if expected is None:
         expected = {f's{t}.{k}' for t in range(3) for k in ('loss_classifier', 'loss_box_reg', 'loss_mask')}
@@ -230,8 +273,10 @@ def test_detector_train_and_eval(arch):
         assert o['boxes'].shape[1] == 4 and len(o['boxes']) == len(o['scores']) == len(o['labels']) <= 100
         if len(o['labels']):
             assert 1 <= int(o['labels'].min()) and int(o['labels'].max()) <= 3
-        if arch != 'retinanet':
+        if arch in ('mask_rcnn', 'cascade_mask_rcnn'):
             assert o['masks'].shape[1:] == (1, *im.shape[1:])
+        if arch == 'sparse_rcnn':  # one detection per proposal, best first
+            assert len(o['scores']) == 16 and torch.equal(o['scores'], o['scores'].sort(descending=True).values)
 
 
 def test_cascade_stages_sample_at_their_iou():
@@ -295,6 +340,8 @@ def test_profile_system_by_name():
     stats = profile_system('smt_base', 'mask_rcnn')
     assert stats['params'] == 51_679_733 and stats['input_size'] == (3, 1280, 800)
     assert profile_system('smt_base', 'upernet')['input_size'] == (3, 512, 2048)
+    assert profile_system('smt_base', 'atss')['params'] == 39_623_514  # the SMT-B configs (no paper figure)
+    assert profile_system('smt_base', 'sparse_rcnn')['params'] == 113_621_928
     with pytest.raises(ValueError, match='arch'):
         profile_system('smt_base', 'fcos')
 
@@ -370,3 +417,117 @@ def test_retinanet_head_norm_option():
     assert set(losses) == {'classification', 'bbox_regression'} and all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
     assert all(p.grad is not None for p in model.head.parameters())
+
+
+# ------------------------------------------------------------------------------------------------ ATSS
+def _grid_anchors():
+    """Four 10 px anchors tiling [0, 20]^2 and one at (45, 45)."""
+    return torch.tensor(
+        [[0.0, 0.0, 10.0, 10.0], [10.0, 0.0, 20.0, 10.0], [0.0, 10.0, 10.0, 20.0], [10.0, 10.0, 20.0, 20.0]]
+        + [[40.0, 40.0, 50.0, 50.0]]
+    )
+
+
+def test_atss_assign_mean_std_threshold_and_centre_inside():
+    from msconv.dense.atss import atss_assign
+
+    anchors = _grid_anchors()
+    # gt 0 (centre (6, 6)): candidates (4 nearest) have IoU 0.69 / 0.09 / 0.09 / 0.02, mean + std 0.54: only
+    # anchor 0; gt 1 around the far anchor: only anchor 4 (IoU 0.51, the others 0)
+    gts = torch.tensor([[0.0, 0.0, 12.0, 12.0], [38.0, 38.0, 52.0, 52.0]])
+    assert atss_assign(anchors, [5], gts, topk=4).tolist() == [0, -1, -1, -1, 1]
+    # a thin box between anchors 0 and 1: both reach the threshold (IoU 0.29 each) but their centres (x 5, 15) are
+    # outside it (x 6-14): no positive
+    assert atss_assign(anchors, [5], torch.tensor([[6.0, 0.0, 14.0, 10.0]]), topk=4).tolist() == [-1] * 5
+    # anchor 0 is positive for both boxes: it goes to the one of highest IoU (0.91 against 0.69)
+    gts = torch.tensor([[0.0, 0.0, 12.0, 12.0], [0.0, 0.0, 10.0, 11.0]])
+    assert atss_assign(anchors, [5], gts, topk=4).tolist()[0] == 1
+    # top-k per level: k = 2 from one level of 5 takes anchors 0 and 1 (IoU 0.69, 0.09: threshold 0.82, none); from
+    # levels of 4 + 1 anchors it takes anchors 0, 1 and 4 (IoU 0.69, 0.09, 0: threshold 0.63, anchor 0)
+    gt = torch.tensor([[0.0, 0.0, 12.0, 12.0]])
+    assert atss_assign(anchors, [5], gt, topk=2).tolist() == [-1] * 5
+    assert atss_assign(anchors, [4, 1], gt, topk=2).tolist() == [0, -1, -1, -1, -1]
+    assert atss_assign(anchors, [5], torch.zeros(0, 4)).tolist() == [-1] * 5
+
+
+def test_atss_centerness_and_valid_flags():
+    from msconv.dense.atss import centerness_target
+
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 15.0, 25.0]])  # centres (5, 5), (10, 15)
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 40.0, 20.0]])
+    # centred: 1; (10, 15) in [0, 40] x [0, 20]: sqrt(10 / 30 * 5 / 15)
+    torch.testing.assert_close(centerness_target(anchors, boxes), torch.tensor([1.0, (10 / 30 * 5 / 15) ** 0.5]))
+
+    model = create_detector('test_smt', 'atss', 3, channels=32)
+    sizes = [(12, 16), (6, 8), (3, 4), (2, 2), (1, 1)]  # a 96 x 128 batch at strides 8-128
+    flags = model._valid_flags(sizes, (64, 96))  # the smaller image of the batch: 64 x 96
+    per_level = [int(f.sum()) for f in flags.split([h * w for h, w in sizes])]
+    assert per_level == [8 * 12, 4 * 6, 2 * 3, 1 * 2, 1 * 1]  # ceil(64 / s) x ceil(96 / s) cells
+    assert model._valid_flags(sizes, (96, 128)).all()
+
+
+def test_atss_loss_counts_an_image_without_positives_once():
+    """mmdet divides the focal loss by the positives of the batch, each image counted at least once: two copies of
+    an image without objects give the loss of one."""
+    torch.manual_seed(0)
+    # 64 channels: GroupNorm's 32 groups hold two values each on the 1 x 1 P7 map of a single image
+    model = create_detector('test_smt', 'atss', 3, channels=64, min_size=64, max_size=64)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()  # batch statistics would differ between a batch of one and of two
+    image = torch.rand(3, 64, 64)
+    empty = {'boxes': torch.zeros(0, 4), 'labels': torch.zeros(0, dtype=torch.int64)}
+    with torch.no_grad():
+        one = model([image], [empty])
+        two = model([image, image], [empty, empty])
+    assert one['bbox_regression'] == 0 and one['bbox_ctrness'] == 0 and one['classification'] > 0
+    torch.testing.assert_close(two['classification'], one['classification'])
+    losses = model(
+        [image, image], [{'boxes': torch.tensor([[8.0, 8.0, 40.0, 48.0]]), 'labels': torch.tensor([2])}, empty]
+    )
+    assert all(torch.isfinite(v) and v > 0 for v in losses.values())
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for p in model.head.parameters())
+
+
+# ------------------------------------------------------------------------------------------------ Sparse R-CNN
+def test_hungarian_matcher_finds_the_global_optimum():
+    from msconv.dense.sparse_rcnn import HungarianMatcher
+
+    matcher = HungarianMatcher()
+    whwh = torch.tensor([100.0, 100.0, 100.0, 100.0])
+    gts = torch.tensor([[0.0, 0.0, 40.0, 40.0], [50.0, 50.0, 90.0, 90.0]])
+    boxes = torch.tensor([[50.0, 50.0, 90.0, 90.0], [10.0, 10.0, 30.0, 80.0], [0.0, 0.0, 40.0, 40.0]])
+    logits = torch.zeros(3, 4)
+    rows, cols = matcher(logits, boxes, gts, torch.tensor([1, 3]), whwh)
+    assert rows.tolist() == [0, 2] and cols.tolist() == [1, 0]
+    # a greedy choice would give proposal 0 to the first box (lowest class cost: logit 9 for class 1) and leave
+    # the second box the worse proposal 1; the matching takes the lower total cost
+    logits[0, 1] = 9.0
+    rows, cols = matcher(logits, boxes, gts, torch.tensor([1, 3]), whwh)
+    assert rows.tolist() == [0, 2] and cols.tolist() == [1, 0]
+    # alone, proposal 0 goes to the first box: its class cost (-13.5) outweighs its boxes' (10 + 1.2 against 0 - 2)
+    rows, cols = matcher(logits[:1], boxes[:1], gts, torch.tensor([1, 3]), whwh)
+    assert rows.tolist() == [0] and cols.tolist() == [0]
+    rows, cols = matcher(logits, boxes, torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), whwh)
+    assert rows.numel() == cols.numel() == 0
+
+
+def test_sparse_rcnn_refines_proposals_stage_by_stage():
+    torch.manual_seed(0)
+    model = create_detector('test_smt', 'sparse_rcnn', 3, channels=32, fc_channels=64, num_proposals=8)
+    model.eval()
+    boxes, feats = model.initial_proposals([(64, 96)])
+    torch.testing.assert_close(boxes[0, 0], torch.tensor([0.0, 0.0, 96.0, 64.0]))  # mmdet's init: the whole image
+    features = model.backbone(torch.rand(1, 3, 64, 96))
+    with torch.no_grad():
+        for stage in model.stages:
+            stage.fc_reg.weight.zero_()
+            stage.fc_reg.bias.copy_(torch.tensor([0.2, 0.0, 0.0, 0.0]))  # dx = 0.2 x std 0.5 of the width
+        logits, refined, new = model.run_stage(0, features, boxes, feats, [(64, 96)])
+    assert logits.shape == (1, 8, 3) and new.shape == feats.shape
+    torch.testing.assert_close(refined[0, 0], torch.tensor([9.6, 0.0, 105.6, 64.0]))  # not clipped to the image
+    # training: an image without objects gives finite losses (classification only)
+    model.train()
+    losses = model([torch.rand(3, 64, 96)], [{'boxes': torch.zeros(0, 4), 'labels': torch.zeros(0, dtype=torch.int64)}])
+    assert all(torch.isfinite(v) for v in losses.values()) and losses['s5.loss_giou'] == 0

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import msconv
@@ -53,14 +54,38 @@ def test_variants_table_lists_the_family(hooks):
         hooks.variants_table('nope')
 
 
-def test_weights_table_gives_every_model_its_licence(hooks):
+def test_weights_table_gives_every_model_its_licence_and_source(hooks):
     table = hooks.weights_table()
     rows = [[c.strip() for c in line.strip('|').split('|')] for line in table.splitlines()[2:]]
-    models = {r[0].strip('`') for r in rows}
+    models = {r[0].strip('`').split('.')[0] for r in rows}
     assert models == {n for n in msconv.list_models() if not n.startswith('test_')}
-    licences = {(r[0].strip('`'), r[1]): r[3] for r in rows}
-    assert licences[('smt_tiny', 'in1k')] == 'mit' and licences[('scsc_resnet50', '-')] == 'apache-2.0'
-    assert all(r[3] != '-' for r in rows), 'a pretrained config without a licence'
+    by_name = {r[0].strip('`'): r for r in rows}
+    release = 'https://github.com/AFeng-x/SMT/releases/download/v1.0.0/'
+    assert by_name['smt_tiny.in1k'][1:3] == [f'[smt_tiny.pth]({release}smt_tiny.pth)', 'MIT']
+    assert by_name['smt_large.in22k'][3] == '21841'
+    assert 'drive.google.com/file/d/1U4DOZv5V9_7wJdqdicjp0tCmNIdRNJOc' in by_name['shiftwise_tiny'][1]
+    assert by_name['scsc_resnet50'][1:3] == ['none published', 'Apache-2.0']
+    assert all(r[2] != '-' for r in rows), 'a pretrained config without a licence'
+
+
+def test_weights_load_lines_run_as_written(hooks, tmp_path, monkeypatch):
+    """Every line of the generated block is valid Python naming a registered model; the file line of test_smt,
+    written the same way, loads a file."""
+    import ast
+
+    block = hooks.weights_load()
+    code = block.split('```python\n', 1)[1].rsplit('```', 1)[0]
+    tree = ast.parse(code)
+    names = {c.args[0].value for c in ast.walk(tree) if isinstance(c, ast.Call) and c.args}
+    assert 'smt_large.in22k_ft_in1k_384' in names and 'shiftwise_tiny' in names and 'scsc_resnet50' not in names
+    assert "model = msconv.create_model('shiftwise_tiny', checkpoint_path='checkpoint.pth')" in code
+    from msconv.models._weights import load_lines
+
+    torch.save({'model': msconv.create_model('test_smt').state_dict()}, tmp_path / 'checkpoint.pth')
+    monkeypatch.chdir(tmp_path)
+    scope = {'msconv': msconv}
+    exec('model = ' + load_lines('test_smt')['file'], scope)
+    assert scope['model'].num_classes == 1000
 
 
 def test_cli_reference_covers_every_command(hooks):
@@ -72,6 +97,18 @@ def test_cli_reference_covers_every_command(hooks):
     for name in sub.choices:
         assert f'## msconv {name}\n' in text and f'usage: msconv {name}' in text
     assert '--max-steps' in text  # an option of `msconv demo`, from the parser itself
+    blocks = re.findall(r'```text\n(.*?)```', text, re.S)
+    widest = max(len(line) for b in blocks for line in b.splitlines())
+    assert widest <= hooks.CLI_COLUMNS, f'a help line of {widest} characters is clipped in the content column'
+
+
+def test_404_links_are_relative_to_the_site_root(hooks):
+    html = '<html><head><link href="/assets/x.css"></head><a href="/models.html">m</a><a href="//cdn/x">c</a>'
+    out = hooks.relative_404(html, '/')
+    assert 'href="./assets/x.css"' in out and 'href="./models.html"' in out and 'href="//cdn/x"' in out
+    assert "location.protocol !== 'file:'" in out and "document.write('<base href=\"/\">')" in out
+    served = hooks.relative_404('<head></head><a href="/msconv/weights.html">w</a><a href="/other/">o</a>', '/msconv/')
+    assert 'href="./weights.html"' in served and 'href="/other/"' in served and '<base href="/msconv/">' in served
 
 
 def test_markers_are_replaced_and_unknown_ones_fail(hooks):

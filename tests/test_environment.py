@@ -31,20 +31,21 @@ def test_every_declared_dependency_is_pinned_and_digits_is_an_extra():
     project = tomllib.loads((REPO / 'pyproject.toml').read_text())['project']
     extras = project['optional-dependencies']
     assert [_name(r) for r in extras['digits']] == ['mlxtend']
-    declared = {_name(r) for r in project['dependencies'] + extras['dev'] + extras['digits']}
+    features = [r for name, reqs in extras.items() if name not in ('all', 'docs') for r in reqs]
+    declared = {_name(r) for r in project['dependencies'] + features}
     missing = declared - set(_lock())
     assert not missing, f"constraints.txt lacks {sorted(missing)}: run `make lock`"
     assert not any('==' in r for r in project['dependencies']), 'pyproject.toml keeps ranges, the lock pins'
 
 
 @pytest.mark.skipif(shutil.which('make') is None, reason='make is not installed')
-def test_make_installs_the_project_and_mlxtend_from_the_lock(tmp_path):
+def test_make_installs_the_project_with_every_extra_from_the_lock(tmp_path):
     out = subprocess.run(
         ['make', '-n', '-B', 'venv', f'VENV={tmp_path / "venv"}'], cwd=REPO, capture_output=True, text=True, check=True
     ).stdout
     installs = [line for line in out.splitlines() if 'pip install' in line and '--upgrade pip' not in line]
-    assert len(installs) == 2 and all('-c constraints.txt' in line for line in installs), installs
-    assert '-e ".[dev]"' in installs[0] and 'mlxtend' in installs[1]
+    assert len(installs) == 1 and '-c constraints.txt' in installs[0], installs
+    assert '-e ".[dev,all]"' in installs[0]
 
 
 def test_this_environment_matches_the_lock_for_the_figures_that_depend_on_it():

@@ -117,8 +117,8 @@ def test_detection_fasterrcnn(monkeypatch, capsys):
     res = ns['main'](['--model', 'test_smt', '--img-size', '64'])
     assert set(res['losses']) == {'loss_classifier', 'loss_box_reg', 'loss_objectness', 'loss_rpn_box_reg'}
     assert all(torch.isfinite(v) for v in res['losses'].values())
-    body = res['detector'].backbone.body
-    assert body.feature_info.reduction() == [8, 16, 32]
+    body = res['detector'].backbone.backbone.body  # msconv.create_backbone_fpn: FPN over the stride 8/16/32 maps
+    assert res['detector'].backbone.strides == [8, 16, 32, 64]
     trunk = [n for n, p in body.named_parameters() if p.requires_grad and p.grad is None]
     assert not trunk, f'backbone parameters without a gradient: {trunk[:5]}'
     det = res['detections']
@@ -135,7 +135,8 @@ def test_export_onnxruntime(tmp_path, monkeypatch, capsys):
     ns = run_example('export_onnxruntime.py', flags, img, img, monkeypatch=monkeypatch)
     assert (tmp_path / 'm.onnx').is_file()
     out = capsys.readouterr().out
-    assert out.count('photo.png') == 2
+    assert out.count('photo.png') == 2 and 'test_smt has random weights' in out
+    assert all('class ' in line for line in out.splitlines() if line.startswith('photo.png'))  # named classes
 
     # the server's numpy preprocessing matches timm's eval transform of the model's pretrained_cfg
     import timm
@@ -150,6 +151,9 @@ def test_export_onnxruntime(tmp_path, monkeypatch, capsys):
     np.testing.assert_allclose(ns['preprocess'](Image.open(img), **pre), x.numpy(), atol=5e-2)
     top, probs = server([Image.open(img)], k=3)
     assert top.shape == probs.shape == (1, 3) and np.all(np.diff(probs[0]) <= 0)
+    assert server.labels == [f'class {i}' for i in range(7)]
+    names = ns['class_names'](1000)  # ImageNet-1K's, from timm
+    assert names[1] == 'goldfish' and names[999] == 'toilet tissue' and len(set(names)) > 990
 
 
 def test_draw_erf(tmp_path, monkeypatch, capsys):
@@ -158,4 +162,5 @@ def test_draw_erf(tmp_path, monkeypatch, capsys):
     run_example('draw_erf.py', flags, tmp_path / 'erf.png', monkeypatch=monkeypatch)
     assert (tmp_path / 'erf.png').stat().st_size > 0
     out = capsys.readouterr().out
-    assert 'test_smt: high-contribution area ratio' in out and 'test_shiftwise:' in out
+    assert 'test_smt (random weights): high-contribution area ratio' in out and 'test_shiftwise (random' in out
+    assert 'note: test_smt has random weights' in out

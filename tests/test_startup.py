@@ -1,5 +1,6 @@
 """Start-up: `import msconv` loads only what the models need (torch, timm); the engine, the tools and their
-heavy dependencies load where used. Timings are in benchmarks/bench_startup.py, not asserted here."""
+heavy dependencies (every optional extra) load where used. Timings are in benchmarks/bench_startup.py, not asserted
+here; tests/test_extras.py checks that the core runs with every extra missing."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ HEAVY = (
     'onnxscript',
     'skimage',
     'rich',
+    'pycocotools',
+    'mlxtend',
+    'tensorboard',
     'msconv.engine',
     'msconv.tools',
     'msconv.data',

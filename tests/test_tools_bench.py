@@ -115,7 +115,7 @@ def test_cli_prints_no_profiler_noise(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     lines = [line for line in (r.stdout + r.stderr).splitlines() if line.strip()]
-    assert len(lines) == 7 and 'median of 2 interleaved runs' in lines[0], lines  # title, 5 table lines, machine
+    assert len(lines) == 5 and 'median of 2 interleaved runs' in lines[0], lines  # title, header, rule, row, machine
     assert lines[-1].startswith('machine: ') and 'torch' in lines[-1] and 'threads' in lines[-1]
     assert not [line for line in lines if 'profiler' in line or 'ERROR' in line or 'USDT' in line]
 
@@ -172,7 +172,8 @@ def test_amp_on_the_inference_form_is_autocast_with_fp32_weights():
     assert len(autocast) + 1 == len(DtypeRecorder.seen)
 
 
-def test_cli_dtype_vs_timm_peer_prints_ratio_and_machine(capsys, monkeypatch):
+def test_cli_dtype_vs_timm_peer_prints_ratio_and_machine(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     from msconv.tools import bench as bench_module
 
     results = []
@@ -184,7 +185,8 @@ def test_cli_dtype_vs_timm_peer_prints_ratio_and_machine(capsys, monkeypatch):
     monkeypatch.setattr(bench_module, 'benchmark', recording)
     args = ['bench', 'timm:test_resnet', '--vs', 'timm:test_convnext', '--dtype', 'bf16', '--threads', '1']
     args += ['--batch-size', '2', '--img-size', '32', '--num-warm-iter', '1', '--num-bench-iter', '2']
-    assert main(args + ['--repeats', '2', '--csv', '']) == 0
+    assert main(args + ['--repeats', '2']) == 0
+    assert not (tmp_path / 'bench.csv').exists(), 'bench.csv written into the current folder without --csv'
     text = capsys.readouterr().out
     assert 'bfloat16 weights' in text and 'inference form' in text and 'infer vs base' in text
     assert 'machine: ' in text and '1 threads' in text
@@ -194,7 +196,7 @@ def test_cli_dtype_vs_timm_peer_prints_ratio_and_machine(capsys, monkeypatch):
     assert base['dtype'] == peer['dtype'] == 'bfloat16'
     assert peer['infer_ratio'] == pytest.approx(peer['infer_img_s'] / base['infer_img_s'])
     cells = {
-        c[0]: c for c in ([x.strip() for x in line.strip('│').split('│')] for line in text.splitlines()) if len(c) > 8
+        c[0]: c for c in ([x.strip() for x in line.strip('|').split('|')] for line in text.splitlines()) if len(c) > 8
     }
     assert cells['timm:test_convnext (baseline)'][-2] == '1.00x'
     row = cells['timm:test_resnet']
@@ -264,6 +266,7 @@ def test_cli_table_and_csv(tmp_path, capsys):
     assert rc == 0
     text = capsys.readouterr().out
     assert 'timm:test_resnet (baseline)' in text and 'infer vs base' in text
+    assert 'train' not in text.split('\n', 2)[1] and '-x' not in text  # no training columns, no '-x' cells
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 2 and rows[0]['baseline'] == 'True' and float(rows[1]['infer_img_s']) > 0
     assert rows[1]['train_img_s'] == 'nan'

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import msconv
 from msconv.cli import main
 from msconv.tools.erf import area_ratios, compute_erf, erf_map, load_images, normalise, plot_erf
 
@@ -115,3 +116,36 @@ def test_cli_erf(tmp_path, capsys):
     assert 't=0.99' in text and 'resnet10t (random init)' in text
     assert main(['erf', 'timm:resnet10t', 'timm:resnet10t', '--checkpoint', 'a.pth', '--out', str(out)]) == 2
     assert 'once per model' in capsys.readouterr().err
+
+
+def test_cli_erf_takes_a_run_folder_and_model_kwargs(tmp_path, capsys):
+    """A run trained with model_kwargs (other MLP widths) is rebuilt as it was trained, its newest checkpoint
+    loaded strictly; --model-kwargs reaches every model; a run of another model is refused by name."""
+    from test_engine_train import make_image_folder
+
+    data = make_image_folder(tmp_path / 'imgs', n_train=4, n_val=2)
+    msconv.train(
+        dict(
+            model='test_smt',
+            preset='demo',
+            data=str(data),
+            batch_size=4,
+            max_steps=1,
+            progress=False,
+            plot=False,
+            num_workers=0,
+            output=str(tmp_path),
+            name='run',
+            model_kwargs={'mlp_ratios': [1, 1, 1, 1]},
+        )
+    )
+    out = tmp_path / 'erf.png'
+    args = ['erf', 'test_smt', '--data', str(data), '--num-images', '2', '--img-size', '64', '--out', str(out)]
+    assert main(args + ['--checkpoint', str(tmp_path / 'run')]) == 0, capsys.readouterr().err
+    text = capsys.readouterr().out
+    assert 'test_smt ' in text and 'random init' not in text and out.is_file()
+    assert main(args + ['--model-kwargs', 'mlp_ratios=[1, 1, 1, 1]']) == 0  # random weights, the run's widths
+    assert main(args + ['--model-kwargs', 'mlp_ratios']) == 2
+    assert '--model-kwargs expects KEY=VALUE' in capsys.readouterr().err
+    assert main(['erf', 'test_scsc_swin', '--checkpoint', str(tmp_path / 'run'), '--out', str(out)]) == 2
+    assert "is a checkpoint of 'test_smt', not of 'test_scsc_swin'" in capsys.readouterr().err

@@ -23,7 +23,10 @@ this repository. What this script handles, without editing the official files:
 * the SW backbone builds its sparsity masks only when ``init_weights`` loads a checkpoint (and on CUDA): here
   the masks are taken from the random weights' zeros, as ``init_weights`` would from a checkpoint's;
 * the SMT backbones' ``init_weights`` name ``normal_init`` without importing it, and SMT-B's 3x config passes
-  ``groups_mode``, which the backbone rejects: neither is used here (the SMT-S configs, weights set directly).
+  ``groups_mode``, which the backbone rejects: neither is used here (the SMT-S configs, weights set directly);
+* ``atss_smt_s_fpn.py`` gives its FPN three inputs (``in_channels=[128, 256, 512]``, ``start_level=0``) while the
+  backbone returns four stages: mmdet's FPN asserts on it, so the released config does not run. The backbone here
+  returns stages 2-4 (``out_indices=[1, 2, 3]``): the FPN the config describes (C3-C5, P6 / P7 on the P5 output).
 
 Per system it saves ``<name>.safetensors`` (the official outputs: FPN maps, dense head outputs, proposals,
 detections, mask probabilities and binary masks; UperNet backbone maps and logits / probabilities whole,
@@ -40,6 +43,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -67,6 +71,8 @@ CONFIGS = {
         'cascade_mask_rcnn_ressa_mstrain_480-800_giou_4conv1f_adamw_3x_coco.py',
     ),
     'smt_s_retinanet': (SMT_REPO, 'detection', 'retinanet_ressa_fpn_mstrain_480-800_3x_coco.py'),
+    'smt_s_atss': (SMT_REPO, 'detection', 'atss_ressa_mstrain_3x_coco.py'),
+    'smt_s_sparse_rcnn': (SMT_REPO, 'detection', 'sparse_rcnn_ressa_mstrain_3x_coco.py'),
     'smt_s_upernet': (SMT_REPO, 'segmentation', 'upernet_smt_512x512_160k_ade20k.py'),
     'sw_t_cascade_mask_rcnn': (
         SW_REPO,
@@ -154,7 +160,14 @@ def fixture_config(name: str, cfg) -> List[str]:
         return changes
     c, fc = ref.DET_CHANNELS, ref.DET_FC
     model.neck.out_channels = c
-    if 'rpn_head' in model:
+    if model.type == 'SparseRCNN':
+        model.rpn_head.proposal_feature_channel = model.roi_head.proposal_feature_channel = c
+        model.roi_head.bbox_roi_extractor.out_channels = c
+        for h in model.roi_head.bbox_head:
+            h.in_channels, h.feedforward_channels = c, fc
+            h.dynamic_conv_cfg.in_channels = h.dynamic_conv_cfg.out_channels = c
+        changes += [f'FPN / proposal features / DII heads {c} channels, FFN {fc}']
+    elif 'rpn_head' in model:
         model.rpn_head.in_channels = model.rpn_head.feat_channels = c
         roi = model.roi_head
         roi.bbox_roi_extractor.out_channels = roi.mask_roi_extractor.out_channels = c
@@ -171,7 +184,10 @@ def fixture_config(name: str, cfg) -> List[str]:
         changes += [f'FPN / RPN / RoI extractor / heads {c} channels, box fcs {fc}', f'samplers num {ref.SAMPLE_ALL}']
     else:
         model.bbox_head.in_channels = model.bbox_head.feat_channels = c
-        changes += [f'FPN / RetinaHead {c} channels']
+        changes += [f'FPN / {model.bbox_head.type} {c} channels']
+        if model.type == 'ATSS':
+            model.backbone.out_indices = [1, 2, 3]
+            changes += ['backbone out_indices [1, 2, 3] (the FPN takes three levels; the released config fails)']
     return changes
 
 
@@ -236,7 +252,22 @@ def run_official_detector(name: str, model) -> Dict[str, torch.Tensor]:
     cap: Dict[str, object] = {}
     model.eval()
     handles = [model.neck.register_forward_hook(lambda m, i, o: cap.__setitem__('fpn', o))]
-    if arch == 'retinanet':
+    restore = []
+    if arch == 'sparse_rcnn':
+        import mmdet.models.roi_heads.sparse_roi_head as sparse_roi_head
+
+        cap['stages'] = []
+        for head in model.roi_head.bbox_head:
+            handles.append(head.register_forward_hook(lambda m, i, o: cap['stages'].append(o[:2])))
+        bbox2result = sparse_roi_head.bbox2result
+
+        def capture_results(bboxes, labels, num_classes):
+            cap['dets'] = (bboxes, labels)
+            return bbox2result(bboxes, labels, num_classes)
+
+        sparse_roi_head.bbox2result = capture_results
+        restore.append(lambda: setattr(sparse_roi_head, 'bbox2result', bbox2result))
+    elif arch in ('retinanet', 'atss'):
         head = model.bbox_head
         forward = head.forward  # simple_test_bboxes calls self.forward, not the module: no hooks
 
@@ -293,20 +324,26 @@ def run_official_detector(name: str, model) -> Dict[str, torch.Tensor]:
     finally:
         for h in handles:
             h.remove()
+        for undo in restore:
+            undo()
     out: Dict[str, torch.Tensor] = {}
     for i, f in enumerate(cap['fpn']):
         ref.sample_map(f'fpn.{i}', f, out)
-    cls, reg = cap['dense']
-    prefix = 'head' if arch == 'retinanet' else 'rpn'
-    for i, (c, r) in enumerate(zip(cls, reg)):
-        ref.sample_map(f'{prefix}.cls.{i}', c, out)
-        ref.sample_map(f'{prefix}.reg.{i}', r, out)
-    if arch != 'retinanet':
+    if arch == 'sparse_rcnn':
+        for t, (logits, deltas) in enumerate(cap['stages']):
+            ref.stage_outputs(f's{t}', logits, deltas, out)
+    else:
+        dense = cap['dense']
+        prefix = 'rpn' if arch in ref.RCNN_ARCHS else 'head'
+        for i, maps in enumerate(zip(*dense)):
+            for kind, x in zip(('cls', 'reg', 'ctr'), maps):
+                ref.sample_map(f'{prefix}.{kind}.{i}', x, out)
+    if arch in ref.RCNN_ARCHS:
         out['proposals'] = cap['proposals'][:, :4].float().contiguous()
         out['proposal_scores'] = cap['proposals'][:, 4].float().contiguous()
     det_bboxes, det_labels = cap['dets']
     probs = binary = None
-    if arch != 'retinanet':
+    if arch in ref.RCNN_ARCHS:
         probs = cap['mask_probs']
         # segm: per class, the binary masks of that class's detections in detection order
         seen = {c: 0 for c in range(ref.NUM_CLASSES['det'])}
@@ -322,13 +359,14 @@ def run_official_detector(name: str, model) -> Dict[str, torch.Tensor]:
     imgs = _normalize(torch.stack([s['image'] for s in scenes]))
     metas = [_img_meta(ref.SIZE, ref.SIZE) for _ in scenes]
     kwargs = dict(gt_bboxes=[s['boxes'] for s in scenes], gt_labels=[s['labels'] - 1 for s in scenes])
-    if arch != 'retinanet':
+    if arch in ref.RCNN_ARCHS:
         kwargs['gt_masks'] = [BitmapMasks(s['masks'].numpy(), ref.SIZE, ref.SIZE) for s in scenes]
     model.train()
     with torch.no_grad():
         losses = model.forward_train(imgs, metas, **kwargs)
-    names = ref.RETINA_LOSS_NAMES if arch == 'retinanet' else ref.LOSS_NAMES
+    names = ref.loss_names(arch)
     for key, val in losses.items():
+        key = re.sub(r'^stage(\d+)_', r's\1.', key)  # Sparse R-CNN: 'stage0_loss_cls'
         stage, _, base = key.rpartition('.')
         if base not in names:
             continue  # accuracies

@@ -7,6 +7,7 @@ from importlib import import_module
 from typing import Any
 
 from . import layers, models
+from ._extras import MissingExtraError
 from .models import (
     FAMILIES,
     convert_official,
@@ -37,6 +38,7 @@ _LAZY = {
     'SparsityScheduler': 'msconv.engine.sparsity',
     'create_detector': 'msconv.dense',
     'create_segmenter': 'msconv.dense',
+    'create_backbone_fpn': 'msconv.dense',
 }
 
 
@@ -48,6 +50,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     'FAMILIES',
+    'MissingExtraError',
     'convert_official',
     'create_model',
     'list_models',

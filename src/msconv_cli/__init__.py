@@ -7,10 +7,11 @@ know in ``args.task_args``: the options each training task declares, parsed once
 sits beside ``msconv`` (not inside it) because ``import msconv`` registers the models
 in timm and so imports torch; ``msconv --help`` and argument errors import neither.
 
-User errors (bad paths, bad values, malformed YAML, unreadable or foreign checkpoints, bad data) and failures of
-the file system (full, read-only, gone) or of another process of a torchrun job are printed as one line on stderr
-with exit status 2; ``--debug`` shows the traceback instead. Ctrl-C exits with 130, SIGTERM with 143 (under
-torchrun: every process, whichever received the signal).
+User errors (bad paths, bad values, malformed YAML, unreadable or foreign checkpoints, bad data, an optional
+dependency that is not installed: the line names the extra) and failures of the file system (full, read-only, gone)
+or of another process of a torchrun job are printed as one line on stderr with exit status 2; ``--debug`` shows the
+traceback instead. Ctrl-C exits with 130, SIGTERM with 143 (under torchrun: every process, whichever received the
+signal).
 """
 
 from __future__ import annotations
@@ -57,6 +58,10 @@ def user_error_message(e: BaseException) -> Optional[str]:
         )
     if isinstance(e, (ValueError, OSError, FloatingPointError)):
         return str(e) or type(e).__name__
+    if isinstance(e, ImportError):  # an optional dependency that is not installed: name its extra
+        from msconv._extras import MissingExtraError, extra_for_missing_module  # deferred: msconv loads torch
+
+        return str(e) if isinstance(e, MissingExtraError) else extra_for_missing_module(e)
     if type(e).__name__ == 'JobFailure':  # msconv.engine.distributed: another process of a torchrun job failed
         return str(e)
     if any(c.__name__ == 'DistError' and c.__module__.startswith('torch') for c in type(e).__mro__):

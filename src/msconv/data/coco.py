@@ -42,6 +42,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from .._extras import require
 from .images import BAD_ANNOTATION, UnusableFile, load_image
 from .skips import DataError, SkippedFiles
 
@@ -92,7 +93,7 @@ class CocoDetection(Dataset):
         on_error: str = 'raise',
         exclude: bool = False,
     ) -> None:
-        from pycocotools.coco import COCO
+        COCO = require('pycocotools.coco', 'COCO datasets').COCO
 
         self.root = Path(root)
         self.ann_file = Path(ann_file)

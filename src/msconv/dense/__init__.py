@@ -1,6 +1,7 @@
 """Dense prediction with msconv backbones: the SMT and ShiftwiseConv papers' COCO detectors and ADE20K segmenters.
 
-* :func:`create_detector` (``mask_rcnn``, ``cascade_mask_rcnn``, ``retinanet``): :mod:`msconv.dense.detection`
+* :func:`create_detector` (``mask_rcnn``, ``cascade_mask_rcnn``, ``retinanet``: :mod:`msconv.dense.detection`;
+  ``atss``: :mod:`msconv.dense.atss`; ``sparse_rcnn``: :mod:`msconv.dense.sparse_rcnn`)
 * :func:`create_segmenter` (``upernet``): :mod:`msconv.dense.segmentation`
 * :func:`evaluate_coco`, :func:`evaluate_segmentation`: :mod:`msconv.dense.evaluation`
 * datasets and transforms: :mod:`msconv.data.coco`, :mod:`msconv.data.ade`, :mod:`msconv.data.dense_digits`

@@ -20,6 +20,13 @@ or the checkpoint itself): it recognises the system by its keys and returns the 
   (``roi_head.{bbox,mask}_head.t`` -> ``roi_heads.stages.t``);
 * RetinaNet: ``cls_convs`` / ``reg_convs`` / ``retina_cls`` / ``retina_reg`` -> torchvision ``RetinaNetHead``
   (sigmoid classes, the same order);
+* ATSS (:mod:`msconv.dense.atss`): ``bbox_head.{cls,reg}_convs.i.{conv,gn}`` -> ``head.{cls,reg}_convs.i.{0,1}``,
+  ``atss_cls`` / ``atss_reg`` / ``atss_centerness`` keep their names, ``scales.i.scale`` -> ``head.scales.i``; the
+  extra FPN convs ``fpn_convs.3`` / ``.4`` -> ``fpn.extra_blocks.p6`` / ``p7`` (sigmoid classes, the same order);
+* Sparse R-CNN (:mod:`msconv.dense.sparse_rcnn`): ``rpn_head.init_proposal_{bboxes,features}`` ->
+  ``proposal_{boxes,features}``, ``roi_head.bbox_head.t.*`` -> ``stages.t.*`` with mmcv's attention and FFN wrappers
+  unwrapped (``attention.attn.*`` -> ``attention.*``, ``ffn.layers.0.0`` / ``ffn.layers.1`` -> ``ffn.0`` /
+  ``ffn.2``); sigmoid classes, the same order;
 * UperNet (mmseg ``ConvModule`` ``.conv`` / ``.bn`` -> ``.0`` / ``.1``): ``psp_modules.i.1`` -> ``ppm.stages.i.1``,
   ``bottleneck``, ``lateral_convs``, ``fpn_convs``, ``fpn_bottleneck``, ``conv_seg``, auxiliary ``convs.0``.
 """
@@ -36,7 +43,7 @@ __all__ = ['convert_official_dense', 'detect_official_system']
 
 def detect_official_system(state_dict: Mapping[str, torch.Tensor]) -> Tuple[str, str]:
     """``(family, arch)`` of an official dense state dict: family ``'smt'`` / ``'shiftwise'``, arch ``'mask_rcnn'``,
-    ``'cascade_mask_rcnn'``, ``'retinanet'`` or ``'upernet'``."""
+    ``'cascade_mask_rcnn'``, ``'retinanet'``, ``'atss'``, ``'sparse_rcnn'`` or ``'upernet'``."""
     keys = list(state_dict)
     if any(k.startswith('backbone.patch_embed1.') for k in keys):
         family = 'smt'
@@ -51,14 +58,18 @@ def detect_official_system(state_dict: Mapping[str, torch.Tensor]) -> Tuple[str,
         arch = 'upernet'
     elif any(k.startswith('bbox_head.retina_cls.') for k in keys):
         arch = 'retinanet'
+    elif any(k.startswith('bbox_head.atss_cls.') for k in keys):
+        arch = 'atss'
+    elif any(k.startswith('rpn_head.init_proposal_bboxes') for k in keys):
+        arch = 'sparse_rcnn'
     elif any(k.startswith('roi_head.bbox_head.0.') for k in keys):
         arch = 'cascade_mask_rcnn'
     elif any(k.startswith('roi_head.bbox_head.') for k in keys):
         arch = 'mask_rcnn'
     else:
         raise ValueError(
-            "state_dict must hold an mmdet detector (roi_head.* or bbox_head.retina_cls.*) or an mmseg segmenter "
-            "(decode_head.*)"
+            "state_dict must hold an mmdet detector (roi_head.*, bbox_head.retina_cls.*, bbox_head.atss_cls.*) or an "
+            "mmseg segmenter (decode_head.*)"
         )
     return family, arch
 
@@ -87,6 +98,39 @@ def _conv_module(key: str) -> str:
     return key
 
 
+def _atss_key(key: str) -> str:
+    m = re.match(r'bbox_head\.(cls|reg)_convs\.(\d+)\.(conv|gn)\.(.*)', key)
+    if m:
+        return f"head.{m.group(1)}_convs.{m.group(2)}.{0 if m.group(3) == 'conv' else 1}.{m.group(4)}"
+    m = re.match(r'bbox_head\.scales\.(\d+)\.scale$', key)
+    if m:
+        return f'head.scales.{m.group(1)}'
+    m = re.match(r'bbox_head\.(atss_cls|atss_reg|atss_centerness)\.(.*)', key)
+    if m:
+        return f'head.{m.group(1)}.{m.group(2)}'
+    raise ValueError(f"unexpected official key {key!r}")
+
+
+_SPARSE_RENAMES = (
+    (r'^attention\.attn\.', 'attention.'),
+    (r'^ffn\.layers\.0\.0\.', 'ffn.0.'),
+    (r'^ffn\.layers\.1\.', 'ffn.2.'),
+)
+
+
+def _sparse_rcnn_key(key: str) -> str:
+    m = re.match(r'rpn_head\.init_proposal_(bboxes|features)\.weight$', key)
+    if m:
+        return f"proposal_{'boxes' if m.group(1) == 'bboxes' else 'features'}.weight"
+    m = re.match(r'roi_head\.bbox_head\.(\d+)\.(.*)', key)
+    if not m:
+        raise ValueError(f"unexpected official key {key!r}")
+    rest = m.group(2)
+    for pat, rep in _SPARSE_RENAMES:
+        rest = re.sub(pat, rep, rest)
+    return f'stages.{m.group(1)}.{rest}'
+
+
 def _detector_key(key: str, arch: str) -> str:  # noqa: C901 (one rename table)
     m = re.match(r'neck\.lateral_convs\.(\d+)\.conv\.(.*)', key)
     if m:
@@ -94,9 +138,13 @@ def _detector_key(key: str, arch: str) -> str:  # noqa: C901 (one rename table)
     m = re.match(r'neck\.fpn_convs\.(\d+)\.conv\.(.*)', key)
     if m:
         i = int(m.group(1))
-        if arch == 'retinanet' and i >= 3:
+        if arch in ('retinanet', 'atss') and i >= 3:
             return f'backbone.fpn.extra_blocks.{"p6" if i == 3 else "p7"}.{m.group(2)}'
         return f'backbone.fpn.layer_blocks.{i}.0.{m.group(2)}'
+    if arch == 'atss':
+        return _atss_key(key)
+    if arch == 'sparse_rcnn':
+        return _sparse_rcnn_key(key)
     m = re.match(r'rpn_head\.(rpn_conv|rpn_cls|rpn_reg)\.(.*)', key)
     if m:
         return (

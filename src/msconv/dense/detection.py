@@ -1,5 +1,6 @@
 """COCO detectors with msconv backbones: Mask R-CNN, Cascade Mask R-CNN and RetinaNet, as in the SMT and
-ShiftwiseConv papers' official mmdetection 2.x configs, built on torchvision's detection models.
+ShiftwiseConv papers' official mmdetection 2.x configs, built on torchvision's detection models; ATSS and Sparse
+R-CNN, the SMT paper's other two systems, in :mod:`msconv.dense.atss` and :mod:`msconv.dense.sparse_rcnn`.
 
 ``create_detector(backbone, arch, num_classes)`` returns a torchvision-style detector:
 
@@ -65,6 +66,7 @@ from torchvision.ops import sigmoid_focal_loss
 
 from .anchors import MaxIoUMatcher, retinanet_anchor_generator, rpn_anchor_generator
 from .cascade import CASCADE_IOUS, CASCADE_LOSS_WEIGHTS, CASCADE_STDS, CascadeRoIHeads, CascadeStage
+from .losses import mean_over_processes
 from .necks import BackboneWithFPN, create_backbone
 from .poolers import AlignedRoIAlign
 from .rcnn import (
@@ -88,7 +90,7 @@ __all__ = [
     'config_drop_path_rate',
 ]
 
-DETECTOR_ARCHS = ('mask_rcnn', 'cascade_mask_rcnn', 'retinanet')
+DETECTOR_ARCHS = ('mask_rcnn', 'cascade_mask_rcnn', 'retinanet', 'atss', 'sparse_rcnn')
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # drop_path_rate of the official dense configs, per backbone family (SMT-S/B: 0.2; SW-T: 0.4)
@@ -144,7 +146,7 @@ class RetinaNetDetector(RetinaNet):
             if fg.numel():
                 target = box_coder.encode_single(tgt['boxes'][matched[fg]], anchors_i[fg])
                 l1 = l1 + F.l1_loss(deltas[fg], target, reduction='sum')
-        norm = _mean_over_processes(float(num_pos), cls_logits.device)
+        norm = mean_over_processes(float(num_pos), cls_logits.device)
         return {'classification': focal / max(norm, 1.0), 'bbox_regression': l1 / max(norm, 1.0)}
 
     def forward(self, images: List[torch.Tensor], targets: Optional[List[Dict[str, torch.Tensor]]] = None):
@@ -154,17 +156,6 @@ class RetinaNetDetector(RetinaNet):
         if self.training:
             return out
         return [{**d, 'labels': d['labels'] + 1} for d in out]
-
-
-def _mean_over_processes(value: float, device: torch.device) -> float:
-    """mmdet's ``reduce_mean``: the mean of ``value`` over the processes of the default group (itself alone)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return value
-    t = torch.tensor(value, dtype=torch.float64 if device.type == 'cpu' else torch.float32, device=device)
-    dist.all_reduce(t)
-    return t.item() / dist.get_world_size()
 
 
 class MaskRCNNDetector(GeneralizedRCNN):
@@ -206,35 +197,45 @@ def create_detector(
     test_proposals: int = 1000,
     box_loss: str = 'l1',
     channels: int = 256,
-    fc_channels: int = 1024,
+    fc_channels: Optional[int] = None,
     head_norm: bool = False,
+    num_proposals: Optional[int] = None,
     **backbone_kwargs: Any,
 ) -> nn.Module:
     """A COCO detector of the papers on an msconv backbone (see the module docstring for the interface).
 
     Args:
         backbone: msconv model name, e.g. ``'smt_small'``, ``'shiftwise_tiny'`` (``'test_smt'`` for tests).
-        arch: ``'mask_rcnn'``, ``'cascade_mask_rcnn'`` or ``'retinanet'``.
+        arch: ``'mask_rcnn'``, ``'cascade_mask_rcnn'``, ``'retinanet'``, ``'atss'`` (:mod:`msconv.dense.atss`) or
+            ``'sparse_rcnn'`` (:mod:`msconv.dense.sparse_rcnn`).
         num_classes: object classes without background (80 for COCO).
         checkpoint_path: ImageNet checkpoint of the backbone (official or msconv format).
         drop_path_rate: backbone stochastic depth; default: the configs' value for the family (SMT 0.2, SW 0.4).
         min_size, max_size: test-time resize (shorter side, longer-side cap); training images are not resized.
         with_masks: the R-CNNs' mask branch (``False`` gives Faster / Cascade R-CNN).
         rois_per_image: RoIs sampled per image for each R-CNN stage in training (512 in the configs).
-        test_proposals: RPN proposals kept per image at test time (1000 in the configs; also the RetinaNet
-            pre-NMS top-k). Smaller values only make CPU tests and demos cheaper.
+        test_proposals: RPN proposals kept per image at test time (1000 in the configs; also the RetinaNet and
+            ATSS pre-NMS top-k per level). Smaller values only make CPU tests and demos cheaper.
         box_loss: Mask R-CNN's RPN and box-head regression loss: ``'l1'`` (the config) or ``'smooth_l1'``
             (torchvision's, beta 1/9). Cascade uses the config's smooth-L1 RPN and GIoU heads, RetinaNet L1.
-        channels, fc_channels: width of the FPN and of every head's convs (256 in the configs), and of the box
-            heads' fully connected layers (1024). Smaller values only for CPU tests and demos.
+        channels, fc_channels: width of the FPN and of every head's convs (256 in the configs; ATSS: a multiple of
+            32, its GroupNorm groups; Sparse R-CNN: also the proposal features, a multiple of its 8 attention heads),
+            and of the R-CNN box heads' fully connected layers (default 1024) or Sparse R-CNN's FFN (default 2048).
+            Smaller values only for CPU tests and demos.
         head_norm: RetinaNet only: GroupNorm (32 groups) after each head conv, torchvision's RetinaNet v2 head; the
             configs' RetinaHead has none (the default). Faster to train from few images (the digits demo).
+        num_proposals: Sparse R-CNN only: learnable proposals, also the detections per image (default 300, the 3x
+            config's; its 1x base config has 100).
         **backbone_kwargs: further backbone keyword arguments (e.g. ``out_norm``).
     """
     if arch not in DETECTOR_ARCHS:
         raise ValueError(f"arch must be one of {DETECTOR_ARCHS}, got {arch!r}")
     num_classes = _check_num_classes(num_classes)
-    for name, value in (('channels', channels), ('fc_channels', fc_channels)):
+    if fc_channels is None:
+        fc_channels = 2048 if arch == 'sparse_rcnn' else 1024
+    if num_proposals is None:
+        num_proposals = 300
+    for name, value in (('channels', channels), ('fc_channels', fc_channels), ('num_proposals', num_proposals)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if box_loss not in ('l1', 'smooth_l1'):
@@ -253,6 +254,25 @@ def create_detector(
         image_std=list(IMAGENET_STD),
         _skip_resize=True,
     )
+
+    if arch == 'atss':
+        from .atss import ATSS, ATSSHead, atss_anchor_generator
+
+        fpn = BackboneWithFPN(body, in_levels=(1, 2, 3), out_channels=channels, extra='p6p7_on_output')
+        return ATSS(
+            fpn,
+            ATSSHead(channels, num_classes, num_levels=5),
+            atss_anchor_generator(),
+            MMDetTransform(**common),
+            topk_candidates=test_proposals,
+        )
+
+    if arch == 'sparse_rcnn':
+        from .sparse_rcnn import DIIHead, SparseRCNN
+
+        fpn = BackboneWithFPN(body, in_levels=(0, 1, 2, 3), out_channels=channels, extra=None)
+        stages = [DIIHead(num_classes, channels, feedforward_channels=fc_channels) for _ in range(6)]
+        return SparseRCNN(fpn, stages, MMDetTransform(**common), num_proposals=num_proposals, channels=channels)
 
     if arch == 'retinanet':
         fpn = BackboneWithFPN(body, in_levels=(1, 2, 3), out_channels=channels, extra='p6p7')

@@ -7,7 +7,10 @@ nearest top-down upsampling: mmdetection's ``FPN`` maths). The extra levels foll
   the fifth level a stride-2 max-pool of P5 (``LastLevelMaxPool``);
 * RetinaNet: FPN over C3-C5 (``start_level=1``) and P6/P7 from 3x3 stride-2 convs, P6 on the C5 *input*
   (``add_extra_convs='on_input'``), P7 on P6 itself (the config sets no ``relu_before_extra_convs``; torchvision's
-  ``LastLevelP6P7`` would take ReLU(P6)): :class:`LastLevelP6P7OnInput`.
+  ``LastLevelP6P7`` would take ReLU(P6)): :class:`LastLevelP6P7OnInput`;
+* ATSS: FPN over C3-C5 and P6/P7 from 3x3 stride-2 convs on the P5 *output* (``add_extra_convs='on_output'``),
+  P7 on P6 without ReLU: :class:`LastLevelP6P7OnOutput`;
+* Sparse R-CNN: FPN over C2-C5, no extra level (``num_outs=4``).
 
 Every FPN conv (laterals, outputs, extra convs) starts Xavier-uniform with zero bias, as mmdet's ``FPN``
 (``init_cfg=dict(type='Xavier', layer='Conv2d', distribution='uniform')``); torchvision's FPN uses Kaiming-uniform
@@ -37,6 +40,7 @@ __all__ = [
     'MsconvBackbone',
     'BackboneWithFPN',
     'LastLevelP6P7OnInput',
+    'LastLevelP6P7OnOutput',
     'create_backbone',
     'create_backbone_fpn',
 ]
@@ -215,6 +219,20 @@ class LastLevelP6P7OnInput(ExtraFPNBlock):
         return p, names
 
 
+class LastLevelP6P7OnOutput(LastLevelP6P7OnInput):
+    """mmdet ``FPN(add_extra_convs='on_output')`` extra levels: P6 = conv3x3/2(P_last), P7 = conv3x3/2(P6), no
+    ReLU in between (torchvision's ``LastLevelP6P7`` with ``in_channels == out_channels`` would take ReLU(P6))."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels, channels)
+
+    def forward(self, p: List[torch.Tensor], c: List[torch.Tensor], names: List[str]):
+        p6 = self.p6(p[-1])
+        p.extend([p6, self.p7(p6)])
+        names.extend(['p6', 'p7'])
+        return p, names
+
+
 def xavier_init_(module: nn.Module) -> None:
     """Xavier-uniform weights and zero biases for every conv of ``module`` (mmdet's FPN init)."""
     for m in module.modules():
@@ -232,7 +250,8 @@ class BackboneWithFPN(nn.Module):
         backbone: an :class:`MsconvBackbone`.
         in_levels: which backbone levels feed the FPN (``(0, 1, 2, 3)`` for R-CNNs, ``(1, 2, 3)`` for RetinaNet).
         out_channels: FPN width (256 in every config).
-        extra: ``'pool'`` (P6 = max-pool of P5) or ``'p6p7'`` (P6/P7 convs on C5) or ``None``.
+        extra: ``'pool'`` (P6 = max-pool of P5), ``'p6p7'`` (P6/P7 convs on C5), ``'p6p7_on_output'`` (P6/P7 convs
+            on P5) or ``None``.
     """
 
     def __init__(
@@ -256,10 +275,12 @@ class BackboneWithFPN(nn.Module):
             extra_block = LastLevelMaxPool()
         elif extra == 'p6p7':
             extra_block = LastLevelP6P7OnInput(backbone.channels[in_levels[-1]], out_channels)
+        elif extra == 'p6p7_on_output':
+            extra_block = LastLevelP6P7OnOutput(out_channels)
         elif extra is None:
             extra_block = None
         else:
-            raise ValueError(f"extra must be 'pool', 'p6p7' or None, got {extra!r}")
+            raise ValueError(f"extra must be 'pool', 'p6p7', 'p6p7_on_output' or None, got {extra!r}")
         self.backbone = backbone
         self.in_levels = in_levels
         self.fpn = FeaturePyramidNetwork(
@@ -270,6 +291,7 @@ class BackboneWithFPN(nn.Module):
         self.strides = [backbone.reductions[i] for i in in_levels] + {
             'pool': [backbone.reductions[in_levels[-1]] * 2],
             'p6p7': [backbone.reductions[in_levels[-1]] * 2, backbone.reductions[in_levels[-1]] * 4],
+            'p6p7_on_output': [backbone.reductions[in_levels[-1]] * 2, backbone.reductions[in_levels[-1]] * 4],
         }.get(extra, [])
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:

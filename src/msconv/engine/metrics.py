@@ -10,9 +10,11 @@ import math
 import os
 import sys
 import time
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Dict, List, Optional, TextIO, Union
 
+from .._extras import require
 from .checkpoint import RunWriteError, atomic_write_bytes, os_cause
 
 __all__ = ['MetricsLog', 'read_metrics', 'top1_summary', 'draw_curves', 'plot_curves', 'Progress']
@@ -135,8 +137,7 @@ def draw_curves(records: List[Dict[str, Any]], title: str = ''):
 
     ``records`` may come from several runs: give each a ``run`` key to draw one colour per run.
     """
-    import matplotlib  # deferred: matplotlib takes ~0.5 s to load and only a run that plots needs it
-
+    matplotlib = require('matplotlib', 'curves.png')  # deferred: ~0.5 s to load, only a run that plots needs it
     matplotlib.use('Agg', force=False)
     import matplotlib.pyplot as plt  # deferred: as matplotlib, after choosing its headless backend
 
@@ -177,6 +178,7 @@ def _finite(v) -> bool:
 
 def plot_curves(records: List[Dict[str, Any]], path: Union[str, Path], title: str = '') -> Optional[Path]:
     """Write :func:`draw_curves` as a PNG (atomically); None when there are no records."""
+    require('matplotlib', 'curves.png')
     import matplotlib.pyplot as plt  # deferred: as in draw_curves
 
     if not records:
@@ -218,8 +220,8 @@ class Progress:
         self._t0 = time.perf_counter()
         self._bar = None
         out = stream if stream is not None else sys.stdout
-        if not enabled or not (hasattr(out, 'isatty') and out.isatty()):
-            return
+        if not enabled or not (hasattr(out, 'isatty') and out.isatty()) or find_spec('rich') is None:
+            return  # line mode; the live bar needs rich (the `progress` extra)
         # deferred: rich loads only for a live bar on a terminal (msconv.train stays light without it)
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn

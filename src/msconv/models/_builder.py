@@ -19,7 +19,9 @@ from timm.models._features import FeatureGetterNet
 from timm.models._manipulate import reparameterize_model
 
 from ..layers.forms import is_capturing
+from ._features import MsconvFeatureGetterNet
 from ._registry import _MODEL_FAMILY, convert_official, unknown_model_message
+from ._weights import download_weights
 
 __all__ = [
     'MsconvModel',
@@ -287,8 +289,9 @@ def create_model(
 
     Args:
         model_name: a registered name (``msconv.list_models()``), e.g. ``'smt_tiny'``.
-        pretrained: load the official release weights named in the model's ``pretrained_cfg`` (downloads them;
-            ``checkpoint_path`` takes precedence).
+        pretrained: load the official release weights named in the model's ``pretrained_cfg`` (downloads them,
+            or reads ``pretrained_cfg_overlay=dict(file=...)``; ``checkpoint_path`` takes precedence). Without
+            network or without a download URL: a one-line error naming the URL and the file-based alternative.
         checkpoint_path: a local ``.pth``/``.pt``/``.safetensors`` file in the official or msconv format.
         trust_pickle: allow a checkpoint that needs full unpickling (only for files you trust).
         class_map: keep only these rows of the checkpoint's classifier, in this order (a sequence of ints or a
@@ -304,16 +307,8 @@ def create_model(
             raise ValueError("class_map selects rows of a checkpoint's classifier: pass checkpoint_path or pretrained")
         return timm.create_model(model_name, **kwargs)
 
-    if checkpoint_path is None:
-        cfg = timm.models.get_pretrained_cfg(model_name)
-        url = getattr(cfg, 'url', None) if cfg is not None else None
-        if not url:
-            raise ValueError(
-                f"pretrained=True: no official weights are published for {model_name!r}; pass checkpoint_path"
-            )
-        from timm.models._hub import download_cached_file
-
-        checkpoint_path = download_cached_file(url)
+    if checkpoint_path is None:  # the release file (one-line errors without network or URL: _weights.py)
+        checkpoint_path = download_weights(model_name, kwargs.get('pretrained_cfg_overlay'))
 
     features_only = kwargs.pop('features_only', False)
     feature_kwargs = {k: kwargs.pop(k) for k in _FEATURE_KWARGS if k in kwargs}
@@ -329,7 +324,7 @@ def create_model(
         if feature_cls not in ('getter', FeatureGetterNet):
             raise ValueError(f"feature_cls must be 'getter' for msconv models, got {feature_cls!r}")
         feature_kwargs.setdefault('out_indices', (0, 1, 2, 3))
-        model = FeatureGetterNet(model, **feature_kwargs)
+        model = MsconvFeatureGetterNet(model, **feature_kwargs)
     return model
 
 

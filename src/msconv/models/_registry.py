@@ -16,6 +16,9 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 import torch
 from timm.models import register_model as _timm_register_model
 
+from ._features import with_feature_getter
+from ._weights import with_weights_messages
+
 __all__ = [
     'register_model',
     'register_converter',
@@ -45,7 +48,8 @@ def register_model(
     def _decorate(fn: Callable) -> Callable:
         _MODEL_FAMILY[fn.__name__] = family
         _MODEL_PAPER[fn.__name__] = {'paper_top1': paper_top1, 'paper': paper, 'paper_top1_note': paper_top1_note}
-        return _timm_register_model(fn)
+        # pretrained=True's one-line errors (_weights.py); features_only with set_grad_checkpointing (_features.py)
+        return _timm_register_model(with_feature_getter(with_weights_messages(fn)))
 
     return _decorate
 
@@ -72,9 +76,10 @@ def model_info(model_name: str) -> Dict[str, Any]:
 def unknown_model_message(model_name: str) -> str:
     close = difflib.get_close_matches(str(model_name), list(_MODEL_FAMILY), n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ''
+    shown = sum(not n.startswith('test_') for n in _MODEL_FAMILY)  # as many as `msconv list` shows
     return (
-        f"model_name {model_name!r} is not an msconv model.{hint} "
-        f"Run `msconv list` or msconv.list_models() to see the {len(_MODEL_FAMILY)} registered names."
+        f"model_name {model_name!r} is not an msconv model.{hint} Run `msconv list` to see the {shown} models "
+        f"(`msconv list --all` or msconv.list_models() adds the {len(_MODEL_FAMILY) - shown} test_ micro models)."
     )
 
 

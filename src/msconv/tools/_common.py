@@ -6,66 +6,10 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
-import timm
 import torch
 import torch.nn as nn
 
-__all__ = ['build_model', 'reparameterize', 'check_checkpoint_file', 'weights_file', 'machine_line']
-
-
-def weights_file(path: Union[str, os.PathLike]) -> str:
-    """The weights file ``path`` names: itself for a file; for a training checkpoint folder (``step-N``,
-    ``best-N``), its ``model.safetensors`` once the folder verifies; for a run folder (holding ``checkpoints/``), that
-    of its newest checkpoint that verifies (as ``msconv eval``). Anything else is returned as given."""
-    # deferred: the engine's checkpoint reader (the engine imports this module)
-    from ..engine.checkpoint import CheckpointError, latest_good_checkpoint, load_checkpoint
-
-    folder = Path(path)
-    if not folder.is_dir():
-        return os.fspath(path)
-    if (folder / 'checkpoints').is_dir():
-        found = latest_good_checkpoint(folder)
-        if found is None:
-            raise ValueError(f"checkpoint: run folder {str(folder)!r} holds no valid checkpoint")
-        folder = found[0]
-    elif (folder / 'meta.json').is_file():
-        try:
-            load_checkpoint(folder)
-        except CheckpointError as e:
-            raise ValueError(str(e)) from None
-    else:
-        raise ValueError(
-            f"checkpoint {str(folder)!r} is a folder but neither a run folder (with checkpoints/) nor a training "
-            f"checkpoint (with meta.json); pass a weights file (.safetensors/.pth)"
-        )
-    weights = folder / 'model.safetensors'
-    if not weights.is_file():
-        raise ValueError(f"checkpoint {str(folder)!r} holds no model.safetensors")
-    return str(weights)
-
-
-def _run_model_kwargs(name: str, weights: str) -> Dict[str, Any]:
-    """The keywords a training run built ``name`` with: its config.yaml's ``model_kwargs`` and the number of
-    classes of the classifier in ``weights`` (the data decided it; the model's default would drop the trained
-    classifier)."""
-    # deferred: the engine's run-folder readers (the engine imports this module)
-    from safetensors import safe_open
-
-    from ..engine.checkpoint import find_run_config
-    from ..engine.config import load_yaml
-
-    out: Dict[str, Any] = {}
-    cfg = find_run_config(Path(weights).parent)
-    if cfg is not None:
-        run = load_yaml(cfg)
-        if run.get('model') == name:
-            out.update(run.get('model_kwargs') or {})
-    classifier = timm.models.get_pretrained_cfg_value(name, 'classifier')
-    if isinstance(classifier, str):
-        with safe_open(weights, 'pt') as f:
-            if f'{classifier}.weight' in f.keys():
-                out['num_classes'] = f.get_slice(f'{classifier}.weight').get_shape()[0]
-    return out
+__all__ = ['build_model', 'read_weights', 'reparameterize', 'check_checkpoint_file', 'machine_line']
 
 
 def check_checkpoint_file(path: Union[str, os.PathLike]) -> None:
@@ -89,10 +33,12 @@ def build_model(
 ) -> nn.Module:
     """An msconv model by registered name, or any timm model (``timm:`` prefix optional).
 
-    ``checkpoint_path`` (official or msconv format for msconv models, any timm checkpoint for timm models; a
-    training run folder or checkpoint folder gives its verified ``model.safetensors``) is loaded strictly;
-    ``meta=True`` builds the model on the meta device (shapes only, for counting).
+    ``checkpoint_path`` (official or msconv format for msconv models, any timm checkpoint for timm models) is
+    loaded strictly; it may also be a run folder or a training checkpoint folder, as ``msconv eval`` takes (see
+    :func:`read_weights`). ``meta=True`` builds the model on the meta device (shapes only, for counting).
     """
+    import timm
+
     import msconv
     from msconv.models._registry import _MODEL_FAMILY, unknown_model_message
 
@@ -101,10 +47,9 @@ def build_model(
     timm_name = name[len('timm:') :] if name.startswith('timm:') else name
     if not timm.is_model(timm_name):
         raise ValueError(unknown_model_message(name) + ' Prefix timm: for any timm model.')
+    if checkpoint_path is not None and not meta and os.path.isdir(checkpoint_path):  # a run or checkpoint folder
+        return _build_from_folder(timm_name, Path(checkpoint_path), kwargs)
     if checkpoint_path is not None and not meta:
-        if Path(checkpoint_path).is_dir():  # a run folder or a checkpoint folder: its weights, as the run built it
-            checkpoint_path = weights_file(checkpoint_path)
-            kwargs = {**_run_model_kwargs(timm_name, checkpoint_path), **kwargs}
         check_checkpoint_file(checkpoint_path)
     if meta:
         if checkpoint_path is not None:
@@ -126,6 +71,66 @@ def build_model(
             f"checkpoint {os.fspath(checkpoint_path)!r} does not fit {timm_name!r}: it is a checkpoint "
             f"of another model or of another number of classes ({details[:400]})"
         ) from e
+
+
+def read_weights(path: Union[str, os.PathLike], which: str = 'last', use_ema: bool = False) -> Dict[str, Any]:
+    """The weights in a run folder (its newest valid checkpoint, or with ``which='best'`` the weights of its best
+    evaluation) or in a training checkpoint folder (``<run>/checkpoints/step-N``), as ``msconv eval`` reads them:
+    ``{'state_dict', 'checkpoint', 'step', 'model', 'model_kwargs'}`` (the last two from the run's config.yaml, when
+    there is one)."""
+    from ..engine.checkpoint import best_checkpoint, latest_good_checkpoint, load_checkpoint
+    from ..engine.config import load_yaml
+
+    path = Path(path)
+    if which not in ('last', 'best'):
+        raise ValueError(f"which must be 'last' or 'best', got {which!r}")
+    if (path / 'checkpoints').is_dir():
+        found = latest_good_checkpoint(path) if which == 'last' else best_checkpoint(path)
+        if found is None:
+            raise ValueError(
+                f"checkpoint: run folder {str(path)!r} holds no {'valid' if which == 'last' else 'best'} checkpoint"
+            )
+        where, weights, meta = found[0], found[1], found[3]
+    elif (path / 'meta.json').is_file():
+        weights, _, meta = load_checkpoint(path)
+        where = path
+    else:
+        raise ValueError(
+            f"checkpoint folder {str(path)!r} is neither a run folder (holding checkpoints/) nor a training checkpoint "
+            f"(holding meta.json)"
+        )
+    key = 'ema' if use_ema else 'model'
+    if key not in weights:
+        raise ValueError(f"checkpoint {str(where)!r} holds no {key!r} weights (available: {sorted(weights)})")
+    config = next((d / 'config.yaml' for d in [where, *list(where.parents)[:3]] if (d / 'config.yaml').is_file()), None)
+    run = load_yaml(config) if config is not None else {}
+    return {
+        'state_dict': weights[key],
+        'checkpoint': str(where),
+        'step': int(meta['step']),
+        'model': meta.get('model') or run.get('model'),
+        'model_kwargs': dict(run.get('model_kwargs') or {}),
+    }
+
+
+def _build_from_folder(name: str, folder: Path, kwargs: Dict[str, Any]) -> nn.Module:
+    """``name`` built as its run trained it (the run's model_kwargs under the caller's, the checkpoint's number of
+    classes) with the folder's weights loaded strictly."""
+    import timm
+
+    from ..engine.build import load_weights
+
+    found = read_weights(folder)
+    sd = found['state_dict']
+    if found['model'] not in (None, name):
+        raise ValueError(f"checkpoint {found['checkpoint']!r} is a checkpoint of {found['model']!r}, not of {name!r}")
+    kwargs = {**found['model_kwargs'], **kwargs}
+    classifier = getattr(timm.models.get_pretrained_cfg(name), 'classifier', None) or 'head.fc'
+    if f'{classifier}.weight' in sd:
+        kwargs.setdefault('num_classes', sd[f'{classifier}.weight'].shape[0])
+    model = timm.create_model(name, **kwargs)
+    load_weights(model, sd, f"checkpoint {found['checkpoint']!r}", name, trained_as=found['model'])
+    return model
 
 
 def reparameterize(model: nn.Module) -> nn.Module:

@@ -187,7 +187,7 @@ def bench_dense(
         arch = r['model'].split(':', 1)[1]
         base = None
         if not r['baseline'] and r['kind'] == 'detection':
-            want = 'tv:retinanet_resnet50_fpn' if arch == 'retinanet' else 'tv:maskrcnn_resnet50_fpn'
+            want = 'tv:retinanet_resnet50_fpn' if arch in ('retinanet', 'atss') else 'tv:maskrcnn_resnet50_fpn'
             base = by_name.get(want)
         r['vs'] = base['model'] if base else None
         r['infer_ratio'] = r['infer_img_s'] / base['infer_img_s'] if base else float('nan')

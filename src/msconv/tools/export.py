@@ -17,6 +17,7 @@ from typing import Any, Dict, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
+from .._extras import require
 from ..inference import inference_model
 
 __all__ = ['export_onnx', 'check_onnx', 'export_onnx_checked', 'OnnxCheckError']
@@ -49,6 +50,9 @@ def export_onnx(
     """
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
+    require('onnx', 'ONNX export')
+    if exporter == 'dynamo':
+        require('onnxscript', 'ONNX export')
     if (
         not isinstance(input_size, (tuple, list))
         or len(input_size) != 3
@@ -117,8 +121,8 @@ def check_onnx(
     """Run the ONNX file in onnxruntime (CPU) and return the max-abs difference to ``model`` per batch size
     (divided by the largest ``|model output|`` when ``relative``)."""
     import numpy as np
-    import onnxruntime as ort
 
+    ort = require('onnxruntime', 'the onnxruntime check of an ONNX export')
     session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
     name = session.get_inputs()[0].name
     gen = torch.Generator().manual_seed(seed)
@@ -150,6 +154,8 @@ def export_onnx_checked(
     then rename it to ``path`` (atomic). A graph whose outputs differ by more than ``rtol`` (relative to the largest
     output magnitude) raises ``OnnxCheckError`` and leaves no file behind, nor does any other failure. Returns the
     relative differences per batch size."""
+    for module in ('onnx', 'onnxruntime'):  # say what is missing before the export, not after it
+        require(module, 'ONNX export')
     path = Path(path)
     folder = _writable_folder(path)
     tmp = None
@@ -175,8 +181,7 @@ def export_onnx_checked(
 
 
 def _onnx_summary(path: Union[str, os.PathLike]) -> Dict[str, Any]:
-    import onnx
-
+    onnx = require('onnx', 'ONNX export')
     m = onnx.load(str(path))
     dims = [d.dim_param or d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim]
     return dict(

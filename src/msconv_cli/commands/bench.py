@@ -65,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=5,
         help='the timed steps are split into this many runs; the median run is reported (default 5)',
     )
-    parser.add_argument('--csv', default='bench.csv', help="write the results here (default bench.csv; '' to skip)")
+    parser.add_argument('--csv', default=None, metavar='PATH', help='also write the results to this CSV file')
     parser.add_argument(
         '--dense',
         nargs='+',
@@ -77,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _fmt(value: float, spec: str) -> str:
-    return '-' if value != value else format(value, spec)  # NaN -> '-'
+    return '-' if value != value else format(value, spec)  # NaN (not measured) -> '-'
 
 
 def _ratio(value: float) -> str:
@@ -137,11 +137,13 @@ def run(args: argparse.Namespace) -> int:
         f"{', inference form (msconv.inference_model)' if inference_form else ''}; "
         f"median of {args.repeats} interleaved runs"
     )
-    columns = ['model', 'params (M)', 'GMACs', 'infer img/s', 'infer mem (MB)', 'train img/s', 'train mem (MB)']
+    train = not args.no_train
+    columns = ['model', 'params (M)', 'GMACs', 'infer img/s', 'infer mem (MB)']
+    columns += ['train img/s', 'train mem (MB)'] if train else []
     if inference_form:
         columns.insert(1, 'layout')
     if args.vs:
-        columns += ['infer vs base', 'train vs base']
+        columns += ['infer vs base'] + (['train vs base'] if train else [])
     rows = []
     for r in results:
         row = [
@@ -150,13 +152,12 @@ def run(args: argparse.Namespace) -> int:
             f"{r['gmacs']:.3f}",
             _fmt(r['infer_img_s'], '.1f'),
             _fmt(r['infer_mem_mb'], '.1f'),
-            _fmt(r['train_img_s'], '.1f'),
-            _fmt(r['train_mem_mb'], '.1f'),
         ]
+        row += [_fmt(r['train_img_s'], '.1f'), _fmt(r['train_mem_mb'], '.1f')] if train else []
         if inference_form:
             row.insert(1, r['layout'])
         if args.vs:
-            row += [_ratio(r['infer_ratio']), _ratio(r['train_ratio'])]
+            row += [_ratio(r['infer_ratio'])] + ([_ratio(r['train_ratio'])] if train else [])
         rows.append(row)
     print_table(title, columns, rows, left=(0, 1) if inference_form else None)
     print(f"machine: {machine_line()}")

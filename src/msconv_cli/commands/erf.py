@@ -16,7 +16,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action='append',
         default=None,
         metavar='PATH',
-        help="checkpoint per model, in the models' order (repeat it; 'none' for random weights)",
+        help="weights per model, in the models' order (repeat it; 'none' for random weights): a weights file "
+        "(.safetensors/.pth), a training checkpoint folder, or a run folder (its newest checkpoint), as for eval",
+    )
+    parser.add_argument(
+        '--model-kwargs',
+        nargs='+',
+        default=[],
+        metavar='KEY=VALUE',
+        help='keyword arguments of every model, VALUE parsed as YAML (e.g. --model-kwargs img_size=256); a run '
+        "folder's own model_kwargs apply first",
     )
     parser.add_argument('--trust-pickle', action='store_true', help='allow checkpoints that need full unpickling')
     parser.add_argument(
@@ -38,6 +47,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--out', default='erf.png', help='PNG to write (default erf.png)')
 
 
+def parse_kwargs(items) -> dict:
+    """``['k=v', ...]`` -> ``{'k': yaml(v)}`` (a one-line error for an item without '=')."""
+    import yaml  # deferred: `msconv --help` loads nothing it does not print
+
+    kwargs = {}
+    for item in items:
+        key, sep, value = item.partition('=')
+        if not sep or not key.strip():
+            raise ValueError(f"--model-kwargs expects KEY=VALUE items, got {item!r}")
+        kwargs[key.strip().replace('-', '_')] = yaml.safe_load(value)
+    return kwargs
+
+
 def run(args: argparse.Namespace) -> int:
     # deferred: msconv loads torch (`msconv --help` and argument errors do not)
     from msconv.tools._common import build_model
@@ -50,11 +72,12 @@ def run(args: argparse.Namespace) -> int:
             f"--checkpoint must be given once per model ({len(args.models)} models), "
             f"got {len(checkpoints)}; use 'none' for a model without one"
         )
+    kwargs = parse_kwargs(args.model_kwargs)
     models = []
     for name, ckpt in zip(args.models, checkpoints):
         ckpt = None if ckpt in (None, 'none') else ckpt
         label = name + ('' if ckpt else ' (random init)')
-        models.append((label, build_model(name, ckpt, trust_pickle=args.trust_pickle)))
+        models.append((label, build_model(name, ckpt, trust_pickle=args.trust_pickle, **kwargs)))
     results = compute_erf(
         models,
         data=args.data,

@@ -14,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         '--markdown',
         action='store_true',
-        help='print the Markdown model table (params and MACs at 224, paper top-1, paper)',
+        help="print the Markdown model table (params and MACs at each model's input size, paper top-1, paper)",
     )
     parser.add_argument('--names', action='store_true', help='print the names only, one per line')
 
