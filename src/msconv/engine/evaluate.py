@@ -195,6 +195,7 @@ def evaluate(
     if which not in ('last', 'best'):
         raise ValueError(f"which must be 'last' or 'best', got {which!r}")
     run_cfg: Dict[str, Any] = {}
+    cfg_path = None
     state_dict = None
     used: Dict[str, Any] = {}
     if checkpoint is not None:

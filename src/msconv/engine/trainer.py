@@ -800,7 +800,8 @@ class _Trainer:
         if self.info.enabled:
             if not self._any_rank(changed):
                 return
-            marks = skips.marks.to(self.device if self.device.type == 'cuda' else 'cpu')
+            # a copy: DataLoader workers may mark an item in the shared table while it is reduced
+            marks = skips.marks.to(self.device if self.device.type == 'cuda' else 'cpu', copy=True)
             dist.all_reduce(marks, op=dist.ReduceOp.MAX)
             skips.merge(marks)
             found = int(torch.count_nonzero(skips.marks))
@@ -819,11 +820,11 @@ class _Trainer:
             for name, reason, kind in skips.entries()
         ]
         rows += [f"{split}\tnote\t\t{note}" for split, skips in self.skips.items() for note in skips.notes]
-        self._ensure_run_dir()
         path = self.run_dir / SKIP_LIST
         if not rows:
             path.unlink(missing_ok=True)
             return
+        self._ensure_run_dir()
         text = 'split\tkind\tname\treason\n' + ''.join(r.replace('\n', ' ') + '\n' for r in rows)
         atomic_write_bytes(path, text.encode())
 
