@@ -1,4 +1,5 @@
-"""CPU GEMMs of the token linears: ``F.linear`` (BLAS sgemm) against ``msconv.layers.linear`` (oneDNN 1x1 conv).
+"""CPU GEMMs of the token linears: ``F.linear`` (BLAS sgemm) against ``msconv.layers.fast_ops.linear`` (oneDNN
+1x1 conv).
 
     python benchmarks/bench_cpu_linear.py [--threads 2] [--repeats 20]
 
@@ -21,8 +22,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_line, print_table, time_interleaved  # noqa: E402
 
-from msconv.layers import forms  # noqa: E402
-from msconv.layers import linear as linear_module  # noqa: E402
+from msconv.layers import fast_ops, forms  # noqa: E402
 
 # (batch, H, W, K, N): smt_tiny stage 1 fc1/fc2 (ratio 8), stage 2 fc1 (ratio 6), stage 3 fc1 and qkv, stage 4;
 # shiftwise_tiny stage 1 and stage 3 fc1/fc2
@@ -56,7 +56,7 @@ def main() -> None:
         x = torch.randn(b, h, w, k)
         weight, bias = torch.randn(n, k) / k**0.5, torch.randn(n)
         macs = b * h * w * k * n
-        onednn = linear_module._linear_onednn
+        onednn = fast_ops._linear_onednn
         with torch.inference_mode():
             err = (onednn(x, weight, bias) - F.linear(x, weight, bias)).abs().max().item()
             fwd = time_interleaved(
@@ -64,7 +64,7 @@ def main() -> None:
                 warmup=3,
                 repeats=args.repeats,
             )
-            linear_module.linear(x, weight, bias)  # the autotuner measures this shape once
+            fast_ops.linear(x, weight, bias)  # the autotuner measures this shape once
         choice = [
             c
             for key, c in forms.autotune_choices().items()

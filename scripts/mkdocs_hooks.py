@@ -8,7 +8,9 @@ A page asks for generated content with a marker line, replaced before the Markdo
 - ``<!-- msconv:weights-load -->``: per model with weights, the line that loads them online and the one that loads
   the downloaded file;
 - ``<!-- msconv:cli -->``: the ``--help`` of ``msconv`` and of each sub-command, from the argument parsers, at
-  ``CLI_COLUMNS`` (the content column's width in code characters: nothing is clipped).
+  ``CLI_COLUMNS`` (the content column's width in code characters: nothing is clipped);
+- ``<!-- msconv:forms kinds -->`` / ``<!-- msconv:forms tuned -->``: the kinds of fast form and the tuned
+  operations, from the tables that declare them (``msconv.layers.forms.FORM_KINDS`` and ``TUNED``).
 
 An unknown marker fails the build, so a page never ships with a marker left in it. After the build, ``404.html``
 gets relative links (it sits at the site's root), so that it works when the site is opened from files.
@@ -124,6 +126,29 @@ def cli_reference() -> str:
     return '\n'.join(parts)
 
 
+def forms_table(which: str) -> str:
+    from msconv.layers import forms
+
+    if which == 'kinds':
+        lines = ['| kind | what | needs (besides: not in `reference_forms()`) |', '|---|---|---|']
+        lines += [f'| {k.name} | {k.what} | {k.needs()} |' for k in forms.FORM_KINDS.values()]
+        source = '`msconv.layers.forms.FORM_KINDS`'
+    elif which == 'tuned':
+        lines = ['| operation | forms (plain first; what each needs) | keyed by, besides the input | where |']
+        lines.append('|---|---|---|---|')
+        for op in forms.TUNED.values():
+            cands = ', '.join(
+                f"`{name}`" + (f" ({' + '.join(needs)})" if needs else ' (plain)' if name == op.plain else '')
+                for name, needs in op.candidates.items()
+            )
+            key = op.key + (' (its structure signature)' if op.per_module else '')
+            lines.append(f'| `{op.name}` | {cands} | {key} | {op.where} |')
+        source = '`msconv.layers.forms.TUNED`'
+    else:
+        raise ValueError(f"unknown forms table {which!r} in a forms marker (known: 'kinds', 'tuned')")
+    return '\n'.join(lines) + f'\n\nGenerated at build time from {source}, where each is declared once.\n'
+
+
 def _replace(match: re.Match) -> str:
     kind, arg = match.group(1), match.group(2)
     with redirect_stdout(io.StringIO()):  # keep the build log to MkDocs' own messages
@@ -135,6 +160,8 @@ def _replace(match: re.Match) -> str:
             return weights_load()
         if kind == 'cli' and arg is None:
             return cli_reference()
+        if kind == 'forms' and arg:
+            return forms_table(arg)
     raise ValueError(f'unknown documentation marker {match.group(0)!r}')
 
 

@@ -1,4 +1,5 @@
-"""The autotuner's measuring rules (``msconv.layers.forms.tuned``): what is timed, how often, what is kept.
+"""The autotuner (``msconv.layers.forms.tuned``): its table of tuned operations, what is timed, how often, what is
+kept and under which key.
 
 These count calls, never time: which candidate wins on this machine is not asserted anywhere.
 """
@@ -12,13 +13,27 @@ import msconv
 from msconv.inference import inference_model
 from msconv.layers import forms
 
+#: operations of these tests only, declared beside the real ones: a plain form and one in-place form each
+TEST_OPS = {
+    'op': {'plain': (), 'fast': ('inplace',)},
+    'outer': {'plain': (), 'nested': ('inplace',)},
+    'inner': {'i1': (), 'i2': ('inplace',)},
+}
+
 
 @pytest.fixture
-def fresh_tuner(monkeypatch):
+def clean_tuner(monkeypatch):
     monkeypatch.setattr(forms, '_CHOICES', {})
     monkeypatch.setattr(forms, '_DISK', None)
     monkeypatch.delenv('MSCONV_CACHE_DIR', raising=False)
     monkeypatch.delenv('MSCONV_AUTOTUNE', raising=False)
+    yield
+
+
+@pytest.fixture
+def fresh_tuner(clean_tuner, monkeypatch):
+    for name, cands in TEST_OPS.items():
+        monkeypatch.setitem(forms.TUNED, name, forms.TunedOp(name, cands, key='', where='tests'))
     yield
 
 
@@ -66,8 +81,8 @@ def test_long_runs_are_timed_fewer_times(fresh_tuner, monkeypatch):
     monkeypatch.setattr(forms, '_ROUNDS_BUDGET_S', 0.0)
     calls: dict = {}
     with torch.no_grad():
-        out = forms.tuned('op', torch.zeros(2), {'a': _counting(calls, 'a'), 'b': _counting(calls, 'b')})
-    assert calls == {'a': 1, 'b': 1} and out.shape == (1,)
+        out = forms.tuned('op', torch.zeros(2), {'plain': _counting(calls, 'plain'), 'fast': _counting(calls, 'fast')})
+    assert calls == {'plain': 1, 'fast': 1} and out.shape == (1,)
 
 
 def test_inference_model_layout_choice_is_timed_without_inner_measurements(fresh_tuner, monkeypatch):
@@ -114,3 +129,136 @@ def test_a_dispatch_mode_sees_the_plain_form_even_with_a_cached_choice(fresh_tun
             with forms.forced_choices(op='fast'):
                 forms.tuned('op', x, cands)
     assert calls == {'fast': 2, 'plain': 1}
+
+
+# ---- the table: names are checked, the gate is asked, every declared form computes what the plain form does ------
+
+
+def test_forced_choices_refuses_unknown_names():
+    with pytest.raises(ValueError, match=r"unknown tuned operation 'lineer'.*'linear'"):
+        with forms.forced_choices(lineer='onednn'):
+            pass
+    with pytest.raises(ValueError, match=r"'linear' has the forms \['blas', 'onednn'\], got 'mkl'"):
+        with forms.forced_choices(linear='mkl'):
+            pass
+    assert not forms._FORCED
+
+
+def test_tuned_refuses_what_is_not_declared(fresh_tuner):
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match=r"unknown tuned operation 'nope'.*'smt_stage'"):
+        forms.tuned('nope', x, {'plain': lambda: x})
+    with pytest.raises(ValueError, match=r"'op' has the forms \['plain', 'fast'\], got \['fast', 'plain'\]"):
+        forms.tuned('op', x, {'fast': lambda: x, 'plain': lambda: x})
+    with pytest.raises(ValueError, match="'smt_stage' is timed per module: pass module="):
+        forms.tuned('smt_stage', x, {'batched': lambda: x, 'per_image': lambda: x})
+
+
+def test_the_plain_form_runs_wherever_the_fast_one_is_not_allowed(fresh_tuner):
+    """Inside reference_forms() (even when pinned), and where the gate refuses what a form needs (here: in-place
+    writes with autograd on) nothing is measured and a pin falls back to the plain form."""
+    calls: dict = {}
+    x = torch.zeros(2, 3)
+    cands = {'plain': _counting(calls, 'plain'), 'fast': _counting(calls, 'fast')}
+    with torch.no_grad(), forms.reference_forms(), forms.forced_choices(op='fast'):
+        forms.tuned('op', x, cands)
+    with forms.forced_choices(op='fast'):
+        forms.tuned('op', x, cands)  # autograd on: 'inplace' is not allowed
+    forms.tuned('op', x, cands)
+    assert calls == {'plain': 3} and not forms.autotune_choices()
+    assert not forms.tunable('op', x) and forms.tunable('smt_stage', x) is False
+    with torch.no_grad():
+        assert forms.tunable('op', x)
+
+
+def _stem():
+    from msconv.models.scsc_resnet import ConvStem
+
+    stem = ConvStem(3, 16, stride=2).eval()
+    with torch.no_grad():
+        stem.bn.running_mean.uniform_(-0.2, 0.2)
+        stem.bn.running_var.uniform_(0.5, 1.5)
+    return stem
+
+
+def _examples():
+    """For every tuned operation: ``(run, probe)``: ``run()`` computes something through the operation (under
+    no_grad), ``probe`` is a tensor like the one it meets (to ask the gate whether a form may run here)."""
+    from msconv.inference import inference_model
+    from msconv.layers import fast_ops
+
+    g = torch.Generator().manual_seed(0)
+    tokens, w, b = torch.randn(2, 7, 5, 16, generator=g), torch.randn(24, 16, generator=g), torch.randn(24)
+    dw = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
+    fmap = torch.randn(2, 8, 9, 9, generator=g)
+    pw = torch.nn.Conv2d(16, 24, 1, stride=2)
+    pmap = torch.randn(2, 16, 13, 13, generator=g)
+    stem, rgb = _stem(), torch.randn(2, 3, 33, 33, generator=g)
+    models = {n: msconv.create_model(n).eval() for n in ('test_smt', 'test_shiftwise', 'test_scsc_swin')}
+    models['test_shiftwise'].reparameterize()
+    images = torch.randn(2, 3, 64, 64, generator=g)
+    fast = inference_model(msconv.create_model('test_scsc_resnet'))
+    cl = torch.empty(2, 8, 4, 4).contiguous(memory_format=torch.channels_last)
+    return {
+        'linear': (lambda: fast_ops.linear(tokens, w, b), tokens),
+        'linear_gelu': (lambda: fast_ops.linear_gelu(tokens, w, b), tokens),
+        'conv_gelu': (lambda: fast_ops.conv_gelu(dw, fmap), fmap),
+        'pointwise_conv': (lambda: fast_ops.pointwise_conv(pw, pmap), pmap),
+        'stem_conv': (lambda: stem(rgb), rgb),
+        'smt_stage': (lambda: models['test_smt'](images), cl),
+        'shiftwise_block': (lambda: models['test_shiftwise'](images), cl),
+        'scsc_swin_block': (lambda: models['test_scsc_swin'](images), fmap),
+        'inference_model.memory_format': (lambda: fast(images), images),
+    }
+
+
+def test_every_declared_form_computes_what_the_plain_form_does(clean_tuner):
+    """Iterates forms.TUNED: each candidate of each operation, pinned, against its plain form (a new operation
+    needs an example here)."""
+    examples = _examples()
+    assert set(examples) == set(forms.TUNED), 'every tuned operation needs an example in this test'
+    for op, spec in forms.TUNED.items():
+        run, probe = examples[op]
+        with torch.no_grad():
+            with forms.forced_choices(**{op: spec.plain}):
+                ref = run()
+            for name, needs in list(spec.candidates.items())[1:]:
+                assert name in forms._allowed(spec, probe), f'{op}: {name} needs {needs}, not allowed here'
+                with forms.forced_choices(**{op: name}):
+                    out = run()
+                scale = max(1.0, ref.abs().max().item())
+                assert (out.double() - ref.double()).abs().max().item() <= 1e-5 * scale, (op, name)
+
+
+def test_per_module_operations_are_keyed_by_the_module_structure(clean_tuner):
+    """Two SMT models of other widths meeting the same input shape get their own smt_stage measurement; the same
+    structure with other weights shares it; reparameterize() changes it."""
+    torch.manual_seed(0)
+    a, b = msconv.create_model('test_smt').eval(), msconv.create_model('test_smt').eval()
+    other = msconv.create_model('test_smt', mlp_ratios=(3, 3, 3, 3)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for model in (a, b, other):
+            model(x)
+    stage_keys = [k for k in forms.autotune_choices() if k.startswith('smt_stage|(2, 16, 16, 16)|')]
+    assert len(stage_keys) == 2, stage_keys  # a and b share one, other has its own
+    sig = forms.structure_signature
+    assert sig(a.stages[0]) == sig(b.stages[0]) != sig(other.stages[0])
+    before = sig(a.stages[0])
+    a.reparameterize()
+    assert sig(a.stages[0]) != before
+
+
+def test_autotune_off_runs_the_plain_forms_bit_for_bit(clean_tuner, monkeypatch):
+    """MSCONV_AUTOTUNE=0, the documented switch for results that do not depend on timing: nothing is measured and
+    every tuned operation runs its plain form (the output is bit-identical to pinning each one's plain form)."""
+    torch.manual_seed(0)
+    model = msconv.create_model('test_scsc_swin').eval()
+    x = torch.randn(2, 3, 64, 64)
+    plain = {op: spec.plain for op, spec in forms.TUNED.items()}
+    with torch.no_grad(), forms.forced_choices(**plain):
+        ref = model(x)
+    monkeypatch.setenv('MSCONV_AUTOTUNE', '0')
+    with torch.no_grad():
+        out = model(x)
+    assert torch.equal(out, ref) and not forms.autotune_choices()

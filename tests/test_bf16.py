@@ -148,7 +148,7 @@ def test_trained_demo_nano_model_top1_in_bf16_within_half_a_point(family, tmp_pa
 @pytest.mark.parametrize('channels_last', [False, True])
 def test_spatial_mean_is_the_plain_mean(dtype, channels_last):
     """The SE statistic of the inference forms, reduced image by image for bf16/fp16 on CPU: bit-identical."""
-    from msconv.layers._fold import spatial_mean
+    from msconv.layers.fast_ops import spatial_mean
 
     torch.manual_seed(0)
     y = torch.randn(3, 40, 9, 11).to(dtype)

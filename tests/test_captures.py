@@ -6,7 +6,9 @@ training form and in the reparameterized inference form, against eager at relati
 ``torch.fx.symbolic_trace`` (forward, and backward gradients), timm's ``features_only`` with ``feature_cls='fx'``,
 ``torch.export`` with a dynamic batch, ONNX through both exporters checked in onnxruntime at batches 1 and 3, and
 ``torch.compile(fullgraph=True)``. Eager runs under ``torch.no_grad()``, i.e. with the fast forms (in place, image
-by image, oneDNN GEMMs); the captures must step aside to the plain forms and still agree.
+by image, oneDNN GEMMs, fused), once for each set of pinned forms in ``FORM_SETS`` (which together pin every
+candidate of every tuned operation of ``forms.TUNED``); the captures must step aside to the plain forms and agree
+with each.
 """
 
 import warnings
@@ -29,6 +31,11 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
 
 
+def _err(out: torch.Tensor, refs, b: int) -> float:
+    """The largest relative error of a capture's output at batch ``b`` against every eager reference."""
+    return max(_rel(out, ref[b]) for ref in refs)
+
+
 def _model(name: str, form: str, per_image_min_pixels: int = 16):
     torch.manual_seed(0)
     model = msconv.create_model(name).eval()
@@ -48,15 +55,16 @@ def _inputs(model, batches=(1, 2, 3)):
     return {b: torch.randn(b, c, h, w, generator=gen) for b in batches}
 
 
-#: the eager reference runs every fast form a capture has to step aside from (whatever the autotuner would pick)
-ALL_FAST_FORMS = dict(
-    linear='onednn',
-    smt_stage='per_image',
-    shiftwise_block='per_image',
-    scsc_swin_block='per_image_gemm',
-    pointwise_conv='gemm',
-    stem_conv='im2col',
-)
+def _form_sets():
+    """Sets of pinned forms for the eager references: set ``i`` pins the ``i``-th fast candidate of every tuned
+    operation (its last one where it has fewer), so that every candidate of ``forms.TUNED`` runs in one of them where
+    the gate allows it. The fast forms that are not tuned (folded, in place) run in all of them."""
+    fast = {op: list(spec.candidates)[1:] for op, spec in forms.TUNED.items()}
+    sets = max(len(names) for names in fast.values())
+    return [{op: names[min(i, len(names) - 1)] for op, names in fast.items()} for i in range(sets)]
+
+
+FORM_SETS = _form_sets()
 
 
 @pytest.fixture(autouse=True)
@@ -64,31 +72,35 @@ def _quiet():
     warnings.filterwarnings('ignore', category=torch.jit.TracerWarning)
 
 
-def _eager(model, xs, choices=ALL_FAST_FORMS):
+def _eager(model, xs, choices):
     with torch.no_grad(), forms.forced_choices(**choices):
         return {b: model(x) for b, x in xs.items()}
 
 
-def check_trace(model, xs, ref):
+def _eager_refs(model, xs):
+    return [_eager(model, xs, choices) for choices in FORM_SETS]
+
+
+def check_trace(model, xs, refs):
     errors = {}
     for grad in (False, True):
         with torch.set_grad_enabled(grad):
             traced = torch.jit.trace(model, xs[2], check_trace=False)
         with torch.no_grad():
-            errors[grad] = max(_rel(traced(xs[b]), ref[b]) for b in (1, 3))
+            errors[grad] = max(_err(traced(xs[b]), refs, b) for b in (1, 3))
     return max(errors.values())
 
 
-def check_script(model, xs, ref):
+def check_script(model, xs, refs):
     scripted = torch.jit.script(model)
     with torch.no_grad():
-        return max(_rel(scripted(xs[b]), ref[b]) for b in (1, 3))
+        return max(_err(scripted(xs[b]), refs, b) for b in (1, 3))
 
 
-def check_fx(model, xs, ref):
+def check_fx(model, xs, refs):
     graph = torch.fx.symbolic_trace(model)
     with torch.no_grad():
-        err = max(_rel(graph(xs[b]), ref[b]) for b in (1, 3))
+        err = max(_err(graph(xs[b]), refs, b) for b in (1, 3))
     # backward through the traced graph equals backward through the module (training form: every parameter)
     x = xs[2]
     graph(x).square().mean().backward()
@@ -103,18 +115,18 @@ def check_fx(model, xs, ref):
     return err
 
 
-def check_export(model, xs, ref):
+def check_export(model, xs, refs):
     program = torch.export.export(model, (xs[2],), dynamic_shapes=({0: torch.export.Dim('batch', max=64)},))
     module = program.module()
     with torch.no_grad():
-        return max(_rel(module(xs[b]), ref[b]) for b in (1, 3))
+        return max(_err(module(xs[b]), refs, b) for b in (1, 3))
 
 
-def check_compile(model, xs, ref):
+def check_compile(model, xs, refs):
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend='aot_eager')
     with torch.no_grad():
-        return max(_rel(compiled(xs[b]), ref[b]) for b in (2, 3))
+        return max(_err(compiled(xs[b]), refs, b) for b in (2, 3))
 
 
 CAPTURES = {'trace': check_trace, 'script': check_script, 'fx': check_fx, 'export': check_export}
@@ -126,15 +138,14 @@ CAPTURES = {'trace': check_trace, 'script': check_script, 'fx': check_fx, 'expor
 def test_capture_matches_eager(name, capture, form):
     model = _model(name, form)
     xs = _inputs(model)
-    ref = _eager(model, xs)
-    assert CAPTURES[capture](model, xs, ref) <= RTOL
+    assert CAPTURES[capture](model, xs, _eager_refs(model, xs)) <= RTOL
 
 
 @pytest.mark.parametrize('name', MICRO)
 def test_compile_matches_eager_inference_form(name):
     model = _model(name, 'inference')
     xs = _inputs(model)
-    assert check_compile(model, xs, _eager(model, xs)) <= RTOL
+    assert check_compile(model, xs, _eager_refs(model, xs)) <= RTOL
 
 
 @pytest.mark.parametrize('exporter', ['dynamo', 'torchscript'])
@@ -175,11 +186,16 @@ def test_capture_predicate_steps_aside():
         with torch.autocast('cpu', dtype=torch.bfloat16):
             assert not forms.use_fast_form('inplace', x) and not forms.use_fast_form('onednn', x)
     assert not forms.use_fast_form('inplace', x)  # autograd on
+    with torch.no_grad():  # the input's memory layout, where a form reads it so
+        assert not forms.use_fast_form('inplace', x, layout='channels_last')
+        assert forms.use_fast_form('inplace', x.contiguous(memory_format=torch.channels_last), layout='channels_last')
+        assert forms.tunable('stem_conv', x) and not forms.tunable('stem_conv', x.transpose(2, 3))
     seen = {}
 
     def probe(t):
         seen['folded'] = forms.use_fast_form('folded', t)
         seen['others'] = any(forms.use_fast_form(k, t) for k in forms.FORMS if k != 'folded')
+        seen['others'] |= any(forms.tunable(op, t) for op in forms.TUNED)
         return t + 1
 
     with torch.no_grad():
@@ -198,13 +214,13 @@ def test_capture_predicate_steps_aside():
 def test_full_size_capture_matches_eager(name, capture, tmp_path):
     model = _model(name, 'inference')
     xs = _inputs(model)
-    ref = _eager(model, xs, {})  # the forms the autotuner picks on this machine
+    refs = [_eager(model, xs, {})]  # the forms the autotuner picks on this machine
     if capture.startswith('onnx'):
         size = tuple(xs[1].shape[1:])
         path = export_onnx(model, tmp_path / 'model.onnx', size, exporter=capture.split('-')[1])
         err = max(check_onnx(model, path, size, batch_sizes=(1, 3), relative=True).values())
     elif capture == 'compile':
-        err = check_compile(model, xs, ref)
+        err = check_compile(model, xs, refs)
     else:
-        err = CAPTURES[capture](model, xs, ref)
+        err = CAPTURES[capture](model, xs, refs)
     assert err <= RTOL

@@ -111,6 +111,17 @@ def test_404_links_are_relative_to_the_site_root(hooks):
     assert 'href="./weights.html"' in served and 'href="/other/"' in served and '<base href="/msconv/">' in served
 
 
+def test_forms_tables_list_every_declared_kind_and_tuned_operation(hooks):
+    from msconv.layers import forms
+
+    kinds, tuned = hooks.forms_table('kinds'), hooks.forms_table('tuned')
+    assert all(f'| {k} |' in kinds for k in forms.FORM_KINDS)
+    assert all(f'| `{op}` |' in tuned for op in forms.TUNED)
+    assert '`onednn` (onednn + contiguous)' in tuned and '`blas` (plain)' in tuned
+    speed = (REPO / 'docs' / 'speed.md').read_text()
+    assert '<!-- msconv:forms kinds -->' in speed and '<!-- msconv:forms tuned -->' in speed
+
+
 def test_markers_are_replaced_and_unknown_ones_fail(hooks):
     page = 'intro\n<!-- msconv:cli -->\nend\n'
     out = hooks.on_page_markdown(page, None, None, None)

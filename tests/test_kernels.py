@@ -1,5 +1,6 @@
-"""msconv.kernels.depthwise: argument checks, the PyTorch reference, backend dispatch, and (in a subprocess under
-Triton's CPU interpreter) the Triton kernels against the reference (``tests/triton_interp_cases.py``)."""
+"""msconv.kernels.depthwise: argument checks, the PyTorch reference, the backend ``msconv.depthwise_conv2d`` picks
+through the form gate, and (in a subprocess under Triton's CPU interpreter) the Triton kernels against the reference
+(``tests/triton_interp_cases.py``)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 
 from msconv.kernels import depthwise as dw
 from msconv.kernels.depthwise import depthwise_conv2d, depthwise_conv2d_reference
+from msconv.layers import fast_ops, forms
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,7 +85,8 @@ def test_resolve_padding(padding, expected):
         (dict(group_kernel_sizes=(3, 4)), r'centred'),
         (dict(group_kernel_sizes=(3, 11)), r'1 <= k <= min'),
         (dict(weight=torch.randn(8, 1, 3, 3, dtype=torch.float64)), r'share one dtype'),
-        (dict(backend='cuda'), r"backend must be 'auto', 'triton' or 'torch'"),
+        (dict(backend='cuda'), r"backend must be 'triton' or 'torch'"),
+        (dict(backend='auto'), r"msconv.depthwise_conv2d chooses between them through msconv.layers.forms"),
     ],
 )
 def test_bad_arguments_raise_value_error(kwargs, match):
@@ -103,12 +106,12 @@ def _forbid_triton(monkeypatch):
     monkeypatch.setattr(dw, '_triton_forward', boom)
 
 
-def test_auto_falls_back_to_torch_on_cpu_without_interpreter(monkeypatch):
+def test_gate_falls_back_to_torch_on_cpu_without_interpreter(monkeypatch):
     monkeypatch.setattr(dw, 'interpreter_active', lambda: False)
     _forbid_triton(monkeypatch)
     assert not dw.triton_available('cpu')
     x, w, b = _x(), torch.randn(8, 1, 3, 13), torch.randn(8)
-    y = depthwise_conv2d(x, w, b, (1, 1, 5, 7))
+    y = fast_ops.depthwise_conv2d(x, w, b, (1, 1, 5, 7))
     torch.testing.assert_close(y, F.conv2d(F.pad(x, (5, 7, 1, 1)), w, b, groups=8), rtol=0, atol=0)
     with pytest.raises(ValueError, match='TRITON_INTERPRET=1'):
         depthwise_conv2d(x, w, b, (1, 1, 5, 7), backend='triton')
@@ -120,20 +123,41 @@ def test_disable_env_var_and_float64_use_torch(monkeypatch):
     assert not dw.triton_available('cpu') and not dw.triton_available('cuda')
     _forbid_triton(monkeypatch)
     x, w = _x(), torch.randn(8, 1, 3, 3)
-    torch.testing.assert_close(depthwise_conv2d(x, w, None, 1), F.conv2d(x, w, padding=1, groups=8))
+    torch.testing.assert_close(fast_ops.depthwise_conv2d(x, w, None, 1), F.conv2d(x, w, padding=1, groups=8))
     monkeypatch.setenv('MSCONV_DISABLE_TRITON', '0')
     assert dw.triton_available('cpu') == dw.HAS_TRITON
-    x64, w64 = x.double(), w.double()  # float64 never goes to Triton in 'auto'
-    torch.testing.assert_close(depthwise_conv2d(x64, w64, None, 1), F.conv2d(x64, w64, padding=1, groups=8))
+    x64, w64 = x.double(), w.double()  # float64 never goes to Triton
+    torch.testing.assert_close(fast_ops.depthwise_conv2d(x64, w64, None, 1), F.conv2d(x64, w64, padding=1, groups=8))
 
 
-@pytest.mark.skipif(dw.interpreter_active(), reason='checks the CPU fallback; under the interpreter auto is Triton')
+@pytest.mark.skipif(not dw.HAS_TRITON, reason='triton is not installed')
+def test_gate_steps_aside_from_triton_under_captures_and_reference_forms(monkeypatch):
+    """msconv.depthwise_conv2d runs Triton only where the gate allows it: with Triton available (as if the
+    interpreter were on), eager calls take the Triton path, reference_forms(), FX tracing and compile do not."""
+    monkeypatch.setattr(dw, 'interpreter_active', lambda: True)
+    monkeypatch.delenv('MSCONV_DISABLE_TRITON', raising=False)
+    _forbid_triton(monkeypatch)
+    x, w = _x(), torch.randn(8, 1, 3, 3)
+    ref = F.conv2d(x, w, padding=1, groups=8)
+    with pytest.raises(AssertionError, match='the Triton path was taken'):
+        fast_ops.depthwise_conv2d(x, w, None, 1)
+    with forms.reference_forms():
+        torch.testing.assert_close(fast_ops.depthwise_conv2d(x, w, None, 1), ref)
+    with torch.no_grad():
+        traced = torch.jit.trace(lambda t: fast_ops.depthwise_conv2d(t, w, None, 1), x, check_trace=False)
+        torch.testing.assert_close(traced(x), ref)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: fast_ops.depthwise_conv2d(t, w, None, 1), fullgraph=True, backend='eager')
+    torch.testing.assert_close(compiled(x), ref)
+
+
+@pytest.mark.skipif(dw.interpreter_active(), reason='checks the CPU fallback; under the interpreter it is Triton')
 def test_reference_path_compiles_without_graph_break():
-    """backend='auto' on CPU (dispatch decision included) traces into one graph."""
+    """msconv.depthwise_conv2d on CPU (the gate's decision included) traces into one graph."""
     x = _x().requires_grad_(True)
     w = torch.randn(8, 1, 9, 9, requires_grad=True)
     f = torch.compile(
-        lambda x, w: depthwise_conv2d(x, w, None, 4, (3, 5, 7, 9), True), fullgraph=True, backend='aot_eager'
+        lambda x, w: fast_ops.depthwise_conv2d(x, w, None, 4, (3, 5, 7, 9), True), fullgraph=True, backend='aot_eager'
     )
     y = f(x, w)
     y.square().sum().backward()

@@ -13,7 +13,7 @@ from conftest import max_abs, onednn_enabled
 from torch.profiler import ProfilerActivity, profile
 
 from msconv.layers import Linear, forms, reference_forms
-from msconv.layers.linear import linear
+from msconv.layers.fast_ops import linear
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason='torch built without oneDNN')
 
@@ -162,7 +162,7 @@ def test_flop_counter_counts_the_onednn_path(always_onednn):
 @pytest.mark.parametrize('bias', [True, False])
 def test_linear_gelu_forms_match_linear_then_gelu(form, shape, bias):
     from msconv.layers import forms
-    from msconv.layers.linear import linear_gelu
+    from msconv.layers.fast_ops import linear_gelu
 
     torch.manual_seed(0)
     w, b = torch.randn(40, 16) * 0.2, (torch.randn(40) if bias else None)
@@ -182,7 +182,7 @@ def test_linear_gelu_forms_match_linear_then_gelu(form, shape, bias):
 def test_linear_gelu_fused_form_runs_bf16_within_bf16_rounding():
     """bf16 tokens and weights: the oneDNN post-op form keeps bf16 and stays within bf16 rounding (8 bits of
     mantissa: 2^-8 of the largest output, twice for the GEMM's and the GELU's roundings) of the fp32 maths."""
-    from msconv.layers.linear import linear_gelu
+    from msconv.layers.fast_ops import linear_gelu
 
     torch.manual_seed(0)
     w, b, x = torch.randn(40, 16).bfloat16(), torch.randn(40).bfloat16(), torch.randn(2, 5, 5, 16).bfloat16()

@@ -350,18 +350,24 @@ def test_sam_through_triton_kernel_in_interpreter():
 
 
 def test_inference_fast_paths_equal_the_plain_forward(gemm):
-    """Under no_grad the model writes in place and, on CPU, runs large maps one image at a time; with autograd
-    on it runs the plain batched form. 112x112 makes stage 1 28x28, large enough for the per-image path."""
+    """Under no_grad the model writes in place and, on CPU, may run large maps one image at a time (both stage forms
+    pinned in turn); the plain forms (``reference_forms()``: per-head MHMC, out of place, batched) give the same
+    numbers. 112x112 makes stage 1 28x28, large enough for the per-image path."""
+    from msconv.layers import forms
+
     torch.manual_seed(0)
     for deployed in (False, True):
         model = msconv.create_model('test_smt').eval()
         if deployed:
             model.reparameterize()
         x = torch.randn(3, 3, 112, 112)
-        plain = model(x).detach()  # autograd on: plain batched form
         with torch.no_grad():
-            fast = model(x)
-        assert max_abs(fast, plain) < 1e-5
+            with forms.reference_forms():
+                plain = model(x)
+            for stage in ('batched', 'per_image'):
+                with forms.forced_choices(smt_stage=stage):
+                    fast = model(x)
+                assert max_abs(fast, plain) < 1e-5
 
 
 @pytest.mark.parametrize('form', ['plain', 'fused'])

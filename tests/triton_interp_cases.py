@@ -138,7 +138,8 @@ def test_low_precision(dtype, kh, kw, padding, gks, interleaved, channels_last):
     _check(x, w, b, padding, gks, interleaved)
 
 
-def test_auto_dispatch_uses_triton_and_compiles():
+def test_triton_backend_compiles_as_one_op():
+    """backend='triton' under torch.compile(fullgraph): the registered custom op, one Triton call, no graph break."""
     assert dw.triton_available('cpu')
     calls = []
     real = dw._triton_forward
@@ -149,7 +150,9 @@ def test_auto_dispatch_uses_triton_and_compiles():
 
     x, w, b = _inputs(9, 9, torch.float32, True, bias=True, gks=(3, 5, 7, 9), interleaved=True)
     f = torch.compile(
-        lambda x, w, b: dw.depthwise_conv2d(x, w, b, 4, (3, 5, 7, 9), True), fullgraph=True, backend='aot_eager'
+        lambda x, w, b: dw.depthwise_conv2d(x, w, b, 4, (3, 5, 7, 9), True, backend='triton'),
+        fullgraph=True,
+        backend='aot_eager',
     )
     dw._triton_forward = counting
     try:
@@ -158,6 +161,30 @@ def test_auto_dispatch_uses_triton_and_compiles():
         dw._triton_forward = real
     assert len(calls) == 1
     torch.testing.assert_close(y, dw.depthwise_conv2d_reference(x, w, b, 4, (3, 5, 7, 9), True), **TOL[torch.float32])
+
+
+def test_gate_runs_triton_eagerly_and_the_reference_in_reference_forms():
+    """msconv.depthwise_conv2d asks the form gate: Triton in eager calls (the interpreter makes it available on CPU),
+    the PyTorch reference inside reference_forms(); the two agree."""
+    from msconv.layers import fast_ops, forms
+
+    calls = []
+    real = dw._triton_forward
+
+    def counting(*args):
+        calls.append(1)
+        return real(*args)
+
+    x, w, b = _inputs(9, 9, torch.float32, False, bias=True, gks=(3, 5, 7, 9), interleaved=True)
+    dw._triton_forward = counting
+    try:
+        y = fast_ops.depthwise_conv2d(x, w, b, 4, (3, 5, 7, 9), True)
+        with forms.reference_forms():
+            y_ref = fast_ops.depthwise_conv2d(x, w, b, 4, (3, 5, 7, 9), True)
+    finally:
+        dw._triton_forward = real
+    assert len(calls) == 1
+    torch.testing.assert_close(y, y_ref, **TOL[torch.float32])
 
 
 def test_int64_indexing_path(monkeypatch):

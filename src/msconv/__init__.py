@@ -30,7 +30,7 @@ _LAZY = {
     'inference_model': 'msconv.inference',
     'InferenceModel': 'msconv.inference',
     'compute_erf': 'msconv.tools.erf',
-    'depthwise_conv2d': 'msconv.kernels.depthwise',
+    'depthwise_conv2d': 'msconv.layers.fast_ops',
     'train': 'msconv.engine',
     'evaluate': 'msconv.engine',
     'demo': 'msconv.engine',

@@ -10,10 +10,14 @@ plain timm models), with
   8 at 224, 2 threads: bf16 weights 170 ms vs autocast 175 ms for smt_tiny, 292 ms vs 301 ms for scsc_swin_tiny
   (fp32: 342 and 573 ms; see ``docs/speed.md``); they are as fast or faster and halve the weights' memory, so they
   are the default;
-* channels-last memory only where it wins: with ``channels_last='auto'`` the first eager call times both layouts on
-  the real input through the autotuner (``msconv.layers.forms.tuned``: measured once per model, shape, dtype,
-  device and thread count, cached in memory and under ``MSCONV_CACHE_DIR``; ``MSCONV_AUTOTUNE=0`` keeps the
-  default layout) and keeps the faster one; ``True``/``False`` force a layout;
+* channels-last memory where it measures faster: with ``channels_last='auto'`` the first call where the autotuner
+  can measure (``msconv.layers.forms.can_measure()``: eager, ``MSCONV_AUTOTUNE`` not ``0``, not in
+  ``reference_forms()`` or a ``FlopCounterMode``) times both layouts on the real input through the autotuner
+  (``msconv.layers.forms.tuned``, keyed by the architecture's name, its parameter count and the precision, and by
+  the input's shape, dtype and device and the thread count, so models of one architecture and size share the
+  measurement; cached in memory and under ``MSCONV_CACHE_DIR``; a ``forced_choices`` pin decides instead) and keeps
+  the faster layout from then on; calls before that run the default layout and decide nothing; ``True``/``False``
+  force a layout;
 * optionally ``torch.compile`` (after the layout is chosen, on the first call).
 
 The wrapper's ``forward`` runs without autograd, casts the input to the weights' device, dtype and layout, and
@@ -149,7 +153,7 @@ class InferenceModel(nn.Module):
     def forward(self, x: torch.Tensor) -> Any:
         with torch.no_grad():
             if self.channels_last == 'auto':
-                if x.dim() != 4 or forms.is_capturing() or not forms.autotune_enabled():
+                if x.dim() != 4 or not forms.can_measure():
                     return self._run(self.model, self._input(x, False))  # nothing measured, nothing decided
                 return self._choose_layout(x)
             x = self._input(x, bool(self.channels_last))

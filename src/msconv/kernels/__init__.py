@@ -1,7 +1,8 @@
 """msconv operators: usable on their own, NCHW in and out.
 
 ``depthwise_conv2d`` is the depthwise convolution behind SMT's multi-head mixed convolution and ShiftwiseConv's
-strip kernels: Triton kernels on CUDA (forward and backward), PyTorch's ``F.conv2d`` as fallback and reference.
+strip kernels: Triton kernels on CUDA (forward and backward) and PyTorch's ``F.conv2d`` as the reference, run as
+asked (``backend=``); ``msconv.depthwise_conv2d`` asks msconv's form gate which one.
 """
 
 from .depthwise import (

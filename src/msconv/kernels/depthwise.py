@@ -9,16 +9,19 @@ One operator serves the two multi-scale designs:
   (e.g. ``3 x 51`` / ``51 x 3``) whose footprint may be asymmetric, hence per-side padding. Its folded
   inference form runs as two such strips.
 
-``depthwise_conv2d`` is the public entry point. It checks its arguments, then picks a backend:
+``depthwise_conv2d`` checks its arguments, then runs the backend it is given:
 
-* ``'torch'``: the reference, ``F.conv2d(..., groups=C)`` (with ``F.pad`` for asymmetric padding); this is the
-  definition every fast path is tested against.
+* ``'torch'`` (default): the reference, ``F.conv2d(..., groups=C)`` (with ``F.pad`` for asymmetric padding); this
+  is the definition every fast path is tested against.
 * ``'triton'``: the kernels below (forward, grad_input, grad_weight + grad_bias), fp32/fp16/bf16 inputs with
   fp32 accumulation, NCHW or channels_last memory (any strides: the kernels take them as arguments). CPU
   tensors are accepted when Triton runs in its interpreter (``TRITON_INTERPRET=1`` set before triton is
   imported): exact but very slow, meant for tests.
-* ``'auto'`` (default): Triton on CUDA when ``triton`` imports and ``MSCONV_DISABLE_TRITON`` is unset (or
-  ``0``); on CPU Triton only under the interpreter; the reference otherwise (and always for float64).
+
+Which of the two should run (Triton where it is importable for the input's device, ``MSCONV_DISABLE_TRITON`` is
+unset and no graph capture or ``reference_forms()`` is active) is not decided here but by msconv's form gate:
+``msconv.depthwise_conv2d`` (``msconv.layers.fast_ops.depthwise_conv2d``) asks it and calls this function with the
+answer. :func:`triton_available` is the part of that question this package answers.
 
 The Triton path is registered as ``torch.ops.msconv.depthwise_conv2d`` (``torch.library.custom_op`` with a fake
 implementation and an autograd formula), so ``torch.compile(fullgraph=True)`` traces through it without a graph
@@ -771,7 +774,8 @@ _dw_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def triton_available(device: Union[str, torch.device] = 'cuda') -> bool:
-    """Whether ``backend='auto'`` would run Triton for a tensor on ``device``."""
+    """Whether the Triton kernels can run on ``device`` here: ``triton`` imports, ``MSCONV_DISABLE_TRITON`` is unset
+    (or ``0``), and the device is CUDA (or CPU under Triton's interpreter)."""
     if not HAS_TRITON or os.environ.get('MSCONV_DISABLE_TRITON', '0') not in ('', '0'):
         return False
     if interpreter_active():
@@ -786,7 +790,7 @@ def depthwise_conv2d(
     padding: Padding = 0,
     group_kernel_sizes: Optional[Sequence[int]] = None,
     group_interleaved: bool = False,
-    backend: str = 'auto',
+    backend: str = 'torch',
 ) -> torch.Tensor:
     """Depthwise 2-D cross-correlation, stride 1 (``F.conv2d(x, weight, bias, groups=C)`` with per-side padding).
 
@@ -802,17 +806,20 @@ def depthwise_conv2d(
             taps outside it are structural zeros (never read on Triton, zero gradient on both backends).
         group_interleaved: groups are channels ``[g*C/G, (g+1)*C/G)`` (False, head-major) or ``j*G + g``
             (True, SMT's interleaved order). ``G == C`` is a free per-channel map.
-        backend: 'auto', 'triton' or 'torch' (see the module docstring).
+        backend: 'torch' or 'triton' (see the module docstring; ``msconv.depthwise_conv2d`` picks one through
+            msconv's form gate).
     """
-    if backend not in ('auto', 'triton', 'torch'):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if backend not in ('triton', 'torch'):
+        raise ValueError(
+            f"backend must be 'triton' or 'torch' (msconv.depthwise_conv2d chooses between them through "
+            f"msconv.layers.forms), got {backend!r}"
+        )
     if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
         dt = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dt), weight.to(dt)
         bias = bias.to(dt) if bias is not None else None
     pads, gks = _check_inputs(x, weight, bias, padding, group_kernel_sizes)
-    use_triton = backend == 'triton' or (backend == 'auto' and x.dtype in _TRITON_DTYPES and triton_available(x.device))
-    if use_triton:
+    if backend == 'triton':
         if not HAS_TRITON:
             raise ValueError("backend='triton' needs the triton package, which is not importable")
         if x.dtype not in _TRITON_DTYPES:

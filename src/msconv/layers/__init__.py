@@ -1,12 +1,17 @@
-"""msconv operators: usable on their own, NCHW in and out."""
+"""msconv's layers: the three operators (mixed convolution + aggregation, cross-scale convolution, shift-wise
+convolution; NCHW in and out), the parts they share (``Linear`` over channels-last tokens, the ``ArcFace``/``CosFace``
+margin heads over embeddings), the generic fast operators (``fast_ops``) and the gate that decides which form of them
+runs (``forms``)."""
 
 from .cross_scale import CrossScaleBottleneck, SpatialCrossScaleConv
 from .forms import (
     autotune_choices,
+    can_measure,
     forced_choices,
     is_capturing,
     reference_forms,
     reference_forms_enabled,
+    tunable,
     tuned,
     use_fast_form,
 )
@@ -17,10 +22,12 @@ from .shiftwise import ShiftWiseConv2d
 
 __all__ = [
     'autotune_choices',
+    'can_measure',
     'forced_choices',
     'is_capturing',
     'reference_forms',
     'reference_forms_enabled',
+    'tunable',
     'tuned',
     'use_fast_form',
     'CrossScaleBottleneck',

@@ -44,98 +44,22 @@ Tests check the forms agree.
 """
 
 import re
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 from timm.layers import DropPath, SEModule
 
-from ._fold import channels_last_only, fold_bn_into_conv, spatial_mean
-from .forms import tuned, use_fast_form
-from .linear import linear
+from ._fold import channels_last_only, fold_bn_into_conv
+from .fast_ops import conv_gelu, is_pointwise, linear_1x1, pointwise_conv, spatial_mean
+from .forms import use_fast_form
 
 __all__ = [
     'SpatialCrossScaleConv',
     'CrossScaleBottleneck',
     'convert_scsc_official',
-    'pointwise_conv',
     'STAGE_KERNEL_SIZES',
 ]
-
-
-def pointwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``conv(x)`` for a 1x1 ungrouped conv without padding (stride 1 or 2). Where ``use_fast_form('cpu_gemm')``
-    allows it (CPU fp32, autograd off, no capture), it may instead run as a batched GEMM on the contiguous
-    (B, C, H*W) view (after subsampling for stride 2): on the machine it was written on that measured 1.5-3x faster
-    with few input channels on large maps, and slower for wide inputs, so which of the two runs is measured per
-    shape (``msconv.layers.forms.tuned``)."""
-    if not (use_fast_form('cpu_gemm', x) and _is_pointwise(conv) and conv.stride[0] in (1, 2)):
-        return conv(x)
-    return tuned(
-        'pointwise_conv',
-        x,
-        {'conv': lambda: conv(x), 'gemm': lambda: _pointwise_gemm(conv, x)},
-        extra=f'{conv.in_channels}->{conv.out_channels}/s{conv.stride[0]}',
-    )
-
-
-def conv_gelu(conv: nn.Conv2d, x: torch.Tensor, plain: Optional[Callable[[], torch.Tensor]] = None) -> torch.Tensor:
-    """``GELU(conv(x))`` (exact GELU) into a fresh tensor, without autograd: ``plain()`` (default: the conv, then
-    the GELU in place), or where ``use_fast_form('fused')`` allows and ``msconv.layers.forms.tuned`` measures it
-    faster, one oneDNN convolution with the GELU as a post-op (no second pass over the output). Only call this
-    where in-place forms are allowed (``use_fast_form('inplace', x)``)."""
-    if plain is None:
-        plain = lambda: torch.ops.aten.gelu_(conv(x))  # noqa: E731
-    if not (
-        use_fast_form('fused', x)
-        and conv.padding_mode == 'zeros'
-        and not isinstance(conv.padding, str)
-        and conv.weight.dtype == x.dtype
-    ):
-        return plain()
-    return tuned(
-        'conv_gelu',
-        x,
-        {'plain': plain, 'fused': lambda: _conv_gelu_onednn(conv, x)},
-        extra=f'{conv.in_channels}->{conv.out_channels}/k{conv.kernel_size[0]}x{conv.kernel_size[1]}'
-        f'/s{conv.stride[0]}/g{conv.groups}',
-    )
-
-
-def _conv_gelu_onednn(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._convolution_pointwise(
-        x, conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
-        'gelu', [], 'none',
-    )  # fmt: skip
-
-
-def _is_pointwise(conv: nn.Conv2d) -> bool:
-    return (
-        conv.kernel_size == (1, 1)
-        and conv.padding == (0, 0)
-        and conv.groups == 1
-        and conv.dilation == (1, 1)
-        and conv.stride[0] == conv.stride[1]
-    )
-
-
-def _linear_1x1(conv: nn.Conv2d, xt: torch.Tensor) -> torch.Tensor:
-    """A 1x1 conv (stride already applied) on (B, H, W, C) tokens: one GEMM over all tokens (``linear``)."""
-    return linear(xt.contiguous(), conv.weight.flatten(1), conv.bias)
-
-
-def _pointwise_gemm(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    B, C = x.shape[:2]
-    s = conv.stride[0]
-    xs = x if s == 1 else x[:, :, ::s, ::s]
-    H, W = xs.shape[2:]
-    xs = xs.contiguous().view(B, C, H * W)
-    w = conv.weight.flatten(1)
-    if conv.bias is None:
-        y = torch.bmm(w.expand(B, -1, -1), xs)
-    else:
-        y = torch.baddbmm(conv.bias.view(1, -1, 1).expand(B, -1, H * W), w.expand(B, -1, -1), xs)
-    return y.view(B, -1, H, W)
 
 
 ROUTINGS = ('official', 'cross_scale')
@@ -283,18 +207,18 @@ class SpatialCrossScaleConv(nn.Module):
     @torch.jit.unused
     def _forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """``_forward_inplace`` for a channels-last ``x``, computed on its (B, H, W, C) token view (no copy): the
-        1x1 convs are single GEMMs over all B*H*W tokens (``msconv.layers.linear``: BLAS or oneDNN, measured),
+        1x1 convs are single GEMMs over all B*H*W tokens (``msconv.layers.fast_ops.linear``: BLAS or oneDNN, measured),
         the depthwise convs run on oneDNN's channels-last kernels, and the routing reads the gates as a per-token
         (G, m) matrix. Same sums in the same order as ``route_fast``; the output is channels-last."""
         B, m, G, cp, s = x.shape[0], self.num_scales, self.groups, self.reduced_dim, self.stride
         xt = x.permute(0, 2, 3, 1)  # (B, H, W, C), contiguous
         x_r = conv_gelu(
-            self.reduce, x, lambda: torch.ops.aten.gelu_(_linear_1x1(self.reduce, xt)).permute(0, 3, 1, 2)
+            self.reduce, x, lambda: torch.ops.aten.gelu_(linear_1x1(self.reduce, xt)).permute(0, 3, 1, 2)
         )  # (B, cp, H, W), channels-last
         x_r_t = x_r.permute(0, 2, 3, 1)  # (B, H, W, cp), contiguous
         feats = torch.cat([conv_gelu(conv, x_r).permute(0, 2, 3, 1) for conv in self.dw], dim=3)  # (B, H', W', m*cp)
         Ho, Wo = feats.shape[1], feats.shape[2]
-        gate = torch.sigmoid_(_linear_1x1(self.router, x_r_t[:, ::s, ::s] if s > 1 else x_r_t))  # (B, H', W', m*G)
+        gate = torch.sigmoid_(linear_1x1(self.router, x_r_t[:, ::s, ::s] if s > 1 else x_r_t))  # (B, H', W', m*G)
         if self.routing == 'official':
             f = feats.view(B, Ho, Wo, G, cp // G, m)  # branch j of routed channel (g, r) at f[..., g, r, j]
             g = gate.view(B, Ho, Wo, m, G, 1).transpose(3, 4)  # (B, H', W', G, m, 1): g[..., g, j, :]
@@ -308,12 +232,12 @@ class SpatialCrossScaleConv(nn.Module):
             routed.addcmul_(fj(j), gj(j))
         routed_t = routed.view(B, Ho, Wo, cp)
         if isinstance(self.out_act, nn.Identity):
-            y = _linear_1x1(self.recover, routed_t).permute(0, 3, 1, 2)  # (B, out, H', W'), channels-last
+            y = linear_1x1(self.recover, routed_t).permute(0, 3, 1, 2)  # (B, out, H', W'), channels-last
         else:
             y = conv_gelu(
                 self.recover,
                 routed_t.permute(0, 3, 1, 2),
-                lambda: torch.ops.aten.gelu_(_linear_1x1(self.recover, routed_t)).permute(0, 3, 1, 2),
+                lambda: torch.ops.aten.gelu_(linear_1x1(self.recover, routed_t)).permute(0, 3, 1, 2),
             )
         if not isinstance(self.se.bn, nn.Identity) or self.se.add_maxpool:
             return self.se(y)
@@ -399,10 +323,10 @@ class CrossScaleBottleneck(SpatialCrossScaleConv):
     @torch.jit.unused
     def _forward_residual_inplace(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.shortcut, nn.Conv2d):
-            if channels_last_only(x) and _is_pointwise(self.shortcut):
+            if channels_last_only(x) and is_pointwise(self.shortcut):
                 s = self.shortcut.stride[0]
                 xt = x.permute(0, 2, 3, 1)
-                shortcut = _linear_1x1(self.shortcut, xt[:, ::s, ::s] if s > 1 else xt).permute(0, 3, 1, 2)
+                shortcut = linear_1x1(self.shortcut, xt[:, ::s, ::s] if s > 1 else xt).permute(0, 3, 1, 2)
             else:
                 shortcut = pointwise_conv(self.shortcut, x)
         else:

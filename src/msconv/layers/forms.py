@@ -1,79 +1,298 @@
 """Which form of an operator runs here: the one place that decides.
 
 Every msconv operator and block keeps exactly one plain form, ``forward_reference``: batched, out of place,
-made of standard PyTorch ops, the same maths as the official code. Beside it they may have fast forms, each of
-one of these kinds:
+made of standard PyTorch ops, the same maths as the official code. Beside it they may have fast forms. Two tables
+below declare them once: :data:`FORM_KINDS`, the kinds of fast form and what each needs of the environment, and
+:data:`TUNED`, the operations whose fastest form is measured, with their candidate forms (the plain one first) and
+what each candidate needs.
 
-============  ===================================================================================================
-``folded``    an exact reformulation of the weights made at call time (e.g. MHMC's heads as one zero-padded
-              depthwise conv, ShiftWise's BNs folded into a cross kernel in eval). Capture-safe: it runs
-              everywhere except inside ``reference_forms()``.
-``inplace``   the same ops writing into tensors the module just created (GELU, residual adds, products).
-              Needs autograd off (``torch.no_grad``/``inference_mode``) and no autocast (mixed dtypes).
-``per_image`` image-by-image execution of a block on CPU so that its temporaries stay cache-sized. Needs
-              what ``inplace`` needs; see :func:`map_images`.
-``onednn``    fp32 GEMMs through oneDNN's convolution op on CPU (``msconv.layers.Linear``). Works with
-              autograd; not under CPU autocast (autocast only casts the ops on its list).
-``cpu_gemm``  convolutions computed as explicit GEMMs on CPU (SCSC's 1x1 convs, the im2col stem), fp32.
-              Needs what ``inplace`` needs.
-``triton``    msconv's Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``).
-``lean``      a custom ``autograd.Function`` that saves less for backward (ShiftWise training). Eager only.
-``fused``     a oneDNN convolution with the activation after it applied as a post-op
-              (``torch.ops.mkldnn._convolution_pointwise``): no separate pass over the output. CPU fp32/bf16,
-              oneDNN enabled; needs what ``inplace`` needs (the op has no autograd formula).
-============  ===================================================================================================
-
-:func:`use_fast_form` answers "may this kind of fast form run on ``x`` now?". Under any graph capture
-(``torch.jit.trace``/``torch.jit.script``, FX symbolic tracing, ``torch.compile``/dynamo, ``torch.export`` and
-both ONNX exporters) only ``folded`` forms run: the captured graph never holds a Python loop over the batch, an
-in-place write that the capture cannot see, a buffer sized by a traced value or an op an exporter does not know,
-so every capture gives the eager numbers at every batch size. Inside ``reference_forms()`` no fast form runs
-at all (the tests compare against this, and ``msconv.profile`` counts the architecture's MACs in it).
+:func:`use_fast_form` answers "may this kind of fast form run on ``x`` now?" from :data:`FORM_KINDS`. Under any
+graph capture (``torch.jit.trace``/``torch.jit.script``, FX symbolic tracing, ``torch.compile``/dynamo,
+``torch.export`` and both ONNX exporters) only ``folded`` forms run: the captured graph never holds a Python loop
+over the batch, an in-place write that the capture cannot see, a buffer sized by a traced value or an op an exporter
+does not know, so every capture gives the eager numbers at every batch size. Inside ``reference_forms()`` no fast
+form runs at all (the tests compare against this, and ``msconv.profile`` counts the architecture's MACs in it).
 
 Where several exact forms are allowed and the fastest depends on the machine (BLAS or oneDNN GEMM, image by
-image or batched, a convolution or an explicit GEMM), :func:`tuned` measures them on the running machine the
-first time it meets an operation and shape in eager inference, keeps the fastest (in memory, and on disk under
-``MSCONV_CACHE_DIR`` when set) and runs it from then on. It never measures under a graph capture or with autograd
-on (the plain form runs there). A timing taken while an inner operation was itself being measured is discarded and
-taken again, and long runs are timed fewer times (see ``_measure``). ``MSCONV_AUTOTUNE=0`` gives the plain forms
-everywhere; :func:`forced_choices` pins a choice (tests, benchmarks); :func:`autotune_choices` lists what was
-chosen.
+image or batched, a convolution or an explicit GEMM), :func:`tuned` runs the candidates of a :data:`TUNED` operation
+that the gate allows here, measures them on the running machine the first time it meets the operation and its key
+(the input's shape, layout, dtype, device and the thread count; the operands' sizes; for a whole block or stage its
+:func:`structure_signature`) in eager inference, keeps the fastest (in memory, and on disk under ``MSCONV_CACHE_DIR``
+when set) and runs it from then on. It never measures under a graph capture or with autograd on (the plain form
+runs there). A timing taken while an inner operation was itself being measured is discarded and taken again, and
+long runs are timed fewer times (see ``_measure``). :func:`forced_choices` pins a choice (tests, benchmarks);
+:func:`autotune_choices` lists what was chosen.
 
-Conditions that belong to a module's own state (eval mode, a reparameterized branch, a bias present) stay with
-the module; conditions of the environment (autograd, capture, device, dtype, autocast, oneDNN switched off) are
-decided here only.
+Results that do not depend on timing: the forms a tuned operation chooses between compute the same maths with
+other roundings, so two processes whose measurements came out differently can differ in the last bits.
+``MSCONV_AUTOTUNE=0`` runs the plain form of every tuned operation (no measuring): the same machine, torch build
+and thread count then give bit-identical results in every process. ``forced_choices`` pins forms inside one
+process; ``MSCONV_CACHE_DIR`` holding an ``autotune.json`` written by an earlier run makes later processes reuse
+its choices (an operation or shape missing from the file is still measured).
+
+Conditions that belong to a module's own state (eval mode, a reparameterized branch, a bias present, its weights'
+dtype) stay with the module; conditions of the environment (capture, ``reference_forms()``, autograd, autocast,
+device, the input's dtype and memory layout, oneDNN and Triton switched off) are asked here only: through
+:func:`use_fast_form` for a kind, or :func:`tunable` for a tuned operation.
 
 TorchScript: ``use_fast_form`` returns False when scripting (the early return keeps the rest of its body out of
 the script compiler), and the fast methods it guards are ``@torch.jit.unused``, so ``torch.jit.script`` compiles
 only the plain forms.
 """
 
+import functools
+import hashlib
 import json
 import os
 import statistics
+import sys
 import time
+import weakref
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
+import torch.nn as nn
+from torch.fx._symbolic_trace import _get_is_fx_tracing  # the flag itself; the public getter warns
 
 from ._fold import channels_last_only
 
 __all__ = [
     'FORMS',
+    'FORM_KINDS',
+    'TUNED',
+    'FormKind',
+    'TunedOp',
     'reference_forms',
     'reference_forms_enabled',
     'is_capturing',
     'use_fast_form',
-    'map_images',
+    'tunable',
     'tuned',
+    'structure_signature',
     'forced_choices',
     'autotune_choices',
     'autotune_enabled',
+    'can_measure',
 ]
 
-FORMS = ('folded', 'inplace', 'per_image', 'onednn', 'cpu_gemm', 'triton', 'lean', 'fused')
+
+# ---- the kinds of fast form ---------------------------------------------------------------------------------------
+
+
+def _triton_ok(x: torch.Tensor) -> bool:
+    """Triton available for the device"""
+    from ..kernels.depthwise import triton_available  # kernels sit below layers; imported where first needed
+
+    return triton_available(x.device)
+
+
+def _onednn_pointwise_op_ok(x: torch.Tensor) -> bool:
+    """torch's oneDNN pointwise-conv op"""
+    return hasattr(torch.ops.mkldnn, '_convolution_pointwise')
+
+
+@dataclass(frozen=True)
+class FormKind:
+    """A kind of fast form and what it needs of the environment (besides: not inside ``reference_forms()``)."""
+
+    name: str
+    what: str
+    under_capture: bool = False  #: may run while a graph capture records (only exact weight reformulations)
+    autograd: bool = True  #: may run while autograd records
+    autocast: bool = True  #: may run under autocast on the input's device
+    device: Optional[str] = None  #: the input's device type, if one only
+    dtypes: Optional[Tuple[torch.dtype, ...]] = None  #: the input's dtypes, if some only
+    onednn: bool = False  #: needs oneDNN available and enabled (``torch.backends.mkldnn``)
+    min_batch: int = 1  #: at least this many images
+    available: Optional[Callable[[torch.Tensor], bool]] = None  #: e.g. Triton importable for the input's device
+
+    def needs(self) -> str:
+        """What this kind needs, in words (the docs' table)."""
+        parts = [] if self.under_capture else ['no capture']
+        parts += [] if self.autograd else ['no autograd']
+        parts += [] if self.autocast else ['no autocast']
+        parts += [f'{self.device.upper()}'] if self.device else []
+        parts += ['/'.join(str(d).replace('torch.', '') for d in self.dtypes)] if self.dtypes else []
+        parts += ['oneDNN'] if self.onednn else []
+        parts += [f'batch >= {self.min_batch}'] if self.min_batch > 1 else []
+        parts += [self.available.__doc__ or self.available.__name__] if self.available else []  # what it checks
+        return ', '.join(parts) or 'nothing'
+
+
+_FP32 = (torch.float32,)
+
+#: Every kind of fast form, declared once: what it is and what it needs. ``use_fast_form`` reads nothing else.
+FORM_KINDS: Dict[str, FormKind] = {
+    k.name: k
+    for k in (
+        FormKind(
+            'folded',
+            "an exact reformulation of the weights made at call time (MHMC's heads as one zero-padded depthwise conv, "
+            "ShiftWise's BNs, paths and identity as two strip convs in eval)",
+            under_capture=True,
+        ),
+        FormKind(
+            'inplace',
+            'the same ops writing into tensors the module just created (GELU, residual adds, products)',
+            autograd=False,
+            autocast=False,
+        ),
+        FormKind(
+            'per_image',
+            'a block run image by image on CPU so that its temporaries stay cache-sized',
+            autograd=False,
+            autocast=False,
+            device='cpu',
+            min_batch=2,
+        ),
+        FormKind(
+            'onednn',
+            "fp32 GEMMs through oneDNN's convolution op (``msconv.layers.Linear``); works with autograd",
+            autocast=False,
+            device='cpu',
+            dtypes=_FP32,
+            onednn=True,
+        ),
+        FormKind(
+            'cpu_gemm',
+            "convolutions computed as explicit GEMMs (SCSC's 1x1 convs, the im2col stem)",
+            autograd=False,
+            autocast=False,
+            device='cpu',
+            dtypes=_FP32,
+        ),
+        FormKind(
+            'triton',
+            "msconv's Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``); ``MSCONV_DISABLE_TRITON=1`` "
+            'switches them off',
+            dtypes=(torch.float32, torch.float16, torch.bfloat16),
+            available=_triton_ok,
+        ),
+        FormKind('lean', "a custom autograd function that saves less for backward (ShiftWise training)"),
+        FormKind(
+            'fused',
+            'a oneDNN convolution with the GELU after it as a post-op (``torch.ops.mkldnn._convolution_pointwise``): '
+            'no second pass over the output; the op has no autograd formula',
+            autograd=False,
+            autocast=False,
+            device='cpu',
+            dtypes=(torch.float32, torch.bfloat16),
+            onednn=True,
+            available=_onednn_pointwise_op_ok,
+        ),
+    )
+}
+FORMS = tuple(FORM_KINDS)
+
+#: Memory layouts a form may need of its input.
+LAYOUTS: Dict[str, Callable[[torch.Tensor], bool]] = {
+    'contiguous': lambda x: x.is_contiguous(),
+    'channels_last': lambda x: x.is_contiguous(memory_format=torch.channels_last),
+}
+
+
+# ---- the tuned operations -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TunedOp:
+    """An operation whose fastest exact form is measured: its candidate forms in order, the plain one first (which
+    needs nothing), each mapped to what it needs (kinds of :data:`FORM_KINDS`, and a layout of :data:`LAYOUTS`),
+    what its cache key holds besides the input, and whether the timing depends on a whole module (a block or a
+    stage: ``tuned`` then takes ``module=`` and keys the choice by its :func:`structure_signature`)."""
+
+    name: str
+    candidates: Dict[str, Tuple[str, ...]]
+    key: str
+    where: str
+    per_module: bool = False
+
+    @property
+    def plain(self) -> str:
+        return next(iter(self.candidates))
+
+    @functools.cached_property
+    def fast(self) -> Tuple[Tuple[str, Tuple[str, ...], Optional[str]], ...]:
+        """``(name, kinds, layout)`` of every candidate but the plain one (what the gate is asked, per call)."""
+        return tuple(
+            (name, tuple(n for n in needs if n not in LAYOUTS), next((n for n in needs if n in LAYOUTS), None))
+            for name, needs in list(self.candidates.items())[1:]
+        )
+
+
+#: Every tuned operation, declared once. ``tuned`` refuses an operation or a candidate that is not here.
+TUNED: Dict[str, TunedOp] = {
+    op.name: op
+    for op in (
+        TunedOp(
+            'linear',
+            {'blas': (), 'onednn': ('onednn', 'contiguous')},
+            key='in and out features, bias',
+            where='msconv.layers.Linear and the GEMMs of every inference form',
+        ),
+        TunedOp(
+            'linear_gelu',
+            {'plain': (), 'fused': ('fused', 'contiguous')},
+            key='in and out features, bias',
+            where="ShiftWise's first MLP Linear in the inference form",
+        ),
+        TunedOp(
+            'conv_gelu',
+            {'plain': (), 'fused': ('fused',)},
+            key='channels, kernel, stride, groups',
+            where="SCSC's reduce, branch and recover convs; the reparameterized SMT MLP's depthwise conv",
+        ),
+        TunedOp(
+            'pointwise_conv',
+            {'conv': (), 'gemm': ('cpu_gemm',)},
+            key='channels, stride',
+            where="SCSC's 1x1 convs and projection shortcut",
+        ),
+        TunedOp(
+            'stem_conv',
+            {'conv': (), 'im2col': ('cpu_gemm', 'contiguous')},
+            key='out channels, stride',
+            where="the SCSC CNNs' (and the face IResNet's) 3x3 stem",
+        ),
+        TunedOp(
+            'smt_stage',
+            {'batched': (), 'per_image': ('per_image',)},
+            key="the stage's structure",
+            where="an SMT stage's blocks (``map_images``)",
+            per_module=True,
+        ),
+        TunedOp(
+            'shiftwise_block',
+            {'batched': (), 'per_image': ('per_image',)},
+            key="the block's structure",
+            where="the MLP of a reparameterized ShiftWise block",
+            per_module=True,
+        ),
+        TunedOp(
+            'scsc_swin_block',
+            {'batched': (), 'per_image_gemm': ('per_image',), 'per_image_onednn': ('per_image', 'onednn')},
+            key="the block's structure",
+            where="the MLP of a Swin+SCSC block",
+            per_module=True,
+        ),
+        TunedOp(
+            'inference_model.memory_format',
+            {'contiguous': (), 'channels_last': ()},
+            key='architecture, parameter count, precision',
+            where='``msconv.inference_model(channels_last="auto")``',
+        ),
+    )
+}
+
+for _op in TUNED.values():  # the declarations themselves: plain first, every need a known kind or layout
+    assert not _op.candidates[_op.plain], f"{_op.name}: the plain form needs nothing"
+    assert all(n in FORM_KINDS or n in LAYOUTS for needs in _op.candidates.values() for n in needs), _op.name
+
+
+# ---- the gate -----------------------------------------------------------------------------------------------------
 
 _REFERENCE = False
 
@@ -85,19 +304,13 @@ def reference_forms_enabled() -> bool:
 @contextmanager
 def reference_forms(enabled: bool = True) -> Iterator[None]:
     """Run every msconv operator in its plain ``forward_reference`` form inside the block (no fast form of any
-    kind, including the folded ones)."""
+    kind, including the folded ones, and the plain form of every tuned operation)."""
     global _REFERENCE
     previous, _REFERENCE = _REFERENCE, enabled
     try:
         yield
     finally:
         _REFERENCE = previous
-
-
-def _fx_symbolic_tracing() -> bool:
-    from torch.fx._symbolic_trace import _get_is_fx_tracing  # the flag itself; the public getter warns
-
-    return _get_is_fx_tracing()
 
 
 def is_capturing() -> bool:
@@ -108,64 +321,110 @@ def is_capturing() -> bool:
     return (
         torch.jit.is_tracing()
         or torch.compiler.is_compiling()
-        or _fx_symbolic_tracing()
-        or torch.onnx.is_in_onnx_export()
+        or _get_is_fx_tracing()
+        or ('torch.onnx' in sys.modules and torch.onnx.is_in_onnx_export())  # no export without torch.onnx
     )
 
 
-def use_fast_form(form: str, x: torch.Tensor) -> bool:
-    """May a fast form of kind ``form`` (one of ``FORMS``) run on input ``x`` here? (Whether it is also faster is
-    for :func:`tuned` to measure.)"""
+def use_fast_form(form: str, x: torch.Tensor, layout: Optional[str] = None) -> bool:
+    """May a fast form of kind ``form`` (one of :data:`FORMS`) run on input ``x`` here? With ``layout`` (one of
+    :data:`LAYOUTS`), only for an input in that memory layout, for a form that reads it so. (Whether the form is
+    also faster is for :func:`tuned` to measure.)"""
     if torch.jit.is_scripting():
         return False
-    return _use_fast_form(form, x)
+    return _use_fast_form(form, x, layout)
 
 
-def _use_fast_form(form: str, x: torch.Tensor) -> bool:
-    if form not in FORMS:
+def _use_fast_form(form: str, x: torch.Tensor, layout: Optional[str]) -> bool:
+    kind = FORM_KINDS.get(form)
+    if kind is None:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    if layout is not None and layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {tuple(LAYOUTS)}, got {layout!r}")
     if _REFERENCE:
         return False
-    if form == 'folded':
+    if kind.under_capture:
         return True
     if is_capturing():  # before any look at x: under FX it is a Proxy, under export its sizes are symbols
         return False
-    if form == 'lean':
-        return True
-    if form == 'triton':
-        from ..kernels.depthwise import triton_available
-
-        return x.dtype in (torch.float32, torch.float16, torch.bfloat16) and triton_available(x.device)
-    cpu_fp32 = x.device.type == 'cpu' and x.dtype == torch.float32
-    onednn_on = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-    if form == 'onednn':
-        return cpu_fp32 and onednn_on and not torch.is_autocast_enabled('cpu')
-    if torch.is_grad_enabled():  # the remaining kinds write in place or loop without autograd
+    if not kind.autograd and torch.is_grad_enabled():
         return False
-    if torch.is_autocast_enabled(x.device.type):  # mixed dtypes: an in-place write could not hold the result
+    if kind.device is not None and x.device.type != kind.device:
         return False
-    if form == 'inplace':
-        return True
-    if form == 'cpu_gemm':
-        return cpu_fp32
-    if form == 'fused':
-        return (
-            x.device.type == 'cpu'
-            and x.dtype in (torch.float32, torch.bfloat16)
-            and onednn_on
-            and hasattr(torch.ops.mkldnn, '_convolution_pointwise')
-        )
-    # per_image
-    return x.device.type == 'cpu' and x.shape[0] > 1
+    if kind.dtypes is not None and x.dtype not in kind.dtypes:
+        return False
+    if not kind.autocast and torch.is_autocast_enabled(x.device.type):  # mixed dtypes: in-place writes could not
+        return False  # hold the result
+    if kind.onednn and not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return False
+    if kind.min_batch > 1 and x.shape[0] < kind.min_batch:
+        return False
+    if kind.available is not None and not kind.available(x):
+        return False
+    return layout is None or LAYOUTS[layout](x)
 
 
-def map_images(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, op: str) -> torch.Tensor:
-    """``fn(x)`` for an ``fn`` that treats images independently (eval mode), computed batched or one image at a time
-    (concatenated), whichever :func:`tuned` measures faster for ``op`` at this shape, where ``per_image`` forms are
-    allowed."""
-    if not use_fast_form('per_image', x):
-        return fn(x)
-    return tuned(op, x, {'batched': lambda: fn(x), 'per_image': lambda: torch.cat([fn(xi) for xi in x.split(1)])})
+def _meets(kinds: Tuple[str, ...], layout: Optional[str], x: torch.Tensor) -> bool:
+    if not kinds:  # an exact alternative needing no kind of fast form (a memory layout to try)
+        return not _REFERENCE and not is_capturing() and (layout is None or LAYOUTS[layout](x))
+    return all(_use_fast_form(k, x, layout) for k in kinds)
+
+
+def _allowed(op: TunedOp, x: torch.Tensor) -> Tuple[str, ...]:
+    """The candidates of ``op`` other than the plain one that may run on ``x`` here."""
+    return tuple(name for name, kinds, layout in op.fast if _meets(kinds, layout, x))
+
+
+def tunable(op: str, x: torch.Tensor) -> bool:
+    """May any fast form of the tuned operation ``op`` (a name in :data:`TUNED`) run on ``x`` here? Callers ask
+    this before looking at ``x`` or their operands, then call :func:`tuned`."""
+    if torch.jit.is_scripting():
+        return False
+    return any(_meets(kinds, layout, x) for _, kinds, layout in _declared(op).fast)
+
+
+def _declared(op: str) -> TunedOp:
+    spec = TUNED.get(op)
+    if spec is None:
+        raise ValueError(f"unknown tuned operation {op!r}; the tuned operations are {sorted(TUNED)}")
+    return spec
+
+
+# ---- structure signatures -------------------------------------------------------------------------------------------
+
+_SIGNATURES: 'weakref.WeakKeyDictionary[nn.Module, Tuple[int, str]]' = weakref.WeakKeyDictionary()
+_STRUCTURE_EPOCH = 0
+
+
+def _structure_changed(*_args) -> None:
+    global _STRUCTURE_EPOCH
+    _STRUCTURE_EPOCH += 1  # returns None: the registration goes ahead unchanged
+
+
+# a module or parameter registered anywhere (a model built, a branch folded by reparameterize()) may change the
+# structure of a module whose signature is cached: the cache is checked against this count
+torch.nn.modules.module.register_module_module_registration_hook(_structure_changed)
+torch.nn.modules.module.register_module_parameter_registration_hook(_structure_changed)
+
+_PLAIN_VALUES = (bool, int, float, str, tuple, type(None))
+
+
+def structure_signature(module: nn.Module) -> str:
+    """A short hash of how ``module`` computes, not of its weights: every submodule's name and type, its plain
+    attributes (sizes, strides, flags such as ``deployed``) and the shapes and dtypes of its parameters. Modules of
+    two models that compute alike share it; a stage of another width or depth, or reparameterized, gets another.
+    Kept per module until a module or a parameter is next registered anywhere in the process."""
+    cached = _SIGNATURES.get(module)
+    if cached is not None and cached[0] == _STRUCTURE_EPOCH:
+        return cached[1]
+    digest = hashlib.blake2b(digest_size=8)
+    for name, m in module.named_modules():
+        attrs = sorted((k, v) for k, v in vars(m).items() if not k.startswith('_') and isinstance(v, _PLAIN_VALUES))
+        params = [(k, tuple(p.shape), str(p.dtype)) for k, p in m._parameters.items() if p is not None]
+        digest.update(repr((name, type(m).__qualname__, attrs, params)).encode())
+    signature = digest.hexdigest()
+    _SIGNATURES[module] = (_STRUCTURE_EPOCH, signature)
+    return signature
 
 
 # ---- the autotuner ---------------------------------------------------------------------------------------------
@@ -182,8 +441,15 @@ def autotune_enabled() -> bool:
 
 @contextmanager
 def forced_choices(**choices: str) -> Iterator[None]:
-    """Pin the form of tuned operations inside the block, e.g. ``forced_choices(linear='onednn')``; an operation
-    name maps to one of its candidates' names (an unknown candidate raises when the operation runs)."""
+    """Pin the form of tuned operations inside the block, e.g. ``forced_choices(linear='onednn')``: each name is an
+    operation of :data:`TUNED` and maps to one of its candidates (anything else raises here, naming what is
+    known). A pinned form runs wherever the gate allows it (with autograd on too, for a kind that allows it); where it
+    does not, the plain form runs."""
+    for op, choice in choices.items():
+        if op not in TUNED:
+            raise ValueError(f"forced_choices: unknown tuned operation {op!r}; the tuned ones are {sorted(TUNED)}")
+        if choice not in TUNED[op].candidates:
+            raise ValueError(f"forced_choices: {op!r} has the forms {list(TUNED[op].candidates)}, got {choice!r}")
     previous = dict(_FORCED)
     _FORCED.update(choices)
     try:
@@ -194,7 +460,8 @@ def forced_choices(**choices: str) -> Iterator[None]:
 
 
 def autotune_choices() -> Dict[str, str]:
-    """What the autotuner chose in this process: ``'op|shape|dtype|device|threads|extra' -> candidate``."""
+    """What the autotuner chose in this process: ``'op|shape|layout|dtype|device|threads|extra[|structure]
+    [|of:candidates]' -> candidate``."""
     return dict(_CHOICES)
 
 
@@ -296,34 +563,65 @@ def _dispatch_mode_active() -> bool:
     return _get_current_dispatch_mode() is not None
 
 
-def tuned(op: str, x: torch.Tensor, candidates: Dict[str, Callable[[], torch.Tensor]], extra: str = '') -> torch.Tensor:
-    """The result of the fastest of ``candidates`` (forms computing the same thing, the first one the plain form) for
-    operation ``op`` on input ``x``: measured on the first call for this (op, shape, dtype, device, threads,
-    ``extra``) in eager inference, then reused. The plain form runs with autograd on, under a capture and inside a
-    dispatch mode (so a ``FlopCounterMode`` counts the same operations whether or not a choice is cached); a
-    ``forced_choices`` pin wins everywhere. Candidates must not write into ``x``."""
+def can_measure() -> bool:
+    """Would the autotuner measure here? Eager inference (autograd off, no graph capture), ``MSCONV_AUTOTUNE`` not
+    ``0``, outside ``reference_forms()`` and outside a dispatch mode (a ``FlopCounterMode`` counts the plain forms)."""
+    return (
+        autotune_enabled()
+        and not _REFERENCE
+        and not torch.is_grad_enabled()
+        and not is_capturing()
+        and not _dispatch_mode_active()
+    )
+
+
+def tuned(
+    op: str,
+    x: torch.Tensor,
+    candidates: Dict[str, Callable[[], torch.Tensor]],
+    extra: str = '',
+    module: Optional[nn.Module] = None,
+) -> torch.Tensor:
+    """The result of the fastest of ``candidates`` for the operation ``op`` of :data:`TUNED` on input ``x``: forms
+    computing the same thing, named and ordered as declared there (the plain form first). Only the candidates the gate
+    allows here compete (what each needs is declared with it); they are measured on the first call for this key
+    (``op``, the input's shape, layout, dtype and device, the thread count, ``extra`` (the operands' sizes) and, for a
+    per-module operation, the ``module``'s :func:`structure_signature`) in eager inference, then the winner is reused.
+    The plain form runs inside ``reference_forms()``, with autograd on, under a capture and inside a dispatch mode
+    (so a ``FlopCounterMode`` counts the same operations whether or not a choice is cached); a ``forced_choices``
+    pin wins wherever its form is allowed. Candidates must not write into ``x``."""
+    spec = _declared(op)
+    if tuple(candidates) != tuple(spec.candidates):
+        raise ValueError(f"tuned: {op!r} has the forms {list(spec.candidates)}, got {list(candidates)}")
+    if spec.per_module and module is None:
+        raise ValueError(f"tuned: {op!r} is timed per module: pass module=")
+    plain = spec.plain
+    if _REFERENCE:
+        return candidates[plain]()
+    allowed = _allowed(spec, x)
     forced = _FORCED.get(op)
     if forced is not None:
-        if forced not in candidates:
-            raise ValueError(f"forced_choices: {op!r} has the forms {list(candidates)}, got {forced!r}")
-        return candidates[forced]()
-    plain = next(iter(candidates))
-    if not autotune_enabled() or torch.is_grad_enabled() or is_capturing():
-        return candidates[plain]()
-    if _dispatch_mode_active():  # e.g. a FlopCounterMode: it counts the plain form, whatever a cache holds
-        return candidates[plain]()
+        return candidates[forced if forced in allowed else plain]()
+    # can_measure() without asking is_capturing() again: under a capture nothing is allowed
+    if not allowed or not autotune_enabled() or torch.is_grad_enabled() or _dispatch_mode_active():
+        return candidates[plain]()  # e.g. in a FlopCounterMode: it counts the plain form, whatever is cached
     layout = 'cl' if channels_last_only(x) else ('c' if x.is_contiguous() else 's')
     key = (
         f"{op}|{tuple(x.shape)}|{layout}|{str(x.dtype).replace('torch.', '')}|{x.device.type}|"
         f"{torch.get_num_threads()}|{extra}"
     )
+    if module is not None:
+        key += f'|{structure_signature(module)}'
+    competing = (plain, *allowed)
+    if len(competing) < len(spec.candidates):  # some forms not allowed here (oneDNN off, ...): another contest
+        key += f"|of:{','.join(competing)}"
     choice = _CHOICES.get(key) or _disk().get(key)
-    if choice in candidates:
+    if choice in competing:
         _CHOICES[key] = choice
         return candidates[choice]()
     global _MEASUREMENTS
     _MEASUREMENTS += 1
-    choice, out = _measure(candidates)
+    choice, out = _measure({name: candidates[name] for name in competing})
     _CHOICES[key] = choice
     _store(key, choice)
     return out

@@ -21,8 +21,9 @@ import torch.nn.functional as F
 
 from ..kernels.depthwise import depthwise_conv2d
 from ._fold import fold_bn_into_conv
+from .fast_ops import linear
 from .forms import use_fast_form
-from .linear import Linear, linear
+from .linear import Linear
 
 __all__ = ['MultiHeadMixedConv', 'ScaleAwareAggregation', 'ScaleAwareModulation']
 

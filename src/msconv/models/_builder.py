@@ -10,12 +10,12 @@ import pickle
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
 import torch.nn as nn
-from timm.models._features import FeatureGetterNet
+from timm.models._features import FeatureGetterNet, feature_take_indices
 from timm.models._manipulate import reparameterize_model
 
 from ..layers.forms import is_capturing
@@ -83,16 +83,27 @@ def factory_kwargs(init):
 
 
 class MsconvModel(nn.Module):
-    """Base of every msconv network: official checkpoints load through ``load_state_dict``.
+    """Base of every msconv network: the timm model surface the families share, and official checkpoints loading
+    through ``load_state_dict``.
 
-    Subclasses set ``family``. ``load_state_dict`` converts an official state dict first (the converter is the
-    identity on msconv state dicts) and drops a classifier whose shape does not match this model, with a
-    warning, so that fine-tuning with another ``num_classes`` works from any checkpoint.
+    Subclasses set ``family``, build ``stem``, ``stages`` (a sequence of stages) and ``head`` (a timm-style head
+    with ``fc``, ``reset(num_classes, global_pool)`` and ``forward(x, pre_logits)``), and define
+    ``forward_features``. What differs between families is a class attribute or a small hook: ``final_norm_group``
+    (``group_matcher``), ``intermediate_formats``, ``_forward_stem``, ``_forward_stage``, ``_intermediate`` and
+    ``_final_features`` (``forward_intermediates``), ``_head_hidden_size`` (``reset_classifier``).
+
+    ``load_state_dict`` converts an official state dict first (the converter is the identity on msconv state
+    dicts) and drops a classifier whose shape does not match this model, with a warning, so that fine-tuning with
+    another ``num_classes`` works from any checkpoint.
     """
 
     family: str = ''
     in_chans: int = 3
     min_input_size: int = 32
+    #: the parameters after the last stage (a final norm), the last of ``group_matcher``'s fine groups
+    final_norm_group: str = r'^norm'
+    #: the layouts ``forward_intermediates`` returns
+    intermediate_formats: Tuple[str, ...] = ('NCHW',)
 
     @torch.jit.unused
     def check_input(self, x: torch.Tensor) -> None:
@@ -105,6 +116,95 @@ class MsconvModel(nn.Module):
         """Parameter names exempt from weight decay beyond what timm's optimizer factory already exempts (1-D
         tensors: norms, biases, layer-scale gammas). msconv networks have no position embeddings or tokens."""
         return set()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """Parameter groups (layer-wise learning-rate decay): the stem, then each stage (``coarse``) or each stage's
+        downsample, each block and the final norm."""
+        return dict(
+            stem=r'^stem',
+            blocks=r'^stages\.(\d+)'
+            if coarse
+            else [
+                (r'^stages\.(\d+)\.downsample', (0,)),
+                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
+                (self.final_norm_group, (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        self.head.reset(num_classes, global_pool)
+        self._match_head_to_model()
+        self.head_hidden_size = self._head_hidden_size()
+
+    def _head_hidden_size(self) -> int:
+        return self.num_features
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = 'NCHW',
+        intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Stage outputs at ``indices`` in ``output_fmt`` (one of ``intermediate_formats``) and, unless
+        ``intermediates_only``, the final feature map (``forward_features``'s output once every stage ran). ``norm``
+        applies a final norm to the last stage's output where the family has one (see ``_intermediate``)."""
+        if output_fmt not in self.intermediate_formats:
+            raise ValueError(f"output_fmt must be one of {self.intermediate_formats}, got {output_fmt!r}")
+        self.check_input(x)
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        stages = self.stages[: max_index + 1] if stop_early else self.stages
+        intermediates = []
+        x = self._forward_stem(x)
+        for i, stage in enumerate(stages):
+            x = self._forward_stage(stage, x)
+            if i in take_indices:
+                intermediates.append(self._intermediate(x, i, norm, output_fmt))
+        if intermediates_only:
+            return intermediates
+        return self._final_features(x, len(stages) == len(self.stages)), intermediates
+
+    def _forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stem(x)
+
+    def _forward_stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return stage(x)
+
+    def _intermediate(self, x: torch.Tensor, index: int, norm: bool, output_fmt: str) -> torch.Tensor:
+        """Stage ``index``'s output as ``forward_intermediates`` returns it (stages carry NCHW maps here)."""
+        return x if output_fmt == 'NCHW' else x.permute(0, 2, 3, 1)
+
+    def _final_features(self, x: torch.Tensor, complete: bool) -> torch.Tensor:
+        """The last stage's output as the final feature map (``complete``: every stage ran)."""
+        return x
+
+    def prune_intermediate_layers(
+        self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> List[int]:
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[: max_index + 1]
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
 
     def _match_head_to_model(self) -> None:
         """Put a rebuilt classifier head on the model's device and dtype and in its train/eval mode."""

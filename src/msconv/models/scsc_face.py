@@ -11,7 +11,14 @@ the paper's face configuration is not available to us, so the configuration belo
   contract "num_classes = output width" holds), and ``pretrained_cfg['classifier']`` names the embedding Linear.
 - Baseline ``face_iresnet50``: the insightface IResNet-50 layout (3x3 stride-1 stem 64 + BN + PReLU; pre-BN basic
   blocks BN-conv3x3-BN-PReLU-conv3x3-BN with 1x1 projection shortcuts, depths 3,4,14,3, widths 64/128/256/512,
-  every stage stride 2, 7x7 final map): 43.59M params, 6.31 GMACs.
+  every stage stride 2, 7x7 final map): 43.59M params, 6.31 GMACs. Initialised as insightface does (every conv
+  N(0, 0.1), BNs 1/0) except that the last BN of each residual branch starts at zero (``zero_init_last``, timm's
+  ResNet default; insightface's ``zero_init_residual`` option): with N(0, 0.1) a 3x3 conv multiplies the variance
+  by 0.09 x its input channels (5.8 at 64, 46 at 512), which BatchNorm undoes in training but not in eval with fresh
+  running statistics, so a fresh insightface-initialised IResNet-50 gives eval outputs of ~1e26 (an IResNet-100
+  overflows to inf). With the residual branches at zero a fresh model's eval outputs are O(1), so comparisons of
+  two exact forms of it (a capture against eager, timm's contract tests) see rounding, not a 1e26 lever on it.
+  ``zero_init_last=False`` gives insightface's init exactly.
 - ``scsc_faceresnet``: the same stem position (stride 1, PReLU) and the same depths 3,4,14,3 and four stride-2
   stages, with every basic block replaced by the residual SCSC block of ResNet+SCSC (kernel sizes (3,9,13),
   (3,7,11), (3,5,7), (3,5), 4 gate groups); widths 336/384/480/192 after a 96-channel stem. The widths were chosen
@@ -139,6 +146,11 @@ class IRBlock(nn.Module):
         y = self.bn3(self.conv2(self.act(self.bn2(self.conv1(self.bn1(x))))))
         return y + self.shortcut(x)
 
+    def zero_init_last(self) -> None:
+        """Start the residual branch at zero (its last BN's scale): a fresh block is its shortcut."""
+        if isinstance(self.bn3, nn.BatchNorm2d):
+            nn.init.zeros_(self.bn3.weight)
+
     @torch.no_grad()
     def reparameterize(self) -> None:
         """Fold the BNs that follow a conv (``bn1`` precedes a zero-padded conv and stays)."""
@@ -222,7 +234,11 @@ class CrossScaleFaceNet(_FaceNetBase):
 
 
 class FaceIResNet(_FaceNetBase):
-    """Plain face ResNet baseline in the insightface IResNet layout (pre-BN basic blocks, PReLU)."""
+    """Plain face ResNet baseline in the insightface IResNet layout (pre-BN basic blocks, PReLU).
+
+    ``zero_init_last`` (default True) starts each residual branch's last BN at zero (see the module docstring: a
+    fresh model's eval outputs stay O(1)); False gives insightface's init exactly.
+    """
 
     @factory_kwargs
     def __init__(
@@ -235,6 +251,7 @@ class FaceIResNet(_FaceNetBase):
         widths: Sequence[int] = (64, 128, 256, 512),
         drop_rate: float = 0.0,
         global_pool: str = 'flatten',
+        zero_init_last: bool = True,
     ) -> None:
         super().__init__()
         if len(widths) != len(depths) or not all(isinstance(d, int) and d > 0 for d in depths):
@@ -256,6 +273,8 @@ class FaceIResNet(_FaceNetBase):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, 0, 0.1)  # insightface's IResNet init
+            elif isinstance(m, IRBlock) and zero_init_last:
+                m.zero_init_last()
 
 
 def _create(cls: type, variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:

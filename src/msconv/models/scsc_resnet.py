@@ -17,18 +17,17 @@ input of at least 32x32 runs (224, 160, 128, 112, 100, ...), with identical resu
 """
 
 import re
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import ClassifierHead
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs
-from timm.models._features import feature_take_indices
 
 from ..layers._fold import fold_bn_into_conv
 from ..layers.cross_scale import STAGE_KERNEL_SIZES, CrossScaleBottleneck, convert_scsc_official
-from ..layers.forms import tuned, use_fast_form
+from ..layers.fast_ops import conv_im2col
+from ..layers.forms import tunable, tuned, use_fast_form
 from . import scsc_swin
 from ._builder import MsconvModel, factory_kwargs
 from ._registry import register_converter, register_model
@@ -55,42 +54,24 @@ class ConvStem(nn.Module):
 
     @torch.jit.unused
     def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:
-        """Without autograd: the conv, or where ``use_fast_form('cpu_gemm')`` allows and it measures faster (an
-        RGB stem: K = in_chans * 9 is thin for oneDNN's NCHW kernel), im2col GEMMs; a ReLU in place on the fresh
-        output."""
-        if use_fast_form('cpu_gemm', x) and x.is_contiguous():
+        """Without autograd: the conv, or where the gate allows the ``stem_conv`` operation's im2col form (CPU fp32,
+        a contiguous input) and it measures faster (an RGB stem: K = in_chans * 9 is thin for oneDNN's NCHW kernel),
+        im2col GEMMs; a ReLU in place on the fresh output."""
+        conv = self.conv
+        if tunable('stem_conv', x):
             y = self.bn(
                 tuned(
                     'stem_conv',
                     x,
-                    {'conv': lambda: self.conv(x), 'im2col': lambda: self._conv_im2col(x)},
-                    extra=f'{self.conv.out_channels}/s{self.conv.stride[0]}',
+                    {'conv': lambda: conv(x), 'im2col': lambda: conv_im2col(conv, x)},
+                    extra=f"{conv.out_channels}/s{conv.stride[0]}{'+b' if conv.bias is not None else ''}",
                 )
             )
         else:
-            y = self.bn(self.conv(x))
+            y = self.bn(conv(x))
         if type(self.act) is nn.ReLU:
             return torch.relu_(y)  # y is ours: no fresh activation-sized allocation
         return self.act(y)
-
-    @torch.jit.unused
-    def _conv_im2col(self, x: torch.Tensor) -> torch.Tensor:
-        """``self.conv(x)`` as one GEMM per image over the unfolded 3x3 patches (each image's unfolded patches are
-        a cache-sized buffer, hence the loop, which is part of this form): 1.5x faster than the oneDNN NCHW conv
-        for a 3-channel input on CPU (8x3x224x224 -> 96 channels: 22 ms vs 33 ms)."""
-        conv = self.conv
-        B, _, H, W = x.shape
-        s = conv.stride[0]
-        Ho, Wo = (H + 2 - 3) // s + 1, (W + 2 - 3) // s + 1
-        out = x.new_empty(B, conv.out_channels, Ho * Wo)
-        w = conv.weight.reshape(conv.out_channels, -1)
-        for i in range(B):
-            cols = F.unfold(x[i : i + 1], 3, padding=1, stride=s)[0]  # (C * 9, Ho * Wo)
-            if conv.bias is None:
-                torch.mm(w, cols, out=out[i])
-            else:
-                torch.addmm(conv.bias.unsqueeze(1), w, cols, out=out[i])
-        return out.view(B, conv.out_channels, Ho, Wo)
 
     @torch.no_grad()
     def reparameterize(self) -> None:
@@ -138,9 +119,10 @@ def make_cross_scale_stages(
 
 
 class ConvTrunk(MsconvModel):
-    """The timm model surface shared by the SCSC CNNs (this file's ResNet and ``scsc_face``'s networks): ``stem``,
-    ``stages`` (``nn.Sequential`` of stages), ``head`` with ``fc``, ``reset`` and ``pre_logits``; subclasses build
-    them and set ``in_chans``, ``min_input_size``, ``feature_info`` and ``grad_checkpointing``."""
+    """What the SCSC CNNs (this file's ResNet and ``scsc_face``'s networks) share beyond ``MsconvModel``: stages that
+    are ``nn.Sequential`` of blocks (no downsample of their own, hence their ``group_matcher``) and one
+    ``grad_checkpointing`` flag for the model; subclasses build ``stem``, ``stages`` and ``head`` and set
+    ``in_chans``, ``min_input_size``, ``feature_info`` and ``grad_checkpointing``."""
 
     family = 'scsc'
 
@@ -151,58 +133,6 @@ class ConvTrunk(MsconvModel):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool)
-        self._match_head_to_model()
-        self.head_hidden_size = self._head_hidden_size()
-
-    def _head_hidden_size(self) -> int:
-        return self.num_features
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = 'NCHW',
-        intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Stage outputs (NCHW) at ``indices`` and the final feature map. ``norm`` is accepted for API parity
-        (these networks have no final norm)."""
-        if output_fmt != 'NCHW':
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        if not torch.jit.is_scripting():
-            self.check_input(x)
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        intermediates = []
-        x = self.stem(x)
-        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[: max_index + 1]
-        for i, stage in enumerate(stages):
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint_seq(stage, x)
-            else:
-                x = stage(x)
-            if i in take_indices:
-                intermediates.append(x)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
-
-    def prune_intermediate_layers(
-        self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True
-    ) -> List[int]:
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[: max_index + 1]
-        if prune_head:
-            self.reset_classifier(0, '')
-        return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
@@ -215,11 +145,8 @@ class ConvTrunk(MsconvModel):
             x = self.stages(x)
         return x
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def _forward_stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return checkpoint_seq(stage, x) if self.grad_checkpointing else stage(x)
 
 
 class CrossScaleResNet(ConvTrunk):

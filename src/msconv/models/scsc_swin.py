@@ -20,7 +20,7 @@ the MLP pre-norm into ``fc1``).
 """
 
 import re
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -107,17 +107,10 @@ class CrossScaleSwinBlock(nn.Module):
         allows, as oneDNN 1x1 convs, with the GELU in place, so the 4x-wide hidden activation is a per-image,
         cache-sized buffer instead of a fresh whole-batch allocation. Which form runs is measured per shape."""
         fc1, fc2 = self.mlp.fc1, self.mlp.fc2
-        if (
-            fc1.bias is None
-            or fc2.bias is None
-            or type(self.mlp.act) is not nn.GELU
-            or not use_fast_form('per_image', x)
-        ):
+        if fc1.bias is None or fc2.bias is None or type(self.mlp.act) is not nn.GELU:
             return self._inplace_form(x, 'batched')
-        forms = {name: (lambda name=name: self._inplace_form(x, name)) for name in ('batched', 'per_image_gemm')}
-        if use_fast_form('onednn', x):
-            forms['per_image_onednn'] = lambda: self._inplace_form(x, 'per_image_onednn')
-        return tuned('scsc_swin_block', x, forms)
+        forms = ('batched', 'per_image_gemm', 'per_image_onednn')
+        return tuned('scsc_swin_block', x, {f: (lambda f=f: self._inplace_form(x, f)) for f in forms}, module=self)
 
     def _inplace_form(self, x: torch.Tensor, mlp: str) -> torch.Tensor:
         x = self.mixer(x).add_(x)  # fresh: the residual adds below write into it
@@ -179,6 +172,7 @@ class CrossScaleSwin(MsconvModel):
     """Swin + SCSC. Keyword arguments follow the official ``SCSC_Swin`` defaults (Swin-T: 21.94M params)."""
 
     family = 'scsc'
+    intermediate_formats = ('NCHW', 'NHWC')
 
     @factory_kwargs
     def __init__(
@@ -235,63 +229,6 @@ class CrossScaleSwin(MsconvModel):
         self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
         self.apply(_init_weights)
 
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        return dict(
-            stem=r'^stem',
-            blocks=r'^stages\.(\d+)'
-            if coarse
-            else [
-                (r'^stages\.(\d+)\.downsample', (0,)),
-                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
-                (r'^norm', (99999,)),
-            ],
-        )
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for s in self.stages:
-            s.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool)
-        self._match_head_to_model()
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = 'NCHW',
-        intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Stage outputs (NCHW, before the next patch merging) at ``indices``, and the final normed features."""
-        if output_fmt not in ('NCHW', 'NHWC'):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        if not torch.jit.is_scripting():
-            self.check_input(x)
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        intermediates = []
-        x = self.stem(x)
-        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[: max_index + 1]
-        last = len(self.stages) - 1
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take_indices:
-                y = self.norm(x) if norm and i == last else x
-                intermediates.append(y if output_fmt == 'NCHW' else y.permute(0, 2, 3, 1))
-        if intermediates_only:
-            return intermediates
-        if len(stages) == len(self.stages):
-            x = self.norm(x)
-        return x, intermediates
-
     def prune_intermediate_layers(
         self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> List[int]:
@@ -310,11 +247,13 @@ class CrossScaleSwin(MsconvModel):
         x = self.stages(self.stem(x))
         return self.norm(x)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
+    def _intermediate(self, x: torch.Tensor, index: int, norm: bool, output_fmt: str) -> torch.Tensor:
+        """Stage outputs (NCHW, before the next patch merging); ``norm``: the last one through the final norm."""
+        y = self.norm(x) if norm and index == len(self.stages) - 1 else x
+        return y if output_fmt == 'NCHW' else y.permute(0, 2, 3, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def _final_features(self, x: torch.Tensor, complete: bool) -> torch.Tensor:
+        return self.norm(x) if complete else x
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -17,7 +17,7 @@ once instead), and the BN and layer scale after the second Linear are folded int
 
 import re
 from functools import partial
-from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Set, Union
 
 import torch
 import torch.nn as nn
@@ -26,27 +26,15 @@ from timm.layers.grn import GlobalResponseNorm
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs
 from timm.models._features import feature_take_indices
 
-from ..layers._fold import bn_scale_shift, spatial_mean
+from ..layers._fold import bn_scale_shift
+from ..layers.fast_ops import linear, linear_gelu, spatial_l2_norms, spatial_mean
 from ..layers.forms import tuned, use_fast_form
-from ..layers.linear import Linear, linear, linear_gelu
+from ..layers.linear import Linear
 from ..layers.shiftwise import ShiftWiseConv2d, convert_official_op
 from ._builder import MsconvModel, factory_kwargs
 from ._registry import register_converter, register_model
 
 __all__ = ['ShiftWiseNet', 'ShiftWiseBlock', 'ShiftWiseStage', 'checkpoint_filter_fn']
-
-
-def _spatial_l2_norms(hv: torch.Tensor) -> torch.Tensor:
-    """(b, N, C) -> (b, 1, C): L2 norms over N, GRN's statistic. Squares and sums image by image through one
-    image-sized buffer: ~10x faster than ``vector_norm`` over a non-innermost dim on CPU, and no batch-sized
-    temporary (fresh multi-MB buffers are page-faulted in on every call: 2.4 ms vs 0.3 ms at 8x196x1280)."""
-    if hv.device.type != 'cpu':  # caching allocators elsewhere: one batched pass beats a per-image loop
-        return (hv * hv).sum(1, keepdim=True).sqrt_()
-    squares = torch.empty_like(hv[0])
-    norms = hv.new_empty(hv.shape[0], 1, hv.shape[2])
-    for i in range(hv.shape[0]):
-        torch.sum(torch.mul(hv[i], hv[i], out=squares), 0, keepdim=True, out=norms[i])
-    return norms.sqrt_()
 
 
 class ShiftWiseBlock(nn.Module):
@@ -79,7 +67,7 @@ class ShiftWiseBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training and self.conv.deployed and use_fast_form('inplace', x):
+        if not self.training and use_fast_form('inplace', x, layout='channels_last') and self._inference_ok():
             return self._forward_inference(x)
         return self.forward_reference(x)
 
@@ -91,32 +79,29 @@ class ShiftWiseBlock(nn.Module):
         x = self.ls(self.norm2(x.permute(0, 3, 1, 2)))  # (B, C, H, W)
         return shortcut + self.drop_path(x)
 
-    def _inference_ok(self, x: torch.Tensor) -> bool:
-        """The structure the inference form assumes (reparameterized block, exact GELU, plain SE) and a
-        channels-last input."""
+    @torch.jit.unused
+    def _inference_ok(self) -> bool:
+        """The structure the inference form assumes (reparameterized block, exact GELU, plain SE); what it needs of
+        the input and the environment (in-place forms allowed, channels-last memory) is the gate's question."""
         return (
-            isinstance(self.norm2, nn.Identity)
+            self.conv.deployed
+            and isinstance(self.norm2, nn.Identity)
             and isinstance(self.ls, nn.Identity)
             and self.fc2.bias is not None
             and type(self.act) is nn.GELU
             and self.act.approximate == 'none'
             and not getattr(self.se, 'add_maxpool', False)
-            and x.is_contiguous(memory_format=torch.channels_last)
         )
 
     @torch.jit.unused
     def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:
         """Deploy form without autograd: the same maths as ``forward_reference`` with every elementwise step in
-        place on a fresh buffer, the GRN bias folded through ``fc2`` and, where ``use_fast_form('per_image')``
-        allows and it measures faster, the MLP run image by image so that its 4x-wide hidden tensor stays
-        cache-sized.
+        place on a fresh buffer, the GRN bias folded through ``fc2`` and, where the gate allows the
+        ``shiftwise_block`` operation's ``per_image`` form and it measures faster, the MLP run image by image so that
+        its 4x-wide hidden tensor stays cache-sized.
 
         GRN(h) = h + bias + weight * h * n = h * (1 + weight * n) + bias, with n the per-image channel norms
         over the mean norm; so fc2(GRN(h)) = fc2_no_bias(h * (1 + weight * n)) + (fc2.bias + fc2.weight @ bias)."""
-        if not self._inference_ok(x):
-            return self.forward_reference(x)
-        if not use_fast_form('per_image', x):
-            return self._inference_form(x, per_image=False)
         return tuned(
             'shiftwise_block',
             x,
@@ -124,6 +109,7 @@ class ShiftWiseBlock(nn.Module):
                 'batched': lambda: self._inference_form(x, per_image=False),
                 'per_image': lambda: self._inference_form(x, per_image=True),
             },
+            module=self,
         )
 
     def _inference_form(self, x: torch.Tensor, per_image: bool) -> torch.Tensor:
@@ -136,7 +122,7 @@ class ShiftWiseBlock(nn.Module):
         for yi, xi in zip(yt.split(1), xt.split(1)) if per_image else ((yt, xt),):
             h = linear_gelu(yi, self.fc1.weight, self.fc1.bias)  # GELU(fc1(yi)), fresh
             hv = h.flatten(1, 2)  # (b, H*W, 4C) view
-            norms = _spatial_l2_norms(hv)
+            norms = spatial_l2_norms(hv)
             norms.div_(norms.mean(dim=-1, keepdim=True).add_(self.grn.eps))
             hv.mul_(norms.mul_(self.grn.weight).add_(1.0))
             torch.add(xi, linear(h, self.fc2.weight, bias2), out=yi)  # residual; yi is no longer needed
@@ -203,6 +189,7 @@ class ShiftWiseNet(MsconvModel):
     """ShiftWise v2 backbone/classifier (timm model contract)."""
 
     family = 'shiftwise'
+    final_norm_group = r'^head\.norm'
 
     @factory_kwargs
     def __init__(
@@ -291,66 +278,17 @@ class ShiftWiseNet(MsconvModel):
             self.head.fc.bias.data.mul_(head_init_scale)
 
     @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:
-        return dict(
-            stem=r'^stem',
-            blocks=r'^stages\.(\d+)'
-            if coarse
-            else [
-                (r'^stages\.(\d+)\.downsample', (0,)),
-                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
-                (r'^head\.norm', (99999,)),
-            ],
-        )
-
-    @torch.jit.ignore
     def force_weight_decay(self) -> Set[str]:
         """Parameters decayed although they are 1-D: the GRN gamma/beta, which are 4-D ``(1, 1, 1, C)`` in the
         official model and so are not excluded by its 1-D rule (official ``optim_factory.py:80``). Their shapes here
         stay 1-D (checkpoint conversion reshapes them); the training parameter groups read this list."""
         return {n for n, _ in self.named_parameters() if n.rsplit('.', 2)[-2] == 'grn'}
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for s in self.stages:
-            s.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, reset_other: bool = False):
         self.num_classes = num_classes
         self.head.reset(num_classes, global_pool, reset_other=reset_other, in_features=self.num_features)
         self._match_head_to_model()
         self.head_hidden_size = self.head.num_features
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = 'NCHW',
-        intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Stage outputs (after each stage's downsample and blocks) plus, unless ``intermediates_only``, the
-        final unpooled feature map. ``norm`` is accepted for API compatibility (the final norm lives in the head)."""
-        if output_fmt != 'NCHW':
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        if not torch.jit.is_scripting():
-            self.check_input(x)
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        intermediates = []
-        x = self.stem(self._layout(x))
-        stages = self.stages if not stop_early else self.stages[: max_index + 1]
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take_indices:
-                intermediates.append(x)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
 
     def prune_intermediate_layers(
         self,
@@ -370,16 +308,10 @@ class ShiftWiseNet(MsconvModel):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
             self.check_input(x)
-        return self.stages(self.stem(self._layout(x)))
+        return self.stages(self._forward_stem(x))
 
-    def _layout(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def _forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stem(x.contiguous(memory_format=torch.channels_last) if self.channels_last else x)
 
 
 def _init_weights(m: nn.Module) -> None:

@@ -17,7 +17,7 @@ Evolutionary Hybrid Network layout: stages 1-2 are SAM blocks, stage 3 alternate
 
 import math
 import re
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -25,12 +25,11 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, LayerScale, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs
-from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq, named_apply
 
 from ..layers._fold import fold_bn_into_conv
-from ..layers.cross_scale import conv_gelu
-from ..layers.forms import map_images, use_fast_form
+from ..layers.fast_ops import conv_gelu, map_images
+from ..layers.forms import tunable, use_fast_form
 from ..layers.linear import Linear
 from ..layers.mixed_conv import ScaleAwareModulation
 from ._builder import MsconvModel, factory_kwargs
@@ -283,7 +282,7 @@ class SmtStage(nn.Module):
         x = self.downsample(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.blocks, x)
-        elif not self.training and use_fast_form('per_image', x):
+        elif not self.training and tunable('smt_stage', x):
             x = self._blocks_per_image(x)
         else:
             x = self.blocks(x)
@@ -332,6 +331,8 @@ class SMT(MsconvModel):
     """
 
     family = 'smt'
+    final_norm_group = r'^stages\.(\d+)\.norm'
+    intermediate_formats = ('NCHW', 'NHWC')
 
     @factory_kwargs
     def __init__(
@@ -405,77 +406,12 @@ class SMT(MsconvModel):
         self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool)
         named_apply(_init_weights, self)
 
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        return dict(
-            stem=r'^stem',
-            blocks=r'^stages\.(\d+)'
-            if coarse
-            else [
-                (r'^stages\.(\d+)\.downsample', (0,)),
-                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
-                (r'^stages\.(\d+)\.norm', (99999,)),
-            ],
-        )
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         if global_pool is not None:
             if global_pool not in ('avg', ''):
                 raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
             self.global_pool = global_pool
-        self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool)
-        self._match_head_to_model()
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = 'NCHW',
-        intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Stage outputs (each after its stage LayerNorm, as the official model passes them on).
-
-        ``norm`` is accepted for timm compatibility; every SMT stage already ends in its own norm.
-        """
-        if output_fmt not in ('NCHW', 'NHWC'):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        if not torch.jit.is_scripting():
-            self.check_input(x)
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        stages = self.stages[: max_index + 1] if stop_early else self.stages
-        intermediates = []
-        x = self.stem(x)
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take_indices:
-                intermediates.append(x.permute(0, 3, 1, 2) if output_fmt == 'NCHW' else x)
-        if intermediates_only:
-            return intermediates
-        return x.permute(0, 3, 1, 2), intermediates
-
-    def prune_intermediate_layers(
-        self,
-        indices: Union[int, List[int]] = 1,
-        prune_norm: bool = False,
-        prune_head: bool = True,
-    ) -> List[int]:
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[: max_index + 1]
-        if prune_head:
-            self.reset_classifier(0, '')
-        return take_indices
+        super().reset_classifier(num_classes, global_pool)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
@@ -483,11 +419,13 @@ class SMT(MsconvModel):
         x = self.stages(self.stem(x))
         return x.permute(0, 3, 1, 2)  # (B, C, H/32, W/32)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
+    def _intermediate(self, x: torch.Tensor, index: int, norm: bool, output_fmt: str) -> torch.Tensor:
+        """Stage outputs are (B, H, W, C) tokens, each after its stage LayerNorm (as the official model passes them
+        on): ``norm`` has nothing to add."""
+        return x.permute(0, 3, 1, 2) if output_fmt == 'NCHW' else x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def _final_features(self, x: torch.Tensor, complete: bool) -> torch.Tensor:
+        return x.permute(0, 3, 1, 2)
 
 
 def _init_weights(module: nn.Module, name: str = '') -> None:

@@ -1,0 +1,271 @@
+"""Generic fast operators: standard ops (a linear, a 1x1 or 3x3 convolution, a convolution followed by GELU, a spatial
+mean, a block mapped over images) computed in a fast form where ``msconv.layers.forms`` allows it.
+
+None of them is tied to one paper: the operators and models of SMT, SCSC and ShiftwiseConv call them. Each computes
+exactly what its docstring names; which of its forms runs is decided by the gate (``forms.use_fast_form``) and, where
+the fastest depends on the machine, measured by the autotuner (``forms.tuned``, under the operation's name in
+``forms.TUNED``).
+"""
+
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..kernels import depthwise as _depthwise
+from .forms import tunable, tuned, use_fast_form
+
+__all__ = [
+    'linear',
+    'linear_gelu',
+    'linear_1x1',
+    'pointwise_conv',
+    'is_pointwise',
+    'conv_gelu',
+    'conv_im2col',
+    'depthwise_conv2d',
+    'map_images',
+    'spatial_mean',
+    'spatial_l2_norms',
+]
+
+
+# ---- GEMMs over channels-last tokens ------------------------------------------------------------------------------
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for ``x`` of shape (..., in_features), as a BLAS or a oneDNN GEMM, whichever
+    is faster here (see ``msconv.layers.linear``)."""
+    if not tunable('linear', x):
+        return F.linear(x, weight, bias)
+    return linear_tuned(x, weight, bias)
+
+
+def linear_tuned(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`linear` for a caller that has asked ``tunable('linear', x)`` already (``msconv.layers.Linear``)."""
+    if x.dim() < 2 or weight.dtype != torch.float32 or (bias is not None and bias.dtype != torch.float32):
+        return F.linear(x, weight, bias)
+    return tuned(
+        'linear',
+        x,
+        {'blas': lambda: F.linear(x, weight, bias), 'onednn': lambda: _linear_onednn(x, weight, bias)},
+        extra=f"{weight.shape[1]}->{weight.shape[0]}{'+b' if bias is not None else ''}",
+    )
+
+
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``GELU(F.linear(x, weight, bias))`` (exact GELU) into a fresh tensor, for eager inference without autograd:
+    :func:`linear` then the GELU in place, or where ``use_fast_form('fused')`` allows and
+    ``msconv.layers.forms.tuned`` measures it faster, one oneDNN 1x1 convolution over the channels-last view of
+    ``x`` (no copy) with the GELU as a post-op, so the 4x-wide hidden tensor is written once."""
+    plain = lambda: torch.ops.aten.gelu_(linear(x, weight, bias))  # noqa: E731
+    if not (tunable('linear_gelu', x) and x.dim() >= 2 and weight.dtype == x.dtype):
+        return plain()
+    return tuned(
+        'linear_gelu',
+        x,
+        {'plain': plain, 'fused': lambda: _linear_gelu_onednn(x, weight, bias)},
+        extra=f"{weight.shape[1]}->{weight.shape[0]}{'+b' if bias is not None else ''}",
+    )
+
+
+def _linear_gelu_onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    w4 = weight.contiguous()[:, :, None, None]
+    bias = bias.contiguous() if bias is not None else None
+    x4 = x.reshape(-1, *x.shape[-3:]) if x.dim() >= 4 else x.reshape(1, -1, 1, x.shape[-1])  # (N, H, W, C) tokens
+    out = torch.ops.mkldnn._convolution_pointwise(
+        x4.permute(0, 3, 1, 2), w4, bias, [0, 0], [1, 1], [1, 1], 1, 'gelu', [], 'none'
+    )  # channels-last in, channels-last out
+    return out.permute(0, 2, 3, 1).reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _linear_onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    # oneDNN's convolution directly: F.conv2d would route 1x1 convs of small batches to the slow native kernel
+    # when torch runs on one thread. It has its own autograd formula.
+    w4 = weight.contiguous()[:, :, None, None]  # the oneDNN op reads weight and bias as dense, whatever the strides
+    bias = bias.contiguous() if bias is not None else None
+    if x.dim() == 4:  # (B, H, W, C) tokens: their NCHW view is channels-last
+        out = torch.mkldnn_convolution(x.permute(0, 3, 1, 2), w4, bias, (0, 0), (1, 1), (1, 1), 1)
+        return out.permute(0, 2, 3, 1).contiguous()  # a no-op: the output is channels-last too
+    x4 = x.reshape(1, -1, 1, x.shape[-1]).permute(0, 3, 1, 2)  # (1, C, M, 1), channels-last
+    out = torch.mkldnn_convolution(x4, w4, bias, (0, 0), (1, 1), (1, 1), 1)
+    return out.permute(0, 2, 3, 1).reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _register_flop_formula() -> None:
+    """Teach ``torch.utils.flop_counter.FlopCounterMode`` the oneDNN convolution op this module calls directly
+    (torch registers formulas for ``aten.convolution`` and the cuDNN ops, not for ``aten.mkldnn_convolution``)."""
+    from torch.utils import flop_counter
+
+    if torch.ops.aten.mkldnn_convolution in flop_counter.flop_registry:
+        return
+
+    @flop_counter.register_flop_formula(torch.ops.aten.mkldnn_convolution)
+    def _mkldnn_conv_flop(
+        x_shape, w_shape, _bias, _padding, _stride, _dilation, _groups, *args, out_shape=None, **kwargs
+    ) -> int:
+        return flop_counter.conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
+
+
+_register_flop_formula()
+
+
+def linear_1x1(conv: nn.Conv2d, xt: torch.Tensor) -> torch.Tensor:
+    """A 1x1 conv (stride already applied) on (B, H, W, C) tokens: one GEMM over all tokens (:func:`linear`)."""
+    return linear(xt.contiguous(), conv.weight.flatten(1), conv.bias)
+
+
+# ---- convolutions -------------------------------------------------------------------------------------------------
+
+
+def is_pointwise(conv: nn.Conv2d) -> bool:
+    """A 1x1 ungrouped, undilated conv without padding and with the same stride along both axes."""
+    return (
+        conv.kernel_size == (1, 1)
+        and conv.padding == (0, 0)
+        and conv.groups == 1
+        and conv.dilation == (1, 1)
+        and conv.stride[0] == conv.stride[1]
+    )
+
+
+def pointwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` for a 1x1 ungrouped conv without padding (stride 1 or 2). Where ``use_fast_form('cpu_gemm')``
+    allows it (CPU fp32, autograd off, no capture), it may instead run as a batched GEMM on the contiguous
+    (B, C, H*W) view (after subsampling for stride 2): on the machine it was written on that measured 1.5-3x faster
+    with few input channels on large maps, and slower for wide inputs, so which of the two runs is measured per
+    shape (``msconv.layers.forms.tuned``)."""
+    if not (tunable('pointwise_conv', x) and is_pointwise(conv) and conv.stride[0] in (1, 2)):
+        return conv(x)
+    return tuned(
+        'pointwise_conv',
+        x,
+        {'conv': lambda: conv(x), 'gemm': lambda: _pointwise_gemm(conv, x)},
+        extra=f'{conv.in_channels}->{conv.out_channels}/s{conv.stride[0]}',
+    )
+
+
+def _pointwise_gemm(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    B, C = x.shape[:2]
+    s = conv.stride[0]
+    xs = x if s == 1 else x[:, :, ::s, ::s]
+    H, W = xs.shape[2:]
+    xs = xs.contiguous().view(B, C, H * W)
+    w = conv.weight.flatten(1)
+    if conv.bias is None:
+        y = torch.bmm(w.expand(B, -1, -1), xs)
+    else:
+        y = torch.baddbmm(conv.bias.view(1, -1, 1).expand(B, -1, H * W), w.expand(B, -1, -1), xs)
+    return y.view(B, -1, H, W)
+
+
+def conv_gelu(conv: nn.Conv2d, x: torch.Tensor, plain: Optional[Callable[[], torch.Tensor]] = None) -> torch.Tensor:
+    """``GELU(conv(x))`` (exact GELU) into a fresh tensor, without autograd: ``plain()`` (default: the conv, then
+    the GELU in place), or where ``use_fast_form('fused')`` allows and ``msconv.layers.forms.tuned`` measures it
+    faster, one oneDNN convolution with the GELU as a post-op (no second pass over the output). Only call this
+    where in-place forms are allowed (``use_fast_form('inplace', x)``)."""
+    if plain is None:
+        plain = lambda: torch.ops.aten.gelu_(conv(x))  # noqa: E731
+    if not (
+        tunable('conv_gelu', x)
+        and conv.padding_mode == 'zeros'
+        and not isinstance(conv.padding, str)
+        and conv.weight.dtype == x.dtype
+    ):
+        return plain()
+    return tuned(
+        'conv_gelu',
+        x,
+        {'plain': plain, 'fused': lambda: _conv_gelu_onednn(conv, x)},
+        extra=f'{conv.in_channels}->{conv.out_channels}/k{conv.kernel_size[0]}x{conv.kernel_size[1]}'
+        f'/s{conv.stride[0]}/g{conv.groups}',
+    )
+
+
+def _conv_gelu_onednn(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._convolution_pointwise(
+        x, conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
+        'gelu', [], 'none',
+    )  # fmt: skip
+
+
+def conv_im2col(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` for a 3x3 conv with padding 1 (ungrouped, undilated, square stride) as one GEMM per image over the
+    unfolded patches (each image's unfolded patches are a cache-sized buffer, hence the loop, which is part of this
+    form): 1.5x faster than the oneDNN NCHW conv for a 3-channel input on CPU (8x3x224x224 -> 96 channels: 22 ms vs
+    33 ms). Autograd off (the GEMMs write into ``out=``)."""
+    B, _, H, W = x.shape
+    s = conv.stride[0]
+    Ho, Wo = (H + 2 - 3) // s + 1, (W + 2 - 3) // s + 1
+    out = x.new_empty(B, conv.out_channels, Ho * Wo)
+    w = conv.weight.reshape(conv.out_channels, -1)
+    for i in range(B):
+        cols = F.unfold(x[i : i + 1], 3, padding=1, stride=s)[0]  # (C * 9, Ho * Wo)
+        if conv.bias is None:
+            torch.mm(w, cols, out=out[i])
+        else:
+            torch.addmm(conv.bias.unsqueeze(1), w, cols, out=out[i])
+    return out.view(B, conv.out_channels, Ho, Wo)
+
+
+def depthwise_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    padding: _depthwise.Padding = 0,
+    group_kernel_sizes: Optional[Sequence[int]] = None,
+    group_interleaved: bool = False,
+) -> torch.Tensor:
+    """Depthwise 2-D cross-correlation, stride 1, with per-side padding and SMT's mixed kernel sizes
+    (``msconv.kernels.depthwise.depthwise_conv2d``, whose docstring gives the arguments): msconv's Triton kernels
+    where ``use_fast_form('triton')`` allows (CUDA or Triton's CPU interpreter, fp32/fp16/bf16, no graph capture,
+    not inside ``reference_forms()``, ``MSCONV_DISABLE_TRITON`` unset), the PyTorch reference elsewhere."""
+    backend = 'triton' if use_fast_form('triton', x) else 'torch'
+    return _depthwise.depthwise_conv2d(x, weight, bias, padding, group_kernel_sizes, group_interleaved, backend=backend)
+
+
+# ---- image by image -----------------------------------------------------------------------------------------------
+
+
+def map_images(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, op: str) -> torch.Tensor:
+    """``fn(x)`` for an ``fn`` that treats images independently (eval mode), computed batched or one image at a time
+    (concatenated), whichever :func:`~msconv.layers.forms.tuned` measures faster for ``op`` at this shape, where
+    ``per_image`` forms are allowed."""
+    if not tunable(op, x):
+        return fn(x)
+    return tuned(
+        op,
+        x,
+        {'batched': lambda: fn(x), 'per_image': lambda: torch.cat([fn(xi) for xi in x.split(1)])},
+        module=fn if isinstance(fn, nn.Module) else None,
+    )
+
+
+def spatial_mean(y: torch.Tensor) -> torch.Tensor:
+    """``y.mean((2, 3), keepdim=True)`` for a (B, C, H, W) ``y`` (any memory layout), e.g. a squeeze-excitation's
+    statistic. On CPU, ATen reduces bf16/fp16 by first copying the whole tensor to fp32: a batch-sized temporary
+    (29 MB for scsc_resnet50's 8x288x56x56), freshly page-faulted in on every call. For those dtypes, where
+    ``use_fast_form('per_image')`` allows, this reduces image by image instead: the same fp32 sums (bit-identical
+    results) through an image-sized copy. (fp32 needs no copy: there the batched mean is this form already.)"""
+    if y.dtype not in (torch.bfloat16, torch.float16) or not use_fast_form('per_image', y):
+        return y.mean((2, 3), keepdim=True)
+    out = y.new_empty(y.shape[0], y.shape[1], 1, 1)
+    for i in range(y.shape[0]):
+        torch.mean(y[i : i + 1], (2, 3), keepdim=True, out=out[i : i + 1])
+    return out
+
+
+def spatial_l2_norms(hv: torch.Tensor) -> torch.Tensor:
+    """(b, N, C) -> (b, 1, C): L2 norms over N, GRN's statistic, for eager inference without autograd. Where
+    ``use_fast_form('per_image')`` allows, squares and sums image by image through one image-sized buffer: ~10x
+    faster than ``vector_norm`` over a non-innermost dim on CPU, and no batch-sized temporary (fresh multi-MB buffers
+    are page-faulted in on every call: 2.4 ms vs 0.3 ms at 8x196x1280); elsewhere (other devices, with caching
+    allocators, or one image: the same sums) one batched pass."""
+    if not use_fast_form('per_image', hv):
+        return (hv * hv).sum(1, keepdim=True).sqrt_()
+    squares = torch.empty_like(hv[0])
+    norms = hv.new_empty(hv.shape[0], 1, hv.shape[2])
+    for i in range(hv.shape[0]):
+        torch.sum(torch.mul(hv[i], hv[i], out=squares), 0, keepdim=True, out=norms[i])
+    return norms.sqrt_()
