@@ -50,6 +50,19 @@ SYSTEMS: Dict[str, Tuple[str, str]] = {
     'sw_t_upernet': ('shiftwise_tiny', 'upernet'),
 }
 
+# the optimizer-group fixture (optimizer_groups.json): system -> (the fixture whose model and state-dict keys it
+# shares, the msconv preset; the backbone and arch are the fixture's)
+OPTIMIZER_SYSTEMS: Dict[str, Tuple[str, str]] = {
+    'smt_mask_rcnn_1x': ('smt_s_mask_rcnn', 'coco_1x'),
+    'smt_mask_rcnn_3x': ('smt_s_mask_rcnn', 'coco_3x'),
+    'smt_cascade_3x': ('smt_s_cascade_mask_rcnn', 'coco_3x'),
+    'smt_retinanet_3x': ('smt_s_retinanet', 'coco_3x'),
+    'smt_upernet_160k': ('smt_s_upernet', 'ade20k_160k'),
+    'sw_cascade_3x': ('sw_t_cascade_mask_rcnn', 'coco_3x'),
+    'sw_upernet_160k': ('sw_t_upernet', 'ade20k_160k'),
+}
+GROUP_CHARS = '0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ'  # a parameter's group; '-': a buffer
+
 # official loss names -> msconv's
 LOSS_NAMES = {
     'loss_rpn_cls': 'loss_objectness',

@@ -112,6 +112,14 @@ def test_rcnn_and_upernet_heads_start_as_mmdet_and_mmseg():
     assert 0.008 < head.conv_seg.weight.std() < 0.012 and head.conv_seg.bias.abs().max() == 0
     w = head.fpn_bottleneck[0].weight  # Kaiming-normal, fan out, ReLU gain
     assert abs(w.std().item() / math.sqrt(2 / (w.shape[0] * 9)) - 1) < 0.05
+    # the digits demo's classifiers: nn.Conv2d's own init (uniform +-1/sqrt(fan_in) = 0.125 here), bias too
+    demo = create_segmenter('test_smt', 'upernet', 150, channels=64, aux_channels=32, classifier_init='torch')
+    for conv in (demo.decode_head.conv_seg, demo.auxiliary_head.conv_seg):
+        bound = 1 / math.sqrt(conv.weight.shape[1])
+        assert conv.weight.abs().max() <= bound and conv.weight.std() > 0.5 * bound / math.sqrt(3)
+        assert conv.bias.abs().max() > 0
+    with pytest.raises(ValueError, match="classifier_init must be 'mmseg' or 'torch', got 'xavier'"):
+        create_segmenter('test_smt', 'upernet', 150, classifier_init='xavier')
 
 
 def test_retinanet_losses_are_normalised_by_the_batchs_positives():

@@ -11,6 +11,7 @@ from msconv.engine import train
 from msconv.engine.checkpoint import list_checkpoints, load_checkpoint
 from msconv.engine.config import resolve_config
 from msconv.engine.dense_tasks import DetectionTask, SegmentationTask, evaluate_dense, find_coco_split
+from msconv.engine.recipes import preset_info
 
 # micro systems on the 128x128 digits canvases: one fixed scale, slim heads, one thread
 DET = dict(
@@ -58,20 +59,72 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def _cfg(model, task, preset, **kw):
+    return resolve_config(dict(model=model, task=task, preset=preset, **kw), check_paths=False)
+
+
 def test_presets_hold_the_official_recipes():
-    coco = resolve_config(dict(model='smt_small', task='detection', preset='coco_3x'), check_paths=False)
-    assert (coco.opt, coco.lr, coco.weight_decay, coco.epochs, coco.batch_size) == ('adamw', 1e-4, 0.05, 36, 16)
+    """Spot checks (tests/test_recipes.py checks every row of every dense recipe): the system picks the optimizer,
+    SMT-B its drop path, the warm-up follows --lr, and every official system says so."""
+    coco = _cfg('smt_small', 'detection', 'coco_3x')
+    assert (coco.opt, coco.lr, coco.weight_decay, coco.epochs, coco.batch_size) == ('adamw', 2e-4, 0.05, 36, 16)
     assert (coco.sched, coco.lr_milestones, coco.decay_rate, coco.warmup_iters) == ('multistep', [27, 33], 0.1, 500)
-    assert coco.warmup_lr == pytest.approx(1e-7) and coco.lr_base_size is None and coco.clip_grad is None
-    assert coco.arch == 'mask_rcnn' and coco.drop_path == 0.2
+    assert coco.warmup_lr == pytest.approx(2e-7) and coco.lr_base_size is None and coco.clip_grad is None
+    assert coco.arch == 'mask_rcnn' and coco.drop_path == 0.2 and not coco.wd_exclude_1d
+    assert coco.wd_exclude_keys == ['absolute_pos_embed', 'relative_position_bias_table', 'norm']
     assert not hasattr(coco, 'mixup') and not hasattr(coco, 'smoothing')  # classification's options, not detection's
-    ade = resolve_config(dict(model='smt_small', task='segmentation', preset='ade20k_160k'), check_paths=False)
+    cascade = _cfg('smt_small', 'detection', 'coco_3x', arch='cascade_mask_rcnn')
+    assert (cascade.lr, cascade.wd_exclude_keys, cascade.sync_bn) == (1e-4, [], True)
+    assert cascade.warmup_lr == pytest.approx(1e-7)
+    retina_b = _cfg('smt_base', 'detection', 'coco_3x', arch='retinanet')
+    assert (retina_b.lr, retina_b.drop_path, retina_b.sync_bn) == (1e-4, 0.3, False)
+    assert _cfg('smt_small', 'detection', 'coco_3x', lr=1e-3).warmup_lr == pytest.approx(1e-6)  # lr x 0.001
+    one = _cfg('smt_base', 'detection', 'coco_1x')
+    assert (one.epochs, one.lr_milestones, one.lr, one.wd_exclude_keys, one.drop_path) == (
+        12,
+        [8, 11],
+        2e-4,
+        ['norm'],
+        0.2,
+    )
+    assert (one.det_scales, one.det_max_size, one.det_crop) == ([800], 1333, False)
+    ade = _cfg('smt_small', 'segmentation', 'ade20k_160k')
     assert (ade.lr, ade.weight_decay, ade.sched, ade.decay_rate) == (6e-5, 0.01, 'poly', 1.0)
     assert (ade.total_iters, ade.warmup_iters, ade.batch_size, ade.min_lr) == (160_000, 1500, 16, 0.0)
-    sw = resolve_config(dict(model='shiftwise_tiny', task='segmentation', preset='ade20k_160k'), check_paths=False)
-    assert (sw.lr, sw.weight_decay, sw.drop_path) == (1e-4, 0.05, 0.4)
-    sw_det = resolve_config(dict(model='shiftwise_tiny', task='detection', preset='coco_3x'), check_paths=False)
-    assert sw_det.arch == 'cascade_mask_rcnn'
+    assert ade.warmup_lr == pytest.approx(6e-11) and ade.eval_every_iters == 16_000 and ade.sync_bn
+    assert _cfg('smt_base', 'segmentation', 'ade20k_160k').drop_path == 0.3
+    sw = _cfg('shiftwise_tiny', 'segmentation', 'ade20k_160k')
+    assert (sw.lr, sw.weight_decay, sw.drop_path, sw.seg_eval_mode, sw.eval_every_iters) == (
+        1e-4,
+        0.05,
+        0.4,
+        'slide',
+        4000,
+    )
+    sw_det = _cfg('shiftwise_tiny', 'detection', 'coco_3x')
+    assert (sw_det.arch, sw_det.layer_decay, sw_det.lr_base_size, sw_det.wd_exclude_1d) == (
+        'cascade_mask_rcnn',
+        0.8,
+        16,
+        True,
+    )
+    for model, task, preset, arch in [
+        ('smt_small', 'detection', 'coco_3x', 'mask_rcnn'),
+        ('smt_base', 'detection', 'coco_3x', 'cascade_mask_rcnn'),
+        ('smt_base', 'detection', 'coco_1x', 'mask_rcnn'),
+        ('smt_base', 'segmentation', 'ade20k_160k', 'upernet'),
+        ('shiftwise_tiny', 'detection', 'coco_3x', 'cascade_mask_rcnn'),
+        ('shiftwise_tiny', 'segmentation', 'ade20k_160k', 'upernet'),
+    ]:
+        assert preset_info(model, preset, arch)['official'], (model, preset, arch)
+    for model, preset, arch in [('smt_small', 'coco_1x', 'retinanet'), ('shiftwise_tiny', 'coco_3x', 'mask_rcnn')]:
+        info = preset_info(model, preset, arch)
+        assert not info['official'] and 'an official recipe only for' in info['based_on'], info
+    assert not preset_info('scsc_swin_tiny', 'coco_3x', 'mask_rcnn')['official']
+    with pytest.raises(ValueError, match=r"preset 'coco_1x' is defined for \['scsc', 'smt'\] models only"):
+        _cfg('shiftwise_tiny', 'detection', 'coco_1x')
+    with pytest.raises(ValueError, match='layer_decay follows the ShiftwiseConv configs'):
+        _cfg('smt_small', 'detection', 'coco_3x', layer_decay=0.8)
 
 
 def _lrs(task, steps_per_epoch, total_steps, at):
@@ -103,7 +156,7 @@ def test_schedule_hook_gives_mmdet_step_and_mmseg_poly_schedules():
     task = DetectionTask(resolve_config(dict(model='smt_small', task='detection', preset='coco_3x'), check_paths=False))
     lrs, total = _lrs(task, 100, 3600, [0, 250, 500, 2699, 2700, 3299, 3300, 3599])
     assert total == 3600
-    expected = [1e-7, 1e-7 + 250 * (1e-4 - 1e-7) / 500, 1e-4, 1e-4, 1e-5, 1e-5, 1e-6, 1e-6]
+    expected = [2e-7, 2e-7 + 250 * (2e-4 - 2e-7) / 500, 2e-4, 2e-4, 2e-5, 2e-5, 2e-6, 2e-6]
     assert lrs == pytest.approx(expected, rel=1e-6)
     # ADE 160k: 160000 steps whatever the epoch length, poly power 1 to 0 counted from step 0
     task = SegmentationTask(
@@ -163,19 +216,17 @@ def test_detection_run_trains_evaluates_and_resumes_bit_exactly(tmp_path, capsys
 
 
 def test_segmentation_run_learns_and_eval_reports_single_and_multi_scale(tmp_path):
-    res = train(dict(SEG, output=str(tmp_path), name='seg', lr=2e-3, seg_eval_ms=True))
+    res = train(dict(SEG, output=str(tmp_path), name='seg', lr=2e-3, seg_eval_ms=True, eval_every_iters=15))
     assert res['steps'] == 30
+    records = [__import__('json').loads(line) for line in (tmp_path / 'seg' / 'metrics.jsonl').read_text().splitlines()]
+    assert [r['step'] for r in records if r['kind'] == 'val'] == [15, 30]  # mid-epoch (100 steps per epoch) and last
     ev = res['last_eval']
     assert {'mIoU', 'mAcc', 'aAcc', 'ms_mIoU', 'ms_aAcc'} <= set(ev)
     # 30 steps on the digits: the background class is learnt, most pixels are right
     assert ev['aAcc'] > 0.6, ev
     again = evaluate_dense(str(tmp_path / 'seg'), multi_scale=False, device='cpu')
     assert again['mIoU'] == pytest.approx(ev['mIoU']) and 'ms_mIoU' not in again
-    losses = [
-        r['loss']
-        for r in map(__import__('json').loads, (tmp_path / 'seg' / 'metrics.jsonl').read_text().splitlines())
-        if r['kind'] == 'train'
-    ]
+    losses = [r['loss'] for r in records if r['kind'] == 'train']
     # (mmseg's N(0, 0.01) classifiers start near ln K, so the drop is smaller than from a wider init: 0.78 here)
     assert sum(losses[-5:]) < 0.82 * sum(losses[:5])
 
@@ -198,3 +249,68 @@ def test_dense_demo_runs_from_a_given_backbone(tmp_path):
     assert 'upernet' in res['table'] and 'mIoU' in res['table']
     with pytest.raises(ValueError, match=r"archs for task 'segmentation' must be among \('upernet',\)"):
         dense_demo('segmentation', archs=['mask_rcnn'], output=str(tmp_path / 'x'), pretrained=str(weights))
+
+
+def test_weight_decay_rules_and_layer_ids():
+    """mmcv's rule (everything decays but names containing a key) against timm's (1-D and biases exempt), and the
+    ShiftwiseConv constructor's layer ids on msconv's names (tests/test_dense_optimizer.py checks whole systems
+    against the official constructors)."""
+    from msconv.engine.optim import layer_decay_groups, shiftwise_layer_id, weight_decay_groups
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    net.add_module('norm', torch.nn.LayerNorm(4))
+    names = {id(p): n for n, p in net.named_parameters()}
+
+    def decayed(groups):
+        return sorted(names[id(p)] for g in groups if g['weight_decay'] > 0 for p in g['params'])
+
+    assert decayed(weight_decay_groups(net, 0.05)) == ['0.weight']
+    assert decayed(weight_decay_groups(net, 0.05, exclude_1d=False)) == sorted(names.values())
+    assert decayed(weight_decay_groups(net, 0.05, exclude_1d=False, exclude_keys=['norm'])) == [
+        '0.bias',
+        '0.weight',
+        '1.bias',
+        '1.weight',
+    ]
+    ids = [shiftwise_layer_id(n, 12) for n in ('stem.0.weight', 'stages.0.blocks.2.fc1.weight')]
+    ids += [shiftwise_layer_id(f'stages.{s}.downsample.0.weight', 12) for s in (1, 2, 3)]
+    ids += [shiftwise_layer_id(f'stages.{s}.blocks.{b}.norm.weight', 12) for s, b in ((1, 0), (2, 0), (2, 17), (3, 2))]
+    assert ids == [0, 1, 2, 3, 12, 2, 3, 8, 12] and shiftwise_layer_id('head.fc.weight', 12) == 13
+    groups = layer_decay_groups(weight_decay_groups(net, 0.05), {id(net[0].weight): 3}, 0.8, 12)
+    scales = {names[id(p)]: (g['lr_scale'], g['weight_decay']) for g in groups for p in g['params']}
+    assert scales['0.weight'] == (pytest.approx(0.8**10), 0.05) and scales['0.bias'] == (1.0, 0.0)
+
+
+def test_sync_bn_converts_what_the_configs_synchronise_and_says_when_it_cannot():
+    from msconv.dense import create_detector, create_segmenter
+    from msconv.dense.sync_bn import sync_bn_scope
+    from msconv.engine.distributed import sync_bn_plan
+
+    cuda, cpu = torch.device('cuda', 0), torch.device('cpu')
+    assert sync_bn_plan(True, cuda, 2) == (True, None)
+    assert sync_bn_plan(True, cuda, 1) == (False, None) and sync_bn_plan(False, cuda, 8) == (False, None)
+    assert sync_bn_plan(True, cpu, 1) == (False, None)
+    convert, note = sync_bn_plan(True, cpu, 2)
+    assert not convert and note.startswith("sync_bn: torch's SyncBatchNorm runs on CUDA only; this cpu run of 2 ")
+
+    def kinds(model):
+        bn = torch.nn.modules.batchnorm._BatchNorm
+        return {n.split('.')[0]: type(m).__name__ for n, m in model.named_modules() if isinstance(m, bn)}
+
+    small = dict(channels=16, fc_channels=32)
+    cascade = create_detector('test_smt', 'cascade_mask_rcnn', 3, **small)
+    task = DetectionTask(resolve_config(dict(DET, arch='cascade_mask_rcnn'), check_paths=False))
+    assert task.cfg.sync_bn and sync_bn_scope('test_smt', 'cascade_mask_rcnn') == ('roi_heads',)
+    cascade = task.convert_sync_batchnorm(cascade)
+    assert kinds(cascade) == {'backbone': 'BatchNorm2d', 'roi_heads': 'SyncBatchNorm'}  # SMT's stem stays BN
+    seg = create_segmenter('test_smt', 'upernet', 3, channels=16, aux_channels=8)
+    seg_task = SegmentationTask(resolve_config(SEG, check_paths=False))
+    assert seg_task.cfg.sync_bn
+    assert set(kinds(seg_task.convert_sync_batchnorm(seg)).items()) == {
+        ('backbone', 'BatchNorm2d'),
+        ('decode_head', 'SyncBatchNorm'),
+        ('auxiliary_head', 'SyncBatchNorm'),
+    }
+    sw = create_segmenter('test_shiftwise', 'upernet', 3, channels=16, aux_channels=8)
+    sw_task = SegmentationTask(resolve_config(dict(SEG, model='test_shiftwise'), check_paths=False))
+    assert set(kinds(sw_task.convert_sync_batchnorm(sw)).values()) == {'SyncBatchNorm'}  # the whole SW system

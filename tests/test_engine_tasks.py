@@ -35,7 +35,17 @@ COMMON = {f.name for f in dataclasses.fields(TrainConfig)}
 # options that belong to one task only: none of them may show in another task's config
 FACE_ONLY = {'face_val_bins', 'embedding_size', 'margin', 'margin_s', 'margin_m'}
 CLASSIFICATION_ONLY = {'mixup', 'cutmix', 'mixup_prob', 'mixup_switch_prob', 'mixup_mode', 'smoothing', 'class_map'}
-SEGMENTATION_ONLY = {'seg_scale', 'seg_ratio_range', 'seg_crop', 'seg_num_classes', 'seg_eval_ms', 'seg_eval_flip'}
+SEGMENTATION_ONLY = {
+    'seg_scale',
+    'seg_ratio_range',
+    'seg_crop',
+    'seg_num_classes',
+    'seg_eval_ms',
+    'seg_eval_flip',
+    'seg_eval_mode',
+    'seg_slide_crop',
+    'seg_slide_stride',
+}
 
 
 def _printed_config(capsys, *argv) -> dict:
@@ -57,6 +67,12 @@ def test_print_config_of_a_detection_run_shows_detection_and_shared_options_only
         'total_iters',
         'lr_milestones',
         'decay_rate',
+        'warmup_ratio',
+        'eval_every_iters',
+        'wd_exclude_1d',
+        'wd_exclude_keys',
+        'layer_decay',
+        'layer_decay_layers',
         'arch',
         'det_scales',
         'det_max_size',
@@ -65,7 +81,7 @@ def test_print_config_of_a_detection_run_shows_detection_and_shared_options_only
     assert not (FACE_ONLY | CLASSIFICATION_ONLY | SEGMENTATION_ONLY) & set(printed)
     # the detection preset is the default, and the flag reached the config
     assert (printed['task'], printed['preset'], printed['arch']) == ('detection', 'coco_3x', 'mask_rcnn')
-    assert (printed['lr'], printed['lr_milestones'], printed['warmup_iters']) == (1e-4, [27, 33], 500)
+    assert (printed['lr'], printed['lr_milestones'], printed['warmup_iters']) == (2e-4, [27, 33], 500)
 
 
 def test_each_task_config_holds_its_own_options(tmp_path, capsys):

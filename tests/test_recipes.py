@@ -30,9 +30,11 @@ DOCS = REPO / 'docs' / 'guides' / 'recipes.md'
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 
-def _resolve(model, preset, **kw):
+def _resolve(model, preset, arch=None, **kw):
     if preset in ('imagenet22kto1k', 'imagenet22kto1k_384'):
         kw.setdefault('init_checkpoint', 'pretrained.pth')
+    if arch is not None:
+        kw['arch'] = arch
     return resolve_config(dict(model=model, preset=preset, **kw), check_paths=False)
 
 
@@ -43,8 +45,8 @@ def test_presets_match_official_table():
     for key, rec in OFFICIAL_RECIPES.items():
         assert rec['official'] and rec['preset'] in PRESETS, key
         for model in rec['models']:
-            cfg = _resolve(model, rec['preset'])
-            info = preset_info(model, rec['preset'])
+            cfg = _resolve(model, rec['preset'], rec.get('arch'))
+            info = preset_info(model, rec['preset'], rec.get('arch'))
             assert info['official'] and info['recipe'] == key
             for row in rec['rows']:
                 if row['field'] is None or (row['models'] and model not in row['models']):
@@ -65,7 +67,7 @@ def test_presets_match_official_table():
         for row in rec['rows']:
             assert recipe_value(cfg, row['field']) == row['official'], (model, row['param'])
             checked += 1
-    assert checked > 250
+    assert checked > 500
     # every released classification model's 'imagenet' preset is either an official recipe or labelled as not one
     released = [m for m in msconv.list_models() if not m.startswith(('test_', 'face_')) and 'face' not in m]
     covered = {m for r in OFFICIAL_RECIPES.values() if r['preset'] == 'imagenet' for m in r['models']}
@@ -188,7 +190,19 @@ def test_smt_large_22k_presets():
     ft = _resolve('smt_large', 'imagenet22kto1k')
     assert (ft.epochs, ft.lr, ft.batch_size, ft.drop_path) == (30, 1e-5, 512, 0.1)
     ft384 = _resolve('smt_large', 'imagenet22kto1k_384')
-    assert (ft384.image_size, ft384.crop_pct, ft384.lr) == (384, 1.0, 2e-5)
+    assert (ft384.image_size, ft384.crop_pct, ft384.lr, ft384.crop_mode) == (384, 1.0, 2e-5, 'squash')
+    # TEST.CROP False: a 600x400 image is resized straight to 384x384 (data/build.py:155-158), not cropped
+    from PIL import Image
+
+    from msconv.data.loader import build_transform
+
+    squash = build_transform(ft384, False, 384, (0.5,) * 3, (0.5,) * 3)
+    image = Image.new('RGB', (600, 400))
+    image.paste((255, 0, 0), (0, 0, 100, 400))  # a red band on the left sixth: kept by the squash, cut by a crop
+    x = squash(image)
+    assert tuple(x.shape) == (3, 384, 384) and x[0, :, :50].mean() > 0.9
+    center = build_transform(_resolve('smt_large', 'imagenet22kto1k'), False, 384, (0.5,) * 3, (0.5,) * 3)
+    assert center(image)[0, :, :50].mean() < -0.9  # short side to 384 / 0.875, centre crop: the band is cut off
     with pytest.raises(ValueError, match='--init-checkpoint'):
         resolve_config(dict(model='smt_large', preset='imagenet22kto1k'), check_paths=False)
     with pytest.raises(ValueError, match=r"preset 'imagenet22k' is defined for \['smt'\] models only"):

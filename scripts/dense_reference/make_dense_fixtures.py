@@ -5,7 +5,7 @@ Run it with the reference environment's python (``install_reference_env.sh``), t
 ``tests`` on the path (it uses ``tests/dense_reference.py`` for the scenes, the weights and the comparison):
 
     /work/envs/mmref/bin/python scripts/dense_reference/make_dense_fixtures.py \\
-        --official-src /work/envs/official-src [--systems smt_s_mask_rcnn ...] [--compare]
+        --official-src /work/envs/official-src [--systems smt_s_mask_rcnn ...] [--compare] [--optimizer-groups]
 
 ``--official-src`` is a folder holding exports (``git archive``) of the two official repositories,
 ``AFeng-x+SMT`` (commit 11e954d) and ``lidc54+shift-wiseConv`` (commit 2202e6b); no official code is copied into
@@ -27,6 +27,15 @@ this repository. What this script handles, without editing the official files:
 * ``atss_smt_s_fpn.py`` gives its FPN three inputs (``in_channels=[128, 256, 512]``, ``start_level=0``) while the
   backbone returns four stages: mmdet's FPN asserts on it, so the released config does not run. The backbone here
   returns stages 2-4 (``out_indices=[1, 2, 3]``): the FPN the config describes (C3-C5, P6 / P7 on the P5 output).
+
+With ``--optimizer-groups`` it writes ``optimizer_groups.json`` instead: for the optimizer of each official config
+(``ref.OPTIMIZER_SYSTEMS``: SMT Mask R-CNN 1x and 3x, Cascade, RetinaNet, UperNet; SW-T Cascade and UperNet), built
+as mmdet / mmseg's training scripts build it (``build_optimizer(model, cfg.optimizer)``; SW: the repository's
+``LearningRateDecayOptimizerConstructor`` files in place of the wheels' own), each distinct (lr, weight decay) and
+each parameter's, over the keys of the model fixture it shares (``tests/test_dense_optimizer.py``). Two more quirks:
+the 1x config's base ``mask_rcnn_ressa_fpn.py`` is missing too (a stand-in inheriting ``mask_rcnn_smt_s_fpn.py``),
+and the SMT detection configs set AdamW without ``_delete_=True``, so it keeps schedule_1x.py's SGD ``momentum=0.9``,
+which torch's AdamW rejects: it is dropped (noted in the json); the 3x Mask R-CNN config gets SMT-S's backbone.
 
 Per system it saves ``<name>.safetensors`` (the official outputs: FPN maps, dense head outputs, proposals,
 detections, mask probabilities and binary masks; UperNet backbone maps and logits / probabilities whole,
@@ -82,6 +91,12 @@ CONFIGS = {
     'sw_t_upernet': (SW_REPO, 'downstream/segmentation', 'upernet_sw_tiny_512_160k_ade20k_ss.py'),
 }
 COMMITS = {SMT_REPO: '11e954d9b4d0f513397ba011669c7864fd94e5fb', SW_REPO: '2202e6b5c94df2606fecd8202831bb58966d14bc'}
+# optimizer-group fixture systems whose config is not their model fixture's (ref.OPTIMIZER_SYSTEMS)
+OPTIMIZER_CONFIGS = {
+    'smt_mask_rcnn_1x': (SMT_REPO, 'detection', 'mask_rcnn_ResSA_fpn_1x_coco.py'),
+    'smt_mask_rcnn_3x': (SMT_REPO, 'detection', 'mask_rcnn_smt_b_fpn_mstrain-poly_3x_coco.py'),
+}
+GPUS = 8  # the configs' GPUs (mmdet default_runtime.py:26): auto_scale_lr's batch is GPUS x samples_per_gpu
 
 
 # ------------------------------------------------------------------------------------------- official code
@@ -128,6 +143,8 @@ def config_folder(src: Path, repo: str, task: str, scratch: Path) -> Path:
         (root / '_base_').symlink_to(Path(wheel.__file__).parent / '.mim' / 'configs' / '_base_')
         if repo == SMT_REPO and task == 'segmentation':
             (configs / 'upernet_ressa_s.py').write_text("_base_ = ['./upernet_smt_s.py']\n")
+        if repo == SMT_REPO and task == 'detection':  # the 1x config's base, also missing: SMT-S's Mask R-CNN
+            (configs / 'mask_rcnn_ressa_fpn.py').write_text("_base_ = ['./mask_rcnn_smt_s_fpn.py']\n")
     return configs
 
 
@@ -419,6 +436,108 @@ def run_official_segmenter(name: str, model) -> Dict[str, torch.Tensor]:
     return out
 
 
+# ------------------------------------------------------------------------------------------- optimizer groups
+def load_official_optimizer_constructors(src: Path) -> None:
+    """The ShiftwiseConv repository's ``LearningRateDecayOptimizerConstructor`` files in place of the wheels' own
+    (the repository ships them as replacements of mmdet's / mmseg's ``core/optimizers`` files)."""
+    from mmdet.core.optimizers import builder as det_builder
+    from mmseg.core import builder as seg_builder
+
+    for registry, names in (
+        (det_builder.OPTIMIZER_BUILDERS, ('LearningRateDecayOptimizerConstructor',)),
+        (seg_builder.OPTIMIZER_BUILDERS, ('LearningRateDecayOptimizerConstructor', 'LayerDecayOptimizerConstructor')),
+    ):
+        for name in names:
+            registry._module_dict.pop(name, None)
+    for name, path in (
+        ('mmdet.core.optimizers.layer_decay_optimizer_constructor', 'downstream/detection/mmdet/core/optimizers'),
+        ('mmseg.core.optimizers.layer_decay_optimizer_constructor', 'downstream/segmentation/mmseg/core/optimizers'),
+    ):
+        spec = importlib.util.spec_from_file_location(
+            name, src / SW_REPO / path / 'layer_decay_optimizer_constructor.py'
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+
+
+def official_optimizer_groups(system: str, src: Path, scratch: Path) -> dict:
+    """Build the official model and optimizer of ``system`` (``ref.OPTIMIZER_SYSTEMS``) as mmdet / mmseg's training
+    scripts do (``build_optimizer(model, cfg.optimizer)``, ``auto_scale_lr`` at the configs' 8 GPUs); returns each
+    distinct (lr, weight_decay) and, over the model fixture's state-dict keys, each parameter's group."""
+    from mmcv import Config
+
+    fixture, _ = ref.OPTIMIZER_SYSTEMS[system]
+    repo, task, file = OPTIMIZER_CONFIGS.get(system, CONFIGS[fixture])
+    folder = config_folder(src, repo, task, scratch)
+    cfg = Config.fromfile(str(folder / file))
+    notes = []
+    if system == 'smt_mask_rcnn_3x':  # SMT-B's file (its groups_mode is rejected by the backbone): SMT-S's backbone
+        cfg.model.backbone = Config.fromfile(str(folder / 'mask_rcnn_smt_s_fpn.py')).model.backbone
+        notes.append('backbone: mask_rcnn_smt_s_fpn.py (SMT-S)')
+    fixture_config(fixture, cfg)
+    if ref.SYSTEMS[fixture][1] == 'upernet':
+        from mmseg.core.builder import build_optimizer
+        from mmseg.models import build_segmentor
+
+        model = build_segmentor(cfg.model)
+    else:
+        from mmdet.core.optimizers.builder import build_optimizer
+        from mmdet.models import build_detector
+
+        model = build_detector(cfg.model)
+    spec = json.loads((ref.FIXTURE_DIR / f'{fixture}.json').read_text())['state_dict_spec']
+    keys = [k for k, _, _ in spec]
+    assert list(model.state_dict()) == keys, f'{system}: the model differs from fixture {fixture}'
+    optimizer_cfg = copy.deepcopy(cfg.optimizer)
+    if optimizer_cfg['type'] == 'AdamW' and 'momentum' in optimizer_cfg:
+        # the SMT detection configs give their AdamW without _delete_=True: it merges with schedule_1x.py's SGD and
+        # keeps momentum=0.9, which torch's AdamW rejects (mmdet's train_detector would stop here)
+        optimizer_cfg.pop('momentum')
+        notes.append("momentum=0.9 inherited from schedule_1x.py's SGD dropped (torch's AdamW rejects it)")
+    scale = cfg.get('auto_scale_lr', {})
+    if scale.get('enable', False):  # mmdet/utils/util_distribution.py's auto_scale_lr, at the configs' batch
+        optimizer_cfg['lr'] *= GPUS * cfg.data.samples_per_gpu / scale['base_batch_size']
+        notes.append(f"auto_scale_lr at {GPUS} x {cfg.data.samples_per_gpu} images")
+    optimizer = build_optimizer(model, optimizer_cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups, of = [], {}
+    for g in optimizer.param_groups:
+        pair = [float(g['lr']), float(g['weight_decay'])]
+        if pair not in groups:
+            groups.append(pair)
+        for p in g['params']:
+            of[names[id(p)]] = ref.GROUP_CHARS[groups.index(pair)]
+    assert set(of) == set(names.values()), f'{system}: parameters outside the optimizer'
+    return dict(
+        fixture=fixture,
+        official_config=f'{repo}/{task}/configs/{file}',
+        optimizer=json.loads(json.dumps(optimizer_cfg, default=str)),
+        notes=notes,
+        groups=groups,
+        params=''.join(of.get(k, '-') for k in keys),
+    )
+
+
+def make_optimizer_fixture(src: Path, scratch: Path, out_dir: Path) -> None:
+    import mmcv
+    import mmdet
+    import mmseg
+
+    load_official_optimizer_constructors(src)
+    systems = {}
+    for system in ref.OPTIMIZER_SYSTEMS:
+        systems[system] = official_optimizer_groups(system, src, scratch)
+        rec = systems[system]
+        print(f"{system}: {len(rec['groups'])} groups over {sum(c != '-' for c in rec['params'])} parameters")
+    meta = dict(
+        commits={repo.replace('+', '/'): c for repo, c in COMMITS.items()},
+        environment=dict(mmcv=mmcv.__version__, mmdet=mmdet.__version__, mmseg=mmseg.__version__),
+        systems=systems,
+    )
+    (out_dir / 'optimizer_groups.json').write_text(json.dumps(meta, indent=1) + '\n')
+
+
 # ------------------------------------------------------------------------------------------- main
 def make_fixture(name: str, src: Path, scratch: Path, out_dir: Path) -> Dict[str, torch.Tensor]:
     from safetensors.torch import save_file
@@ -474,10 +593,19 @@ def main(argv=None) -> None:
     parser.add_argument('--out', type=Path, default=ref.FIXTURE_DIR)
     parser.add_argument('--systems', nargs='*', default=list(CONFIGS))
     parser.add_argument('--compare', action='store_true', help='also run msconv and print the comparison')
+    parser.add_argument(
+        '--optimizer-groups',
+        action='store_true',
+        help='write optimizer_groups.json (each parameter\'s official lr and weight decay) instead of the outputs',
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', '1')))
     load_official_code(args.official_src)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.optimizer_groups:
+        with tempfile.TemporaryDirectory() as scratch:
+            make_optimizer_fixture(args.official_src, Path(scratch), args.out)
+        return
     with tempfile.TemporaryDirectory() as scratch:
         for name in args.systems:
             t0 = time.time()

@@ -353,6 +353,7 @@ def build_transform(cfg, is_training: bool, input_size: int, mean: Sequence[floa
         mean=tuple(mean),
         std=tuple(std),
         crop_pct=cfg.crop_pct,
+        crop_mode=getattr(cfg, 'crop_mode', 'center'),
     )
 
 

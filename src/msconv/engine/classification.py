@@ -48,6 +48,12 @@ class ClassificationConfig(TrainConfig):
     ratio: Tuple[float, float] = option((3 / 4, 4 / 3), help='random-resized-crop aspect range')
     interpolation: str = option('bicubic', choices=INTERPOLATIONS, help='resampling of the transforms')
     crop_pct: Optional[float] = option(None, help="eval centre-crop fraction (None: the model's pretrained_cfg)")
+    crop_mode: str = option(
+        'center',
+        choices=('center', 'squash'),
+        help="eval resize: 'center' (shorter side to size / crop_pct, centre crop) or 'squash' (both sides to "
+        "size / crop_pct, then the centre crop; with crop_pct 1 a plain resize to size x size)",
+    )
     class_map: Optional[str] = option(
         None, flag='--class-map', help='with --init-checkpoint: classifier rows to keep (e.g. map22kto1k.txt)'
     )
@@ -150,7 +156,7 @@ class ClassificationTask(Task):
         crop = 'model' if cfg.crop_pct is None else f"{cfg.crop_pct:g}"
         return (
             f"smoothing {cfg.smoothing:g}, mixup {cfg.mixup:g}, cutmix {cfg.cutmix:g}, aa {cfg.auto_augment}, re "
-            f"{cfg.re_prob:g}, eval crop_pct {crop}"
+            f"{cfg.re_prob:g}, eval crop_pct {crop}" + (f" ({cfg.crop_mode})" if cfg.crop_mode != 'center' else '')
         )
 
     # outside a run ------------------------------------------------------------------------------------------

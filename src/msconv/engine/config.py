@@ -7,8 +7,9 @@ augmentation; ``FaceConfig``: margin head; ``DetectionConfig`` / ``SegmentationC
 declared in the task's module and named by its ``Task.config_class``. The options stay one flat set of names, in
 YAML files, ``--set`` and a run's ``config.yaml``.
 
-Precedence, lowest first: the task's dataclass defaults < preset (the model family's values of it) < per-model
-values of the preset (drop path per size) < YAML file < explicit overrides (CLI flags). ``resolve_config`` returns
+Precedence, lowest first: the task's dataclass defaults < preset (the model family's values of it) < the preset's
+values for the run's value of an option (a dense preset's per ``arch``) < per-model values of the preset (drop path
+per size) < YAML file < explicit overrides (CLI flags). ``resolve_config`` returns
 the merged, validated config of the run's task; ``save_config`` writes it beside the run.
 
 Presets are registered by the modules that own them with ``register_presets``: the ImageNet recipes by
@@ -330,6 +331,7 @@ def register_presets(
     *,
     task: Optional[str] = None,
     per_model: Optional[Mapping[str, Mapping[str, Any]]] = None,
+    per_option: Optional[Mapping[str, Mapping[str, Mapping[Any, Mapping[str, Any]]]]] = None,
     other_models: Optional[str] = None,
     check: Optional[Callable[[Any], Optional[str]]] = None,
 ) -> None:
@@ -339,14 +341,23 @@ def register_presets(
         task: the task the preset is a recipe of: it serves that task only, and a run that names the preset but
             no task is a run of it. None: a shared preset, for every task that takes shared presets; a task takes
             the options of its own config and leaves the others.
-        per_model: values on top of the family's for named models (e.g. drop path per size).
+        per_model: values on top of the family's (and per_option's) for named models (e.g. drop path per size).
+        per_option: ``{option: {family: {value: values}}}``: values on top of the family's for runs whose
+            ``option`` has that value (the value given for the run, else the family's preset value), e.g. a dense
+            preset's optimizer per ``arch``.
         other_models: models of no msconv family (timm models) take this family's values; None: none.
         check: called with the resolved config; returns a message when the preset cannot run as configured.
     """
     if name in PRESETS:
         raise ValueError(f"preset {name!r} is registered already")
     PRESETS[name] = {fam: dict(values) for fam, values in by_family.items()}
-    _PRESET_RULES[name] = dict(task=task, per_model=dict(per_model or {}), other_models=other_models, check=check)
+    _PRESET_RULES[name] = dict(
+        task=task,
+        per_model=dict(per_model or {}),
+        per_option={k: dict(v) for k, v in (per_option or {}).items()},
+        other_models=other_models,
+        check=check,
+    )
 
 
 def preset_task(preset: Optional[str]) -> Optional[str]:
@@ -368,8 +379,9 @@ def _check_preset(preset: str, task) -> None:
     raise ValueError(message)
 
 
-def _preset_values(preset: str, model: str) -> Dict[str, Any]:
-    """What ``preset`` sets for ``model``: its family's values (or those of ``other_models``), then per-model ones."""
+def _preset_values(preset: str, model: str, given: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """What ``preset`` sets for ``model``: its family's values (or those of ``other_models``), then those for the
+    options' values (``given``: the run's own options), then per-model ones."""
     rules = _PRESET_RULES[preset]
     fam = family_of(model)
     if fam is not None and fam not in PRESETS[preset]:
@@ -377,7 +389,11 @@ def _preset_values(preset: str, model: str) -> Dict[str, Any]:
             f"preset {preset!r} is defined for {sorted(PRESETS[preset])} models only, not for {model!r} "
             f"(family {fam!r}); presets for it: {sorted(p for p in PRESETS if fam in PRESETS[p])}"
         )
-    values = dict(PRESETS[preset].get(fam if fam is not None else rules['other_models'], {}))
+    source = fam if fam is not None else rules['other_models']
+    values = dict(PRESETS[preset].get(source, {}))
+    for option_name, by_family in rules['per_option'].items():
+        chosen = (given or {}).get(option_name, values.get(option_name))
+        values.update(by_family.get(source, {}).get(chosen, {}))
     values.update(rules['per_model'].get(model.split('.')[0], {}))
     unknown = sorted(set(values) - _all_options())
     if unknown:
@@ -501,7 +517,7 @@ def resolve_config(
     values: Dict[str, Any] = cls().to_dict()
     if preset is not None:
         _check_preset(preset, task)
-        values.update({k: v for k, v in _preset_values(preset, model).items() if k in own})
+        values.update({k: v for k, v in _preset_values(preset, model, merged).items() if k in own})
     values.update(given)
     values.update(overrides)
     values.update(task=task.name, preset=preset)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -30,6 +30,7 @@ __all__ = [
     'check_same_config',
     'dist_timeout_seconds',
     'DEFAULT_TIMEOUT_S',
+    'sync_bn_plan',
 ]
 
 DEFAULT_TIMEOUT_S = 1800.0
@@ -159,3 +160,18 @@ def job_failure(e: BaseException, info: DistInfo, timeout_s: float) -> Optional[
         f"rank {info.rank}: another process of the job failed or stopped answering within the process-group timeout "
         f"of {timeout_s:g} s (--dist-timeout): {first[:300]}"
     )
+
+
+def sync_bn_plan(sync_bn: bool, device: torch.device, world_size: int) -> Tuple[bool, Optional[str]]:
+    """Whether a run converts its BatchNorm layers to SyncBatchNorm, and the line it prints when it does not although
+    ``sync_bn`` asks for it: the conversion happens under torchrun (``world_size`` > 1) on CUDA devices; torch's
+    SyncBatchNorm has no CPU kernels, so a CPU run of several processes keeps plain BatchNorm and says so. One
+    process needs none (its batch statistics are the whole batch's)."""
+    if not sync_bn or world_size <= 1:
+        return False, None
+    if device.type != 'cuda':
+        return False, (
+            f"sync_bn: torch's SyncBatchNorm runs on CUDA only; this {device.type} run of {world_size} processes keeps "
+            f"plain BatchNorm (each process normalises over its own images; --no-sync-bn to silence)"
+        )
+    return True, None

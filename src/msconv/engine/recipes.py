@@ -1,10 +1,13 @@
 """The ImageNet training recipes: the presets ``'imagenet'`` (each family's official ImageNet-1K recipe),
 ``'imagenet22k'`` / ``'imagenet22kto1k'`` / ``'imagenet22kto1k_384'`` (SMT-L's 22K pre-training and fine-tuning)
-and ``'demo'`` (small and fast), registered with :func:`msconv.engine.config.register_presets`, and their tables.
+and ``'demo'`` (small and fast), registered with :func:`msconv.engine.config.register_presets`, and the tables of
+every official recipe.
 
-``OFFICIAL_RECIPES`` lists every preset's hyper-parameters with the official file and line they come from
-(``UNOFFICIAL_PRESETS``: those with no official recipe), ``preset_info`` says which is which, and
-``recipe_table_markdown`` renders both for docs/guides/recipes.md.
+``OFFICIAL_RECIPES`` lists every preset's hyper-parameters with the official file and line they come from (the
+dense tasks add theirs with ``register_recipes``: :mod:`msconv.engine.dense_recipes`; ``UNOFFICIAL_PRESETS``:
+those with no official recipe), ``preset_info`` says which is which, and ``recipe_table_markdown`` renders both for
+docs/guides/recipes.md. ``scripts/check_recipe_citations.py`` reads every cited line in the pinned official
+checkouts and checks that the value is there.
 """
 
 from __future__ import annotations
@@ -19,9 +22,12 @@ from .optim import weight_decay_groups
 
 __all__ = [
     'OFFICIAL_RECIPES',
+    'recipe_row',
+    'register_recipes',
     'UNOFFICIAL_PRESETS',
     'FINETUNE_PRESETS',
     'preset_info',
+    'recipe_config',
     'recipe_value',
     'recipe_table_markdown',
 ]
@@ -147,6 +153,7 @@ _PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
             drop_path=0.1,
             image_size=384,
             crop_pct=1.0,
+            crop_mode='squash',  # TEST.CROP False: Resize((384, 384)), no crop (data/build.py:155-158)
         ),
     },
     # Small and fast: the bundled digits at 32x32, a few epochs on CPU. Light augmentation (no flips for digits).
@@ -235,8 +242,15 @@ for _name, _by_family in _PRESETS.items():
 _SAME = object()
 
 
-def _row(param, field_, official, src, note=None, msconv=_SAME, models=None):
+def recipe_row(param, field_, official, src, note=None, msconv=_SAME, models=None):
+    """One row of a recipe table: ``param`` (what it is), ``field_`` (the config field or a name of
+    :func:`recipe_value`; None: not a config value), the ``official`` value, ``src`` (the official ``file:line``,
+    ``file:a-b``, several separated by ', ', each with an optional '(note)'), and where msconv differs, a ``note``
+    and ``msconv`` (its value); ``models``: the row holds for these models only."""
     return dict(param=param, field=field_, official=official, src=src, note=note, msconv=msconv, models=models)
+
+
+_row = recipe_row
 
 
 _COMMON_AUG = [
@@ -284,6 +298,17 @@ _SMT_SHARED = [
         msconv=None,
     ),
 ] + _common(0, 'config.py')
+# the fine-tuning command (README.md:125-128) runs 64 images per GPU
+_SMT_FINETUNE_SHARED = [r for r in _SMT_SHARED if r['field'] != 'per_gpu_batch'] + [
+    _row(
+        'per-GPU batch (BatchNorm)',
+        'per_gpu_batch',
+        64,
+        'README.md:125-128',
+        note='opt-in (--per-gpu-batch 64): by default each of N processes gets batch/N, equal on 8 GPUs',
+        msconv=None,
+    )
+]
 
 OFFICIAL_RECIPES: Dict[str, Dict[str, Any]] = {
     'smt_1k': dict(
@@ -299,7 +324,7 @@ OFFICIAL_RECIPES: Dict[str, Dict[str, Any]] = {
             _row('base LR (per 512 images)', 'lr', 1e-3, 'config.py:85'),
             _row('warm-up LR (per 512)', 'warmup_lr', 1e-7, 'config.py:88'),
             _row('min LR (per 512)', 'min_lr', 1e-6, 'config.py:91'),
-            _row('global batch', 'global_batch', 1024, 'README.md:107-109 (8 x 128), config.py:101'),
+            _row('global batch', 'global_batch', 1024, 'README.md:107-109 (8 x 128), config.py:15'),
             _row('drop path', 'drop_path', 0.1, 'configs/smt/smt_tiny_224.yaml:4', models=('smt_tiny',)),
             _row('drop path', 'drop_path', 0.2, 'configs/smt/smt_small_224.yaml:4', models=('smt_small',)),
             _row('drop path', 'drop_path', 0.3, 'configs/smt/smt_base_224.yaml:4', models=('smt_base',)),
@@ -332,7 +357,7 @@ OFFICIAL_RECIPES: Dict[str, Dict[str, Any]] = {
         models=('smt_large',),
         official=True,
         repo='AFeng-x/SMT@11e954d',
-        based_on='configs/smt/smt_large_224_22kto1k_finetune.yaml, config.py, README.md:124-127 (8 GPUs x 64), '
+        based_on='configs/smt/smt_large_224_22kto1k_finetune.yaml, config.py, README.md:125-128 (8 GPUs x 64), '
         'utils.py:103-108 (map22kto1k.txt head rows)',
         rows=[
             _row('epochs', 'epochs', 30, 'configs/smt/smt_large_224_22kto1k_finetune.yaml:17'),
@@ -344,11 +369,11 @@ OFFICIAL_RECIPES: Dict[str, Dict[str, Any]] = {
                 'global batch',
                 'global_batch',
                 512,
-                'README.md:124-127 (8 x 64; the README shows the fine-tuning command with the 384 config)',
+                'README.md:125-128 (8 x 64; the README shows the fine-tuning command with the 384 config)',
             ),
             _row('drop path', 'drop_path', 0.1, 'configs/smt/smt_large_224_22kto1k_finetune.yaml:4'),
         ]
-        + _SMT_SHARED,
+        + _SMT_FINETUNE_SHARED,
     ),
     'smt_large_22kto1k_384': dict(
         title='SMT-L, 22K -> 1K fine-tuning at 384',
@@ -356,35 +381,31 @@ OFFICIAL_RECIPES: Dict[str, Dict[str, Any]] = {
         models=('smt_large',),
         official=True,
         repo='AFeng-x/SMT@11e954d',
-        based_on='configs/smt/smt_large_384_22kto1k_finetune.yaml, config.py, README.md:124-127 (8 GPUs x 64), '
+        based_on='configs/smt/smt_large_384_22kto1k_finetune.yaml, config.py, README.md:125-128 (8 GPUs x 64), '
         'utils.py:103-108 (map22kto1k.txt head rows)',
         rows=[
             _row('image size', 'image_size', 384, 'configs/smt/smt_large_384_22kto1k_finetune.yaml:2'),
             _row(
-                'eval crop (TEST.CROP False: direct resize)',
+                'eval crop (TEST.CROP False: no crop)',
                 'crop_pct',
                 1.0,
                 'configs/smt/smt_large_384_22kto1k_finetune.yaml:26',
+            ),
+            _row(
+                'eval resize (TEST.CROP False: straight to 384 x 384, a squash)',
+                'crop_mode',
+                'squash',
+                'configs/smt/smt_large_384_22kto1k_finetune.yaml:26, data/build.py:155-158',
             ),
             _row('epochs', 'epochs', 30, 'configs/smt/smt_large_384_22kto1k_finetune.yaml:19'),
             _row('warm-up epochs', 'warmup_epochs', 5, 'configs/smt/smt_large_384_22kto1k_finetune.yaml:20'),
             _row('base LR (per 512 images)', 'lr', 2e-5, 'configs/smt/smt_large_384_22kto1k_finetune.yaml:22'),
             _row('warm-up LR (per 512)', 'warmup_lr', 2e-8, 'configs/smt/smt_large_384_22kto1k_finetune.yaml:23'),
             _row('min LR (per 512)', 'min_lr', 2e-7, 'configs/smt/smt_large_384_22kto1k_finetune.yaml:24'),
-            _row('global batch', 'global_batch', 512, 'README.md:124-127 (8 x 64)'),
+            _row('global batch', 'global_batch', 512, 'README.md:125-128 (8 x 64)'),
             _row('drop path', 'drop_path', 0.1, 'configs/smt/smt_large_384_22kto1k_finetune.yaml:6'),
         ]
-        + [r for r in _SMT_SHARED if r['field'] != 'per_gpu_batch']
-        + [
-            _row(
-                'per-GPU batch (BatchNorm)',
-                'per_gpu_batch',
-                64,
-                'README.md:124-127',
-                note='opt-in (--per-gpu-batch 64): by default each of N processes gets batch/N, equal on 8 GPUs',
-                msconv=None,
-            )
-        ],
+        + _SMT_FINETUNE_SHARED,
     ),
     'scsc_swin_tiny': dict(
         title='SCSC-Swin-T, ImageNet-1K',
@@ -522,6 +543,15 @@ UNOFFICIAL_PRESETS: Dict[str, Dict[str, Any]] = {
 }
 
 
+def register_recipes(recipes: Dict[str, Dict[str, Any]]) -> None:
+    """Add official recipe tables (the dense tasks' presets): each as the entries of ``OFFICIAL_RECIPES``, with
+    ``arch`` when the recipe is one system's (a preset whose values depend on ``--arch``)."""
+    for key, rec in recipes.items():
+        if key in OFFICIAL_RECIPES:
+            raise ValueError(f"recipe {key!r} is registered already")
+        OFFICIAL_RECIPES[key] = rec
+
+
 def recipe_value(cfg: TrainConfig, name: Optional[str]) -> Any:
     """A config value by the names the recipe table uses: a field, ``global_batch`` (batch_size x accum_steps),
     ``sparsity.<option>``, or ``grn_decay`` (whether the training groups decay ShiftWise GRN parameters)."""
@@ -546,19 +576,26 @@ def recipe_value(cfg: TrainConfig, name: Optional[str]) -> Any:
     return getattr(cfg, name)
 
 
-def _recipe_config(model: str, preset: str) -> TrainConfig:
-    extra = {'init_checkpoint': 'pretrained.pth'} if preset in FINETUNE_PRESETS else {}
+def recipe_config(model: str, preset: str, arch: Optional[str] = None) -> TrainConfig:
+    """What ``preset`` resolves to for ``model`` (and ``arch``, a dense system), paths unchecked."""
+    extra: Dict[str, Any] = {'init_checkpoint': 'pretrained.pth'} if preset in FINETUNE_PRESETS else {}
+    if arch is not None:
+        extra['arch'] = arch
     return resolve_config(dict(model=model, preset=preset, **extra), check_paths=False)
 
 
-def preset_info(model: str, preset: Optional[str]) -> Dict[str, Any]:
-    """Whether ``preset`` for ``model`` is an official recipe, and what it is based on:
-    ``{'official': bool, 'based_on': str, 'recipe': key in OFFICIAL_RECIPES or None}``."""
+def _matches(rec: Dict[str, Any], preset: str, arch: Optional[str]) -> bool:
+    return rec['preset'] == preset and (rec.get('arch') is None or rec['arch'] == arch)
+
+
+def preset_info(model: str, preset: Optional[str], arch: Optional[str] = None) -> Dict[str, Any]:
+    """Whether ``preset`` for ``model`` (and ``arch``, the dense system of a dense preset) is an official recipe,
+    and what it is based on: ``{'official': bool, 'based_on': str, 'recipe': key in OFFICIAL_RECIPES or None}``."""
     if preset is None:
         return dict(official=False, based_on="no preset: the task config's defaults", recipe=None)
     base = model.split('.')[0]
     for key, rec in OFFICIAL_RECIPES.items():
-        if rec['preset'] == preset and base in rec['models']:
+        if _matches(rec, preset, arch) and base in rec['models']:
             return dict(official=True, based_on=f"{rec['repo']}: {rec['based_on']}", recipe=key)
     if base in UNOFFICIAL_PRESETS and UNOFFICIAL_PRESETS[base]['preset'] == preset:
         return dict(official=False, based_on=UNOFFICIAL_PRESETS[base]['based_on'], recipe=None)
@@ -568,7 +605,13 @@ def preset_info(model: str, preset: Optional[str]) -> Dict[str, Any]:
     if fam is None:
         return dict(official=False, based_on='the TrainConfig defaults (a timm model: no family preset)', recipe=None)
     official_for = sorted(
-        {m for r in OFFICIAL_RECIPES.values() if r['preset'] == preset for m in r['models'] if family_of(m) == fam}
+        {
+            m + (f" {r['arch']}" if r.get('arch') else '')
+            for r in OFFICIAL_RECIPES.values()
+            if r['preset'] == preset
+            for m in r['models']
+            if family_of(m) == fam
+        }
     )
     where = f"an official recipe only for {', '.join(official_for)}" if official_for else 'no official recipe'
     return dict(official=False, based_on=f"the {fam} family's {preset!r} preset ({where})", recipe=None)
@@ -582,7 +625,7 @@ def _fmt_value(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:g}"
     if isinstance(v, (tuple, list)):
-        return '(' + ', '.join(_fmt_value(x) for x in v) + ')'
+        return '(' + (', '.join(_fmt_value(x) for x in v) or 'none') + ')'
     return str(v)
 
 
@@ -593,10 +636,11 @@ def recipe_table_markdown() -> str:
     for rec in OFFICIAL_RECIPES.values():
         out.append(f"### {rec['title']}\n")
         models = ', '.join(f"`{m}`" for m in rec['models'])
-        out.append(f"Preset `{rec['preset']}` for {models}. Official: `{rec['repo']}`, {rec['based_on']}.\n")
+        arch = f" with `--arch {rec['arch']}`" if rec.get('arch') else ''
+        out.append(f"Preset `{rec['preset']}` for {models}{arch}. Official: `{rec['repo']}`, {rec['based_on']}.\n")
         out.append('| hyper-parameter | official value | official file:line | msconv value |')
         out.append('|---|---|---|---|')
-        cfgs = {m: _recipe_config(m, rec['preset']) for m in rec['models']}
+        cfgs = {m: recipe_config(m, rec['preset'], rec.get('arch')) for m in rec['models']}
         for row in rec['rows']:
             models = row['models'] or rec['models']
             if row['field'] is None:
@@ -612,7 +656,7 @@ def recipe_table_markdown() -> str:
     out.append('| model | preset | based on | differs in | msconv value |')
     out.append('|---|---|---|---|---|')
     for model, rec in UNOFFICIAL_PRESETS.items():
-        cfg = _recipe_config(model, rec['preset'])
+        cfg = recipe_config(model, rec['preset'])
         for row in rec['rows']:
             out.append(
                 f"| `{model}` | `{rec['preset']}` | {rec['based_on']} | {row['param']}: {row['src']} | "

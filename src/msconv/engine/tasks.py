@@ -5,12 +5,15 @@ checkpoint files, records, resume) and asks a ``Task`` the task-specific questio
 
 1. data:        ``num_classes()``, then ``build_datasets(data_cfg)`` -> (train set, val set or None);
 2. model:       ``build_model(num_classes)`` (what the optimizer trains) and ``backbone(model)`` (what is
-                exported and counted);
+                exported and counted); ``param_groups(model)`` (weight decay and learning-rate scale per
+                parameter) and, under torchrun on CUDA with ``sync_bn``, ``convert_sync_batchnorm(model)``;
 3. loss:        ``build_criterion(num_classes)``, ``to_device(x, y, device, channels_last)`` (batches built by
                 ``collate_fn``), ``prepare_batch(x, y)`` (e.g. Mixup), ``forward(model, x, y)`` under autocast and
                 ``loss(output, y)`` in float32 (``plain_loss``: without batch mixing, for SNIP's scores);
                 ``schedule(...)`` may reshape the learning-rate schedule;
-4. evaluation:  ``evaluate(model, ema_model, val_loader, ctx)`` -> metric fields of a 'val' record,
+4. evaluation:  after the optimizer steps where ``eval_due(step, steps_per_epoch)`` (default: every
+                ``eval_every`` epochs) and at the end, ``evaluate(model, ema_model, val_loader, ctx)`` -> metric
+                fields of a 'val' record,
                 ``summary(record)`` for the log line, ``headline_metrics`` for the end of ``msconv train``;
 5. checkpoint:  ``checkpoint_weights(model, ema_model)`` -> {file stem: state dict} and
                 ``load_checkpoint_weights(...)``, its inverse.
@@ -29,7 +32,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple, Type, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -37,6 +40,7 @@ import torch.nn as nn
 from .build import build_model
 from .checkpoint import find_run_config
 from .config import TrainConfig, load_yaml
+from .optim import weight_decay_groups
 from .registry import TASKS, register_task, task_class
 
 __all__ = [
@@ -98,6 +102,17 @@ class Task:
     def backbone(self, model: nn.Module) -> nn.Module:
         return model
 
+    def param_groups(self, model: nn.Module) -> List[Dict[str, Any]]:
+        """The optimizer's parameter groups: ``params`` and ``weight_decay``, and ``lr_scale`` where a group's
+        learning rate is a multiple of the schedule's (timm's schedulers apply it). Default: timm's weight decay
+        groups (:func:`msconv.engine.optim.weight_decay_groups`)."""
+        return weight_decay_groups(model, self.cfg.weight_decay)
+
+    def convert_sync_batchnorm(self, model: nn.Module) -> nn.Module:
+        """``model`` with the BatchNorm layers that synchronise over the processes as SyncBatchNorm (asked for by
+        ``sync_bn`` under torchrun on CUDA). Default: every BatchNorm layer."""
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
     # loss -----------------------------------------------------------------------------------------------------
     def build_criterion(self, num_classes: int) -> None:
         self.criterion = nn.CrossEntropyLoss()
@@ -132,6 +147,11 @@ class Task:
         return sched_kwargs, total_steps
 
     # evaluation -----------------------------------------------------------------------------------------------
+    def eval_due(self, step: int, steps_per_epoch: int) -> bool:
+        """Whether the trainer evaluates after optimizer step ``step`` (it also does after the last one): at the
+        end of every ``eval_every``-th epoch."""
+        return step % steps_per_epoch == 0 and (step // steps_per_epoch) % self.cfg.eval_every == 0
+
     def evaluate(self, model: nn.Module, ema_model: Optional[nn.Module], val_loader, ctx: RunContext) -> Dict[str, Any]:
         raise NotImplementedError
 

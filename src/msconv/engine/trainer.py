@@ -63,11 +63,11 @@ from .distributed import (
     init_distributed,
     job_failure,
     resolve_device,
+    sync_bn_plan,
 )
 from .evaluate import autocast_context
 from .lock import RunLock
 from .metrics import MetricsLog, Progress, plot_curves, read_metrics, top1_summary
-from .optim import weight_decay_groups
 from .recipes import preset_info
 from .sparsity import SparsityScheduler
 from .tasks import RunContext, create_task
@@ -181,11 +181,6 @@ class _Trainer:
                 f"batch_size {cfg.batch_size} must be divisible by the number of processes ({info.world_size})"
             )
         self.local_bs = cfg.batch_size // info.world_size
-        if cfg.sync_bn and info.enabled and device.type != 'cuda':
-            raise ValueError(
-                "sync_bn needs CUDA devices (torch's SyncBatchNorm does not run on CPU); "
-                "turn sync_bn off (--no-sync-bn) for CPU torchrun runs"
-            )
         name = cfg.name or f"{cfg.model}-{Path(cfg.data).name if cfg.data != 'digits' else 'digits'}"
         self.run_dir = Path(cfg.output) / name
         self.log = MetricsLog(self.run_dir)
@@ -214,8 +209,11 @@ class _Trainer:
         self.data_cfg = data_config(self.task.backbone(model), cfg)
         self.train_set, self.val_set = self.task.build_datasets(self.data_cfg)
         self._setup_skips()  # refuses a split past bad_image_threshold before step 1
-        if cfg.sync_bn and self.info.enabled:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        convert, note = sync_bn_plan(cfg.sync_bn, device, self.info.world_size)
+        if note:
+            self._print(note)
+        if convert:
+            model = self.task.convert_sync_batchnorm(model)
         model.to(device)
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -265,7 +263,7 @@ class _Trainer:
         opt_kwargs = dict(eps=cfg.opt_eps, betas=tuple(cfg.opt_betas)) if 'adam' in cfg.opt.lower() else {}
         try:
             self.optimizer = create_optimizer_v2(
-                weight_decay_groups(model, cfg.weight_decay),
+                self.task.param_groups(model),
                 opt=cfg.opt,
                 lr=self.lr,
                 weight_decay=cfg.weight_decay,
@@ -354,7 +352,7 @@ class _Trainer:
 
     def _recipe_lines(self) -> str:
         cfg = self.cfg
-        info = preset_info(cfg.model, cfg.preset)
+        info = preset_info(cfg.model, cfg.preset, getattr(cfg, 'arch', None))
         kind = 'official' if info['official'] else 'NOT an official recipe'
         glob = cfg.batch_size * cfg.accum_steps
         per = f"{self.local_bs} per process x {self.info.world_size} process(es) x accumulation {cfg.accum_steps}"
@@ -736,6 +734,11 @@ class _Trainer:
         self._track_best(rec, step)
         return rec
 
+    def _evaluate_and_report(self, step: int) -> None:
+        summary = self.task.summary(self._evaluate(step, step / self.steps_per_epoch))
+        if summary:
+            self._print(f"{self._epoch_label(step)}: {summary}")
+
     # --------------------------------------------------------------------------------------------- the loop
     def _any_rank(self, flag: bool) -> bool:
         return self._max_rank(1 if flag else 0) > 0
@@ -991,6 +994,10 @@ class _Trainer:
                         stop.signum = stop.signum or signum
                         status = 'interrupted'
                         break
+                    mid_epoch = step % self.steps_per_epoch and step < self.total_steps
+                    if mid_epoch and self.task.eval_due(step, self.steps_per_epoch):  # a task counting in steps
+                        self._evaluate_and_report(step)
+                        self.ddp_model.train()
                     if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step % self.steps_per_epoch:
                         self._save(step, epoch, 'periodic')
                 if status == 'interrupted':
@@ -1002,11 +1009,8 @@ class _Trainer:
                     break
                 epoch_done = step % self.steps_per_epoch == 0
                 done_epochs = step // self.steps_per_epoch
-                if (epoch_done and done_epochs % cfg.eval_every == 0) or step >= self.total_steps:
-                    rec = self._evaluate(step, step / self.steps_per_epoch)
-                    summary = self.task.summary(rec)
-                    if summary:
-                        self._print(f"{self._epoch_label(step)}: {summary}")
+                if self.task.eval_due(step, self.steps_per_epoch) or step >= self.total_steps:
+                    self._evaluate_and_report(step)
                 self._save(step, done_epochs, 'epoch' if epoch_done else 'end')
         finally:
             stop.restore()

@@ -176,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
         from msconv.engine.recipes import preset_info
 
         cfg = resolve_config(args.config, collect_overrides(args))
-        info = preset_info(cfg.model, cfg.preset)
+        info = preset_info(cfg.model, cfg.preset, getattr(cfg, 'arch', None))
         kind = 'official recipe' if info['official'] else 'NOT an official recipe'
         print(f"# preset {cfg.preset!r} for {cfg.model}: {kind}; based on {info['based_on']}")
         print(config_yaml(cfg), end='')
