@@ -235,8 +235,8 @@ class CheckedImageFolder(Dataset):
     ``self.skips`` (``msconv.data.skips.SkippedFiles``): files that are not images when the folder is read, and a
     file that fails to load when it is first met; that item is then replaced by the next usable one, so batches
     keep their size. With ``exclude=True`` (evaluation) the stand-in carries the label -1 so that accuracy
-    counts every usable image once and nothing else. ``unreadable`` counts the entries met since the last
-    ``reset_unreadable()``, across DataLoader worker processes.
+    counts every usable image once and nothing else. ``unreadable`` counts the entries found so far, in this
+    process and its DataLoader worker processes.
     """
 
     def __init__(
@@ -267,10 +267,7 @@ class CheckedImageFolder(Dataset):
 
     @property
     def unreadable(self) -> int:
-        return self.skips.count(window=True)
-
-    def reset_unreadable(self) -> None:
-        self.skips.new_window()
+        return self.skips.count()
 
     def __getitem__(self, index: int):
         n = len(self.samples)
@@ -291,18 +288,17 @@ class CheckedImageFolder(Dataset):
 
 
 def count_unreadable(dataset) -> Optional[int]:
-    """Files and annotations ``dataset`` could not use (its ``SkippedFiles``), those met since the last
-    ``reset_unreadable()``; None for a dataset without an account (the bundled digits)."""
+    """Files and annotations ``dataset`` could not use so far (its ``SkippedFiles``); None for a dataset without an
+    account (the bundled digits)."""
     skips = skipped_files(dataset)
-    return None if skips is None else skips.count(window=True)
+    return None if skips is None else skips.count()
 
 
-def unreadable_message(dataset, split: str, threshold: float, share: int = 1) -> Optional[str]:
+def unreadable_message(dataset, split: str, threshold: float) -> Optional[str]:
     """The refusal when more than ``threshold`` (a fraction) of one kind of ``split``'s entries could not be used
-    (``SkippedFiles.message``), else None. ``share``: the number of processes the split is divided among (each
-    counts only what it loads)."""
+    (``SkippedFiles.message``), else None."""
     skips = skipped_files(dataset)
-    return None if skips is None else skips.message(split, threshold, share=share, window=True)
+    return None if skips is None else skips.message(split, threshold)
 
 
 def _posterize_keep_zero_bits(img, bits_to_keep, **_):
