@@ -9,7 +9,7 @@ import timm
 import torch
 import torch.nn as nn
 from test_captures import CAPTURES, RTOL, _eager_refs, _rel, check_compile
-from timm.layers import Conv2dSame, MixedConv2d
+from timm.layers import CondConv2d, Conv2dSame, MixedConv2d
 
 import msconv
 from msconv.layers import ShiftWiseConv2d, reference_forms, replace_large_kernels
@@ -234,6 +234,11 @@ def test_unsupported_layers_raise_naming_the_layer_or_are_skipped(conv, words):
         replace_large_kernels(model)
     assert words in str(err.value) and '\n' not in str(err.value)
     assert replace_large_kernels(model, on_unsupported='skip')[1] is conv
+
+
+def test_condconv_is_refused():
+    with pytest.raises(ValueError, match=r'cannot replace 0 \(CondConv2d.*per-sample mixtures of 4 expert kernels'):
+        replace_large_kernels(nn.Sequential(CondConv2d(8, 8, 7, padding=3, groups=8)))
 
 
 def test_convs_folded_by_their_parent_are_refused():

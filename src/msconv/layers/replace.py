@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+from timm.layers import CondConv2d
 
 from .shiftwise import ShiftWiseConv2d
 
@@ -36,7 +37,7 @@ def _conv_kind(module: nn.Module) -> Optional[str]:
     """'conv2d' for an ``nn.Conv2d`` (and subclasses), 'condconv' for timm's per-sample ``CondConv2d``, else None."""
     if isinstance(module, nn.Conv2d):
         return 'conv2d'
-    if type(module).__name__ == 'CondConv2d' and hasattr(module, 'num_experts'):
+    if isinstance(module, CondConv2d):
         return 'condconv'
     return None
 
