@@ -298,6 +298,7 @@ def main(argv=None) -> int:
         print('  '.join(row.values()), flush=True)  # progress
         rows.append(row)
         if amp_row is not None:
+            print('  '.join(amp_row.values()), flush=True)
             amp_rows.append(amp_row)
         del pair
         gc.collect()
