@@ -305,9 +305,11 @@ def holds_run(run_dir: Union[str, Path]) -> bool:
 
 
 def clear_run(run_dir: Union[str, Path]) -> None:
-    """Remove a run's files (checkpoints, metrics, config, curves) so that a new run starts with no history."""
+    """Remove a run's files (checkpoints, metrics, config, curves, TensorBoard events) so that a new run starts with no
+    history."""
     run_dir = Path(run_dir)
     shutil.rmtree(run_dir / 'checkpoints', ignore_errors=True)
+    shutil.rmtree(run_dir / 'tensorboard', ignore_errors=True)
     for f in _RUN_FILES:
         (run_dir / f).unlink(missing_ok=True)
 

@@ -6,7 +6,8 @@ checkpoint files, records, resume) and asks a ``Task`` the task-specific questio
 1. data:        ``num_classes()``, then ``build_datasets(data_cfg)`` -> (train set, val set or None);
 2. model:       ``build_model(num_classes)`` (what the optimizer trains) and ``backbone(model)`` (what is
                 exported and counted); ``param_groups(model)`` (weight decay and learning-rate scale per
-                parameter) and, under torchrun on CUDA with ``sync_bn``, ``convert_sync_batchnorm(model)``;
+                parameter), with ``grad_checkpointing`` ``set_grad_checkpointing(model)`` and, under torchrun on
+                CUDA with ``sync_bn``, ``convert_sync_batchnorm(model)``;
 3. loss:        ``build_criterion(num_classes)``, ``to_device(x, y, device, channels_last)`` (batches built by
                 ``collate_fn``), ``prepare_batch(x, y)`` (e.g. Mixup), ``forward(model, x, y)`` under autocast and
                 ``loss(output, y)`` in float32 (``plain_loss``: without batch mixing, for SNIP's scores);
@@ -107,6 +108,19 @@ class Task:
         learning rate is a multiple of the schedule's (timm's schedulers apply it). Default: timm's weight decay
         groups (:func:`msconv.engine.optim.weight_decay_groups`)."""
         return weight_decay_groups(model, self.cfg.weight_decay)
+
+    def set_grad_checkpointing(self, model: nn.Module, enable: bool = True) -> None:
+        """Gradient checkpointing of the part of ``model`` that holds most activations (``grad_checkpointing``):
+        by default the backbone's stages, through timm's ``set_grad_checkpointing`` (a classifier, a face model's
+        trunk, a dense system's ``features_only`` backbone). ``ValueError`` naming the module that lacks it."""
+        backbone = self.backbone(model)
+        setter = getattr(backbone, 'set_grad_checkpointing', None)
+        if setter is None:
+            raise ValueError(
+                f"grad_checkpointing: the backbone of this {self.name!r} run ({type(backbone).__name__}) has no "
+                f"set_grad_checkpointing (timm's models and every msconv model have one)"
+            )
+        setter(enable)
 
     def convert_sync_batchnorm(self, model: nn.Module) -> nn.Module:
         """``model`` with the BatchNorm layers that synchronise over the processes as SyncBatchNorm (asked for by
