@@ -192,6 +192,8 @@ class _Trainer:
         self.log = MetricsLog(self.run_dir)
         self.lock: Optional[RunLock] = None
         self.task = create_task(cfg)
+        self.tensorboard = None  # rank 0's TensorBoardWriter with cfg.tensorboard, once the run is prepared
+        self.plotting = cfg.plot  # False when matplotlib is missing (said once)
 
     # ---------------------------------------------------------------------------------------------- setup
     def _print(self, msg: str) -> None:
@@ -938,7 +940,6 @@ class _Trainer:
         self.last_checkpoint = None
         self.curves = None
         self.best = self.last = None
-        self.tensorboard = None
         try:
             return self._run()
         finally:
@@ -951,7 +952,6 @@ class _Trainer:
         cfg = self.cfg
         if cfg.tensorboard:  # before anything is written: one line naming the extra
             require('tensorboard', 'TensorBoard logging (tensorboard / --tensorboard)')
-        self.plotting = cfg.plot
         missing = plots_missing() if cfg.plot else None
         if missing:  # said once; the run goes on without curves.png
             self._print(f"{missing}; the run goes on without it")
