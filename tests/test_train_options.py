@@ -118,8 +118,12 @@ def _grads_with_and_without(task, model, forward):
         torch.manual_seed(0)
         kept, loss = _saved_bytes(lambda: forward(net))
         loss.backward()
-        results.append(({n: p.grad for n, p in net.named_parameters() if p.grad is not None}, kept))
-    (plain, plain_kept), (ckpt, ckpt_kept) = results
+        results.append(({n: p.grad for n, p in net.named_parameters() if p.grad is not None}, kept, net))
+    (plain, plain_kept, plain_net), (ckpt, ckpt_kept, ckpt_net) = results
+    # BatchNorm statistics move once a step (timm's checkpoint_seq alone moves them again in the recomputation)
+    buffers = dict(ckpt_net.named_buffers())
+    for name, b in plain_net.named_buffers():
+        assert torch.equal(buffers[name], b), name
     return plain, ckpt, plain_kept, ckpt_kept
 
 
@@ -181,6 +185,12 @@ def test_grad_checkpointing_in_a_run_and_a_backbone_without_it_is_one_line(tmp_p
     ckpt = train(**dict(run, name='ckpt', grad_checkpointing=True))
     losses = [[r['loss'] for r in read_metrics(res['run_dir']) if r['kind'] == 'train'] for res in (plain, ckpt)]
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    from safetensors.torch import load_file
+
+    saved = [load_file(str(list_checkpoints(r['run_dir'])[-1] / 'model.safetensors')) for r in (plain, ckpt)]
+    for k, v in saved[0].items():  # BatchNorm statistics included
+        torch.testing.assert_close(saved[1][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    assert ckpt['last_eval']['val_loss'] == pytest.approx(plain['last_eval']['val_loss'], rel=1e-5)
     from msconv.engine.config import resolve_config
     from msconv.engine.tasks import create_task
 
