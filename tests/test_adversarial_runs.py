@@ -371,6 +371,10 @@ def test_resume_with_other_epochs_says_so_and_follows_the_new_schedule(tmp_path,
     fresh = train(dict(common, name='fresh', epochs=3, max_steps=8))
     lr = {n: {r['step']: r['lr'] for r in records(tmp_path / n) if r['kind'] == 'train'} for n in ('r', 'fresh')}
     assert fresh['steps'] == 8 and lr['r'][8] == pytest.approx(lr['fresh'][8], rel=1e-9)
+    # the record of step 5 holds the learning rate step 5 ran with, the one the resume line announced (the
+    # records held the next step's until this was found: 0.00164 recorded, 0.001767 announced)
+    announced = float(line.split('the learning rate of step 5 becomes ')[1].split()[0])
+    assert lr['r'][5] == pytest.approx(announced, rel=1e-3) and lr['r'][5] == pytest.approx(lr['fresh'][5], rel=1e-9)
 
 
 def test_damaged_state_of_the_newest_checkpoint_keeps_its_weights(tmp_path, folder):

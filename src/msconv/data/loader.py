@@ -206,19 +206,29 @@ def scan_image_folder(
     """``(classes, samples, skipped, notes)`` of an ImageFolder tree: what torchvision's ``ImageFolder`` finds
     (same classes, files and order) except that each real folder is read once per class (torchvision follows a
     link loop until the path is too long: ``ln -s . train/a/loop`` read class a 41 times), hidden files and
-    folders are left out, and every other file it would pass over is returned in ``skipped`` with the reason."""
+    folders are left out, and what it would pass over is named: entries that look like images but are not
+    regular files (broken links, pipes) in ``skipped`` with the reason (counted against the threshold); files
+    without an image extension (a README, a .gif: torchvision leaves them out too) in one of the ``notes``,
+    announced by name but not counted, so a folder with a text file beside its images is not refused."""
     folder = str(folder)
     classes = _class_folders(folder)
     samples: List[Tuple[str, int]] = []
     skipped: List[Tuple[str, str]] = []
     notes: List[str] = []
+    other: List[str] = []
     for index, name in enumerate(classes):
         walk = _walk_class(os.path.join(folder, name), lambda p, r: skipped.append((p, r)), notes.append)
         for path in (path for _, files in sorted(walk) for path in files):
             if path.lower().endswith(IMAGE_EXTENSIONS):
                 samples.append((path, index))
             else:
-                skipped.append((path, f"not an image file name (extensions read: {' '.join(IMAGE_EXTENSIONS)})"))
+                other.append(os.path.relpath(path, folder))
+    if other:
+        more = f" and {len(other) - 5} more" if len(other) > 5 else ''
+        notes.append(
+            f"data {folder!r}: left out {len(other)} file(s) without an image extension, as torchvision's "
+            f"ImageFolder does (extensions read: {' '.join(IMAGE_EXTENSIONS)}): {', '.join(other[:5])}{more}"
+        )
     found = {t for _, t in samples}
     empty = [c for i, c in enumerate(classes) if i not in found]
     if empty:

@@ -32,7 +32,14 @@ import torch
 
 from .images import REASONS, UNREADABLE, UnusableFile
 
-__all__ = ['SkippedFiles', 'DataError', 'skipped_files', 'DEFAULT_THRESHOLD']
+__all__ = [
+    'SkippedFiles',
+    'DataError',
+    'skipped_files',
+    'DEFAULT_THRESHOLD',
+    'EVAL_THRESHOLD_HINT',
+    'TRAIN_THRESHOLD_HINT',
+]
 
 DEFAULT_THRESHOLD = 0.01  # TrainConfig.bad_image_threshold's default
 _LISTED = 5  # entries named in a refusal
@@ -40,6 +47,12 @@ _LISTED = 5  # entries named in a refusal
 
 class DataError(ValueError):
     """A split with more unusable files or annotations than the threshold allows (the message names them)."""
+
+
+# how an evaluation's user raises the threshold (msconv eval's flag, msconv.evaluate's argument)
+# ... and a training run's user (msconv train's --set, msconv.train's keyword)
+TRAIN_THRESHOLD_HINT = 'msconv train --set bad_image_threshold=F, or bad_image_threshold=F'
+EVAL_THRESHOLD_HINT = 'msconv eval --bad-image-threshold F, or bad_image_threshold=F'
 
 
 class SkippedFiles:
@@ -150,9 +163,10 @@ class SkippedFiles:
             out['skipped_annotations'] = counts.get('annotation', 0)
         return out
 
-    def message(self, split: str = '', threshold: Optional[float] = None) -> Optional[str]:
+    def message(self, split: str = '', threshold: Optional[float] = None, hint: Optional[str] = None) -> Optional[str]:
         """The refusal when a kind's share of skipped entries passes ``threshold`` (default: ``self.threshold``),
-        naming the first entries; None within it."""
+        naming the first entries; None within it. ``hint``: how the caller's user raises the threshold (default:
+        ``TRAIN_THRESHOLD_HINT``)."""
         threshold = self.threshold if threshold is None else float(threshold)
         counts = self.counts()
         over = {k: n for k, n in counts.items() if n > threshold * self.total(k)}
@@ -165,12 +179,13 @@ class SkippedFiles:
         in_split = f" in {split}" if split else ''
         return (
             f"data {self.where!r}: {what}{in_split} could not be used, more than bad_image_threshold={threshold:g} "
-            f"of the split: {listed}{more}. Fix or remove them, or raise the threshold (--set bad_image_threshold=...)"
+            f"of the split: {listed}{more}. Fix or remove them, or raise the threshold "
+            f"({hint or TRAIN_THRESHOLD_HINT})"
         )
 
-    def check(self, split: str = '', threshold: Optional[float] = None) -> None:
+    def check(self, split: str = '', threshold: Optional[float] = None, hint: Optional[str] = None) -> None:
         """Raise ``DataError`` with ``message(...)`` when past the threshold."""
-        msg = self.message(split, threshold)
+        msg = self.message(split, threshold, hint)
         if msg is not None:
             raise DataError(msg)
 

@@ -60,6 +60,7 @@ from ..data.coco import (
     detection_train_transforms,
 )
 from ..data.dense_digits import build_digits_ade, build_digits_coco
+from ..data.skips import EVAL_THRESHOLD_HINT
 from ..dense import DETECTOR_ARCHS, MS_RATIOS, SEGMENTER_ARCHS, create_detector, create_segmenter, evaluate_segmentation
 from ..dense.evaluation import coco_eval, coco_results
 from ..dense.sync_bn import convert_sync_batchnorm
@@ -391,9 +392,9 @@ class _DenseTask(Task):
         task.build_datasets({})
         skips = task.val_set.skips  # what the val split cannot use: named, counted, refused past the run's threshold
         skips.threshold = task.cfg.bad_image_threshold
-        skips.check('val')
+        skips.check('val', hint=EVAL_THRESHOLD_HINT)
         rec = task.evaluate(model, None, None, RunContext(resolve_device(device)))
-        skips.check('val')
+        skips.check('val', hint=EVAL_THRESHOLD_HINT)
         res = dict(rec, task=cls.name, arch=task.arch, checkpoint=str(path), step=int(meta['step']), use_ema=use_ema)
         return task, dict(res, **skips.metrics())
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ..data.digits import DIGITS_CLASSES
 from ..data.loader import build_dataset, build_loader, check_image_folder
-from ..data.skips import skipped_files
+from ..data.skips import EVAL_THRESHOLD_HINT, skipped_files
 from ..inference import inference_model
 from ..models import read_checkpoint
 from ..tools._common import check_checkpoint_file
@@ -235,7 +235,7 @@ def evaluate(
     skips = skipped_files(dataset)  # what the split cannot use: named, counted, refused past the run's threshold
     if skips is not None:
         skips.threshold = cfg.bad_image_threshold if bad_image_threshold is None else float(bad_image_threshold)
-        skips.check(split)
+        skips.check(split, hint=EVAL_THRESHOLD_HINT)
     loader, _ = build_loader(dataset, batch_size, shuffle=False, seed=0, num_workers=num_workers)
     amp_dtype = torch.bfloat16 if amp else None
     if dtype is not None:
@@ -244,6 +244,6 @@ def evaluate(
         net = inference_model(net, dtype=dtype, device=dev)
     result = dict(evaluate_loader(net, loader, dev, amp_dtype=amp_dtype), **used)
     if skips is not None:
-        skips.check(split)
+        skips.check(split, hint=EVAL_THRESHOLD_HINT)
         result.update(skips.metrics())
     return result

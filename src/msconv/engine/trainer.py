@@ -992,6 +992,7 @@ class _Trainer:
                 end = min(self.steps_per_epoch, offset + self.total_steps - step)
                 for _ in range(offset, end):
                     t0 = time.perf_counter()
+                    lr = self.optimizer.param_groups[0]['lr']  # the rate this step runs with (its record's 'lr')
                     batches = [next(it) for _ in range(cfg.accum_steps)]
                     out = self._optimizer_step(step, batches)
                     self._sync_skips('train')
@@ -1017,7 +1018,6 @@ class _Trainer:
                         window_loss += out['loss']
                         window_n += 1
                     window_img += out['images'] * self.info.world_size
-                    lr = self.optimizer.param_groups[0]['lr']
                     if step % cfg.log_every == 0 or step == self.total_steps:
                         now = time.perf_counter()
                         rec = {
