@@ -38,6 +38,7 @@ from timm.utils import ModelEmaV3
 from .._extras import require
 from ..data.loader import build_loader
 from ..data.skips import skipped_files
+from ..tools.tensorboard_log import TensorBoardWriter
 from .build import data_config
 from .checkpoint import (
     SKIP_LIST,
@@ -430,8 +431,6 @@ class _Trainer:
         """Rank 0's TensorBoard writer in ``<run>/tensorboard``. Resumed at ``step``: the events a crashed run wrote
         past it are purged (``purge_step``, as ``metrics.jsonl`` is cut back); a run that turns ``tensorboard`` on
         at a resume first gets the records it kept."""
-        from ..tools.tensorboard_log import TensorBoardWriter  # deferred: tools import the engine's modules
-
         log_dir = self.run_dir / TENSORBOARD_DIR
         earlier = step > 0 and not log_dir.is_dir()
         self.tensorboard = TensorBoardWriter(log_dir, purge_step=step + 1 if step > 0 else None)
