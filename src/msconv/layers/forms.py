@@ -173,6 +173,15 @@ FORM_KINDS: Dict[str, FormKind] = {
         ),
         FormKind('lean', "a custom autograd function that saves less for backward (ShiftWise training)"),
         FormKind(
+            'fp32_tail',
+            'a bf16/fp16 elementwise tail computed in fp32 (reduced-precision operands widened as they are read) and '
+            "rounded to the input's dtype once at its end, where the plain form rounds after every op: within the "
+            "plain form's own rounding, and ATen's reduced-precision elementwise loops over strided views are slow",
+            autograd=False,
+            autocast=False,
+            dtypes=(torch.bfloat16, torch.float16),
+        ),
+        FormKind(
             'fused',
             'a oneDNN convolution with the GELU after it as a post-op (``torch.ops.mkldnn._convolution_pointwise``): '
             'no second pass over the output; the op has no autograd formula',
@@ -244,6 +253,12 @@ TUNED: Dict[str, TunedOp] = {
             {'plain': (), 'fused': ('fused',)},
             key='channels, kernel, stride, groups',
             where="SCSC's reduce, branch and recover convs; the reparameterized SMT MLP's depthwise conv",
+        ),
+        TunedOp(
+            'scsc_routing',
+            {'plain': (), 'fp32_tail': ('fp32_tail',)},
+            key='branches, reduced width, gate groups',
+            where="SCSC's routing (the gated sum of its branches) in the inference form, bf16/fp16",
         ),
         TunedOp(
             'pointwise_conv',
