@@ -27,19 +27,37 @@ def machine_line(threads: int) -> str:
     return _machine_line(threads)
 
 
-def time_interleaved(fns: Dict[str, Callable[[], object]], warmup: int = 2, repeats: int = 7) -> Dict[str, Timing]:
+def time_interleaved(
+    fns: Dict[str, Callable[[], object]],
+    warmup: int = 2,
+    repeats: int = 7,
+    clock: Callable[[], float] = time.perf_counter,
+) -> Dict[str, Timing]:
     """Median and best seconds per call of each function, measured round-robin after warm-up calls (warm up at
-    the timed shapes: oneDNN builds its primitives per shape)."""
+    the timed shapes: oneDNN builds its primitives per shape). ``clock=time.process_time`` counts the process's CPU
+    time instead of wall time (see :func:`clock_for`)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     samples: Dict[str, List[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            samples[name].append(time.perf_counter() - t0)
+            samples[name].append(clock() - t0)
     return {k: Timing(statistics.median(v), min(v)) for k, v in samples.items()}
+
+
+CPU_TIME_HELP = (
+    "time with the process's CPU time (time.process_time) instead of wall time: with --threads 1 on a machine "
+    'shared with other jobs it leaves out the time the process waited for a core (with more threads it would add '
+    "the threads' times and their spin-waits)"
+)
+
+
+def clock_for(cpu_time: bool) -> Callable[[], float]:
+    """The clock of ``--cpu-time`` (:data:`CPU_TIME_HELP`): ``time.process_time`` or wall time."""
+    return time.process_time if cpu_time else time.perf_counter
 
 
 def saved_bytes(fn: Callable[[], object]) -> int:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_line, print_table, time_interleaved  # noqa: E402
+from _common import CPU_TIME_HELP, clock_for, machine_line, print_table, time_interleaved  # noqa: E402
 
 import msconv  # noqa: E402
 
@@ -37,6 +37,7 @@ def main(argv=None) -> None:
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--batch', type=int, default=8)
     p.add_argument('--repeats', type=int, default=5, help='timed calls per form (alternating)')
+    p.add_argument('--cpu-time', action='store_true', help=CPU_TIME_HELP)
     p.add_argument('--warmup', type=int, default=1, help='untimed calls per form after the first one')
     args = p.parse_args(argv)
     names = args.models or [n for n in msconv.list_models() if not n.startswith('test_')]
@@ -54,7 +55,12 @@ def main(argv=None) -> None:
         forms = {label: msconv.inference_model(model, **kw) for label, kw in FORMS.items()}
         with torch.inference_mode():
             outs = {label: m(x).float() for label, m in forms.items()}  # layouts and the autotuner decided here
-            t = time_interleaved({label: (lambda m=m: m(x)) for label, m in forms.items()}, args.warmup, args.repeats)
+            t = time_interleaved(
+                {label: (lambda m=m: m(x)) for label, m in forms.items()},
+                args.warmup,
+                args.repeats,
+                clock_for(args.cpu_time),
+            )
         scale = outs['fp32'].abs().max().item()
         row = dict(model=name, input=f"{args.batch}x{size[1]}", fp32_ms=f"{1000 * t['fp32'].median:.0f}")
         for label in ('bf16 weights', 'bf16 autocast'):

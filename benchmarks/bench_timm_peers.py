@@ -22,7 +22,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_line, print_table, time_interleaved  # noqa: E402
+from _common import CPU_TIME_HELP, clock_for, machine_line, print_table, time_interleaved  # noqa: E402
 
 import msconv  # noqa: E402
 from msconv.layers import reference_forms  # noqa: E402
@@ -49,6 +49,7 @@ def main(argv=None) -> None:
     p.add_argument('--size', type=int, default=224)
     p.add_argument('--dtypes', nargs='+', default=['fp32', 'bf16'], choices=['fp32', 'bf16', 'fp16'])
     p.add_argument('--repeats', type=int, default=7, help='timed calls per model (alternating)')
+    p.add_argument('--cpu-time', action='store_true', help=CPU_TIME_HELP)
     p.add_argument('--warmup', type=int, default=2, help='untimed calls per model after the first one')
     p.add_argument('--pairs', nargs='+', type=_pair, default=list(PAIRS), metavar='OURS:PEER')
     args = p.parse_args(argv)
@@ -71,7 +72,7 @@ def main(argv=None) -> None:
             with torch.inference_mode():
                 ours(xd), peer(xd)  # the layout choice and the autotuner's measurements happen here
                 fns = {'ours': lambda m=ours: m(xd), 'peer': lambda m=peer: m(xd)}
-                t = time_interleaved(fns, args.warmup, args.repeats)
+                t = time_interleaved(fns, args.warmup, args.repeats, clock_for(args.cpu_time))
             rows.append(
                 dict(
                     dtype=dtype,

@@ -83,16 +83,19 @@ def test_every_micro_model_runs_with_bf16_weights_in_both_forms(name):
 
 
 def test_fast_forms_refuse_what_they_cannot_run_in_bf16():
-    """The dispatch keeps the fp32-only CPU forms (oneDNN token GEMMs, explicit-GEMM convs) for fp32 inputs; the
-    in-place and per-image forms run in bf16 when the whole model is bf16 (no autocast, one dtype)."""
+    """The dispatch keeps the fp32-only CPU forms (oneDNN token GEMMs, explicit-GEMM convs) for fp32 inputs and the
+    fp32 tails for bf16/fp16 ones; the in-place and per-image forms run in bf16 when the whole model is bf16 (no
+    autocast, one dtype)."""
     from msconv.layers import forms
 
     x = torch.randn(2, 4, 8, 8, dtype=torch.bfloat16)
     with torch.no_grad():
         assert not forms.use_fast_form('onednn', x) and not forms.use_fast_form('cpu_gemm', x)
+        assert not forms.use_fast_form('fp32_tail', x.float())
         assert forms.use_fast_form('inplace', x) and forms.use_fast_form('per_image', x)
+        assert forms.use_fast_form('fp32_tail', x) and forms.use_fast_form('fp32_tail', x.half())
         with torch.autocast('cpu', dtype=torch.bfloat16):
-            assert not forms.use_fast_form('inplace', x.float())
+            assert not forms.use_fast_form('inplace', x.float()) and not forms.use_fast_form('fp32_tail', x)
 
 
 def test_evaluate_in_a_dtype(monkeypatch):

@@ -56,3 +56,25 @@ def test_dense_bench_bad_names_are_explained():
         bench_dense(['test_smt:retinanet'], baselines=['tv:resnet50'])
     with pytest.raises(ValueError, match='num_bench_iter must be a positive int'):
         bench_dense(['test_smt:retinanet'], num_bench_iter=0)
+
+
+def test_dense_bench_counts_macs_and_the_speed_per_mac():
+    """``macs=True`` counts each model's MACs in one inference call (plain forms) and gives the speed per MAC against
+    the baseline: the time ratio scaled by the MAC ratio."""
+    rows = bench_dense(
+        ['test_smt:retinanet'],
+        baselines=['tv:retinanet_resnet50_fpn'],
+        size=SMALL,
+        num_warm_iter=0,
+        num_bench_iter=1,
+        memory=False,
+        macs=True,
+    )
+    ours, base = rows
+    # R50 alone is ~4.1 GMACs at 224x224, ~1 at 96x128; the FPN and the RetinaNet heads add more
+    assert base['infer_gmacs'] > 1.0 and 0 < ours['infer_gmacs'] < base['infer_gmacs']
+    assert ours['infer_attention_gmacs'] > 0 and base['infer_attention_gmacs'] == 0
+    ratio = ours['infer_ratio'] * ours['infer_gmacs'] / base['infer_gmacs']
+    assert ours['infer_per_mac_ratio'] == pytest.approx(ratio)
+    assert 'per-MAC ratio' in format_dense_bench(rows)
+    assert 'per-MAC ratio' not in format_dense_bench(bench_dense(['test_smt:retinanet'], size=SMALL, memory=False))

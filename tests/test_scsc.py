@@ -402,6 +402,54 @@ def test_fast_routing_matches_plain_routing(routing):
     assert max_abs(m.route_fast(feats, gate), m.route(feats, gate)) <= 1e-6
 
 
+BF16_ULP = 2.0**-8  # bf16 keeps 8 significant bits: one rounding moves a value by at most half of this, relatively
+
+
+@pytest.mark.parametrize('tokens', [False, True])
+@pytest.mark.parametrize('routing', ['official', 'cross_scale'])
+def test_bf16_routing_forms_are_within_bf16_rounding_of_the_exact_sum(routing, tokens):
+    """The two forms of ``scsc_routing`` on bf16 features and gates, against the exact gated sum of the same bf16
+    inputs (float64, rounded once to bf16): ``fp32_tail`` accumulates in fp32 and rounds once, so it is that
+    rounding (the float64 result rounded to bf16, up to fp32's own error: one bf16 ulp at most, nearly always equal);
+    the plain form rounds each of its m - 1 partial sums and products as well, so it may sit m bf16 roundings away
+    (half an ulp of the running sum each), as the plain form in bf16 does. Both computed the same routed channels."""
+    torch.manual_seed(0)
+    m = SpatialCrossScaleConv(48, (3, 5, 7), groups=4, routing=routing)
+    feats = torch.randn(2, 48, 9, 10).to(torch.bfloat16)
+    gate = torch.rand(2, 12, 9, 10).to(torch.bfloat16)
+    exact = m.route(feats.double(), gate.double())  # (2, 16, 9, 10)
+    f_in, g_in = feats, gate
+    if tokens:  # (B, H, W, C) views of channels-last maps, as the token form passes them
+        f_in = feats.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+        g_in = gate.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+    outs = {}
+    with torch.no_grad():
+        for form in ('plain', 'fp32_tail'):
+            with forms.forced_choices(scsc_routing=form):
+                out = m._routed(f_in, g_in, tokens=tokens)
+            assert out.dtype == torch.bfloat16
+            outs[form] = out.reshape(2, 9, 10, 16).permute(0, 3, 1, 2) if tokens else out.reshape(2, 16, 9, 10)
+    rounded_once = exact.to(torch.bfloat16).double()
+    tail_err = (outs['fp32_tail'].double() - rounded_once).abs()
+    assert (tail_err <= BF16_ULP * exact.abs()).all()
+    assert (tail_err == 0).float().mean() > 0.95
+    # the plain form: m roundings (the first product, then each accumulate), each within half an ulp of the running
+    # sum, which stays below m * max|feats| (gates in [0, 1])
+    bound = 3 * (3 * feats.abs().max().item()) * BF16_ULP / 2
+    assert (outs['plain'].double() - exact).abs().max() <= bound
+    assert forms.tunable('scsc_routing', f_in) == forms.use_fast_form('fp32_tail', f_in)
+
+
+def test_routing_forms_of_fp32_inputs_are_the_plain_one():
+    """``fp32_tail`` is a bf16/fp16 form: fp32 features are not even offered to the tuner."""
+    m = SpatialCrossScaleConv(24, (3, 5), groups=2)
+    with torch.no_grad():
+        assert not forms.tunable('scsc_routing', torch.randn(1, 24, 4, 4))
+        assert forms.tunable('scsc_routing', torch.randn(1, 24, 4, 4).bfloat16())
+    assert not forms.tunable('scsc_routing', torch.randn(1, 24, 4, 4).bfloat16())  # autograd on
+    assert m.route_fast(torch.randn(1, 24, 3, 3), torch.rand(1, 4, 3, 3)).dtype == torch.float32
+
+
 @pytest.mark.parametrize('stride,size,bias', [(1, 56, True), (2, 112, False), (2, 113, True)])
 def test_pointwise_conv_gemm_form_matches_conv(stride, size, bias):
     from msconv.layers.fast_ops import pointwise_conv

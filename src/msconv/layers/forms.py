@@ -181,6 +181,15 @@ FORM_KINDS: Dict[str, FormKind] = {
             dtypes=(torch.float32, torch.bfloat16),
         ),
         FormKind(
+            'fp32_tail',
+            'a bf16/fp16 elementwise tail computed in fp32 (reduced-precision operands widened as they are read) and '
+            "rounded to the input's dtype once at its end, where the plain form rounds after every op: within the "
+            "plain form's own rounding, and ATen's reduced-precision elementwise loops over strided views are slow",
+            autograd=False,
+            autocast=False,
+            dtypes=(torch.bfloat16, torch.float16),
+        ),
+        FormKind(
             'fused',
             'a oneDNN convolution with the GELU after it as a post-op (``torch.ops.mkldnn._convolution_pointwise``): '
             'no second pass over the output; the op has no autograd formula',
@@ -253,6 +262,12 @@ TUNED: Dict[str, TunedOp] = {
             {'plain': (), 'fused': ('fused',)},
             key='channels, kernel, stride, groups',
             where="SCSC's reduce, branch and recover convs; the reparameterized SMT MLP's depthwise conv",
+        ),
+        TunedOp(
+            'scsc_routing',
+            {'plain': (), 'fp32_tail': ('fp32_tail',)},
+            key='branches, reduced width, gate groups',
+            where="SCSC's routing (the gated sum of its branches) in the inference form, bf16/fp16",
         ),
         TunedOp(
             'pointwise_conv',
@@ -362,6 +377,8 @@ def _use_fast_form(form: str, x: torch.Tensor, layout: Optional[str]) -> bool:
     if kind.under_capture:
         return True
     if is_capturing():  # before any look at x: under FX it is a Proxy, under export its sizes are symbols
+        return False
+    if x.device.type == 'meta':  # shapes only (no data to be fast on; autocast has no meta device to ask)
         return False
     if not kind.autograd and torch.is_grad_enabled():
         return False

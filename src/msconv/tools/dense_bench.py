@@ -13,6 +13,10 @@ in the same run.
   ``retinanet_resnet50_fpn``, the R-CNNs vs ``maskrcnn_resnet50_fpn``) measured in the same rounds.
 * Peak memory: tensor bytes allocated during one step above what was live before it (``tools.bench``'s counter:
   the CUDA allocator, or ``torch.profiler`` memory events on CPU).
+* MACs (``macs=True``): the multiply-accumulates of one inference call as it runs (``torch.utils.flop_counter``
+  with the plain forms, as ``msconv profile`` counts: convolutions, linears and attention matmuls, fused attention
+  included; the RoI heads on the proposals and detections this call has), and the speed per MAC against the
+  baseline: (MACs / s) / (baseline MACs / baseline s), > 1: more MACs per second than the baseline.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from .bench import _peak_step_memory, _sync
 
@@ -106,6 +111,21 @@ class _Subject:
         with torch.inference_mode():
             self.model(self.x)
 
+    def infer_macs(self) -> Tuple[int, int, int]:
+        """(MACs, attention MACs, detections) of one inference call, MACs counted with the plain forms."""
+        from ..layers import reference_forms
+        from .profile import _custom_mapping, _DataFlowCounter, flop_registry, shape_wrapper
+
+        self.model.eval()
+        custom = _custom_mapping()
+        counter = FlopCounterMode(display=False, custom_mapping=custom)
+        x0 = self.x[0] if isinstance(self.x, list) else self.x
+        flow = _DataFlowCounter(x0, {**flop_registry, **{k: shape_wrapper(v) for k, v in custom.items()}})
+        with torch.no_grad(), counter, flow, reference_forms():
+            out = self.model(self.x)
+        detections = sum(len(o['boxes']) for o in out) if self.kind == 'detection' else 0
+        return counter.get_total_flops() // 2, flow.flops['attention'] // 2, detections
+
     def train_step(self) -> None:
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
@@ -114,7 +134,14 @@ class _Subject:
         self.opt.step()
 
 
-def _interleaved(subjects: List[_Subject], step: Callable[[_Subject], None], warm: int, iters: int, device):
+def _interleaved(
+    subjects: List[_Subject],
+    step: Callable[[_Subject], None],
+    warm: int,
+    iters: int,
+    device,
+    clock: Callable[[], float] = time.perf_counter,
+):
     for _ in range(warm):
         for s in subjects:
             step(s)
@@ -122,10 +149,10 @@ def _interleaved(subjects: List[_Subject], step: Callable[[_Subject], None], war
     for _ in range(iters):
         for s in subjects:
             _sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             step(s)
             _sync(device)
-            times[s.name].append(time.perf_counter() - t0)
+            times[s.name].append(clock() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -139,6 +166,8 @@ def bench_dense(
     num_warm_iter: int = 1,
     num_bench_iter: int = 3,
     memory: bool = True,
+    macs: bool = False,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> List[Dict[str, Any]]:
     """Images/s (and peak memory) of each subject and baseline; returns one dict per model (see the module).
 
@@ -147,6 +176,8 @@ def bench_dense(
         baselines: torchvision detectors measured beside them (``'tv:NAME'``).
         size: input (H, W) per kind; default the papers' sizes :data:`DENSE_INPUT_SIZES`.
         train: also time a training step.
+        macs: also count each model's MACs in one inference call and give the speed per MAC against the baseline.
+        clock: what times a call (``time.process_time``: the process's CPU time, for one thread on a shared machine).
     """
     for name, value in (('batch_size', batch_size), ('num_bench_iter', num_bench_iter)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -164,8 +195,8 @@ def bench_dense(
     sizes = dict(DENSE_INPUT_SIZES, **(size or {}))
     dev = torch.device(device)
     models = [_Subject(n, tuple(sizes[_kind(n)]), batch_size, dev, train) for n in names]
-    infer = _interleaved(models, _Subject.infer_step, num_warm_iter, num_bench_iter, dev)
-    trained = _interleaved(models, _Subject.train_step, num_warm_iter, num_bench_iter, dev) if train else {}
+    infer = _interleaved(models, _Subject.infer_step, num_warm_iter, num_bench_iter, dev, clock)
+    trained = _interleaved(models, _Subject.train_step, num_warm_iter, num_bench_iter, dev, clock) if train else {}
     rows = []
     for s in models:
         row: Dict[str, Any] = dict(
@@ -181,6 +212,8 @@ def bench_dense(
             train_img_s=s.train_batch / trained[s.name] if train else float('nan'),
             train_mem_mb=_peak_step_memory(s.train_step, dev) / 2**20 if (train and memory) else float('nan'),
         )
+        counted = s.infer_macs() if macs else (float('nan'),) * 3
+        row.update(infer_gmacs=counted[0] / 1e9, infer_attention_gmacs=counted[1] / 1e9, detections=counted[2])
         rows.append(row)
     by_name = {r['model']: r for r in rows}
     for r in rows:
@@ -192,6 +225,9 @@ def bench_dense(
         r['vs'] = base['model'] if base else None
         r['infer_ratio'] = r['infer_img_s'] / base['infer_img_s'] if base else float('nan')
         r['train_ratio'] = r['train_img_s'] / base['train_img_s'] if (base and train) else float('nan')
+        r['infer_per_mac_ratio'] = (
+            r['infer_ratio'] * r['infer_gmacs'] / base['infer_gmacs'] if (base and macs) else float('nan')
+        )
     return rows
 
 
@@ -202,6 +238,9 @@ def _f(value: float, spec: str) -> str:
 def format_dense_bench(rows: Sequence[Dict[str, Any]]) -> str:
     """A plain-text table of :func:`bench_dense` rows."""
     header = ('model', 'input', 'params (M)', 'infer img/s', 'infer mem (MB)', 'train img/s', 'vs', 'infer ratio')
+    with_macs = any(r.get('infer_gmacs', float('nan')) == r.get('infer_gmacs', float('nan')) for r in rows)
+    if with_macs:
+        header += ('GMACs (attention)', 'detections', 'per-MAC ratio')
     lines = [
         (
             r['model'] + (' (baseline)' if r['baseline'] else ''),
@@ -212,6 +251,15 @@ def format_dense_bench(rows: Sequence[Dict[str, Any]]) -> str:
             _f(r['train_img_s'], '.3f'),
             r['vs'] or '-',
             _f(r['infer_ratio'], '.2f') + ('x' if r['infer_ratio'] == r['infer_ratio'] else ''),
+        )
+        + (
+            (
+                f"{_f(r['infer_gmacs'], '.1f')} ({_f(r['infer_attention_gmacs'], '.1f')})",
+                _f(r['detections'], '.0f'),
+                _f(r['infer_per_mac_ratio'], '.2f'),
+            )
+            if with_macs
+            else ()
         )
         for r in rows
     ]

@@ -105,6 +105,8 @@ class _DataFlowCounter(TorchDispatchMode):
             for t in tree_flatten(out)[0]:
                 if isinstance(t, torch.Tensor):
                     self.active[t] = True
+                    if t._base is not None:  # an in-place write into a view (a detector batching its images)
+                        self.active[t._base] = True
         packet = getattr(func, 'overloadpacket', None)
         if packet in _MATMUL_OPS or packet in _CONV_OPS:
             a, b = _operands(packet, args)
