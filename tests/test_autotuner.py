@@ -206,6 +206,7 @@ def _examples():
         'linear_gelu': (lambda: fast_ops.linear_gelu(tokens, w, b), tokens),
         'conv_gelu': (lambda: fast_ops.conv_gelu(dw, fmap), fmap),
         'pointwise_conv': (lambda: fast_ops.pointwise_conv(pw, pmap), pmap),
+        'pointwise_conv_train': (lambda: fast_ops.pointwise_conv_train(pw, pmap), pmap),
         'stem_conv': (lambda: stem(rgb), rgb),
         'smt_stage': (lambda: models['test_smt'](images), cl),
         'shiftwise_block': (lambda: models['test_shiftwise'](images), cl),

@@ -71,3 +71,10 @@ def test_gpu_kernel_benchmark_dry_run_in_the_triton_interpreter():
 def test_bf16_benchmark_on_micro_models():
     out = _run(['benchmarks/bench_bf16.py', 'test_smt', 'test_shiftwise', '--batch', '2', '--repeats', '1'])
     assert 'bf16 vs fp32' in out and 'autocast_speedup' in out and 'test_shiftwise' in out and 'ISA:' in out
+
+
+def test_training_benchmark_on_micro_models():
+    out = _run(
+        ['benchmarks/bench_train.py', '--micro', '--pairs', 'shiftwise', '--repeats', '1', '--warmup', '1', '--bf16']
+    )
+    assert 'Training step' in out and 'test_shiftwise vs timm test_convnext' in out and 'bf16 autocast' in out

@@ -51,7 +51,7 @@ import torch.nn as nn
 from timm.layers import DropPath, SEModule
 
 from ._fold import channels_last_only, fold_bn_into_conv
-from .fast_ops import conv_gelu, is_pointwise, linear_1x1, pointwise_conv, spatial_mean
+from .fast_ops import conv_gelu, is_pointwise, linear_1x1, pointwise_conv, pointwise_conv_train, spatial_mean
 from .forms import tunable, tuned, use_fast_form
 
 __all__ = [
@@ -207,7 +207,19 @@ class SpatialCrossScaleConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_fast_form('inplace', x):
             return self._forward_inplace(x)
+        if torch.is_grad_enabled() and tunable('pointwise_conv_train', x):
+            return self._forward_train(x)
         return self.forward_reference(x)
+
+    @torch.jit.unused
+    def _forward_train(self, x: torch.Tensor) -> torch.Tensor:
+        """``_scsc_reference`` with the 1x1 convs (reduce, router, recover) through
+        ``fast_ops.pointwise_conv_train``: the convolution or batched GEMMs, whichever trains faster here."""
+        x_r = self.act(self.reduce_bn(pointwise_conv_train(self.reduce, x)))
+        feats = self.act(self.dw_bn(torch.cat([conv(x_r) for conv in self.dw], dim=1)))
+        gate = torch.sigmoid(pointwise_conv_train(self.router, x_r))
+        y = self.out_act(self.recover_bn(pointwise_conv_train(self.recover, self.route(feats, gate))))
+        return self.se(y)
 
     @torch.jit.unused
     def _se_inplace(self, y: torch.Tensor) -> torch.Tensor:
@@ -341,7 +353,18 @@ class CrossScaleBottleneck(SpatialCrossScaleConv):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training and use_fast_form('inplace', x):
             return self._forward_residual_inplace(x)
+        if torch.is_grad_enabled() and tunable('pointwise_conv_train', x):
+            return self._forward_residual_train(x)
         return self.forward_reference(x)
+
+    @torch.jit.unused
+    def _forward_residual_train(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward_reference`` with every 1x1 conv through ``fast_ops.pointwise_conv_train``."""
+        if isinstance(self.shortcut, nn.Sequential) and len(self.shortcut) == 2:
+            shortcut = self.shortcut[1](pointwise_conv_train(self.shortcut[0], x))
+        else:
+            shortcut = self.shortcut(x)
+        return self.drop_path(self._forward_train(x)) + shortcut
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop_path(self._scsc_reference(x)) + self.shortcut(x)

@@ -14,13 +14,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels import depthwise as _depthwise
-from .forms import tunable, tuned, use_fast_form
+from .forms import tunable, tuned, tuned_training, use_fast_form
 
 __all__ = [
     'linear',
     'linear_gelu',
     'linear_1x1',
     'pointwise_conv',
+    'pointwise_conv_train',
     'is_pointwise',
     'conv_gelu',
     'conv_im2col',
@@ -146,18 +147,41 @@ def pointwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     )
 
 
-def _pointwise_gemm(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+def _pointwise_gemm(
+    conv: nn.Conv2d,
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The 1x1 conv as ``bmm`` (``baddbmm`` with a bias) on the (B, C, H*W) view; ``weight``/``bias`` replace the
+    conv's own when given (the autotuner's detached copies)."""
     B, C = x.shape[:2]
     s = conv.stride[0]
     xs = x if s == 1 else x[:, :, ::s, ::s]
     H, W = xs.shape[2:]
     xs = xs.contiguous().view(B, C, H * W)
-    w = conv.weight.flatten(1)
-    if conv.bias is None:
+    w = (conv.weight if weight is None else weight).flatten(1)
+    b = conv.bias if weight is None else bias
+    if b is None:
         y = torch.bmm(w.expand(B, -1, -1), xs)
     else:
-        y = torch.baddbmm(conv.bias.view(1, -1, 1).expand(B, -1, H * W), w.expand(B, -1, -1), xs)
+        y = torch.baddbmm(b.view(1, -1, 1).expand(B, -1, H * W), w.expand(B, -1, -1), xs)
     return y.view(B, -1, H, W)
+
+
+def pointwise_conv_train(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` for a 1x1 conv in a training step (autograd on): the convolution, or where
+    ``use_fast_form('train_gemm')`` allows (CPU, contiguous NCHW), a batched GEMM on the (B, C, H*W) view whose
+    backward is GEMMs too (oneDNN's 1x1 convolution backward can be several times slower), whichever
+    ``msconv.layers.forms.tuned_training`` measures faster (forward + backward) for this shape."""
+    if not (tunable('pointwise_conv_train', x) and is_pointwise(conv) and conv.stride[0] in (1, 2)):
+        return conv(x)
+    return tuned_training(
+        'pointwise_conv_train',
+        (x, conv.weight, conv.bias),
+        {'conv': lambda x, w, b: conv._conv_forward(x, w, b), 'gemm': lambda x, w, b: _pointwise_gemm(conv, x, w, b)},
+        extra=f"{conv.in_channels}->{conv.out_channels}/s{conv.stride[0]}{'+b' if conv.bias is not None else ''}",
+    )
 
 
 def conv_gelu(conv: nn.Conv2d, x: torch.Tensor, plain: Optional[Callable[[], torch.Tensor]] = None) -> torch.Tensor:

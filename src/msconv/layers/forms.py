@@ -71,6 +71,7 @@ __all__ = [
     'use_fast_form',
     'tunable',
     'tuned',
+    'tuned_training',
     'structure_signature',
     'forced_choices',
     'autotune_choices',
@@ -173,6 +174,13 @@ FORM_KINDS: Dict[str, FormKind] = {
         ),
         FormKind('lean', "a custom autograd function that saves less for backward (ShiftWise training)"),
         FormKind(
+            'train_gemm',
+            '1x1 convolutions of a training step as batched GEMMs on the (B, C, H*W) view (autograd through '
+            '``bmm``/``baddbmm``)',
+            device='cpu',
+            dtypes=(torch.float32, torch.bfloat16),
+        ),
+        FormKind(
             'fp32_tail',
             'a bf16/fp16 elementwise tail computed in fp32 (reduced-precision operands widened as they are read) and '
             "rounded to the input's dtype once at its end, where the plain form rounds after every op: within the "
@@ -218,6 +226,7 @@ class TunedOp:
     key: str
     where: str
     per_module: bool = False
+    training: bool = False  #: a training form: measured as forward + backward with autograd on (``tuned_training``)
 
     @property
     def plain(self) -> str:
@@ -292,6 +301,13 @@ TUNED: Dict[str, TunedOp] = {
             key="the block's structure",
             where="the MLP of a Swin+SCSC block",
             per_module=True,
+        ),
+        TunedOp(
+            'pointwise_conv_train',
+            {'conv': (), 'gemm': ('train_gemm', 'contiguous')},
+            key='channels, stride, bias, autocast',
+            where="1x1 convs of the training step: Swin+SCSC's MLP, the SCSC modules' reduce, router and recover",
+            training=True,
         ),
         TunedOp(
             'inference_model.memory_format',
@@ -642,3 +658,81 @@ def tuned(
     _CHOICES[key] = choice
     _store(key, choice)
     return out
+
+
+def tuned_training(
+    op: str,
+    args: Tuple[torch.Tensor, ...],
+    candidates: Dict[str, Callable[..., torch.Tensor]],
+    extra: str = '',
+) -> torch.Tensor:
+    """``candidates[choice](*args)`` for the training operation ``op`` of :data:`TUNED` (declared ``training=True``):
+    forms computing the same function of ``args`` (the input first, then e.g. a weight and a bias), differentiable,
+    named and ordered as declared there. Where the gate allows a fast form on ``args[0]`` and autograd is recording,
+    the first call for a key (as :func:`tuned`'s, plus the autocast dtype) times each allowed candidate's forward
+    and backward on detached copies of ``args`` (``torch.autograd.grad`` into those copies: nothing is accumulated
+    into the parameters' ``.grad`` and no state is touched; any ``saved_tensors_hooks`` of the caller, such as
+    gradient checkpointing's, are shielded from these graphs) and keeps the fastest; later calls run it. The plain
+    form runs inside ``reference_forms()``, under a capture, in a dispatch mode, with ``MSCONV_AUTOTUNE=0`` and
+    where nothing requires a gradient; a ``forced_choices`` pin wins wherever its form is allowed (with autograd off
+    too)."""
+    spec = _declared(op)
+    if not spec.training:
+        raise ValueError(f"tuned_training: {op!r} is not a training operation (use tuned)")
+    if tuple(candidates) != tuple(spec.candidates):
+        raise ValueError(f"tuned_training: {op!r} has the forms {list(spec.candidates)}, got {list(candidates)}")
+    plain, x = spec.plain, args[0]
+    if _REFERENCE:
+        return candidates[plain](*args)
+    allowed = _allowed(spec, x)
+    forced = _FORCED.get(op)
+    if forced is not None:
+        return candidates[forced if forced in allowed else plain](*args)
+    if (
+        not allowed
+        or not autotune_enabled()
+        or not torch.is_grad_enabled()
+        or not any(a is not None and a.requires_grad for a in args)
+        or _dispatch_mode_active()
+    ):
+        return candidates[plain](*args)
+    device = x.device.type
+    amp = str(torch.get_autocast_dtype(device)).replace('torch.', '') if torch.is_autocast_enabled(device) else 'off'
+    layout = 'cl' if channels_last_only(x) else ('c' if x.is_contiguous() else 's')
+    key = (
+        f"{op}|{tuple(x.shape)}|{layout}|{str(x.dtype).replace('torch.', '')}|{device}|"
+        f"{torch.get_num_threads()}|{extra}|amp:{amp}"
+    )
+    competing = (plain, *allowed)
+    if len(competing) < len(spec.candidates):
+        key += f"|of:{','.join(competing)}"
+    choice = _CHOICES.get(key) or _disk().get(key)
+    if choice not in competing:
+        global _MEASUREMENTS
+        _MEASUREMENTS += 1
+        choice, _ = _measure({name: _forward_backward(candidates[name], args) for name in competing})
+        _store(key, choice)
+    _CHOICES[key] = choice
+    return candidates[choice](*args)
+
+
+def _forward_backward(fn: Callable[..., torch.Tensor], args: Tuple[torch.Tensor, ...]) -> Callable[[], torch.Tensor]:
+    """One timed training run of a candidate: forward on detached leaf copies of ``args`` and the gradients of a
+    fixed random cotangent into those copies."""
+    leaves = [a.detach().requires_grad_(a.requires_grad) if a is not None else None for a in args]
+    wanted = [a for a in leaves if a is not None and a.requires_grad]
+    cotangent: list = []
+
+    def run() -> torch.Tensor:
+        with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):  # the caller's hooks (checkpointing) see none
+            out = fn(*leaves)
+            if not cotangent:
+                cotangent.append(torch.randn_like(out))
+            torch.autograd.grad(out, wanted, cotangent[0])
+        return out.detach()
+
+    return run
+
+
+def _keep(t: torch.Tensor) -> torch.Tensor:
+    return t

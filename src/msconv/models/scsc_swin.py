@@ -32,7 +32,8 @@ from timm.models.swin_transformer import PatchMerging
 
 from ..layers._fold import bn_scale_shift
 from ..layers.cross_scale import STAGE_KERNEL_SIZES, SpatialCrossScaleConv, convert_scsc_official
-from ..layers.forms import tuned, use_fast_form
+from ..layers.fast_ops import pointwise_conv_train
+from ..layers.forms import tunable, tuned, use_fast_form
 from ..layers.linear import Linear
 from ._builder import MsconvModel, factory_kwargs
 from ._registry import register_model
@@ -92,12 +93,23 @@ class CrossScaleSwinBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training and use_fast_form('inplace', x):
             return self._forward_inplace(x)
+        if torch.is_grad_enabled() and tunable('pointwise_conv_train', x):
+            return self._forward_train(x)
         return self.forward_reference(x)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.mixer(x))
         x = x + self.drop_path(self.mlp(self.norm(x)))
         return x
+
+    @torch.jit.unused
+    def _forward_train(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward_reference`` with the MLP's two 1x1 convs through ``fast_ops.pointwise_conv_train`` (the
+        convolution or batched GEMMs, whichever trains faster here: the official code's token Linears are GEMMs)."""
+        mlp = self.mlp
+        x = x + self.drop_path(self.mixer(x))
+        h = mlp.drop1(mlp.act(pointwise_conv_train(mlp.fc1, self.norm(x))))
+        return x + self.drop_path(mlp.drop2(pointwise_conv_train(mlp.fc2, mlp.norm(h))))
 
     @torch.jit.unused
     def _forward_inplace(self, x: torch.Tensor) -> torch.Tensor:
