@@ -79,6 +79,28 @@ def test_presets_hold_the_official_recipes():
     retina_b = _cfg('smt_base', 'detection', 'coco_3x', arch='retinanet')
     assert (retina_b.lr, retina_b.drop_path, retina_b.sync_bn) == (1e-4, 0.3, False)
     assert _cfg('smt_small', 'detection', 'coco_3x', lr=1e-3).warmup_lr == pytest.approx(1e-6)  # lr x 0.001
+    atss_b = _cfg('smt_base', 'detection', 'coco_3x', arch='atss')
+    assert (atss_b.lr, atss_b.weight_decay, atss_b.wd_exclude_1d, atss_b.drop_path, atss_b.clip_grad) == (
+        1e-4,
+        0.05,
+        False,
+        0.3,
+        None,
+    )
+    # Sparse R-CNN: AdamW 2.5e-5, weight decay 1e-4 on every parameter, clipping at norm 1; SMT-B keeps drop path 0.2
+    sparse = {m: _cfg(m, 'detection', 'coco_3x', arch='sparse_rcnn') for m in ('smt_small', 'smt_base')}
+    for cfg in sparse.values():
+        assert (cfg.lr, cfg.weight_decay, cfg.clip_grad, cfg.wd_exclude_keys, cfg.drop_path) == (
+            2.5e-5,
+            1e-4,
+            1.0,
+            [],
+            0.2,
+        )
+        assert (cfg.epochs, cfg.lr_milestones, cfg.warmup_iters, cfg.det_crop) == (36, [27, 33], 500, True)
+    assert sparse['smt_small'].warmup_lr == pytest.approx(2.5e-8)
+    custom = _cfg('smt_base', 'detection', 'coco_3x', arch='sparse_rcnn', lr=1e-3, drop_path=0.1)
+    assert custom.warmup_lr == pytest.approx(1e-6) and custom.drop_path == 0.1  # lr x 0.001; explicit values win
     one = _cfg('smt_base', 'detection', 'coco_1x')
     assert (one.epochs, one.lr_milestones, one.lr, one.wd_exclude_keys, one.drop_path) == (
         12,
@@ -112,6 +134,10 @@ def test_presets_hold_the_official_recipes():
         ('smt_small', 'detection', 'coco_3x', 'mask_rcnn'),
         ('smt_base', 'detection', 'coco_3x', 'cascade_mask_rcnn'),
         ('smt_base', 'detection', 'coco_1x', 'mask_rcnn'),
+        ('smt_small', 'detection', 'coco_3x', 'atss'),
+        ('smt_base', 'detection', 'coco_3x', 'atss'),
+        ('smt_small', 'detection', 'coco_3x', 'sparse_rcnn'),
+        ('smt_base', 'detection', 'coco_3x', 'sparse_rcnn'),
         ('smt_base', 'segmentation', 'ade20k_160k', 'upernet'),
         ('shiftwise_tiny', 'detection', 'coco_3x', 'cascade_mask_rcnn'),
         ('shiftwise_tiny', 'segmentation', 'ade20k_160k', 'upernet'),
@@ -311,6 +337,8 @@ def test_sync_bn_converts_what_the_configs_synchronise_and_says_when_it_cannot()
         ('decode_head', 'SyncBatchNorm'),
         ('auxiliary_head', 'SyncBatchNorm'),
     }
+    for arch in ('mask_rcnn', 'retinanet', 'atss', 'sparse_rcnn'):  # no BatchNorm in these configs' heads
+        assert sync_bn_scope('smt_small', arch) == (), arch
     sw = create_segmenter('test_shiftwise', 'upernet', 3, channels=16, aux_channels=8)
     sw_task = SegmentationTask(resolve_config(dict(SEG, model='test_shiftwise'), check_paths=False))
     assert set(kinds(sw_task.convert_sync_batchnorm(sw)).values()) == {'SyncBatchNorm'}  # the whole SW system
