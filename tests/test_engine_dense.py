@@ -241,6 +241,30 @@ def test_detection_run_trains_evaluates_and_resumes_bit_exactly(tmp_path, capsys
     assert f"mask_rcnn box: AP {ev['bbox_AP']:.3f}  AP50 {ev['bbox_AP50']:.3f}" in out and 'mask_rcnn mask: AP' in out
 
 
+@pytest.mark.parametrize('arch', ['atss', 'sparse_rcnn'])
+def test_box_only_detectors_resume_bit_exactly_without_masks(tmp_path, arch):
+    # ATSS and Sparse R-CNN (its preset clips gradients at norm 1) with EMA and drop path: 3 steps straight, and 2
+    # steps + resume for 1 more, give equal weights; their runs load no masks
+    common = dict(DET, arch=arch, output=str(tmp_path), ema=True, ema_decay=0.9, lr=1e-3, warmup_iters=1)
+    # (ATSS: 64 channels, two per GroupNorm group: P7 is 1x1 on these canvases)
+    common['dense_kwargs'] = dict(DET['dense_kwargs'], num_proposals=20, channels=64 if arch == 'atss' else 32)
+    ref = train(dict(common, name='ref', max_steps=3))
+    assert ref['status'] == 'finished' and 0.0 <= ref['last_eval']['bbox_AP50'] <= 1.0
+    assert 'segm_AP' not in ref['last_eval']
+    train(dict(common, name='cut', max_steps=2))
+    assert train(dict(common, name='cut', max_steps=3, resume='auto'))['steps'] == 3
+    a = load_checkpoint(list_checkpoints(tmp_path / 'ref')[-1])
+    b = load_checkpoint(list_checkpoints(tmp_path / 'cut')[-1])
+    assert a[0]['model'].keys() == b[0]['model'].keys()
+    for key in ('model', 'ema'):
+        for k in a[0][key]:
+            assert torch.equal(a[0][key][k], b[0][key][k]), (key, k)
+    task = DetectionTask(resolve_config(dict(common, name='ref'), check_paths=False))
+    train_set = task._train_set()
+    assert not train_set.with_masks and 'masks' not in train_set[0][1]
+    assert task.cfg.clip_grad == (1.0 if arch == 'sparse_rcnn' else None)
+
+
 def test_segmentation_run_learns_and_eval_reports_single_and_multi_scale(tmp_path):
     res = train(dict(SEG, output=str(tmp_path), name='seg', lr=2e-3, seg_eval_ms=True, eval_every_iters=15))
     assert res['steps'] == 30
