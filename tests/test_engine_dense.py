@@ -301,6 +301,27 @@ def test_dense_demo_runs_from_a_given_backbone(tmp_path):
         dense_demo('segmentation', archs=['mask_rcnn'], output=str(tmp_path / 'x'), pretrained=str(weights))
 
 
+@pytest.mark.slow  # writes 900 canvases and evaluates 100 twice
+def test_detection_demo_runs_atss_and_sparse_rcnn_when_asked(tmp_path):
+    from safetensors.torch import save_file
+
+    import msconv
+    from msconv.engine.demo import DEMO_MODELS, dense_demo
+
+    assert [a for a, spec in DetectionTask.demo_runs.items() if spec.get('default', True)] == ['mask_rcnn', 'retinanet']
+    spec = DEMO_MODELS['smt']
+    weights = tmp_path / 'nano.safetensors'
+    save_file(msconv.create_model(spec['model'], num_classes=10, **spec['model_kwargs']).state_dict(), str(weights))
+    res = dense_demo(
+        'detection', archs=['atss', 'sparse_rcnn'], output=str(tmp_path / 'demo'), pretrained=str(weights), max_steps=1
+    )
+    assert [r['arch'] for r in res['rows']] == ['atss', 'sparse_rcnn']
+    for row in res['rows']:
+        assert row['steps'] == 1 and row['metric'] == 'bbox_AP50' and 0.0 <= row['value'] <= 1.0
+    with pytest.raises(ValueError, match=r"must be among \('mask_rcnn', 'retinanet', 'atss', 'sparse_rcnn'\)"):
+        dense_demo('detection', archs=['upernet'], output=str(tmp_path / 'x'), pretrained=str(weights))
+
+
 def test_weight_decay_rules_and_layer_ids():
     """mmcv's rule (everything decays but names containing a key) against timm's (1-D and biases exempt), and the
     ShiftwiseConv constructor's layer ids on msconv's names (tests/test_dense_optimizer.py checks whole systems
