@@ -165,7 +165,7 @@ def test_unreadable_images_are_skipped_named_counted_then_abort(tmp_path):
     order = list(ResumableDistributedSampler(ds, shuffle=True, seed=0))[:48]
     bad_index = [p for p, _ in ds.samples].index(str(bad))
     expect = 1 if bad_index in order else 0
-    assert [r['bad_images'] for r in records if r['kind'] == 'train'][-1] == expect
+    assert [r['skipped_files'] for r in records if r['kind'] == 'train'][-1] == expect
     # evaluation excludes an unreadable image instead of counting a stand-in
     _truncated_jpeg(data / 'val' / 'b' / 'broken.jpg')
     val = CheckedImageFolder(data / 'val', exclude=True)
@@ -175,13 +175,22 @@ def test_unreadable_images_are_skipped_named_counted_then_abort(tmp_path):
     from msconv.engine import evaluate
 
     with pytest.warns(UserWarning, match='broken.jpg'):
-        assert evaluate('test_smt', data=str(data), num_classes=3)['count'] == 12
+        res = evaluate('test_smt', data=str(data), num_classes=3, bad_image_threshold=0.1)
+    assert res['count'] == 12 and res['skipped_files'] == 1
+    # 1 of 13 is past the default threshold (1%): the evaluation refuses naming the file, and the way to raise the
+    # threshold that msconv eval has (it has no --set)
+    with pytest.raises(
+        DataError, match=r"1 of 13 files in val could not be used.*b/broken\.jpg.*--bad-image-threshold"
+    ):
+        with pytest.warns(UserWarning, match='broken.jpg'):
+            evaluate('test_smt', data=str(data), num_classes=3)
     # past the threshold (default 1% of the split): a clear error naming the threshold
     _truncated_jpeg(data / 'train' / 'b' / 'broken2.jpg')
     with (
         pytest.raises(
             DataError,
-            match=r"[12] of 50 files in train could not be used, more than bad_image_threshold=0.01 of the split: ",
+            match=r"[12] of 50 files in train could not be used, more than bad_image_threshold=0.01 of the split: .*"
+            r"msconv train --set bad_image_threshold=F",
         ),
         pytest.warns(UserWarning, match='broken'),
     ):

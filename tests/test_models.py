@@ -77,6 +77,27 @@ def test_head_api(name):
 
 
 @pytest.mark.parametrize('name', TEST_MODELS)
+def test_a_classifier_without_pooling_is_refused(name):
+    """Issue 22 item 9: ``global_pool=''`` with a classifier. Before: SMT, SCSC-Swin and SCSC-ResNet failed at
+    forward ('mat1 and mat2 shapes cannot be multiplied'), ShiftWise returned per-position logits (2, 1000, 2, 2);
+    timm's heads refuse pooling off with a Linear classifier. Refused at construction and in reset_classifier,
+    naming the option; the face models' embedding head already asked for 'flatten'."""
+    face = name in ('test_scsc_faceresnet', 'test_face_iresnet')  # an embedding head: 'flatten' or no embedding
+    message = r"global_pool must be 'flatten' for an embedding head" if face else r"global_pool='' \(no pooling\)"
+    with pytest.raises(ValueError, match=message + r".*(num_classes=10|got '')"):
+        msconv.create_model(name, num_classes=10, global_pool='')
+    with pytest.raises(ValueError, match=r"global_pool='' \(no pooling\) cannot feed a classifier \(num_classes=3\)"):
+        msconv.create_model(name, num_classes=5).reset_classifier(3, '')
+    model = msconv.create_model(name, num_classes=0, global_pool='').eval()
+    with torch.no_grad():
+        assert model(_x(model)).dim() == 4
+        # a classifier asked for without saying how to pool gets the pooling back (timm keeps '', and its Linear head
+        # then fails or returns logits per position), as the face models' embedding head gets its flatten back
+        model.reset_classifier(3)
+        assert model(_x(model)).shape == (2, 3)
+
+
+@pytest.mark.parametrize('name', TEST_MODELS)
 def test_features_only(name):
     model = msconv.create_model(name, features_only=True).eval()
     x = _x(model)

@@ -8,8 +8,10 @@ sits beside ``msconv`` (not inside it) because ``import msconv`` registers the m
 in timm and so imports torch; ``msconv --help`` and argument errors import neither.
 
 User errors (bad paths, bad values, malformed YAML, unreadable or foreign checkpoints, bad data, an optional
-dependency that is not installed: the line names the extra) are printed as one line on stderr with exit status 2;
-``--debug`` shows the traceback instead. Ctrl-C exits with 130, SIGTERM with 143.
+dependency that is not installed: the line names the extra) and failures of the file system (full, read-only, gone)
+or of another process of a torchrun job are printed as one line on stderr with exit status 2; ``--debug`` shows the
+traceback instead. Ctrl-C exits with 130, SIGTERM with 143 (under torchrun: every process, whichever received the
+signal).
 """
 
 from __future__ import annotations
@@ -60,6 +62,12 @@ def user_error_message(e: BaseException) -> Optional[str]:
         from msconv._extras import MissingExtraError, extra_for_missing_module  # deferred: msconv loads torch
 
         return str(e) if isinstance(e, MissingExtraError) else extra_for_missing_module(e)
+    if type(e).__name__ == 'JobFailure':  # msconv.engine.distributed: another process of a torchrun job failed
+        return str(e)
+    if any(c.__name__ == 'DistError' and c.__module__.startswith('torch') for c in type(e).__mro__):
+        # torchrun: a collective timed out or another process vanished (torch's message runs over many lines)
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        return f"another process of the job stopped answering or failed ({type(e).__name__}: {first[:300]})"
     if type(e).__module__.split('.')[0] == 'yaml':  # a YAML error that reached here without its file name
         return f"malformed YAML: {e}"
     return None

@@ -66,6 +66,9 @@ class ADESegmentation(Dataset):
         num_classes: classes after ``reduce_zero_label`` (150 for ADE20K).
         reduce_zero_label: map 0 to 255 and shift the others down by one.
         on_error: ``'raise'`` or ``'skip'``.
+        exclude: the stand-in of an unusable image (the next usable one) gets a label of ``IGNORE_INDEX`` only, so
+            that evaluation counts every usable image once and an unusable one not at all (as a classification
+            val set's label -1).
     """
 
     def __init__(
@@ -76,9 +79,11 @@ class ADESegmentation(Dataset):
         num_classes: int = 150,
         reduce_zero_label: bool = True,
         on_error: str = 'raise',
+        exclude: bool = False,
     ) -> None:
         self.root = Path(root)
         self.split = split
+        self.exclude = exclude
         self.transforms = transforms
         self.num_classes = num_classes
         self.reduce_zero_label = reduce_zero_label
@@ -128,10 +133,8 @@ class ADESegmentation(Dataset):
 
     @property
     def unreadable(self) -> int:
-        return self.skips.count(window=True)
-
-    def reset_unreadable(self) -> None:
-        self.skips.new_window()
+        """Files and annotations this dataset could not use (``self.skips``), so far."""
+        return self.skips.count()
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -182,6 +185,8 @@ class ADESegmentation(Dataset):
                     raise
                 self.skips.mark(i, e)
                 continue
+            if self.exclude and attempt:
+                label = np.full_like(label, IGNORE_INDEX)
             image = tv_tensors.Image(TF.pil_to_tensor(image))
             mask = tv_tensors.Mask(torch.from_numpy(label)[None])  # (1, H, W) uint8
             if self.transforms is not None:

@@ -14,7 +14,8 @@ official configs' augmentations in ``torchvision.transforms.v2`` and ``tv_tensor
   with ``on_error='skip'``, is skipped with a warning naming it and counted once in ``dataset.skips``
   (:class:`msconv.data.skips.SkippedFiles`: kinds ``'file'`` and ``'annotation'``, one threshold). Images that fail
   when loaded are marked in shared memory (so DataLoader workers count them too) and replaced by the next usable
-  one.
+  one; with ``exclude=True`` (evaluation) that stand-in's target says ``excluded: True`` and the evaluation leaves
+  it out, so every usable image is scored once and an unusable one not at all.
 * :func:`detection_train_transforms`: flip 0.5, then one of (a) resize the shorter side to one of 480..800 (step
   32, longer side <= 1333) or (b) resize to 400/500/600, random crop of 384-600 px per side, resize to 480..800
   (the DETR-style ``AutoAugment`` of the 3x configs); :func:`detection_eval_transforms` keeps the image size (the
@@ -78,6 +79,8 @@ class CocoDetection(Dataset):
         with_masks: decode instance masks (needed by the mask models).
         filter_empty: leave out images with no usable annotation (the configs do so for training).
         on_error: ``'raise'`` or ``'skip'`` for bad images and annotations.
+        exclude: mark the stand-in of an unusable image (``target['excluded'] = True``) for evaluation to leave
+            out (its image id is another image's: scoring it would count that image twice).
     """
 
     def __init__(
@@ -88,6 +91,7 @@ class CocoDetection(Dataset):
         with_masks: bool = True,
         filter_empty: bool = False,
         on_error: str = 'raise',
+        exclude: bool = False,
     ) -> None:
         COCO = require('pycocotools.coco', 'COCO datasets').COCO
 
@@ -96,6 +100,7 @@ class CocoDetection(Dataset):
         self.transforms = transforms
         self.with_masks = with_masks
         self.on_error = _check_on_error(on_error)
+        self.exclude = exclude
         self._problems: List[Tuple[str, str, str]] = []  # (name, reason, kind) until self.skips exists
         if not self.root.is_dir():
             raise ValueError(f"root must be a folder of images, {str(self.root)!r} is not a directory")
@@ -237,10 +242,8 @@ class CocoDetection(Dataset):
 
     @property
     def unreadable(self) -> int:
-        return self.skips.count(window=True)
-
-    def reset_unreadable(self) -> None:
-        self.skips.new_window()
+        """Files and annotations this dataset could not use (``self.skips``), so far."""
+        return self.skips.count()
 
     def _load_image(self, img: dict) -> Image.Image:
         path = self.root / img['file_name']
@@ -261,11 +264,15 @@ class CocoDetection(Dataset):
                 continue
             img_id = self.ids[i]
             try:
-                return self._sample(img_id, self._load_image(self.images[img_id]))
+                image, target = self._sample(img_id, self._load_image(self.images[img_id]))
             except UnusableFile as e:
                 if self.on_error == 'raise':
                     raise
                 self.skips.mark(i, e)
+                continue
+            if self.exclude and attempt:
+                target['excluded'] = True
+            return image, target
         raise DataError(f"{self.root}: no usable image left in the dataset")
 
     def _sample(self, img_id: Any, pil: Image.Image):

@@ -206,19 +206,29 @@ def scan_image_folder(
     """``(classes, samples, skipped, notes)`` of an ImageFolder tree: what torchvision's ``ImageFolder`` finds
     (same classes, files and order) except that each real folder is read once per class (torchvision follows a
     link loop until the path is too long: ``ln -s . train/a/loop`` read class a 41 times), hidden files and
-    folders are left out, and every other file it would pass over is returned in ``skipped`` with the reason."""
+    folders are left out, and what it would pass over is named: entries that look like images but are not
+    regular files (broken links, pipes) in ``skipped`` with the reason (counted against the threshold); files
+    without an image extension (a README, a .gif: torchvision leaves them out too) in one of the ``notes``,
+    announced by name but not counted, so a folder with a text file beside its images is not refused."""
     folder = str(folder)
     classes = _class_folders(folder)
     samples: List[Tuple[str, int]] = []
     skipped: List[Tuple[str, str]] = []
     notes: List[str] = []
+    other: List[str] = []
     for index, name in enumerate(classes):
         walk = _walk_class(os.path.join(folder, name), lambda p, r: skipped.append((p, r)), notes.append)
         for path in (path for _, files in sorted(walk) for path in files):
             if path.lower().endswith(IMAGE_EXTENSIONS):
                 samples.append((path, index))
             else:
-                skipped.append((path, f"not an image file name (extensions read: {' '.join(IMAGE_EXTENSIONS)})"))
+                other.append(os.path.relpath(path, folder))
+    if other:
+        more = f" and {len(other) - 5} more" if len(other) > 5 else ''
+        notes.append(
+            f"data {folder!r}: left out {len(other)} file(s) without an image extension, as torchvision's "
+            f"ImageFolder does (extensions read: {' '.join(IMAGE_EXTENSIONS)}): {', '.join(other[:5])}{more}"
+        )
     found = {t for _, t in samples}
     empty = [c for i, c in enumerate(classes) if i not in found]
     if empty:
@@ -235,8 +245,8 @@ class CheckedImageFolder(Dataset):
     ``self.skips`` (``msconv.data.skips.SkippedFiles``): files that are not images when the folder is read, and a
     file that fails to load when it is first met; that item is then replaced by the next usable one, so batches
     keep their size. With ``exclude=True`` (evaluation) the stand-in carries the label -1 so that accuracy
-    counts every usable image once and nothing else. ``unreadable`` counts the entries met since the last
-    ``reset_unreadable()``, across DataLoader worker processes.
+    counts every usable image once and nothing else. ``unreadable`` counts the entries found so far, in this
+    process and its DataLoader worker processes.
     """
 
     def __init__(
@@ -267,10 +277,7 @@ class CheckedImageFolder(Dataset):
 
     @property
     def unreadable(self) -> int:
-        return self.skips.count(window=True)
-
-    def reset_unreadable(self) -> None:
-        self.skips.new_window()
+        return self.skips.count()
 
     def __getitem__(self, index: int):
         n = len(self.samples)
@@ -291,18 +298,17 @@ class CheckedImageFolder(Dataset):
 
 
 def count_unreadable(dataset) -> Optional[int]:
-    """Files and annotations ``dataset`` could not use (its ``SkippedFiles``), those met since the last
-    ``reset_unreadable()``; None for a dataset without an account (the bundled digits)."""
+    """Files and annotations ``dataset`` could not use so far (its ``SkippedFiles``); None for a dataset without an
+    account (the bundled digits)."""
     skips = skipped_files(dataset)
-    return None if skips is None else skips.count(window=True)
+    return None if skips is None else skips.count()
 
 
-def unreadable_message(dataset, split: str, threshold: float, share: int = 1) -> Optional[str]:
+def unreadable_message(dataset, split: str, threshold: float) -> Optional[str]:
     """The refusal when more than ``threshold`` (a fraction) of one kind of ``split``'s entries could not be used
-    (``SkippedFiles.message``), else None. ``share``: the number of processes the split is divided among (each
-    counts only what it loads)."""
+    (``SkippedFiles.message``), else None."""
     skips = skipped_files(dataset)
-    return None if skips is None else skips.message(split, threshold, share=share, window=True)
+    return None if skips is None else skips.message(split, threshold)
 
 
 def _posterize_keep_zero_bits(img, bits_to_keep, **_):

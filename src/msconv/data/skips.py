@@ -17,9 +17,9 @@ a pixel) is ``note()``-d: announced and listed in ``notes``, never counted.
 
 The engine's hooks: ``skipped_files(dataset)`` finds the account (through wrappers); ``counts()`` and
 ``metrics()`` for the records; ``message(split)`` and ``check(split)`` for the threshold; ``marks``, a uint8
-tensor with one code per item, to ``all_reduce`` with ``MAX`` across ranks (then every rank counts the union);
-``notes`` for the log. ``new_window()`` and ``counts(window=True)`` count only what was met since the last
-call (the trainer's per-epoch count before it reduces ``marks``).
+tensor with one code per item, to ``all_reduce`` with ``MAX`` across ranks (then every rank counts the union:
+each file once, whichever rank met it); ``notes`` for the log. An item once marked stays known for the life of
+the dataset, so the counts are those of the whole run, against the split's size.
 """
 
 from __future__ import annotations
@@ -32,7 +32,14 @@ import torch
 
 from .images import REASONS, UNREADABLE, UnusableFile
 
-__all__ = ['SkippedFiles', 'DataError', 'skipped_files', 'DEFAULT_THRESHOLD']
+__all__ = [
+    'SkippedFiles',
+    'DataError',
+    'skipped_files',
+    'DEFAULT_THRESHOLD',
+    'EVAL_THRESHOLD_HINT',
+    'TRAIN_THRESHOLD_HINT',
+]
 
 DEFAULT_THRESHOLD = 0.01  # TrainConfig.bad_image_threshold's default
 _LISTED = 5  # entries named in a refusal
@@ -40,6 +47,12 @@ _LISTED = 5  # entries named in a refusal
 
 class DataError(ValueError):
     """A split with more unusable files or annotations than the threshold allows (the message names them)."""
+
+
+# how an evaluation's user raises the threshold (msconv eval's flag, msconv.evaluate's argument)
+# ... and a training run's user (msconv train's --set, msconv.train's keyword)
+TRAIN_THRESHOLD_HINT = 'msconv train --set bad_image_threshold=F, or bad_image_threshold=F'
+EVAL_THRESHOLD_HINT = 'msconv eval --bad-image-threshold F, or bad_image_threshold=F'
 
 
 class SkippedFiles:
@@ -70,7 +83,6 @@ class SkippedFiles:
         self.notes: List[str] = []
         self._added: Dict[Tuple[str, str], str] = {}  # (kind, name) -> reason, in the order found
         self.marks = torch.zeros(len(self.items), dtype=torch.uint8).share_memory_()  # reason code + 1, 0: fine
-        self._window = torch.zeros(len(self.items), dtype=torch.uint8).share_memory_()
 
     # ----------------------------------------------------------------------------------------------- recording
     def add(self, name: str, reason: str, kind: str = 'file') -> bool:
@@ -85,8 +97,7 @@ class SkippedFiles:
 
     def mark(self, index: int, error: Optional[BaseException] = None) -> bool:
         """Record item ``index`` as unusable (``error``: why; an ``UnusableFile`` names its reason), in any
-        process; warns the first time. Counts it in the current window. Returns whether it was new."""
-        self._window[index] = 1
+        process; warns the first time. Returns whether it was new."""
         if int(self.marks[index]):
             return False
         reason = error.reason if isinstance(error, UnusableFile) else UNREADABLE
@@ -102,11 +113,13 @@ class SkippedFiles:
         return True
 
     def is_marked(self, index: int) -> bool:
-        """Whether item ``index`` is known unusable (counted in the current window when it is)."""
-        if int(self.marks[index]):
-            self._window[index] = 1
-            return True
-        return False
+        """Whether item ``index`` is known unusable."""
+        return bool(int(self.marks[index]))
+
+    def merge(self, marks: torch.Tensor) -> None:
+        """Take in the items another process found unusable (its ``marks``, or several processes' reduced with
+        ``MAX``): afterwards this account counts the union. Not announced again: the process that met them did."""
+        torch.maximum(self.marks, marks.to(self.marks.device, torch.uint8), out=self.marks)
 
     def note(self, message: str) -> None:
         """Announce something left out on purpose without losing data (listed in ``notes``, not counted)."""
@@ -114,32 +127,26 @@ class SkippedFiles:
             self.notes.append(message)
             warnings.warn(message, UserWarning, stacklevel=3)
 
-    def new_window(self) -> None:
-        """Start counting ``counts(window=True)`` afresh (known unusable items stay known)."""
-        self._window.zero_()
-
     # ----------------------------------------------------------------------------------------------- reading
-    def entries(self, window: bool = False) -> List[Tuple[str, str, str]]:
+    def entries(self) -> List[Tuple[str, str, str]]:
         """``(name, reason, kind)`` of every entry: those found while building, then the marked items by index."""
         out = [(name, reason, kind) for (kind, name), reason in self._added.items()]
-        marked = self.marks if not window else self.marks * (self._window > 0)
-        for i in torch.nonzero(marked).flatten().tolist():
+        for i in torch.nonzero(self.marks).flatten().tolist():
             out.append((self.items[i], REASONS[int(self.marks[i]) - 1], 'file'))
         return out
 
-    def counts(self, window: bool = False) -> Dict[str, int]:
+    def counts(self) -> Dict[str, int]:
         """Entries per kind (only the kinds that have some)."""
         out: Dict[str, int] = {}
         for kind, _ in self._added:
             out[kind] = out.get(kind, 0) + 1
-        marked = self.marks if not window else self.marks * (self._window > 0)
-        n = int((marked > 0).sum())
+        n = int((self.marks > 0).sum())
         if n:
             out['file'] = out.get('file', 0) + n
         return out
 
-    def count(self, window: bool = False) -> int:
-        return sum(self.counts(window).values())
+    def count(self) -> int:
+        return sum(self.counts().values())
 
     def total(self, kind: str) -> int:
         if kind in self.totals:
@@ -156,32 +163,29 @@ class SkippedFiles:
             out['skipped_annotations'] = counts.get('annotation', 0)
         return out
 
-    def message(
-        self, split: str = '', threshold: Optional[float] = None, share: int = 1, window: bool = False
-    ) -> Optional[str]:
+    def message(self, split: str = '', threshold: Optional[float] = None, hint: Optional[str] = None) -> Optional[str]:
         """The refusal when a kind's share of skipped entries passes ``threshold`` (default: ``self.threshold``),
-        naming the first entries; None within it. ``share``: the processes the split is divided among, each
-        counting what it met (the count is scaled up by it)."""
+        naming the first entries; None within it. ``hint``: how the caller's user raises the threshold (default:
+        ``TRAIN_THRESHOLD_HINT``)."""
         threshold = self.threshold if threshold is None else float(threshold)
-        counts = self.counts(window)
-        over = {k: n for k, n in counts.items() if n * share > threshold * self.total(k)}
+        counts = self.counts()
+        over = {k: n for k, n in counts.items() if n > threshold * self.total(k)}
         if not over:
             return None
-        what = ' and '.join(
-            f"{'about ' if share > 1 else ''}{n * share} of {self.total(k)} {k}s" for k, n in sorted(counts.items())
-        )
-        entries = self.entries(window)
+        what = ' and '.join(f"{n} of {self.total(k)} {k}s" for k, n in sorted(counts.items()))
+        entries = self.entries()
         listed = ', '.join(f"{self._show(name)} ({reason})" for name, reason, _ in entries[:_LISTED])
         more = f" and {len(entries) - _LISTED} more" if len(entries) > _LISTED else ''
         in_split = f" in {split}" if split else ''
         return (
             f"data {self.where!r}: {what}{in_split} could not be used, more than bad_image_threshold={threshold:g} "
-            f"of the split: {listed}{more}. Fix or remove them, or raise the threshold (--set bad_image_threshold=...)"
+            f"of the split: {listed}{more}. Fix or remove them, or raise the threshold "
+            f"({hint or TRAIN_THRESHOLD_HINT})"
         )
 
-    def check(self, split: str = '', threshold: Optional[float] = None) -> None:
+    def check(self, split: str = '', threshold: Optional[float] = None, hint: Optional[str] = None) -> None:
         """Raise ``DataError`` with ``message(...)`` when past the threshold."""
-        msg = self.message(split, threshold)
+        msg = self.message(split, threshold, hint)
         if msg is not None:
             raise DataError(msg)
 

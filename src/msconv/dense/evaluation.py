@@ -97,6 +97,8 @@ def coco_results(
         for images, targets in _batches(dataset, list(indices), batch_size, num_workers, collate_detection):
             outputs = model([im.to(device) for im in images])
             for out, target in zip(outputs, targets):
+                if target.get('excluded'):  # the stand-in of an unusable image (CocoDetection(exclude=True))
+                    continue
                 img_id = target['image_id']
                 image_ids.append(img_id)
                 boxes = out['boxes'].cpu()
@@ -264,6 +266,10 @@ def evaluate_segmentation(
     n = len(dataset) if max_images is None else min(int(max_images), len(dataset))
     try:
         for image, mask in _batches(dataset, list(range(n)), 1, num_workers, _first):
+            mask = mask.as_subclass(torch.Tensor).long()
+            valid = mask != ignore_index
+            if not valid.any():  # nothing to score (e.g. the stand-in of an unusable image: exclude=True)
+                continue
             pred = (
                 predict_segmentation(
                     model, image.as_subclass(torch.Tensor), ratios, flip, scale, mode, crop_size, stride
@@ -271,8 +277,6 @@ def evaluate_segmentation(
                 .argmax(0)
                 .cpu()
             )
-            mask = mask.as_subclass(torch.Tensor).long()
-            valid = mask != ignore_index
             p, t = pred[valid], mask[valid]
             inter += torch.bincount(t[p == t], minlength=num_classes)[:num_classes].double()
             pred_area += torch.bincount(p, minlength=num_classes)[:num_classes].double()

@@ -3,9 +3,9 @@ torchrun support.
 
 The modules, lowest layer first; each imports only from the layers below it (``tests/test_architecture.py``):
 
-- ``registry`` (the one task registry), ``checkpoint`` (atomic, verified checkpoints and run folders),
-  ``distributed``, ``metrics`` (records, curves, progress), ``verification`` (face pairs), ``sparsity`` (ShiftWise
-  sparse training);
+- ``registry`` (the one task registry), ``checkpoint`` (atomic, verified checkpoints and run folders), ``lock``
+  (one writer per run folder), ``distributed``, ``metrics`` (records, curves, progress), ``verification`` (face
+  pairs), ``sparsity`` (ShiftWise sparse training);
 - ``config`` (``TrainConfig``: the options every task shares; registered presets; YAML; checks), ``optim`` (the
   optimizer's parameter groups);
 - ``build`` (model by name, data configuration, checked weight loading), ``recipes`` (the ImageNet presets and their

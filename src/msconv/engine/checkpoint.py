@@ -7,7 +7,9 @@ One checkpoint is a folder ``<run>/checkpoints/step-00001234/`` holding
 - ``meta.json``: step, epoch, config, and the SHA-256 of every file above, written last.
 
 The folder is written under a temporary name, every file is fsynced, then it is renamed into place (atomic on
-POSIX), so a crash leaves either the previous checkpoints or a complete new one. ``load_checkpoint`` checks the
+POSIX), so a crash leaves either the previous checkpoints or a complete new one. A write the file system refuses
+(full, read-only, vanished) raises ``RunWriteError``, one line naming the path and the cause, after removing the
+temporary folder: the previous checkpoints stay as they were. ``load_checkpoint`` checks the
 hashes and that each file parses, and names the bad file; ``latest_good_checkpoint`` falls back to the newest
 checkpoint that passes.
 
@@ -32,11 +34,15 @@ import torch
 from safetensors.torch import load_file, save
 
 __all__ = [
+    'SKIP_LIST',
     'CheckpointError',
+    'RunWriteError',
+    'os_cause',
     'atomic_write_bytes',
     'save_checkpoint',
     'load_checkpoint',
     'list_checkpoints',
+    'checkpoint_weights_verify',
     'latest_good_checkpoint',
     'get_rng_state',
     'set_rng_state',
@@ -58,6 +64,41 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated or corrupt (the message names the file)."""
 
 
+class RunWriteError(OSError):
+    """A file of a run (checkpoint, metrics, config) could not be written: the file system is full, read-only or
+    gone. The message is one line naming the path and the cause (``errno`` is the cause's) and says what was left
+    as it was; nothing half-written stays behind."""
+
+    def __init__(self, message: str, cause: Optional[OSError] = None):
+        super().__init__(message)
+        self.errno = getattr(cause, 'errno', None)
+
+
+def os_cause(e: BaseException) -> str:
+    """The file system's reason (``No space left on device``), without Python's ``[Errno N]`` and file name."""
+    return (e.strerror if isinstance(e, OSError) and e.strerror else str(e)) or type(e).__name__
+
+
+class _CheckedStream:
+    """The binary file ``torch.save`` writes through, keeping the file system's error: torch's zip writer turns a
+    failed write into ``RuntimeError: [enforce fail at inline_container.cc] unexpected pos``, which names neither
+    the file nor the cause."""
+
+    def __init__(self, f):
+        self.f = f
+        self.error: Optional[OSError] = None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(str(path), os.O_RDONLY)
@@ -72,15 +113,23 @@ def _fsync_dir(path: Path) -> None:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file, fsync, and rename."""
+    """Write ``data`` to ``path`` through a temporary file, fsync, and rename. A write the file system refuses
+    raises ``RunWriteError`` naming ``path`` and leaves ``path`` as it was and no temporary file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, 'wb') as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, 'wb') as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise RunWriteError(f"could not write {str(path)!r}: {os_cause(e)}; it was left as it was", e) from e
     _fsync_dir(path.parent)
 
 
@@ -137,6 +186,19 @@ def _write_safetensors(tensors: Dict[str, torch.Tensor], path: Path, metadata: O
         os.fsync(f.fileno())
 
 
+def _write_torch(obj: Any, path: Path) -> None:
+    with open(path, 'wb') as f:
+        stream = _CheckedStream(f)
+        try:
+            torch.save(obj, stream)
+        except RuntimeError:
+            if stream.error is not None:  # the file system's error, not torch's "unexpected pos"
+                raise stream.error from None
+            raise
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _write_folder(
     ckpt_root: Path,
     name: str,
@@ -145,36 +207,57 @@ def _write_folder(
     state: Dict[str, Any],
     meta: Dict[str, Any],
 ) -> Path:
-    """Write one checkpoint folder ``ckpt_root/name`` atomically (temporary folder, fsync, rename)."""
-    ckpt_root.mkdir(parents=True, exist_ok=True)
+    """Write one checkpoint folder ``ckpt_root/name`` atomically (temporary folder, fsync, rename).
+
+    A write the file system refuses raises ``RunWriteError`` naming the checkpoint, the file and the cause, after
+    removing the temporary folder; the checkpoints already there are left as they were."""
     final = ckpt_root / name
     tmp = ckpt_root / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    files: Dict[str, str] = {}
-    for wname, sd in weights.items():
-        if sd is None:
-            continue
-        path = tmp / f"{wname}.safetensors"
-        _write_safetensors(sd, path, metadata={'format': 'pt', 'step': str(step)})
-        files[path.name] = _sha256(path)
-    state_path = tmp / 'state.pt'
-    with open(state_path, 'wb') as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    files[state_path.name] = _sha256(state_path)
-    meta = dict(meta, step=step, files=files, format='msconv-checkpoint-v1')
-    with open(tmp / 'meta.json', 'w') as f:
-        json.dump(meta, f, indent=1, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(tmp)
-    if final.exists():  # re-saving the same step (e.g. epoch end right after a periodic save)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(ckpt_root)
+    writing, old = tmp, None
+    try:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        files: Dict[str, str] = {}
+        for wname, sd in weights.items():
+            if sd is None:
+                continue
+            writing = tmp / f"{wname}.safetensors"
+            _write_safetensors(sd, writing, metadata={'format': 'pt', 'step': str(step)})
+            files[writing.name] = _sha256(writing)
+        writing = tmp / 'state.pt'
+        _write_torch(state, writing)
+        files[writing.name] = _sha256(writing)
+        meta = dict(meta, step=step, files=files, format='msconv-checkpoint-v1')
+        writing = tmp / 'meta.json'
+        with open(writing, 'w') as f:
+            json.dump(meta, f, indent=1, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        writing = final
+        if final.exists():  # re-saving the same step (e.g. epoch end right after a periodic save): keep it until
+            old = ckpt_root / f".old-{final.name}-{os.getpid()}"  # the new one is in place
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync_dir(ckpt_root)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not final.exists():
+            os.replace(old, final)
+        where = '' if writing in (tmp, final) else f" ({writing.name})"
+        kept = [p.name for p in list_checkpoints(ckpt_root.parent)]
+        raise RunWriteError(
+            f"could not write checkpoint {str(final)!r}{where}: {os_cause(e)}; the checkpoints already there are as "
+            f"they were ({', '.join(kept) if kept else 'none yet'})",
+            e,
+        ) from e
+    except BaseException:  # Ctrl-C or a bug while writing: no half-written folder stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -208,7 +291,8 @@ def checkpoint_step(path: Union[str, Path]) -> int:
     return int(Path(path).name[len(_PREFIX) :])
 
 
-_RUN_FILES = ('config.yaml', 'metrics.jsonl', 'metrics.csv', 'curves.png')
+SKIP_LIST = 'skipped.tsv'  # the files and annotations a run could not use (msconv.data.skips), one a line
+_RUN_FILES = ('config.yaml', 'metrics.jsonl', 'metrics.csv', 'curves.png', SKIP_LIST)
 
 
 def holds_run(run_dir: Union[str, Path]) -> bool:
@@ -230,12 +314,20 @@ def clear_run(run_dir: Union[str, Path]) -> None:
 
 def clean_temporaries(run_dir: Union[str, Path]) -> List[Path]:
     """Delete what a crash can leave behind: unfinished ``checkpoints/.tmp-*`` folders and ``.<file>.tmp-*``
-    files of interrupted atomic writes. Returns the removed paths."""
+    files of interrupted atomic writes; a checkpoint set aside while the same step was re-saved
+    (``checkpoints/.old-<name>-<pid>``) goes back in place if the new one never arrived. Returns the removed paths."""
     run_dir = Path(run_dir)
     removed = []
     candidates = list(run_dir.glob('.*.tmp-*'))
-    if (run_dir / 'checkpoints').is_dir():
-        candidates += list((run_dir / 'checkpoints').glob('.tmp-*'))
+    root = run_dir / 'checkpoints'
+    if root.is_dir():
+        candidates += list(root.glob('.tmp-*'))
+        for p in root.glob('.old-*'):
+            name = p.name[len('.old-') :].rsplit('-', 1)[0]
+            if not (root / name).exists():
+                os.replace(p, root / name)
+            else:
+                candidates.append(p)
     for p in candidates:
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
@@ -294,24 +386,43 @@ def load_checkpoint(path: Union[str, Path]) -> Tuple[Dict[str, Dict[str, torch.T
     return weights, state, meta
 
 
+def checkpoint_weights_verify(path: Union[str, Path], name: str = 'model.safetensors') -> bool:
+    """Whether checkpoint folder ``path`` holds weights file ``name`` matching the hash its ``meta.json`` records
+    (the rest of the folder may be damaged)."""
+    try:
+        digest = json.loads((Path(path) / 'meta.json').read_text())['files'][name]
+        return _sha256(Path(path) / name) == digest
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def latest_good_checkpoint(run_dir: Union[str, Path]):
     """``(path, weights, state, meta)`` of the newest checkpoint that verifies, or None when there is none.
 
-    Each bad checkpoint met on the way is reported with a warning naming its bad file.
+    Each bad checkpoint met on the way is reported with a warning naming its bad file. A checkpoint that vanishes
+    while it is read (the run writing the folder pruned it) is no fault: the folder is listed again.
     """
-    return _newest_that_verifies(list_checkpoints(run_dir), 'the previous checkpoint')
+    return _newest_that_verifies(lambda: list_checkpoints(run_dir), 'the previous checkpoint')
 
 
-def _newest_that_verifies(paths: List[Path], fallback: str):
-    """``(path, weights, state, meta)`` of the last of ``paths`` that loads, warning about each one that does not
-    (the warning says it falls back to ``fallback``), or None."""
-    for path in reversed(paths):
-        try:
-            weights, state, meta = load_checkpoint(path)
-        except CheckpointError as e:
-            warnings.warn(f"{e}; falling back to {fallback}", stacklevel=3)
-            continue
-        return path, weights, state, meta
+def _newest_that_verifies(listing, fallback: str, tries: int = 3):
+    """``(path, weights, state, meta)`` of the last of ``listing()`` that loads, warning about each one that does
+    not (the warning says it falls back to ``fallback``), or None. A folder gone by the time it is read was pruned
+    by a run still writing: no warning, and the listing is read again (up to ``tries`` times)."""
+    for _ in range(tries):
+        vanished = False
+        for path in reversed(listing()):
+            try:
+                weights, state, meta = load_checkpoint(path)
+            except CheckpointError as e:
+                if not path.exists():
+                    vanished = True
+                    continue
+                warnings.warn(f"{e}; falling back to {fallback}", stacklevel=3)
+                continue
+            return path, weights, state, meta
+        if not vanished:
+            return None
     return None
 
 
@@ -341,7 +452,7 @@ def list_best_checkpoints(run_dir: Union[str, Path]) -> List[Path]:
 
 def best_checkpoint(run_dir: Union[str, Path]):
     """``(path, weights, state, meta)`` of the run's best-weights checkpoint that verifies, or None."""
-    return _newest_that_verifies(list_best_checkpoints(run_dir), 'an earlier best checkpoint')
+    return _newest_that_verifies(lambda: list_best_checkpoints(run_dir), 'an earlier best checkpoint')
 
 
 def find_run_config(path: Union[str, Path]) -> Optional[Path]:

@@ -175,6 +175,7 @@ class ClassificationTask(Task):
         amp: bool = False,
         which: str = 'last',
         dtype: Optional[str] = None,
+        bad_image_threshold: Optional[float] = None,
     ) -> Dict[str, Any]:
         res = evaluate(
             model,
@@ -189,6 +190,7 @@ class ClassificationTask(Task):
             amp=amp,
             which=which,
             dtype=dtype,
+            bad_image_threshold=bad_image_threshold,
         )
         return dict(res, model=model, data=data, split=split, dtype=dtype, use_ema=use_ema)
 
@@ -200,11 +202,18 @@ class ClassificationTask(Task):
             best = ''
             if res.get('which') == 'best' and res.get('best_top1') is not None:
                 best = f", best evaluation: top-1 {res['best_top1']:.2f}% at epoch {res['best_epoch']:.3g}"
-            lines.append(f"weights: {res['checkpoint']}{step}{', EMA' if res['use_ema'] else ''}{best}")
+            unverified = (
+                ' (not verified: a bare weights file carries no checksum; run-folder checkpoints are hash-checked)'
+                if res.get('verified') is False
+                else ''
+            )
+            lines.append(f"weights: {res['checkpoint']}{step}{', EMA' if res['use_ema'] else ''}{best}{unverified}")
+        if res.get('preprocessing'):
+            lines.append(f"preprocessing: {res['preprocessing']}")
         form = f" ({res['dtype']} inference form)" if res['dtype'] else ''
         lines.append(
             f"{res['model']}{form} on {res['data']}/{res['split']}: top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%"
-            f"  loss {res['val_loss']:.4f}  ({res['count']} images)"
+            f"  loss {res['val_loss']:.4f}  ({res['count']} images{_skipped(res)})"
         )
         return '\n'.join(lines)
 
@@ -231,3 +240,9 @@ class ClassificationTask(Task):
         res['summary'] = f"total time {res['total_time_s']:.0f}s; curves: {res['curves']}"
         res['ok'] = all(not r.get('error') for r in res['rows'])
         return res
+
+
+def _skipped(res: Dict[str, Any]) -> str:
+    """', N unusable files left out' of an evaluation result (named in the warnings), or ''."""
+    n = res.get('skipped_files') or 0
+    return f", {n} unusable file{'s' if n != 1 else ''} left out (named above)" if n else ''

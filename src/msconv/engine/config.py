@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Type, Union
@@ -139,6 +140,8 @@ class TrainConfig:
     ema_decay: float = 0.9998
     ema_warmup: bool = False
     sync_bn: bool = False
+    # torchrun: seconds any collective may wait (None: MSCONV_DIST_TIMEOUT, else 1800)
+    dist_timeout: Optional[float] = None
     seed: int = 0
     deterministic: bool = False
     sparsity: Optional[Dict[str, Any]] = None  # ShiftWise sparse training (opt-in)
@@ -227,6 +230,24 @@ class TrainConfig:
             f"bad_image_threshold must be a fraction in [0, 1], got {cfg.bad_image_threshold!r}",
         )
         require(cfg.keep_last >= 1, f"keep_last must be >= 1, got {cfg.keep_last!r}")
+        require(
+            cfg.name is None
+            or (
+                isinstance(cfg.name, str)
+                and not Path(cfg.name).is_absolute()
+                and all(part not in ('', '.', '..') for part in cfg.name.replace(os.sep, '/').split('/'))
+            ),
+            f"name must be a folder name inside output (sub-folders allowed, no '..', not absolute), got {cfg.name!r}",
+        )
+        require(
+            cfg.dist_timeout is None
+            or (
+                isinstance(cfg.dist_timeout, (int, float))
+                and not isinstance(cfg.dist_timeout, bool)
+                and cfg.dist_timeout > 0
+            ),
+            f"dist_timeout must be a number of seconds > 0 or None, got {cfg.dist_timeout!r}",
+        )
         require(cfg.eval_every >= 1, f"eval_every must be >= 1, got {cfg.eval_every!r}")
         require(cfg.log_every >= 1, f"log_every must be >= 1, got {cfg.log_every!r}")
         require(0 < cfg.ema_decay < 1, f"ema_decay must be in (0, 1), got {cfg.ema_decay!r}")
@@ -470,7 +491,9 @@ def resolve_config(
     one given, else the task's default. The preset is looked up for the model's family (a timm model gets none of
     it, or the SMT values of ``preset='demo'``). In a ``TrainConfig``, fields equal to their dataclass default count
     as not given. ``model`` must be given somewhere. ``config`` may hold other tasks' options (they are left out:
-    the ``config.yaml`` of older run folders records every task's); ``overrides`` may not.
+    the ``config.yaml`` of older run folders records every task's); ``overrides`` may not. An override of None is a
+    value for the options that may be None (``clip_grad=None`` switches clipping off, ``max_steps=None`` lifts the
+    limit) and means "not given" for the others (``batch_size=None``: the preset's).
     """
     if isinstance(config, TrainConfig):
         # Fields left at their dataclass default count as "not given", so the preset applies beneath the rest.
@@ -478,8 +501,8 @@ def resolve_config(
         given: Dict[str, Any] = {k: v for k, v in config.to_dict().items() if v != defaults[k]}
     else:
         given = load_yaml(config) if isinstance(config, (str, Path)) else dict(config or {})
-    overrides = {k: v for k, v in dict(overrides or {}).items() if v is not None}
-    merged = {**given, **overrides}
+    overrides = dict(overrides or {})
+    merged = {**given, **{k: v for k, v in overrides.items() if v is not None}}
 
     model = merged.get('model')
     if not model or not isinstance(model, str):
@@ -490,6 +513,9 @@ def resolve_config(
     for name in overrides:
         if name not in own:
             raise _not_of_this_task(name, task.name)
+    # None is a value of the options that may be None (clip_grad=None: no clipping), "not given" for the others
+    optional = {f.name for f in fields(cls) if 'Optional' in str(f.type) or 'None' in str(f.type)}
+    overrides = {k: v for k, v in overrides.items() if v is not None or k in optional}
     given = _split_given(given, cls)
     preset = merged.get('preset') or task.default_preset
 

@@ -62,6 +62,7 @@ from ..data.coco import (
     detection_train_transforms,
 )
 from ..data.dense_digits import build_digits_ade, build_digits_coco
+from ..data.skips import EVAL_THRESHOLD_HINT
 from ..dense import (
     DETECTOR_ARCHS,
     MASK_ARCHS,
@@ -399,9 +400,13 @@ class _DenseTask(Task):
         model.load_state_dict(weights[key])
         model.to(resolve_device(device))
         task.build_datasets({})
+        skips = task.val_set.skips  # what the val split cannot use: named, counted, refused past the run's threshold
+        skips.threshold = task.cfg.bad_image_threshold
+        skips.check('val', hint=EVAL_THRESHOLD_HINT)
         rec = task.evaluate(model, None, None, RunContext(resolve_device(device)))
+        skips.check('val', hint=EVAL_THRESHOLD_HINT)
         res = dict(rec, task=cls.name, arch=task.arch, checkpoint=str(path), step=int(meta['step']), use_ema=use_ema)
-        return task, res
+        return task, dict(res, **skips.metrics())
 
     @classmethod
     def demo(
@@ -540,7 +545,9 @@ class DetectionTask(_DenseTask):
             flip=cfg.hflip,
         )
         img_dir, ann = find_coco_split(self._root(), 'val')
-        self.val_set = CocoDetection(img_dir, ann, detection_eval_transforms(), with_masks=False, on_error='skip')
+        self.val_set = CocoDetection(
+            img_dir, ann, detection_eval_transforms(), with_masks=False, on_error='skip', exclude=True
+        )
         if self.val_set.cat_ids != train.cat_ids:
             raise ValueError(
                 f"data {cfg.data!r}: val categories {self.val_set.cat_ids} differ from train categories {train.cat_ids}"
@@ -582,9 +589,10 @@ class DetectionTask(_DenseTask):
         use_ema: bool = False,
         max_images: Optional[int] = None,
         device: str = 'auto',
+        bad_image_threshold: Optional[float] = None,
     ) -> Dict[str, Any]:
         """COCO box (and mask) AP of a detection run's checkpoint on its val split (``model``: the run's)."""
-        overrides = dict(data=data, eval_max_images=max_images)
+        overrides = dict(data=data, eval_max_images=max_images, bad_image_threshold=bad_image_threshold)
         return cls._evaluate_run(checkpoint, {k: v for k, v in overrides.items() if v is not None}, use_ema, device)[1]
 
     @classmethod
@@ -596,7 +604,7 @@ class DetectionTask(_DenseTask):
                     f"{res['arch']} {label}: "
                     + '  '.join(f"{k} {res[f'{kind}_{k}']:.3f}" for k in ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl'))
                 )
-        return '\n'.join(lines)
+        return '\n'.join(lines + _skipped_lines(res))
 
 
 def _detection_metrics(model, dataset, ctx: RunContext, max_images: Optional[int]) -> Dict[str, float]:
@@ -682,7 +690,7 @@ class SegmentationTask(_DenseTask):
             flip=cfg.hflip,
         )
         train = ADESegmentation(root, 'training', tf, **common)
-        self.val_set = ADESegmentation(root, 'validation', segmentation_eval_transforms(), **common)
+        self.val_set = ADESegmentation(root, 'validation', segmentation_eval_transforms(), exclude=True, **common)
         return train, self.val_set
 
     def build_model(self, num_classes: int) -> nn.Module:
@@ -739,10 +747,13 @@ class SegmentationTask(_DenseTask):
         multi_scale: Optional[bool] = None,
         max_images: Optional[int] = None,
         device: str = 'auto',
+        bad_image_threshold: Optional[float] = None,
     ) -> Dict[str, Any]:
         """mIoU / mAcc / aAcc of a segmentation run's checkpoint on its val split (``multi_scale``: also multi-scale
         + flip; default: the run's ``seg_eval_ms``)."""
-        overrides = dict(data=data, eval_max_images=max_images, seg_eval_ms=multi_scale)
+        overrides = dict(
+            data=data, eval_max_images=max_images, seg_eval_ms=multi_scale, bad_image_threshold=bad_image_threshold
+        )
         overrides = {k: v for k, v in overrides.items() if v is not None}
         task, res = cls._evaluate_run(checkpoint, overrides, use_ema, device)
         if 'ms_mIoU' in res:
@@ -756,7 +767,15 @@ class SegmentationTask(_DenseTask):
             ms = '  '.join(f"{k} {res[f'ms_{k}']:.3f}" for k in ('mIoU', 'mAcc', 'aAcc'))
             line += f"\n{res['arch']} multi-scale{' + flip' if res.get('ms_flip', True) else ''}: {ms}"
         weights = f"weights: {res['checkpoint']} (step {res['step']}){', EMA' if res.get('use_ema') else ''}"
-        return weights + '\n' + line
+        return '\n'.join([weights, line] + _skipped_lines(res))
+
+
+def _skipped_lines(res: Dict[str, Any]) -> List[str]:
+    """The line of a dense evaluation saying what the val split could not use (named in the warnings), if any."""
+    files, anns = res.get('skipped_files') or 0, res.get('skipped_annotations') or 0
+    if not files and not anns:
+        return []
+    return [f"left out (named above): {files} unusable val file(s), {anns} unusable annotation(s)"]
 
 
 def evaluate_dense(

@@ -4,6 +4,7 @@ saved model on a dataset."""
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
@@ -14,11 +15,21 @@ import torch.nn.functional as F
 
 from ..data.digits import DIGITS_CLASSES
 from ..data.loader import build_dataset, build_loader, check_image_folder
+from ..data.skips import EVAL_THRESHOLD_HINT, skipped_files
 from ..inference import inference_model
 from ..models import read_checkpoint
 from ..tools._common import check_checkpoint_file
 from .build import build_model, data_config, load_weights
-from .checkpoint import best_checkpoint, find_run_config, latest_good_checkpoint, load_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    best_checkpoint,
+    checkpoint_weights_verify,
+    find_run_config,
+    latest_good_checkpoint,
+    list_best_checkpoints,
+    list_checkpoints,
+    load_checkpoint,
+)
 from .config import config_from_mapping, load_yaml
 from .distributed import resolve_device
 
@@ -90,6 +101,54 @@ def evaluate_loader(
     }
 
 
+def _none_usable(run: Path, which: str) -> str:
+    """Why run folder ``run`` has no checkpoint to evaluate for ``which`` ('last' or 'best'), naming the bad file."""
+    folders = list_checkpoints(run) if which == 'last' else list_best_checkpoints(run)
+    if not folders:
+        what = 'no checkpoint' if which == 'last' else 'no best checkpoint (no evaluation was kept)'
+        return f"checkpoint: run folder {str(run)!r} holds {what}"
+    try:
+        load_checkpoint(folders[-1])
+        reason = ''
+    except CheckpointError as e:
+        reason = f": {e}"
+    names = ', '.join(p.name for p in folders)
+    other = (
+        "--which best (the best evaluation's weights)" if which == 'last' else '--which last (its newest checkpoint)'
+    )
+    return f"checkpoint: run folder {str(run)!r}: no {which} checkpoint verifies ({names}){reason}; try {other}"
+
+
+def _verify_weights_file(path: Path) -> bool:
+    """Check ``path`` against the hash its checkpoint folder's ``meta.json`` records, when it sits in one
+    (``CheckpointError`` if it differs); False for a bare file, which carries no hash."""
+    meta = path.parent / 'meta.json'
+    if not meta.is_file() or path.name not in (_recorded(meta) or {}):
+        return False
+    if not checkpoint_weights_verify(path.parent, path.name):
+        raise CheckpointError(
+            f"checkpoint file {str(path)!r} is truncated or corrupt (its SHA-256 does not match {str(meta)!r})"
+        )
+    return True
+
+
+def _recorded(meta: Path) -> Optional[Dict[str, str]]:
+    try:
+        return json.loads(meta.read_text()).get('files')
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _check_finite(state_dict: Dict[str, torch.Tensor], path: Path) -> None:
+    """What can be checked in a weights file that carries no hash: every floating tensor is finite (a flipped
+    exponent bit gives inf or NaN)."""
+    for name, t in state_dict.items():
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(
+                f"checkpoint {str(path)!r}: tensor {name!r} holds NaN or infinite values (a damaged file?)"
+            )
+
+
 def evaluate(
     model: Union[str, nn.Module],
     checkpoint: Optional[Union[str, Path]] = None,
@@ -103,6 +162,7 @@ def evaluate(
     use_ema: bool = False,
     which: str = 'last',
     dtype: Optional[str] = None,
+    bad_image_threshold: Optional[float] = None,
     **model_kwargs: Any,
 ) -> Dict[str, float]:
     """Evaluate a classifier on ``split`` of ``data`` ('digits' or an ImageFolder root); returns top1/top5/loss.
@@ -117,9 +177,16 @@ def evaluate(
             evaluation, ``<run>/checkpoints/best-<step>``, kept by the trainer).
         dtype: 'fp32', 'bf16' or 'fp16': evaluate the inference form (``msconv.inference_model``) with its weights
             in that dtype; None: the model as built (``amp`` adds bf16 autocast).
+        bad_image_threshold: the largest fraction of the split's files that may be unusable (default: the run's,
+            else 0.01); past it ``DataError`` names them.
 
-    Returns top1/top5 (%), val_loss, count, and ``checkpoint``/``step``: the checkpoint whose weights were used
-    (for a run folder, its newest valid one). A checkpoint of another model raises ``ValueError`` naming it.
+    Returns top1/top5 (%), val_loss, count, ``preprocessing`` (the resize, crop and interpolation used, and where
+    they come from: the run's config.yaml when the weights sit in a run folder, else the model's defaults, which
+    may differ from the training's), and ``checkpoint``/``step``: the checkpoint whose weights were used (for a run
+    folder, its newest valid one; for a weights file, ``verified``: whether a hash recorded beside it was checked:
+    a bare file carries none, only its tensors' finiteness is checked); for a folder dataset ``skipped_files``, the
+    files it could not use (each named in a warning; more than the run's ``bad_image_threshold`` raises
+    ``DataError``). A checkpoint of another model raises ``ValueError`` naming it.
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -128,6 +195,7 @@ def evaluate(
     if which not in ('last', 'best'):
         raise ValueError(f"which must be 'last' or 'best', got {which!r}")
     run_cfg: Dict[str, Any] = {}
+    cfg_path = None
     state_dict = None
     used: Dict[str, Any] = {}
     if checkpoint is not None:
@@ -142,8 +210,7 @@ def evaluate(
         if ckpt.is_dir() and (ckpt / 'checkpoints').is_dir():
             found = latest_good_checkpoint(ckpt) if which == 'last' else best_checkpoint(ckpt)
             if found is None:
-                what = 'valid checkpoint' if which == 'last' else 'best checkpoint (no evaluation was kept)'
-                raise ValueError(f"checkpoint: run folder {str(ckpt)!r} holds no {what}")
+                raise ValueError(_none_usable(ckpt, which))
             used = {'checkpoint': str(found[0]), 'step': int(found[3]['step']), 'which': which}
             if which == 'best':
                 used.update(best_top1=found[3].get('top1'), best_epoch=found[3].get('epoch'))
@@ -154,8 +221,10 @@ def evaluate(
             weights, trained_as = found[0], meta.get('model')
         else:
             check_checkpoint_file(ckpt)
+            verified = _verify_weights_file(ckpt)
             weights, trained_as = {'model': read_checkpoint(ckpt)}, None
-            used = {'checkpoint': str(ckpt), 'step': None}
+            _check_finite(weights['model'], ckpt)
+            used = {'checkpoint': str(ckpt), 'step': None, 'verified': verified}
         key = 'ema' if use_ema else 'model'
         if key not in weights:
             raise ValueError(f"checkpoint {str(ckpt)!r} holds no {key!r} weights (available: {sorted(weights)})")
@@ -191,11 +260,25 @@ def evaluate(
     dc = data_config(net, cfg)
     if cfg.crop_pct is None:
         cfg.crop_pct = dc['crop_pct']
+    source = (
+        f"the run's {cfg_path}"
+        if cfg_path is not None
+        else "the model's defaults: no run config.yaml beside the weights; --image-size changes the size"
+    )
+    used['preprocessing'] = f"resize to {dc['size']} px, crop_pct {cfg.crop_pct:g}, {cfg.interpolation} (from {source})"
     dataset = build_dataset(cfg, split, dc['size'], dc['mean'], dc['std'], is_training=False)
+    skips = skipped_files(dataset)  # what the split cannot use: named, counted, refused past the run's threshold
+    if skips is not None:
+        skips.threshold = cfg.bad_image_threshold if bad_image_threshold is None else float(bad_image_threshold)
+        skips.check(split, hint=EVAL_THRESHOLD_HINT)
     loader, _ = build_loader(dataset, batch_size, shuffle=False, seed=0, num_workers=num_workers)
     amp_dtype = torch.bfloat16 if amp else None
     if dtype is not None:
         if amp:
             raise ValueError(f"amp (bf16 autocast) and dtype={dtype!r} (weights in that dtype) are exclusive: pick one")
         net = inference_model(net, dtype=dtype, device=dev)
-    return dict(evaluate_loader(net, loader, dev, amp_dtype=amp_dtype), **used)
+    result = dict(evaluate_loader(net, loader, dev, amp_dtype=amp_dtype), **used)
+    if skips is not None:
+        skips.check(split, hint=EVAL_THRESHOLD_HINT)
+        result.update(skips.metrics())
+    return result

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, TextIO, Union
 
 from .._extras import require
-from .checkpoint import atomic_write_bytes
+from .checkpoint import RunWriteError, atomic_write_bytes, os_cause
 
 __all__ = ['MetricsLog', 'read_metrics', 'top1_summary', 'draw_curves', 'plot_curves', 'Progress']
 
@@ -38,7 +38,8 @@ class MetricsLog:
         'ema_top1',
         'val_loss',
         'verification',
-        'bad_images',
+        'skipped_files',
+        'skipped_annotations',
         'time',
     )
 
@@ -59,15 +60,32 @@ class MetricsLog:
         atomic_write_bytes(self.csv, buf.getvalue().encode())
 
     def append(self, record: Dict[str, Any]) -> None:
-        with open(self.jsonl, 'a') as f:
-            f.write(json.dumps(record) + '\n')
-            f.flush()
-        new = not self.csv.exists()
-        with open(self.csv, 'a', newline='') as f:
-            w = csv.DictWriter(f, fieldnames=self.CSV_FIELDS, extrasaction='ignore')
-            if new:
-                w.writeheader()
-            w.writerow({k: _fmt(record.get(k)) for k in self.CSV_FIELDS})
+        """Append ``record`` to both files; a write the file system refuses raises ``RunWriteError`` naming the
+        file, with both files cut back to what they held (no half record)."""
+        sizes = {p: (p.stat().st_size if p.exists() else None) for p in (self.jsonl, self.csv)}
+        path = self.jsonl
+        try:
+            with open(self.jsonl, 'a') as f:
+                f.write(json.dumps(record) + '\n')
+                f.flush()
+            path = self.csv
+            with open(self.csv, 'a', newline='') as f:
+                w = csv.DictWriter(f, fieldnames=self.CSV_FIELDS, extrasaction='ignore')
+                if sizes[self.csv] is None:
+                    w.writeheader()
+                w.writerow({k: _fmt(record.get(k)) for k in self.CSV_FIELDS})
+        except OSError as e:
+            for p, size in sizes.items():
+                try:
+                    if size is None:
+                        p.unlink(missing_ok=True)
+                    else:
+                        os.truncate(p, size)
+                except OSError:
+                    pass
+            raise RunWriteError(
+                f"could not write {str(path)!r}: {os_cause(e)}; the metrics files were left as they were", e
+            ) from e
 
 
 def _fmt(v):
@@ -168,9 +186,14 @@ def plot_curves(records: List[Dict[str, Any]], path: Union[str, Path], title: st
     fig = draw_curves(records, title)
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise RunWriteError(f"could not write {str(path)!r}: {os_cause(e)}; it was left as it was", e) from e
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -22,7 +22,7 @@ import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -32,11 +32,16 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
-from ..data.loader import DataError, build_loader, count_unreadable, unreadable_message
+from ..data.loader import build_loader
+from ..data.skips import skipped_files
 from .build import data_config
 from .checkpoint import (
+    SKIP_LIST,
     CheckpointError,
+    RunWriteError,
+    atomic_write_bytes,
     checkpoint_step,
+    checkpoint_weights_verify,
     clean_temporaries,
     clear_run,
     get_rng_state,
@@ -50,8 +55,18 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import TrainConfig, resolve_config, save_config, split_global_batch
-from .distributed import DistInfo, cleanup_distributed, init_distributed, resolve_device, sync_bn_plan
+from .distributed import (
+    DistInfo,
+    check_same_config,
+    cleanup_distributed,
+    dist_timeout_seconds,
+    init_distributed,
+    job_failure,
+    resolve_device,
+    sync_bn_plan,
+)
 from .evaluate import autocast_context
+from .lock import RunLock
 from .metrics import MetricsLog, Progress, plot_curves, read_metrics, top1_summary
 from .recipes import preset_info
 from .sparsity import SparsityScheduler
@@ -120,6 +135,12 @@ class _StopFlag:
         self._old = {}
 
 
+def _error_kind(e: BaseException) -> type:
+    """The built-in class a failure on rank 0 is reported as on the other ranks (the command line prints a
+    ValueError or OSError as one line)."""
+    return next((k for k in (ValueError, OSError, FloatingPointError) if isinstance(e, k)), RuntimeError)
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     return (
         model.module if hasattr(model, 'module') and isinstance(model, nn.parallel.DistributedDataParallel) else model
@@ -138,9 +159,15 @@ def train(config: Union[TrainConfig, Mapping[str, Any], str, Path, None] = None,
     cfg = resolve_config(config, overrides)
     local_rank = int(os.environ.get('LOCAL_RANK', '0'))
     device = resolve_device(cfg.device, local_rank)
-    info = init_distributed(device)
+    info = init_distributed(device, timeout_s=cfg.dist_timeout)
     try:
+        check_same_config(cfg.to_dict(), info)  # before any other collective: a mismatch would put them out of step
         return _Trainer(cfg, device, info).run()
+    except RuntimeError as e:
+        failure = job_failure(e, info, dist_timeout_seconds(cfg.dist_timeout))
+        if failure is None:
+            raise
+        raise failure from e
     finally:
         cleanup_distributed(info)
 
@@ -157,6 +184,7 @@ class _Trainer:
         name = cfg.name or f"{cfg.model}-{Path(cfg.data).name if cfg.data != 'digits' else 'digits'}"
         self.run_dir = Path(cfg.output) / name
         self.log = MetricsLog(self.run_dir)
+        self.lock: Optional[RunLock] = None
         self.task = create_task(cfg)
 
     # ---------------------------------------------------------------------------------------------- setup
@@ -180,6 +208,7 @@ class _Trainer:
         model = self.task.build_model(self.num_classes)
         self.data_cfg = data_config(self.task.backbone(model), cfg)
         self.train_set, self.val_set = self.task.build_datasets(self.data_cfg)
+        self._setup_skips()  # refuses a split past bad_image_threshold before step 1
         convert, note = sync_bn_plan(cfg.sync_bn, device, self.info.world_size)
         if note:
             self._print(note)
@@ -363,8 +392,27 @@ class _Trainer:
         return state
 
     def _save(self, step: int, epoch: int, reason: str) -> Optional[Path]:
-        if not self.info.is_main:
-            return None
+        return self._on_main(self._write_checkpoint, step, epoch, reason)
+
+    def _ensure_run_dir(self) -> None:
+        """Refuse to write into a run folder that vanished while the run was writing it (deleted, unmounted):
+        recreating it would start a second, partial history beside whatever lock another process took since."""
+        if not self.run_dir.is_dir():
+            raise RunWriteError(
+                f"run folder {str(self.run_dir)!r} is gone (deleted or unmounted while this run was writing it); "
+                f"nothing more is written"
+            )
+
+    def _append(self, rec: Dict[str, Any]) -> None:
+        self._ensure_run_dir()
+        self.log.append(rec)
+
+    def _save_config(self) -> None:
+        self._ensure_run_dir()
+        save_config(self.cfg, self.run_dir / 'config.yaml')
+
+    def _write_checkpoint(self, step: int, epoch: int, reason: str) -> Path:
+        self._ensure_run_dir()
         weights = self.task.checkpoint_weights(self.model, self.ema.module if self.ema is not None else None)
         meta = {
             'epoch': epoch,
@@ -387,9 +435,14 @@ class _Trainer:
 
         A new run never writes into a folder that holds another run (``overwrite`` replaces it); ``resume='auto'``
         continues the run in ``run_dir`` from its newest valid checkpoint and refuses when it has none (unless
-        ``overwrite``); ``resume=PATH`` continues the run that checkpoint belongs to, and only that one.
+        ``overwrite``) or when it is a run of another model or task; ``resume=PATH`` continues the run that
+        checkpoint belongs to, and only that one. The folder is locked (``msconv.engine.lock``) before it is read
+        when it exists, else once it is created: a second process meets a refusal.
         """
         cfg = self.cfg
+        if cfg.resume not in (None, 'auto'):
+            self._resume_owner(Path(cfg.resume))
+        self._on_main(self._lock_run_dir, False)
         run_dir = self.run_dir
         hint = (
             "pass --resume auto to continue it, --overwrite to replace it, or --name NAME for a new run "
@@ -414,37 +467,79 @@ class _Trainer:
                 )
         else:
             path = Path(cfg.resume)
-            if not path.exists():
-                raise ValueError(
-                    f"resume: {str(path)!r} does not exist (expected 'auto', a run folder or a "
-                    f"<run>/checkpoints/step-N folder)"
-                )
-            owner = (
-                path
-                if (path / 'checkpoints').is_dir()
-                else (path.parent.parent if path.parent.name == 'checkpoints' else None)
-            )
-            if owner is not None and owner.resolve() != run_dir.resolve():
-                if cfg.name is not None:
-                    raise ValueError(
-                        f"resume: checkpoint {str(path)!r} belongs to run folder {str(owner)!r}, not to "
-                        f"{str(run_dir)!r} (--name {cfg.name}); continue that run with --name {owner.name} --output "
-                        f"{owner.parent}, or start a new run from its weights with --init-checkpoint"
-                    )
-                self.run_dir = run_dir = owner
-                self.log = MetricsLog(run_dir)
-            if owner is None and holds_run(run_dir) and not cfg.overwrite:
+            if self._resume_owner(path) is None and holds_run(run_dir) and not cfg.overwrite:
                 raise ValueError(
                     f"resume: {str(path)!r} is not in a run folder, and run folder {str(run_dir)!r} "
                     f"already holds another run; pass --overwrite to replace it, or --name NAME"
                 )
             found = self._load_resume_checkpoint(path)
-        if cfg.overwrite and found is None and self.info.is_main and holds_run(run_dir):
-            clear_run(run_dir)
-            self._print(f"overwrite: removed the previous run's checkpoints, metrics and config in {run_dir}")
-        if self.info.enabled:
-            dist.barrier()  # every rank decided before rank 0 changes the folder
+        if found is not None:
+            self._check_same_run(found)
+        self._on_main(self._lock_run_dir, True)
+        if cfg.overwrite and found is None:
+            self._on_main(self._clear_run_dir)
         return found
+
+    def _resume_owner(self, path: Path) -> Optional[Path]:
+        """The run folder the checkpoint ``path`` (given to ``resume``) belongs to, made this run's folder; None
+        for a checkpoint outside a run folder. Refuses a path that does not exist and a checkpoint of another
+        run folder than the one ``name`` asks for."""
+        cfg = self.cfg
+        if not path.exists():
+            raise ValueError(
+                f"resume: {str(path)!r} does not exist (expected 'auto', a run folder or a "
+                f"<run>/checkpoints/step-N folder)"
+            )
+        owner = (
+            path
+            if (path / 'checkpoints').is_dir()
+            else (path.parent.parent if path.parent.name == 'checkpoints' else None)
+        )
+        if owner is not None and owner.resolve() != self.run_dir.resolve():
+            if cfg.name is not None:
+                raise ValueError(
+                    f"resume: checkpoint {str(path)!r} belongs to run folder {str(owner)!r}, not to "
+                    f"{str(self.run_dir)!r} (--name {cfg.name}); continue that run with --name {owner.name} --output "
+                    f"{owner.parent}, or start a new run from its weights with --init-checkpoint"
+                )
+            self.run_dir = owner
+            self.log = MetricsLog(owner)
+        return owner
+
+    def _lock_run_dir(self, create: bool) -> None:
+        """Hold the run folder's lock (rank 0): once it exists (``create``: making it)."""
+        if self.lock is not None:
+            return
+        if not create and not self.run_dir.is_dir():
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(self.run_dir)
+        lock.acquire()
+        self.lock = lock
+
+    def _clear_run_dir(self) -> None:
+        if holds_run(self.run_dir):
+            clear_run(self.run_dir)
+            self._print(f"overwrite: removed the previous run's checkpoints, metrics and config in {self.run_dir}")
+
+    def _clean_leftovers(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for p in clean_temporaries(self.run_dir):
+            self._print(f"removed {p} (left by an interrupted run)")
+
+    def _check_same_run(self, found: tuple) -> None:
+        """Refuse to resume a checkpoint of another model or task (its weights cannot load into this one)."""
+        path, meta = found[0], found[3]
+        theirs = {'model': meta.get('model'), 'task': (meta.get('config') or {}).get('task')}
+        ours = {'model': self.cfg.model, 'task': self.cfg.task}
+        differ = [k for k in ('model', 'task') if theirs[k] is not None and theirs[k] != ours[k]]
+        if differ:
+            what = ', '.join(f"{k} {theirs[k]!r}" for k in differ)
+            asked = ', '.join(f"{k} {ours[k]!r}" for k in differ)
+            raise ValueError(
+                f"resume: {str(path)!r} is a checkpoint of a run of {what}, not of {asked}: continue that run with "
+                f"the same {' and '.join(differ)}, or start a new run with --name NAME (or --overwrite to replace it)"
+            )
 
     def _load_resume_checkpoint(self, path: Path) -> tuple:
         if (path / 'checkpoints').is_dir():  # a run folder
@@ -477,9 +572,17 @@ class _Trainer:
                 self._print(f"resume: no checkpoint yet in {self.run_dir}, starting a new run")
             return 0
         path, weights, state, meta = found
-        self.task.load_checkpoint_weights(self.model, self.ema.module if self.ema is not None else None, weights)
-        self.optimizer.load_state_dict(state['optimizer'])
-        self.scheduler.load_state_dict(state['scheduler'])
+        try:
+            self.task.load_checkpoint_weights(self.model, self.ema.module if self.ema is not None else None, weights)
+            self.optimizer.load_state_dict(state['optimizer'])
+        except (RuntimeError, ValueError, KeyError) as e:  # another number of classes, other model_kwargs
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(
+                f"resume: the weights of {str(path)!r} do not fit this run's {self.cfg.model!r} ({first}); resume "
+                f"with the run's own options (its config.yaml), or start a new run with --name NAME"
+            ) from e
+        # The schedule is the config's (built from this command's options; timm's scheduler state would keep the
+        # checkpoint's length): with unchanged options it is the same, changed ones are announced below.
         self.scaler.load_state_dict(state['scaler'])
         if self.sparsity is not None and 'sparsity' in state:
             self.sparsity.load_state_dict(state['sparsity'])
@@ -492,13 +595,72 @@ class _Trainer:
             )
         self.last_eval = meta.get('last_eval')
         self._print(f"resumed from {path} (step {step}, {self._epoch_label(step)})")
-        if self.info.is_main:
-            # Later checkpoints are corrupt or from the abandoned continuation: none may outrank this one.
-            for later in [p for p in list_checkpoints(self.run_dir) if checkpoint_step(p) > step]:
+        self._announce_changes(meta.get('config') or {}, state, step)
+        self._on_main(self._drop_later_checkpoints, step)
+        return step
+
+    def _drop_later_checkpoints(self, step: int) -> None:
+        """Checkpoints later than the resumed ``step`` are corrupt or from an abandoned continuation: none may
+        outrank it. A corrupt one whose weights still verify is set aside as ``damaged-step-N`` (nothing lost), the
+        others are removed; the metrics past ``step`` go."""
+        for later in [p for p in list_checkpoints(self.run_dir) if checkpoint_step(p) > step]:
+            try:
+                load_checkpoint(later)
+                valid = True
+            except CheckpointError:
+                valid = False
+            if not valid and checkpoint_weights_verify(later):
+                kept = later.with_name(f"damaged-{later.name}")
+                shutil.rmtree(kept, ignore_errors=True)
+                os.replace(later, kept)
+                self._print(
+                    f"resume: {later.name} cannot be resumed but its weights verify: kept as {kept} (msconv eval "
+                    f"--checkpoint {kept / 'model.safetensors'}); continuing from step {step}"
+                )
+            else:
                 shutil.rmtree(later, ignore_errors=True)
                 self._print(f"resume: removed {later} (later than the resumed step {step})")
-            self.log.truncate_after(step)
-        return step
+        self.log.truncate_after(step)
+
+    # options that change how a run is watched or where it runs, not what it computes
+    _RUN_CONTROL = {
+        'resume',
+        'overwrite',
+        'progress',
+        'log_every',
+        'plot',
+        'num_workers',
+        'device',
+        'dist_timeout',
+        'output',
+        'name',
+        'ckpt_every',
+        'keep_last',
+        'keep_best',
+    }
+
+    def _announce_changes(self, theirs: Dict[str, Any], state: Dict[str, Any], step: int) -> None:
+        """One line naming the options this command changes from the checkpoint's run (the run continues with the
+        new values; the learning-rate schedule is recomputed from them) and, when it moves, the learning rate of
+        the next step before and after."""
+        ours = self.cfg.to_dict()
+        changed = [
+            f"{k} {theirs[k]!r} -> {v!r}"
+            for k, v in ours.items()
+            if k in theirs and k not in self._RUN_CONTROL and theirs[k] != v
+        ]
+        if not changed:
+            return
+        saved_lr = ((state.get('optimizer') or {}).get('param_groups') or [{}])[0].get('lr')
+        self.scheduler.step_update(num_updates=step)
+        new_lr = self.optimizer.param_groups[0]['lr']
+        lr = ''
+        if saved_lr is not None and not math.isclose(saved_lr, new_lr, rel_tol=1e-9):
+            lr = f"; the learning rate of step {step + 1} becomes {new_lr:.4g} (was {saved_lr:.4g})"
+        self._print(
+            f"resume: options changed since the checkpoint: {', '.join(changed)}; the run continues with the new "
+            f"values and the schedule they give{lr}"
+        )
 
     def _epoch_label(self, step: int) -> str:
         """1-based everywhere: 'epoch 2' once epoch 2 is complete, 'epoch 3 (4/6 steps)' while it runs."""
@@ -520,16 +682,22 @@ class _Trainer:
         if self.best is not None and rec['top1'] <= self.best['top1']:
             return
         self.best = dict(self.last)
-        if self.cfg.keep_best and self.info.is_main:
-            weights = self.task.checkpoint_weights(self.model, self.ema.module if self.ema is not None else None)
-            meta = {
-                'epoch': self.best['epoch'],
-                'top1': rec['top1'],
-                'model': self.cfg.model,
-                'config': self.cfg.to_dict(),
-                'eval': rec,
-            }
-            self.best['checkpoint'] = str(save_best_checkpoint(self.run_dir, step, weights, meta))
+        if self.cfg.keep_best:
+            path = self._on_main(self._write_best, step, rec)
+            if path is not None:
+                self.best['checkpoint'] = str(path)
+
+    def _write_best(self, step: int, rec: Dict[str, Any]) -> Path:
+        self._ensure_run_dir()
+        weights = self.task.checkpoint_weights(self.model, self.ema.module if self.ema is not None else None)
+        meta = {
+            'epoch': self.best['epoch'],
+            'top1': rec['top1'],
+            'model': self.cfg.model,
+            'config': self.cfg.to_dict(),
+            'eval': rec,
+        }
+        return save_best_checkpoint(self.run_dir, step, weights, meta)
 
     def _restore_best(self, step: int) -> None:
         """After a resume at ``step``: last/best from the kept metrics; best folders of the abandoned future go."""
@@ -554,18 +722,14 @@ class _Trainer:
             self.local_bs,
             self._print,
         )
-        if hasattr(self.val_set, 'reset_unreadable'):
-            self.val_set.reset_unreadable()
         rec.update(
             self.task.evaluate(self.model, self.ema.module if self.ema is not None else None, self.val_loader, ctx)
         )
-        bad = count_unreadable(self.val_set)
-        if bad is not None:
-            rec['bad_images'] = bad
-            self._check_data(self.val_set, 'val')
+        self._sync_skips('val')
+        if 'val' in self.skips:
+            rec.update(self.skips['val'].metrics())
         rec['time'] = time.time()
-        if self.info.is_main:
-            self.log.append(rec)
+        self._on_main(self._append, rec)
         self.last_eval = rec
         self._track_best(rec, step)
         return rec
@@ -577,16 +741,95 @@ class _Trainer:
 
     # --------------------------------------------------------------------------------------------- the loop
     def _any_rank(self, flag: bool) -> bool:
-        if not self.info.enabled:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device if self.device.type == 'cuda' else 'cpu')
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
+        return self._max_rank(1 if flag else 0) > 0
 
-    def _check_data(self, dataset, split: str) -> None:
-        msg = unreadable_message(dataset, split, self.cfg.bad_image_threshold, share=self.info.world_size)
-        if self._any_rank(msg is not None):
-            raise DataError(msg or f"too many unreadable images in {split}/ (reported by another process)")
+    def _max_rank(self, value: int) -> int:
+        """The largest of the ranks' ``value`` (this process's own without torchrun)."""
+        if not self.info.enabled:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self.device if self.device.type == 'cuda' else 'cpu')
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def _on_main(self, fn: Callable, *args: Any) -> Any:
+        """``fn(*args)`` on rank 0 only (a write to the run folder); returns its result (None on other ranks).
+
+        Under torchrun every rank learns whether it failed and stops with it: rank 0 raises its error, the others
+        one line naming it (an error of the same kind), instead of waiting in their next collective for the
+        process-group timeout."""
+        result, error = None, None
+        if self.info.is_main:
+            try:
+                result = fn(*args)
+            except Exception as e:
+                error = e
+        if self.info.enabled:
+            box = [None if error is None else (_error_kind(error), str(error))]
+            dist.broadcast_object_list(box, src=0)
+            if box[0] is not None and not self.info.is_main:
+                kind, message = box[0]
+                raise kind(f"rank {self.info.rank} stops: rank 0 failed: {message}")
+        if error is not None:
+            raise error
+        return result
+
+    # --------------------------------------------------------------------------------------------- unusable data
+    def _setup_skips(self) -> None:
+        """Each split's account of the files and annotations it cannot use (``msconv.data.skips``), under the run's
+        ``bad_image_threshold``: its notes go to the log, and a split already past the threshold (files that are not
+        images, unusable annotations) is refused here, before step 1."""
+        self.skips = {}
+        for split, dataset in (('train', self.train_set), ('val', self.val_set)):
+            skips = skipped_files(dataset) if dataset is not None else None
+            if skips is None:  # the bundled digits
+                continue
+            skips.threshold = self.cfg.bad_image_threshold
+            self.skips[split] = skips
+            for note in skips.notes:
+                self._print(f"data ({split}): {note}")
+        self._synced = {split: -1 for split in self.skips}
+        for split in self.skips:
+            self._sync_skips(split)
+
+    def _sync_skips(self, split: str) -> None:
+        """Count what every rank found unusable in ``split`` (the union: each file once, whichever rank met it),
+        rewrite the run folder's ``skipped.tsv``, and refuse past the threshold (the same message on every rank).
+        Collective under torchrun; the marks are reduced only when some rank found something new."""
+        skips = self.skips.get(split)
+        if skips is None:
+            return
+        found = int(torch.count_nonzero(skips.marks))
+        changed = found != self._synced[split]
+        if self.info.enabled:
+            if not self._any_rank(changed):
+                return
+            # a copy: DataLoader workers may mark an item in the shared table while it is reduced
+            marks = skips.marks.to(self.device if self.device.type == 'cuda' else 'cpu', copy=True)
+            dist.all_reduce(marks, op=dist.ReduceOp.MAX)
+            skips.merge(marks)
+            found = int(torch.count_nonzero(skips.marks))
+        elif not changed:
+            return
+        self._synced[split] = found
+        self._on_main(self._write_skip_list)
+        skips.check(split)
+
+    def _write_skip_list(self) -> None:
+        """``<run>/skipped.tsv``: every file and annotation the run could not use so far, and the notes (removed
+        when there are none)."""
+        rows = [
+            f"{split}\t{kind}\t{name}\t{reason}"
+            for split, skips in self.skips.items()
+            for name, reason, kind in skips.entries()
+        ]
+        rows += [f"{split}\tnote\t\t{note}" for split, skips in self.skips.items() for note in skips.notes]
+        path = self.run_dir / SKIP_LIST
+        if not rows:
+            path.unlink(missing_ok=True)
+            return
+        self._ensure_run_dir()
+        text = 'split\tkind\tname\treason\n' + ''.join(r.replace('\n', ' ') + '\n' for r in rows)
+        atomic_write_bytes(path, text.encode())
 
     def _forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with autocast_context(self.device, self.amp_dtype is not None, self.amp_dtype):
@@ -655,17 +898,21 @@ class _Trainer:
         }
 
     def run(self) -> Dict[str, Any]:
-        cfg = self.cfg
         self.progress = None
         self.last_eval = None
         self.last_checkpoint = None
         self.curves = None
         self.best = self.last = None
+        try:
+            return self._run()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _run(self) -> Dict[str, Any]:
+        cfg = self.cfg
         found = self._prepare_run_dir()
-        if self.info.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            for p in clean_temporaries(self.run_dir):
-                self._print(f"removed {p} (left by an interrupted run)")
+        self._on_main(self._clean_leftovers)
         self._build()
         step = self._resume(found)
         self._print(self._recipe_lines())
@@ -673,8 +920,7 @@ class _Trainer:
             self._restore_best(step)
         elif self.sparsity is not None and self.sparsity.init == 'snip' and step == 0:
             self._snip_init()
-        if self.info.is_main:
-            save_config(cfg, self.run_dir / 'config.yaml')
+        self._on_main(self._save_config)
         stop = _StopFlag()
         stop.install()
         self.progress = Progress(
@@ -694,16 +940,15 @@ class _Trainer:
                 self.train_sampler.set_epoch(epoch)
                 self.train_loader.dataset.set_epoch(epoch)
                 self.train_sampler.set_start(offset * cfg.accum_steps * self.local_bs)
-                if hasattr(self.train_set, 'reset_unreadable'):  # counted per epoch, against the split's size
-                    self.train_set.reset_unreadable()
                 self.ddp_model.train()
                 it = iter(self.train_loader)
                 end = min(self.steps_per_epoch, offset + self.total_steps - step)
                 for _ in range(offset, end):
                     t0 = time.perf_counter()
+                    lr = self.optimizer.param_groups[0]['lr']  # the rate this step runs with (its record's 'lr')
                     batches = [next(it) for _ in range(cfg.accum_steps)]
                     out = self._optimizer_step(step, batches)
-                    self._check_data(self.train_set, 'train')
+                    self._sync_skips('train')
                     step += 1
                     self.scheduler.step_update(num_updates=step)
                     dt = time.perf_counter() - t0
@@ -726,7 +971,6 @@ class _Trainer:
                         window_loss += out['loss']
                         window_n += 1
                     window_img += out['images'] * self.info.world_size
-                    lr = self.optimizer.param_groups[0]['lr']
                     if step % cfg.log_every == 0 or step == self.total_steps:
                         now = time.perf_counter()
                         rec = {
@@ -738,16 +982,16 @@ class _Trainer:
                             'img_per_s': window_img / max(now - window_t0, 1e-9),
                             'time': time.time(),
                         }
-                        bad = count_unreadable(self.train_set)
-                        if bad is not None:
-                            rec['bad_images'] = bad
-                        if self.info.is_main:
-                            self.log.append(rec)
+                        if 'train' in self.skips:
+                            rec.update(self.skips['train'].metrics())
+                        self._on_main(self._append, rec)
                         window_loss, window_n, window_t0, window_img = 0.0, 0, now, 0
                     self.progress.update(
                         step, loss=out['loss'], lr=lr, img_s=train_images / max(train_time, 1e-9), epoch=epoch + 1
                     )
-                    if self._any_rank(stop.signum is not None):
+                    signum = self._max_rank(stop.signum or 0)
+                    if signum:  # a signal to any process stops every one (and each says which signal)
+                        stop.signum = stop.signum or signum
                         status = 'interrupted'
                         break
                     mid_epoch = step % self.steps_per_epoch and step < self.total_steps

@@ -142,10 +142,37 @@ class MsconvModel(nn.Module):
         return self.head.fc
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A new classifier of ``num_classes`` (0: none, the head returns pooled features). ``global_pool=None``
+        keeps the pooling, except that a classifier on a model whose pooling is off gets the average pooling back;
+        ``global_pool=''`` with a classifier is refused (``check_pooling``)."""
+        global_pool = self.pooling_for(num_classes, global_pool)
         self.num_classes = num_classes
         self.head.reset(num_classes, global_pool)
         self._match_head_to_model()
         self.head_hidden_size = self._head_hidden_size()
+
+    def pooling_for(self, num_classes: int, global_pool: Optional[str]) -> Optional[str]:
+        """The pooling ``reset_classifier(num_classes, global_pool)`` gives the head (None: the head keeps its own):
+        'avg' for a classifier asked for with ``global_pool=None`` while the pooling is off; refused (``ValueError``)
+        for a classifier with ``global_pool=''``."""
+        if global_pool is None and num_classes and self._head_pooling() == '':
+            return 'avg'
+        self.check_pooling(num_classes, global_pool)
+        return global_pool
+
+    def _head_pooling(self) -> Optional[str]:
+        return getattr(getattr(getattr(self, 'head', None), 'global_pool', None), 'pool_type', None)
+
+    def check_pooling(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Refuse a classifier over an unpooled map: with ``global_pool=''`` the head gets the (B, C, H, W) map,
+        and its Linear classifier would fail at forward (SMT, SCSC) or return logits per position (ShiftWise), as a
+        timm Linear head does. Called at construction and by ``reset_classifier``."""
+        if global_pool == '' and num_classes:
+            raise ValueError(
+                f"{type(self).__name__}: global_pool='' (no pooling) cannot feed a classifier (num_classes="
+                f"{num_classes}): the classifier is a Linear layer over pooled features; pass num_classes=0 for the "
+                f"unpooled feature map (or call forward_features), or global_pool='avg'"
+            )
 
     def _head_hidden_size(self) -> int:
         return self.num_features

@@ -168,6 +168,7 @@ class CrossScaleResNet(ConvTrunk):
         global_pool: str = 'avg',
     ) -> None:
         super().__init__()
+        self.check_pooling(num_classes, global_pool)
         self.num_classes, self.in_chans, self.drop_rate = num_classes, in_chans, drop_rate
         self.stem = ConvStem(in_chans, stem_width, stride=2)
         self.stages = make_cross_scale_stages(stem_width, widths, depths, kernel_sizes, groups, routing, drop_path_rate)

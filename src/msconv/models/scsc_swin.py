@@ -190,6 +190,7 @@ class CrossScaleSwin(MsconvModel):
         global_pool: str = 'avg',
     ) -> None:
         super().__init__()
+        self.check_pooling(num_classes, global_pool)
         if not isinstance(depths, (list, tuple)) or not depths or not all(isinstance(d, int) and d > 0 for d in depths):
             raise ValueError(f"depths must be a non-empty sequence of positive ints, got {depths!r}")
         if not isinstance(kernel_sizes, (list, tuple)) or len(kernel_sizes) != len(depths):

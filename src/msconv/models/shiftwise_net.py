@@ -216,6 +216,7 @@ class ShiftWiseNet(MsconvModel):
         strip convs run several times faster that way on CPU and the channels-last Linears need no copies.
         Values are the same either way."""
         super().__init__()
+        self.check_pooling(num_classes, global_pool)
         depths, dims, kernel_sizes = tuple(depths), tuple(dims), tuple(kernel_sizes)
         if not (len(depths) == len(dims) == len(kernel_sizes) == 4):
             raise ValueError(
@@ -285,6 +286,7 @@ class ShiftWiseNet(MsconvModel):
         return {n for n, _ in self.named_parameters() if n.rsplit('.', 2)[-2] == 'grn'}
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, reset_other: bool = False):
+        global_pool = self.pooling_for(num_classes, global_pool)
         self.num_classes = num_classes
         self.head.reset(num_classes, global_pool, reset_other=reset_other, in_features=self.num_features)
         self._match_head_to_model()

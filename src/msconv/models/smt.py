@@ -363,6 +363,7 @@ class SMT(MsconvModel):
             raise ValueError(f"num_stages must be 4 (the SMT layout), got {num_stages}")
         if global_pool not in ('avg', ''):
             raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        self.check_pooling(num_classes, global_pool)
         if head_conv not in (3, 5, 7):
             raise ValueError(f"head_conv must be 3, 5 or 7, got {head_conv}")
         embed_dims = _as_tuple(embed_dims, 4, 'embed_dims')
@@ -407,11 +408,10 @@ class SMT(MsconvModel):
         named_apply(_init_weights, self)
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        if global_pool is not None:
-            if global_pool not in ('avg', ''):
-                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
+        if global_pool is not None and global_pool not in ('avg', ''):
+            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
         super().reset_classifier(num_classes, global_pool)
+        self.global_pool = self._head_pooling()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():

@@ -63,6 +63,7 @@ def export_onnx(
         raise ValueError(
             f"example_batch must be >= 2 (a batch of 1 is specialised by the exporter), got {example_batch}"
         )
+    _writable_folder(Path(path))
     path = str(path)
     if reparam:  # the reparameterized eval copy, fp32, default layout (an ONNX graph has no memory format)
         model = inference_model(model, channels_last=False).model
@@ -99,6 +100,14 @@ def export_onnx(
                     dynamic_axes={'input': {0: 'batch'}, 'output': {0: 'batch'}},
                 )
     return path
+
+
+def _writable_folder(path: Path) -> Path:
+    """The folder ``path`` is written into; ``FileNotFoundError`` naming ``path`` when it does not exist."""
+    folder = path.parent if str(path.parent) else Path('.')
+    if not folder.is_dir():
+        raise FileNotFoundError(f"cannot write {str(path)!r}: its folder {str(folder)!r} does not exist")
+    return folder
 
 
 def check_onnx(
@@ -148,9 +157,11 @@ def export_onnx_checked(
     for module in ('onnx', 'onnxruntime'):  # say what is missing before the export, not after it
         require(module, 'ONNX export')
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent if str(path.parent) else '.')
-    os.close(fd)
+    folder = _writable_folder(path)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=folder)
+        os.close(fd)
         export_onnx(model, tmp, input_size, **export_kwargs)
         diffs = check_onnx(model, tmp, input_size, batch_sizes=batch_sizes, relative=True)
         if max(diffs.values()) > rtol:
@@ -160,8 +171,11 @@ def export_onnx_checked(
             )
         os.replace(tmp, path)
         return diffs
+    except OSError as e:  # name the file asked for, not the temporary one it is written through
+        cause = e.strerror or str(e)
+        raise OSError(f"cannot write {str(path)!r}: {cause}; nothing was written") from e
     finally:
-        for leftover in (tmp, tmp + '.data'):
+        for leftover in (tmp, f'{tmp}.data') if tmp else ():
             if os.path.exists(leftover):
                 os.remove(leftover)
 

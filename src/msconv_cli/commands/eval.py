@@ -33,6 +33,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--amp', action='store_true', help='bf16 autocast')
     parser.add_argument('--multi-scale', action='store_true', help='segmentation runs: also multi-scale + flip mIoU')
     parser.add_argument(
+        '--bad-image-threshold',
+        type=float,
+        default=None,
+        help="the largest fraction of the split's files that may be unusable, each named (default: the run's, 0.01)",
+    )
+    parser.add_argument(
         '--dtype',
         choices=['fp32', 'bf16', 'fp16'],
         default=None,
@@ -57,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         amp=args.amp or None,
         multi_scale=args.multi_scale or None,
         dtype=args.dtype,
+        bad_image_threshold=args.bad_image_threshold,
     )
     print(task.format_evaluation(res))
     return 0

@@ -50,6 +50,13 @@ _FLAGS = [
     ('--keep-last', 'keep_last', int, 'checkpoints kept'),
     ('--nan-policy', 'nan_policy', str, "on a NaN/inf loss: 'abort' (default) or 'skip' the step"),
     ('--seed', 'seed', int, 'random seed'),
+    (
+        '--dist-timeout',
+        'dist_timeout',
+        float,
+        'torchrun: seconds any process waits for the others before the job fails (default: $MSCONV_DIST_TIMEOUT, '
+        'else 1800)',
+    ),
     ('--log-every', 'log_every', int, 'optimizer steps between metric records (and progress lines off a terminal)'),
     ('--amp-dtype', 'amp_dtype', str, "'float16' (fp16 + GradScaler; needs CUDA, fp32 on CPU), 'bfloat16' or 'auto'"),
     (
@@ -111,7 +118,8 @@ def collect_overrides(args: argparse.Namespace) -> dict:
     for dest, _ in _BOOLS:
         overrides[dest] = getattr(args, dest)
     overrides.update(task_options(getattr(args, 'task_args', None) or []))
-    for item in args.set_values:
+    overrides = {k: v for k, v in overrides.items() if v is not None}  # flags not given
+    for item in args.set_values:  # a value, null included (--set clip_grad=null: no clipping)
         if '=' not in item:
             raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
         key, value = item.split('=', 1)
@@ -119,7 +127,7 @@ def collect_overrides(args: argparse.Namespace) -> dict:
             overrides[key.strip().replace('-', '_')] = yaml.safe_load(value)
         except yaml.YAMLError as e:
             raise ValueError(f"--set {item!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from e
-    return {k: v for k, v in overrides.items() if v is not None}
+    return overrides
 
 
 def task_options(argv: list) -> dict:
@@ -174,15 +182,17 @@ def run(args: argparse.Namespace) -> int:
         print(config_yaml(cfg), end='')
         return 0
     result = train(args.config, **collect_overrides(args))
+    interrupted = result['status'] == 'interrupted'
+    code = (143 if result.get('signal') == signal.SIGTERM else 130) if interrupted else 0
     if int(os.environ.get('RANK', '0')) != 0:
-        return 0
-    if result['status'] == 'interrupted':
+        return code  # rank 0 prints; every rank's exit status says what happened
+    if interrupted:
         argv = getattr(args, 'argv', None) or ['train', args.model]
         print(
             f"interrupted; checkpoint {result['checkpoint']}. Continue with:\n  "
             f"{resume_command(argv, result['run_dir'])}"
         )
-        return 143 if result.get('signal') == signal.SIGTERM else 130
+        return code
     line = f"done: {result['steps']} steps, run folder {result['run_dir']}"
     last, best = result.get('last'), result.get('best')
     if last is not None:
