@@ -56,6 +56,13 @@ def test_shiftwise_benchmarks_at_tiny_sizes():
     assert 'deploy speed-up' in out and 'training step' in out
 
 
+def test_replace_kernels_benchmark_without_training():
+    out = _run(
+        ['benchmarks/bench_replace_kernels.py', '--skip-train', '--repeats', '1', '--batch', '2', '--size', '64']
+    )
+    assert '31x31' in out and 'shift-wise deployed' in out and 'load' in out
+
+
 def test_gpu_kernel_benchmark_dry_run_in_the_triton_interpreter():
     out = _run(['benchmarks/bench_kernels_gpu.py', '--dry-run'], TRITON_INTERPRET='1')
     assert 'dry run:' in out

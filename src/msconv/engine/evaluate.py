@@ -20,16 +20,7 @@ from ..inference import inference_model
 from ..models import read_checkpoint
 from ..tools._common import check_checkpoint_file
 from .build import build_model, data_config, load_weights
-from .checkpoint import (
-    CheckpointError,
-    best_checkpoint,
-    checkpoint_weights_verify,
-    find_run_config,
-    latest_good_checkpoint,
-    list_best_checkpoints,
-    list_checkpoints,
-    load_checkpoint,
-)
+from .checkpoint import CheckpointError, checkpoint_weights_verify, find_run_config, read_folder_weights
 from .config import config_from_mapping, load_yaml
 from .distributed import resolve_device
 
@@ -99,24 +90,6 @@ def evaluate_loader(
         'val_loss': sums[2].item() / count,
         'count': int(sums[3].item()),
     }
-
-
-def _none_usable(run: Path, which: str) -> str:
-    """Why run folder ``run`` has no checkpoint to evaluate for ``which`` ('last' or 'best'), naming the bad file."""
-    folders = list_checkpoints(run) if which == 'last' else list_best_checkpoints(run)
-    if not folders:
-        what = 'no checkpoint' if which == 'last' else 'no best checkpoint (no evaluation was kept)'
-        return f"checkpoint: run folder {str(run)!r} holds {what}"
-    try:
-        load_checkpoint(folders[-1])
-        reason = ''
-    except CheckpointError as e:
-        reason = f": {e}"
-    names = ', '.join(p.name for p in folders)
-    other = (
-        "--which best (the best evaluation's weights)" if which == 'last' else '--which last (its newest checkpoint)'
-    )
-    return f"checkpoint: run folder {str(run)!r}: no {which} checkpoint verifies ({names}){reason}; try {other}"
 
 
 def _verify_weights_file(path: Path) -> bool:
@@ -205,30 +178,22 @@ def evaluate(
         cfg_path = find_run_config(ckpt if ckpt.is_dir() else ckpt.parent)
         if cfg_path is not None:
             run_cfg = load_yaml(cfg_path)
-        if which == 'best' and not (ckpt.is_dir() and (ckpt / 'checkpoints').is_dir()):
-            raise ValueError(f"which='best' needs a run folder (holding checkpoints/), got {str(ckpt)!r}")
-        if ckpt.is_dir() and (ckpt / 'checkpoints').is_dir():
-            found = latest_good_checkpoint(ckpt) if which == 'last' else best_checkpoint(ckpt)
-            if found is None:
-                raise ValueError(_none_usable(ckpt, which))
-            used = {'checkpoint': str(found[0]), 'step': int(found[3]['step']), 'which': which}
+        if ckpt.is_dir() or which == 'best':  # a run or checkpoint folder, read as export and erf read it
+            found = read_folder_weights(ckpt, which, use_ema)
+            used = {'checkpoint': found['checkpoint'], 'step': found['step']}
+            if (ckpt / 'checkpoints').is_dir():
+                used['which'] = which
             if which == 'best':
-                used.update(best_top1=found[3].get('top1'), best_epoch=found[3].get('epoch'))
-            weights, trained_as = found[1], found[3].get('model')
-        elif ckpt.is_dir():
-            _, _, meta = found = load_checkpoint(ckpt)
-            used = {'checkpoint': str(ckpt), 'step': int(meta['step'])}
-            weights, trained_as = found[0], meta.get('model')
+                used.update(best_top1=found['meta'].get('top1'), best_epoch=found['meta'].get('epoch'))
+            state_dict, trained_as = found['state_dict'], found['meta'].get('model')
         else:
+            if use_ema:
+                raise ValueError(f"checkpoint {str(ckpt)!r} holds no 'ema' weights (available: ['model'])")
             check_checkpoint_file(ckpt)
             verified = _verify_weights_file(ckpt)
-            weights, trained_as = {'model': read_checkpoint(ckpt)}, None
-            _check_finite(weights['model'], ckpt)
+            state_dict, trained_as = read_checkpoint(ckpt), None
+            _check_finite(state_dict, ckpt)
             used = {'checkpoint': str(ckpt), 'step': None, 'verified': verified}
-        key = 'ema' if use_ema else 'model'
-        if key not in weights:
-            raise ValueError(f"checkpoint {str(ckpt)!r} holds no {key!r} weights (available: {sorted(weights)})")
-        state_dict = weights[key]
         if trained_as is None and cfg_path is not None:
             trained_as = run_cfg.get('model')
 

@@ -14,10 +14,10 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Dict, List, Optional, TextIO, Union
 
-from .._extras import require
+from .._extras import missing_extra_message, require
 from .checkpoint import RunWriteError, atomic_write_bytes, os_cause
 
-__all__ = ['MetricsLog', 'read_metrics', 'top1_summary', 'draw_curves', 'plot_curves', 'Progress']
+__all__ = ['MetricsLog', 'read_metrics', 'top1_summary', 'draw_curves', 'plot_curves', 'plots_missing', 'Progress']
 
 
 class MetricsLog:
@@ -174,6 +174,14 @@ def draw_curves(records: List[Dict[str, Any]], title: str = ''):
 
 def _finite(v) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def plots_missing() -> Optional[str]:
+    """None when curves.png can be drawn, else the one line naming the extra that draws it (matplotlib is not
+    installed); checked without importing matplotlib."""
+    if find_spec('matplotlib') is None:
+        return missing_extra_message('matplotlib', 'curves.png')
+    return None
 
 
 def plot_curves(records: List[Dict[str, Any]], path: Union[str, Path], title: str = '') -> Optional[Path]:

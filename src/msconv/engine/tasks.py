@@ -6,7 +6,8 @@ checkpoint files, records, resume) and asks a ``Task`` the task-specific questio
 1. data:        ``num_classes()``, then ``build_datasets(data_cfg)`` -> (train set, val set or None);
 2. model:       ``build_model(num_classes)`` (what the optimizer trains) and ``backbone(model)`` (what is
                 exported and counted); ``param_groups(model)`` (weight decay and learning-rate scale per
-                parameter) and, under torchrun on CUDA with ``sync_bn``, ``convert_sync_batchnorm(model)``;
+                parameter), with ``grad_checkpointing`` ``set_grad_checkpointing(model)`` and, under torchrun on
+                CUDA with ``sync_bn``, ``convert_sync_batchnorm(model)``;
 3. loss:        ``build_criterion(num_classes)``, ``to_device(x, y, device, channels_last)`` (batches built by
                 ``collate_fn``), ``prepare_batch(x, y)`` (e.g. Mixup), ``forward(model, x, y)`` under autocast and
                 ``loss(output, y)`` in float32 (``plain_loss``: without batch mixing, for SNIP's scores);
@@ -108,6 +109,22 @@ class Task:
         groups (:func:`msconv.engine.optim.weight_decay_groups`)."""
         return weight_decay_groups(model, self.cfg.weight_decay)
 
+    def set_grad_checkpointing(self, model: nn.Module, enable: bool = True) -> None:
+        """Gradient checkpointing of the part of ``model`` that holds most activations (``grad_checkpointing``):
+        by default the backbone's stages, through timm's ``set_grad_checkpointing`` (a classifier, a face model's
+        trunk, a dense system's ``features_only`` backbone), with the BatchNorm statistics updated once a step
+        (:func:`keep_batchnorm_statistics_once`). ``ValueError`` naming the module that lacks it."""
+        backbone = self.backbone(model)
+        setter = getattr(backbone, 'set_grad_checkpointing', None)
+        if setter is None:
+            raise ValueError(
+                f"grad_checkpointing: the backbone of this {self.name!r} run ({type(backbone).__name__}) has no "
+                f"set_grad_checkpointing (timm's models and every msconv model have one)"
+            )
+        setter(enable)
+        if enable:
+            keep_batchnorm_statistics_once(backbone)
+
     def convert_sync_batchnorm(self, model: nn.Module) -> nn.Module:
         """``model`` with the BatchNorm layers that synchronise over the processes as SyncBatchNorm (asked for by
         ``sync_bn`` under torchrun on CUDA). Default: every BatchNorm layer."""
@@ -195,6 +212,45 @@ class Task:
         """``msconv demo --task NAME``: a small run of this task on the bundled digits; returns ``table`` (text),
         ``summary`` (a line), ``interrupted`` and ``ok``."""
         raise ValueError(f"msconv demo: task {cls.name!r} has no demo")
+
+
+def _statistics(module: nn.Module) -> List[torch.Tensor]:
+    """The running statistics of ``module`` if it is a BatchNorm layer, and of its BatchNorm children."""
+    return [
+        t
+        for c in (module, *module.children())
+        if isinstance(c, nn.modules.batchnorm._BatchNorm) and c.track_running_stats and c.running_mean is not None
+        for t in (c.running_mean, c.running_var, c.num_batches_tracked)
+    ]
+
+
+def _save_statistics(module: nn.Module, args: Any) -> None:
+    """Forward pre-hook: in a backward pass (a recomputation), keep the statistics and put them back when the backward
+    pass ends (not after this forward: torch stops a recomputation once it has the tensors it needs)."""
+    if not module.training or torch._C._current_graph_task_id() == -1 or '_msconv_saved' in module.__dict__:
+        return
+    module._msconv_saved = [t.clone() for t in _statistics(module)]
+
+    @torch.no_grad()
+    def restore() -> None:
+        for t, s in zip(_statistics(module), module.__dict__.pop('_msconv_saved')):
+            t.copy_(s)
+
+    torch.autograd.Variable._execution_engine.queue_callback(restore)
+
+
+def keep_batchnorm_statistics_once(module: nn.Module) -> None:
+    """Gradient checkpointing runs each checkpointed segment's forward again in the backward pass, and a BatchNorm
+    in training mode would move its running statistics a second time (timm's ``checkpoint_seq`` does: the model then
+    evaluates with other statistics than without checkpointing). Every BatchNorm layer of ``module``, and every
+    module that holds some, puts their statistics back at the end of a backward pass in which it ran (the holder too:
+    a fused form, such as ShiftWiseConv's training form, updates them without calling the layer; the layer too: a
+    segment may call it outside its holder's forward); the recomputed output, from the batch's statistics, and the
+    gradients are unchanged."""
+    for m in module.modules():
+        if _statistics(m) and not getattr(m, '_msconv_statistics_once', False):
+            m.register_forward_pre_hook(_save_statistics)
+            m._msconv_statistics_once = True
 
 
 def create_task(cfg) -> Task:

@@ -3,7 +3,10 @@
 timm supplies the optimizer (AdamW, no weight decay on norms/biases/``no_weight_decay()``), the per-step
 warm-up + cosine schedule, Mixup/CutMix, label smoothing, RandAugment and random erasing (the transforms), drop
 path (inside the models) and ModelEmaV3. This file wires them together with AMP, gradient accumulation,
-channels_last, torchrun DDP, crash-safe checkpoints, NaN guards and metric records.
+channels_last, torchrun DDP, crash-safe checkpoints, NaN guards and metric records (CSV, JSONL, curves.png and, with
+``tensorboard``, TensorBoard scalars written by rank 0); ``compile`` runs the training forward through
+``torch.compile`` (after DDP, as timm's train.py) and ``grad_checkpointing`` asks the task's backbone to recompute its
+stages in the backward pass.
 
 Reproducibility: each optimizer step reseeds the Python/numpy/torch generators from ``(seed, rank, step)`` and each
 sample is augmented from ``(seed, epoch, index)``, so a run resumed from a mid-epoch checkpoint is bit-identical
@@ -32,8 +35,10 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
+from .._extras import require
 from ..data.loader import build_loader
 from ..data.skips import skipped_files
+from ..tools.tensorboard_log import TensorBoardWriter
 from .build import data_config
 from .checkpoint import (
     SKIP_LIST,
@@ -67,10 +72,12 @@ from .distributed import (
 )
 from .evaluate import autocast_context
 from .lock import RunLock
-from .metrics import MetricsLog, Progress, plot_curves, read_metrics, top1_summary
+from .metrics import MetricsLog, Progress, plot_curves, plots_missing, read_metrics, top1_summary
 from .recipes import preset_info
 from .sparsity import SparsityScheduler
 from .tasks import RunContext, create_task
+
+TENSORBOARD_DIR = 'tensorboard'  # <run>/tensorboard: the event files of --tensorboard
 
 __all__ = ['train', 'NonFiniteLossError']
 
@@ -186,6 +193,8 @@ class _Trainer:
         self.log = MetricsLog(self.run_dir)
         self.lock: Optional[RunLock] = None
         self.task = create_task(cfg)
+        self.tensorboard = None  # rank 0's TensorBoardWriter with cfg.tensorboard, once the run is prepared
+        self.plotting = cfg.plot  # False when matplotlib is missing (said once)
 
     # ---------------------------------------------------------------------------------------------- setup
     def _print(self, msg: str) -> None:
@@ -214,6 +223,8 @@ class _Trainer:
             self._print(note)
         if convert:
             model = self.task.convert_sync_batchnorm(model)
+        if cfg.grad_checkpointing:
+            self.task.set_grad_checkpointing(model, True)
         model.to(device)
         if cfg.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -304,6 +315,8 @@ class _Trainer:
             self.ddp_model = nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == 'cuda' else None, find_unused_parameters=False
             )
+        if cfg.compile:  # the training forward only: evaluation, EMA and checkpoints use the plain self.model
+            self.ddp_model = torch.compile(self.ddp_model)
 
     def _build_sparsity(self, options: Dict[str, Any]):
         options = dict(options)
@@ -367,6 +380,9 @@ class _Trainer:
         if cfg.sparsity:
             sp = ', sparsity ' + ' '.join(f"{k}={v}" for k, v in cfg.sparsity.items())
         own = self.task.recipe_line()
+        runtime = (', torch.compile' if cfg.compile else '') + (
+            ', grad checkpointing' if cfg.grad_checkpointing else ''
+        )
         return (
             f"recipe: preset {cfg.preset!r} for {cfg.model} ({kind}; based on {info['based_on']})\n"
             f"  epochs {cfg.epochs}, global batch {glob} ({per}), lr {self.lr:.4g} ({base}), warm-up "
@@ -374,7 +390,7 @@ class _Trainer:
             f"{cfg.min_lr * scale:.4g}, {cfg.sched}, image {self.data_cfg['size']}\n"
             f"  {cfg.opt} wd {cfg.weight_decay:g} eps {cfg.opt_eps:g} betas {tuple(cfg.opt_betas)}, clip "
             f"{cfg.clip_grad}, drop path {cfg.drop_path:g}, hflip {cfg.hflip:g}, ema {cfg.ema}, precision {amp}, "
-            f"sync_bn {cfg.sync_bn}{sp}" + (f"\n  {self.task.name}: {own}" if own else '')
+            f"sync_bn {cfg.sync_bn}{sp}{runtime}" + (f"\n  {self.task.name}: {own}" if own else '')
         )
 
     # ------------------------------------------------------------------------------------------- checkpoints
@@ -406,6 +422,21 @@ class _Trainer:
     def _append(self, rec: Dict[str, Any]) -> None:
         self._ensure_run_dir()
         self.log.append(rec)
+        if self.tensorboard is not None:
+            self.tensorboard.write(rec)
+            if rec.get('kind') == 'val':
+                self.tensorboard.flush()
+
+    def _open_tensorboard(self, step: int) -> None:
+        """Rank 0's TensorBoard writer in ``<run>/tensorboard``. Resumed at ``step``: the events a crashed run wrote
+        past it are purged (``purge_step``, as ``metrics.jsonl`` is cut back); a run that turns ``tensorboard`` on
+        at a resume first gets the records it kept."""
+        log_dir = self.run_dir / TENSORBOARD_DIR
+        earlier = step > 0 and not log_dir.is_dir()
+        self.tensorboard = TensorBoardWriter(log_dir, purge_step=step + 1 if step > 0 else None)
+        if earlier:
+            self.tensorboard.write_all(read_metrics(self.run_dir))
+            self.tensorboard.flush()
 
     def _save_config(self) -> None:
         self._ensure_run_dir()
@@ -426,7 +457,9 @@ class _Trainer:
             self.run_dir, step, weights, self._state(step, epoch), meta, keep_last=self.cfg.keep_last
         )
         self.last_checkpoint = path
-        if self.cfg.plot:
+        if self.tensorboard is not None:
+            self.tensorboard.flush()
+        if self.plotting:
             self._plot()
         return path
 
@@ -629,6 +662,9 @@ class _Trainer:
         'progress',
         'log_every',
         'plot',
+        'tensorboard',
+        'compile',
+        'grad_checkpointing',
         'num_workers',
         'device',
         'dist_timeout',
@@ -906,11 +942,19 @@ class _Trainer:
         try:
             return self._run()
         finally:
+            if self.tensorboard is not None:
+                self.tensorboard.close()
             if self.lock is not None:
                 self.lock.release()
 
     def _run(self) -> Dict[str, Any]:
         cfg = self.cfg
+        if cfg.tensorboard:  # before anything is written: one line naming the extra
+            require('tensorboard', 'TensorBoard logging (tensorboard / --tensorboard)')
+        missing = plots_missing() if cfg.plot else None
+        if missing:  # said once; the run goes on without curves.png
+            self._print(f"{missing}; the run goes on without it")
+            self.plotting = False
         found = self._prepare_run_dir()
         self._on_main(self._clean_leftovers)
         self._build()
@@ -921,6 +965,8 @@ class _Trainer:
         elif self.sparsity is not None and self.sparsity.init == 'snip' and step == 0:
             self._snip_init()
         self._on_main(self._save_config)
+        if cfg.tensorboard:
+            self._on_main(self._open_tensorboard, step)
         stop = _StopFlag()
         stop.install()
         self.progress = Progress(

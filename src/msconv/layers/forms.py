@@ -347,6 +347,8 @@ def _use_fast_form(form: str, x: torch.Tensor, layout: Optional[str]) -> bool:
         return True
     if is_capturing():  # before any look at x: under FX it is a Proxy, under export its sizes are symbols
         return False
+    if x.device.type == 'meta':  # shapes only (no data to be fast on; autocast has no meta device to ask)
+        return False
     if not kind.autograd and torch.is_grad_enabled():
         return False
     if kind.device is not None and x.device.type != kind.device:

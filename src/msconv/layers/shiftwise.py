@@ -234,8 +234,10 @@ class _LeanShiftWiseTrain(torch.autograd.Function):
 class ShiftWiseConv2d(nn.Module):
     """Shift-wise convolution emulating a ``kernel_size`` depthwise kernel with ``small_kernel`` ones.
 
-    NCHW in and out, same channel count, stride 1. The output channel order is the official one: the rep
-    channels (``rep_index``) first, then the ghost channels (``ghost_index``) unchanged.
+    NCHW in and out, same channel count, stride 1. The output channel order is the official one by default: the
+    rep channels (``rep_index``) first, then the ghost channels (``ghost_index``) unchanged; with
+    ``official_order=False`` output channel c is input channel c's (a drop-in for a depthwise ``nn.Conv2d``, what
+    :func:`msconv.layers.replace_large_kernels` builds).
 
     Args:
         channels: input (= output) channels C.
@@ -245,6 +247,9 @@ class ShiftWiseConv2d(nn.Module):
         n_paths: parallel small-conv paths (summed; merged by ``reparameterize``).
         n_reps: shuffled placements per strip.
         seed: seed of the official index draw (the official code always uses 123).
+        bias: a learnable per-channel bias added to the output (indexed by input channel, as a depthwise conv's;
+            the official operator has none: its BatchNorms shift the rep channels).
+        official_order: output channels in the official rep-then-ghost order (True) or in input order (False).
     """
 
     __constants__ = ['deployed', 'official_order']  # TorchScript compiles only the branch of the current form
@@ -258,6 +263,8 @@ class ShiftWiseConv2d(nn.Module):
         n_paths: int = 2,
         n_reps: int = 4,
         seed: int = 123,
+        bias: bool = False,
+        official_order: bool = True,
     ) -> None:
         super().__init__()
         for name, val, lo in (
@@ -293,7 +300,7 @@ class ShiftWiseConv2d(nn.Module):
         self.long_offsets = (lo, hi)
         self.long_pad = max(-lo, hi)  # symmetric conv padding; the strip is zero-extended to 2*long_pad+1
         self.deployed = False
-        self.official_order = True
+        self.official_order = bool(official_order)
 
         idx = shiftwise_indices(channels, kernel_size, small_kernel, ghost_ratio, n_reps, seed)
         for name in ('ghost', 'rep', 'perm_h', 'perm_v', 'centre'):
@@ -307,6 +314,11 @@ class ShiftWiseConv2d(nn.Module):
         if buf.device.type != 'meta':
             buf.copy_(out_index)
         self.register_buffer('output_index', buf, persistent=False)
+        # input channel c sits at official output position input_index[c]
+        buf = torch.empty(out_index.shape, dtype=torch.long)
+        if buf.device.type != 'meta':
+            buf.copy_(torch.argsort(out_index))
+        self.register_buffer('input_index', buf, persistent=False)
 
         # (paths, repN*nk, k, k): kernel j of rep channel c in path p at row c*nk + j (official LoRAs.p.weight[:, 0]);
         # 4-D so that model.to(memory_format=torch.channels_last) works
@@ -314,6 +326,10 @@ class ShiftWiseConv2d(nn.Module):
         self.bn_h = nn.BatchNorm2d(rep_n)
         self.bn_v = nn.BatchNorm2d(rep_n)
         self.bn_s = nn.BatchNorm2d(rep_n)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(channels))
+        else:
+            self.register_parameter('bias', None)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -327,6 +343,8 @@ class ShiftWiseConv2d(nn.Module):
             f"{self.channels}, kernel_size={self.kernel_size}, small_kernel={self.small_kernel}, "
             f"rep={self.rep_channels}, ghost={self.ghost_channels}, n_paths={self.n_paths}, "
             f"n_reps={self.n_reps}, seed={self.seed}, footprint={self.long_offsets}"
+            + (", bias=True" if self.bias is not None else "")
+            + ("" if self.official_order else ", input order")
             + (", deployed" if self.deployed else "")
         )
 
@@ -442,7 +460,26 @@ class ShiftWiseConv2d(nn.Module):
             + self.bn_s(F.conv2d(xr, ks, padding=ps, groups=r))
             + xr
         )
-        return torch.cat([y, x.index_select(1, self.ghost_index)], dim=1)
+        y = torch.cat([y, x.index_select(1, self.ghost_index)], dim=1)
+        if not self.official_order:
+            y = y.index_select(1, self.input_index)
+        return self._add_bias(y)
+
+    def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
+        """The training-form output plus ``bias`` in the output's channel order (folded into ``deploy_bias`` once
+        reparameterized)."""
+        bias = self.bias
+        if bias is None:
+            return y
+        if self.official_order:
+            bias = bias.index_select(0, self.output_index)
+        return y + bias.to(y.dtype).view(1, -1, 1, 1)
+
+    def _to_output_order(self, y: torch.Tensor) -> torch.Tensor:
+        """An official-order output of the training forms in the module's order, plus its bias."""
+        if not self.official_order:
+            y = _take_channels(y, self.input_index)
+        return self._add_bias(y)
 
     def _lean_ok(self) -> bool:
         return (
@@ -470,14 +507,14 @@ class ShiftWiseConv2d(nn.Module):
                     bn.running_mean.lerp_(mean[i].to(bn.running_mean.dtype), factor)
                     unbiased = var[i] * (n / max(n - 1, 1))
                     bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), factor)
-        return _cat_channels(y, _take_channels(x, self.ghost_index).to(y.dtype))
+        return self._to_output_order(_cat_channels(y, _take_channels(x, self.ghost_index).to(y.dtype)))
 
     def _forward_folded(self, x: torch.Tensor) -> torch.Tensor:
         xr = _take_channels(x, self.rep_index)
         wh, wv, bias = (t.to(x.dtype) for t in self.folded_strips())
         ph, pv, _ = self._pads()
         y = _add(_depthwise(xr, wh, bias, ph), _depthwise(xr, wv, None, pv))
-        return _cat_channels(y, _take_channels(x, self.ghost_index))
+        return self._to_output_order(_cat_channels(y, _take_channels(x, self.ghost_index)))
 
     def _forward_deploy(self, x: torch.Tensor) -> torch.Tensor:
         ph, pv, _ = self._pads()
@@ -526,7 +563,7 @@ class ShiftWiseConv2d(nn.Module):
         """All-channel deploy weights in INPUT channel order: ``(Wh (C,1,k,2P+1), Wv (C,1,2P+1,k), bias (C,))``.
 
         ``out_scale``/``out_shift`` (C,), given in the official OUTPUT order, fold a following per-channel affine
-        (e.g. an eval BatchNorm). Ghost channels become a centre tap (scale) plus bias.
+        (e.g. an eval BatchNorm). Ghost channels become a centre tap (scale) plus bias. ``bias`` is folded in.
         """
         wh_r, wv_r, b_r = self.folded_strips()
         c, k, e, p = self.channels, self.small_kernel, self.extra_pad, self.long_pad
@@ -537,6 +574,8 @@ class ShiftWiseConv2d(nn.Module):
         wv[self.rep_index] = wv_r
         bias[self.rep_index] = b_r
         wh[self.ghost_index, 0, e, p] = 1.0
+        if self.bias is not None:
+            bias = bias + self.bias.to(bias)
         if out_scale is not None or out_shift is not None:
             scale = wh.new_ones(c) if out_scale is None else out_scale.to(wh)
             shift = wh.new_zeros(c) if out_shift is None else out_shift.to(wh)
@@ -553,13 +592,15 @@ class ShiftWiseConv2d(nn.Module):
         self,
         out_scale: Optional[torch.Tensor] = None,
         out_shift: Optional[torch.Tensor] = None,
-        official_order: bool = True,
+        official_order: Optional[bool] = None,
     ) -> None:
         """Switch to the inference form: one cross-shaped depthwise conv (a k x L plus an L x k strip) plus bias.
 
-        Paths, the three BNs (running statistics), the centre path and the identity are folded; the small
-        kernels and BNs are removed. With ``official_order=False`` the output stays in input channel order and
-        the caller must permute whatever consumes it by ``output_index`` (models do this to drop the gather).
+        Paths, the three BNs (running statistics), the centre path, the identity and ``bias`` are folded; the small
+        kernels and BNs are removed. ``official_order`` sets the deployed output order (None: the module's own).
+        With ``False`` the output is in input channel order: a module built in official order then changes its
+        output order, and the caller must permute whatever consumes it by ``output_index`` (models do this to
+        drop the gather).
         """
         if self.deployed:
             return
@@ -567,9 +608,11 @@ class ShiftWiseConv2d(nn.Module):
         self.deploy_weight_h = nn.Parameter(wh)
         self.deploy_weight_v = nn.Parameter(wv)
         self.deploy_bias = nn.Parameter(bias)
-        del self.weight, self.bn_h, self.bn_v, self.bn_s
+        del self.weight, self.bn_h, self.bn_v, self.bn_s, self.bias
+        self.register_parameter('bias', None)
         self.deployed = True
-        self.official_order = official_order
+        if official_order is not None:
+            self.official_order = bool(official_order)
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
     def _load_from_state_dict(

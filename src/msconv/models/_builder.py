@@ -403,6 +403,15 @@ def select_classifier_rows(
     return out
 
 
+def _without_classifier(state_dict: Dict[str, torch.Tensor], model: MsconvModel) -> Dict[str, torch.Tensor]:
+    """``state_dict`` with ``model``'s own classifier tensors in place of the checkpoint's (a backbone loads a
+    classifier of any size without the warning ``MsconvModel.load_state_dict`` gives a classifier it drops)."""
+    prefix = model._classifier_name() + '.'
+    out = {k: v for k, v in state_dict.items() if not k.startswith(prefix)}
+    out.update({k: v for k, v in model.state_dict().items() if k.startswith(prefix)})
+    return out
+
+
 def create_model(
     model_name: str,
     pretrained: bool = False,
@@ -445,6 +454,8 @@ def create_model(
         state_dict = select_classifier_rows(
             convert_official(state_dict, model.family), model._classifier_name(), class_map
         )
+    if features_only:  # the feature wrapper drops the classifier: the checkpoint's goes too, whatever its size
+        state_dict = _without_classifier(convert_official(state_dict, model.family), model)
     model.load_state_dict(state_dict)
     if features_only:
         feature_cls = feature_kwargs.pop('feature_cls', 'getter')

@@ -75,40 +75,19 @@ def build_model(
 
 def read_weights(path: Union[str, os.PathLike], which: str = 'last', use_ema: bool = False) -> Dict[str, Any]:
     """The weights in a run folder (its newest valid checkpoint, or with ``which='best'`` the weights of its best
-    evaluation) or in a training checkpoint folder (``<run>/checkpoints/step-N``), as ``msconv eval`` reads them:
-    ``{'state_dict', 'checkpoint', 'step', 'model', 'model_kwargs'}`` (the last two from the run's config.yaml, when
-    there is one)."""
-    from ..engine.checkpoint import best_checkpoint, latest_good_checkpoint, load_checkpoint
+    evaluation) or in a training checkpoint folder (``<run>/checkpoints/step-N``), as ``msconv eval`` reads them
+    (``msconv.engine.checkpoint.read_folder_weights``): ``{'state_dict', 'checkpoint', 'step', 'model',
+    'model_kwargs'}`` (the model from the checkpoint, else from the run's config.yaml, which gives the kwargs)."""
+    from ..engine.checkpoint import read_folder_weights
     from ..engine.config import load_yaml
 
-    path = Path(path)
-    if which not in ('last', 'best'):
-        raise ValueError(f"which must be 'last' or 'best', got {which!r}")
-    if (path / 'checkpoints').is_dir():
-        found = latest_good_checkpoint(path) if which == 'last' else best_checkpoint(path)
-        if found is None:
-            raise ValueError(
-                f"checkpoint: run folder {str(path)!r} holds no {'valid' if which == 'last' else 'best'} checkpoint"
-            )
-        where, weights, meta = found[0], found[1], found[3]
-    elif (path / 'meta.json').is_file():
-        weights, _, meta = load_checkpoint(path)
-        where = path
-    else:
-        raise ValueError(
-            f"checkpoint folder {str(path)!r} is neither a run folder (holding checkpoints/) nor a training checkpoint "
-            f"(holding meta.json)"
-        )
-    key = 'ema' if use_ema else 'model'
-    if key not in weights:
-        raise ValueError(f"checkpoint {str(where)!r} holds no {key!r} weights (available: {sorted(weights)})")
-    config = next((d / 'config.yaml' for d in [where, *list(where.parents)[:3]] if (d / 'config.yaml').is_file()), None)
-    run = load_yaml(config) if config is not None else {}
+    found = read_folder_weights(path, which, use_ema)
+    run = load_yaml(found['config']) if found['config'] is not None else {}
     return {
-        'state_dict': weights[key],
-        'checkpoint': str(where),
-        'step': int(meta['step']),
-        'model': meta.get('model') or run.get('model'),
+        'state_dict': found['state_dict'],
+        'checkpoint': found['checkpoint'],
+        'step': found['step'],
+        'model': found['meta'].get('model') or run.get('model'),
         'model_kwargs': dict(run.get('model_kwargs') or {}),
     }
 

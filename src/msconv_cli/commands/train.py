@@ -75,6 +75,20 @@ _BOOLS = [
     ('sync_bn', 'SyncBatchNorm under torchrun'),
     ('progress', 'progress bar (a live bar on a terminal, complete lines every --log-every steps otherwise)'),
     (
+        'tensorboard',
+        'TensorBoard scalars (losses, lr, img/s, evaluation metrics) in RUN/tensorboard, written by rank 0; '
+        'needs msconv[tensorboard]',
+    ),
+    (
+        'compile',
+        "torch.compile the training forward (timm's --torchcompile); evaluation and checkpoints use the plain model",
+    ),
+    (
+        'grad_checkpointing',
+        "recompute the backbone's stage activations in the backward pass (classifiers, face and dense backbones): "
+        'less memory, the same gradients, about a third more compute',
+    ),
+    (
         'overwrite',
         "start afresh in a run folder that holds a run (with --resume auto: only when it has no valid "
         "checkpoint); without it a new run never writes into another run's folder",
