@@ -57,6 +57,8 @@ OPTIMIZER_SYSTEMS: Dict[str, Tuple[str, str]] = {
     'smt_mask_rcnn_3x': ('smt_s_mask_rcnn', 'coco_3x'),
     'smt_cascade_3x': ('smt_s_cascade_mask_rcnn', 'coco_3x'),
     'smt_retinanet_3x': ('smt_s_retinanet', 'coco_3x'),
+    'smt_atss_3x': ('smt_s_atss', 'coco_3x'),
+    'smt_sparse_rcnn_3x': ('smt_s_sparse_rcnn', 'coco_3x'),
     'smt_upernet_160k': ('smt_s_upernet', 'ade20k_160k'),
     'sw_cascade_3x': ('sw_t_cascade_mask_rcnn', 'coco_3x'),
     'sw_upernet_160k': ('sw_t_upernet', 'ade20k_160k'),

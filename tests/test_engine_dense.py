@@ -79,6 +79,28 @@ def test_presets_hold_the_official_recipes():
     retina_b = _cfg('smt_base', 'detection', 'coco_3x', arch='retinanet')
     assert (retina_b.lr, retina_b.drop_path, retina_b.sync_bn) == (1e-4, 0.3, False)
     assert _cfg('smt_small', 'detection', 'coco_3x', lr=1e-3).warmup_lr == pytest.approx(1e-6)  # lr x 0.001
+    atss_b = _cfg('smt_base', 'detection', 'coco_3x', arch='atss')
+    assert (atss_b.lr, atss_b.weight_decay, atss_b.wd_exclude_1d, atss_b.drop_path, atss_b.clip_grad) == (
+        1e-4,
+        0.05,
+        False,
+        0.3,
+        None,
+    )
+    # Sparse R-CNN: AdamW 2.5e-5, weight decay 1e-4 on every parameter, clipping at norm 1; SMT-B keeps drop path 0.2
+    sparse = {m: _cfg(m, 'detection', 'coco_3x', arch='sparse_rcnn') for m in ('smt_small', 'smt_base')}
+    for cfg in sparse.values():
+        assert (cfg.lr, cfg.weight_decay, cfg.clip_grad, cfg.wd_exclude_keys, cfg.drop_path) == (
+            2.5e-5,
+            1e-4,
+            1.0,
+            [],
+            0.2,
+        )
+        assert (cfg.epochs, cfg.lr_milestones, cfg.warmup_iters, cfg.det_crop) == (36, [27, 33], 500, True)
+    assert sparse['smt_small'].warmup_lr == pytest.approx(2.5e-8)
+    custom = _cfg('smt_base', 'detection', 'coco_3x', arch='sparse_rcnn', lr=1e-3, drop_path=0.1)
+    assert custom.warmup_lr == pytest.approx(1e-6) and custom.drop_path == 0.1  # lr x 0.001; explicit values win
     one = _cfg('smt_base', 'detection', 'coco_1x')
     assert (one.epochs, one.lr_milestones, one.lr, one.wd_exclude_keys, one.drop_path) == (
         12,
@@ -112,6 +134,10 @@ def test_presets_hold_the_official_recipes():
         ('smt_small', 'detection', 'coco_3x', 'mask_rcnn'),
         ('smt_base', 'detection', 'coco_3x', 'cascade_mask_rcnn'),
         ('smt_base', 'detection', 'coco_1x', 'mask_rcnn'),
+        ('smt_small', 'detection', 'coco_3x', 'atss'),
+        ('smt_base', 'detection', 'coco_3x', 'atss'),
+        ('smt_small', 'detection', 'coco_3x', 'sparse_rcnn'),
+        ('smt_base', 'detection', 'coco_3x', 'sparse_rcnn'),
         ('smt_base', 'segmentation', 'ade20k_160k', 'upernet'),
         ('shiftwise_tiny', 'detection', 'coco_3x', 'cascade_mask_rcnn'),
         ('shiftwise_tiny', 'segmentation', 'ade20k_160k', 'upernet'),
@@ -215,6 +241,30 @@ def test_detection_run_trains_evaluates_and_resumes_bit_exactly(tmp_path, capsys
     assert f"mask_rcnn box: AP {ev['bbox_AP']:.3f}  AP50 {ev['bbox_AP50']:.3f}" in out and 'mask_rcnn mask: AP' in out
 
 
+@pytest.mark.parametrize('arch', ['atss', 'sparse_rcnn'])
+def test_box_only_detectors_resume_bit_exactly_without_masks(tmp_path, arch):
+    # ATSS and Sparse R-CNN (its preset clips gradients at norm 1) with EMA and drop path: 3 steps straight, and 2
+    # steps + resume for 1 more, give equal weights; their runs load no masks
+    common = dict(DET, arch=arch, output=str(tmp_path), ema=True, ema_decay=0.9, lr=1e-3, warmup_iters=1)
+    # (ATSS: 64 channels, two per GroupNorm group: P7 is 1x1 on these canvases)
+    common['dense_kwargs'] = dict(DET['dense_kwargs'], num_proposals=20, channels=64 if arch == 'atss' else 32)
+    ref = train(dict(common, name='ref', max_steps=3))
+    assert ref['status'] == 'finished' and 0.0 <= ref['last_eval']['bbox_AP50'] <= 1.0
+    assert 'segm_AP' not in ref['last_eval']
+    train(dict(common, name='cut', max_steps=2))
+    assert train(dict(common, name='cut', max_steps=3, resume='auto'))['steps'] == 3
+    a = load_checkpoint(list_checkpoints(tmp_path / 'ref')[-1])
+    b = load_checkpoint(list_checkpoints(tmp_path / 'cut')[-1])
+    assert a[0]['model'].keys() == b[0]['model'].keys()
+    for key in ('model', 'ema'):
+        for k in a[0][key]:
+            assert torch.equal(a[0][key][k], b[0][key][k]), (key, k)
+    task = DetectionTask(resolve_config(dict(common, name='ref'), check_paths=False))
+    train_set = task._train_set()
+    assert not train_set.with_masks and 'masks' not in train_set[0][1]
+    assert task.cfg.clip_grad == (1.0 if arch == 'sparse_rcnn' else None)
+
+
 def test_segmentation_run_learns_and_eval_reports_single_and_multi_scale(tmp_path):
     res = train(dict(SEG, output=str(tmp_path), name='seg', lr=2e-3, seg_eval_ms=True, eval_every_iters=15))
     assert res['steps'] == 30
@@ -249,6 +299,27 @@ def test_dense_demo_runs_from_a_given_backbone(tmp_path):
     assert 'upernet' in res['table'] and 'mIoU' in res['table']
     with pytest.raises(ValueError, match=r"archs for task 'segmentation' must be among \('upernet',\)"):
         dense_demo('segmentation', archs=['mask_rcnn'], output=str(tmp_path / 'x'), pretrained=str(weights))
+
+
+@pytest.mark.slow  # writes 900 canvases and evaluates 100 twice
+def test_detection_demo_runs_atss_and_sparse_rcnn_when_asked(tmp_path):
+    from safetensors.torch import save_file
+
+    import msconv
+    from msconv.engine.demo import DEMO_MODELS, dense_demo
+
+    assert [a for a, spec in DetectionTask.demo_runs.items() if spec.get('default', True)] == ['mask_rcnn', 'retinanet']
+    spec = DEMO_MODELS['smt']
+    weights = tmp_path / 'nano.safetensors'
+    save_file(msconv.create_model(spec['model'], num_classes=10, **spec['model_kwargs']).state_dict(), str(weights))
+    res = dense_demo(
+        'detection', archs=['atss', 'sparse_rcnn'], output=str(tmp_path / 'demo'), pretrained=str(weights), max_steps=1
+    )
+    assert [r['arch'] for r in res['rows']] == ['atss', 'sparse_rcnn']
+    for row in res['rows']:
+        assert row['steps'] == 1 and row['metric'] == 'bbox_AP50' and 0.0 <= row['value'] <= 1.0
+    with pytest.raises(ValueError, match=r"must be among \('mask_rcnn', 'retinanet', 'atss', 'sparse_rcnn'\)"):
+        dense_demo('detection', archs=['upernet'], output=str(tmp_path / 'x'), pretrained=str(weights))
 
 
 def test_weight_decay_rules_and_layer_ids():
@@ -311,6 +382,8 @@ def test_sync_bn_converts_what_the_configs_synchronise_and_says_when_it_cannot()
         ('decode_head', 'SyncBatchNorm'),
         ('auxiliary_head', 'SyncBatchNorm'),
     }
+    for arch in ('mask_rcnn', 'retinanet', 'atss', 'sparse_rcnn'):  # no BatchNorm in these configs' heads
+        assert sync_bn_scope('smt_small', arch) == (), arch
     sw = create_segmenter('test_shiftwise', 'upernet', 3, channels=16, aux_channels=8)
     sw_task = SegmentationTask(resolve_config(dict(SEG, model='test_shiftwise'), check_paths=False))
     assert set(kinds(sw_task.convert_sync_batchnorm(sw)).values()) == {'SyncBatchNorm'}  # the whole SW system

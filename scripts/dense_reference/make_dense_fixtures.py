@@ -29,10 +29,11 @@ this repository. What this script handles, without editing the official files:
   returns stages 2-4 (``out_indices=[1, 2, 3]``): the FPN the config describes (C3-C5, P6 / P7 on the P5 output).
 
 With ``--optimizer-groups`` it writes ``optimizer_groups.json`` instead: for the optimizer of each official config
-(``ref.OPTIMIZER_SYSTEMS``: SMT Mask R-CNN 1x and 3x, Cascade, RetinaNet, UperNet; SW-T Cascade and UperNet), built
-as mmdet / mmseg's training scripts build it (``build_optimizer(model, cfg.optimizer)``; SW: the repository's
-``LearningRateDecayOptimizerConstructor`` files in place of the wheels' own), each distinct (lr, weight decay) and
-each parameter's, over the keys of the model fixture it shares (``tests/test_dense_optimizer.py``). Two more quirks:
+(``ref.OPTIMIZER_SYSTEMS``: SMT Mask R-CNN 1x and 3x, Cascade, RetinaNet, ATSS, Sparse R-CNN, UperNet; SW-T Cascade
+and UperNet), built as mmdet / mmseg's training scripts build it (``build_optimizer(model, cfg.optimizer)``; SW: the
+repository's ``LearningRateDecayOptimizerConstructor`` files in place of the wheels' own), each distinct (lr, weight
+decay) and each parameter's, over the keys of the model fixture it shares (``tests/test_dense_optimizer.py``). Two
+more quirks:
 the 1x config's base ``mask_rcnn_ressa_fpn.py`` is missing too (a stand-in inheriting ``mask_rcnn_smt_s_fpn.py``),
 and the SMT detection configs set AdamW without ``_delete_=True``, so it keeps schedule_1x.py's SGD ``momentum=0.9``,
 which torch's AdamW rejects: it is dropped (noted in the json); the 3x Mask R-CNN config gets SMT-S's backbone.

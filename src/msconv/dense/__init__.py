@@ -29,13 +29,14 @@ evaluate           ``evaluate_coco(model, dataset)``           ``evaluate_segmen
 """
 
 from .convert import convert_official_dense
-from .detection import DETECTOR_ARCHS, create_detector
+from .detection import DETECTOR_ARCHS, MASK_ARCHS, create_detector
 from .evaluation import MS_RATIOS, evaluate_coco, evaluate_segmentation, predict_segmentation
 from .necks import BackboneWithFPN, MsconvBackbone, create_backbone, create_backbone_fpn
 from .segmentation import SEGMENTER_ARCHS, UperNet, create_segmenter
 
 __all__ = [
     'DETECTOR_ARCHS',
+    'MASK_ARCHS',
     'create_detector',
     'SEGMENTER_ARCHS',
     'UperNet',

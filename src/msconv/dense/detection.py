@@ -82,6 +82,7 @@ from .rcnn import (
 __all__ = [
     'create_detector',
     'DETECTOR_ARCHS',
+    'MASK_ARCHS',
     'RetinaNetDetector',
     'MaskRCNNDetector',
     'CascadeMaskRCNN',
@@ -91,6 +92,7 @@ __all__ = [
 ]
 
 DETECTOR_ARCHS = ('mask_rcnn', 'cascade_mask_rcnn', 'retinanet', 'atss', 'sparse_rcnn')
+MASK_ARCHS = ('mask_rcnn', 'cascade_mask_rcnn')  # the detectors that train on instance masks
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # drop_path_rate of the official dense configs, per backbone family (SMT-S/B: 0.2; SW-T: 0.4)

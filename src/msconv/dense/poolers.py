@@ -67,9 +67,10 @@ class AlignedRoIAlign(MultiScaleRoIAlign):
         result = feats[0].new_zeros((rois.shape[0], feats[0].shape[1]) + out_size)
         levels = mmdet_roi_levels(rois[:, 1:], len(feats), self.finest_scale)
         for level, (feat, scale) in enumerate(zip(feats, scales)):
+            # every level joins the graph, also one with no RoI (zero gradients, as mmdet's SingleRoIExtractor gives
+            # it): under DDP each process must produce a gradient for every FPN parameter
             idx = torch.where(levels == level)[0]
-            if idx.numel():
-                result[idx] = roi_align(feat, rois[idx], out_size, scale, self.sampling_ratio, self.aligned).to(
-                    result.dtype
-                )
+            result[idx] = roi_align(feat, rois[idx], out_size, scale, self.sampling_ratio, self.aligned).to(
+                result.dtype
+            )
         return result

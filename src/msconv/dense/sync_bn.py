@@ -8,8 +8,9 @@ SMT Cascade Mask R-CNN   the box heads' ``norm_cfg=dict(type='SyncBN')``        
                                                                                    none)
 SMT UperNet              ``norm_cfg = dict(type='SyncBN')`` of both heads          ``decode_head``, ``auxiliary_head``
                          (``upernet_smt_s.py:2``)
-SMT Mask R-CNN,          none (the heads have no BatchNorm)                        nothing
-RetinaNet
+SMT Mask R-CNN,          none (the heads have no BatchNorm; ATSS's head has        nothing
+RetinaNet, ATSS,         GroupNorm, Sparse R-CNN's LayerNorm)
+Sparse R-CNN
 ShiftwiseConv, any       the backbone's ``use_sync_bn = True``                     the whole model
                          (``SW_v2_unirep.py:29`` / ``:27``) and the heads'
                          SyncBN (Cascade box heads, UperNet heads)
@@ -37,6 +38,8 @@ _SCOPE = {
     ('smt', 'upernet'): ('decode_head', 'auxiliary_head'),
     ('smt', 'mask_rcnn'): (),
     ('smt', 'retinanet'): (),
+    ('smt', 'atss'): (),
+    ('smt', 'sparse_rcnn'): (),
 }
 
 

@@ -352,7 +352,8 @@ def register_presets(
         per_model: values on top of the family's (and per_option's) for named models (e.g. drop path per size).
         per_option: ``{option: {family: {value: values}}}``: values on top of the family's for runs whose
             ``option`` has that value (the value given for the run, else the family's preset value), e.g. a dense
-            preset's optimizer per ``arch``.
+            preset's optimizer per ``arch``; a model name in place of the family gives that model's values for the
+            option's value, applied last (e.g. SMT-B's drop path of one dense system).
         other_models: models of no msconv family (timm models) take this family's values; None: none.
         check: called with the resolved config; returns a message when the preset cannot run as configured.
     """
@@ -389,7 +390,7 @@ def _check_preset(preset: str, task) -> None:
 
 def _preset_values(preset: str, model: str, given: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """What ``preset`` sets for ``model``: its family's values (or those of ``other_models``), then those for the
-    options' values (``given``: the run's own options), then per-model ones."""
+    options' values (``given``: the run's own options), then per-model ones, then the model's own per-option ones."""
     rules = _PRESET_RULES[preset]
     fam = family_of(model)
     if fam is not None and fam not in PRESETS[preset]:
@@ -402,7 +403,11 @@ def _preset_values(preset: str, model: str, given: Optional[Mapping[str, Any]] =
     for option_name, by_family in rules['per_option'].items():
         chosen = (given or {}).get(option_name, values.get(option_name))
         values.update(by_family.get(source, {}).get(chosen, {}))
-    values.update(rules['per_model'].get(model.split('.')[0], {}))
+    base = model.split('.')[0]
+    values.update(rules['per_model'].get(base, {}))
+    for option_name, by_source in rules['per_option'].items():
+        chosen = (given or {}).get(option_name, values.get(option_name))
+        values.update(by_source.get(base, {}).get(chosen, {}))
     unknown = sorted(set(values) - _all_options())
     if unknown:
         raise ValueError(f"preset {preset!r} sets unknown config option(s) {unknown}")

@@ -6,7 +6,8 @@ light random-resized-crop, a few epochs.
 
 ``dense_demo`` (``msconv demo --task detection|segmentation``) fine-tunes the nano SMT trained here as the backbone
 of a dense task's systems on MNIST-digit canvases written in the task's file format: the task gives its runs
-(``demo_runs``: Mask R-CNN and RetinaNet to box AP50, UperNet to mIoU) and its digits writer.
+(``demo_runs``: Mask R-CNN and RetinaNet, and when asked for ATSS and Sparse R-CNN, to box AP50; UperNet to mIoU)
+and its digits writer.
 """
 
 from __future__ import annotations
@@ -259,13 +260,15 @@ def dense_demo(
     """Fine-tune the papers' dense systems with the nano SMT backbone on digits canvases written as COCO / ADE20K
     files (read back by the real loaders); returns rows with the metric (box AP50 / mIoU), target and times.
 
-    The task class gives the runs: ``demo_runs`` (system -> the metric, the target and the engine run's options),
+    The task class gives the runs: ``demo_runs`` (system -> the metric, the target, the engine run's options and
+    whether it runs by default, ``default``, True unless given),
     ``demo_digits`` (its geometry of the canvases), ``write_digits(root, n_train, n_val, **geometry)`` and
     ``digits_folder``.
 
     Args:
-        task: 'detection' (Mask R-CNN and RetinaNet) or 'segmentation' (UperNet), or any task with ``demo_runs``.
-        archs: a subset of the task's systems.
+        task: 'detection' (Mask R-CNN and RetinaNet; ATSS and Sparse R-CNN when named in ``archs``) or
+            'segmentation' (UperNet), or any task with ``demo_runs``.
+        archs: a subset of the task's systems (default: those whose ``demo_runs`` entry is not ``default=False``).
         pretrained: the backbone's weights (a file or a classification run folder); default: the classification
             demo's run (``runs/demo/smt``), pre-trained here when absent.
         max_steps: shorten each run (tests).
@@ -275,7 +278,7 @@ def dense_demo(
     if task not in with_runs:
         raise ValueError(f"task must be one of {with_runs}, got {task!r}")
     cls = task_class(task)
-    archs = tuple(archs or cls.demo_runs)
+    archs = tuple(archs or [a for a, spec in cls.demo_runs.items() if spec.get('default', True)])
     bad = [a for a in archs if a not in cls.demo_runs]
     if bad:
         raise ValueError(f"archs for task {task!r} must be among {tuple(cls.demo_runs)}, got {bad}")

@@ -2,14 +2,15 @@
 module loads, and their official tables (added to :data:`msconv.engine.recipes.OFFICIAL_RECIPES`, rendered in
 docs/guides/recipes.md):
 
-* ``coco_3x``: the SMT 3x configs (Mask R-CNN, Cascade Mask R-CNN, RetinaNet; 36 epochs, multi-scale 480-800 with
-  the crop branch) and ShiftwiseConv's Cascade Mask R-CNN 3x;
+* ``coco_3x``: the SMT 3x configs (Mask R-CNN, Cascade Mask R-CNN, RetinaNet, ATSS, Sparse R-CNN; 36 epochs,
+  multi-scale 480-800 with the crop branch) and ShiftwiseConv's Cascade Mask R-CNN 3x;
 * ``coco_1x``: SMT's Mask R-CNN 1x (12 epochs, single scale 1333x800);
 * ``ade20k_160k``: the SMT and ShiftwiseConv UperNet configs (160000 steps, 512 crops).
 
 The values depend on the system (``arch``): each family's values are those of its default system, and the other
 systems' differences are registered per ``arch`` (``register_presets(per_option=...)``); drop path per size is
-registered per model (SMT-B: 0.3 where its configs say so). Every value is listed with its official file and line
+registered per model (SMT-B: 0.3 where its configs say so; its Sparse R-CNN config keeps 0.2, registered for
+``smt_base`` and that ``arch``). Every value is listed with its official file and line
 in ``DENSE_RECIPES`` (AFeng-x/SMT at 11e954d, lidc54/shift-wiseConv at 2202e6b, the ``_base_`` files of the
 mmdetection 2.28.2 / mmsegmentation 0.30.0 wheels, mmcv 1.7.2); ``tests/test_recipes.py`` resolves every preset
 against them. SCSC has no official dense recipe: its backbones get SMT's values, labelled as not official.
@@ -81,6 +82,9 @@ _SMT_3X: Dict[str, Dict[str, Any]] = {
     ),
     'cascade_mask_rcnn': dict(lr=1e-4, sync_bn=True, **_MMCV_DECAY),
     'retinanet': dict(lr=1e-4, sync_bn=False, **_MMCV_DECAY),
+    'atss': dict(lr=1e-4, sync_bn=False, **_MMCV_DECAY),
+    # AdamW at torch's betas, weight decay 1e-4, gradients clipped at norm 1 (sparse_rcnn_smt_s_fpn.py:98-99)
+    'sparse_rcnn': dict(lr=2.5e-5, weight_decay=1e-4, clip_grad=1.0, sync_bn=False, **_MMCV_DECAY),
 }
 _SMT_1X = dict(lr=2e-4, wd_exclude_1d=False, wd_exclude_keys=['norm'], sync_bn=False)
 
@@ -150,7 +154,8 @@ DENSE_PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
     },
 }
 DENSE_PRESETS['ade20k_160k']['scsc'] = DENSE_PRESETS['ade20k_160k']['smt']
-_PER_ARCH = {'arch': {'smt': _SMT_3X, 'scsc': _SMT_3X}}
+# SMT-B's Sparse R-CNN keeps drop path 0.2 (sparse_rcnn_smt_b_fpn.py:18), where its other systems have 0.3
+_PER_ARCH = {'arch': {'smt': _SMT_3X, 'scsc': _SMT_3X, 'smt_base': {'sparse_rcnn': {'drop_path': 0.2}}}}
 
 register_presets(
     'coco_3x',
@@ -220,6 +225,9 @@ _D3 = _SMT_DET + 'mask_rcnn_smt_b_fpn_mstrain-poly_3x_coco.py'
 _D1 = _SMT_DET + 'mask_rcnn_ResSA_fpn_1x_coco.py'
 _DC = _SMT_DET + 'cascade_mask_rcnn_ressa_mstrain_480-800_giou_4conv1f_adamw_3x_coco.py'
 _DR = _SMT_DET + 'retinanet_ressa_fpn_mstrain_480-800_3x_coco.py'
+_DA = _SMT_DET + 'atss_ressa_mstrain_3x_coco.py'
+_DS = _SMT_DET + 'sparse_rcnn_ressa_mstrain_3x_coco.py'
+_DS_BASE = _SMT_DET + 'sparse_rcnn_smt_s_fpn.py'
 _SU = _SMT_SEG + 'upernet_smt_512x512_160k_ade20k.py'
 _WC = _SW_DET + 'cascade_mask_rcnn_sw_tiny_mstrain_480-800_adamw_3x_coco_in1k.py'
 _WU = _SW_SEG + 'upernet_sw_tiny_512_160k_ade20k_ss.py'
@@ -367,6 +375,79 @@ DENSE_RECIPES: Dict[str, Dict[str, Any]] = {
             _row('SyncBN', 'sync_bn', False, _SMT_BN + '; the RetinaHead has no norm'),
         ]
         + _mmdet_schedule(f"{_DR} (no fp16 setting)"),
+    ),
+    'smt_atss_3x': dict(
+        title='SMT-S/B ATSS 3x, COCO',
+        preset='coco_3x',
+        arch='atss',
+        models=('smt_small', 'smt_base'),
+        official=True,
+        repo=SMT_REPO,
+        based_on=f"{_DA} (on atss_smt_s_fpn.py; SMT-B: atss_smt_b_fpn.py), mmdet 2.28.2 coco_detection.py / "
+        "schedule_1x.py / default_runtime.py",
+        rows=[
+            _row('optimizer', 'opt', 'adamw', f"{_DA}:53"),
+            _row('LR (absolute)', 'lr', 1e-4, f"{_DA}:53"),
+            _row('AdamW betas', 'opt_betas', (0.9, 0.999), f"{_DA}:53"),
+            _row('weight decay', 'weight_decay', 0.05, f"{_DA}:53"),
+            *_smt_mmcv_decay(f"{_DA}:53"),
+            _row('epochs', 'epochs', 36, f"{_DA}:55"),
+            _row('LR steps (epochs)', 'lr_milestones', [27, 33], f"{_DA}:54"),
+            _row('global batch', 'global_batch', 16, f"{_DA}:50, {_MMDET}default_runtime.py:26 (8 x 2)"),
+            _per_gpu(2, f"{_DA}:50"),
+            *_ms_pipeline(_DA, '18-20', '24-41', '13'),
+            _row('drop path', 'drop_path', 0.2, _SMT_DET + 'atss_smt_s_fpn.py:12', models=('smt_small',)),
+            _row('drop path', 'drop_path', 0.3, _SMT_DET + 'atss_smt_b_fpn.py:12', models=('smt_base',)),
+            _row('SyncBN', 'sync_bn', False, _SMT_BN + "; the ATSSHead's norm is GroupNorm"),
+        ]
+        + _mmdet_schedule(f"{_DA} (no fp16 setting)"),
+    ),
+    'smt_sparse_rcnn_3x': dict(
+        title='SMT-S/B Sparse R-CNN 3x, COCO (300 proposals)',
+        preset='coco_3x',
+        arch='sparse_rcnn',
+        models=('smt_small', 'smt_base'),
+        official=True,
+        repo=SMT_REPO,
+        based_on=f"{_DS} (on sparse_rcnn_smt_s_fpn.py; SMT-B: sparse_rcnn_smt_b_fpn.py), mmdet 2.28.2 "
+        "coco_detection.py / schedule_1x.py / default_runtime.py",
+        rows=[
+            _row('optimizer', 'opt', 'adamw', f"{_DS_BASE}:98"),
+            _row('LR (absolute)', 'lr', 2.5e-5, f"{_DS_BASE}:98"),
+            _row('AdamW betas', 'opt_betas', (0.9, 0.999), 'torch.optim.AdamW default (the config sets none)'),
+            _row('weight decay', 'weight_decay', 1e-4, f"{_DS_BASE}:98"),
+            *_smt_mmcv_decay(f"{_DS_BASE}:98"),
+            _row('grad clip (L2 norm)', 'clip_grad', 1.0, f"{_DS_BASE}:99"),
+            _row('epochs', 'epochs', 36, f"{_DS}:57"),
+            _row('LR steps (epochs)', 'lr_milestones', [27, 33], f"{_DS}:56"),
+            _row('LR step factor', 'decay_rate', 0.1, _MMCV + 'hooks/lr_updater.py:186 (StepLrUpdaterHook gamma)'),
+            _row('warm-up steps (linear)', 'warmup_iters', 500, _SCHEDULE_1X + ':6-8'),
+            _row('warm-up start (x lr)', 'warmup_ratio', 0.001, _SCHEDULE_1X + ':9'),
+            _row(
+                'global batch',
+                'global_batch',
+                16,
+                f"{_MMDET}datasets/coco_detection.py:32, {_MMDET}default_runtime.py:26 (8 x 2)",
+            ),
+            _per_gpu(2, _MMDET + 'datasets/coco_detection.py:32'),
+            *_ms_pipeline(_DS, '22-24', '28-48', '16'),
+            _row(
+                'learnable proposals, detections per image',
+                None,
+                300,
+                f"{_DS}:3, {_DS}:5, {_DS}:7",
+                note="create_detector's default num_proposals",
+                msconv=300,
+            ),
+            _row('drop path', 'drop_path', 0.2, f"{_DS_BASE}:18", models=('smt_small',)),
+            _row('drop path', 'drop_path', 0.2, _SMT_DET + 'sparse_rcnn_smt_b_fpn.py:18', models=('smt_base',)),
+            _row('SyncBN', 'sync_bn', False, _SMT_BN + '; the DIIHeads use LayerNorm'),
+            _row('LR scaling', 'lr_base_size', None, _MMDET + 'default_runtime.py:27 (auto_scale_lr enable=False)'),
+            _row('evaluation (epochs)', 'eval_every', 1, _MMCV + 'hooks/evaluation.py:89 (EvalHook interval)'),
+            _row('mixed precision (off: fp32)', 'amp', False, f"{_DS} (no fp16 setting)"),
+            _row('AdamW eps', 'opt_eps', 1e-8, 'torch.optim.AdamW default (the config sets none)'),
+            _EMA,
+        ],
     ),
     'smt_upernet_160k': dict(
         title='SMT-S/B UperNet 160k, ADE20K',

@@ -15,11 +15,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         '--task',
         default='classification',
         help="'classification' (default: the three nano families), 'detection' (Mask R-CNN and RetinaNet on "
-        "digits canvases, box AP50) or 'segmentation' (UperNet, mIoU)",
+        "digits canvases, box AP50; --archs atss sparse_rcnn for the other two) or 'segmentation' (UperNet, mIoU)",
     )
     parser.add_argument('--families', nargs='+', default=None, help='classification: the families (default: all three)')
     parser.add_argument(
-        '--archs', nargs='+', default=None, help='dense tasks: a subset of mask_rcnn retinanet / upernet'
+        '--archs',
+        nargs='+',
+        default=None,
+        help='dense tasks: a subset of mask_rcnn retinanet atss sparse_rcnn / upernet',
     )
     parser.add_argument(
         '--pretrained',
