@@ -77,6 +77,25 @@ def saved_bytes(fn: Callable[[], object]) -> int:
     return sum(storages.values())
 
 
+def randomize_norms(model, seed: int = 0, layer_norm: bool = True) -> None:
+    """Non-trivial BatchNorm2d statistics and affines (and LayerNorm affines with ``layer_norm``): speed does not
+    depend on them, but the agreement checks between two implementations of a model become meaningful."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                n = m.num_features
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(0.2 * torch.randn(n, generator=g))
+                m.running_mean.copy_(0.2 * torch.randn(n, generator=g))
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            elif layer_norm and isinstance(m, torch.nn.LayerNorm) and m.weight is not None:
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+
+
 def import_official_file(path: Path, module_name: str, stub_modules: tuple = ()) -> types.ModuleType:
     """Import one file of an official repository (never committed here) by path.
 

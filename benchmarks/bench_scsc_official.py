@@ -34,7 +34,7 @@ import torch.nn as nn
 import msconv
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_line  # noqa: E402
+from _common import machine_line, randomize_norms  # noqa: E402
 
 
 def _import(path: Path, name: str):
@@ -58,18 +58,6 @@ def build_official(repo: Path, model: str) -> nn.Module:
     raise ValueError(f"model must be scsc_swin_tiny or scsc_resnet50, got {model!r}")
 
 
-def randomize_bn(model: nn.Module, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(0.2 * torch.randn(n, generator=g))
-                m.running_mean.copy_(0.2 * torch.randn(n, generator=g))
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-
-
 def interleaved(fns: dict, iters: int, warmup: int) -> dict:
     for _ in range(warmup):
         for fn in fns.values():
@@ -86,7 +74,7 @@ def interleaved(fns: dict, iters: int, warmup: int) -> dict:
 def bench_model(repo: Path, name: str, args) -> list:
     torch.manual_seed(0)
     official = build_official(repo, name)
-    randomize_bn(official)
+    randomize_norms(official, layer_norm=False)
     ours = msconv.create_model(name)
     ours.load_state_dict(msconv.convert_official(official.state_dict(), 'scsc'))
     x = torch.randn(args.batch, 3, args.size, args.size)

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_line, print_table, saved_bytes  # noqa: E402
+from _common import machine_line, print_table, randomize_norms, saved_bytes  # noqa: E402
 
 import msconv  # noqa: E402
 from msconv.layers import reference_forms  # noqa: E402
@@ -60,23 +60,6 @@ class Pair(NamedTuple):
 # ---- the models -----------------------------------------------------------------------------------------------------
 
 
-def _randomize_norms(model: nn.Module, seed: int = 0) -> None:
-    """Non-trivial BatchNorm statistics and affines, LayerNorm affines (speed does not depend on them; the
-    agreement checks below become meaningful)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(0.2 * torch.randn(n, generator=g))
-                m.running_mean.copy_(0.2 * torch.randn(n, generator=g))
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            elif isinstance(m, nn.LayerNorm) and m.weight is not None:
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
-
-
 def _smt_pair(repo: Path, micro: bool) -> Pair:
     from bench_smt_official import load_official
 
@@ -92,7 +75,7 @@ def _smt_pair(repo: Path, micro: bool) -> Pair:
     else:
         theirs = official.smt_t(drop_path_rate=0.0)
         ours = msconv.create_model('smt_tiny', drop_path_rate=0.0)
-    _randomize_norms(theirs)
+    randomize_norms(theirs)
     ours.load_state_dict(msconv.convert_official(theirs.state_dict(), 'smt'))
     return Pair('smt_tiny vs official SMT-T' if not micro else 'test_smt vs official SMT', ours, theirs,
                 10 if micro else 1000, False)  # fmt: skip
@@ -114,7 +97,7 @@ def _scsc_swin_pair(repo: Path, micro: bool, size: int) -> Pair:
     else:
         theirs = official.SCSC_Swin(img_size=size, drop_path_rate=0.0)
         ours = msconv.create_model('scsc_swin_tiny', drop_path_rate=0.0)
-    _randomize_norms(theirs)
+    randomize_norms(theirs)
     ours.load_state_dict(msconv.convert_official(theirs.state_dict(), 'scsc'))
     label = 'scsc_swin_tiny vs official Swin-T+SCSC' if not micro else 'test_scsc_swin vs official SCSC_Swin'
     return Pair(label, ours, theirs, 10 if micro else 1000, False)
@@ -130,7 +113,7 @@ def _scsc_resnet_pair(repo: Path, micro: bool) -> Pair:
         if hasattr(block, 'routing_fc') and not hasattr(block, 'patch_sizes'):
             block.patch_sizes = [None] * len(block.layers)  # the attribute the released forward reads (never set)
     ours = msconv.create_model('scsc_resnet50', depths=depths, num_classes=classes, drop_path_rate=0.0)
-    _randomize_norms(theirs)
+    randomize_norms(theirs)
     ours.load_state_dict(msconv.convert_official(theirs.state_dict(), 'scsc'))
     label = 'scsc_resnet50 vs official CBTNet-50' if not micro else 'scsc_resnet (1-1-1-1) vs official CBTNet'
     return Pair(label, ours, theirs, classes, False)
@@ -145,7 +128,7 @@ def _shiftwise_pair(micro: bool) -> Pair:
         theirs = timm.create_model('test_convnext', num_classes=10)
     else:
         ours, theirs = msconv.create_model('shiftwise_tiny'), timm.create_model('convnext_tiny')
-    _randomize_norms(ours)
+    randomize_norms(ours)
     label = 'shiftwise_tiny vs timm convnext_tiny' if not micro else 'test_shiftwise vs timm test_convnext'
     return Pair(label, ours, theirs, 10 if micro else 1000, True)
 

@@ -158,3 +158,28 @@ def write_old_config(run_dir: Path) -> dict:
         old[name] = list(value) if isinstance(value, tuple) else value
     path.write_text(yaml.safe_dump(old, sort_keys=False))
     return old
+
+
+@pytest.fixture
+def clean_tuner(monkeypatch):
+    """The autotuner with no choices, no disk cache and the environment's switches unset."""
+    from msconv.layers import forms
+
+    monkeypatch.setattr(forms, '_CHOICES', {})
+    monkeypatch.setattr(forms, '_DISK', None)
+    monkeypatch.delenv('MSCONV_CACHE_DIR', raising=False)
+    monkeypatch.delenv('MSCONV_AUTOTUNE', raising=False)
+    yield
+
+
+def randomize_bn(model: torch.nn.Module, seed: int = 0) -> None:
+    """Non-trivial BatchNorm statistics and affines, so that a form folding or skipping them would show."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+            n = m.num_features
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(0.2 * torch.randn(n, generator=g))
+                m.running_mean.copy_(0.2 * torch.randn(n, generator=g))
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)

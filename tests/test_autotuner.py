@@ -22,15 +22,6 @@ TEST_OPS = {
 
 
 @pytest.fixture
-def clean_tuner(monkeypatch):
-    monkeypatch.setattr(forms, '_CHOICES', {})
-    monkeypatch.setattr(forms, '_DISK', None)
-    monkeypatch.delenv('MSCONV_CACHE_DIR', raising=False)
-    monkeypatch.delenv('MSCONV_AUTOTUNE', raising=False)
-    yield
-
-
-@pytest.fixture
 def fresh_tuner(clean_tuner, monkeypatch):
     for name, cands in TEST_OPS.items():
         monkeypatch.setitem(forms.TUNED, name, forms.TunedOp(name, cands, key='', where='tests'))

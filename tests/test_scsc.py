@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
-from conftest import load_fixture, max_abs, official_state_dict, onednn_enabled
+from conftest import load_fixture, max_abs, official_state_dict, onednn_enabled, randomize_bn
 from torch.utils.flop_counter import FlopCounterMode
 
 import msconv
@@ -20,18 +20,6 @@ TRAIN_TOL = 1e-4
 
 def _nhwc_to_nchw(x):
     return x.permute(0, 3, 1, 2)
-
-
-def _randomize_bn(model: nn.Module, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            n = m.num_features
-            with torch.no_grad():
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(0.2 * torch.randn(n, generator=g))
-                m.running_mean.copy_(0.2 * torch.randn(n, generator=g))
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
 
 
 def _raw(name):
@@ -234,7 +222,7 @@ def test_routings_differ_but_share_parameters_and_cost():
 def test_cross_scale_routing_model_reparameterizes():
     torch.manual_seed(0)
     model = msconv.create_model('test_scsc_swin', routing='cross_scale').eval()
-    _randomize_bn(model)
+    randomize_bn(model)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         ref = model(x)
@@ -263,7 +251,7 @@ def test_layer_bad_arguments_raise_value_error():
 def test_reparameterize_keeps_outputs(name):
     torch.manual_seed(0)
     model = msconv.create_model(name).eval()
-    _randomize_bn(model)
+    randomize_bn(model)
     x = torch.randn(2, *model.pretrained_cfg['test_input_size'])
     with torch.no_grad():
         ref = model(x)
@@ -297,7 +285,7 @@ def test_tiny_resnet_odd_sizes_numerically():
     once reparameterized) give the plain forms' numbers, and the stages have ceil(size / 2**k) sides."""
     torch.manual_seed(0)
     model = msconv.create_model('test_scsc_resnet').eval()
-    _randomize_bn(model)
+    randomize_bn(model)
     pins = dict(pointwise_conv='gemm', stem_conv='im2col', conv_gelu='fused')
     for net in (model, msconv.reparameterize(model)):
         for size in (112, 100, 37):
@@ -371,7 +359,7 @@ def _check_inplace_inference_forms(folded):
     swin = CrossScaleSwinBlock(24, (3, 5), groups=2).eval()
     cnn = CrossScaleBottleneck(24, 36, (3, 5), groups=2, stride=2).eval()
     for m in (swin, cnn):
-        _randomize_bn(m)
+        randomize_bn(m)
         if folded:
             m.reparameterize()
     x_big = torch.randn(1, 24, 56, 56)  # large enough for the GEMM form of the 1x1 convs
@@ -470,7 +458,7 @@ def test_conv_stem_im2col_inference_matches_conv(stride, size, folded):
 
     torch.manual_seed(0)
     stem = ConvStem(3, 16, stride=stride).eval()
-    _randomize_bn(stem)
+    randomize_bn(stem)
     if folded:
         stem.reparameterize()  # the folded conv has a bias, the plain one none
     x = torch.randn(2, 3, size, size)
@@ -528,7 +516,7 @@ def test_channels_last_token_form_matches_reference(form, routing, in_dim, out_d
     original = SpatialCrossScaleConv._forward_tokens
     monkeypatch.setattr(SpatialCrossScaleConv, '_forward_tokens', lambda self, x: calls.append(1) or original(self, x))
     for m in (block, mixer):
-        _randomize_bn(m)
+        randomize_bn(m)
         m.reparameterize()
         x = torch.randn(2, in_dim, 11, 10)
         x_cl = x.contiguous(memory_format=torch.channels_last)

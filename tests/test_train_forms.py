@@ -9,30 +9,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import max_abs
+from conftest import max_abs, randomize_bn
 
 import msconv
 from msconv.layers import fast_ops, forms
-
-
-@pytest.fixture
-def clean_tuner(monkeypatch):
-    monkeypatch.setattr(forms, '_CHOICES', {})
-    monkeypatch.setattr(forms, '_DISK', None)
-    monkeypatch.delenv('MSCONV_CACHE_DIR', raising=False)
-    monkeypatch.delenv('MSCONV_AUTOTUNE', raising=False)
-    yield
-
-
-def _randomize_norms(model: torch.nn.Module, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(0.2 * torch.randn(m.num_features, generator=g))
-                m.running_mean.copy_(0.2 * torch.randn(m.num_features, generator=g))
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
 
 
 def _train_step(model, x, y):
@@ -65,7 +45,7 @@ def test_every_training_form_equals_the_plain_form(name, op, clean_tuner):
     and the BatchNorm running statistics after one training step."""
     torch.manual_seed(0)
     model = msconv.create_model(name, num_classes=10, drop_path_rate=0.0).train()
-    _randomize_norms(model)
+    randomize_bn(model)
     x, y = torch.randn(2, 3, 64, 64), torch.tensor([1, 7])
     with forms.reference_forms():
         ref = _train_step(copy.deepcopy(model), x, y)
