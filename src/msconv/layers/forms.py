@@ -315,6 +315,30 @@ TUNED: Dict[str, TunedOp] = {
             key='architecture, parameter count, precision',
             where='``msconv.inference_model(channels_last="auto")``',
         ),
+        TunedOp(
+            'mhmc_train',
+            {'merged': (), 'per_head': ('lean',)},
+            key='kernel sizes, channel order, autocast',
+            where="SMT's MHMC (the merged depthwise conv) in a training step: each head's weight gradient with its "
+            'own kernel size',
+            training=True,
+        ),
+        TunedOp(
+            'smt_mlp_train',
+            {'plain': (), 'lean': ('lean',)},
+            key='in and hidden features, autocast',
+            where="SMT's ConvMlp in a training step (no dropout): the residual folded into the depthwise conv, the "
+            'GELU output recomputed in backward',
+            training=True,
+        ),
+        TunedOp(
+            'smt_sam_train',
+            {'plain': (), 'lean': ('lean',)},
+            key='channels, heads, expansion, autocast',
+            where="SMT's SAM token mixer in a training step (BatchNorm in training mode, no dropout): the BatchNorm "
+            'and GELU outputs and the modulated product recomputed in backward',
+            training=True,
+        ),
     )
 }
 
