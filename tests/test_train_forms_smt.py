@@ -1,11 +1,12 @@
-"""SMT's training forms (``mhmc_train``, ``smt_sam_train``, ``smt_mlp_train``): each candidate exact against the plain
-form in values, gradients and BatchNorm running statistics, on the micro model and on blocks at SMT-T's stage-1
-shapes, under bf16 autocast and gradient checkpointing; the autotuner's first (measured) call touches no state; the
-lean forms save less for backward. Which form wins on this machine is never asserted."""
+"""SMT's training forms (``mhmc_train``, ``smt_sam_train``, ``smt_mlp_train``, ``smt_attention_train``): each
+candidate exact against the plain form in values, gradients and BatchNorm running statistics, on the micro model and
+on blocks at SMT-T's stage-1 shapes, under bf16 autocast and gradient checkpointing; the autotuner's first (measured)
+call touches no state; the lean forms save less for backward. Which form wins on this machine is never asserted."""
 
 from __future__ import annotations
 
 import copy
+import functools
 import sys
 from pathlib import Path
 
@@ -23,8 +24,8 @@ from msconv.models.smt import Block, ConvMlp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
 from _common import saved_bytes  # noqa: E402
 
-SMT_OPS = ('mhmc_train', 'smt_sam_train', 'smt_mlp_train')
-LEAN = dict(mhmc_train='per_head', smt_sam_train='lean', smt_mlp_train='lean')
+SMT_OPS = ('mhmc_train', 'smt_sam_train', 'smt_mlp_train', 'smt_attention_train')
+LEAN = dict(mhmc_train='per_head', smt_sam_train='lean', smt_mlp_train='lean', smt_attention_train='math')
 PLAIN = {op: forms.TUNED[op].plain for op in SMT_OPS}
 
 
@@ -40,13 +41,18 @@ def _xy():
     return torch.randn(2, 3, 64, 64, generator=g), torch.tensor([1, 7])
 
 
-@pytest.mark.parametrize('choices', [{op: form} for op in SMT_OPS for form in forms.TUNED[op].candidates] + [LEAN])
-def test_smt_training_forms_equal_the_plain_form(choices, clean_tuner):
+@functools.lru_cache(maxsize=1)
+def _micro_reference():
     model, (x, y) = _micro_model(), _xy()
     with forms.reference_forms():
-        ref = _train_step(copy.deepcopy(model), x, y)
+        return _train_step(model, x, y)
+
+
+@pytest.mark.parametrize('choices', [{op: form} for op in SMT_OPS for form in forms.TUNED[op].candidates] + [LEAN])
+def test_smt_training_forms_equal_the_plain_form(choices, clean_tuner):
+    """Each candidate pinned alone, and every fast one together, against ``reference_forms()``."""
     with forms.forced_choices(**choices):
-        _assert_same_step(_train_step(copy.deepcopy(model), x, y), ref, choices)
+        _assert_same_step(_train_step(_micro_model(), *_xy()), _micro_reference(), choices)
 
 
 def _module_step(module, x, forward):

@@ -200,6 +200,12 @@ FORM_KINDS: Dict[str, FormKind] = {
             onednn=True,
             available=_onednn_pointwise_op_ok,
         ),
+        FormKind(
+            'attention_math',
+            'attention as two batched GEMMs and a softmax (autograd through them) instead of '
+            "``scaled_dot_product_attention``'s fused CPU kernel, whose backward is slow in bf16",
+            device='cpu',
+        ),
     )
 }
 FORMS = tuple(FORM_KINDS)
@@ -337,6 +343,13 @@ TUNED: Dict[str, TunedOp] = {
             key='channels, heads, expansion, autocast',
             where="SMT's SAM token mixer in a training step (BatchNorm in training mode, no dropout): the BatchNorm "
             'and GELU outputs and the modulated product recomputed in backward',
+            training=True,
+        ),
+        TunedOp(
+            'smt_attention_train',
+            {'sdpa': (), 'math': ('attention_math',)},
+            key='heads, head size, tokens, autocast',
+            where="SMT's MSA attention in a training step without attention dropout",
             training=True,
         ),
     )

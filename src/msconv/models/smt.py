@@ -217,6 +217,22 @@ class Attention(nn.Module):
         out, local = self._attend(x)
         return self.proj_drop(self.proj(out + local))
 
+    @torch.jit.unused
+    def _attention_train(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention without dropout in a training step: ``scaled_dot_product_attention`` or the same maths as two
+        batched GEMMs and a softmax, whichever trains faster here (``smt_attention_train``; the fused CPU kernel's
+        backward is slow in bf16)."""
+        scale = self.scale
+        return tuned_training(
+            'smt_attention_train',
+            (q, k, v),
+            {
+                'sdpa': lambda q, k, v: F.scaled_dot_product_attention(q, k, v, scale=scale),
+                'math': lambda q, k, v: torch.matmul((q @ k.transpose(-2, -1)).mul_(scale).softmax(-1), v),
+            },
+            extra=f'{q.shape[1]}x{q.shape[3]}',
+        )
+
     def _attend(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Attention output and the local enhancement of V, both (B, H, W, C)."""
         B, H, W, C = x.shape[0], x.shape[1], x.shape[2], x.shape[3]  # indexed: FX cannot unpack a Proxy
@@ -230,13 +246,16 @@ class Attention(nn.Module):
         k = kv[:, :, 0].unflatten(-1, (h, C // h)).transpose(1, 2)
         v_tokens = kv[:, :, 1]  # (B, N, C)
         v = v_tokens.unflatten(-1, (h, C // h)).transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            dropout_p=self.attn_drop if self.training else 0.0,
-            scale=self.scale,
-        )
+        if torch.is_grad_enabled() and not (self.training and self.attn_drop > 0) and tunable('smt_attention_train', q):
+            out = self._attention_train(q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                dropout_p=self.attn_drop if self.training else 0.0,
+                scale=self.scale,
+            )
         out = out.transpose(1, 2).reshape(B, H, W, C)
         local = self.local_conv(v_tokens.reshape(B, H, W, C).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return out, local
