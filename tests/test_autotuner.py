@@ -187,7 +187,6 @@ def _examples():
     stem, rgb = _stem(), torch.randn(2, 3, 33, 33, generator=g)
     models = {n: msconv.create_model(n).eval() for n in ('test_smt', 'test_shiftwise', 'test_scsc_swin')}
     models['test_shiftwise'].reparameterize()
-    smt_train = msconv.create_model('test_smt', drop_path_rate=0.0).train()
     images = torch.randn(2, 3, 64, 64, generator=g)
     fast = inference_model(msconv.create_model('test_scsc_resnet'))
     cl = torch.empty(2, 8, 4, 4).contiguous(memory_format=torch.channels_last)
@@ -206,17 +205,7 @@ def _examples():
         'inference_model.memory_format': (lambda: fast(images), images),
         # bf16: the fp32 tail rounds once where the plain form rounds after each of its 3 ops (see test_scsc.py)
         'scsc_routing': (lambda: scsc.route_fast(feats, gate), feats, 2.0**-8 * 3),
-        # SMT's training forms: a train-mode step's forward (autograd on; BatchNorm in batch statistics)
-        **{op: (lambda: _train_forward(smt_train, images), images) for op in SMT_TRAIN_OPS},
     }
-
-
-SMT_TRAIN_OPS = ('mhmc_train', 'smt_sam_train', 'smt_mlp_train', 'smt_attention_train')
-
-
-def _train_forward(model, x):
-    with torch.enable_grad():
-        return model(x).detach()
 
 
 def test_every_declared_form_computes_what_the_plain_form_does(clean_tuner):

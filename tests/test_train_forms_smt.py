@@ -1,12 +1,11 @@
-"""SMT's training forms (``mhmc_train``, ``smt_sam_train``, ``smt_mlp_train``, ``smt_attention_train``): each
-candidate exact against the plain form in values, gradients and BatchNorm running statistics, on the micro model and
-on blocks at SMT-T's stage-1 shapes, under bf16 autocast and gradient checkpointing; the autotuner's first (measured)
-call touches no state; the lean forms save less for backward. Which form wins on this machine is never asserted."""
+"""SMT's training forms (kinds ``lean``: MHMC's per-head weight gradients, the SAM mixer and the ConvMlp as autograd
+functions; ``attention_math``: MSA as GEMMs and a softmax under bf16 autocast): exact against the plain forms
+(``reference_forms()``) in values, gradients and BatchNorm running statistics, on the micro model and on blocks at
+SMT-T's stage-1 shapes, under bf16 autocast and gradient checkpointing; they save less for backward."""
 
 from __future__ import annotations
 
 import copy
-import functools
 import sys
 from pathlib import Path
 
@@ -24,10 +23,6 @@ from msconv.models.smt import Block, ConvMlp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
 from _common import saved_bytes  # noqa: E402
 
-SMT_OPS = ('mhmc_train', 'smt_sam_train', 'smt_mlp_train', 'smt_attention_train')
-LEAN = dict(mhmc_train='per_head', smt_sam_train='lean', smt_mlp_train='lean', smt_attention_train='math')
-PLAIN = {op: forms.TUNED[op].plain for op in SMT_OPS}
-
 
 def _micro_model():
     torch.manual_seed(0)
@@ -41,18 +36,14 @@ def _xy():
     return torch.randn(2, 3, 64, 64, generator=g), torch.tensor([1, 7])
 
 
-@functools.lru_cache(maxsize=1)
-def _micro_reference():
+def test_smt_training_forms_equal_the_plain_form():
     model, (x, y) = _micro_model(), _xy()
     with forms.reference_forms():
-        return _train_step(model, x, y)
-
-
-@pytest.mark.parametrize('choices', [{op: form} for op in SMT_OPS for form in forms.TUNED[op].candidates] + [LEAN])
-def test_smt_training_forms_equal_the_plain_form(choices, clean_tuner):
-    """Each candidate pinned alone, and every fast one together, against ``reference_forms()``."""
-    with forms.forced_choices(**choices):
-        _assert_same_step(_train_step(_micro_model(), *_xy()), _micro_reference(), choices)
+        ref = _train_step(copy.deepcopy(model), x, y)
+    _assert_same_step(_train_step(model, x, y), ref, 'fast forms')
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            assert int(m.num_batches_tracked) == 1
 
 
 def _module_step(module, x, forward):
@@ -92,30 +83,25 @@ def _sam(dim=64):
     return module
 
 
-@pytest.mark.parametrize('op', ['mhmc_train', 'smt_sam_train'])
-def test_sam_training_forms_at_stage1_shapes(op, clean_tuner):
+def test_sam_training_form_at_stage1_shapes():
     """SMT-T's first-stage token mixer (64 channels, 56x56 tokens)."""
     module, x = _sam(), torch.randn(2, 56, 56, 64)
     forward = lambda m, t: m.forward_nhwc(t)  # noqa: E731
     with forms.reference_forms():
         ref = _module_step(copy.deepcopy(module), x, forward)
-    for form in forms.TUNED[op].candidates:
-        with forms.forced_choices(**{op: form}):
-            _assert_same_module_step(_module_step(copy.deepcopy(module), x, forward), ref, (op, form), _ZERO_GRAD)
+    _assert_same_module_step(_module_step(module, x, forward), ref, 'sam', _ZERO_GRAD)
 
 
-def test_mlp_training_forms_at_stage1_shapes(clean_tuner):
+def test_mlp_training_form_at_stage1_shapes():
     torch.manual_seed(0)
     module, x = ConvMlp(64, 256).train(), torch.randn(2, 56, 56, 64)
     with forms.reference_forms():
         ref = _module_step(copy.deepcopy(module), x, lambda m, t: m(t))
-    for form in forms.TUNED['smt_mlp_train'].candidates:
-        with forms.forced_choices(smt_mlp_train=form):
-            _assert_same_module_step(_module_step(copy.deepcopy(module), x, lambda m, t: m(t)), ref, form)
+    _assert_same_module_step(_module_step(module, x, lambda m, t: m(t)), ref, 'mlp')
 
 
 @pytest.mark.parametrize('sam', [True, False])
-def test_block_lean_forms_with_a_second_step(sam, clean_tuner):
+def test_block_training_forms_with_a_second_step(sam):
     """A whole block (SAM or MSA mixer) with every lean form, two steps: the running statistics move twice alike."""
     torch.manual_seed(0)
     block = Block(64, ca_num_heads=4, sa_num_heads=8, mlp_ratio=4, qkv_bias=True, ca_attention=int(sam)).train()
@@ -125,40 +111,22 @@ def test_block_lean_forms_with_a_second_step(sam, clean_tuner):
         ref_block = copy.deepcopy(block)
         _module_step(ref_block, x, lambda m, t: m(t))
         ref = _module_step(ref_block, x * 0.5, lambda m, t: m(t))
-    with forms.forced_choices(**LEAN):
-        lean_block = copy.deepcopy(block)
-        _module_step(lean_block, x, lambda m, t: m(t))
-        got = _module_step(lean_block, x * 0.5, lambda m, t: m(t))
+    lean_block = copy.deepcopy(block)
+    _module_step(lean_block, x, lambda m, t: m(t))
+    got = _module_step(lean_block, x * 0.5, lambda m, t: m(t))
     _assert_same_module_step(got, ref, 'block', tuple(f'attn.{z}' for z in _ZERO_GRAD))
     assert int(lean_block.attn.saa.bn.num_batches_tracked) == 2 if sam else True
 
 
-def test_first_measured_call_touches_no_state(clean_tuner):
-    """The autotuner times each form on detached copies first: the BatchNorm statistics move once, and the step
-    equals the plain form's."""
+def test_lean_forms_save_less():
     model, (x, y) = _micro_model(), _xy()
     with forms.reference_forms():
-        ref = _train_step(copy.deepcopy(model), x, y)
-    got = _train_step(model, x, y)
-    chosen = forms.autotune_choices()
-    assert {k.split('|')[0] for k in chosen} == set(SMT_OPS)
-    _assert_same_step(got, ref, 'measured')
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            assert int(m.num_batches_tracked) == 1
+        plain = saved_bytes(lambda: F.cross_entropy(model(x), y))
+    lean = saved_bytes(lambda: F.cross_entropy(model(x), y))
+    assert lean < 0.9 * plain, (lean, plain)  # parameters included: a tiny model's own share is large
 
 
-def test_lean_forms_save_less(clean_tuner):
-    model, (x, y) = _micro_model(), _xy()
-    sizes = {}
-    for name, choices in (('plain', PLAIN), ('lean', LEAN)):
-        with forms.forced_choices(**choices):
-            sizes[name] = saved_bytes(lambda: F.cross_entropy(model(x), y))
-    assert sizes['lean'] < 0.9 * sizes['plain'], sizes  # parameters included: a tiny model's own share is large
-
-
-@pytest.mark.parametrize('choices', [PLAIN, LEAN])
-def test_bf16_autocast_training_forms(choices, clean_tuner):
+def test_bf16_autocast_training_forms():
     """Under bf16 autocast each form trains like the plain form within bf16 round-off, gradients in fp32."""
     model, (x, y) = _micro_model(), _xy()
 
@@ -170,20 +138,34 @@ def test_bf16_autocast_training_forms(choices, clean_tuner):
 
     with forms.reference_forms():
         ref_out, ref_grads = step(copy.deepcopy(model))
-    with forms.forced_choices(**choices):
-        out, grads = step(copy.deepcopy(model))
+    out, grads = step(model)
     assert max_abs(out, ref_out) <= 3e-2 * max(1.0, ref_out.abs().max().item())
     for name, g in grads.items():
         assert g.dtype == torch.float32, name
         assert max_abs(g, ref_grads[name]) <= 5e-2 * max(1e-2, ref_grads[name].abs().max().item()), name
 
 
-def test_gradient_checkpointing_with_lean_forms(clean_tuner):
+def test_gradient_checkpointing_with_the_training_forms():
     """Checkpointed stages recompute their blocks in backward (the BatchNorm statistics then move twice, in the
     plain form too): the lean forms give the plain form's step."""
     model, (x, y) = _micro_model(), _xy()
     model.set_grad_checkpointing(True)
     with forms.reference_forms():
         ref = _train_step(copy.deepcopy(model), x, y)
-    with forms.forced_choices(**LEAN):
-        _assert_same_step(_train_step(copy.deepcopy(model), x, y), ref, 'checkpointing')
+    _assert_same_step(_train_step(model, x, y), ref, 'checkpointing')
+
+
+def test_attention_math_form_equals_sdpa():
+    """The ``attention_math`` form (bf16 autocast training) computes scaled_dot_product_attention's maths: fp32
+    values and gradients against the fused kernel at SMT-T's stage-3 head shapes."""
+    from msconv.models.smt import Attention
+
+    attn = Attention(64, num_heads=2)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 196, 32, generator=g, requires_grad=True) for _ in range(3))
+    out = attn._attention_math(q, k, v)
+    ref = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
+    assert max_abs(out, ref) <= 1e-5 * max(1.0, ref.abs().max().item())
+    cot = torch.randn(ref.shape, generator=g)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), cot), torch.autograd.grad(ref, (q, k, v), cot)):
+        assert max_abs(a, b) <= 1e-4 * max(1.0, b.abs().max().item())

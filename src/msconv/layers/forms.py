@@ -203,7 +203,8 @@ FORM_KINDS: Dict[str, FormKind] = {
         FormKind(
             'attention_math',
             'attention as two batched GEMMs and a softmax (autograd through them) instead of '
-            "``scaled_dot_product_attention``'s fused CPU kernel, whose backward is slow in bf16",
+            "``scaled_dot_product_attention``'s fused CPU kernel, whose backward is slow in bf16 (SMT's MSA in a bf16 "
+            'autocast training step)',
             device='cpu',
         ),
     )
@@ -320,37 +321,6 @@ TUNED: Dict[str, TunedOp] = {
             {'contiguous': (), 'channels_last': ()},
             key='architecture, parameter count, precision',
             where='``msconv.inference_model(channels_last="auto")``',
-        ),
-        TunedOp(
-            'mhmc_train',
-            {'merged': (), 'per_head': ('lean',)},
-            key='kernel sizes, channel order, autocast',
-            where="SMT's MHMC (the merged depthwise conv) in a training step: each head's weight gradient with its "
-            'own kernel size',
-            training=True,
-        ),
-        TunedOp(
-            'smt_mlp_train',
-            {'plain': (), 'lean': ('lean',)},
-            key='in and hidden features, autocast',
-            where="SMT's ConvMlp in a training step (no dropout): the residual folded into the depthwise conv, the "
-            'GELU output recomputed in backward',
-            training=True,
-        ),
-        TunedOp(
-            'smt_sam_train',
-            {'plain': (), 'lean': ('lean',)},
-            key='channels, heads, expansion, autocast',
-            where="SMT's SAM token mixer in a training step (BatchNorm in training mode, no dropout): the BatchNorm "
-            'and GELU outputs and the modulated product recomputed in backward',
-            training=True,
-        ),
-        TunedOp(
-            'smt_attention_train',
-            {'sdpa': (), 'math': ('attention_math',)},
-            key='heads, head size, tokens, autocast',
-            where="SMT's MSA attention in a training step without attention dropout",
-            training=True,
         ),
     )
 }

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ..kernels.depthwise import depthwise_conv2d
 from ._fold import fold_bn_into_conv
 from .fast_ops import linear
-from .forms import tunable, tuned_training, use_fast_form
+from .forms import use_fast_form
 from .linear import Linear
 
 __all__ = ['MultiHeadMixedConv', 'ScaleAwareAggregation', 'ScaleAwareModulation']
@@ -252,16 +252,8 @@ class MultiHeadMixedConv(nn.Module):
         """The merged depthwise convolution: Triton's mixed-kernel-size kernel (each head visits only its own
         taps, one launch) where ``use_fast_form('triton')`` allows it, else ``F.conv2d`` with the zero-padded
         kernel."""
-        if torch.is_grad_enabled() and tunable('mhmc_train', x):
-            return tuned_training(
-                'mhmc_train',
-                (x, weight, bias),
-                {
-                    'merged': lambda x, w, b: F.conv2d(x, w, b, padding=self.max_kernel // 2, groups=self.dim),
-                    'per_head': lambda x, w, b: _MixedDepthwise.apply(x, w, b, self.kernel_sizes, interleaved),
-                },
-                extra=f"{self.kernel_sizes}{'/interleaved' if interleaved else ''}",
-            )
+        if not self.deployed and torch.is_grad_enabled() and use_fast_form('lean', x):  # padded taps: not parameters
+            return _MixedDepthwise.apply(x, weight, bias, self.kernel_sizes, interleaved)
         if use_fast_form('triton', x):
             return depthwise_conv2d(
                 x,
@@ -425,6 +417,7 @@ class ScaleAwareModulation(nn.Module):
             return self._forward_folded_nhwc(x)
         return self.forward_reference_nhwc(x)
 
+    @torch.jit.unused
     def _lean_ok(self) -> bool:
         bn = self.saa.bn
         return (
@@ -437,56 +430,42 @@ class ScaleAwareModulation(nn.Module):
             and self.saa.act.approximate == 'none'
         )
 
-    def _bn_state(self, gamma: torch.Tensor) -> Tuple[Optional[float], Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """``(factor, running_mean, running_var)`` for the training-mode BatchNorm of a call with BatchNorm weight
-        ``gamma``: as ``nn.BatchNorm2d.forward`` (``num_batches_tracked`` counted) for the module's own weight; no
-        running statistics for the detached copies the autotuner times (no state is touched)."""
+    @torch.jit.unused
+    def _bn_state(self) -> Tuple[Optional[float], Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """``(factor, running_mean, running_var)`` for SAA's training-mode BatchNorm, as ``nn.BatchNorm2d.forward``
+        (``num_batches_tracked`` counted)."""
         bn = self.saa.bn
-        if gamma is not bn.weight or not bn.track_running_stats or bn.running_mean is None:
+        if not bn.track_running_stats or bn.running_mean is None:
             return None, None, None
         if bn.num_batches_tracked is not None:
             bn.num_batches_tracked.add_(1)
         factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
         return factor, bn.running_mean, bn.running_var
 
-    def _train_plain(self, t, wv, bv, ws, bs, wm, bm, w0, b0, gamma, beta, w1, b1, wp, bp) -> torch.Tensor:
-        """The folded form in training, as a function of the weights (the autotuner's plain candidate)."""
-        factor, running_mean, running_var = self._bn_state(gamma)
-        s = self.mhmc.conv(F.linear(t, ws, bs).permute(0, 3, 1, 2), wm, bm, interleaved=True)
-        z = F.conv2d(s, w0, b0, groups=self.saa.proj0.groups)
-        y = F.batch_norm(z, running_mean, running_var, gamma, beta, True, factor or 0.0, self.saa.bn.eps)
-        m = F.conv2d(F.gelu(y), w1, b1).permute(0, 2, 3, 1)
-        return F.linear(m * F.linear(t, wv, bv), wp, bp)
-
-    def _train_lean(self, t, *weights) -> torch.Tensor:
-        factor, running_mean, running_var = self._bn_state(weights[8])
-        meta = (self.mhmc.kernel_sizes, self.saa.proj0.groups, self.saa.bn.eps, factor, running_mean, running_var)
-        return _SamLean.apply(meta, t, *weights)
-
     @torch.jit.unused
     def _forward_train(self, x: torch.Tensor) -> torch.Tensor:
-        """The training step's token mixer: the folded form or the lean autograd function (:class:`_SamLean`),
-        whichever trains faster here (``smt_sam_train``)."""
+        """The training step's token mixer as the lean autograd function (:class:`_SamLean`): the plain form's
+        values, gradients and BatchNorm statistics, a third less saved for backward at the same speed."""
         h, saa = self.num_heads, self.saa
         wm, bm = self.mhmc.merged_kernel(interleaved=True)
-        args = (
-            x, self.v.weight, self.v.bias,
+        # the BatchNorm's holder (and the layer) run their forward pre-hooks as if called: gradient checkpointing's
+        # keep-the-statistics-once hook (``msconv.engine.tasks.keep_batchnorm_statistics_once``) needs them
+        for module in (saa, saa.bn):
+            for hook in module._forward_pre_hooks.values():
+                hook(module, (x,))
+        factor, running_mean, running_var = self._bn_state()
+        meta = (self.mhmc.kernel_sizes, saa.proj0.groups, saa.bn.eps, factor, running_mean, running_var)
+        out = _SamLean.apply(
+            meta, x, self.v.weight, self.v.bias,
             _interleave_rows(self.s.weight, h), _interleave_rows(self.s.bias, h) if self.s.bias is not None else None,
             wm, bm, saa.proj0.weight, saa.proj0.bias, saa.bn.weight, saa.bn.bias, saa.proj1.weight, saa.proj1.bias,
             self.proj.weight, self.proj.bias,
         )  # fmt: skip
-        return self.proj_drop(
-            tuned_training(
-                'smt_sam_train',
-                args,
-                {'plain': self._train_plain, 'lean': self._train_lean},
-                extra=f'{self.dim}/{h}heads/x{saa.proj0.out_channels // self.dim}',
-            )
-        )
+        return self.proj_drop(out)
 
     @torch.jit.unused
     def _forward_folded_nhwc(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and self._lean_ok() and tunable('smt_sam_train', x):
+        if torch.is_grad_enabled() and use_fast_form('lean', x) and self._lean_ok():
             return self._forward_train(x)
         m = self.modulator(x)  # a fresh tensor: in inference it can take the product in place
         return self.proj_drop(self.proj(m.mul_(self.v(x)) if use_fast_form('inplace', x) else m * self.v(x)))

@@ -29,7 +29,7 @@ from timm.models._manipulate import checkpoint_seq, named_apply
 
 from ..layers._fold import fold_bn_into_conv
 from ..layers.fast_ops import conv_gelu, map_images
-from ..layers.forms import tunable, tuned_training, use_fast_form
+from ..layers.forms import tunable, use_fast_form
 from ..layers.linear import Linear
 from ..layers.mixed_conv import ScaleAwareModulation
 from ._builder import MsconvModel, factory_kwargs
@@ -97,13 +97,6 @@ class _ConvMlpLean(torch.autograd.Function):
         return tuple(g.to(dt) if g is not None else None for g, dt in zip(grads, ctx.dtypes))
 
 
-def _conv_mlp_plain(x, w1, b1, wd, bd, w2, b2):
-    """:class:`ConvMlp`'s plain form (no dropout) as a function of its weights (the autotuner's other candidate)."""
-    h = F.linear(x, w1, b1)
-    c = F.conv2d(h.permute(0, 3, 1, 2), wd, bd, padding=wd.shape[-1] // 2, groups=wd.shape[0]).permute(0, 2, 3, 1)
-    return F.linear(F.gelu(h + c), w2, b2)
-
-
 class ConvMlp(nn.Module):
     """MLP with a depthwise 3x3 conv inside: ``fc2(drop(GELU(h + dwconv(h))))`` with ``h = fc1(x)``."""
 
@@ -135,10 +128,11 @@ class ConvMlp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C)
         if not self.training and use_fast_form('inplace', x):  # same maths without hidden-sized temporaries
             return self._forward_inplace(x)
-        if torch.is_grad_enabled() and self._lean_ok() and tunable('smt_mlp_train', x):
+        if torch.is_grad_enabled() and use_fast_form('lean', x) and self._lean_ok():
             return self._forward_train(x)
         return self.forward_reference(x)
 
+    @torch.jit.unused
     def _lean_ok(self) -> bool:
         return (
             not self.residual_folded
@@ -150,13 +144,10 @@ class ConvMlp(nn.Module):
 
     @torch.jit.unused
     def _forward_train(self, x: torch.Tensor) -> torch.Tensor:
-        """The plain form or the lean autograd function (:class:`_ConvMlpLean`), whichever trains faster here."""
-        args = (x, self.fc1.weight, self.fc1.bias, self.dwconv.weight, self.dwconv.bias, self.fc2.weight, self.fc2.bias)
-        return tuned_training(
-            'smt_mlp_train',
-            args,
-            {'plain': _conv_mlp_plain, 'lean': _ConvMlpLean.apply},
-            extra=f'{self.fc1.in_features}->{self.fc1.out_features}',
+        """The lean autograd function (:class:`_ConvMlpLean`): the plain form's values and gradients, about a third
+        less saved for backward at the same speed."""
+        return _ConvMlpLean.apply(
+            x, self.fc1.weight, self.fc1.bias, self.dwconv.weight, self.dwconv.bias, self.fc2.weight, self.fc2.bias
         )
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
@@ -218,20 +209,14 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(out + local))
 
     @torch.jit.unused
-    def _attention_train(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Attention without dropout in a training step: ``scaled_dot_product_attention`` or the same maths as two
-        batched GEMMs and a softmax, whichever trains faster here (``smt_attention_train``; the fused CPU kernel's
-        backward is slow in bf16)."""
-        scale = self.scale
-        return tuned_training(
-            'smt_attention_train',
-            (q, k, v),
-            {
-                'sdpa': lambda q, k, v: F.scaled_dot_product_attention(q, k, v, scale=scale),
-                'math': lambda q, k, v: torch.matmul((q @ k.transpose(-2, -1)).mul_(scale).softmax(-1), v),
-            },
-            extra=f'{q.shape[1]}x{q.shape[3]}',
-        )
+    def _math_ok(self, q: torch.Tensor) -> bool:
+        return torch.is_grad_enabled() and torch.is_autocast_enabled(q.device.type)
+
+    @torch.jit.unused
+    def _attention_math(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention without dropout as two batched GEMMs and a softmax (the ``attention_math`` form): in a bf16
+        autocast training step ``scaled_dot_product_attention``'s fused CPU kernel has a slow backward."""
+        return torch.matmul((q @ k.transpose(-2, -1)).mul_(self.scale).softmax(-1), v)
 
     def _attend(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Attention output and the local enhancement of V, both (B, H, W, C)."""
@@ -246,8 +231,8 @@ class Attention(nn.Module):
         k = kv[:, :, 0].unflatten(-1, (h, C // h)).transpose(1, 2)
         v_tokens = kv[:, :, 1]  # (B, N, C)
         v = v_tokens.unflatten(-1, (h, C // h)).transpose(1, 2)
-        if torch.is_grad_enabled() and not (self.training and self.attn_drop > 0) and tunable('smt_attention_train', q):
-            out = self._attention_train(q, k, v)
+        if self.training and self.attn_drop == 0.0 and use_fast_form('attention_math', q) and self._math_ok(q):
+            out = self._attention_math(q, k, v)
         else:
             out = F.scaled_dot_product_attention(
                 q,
