@@ -87,9 +87,15 @@ def _randomized(module: nn.Module, seed: int) -> nn.Module:
     'make,shape',
     [
         (lambda: SpatialCrossScaleConv(96, (3, 9, 13), groups=4), (2, 96, 56, 56)),  # Swin-T stage 1 mixer
-        (lambda: CrossScaleBottleneck(288, 576, (3, 7, 11), groups=4, stride=2), (2, 288, 29, 29)),  # odd, stride 2
-        (lambda: CrossScaleBottleneck(576, 576, (3, 7, 11), groups=4), (2, 576, 14, 14)),  # identity shortcut
-        (lambda: CrossScaleSwinBlock(96, (3, 9, 13), groups=4), (2, 96, 28, 28)),  # mixer + lean MLP
+        pytest.param(
+            lambda: CrossScaleBottleneck(288, 576, (3, 7, 11), groups=4, stride=2),
+            (2, 288, 29, 29),  # CBTNet-50 stage 2's first block, at an odd size
+            marks=pytest.mark.slow,
+        ),
+        (lambda: CrossScaleBottleneck(96, 96, (3, 5), groups=4, routing='cross_scale'), (2, 96, 14, 14)),
+        pytest.param(
+            lambda: CrossScaleSwinBlock(192, (3, 7, 11), groups=4), (2, 192, 28, 28), marks=pytest.mark.slow
+        ),  # Swin-T stage 2 block: mixer + lean MLP
     ],
 )
 def test_layers_at_realistic_shapes(make, shape):

@@ -40,7 +40,11 @@ same operations in the same order, but the GELUs, the sigmoid, the SE product an
 place on tensors the module just created, the routing as m multiply-accumulates into one output, and on CPU some
 1x1 convs as GEMMs. On CPU this matters more than the arithmetic suggests: every fresh activation-sized tensor is
 a new allocation whose pages are faulted in (and zeroed) by the OS, which costs about as much as the GELU itself.
-Tests check the forms agree.
+With autograd on (a training step), where ``msconv.layers.forms`` allows the ``lean_recompute`` kind (fp32, no
+autocast, no capture, a contiguous input) and the module's BatchNorms are plain and in training mode, ``forward`` runs
+the module as one autograd function (``_LeanCrossScale``) that saves the input of each GEMM and convolution and
+recomputes the BatchNorm, GELU, routing and SE passes in backward: less than half of what autograd saves, and fewer
+passes over memory. Tests check the forms agree.
 """
 
 import re
@@ -369,6 +373,26 @@ def _branches(mod: 'SpatialCrossScaleConv', x_r: torch.Tensor) -> torch.Tensor:
     return cat
 
 
+def _route_backward(
+    mod: 'SpatialCrossScaleConv', g_routed: torch.Tensor, feats: torch.Tensor, gate: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of ``mod.route(feats, gate)`` (branch features, gates) for the routed gradient ``g_routed``: the
+    products autograd forms for the broadcast multiply and the sum, without recording them."""
+    m, G, cp = mod.num_scales, mod.groups, mod.reduced_dim
+    B, H, W = feats.shape[0], feats.shape[2], feats.shape[3]
+    if mod.routing == 'official':
+        f = feats.view(B, G, cp // G, m, H, W)
+        gv = gate.view(B, m, G, H, W).transpose(1, 2).unsqueeze(2)  # (B, G, 1, m, H, W)
+        gr = g_routed.view(B, G, cp // G, 1, H, W)
+        g_gate = (gr * f).sum(2).transpose(1, 2)  # (B, m, G, H, W)
+    else:
+        f = feats.view(B, m, G, cp // G, H, W)
+        gv = gate.view(B, m, G, 1, H, W)
+        gr = g_routed.view(B, 1, G, cp // G, H, W)
+        g_gate = (gr * f).sum(3)
+    return (gr * gv).view(feats.shape), g_gate.reshape(gate.shape)
+
+
 class _LeanCrossScale(torch.autograd.Function):
     """``SpatialCrossScaleConv._scsc_reference`` (training mode) as one autograd function that saves for backward
     only the input, the reduce and recover 1x1 outputs (before their BNs), the concatenated branch outputs (before
@@ -427,14 +451,12 @@ class _LeanCrossScale(torch.autograd.Function):
         del g_a3
         # routing: the branch features and the gated sum recomputed
         a2 = bn_recompute(cat, mod.dw_bn.weight, mod.dw_bn.bias, m2, i2)
-        with torch.enable_grad():
-            feats = torch.nn.functional.gelu(a2).requires_grad_()
-            gl = gate.detach().requires_grad_()
-            routed = mod.route(feats, gl)
-        g_routed, g_wc = pointwise_gemm_backward(g_z, mod.recover.weight, routed.detach())
-        del g_z
-        g_feats, g_gate = torch.autograd.grad(routed, [feats, gl], g_routed)
-        del routed, feats, g_routed
+        feats = torch.nn.functional.gelu(a2)
+        routed = mod._routed_form(feats, gate, tokens=False, fp32=False).view(gate.shape[0], -1, *gate.shape[2:])
+        g_routed, g_wc = pointwise_gemm_backward(g_z, mod.recover.weight, routed)
+        del g_z, routed
+        g_feats, g_gate = _route_backward(mod, g_routed, feats, gate)
+        del feats, g_routed
         g_a2 = torch.ops.aten.gelu_backward(g_feats, a2)
         del a2, g_feats
         g_cat, g_w2, g_b2 = bn_train_backward(g_a2, cat, mod.dw_bn, m2, i2)

@@ -336,28 +336,41 @@ def bn_train_backward(
 
 def pointwise_gemm(weight: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """A 1x1 conv (stride 1) of a contiguous (B, C, H, W) ``x`` as one GEMM per image on its (C, H*W) view, with
-    autograd off (a lean form's forward): (B, O, H, W)."""
+    autograd off (a lean form's forward): (B, O, H, W). On CPU the GEMMs write straight into the output, image by
+    image (``torch.matmul`` of a matrix and a batch may fold the batch into one GEMM over transposed copies)."""
     B, C, H, W = x.shape
     w = weight.reshape(weight.shape[0], C)
     xs = x.reshape(B, C, H * W)
-    y = torch.matmul(w, xs) if bias is None else torch.baddbmm(bias.view(1, -1, 1), w.expand(B, -1, -1), xs)
+    if x.device.type != 'cpu':
+        y = torch.matmul(w, xs) if bias is None else torch.baddbmm(bias.view(1, -1, 1), w.expand(B, -1, -1), xs)
+        return y.view(B, -1, H, W)
+    y = x.new_empty(B, w.shape[0], H * W)
+    for xi, yi in zip(xs, y):
+        if bias is None:
+            torch.mm(w, xi, out=yi)
+        else:
+            torch.addmm(bias.unsqueeze(1), w, xi, out=yi)
     return y.view(B, -1, H, W)
 
 
 def pointwise_gemm_backward(
     grad: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, input_grad: bool = True
 ) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
-    """Gradients of :func:`pointwise_gemm` (input, weight) for the output gradient ``grad``; the weight gradient
-    accumulates image by image into one (O, C) GEMM output (no (B, O, C) temporary) on CPU."""
+    """Gradients of :func:`pointwise_gemm` (input, weight) for the output gradient ``grad``; on CPU image by image,
+    the weight gradient accumulated by the GEMMs into one (O, C) output (no (B, O, C) temporary)."""
     B, C, H, W = x.shape
     out_channels = grad.shape[1]
     g = grad.reshape(B, out_channels, H * W)
     xs = x.reshape(B, C, H * W)
-    if x.device.type == 'cpu':
-        gw = torch.mm(g[0], xs[0].t())
-        for b in range(1, B):
-            gw.addmm_(g[b], xs[b].t())
-    else:
+    w = weight.reshape(out_channels, C)
+    if x.device.type != 'cpu':
         gw = torch.bmm(g, xs.transpose(1, 2)).sum(0)
-    gx = torch.matmul(weight.reshape(out_channels, C).t(), g).view(B, C, H, W) if input_grad else None
-    return gx, gw.view(weight.shape)
+        gx = torch.matmul(w.t(), g).view(B, C, H, W) if input_grad else None
+        return gx, gw.view(weight.shape)
+    gw = torch.zeros_like(w)
+    gx = x.new_empty(B, C, H * W) if input_grad else None
+    for b in range(B):
+        gw.addmm_(g[b], xs[b].t())
+        if gx is not None:
+            torch.mm(w.t(), g[b], out=gx[b])
+    return (gx.view(B, C, H, W) if gx is not None else None), gw.view(weight.shape)
