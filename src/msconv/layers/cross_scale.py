@@ -480,7 +480,7 @@ class _LeanCrossScale(torch.autograd.Function):
                 conv.padding, conv.dilation, False, [0, 0], conv.groups, [True, True, False],
             )  # fmt: skip
             g_xr += g_in
-            g_dw.append(g_w.contiguous())  # (channels-last in, channels-last weight gradient out: DDP's buckets)
+            g_dw.append(torch.empty_like(conv.weight).copy_(g_w))  # the weight's strides (DDP's gradient buckets)
         del g_cat, x_r, x_rb
         g_a1 = torch.ops.aten.gelu_backward(g_xr, a1)
         del a1, g_xr
