@@ -223,12 +223,18 @@ class SpatialCrossScaleConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_fast_form('inplace', x):
             return self._forward_inplace(x)
-        if torch.is_grad_enabled() and self._lean_ok() and use_fast_form('lean_recompute', x, 'contiguous'):
-            return _LeanCrossScale.apply(self, x, *self._lean_params())
+        if torch.is_grad_enabled() and use_fast_form('lean_recompute', x, 'contiguous') and self._lean_ok():
+            return self._forward_lean(x)
         if torch.is_grad_enabled() and tunable('pointwise_conv_train', x):
             return self._forward_train(x)
         return self.forward_reference(x)
 
+    @torch.jit.unused
+    def _forward_lean(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward_reference`` as one lean autograd function (``_LeanCrossScale``)."""
+        return _LeanCrossScale.apply(self, x, *self._lean_params())
+
+    @torch.jit.unused
     def _lean_ok(self) -> bool:
         """The module's own conditions for the lean training form: its three BatchNorms plain, in training mode and
         tracking statistics; bias-free 1x1 convs and a timm SE without BN or max-pool."""
@@ -245,6 +251,7 @@ class SpatialCrossScaleConv(nn.Module):
             and not se.add_maxpool
         )
 
+    @torch.jit.unused
     def _lean_params(self) -> List[nn.Parameter]:
         ps = [self.reduce.weight, self.reduce_bn.weight, self.reduce_bn.bias]
         ps += [c.weight for c in self.dw]
@@ -529,7 +536,7 @@ class CrossScaleBottleneck(SpatialCrossScaleConv):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training and use_fast_form('inplace', x):
             return self._forward_residual_inplace(x)
-        if torch.is_grad_enabled() and self._lean_ok() and use_fast_form('lean_recompute', x, 'contiguous'):
+        if torch.is_grad_enabled() and use_fast_form('lean_recompute', x, 'contiguous') and self._lean_ok():
             return self._forward_residual_lean(x)
         if torch.is_grad_enabled() and tunable('pointwise_conv_train', x):
             return self._forward_residual_train(x)
@@ -538,7 +545,7 @@ class CrossScaleBottleneck(SpatialCrossScaleConv):
     @torch.jit.unused
     def _forward_residual_lean(self, x: torch.Tensor) -> torch.Tensor:
         """``forward_reference`` with the SCSC branch as one lean autograd function (the shortcut as it is)."""
-        return self.drop_path(_LeanCrossScale.apply(self, x, *self._lean_params())) + self.shortcut(x)
+        return self.drop_path(self._forward_lean(x)) + self.shortcut(x)
 
     @torch.jit.unused
     def _forward_residual_train(self, x: torch.Tensor) -> torch.Tensor:

@@ -100,12 +100,13 @@ class CrossScaleSwinBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training and use_fast_form('inplace', x):
             return self._forward_inplace(x)
-        if torch.is_grad_enabled() and self._lean_ok() and use_fast_form('lean_recompute', x, 'contiguous'):
+        if torch.is_grad_enabled() and use_fast_form('lean_recompute', x, 'contiguous') and self._lean_ok():
             return self._forward_lean(x)
         if torch.is_grad_enabled() and tunable('pointwise_conv_train', x):
             return self._forward_train(x)
         return self.forward_reference(x)
 
+    @torch.jit.unused
     def _lean_ok(self) -> bool:
         """The block's own conditions for the lean MLP: a plain training-mode BatchNorm pre-norm, 1x1 convs with
         biases, exact GELU, no norm or dropout inside the MLP (the mixer asks its own)."""
@@ -297,8 +298,12 @@ class CrossScaleSwinStage(nn.Module):
         else:
             x = self.blocks(x)
         if torch.is_grad_enabled() and use_fast_form('lean_recompute', x, 'contiguous'):
-            x = _ContiguousGrad.apply(x)
+            x = self._contiguous_grad(x)
         return x
+
+    @torch.jit.unused
+    def _contiguous_grad(self, x: torch.Tensor) -> torch.Tensor:
+        return _ContiguousGrad.apply(x)
 
 
 class CrossScaleSwin(MsconvModel):
