@@ -361,18 +361,16 @@ class SpatialCrossScaleConv(nn.Module):
         self.reduce_bn, self.dw_bn, self.recover_bn = nn.Identity(), nn.Identity(), nn.Identity()
 
 
-def _branch_format(x_r: torch.Tensor) -> torch.memory_format:
-    """The memory layout the lean form runs the depthwise branches in: channels-last on CPU, where oneDNN's
-    depthwise kernels (forward and backward) ran 2x-2.6x faster than on NCHW at SCSC's shapes, layout copies
-    included (AMD EPYC, 1 thread); the input's own elsewhere."""
-    return torch.channels_last if x_r.device.type == 'cpu' else torch.contiguous_format
+_BRANCH_FORMAT = torch.channels_last
+"""The memory layout the lean form runs the depthwise branches in: oneDNN's channels-last depthwise kernels (forward
+and backward) ran 2x-2.6x faster than its NCHW ones at SCSC's shapes, layout copies included (AMD EPYC, 1 thread)."""
 
 
 def _branches(mod: 'SpatialCrossScaleConv', x_r: torch.Tensor) -> torch.Tensor:
     """The m depthwise branches on ``x_r``, concatenated along channels into a contiguous NCHW tensor (each branch
-    run in ``_branch_format`` and written into its slice: one layout pass)."""
+    run in ``_BRANCH_FORMAT`` and written into its slice: one layout pass)."""
     cp = mod.reduced_dim
-    x_rb = x_r.contiguous(memory_format=_branch_format(x_r))
+    x_rb = x_r.contiguous(memory_format=_BRANCH_FORMAT)
     outs = [conv(x_rb) for conv in mod.dw]
     cat = x_r.new_empty(x_r.shape[0], len(outs) * cp, *outs[0].shape[2:])
     for j, o in enumerate(outs):
@@ -479,7 +477,7 @@ class _LeanCrossScale(torch.autograd.Function):
         else:
             g_xr, g_wg = pointwise_gemm_backward(g_logit, mod.router.weight, x_r)
         g_dw = []
-        fmt = _branch_format(x_r)
+        fmt = _BRANCH_FORMAT
         x_rb = x_r.contiguous(memory_format=fmt)
         for j, conv in enumerate(mod.dw):
             g_in, g_w, _ = torch.ops.aten.convolution_backward(

@@ -204,8 +204,9 @@ FORM_KINDS: Dict[str, FormKind] = {
             'lean_recompute',
             'a custom autograd function for a whole training block that saves the inputs of its GEMMs and '
             'convolutions and recomputes the BatchNorm/GELU/routing passes between them in backward (SCSC and the '
-            'Swin+SCSC MLP); its 1x1 convs run as per-image GEMMs',
+            'Swin+SCSC MLP); its 1x1 convs run as per-image GEMMs (measured on CPU only)',
             autocast=False,
+            device='cpu',
             dtypes=_FP32,
         ),
     )

@@ -37,8 +37,6 @@ from ..layers.fast_ops import (
     bn_train_backward,
     bn_train_forward,
     pointwise_conv_train,
-    pointwise_gemm,
-    pointwise_gemm_backward,
 )
 from ..layers.forms import tunable, tuned, use_fast_form
 from ..layers.linear import Linear
@@ -200,7 +198,7 @@ def _no_dropout(m: nn.Module) -> bool:
 class _LeanMlp(torch.autograd.Function):
     """``block.mlp(block.norm(x))`` in training mode as one autograd function: it saves the input, the first 1x1
     conv's output and the GELU's (9 activation maps of ``C`` channels where autograd keeps 10: the BN output is
-    recomputed in backward from the batch statistics). On CPU it runs image by image: the 4C-wide temporaries of
+    recomputed in backward from the batch statistics). It runs image by image (a CPU form): the 4C-wide temporaries of
     forward and backward are image-sized buffers that the allocator reuses (batch-sized ones above glibc's mmap
     threshold are fresh pages, faulted in on every call) and the weight gradients accumulate in the GEMMs. The BN and
     GELU backward are the ops autograd runs."""
@@ -209,19 +207,15 @@ class _LeanMlp(torch.autograd.Function):
     def forward(ctx, block: 'CrossScaleSwinBlock', x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
         fc1, fc2 = block.mlp.fc1, block.mlp.fc2
         xn, mean, invstd = bn_train_forward(block.norm, x)
-        if x.device.type == 'cpu':  # image by image: the 4C-wide temporaries stay image-sized (reused, cached)
-            h = torch.empty(x.shape[0], fc1.out_channels, *x.shape[2:], dtype=x.dtype, device=x.device)
-            a = torch.empty_like(h)
-            out = torch.empty_like(x, memory_format=torch.contiguous_format)
-            w1, b1 = fc1.weight.flatten(1), fc1.bias.unsqueeze(1)
-            w2, b2 = fc2.weight.flatten(1), fc2.bias.unsqueeze(1)
-            for xi, hi, ai, oi in zip(xn.flatten(2), h.flatten(2), a.flatten(2), out.flatten(2)):
-                torch.addmm(b1, w1, xi, out=hi)
-                torch.addmm(b2, w2, torch.ops.aten.gelu.out(hi, out=ai), out=oi)
-        else:
-            h = pointwise_gemm(fc1.weight, xn, fc1.bias)
-            a = F.gelu(h)
-            out = pointwise_gemm(fc2.weight, a, fc2.bias)
+        # image by image: the 4C-wide temporaries stay image-sized (reused, cached)
+        h = torch.empty(x.shape[0], fc1.out_channels, *x.shape[2:], dtype=x.dtype, device=x.device)
+        a = torch.empty_like(h)
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        w1, b1 = fc1.weight.flatten(1), fc1.bias.unsqueeze(1)
+        w2, b2 = fc2.weight.flatten(1), fc2.bias.unsqueeze(1)
+        for xi, hi, ai, oi in zip(xn.flatten(2), h.flatten(2), a.flatten(2), out.flatten(2)):
+            torch.addmm(b1, w1, xi, out=hi)
+            torch.addmm(b2, w2, torch.ops.aten.gelu.out(hi, out=ai), out=oi)
         del xn
         ctx.block = block
         ctx.save_for_backward(x, h, a, mean, invstd)
@@ -235,25 +229,18 @@ class _LeanMlp(torch.autograd.Function):
         grad = grad.contiguous()
         g_b2 = grad.sum((0, 2, 3))
         xn = bn_recompute(x, bn.weight, bn.bias, mean, invstd)
-        if x.device.type == 'cpu':  # image by image, the weight gradients accumulated by the GEMMs
-            w1, w2 = fc1.weight.flatten(1), fc2.weight.flatten(1)
-            g_w1, g_w2 = torch.zeros_like(w1), torch.zeros_like(w2)
-            g_b1 = torch.zeros_like(fc1.bias)
-            g_xn = torch.empty_like(xn)
-            for gi, hi, ai, xi, gxi in zip(grad.flatten(2), h.flatten(2), a.flatten(2), xn.flatten(2), g_xn.flatten(2)):
-                g_w2.addmm_(gi, ai.t())
-                g_hi = torch.ops.aten.gelu_backward(torch.mm(w2.t(), gi), hi)
-                g_b1 += g_hi.sum(1)
-                g_w1.addmm_(g_hi, xi.t())
-                torch.mm(w1.t(), g_hi, out=gxi)
-            g_w1, g_w2 = g_w1.view_as(fc1.weight), g_w2.view_as(fc2.weight)
-        else:
-            g_a, g_w2 = pointwise_gemm_backward(grad, fc2.weight, a)
-            g_h = torch.ops.aten.gelu_backward(g_a, h)
-            del g_a
-            g_b1 = g_h.sum((0, 2, 3))
-            g_xn, g_w1 = pointwise_gemm_backward(g_h, fc1.weight, xn)
-            del g_h
+        # image by image, the weight gradients accumulated by the GEMMs
+        w1, w2 = fc1.weight.flatten(1), fc2.weight.flatten(1)
+        g_w1, g_w2 = torch.zeros_like(w1), torch.zeros_like(w2)
+        g_b1 = torch.zeros_like(fc1.bias)
+        g_xn = torch.empty_like(xn)
+        for gi, hi, ai, xi, gxi in zip(grad.flatten(2), h.flatten(2), a.flatten(2), xn.flatten(2), g_xn.flatten(2)):
+            g_w2.addmm_(gi, ai.t())
+            g_hi = torch.ops.aten.gelu_backward(torch.mm(w2.t(), gi), hi)
+            g_b1 += g_hi.sum(1)
+            g_w1.addmm_(g_hi, xi.t())
+            torch.mm(w1.t(), g_hi, out=gxi)
+        g_w1, g_w2 = g_w1.view_as(fc1.weight), g_w2.view_as(fc2.weight)
         del xn
         g_x, g_wn, g_bn = bn_train_backward(g_xn, x, bn, mean, invstd)
         return None, g_x, g_wn, g_bn, g_w1, g_b1, g_w2, g_b2
