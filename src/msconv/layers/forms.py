@@ -200,6 +200,15 @@ FORM_KINDS: Dict[str, FormKind] = {
             onednn=True,
             available=_onednn_pointwise_op_ok,
         ),
+        FormKind(
+            'lean_recompute',
+            'a custom autograd function for a whole training block that saves the inputs of its GEMMs and '
+            'convolutions and recomputes the BatchNorm/GELU/routing passes between them in backward (SCSC and the '
+            'Swin+SCSC MLP); its 1x1 convs run as per-image GEMMs (measured on CPU only)',
+            autocast=False,
+            device='cpu',
+            dtypes=_FP32,
+        ),
     )
 }
 FORMS = tuple(FORM_KINDS)
