@@ -40,7 +40,6 @@ the script compiler), and the fast methods it guards are ``@torch.jit.unused``, 
 only the plain forms.
 """
 
-import functools
 import hashlib
 import json
 import os
@@ -49,7 +48,7 @@ import sys
 import time
 import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterator, Optional, Tuple
 
@@ -241,13 +240,17 @@ class TunedOp:
     def plain(self) -> str:
         return next(iter(self.candidates))
 
-    @functools.cached_property
-    def fast(self) -> Tuple[Tuple[str, Tuple[str, ...], Optional[str]], ...]:
-        """``(name, kinds, layout)`` of every candidate but the plain one (what the gate is asked, per call)."""
-        return tuple(
+    #: ``(name, kinds, layout)`` of every candidate but the plain one (what the gate is asked, per call). Computed
+    #: once at declaration, a plain attribute: ``functools.cached_property`` takes an ``RLock`` on Python < 3.12,
+    #: which ``torch.compile(fullgraph=True)`` cannot trace when a compiled forward is the first to ask.
+    fast: Tuple[Tuple[str, Tuple[str, ...], Optional[str]], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        fast = tuple(
             (name, tuple(n for n in needs if n not in LAYOUTS), next((n for n in needs if n in LAYOUTS), None))
             for name, needs in list(self.candidates.items())[1:]
         )
+        object.__setattr__(self, 'fast', fast)
 
 
 #: Every tuned operation, declared once. ``tuned`` refuses an operation or a candidate that is not here.
