@@ -200,6 +200,13 @@ FORM_KINDS: Dict[str, FormKind] = {
             onednn=True,
             available=_onednn_pointwise_op_ok,
         ),
+        FormKind(
+            'lean_fp32',
+            'a custom autograd function over several ops of a block that saves its inputs and recomputes cheap '
+            "intermediates in backward (ShiftWise's SE product, MLP and GRN), fp32 without autocast",
+            autocast=False,
+            dtypes=_FP32,
+        ),
     )
 }
 FORMS = tuple(FORM_KINDS)
@@ -314,6 +321,21 @@ TUNED: Dict[str, TunedOp] = {
             {'contiguous': (), 'channels_last': ()},
             key='architecture, parameter count, precision',
             where='``msconv.inference_model(channels_last="auto")``',
+        ),
+        TunedOp(
+            'depthwise_grad_input',
+            {'backward': (), 'flipped': ()},
+            key='kernel, padding',
+            where="the input gradient of ShiftWise's strip convolutions in the lean training form's backward: the "
+            "convolution's backward, or a forward correlation with the flipped kernel",
+        ),
+        TunedOp(
+            'depthwise_grad_weight',
+            {'backward': (), 'per_image': ('per_image',)},
+            key='kernel, padding',
+            where="the kernel gradient of ShiftWise's strip convolutions in the lean training form's backward: the "
+            "convolution's backward, or per image a depthwise correlation of the padded input with the output "
+            "gradient as its kernel, summed in fp32",
         ),
     )
 }

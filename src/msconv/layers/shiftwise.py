@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from ..kernels import depthwise_conv2d as _fast_depthwise
 from ._fold import channels_last_only
-from .forms import is_capturing, use_fast_form
+from .forms import is_capturing, tuned, use_fast_form
 
 __all__ = ['ShiftWiseConv2d', 'shiftwise_indices', 'shiftwise_geometry']
 
@@ -169,6 +169,56 @@ def _bn_affine(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor) -> Tup
     return scale, shift
 
 
+def _depthwise_grad_input(gz: torch.Tensor, x: torch.Tensor, k: torch.Tensor, pad: Tuple[int, int]) -> torch.Tensor:
+    """Input gradient of the stride-1 depthwise correlation ``conv2d(x, k, padding=pad, groups=C)`` for the output
+    gradient ``gz`` (autograd off): the convolution's backward, or the forward correlation of ``gz`` with the
+    flipped kernel (the same sums; oneDNN's forward depthwise kernels are faster for long strips), whichever
+    :func:`~msconv.layers.forms.tuned` measures faster for this shape."""
+    groups = x.shape[1]
+    flip_pad = (k.shape[2] - 1 - pad[0], k.shape[3] - 1 - pad[1])
+
+    def backward() -> torch.Tensor:
+        return torch.ops.aten.convolution_backward(
+            gz, x, k, None, [1, 1], list(pad), [1, 1], False, [0, 0], groups, [True, False, False]
+        )[0]
+
+    if min(flip_pad) < 0:
+        return backward()
+    return tuned(
+        'depthwise_grad_input',
+        gz,
+        {'backward': backward, 'flipped': lambda: F.conv2d(gz, k.flip(2, 3), padding=flip_pad, groups=groups)},
+        extra=f'{tuple(k.shape[2:])}/p{tuple(pad)}',
+    )
+
+
+def _depthwise_grad_weight(gz: torch.Tensor, x: torch.Tensor, k: torch.Tensor, pad: Tuple[int, int]) -> torch.Tensor:
+    """Kernel gradient of the stride-1 depthwise correlation ``conv2d(x, k, padding=pad, groups=C)`` (autograd off):
+    the convolution's backward (oneDNN's backward-weights runs long strips 10x-15x slower than its forward on CPU),
+    or image by image the depthwise correlation of the padded input with the output gradient as its kernel, summed
+    in fp32, whichever :func:`~msconv.layers.forms.tuned` measures faster for this shape."""
+    groups = x.shape[1]
+
+    def backward() -> torch.Tensor:
+        return torch.ops.aten.convolution_backward(
+            gz, x, k, None, [1, 1], list(pad), [1, 1], False, [0, 0], groups, [False, True, False]
+        )[1]
+
+    def per_image() -> torch.Tensor:
+        xp = F.pad(x, (pad[1], pad[1], pad[0], pad[0]))
+        out = torch.zeros(1, groups, k.shape[2], k.shape[3], dtype=torch.float32, device=x.device)
+        for xi, gi in zip(xp.split(1), gz.split(1)):
+            out += F.conv2d(xi, gi.transpose(0, 1), groups=groups)
+        return out.view_as(k).to(k.dtype)
+
+    return tuned(
+        'depthwise_grad_weight',
+        gz,
+        {'backward': backward, 'per_image': per_image},
+        extra=f'{tuple(k.shape[2:])}/p{tuple(pad)}',
+    )
+
+
 class _LeanShiftWiseTrain(torch.autograd.Function):
     """Training form: three strip correlations, batch-statistics BN, sum and identity, in one autograd node.
 
@@ -180,18 +230,24 @@ class _LeanShiftWiseTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xr, kh, kv, ks, gammas, betas, pads, eps: float):
         groups = xr.shape[1]
-        y = xr.clone()
+        y: Optional[torch.Tensor] = None
+        shift_sum: Optional[torch.Tensor] = None
         means, variances, invstds = [], [], []
         for i, (k, pad) in enumerate(zip((kh, kv, ks), pads)):
             z = F.conv2d(xr, k, padding=pad, groups=groups)
-            var, mean = torch.var_mean(z.float(), dim=(0, 2, 3), unbiased=False)
+            var, mean = torch.var_mean(z.float(), dim=(0, 2, 3), unbiased=False)  # one pass
             invstd = torch.rsqrt(var + eps)
             scale = gammas[i] * invstd
             shift = betas[i] - mean * scale
-            y.add_(z * scale.to(z.dtype).view(1, -1, 1, 1) + shift.to(z.dtype).view(1, -1, 1, 1))
+            scale = scale.to(z.dtype).view(1, -1, 1, 1)
+            # y = xr + sum_i (z_i * scale_i) + sum_i shift_i: one pass per branch, one for the shifts
+            y = torch.addcmul(xr, z, scale) if y is None else y.addcmul_(z, scale)
+            shift_sum = shift if shift_sum is None else shift_sum + shift
             means.append(mean)
             variances.append(var)
             invstds.append(invstd)
+        assert y is not None and shift_sum is not None
+        y.add_(shift_sum.to(y.dtype).view(1, -1, 1, 1))
         mean_t, var_t, invstd_t = torch.stack(means), torch.stack(variances), torch.stack(invstds)
         ctx.save_for_backward(xr, kh, kv, ks, gammas, mean_t, invstd_t)
         ctx.pads = pads
@@ -204,30 +260,34 @@ class _LeanShiftWiseTrain(torch.autograd.Function):
         groups = xr.shape[1]
         n = xr.shape[0] * xr.shape[2] * xr.shape[3]
         need_x, need_k = ctx.needs_input_grad[0], any(ctx.needs_input_grad[1:4])
-        gx = gy.clone() if need_x else None
+        gx: Optional[torch.Tensor] = None
         gks: List[Optional[torch.Tensor]] = [None, None, None]
         ggamma = torch.zeros_like(gammas)
         gbeta = torch.zeros_like(gammas)
         gy32 = gy.float()
         sum_g = gy32.sum(dim=(0, 2, 3))
         for i, (k, pad) in enumerate(zip((kh, kv, ks), ctx.pads)):
-            with torch.no_grad():
-                z = F.conv2d(xr, k, padding=pad, groups=groups)
-            xhat = (z.float() - mean_t[i].view(1, -1, 1, 1)) * invstd_t[i].view(1, -1, 1, 1)
-            sum_gx = (gy32 * xhat).sum(dim=(0, 2, 3))
+            z = F.conv2d(xr, k, padding=pad, groups=groups).float()
+            mean, invstd = mean_t[i], invstd_t[i]
+            # sum(gy * xhat) with xhat = (z - mean) * invstd, without materialising xhat
+            sum_gx = ((gy32 * z).sum(dim=(0, 2, 3)) - mean * sum_g) * invstd
             ggamma[i] = sum_gx
             gbeta[i] = sum_g
             if not (need_x or need_k):
                 continue
-            scale = (gammas[i] * invstd_t[i]).view(1, -1, 1, 1)
-            gz = scale * (gy32 - (sum_g / n).view(1, -1, 1, 1) - xhat * (sum_gx / n).view(1, -1, 1, 1))
+            # BN backward, gz = scale * (gy - mean(gy) - xhat * mean(gy * xhat)) = a * gy + b * z + c per channel
+            a = gammas[i] * invstd
+            b = -a * invstd * sum_gx / n
+            c = -a * sum_g / n - b * mean
+            gz = torch.addcmul(c.view(1, -1, 1, 1), z, b.view(1, -1, 1, 1)).addcmul_(gy32, a.view(1, -1, 1, 1))
             gz = gz.to(xr.dtype)
-            gxi, gki, _ = torch.ops.aten.convolution_backward(
-                gz, xr, k, None, [1, 1], list(pad), [1, 1], False, [0, 0], groups, [need_x, need_k, False]
-            )
             if need_x:
-                gx = gx + gxi
-            gks[i] = gki
+                gxi = _depthwise_grad_input(gz, xr, k, pad)
+                gx = gxi if gx is None else gx.add_(gxi)
+            if need_k:
+                gks[i] = _depthwise_grad_weight(gz, xr, k, pad)
+        if need_x:
+            gx = gy.clone() if gx is None else gx.add_(gy)
         return gx, gks[0], gks[1], gks[2], ggamma, gbeta, None, None
 
 

@@ -21,6 +21,7 @@ from typing import Dict, List, Optional, Sequence, Set, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d, LayerScale2d, NormMlpClassifierHead, SEModule, trunc_normal_
 from timm.layers.grn import GlobalResponseNorm
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs
@@ -35,6 +36,89 @@ from ._builder import MsconvModel, factory_kwargs
 from ._registry import register_converter, register_model
 
 __all__ = ['ShiftWiseNet', 'ShiftWiseBlock', 'ShiftWiseStage', 'checkpoint_filter_fn']
+
+
+class _LeanMlpTrain(torch.autograd.Function):
+    """Training form of a block's ``fc2(GRN(GELU(fc1(x * gate))))`` (the SE's product and the MLP, channels-last
+    Linears, exact GELU, GRN over the spatial dims) in one autograd node.
+
+    Saves the SE's input ``x``, the gate and the first Linear's output ``h`` (1 + 4 channel-widths per pixel where
+    autograd saves 5 more 4x-wide tensors); backward recomputes GELU(h) and the GRN output, and runs the GRN's
+    backward in three passes. ``x`` is (B, C, H, W) (any layout), ``gate`` (B, C, 1, 1); returns (B, C, H, W).
+
+    GRN(g) = g + bias + weight * g * n = g * (1 + weight * n) + bias, n the per-image channel norms over their mean.
+    """
+
+    @staticmethod
+    def forward(ctx, x, gate, w1, b1, grn_w, grn_b, w2, eps: float):
+        xt = x.permute(0, 2, 3, 1)  # (B, H, W, C): a contiguous view of a channels-last x
+        u = xt * gate.view(gate.shape[0], 1, 1, -1)
+        h = F.linear(u, w1, b1)
+        g = F.gelu(h)
+        norms = torch.linalg.vector_norm(g, dim=(1, 2), keepdim=True)  # (B, 1, 1, 4C)
+        denom = norms.mean(dim=-1, keepdim=True) + eps
+        a = torch.addcmul(torch.ones_like(norms), grn_w, norms / denom)
+        out = F.linear(torch.addcmul(grn_b, g, a), w2)
+        ctx.save_for_backward(x, gate, h, w1, w2, grn_w, grn_b, norms, denom, a)
+        return out.permute(0, 3, 1, 2)
+
+    @staticmethod
+    def backward(ctx, dz):
+        x, gate, h, w1, w2, grn_w, grn_b, norms, denom, a = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        B, C = x.shape[0], x.shape[1]
+        hidden = h.shape[-1]
+        dzt = dz.permute(0, 2, 3, 1).reshape(-1, C)
+        g = F.gelu(h)
+        gw2 = None
+        if need[6]:
+            gw2 = dzt.t().mm(torch.addcmul(grn_b, g, a).reshape(-1, hidden))
+        go = dzt.mm(w2).view_as(h)  # gradient of the GRN output
+        s = (go * g).sum(dim=(1, 2), keepdim=True)  # (B, 1, 1, 4C)
+        nrm = norms / denom
+        ggrn_w = (s * nrm).sum(dim=(0, 1, 2)) if need[4] else None
+        ggrn_b = go.sum(dim=(0, 1, 2)) if need[5] else None
+        # through n = norms / denom, denom = mean(norms) + eps, norms = ||g||: dg = go * a + g * e
+        dn = grn_w * s / denom
+        dn = dn - (dn * nrm).sum(dim=-1, keepdim=True) / hidden
+        e = torch.where(norms > 0, dn / norms, torch.zeros_like(dn))
+        dg = (go * a).addcmul_(g, e)
+        del go, g
+        dh = torch.ops.aten.gelu_backward(dg, h)
+        del dg
+        gate_t = gate.view(B, 1, 1, C)
+        xt = x.permute(0, 2, 3, 1)
+        dh2 = dh.reshape(-1, hidden)
+        gw1 = dh2.t().mm((xt * gate_t).reshape(-1, C)) if need[2] else None
+        gb1 = dh2.sum(0) if need[3] else None
+        du = dh.matmul(w1)  # (B, H, W, C)
+        gx = (du * gate_t).permute(0, 3, 1, 2) if need[0] else None
+        ggate = (du * xt).sum(dim=(1, 2)).view_as(gate) if need[1] else None
+        return gx, ggate, gw1, gb1, ggrn_w, ggrn_b, gw2, None
+
+
+def _batch_norm_scaled(bn: nn.BatchNorm2d, x: torch.Tensor, gamma: Optional[torch.Tensor]) -> torch.Tensor:
+    """``bn(x) * gamma`` (per channel) in one ``F.batch_norm`` with the affine scaled by ``gamma``: the same
+    statistics and running-statistics update as the module's own forward, one saved tensor instead of two."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    weight, bias = bn.weight, bn.bias
+    if gamma is not None:
+        weight = gamma if weight is None else weight * gamma
+        bias = None if bias is None else bias * gamma
+    use_batch = bn.training or bn.running_mean is None
+    return F.batch_norm(
+        x,
+        bn.running_mean if not bn.training or bn.track_running_stats else None,
+        bn.running_var if not bn.training or bn.track_running_stats else None,
+        weight,
+        bias,
+        use_batch,
+        factor,
+        bn.eps,
+    )
 
 
 class ShiftWiseBlock(nn.Module):
@@ -69,6 +153,8 @@ class ShiftWiseBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training and use_fast_form('inplace', x, layout='channels_last') and self._inference_ok():
             return self._forward_inference(x)
+        if self.training and use_fast_form('lean_fp32', x) and self._lean_ok():
+            return self._forward_train(x)
         return self.forward_reference(x)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
@@ -78,6 +164,38 @@ class ShiftWiseBlock(nn.Module):
         x = self.fc2(self.grn(self.act(self.fc1(x))))
         x = self.ls(self.norm2(x.permute(0, 3, 1, 2)))  # (B, C, H, W)
         return shortcut + self.drop_path(x)
+
+    @torch.jit.unused
+    def _lean_ok(self) -> bool:
+        """The structure the training form assumes (plain BN2 in training, exact GELU, plain SE, channels-last GRN,
+        layer scale or none)."""
+        return (
+            type(self.norm2) is nn.BatchNorm2d
+            and self.norm2.training
+            and type(self.ls) in (LayerScale2d, nn.Identity)
+            and type(self.act) is nn.GELU
+            and self.act.approximate == 'none'
+            and type(self.grn) is GlobalResponseNorm
+            and self.grn.channel_dim == -1
+            and type(self.se) is SEModule
+            and not self.se.add_maxpool
+            and self.fc2.bias is None
+        )
+
+    @torch.jit.unused
+    def _forward_train(self, x: torch.Tensor) -> torch.Tensor:
+        """Training form (kind ``lean_fp32``): the same maths as ``forward_reference`` with the SE product, the MLP
+        and the GRN in one autograd node (:class:`_LeanMlpTrain`) and the layer scale folded into BN2's affine:
+        less saved for backward and fewer passes."""
+        shortcut = x
+        y = self.norm(self.conv(x))
+        se = self.se
+        gate = se.gate(se.fc2(se.act(se.bn(se.fc1(y.mean((2, 3), keepdim=True))))))
+        z = _LeanMlpTrain.apply(
+            y, gate, self.fc1.weight, self.fc1.bias, self.grn.weight, self.grn.bias, self.fc2.weight, self.grn.eps
+        )
+        gamma = self.ls.gamma if isinstance(self.ls, LayerScale2d) else None
+        return shortcut + self.drop_path(_batch_norm_scaled(self.norm2, z, gamma))
 
     @torch.jit.unused
     def _inference_ok(self) -> bool:
