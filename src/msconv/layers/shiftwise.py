@@ -247,35 +247,27 @@ class _LeanShiftWiseTrain(torch.autograd.Function):
             invstds.append(invstd)
         mean_t, invstd_t = torch.stack(means), torch.stack(invstds)
         ctx.save_for_backward(xr, kh, kv, ks, gammas, mean_t, invstd_t)
-        ctx.pads = pads
+        ctx.pads, ctx.eps = pads, eps
         return y
 
     @staticmethod
     def backward(ctx, gy):
         xr, kh, kv, ks, gammas, mean_t, invstd_t = ctx.saved_tensors
         groups = xr.shape[1]
-        n = xr.shape[0] * xr.shape[2] * xr.shape[3]
         need_x, need_k = ctx.needs_input_grad[0], any(ctx.needs_input_grad[1:4])
         gx: Optional[torch.Tensor] = None
         gks: List[Optional[torch.Tensor]] = [None, None, None]
         ggamma = torch.zeros_like(gammas)
         gbeta = torch.zeros_like(gammas)
         gy32 = gy.float()
-        sum_g = gy32.sum(dim=(0, 2, 3))
         for i, (k, pad) in enumerate(zip((kh, kv, ks), ctx.pads)):
             z = F.conv2d(xr, k, padding=pad, groups=groups).float()
-            mean, invstd = mean_t[i], invstd_t[i]
-            # sum(gy * xhat) with xhat = (z - mean) * invstd, without materialising xhat
-            sum_gx = ((gy32 * z).sum(dim=(0, 2, 3)) - mean * sum_g) * invstd
-            ggamma[i] = sum_gx
-            gbeta[i] = sum_g
+            # the BatchNorm's own backward kernel (its per-channel sums accumulate in double, as the plain form's)
+            gz, ggamma[i], gbeta[i] = torch.ops.aten.native_batch_norm_backward(
+                gy32, z, gammas[i], None, None, mean_t[i], invstd_t[i], True, ctx.eps, [need_x or need_k, True, True]
+            )
             if not (need_x or need_k):
                 continue
-            # BN backward, gz = scale * (gy - mean(gy) - xhat * mean(gy * xhat)) = a * gy + b * z + c per channel
-            a = gammas[i] * invstd
-            b = -a * invstd * sum_gx / n
-            c = -a * sum_g / n - b * mean
-            gz = torch.addcmul(c.view(1, -1, 1, 1), z, b.view(1, -1, 1, 1)).addcmul_(gy32, a.view(1, -1, 1, 1))
             gz = gz.to(xr.dtype)
             if need_x:
                 gxi = _depthwise_grad_input(gz, xr, k, pad)
