@@ -26,7 +26,7 @@ from msconv.models.shiftwise_net import ShiftWiseBlock
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
 from _common import saved_bytes  # noqa: E402
 
-GRAD_OPS = ('depthwise_grad_input', 'depthwise_grad_weight')
+GRAD_OPS = ('depthwise_grad_input', 'depthwise_grad_weight', 'shiftwise_mlp_train')
 PINS = [dict(zip(GRAD_OPS, choice)) for choice in itertools.product(*(forms.TUNED[op].candidates for op in GRAD_OPS))]
 
 

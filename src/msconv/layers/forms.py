@@ -337,6 +337,14 @@ TUNED: Dict[str, TunedOp] = {
             "convolution's backward, or per image a depthwise correlation of the padded input with the output "
             "gradient as its kernel, summed in fp32",
         ),
+        TunedOp(
+            'shiftwise_mlp_train',
+            {'batched': (), 'per_image': ()},
+            key='in and hidden features, autocast',
+            where="the SE product, MLP and GRN of a ShiftWise block in its training form (kind lean_fp32): fc2 and the "
+            "GRN's backward sums as batch GEMMs and passes over the hidden maps, or as per-image GEMMs",
+            training=True,
+        ),
     )
 }
 
