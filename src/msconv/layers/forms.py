@@ -208,6 +208,13 @@ FORM_KINDS: Dict[str, FormKind] = {
             device='cpu',
             dtypes=_FP32,
         ),
+        FormKind(
+            'lean_fp32',
+            'a custom autograd function over several ops of a block that saves its inputs and recomputes cheap '
+            "intermediates in backward (ShiftWise's SE product, MLP and GRN), fp32 without autocast",
+            autocast=False,
+            dtypes=_FP32,
+        ),
     )
 }
 FORMS = tuple(FORM_KINDS)
@@ -326,6 +333,29 @@ TUNED: Dict[str, TunedOp] = {
             {'contiguous': (), 'channels_last': ()},
             key='architecture, parameter count, precision',
             where='``msconv.inference_model(channels_last="auto")``',
+        ),
+        TunedOp(
+            'depthwise_grad_input',
+            {'backward': (), 'flipped': ()},
+            key='kernel, padding',
+            where="the input gradient of ShiftWise's strip convolutions in the lean training form's backward: the "
+            "convolution's backward, or a forward correlation with the flipped kernel",
+        ),
+        TunedOp(
+            'depthwise_grad_weight',
+            {'backward': (), 'per_image': ('per_image',)},
+            key='kernel, padding',
+            where="the kernel gradient of ShiftWise's strip convolutions in the lean training form's backward: the "
+            "convolution's backward, or per image a depthwise correlation of the padded input with the output "
+            "gradient as its kernel, summed in fp32",
+        ),
+        TunedOp(
+            'shiftwise_mlp_train',
+            {'batched': (), 'per_image': ()},
+            key='in and hidden features, autocast',
+            where="the SE product, MLP and GRN of a ShiftWise block in its training form (kind lean_fp32): fc2 and the "
+            "GRN's backward sums as batch GEMMs and passes over the hidden maps, or as per-image GEMMs",
+            training=True,
         ),
     )
 }
