@@ -215,6 +215,13 @@ FORM_KINDS: Dict[str, FormKind] = {
             autocast=False,
             dtypes=_FP32,
         ),
+        FormKind(
+            'attention_math',
+            'attention as two batched GEMMs and a softmax (autograd through them) instead of '
+            "``scaled_dot_product_attention``'s fused CPU kernel, whose backward is slow in bf16 (SMT's MSA in a bf16 "
+            'autocast training step)',
+            device='cpu',
+        ),
     )
 }
 FORMS = tuple(FORM_KINDS)
