@@ -192,6 +192,11 @@ def _examples():
     cl = torch.empty(2, 8, 4, 4).contiguous(memory_format=torch.channels_last)
     scsc = msconv.layers.SpatialCrossScaleConv(24, (3, 5, 7), groups=2)
     feats, gate = torch.randn(2, 24, 5, 6, generator=g).bfloat16(), torch.rand(2, 6, 5, 6, generator=g).bfloat16()
+    from msconv.dense.poolers import AlignedRoIAlign
+
+    roi_pool = AlignedRoIAlign(['0', '1'], output_size=7)
+    pyramid = {str(i): torch.randn(1, 8, 16 >> i, 12 >> i, generator=g) for i in range(2)}
+    roi_boxes = [torch.tensor([[1.0, 2.0, 30.0, 40.0], [0.0, 0.0, 60.0, 45.0], [5.0, 5.0, 6.0, 9.0]])]
     return {
         'linear': (lambda: fast_ops.linear(tokens, w, b), tokens),
         'linear_gelu': (lambda: fast_ops.linear_gelu(tokens, w, b), tokens),
@@ -205,6 +210,7 @@ def _examples():
         'inference_model.memory_format': (lambda: fast(images), images),
         # bf16: the fp32 tail rounds once where the plain form rounds after each of its 3 ops (see test_scsc.py)
         'scsc_routing': (lambda: scsc.route_fast(feats, gate), feats, 2.0**-8 * 3),
+        'roi_align': (lambda: roi_pool(pyramid, roi_boxes, [(64, 48)]), pyramid['0']),
     }
 
 

@@ -200,6 +200,16 @@ FORM_KINDS: Dict[str, FormKind] = {
             onednn=True,
             available=_onednn_pointwise_op_ok,
         ),
+        FormKind(
+            'roi_gemm',
+            "RoIAlign as one sparse (CSR) matrix of bilinear sampling weights per sampling-grid size times the feature "
+            "map read channels-last (``msconv.dense.poolers.roi_align_gemm``); torchvision's CPU kernel walks each "
+            'channel plane and copies a channels-last map to NCHW first',
+            autograd=False,
+            autocast=False,
+            device='cpu',
+            dtypes=_FP32,
+        ),
     )
 }
 FORMS = tuple(FORM_KINDS)
@@ -314,6 +324,13 @@ TUNED: Dict[str, TunedOp] = {
             {'contiguous': (), 'channels_last': ()},
             key='architecture, parameter count, precision',
             where='``msconv.inference_model(channels_last="auto")``',
+        ),
+        TunedOp(
+            'roi_align',
+            {'kernel': (), 'sparse_gemm': ('roi_gemm',)},
+            key="channels, the map's layout and area, output size, sampling ratio, RoIs (areas and counts in powers "
+            'of two)',
+            where="the R-CNNs' RoI feature extraction (``msconv.dense.poolers.AlignedRoIAlign``), each FPN level",
         ),
     )
 }
