@@ -104,3 +104,42 @@ def test_detector_outputs_do_not_depend_on_the_pooling_form(arch):
         assert len(ref['boxes']) > 0 and torch.equal(ref['labels'], out['labels'])
         for key in ('boxes', 'scores', 'masks'):
             torch.testing.assert_close(out[key], ref[key], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow  # ~10 s idle, ~40 s on the shared cores: two micro detectors built, timed and counted twice
+def test_dense_bench_phases_add_up_and_repeat():
+    """``bench_dense(phases=True)``: the detectors' phases (hooks on their parts) cover the call's MACs exactly and
+    its time with ``rest``; the seeded weights give the same detections and MACs in a second run."""
+    from msconv.tools.dense_bench import bench_dense, format_dense_phases
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        runs = [
+            bench_dense(
+                subjects,
+                baselines=[],
+                size={'detection': (96, 128)},
+                num_warm_iter=0,
+                num_bench_iter=1,
+                memory=False,
+                macs=True,
+                phases=True,
+            )
+            for subjects in (['test_smt:mask_rcnn', 'test_smt:retinanet'], ['test_smt:mask_rcnn'])
+        ]
+    finally:
+        torch.set_num_threads(threads)
+    by = {r['model']: r for r in runs[0]}
+    rcnn, retina = by['test_smt:mask_rcnn']['phases'], by['test_smt:retinanet']['phases']
+    assert list(rcnn) == ['backbone', 'fpn', 'rpn', 'box pool', 'box head', 'mask pool', 'mask head', 'rest']
+    assert list(retina) == ['backbone', 'fpn', 'head', 'anchors', 'rest']
+    for rows in runs:
+        for r in rows:
+            ph = r['phases']
+            assert sum(m for _, m in ph.values()) / 1e9 == pytest.approx(r['infer_gmacs'], rel=1e-9)
+            assert ph['backbone'][1] > 0 and ph['fpn'][1] > 0 and all(sec >= 0 for sec, _ in ph.values())
+            assert ph['rest'][1] == pytest.approx(0.0, abs=1e3)  # NMS, decoding and pasting carry no MACs
+        assert 'test_smt:mask_rcnn' in format_dense_phases(rows) and 'box pool' in format_dense_phases(rows)
+    first, again = runs[0][0], runs[1][0]  # Mask R-CNN built twice from seed 0
+    assert (first['detections'], first['infer_gmacs']) == (again['detections'], again['infer_gmacs'])
