@@ -7,7 +7,7 @@ the fastest depends on the machine, measured by the autotuner (``forms.tuned``, 
 ``forms.TUNED``).
 """
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -29,6 +29,11 @@ __all__ = [
     'map_images',
     'spatial_mean',
     'spatial_l2_norms',
+    'bn_train_forward',
+    'bn_recompute',
+    'bn_train_backward',
+    'pointwise_gemm',
+    'pointwise_gemm_backward',
 ]
 
 
@@ -293,3 +298,79 @@ def spatial_l2_norms(hv: torch.Tensor) -> torch.Tensor:
     for i in range(hv.shape[0]):
         torch.sum(torch.mul(hv[i], hv[i], out=squares), 0, keepdim=True, out=norms[i])
     return norms.sqrt_()
+
+
+# ---- pieces of the lean training forms (custom autograd functions) -----------------------------------------------
+
+
+def bn_train_forward(bn: nn.BatchNorm2d, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``bn(x)`` for a ``BatchNorm2d`` in training mode (tracking running statistics), as ``_BatchNorm.forward``
+    computes it (``num_batches_tracked`` counted, the cumulative average when ``momentum`` is None, the running
+    statistics moved in place), but returning the batch mean and inverse std too: ``(out, mean, invstd)``, what
+    :func:`bn_train_backward` and :func:`bn_recompute` need. Call it with autograd off (a lean form's forward)."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            factor = 1.0 / float(bn.num_batches_tracked)
+    return torch.native_batch_norm(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, True, factor, bn.eps)
+
+
+def bn_recompute(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor):
+    """The training-mode BatchNorm output of ``x`` again, from the batch statistics :func:`bn_train_forward` returned
+    (the same affine map, within float rounding): a lean form's backward recomputes it instead of saving it."""
+    alpha = invstd * weight
+    beta = bias - mean * alpha
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return torch.addcmul(beta.view(shape), x, alpha.view(shape))
+
+
+def bn_train_backward(
+    grad: torch.Tensor, x: torch.Tensor, bn: nn.BatchNorm2d, mean: torch.Tensor, invstd: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of a training-mode BatchNorm (input, weight, bias): the op autograd itself runs for it."""
+    return torch.ops.aten.native_batch_norm_backward(
+        grad, x, bn.weight, bn.running_mean, bn.running_var, mean, invstd, True, bn.eps, [True, True, True]
+    )
+
+
+def pointwise_gemm(weight: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A 1x1 conv (stride 1) of a contiguous (B, C, H, W) ``x`` as one GEMM per image on its (C, H*W) view, with
+    autograd off (a lean form's forward): (B, O, H, W). On CPU the GEMMs write straight into the output, image by
+    image (``torch.matmul`` of a matrix and a batch may fold the batch into one GEMM over transposed copies)."""
+    B, C, H, W = x.shape
+    w = weight.reshape(weight.shape[0], C)
+    xs = x.reshape(B, C, H * W)
+    if x.device.type != 'cpu':
+        y = torch.matmul(w, xs) if bias is None else torch.baddbmm(bias.view(1, -1, 1), w.expand(B, -1, -1), xs)
+        return y.view(B, -1, H, W)
+    y = x.new_empty(B, w.shape[0], H * W)
+    for xi, yi in zip(xs, y):
+        if bias is None:
+            torch.mm(w, xi, out=yi)
+        else:
+            torch.addmm(bias.unsqueeze(1), w, xi, out=yi)
+    return y.view(B, -1, H, W)
+
+
+def pointwise_gemm_backward(
+    grad: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, input_grad: bool = True
+) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+    """Gradients of :func:`pointwise_gemm` (input, weight) for the output gradient ``grad``; on CPU image by image,
+    the weight gradient accumulated by the GEMMs into one (O, C) output (no (B, O, C) temporary)."""
+    B, C, H, W = x.shape
+    out_channels = grad.shape[1]
+    g = grad.reshape(B, out_channels, H * W)
+    xs = x.reshape(B, C, H * W)
+    w = weight.reshape(out_channels, C)
+    if x.device.type != 'cpu':
+        gw = torch.bmm(g, xs.transpose(1, 2)).sum(0)
+        gx = torch.matmul(w.t(), g).view(B, C, H, W) if input_grad else None
+        return gx, gw.view(weight.shape)
+    gw = torch.zeros_like(w)
+    gx = x.new_empty(B, C, H * W) if input_grad else None
+    for b in range(B):
+        gw.addmm_(g[b], xs[b].t())
+        if gx is not None:
+            torch.mm(w.t(), g[b], out=gx[b])
+    return (gx.view(B, C, H, W) if gx is not None else None), gw.view(weight.shape)

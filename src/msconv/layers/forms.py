@@ -201,6 +201,15 @@ FORM_KINDS: Dict[str, FormKind] = {
             available=_onednn_pointwise_op_ok,
         ),
         FormKind(
+            'lean_recompute',
+            'a custom autograd function for a whole training block that saves the inputs of its GEMMs and '
+            'convolutions and recomputes the BatchNorm/GELU/routing passes between them in backward (SCSC and the '
+            'Swin+SCSC MLP); its 1x1 convs run as per-image GEMMs (measured on CPU only)',
+            autocast=False,
+            device='cpu',
+            dtypes=_FP32,
+        ),
+        FormKind(
             'roi_gemm',
             "RoIAlign as one sparse (CSR) matrix of bilinear sampling weights per sampling-grid size times the feature "
             "map read channels-last (``msconv.dense.poolers.roi_align_gemm``); torchvision's CPU kernel walks each "

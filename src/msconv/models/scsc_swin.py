@@ -32,7 +32,12 @@ from timm.models.swin_transformer import PatchMerging
 
 from ..layers._fold import bn_scale_shift
 from ..layers.cross_scale import STAGE_KERNEL_SIZES, SpatialCrossScaleConv, convert_scsc_official
-from ..layers.fast_ops import pointwise_conv_train
+from ..layers.fast_ops import (
+    bn_recompute,
+    bn_train_backward,
+    bn_train_forward,
+    pointwise_conv_train,
+)
 from ..layers.forms import tunable, tuned, use_fast_form
 from ..layers.linear import Linear
 from ._builder import MsconvModel, factory_kwargs
@@ -93,9 +98,40 @@ class CrossScaleSwinBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training and use_fast_form('inplace', x):
             return self._forward_inplace(x)
+        if torch.is_grad_enabled() and use_fast_form('lean_recompute', x, 'contiguous') and self._lean_ok():
+            return self._forward_lean(x)
         if torch.is_grad_enabled() and tunable('pointwise_conv_train', x):
             return self._forward_train(x)
         return self.forward_reference(x)
+
+    @torch.jit.unused
+    def _lean_ok(self) -> bool:
+        """The block's own conditions for the lean MLP: a plain training-mode BatchNorm pre-norm, 1x1 convs with
+        biases, exact GELU, no norm or dropout inside the MLP (the mixer asks its own)."""
+        bn, mlp = self.norm, self.mlp
+        return (
+            type(bn) is nn.BatchNorm2d
+            and bn.training
+            and bn.track_running_stats
+            and bn.affine
+            and mlp.fc1.bias is not None
+            and mlp.fc2.bias is not None
+            and type(mlp.act) is nn.GELU
+            and mlp.act.approximate == 'none'
+            and isinstance(mlp.norm, nn.Identity)
+            and all(
+                isinstance(d, nn.Identity) or (isinstance(d, nn.Dropout) and d.p == 0) for d in (mlp.drop1, mlp.drop2)
+            )
+        )
+
+    @torch.jit.unused
+    def _forward_lean(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward_reference`` with the MLP (pre-norm included) as one lean autograd function (``_LeanMlp``)
+        and the mixer in its own lean form."""
+        x = x + self.drop_path(self.mixer(x))
+        mlp = self.mlp
+        params = (self.norm.weight, self.norm.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
+        return x + self.drop_path(_LeanMlp.apply(self, x, *params))
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.mixer(x))
@@ -155,6 +191,75 @@ class CrossScaleSwinBlock(nn.Module):
         self.norm = nn.Identity()
 
 
+def _no_dropout(m: nn.Module) -> bool:
+    return isinstance(m, nn.Identity) or (isinstance(m, nn.Dropout) and m.p == 0)
+
+
+class _LeanMlp(torch.autograd.Function):
+    """``block.mlp(block.norm(x))`` in training mode as one autograd function: it saves the input, the first 1x1
+    conv's output and the GELU's (9 activation maps of ``C`` channels where autograd keeps 10: the BN output is
+    recomputed in backward from the batch statistics). It runs image by image (a CPU form): the 4C-wide temporaries of
+    forward and backward are image-sized buffers that the allocator reuses (batch-sized ones above glibc's mmap
+    threshold are fresh pages, faulted in on every call) and the weight gradients accumulate in the GEMMs. The BN and
+    GELU backward are the ops autograd runs."""
+
+    @staticmethod
+    def forward(ctx, block: 'CrossScaleSwinBlock', x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        fc1, fc2 = block.mlp.fc1, block.mlp.fc2
+        xn, mean, invstd = bn_train_forward(block.norm, x)
+        # image by image: the 4C-wide temporaries stay image-sized (reused, cached)
+        h = torch.empty(x.shape[0], fc1.out_channels, *x.shape[2:], dtype=x.dtype, device=x.device)
+        a = torch.empty_like(h)
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        w1, b1 = fc1.weight.flatten(1), fc1.bias.unsqueeze(1)
+        w2, b2 = fc2.weight.flatten(1), fc2.bias.unsqueeze(1)
+        for xi, hi, ai, oi in zip(xn.flatten(2), h.flatten(2), a.flatten(2), out.flatten(2)):
+            torch.addmm(b1, w1, xi, out=hi)
+            torch.addmm(b2, w2, torch.ops.aten.gelu.out(hi, out=ai), out=oi)
+        del xn
+        ctx.block = block
+        ctx.save_for_backward(x, h, a, mean, invstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        block = ctx.block
+        x, h, a, mean, invstd = ctx.saved_tensors
+        fc1, fc2, bn = block.mlp.fc1, block.mlp.fc2, block.norm
+        grad = grad.contiguous()
+        g_b2 = grad.sum((0, 2, 3))
+        xn = bn_recompute(x, bn.weight, bn.bias, mean, invstd)
+        # image by image, the weight gradients accumulated by the GEMMs
+        w1, w2 = fc1.weight.flatten(1), fc2.weight.flatten(1)
+        g_w1, g_w2 = torch.zeros_like(w1), torch.zeros_like(w2)
+        g_b1 = torch.zeros_like(fc1.bias)
+        g_xn = torch.empty_like(xn)
+        for gi, hi, ai, xi, gxi in zip(grad.flatten(2), h.flatten(2), a.flatten(2), xn.flatten(2), g_xn.flatten(2)):
+            g_w2.addmm_(gi, ai.t())
+            g_hi = torch.ops.aten.gelu_backward(torch.mm(w2.t(), gi), hi)
+            g_b1 += g_hi.sum(1)
+            g_w1.addmm_(g_hi, xi.t())
+            torch.mm(w1.t(), g_hi, out=gxi)
+        g_w1, g_w2 = g_w1.view_as(fc1.weight), g_w2.view_as(fc2.weight)
+        del xn
+        g_x, g_wn, g_bn = bn_train_backward(g_xn, x, bn, mean, invstd)
+        return None, g_x, g_wn, g_bn, g_w1, g_b1, g_w2, g_b2
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous: a stage's output feeds a permute (the next patch
+    merging, the final LayerNorm2d), whose backward hands a channels-last gradient to every residual add and block of
+    the stage; one copy here instead of one in every block's backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
 class CrossScaleSwinStage(nn.Module):
     def __init__(
         self,
@@ -176,8 +281,16 @@ class CrossScaleSwinStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.blocks, x)
-        return self.blocks(x)
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        if torch.is_grad_enabled() and use_fast_form('lean_recompute', x, 'contiguous'):
+            x = self._contiguous_grad(x)
+        return x
+
+    @torch.jit.unused
+    def _contiguous_grad(self, x: torch.Tensor) -> torch.Tensor:
+        return _ContiguousGrad.apply(x)
 
 
 class CrossScaleSwin(MsconvModel):

@@ -1,0 +1,212 @@
+"""SCSC's lean training forms (kind ``lean_recompute``): the SCSC module's and the Swin+SCSC MLP's custom autograd
+functions equal the plain form in values (1e-5), gradients (1e-4) and BatchNorm running statistics, save less for
+backward, and step aside where they must (autocast, graph captures, ``reference_forms()``, eval BatchNorms)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from conftest import max_abs, randomize_bn
+from test_train_forms import _assert_same_step, _train_step
+
+import msconv
+from msconv.layers import forms
+from msconv.layers.cross_scale import CrossScaleBottleneck, SpatialCrossScaleConv
+from msconv.models.scsc_swin import CrossScaleSwinBlock
+
+
+def _graph_names(t: torch.Tensor) -> set:
+    """The autograd node names reachable from ``t``."""
+    names, todo, seen = set(), [t.grad_fn], set()
+    while todo:
+        fn = todo.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        names.add(type(fn).__name__)
+        todo.extend(f for f, _ in fn.next_functions)
+    return names
+
+
+def _saved_bytes(fn) -> int:
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(storages.values())
+
+
+def _layer_step(module: nn.Module, x: torch.Tensor, u: torch.Tensor, reference: bool):
+    x = x.clone().requires_grad_(True)
+    with forms.reference_forms(reference):
+        y = module(x)
+        (y * u).sum().backward()
+    grads = {n: p.grad.clone() for n, p in module.named_parameters()}
+    buffers = {n: b.clone() for n, b in module.named_buffers() if b.is_floating_point()}
+    return y.detach(), dict(grads, input=x.grad), buffers
+
+
+@pytest.mark.parametrize('name', ['test_scsc_swin', 'test_scsc_resnet'])
+def test_micro_models_lean_step_equals_plain_step(name):
+    torch.manual_seed(0)
+    model = msconv.create_model(name, num_classes=10, drop_path_rate=0.0).train()
+    randomize_bn(model)
+    x, y = torch.randn(2, 3, 64, 64), torch.tensor([1, 7])
+    with forms.reference_forms():
+        ref = _train_step(copy.deepcopy(model), x, y)
+    assert '_LeanCrossScaleBackward' in _graph_names(copy.deepcopy(model)(x))
+    _assert_same_step(_train_step(copy.deepcopy(model), x, y), ref, name)
+    plain = copy.deepcopy(model)
+    with forms.reference_forms():
+        saved_plain = _saved_bytes(lambda: F.cross_entropy(plain(x), y))
+    saved_lean = _saved_bytes(lambda: F.cross_entropy(copy.deepcopy(model)(x), y))
+    assert saved_lean < 0.8 * saved_plain
+
+
+def _randomized(module: nn.Module, seed: int) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(0.2 * torch.randn(m.num_features, generator=g))
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return module.train()
+
+
+@pytest.mark.parametrize(
+    'make,shape',
+    [
+        (lambda: SpatialCrossScaleConv(96, (3, 9, 13), groups=4), (2, 96, 56, 56)),  # Swin-T stage 1 mixer
+        pytest.param(
+            lambda: CrossScaleBottleneck(288, 576, (3, 7, 11), groups=4, stride=2),
+            (2, 288, 29, 29),  # CBTNet-50 stage 2's first block, at an odd size
+            marks=pytest.mark.slow,
+        ),
+        (lambda: CrossScaleBottleneck(96, 96, (3, 5), groups=4, routing='cross_scale'), (2, 96, 14, 14)),
+        pytest.param(
+            lambda: CrossScaleSwinBlock(192, (3, 7, 11), groups=4), (2, 192, 28, 28), marks=pytest.mark.slow
+        ),  # Swin-T stage 2 block: mixer + lean MLP
+    ],
+)
+def test_layers_at_realistic_shapes(make, shape):
+    torch.manual_seed(1)
+    module = _randomized(make(), 2)
+    x, u = torch.randn(shape), None
+    with torch.no_grad():
+        u = torch.randn_like(module(x))
+    module = _randomized(make(), 2)  # the statistics from scratch on both sides
+    module.load_state_dict(_randomized(make(), 2).state_dict())
+    ref_module = copy.deepcopy(module)
+    got = _layer_step(module, x, u, reference=False)
+    ref = _layer_step(ref_module, x, u, reference=True)
+    _assert_same_step(got, ref, type(module).__name__)
+    lean_saved = _saved_bytes(lambda: module(x.clone().requires_grad_(True)))
+    with forms.reference_forms():
+        plain_saved = _saved_bytes(lambda: ref_module(x.clone().requires_grad_(True)))
+    assert lean_saved < 0.75 * plain_saved
+
+
+def test_swin_block_runs_both_lean_functions():
+    block = _randomized(CrossScaleSwinBlock(48, (3, 7, 11), groups=4), 3)
+    names = _graph_names(block(torch.randn(2, 48, 16, 16, requires_grad=True)))
+    assert {'_LeanCrossScaleBackward', '_LeanMlpBackward'} <= names
+
+
+def test_lean_forms_step_aside():
+    """Eval-mode BatchNorms (a frozen fine-tune), autocast and reference_forms() run the plain form."""
+    block = _randomized(CrossScaleSwinBlock(48, (3, 7, 11), groups=4), 3)
+    x = torch.randn(2, 48, 16, 16, requires_grad=True)
+    block.norm.eval()
+    block.mixer.dw_bn.eval()
+    assert not {'_LeanCrossScaleBackward', '_LeanMlpBackward'} & _graph_names(block(x))
+    block.train()
+    with torch.autocast('cpu', torch.bfloat16):
+        assert not {'_LeanCrossScaleBackward', '_LeanMlpBackward'} & _graph_names(block(x))
+    with forms.reference_forms():
+        assert not {'_LeanCrossScaleBackward', '_LeanMlpBackward'} & _graph_names(block(x))
+
+
+def test_bf16_autocast_step_is_the_plain_one():
+    """Under autocast the lean functions step aside (the 1x1 convs pinned to the convolution on both sides: the
+    ``train_gemm`` form's bf16 GEMMs round otherwise)."""
+    torch.manual_seed(0)
+    model = msconv.create_model('test_scsc_swin', num_classes=10, drop_path_rate=0.0).train()
+    randomize_bn(model)
+    x, y = torch.randn(2, 3, 64, 64), torch.tensor([1, 7])
+
+    def step(m, reference):
+        with forms.reference_forms(reference), forms.forced_choices(pointwise_conv_train='conv'):
+            with torch.autocast('cpu', torch.bfloat16):
+                out = m(x)
+                loss = F.cross_entropy(out, y)
+            loss.backward()
+        return out.float().detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    (out_a, g_a), (out_b, g_b) = step(copy.deepcopy(model), False), step(copy.deepcopy(model), True)
+    assert max_abs(out_a, out_b) <= 1e-5 * max(1.0, out_b.abs().max().item())
+    for n in g_b:
+        assert max_abs(g_a[n], g_b[n]) <= 1e-4 * max(1.0, g_b[n].abs().max().item()), n
+
+
+@pytest.mark.parametrize('name', ['test_scsc_swin', 'test_scsc_resnet'])
+def test_gradient_checkpointing(name):
+    """Non-reentrant checkpointing recomputes the lean functions in backward (same saved tensors); both sides
+    checkpointed, so the statistics move alike."""
+    torch.manual_seed(0)
+    model = msconv.create_model(name, num_classes=10, drop_path_rate=0.0).train()
+    randomize_bn(model)
+    model.set_grad_checkpointing(True)
+    x, y = torch.randn(2, 3, 64, 64), torch.tensor([3, 4])
+    with forms.reference_forms():
+        ref = _train_step(copy.deepcopy(model), x, y)
+    _assert_same_step(_train_step(copy.deepcopy(model), x, y), ref, 'checkpointed')
+
+
+def test_single_process_ddp_matches_the_plain_step(tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)
+    model = msconv.create_model('test_scsc_swin', num_classes=10, drop_path_rate=0.0).train()
+    randomize_bn(model)
+    x, y = torch.randn(2, 3, 64, 64), torch.tensor([1, 7])
+    with forms.reference_forms():
+        ref = _train_step(copy.deepcopy(model), x, y)
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path}/rdzv', rank=0, world_size=1)
+    try:
+        wrapped = DDP(copy.deepcopy(model))
+        out = wrapped(x)
+        F.cross_entropy(out, y).backward()
+        m = wrapped.module
+        got = (
+            out.detach(),
+            {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None},
+            {n: b.clone() for n, b in m.named_buffers() if b.is_floating_point()},
+        )
+    finally:
+        dist.destroy_process_group()
+    _assert_same_step(got, ref, 'ddp')
+
+
+def test_fx_capture_in_training_runs_the_plain_form():
+    torch.manual_seed(0)
+    model = msconv.create_model('test_scsc_resnet', num_classes=10, drop_path_rate=0.0).train()
+    randomize_bn(model)
+    x = torch.randn(2, 3, 64, 64)
+    traced = torch.fx.symbolic_trace(copy.deepcopy(model))
+    assert '_LeanCrossScale' not in traced.code
+    out = traced(x)
+    assert not {'_LeanCrossScaleBackward'} & _graph_names(out)
+    with forms.reference_forms():
+        ref = copy.deepcopy(model)(x)
+    assert max_abs(out, ref) <= 1e-5 * max(1.0, ref.abs().max().item())
