@@ -200,6 +200,11 @@ def _examples():
     sw_block = ShiftWiseBlock(16, 7)
     sw_gate = torch.rand(2, 16, 1, 1, generator=g)
     sw_map = torch.randn(2, 16, 6, 5, generator=g).contiguous(memory_format=torch.channels_last)
+    from msconv.dense.poolers import AlignedRoIAlign
+
+    roi_pool = AlignedRoIAlign(['0', '1'], output_size=7)
+    pyramid = {str(i): torch.randn(1, 8, 16 >> i, 12 >> i, generator=g) for i in range(2)}
+    roi_boxes = [torch.tensor([[1.0, 2.0, 30.0, 40.0], [0.0, 0.0, 60.0, 45.0], [5.0, 5.0, 6.0, 9.0]])]
     return {
         'linear': (lambda: fast_ops.linear(tokens, w, b), tokens),
         'linear_gelu': (lambda: fast_ops.linear_gelu(tokens, w, b), tokens),
@@ -219,6 +224,7 @@ def _examples():
             lambda: lean_mlp_train(sw_map, sw_gate, sw_block.fc1, sw_block.grn, sw_block.fc2),
             sw_map,
         ),
+        'roi_align': (lambda: roi_pool(pyramid, roi_boxes, [(64, 48)]), pyramid['0']),
     }
 
 

@@ -222,6 +222,16 @@ FORM_KINDS: Dict[str, FormKind] = {
             'autocast training step)',
             device='cpu',
         ),
+        FormKind(
+            'roi_gemm',
+            "RoIAlign as one sparse (CSR) matrix of bilinear sampling weights per sampling-grid size times the feature "
+            "map read channels-last (``msconv.dense.poolers.roi_align_gemm``); torchvision's CPU kernel walks each "
+            'channel plane and copies a channels-last map to NCHW first',
+            autograd=False,
+            autocast=False,
+            device='cpu',
+            dtypes=_FP32,
+        ),
     )
 }
 FORMS = tuple(FORM_KINDS)
@@ -363,6 +373,13 @@ TUNED: Dict[str, TunedOp] = {
             where="the SE product, MLP and GRN of a ShiftWise block in its training form (kind lean_fp32): fc2 and the "
             "GRN's backward sums as batch GEMMs and passes over the hidden maps, or as per-image GEMMs",
             training=True,
+        ),
+        TunedOp(
+            'roi_align',
+            {'kernel': (), 'sparse_gemm': ('roi_gemm',)},
+            key="channels, the map's layout and area, output size, sampling ratio, RoIs (areas and counts in powers "
+            'of two)',
+            where="the R-CNNs' RoI feature extraction (``msconv.dense.poolers.AlignedRoIAlign``), each FPN level",
         ),
     )
 }
