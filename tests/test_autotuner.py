@@ -278,3 +278,24 @@ def test_autotune_off_runs_the_plain_forms_bit_for_bit(clean_tuner, monkeypatch)
     with torch.no_grad():
         out = model(x)
     assert torch.equal(out, ref) and not forms.autotune_choices()
+
+
+def test_restored_choices_are_reused_without_measuring(fresh_tuner, monkeypatch):
+    """What one process chose (saved with a checkpoint) is taken by another: the same key runs the recorded form
+    without a measurement, so a resumed run runs the forms of the run it continues. Entries of unknown operations
+    or candidates (another msconv version) are skipped."""
+    calls: dict = {}
+    x = torch.zeros(2, 3)
+    cands = {'plain': _counting(calls, 'plain'), 'fast': _counting(calls, 'fast')}
+    with torch.no_grad():
+        forms.tuned('op', x, cands)
+    saved = forms.autotune_choices()
+    ((key, choice),) = saved.items()
+    monkeypatch.setattr(forms, '_CHOICES', {})  # a new process
+    stale = {'no_such_op|(1,)|c': 'plain', key.replace('op|', 'op|', 1) + '|x': 'gone'}
+    assert forms.restore_autotune_choices({**saved, **stale}) == 1
+    assert forms.autotune_choices() == saved
+    calls.clear()
+    with torch.no_grad():
+        forms.tuned('op', x, cands)
+    assert calls == {choice: 1}  # run once, not timed

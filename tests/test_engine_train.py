@@ -14,10 +14,12 @@ import torch
 
 import msconv
 from msconv.engine import NonFiniteLossError, train
+from msconv.engine import trainer as trainer_module
 from msconv.engine.checkpoint import CheckpointError, latest_good_checkpoint, list_checkpoints, load_checkpoint
 from msconv.engine.config import resolve_config
 from msconv.engine.distributed import DistInfo
 from msconv.engine.trainer import _Trainer
+from msconv.layers import forms
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -103,7 +105,13 @@ def test_train_writes_records_checkpoints_and_curves(tmp_path, folder):
     assert [p.name for p in list_checkpoints(run)] == ['step-00000004', 'step-00000006']  # last K kept
     weights, state, meta = load_checkpoint(run / 'checkpoints' / 'step-00000006')
     assert set(weights) == {'model', 'ema'} and meta['step'] == 6 and state['step'] == 6
-    assert set(state) >= {'optimizer', 'scheduler', 'scaler', 'rng'}
+    assert set(state) >= {'optimizer', 'scheduler', 'scaler', 'rng', 'autotune'}
+    # the autotuner's choices travel with the checkpoint (a resumed run runs the same forms): known operations only
+    assert isinstance(state['autotune'], dict)
+    assert all(
+        k.split('|', 1)[0] in forms.TUNED and v in forms.TUNED[k.split('|', 1)[0]].candidates
+        for k, v in state['autotune'].items()
+    )
     # the weights load into a fresh model by name
     model = msconv.create_model(
         'test_smt', num_classes=3, checkpoint_path=run / 'checkpoints' / 'step-00000006' / 'model.safetensors'
@@ -260,7 +268,7 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, folder):
     assert steps == sorted(set(steps))
 
 
-def test_corrupt_checkpoint_is_named_and_resume_falls_back(tmp_path, folder):
+def test_corrupt_checkpoint_is_named_and_resume_falls_back(tmp_path, folder, monkeypatch):
     TINY_F = dict(TINY, data=str(folder))
     train(dict(TINY_F, output=str(tmp_path), name='c', max_steps=4, ckpt_every=2, keep_last=3))
     run = tmp_path / 'c'
@@ -280,10 +288,14 @@ def test_corrupt_checkpoint_is_named_and_resume_falls_back(tmp_path, folder):
     train(dict(TINY_F, output=str(tmp_path), name='d', max_steps=6, ckpt_every=2, keep_last=3))
     bad = tmp_path / 'd' / 'checkpoints' / 'step-00000006' / 'state.pt'
     bad.write_bytes(bad.read_bytes()[:100])
+    restored = []
+    monkeypatch.setattr(trainer_module, 'restore_autotune_choices', restored.append)
     res = train(
         dict(TINY_F, output=str(tmp_path), name='d', max_steps=6, ckpt_every=2, keep_last=3, resume=str(bad.parent))
     )
     assert res['steps'] == 6 and res['status'] == 'finished'
+    # the resumed run took the autotuner's choices saved with the checkpoint it resumed from
+    assert restored == [load_checkpoint(tmp_path / 'd' / 'checkpoints' / 'step-00000004')[1]['autotune']]
 
 
 def test_accumulation_amp_channels_last(tmp_path, folder):

@@ -38,6 +38,7 @@ from timm.utils import ModelEmaV3
 from .._extras import require
 from ..data.loader import build_loader
 from ..data.skips import skipped_files
+from ..layers.forms import autotune_choices, restore_autotune_choices
 from ..tools.tensorboard_log import TensorBoardWriter
 from .build import data_config
 from .checkpoint import (
@@ -402,6 +403,8 @@ class _Trainer:
             'rng': get_rng_state(),
             'step': step,
             'epoch': epoch,
+            # the forms the autotuner chose so far: a resumed run runs the same ones (bit-identical continuation)
+            'autotune': autotune_choices(),
         }
         if self.sparsity is not None:
             state['sparsity'] = self.sparsity.state_dict()
@@ -620,6 +623,7 @@ class _Trainer:
         if self.sparsity is not None and 'sparsity' in state:
             self.sparsity.load_state_dict(state['sparsity'])
         set_rng_state(state['rng'])
+        restore_autotune_choices(state.get('autotune') or {})
         step = int(state['step'])
         if meta.get('steps_per_epoch') not in (None, self.steps_per_epoch):
             raise ValueError(

@@ -50,7 +50,7 @@ import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Optional, Tuple
+from typing import Callable, Dict, Iterator, Mapping, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -74,6 +74,7 @@ __all__ = [
     'structure_signature',
     'forced_choices',
     'autotune_choices',
+    'restore_autotune_choices',
     'autotune_enabled',
     'can_measure',
 ]
@@ -562,6 +563,21 @@ def autotune_choices() -> Dict[str, str]:
     """What the autotuner chose in this process: ``'op|shape|layout|dtype|device|threads|extra[|structure]
     [|of:candidates]' -> candidate``."""
     return dict(_CHOICES)
+
+
+def restore_autotune_choices(choices: Mapping[str, str]) -> int:
+    """Take ``choices`` (what :func:`autotune_choices` returned in another process, e.g. saved with a checkpoint) as
+    this process's own: a key seen again reuses its recorded form instead of measuring, so a resumed training run
+    runs the same forms as the run it continues and stays bit-identical to it (forms are exact, not bitwise equal).
+    Entries naming an unknown operation or candidate are skipped (another msconv version); returns how many were
+    taken."""
+    taken = 0
+    for key, choice in choices.items():
+        spec = TUNED.get(str(key).split('|', 1)[0])
+        if spec is not None and choice in spec.candidates:
+            _CHOICES[str(key)] = str(choice)
+            taken += 1
+    return taken
 
 
 def _machine() -> str:
