@@ -192,6 +192,8 @@ def _examples():
     cl = torch.empty(2, 8, 4, 4).contiguous(memory_format=torch.channels_last)
     scsc = msconv.layers.SpatialCrossScaleConv(24, (3, 5, 7), groups=2)
     feats, gate = torch.randn(2, 24, 5, 6, generator=g).bfloat16(), torch.rand(2, 6, 5, 6, generator=g).bfloat16()
+    scsc_train = msconv.layers.CrossScaleBottleneck(24, 24, (3, 5, 7), groups=2).train()  # batch statistics
+    smap = torch.randn(2, 24, 9, 9, generator=g)
     return {
         'linear': (lambda: fast_ops.linear(tokens, w, b), tokens),
         'linear_gelu': (lambda: fast_ops.linear_gelu(tokens, w, b), tokens),
@@ -205,6 +207,7 @@ def _examples():
         'inference_model.memory_format': (lambda: fast(images), images),
         # bf16: the fp32 tail rounds once where the plain form rounds after each of its 3 ops (see test_scsc.py)
         'scsc_routing': (lambda: scsc.route_fast(feats, gate), feats, 2.0**-8 * 3),
+        'scsc_train': (lambda: scsc_train._forward_tuned_train(smap), smap),
     }
 
 
