@@ -11,6 +11,7 @@ baseline of its kind measured in the same rounds (RetinaNet vs retinanet_resnet5
 maskrcnn_resnet50_fpn); UperNet has no torchvision counterpart. Peak memory is the tensor memory one step
 allocates above what was live before it. Prints the machine line (CPU, ISA, torch, threads).
 
+``--phases`` adds where each detector's time and MACs go (backbone, FPN, RPN, RoI pooling, heads, the rest).
 ``--sizes`` runs the detectors at other image sizes (``N`` for N x N, ``WxH``; each model is built with that test
 scale, so the image is not resized) and ``--macs`` counts the MACs of each inference call (convolutions, linears and
 attention matmuls, as they run: RoI heads on this call's proposals and detections) and prints the speed per MAC
@@ -28,7 +29,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import CPU_TIME_HELP, clock_for, machine_line  # noqa: E402
 
-from msconv.tools.dense_bench import DENSE_BASELINES, bench_dense, format_dense_bench  # noqa: E402
+from msconv.tools.dense_bench import (  # noqa: E402
+    DENSE_BASELINES,
+    bench_dense,
+    format_dense_bench,
+    format_dense_phases,
+)
 
 
 def _size(text: str):
@@ -51,6 +57,9 @@ def main() -> None:
     parser.add_argument('--sizes', nargs='+', type=_size, default=None, help='detection image sizes: N or WxH')
     parser.add_argument('--macs', action='store_true', help='count MACs and print the speed per MAC')
     parser.add_argument('--cpu-time', action='store_true', help=CPU_TIME_HELP)
+    parser.add_argument(
+        '--phases', action='store_true', help='also time and count each part of the detectors (backbone, FPN, ...)'
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     backbones = ['test_smt'] if args.small else args.backbones
@@ -73,8 +82,11 @@ def main() -> None:
             num_bench_iter=args.iters,
             macs=args.macs,
             clock=clock_for(args.cpu_time),
+            phases=args.phases,
         )
         print(format_dense_bench(rows), flush=True)
+        if args.phases:
+            print(format_dense_phases(rows), flush=True)
 
 
 def _wants(baseline: str, arch: str) -> bool:

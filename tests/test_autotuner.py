@@ -192,6 +192,19 @@ def _examples():
     cl = torch.empty(2, 8, 4, 4).contiguous(memory_format=torch.channels_last)
     scsc = msconv.layers.SpatialCrossScaleConv(24, (3, 5, 7), groups=2)
     feats, gate = torch.randn(2, 24, 5, 6, generator=g).bfloat16(), torch.rand(2, 6, 5, 6, generator=g).bfloat16()
+    from msconv.layers.shiftwise import _depthwise_grad_input, _depthwise_grad_weight
+
+    strip, gz = torch.randn(8, 1, 3, 7, generator=g), torch.randn(2, 8, 9, 9, generator=g)
+    from msconv.models.shiftwise_net import ShiftWiseBlock, lean_mlp_train
+
+    sw_block = ShiftWiseBlock(16, 7)
+    sw_gate = torch.rand(2, 16, 1, 1, generator=g)
+    sw_map = torch.randn(2, 16, 6, 5, generator=g).contiguous(memory_format=torch.channels_last)
+    from msconv.dense.poolers import AlignedRoIAlign
+
+    roi_pool = AlignedRoIAlign(['0', '1'], output_size=7)
+    pyramid = {str(i): torch.randn(1, 8, 16 >> i, 12 >> i, generator=g) for i in range(2)}
+    roi_boxes = [torch.tensor([[1.0, 2.0, 30.0, 40.0], [0.0, 0.0, 60.0, 45.0], [5.0, 5.0, 6.0, 9.0]])]
     scsc_train = msconv.layers.CrossScaleBottleneck(24, 24, (3, 5, 7), groups=2).train()  # batch statistics
     smap = torch.randn(2, 24, 9, 9, generator=g)
     return {
@@ -207,6 +220,13 @@ def _examples():
         'inference_model.memory_format': (lambda: fast(images), images),
         # bf16: the fp32 tail rounds once where the plain form rounds after each of its 3 ops (see test_scsc.py)
         'scsc_routing': (lambda: scsc.route_fast(feats, gate), feats, 2.0**-8 * 3),
+        'depthwise_grad_input': (lambda: _depthwise_grad_input(gz, fmap, strip, (1, 3)), gz),
+        'depthwise_grad_weight': (lambda: _depthwise_grad_weight(gz, fmap, strip, (1, 3)), gz),
+        'shiftwise_mlp_train': (
+            lambda: lean_mlp_train(sw_map, sw_gate, sw_block.fc1, sw_block.grn, sw_block.fc2),
+            sw_map,
+        ),
+        'roi_align': (lambda: roi_pool(pyramid, roi_boxes, [(64, 48)]), pyramid['0']),
         'scsc_train': (lambda: scsc_train._forward_tuned_train(smap), smap),
     }
 

@@ -41,7 +41,6 @@ only the plain forms.
 """
 
 import copy
-import functools
 import hashlib
 import json
 import os
@@ -50,7 +49,7 @@ import sys
 import time
 import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterator, Optional, Tuple
 
@@ -210,6 +209,30 @@ FORM_KINDS: Dict[str, FormKind] = {
             device='cpu',
             dtypes=_FP32,
         ),
+        FormKind(
+            'lean_fp32',
+            'a custom autograd function over several ops of a block that saves its inputs and recomputes cheap '
+            "intermediates in backward (ShiftWise's SE product, MLP and GRN), fp32 without autocast",
+            autocast=False,
+            dtypes=_FP32,
+        ),
+        FormKind(
+            'attention_math',
+            'attention as two batched GEMMs and a softmax (autograd through them) instead of '
+            "``scaled_dot_product_attention``'s fused CPU kernel, whose backward is slow in bf16 (SMT's MSA in a bf16 "
+            'autocast training step)',
+            device='cpu',
+        ),
+        FormKind(
+            'roi_gemm',
+            "RoIAlign as one sparse (CSR) matrix of bilinear sampling weights per sampling-grid size times the feature "
+            "map read channels-last (``msconv.dense.poolers.roi_align_gemm``); torchvision's CPU kernel walks each "
+            'channel plane and copies a channels-last map to NCHW first',
+            autograd=False,
+            autocast=False,
+            device='cpu',
+            dtypes=_FP32,
+        ),
     )
 }
 FORMS = tuple(FORM_KINDS)
@@ -242,13 +265,17 @@ class TunedOp:
     def plain(self) -> str:
         return next(iter(self.candidates))
 
-    @functools.cached_property
-    def fast(self) -> Tuple[Tuple[str, Tuple[str, ...], Optional[str]], ...]:
-        """``(name, kinds, layout)`` of every candidate but the plain one (what the gate is asked, per call)."""
-        return tuple(
+    #: ``(name, kinds, layout)`` of every candidate but the plain one (what the gate is asked, per call). Computed
+    #: once at declaration, a plain attribute: ``functools.cached_property`` takes an ``RLock`` on Python < 3.12,
+    #: which ``torch.compile(fullgraph=True)`` cannot trace when a compiled forward is the first to ask.
+    fast: Tuple[Tuple[str, Tuple[str, ...], Optional[str]], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        fast = tuple(
             (name, tuple(n for n in needs if n not in LAYOUTS), next((n for n in needs if n in LAYOUTS), None))
             for name, needs in list(self.candidates.items())[1:]
         )
+        object.__setattr__(self, 'fast', fast)
 
 
 #: Every tuned operation, declared once. ``tuned`` refuses an operation or a candidate that is not here.
@@ -324,6 +351,36 @@ TUNED: Dict[str, TunedOp] = {
             {'contiguous': (), 'channels_last': ()},
             key='architecture, parameter count, precision',
             where='``msconv.inference_model(channels_last="auto")``',
+        ),
+        TunedOp(
+            'depthwise_grad_input',
+            {'backward': (), 'flipped': ()},
+            key='kernel, padding',
+            where="the input gradient of ShiftWise's strip convolutions in the lean training form's backward: the "
+            "convolution's backward, or a forward correlation with the flipped kernel",
+        ),
+        TunedOp(
+            'depthwise_grad_weight',
+            {'backward': (), 'per_image': ('per_image',)},
+            key='kernel, padding',
+            where="the kernel gradient of ShiftWise's strip convolutions in the lean training form's backward: the "
+            "convolution's backward, or per image a depthwise correlation of the padded input with the output "
+            "gradient as its kernel, summed in fp32",
+        ),
+        TunedOp(
+            'shiftwise_mlp_train',
+            {'batched': (), 'per_image': ()},
+            key='in and hidden features, autocast',
+            where="the SE product, MLP and GRN of a ShiftWise block in its training form (kind lean_fp32): fc2 and the "
+            "GRN's backward sums as batch GEMMs and passes over the hidden maps, or as per-image GEMMs",
+            training=True,
+        ),
+        TunedOp(
+            'roi_align',
+            {'kernel': (), 'sparse_gemm': ('roi_gemm',)},
+            key="channels, the map's layout and area, output size, sampling ratio, RoIs (areas and counts in powers "
+            'of two)',
+            where="the R-CNNs' RoI feature extraction (``msconv.dense.poolers.AlignedRoIAlign``), each FPN level",
         ),
         TunedOp(
             'scsc_train',

@@ -33,6 +33,177 @@ def _interleave_rows(t: torch.Tensor, num_heads: int) -> torch.Tensor:
     return t.unflatten(0, (num_heads, -1)).transpose(0, 1).flatten(0, 1)
 
 
+def _per_head_weight_grad(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, kernel_sizes: Tuple[int, ...], interleaved: bool
+) -> torch.Tensor:
+    """The gradient of the merged MHMC kernel (C, 1, K, K), each head's window computed with the head's own kernel
+    size (the padded taps get zeros: they are not parameters)."""
+    C, K, heads = weight.shape[0], weight.shape[-1], len(kernel_sizes)
+    ch = C // heads
+    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    grad_w = weight.new_zeros(weight.shape)
+    for i, k in enumerate(kernel_sizes):
+        rows = slice(i, None, heads) if interleaved else slice(i * ch, (i + 1) * ch)
+        o = (K - k) // 2
+        w_i = weight[rows, :, o : o + k, o : o + k].contiguous()
+        x_i, g_i = x[:, rows].contiguous(memory_format=fmt), grad[:, rows].contiguous(memory_format=fmt)
+        grad_w[rows, :, o : o + k, o : o + k] = torch.ops.aten.convolution_backward(
+            g_i, x_i, w_i, None, (1, 1), (k // 2, k // 2), (1, 1), False, (0, 0), ch, (False, True, False)
+        )[1]
+    return grad_w
+
+
+class _MixedDepthwise(torch.autograd.Function):
+    """The merged MHMC convolution ``F.conv2d(x, weight, bias, padding=K // 2, groups=C)`` (``weight``: every
+    head's kernel zero-padded to the largest size K) whose backward computes each head's weight gradient with the
+    head's own kernel size: the taps outside a head's window hold zeros that are never trained (their gradient is
+    dropped by the padding that built ``weight``), and oneDNN's depthwise weight gradient costs in proportion to the
+    taps (about half the merged kernel's for kernels 3-5-7-9). The input gradient is the merged kernel's (one call,
+    its zero taps add exact zeros). Under autocast it computes in the autocast dtype like ``F.conv2d`` and returns
+    gradients in the inputs' dtypes. Not twice differentiable."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, kernel_sizes: Tuple[int, ...], interleaved: bool):
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        xc, wc = x.to(dtype), weight.to(dtype)
+        bc = bias.to(dtype) if bias is not None else None
+        with torch.autocast(device, enabled=False):
+            out = F.conv2d(xc, wc, bc, padding=weight.shape[-1] // 2, groups=weight.shape[0])
+        ctx.save_for_backward(xc, wc)
+        ctx.kernel_sizes, ctx.interleaved, ctx.has_bias = kernel_sizes, interleaved, bias is not None
+        ctx.dtypes = (x.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        xc, wc = ctx.saved_tensors
+        C, K = wc.shape[0], wc.shape[-1]
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad = grad.to(xc.dtype)
+        fmt = torch.channels_last if xc.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        grad = grad.contiguous(memory_format=fmt)
+        conv_backward = torch.ops.aten.convolution_backward
+        grad_x = grad_w = grad_b = None
+        if need_x:  # input only: asking oneDNN for the bias gradient would compute the merged weight gradient too
+            grad_x = conv_backward(
+                grad, xc, wc, None, (1, 1), (K // 2, K // 2), (1, 1), False, (0, 0), C, (True, False, False)
+            )[0]
+        if need_b and ctx.has_bias:
+            grad_b = grad.sum((0, 2, 3))
+        if need_w:
+            grad_w = _per_head_weight_grad(grad, xc, wc, ctx.kernel_sizes, ctx.interleaved)
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        return (
+            grad_x.to(x_dtype) if grad_x is not None else None,
+            grad_w.to(w_dtype) if grad_w is not None else None,
+            grad_b.to(b_dtype) if grad_b is not None else None,
+            None,
+            None,
+        )
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+class _SamLean(torch.autograd.Function):
+    """The training form of the SAM token mixer on (B, H, W, C) tokens ``t``: ``proj(SAA(MHMC(s(t))) * v(t))`` with
+    SAA's BatchNorm in training mode, that saves for backward ``t``, ``s``, the MHMC output, the BatchNorm input
+    (with its batch statistics), the modulator and ``v``, and recomputes in backward what the plain form keeps besides
+    (the BatchNorm output, the GELU output and the product fed to ``proj``): three elementwise passes instead of five
+    tensors held from forward to backward. SAA's dense 1x1 conv runs as a GEMM on the tokens (a contiguous
+    channels-last tensor is its token matrix), MHMC's weight gradient per head (``_per_head_weight_grad``). The
+    BatchNorm running statistics are updated as ``nn.BatchNorm2d`` does when ``running`` is given. Under autocast it
+    computes in the autocast dtype like the plain form (the BatchNorm's affine and statistics in fp32) and returns
+    gradients in the inputs' dtypes. Not twice differentiable."""
+
+    @staticmethod
+    def forward(ctx, meta, t, wv, bv, ws, bs, wm, bm, w0, b0, gamma, beta, w1, b1, wp, bp):
+        kernel_sizes, groups, eps, factor, running_mean, running_var = meta
+        dtype = _autocast_dtype(t)
+        args = (t, wv, bv, ws, bs, wm, bm, w0, b0, gamma, beta, w1, b1, wp, bp)
+        ctx.dtypes = tuple(a.dtype if a is not None else None for a in args)
+        cast = [a.to(dtype) if a is not None and i not in (9, 10) else a for i, a in enumerate(args)]
+        t, wv, bv, ws, bs, wm, bm, w0, b0, gamma, beta, w1, b1, wp, bp = cast
+        C, K = wm.shape[0], wm.shape[-1]
+        with torch.autocast(t.device.type, enabled=False):
+            v = F.linear(t, wv, bv)
+            s = F.linear(t, ws, bs).permute(0, 3, 1, 2)  # (B, C, H, W) channels-last view, interleaved channels
+            d = F.conv2d(s, wm, bm, padding=K // 2, groups=C)
+            z = F.conv2d(d, w0, b0, groups=groups)
+            y, mean, invstd = torch.native_batch_norm(
+                z, gamma, beta, running_mean, running_var, True, factor if factor is not None else 0.0, eps
+            )
+            m = F.linear(torch.ops.aten.gelu_(y).permute(0, 2, 3, 1), w1.flatten(1), b1)  # y is not saved
+            out = F.linear(m * v, wp, bp)
+        ctx.save_for_backward(t, wv, ws, s, wm, d, w0, z, gamma, beta, mean, invstd, w1, m, v, wp)
+        ctx.meta = (kernel_sizes, groups, eps, running_mean, running_var)
+        ctx.has_bias = tuple(b is not None for b in (bv, bs, bm, b0, b1, bp))
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        t, wv, ws, s, wm, d, w0, z, gamma, beta, mean, invstd, w1, m, v, wp = ctx.saved_tensors
+        kernel_sizes, groups, eps, running_mean, running_var = ctx.meta
+        has_bv, has_bs, has_bm, has_b0, has_b1, has_bp = ctx.has_bias
+        need = ctx.needs_input_grad[1:]
+        C, K = wm.shape[0], wm.shape[-1]
+        grad = grad.to(t.dtype).contiguous()
+        flat = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731
+        g = [None] * 15
+        g2 = flat(grad)
+        if need[13]:
+            g[13] = g2.t().mm(flat(m * v))
+        if need[14] and has_bp:
+            g[14] = g2.sum(0)
+        gp = grad.matmul(wp)
+        gm, gv = gp * v, gp.mul_(m)  # gp is not needed after these
+        if need[1]:
+            g[1] = flat(gv).t().mm(flat(t))
+        if need[2] and has_bv:
+            g[2] = flat(gv).sum(0)
+        gt = gv.matmul(wv) if need[0] else None
+        # SAA backward: proj1 as a GEMM on tokens, GELU, BatchNorm, the grouped 1x1 conv
+        scale = gamma.float() * invstd  # y = z * scale + shift, as the CPU BatchNorm computes it
+        shift = beta.float() - mean * scale
+        y = torch.addcmul(shift.view(1, -1, 1, 1), z, scale.view(1, -1, 1, 1)).to(z.dtype)
+        ga = gm.matmul(w1.flatten(1)).permute(0, 3, 1, 2)
+        gy = torch.ops.aten.gelu_backward.grad_input(ga, y, grad_input=ga)  # in place: ga is not needed after
+        if need[11]:  # y is not needed after: the GELU output in place
+            g[11] = flat(gm).t().mm(flat(torch.ops.aten.gelu_(y).permute(0, 2, 3, 1))).view(w1.shape)
+        if need[12] and has_b1:
+            g[12] = flat(gm).sum(0)
+        gz, g[9], g[10] = torch.ops.aten.native_batch_norm_backward(
+            gy, z, gamma, running_mean, running_var, mean, invstd, True, eps, [True, need[9], need[10]]
+        )
+        gd, g[7], g[8] = torch.ops.aten.convolution_backward(
+            gz, d, w0, [w0.shape[0]] if has_b0 else None, (1, 1), (0, 0), (1, 1), False, (0, 0), groups,
+            (True, need[7], need[8] and has_b0),
+        )  # fmt: skip
+        # MHMC: the input gradient with the merged kernel, the weight gradient head by head
+        gd = gd.contiguous(memory_format=torch.channels_last)
+        gs = torch.ops.aten.convolution_backward(
+            gd, s, wm, None, (1, 1), (K // 2, K // 2), (1, 1), False, (0, 0), C, (True, False, False)
+        )[0]
+        if need[5]:
+            g[5] = _per_head_weight_grad(gd, s, wm, kernel_sizes, interleaved=True)
+        if need[6] and has_bm:
+            g[6] = gd.sum((0, 2, 3))
+        gs = gs.permute(0, 2, 3, 1)
+        if need[3]:
+            g[3] = flat(gs).t().mm(flat(t))
+        if need[4] and has_bs:
+            g[4] = flat(gs).sum(0)
+        if need[0]:
+            gt = gt.add_(gs.matmul(ws)) if gt is not None else gs.matmul(ws)
+            g[0] = gt
+        return (None, *(a.to(dt) if a is not None else None for a, dt in zip(g, ctx.dtypes)))
+
+
 class MultiHeadMixedConv(nn.Module):
     """MHMC: ``num_heads`` depthwise convolutions of growing kernel size (3, 5, 7, 9 for four heads).
 
@@ -81,6 +252,8 @@ class MultiHeadMixedConv(nn.Module):
         """The merged depthwise convolution: Triton's mixed-kernel-size kernel (each head visits only its own
         taps, one launch) where ``use_fast_form('triton')`` allows it, else ``F.conv2d`` with the zero-padded
         kernel."""
+        if not self.deployed and torch.is_grad_enabled() and use_fast_form('lean', x):  # padded taps: not parameters
+            return _MixedDepthwise.apply(x, weight, bias, self.kernel_sizes, interleaved)
         if use_fast_form('triton', x):
             return depthwise_conv2d(
                 x,
@@ -245,7 +418,55 @@ class ScaleAwareModulation(nn.Module):
         return self.forward_reference_nhwc(x)
 
     @torch.jit.unused
+    def _lean_ok(self) -> bool:
+        bn = self.saa.bn
+        return (
+            not self.deployed
+            and (self.proj_drop.p == 0.0 or not self.training)
+            and type(bn) is nn.BatchNorm2d
+            and bn.training
+            and bn.affine
+            and type(self.saa.act) is nn.GELU
+            and self.saa.act.approximate == 'none'
+        )
+
+    @torch.jit.unused
+    def _bn_state(self) -> Tuple[Optional[float], Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """``(factor, running_mean, running_var)`` for SAA's training-mode BatchNorm, as ``nn.BatchNorm2d.forward``
+        (``num_batches_tracked`` counted)."""
+        bn = self.saa.bn
+        if not bn.track_running_stats or bn.running_mean is None:
+            return None, None, None
+        if bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        return factor, bn.running_mean, bn.running_var
+
+    @torch.jit.unused
+    def _forward_train(self, x: torch.Tensor) -> torch.Tensor:
+        """The training step's token mixer as the lean autograd function (:class:`_SamLean`): the plain form's
+        values, gradients and BatchNorm statistics, a third less saved for backward at the same speed."""
+        h, saa = self.num_heads, self.saa
+        wm, bm = self.mhmc.merged_kernel(interleaved=True)
+        # the BatchNorm's holder (and the layer) run their forward pre-hooks as if called: gradient checkpointing's
+        # keep-the-statistics-once hook (``msconv.engine.tasks.keep_batchnorm_statistics_once``) needs them
+        for module in (saa, saa.bn):
+            for hook in module._forward_pre_hooks.values():
+                hook(module, (x,))
+        factor, running_mean, running_var = self._bn_state()
+        meta = (self.mhmc.kernel_sizes, saa.proj0.groups, saa.bn.eps, factor, running_mean, running_var)
+        out = _SamLean.apply(
+            meta, x, self.v.weight, self.v.bias,
+            _interleave_rows(self.s.weight, h), _interleave_rows(self.s.bias, h) if self.s.bias is not None else None,
+            wm, bm, saa.proj0.weight, saa.proj0.bias, saa.bn.weight, saa.bn.bias, saa.proj1.weight, saa.proj1.bias,
+            self.proj.weight, self.proj.bias,
+        )  # fmt: skip
+        return self.proj_drop(out)
+
+    @torch.jit.unused
     def _forward_folded_nhwc(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and use_fast_form('lean', x) and self._lean_ok():
+            return self._forward_train(x)
         m = self.modulator(x)  # a fresh tensor: in inference it can take the product in place
         return self.proj_drop(self.proj(m.mul_(self.v(x)) if use_fast_form('inplace', x) else m * self.v(x)))
 

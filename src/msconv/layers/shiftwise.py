@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from ..kernels import depthwise_conv2d as _fast_depthwise
 from ._fold import channels_last_only
-from .forms import is_capturing, use_fast_form
+from .forms import is_capturing, tuned, use_fast_form
 
 __all__ = ['ShiftWiseConv2d', 'shiftwise_indices', 'shiftwise_geometry']
 
@@ -169,66 +169,116 @@ def _bn_affine(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor) -> Tup
     return scale, shift
 
 
+def _depthwise_grad_input(gz: torch.Tensor, x: torch.Tensor, k: torch.Tensor, pad: Tuple[int, int]) -> torch.Tensor:
+    """Input gradient of the stride-1 depthwise correlation ``conv2d(x, k, padding=pad, groups=C)`` for the output
+    gradient ``gz`` (autograd off): the convolution's backward, or the forward correlation of ``gz`` with the
+    flipped kernel (the same sums; oneDNN's forward depthwise kernels are faster for long strips), whichever
+    :func:`~msconv.layers.forms.tuned` measures faster for this shape."""
+    groups = x.shape[1]
+    flip_pad = (k.shape[2] - 1 - pad[0], k.shape[3] - 1 - pad[1])
+
+    def backward() -> torch.Tensor:
+        return torch.ops.aten.convolution_backward(
+            gz, x, k, None, [1, 1], list(pad), [1, 1], False, [0, 0], groups, [True, False, False]
+        )[0]
+
+    if min(flip_pad) < 0:
+        return backward()
+    return tuned(
+        'depthwise_grad_input',
+        gz,
+        {'backward': backward, 'flipped': lambda: F.conv2d(gz, k.flip(2, 3), padding=flip_pad, groups=groups)},
+        extra=f'{tuple(k.shape[2:])}/p{tuple(pad)}',
+    )
+
+
+def _depthwise_grad_weight(gz: torch.Tensor, x: torch.Tensor, k: torch.Tensor, pad: Tuple[int, int]) -> torch.Tensor:
+    """Kernel gradient of the stride-1 depthwise correlation ``conv2d(x, k, padding=pad, groups=C)`` (autograd off):
+    the convolution's backward (oneDNN's backward-weights runs long strips 10x-15x slower than its forward on CPU),
+    or image by image the depthwise correlation of the padded input with the output gradient as its kernel, summed
+    in fp32, whichever :func:`~msconv.layers.forms.tuned` measures faster for this shape."""
+    groups = x.shape[1]
+
+    def backward() -> torch.Tensor:
+        return torch.ops.aten.convolution_backward(
+            gz, x, k, None, [1, 1], list(pad), [1, 1], False, [0, 0], groups, [False, True, False]
+        )[1]
+
+    def per_image() -> torch.Tensor:
+        xp = F.pad(x, (pad[1], pad[1], pad[0], pad[0]))
+        out = torch.zeros(1, groups, k.shape[2], k.shape[3], dtype=torch.float32, device=x.device)
+        for xi, gi in zip(xp.split(1), gz.split(1)):
+            out += F.conv2d(xi, gi.transpose(0, 1), groups=groups)
+        return out.view_as(k).to(k.dtype)
+
+    return tuned(
+        'depthwise_grad_weight',
+        gz,
+        {'backward': backward, 'per_image': per_image},
+        extra=f'{tuple(k.shape[2:])}/p{tuple(pad)}',
+    )
+
+
 class _LeanShiftWiseTrain(torch.autograd.Function):
     """Training form: three strip correlations, batch-statistics BN, sum and identity, in one autograd node.
 
     Saves only the rep input, the three (tiny) kernels and the per-channel statistics; backward recomputes the
-    strip responses. Returns ``(y, batch_mean (3, R), batch_var_biased (3, R))``; the statistics are for the
-    caller's running-stat update and carry no gradient.
+    strip responses and their kernels' gradients through the tuned ``depthwise_grad_input`` and
+    ``depthwise_grad_weight`` operations. ``running`` holds each BN's ``(running_mean, running_var, factor)``
+    (``None`` buffers when it tracks none): updated in place as the modules' own forward would.
     """
 
     @staticmethod
-    def forward(ctx, xr, kh, kv, ks, gammas, betas, pads, eps: float):
+    def forward(ctx, xr, kh, kv, ks, gammas, betas, pads, eps: float, running):
         groups = xr.shape[1]
-        y = xr.clone()
-        means, variances, invstds = [], [], []
+        y: Optional[torch.Tensor] = None
+        means, invstds = [], []
         for i, (k, pad) in enumerate(zip((kh, kv, ks), pads)):
             z = F.conv2d(xr, k, padding=pad, groups=groups)
-            var, mean = torch.var_mean(z.float(), dim=(0, 2, 3), unbiased=False)
-            invstd = torch.rsqrt(var + eps)
-            scale = gammas[i] * invstd
-            shift = betas[i] - mean * scale
-            y.add_(z * scale.to(z.dtype).view(1, -1, 1, 1) + shift.to(z.dtype).view(1, -1, 1, 1))
+            # the BatchNorm's own kernel: batch statistics in one vectorised pass (var_mean over (0, 2, 3) of a
+            # channels-last map is ~9x slower), its output, and the running statistics updated as the module does
+            running_mean, running_var, factor = running[i]
+            out, mean, invstd = torch.native_batch_norm(
+                z.float(), gammas[i], betas[i], running_mean, running_var, True, factor, eps
+            )
+            out = out.to(xr.dtype)
+            y = torch.add(xr, out) if y is None else y.add_(out)
             means.append(mean)
-            variances.append(var)
             invstds.append(invstd)
-        mean_t, var_t, invstd_t = torch.stack(means), torch.stack(variances), torch.stack(invstds)
+        mean_t, invstd_t = torch.stack(means), torch.stack(invstds)
         ctx.save_for_backward(xr, kh, kv, ks, gammas, mean_t, invstd_t)
-        ctx.pads = pads
-        ctx.mark_non_differentiable(mean_t, var_t)
-        return y, mean_t, var_t
+        ctx.pads, ctx.eps = pads, eps
+        return y
 
     @staticmethod
-    def backward(ctx, gy, _gmean, _gvar):
+    def backward(ctx, gy):
         xr, kh, kv, ks, gammas, mean_t, invstd_t = ctx.saved_tensors
         groups = xr.shape[1]
-        n = xr.shape[0] * xr.shape[2] * xr.shape[3]
         need_x, need_k = ctx.needs_input_grad[0], any(ctx.needs_input_grad[1:4])
-        gx = gy.clone() if need_x else None
+        gx: Optional[torch.Tensor] = None
         gks: List[Optional[torch.Tensor]] = [None, None, None]
         ggamma = torch.zeros_like(gammas)
         gbeta = torch.zeros_like(gammas)
-        gy32 = gy.float()
-        sum_g = gy32.sum(dim=(0, 2, 3))
+        # gy is a channel slice of the block's gradient: in z's layout, BN's backward kernel is several times faster
+        layout = torch.channels_last if channels_last_only(xr) else torch.contiguous_format
+        gy32 = gy.float().contiguous(memory_format=layout)
         for i, (k, pad) in enumerate(zip((kh, kv, ks), ctx.pads)):
-            with torch.no_grad():
-                z = F.conv2d(xr, k, padding=pad, groups=groups)
-            xhat = (z.float() - mean_t[i].view(1, -1, 1, 1)) * invstd_t[i].view(1, -1, 1, 1)
-            sum_gx = (gy32 * xhat).sum(dim=(0, 2, 3))
-            ggamma[i] = sum_gx
-            gbeta[i] = sum_g
+            z = F.conv2d(xr, k, padding=pad, groups=groups).float()
+            # the BatchNorm's own backward kernel (its per-channel sums accumulate in double, as the plain form's)
+            gz, ggamma[i], gbeta[i] = torch.ops.aten.native_batch_norm_backward(
+                gy32, z, gammas[i], None, None, mean_t[i], invstd_t[i], True, ctx.eps, [need_x or need_k, True, True]
+            )
             if not (need_x or need_k):
                 continue
-            scale = (gammas[i] * invstd_t[i]).view(1, -1, 1, 1)
-            gz = scale * (gy32 - (sum_g / n).view(1, -1, 1, 1) - xhat * (sum_gx / n).view(1, -1, 1, 1))
             gz = gz.to(xr.dtype)
-            gxi, gki, _ = torch.ops.aten.convolution_backward(
-                gz, xr, k, None, [1, 1], list(pad), [1, 1], False, [0, 0], groups, [need_x, need_k, False]
-            )
             if need_x:
-                gx = gx + gxi
-            gks[i] = gki
-        return gx, gks[0], gks[1], gks[2], ggamma, gbeta, None, None
+                gxi = _depthwise_grad_input(gz, xr, k, pad)
+                gx = gxi if gx is None else gx.add_(gxi)
+            if need_k:
+                gks[i] = _depthwise_grad_weight(gz, xr, k, pad)
+        if need_x:
+            gx = gy.clone() if gx is None else gx.add_(gy32.to(gx.dtype))
+        return gx, gks[0], gks[1], gks[2], ggamma, gbeta, None, None, None
 
 
 class ShiftWiseConv2d(nn.Module):
@@ -497,16 +547,14 @@ class ShiftWiseConv2d(nn.Module):
         ones = torch.ones(self.rep_channels, device=x.device, dtype=torch.float32)
         gammas = torch.stack([bn.weight.float() if bn.weight is not None else ones for bn in bns])
         betas = torch.stack([bn.bias.float() if bn.bias is not None else ones * 0 for bn in bns])
-        y, mean, var = _LeanShiftWiseTrain.apply(xr, kh, kv, ks, gammas, betas, self._pads(), self.bn_h.eps)
-        n = xr.shape[0] * xr.shape[2] * xr.shape[3]
-        with torch.no_grad():
-            for i, bn in enumerate(bns):
-                if bn.track_running_stats and bn.running_mean is not None:
-                    bn.num_batches_tracked.add_(1)
-                    factor = (1.0 / bn.num_batches_tracked.item()) if bn.momentum is None else bn.momentum
-                    bn.running_mean.lerp_(mean[i].to(bn.running_mean.dtype), factor)
-                    unbiased = var[i] * (n / max(n - 1, 1))
-                    bn.running_var.lerp_(unbiased.to(bn.running_var.dtype), factor)
+        running = []
+        for bn in bns:
+            factor = 0.0 if bn.momentum is None else bn.momentum
+            if bn.track_running_stats and bn.num_batches_tracked is not None:
+                bn.num_batches_tracked.add_(1)
+                factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+            running.append((bn.running_mean, bn.running_var, factor))
+        y = _LeanShiftWiseTrain.apply(xr, kh, kv, ks, gammas, betas, self._pads(), self.bn_h.eps, tuple(running))
         return self._to_output_order(_cat_channels(y, _take_channels(x, self.ghost_index).to(y.dtype)))
 
     def _forward_folded(self, x: torch.Tensor) -> torch.Tensor:

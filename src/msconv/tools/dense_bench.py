@@ -17,6 +17,11 @@ in the same run.
   with the plain forms, as ``msconv profile`` counts: convolutions, linears and attention matmuls, fused attention
   included; the RoI heads on the proposals and detections this call has), and the speed per MAC against the
   baseline: (MACs / s) / (baseline MACs / baseline s), > 1: more MACs per second than the baseline.
+* Phases (``phases=True``, detectors): where one inference call's time and MACs go, per part of the system
+  (:data:`DENSE_PHASES`: backbone, FPN, RPN, RoI pooling, box and mask heads, RetinaNet's head and anchors; what
+  is left, the resize, proposal filtering, NMS, box decoding and mask pasting, is ``rest``), timed by hooks on those
+  modules over ``num_bench_iter`` further calls (median per phase) and counted as ``macs`` counts. Every subject's
+  random weights are drawn from seed 0, so its detections (and the RoI heads' MACs) are the same in every run.
 """
 
 from __future__ import annotations
@@ -31,11 +36,30 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .bench import _peak_step_memory, _sync
 
-__all__ = ['bench_dense', 'format_dense_bench', 'DENSE_BASELINES', 'DENSE_INPUT_SIZES']
+__all__ = [
+    'bench_dense',
+    'format_dense_bench',
+    'format_dense_phases',
+    'DENSE_BASELINES',
+    'DENSE_INPUT_SIZES',
+    'DENSE_PHASES',
+]
 
 DENSE_BASELINES = ('tv:maskrcnn_resnet50_fpn', 'tv:retinanet_resnet50_fpn')
 DENSE_INPUT_SIZES = {'detection': (800, 1280), 'segmentation': (512, 2048)}  # (H, W)
 _TV = ('maskrcnn_resnet50_fpn', 'retinanet_resnet50_fpn', 'fasterrcnn_resnet50_fpn')
+#: The parts of a detector ``phases=True`` times: phase name -> submodules (msconv's and torchvision's names).
+DENSE_PHASES = {
+    'backbone': ('backbone.backbone', 'backbone.body'),
+    'fpn': ('backbone.fpn',),
+    'rpn': ('rpn',),
+    'box pool': ('roi_heads.box_roi_pool',),
+    'box head': ('roi_heads.box_head', 'roi_heads.box_predictor'),
+    'mask pool': ('roi_heads.mask_roi_pool',),
+    'mask head': ('roi_heads.mask_head', 'roi_heads.mask_predictor'),
+    'head': ('head',),
+    'anchors': ('anchor_generator',),
+}
 
 
 def _parse(name: str) -> Tuple[str, str]:
@@ -91,6 +115,7 @@ def _targets(n: int, size: Tuple[int, int], masks: bool) -> List[Dict[str, torch
 class _Subject:
     def __init__(self, name: str, size: Tuple[int, int], batch_size: int, device: torch.device, train: bool):
         self.name, self.kind = name, _kind(name)
+        torch.manual_seed(0)  # the same random weights in every run: the same detections, RoI-head MACs and times
         self.model = _build(name, size).to(device)
         self.params = sum(p.numel() for p in self.model.parameters())
         h, w = size
@@ -125,6 +150,54 @@ class _Subject:
             out = self.model(self.x)
         detections = sum(len(o['boxes']) for o in out) if self.kind == 'detection' else 0
         return counter.get_total_flops() // 2, flow.flops['attention'] // 2, detections
+
+    def infer_phases(self, iters: int, clock: Callable[[], float]) -> Dict[str, Tuple[float, float]]:
+        """Phase -> (median seconds over ``iters`` inference calls, MACs of one call); see the module."""
+        from ..layers import reference_forms
+        from .profile import _custom_mapping
+
+        modules = dict(self.model.named_modules())
+        found = {p: [modules[n] for n in names if n in modules] for p, names in DENSE_PHASES.items()}
+        found = {p: ms for p, ms in found.items() if ms}
+        spent: Dict[str, float] = {}
+        start: Dict[int, float] = {}
+        now: List[Callable[[], float]] = [clock]
+
+        def pre(module, args, phase=''):
+            start[id(module)] = now[0]()
+
+        def post(module, args, out, phase=''):
+            spent[phase] = spent.get(phase, 0.0) + now[0]() - start.pop(id(module))
+
+        hooks = [
+            h
+            for phase, ms in found.items()
+            for m in ms
+            for h in (
+                m.register_forward_pre_hook(lambda mod, a, phase=phase: pre(mod, a, phase)),
+                m.register_forward_hook(lambda mod, a, o, phase=phase: post(mod, a, o, phase)),
+            )
+        ]
+        self.model.eval()
+        try:
+            runs = []
+            for _ in range(iters):
+                spent.clear()
+                with torch.inference_mode():
+                    t0 = clock()
+                    self.model(self.x)
+                    total = clock() - t0
+                runs.append({**spent, 'rest': total - sum(spent.values())})
+            counter = FlopCounterMode(display=False, custom_mapping=_custom_mapping())
+            now[0] = lambda: float(counter.get_total_flops()) / 2  # the same hooks, counting MACs
+            spent.clear()
+            with torch.no_grad(), counter, reference_forms():
+                self.model(self.x)
+            macs = {**spent, 'rest': counter.get_total_flops() / 2 - sum(spent.values())}
+        finally:
+            for h in hooks:
+                h.remove()
+        return {p: (statistics.median(r.get(p, 0.0) for r in runs), macs.get(p, 0.0)) for p in [*found, 'rest']}
 
     def train_step(self) -> None:
         self.model.train()
@@ -168,6 +241,7 @@ def bench_dense(
     memory: bool = True,
     macs: bool = False,
     clock: Callable[[], float] = time.perf_counter,
+    phases: bool = False,
 ) -> List[Dict[str, Any]]:
     """Images/s (and peak memory) of each subject and baseline; returns one dict per model (see the module).
 
@@ -178,6 +252,7 @@ def bench_dense(
         train: also time a training step.
         macs: also count each model's MACs in one inference call and give the speed per MAC against the baseline.
         clock: what times a call (``time.process_time``: the process's CPU time, for one thread on a shared machine).
+        phases: also time and count each part of the detectors (``row['phases']``: phase -> (seconds, MACs)).
     """
     for name, value in (('batch_size', batch_size), ('num_bench_iter', num_bench_iter)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -214,6 +289,8 @@ def bench_dense(
         )
         counted = s.infer_macs() if macs else (float('nan'),) * 3
         row.update(infer_gmacs=counted[0] / 1e9, infer_attention_gmacs=counted[1] / 1e9, detections=counted[2])
+        if phases and s.kind == 'detection':
+            row['phases'] = s.infer_phases(num_bench_iter, clock)
         rows.append(row)
     by_name = {r['model']: r for r in rows}
     for r in rows:
@@ -266,3 +343,16 @@ def format_dense_bench(rows: Sequence[Dict[str, Any]]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
     fmt = lambda row: '  '.join(str(x).ljust(w) for x, w in zip(row, widths))  # noqa: E731
     return '\n'.join([fmt(header), fmt(['-' * w for w in widths])] + [fmt(r) for r in lines])
+
+
+def format_dense_phases(rows: Sequence[Dict[str, Any]]) -> str:
+    """A plain-text table of the ``phases`` of :func:`bench_dense` rows: per model and phase, milliseconds, GMACs
+    and GMACs per second."""
+    lines = [('model', 'phase', 'ms', 'GMACs', 'GMAC/s')]
+    for r in rows:
+        for phase, (sec, macs) in r.get('phases', {}).items():
+            rate = macs / 1e9 / sec if sec > 0 and macs > 0 else float('nan')
+            lines.append((r['model'], phase, f'{sec * 1e3:.0f}', f'{macs / 1e9:.1f}', _f(rate, '.1f')))
+    widths = [max(len(str(x)) for x in col) for col in zip(*lines)]
+    fmt = lambda row: '  '.join(str(x).ljust(w) for x, w in zip(row, widths))  # noqa: E731
+    return '\n'.join([fmt(lines[0]), fmt(['-' * w for w in widths])] + [fmt(r) for r in lines[1:]])
