@@ -1,6 +1,10 @@
 """SCSC's lean training forms (kind ``lean_recompute``): the SCSC module's and the Swin+SCSC MLP's custom autograd
 functions equal the plain form in values (1e-5), gradients (1e-4) and BatchNorm running statistics, save less for
-backward, and step aside where they must (autocast, graph captures, ``reference_forms()``, eval BatchNorms)."""
+backward, and step aside where they must (autocast, graph captures, ``reference_forms()``, eval BatchNorms). They run
+where the ``scsc_train`` tuned operation chooses them: pinned with ``forms.forced_choices`` here, or measured by
+``forms.tuned_training`` on copies of the module, so that the step in which the measurement happens is the plain
+step too (running statistics, ``num_batches_tracked``, ``.grad``, the random generator). Which form wins on this
+machine is never asserted."""
 
 from __future__ import annotations
 
@@ -17,6 +21,15 @@ import msconv
 from msconv.layers import forms
 from msconv.layers.cross_scale import CrossScaleBottleneck, SpatialCrossScaleConv
 from msconv.models.scsc_swin import CrossScaleSwinBlock
+
+LEAN = {'_LeanCrossScaleBackward', '_LeanMlpBackward'}
+
+
+@pytest.fixture
+def lean():
+    """The lean forms pinned wherever the gate allows them (whatever the autotuner would choose)."""
+    with forms.forced_choices(scsc_train='lean'):
+        yield
 
 
 def _graph_names(t: torch.Tensor) -> set:
@@ -56,7 +69,7 @@ def _layer_step(module: nn.Module, x: torch.Tensor, u: torch.Tensor, reference: 
 
 
 @pytest.mark.parametrize('name', ['test_scsc_swin', 'test_scsc_resnet'])
-def test_micro_models_lean_step_equals_plain_step(name):
+def test_micro_models_lean_step_equals_plain_step(name, lean):
     torch.manual_seed(0)
     model = msconv.create_model(name, num_classes=10, drop_path_rate=0.0).train()
     randomize_bn(model)
@@ -98,7 +111,7 @@ def _randomized(module: nn.Module, seed: int) -> nn.Module:
         ),  # Swin-T stage 2 block: mixer + lean MLP
     ],
 )
-def test_layers_at_realistic_shapes(make, shape):
+def test_layers_at_realistic_shapes(make, shape, lean):
     torch.manual_seed(1)
     module = _randomized(make(), 2)
     x, u = torch.randn(shape), None
@@ -116,14 +129,14 @@ def test_layers_at_realistic_shapes(make, shape):
     assert lean_saved < 0.75 * plain_saved
 
 
-def test_swin_block_runs_both_lean_functions():
+def test_swin_block_runs_both_lean_functions(lean):
     block = _randomized(CrossScaleSwinBlock(48, (3, 7, 11), groups=4), 3)
     names = _graph_names(block(torch.randn(2, 48, 16, 16, requires_grad=True)))
     assert {'_LeanCrossScaleBackward', '_LeanMlpBackward'} <= names
 
 
-def test_lean_forms_step_aside():
-    """Eval-mode BatchNorms (a frozen fine-tune), autocast and reference_forms() run the plain form."""
+def test_lean_forms_step_aside(lean):
+    """Eval-mode BatchNorms (a frozen fine-tune), autocast and reference_forms() run the plain form, pinned or not."""
     block = _randomized(CrossScaleSwinBlock(48, (3, 7, 11), groups=4), 3)
     x = torch.randn(2, 48, 16, 16, requires_grad=True)
     block.norm.eval()
@@ -158,10 +171,12 @@ def test_bf16_autocast_step_is_the_plain_one():
         assert max_abs(g_a[n], g_b[n]) <= 1e-4 * max(1.0, g_b[n].abs().max().item()), n
 
 
+@pytest.mark.parametrize('pin', ['lean', None])
 @pytest.mark.parametrize('name', ['test_scsc_swin', 'test_scsc_resnet'])
-def test_gradient_checkpointing(name):
+def test_gradient_checkpointing(name, pin, clean_tuner):
     """Non-reentrant checkpointing recomputes the lean functions in backward (same saved tensors); both sides
-    checkpointed, so the statistics move alike."""
+    checkpointed, so the statistics move alike. Unpinned, the first forward measures the forms (on copies, its graphs
+    shielded from the checkpoint's hooks) and the recomputation reuses the choice."""
     torch.manual_seed(0)
     model = msconv.create_model(name, num_classes=10, drop_path_rate=0.0).train()
     randomize_bn(model)
@@ -169,10 +184,11 @@ def test_gradient_checkpointing(name):
     x, y = torch.randn(2, 3, 64, 64), torch.tensor([3, 4])
     with forms.reference_forms():
         ref = _train_step(copy.deepcopy(model), x, y)
-    _assert_same_step(_train_step(copy.deepcopy(model), x, y), ref, 'checkpointed')
+    with forms.forced_choices(**({'scsc_train': pin} if pin else {})):
+        _assert_same_step(_train_step(copy.deepcopy(model), x, y), ref, 'checkpointed')
 
 
-def test_single_process_ddp_matches_the_plain_step(tmp_path):
+def test_single_process_ddp_matches_the_plain_step(tmp_path, lean):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -210,3 +226,75 @@ def test_fx_capture_in_training_runs_the_plain_form():
     with forms.reference_forms():
         ref = copy.deepcopy(model)(x)
     assert max_abs(out, ref) <= 1e-5 * max(1.0, ref.abs().max().item())
+
+
+def _full_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """``_train_step`` with every buffer compared afterwards (``num_batches_tracked`` too)."""
+    out, grads, _ = _train_step(model, x, y)
+    return out, grads, {n: b.clone().double() for n, b in model.named_buffers()}
+
+
+@pytest.mark.parametrize('name', ['test_scsc_swin', 'test_scsc_resnet'])
+def test_the_measuring_step_is_the_plain_step(name, clean_tuner):
+    """Nothing pinned: the first training step measures the plain and lean forms of every SCSC module and Swin+SCSC
+    MLP on copies. Its logits, gradients, running statistics and ``num_batches_tracked`` are the plain step's (no
+    extra moves of the statistics, nothing accumulated into ``.grad``), the global random generator is where it was,
+    and the choices are kept per module structure and input shape; the next step reuses them and still agrees."""
+    torch.manual_seed(0)
+    model = msconv.create_model(name, num_classes=10, drop_path_rate=0.0).train()
+    randomize_bn(model)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None  # the cumulative average: an extra count of num_batches_tracked would show in the means
+    x, y = torch.randn(2, 3, 64, 64), torch.tensor([1, 7])
+    ref_model, got_model = copy.deepcopy(model), copy.deepcopy(model)
+    with forms.reference_forms():
+        ref = _full_step(ref_model, x, y)
+    rng = torch.get_rng_state()
+    got = _full_step(got_model, x, y)
+    assert torch.equal(torch.get_rng_state(), rng)
+    _assert_same_step(got, ref, 'measuring step')
+    keys = [k for k in forms.autotune_choices() if k.startswith('scsc_train|')]
+    tuned = [m for m in got_model.modules() if isinstance(m, (SpatialCrossScaleConv, CrossScaleSwinBlock))]
+    assert keys and {k.split('|')[-1] for k in keys} <= {forms.structure_signature(m) for m in tuned}, keys
+    assert all('|amp:off|' in k for k in keys)
+    with forms.reference_forms():
+        ref = _full_step(ref_model, x.flip(0), y)
+    _assert_same_step(_full_step(got_model, x.flip(0), y), ref, 'second step')
+    assert [k for k in forms.autotune_choices() if k.startswith('scsc_train|')] == keys  # nothing measured again
+
+
+def test_measurement_runs_no_hook_and_fills_no_grad(clean_tuner):
+    """The measurement takes its gradients on a copy of the module: a tensor hook on a parameter does not run and
+    no ``.grad`` appears until the real backward."""
+    block = _randomized(CrossScaleBottleneck(48, 48, (3, 5, 7), groups=4), 4)
+    calls = []
+    block.reduce.weight.register_hook(lambda g: calls.append(1))
+    x = torch.randn(2, 48, 12, 12, requires_grad=True)
+    out = block(x)
+    assert any(k.startswith('scsc_train|(2, 48, 12, 12)|') for k in forms.autotune_choices())
+    assert not calls and all(p.grad is None for p in block.parameters()) and x.grad is None
+    out.sum().backward()
+    assert calls == [1] and block.reduce.weight.grad is not None
+
+
+def test_pins_and_the_switches_choose_the_form(clean_tuner, monkeypatch):
+    """``forced_choices(scsc_train=...)`` runs that form in every SCSC module and Swin+SCSC MLP; under autocast
+    (the lean kind does not allow it) and with ``MSCONV_AUTOTUNE=0`` the plain form runs and nothing is measured."""
+    block = _randomized(CrossScaleSwinBlock(48, (3, 7, 11), groups=4), 3)
+    x = torch.randn(2, 48, 16, 16, requires_grad=True)
+    with forms.forced_choices(scsc_train='lean'):
+        assert LEAN <= _graph_names(block(x))
+    with forms.forced_choices(scsc_train='plain'):
+        assert not LEAN & _graph_names(block(x))
+    with torch.autocast('cpu', torch.bfloat16):
+        assert not LEAN & _graph_names(block(x))
+    monkeypatch.setenv('MSCONV_AUTOTUNE', '0')
+    assert not LEAN & _graph_names(block(x))
+    assert not [k for k in forms.autotune_choices() if k.startswith('scsc_train|')]
+
+
+def test_per_module_training_operations_need_the_module():
+    x = torch.zeros(1, 2, 1, 1, requires_grad=True)
+    with pytest.raises(ValueError, match="'scsc_train' is timed per module: pass module="):
+        forms.tuned_training('scsc_train', (x,), {'plain': lambda m, x: x, 'lean': lambda m, x: x})

@@ -41,10 +41,12 @@ place on tensors the module just created, the routing as m multiply-accumulates 
 1x1 convs as GEMMs. On CPU this matters more than the arithmetic suggests: every fresh activation-sized tensor is
 a new allocation whose pages are faulted in (and zeroed) by the OS, which costs about as much as the GELU itself.
 With autograd on (a training step), where ``msconv.layers.forms`` allows the ``lean_recompute`` kind (fp32, no
-autocast, no capture, a contiguous input) and the module's BatchNorms are plain and in training mode, ``forward`` runs
-the module as one autograd function (``_LeanCrossScale``) that saves the input of each GEMM and convolution and
+autocast, no capture, a contiguous input) and the module's BatchNorms are plain and in training mode, ``forward`` may
+run the module as one autograd function (``_LeanCrossScale``) that saves the input of each GEMM and convolution and
 recomputes the BatchNorm, GELU, routing and SE passes in backward: less than half of what autograd saves, and fewer
-passes over memory. Tests check the forms agree.
+passes over memory. Whether it does is the ``scsc_train`` tuned operation's choice: the autotuner times it against
+the plain training form on a copy of the module, per structure and input shape, on the running machine
+(``forms.tuned_training``). Tests check the forms agree.
 """
 
 import re
@@ -68,7 +70,7 @@ from .fast_ops import (
     pointwise_gemm_backward,
     spatial_mean,
 )
-from .forms import tunable, tuned, use_fast_form
+from .forms import tunable, tuned, tuned_training, use_fast_form
 
 __all__ = [
     'SpatialCrossScaleConv',
@@ -223,11 +225,18 @@ class SpatialCrossScaleConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_fast_form('inplace', x):
             return self._forward_inplace(x)
-        if torch.is_grad_enabled() and use_fast_form('lean_recompute', x, 'contiguous') and self._lean_ok():
-            return self._forward_lean(x)
+        if torch.is_grad_enabled() and tunable('scsc_train', x) and self._lean_ok():
+            return self._forward_tuned_train(x)
         if torch.is_grad_enabled() and tunable('pointwise_conv_train', x):
             return self._forward_train(x)
         return self.forward_reference(x)
+
+    @torch.jit.unused
+    def _forward_tuned_train(self, x: torch.Tensor) -> torch.Tensor:
+        """The module in a training step: its plain training form (``_forward_train``) or the lean autograd function
+        (``_forward_lean``), whichever ``forms.tuned_training`` measures faster (forward + backward) for this module's
+        structure and input shape on the running machine."""
+        return tuned_training('scsc_train', (x,), _SCSC_TRAIN_FORMS, module=self)
 
     @torch.jit.unused
     def _forward_lean(self, x: torch.Tensor) -> torch.Tensor:
@@ -494,6 +503,14 @@ class _LeanCrossScale(torch.autograd.Function):
         return (None, g_x, g_wr, g_w1, g_b1, *g_dw, g_w2, g_b2, g_wg, g_wc, g_w3, g_b3, *g_se)
 
 
+#: The candidates of the ``scsc_train`` tuned operation for an SCSC module (called with the module, or with the
+#: autotuner's copy of it, and the input).
+_SCSC_TRAIN_FORMS = {
+    'plain': lambda mod, x: mod._forward_train(x),
+    'lean': lambda mod, x: mod._forward_lean(x),
+}
+
+
 class CrossScaleBottleneck(SpatialCrossScaleConv):
     """The CNN residual form used by ResNet+SCSC: SCSC (with GELU after the recovery BN) plus its own shortcut.
 
@@ -534,25 +551,23 @@ class CrossScaleBottleneck(SpatialCrossScaleConv):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training and use_fast_form('inplace', x):
             return self._forward_residual_inplace(x)
-        if torch.is_grad_enabled() and use_fast_form('lean_recompute', x, 'contiguous') and self._lean_ok():
-            return self._forward_residual_lean(x)
+        if torch.is_grad_enabled() and tunable('scsc_train', x) and self._lean_ok():
+            return self._forward_residual_train(x, tuned=True)
         if torch.is_grad_enabled() and tunable('pointwise_conv_train', x):
-            return self._forward_residual_train(x)
+            return self._forward_residual_train(x, tuned=False)
         return self.forward_reference(x)
 
     @torch.jit.unused
-    def _forward_residual_lean(self, x: torch.Tensor) -> torch.Tensor:
-        """``forward_reference`` with the SCSC branch as one lean autograd function (the shortcut as it is)."""
-        return self.drop_path(self._forward_lean(x)) + self.shortcut(x)
-
-    @torch.jit.unused
-    def _forward_residual_train(self, x: torch.Tensor) -> torch.Tensor:
-        """``forward_reference`` with every 1x1 conv through ``fast_ops.pointwise_conv_train``."""
+    def _forward_residual_train(self, x: torch.Tensor, tuned: bool = False) -> torch.Tensor:
+        """``forward_reference`` with every 1x1 conv through ``fast_ops.pointwise_conv_train``; with ``tuned``, the
+        SCSC branch in the form ``forms.tuned_training`` measures faster (``_forward_tuned_train``: the plain training
+        form or the lean autograd function)."""
         if isinstance(self.shortcut, nn.Sequential) and len(self.shortcut) == 2:
             shortcut = self.shortcut[1](pointwise_conv_train(self.shortcut[0], x))
         else:
             shortcut = self.shortcut(x)
-        return self.drop_path(self._forward_train(x)) + shortcut
+        branch = self._forward_tuned_train(x) if tuned else self._forward_train(x)
+        return self.drop_path(branch) + shortcut
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop_path(self._scsc_reference(x)) + self.shortcut(x)

@@ -40,6 +40,7 @@ the script compiler), and the fast methods it guards are ``@torch.jit.unused``, 
 only the plain forms.
 """
 
+import copy
 import hashlib
 import json
 import os
@@ -381,6 +382,14 @@ TUNED: Dict[str, TunedOp] = {
             key="channels, the map's layout and area, output size, sampling ratio, RoIs (areas and counts in powers "
             'of two)',
             where="the R-CNNs' RoI feature extraction (``msconv.dense.poolers.AlignedRoIAlign``), each FPN level",
+        ),
+        TunedOp(
+            'scsc_train',
+            {'plain': (), 'lean': ('lean_recompute', 'contiguous')},
+            key="the module's structure, autocast",
+            where="a training step's SCSC module (the CBTNet block's SCSC branch) and Swin+SCSC block MLP",
+            per_module=True,
+            training=True,
         ),
     )
 }
@@ -747,37 +756,51 @@ def tuned_training(
     args: Tuple[torch.Tensor, ...],
     candidates: Dict[str, Callable[..., torch.Tensor]],
     extra: str = '',
+    module: Optional[nn.Module] = None,
 ) -> torch.Tensor:
     """``candidates[choice](*args)`` for the training operation ``op`` of :data:`TUNED` (declared ``training=True``):
     forms computing the same function of ``args`` (the input first, then e.g. a weight and a bias), differentiable,
-    named and ordered as declared there. Where the gate allows a fast form on ``args[0]`` and autograd is recording,
-    the first call for a key (as :func:`tuned`'s, plus the autocast dtype) times each allowed candidate's forward
-    and backward on detached copies of ``args`` (``torch.autograd.grad`` into those copies: nothing is accumulated
-    into the parameters' ``.grad`` and no state is touched; any ``saved_tensors_hooks`` of the caller, such as
-    gradient checkpointing's, are shielded from these graphs) and keeps the fastest; later calls run it. The plain
-    form runs inside ``reference_forms()``, under a capture, in a dispatch mode, with ``MSCONV_AUTOTUNE=0`` and
-    where nothing requires a gradient; a ``forced_choices`` pin wins wherever its form is allowed (with autograd off
-    too)."""
+    named and ordered as declared there. For an operation timed per module (``per_module``: a block's training form)
+    pass ``module=``; its candidates are then called as ``candidates[choice](module, *args)`` and may read the
+    module's parameters and move its BatchNorm running statistics.
+
+    Where the gate allows a fast form on ``args[0]`` and autograd is recording, the first call for a key (as
+    :func:`tuned`'s, plus the autocast dtype) times each allowed candidate's forward and backward and keeps the
+    fastest; later calls run it. The timed runs touch no state of the caller: they run on detached copies of ``args``
+    (and on a ``copy.deepcopy`` of ``module``: its own parameters, its own BatchNorm running statistics and
+    ``num_batches_tracked``, thrown away after), take gradients with ``torch.autograd.grad`` into those copies
+    (nothing is accumulated into a ``.grad``, no tensor hook of the caller runs), draw their random numbers from a
+    forked generator state (the caller's is as it was: dropout masks and data order do not depend on whether a
+    measurement ran), and any ``saved_tensors_hooks`` of the caller, such as gradient checkpointing's, are shielded
+    from their graphs. So the step in which the measurement happens computes what any other step computes: the
+    winner runs once on the real operands. The plain form runs inside ``reference_forms()``, under a capture, in a
+    dispatch mode, with ``MSCONV_AUTOTUNE=0``, where nothing requires a gradient and where ``module``'s parameters
+    are not leaves (a ``torch.func`` transform: no copy to time on); a ``forced_choices`` pin wins wherever its form is
+    allowed (with autograd off too)."""
     spec = _declared(op)
     if not spec.training:
         raise ValueError(f"tuned_training: {op!r} is not a training operation (use tuned)")
     if tuple(candidates) != tuple(spec.candidates):
         raise ValueError(f"tuned_training: {op!r} has the forms {list(spec.candidates)}, got {list(candidates)}")
+    if spec.per_module and module is None:
+        raise ValueError(f"tuned_training: {op!r} is timed per module: pass module=")
+    bound = (module,) if spec.per_module else ()
     plain, x = spec.plain, args[0]
     if _REFERENCE:
-        return candidates[plain](*args)
+        return candidates[plain](*bound, *args)
     allowed = _allowed(spec, x)
     forced = _FORCED.get(op)
     if forced is not None:
-        return candidates[forced if forced in allowed else plain](*args)
+        return candidates[forced if forced in allowed else plain](*bound, *args)
+    params = list(module.parameters()) if spec.per_module else []
     if (
         not allowed
         or not autotune_enabled()
         or not torch.is_grad_enabled()
-        or not any(a is not None and a.requires_grad for a in args)
+        or not any(a is not None and a.requires_grad for a in (*args, *params))
         or _dispatch_mode_active()
     ):
-        return candidates[plain](*args)
+        return candidates[plain](*bound, *args)
     device = x.device.type
     amp = str(torch.get_autocast_dtype(device)).replace('torch.', '') if torch.is_autocast_enabled(device) else 'off'
     layout = 'cl' if channels_last_only(x) else ('c' if x.is_contiguous() else 's')
@@ -785,32 +808,44 @@ def tuned_training(
         f"{op}|{tuple(x.shape)}|{layout}|{str(x.dtype).replace('torch.', '')}|{device}|"
         f"{torch.get_num_threads()}|{extra}|amp:{amp}"
     )
+    if spec.per_module:
+        key += f'|{structure_signature(module)}'
     competing = (plain, *allowed)
     if len(competing) < len(spec.candidates):
         key += f"|of:{','.join(competing)}"
     choice = _CHOICES.get(key) or _disk().get(key)
     if choice not in competing:
+        if not all(p.is_leaf for p in params):
+            return candidates[plain](*bound, *args)  # parameters computed by a transform: nothing to copy and time
         global _MEASUREMENTS
         _MEASUREMENTS += 1
-        choice, _ = _measure({name: _forward_backward(candidates[name], args) for name in competing})
+        copies = (copy.deepcopy(module),) if spec.per_module else ()
+        cuda = [torch.cuda.current_device() if x.device.index is None else x.device.index] if device == 'cuda' else []
+        with torch.random.fork_rng(devices=cuda):  # the caller's generator state comes back as it was
+            runs = {name: _forward_backward(candidates[name], args, copies) for name in competing}
+            choice, _ = _measure(runs)
         _store(key, choice)
     _CHOICES[key] = choice
-    return candidates[choice](*args)
+    return candidates[choice](*bound, *args)
 
 
-def _forward_backward(fn: Callable[..., torch.Tensor], args: Tuple[torch.Tensor, ...]) -> Callable[[], torch.Tensor]:
-    """One timed training run of a candidate: forward on detached leaf copies of ``args`` and the gradients of a
-    fixed random cotangent into those copies."""
+def _forward_backward(
+    fn: Callable[..., torch.Tensor], args: Tuple[torch.Tensor, ...], module: Tuple[nn.Module, ...] = ()
+) -> Callable[[], torch.Tensor]:
+    """One timed training run of a candidate: forward on detached leaf copies of ``args`` (after ``module``, a copy
+    of the caller's module, when given) and the gradients of a fixed random cotangent into those copies and the
+    module copy's parameters."""
     leaves = [a.detach().requires_grad_(a.requires_grad) if a is not None else None for a in args]
     wanted = [a for a in leaves if a is not None and a.requires_grad]
+    wanted += [p for m in module for p in m.parameters() if p.requires_grad]
     cotangent: list = []
 
     def run() -> torch.Tensor:
         with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):  # the caller's hooks (checkpointing) see none
-            out = fn(*leaves)
+            out = fn(*module, *leaves)
             if not cotangent:
                 cotangent.append(torch.randn_like(out))
-            torch.autograd.grad(out, wanted, cotangent[0])
+            torch.autograd.grad(out, wanted, cotangent[0], allow_unused=True)
         return out.detach()
 
     return run

@@ -38,7 +38,7 @@ from ..layers.fast_ops import (
     bn_train_forward,
     pointwise_conv_train,
 )
-from ..layers.forms import tunable, tuned, use_fast_form
+from ..layers.forms import tunable, tuned, tuned_training, use_fast_form
 from ..layers.linear import Linear
 from ._builder import MsconvModel, factory_kwargs
 from ._registry import register_model
@@ -98,10 +98,10 @@ class CrossScaleSwinBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training and use_fast_form('inplace', x):
             return self._forward_inplace(x)
-        if torch.is_grad_enabled() and use_fast_form('lean_recompute', x, 'contiguous') and self._lean_ok():
-            return self._forward_lean(x)
+        if torch.is_grad_enabled() and tunable('scsc_train', x) and self._lean_ok():
+            return self._forward_train(x, tuned=True)
         if torch.is_grad_enabled() and tunable('pointwise_conv_train', x):
-            return self._forward_train(x)
+            return self._forward_train(x, tuned=False)
         return self.forward_reference(x)
 
     @torch.jit.unused
@@ -125,13 +125,18 @@ class CrossScaleSwinBlock(nn.Module):
         )
 
     @torch.jit.unused
-    def _forward_lean(self, x: torch.Tensor) -> torch.Tensor:
-        """``forward_reference`` with the MLP (pre-norm included) as one lean autograd function (``_LeanMlp``)
-        and the mixer in its own lean form."""
-        x = x + self.drop_path(self.mixer(x))
+    def _mlp_lean(self, x: torch.Tensor) -> torch.Tensor:
+        """``self.mlp(self.norm(x))`` as one lean autograd function (``_LeanMlp``)."""
         mlp = self.mlp
         params = (self.norm.weight, self.norm.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
-        return x + self.drop_path(_LeanMlp.apply(self, x, *params))
+        return _LeanMlp.apply(self, x, *params)
+
+    @torch.jit.unused
+    def _mlp_train(self, x: torch.Tensor) -> torch.Tensor:
+        """``self.mlp(self.norm(x))`` with the two 1x1 convs through ``fast_ops.pointwise_conv_train``."""
+        mlp = self.mlp
+        h = mlp.drop1(mlp.act(pointwise_conv_train(mlp.fc1, self.norm(x))))
+        return mlp.drop2(pointwise_conv_train(mlp.fc2, mlp.norm(h)))
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.mixer(x))
@@ -139,13 +144,14 @@ class CrossScaleSwinBlock(nn.Module):
         return x
 
     @torch.jit.unused
-    def _forward_train(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_train(self, x: torch.Tensor, tuned: bool = False) -> torch.Tensor:
         """``forward_reference`` with the MLP's two 1x1 convs through ``fast_ops.pointwise_conv_train`` (the
-        convolution or batched GEMMs, whichever trains faster here: the official code's token Linears are GEMMs)."""
-        mlp = self.mlp
+        convolution or batched GEMMs, whichever trains faster here: the official code's token Linears are GEMMs); with
+        ``tuned``, the MLP (pre-norm included) in the form ``forms.tuned_training`` measures faster for this block's
+        structure and input shape: that one, or the lean autograd function (the mixer chooses its own form)."""
         x = x + self.drop_path(self.mixer(x))
-        h = mlp.drop1(mlp.act(pointwise_conv_train(mlp.fc1, self.norm(x))))
-        return x + self.drop_path(mlp.drop2(pointwise_conv_train(mlp.fc2, mlp.norm(h))))
+        mlp = tuned_training('scsc_train', (x,), _MLP_TRAIN_FORMS, module=self) if tuned else self._mlp_train(x)
+        return x + self.drop_path(mlp)
 
     @torch.jit.unused
     def _forward_inplace(self, x: torch.Tensor) -> torch.Tensor:
@@ -244,6 +250,14 @@ class _LeanMlp(torch.autograd.Function):
         del xn
         g_x, g_wn, g_bn = bn_train_backward(g_xn, x, bn, mean, invstd)
         return None, g_x, g_wn, g_bn, g_w1, g_b1, g_w2, g_b2
+
+
+#: The candidates of the ``scsc_train`` tuned operation for a block's MLP (called with the block, or with the
+#: autotuner's copy of it, and the input).
+_MLP_TRAIN_FORMS = {
+    'plain': lambda block, x: block._mlp_train(x),
+    'lean': lambda block, x: block._mlp_lean(x),
+}
 
 
 class _ContiguousGrad(torch.autograd.Function):
