@@ -183,3 +183,16 @@ def randomize_bn(model: torch.nn.Module, seed: int = 0) -> None:
                 m.bias.copy_(0.2 * torch.randn(n, generator=g))
                 m.running_mean.copy_(0.2 * torch.randn(n, generator=g))
                 m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+
+
+def graph_names(t: torch.Tensor) -> set:
+    """The names of the autograd nodes reachable from ``t`` (which training form built the graph)."""
+    names, todo, seen = set(), [t.grad_fn], set()
+    while todo:
+        fn = todo.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        names.add(type(fn).__name__)
+        todo.extend(f for f, _ in fn.next_functions)
+    return names

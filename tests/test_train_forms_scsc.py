@@ -9,18 +9,23 @@ machine is never asserted."""
 from __future__ import annotations
 
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import max_abs, randomize_bn
+from conftest import graph_names, max_abs, randomize_bn
 from test_train_forms import _assert_same_step, _train_step
 
 import msconv
 from msconv.layers import forms
 from msconv.layers.cross_scale import CrossScaleBottleneck, SpatialCrossScaleConv
 from msconv.models.scsc_swin import CrossScaleSwinBlock
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
+from _common import saved_bytes  # noqa: E402
 
 LEAN = {'_LeanCrossScaleBackward', '_LeanMlpBackward'}
 
@@ -32,30 +37,9 @@ def lean():
         yield
 
 
-def _graph_names(t: torch.Tensor) -> set:
-    """The autograd node names reachable from ``t``."""
-    names, todo, seen = set(), [t.grad_fn], set()
-    while todo:
-        fn = todo.pop()
-        if fn is None or id(fn) in seen:
-            continue
-        seen.add(id(fn))
-        names.add(type(fn).__name__)
-        todo.extend(f for f, _ in fn.next_functions)
-    return names
-
-
-def _saved_bytes(fn) -> int:
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    del out
-    return sum(storages.values())
+def _nontrivial(module: nn.Module, seed: int) -> nn.Module:
+    randomize_bn(module, seed)
+    return module.train()
 
 
 def _layer_step(module: nn.Module, x: torch.Tensor, u: torch.Tensor, reference: bool):
@@ -76,24 +60,13 @@ def test_micro_models_lean_step_equals_plain_step(name, lean):
     x, y = torch.randn(2, 3, 64, 64), torch.tensor([1, 7])
     with forms.reference_forms():
         ref = _train_step(copy.deepcopy(model), x, y)
-    assert '_LeanCrossScaleBackward' in _graph_names(copy.deepcopy(model)(x))
+    assert '_LeanCrossScaleBackward' in graph_names(copy.deepcopy(model)(x))
     _assert_same_step(_train_step(copy.deepcopy(model), x, y), ref, name)
     plain = copy.deepcopy(model)
     with forms.reference_forms():
-        saved_plain = _saved_bytes(lambda: F.cross_entropy(plain(x), y))
-    saved_lean = _saved_bytes(lambda: F.cross_entropy(copy.deepcopy(model)(x), y))
+        saved_plain = saved_bytes(lambda: F.cross_entropy(plain(x), y))
+    saved_lean = saved_bytes(lambda: F.cross_entropy(copy.deepcopy(model)(x), y))
     assert saved_lean < 0.8 * saved_plain
-
-
-def _randomized(module: nn.Module, seed: int) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(0.2 * torch.randn(m.num_features, generator=g))
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    return module.train()
 
 
 @pytest.mark.parametrize(
@@ -113,40 +86,40 @@ def _randomized(module: nn.Module, seed: int) -> nn.Module:
 )
 def test_layers_at_realistic_shapes(make, shape, lean):
     torch.manual_seed(1)
-    module = _randomized(make(), 2)
+    module = _nontrivial(make(), 2)
     x, u = torch.randn(shape), None
     with torch.no_grad():
         u = torch.randn_like(module(x))
-    module = _randomized(make(), 2)  # the statistics from scratch on both sides
-    module.load_state_dict(_randomized(make(), 2).state_dict())
+    module = _nontrivial(make(), 2)  # the statistics from scratch on both sides
+    module.load_state_dict(_nontrivial(make(), 2).state_dict())
     ref_module = copy.deepcopy(module)
     got = _layer_step(module, x, u, reference=False)
     ref = _layer_step(ref_module, x, u, reference=True)
     _assert_same_step(got, ref, type(module).__name__)
-    lean_saved = _saved_bytes(lambda: module(x.clone().requires_grad_(True)))
+    lean_saved = saved_bytes(lambda: module(x.clone().requires_grad_(True)))
     with forms.reference_forms():
-        plain_saved = _saved_bytes(lambda: ref_module(x.clone().requires_grad_(True)))
+        plain_saved = saved_bytes(lambda: ref_module(x.clone().requires_grad_(True)))
     assert lean_saved < 0.75 * plain_saved
 
 
 def test_swin_block_runs_both_lean_functions(lean):
-    block = _randomized(CrossScaleSwinBlock(48, (3, 7, 11), groups=4), 3)
-    names = _graph_names(block(torch.randn(2, 48, 16, 16, requires_grad=True)))
+    block = _nontrivial(CrossScaleSwinBlock(48, (3, 7, 11), groups=4), 3)
+    names = graph_names(block(torch.randn(2, 48, 16, 16, requires_grad=True)))
     assert {'_LeanCrossScaleBackward', '_LeanMlpBackward'} <= names
 
 
 def test_lean_forms_step_aside(lean):
     """Eval-mode BatchNorms (a frozen fine-tune), autocast and reference_forms() run the plain form, pinned or not."""
-    block = _randomized(CrossScaleSwinBlock(48, (3, 7, 11), groups=4), 3)
+    block = _nontrivial(CrossScaleSwinBlock(48, (3, 7, 11), groups=4), 3)
     x = torch.randn(2, 48, 16, 16, requires_grad=True)
     block.norm.eval()
     block.mixer.dw_bn.eval()
-    assert not {'_LeanCrossScaleBackward', '_LeanMlpBackward'} & _graph_names(block(x))
+    assert not {'_LeanCrossScaleBackward', '_LeanMlpBackward'} & graph_names(block(x))
     block.train()
     with torch.autocast('cpu', torch.bfloat16):
-        assert not {'_LeanCrossScaleBackward', '_LeanMlpBackward'} & _graph_names(block(x))
+        assert not {'_LeanCrossScaleBackward', '_LeanMlpBackward'} & graph_names(block(x))
     with forms.reference_forms():
-        assert not {'_LeanCrossScaleBackward', '_LeanMlpBackward'} & _graph_names(block(x))
+        assert not {'_LeanCrossScaleBackward', '_LeanMlpBackward'} & graph_names(block(x))
 
 
 def test_bf16_autocast_step_is_the_plain_one():
@@ -222,7 +195,7 @@ def test_fx_capture_in_training_runs_the_plain_form():
     traced = torch.fx.symbolic_trace(copy.deepcopy(model))
     assert '_LeanCrossScale' not in traced.code
     out = traced(x)
-    assert not {'_LeanCrossScaleBackward'} & _graph_names(out)
+    assert not {'_LeanCrossScaleBackward'} & graph_names(out)
     with forms.reference_forms():
         ref = copy.deepcopy(model)(x)
     assert max_abs(out, ref) <= 1e-5 * max(1.0, ref.abs().max().item())
@@ -267,7 +240,7 @@ def test_the_measuring_step_is_the_plain_step(name, clean_tuner):
 def test_measurement_runs_no_hook_and_fills_no_grad(clean_tuner):
     """The measurement takes its gradients on a copy of the module: a tensor hook on a parameter does not run and
     no ``.grad`` appears until the real backward."""
-    block = _randomized(CrossScaleBottleneck(48, 48, (3, 5, 7), groups=4), 4)
+    block = _nontrivial(CrossScaleBottleneck(48, 48, (3, 5, 7), groups=4), 4)
     calls = []
     block.reduce.weight.register_hook(lambda g: calls.append(1))
     x = torch.randn(2, 48, 12, 12, requires_grad=True)
@@ -281,16 +254,16 @@ def test_measurement_runs_no_hook_and_fills_no_grad(clean_tuner):
 def test_pins_and_the_switches_choose_the_form(clean_tuner, monkeypatch):
     """``forced_choices(scsc_train=...)`` runs that form in every SCSC module and Swin+SCSC MLP; under autocast
     (the lean kind does not allow it) and with ``MSCONV_AUTOTUNE=0`` the plain form runs and nothing is measured."""
-    block = _randomized(CrossScaleSwinBlock(48, (3, 7, 11), groups=4), 3)
+    block = _nontrivial(CrossScaleSwinBlock(48, (3, 7, 11), groups=4), 3)
     x = torch.randn(2, 48, 16, 16, requires_grad=True)
     with forms.forced_choices(scsc_train='lean'):
-        assert LEAN <= _graph_names(block(x))
+        assert LEAN <= graph_names(block(x))
     with forms.forced_choices(scsc_train='plain'):
-        assert not LEAN & _graph_names(block(x))
+        assert not LEAN & graph_names(block(x))
     with torch.autocast('cpu', torch.bfloat16):
-        assert not LEAN & _graph_names(block(x))
+        assert not LEAN & graph_names(block(x))
     monkeypatch.setenv('MSCONV_AUTOTUNE', '0')
-    assert not LEAN & _graph_names(block(x))
+    assert not LEAN & graph_names(block(x))
     assert not [k for k in forms.autotune_choices() if k.startswith('scsc_train|')]
 
 
