@@ -49,6 +49,7 @@ the plain training form on a copy of the module, per structure and input shape, 
 (``forms.tuned_training``). Tests check the forms agree.
 """
 
+import copy as copy_module
 import re
 from typing import Dict, List, Sequence, Tuple
 
@@ -279,19 +280,25 @@ class SpatialCrossScaleConv(nn.Module):
         return self.se(y)
 
     @torch.jit.unused
-    def _se_inplace(self, y: torch.Tensor) -> torch.Tensor:
-        """timm's SEModule forward with the final product in place on ``y`` (a tensor this module created)."""
+    def _se_inplace(self, y: torch.Tensor, shortcut: torch.Tensor | None = None) -> torch.Tensor:
+        """timm's SEModule forward with the final product in place on ``y`` (a tensor this module created); with
+        ``shortcut``, ``y * gate + shortcut`` in the same pass (one ``addcmul``, written over ``y``)."""
         se = self.se
-        s = se.fc2(se.act(se.bn(se.fc1(spatial_mean(y)))))
-        return y.mul_(se.gate(s))
+        if not isinstance(se.bn, nn.Identity) or se.add_maxpool:
+            return self.se(y) if shortcut is None else self.se(y).add_(shortcut)
+        gate = se.gate(se.fc2(se.act(se.bn(se.fc1(spatial_mean(y))))))
+        if shortcut is None:
+            return y.mul_(gate)
+        return torch.addcmul(shortcut, y, gate, out=y)
 
     @torch.jit.unused
-    def _forward_inplace(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_inplace(self, x: torch.Tensor, shortcut: torch.Tensor | None = None) -> torch.Tensor:
         """``forward_reference`` with in-place activations; only valid when autograd is not recording. A
         channels-last input to the reparameterized module runs the token form (``_forward_tokens``) and gives a
-        channels-last output."""
+        channels-last output. With ``shortcut`` (the residual form): the output plus ``shortcut``, added in the SE's
+        product pass."""
         if channels_last_only(x) and isinstance(self.reduce_bn, nn.Identity):  # reparameterized: no BN left
-            return self._forward_tokens(x)
+            return self._se_inplace(self._forward_tokens(x), shortcut)
         if isinstance(self.reduce_bn, nn.Identity):  # reparameterized: each GELU follows its conv directly
             x_r = conv_gelu(self.reduce, x, lambda: torch.ops.aten.gelu_(pointwise_conv(self.reduce, x)))
             feats = torch.cat([conv_gelu(conv, x_r) for conv in self.dw], dim=1)
@@ -306,37 +313,147 @@ class SpatialCrossScaleConv(nn.Module):
             y = self.recover_bn(pointwise_conv(self.recover, routed))
             if not isinstance(self.out_act, nn.Identity):
                 y = torch.ops.aten.gelu_(y)
-        if not isinstance(self.se.bn, nn.Identity) or self.se.add_maxpool:
-            return self.se(y)
-        return self._se_inplace(y)
+        return self._se_inplace(y, shortcut)
 
     @torch.jit.unused
     def _forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """``_forward_inplace`` for a channels-last ``x``, computed on its (B, H, W, C) token view (no copy): the
-        1x1 convs are single GEMMs over all B*H*W tokens (``msconv.layers.fast_ops.linear``: BLAS or oneDNN, measured),
-        the depthwise convs run on oneDNN's channels-last kernels, and the routing reads the gates as a per-token
-        (G, m) matrix. Same sums in the same order as ``route_fast``; the output is channels-last."""
-        B, cp, s = x.shape[0], self.reduced_dim, self.stride
+        """``_forward_inplace`` up to the SE for a channels-last ``x``, computed on its (B, H, W, C) token view (no
+        copy): the 1x1 convs are single GEMMs over all B*H*W tokens (``msconv.layers.fast_ops.linear``: BLAS or
+        oneDNN, measured), the depthwise convs run on oneDNN's channels-last kernels. The routing either reads the
+        concatenated branches (``_routed``), or where the ``scsc_tokens`` operation allows and measures it faster,
+        each branch's output where its conv wrote it, as runs of adjacent channels (``_token_route``: ``runs`` with one
+        gate per token, ``expanded`` with the gates copied out per channel). The output is channels-last."""
+        m, cp = self.num_scales, self.reduced_dim
+        concat = lambda: self._tokens_form(x, 'concat')  # noqa: E731
+        if not tunable('scsc_tokens', x):
+            return concat()
+        return tuned(
+            'scsc_tokens',
+            x,
+            {
+                'concat': concat,
+                'runs': lambda: self._tokens_form(x, 'runs'),
+                'expanded': lambda: self._tokens_form(x, 'expanded'),
+            },
+            extra=f'{m}x{cp}/g{self.groups}/{self.routing}/s{self.stride}/o{self.out_dim}/{type(self.out_act).__name__}',
+        )
+
+    @torch.jit.unused
+    def _tokens_form(self, x: torch.Tensor, form: str) -> torch.Tensor:
+        B, s = x.shape[0], self.stride
+        reduce, dws, router = (self.reduce, list(self.dw), self.router) if form == 'concat' else self._token_convs()
         xt = x.permute(0, 2, 3, 1)  # (B, H, W, C), contiguous
-        x_r = conv_gelu(
-            self.reduce, x, lambda: torch.ops.aten.gelu_(linear_1x1(self.reduce, xt)).permute(0, 3, 1, 2)
-        )  # (B, cp, H, W), channels-last
+        x_r = conv_gelu(reduce, x, lambda: torch.ops.aten.gelu_(linear_1x1(reduce, xt)).permute(0, 3, 1, 2))
         x_r_t = x_r.permute(0, 2, 3, 1)  # (B, H, W, cp), contiguous
-        feats = torch.cat([conv_gelu(conv, x_r).permute(0, 2, 3, 1) for conv in self.dw], dim=3)  # (B, H', W', m*cp)
-        Ho, Wo = feats.shape[1], feats.shape[2]
-        gate = torch.sigmoid_(linear_1x1(self.router, x_r_t[:, ::s, ::s] if s > 1 else x_r_t))  # (B, H', W', m*G)
-        routed_t = self._routed(feats, gate, tokens=True).view(B, Ho, Wo, cp)
-        if isinstance(self.out_act, nn.Identity):
-            y = linear_1x1(self.recover, routed_t).permute(0, 3, 1, 2)  # (B, out, H', W'), channels-last
+        branches = [conv_gelu(conv, x_r).permute(0, 2, 3, 1) for conv in dws]  # each (B, H', W', cp), contiguous
+        gate = torch.sigmoid_(linear_1x1(router, x_r_t[:, ::s, ::s] if s > 1 else x_r_t))  # (B, H', W', m*G)
+        Ho, Wo = gate.shape[1], gate.shape[2]
+        if form == 'concat':
+            routed_t = self._routed(torch.cat(branches, dim=3), gate, tokens=True).view(B, Ho, Wo, -1)
         else:
-            y = conv_gelu(
-                self.recover,
-                routed_t.permute(0, 3, 1, 2),
-                lambda: torch.ops.aten.gelu_(linear_1x1(self.recover, routed_t)).permute(0, 3, 1, 2),
-            )
-        if not isinstance(self.se.bn, nn.Identity) or self.se.add_maxpool:
-            return self.se(y)
-        return self._se_inplace(y)
+            routed_t = self._token_route(branches, gate, expanded=form == 'expanded')  # (B, H', W', cp)
+        if isinstance(self.out_act, nn.Identity):
+            return linear_1x1(self.recover, routed_t).permute(0, 3, 1, 2)  # (B, out, H', W'), channels-last
+        return conv_gelu(
+            self.recover,
+            routed_t.permute(0, 3, 1, 2),
+            lambda: torch.ops.aten.gelu_(linear_1x1(self.recover, routed_t)).permute(0, 3, 1, 2),
+        )
+
+    @torch.jit.unused
+    def _token_convs(self) -> Tuple[nn.Conv2d, List[nn.Conv2d], nn.Conv2d]:
+        """The reduce, branch and router convs of the token form's ``runs`` and ``expanded`` forms. For the
+        ``official`` routing (m > 1): copies whose reduced channels are reordered by their remainder modulo m
+        (``_official_order``), so that every operand of the routing is a run of adjacent channels (``_route_runs``):
+        the reduce conv's output rows, the branch kernels and the router's input columns renumbered, the same sums.
+        ATen vectorises a multiply-add over adjacent channels; over every m-th channel (the official pairing read in
+        place) it runs element by element, slowest in bf16. The copies are rebuilt when a weight changes (its storage
+        or version); the module's own convs are untouched."""
+        if self.routing != 'official' or self.num_scales == 1:
+            return self.reduce, list(self.dw), self.router
+        ws = [self.reduce.weight, self.reduce.bias, self.router.weight]
+        ws += [t for c in self.dw for t in (c.weight, c.bias)]
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) if t is not None else None for t in ws)
+        cached = self.__dict__.get('_token_cache')
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        perm = torch.tensor(self._official_order()[0], device=self.reduce.weight.device)
+
+        def copy(conv: nn.Conv2d, out_perm: bool) -> nn.Conv2d:
+            new = copy_module.copy(conv)  # the conv's settings; its parameters replaced (not registered on self)
+            new._parameters = dict(conv._parameters)
+            with torch.no_grad():
+                w = conv.weight[perm] if out_perm else conv.weight[:, perm]
+                new._parameters['weight'] = nn.Parameter(w.contiguous(), requires_grad=False)
+                if conv.bias is not None and out_perm:
+                    new._parameters['bias'] = nn.Parameter(conv.bias[perm].contiguous(), requires_grad=False)
+            return new
+
+        convs = (copy(self.reduce, True), [copy(c, True) for c in self.dw], copy(self.router, False))
+        self.__dict__['_token_cache'] = (key, convs)
+        return convs
+
+    @torch.jit.unused
+    def _official_order(self) -> Tuple[List[int], List[int]]:
+        """The reduced channels sorted by ``(c % m, c // m)``: the order (old channel at each new place) and the new
+        place of each old channel."""
+        m, cp = self.num_scales, self.reduced_dim
+        order = [c for r in range(m) for c in range(r, cp, m)]
+        place = [0] * cp
+        for p, c in enumerate(order):
+            place[c] = p
+        return order, place
+
+    @torch.jit.unused
+    def _route_runs(self, split_groups: bool) -> List[Tuple[int, int, int, int, int, int]]:
+        """The products of ``_token_route``, in order: ``(j, first routed channel, length, branch, first channel in the
+        branch (``_token_convs``' order), gate channel or -1)``; each routed channel meets its j = 0 product first and
+        then j = 1, ..., m - 1, as in ``route_fast``. ``official``: routed q takes branch channel ``t = q*m + j`` of
+        the concatenation (branch ``t // cp``, channel ``t % cp``), so for one j and one branch the routed channels
+        form a range whose branch channels are adjacent in ``_official_order``. ``cross_scale``: branch j, channel q.
+        With ``split_groups``, runs are cut where the gate group (cp/G channels) changes and carry their gate
+        channel."""
+        m, G, cp = self.num_scales, self.groups, self.reduced_dim
+        gw = cp // G
+        runs = []
+        place = self._official_order()[1] if self.routing == 'official' else list(range(cp))
+        for j in range(m):
+            for s in range(m if self.routing == 'official' else 1):
+                if self.routing == 'official':
+                    q0, q1 = max(0, -((j - s * cp) // m)), min(cp, ((s + 1) * cp - 1 - j) // m + 1)
+                    b = s
+                else:
+                    q0, q1, b = 0, cp, j
+                if q1 <= q0:
+                    continue
+                cuts = [q0] + [g * gw for g in range(G) if q0 < g * gw < q1] + [q1] if split_groups else [q0, q1]
+                for a, e in zip(cuts[:-1], cuts[1:]):
+                    c = a * m + j - s * cp if self.routing == 'official' else a
+                    runs.append((j, a, e - a, b, place[c], j * G + a // gw if split_groups else -1))
+        return runs
+
+    @torch.jit.unused
+    def _token_route(self, branches: List[torch.Tensor], gate: torch.Tensor, expanded: bool = False) -> torch.Tensor:
+        """The gated sum of the branch outputs (each (B, H', W', cp) tokens, as ``_token_convs`` ordered them) with
+        the gates (B, H', W', m*G) into a fresh (B, H', W', cp): the same products and sums as ``route_fast``, in
+        the same order, over runs of adjacent channels (``_route_runs``), each with one gate per token. With
+        ``expanded``: the gates first copied out per routed channel (B, H', W', m, cp), so that runs need not stop
+        where the gate group changes and every operand is a run of adjacent values: ATen's bf16 loops with a
+        broadcast gate vectorise only runs that are a multiple of their vector width (32) and ran up to 4x slower
+        otherwise (AMD EPYC, 1 thread); the copy is one pass over m*cp values per token."""
+        m, G, cp = self.num_scales, self.groups, self.reduced_dim
+        B, Ho, Wo = gate.shape[0], gate.shape[1], gate.shape[2]
+        out = branches[0].new_empty(B, Ho, Wo, cp)
+        if expanded:
+            gx = gate.view(B, Ho, Wo, m, G, 1).expand(B, Ho, Wo, m, G, cp // G).reshape(B, Ho, Wo, m, cp)
+        for j, a, n, b, c, gc in self._route_runs(split_groups=not expanded):
+            o, f = out[..., a : a + n], branches[b][..., c : c + n]
+            g = gx[..., j, a : a + n] if expanded else gate[..., gc : gc + 1]
+            if j == 0:
+                torch.mul(f, g, out=o)
+            else:
+                o.addcmul_(f, g)
+        return out
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         return self._scsc_reference(x)
@@ -583,7 +700,7 @@ class CrossScaleBottleneck(SpatialCrossScaleConv):
                 shortcut = pointwise_conv(self.shortcut, x)
         else:
             shortcut = self.shortcut(x)
-        return self._forward_inplace(x).add_(shortcut)
+        return self._forward_inplace(x, shortcut)
 
     @torch.no_grad()
     def reparameterize(self) -> None:

@@ -391,6 +391,15 @@ TUNED: Dict[str, TunedOp] = {
             per_module=True,
             training=True,
         ),
+        TunedOp(
+            'scsc_tokens',
+            {'concat': (), 'runs': ('inplace',), 'expanded': ('inplace',)},
+            key='branches, reduced width, gate groups, routing, stride, out width, out activation',
+            where="a reparameterized SCSC module's token form (channels-last inference) up to its SE: the routing on "
+            'the concatenated branches, or on each branch in place as runs of adjacent channels (reduced channels '
+            "reordered in copies of the reduce, branch and router convs), each with one gate per token or with the "
+            'gates copied out per channel',
+        ),
     )
 }
 
