@@ -232,7 +232,14 @@ def _examples():
         'roi_align': (lambda: roi_pool(pyramid, roi_boxes, [(64, 48)]), pyramid['0']),
         'scsc_train': (lambda: scsc_train._forward_tuned_train(smap), smap),
         'scsc_tokens': (lambda: scsc_tokens(smap_cl), smap_cl),
+        # bf16 autocast: the lean function and the plain form round differently (bf16 activations)
+        'scsc_train_amp': (lambda: _amp(lambda: scsc_train._forward_tuned_train(smap)), smap, 0.05),
     }
+
+
+def _amp(fn):
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        return fn().float()
 
 
 def test_every_declared_form_computes_what_the_plain_form_does(clean_tuner):

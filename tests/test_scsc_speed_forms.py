@@ -1,14 +1,22 @@
-"""SCSC inference speed forms (issue 24): the token form's routing on each branch in place (``scsc_tokens``: runs of
-adjacent channels in a reordered copy of the reduced channels, with one gate per token or the gates copied out per
-channel) and the SE product fused with the residual add, against the plain form."""
+"""SCSC speed forms (issue 24), against the plain form: in inference, the token form's routing on each branch in place
+(``scsc_tokens``: runs of adjacent channels in a reordered copy of the reduced channels, with one gate per token or the
+gates copied out per channel) and the SE product fused with the residual add; in training, the lean autograd function
+under bf16 autocast (``scsc_train_amp``, kind ``lean_recompute_amp``)."""
 
 from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import max_abs, randomize_bn
 
 from msconv.layers import CrossScaleBottleneck, SpatialCrossScaleConv, forms
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
+from _common import saved_bytes  # noqa: E402
 
 EVAL_TOL = 1e-5
 FORMS = ('concat', 'runs', 'expanded')
@@ -145,3 +153,99 @@ def test_token_forms_step_aside_with_autograd_and_under_capture():
         with forms.reference_forms():
             ref = m.forward_reference(x)
         assert max_abs(traced(x), ref) <= EVAL_TOL * max(1.0, ref.abs().max().item())
+
+
+# ---- the lean training function under bf16 autocast (scsc_train_amp) ---------------------------------------------
+
+
+def _amp_step(module, x, u, form):
+    """One forward + backward of ``module`` under bf16 autocast (``form`` None: fp32, no autocast)."""
+    x = (x.float() if form is None else x).detach().clone().requires_grad_(True)
+    saved = {}
+    if form is None:
+        with forms.forced_choices(scsc_train='plain'):
+            y = module(x)
+    else:
+        with torch.autocast('cpu', dtype=torch.bfloat16), forms.forced_choices(scsc_train_amp=form):
+            y = module(x)
+    saved['grad_fn'] = {type(f[0]).__name__ for f in y.grad_fn.next_functions if f[0] is not None}
+    (y.float() * u).sum().backward()
+    grads = {n: p.grad.clone() for n, p in module.named_parameters()}
+    buffers = {n: b.clone() for n, b in module.named_buffers() if b.is_floating_point()}
+    return y.detach().float(), dict(grads, input=x.grad.float()), buffers, saved['grad_fn'], y.dtype
+
+
+def _rel(a, b):
+    return max_abs(a.float(), b.float()) / max(b.abs().max().item(), 1e-12)
+
+
+@pytest.mark.parametrize('routing', ['official', 'cross_scale'])
+@pytest.mark.parametrize('cfg', [(72, 72, 1), (48, 96, 2)], ids=['identity', 'projection-s2'])
+@pytest.mark.parametrize('in_dtype', [torch.float32, torch.bfloat16])
+def test_lean_function_under_bf16_autocast_matches_the_plain_autocast_step(cfg, routing, in_dtype):
+    """The lean function under bf16 autocast: what the plain form computes under autocast within bf16 rounding, and
+    as close to the fp32 step as the plain autocast step is (values, input and weight gradients, BN running
+    statistics); fp32 weight gradients; the output dtype of the plain form; fewer bytes saved for backward."""
+    torch.manual_seed(0)
+    c_in, c_out, stride = cfg
+    base = CrossScaleBottleneck(c_in, c_out, (3, 5, 7), groups=4, stride=stride, routing=routing).train()
+    randomize_bn(base)
+    x = torch.randn(4, c_in, 12, 10).to(in_dtype)
+    u = torch.randn(4, c_out, 12 // stride, 10 // stride)
+    runs = {form: _amp_step(copy.deepcopy(base), x, u, form) for form in (None, 'plain', 'lean')}
+    (y32, g32, b32, _, _), (yp, gp, bp, fp, dp), (yl, gl, bl, fl, dl) = runs[None], runs['plain'], runs['lean']
+    assert '_LeanCrossScaleBackward' in fl and '_LeanCrossScaleBackward' not in fp
+    assert dl == dp
+    assert _rel(yl, yp) <= 0.02 and _rel(yl, y32) <= 2 * _rel(yp, y32) + 0.01
+    for n in gp:
+        assert gl[n].dtype == gp[n].dtype, n
+        assert _rel(gl[n], gp[n]) <= 0.1, n
+        assert _rel(gl[n], g32[n]) <= 2 * _rel(gp[n], g32[n]) + 0.02, n
+    for n in bp:
+        assert _rel(bl[n], bp[n]) <= 1e-3 and _rel(bl[n], b32[n]) <= 2 * _rel(bp[n], b32[n]) + 1e-3, n
+
+    def forward(form):
+        m = copy.deepcopy(base)
+        with torch.autocast('cpu', dtype=torch.bfloat16), forms.forced_choices(scsc_train_amp=form):
+            return m(x.clone().requires_grad_(True))
+
+    assert saved_bytes(lambda: forward('lean')) < 0.6 * saved_bytes(lambda: forward('plain'))
+
+
+def test_lean_function_under_autocast_with_gradient_checkpointing():
+    """Non-reentrant checkpointing replays the lean function under the autocast state of the forward: the same
+    gradients as without checkpointing (the statistics move once more in the replay, as for any BatchNorm)."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    base = CrossScaleBottleneck(48, 48, (3, 5, 7), groups=4).train()
+    randomize_bn(base)
+    x, u = torch.randn(2, 48, 9, 9), torch.randn(2, 48, 9, 9)
+    grads = []
+    for ckpt in (False, True):
+        m = copy.deepcopy(base)
+        xi = x.clone().requires_grad_(True)
+        with forms.forced_choices(scsc_train_amp='lean'):  # the replay in backward runs the same form
+            with torch.autocast('cpu', dtype=torch.bfloat16):
+                y = checkpoint(m, xi, use_reentrant=False) if ckpt else m(xi)
+            (y.float() * u).sum().backward()
+        grads.append({n: p.grad for n, p in m.named_parameters()} | {'input': xi.grad})
+    for n in grads[0]:
+        assert _rel(grads[1][n], grads[0][n]) <= 1e-2, n
+
+
+def test_lean_autocast_form_steps_aside_where_it_must():
+    """No lean function in fp16 autocast, with autograd off or under ``reference_forms()``; the fp32 lean kind does
+    not run under autocast."""
+    m = CrossScaleBottleneck(48, 48, (3, 5, 7), groups=4).train()
+    x = torch.randn(2, 48, 8, 8, requires_grad=True)
+    with torch.autocast('cpu', dtype=torch.float16):
+        assert m._train_op(x) is None
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert m._train_op(x) == 'scsc_train_amp'
+        with forms.reference_forms():
+            assert m._train_op(x) is None
+        with torch.no_grad():
+            assert m._train_op(x) is None
+    assert m._train_op(x) == 'scsc_train'
+    assert not forms.use_fast_form('lean_recompute', x) or not torch.is_autocast_enabled('cpu')

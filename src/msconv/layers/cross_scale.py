@@ -49,12 +49,14 @@ the plain training form on a copy of the module, per structure and input shape, 
 (``forms.tuned_training``). Tests check the forms agree.
 """
 
+import contextlib
 import copy as copy_module
 import re
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import DropPath, SEModule
 
 from ._fold import channels_last_only, fold_bn_into_conv
@@ -226,7 +228,7 @@ class SpatialCrossScaleConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_fast_form('inplace', x):
             return self._forward_inplace(x)
-        if torch.is_grad_enabled() and tunable('scsc_train', x) and self._lean_ok():
+        if self._train_op(x) is not None:
             return self._forward_tuned_train(x)
         if torch.is_grad_enabled() and tunable('pointwise_conv_train', x):
             return self._forward_train(x)
@@ -236,13 +238,27 @@ class SpatialCrossScaleConv(nn.Module):
     def _forward_tuned_train(self, x: torch.Tensor) -> torch.Tensor:
         """The module in a training step: its plain training form (``_forward_train``) or the lean autograd function
         (``_forward_lean``), whichever ``forms.tuned_training`` measures faster (forward + backward) for this module's
-        structure and input shape on the running machine."""
-        return tuned_training('scsc_train', (x,), _SCSC_TRAIN_FORMS, module=self)
+        structure and input shape on the running machine (operation ``scsc_train``, or ``scsc_train_amp`` under bf16
+        autocast)."""
+        op = 'scsc_train_amp' if _amp_dtype(x) == torch.bfloat16 else 'scsc_train'
+        return tuned_training(op, (x,), _SCSC_TRAIN_FORMS, module=self)
+
+    @torch.jit.unused
+    def _train_op(self, x: torch.Tensor) -> Optional[str]:
+        """The tuned training operation for this module's step on ``x`` (``scsc_train`` in fp32, ``scsc_train_amp``
+        under bf16 autocast), or None where autograd is off, the gate allows no lean form or the module's own
+        conditions (``_lean_ok``) fail."""
+        if not torch.is_grad_enabled():
+            return None
+        op = 'scsc_train'  # the gate is asked before anything reads x (under a capture x is a proxy)
+        if torch.is_autocast_enabled('cpu'):
+            op = 'scsc_train_amp' if torch.get_autocast_dtype('cpu') == torch.bfloat16 else None
+        return op if op is not None and tunable(op, x) and self._lean_ok() else None
 
     @torch.jit.unused
     def _forward_lean(self, x: torch.Tensor) -> torch.Tensor:
         """``forward_reference`` as one lean autograd function (``_LeanCrossScale``)."""
-        return _LeanCrossScale.apply(self, x, *self._lean_params())
+        return _LeanCrossScale.apply(self, _amp_dtype(x), x, *self._lean_params())
 
     @torch.jit.unused
     def _lean_ok(self) -> bool:
@@ -497,7 +513,10 @@ def _branches(mod: 'SpatialCrossScaleConv', x_r: torch.Tensor) -> torch.Tensor:
     run in ``_BRANCH_FORMAT`` and written into its slice: one layout pass)."""
     cp = mod.reduced_dim
     x_rb = x_r.contiguous(memory_format=_BRANCH_FORMAT)
-    outs = [conv(x_rb) for conv in mod.dw]
+    if x_r.dtype == mod.dw[0].weight.dtype:
+        outs = [conv(x_rb) for conv in mod.dw]
+    else:  # bf16 autocast (``_LeanCrossScale`` with a compute dtype): the kernels cast as autocast casts them
+        outs = [F.conv2d(x_rb, c.weight.to(x_r.dtype), None, c.stride, c.padding, c.dilation, c.groups) for c in mod.dw]
     cat = x_r.new_empty(x_r.shape[0], len(outs) * cp, *outs[0].shape[2:])
     for j, o in enumerate(outs):
         cat[:, j * cp : (j + 1) * cp].copy_(o)
@@ -524,6 +543,32 @@ def _route_backward(
     return (gr * gv).view(feats.shape), g_gate.reshape(gate.shape)
 
 
+def _amp_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype CPU autocast computes GEMMs and convolutions in for ``x`` now, or None (autocast off)."""
+    if x.device.type == 'cpu' and torch.is_autocast_enabled('cpu'):
+        return torch.get_autocast_dtype('cpu')
+    return None
+
+
+def _gemm_backward_amp(
+    grad: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, input_grad: bool = True
+) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+    """:func:`pointwise_gemm_backward` for a GEMM computed in ``x``'s reduced dtype with the fp32 ``weight`` cast to it
+    (as autocast runs a convolution): the input gradient in that dtype, the weight gradient per image in that dtype
+    and summed in fp32 (the weight's own dtype)."""
+    B, C, H, W = x.shape
+    g = grad.reshape(B, grad.shape[1], H * W)
+    xs = x.reshape(B, C, H * W)
+    w = weight.reshape(weight.shape[0], C).to(x.dtype)
+    gw = torch.zeros(weight.shape[0], C, dtype=weight.dtype, device=weight.device)
+    gx = x.new_empty(B, C, H * W) if input_grad else None
+    for b in range(B):
+        gw += torch.mm(g[b], xs[b].t())
+        if gx is not None:
+            torch.mm(w.t(), g[b], out=gx[b])
+    return (gx.view(B, C, H, W) if gx is not None else None), gw.view(weight.shape)
+
+
 class _LeanCrossScale(torch.autograd.Function):
     """``SpatialCrossScaleConv._scsc_reference`` (training mode) as one autograd function that saves for backward
     only the input, the reduce and recover 1x1 outputs (before their BNs), the concatenated branch outputs (before
@@ -531,42 +576,71 @@ class _LeanCrossScale(torch.autograd.Function):
     7.3 (every BN output, GELU output and product). Backward recomputes the BN affine maps, the GELUs and the routing
     (elementwise passes) and runs the same backward ops autograd would (``native_batch_norm_backward``,
     ``gelu_backward``, ``convolution_backward`` for the depthwise convs); the 1x1 convs are per-image GEMMs. The
-    forward runs the same ops as the plain form, the BatchNorms moving their running statistics once."""
+    forward runs the same ops as the plain form, the BatchNorms moving their running statistics once.
+
+    With a compute dtype ``cd`` (bf16 autocast): what the plain form computes under autocast, with autocast off
+    inside: the input cast to ``cd`` (and its gradient back), every GEMM and convolution in ``cd`` with the fp32
+    weights cast to it, the BatchNorms on ``cd`` activations with fp32 statistics and affines, the GELUs, gates,
+    routing and products in ``cd``, the SE under autocast itself; the weight gradients in fp32 (per-image GEMM
+    gradients summed in fp32). Everything saved is in ``cd``: half the bytes of the fp32 form."""
 
     @staticmethod
-    def forward(ctx, mod: 'SpatialCrossScaleConv', x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, mod: 'SpatialCrossScaleConv', cd: Optional[torch.dtype], x: torch.Tensor, *params):
+        if cd is None:
+            return _LeanCrossScale._forward(ctx, mod, None, x)
+        with torch.autocast('cpu', enabled=False):
+            return _LeanCrossScale._forward(ctx, mod, cd, x)
+
+    @staticmethod
+    def _forward(ctx, mod: 'SpatialCrossScaleConv', cd: Optional[torch.dtype], x: torch.Tensor) -> torch.Tensor:
         s = mod.stride
-        r = pointwise_gemm(mod.reduce.weight, x)  # (B, cp, H, W)
+        xc = x if cd is None else x.to(cd)
+        wc = (lambda w: w) if cd is None else (lambda w: w.to(cd))  # noqa: E731
+        r = pointwise_gemm(wc(mod.reduce.weight), xc)  # (B, cp, H, W)
         a1, m1, i1 = bn_train_forward(mod.reduce_bn, r)
         x_r = torch.ops.aten.gelu_(a1)
         cat = _branches(mod, x_r)  # (B, m*cp, H', W')
         a2, m2, i2 = bn_train_forward(mod.dw_bn, cat)
         feats = torch.ops.aten.gelu_(a2)
-        gate = torch.sigmoid_(pointwise_gemm(mod.router.weight, x_r[:, :, ::s, ::s].contiguous() if s > 1 else x_r))
+        gate = torch.sigmoid_(pointwise_gemm(wc(mod.router.weight), x_r[:, :, ::s, ::s].contiguous() if s > 1 else x_r))
         routed = mod._routed_form(feats, gate, tokens=False, fp32=False).view(gate.shape[0], -1, *gate.shape[2:])
         del feats, a2
-        z = pointwise_gemm(mod.recover.weight, routed)  # (B, out, H', W')
+        z = pointwise_gemm(wc(mod.recover.weight), routed)  # (B, out, H', W')
         a3, m3, i3 = bn_train_forward(mod.recover_bn, z)
         y = torch.ops.aten.gelu_(a3) if isinstance(mod.out_act, nn.GELU) else a3
         se = mod.se
         pooled = y.mean((2, 3), keepdim=True)
-        out = y * se.gate(se.fc2(se.act(se.fc1(pooled))))
-        ctx.mod = mod
-        ctx.save_for_backward(x, r, cat, gate, z, pooled, m1, i1, m2, i2, m3, i3)
+        with _se_autocast(cd):
+            out = y * se.gate(se.fc2(se.act(se.fc1(pooled))))
+        ctx.mod, ctx.cd, ctx.x_dtype = mod, cd, x.dtype
+        ctx.save_for_backward(xc, r, cat, gate, z, pooled, m1, i1, m2, i2, m3, i3)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        mod = ctx.mod
+        if ctx.cd is None:
+            return _LeanCrossScale._backward(ctx, grad)
+        with torch.autocast('cpu', enabled=False):
+            return _LeanCrossScale._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad: torch.Tensor):
+        mod, cd = ctx.mod, ctx.cd
         x, r, cat, gate, z, pooled, m1, i1, m2, i2, m3, i3 = ctx.saved_tensors
         s, cp, se = mod.stride, mod.reduced_dim, mod.se
-        grad = grad.contiguous()
+        grad = grad.contiguous() if cd is None else grad.to(cd).contiguous()
         gelu_out = isinstance(mod.out_act, nn.GELU)
         se_params = [p for p in se.parameters() if p.requires_grad]
+        if cd is None:
+            gemm_backward = pointwise_gemm_backward
+            recompute = bn_recompute
+        else:
+            gemm_backward = _gemm_backward_amp
+            recompute = lambda t, *a: bn_recompute(t, *a).to(cd)  # noqa: E731  (fp32 maths, as BN computes, rounded)
         # tail: recover BN (+ GELU), squeeze-excitation
-        a3 = bn_recompute(z, mod.recover_bn.weight, mod.recover_bn.bias, m3, i3)
+        a3 = recompute(z, mod.recover_bn.weight, mod.recover_bn.bias, m3, i3)
         y = torch.nn.functional.gelu(a3) if gelu_out else a3
-        with torch.enable_grad():
+        with torch.enable_grad(), _se_autocast(cd):
             p = pooled.detach().requires_grad_()
             scale = se.gate(se.fc2(se.act(se.fc1(p))))
         g_scale = (grad * y).sum((2, 3), keepdim=True)
@@ -581,10 +655,10 @@ class _LeanCrossScale(torch.autograd.Function):
         g_z, g_w3, g_b3 = bn_train_backward(g_a3, z, mod.recover_bn, m3, i3)
         del g_a3
         # routing: the branch features and the gated sum recomputed
-        a2 = bn_recompute(cat, mod.dw_bn.weight, mod.dw_bn.bias, m2, i2)
+        a2 = recompute(cat, mod.dw_bn.weight, mod.dw_bn.bias, m2, i2)
         feats = torch.nn.functional.gelu(a2)
         routed = mod._routed_form(feats, gate, tokens=False, fp32=False).view(gate.shape[0], -1, *gate.shape[2:])
-        g_routed, g_wc = pointwise_gemm_backward(g_z, mod.recover.weight, routed)
+        g_routed, g_wc = gemm_backward(g_z, mod.recover.weight, routed)
         del g_z, routed
         g_feats, g_gate = _route_backward(mod, g_routed, feats, gate)
         del feats, g_routed
@@ -593,22 +667,22 @@ class _LeanCrossScale(torch.autograd.Function):
         g_cat, g_w2, g_b2 = bn_train_backward(g_a2, cat, mod.dw_bn, m2, i2)
         del g_a2
         # branches and router back to the reduced input
-        a1 = bn_recompute(r, mod.reduce_bn.weight, mod.reduce_bn.bias, m1, i1)
+        a1 = recompute(r, mod.reduce_bn.weight, mod.reduce_bn.bias, m1, i1)
         x_r = torch.nn.functional.gelu(a1)
         g_logit = torch.ops.aten.sigmoid_backward(g_gate, gate)
         if s > 1:
-            g_xs, g_wg = pointwise_gemm_backward(g_logit, mod.router.weight, x_r[:, :, ::s, ::s].contiguous())
+            g_xs, g_wg = gemm_backward(g_logit, mod.router.weight, x_r[:, :, ::s, ::s].contiguous())
             g_xr = torch.zeros_like(x_r)
             g_xr[:, :, ::s, ::s] = g_xs
         else:
-            g_xr, g_wg = pointwise_gemm_backward(g_logit, mod.router.weight, x_r)
+            g_xr, g_wg = gemm_backward(g_logit, mod.router.weight, x_r)
         g_dw = []
         fmt = _BRANCH_FORMAT
         x_rb = x_r.contiguous(memory_format=fmt)
         for j, conv in enumerate(mod.dw):
             g_in, g_w, _ = torch.ops.aten.convolution_backward(
-                g_cat[:, j * cp : (j + 1) * cp].contiguous(memory_format=fmt), x_rb, conv.weight, None, conv.stride,
-                conv.padding, conv.dilation, False, [0, 0], conv.groups, [True, True, False],
+                g_cat[:, j * cp : (j + 1) * cp].contiguous(memory_format=fmt), x_rb, conv.weight.to(x_rb.dtype),
+                None, conv.stride, conv.padding, conv.dilation, False, [0, 0], conv.groups, [True, True, False],
             )  # fmt: skip
             g_xr += g_in
             g_dw.append(torch.empty_like(conv.weight).copy_(g_w))  # the weight's strides (DDP's gradient buckets)
@@ -616,8 +690,15 @@ class _LeanCrossScale(torch.autograd.Function):
         g_a1 = torch.ops.aten.gelu_backward(g_xr, a1)
         del a1, g_xr
         g_r, g_w1, g_b1 = bn_train_backward(g_a1, r, mod.reduce_bn, m1, i1)
-        g_x, g_wr = pointwise_gemm_backward(g_r, mod.reduce.weight, x, input_grad=ctx.needs_input_grad[1])
-        return (None, g_x, g_wr, g_w1, g_b1, *g_dw, g_w2, g_b2, g_wg, g_wc, g_w3, g_b3, *g_se)
+        g_x, g_wr = gemm_backward(g_r, mod.reduce.weight, x, input_grad=ctx.needs_input_grad[2])
+        if g_x is not None and g_x.dtype != ctx.x_dtype:
+            g_x = g_x.to(ctx.x_dtype)
+        return (None, None, g_x, g_wr, g_w1, g_b1, *g_dw, g_w2, g_b2, g_wg, g_wc, g_w3, g_b3, *g_se)
+
+
+def _se_autocast(cd: Optional[torch.dtype]):
+    """The squeeze-excitation of ``_LeanCrossScale`` under autocast to ``cd`` (as the plain form runs it), or as is."""
+    return torch.autocast('cpu', dtype=cd) if cd is not None else contextlib.nullcontext()
 
 
 #: The candidates of the ``scsc_train`` tuned operation for an SCSC module (called with the module, or with the
@@ -668,7 +749,7 @@ class CrossScaleBottleneck(SpatialCrossScaleConv):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training and use_fast_form('inplace', x):
             return self._forward_residual_inplace(x)
-        if torch.is_grad_enabled() and tunable('scsc_train', x) and self._lean_ok():
+        if self._train_op(x) is not None:
             return self._forward_residual_train(x, tuned=True)
         if torch.is_grad_enabled() and tunable('pointwise_conv_train', x):
             return self._forward_residual_train(x, tuned=False)

@@ -234,6 +234,14 @@ FORM_KINDS: Dict[str, FormKind] = {
             device='cpu',
             dtypes=_FP32,
         ),
+        FormKind(
+            'lean_recompute_amp',
+            "``lean_recompute`` under bf16 autocast on CPU (SCSC): the lean function's GEMMs and convolutions in bf16 "
+            'with the fp32 weights cast as autocast casts them, BatchNorm statistics, affines and weight gradients in '
+            'fp32, everything it saves in bf16',
+            device='cpu',
+            dtypes=(torch.float32, torch.bfloat16),
+        ),
     )
 }
 FORMS = tuple(FORM_KINDS)
@@ -399,6 +407,15 @@ TUNED: Dict[str, TunedOp] = {
             'the concatenated branches, or on each branch in place as runs of adjacent channels (reduced channels '
             "reordered in copies of the reduce, branch and router convs), each with one gate per token or with the "
             'gates copied out per channel',
+        ),
+        TunedOp(
+            'scsc_train_amp',
+            {'plain': (), 'lean': ('lean_recompute_amp', 'contiguous')},
+            key="the module's structure, autocast",
+            where="a bf16 autocast training step's SCSC module (the CBTNet block's SCSC branch): the plain form under "
+            'autocast or the lean autograd function in bf16',
+            per_module=True,
+            training=True,
         ),
     )
 }
