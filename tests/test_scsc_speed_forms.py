@@ -249,3 +249,17 @@ def test_lean_autocast_form_steps_aside_where_it_must():
             assert m._train_op(x) is None
     assert m._train_op(x) == 'scsc_train'
     assert not forms.use_fast_form('lean_recompute', x) or not torch.is_autocast_enabled('cpu')
+
+
+def test_token_form_with_inference_tensor_weights():
+    """A module built or reparameterized under ``torch.inference_mode`` holds inference tensors (no version
+    counter): the reordered copies are keyed by storage alone there and the forms still agree."""
+    with torch.inference_mode():
+        m = _module('block', CONFIGS[1], 'official')
+        x = torch.randn(2, 72, 8, 8).contiguous(memory_format=torch.channels_last)
+        assert m.reduce.weight.is_inference()
+        with forms.reference_forms():
+            ref = m.forward_reference(x.contiguous())
+        for form in FORMS:
+            with forms.forced_choices(scsc_tokens=form):
+                assert max_abs(m(x), ref) <= EVAL_TOL * max(1.0, ref.abs().max().item()), form

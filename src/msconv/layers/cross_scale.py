@@ -389,7 +389,7 @@ class SpatialCrossScaleConv(nn.Module):
             return self.reduce, list(self.dw), self.router
         ws = [self.reduce.weight, self.reduce.bias, self.router.weight]
         ws += [t for c in self.dw for t in (c.weight, c.bias)]
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) if t is not None else None for t in ws)
+        key = tuple((t.data_ptr(), _version(t), t.dtype, t.device) if t is not None else None for t in ws)
         cached = self.__dict__.get('_token_cache')
         if cached is not None and cached[0] == key:
             return cached[1]
@@ -541,6 +541,12 @@ def _route_backward(
         gr = g_routed.view(B, 1, G, cp // G, H, W)
         g_gate = (gr * f).sum(3)
     return (gr * gv).view(feats.shape), g_gate.reshape(gate.shape)
+
+
+def _version(t: torch.Tensor) -> int:
+    """``t._version``; -1 for an inference tensor (made under ``torch.inference_mode``), which has no version counter
+    (it can only be written in place inside ``inference_mode``, where nothing tracks it)."""
+    return -1 if t.is_inference() else t._version
 
 
 def _amp_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
