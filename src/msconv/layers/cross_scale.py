@@ -556,23 +556,26 @@ def _amp_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
     return None
 
 
+def _gemm_amp(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """:func:`pointwise_gemm` in ``x``'s reduced dtype with the fp32 ``weight`` cast to it (as autocast runs a
+    convolution), batched: oneDNN's bf16 GEMM writes through a copy when given ``out=``."""
+    B, C, H, W = x.shape
+    return torch.matmul(weight.reshape(weight.shape[0], C).to(x.dtype), x.reshape(B, C, H * W)).view(B, -1, H, W)
+
+
 def _gemm_backward_amp(
     grad: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, input_grad: bool = True
 ) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
-    """:func:`pointwise_gemm_backward` for a GEMM computed in ``x``'s reduced dtype with the fp32 ``weight`` cast to it
-    (as autocast runs a convolution): the input gradient in that dtype, the weight gradient per image in that dtype
-    and summed in fp32 (the weight's own dtype)."""
+    """Gradients of :func:`_gemm_amp` (input, weight): the input gradient in ``x``'s dtype, one batched GEMM; the
+    weight gradient as one GEMM over every image's tokens (the channel-major copies of ``grad`` and ``x``), rounded
+    once to that dtype as the convolution's backward under autocast rounds it, then fp32 (the weight's dtype)."""
     B, C, H, W = x.shape
-    g = grad.reshape(B, grad.shape[1], H * W)
+    n_out = grad.shape[1]
+    g = grad.reshape(B, n_out, H * W)
     xs = x.reshape(B, C, H * W)
-    w = weight.reshape(weight.shape[0], C).to(x.dtype)
-    gw = torch.zeros(weight.shape[0], C, dtype=weight.dtype, device=weight.device)
-    gx = x.new_empty(B, C, H * W) if input_grad else None
-    for b in range(B):
-        gw += torch.mm(g[b], xs[b].t())
-        if gx is not None:
-            torch.mm(w.t(), g[b], out=gx[b])
-    return (gx.view(B, C, H, W) if gx is not None else None), gw.view(weight.shape)
+    gw = torch.mm(g.transpose(0, 1).reshape(n_out, B * H * W), xs.transpose(0, 1).reshape(C, B * H * W).t())
+    gx = torch.matmul(weight.reshape(n_out, C).to(x.dtype).t(), g).view(B, C, H, W) if input_grad else None
+    return gx, gw.to(weight.dtype).view(weight.shape)
 
 
 class _LeanCrossScale(torch.autograd.Function):
@@ -587,8 +590,9 @@ class _LeanCrossScale(torch.autograd.Function):
     With a compute dtype ``cd`` (bf16 autocast): what the plain form computes under autocast, with autocast off
     inside: the input cast to ``cd`` (and its gradient back), every GEMM and convolution in ``cd`` with the fp32
     weights cast to it, the BatchNorms on ``cd`` activations with fp32 statistics and affines, the GELUs, gates,
-    routing and products in ``cd``, the SE under autocast itself; the weight gradients in fp32 (per-image GEMM
-    gradients summed in fp32). Everything saved is in ``cd``: half the bytes of the fp32 form."""
+    routing and products in ``cd``, the SE under autocast itself; the 1x1 convs as batched GEMMs, each weight
+    gradient one GEMM over all tokens rounded once to ``cd`` (as the convolution's backward under autocast), then
+    fp32. Everything saved is in ``cd``: half the bytes of the fp32 form."""
 
     @staticmethod
     def forward(ctx, mod: 'SpatialCrossScaleConv', cd: Optional[torch.dtype], x: torch.Tensor, *params):
@@ -601,17 +605,17 @@ class _LeanCrossScale(torch.autograd.Function):
     def _forward(ctx, mod: 'SpatialCrossScaleConv', cd: Optional[torch.dtype], x: torch.Tensor) -> torch.Tensor:
         s = mod.stride
         xc = x if cd is None else x.to(cd)
-        wc = (lambda w: w) if cd is None else (lambda w: w.to(cd))  # noqa: E731
-        r = pointwise_gemm(wc(mod.reduce.weight), xc)  # (B, cp, H, W)
+        gemm = pointwise_gemm if cd is None else _gemm_amp
+        r = gemm(mod.reduce.weight, xc)  # (B, cp, H, W)
         a1, m1, i1 = bn_train_forward(mod.reduce_bn, r)
         x_r = torch.ops.aten.gelu_(a1)
         cat = _branches(mod, x_r)  # (B, m*cp, H', W')
         a2, m2, i2 = bn_train_forward(mod.dw_bn, cat)
         feats = torch.ops.aten.gelu_(a2)
-        gate = torch.sigmoid_(pointwise_gemm(wc(mod.router.weight), x_r[:, :, ::s, ::s].contiguous() if s > 1 else x_r))
+        gate = torch.sigmoid_(gemm(mod.router.weight, x_r[:, :, ::s, ::s].contiguous() if s > 1 else x_r))
         routed = mod._routed_form(feats, gate, tokens=False, fp32=False).view(gate.shape[0], -1, *gate.shape[2:])
         del feats, a2
-        z = pointwise_gemm(wc(mod.recover.weight), routed)  # (B, out, H', W')
+        z = gemm(mod.recover.weight, routed)  # (B, out, H', W')
         a3, m3, i3 = bn_train_forward(mod.recover_bn, z)
         y = torch.ops.aten.gelu_(a3) if isinstance(mod.out_act, nn.GELU) else a3
         se = mod.se
