@@ -227,8 +227,8 @@ class SpatialCrossScaleConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_fast_form('inplace', x):
-            return self._forward_inplace(x)
-        if self._train_op(x) is not None:
+            return self._forward_inplace(x, None)
+        if not torch.jit.is_scripting() and self._train_op(x) is not None:
             return self._forward_tuned_train(x)
         if torch.is_grad_enabled() and tunable('pointwise_conv_train', x):
             return self._forward_train(x)
@@ -759,7 +759,7 @@ class CrossScaleBottleneck(SpatialCrossScaleConv):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training and use_fast_form('inplace', x):
             return self._forward_residual_inplace(x)
-        if self._train_op(x) is not None:
+        if not torch.jit.is_scripting() and self._train_op(x) is not None:
             return self._forward_residual_train(x, tuned=True)
         if torch.is_grad_enabled() and tunable('pointwise_conv_train', x):
             return self._forward_residual_train(x, tuned=False)
