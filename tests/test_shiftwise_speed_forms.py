@@ -57,7 +57,7 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return F.cosine_similarity(a.flatten().float(), b.flatten().float(), dim=0).item()
 
 
-def _close(got, ref, what, cos_min, skip=()):
+def _close(got, ref, what, cos_min, skip=(), buffers=2e-2):
     """Every output and gradient of ``got`` within ``cos_min`` (cosine) of ``ref``'s, running statistics within bf16
     rounding; returns the smallest cosine."""
     (out_a, gx_a, grads_a, buf_a), (out_b, gx_b, grads_b, buf_b) = got, ref
@@ -69,8 +69,8 @@ def _close(got, ref, what, cos_min, skip=()):
             cosines[name] = _cos(grads_a[name], grads_b[name])
     bad = {k: round(v, 4) for k, v in cosines.items() if not v > cos_min}
     assert not bad, (what, bad)
-    for name in buf_b:  # running statistics: accumulated in fp32 from bf16 maps on both sides
-        assert max_abs(buf_a[name], buf_b[name]) <= 2e-2 * max(1.0, buf_b[name].abs().max().item()), (what, name)
+    for name in buf_b if buffers else ():  # running statistics: accumulated in fp32 from bf16 maps on both sides
+        assert max_abs(buf_a[name], buf_b[name]) <= buffers * max(1.0, buf_b[name].abs().max().item()), (what, name)
     return min(cosines.values())
 
 
@@ -162,3 +162,28 @@ def test_backward_inside_autocast_is_the_same():
     assert out.dtype == torch.bfloat16
     for a, b, t in zip(*grads, (x, gate, *params)):
         assert a.dtype == t.dtype and torch.equal(a, b)
+
+
+def test_gradient_checkpointing_under_autocast(clean_tuner):
+    """Non-reentrant checkpointing of the stages in a bf16 autocast step: the recomputation goes through the bf16
+    forms again (checkpointing's check of what the forward saved holds) and the step trains like the plain form's
+    checkpointed step."""
+    import msconv
+
+    torch.manual_seed(0)
+    model = _nontrivial(msconv.create_model('test_shiftwise', num_classes=10)).train()
+    model.set_grad_checkpointing(True)
+    x = torch.randn(2, 3, 64, 64)
+    cancelling = {
+        n for n, _ in model.named_parameters() if n.endswith(('bn_h.bias', 'bn_v.bias', 'bn_s.bias', 'grn.bias'))
+    }
+    with forms.reference_forms():
+        fp32 = _step(model, x, torch.autocast('cpu', enabled=False))
+        plain = _step(model, x, _amp())
+    got = _step(model, x, _amp())
+    # a micro model's gradients are short sums and its BN statistics come from few pixels, bf16 noise is larger than
+    # at SW-T's shapes (where the running statistics are compared): against the plain bf16 step's own distance from
+    # fp32
+    yardstick = _close(plain, fp32, 'plain bf16 vs fp32', 0.8, cancelling, buffers=None)
+    assert _close(got, fp32, 'checkpointed vs fp32', 0.8, cancelling, buffers=None) > yardstick - 0.02
+    _close(got, plain, 'checkpointed vs plain bf16', 0.8, cancelling, buffers=None)
