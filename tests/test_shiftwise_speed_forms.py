@@ -191,3 +191,44 @@ def test_gradient_checkpointing_under_autocast(mlp, clean_tuner):
     yardstick = _close(plain, fp32, 'plain bf16 vs fp32', 0.8, cancelling, buffers=None)
     assert _close(got, fp32, 'checkpointed vs fp32', 0.8, cancelling, buffers=None) > yardstick - 0.02
     _close(got, plain, 'checkpointed vs plain bf16', 0.8, cancelling, buffers=None)
+
+
+def test_autocast_inference_form(monkeypatch):
+    """``inference_model(..., dtype='bf16', precision='autocast')``: the reparameterized blocks run their inference
+    form in bf16 under autocast (kind ``inplace_bf16``), within bf16 rounding of the plain form under autocast and of
+    fp32; not under fp16 autocast, nor with autograd on."""
+    import msconv
+
+    torch.manual_seed(0)
+    model = _nontrivial(msconv.create_model('test_shiftwise', num_classes=10)).eval()
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        fp32 = model(x)
+    fast = msconv.inference_model(model, dtype='bf16', precision='autocast')
+    blocks = [m for m in fast.modules() if isinstance(m, ShiftWiseBlock)]
+    assert blocks and all(b.conv.deployed for b in blocks)
+    calls = []
+    inference_form = ShiftWiseBlock._forward_inference
+    monkeypatch.setattr(
+        ShiftWiseBlock, '_forward_inference', lambda m, t: calls.append(t.dtype) or inference_form(m, t)
+    )
+    fast(x)  # the first call decides the memory layout (runs the model several times)
+    calls.clear()
+    got = fast(x)
+    assert len(calls) == len(blocks)
+    with forms.reference_forms():
+        plain = fast(x)
+    assert len(calls) == len(blocks)
+    scale = fp32.abs().max().item()
+    assert max_abs(got.float(), plain.float()) <= 2e-2 * scale
+    assert max_abs(got.float(), fp32) <= 3e-2 * scale and _cos(got, fp32) > 0.999
+    xb = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert not forms.use_fast_form('inplace_bf16', xb)
+        with _amp():
+            assert forms.use_fast_form('inplace_bf16', xb, 'channels_last')
+            assert not forms.use_fast_form('inplace_bf16', xb.contiguous(), 'channels_last')
+        with _amp(torch.float16):
+            assert not forms.use_fast_form('inplace_bf16', xb)
+    with _amp():
+        assert not forms.use_fast_form('inplace_bf16', xb)  # autograd on

@@ -252,6 +252,15 @@ FORM_KINDS: Dict[str, FormKind] = {
             dtypes=(torch.float32, torch.bfloat16),
             available=_bf16_autocast,
         ),
+        FormKind(
+            'inplace_bf16',
+            "the ``inplace`` inference forms under bf16 autocast (a reparameterized ShiftWise block): the block's maps "
+            "in bf16 written in place, its fp32 weights cast to bf16 as autocast casts them (measured on CPU only)",
+            autograd=False,
+            device='cpu',
+            dtypes=(torch.float32, torch.bfloat16),
+            available=_bf16_autocast,
+        ),
     )
 }
 FORMS = tuple(FORM_KINDS)

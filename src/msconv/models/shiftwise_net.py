@@ -243,9 +243,16 @@ class ShiftWiseBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training and use_fast_form('inplace', x, layout='channels_last') and self._inference_ok():
+        # the gate first: it answers False while scripting, so that the script never reaches the unused methods
+        if (
+            not self.training
+            and (
+                use_fast_form('inplace', x, layout='channels_last') or use_fast_form('inplace_bf16', x, 'channels_last')
+            )
+            and self._inference_ok()
+        ):
             return self._forward_inference(x)
-        if self.training and self._lean_ok() and (use_fast_form('lean_fp32', x) or use_fast_form('lean_bf16', x)):
+        if self.training and (use_fast_form('lean_fp32', x) or use_fast_form('lean_bf16', x)) and self._lean_ok():
             return self._forward_train(x)
         return self.forward_reference(x)
 
@@ -325,15 +332,20 @@ class ShiftWiseBlock(nn.Module):
         se = self.se
         gate = se.gate(se.fc2(se.act(se.bn(se.fc1(spatial_mean(y))))))
         y.mul_(gate)
-        bias2 = torch.addmv(self.fc2.bias, self.fc2.weight, self.grn.bias)
+        # under bf16 autocast (kind inplace_bf16) y is bf16 and so is all that follows: the Linears' weights cast
+        # as autocast would, the GRN's vectors rounded to bf16 where they scale a bf16 map
+        dt = y.dtype
+        w1, b1, w2 = (t.to(dt) for t in (self.fc1.weight, self.fc1.bias, self.fc2.weight))
+        bias2 = torch.addmv(self.fc2.bias, self.fc2.weight, self.grn.bias).to(dt)
+        grn_w = self.grn.weight.to(dt)
         yt, xt = y.permute(0, 2, 3, 1), x.permute(0, 2, 3, 1)  # (B, H, W, C) views, contiguous
         for yi, xi in zip(yt.split(1), xt.split(1)) if per_image else ((yt, xt),):
-            h = linear_gelu(yi, self.fc1.weight, self.fc1.bias)  # GELU(fc1(yi)), fresh
+            h = linear_gelu(yi, w1, b1)  # GELU(fc1(yi)), fresh
             hv = h.flatten(1, 2)  # (b, H*W, 4C) view
             norms = spatial_l2_norms(hv)
             norms.div_(norms.mean(dim=-1, keepdim=True).add_(self.grn.eps))
-            hv.mul_(norms.mul_(self.grn.weight).add_(1.0))
-            torch.add(xi, linear(h, self.fc2.weight, bias2), out=yi)  # residual; yi is no longer needed
+            hv.mul_(norms.mul_(grn_w).add_(1.0))
+            torch.add(xi, linear(h, w2, bias2), out=yi)  # residual; yi is no longer needed
         return y
 
     @torch.no_grad()
