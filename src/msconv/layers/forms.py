@@ -391,6 +391,13 @@ TUNED: Dict[str, TunedOp] = {
             per_module=True,
             training=True,
         ),
+        TunedOp(
+            'saa_fused',
+            {'plain': (), 'fused': ('fused', 'channels_last')},
+            key='channels, heads, expanded channels',
+            where="SMT's SAA in eval: grouped 1x1 conv, BatchNorm and GELU as one oneDNN call (the BatchNorm folded "
+            'into its weight at call time), the dense 1x1 conv as a token GEMM',
+        ),
     )
 }
 
