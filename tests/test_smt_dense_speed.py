@@ -55,3 +55,44 @@ def test_saa_fused_form_steps_aside_in_training_and_under_autograd(clean_tuner, 
         saa.eval()(x.requires_grad_(), interleaved=True).sum().backward()
     assert not calls
     assert x.grad is not None
+
+
+@pytest.mark.parametrize('deployed', [False, True])
+@pytest.mark.parametrize('rows', [4, 1 << 20])
+def test_smt_mlp_bands_match_the_plain_form(clean_tuner, monkeypatch, deployed, rows):
+    """The banded MLP (rows of 4: many bands with halos, first and last at the image border; or one band) gives the
+    plain form's output, with the identity folded at call time or by reparameterize()."""
+    from msconv.models import smt
+
+    torch.manual_seed(0)
+    mlp = smt.ConvMlp(16, 40).eval()
+    if deployed:
+        mlp.reparameterize()
+    x = torch.randn(2, 13, 7, 16)
+    monkeypatch.setattr(smt.ConvMlp, '_band_bytes', rows * 7 * 40 * 4, raising=False)
+    calls = _counting(monkeypatch, smt.ConvMlp, '_forward_bands')
+    with torch.no_grad():
+        with reference_forms():
+            ref = mlp(x)
+        with forms.forced_choices(smt_mlp_bands='bands'):
+            out = mlp(x)
+    assert calls, 'the banded MLP did not run'
+    assert max_abs(out, ref) < 1e-5
+
+
+def test_smt_stem_fused_form_matches_the_plain_form(clean_tuner, monkeypatch):
+    """conv -> BatchNorm (eval statistics) -> ReLU as one oneDNN call with the BatchNorm folded at call time."""
+    from msconv.models import smt
+
+    torch.manual_seed(0)
+    stem = smt.Stem(3, 16).eval()
+    randomize_bn(stem)
+    x = torch.randn(2, 3, 33, 31)
+    calls = _counting(monkeypatch, smt.Stem, '_first_fused')
+    with torch.no_grad():
+        with reference_forms():
+            ref = stem(x)
+        with forms.forced_choices(smt_stem='fused'):
+            out = stem(x)
+    assert calls, 'the fused stem did not run'
+    assert max_abs(out, ref) < 1e-5

@@ -308,14 +308,18 @@ class ScaleAwareAggregation(nn.Module):
         """``x``: (B, C, H, W) in head-major order, or already interleaved when ``interleaved=True``."""
         if use_fast_form('inplace', x):
             if interleaved and tunable('saa_fused', x) and self._fused_ok(x):
-                return tuned(
-                    'saa_fused',
-                    x,
-                    {'plain': lambda: self._forward_inplace(x, True), 'fused': lambda: self._forward_fused(x)},
-                    extra=f'{self.dim}/{self.num_heads}->{self.proj0.out_channels}',
-                )
+                return self._forward_tuned(x)
             return self._forward_inplace(x, interleaved)
         return self.forward_reference(x, interleaved)
+
+    @torch.jit.unused
+    def _forward_tuned(self, x: torch.Tensor) -> torch.Tensor:
+        return tuned(
+            'saa_fused',
+            x,
+            {'plain': lambda: self._forward_inplace(x, True), 'fused': lambda: self._forward_fused(x)},
+            extra=f'{self.dim}/{self.num_heads}->{self.proj0.out_channels}',
+        )
 
     @torch.jit.unused
     def _fused_ok(self, x: torch.Tensor) -> bool:
