@@ -96,3 +96,19 @@ def test_smt_stem_fused_form_matches_the_plain_form(clean_tuner, monkeypatch):
             out = stem(x)
     assert calls, 'the fused stem did not run'
     assert max_abs(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize('band_rows', [2, 3])
+def test_saa_fused_form_in_bands_matches_the_plain_form(clean_tuner, monkeypatch, band_rows):
+    """The fused SAA one band of rows at a time (as on large maps) gives the plain form's output."""
+    torch.manual_seed(0)
+    saa = ScaleAwareAggregation(16, 4, 2).eval()
+    randomize_bn(saa)
+    x = torch.randn(2, 16, 7, 5).contiguous(memory_format=torch.channels_last)
+    monkeypatch.setattr(ScaleAwareAggregation, '_band_bytes', band_rows * 5 * 32 * 4)
+    with torch.no_grad():
+        with reference_forms():
+            ref = saa(x, interleaved=True)
+        with forms.forced_choices(saa_fused='fused_bands'):
+            out = saa(x, interleaved=True)
+    assert max_abs(out, ref) < 1e-5

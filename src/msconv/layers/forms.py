@@ -393,10 +393,10 @@ TUNED: Dict[str, TunedOp] = {
         ),
         TunedOp(
             'saa_fused',
-            {'plain': (), 'fused': ('fused', 'channels_last')},
+            {'plain': (), 'fused': ('fused', 'channels_last'), 'fused_bands': ('fused', 'channels_last')},
             key='channels, heads, expanded channels',
             where="SMT's SAA in eval: grouped 1x1 conv, BatchNorm and GELU as one oneDNN call (the BatchNorm folded "
-            'into its weight at call time), the dense 1x1 conv as a token GEMM',
+            'into its weight at call time), the dense 1x1 conv as a token GEMM; whole or one band of rows at a time',
         ),
         TunedOp(
             'smt_mlp_bands',
