@@ -394,6 +394,27 @@ TUNED: Dict[str, TunedOp] = {
             per_module=True,
             training=True,
         ),
+        TunedOp(
+            'saa_fused',
+            {'plain': (), 'fused': ('fused', 'channels_last'), 'fused_bands': ('fused', 'channels_last')},
+            key='channels, heads, expanded channels',
+            where="SMT's SAA in eval: grouped 1x1 conv, BatchNorm and GELU as one oneDNN call (the BatchNorm folded "
+            'into its weight at call time), the dense 1x1 conv as a token GEMM; whole or one band of rows at a time',
+        ),
+        TunedOp(
+            'smt_mlp_bands',
+            {'plain': (), 'bands': ('fused', 'contiguous')},
+            key='in, hidden and out features',
+            where="SMT's MLP in eval: fc1, depthwise conv + GELU (one oneDNN call) and fc2 one band of rows at a time "
+            'so that the hidden tensor stays cache-sized',
+        ),
+        TunedOp(
+            'smt_stem',
+            {'plain': (), 'fused': ('fused',)},
+            key='(the input)',
+            where="SMT's stem in eval: conv -> BatchNorm -> ReLU as one oneDNN convolution, the BatchNorm folded into "
+            'its weight at call time',
+        ),
     )
 }
 
