@@ -207,6 +207,7 @@ def _examples():
     roi_boxes = [torch.tensor([[1.0, 2.0, 30.0, 40.0], [0.0, 0.0, 60.0, 45.0], [5.0, 5.0, 6.0, 9.0]])]
     scsc_train = msconv.layers.CrossScaleBottleneck(24, 24, (3, 5, 7), groups=2).train()  # batch statistics
     smap = torch.randn(2, 24, 9, 9, generator=g)
+    swin_block = msconv.models.scsc_swin.CrossScaleSwinBlock(24, (3, 5, 7), groups=2).train()
     return {
         'linear': (lambda: fast_ops.linear(tokens, w, b), tokens),
         'linear_gelu': (lambda: fast_ops.linear_gelu(tokens, w, b), tokens),
@@ -228,6 +229,7 @@ def _examples():
         ),
         'roi_align': (lambda: roi_pool(pyramid, roi_boxes, [(64, 48)]), pyramid['0']),
         'scsc_train': (lambda: scsc_train._forward_tuned_train(smap), smap),
+        'scsc_swin_mlp_train': (lambda: swin_block._mlp_lean(smap), smap),
     }
 
 

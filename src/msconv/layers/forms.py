@@ -391,6 +391,15 @@ TUNED: Dict[str, TunedOp] = {
             per_module=True,
             training=True,
         ),
+        TunedOp(
+            'scsc_swin_mlp_train',
+            {'per_image': (), 'batched': ()},
+            key="the block's structure, autocast",
+            where="the lean training form of a Swin+SCSC block's MLP (kind lean_recompute): its GEMMs image by image "
+            "on the (C, H*W) maps, or batched over all tokens on a channel-major (C, B*H*W) copy",
+            per_module=True,
+            training=True,
+        ),
     )
 }
 
