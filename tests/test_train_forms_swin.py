@@ -123,3 +123,45 @@ def test_gradient_checkpointing(layout):
         ref = _train_step(copy.deepcopy(model), x, y)
     with forms.forced_choices(scsc_train='lean', scsc_swin_mlp_train=layout):
         _assert_same_step(_train_step(copy.deepcopy(model), x, y), ref, 'checkpointed')
+
+
+@pytest.mark.parametrize('size', [64, 72])
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_token_norm_stem_and_mergings_equal_the_plain_ones(size, channels_last):
+    """Kind token_norm (the stem's conv run channels-last, the patch mergings' gather read from the NCHW map): a train
+    step (values, gradients, statistics) and eval outputs equal the plain forms; 72 px gives odd maps (18 -> 9 -> 5:
+    the mergings pad)."""
+    torch.manual_seed(0)
+    model = msconv.create_model('test_scsc_swin', num_classes=10, drop_path_rate=0.0).train()
+    randomize_bn(model)
+    x, y = torch.randn(2, 3, size, size), torch.tensor([1, 7])
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with forms.reference_forms():
+        ref = _train_step(copy.deepcopy(model), x, y)
+    with forms.forced_choices(scsc_train='plain', pointwise_conv_train='conv'):  # only token_norm differs
+        got = _train_step(copy.deepcopy(model), x, y)
+    _assert_same_step(got, ref, f'{size} px')
+    model.eval()
+    with torch.no_grad():
+        fast = model(x)
+        with forms.reference_forms():
+            plain = model(x)
+    assert (fast - plain).abs().max().item() <= 1e-5 * max(1.0, plain.abs().max().item())
+
+
+def test_token_norm_forms_run_and_step_aside():
+    model = msconv.create_model('test_scsc_swin', num_classes=10).eval()
+    stem, merge = model.stem, model.stages[1].downsample
+    x, fmap = torch.randn(2, 3, 64, 64), torch.randn(2, 24, 16, 16)
+    ran = []
+    stem._forward_tokens = lambda x, f=stem._forward_tokens: ran.append('stem') or f(x)
+    merge._forward_gather = lambda x, f=merge._forward_gather: ran.append('merge') or f(x)
+    with torch.no_grad():
+        stem(x), merge(fmap)
+        assert ran == ['stem', 'merge']
+        with forms.reference_forms():
+            stem(x), merge(fmap)
+        merge(fmap.transpose(2, 3))  # not contiguous: the plain form
+        torch.jit.trace(merge, fmap, check_trace=False)
+    assert ran == ['stem', 'merge']

@@ -57,7 +57,20 @@ class PatchEmbed(nn.Module):
         self.norm = LayerNorm2d(embed_dim, eps=1e-5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_fast_form('token_norm', x):
+            return self._forward_tokens(x)
         return self.norm(self.proj(x)).contiguous()
+
+    @torch.jit.unused
+    def _forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` with the conv run channels-last, so that its output is the contiguous (B, H, W, C) token map
+        the LayerNorm reads (and its backward writes) without a copy: one copy to NCHW at the end, where the plain form
+        copies before and after the norm and again in backward."""
+        if type(self.norm) is not LayerNorm2d:
+            return self.norm(self.proj(x)).contiguous()
+        t = self.proj(x.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)
+        norm = self.norm
+        return F.layer_norm(t, norm.normalized_shape, norm.weight, norm.bias, norm.eps).permute(0, 3, 1, 2).contiguous()
 
 
 class PatchMergingNCHW(PatchMerging):
@@ -69,11 +82,25 @@ class PatchMergingNCHW(PatchMerging):
         self.reduction = Linear(4 * dim, self.out_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, out_dim, ceil(H/2), ceil(W/2))
+        if use_fast_form('token_norm', x, 'contiguous'):
+            return self._forward_gather(x)
         x = x.permute(0, 2, 3, 1)  # (B, H, W, C)
         B, H, W, C = x.shape
         x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))  # odd sizes: one zero row / column, as timm's Swin
         x = x.reshape(B, (H + 1) // 2, 2, (W + 1) // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)
         return self.reduction(self.norm(x)).permute(0, 3, 1, 2).contiguous()
+
+    @torch.jit.unused
+    def _forward_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` for a contiguous NCHW ``x``: the 2x2 neighbours gathered into the (B, H/2, W/2, 4C) tokens
+        straight from the NCHW map by one copy (the plain form permutes, pads and copies twice; in backward the gather's
+        gradient comes back as one contiguous NCHW copy)."""
+        B, C, H, W = x.shape
+        if H % 2 or W % 2:  # odd sizes: one zero row / column, as timm's Swin
+            x = F.pad(x, (0, W % 2, 0, H % 2))
+            H, W = H + H % 2, W + W % 2
+        t = x.view(B, C, H // 2, 2, W // 2, 2).permute(0, 2, 4, 5, 3, 1).reshape(B, H // 2, W // 2, 4 * C)
+        return self.reduction(self.norm(t)).permute(0, 3, 1, 2).contiguous()
 
 
 class CrossScaleSwinBlock(nn.Module):
