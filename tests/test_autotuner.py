@@ -304,3 +304,91 @@ def test_restored_choices_are_reused_without_measuring(fresh_tuner, monkeypatch)
     with torch.no_grad():
         forms.tuned('op', x, cands)
     assert calls == {choice: 1}  # run once, not timed
+
+
+class _FakeClock:
+    """``time.perf_counter`` for ``forms``: it moves only when a candidate says how long it took."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+class _SinOfDouble(torch.autograd.Function):
+    """``sin(2x)`` keeping only its input for backward (the plain form below also keeps ``2x``)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.sin(2.0 * x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2.0 * g * torch.cos(2.0 * x)
+
+
+@pytest.fixture
+def memory_op(clean_tuner, monkeypatch):
+    """A training operation of these tests: ``plain`` keeps an intermediate as large as the input, ``lean`` keeps
+    nothing but the input; each advances a fake clock by its entry in the returned dict."""
+    monkeypatch.setitem(
+        forms.TUNED, 'mem', forms.TunedOp('mem', {'plain': (), 'lean': ()}, key='', where='tests', training=True)
+    )
+    clock = _FakeClock()
+    monkeypatch.setattr(forms, 'time', clock)
+    cost = {'plain': 1.0, 'lean': 1.0}
+
+    def plain(x):
+        clock.now += cost['plain']
+        return torch.sin(x * 2.0)
+
+    def lean(x):
+        clock.now += cost['lean']
+        return _SinOfDouble.apply(x)
+
+    return cost, {'plain': plain, 'lean': lean}
+
+
+@pytest.mark.parametrize(
+    'lean_cost, slack, chosen',
+    [
+        (1.02, None, 'lean'),  # within the default 3%: the form keeping fewer bytes
+        (0.99, None, 'lean'),
+        (1.10, None, 'plain'),  # beyond it: the faster form
+        (1.02, '0', 'plain'),  # speed only
+        (1.10, '0.2', 'lean'),
+    ],
+)
+def test_training_forms_within_the_memory_slack_go_to_the_one_keeping_less(
+    memory_op, monkeypatch, lean_cost, slack, chosen
+):
+    cost, cands = memory_op
+    cost['lean'] = lean_cost
+    if slack is not None:
+        monkeypatch.setenv('MSCONV_AUTOTUNE_MEMORY_SLACK', slack)
+    x = torch.randn(4, 8, requires_grad=True)
+    out = forms.tuned_training('mem', (x,), cands)
+    assert list(forms.autotune_choices().values()) == [chosen]
+    torch.testing.assert_close(out, torch.sin(2.0 * x), rtol=0, atol=0)
+    out.sum().backward()  # the winner's real run: its gradient, into the caller's leaf
+    torch.testing.assert_close(x.grad, 2.0 * torch.cos(2.0 * x.detach()))
+
+
+def test_the_bytes_a_training_form_keeps_are_counted_without_the_inputs_and_parameters(monkeypatch):
+    x = torch.randn(4, 8, requires_grad=True)
+    saved: dict = {}
+    forms._forward_backward(lambda x: torch.sin(x * 2.0), (x,), (), saved, 'plain')()
+    forms._forward_backward(_SinOfDouble.apply, (x,), (), saved, 'lean')()
+    lin = torch.nn.Linear(8, 8)
+    forms._forward_backward(lambda m, x: m(x), (x,), (lin,), saved, 'module')()
+    assert saved == {'plain': x.nbytes, 'lean': 0, 'module': 0}
+
+
+@pytest.mark.parametrize('raw', ['-0.1', 'fast', 'nan'])
+def test_a_bad_memory_slack_is_refused_by_name(monkeypatch, raw):
+    monkeypatch.setenv('MSCONV_AUTOTUNE_MEMORY_SLACK', raw)
+    with pytest.raises(ValueError, match=r'MSCONV_AUTOTUNE_MEMORY_SLACK: expected a number >= 0'):
+        forms.memory_slack()

@@ -20,7 +20,9 @@ that the gate allows here, measures them on the running machine the first time i
 :func:`structure_signature`) in eager inference, keeps the fastest (in memory, and on disk under ``MSCONV_CACHE_DIR``
 when set) and runs it from then on. It never measures under a graph capture or with autograd on (the plain form
 runs there). A timing taken while an inner operation was itself being measured is discarded and taken again, and
-long runs are timed fewer times (see ``_measure``). :func:`forced_choices` pins a choice (tests, benchmarks);
+long runs are timed fewer times (see ``_measure``). A training operation (:func:`tuned_training`) also counts the
+bytes each form keeps for backward: a form within :func:`memory_slack` (3%) of the fastest one's time that keeps
+fewer bytes is kept instead. :func:`forced_choices` pins a choice (tests, benchmarks);
 :func:`autotune_choices` lists what was chosen.
 
 Results that do not depend on timing: the forms a tuned operation chooses between compute the same maths with
@@ -78,6 +80,7 @@ __all__ = [
     'restore_autotune_choices',
     'autotune_enabled',
     'can_measure',
+    'memory_slack',
 ]
 
 
@@ -654,14 +657,37 @@ def _store(key: str, choice: str) -> None:
 
 #: Seconds of repeated timing rounds one measurement may spend after its first clean round (see ``_measure``).
 _ROUNDS_BUDGET_S = 2.0
+#: A training form whose median time is within this fraction of the fastest one's and which keeps fewer bytes for
+#: backward is chosen instead of it (see ``_measure``): differences this small are within the timer's noise under a
+#: busy machine, the memory is not. ``MSCONV_AUTOTUNE_MEMORY_SLACK`` overrides it (``0``: speed only).
+_MEMORY_SLACK = 0.03
 #: How many measurements this process has started (nested ones included): a candidate's run during which this
 #: changed also measured an inner operation, so its time is not the form's own.
 _MEASUREMENTS = 0
 
 
-def _measure(candidates: Dict[str, Callable[[], torch.Tensor]], rounds: int = 3) -> Tuple[str, torch.Tensor]:
+def memory_slack() -> float:
+    """The fraction of time a training form may lose to the fastest one and still be chosen because it keeps fewer
+    bytes for backward: ``MSCONV_AUTOTUNE_MEMORY_SLACK`` (a number >= 0) or 0.03."""
+    raw = os.environ.get('MSCONV_AUTOTUNE_MEMORY_SLACK')
+    if raw is None or not raw.strip():
+        return _MEMORY_SLACK
+    try:
+        slack = float(raw)
+    except ValueError:
+        slack = -1.0
+    if not slack >= 0:  # also NaN
+        raise ValueError(f"MSCONV_AUTOTUNE_MEMORY_SLACK: expected a number >= 0 (e.g. 0.03), got {raw!r}")
+    return slack
+
+
+def _measure(
+    candidates: Dict[str, Callable[[], torch.Tensor]], rounds: int = 3, saved: Optional[Dict[str, int]] = None
+) -> Tuple[str, torch.Tensor]:
     """Time every candidate up to ``rounds`` times, interleaved; the one with the lowest median wins. Returns its name
-    and its last output (so that the calling op's result is the winner's, as on every later call).
+    and its last output (so that the calling op's result is the winner's, as on every later call). With ``saved``
+    (training forms: the bytes each candidate's run kept for backward, filled in as they run), the candidate keeping
+    the fewest bytes among those within :func:`memory_slack` of the lowest median wins.
 
     Two rules keep this honest and bounded when candidates are large (a whole model, a big batch):
 
@@ -692,7 +718,12 @@ def _measure(candidates: Dict[str, Callable[[], torch.Tensor]], rounds: int = 3)
             if all(len(t) >= wanted for t in times.values()):
                 break
     timed = [name for name in candidates if times[name]] or list(candidates)
-    best = min(timed, key=lambda n: statistics.median(times[n]) if times[n] else float('inf'))
+    median = {n: statistics.median(times[n]) if times[n] else float('inf') for n in timed}
+    best = min(timed, key=median.__getitem__)
+    if saved:
+        slack = memory_slack()
+        close = [n for n in timed if median[n] <= median[best] * (1.0 + slack)]
+        best = min(close, key=lambda n: (saved.get(n, float('inf')), median[n]))
     return best, outputs[best]
 
 
@@ -781,13 +812,14 @@ def tuned_training(
 
     Where the gate allows a fast form on ``args[0]`` and autograd is recording, the first call for a key (as
     :func:`tuned`'s, plus the autocast dtype) times each allowed candidate's forward and backward and keeps the
-    fastest; later calls run it. The timed runs touch no state of the caller: they run on detached copies of ``args``
-    (and on a ``copy.deepcopy`` of ``module``: its own parameters, its own BatchNorm running statistics and
-    ``num_batches_tracked``, thrown away after), take gradients with ``torch.autograd.grad`` into those copies
-    (nothing is accumulated into a ``.grad``, no tensor hook of the caller runs), draw their random numbers from a
-    forked generator state (the caller's is as it was: dropout masks and data order do not depend on whether a
-    measurement ran), and any ``saved_tensors_hooks`` of the caller, such as gradient checkpointing's, are shielded
-    from their graphs. So the step in which the measurement happens computes what any other step computes: the
+    fastest, or, among the candidates within :func:`memory_slack` of the fastest's time, the one whose forward kept
+    the fewest bytes for backward; later calls run it. The timed runs touch no state of the caller: they run on
+    detached copies of ``args`` (and on a ``copy.deepcopy`` of ``module``: its own parameters, its own BatchNorm
+    running statistics and ``num_batches_tracked``, thrown away after), take gradients with ``torch.autograd.grad``
+    into those copies (nothing is accumulated into a ``.grad``, no tensor hook of the caller runs), draw their random
+    numbers from a forked generator state (the caller's is as it was: dropout masks and data order do not depend on
+    whether a measurement ran), and any ``saved_tensors_hooks`` of the caller, such as gradient checkpointing's, are
+    shielded from their graphs. So the step in which the measurement happens computes what any other step computes: the
     winner runs once on the real operands. The plain form runs inside ``reference_forms()``, under a capture, in a
     dispatch mode, with ``MSCONV_AUTOTUNE=0``, where nothing requires a gradient and where ``module``'s parameters
     are not leaves (a ``torch.func`` transform: no copy to time on); a ``forced_choices`` pin wins wherever its form is
@@ -836,34 +868,56 @@ def tuned_training(
         _MEASUREMENTS += 1
         copies = (copy.deepcopy(module),) if spec.per_module else ()
         cuda = [torch.cuda.current_device() if x.device.index is None else x.device.index] if device == 'cuda' else []
+        saved: Dict[str, int] = {}
         with torch.random.fork_rng(devices=cuda):  # the caller's generator state comes back as it was
-            runs = {name: _forward_backward(candidates[name], args, copies) for name in competing}
-            choice, _ = _measure(runs)
+            runs = {name: _forward_backward(candidates[name], args, copies, saved, name) for name in competing}
+            choice, _ = _measure(runs, saved=saved)
         _store(key, choice)
     _CHOICES[key] = choice
     return candidates[choice](*bound, *args)
 
 
 def _forward_backward(
-    fn: Callable[..., torch.Tensor], args: Tuple[torch.Tensor, ...], module: Tuple[nn.Module, ...] = ()
+    fn: Callable[..., torch.Tensor],
+    args: Tuple[torch.Tensor, ...],
+    module: Tuple[nn.Module, ...] = (),
+    saved: Optional[Dict[str, int]] = None,
+    name: str = '',
 ) -> Callable[[], torch.Tensor]:
     """One timed training run of a candidate: forward on detached leaf copies of ``args`` (after ``module``, a copy
     of the caller's module, when given) and the gradients of a fixed random cotangent into those copies and the
-    module copy's parameters."""
+    module copy's parameters. The first run writes into ``saved[name]`` the bytes of the storages its forward kept
+    for backward (the module's parameters and the inputs left out: every candidate keeps those)."""
     leaves = [a.detach().requires_grad_(a.requires_grad) if a is not None else None for a in args]
     wanted = [a for a in leaves if a is not None and a.requires_grad]
     wanted += [p for m in module for p in m.parameters() if p.requires_grad]
+    shared = {t.untyped_storage().data_ptr() for t in (*wanted, *leaves) if t is not None and _has_storage(t)}
     cotangent: list = []
 
     def run() -> torch.Tensor:
-        with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):  # the caller's hooks (checkpointing) see none
+        storages: Dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if saved is not None and name not in saved and _has_storage(t):
+                storage = t.untyped_storage()
+                if storage.data_ptr() not in shared:
+                    storages[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, _keep):  # the caller's hooks (checkpointing) see none
             out = fn(*module, *leaves)
+            if saved is not None and name not in saved:
+                saved[name] = sum(storages.values())
             if not cotangent:
                 cotangent.append(torch.randn_like(out))
             torch.autograd.grad(out, wanted, cotangent[0], allow_unused=True)
         return out.detach()
 
     return run
+
+
+def _has_storage(t: torch.Tensor) -> bool:
+    return t.layout == torch.strided and t.device.type != 'meta'
 
 
 def _keep(t: torch.Tensor) -> torch.Tensor:
