@@ -241,7 +241,9 @@ FORM_KINDS: Dict[str, FormKind] = {
             'token_norm',
             'a LayerNorm over the channels of an NCHW map on a (B, H, W, C) token map made by one copy (the Swin+SCSC '
             "stem's conv run channels-last, its patch mergings' 2x2 gather read from the NCHW map directly) where the "
-            'plain form permutes, pads and copies several times',
+            'plain form permutes, pads and copies several times (not under autocast: a bf16 conv run channels-last '
+            'rounds its weight gradient otherwise)',
+            autocast=False,
         ),
     )
 }
