@@ -218,6 +218,7 @@ def _examples():
     smt_tokens = torch.randn(2, 11, 6, 16, generator=g)
     smt_stem = msconv.models.smt.Stem(3, 16).eval()
     randomize_bn(smt_stem)
+    swin_block = msconv.models.scsc_swin.CrossScaleSwinBlock(24, (3, 5, 7), groups=2).train()
     return {
         'linear': (lambda: fast_ops.linear(tokens, w, b), tokens),
         'linear_gelu': (lambda: fast_ops.linear_gelu(tokens, w, b), tokens),
@@ -242,6 +243,7 @@ def _examples():
         'saa_fused': (lambda: saa(saa_map, interleaved=True), saa_map),
         'smt_mlp_bands': (lambda: smt_mlp(smt_tokens), smt_tokens),
         'smt_stem': (lambda: smt_stem(rgb), rgb),
+        'scsc_swin_mlp_train': (lambda: swin_block._mlp_lean(smap), smap),
     }
 
 

@@ -237,6 +237,14 @@ FORM_KINDS: Dict[str, FormKind] = {
             device='cpu',
             dtypes=_FP32,
         ),
+        FormKind(
+            'token_norm',
+            'a LayerNorm over the channels of an NCHW map on a (B, H, W, C) token map made by one copy (the Swin+SCSC '
+            "stem's conv run channels-last, its patch mergings' 2x2 gather read from the NCHW map directly) where the "
+            'plain form permutes, pads and copies several times (not under autocast: a bf16 conv run channels-last '
+            'rounds its weight gradient otherwise)',
+            autocast=False,
+        ),
     )
 }
 FORMS = tuple(FORM_KINDS)
@@ -414,6 +422,15 @@ TUNED: Dict[str, TunedOp] = {
             key='(the input)',
             where="SMT's stem in eval: conv -> BatchNorm -> ReLU as one oneDNN convolution, the BatchNorm folded into "
             'its weight at call time',
+        ),
+        TunedOp(
+            'scsc_swin_mlp_train',
+            {'per_image': (), 'batched': ()},
+            key="the block's structure, autocast",
+            where="the lean training form of a Swin+SCSC block's MLP (kind lean_recompute): its GEMMs image by image "
+            "on the (C, H*W) maps, or batched over all tokens on a channel-major (C, B*H*W) copy",
+            per_module=True,
+            training=True,
         ),
     )
 }
