@@ -244,6 +244,14 @@ FORM_KINDS: Dict[str, FormKind] = {
             dtypes=_FP32,
         ),
         FormKind(
+            'token_norm',
+            'a LayerNorm over the channels of an NCHW map on a (B, H, W, C) token map made by one copy (the Swin+SCSC '
+            "stem's conv run channels-last, its patch mergings' 2x2 gather read from the NCHW map directly) where the "
+            'plain form permutes, pads and copies several times (not under autocast: a bf16 conv run channels-last '
+            'rounds its weight gradient otherwise)',
+            autocast=False,
+        ),
+        FormKind(
             'lean_bf16',
             "the ``lean_fp32`` forms in a bf16 autocast training step (ShiftWise's SE product, MLP and GRN): GEMMs, "
             'GELU and the saved hidden map in bf16 as autocast runs the Linears, norms, statistics and reductions '
@@ -415,6 +423,36 @@ TUNED: Dict[str, TunedOp] = {
             {'plain': (), 'lean': ('lean_recompute', 'contiguous')},
             key="the module's structure, autocast",
             where="a training step's SCSC module (the CBTNet block's SCSC branch) and Swin+SCSC block MLP",
+            per_module=True,
+            training=True,
+        ),
+        TunedOp(
+            'saa_fused',
+            {'plain': (), 'fused': ('fused', 'channels_last'), 'fused_bands': ('fused', 'channels_last')},
+            key='channels, heads, expanded channels',
+            where="SMT's SAA in eval: grouped 1x1 conv, BatchNorm and GELU as one oneDNN call (the BatchNorm folded "
+            'into its weight at call time), the dense 1x1 conv as a token GEMM; whole or one band of rows at a time',
+        ),
+        TunedOp(
+            'smt_mlp_bands',
+            {'plain': (), 'bands': ('fused', 'contiguous')},
+            key='in, hidden and out features',
+            where="SMT's MLP in eval: fc1, depthwise conv + GELU (one oneDNN call) and fc2 one band of rows at a time "
+            'so that the hidden tensor stays cache-sized',
+        ),
+        TunedOp(
+            'smt_stem',
+            {'plain': (), 'fused': ('fused',)},
+            key='(the input)',
+            where="SMT's stem in eval: conv -> BatchNorm -> ReLU as one oneDNN convolution, the BatchNorm folded into "
+            'its weight at call time',
+        ),
+        TunedOp(
+            'scsc_swin_mlp_train',
+            {'per_image': (), 'batched': ()},
+            key="the block's structure, autocast",
+            where="the lean training form of a Swin+SCSC block's MLP (kind lean_recompute): its GEMMs image by image "
+            "on the (C, H*W) maps, or batched over all tokens on a channel-major (C, B*H*W) copy",
             per_module=True,
             training=True,
         ),
