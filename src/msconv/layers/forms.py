@@ -99,6 +99,12 @@ def _onednn_pointwise_op_ok(x: torch.Tensor) -> bool:
     return hasattr(torch.ops.mkldnn, '_convolution_pointwise')
 
 
+def _bf16_autocast(x: torch.Tensor) -> bool:
+    """bf16 autocast on the input's device"""
+    dev = x.device.type
+    return torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.bfloat16
+
+
 @dataclass(frozen=True)
 class FormKind:
     """A kind of fast form and what it needs of the environment (besides: not inside ``reference_forms()``)."""
@@ -244,6 +250,24 @@ FORM_KINDS: Dict[str, FormKind] = {
             'plain form permutes, pads and copies several times (not under autocast: a bf16 conv run channels-last '
             'rounds its weight gradient otherwise)',
             autocast=False,
+        ),
+        FormKind(
+            'lean_bf16',
+            "the ``lean_fp32`` forms in a bf16 autocast training step (ShiftWise's SE product, MLP and GRN): GEMMs, "
+            'GELU and the saved hidden map in bf16 as autocast runs the Linears, norms, statistics and reductions '
+            'accumulated in fp32 (measured on CPU only)',
+            device='cpu',
+            dtypes=(torch.float32, torch.bfloat16),
+            available=_bf16_autocast,
+        ),
+        FormKind(
+            'inplace_bf16',
+            "the ``inplace`` inference forms under bf16 autocast (a reparameterized ShiftWise block): the block's maps "
+            "in bf16 written in place, its fp32 weights cast to bf16 as autocast casts them (measured on CPU only)",
+            autograd=False,
+            device='cpu',
+            dtypes=(torch.float32, torch.bfloat16),
+            available=_bf16_autocast,
         ),
     )
 }
