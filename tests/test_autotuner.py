@@ -207,6 +207,18 @@ def _examples():
     roi_boxes = [torch.tensor([[1.0, 2.0, 30.0, 40.0], [0.0, 0.0, 60.0, 45.0], [5.0, 5.0, 6.0, 9.0]])]
     scsc_train = msconv.layers.CrossScaleBottleneck(24, 24, (3, 5, 7), groups=2).train()  # batch statistics
     smap = torch.randn(2, 24, 9, 9, generator=g)
+    from conftest import randomize_bn
+
+    saa = msconv.layers.mixed_conv.ScaleAwareAggregation(16, 4, 2).eval()
+    randomize_bn(saa)
+    saa_map = torch.randn(2, 16, 5, 6, generator=g).contiguous(memory_format=torch.channels_last)
+    from msconv.models.smt import ConvMlp
+
+    smt_mlp = ConvMlp(16, 24).eval()
+    smt_tokens = torch.randn(2, 11, 6, 16, generator=g)
+    smt_stem = msconv.models.smt.Stem(3, 16).eval()
+    randomize_bn(smt_stem)
+    swin_block = msconv.models.scsc_swin.CrossScaleSwinBlock(24, (3, 5, 7), groups=2).train()
     scsc_tokens = msconv.layers.CrossScaleBottleneck(24, 24, (3, 5, 7), groups=2).eval()
     scsc_tokens.reparameterize()
     smap_cl = smap.contiguous(memory_format=torch.channels_last)
@@ -231,6 +243,10 @@ def _examples():
         ),
         'roi_align': (lambda: roi_pool(pyramid, roi_boxes, [(64, 48)]), pyramid['0']),
         'scsc_train': (lambda: scsc_train._forward_tuned_train(smap), smap),
+        'saa_fused': (lambda: saa(saa_map, interleaved=True), saa_map),
+        'smt_mlp_bands': (lambda: smt_mlp(smt_tokens), smt_tokens),
+        'smt_stem': (lambda: smt_stem(rgb), rgb),
+        'scsc_swin_mlp_train': (lambda: swin_block._mlp_lean(smap), smap),
         'scsc_tokens': (lambda: scsc_tokens(smap_cl), smap_cl),
         # bf16 autocast: the lean function and the plain form round differently (bf16 activations)
         'scsc_train_amp': (lambda: _amp(lambda: scsc_train._forward_tuned_train(smap)), smap, 0.05),

@@ -314,11 +314,13 @@ def test_deploy_inference_path_equals_plain_forward(micro, gemm, mlp, monkeypatc
     assert torch.equal(x, x_before)
     assert max_abs(fast, plain) <= 1e-5 * plain.abs().max().item()
     calls.clear()
-    with torch.autocast('cpu', dtype=torch.bfloat16):  # mixed dtypes: the plain path, no in-place dtype clashes
+    with torch.autocast('cpu', dtype=torch.bfloat16):  # bf16 autocast: the same form in bf16 (kind inplace_bf16)
         plain_amp = deploy(x).detach()
         with torch.no_grad():
             fast_amp = deploy(x)
-    assert not calls and fast_amp.dtype == plain_amp.dtype and torch.equal(fast_amp, plain_amp)
+    assert len(calls) == sum(isinstance(b, ShiftWiseBlock) for b in deploy.modules())
+    assert fast_amp.dtype == plain_amp.dtype
+    assert max_abs(fast_amp.float(), plain_amp.float()) <= 2e-2 * plain_amp.float().abs().max().item()
 
 
 def test_official_checkpoint_through_create_model(micro, tmp_path):

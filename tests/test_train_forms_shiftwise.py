@@ -144,24 +144,28 @@ def test_gradient_checkpointing(clean_tuner):
 
 @pytest.mark.parametrize('pins', [PINS[0], PINS[-1]], ids=['plain', 'fast'])
 def test_bf16_autocast_step(pins, clean_tuner):
-    """Under CPU bf16 autocast the block runs its plain form (its training form is fp32 only) and the operator its
-    lean form with the pinned backward: within bf16 rounding of the plain form under autocast."""
+    """Under CPU bf16 autocast the block runs its training form in bf16 (kind ``lean_bf16``) and the operator its
+    lean form with the pinned backward: each rounds differently from the plain form under autocast, so both are
+    compared with the fp32 step (the plain bf16 step's own distance from it is about 0.98 in cosine at worst here)
+    and with each other."""
     torch.manual_seed(0)
     model = _nontrivial(msconv.create_model('test_shiftwise', num_classes=10)).train()
     x, y = torch.randn(2, 3, 64, 64), torch.tensor([1, 7])
     loss = lambda out: F.cross_entropy(out.float(), y)  # noqa: E731
     amp = lambda: torch.autocast('cpu', torch.bfloat16)  # noqa: E731
     with forms.reference_forms():
+        fp32 = _step(model, x, loss)
         ref = _step(model, x, loss, amp())
     with forms.forced_choices(**pins):
         got = _step(model, x, loss, amp())
-    assert F.cosine_similarity(got[0].flatten(), ref[0].flatten(), dim=0).item() > 0.97
+    cos = lambda a, b: F.cosine_similarity(a.flatten().float(), b.flatten().float(), dim=0).item()  # noqa: E731
+    assert cos(got[0], fp32[0]) > 0.99 and cos(got[0], ref[0]) > 0.99
     assert got[2].keys() == ref[2].keys()
-    for name, g in ref[2].items():
+    for name, g in fp32[2].items():
         if re.search(r'(conv\.bn_[hvs]|grn)\.bias$', name):
             continue  # analytically zero in a block (see test_sw_t_stage1_layer_and_block): bf16 noise both sides
-        cos = F.cosine_similarity(got[2][name].flatten().float(), g.flatten().float(), dim=0).item()
-        assert cos > 0.97, (name, cos)
+        assert got[2][name].dtype == torch.float32, name
+        assert cos(got[2][name], g) > 0.97 and cos(got[2][name], ref[2][name]) > 0.95, name
 
 
 @pytest.mark.parametrize('kernel, pad', [((3, 13), (1, 6)), ((13, 3), (6, 1)), ((3, 3), (1, 1)), ((3, 15), (1, 7))])

@@ -99,6 +99,12 @@ def _onednn_pointwise_op_ok(x: torch.Tensor) -> bool:
     return hasattr(torch.ops.mkldnn, '_convolution_pointwise')
 
 
+def _bf16_autocast(x: torch.Tensor) -> bool:
+    """bf16 autocast on the input's device"""
+    dev = x.device.type
+    return torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.bfloat16
+
+
 @dataclass(frozen=True)
 class FormKind:
     """A kind of fast form and what it needs of the environment (besides: not inside ``reference_forms()``)."""
@@ -236,6 +242,32 @@ FORM_KINDS: Dict[str, FormKind] = {
             autocast=False,
             device='cpu',
             dtypes=_FP32,
+        ),
+        FormKind(
+            'token_norm',
+            'a LayerNorm over the channels of an NCHW map on a (B, H, W, C) token map made by one copy (the Swin+SCSC '
+            "stem's conv run channels-last, its patch mergings' 2x2 gather read from the NCHW map directly) where the "
+            'plain form permutes, pads and copies several times (not under autocast: a bf16 conv run channels-last '
+            'rounds its weight gradient otherwise)',
+            autocast=False,
+        ),
+        FormKind(
+            'lean_bf16',
+            "the ``lean_fp32`` forms in a bf16 autocast training step (ShiftWise's SE product, MLP and GRN): GEMMs, "
+            'GELU and the saved hidden map in bf16 as autocast runs the Linears, norms, statistics and reductions '
+            'accumulated in fp32 (measured on CPU only)',
+            device='cpu',
+            dtypes=(torch.float32, torch.bfloat16),
+            available=_bf16_autocast,
+        ),
+        FormKind(
+            'inplace_bf16',
+            "the ``inplace`` inference forms under bf16 autocast (a reparameterized ShiftWise block): the block's maps "
+            "in bf16 written in place, its fp32 weights cast to bf16 as autocast casts them (measured on CPU only)",
+            autograd=False,
+            device='cpu',
+            dtypes=(torch.float32, torch.bfloat16),
+            available=_bf16_autocast,
         ),
         FormKind(
             'lean_recompute_amp',
@@ -399,6 +431,36 @@ TUNED: Dict[str, TunedOp] = {
             {'plain': (), 'lean': ('lean_recompute', 'contiguous')},
             key="the module's structure, autocast",
             where="a training step's SCSC module (the CBTNet block's SCSC branch) and Swin+SCSC block MLP",
+            per_module=True,
+            training=True,
+        ),
+        TunedOp(
+            'saa_fused',
+            {'plain': (), 'fused': ('fused', 'channels_last'), 'fused_bands': ('fused', 'channels_last')},
+            key='channels, heads, expanded channels',
+            where="SMT's SAA in eval: grouped 1x1 conv, BatchNorm and GELU as one oneDNN call (the BatchNorm folded "
+            'into its weight at call time), the dense 1x1 conv as a token GEMM; whole or one band of rows at a time',
+        ),
+        TunedOp(
+            'smt_mlp_bands',
+            {'plain': (), 'bands': ('fused', 'contiguous')},
+            key='in, hidden and out features',
+            where="SMT's MLP in eval: fc1, depthwise conv + GELU (one oneDNN call) and fc2 one band of rows at a time "
+            'so that the hidden tensor stays cache-sized',
+        ),
+        TunedOp(
+            'smt_stem',
+            {'plain': (), 'fused': ('fused',)},
+            key='(the input)',
+            where="SMT's stem in eval: conv -> BatchNorm -> ReLU as one oneDNN convolution, the BatchNorm folded into "
+            'its weight at call time',
+        ),
+        TunedOp(
+            'scsc_swin_mlp_train',
+            {'per_image': (), 'batched': ()},
+            key="the block's structure, autocast",
+            where="the lean training form of a Swin+SCSC block's MLP (kind lean_recompute): its GEMMs image by image "
+            "on the (C, H*W) maps, or batched over all tokens on a channel-major (C, B*H*W) copy",
             per_module=True,
             training=True,
         ),

@@ -20,9 +20,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels.depthwise import depthwise_conv2d
-from ._fold import fold_bn_into_conv
+from ._fold import bn_scale_shift, fold_bn_into_conv
 from .fast_ops import linear
-from .forms import use_fast_form
+from .forms import tunable, tuned, use_fast_form
 from .linear import Linear
 
 __all__ = ['MultiHeadMixedConv', 'ScaleAwareAggregation', 'ScaleAwareModulation']
@@ -304,11 +304,80 @@ class ScaleAwareAggregation(nn.Module):
         self.act = nn.GELU()
         self.proj1 = nn.Conv2d(dim * expand_ratio, dim, 1)
 
+    _band_bytes = 4 << 20  #: the fused form's rows per band: about this many bytes of the expanded tensor
+
     def forward(self, x: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
         """``x``: (B, C, H, W) in head-major order, or already interleaved when ``interleaved=True``."""
         if use_fast_form('inplace', x):
+            if interleaved and tunable('saa_fused', x) and self._fused_ok(x):
+                return self._forward_tuned(x)
             return self._forward_inplace(x, interleaved)
         return self.forward_reference(x, interleaved)
+
+    @torch.jit.unused
+    def _forward_tuned(self, x: torch.Tensor) -> torch.Tensor:
+        return tuned(
+            'saa_fused',
+            x,
+            {
+                'plain': lambda: self._forward_inplace(x, True),
+                'fused': lambda: self._forward_fused(x),
+                'fused_bands': lambda: self._forward_fused(x, bands=True),
+            },
+            extra=f'{self.dim}/{self.num_heads}->{self.proj0.out_channels}',
+        )
+
+    @torch.jit.unused
+    def _fused_ok(self, x: torch.Tensor) -> bool:
+        bn = self.bn
+        return (
+            type(self.act) is nn.GELU
+            and self.act.approximate == 'none'
+            and self.proj0.weight.dtype == x.dtype
+            and (
+                type(bn) is nn.Identity
+                or (type(bn) is nn.BatchNorm2d and not bn.training and bn.running_mean is not None and bn.affine)
+            )
+        )
+
+    @torch.jit.unused
+    def _forward_fused(self, x: torch.Tensor, bands: bool = False) -> torch.Tensor:
+        """The ``fused`` inference form on interleaved channels-last ``x``: the BatchNorm (eval statistics) folded
+        into the grouped 1x1 conv's tiny weight at call time, that conv with the GELU as one oneDNN call (no separate
+        BatchNorm and GELU passes; ``F.conv2d`` would run a grouped 1x1 conv of one image on one thread as a loop of
+        per-group native convolutions), then the dense 1x1 conv as a GEMM over the tokens (``fast_ops.linear``).
+        With ``bands=True`` (the ``fused_bands`` form) both run one band of rows of one image at a time (about
+        ``_band_bytes`` of the expanded tensor per band, which then stays in cache), each band's GEMM written into
+        the output's rows: faster on SMT's first stage at detection sizes, slower on the later ones."""
+        w, b = self.proj0.weight, self.proj0.bias
+        if isinstance(self.bn, nn.BatchNorm2d):
+            scale, shift = bn_scale_shift(self.bn)
+            w = w * scale.reshape(-1, 1, 1, 1)
+            b = shift + b * scale if b is not None else shift
+        w = w.contiguous()
+        w1, b1 = self.proj1.weight.flatten(1), self.proj1.bias
+        B, H, W = x.shape[0], x.shape[2], x.shape[3]
+        expanded = self.proj0.out_channels
+        rows = max(1, self._band_bytes // max(1, W * expanded * x.element_size())) if bands else H
+        if rows >= H:
+            a = torch.ops.mkldnn._convolution_pointwise(
+                x, w, b, [0, 0], [1, 1], [1, 1], self.proj0.groups, 'gelu', [], 'none'
+            )
+            return linear(a.permute(0, 2, 3, 1), w1, b1).permute(0, 3, 1, 2)
+        out = x.new_empty(B, H, W, self.dim)  # tokens
+        for i in range(B):
+            for r0 in range(0, H, rows):
+                r1 = min(r0 + rows, H)
+                a = torch.ops.mkldnn._convolution_pointwise(
+                    x[i : i + 1, :, r0:r1], w, b, [0, 0], [1, 1], [1, 1], self.proj0.groups, 'gelu', [], 'none'
+                )
+                a = a.permute(0, 2, 3, 1).reshape(-1, expanded)
+                dest = out[i, r0:r1].view(-1, self.dim)
+                if b1 is None:
+                    torch.mm(a, w1.t(), out=dest)
+                else:
+                    torch.addmm(b1, a, w1.t(), out=dest)
+        return out.permute(0, 3, 1, 2)
 
     def _interleave(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W), head-major -> interleaved channels
         return x.unflatten(1, (self.num_heads, self.dim // self.num_heads)).transpose(1, 2).flatten(1, 2)

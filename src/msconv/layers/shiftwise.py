@@ -236,12 +236,12 @@ class _LeanShiftWiseTrain(torch.autograd.Function):
         for i, (k, pad) in enumerate(zip((kh, kv, ks), pads)):
             z = F.conv2d(xr, k, padding=pad, groups=groups)
             # the BatchNorm's own kernel: batch statistics in one vectorised pass (var_mean over (0, 2, 3) of a
-            # channels-last map is ~9x slower), its output, and the running statistics updated as the module does
+            # channels-last map is ~9x slower), its output, and the running statistics updated as the module does;
+            # a bf16 z (autocast) with the fp32 affine and statistics: accumulated in fp32, its output in bf16
             running_mean, running_var, factor = running[i]
             out, mean, invstd = torch.native_batch_norm(
-                z.float(), gammas[i], betas[i], running_mean, running_var, True, factor, eps
+                z, gammas[i], betas[i], running_mean, running_var, True, factor, eps
             )
-            out = out.to(xr.dtype)
             y = torch.add(xr, out) if y is None else y.add_(out)
             means.append(mean)
             invstds.append(invstd)
@@ -261,23 +261,23 @@ class _LeanShiftWiseTrain(torch.autograd.Function):
         gbeta = torch.zeros_like(gammas)
         # gy is a channel slice of the block's gradient: in z's layout, BN's backward kernel is several times faster
         layout = torch.channels_last if channels_last_only(xr) else torch.contiguous_format
-        gy32 = gy.float().contiguous(memory_format=layout)
+        gyc = gy.to(xr.dtype).contiguous(memory_format=layout)
         for i, (k, pad) in enumerate(zip((kh, kv, ks), ctx.pads)):
-            z = F.conv2d(xr, k, padding=pad, groups=groups).float()
-            # the BatchNorm's own backward kernel (its per-channel sums accumulate in double, as the plain form's)
+            z = F.conv2d(xr, k, padding=pad, groups=groups)
+            # the BatchNorm's own backward kernel (its per-channel sums accumulate in double, as the plain form's;
+            # bf16 z and gy with the fp32 affine and statistics under autocast: gz in bf16)
             gz, ggamma[i], gbeta[i] = torch.ops.aten.native_batch_norm_backward(
-                gy32, z, gammas[i], None, None, mean_t[i], invstd_t[i], True, ctx.eps, [need_x or need_k, True, True]
+                gyc, z, gammas[i], None, None, mean_t[i], invstd_t[i], True, ctx.eps, [need_x or need_k, True, True]
             )
             if not (need_x or need_k):
                 continue
-            gz = gz.to(xr.dtype)
             if need_x:
                 gxi = _depthwise_grad_input(gz, xr, k, pad)
                 gx = gxi if gx is None else gx.add_(gxi)
             if need_k:
                 gks[i] = _depthwise_grad_weight(gz, xr, k, pad)
         if need_x:
-            gx = gy.clone() if gx is None else gx.add_(gy32.to(gx.dtype))
+            gx = gy.clone() if gx is None else gx.add_(gyc)
         return gx, gks[0], gks[1], gks[2], ggamma, gbeta, None, None, None
 
 

@@ -57,7 +57,20 @@ class PatchEmbed(nn.Module):
         self.norm = LayerNorm2d(embed_dim, eps=1e-5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_fast_form('token_norm', x):
+            return self._forward_tokens(x)
         return self.norm(self.proj(x)).contiguous()
+
+    @torch.jit.unused
+    def _forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` with the conv run channels-last, so that its output is the contiguous (B, H, W, C) token map
+        the LayerNorm reads (and its backward writes) without a copy: one copy to NCHW at the end, where the plain form
+        copies before and after the norm and again in backward."""
+        if type(self.norm) is not LayerNorm2d:
+            return self.norm(self.proj(x)).contiguous()
+        t = self.proj(x.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)
+        norm = self.norm
+        return F.layer_norm(t, norm.normalized_shape, norm.weight, norm.bias, norm.eps).permute(0, 3, 1, 2).contiguous()
 
 
 class PatchMergingNCHW(PatchMerging):
@@ -69,11 +82,25 @@ class PatchMergingNCHW(PatchMerging):
         self.reduction = Linear(4 * dim, self.out_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, out_dim, ceil(H/2), ceil(W/2))
+        if use_fast_form('token_norm', x, 'contiguous'):
+            return self._forward_gather(x)
         x = x.permute(0, 2, 3, 1)  # (B, H, W, C)
         B, H, W, C = x.shape
         x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))  # odd sizes: one zero row / column, as timm's Swin
         x = x.reshape(B, (H + 1) // 2, 2, (W + 1) // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)
         return self.reduction(self.norm(x)).permute(0, 3, 1, 2).contiguous()
+
+    @torch.jit.unused
+    def _forward_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` for a contiguous NCHW ``x``: the 2x2 neighbours gathered into the (B, H/2, W/2, 4C) tokens
+        straight from the NCHW map by one copy (the plain form permutes, pads and copies twice; in backward the gather's
+        gradient comes back as one contiguous NCHW copy)."""
+        B, C, H, W = x.shape
+        if H % 2 or W % 2:  # odd sizes: one zero row / column, as timm's Swin
+            x = F.pad(x, (0, W % 2, 0, H % 2))
+            H, W = H + H % 2, W + W % 2
+        t = x.view(B, C, H // 2, 2, W // 2, 2).permute(0, 2, 4, 5, 3, 1).reshape(B, H // 2, W // 2, 4 * C)
+        return self.reduction(self.norm(t)).permute(0, 3, 1, 2).contiguous()
 
 
 class CrossScaleSwinBlock(nn.Module):
@@ -126,10 +153,18 @@ class CrossScaleSwinBlock(nn.Module):
 
     @torch.jit.unused
     def _mlp_lean(self, x: torch.Tensor) -> torch.Tensor:
-        """``self.mlp(self.norm(x))`` as one lean autograd function (``_LeanMlp``)."""
+        """``x + drop_path(self.mlp(self.norm(x)))`` as one lean autograd function (``_LeanMlp``, the residual add
+        inside it where there is no drop path), in the layout ``forms.tuned_training`` measures faster for this block's
+        structure and input shape (``scsc_swin_mlp_train``: image by image, or batched over all tokens)."""
+        return tuned_training('scsc_swin_mlp_train', (x,), _MLP_LAYOUTS, module=self)
+
+    @torch.jit.unused
+    def _mlp_lean_form(self, x: torch.Tensor, batched: bool) -> torch.Tensor:
         mlp = self.mlp
         params = (self.norm.weight, self.norm.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias)
-        return _LeanMlp.apply(self, x, *params)
+        residual = isinstance(self.drop_path, nn.Identity)
+        y = _LeanMlp.apply(self, x, batched, residual, *params)
+        return y if residual else x + self.drop_path(y)
 
     @torch.jit.unused
     def _mlp_train(self, x: torch.Tensor) -> torch.Tensor:
@@ -147,11 +182,13 @@ class CrossScaleSwinBlock(nn.Module):
     def _forward_train(self, x: torch.Tensor, tuned: bool = False) -> torch.Tensor:
         """``forward_reference`` with the MLP's two 1x1 convs through ``fast_ops.pointwise_conv_train`` (the
         convolution or batched GEMMs, whichever trains faster here: the official code's token Linears are GEMMs); with
-        ``tuned``, the MLP (pre-norm included) in the form ``forms.tuned_training`` measures faster for this block's
-        structure and input shape: that one, or the lean autograd function (the mixer chooses its own form)."""
+        ``tuned``, the MLP (pre-norm and residual add included) in the form ``forms.tuned_training`` measures faster
+        for this block's structure and input shape: that one, or the lean autograd function (the mixer chooses its own
+        form)."""
         x = x + self.drop_path(self.mixer(x))
-        mlp = tuned_training('scsc_train', (x,), _MLP_TRAIN_FORMS, module=self) if tuned else self._mlp_train(x)
-        return x + self.drop_path(mlp)
+        if tuned:
+            return tuned_training('scsc_train', (x,), _MLP_TRAIN_FORMS, module=self)
+        return x + self.drop_path(self._mlp_train(x))
 
     @torch.jit.unused
     def _forward_inplace(self, x: torch.Tensor) -> torch.Tensor:
@@ -202,61 +239,109 @@ def _no_dropout(m: nn.Module) -> bool:
 
 
 class _LeanMlp(torch.autograd.Function):
-    """``block.mlp(block.norm(x))`` in training mode as one autograd function: it saves the input, the first 1x1
-    conv's output and the GELU's (9 activation maps of ``C`` channels where autograd keeps 10: the BN output is
-    recomputed in backward from the batch statistics). It runs image by image (a CPU form): the 4C-wide temporaries of
-    forward and backward are image-sized buffers that the allocator reuses (batch-sized ones above glibc's mmap
-    threshold are fresh pages, faulted in on every call) and the weight gradients accumulate in the GEMMs. The BN and
-    GELU backward are the ops autograd runs."""
+    """``block.mlp(block.norm(x))`` in training mode as one autograd function (a CPU form), with the block's residual
+    add when ``residual`` (``x + mlp(norm(x))``, for a block without drop path). It saves the input and the first 1x1
+    conv's output (5 activation maps of ``C`` channels where autograd keeps 10): backward recomputes the BN output
+    from the batch statistics and the GELU output from the saved pre-activation. Two layouts of the same GEMMs:
+
+    * ``batched=False``: image by image on the (C, H*W) views, the 4C-wide temporaries of forward and backward
+      image-sized buffers that stay in cache (batch-sized ones above glibc's mmap threshold are fresh pages, faulted in
+      on every call) and the weight gradients accumulated by the GEMMs; best on large maps.
+    * ``batched=True``: every image at once on a (C, B*H*W) copy of the input (channel-major tokens: one GEMM per
+      weight over all B*H*W tokens, as the official code's token Linears): on small maps (14x14, 7x7) the per-image
+      GEMMs are skinny and run well below the BLAS's speed.
+
+    The BN and GELU backward are the ops autograd runs (in the batched layout the BN runs on the (1, C, B*H*W) view:
+    the same statistics over the same values, the running statistics moved once)."""
 
     @staticmethod
-    def forward(ctx, block: 'CrossScaleSwinBlock', x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, block, x: torch.Tensor, batched: bool, residual: bool, *params: torch.Tensor) -> torch.Tensor:
         fc1, fc2 = block.mlp.fc1, block.mlp.fc2
-        xn, mean, invstd = bn_train_forward(block.norm, x)
-        # image by image: the 4C-wide temporaries stay image-sized (reused, cached)
-        h = torch.empty(x.shape[0], fc1.out_channels, *x.shape[2:], dtype=x.dtype, device=x.device)
-        a = torch.empty_like(h)
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        B, C, H, W = x.shape
         w1, b1 = fc1.weight.flatten(1), fc1.bias.unsqueeze(1)
         w2, b2 = fc2.weight.flatten(1), fc2.bias.unsqueeze(1)
-        for xi, hi, ai, oi in zip(xn.flatten(2), h.flatten(2), a.flatten(2), out.flatten(2)):
-            torch.addmm(b1, w1, xi, out=hi)
-            torch.addmm(b2, w2, torch.ops.aten.gelu.out(hi, out=ai), out=oi)
-        del xn
-        ctx.block = block
-        ctx.save_for_backward(x, h, a, mean, invstd)
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        if batched:
+            xc = x.reshape(B, C, H * W).transpose(0, 1).reshape(1, C, B * H * W)  # (1, C, N): channel-major tokens
+            xn, mean, invstd = bn_train_forward(block.norm, xc)
+            h = torch.addmm(b1, w1, xn[0])
+            del xn
+            o = torch.addmm(b2, w2, torch.nn.functional.gelu(h)).view(C, B, H * W).transpose(0, 1).view_as(x)
+            if residual:
+                torch.add(x, o, out=out)
+            else:
+                out.copy_(o)
+            saved = xc
+        else:
+            xn, mean, invstd = bn_train_forward(block.norm, x)
+            h = torch.empty(B, fc1.out_channels, H * W, dtype=x.dtype, device=x.device)
+            a = torch.empty_like(h[0])  # image-sized, reused
+            for xni, hi, oi, xi in zip(xn.flatten(2), h, out.flatten(2), x.flatten(2)):
+                torch.addmm(b1, w1, xni, out=hi)
+                torch.addmm(b2, w2, torch.ops.aten.gelu.out(hi, out=a), out=oi)
+                if residual:
+                    oi.add_(xi)
+            del xn
+            saved = x
+        ctx.block, ctx.batched, ctx.residual = block, batched, residual
+        ctx.save_for_backward(saved, h, mean, invstd)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         block = ctx.block
-        x, h, a, mean, invstd = ctx.saved_tensors
+        saved, h, mean, invstd = ctx.saved_tensors
         fc1, fc2, bn = block.mlp.fc1, block.mlp.fc2, block.norm
-        grad = grad.contiguous()
-        g_b2 = grad.sum((0, 2, 3))
-        xn = bn_recompute(x, bn.weight, bn.bias, mean, invstd)
-        # image by image, the weight gradients accumulated by the GEMMs
         w1, w2 = fc1.weight.flatten(1), fc2.weight.flatten(1)
-        g_w1, g_w2 = torch.zeros_like(w1), torch.zeros_like(w2)
-        g_b1 = torch.zeros_like(fc1.bias)
-        g_xn = torch.empty_like(xn)
-        for gi, hi, ai, xi, gxi in zip(grad.flatten(2), h.flatten(2), a.flatten(2), xn.flatten(2), g_xn.flatten(2)):
-            g_w2.addmm_(gi, ai.t())
-            g_hi = torch.ops.aten.gelu_backward(torch.mm(w2.t(), gi), hi)
-            g_b1 += g_hi.sum(1)
-            g_w1.addmm_(g_hi, xi.t())
-            torch.mm(w1.t(), g_hi, out=gxi)
+        grad = grad.contiguous()
+        B, C, H, W = grad.shape
+        if ctx.batched:
+            gc = grad.reshape(B, C, H * W).transpose(0, 1).reshape(C, B * H * W)
+            g_b2 = gc.sum(1)
+            buf = torch.nn.functional.gelu(h)  # the GELU output again, then its gradient in the same buffer
+            g_w2 = torch.mm(gc, buf.t())
+            g_h = torch.ops.aten.gelu_backward.grad_input(torch.mm(w2.t(), gc, out=buf), h, grad_input=buf)
+            del gc
+            g_b1 = g_h.sum(1)
+            xn = bn_recompute(saved, bn.weight, bn.bias, mean, invstd)[0]
+            g_w1 = torch.mm(g_h, xn.t())
+            g_xn = torch.mm(w1.t(), g_h, out=xn).view(1, C, B * H * W)
+            del g_h, buf
+            g_xc, g_wn, g_bn = bn_train_backward(g_xn, saved, bn, mean, invstd)
+            g_x = g_xc.view(C, B, H * W).transpose(0, 1).view_as(grad)
+            g_x = grad + g_x if ctx.residual else g_x.contiguous()
+        else:
+            g_b2 = grad.sum((0, 2, 3))
+            xn = bn_recompute(saved, bn.weight, bn.bias, mean, invstd)
+            # image by image, the weight gradients accumulated by the GEMMs, the BN output's gradient written over it
+            g_w1, g_w2 = torch.zeros_like(w1), torch.zeros_like(w2)
+            g_b1 = torch.zeros_like(fc1.bias)
+            a = torch.empty_like(h[0])
+            for gi, hi, xi in zip(grad.flatten(2), h, xn.flatten(2)):
+                g_w2.addmm_(gi, torch.ops.aten.gelu.out(hi, out=a).t())
+                g_hi = torch.ops.aten.gelu_backward.grad_input(torch.mm(w2.t(), gi, out=a), hi, grad_input=a)
+                g_b1 += g_hi.sum(1)
+                g_w1.addmm_(g_hi, xi.t())
+                torch.mm(w1.t(), g_hi, out=xi)
+            g_x, g_wn, g_bn = bn_train_backward(xn, saved, bn, mean, invstd)
+            del xn
+            if ctx.residual:
+                g_x += grad
         g_w1, g_w2 = g_w1.view_as(fc1.weight), g_w2.view_as(fc2.weight)
-        del xn
-        g_x, g_wn, g_bn = bn_train_backward(g_xn, x, bn, mean, invstd)
-        return None, g_x, g_wn, g_bn, g_w1, g_b1, g_w2, g_b2
+        return None, g_x, None, None, g_wn, g_bn, g_w1, g_b1, g_w2, g_b2
 
 
-#: The candidates of the ``scsc_train`` tuned operation for a block's MLP (called with the block, or with the
-#: autotuner's copy of it, and the input).
+#: The candidates of the ``scsc_train`` tuned operation for a block's MLP and its residual add (called with the block,
+#: or with the autotuner's copy of it, and the input).
 _MLP_TRAIN_FORMS = {
-    'plain': lambda block, x: block._mlp_train(x),
+    'plain': lambda block, x: x + block.drop_path(block._mlp_train(x)),
     'lean': lambda block, x: block._mlp_lean(x),
+}
+
+#: The candidates of the ``scsc_swin_mlp_train`` tuned operation: the lean MLP's two layouts.
+_MLP_LAYOUTS = {
+    'per_image': lambda block, x: block._mlp_lean_form(x, batched=False),
+    'batched': lambda block, x: block._mlp_lean_form(x, batched=True),
 }
 
 

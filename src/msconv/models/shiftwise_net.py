@@ -41,8 +41,13 @@ __all__ = ['ShiftWiseNet', 'ShiftWiseBlock', 'ShiftWiseStage', 'checkpoint_filte
 def _spatial_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(B, ..., C) x2 -> (B, 1, C) or (B, 1, 1, C): per image and channel the sum over the middle dims of ``a * b``
     (GRN's squared norms, the SE gate's gradient): one product and one sum (``vector_norm`` over the middle dims of
-    a channels-last tensor is ~3x-8x slower on CPU: 9.7 ms vs 3.8 ms at 8x56x56x320)."""
-    return torch.sum(a * b, dim=tuple(range(1, a.dim() - 1)), keepdim=True)
+    a channels-last tensor is ~3x-8x slower on CPU: 9.7 ms vs 3.8 ms at 8x56x56x320), accumulated and returned in
+    fp32 (bf16 operands: the products rounded to bf16, their sum not)."""
+    return torch.sum(a * b, dim=tuple(range(1, a.dim() - 1)), keepdim=True, dtype=torch.float32)
+
+
+def _sum_fp32(t: torch.Tensor, dim) -> torch.Tensor:
+    return torch.sum(t, dim=dim, dtype=torch.float32)
 
 
 class _LeanMlpTrain(torch.autograd.Function):
@@ -60,23 +65,31 @@ class _LeanMlpTrain(torch.autograd.Function):
       the GRN's sums from the per-image products dz^T @ g (C x 4C): fewer passes over large maps, but batched GEMMs
       that run slowly on few pixels.
 
-    ``x`` is (B, C, H, W) (any layout), ``gate`` (B, C, 1, 1); returns (B, C, H, W).
+    ``dtype``: the compute dtype (``None``: fp32). With bf16 (a bf16 autocast step, kind ``lean_bf16``) the GEMMs,
+    GELU, the GRN's products and the saved ``h`` are bf16 as autocast would run the plain form's Linears, and the
+    GRN's norms, the per-channel statistics and every reduction are accumulated and kept in fp32 (where the plain
+    form under autocast writes the GRN output as a 4x-wide fp32 map); gradients come back in each input's dtype.
+
+    ``x`` is (B, C, H, W) (any layout), ``gate`` (B, C, 1, 1); returns (B, C, H, W) in the compute dtype.
     """
 
     @staticmethod
-    def forward(ctx, x, gate, w1, b1, grn_w, grn_b, w2, eps: float, per_image: bool):
-        B, C = x.shape[0], x.shape[1]
-        xt = x.permute(0, 2, 3, 1)  # (B, H, W, C): a contiguous view of a channels-last x
-        h = F.linear(xt * gate.view(B, 1, 1, C), w1, b1)  # (B, H, W, 4C)
-        hidden = h.shape[-1]
-        g = F.gelu(h).view(B, -1, hidden)
-        norms = _spatial_dots(g, g).sqrt_()  # (B, 1, 4C)
-        denom = norms.mean(dim=-1, keepdim=True) + eps
-        a = torch.addcmul(torch.ones_like(norms), grn_w, norms / denom)
-        if per_image:
-            out = torch.baddbmm(torch.mv(w2, grn_b).view(1, 1, C), g, (w2 * a).transpose(1, 2))  # (B, H*W, C)
-        else:
-            out = F.linear(torch.addcmul(grn_b, g, a), w2)
+    def forward(ctx, x, gate, w1, b1, grn_w, grn_b, w2, eps: float, per_image: bool, dtype=None):
+        cd = torch.float32 if dtype is None else dtype
+        with torch.autocast(x.device.type, enabled=False):  # the dtypes below are the form's own
+            B, C = x.shape[0], x.shape[1]
+            xt = x.permute(0, 2, 3, 1)  # (B, H, W, C): a contiguous view of a channels-last x
+            h = F.linear((xt * gate.view(B, 1, 1, C)).to(cd), w1.to(cd), b1.to(cd))  # (B, H, W, 4C)
+            hidden = h.shape[-1]
+            g = F.gelu(h).view(B, -1, hidden)
+            norms = _spatial_dots(g, g).sqrt_()  # (B, 1, 4C), fp32
+            denom = norms.mean(dim=-1, keepdim=True) + eps
+            a = torch.addcmul(torch.ones_like(norms), grn_w.float(), norms / denom)
+            if per_image:
+                bias = torch.mv(w2, grn_b.to(w2.dtype)).to(cd).view(1, 1, C)
+                out = torch.baddbmm(bias, g, (w2 * a).to(cd).transpose(1, 2))  # (B, H*W, C)
+            else:
+                out = F.linear(torch.addcmul(grn_b.to(cd), g, a.to(cd)), w2.to(cd))
         ctx.save_for_backward(x, gate, h, w1, w2, grn_w, grn_b, norms, denom, a)
         ctx.per_image = per_image
         return out.view(B, x.shape[2], x.shape[3], C).permute(0, 3, 1, 2)
@@ -84,49 +97,71 @@ class _LeanMlpTrain(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dz):
         x, gate, h, w1, w2, grn_w, grn_b, norms, denom, a = ctx.saved_tensors
+        with torch.autocast(x.device.type, enabled=False):  # a backward called inside autocast: the same dtypes
+            return _LeanMlpTrain._backward(ctx, dz, x, gate, h, w1, w2, grn_w, grn_b, norms, denom, a)
+
+    @staticmethod
+    def _backward(ctx, dz, x, gate, h, w1, w2, grn_w, grn_b, norms, denom, a):
         need = ctx.needs_input_grad
+        cd = h.dtype
         B, C = x.shape[0], x.shape[1]
         hidden = h.shape[-1]
-        dz3 = dz.permute(0, 2, 3, 1).reshape(B, -1, C)
+        dz3 = dz.permute(0, 2, 3, 1).reshape(B, -1, C).to(cd)
         g = F.gelu(h).view(B, -1, hidden)
+        w2c, ac = w2.to(cd), a.to(cd)
         gw2 = None
         if ctx.per_image:
             m = torch.bmm(dz3.transpose(1, 2), g)  # (B, C, 4C): per image dz^T @ g
-            dz_sum = dz3.sum(dim=(0, 1))
+            dz_sum = _sum_fp32(dz3, (0, 1))
             if need[6]:
-                gw2 = (m * a).sum(0).addr_(dz_sum, grn_b)
-            s = (m * w2).sum(1, keepdim=True)  # (B, 1, 4C): sum over H, W of (dz @ W2) * g
+                gw2 = _sum_fp32(m * ac, 0).addr_(dz_sum, grn_b.float())
+            s = _sum_fp32(m * w2c, 1).unsqueeze(1)  # (B, 1, 4C): sum over H, W of (dz @ W2) * g
             del m
-            ggrn_b = torch.mv(w2.t(), dz_sum) if need[5] else None
-            go_a = torch.bmm(dz3, w2 * a)  # (dz @ W2) * a
+            ggrn_b = torch.mv(w2.t().float(), dz_sum) if need[5] else None
+            go_a = torch.bmm(dz3, (w2 * a).to(cd))  # (dz @ W2) * a
         else:
             dz2 = dz3.reshape(-1, C)
             if need[6]:
-                gw2 = dz2.t().mm(torch.addcmul(grn_b, g, a).view(-1, hidden))
-            go = dz2.mm(w2).view_as(g)  # the gradient of the GRN output
+                gw2 = dz2.t().mm(torch.addcmul(grn_b.to(cd), g, ac).view(-1, hidden))
+            go = dz2.mm(w2c).view_as(g)  # the gradient of the GRN output
             s = _spatial_dots(go, g)
-            ggrn_b = go.sum(dim=(0, 1)) if need[5] else None
-            go_a = go.mul_(a)
+            ggrn_b = _sum_fp32(go, (0, 1)) if need[5] else None
+            go_a = go.mul_(ac)
             del go
         nrm = norms / denom
         ggrn_w = (s * nrm).sum(dim=(0, 1)) if need[4] else None
         # through n = norms / denom, denom = mean(norms) + eps, norms = ||g||: dg = go * a + g * e
-        dn = grn_w * s / denom
+        dn = grn_w.float() * s / denom
         dn = dn - (dn * nrm).sum(dim=-1, keepdim=True) / hidden
         e = torch.where(norms > 0, dn / norms, torch.zeros_like(dn))
-        dg = go_a.addcmul_(g, e)
+        dg = go_a.addcmul_(g, e.to(cd))
         del g, go_a
         dh = torch.ops.aten.gelu_backward(dg.view_as(h), h)
         del dg
         gate_t = gate.view(B, 1, 1, C)
         xt = x.permute(0, 2, 3, 1)
         dh2 = dh.reshape(-1, hidden)
-        gw1 = dh2.t().mm((xt * gate_t).reshape(-1, C)) if need[2] else None
-        gb1 = dh2.sum(0) if need[3] else None
-        du = dh.matmul(w1)  # (B, H, W, C)
-        gx = (du * gate_t).permute(0, 3, 1, 2) if need[0] else None
-        ggate = _spatial_dots(du, xt).view_as(gate) if need[1] else None
-        return gx, ggate, gw1, gb1, ggrn_w, ggrn_b, gw2, None, None
+        gw1 = dh2.t().mm((xt * gate_t).to(cd).reshape(-1, C)) if need[2] else None
+        gb1 = _sum_fp32(dh2, 0) if need[3] else None
+        du = dh.matmul(w1.to(cd))  # (B, H, W, C)
+        gx = (du * gate_t.to(cd)).permute(0, 3, 1, 2).to(x.dtype) if need[0] else None
+        ggate = _spatial_dots(du, xt.to(cd)).view_as(gate).to(gate.dtype) if need[1] else None
+
+        def like(grad, t):
+            return None if grad is None else grad.to(t.dtype)
+
+        return (
+            gx,
+            ggate,
+            like(gw1, w1),
+            like(gb1, w1),
+            like(ggrn_w, grn_w),
+            like(ggrn_b, grn_b),
+            like(gw2, w2),
+            None,
+            None,
+            None,
+        )
 
 
 def lean_mlp_train(
@@ -138,10 +173,13 @@ def lean_mlp_train(
 ) -> torch.Tensor:
     """``fc2(GRN(GELU(fc1(x * gate))))`` of a ShiftWise block in training (x (B, C, H, W), gate (B, C, 1, 1),
     returns (B, C, H, W)) through :class:`_LeanMlpTrain`, batched or image by image, whichever
-    :func:`~msconv.layers.forms.tuned_training` measures faster (forward + backward) for this shape."""
+    :func:`~msconv.layers.forms.tuned_training` measures faster (forward + backward) for this shape. Under autocast
+    (the gate's kind ``lean_bf16``) it computes in the autocast dtype where autocast runs the Linears."""
+    dev = x.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
 
     def form(per_image: bool):
-        return lambda *a: _LeanMlpTrain.apply(*a, grn.eps, per_image)
+        return lambda *a: _LeanMlpTrain.apply(*a, grn.eps, per_image, dtype)
 
     return tuned_training(
         'shiftwise_mlp_train',
@@ -205,9 +243,16 @@ class ShiftWiseBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training and use_fast_form('inplace', x, layout='channels_last') and self._inference_ok():
+        # the gate first: it answers False while scripting, so that the script never reaches the unused methods
+        if (
+            not self.training
+            and (
+                use_fast_form('inplace', x, layout='channels_last') or use_fast_form('inplace_bf16', x, 'channels_last')
+            )
+            and self._inference_ok()
+        ):
             return self._forward_inference(x)
-        if self.training and use_fast_form('lean_fp32', x) and self._lean_ok():
+        if self.training and (use_fast_form('lean_fp32', x) or use_fast_form('lean_bf16', x)) and self._lean_ok():
             return self._forward_train(x)
         return self.forward_reference(x)
 
@@ -287,15 +332,20 @@ class ShiftWiseBlock(nn.Module):
         se = self.se
         gate = se.gate(se.fc2(se.act(se.bn(se.fc1(spatial_mean(y))))))
         y.mul_(gate)
-        bias2 = torch.addmv(self.fc2.bias, self.fc2.weight, self.grn.bias)
+        # under bf16 autocast (kind inplace_bf16) y is bf16 and so is all that follows: the Linears' weights cast
+        # as autocast would, the GRN's vectors rounded to bf16 where they scale a bf16 map
+        dt = y.dtype
+        w1, b1, w2 = (t.to(dt) for t in (self.fc1.weight, self.fc1.bias, self.fc2.weight))
+        bias2 = torch.addmv(self.fc2.bias, self.fc2.weight, self.grn.bias).to(dt)
+        grn_w = self.grn.weight.to(dt)
         yt, xt = y.permute(0, 2, 3, 1), x.permute(0, 2, 3, 1)  # (B, H, W, C) views, contiguous
         for yi, xi in zip(yt.split(1), xt.split(1)) if per_image else ((yt, xt),):
-            h = linear_gelu(yi, self.fc1.weight, self.fc1.bias)  # GELU(fc1(yi)), fresh
+            h = linear_gelu(yi, w1, b1)  # GELU(fc1(yi)), fresh
             hv = h.flatten(1, 2)  # (b, H*W, 4C) view
             norms = spatial_l2_norms(hv)
             norms.div_(norms.mean(dim=-1, keepdim=True).add_(self.grn.eps))
-            hv.mul_(norms.mul_(self.grn.weight).add_(1.0))
-            torch.add(xi, linear(h, self.fc2.weight, bias2), out=yi)  # residual; yi is no longer needed
+            hv.mul_(norms.mul_(grn_w).add_(1.0))
+            torch.add(xi, linear(h, w2, bias2), out=yi)  # residual; yi is no longer needed
         return y
 
     @torch.no_grad()

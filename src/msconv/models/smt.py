@@ -29,7 +29,7 @@ from timm.models._manipulate import checkpoint_seq, named_apply
 
 from ..layers._fold import fold_bn_into_conv
 from ..layers.fast_ops import conv_gelu, map_images
-from ..layers.forms import tunable, use_fast_form
+from ..layers.forms import tunable, tuned, use_fast_form
 from ..layers.linear import Linear
 from ..layers.mixed_conv import ScaleAwareModulation
 from ._builder import MsconvModel, factory_kwargs
@@ -109,6 +109,8 @@ class ConvMlp(nn.Module):
         self.fc2 = Linear(hidden_dim, dim)
         self.residual_folded = False
 
+    _band_bytes = 4 << 20  #: the ``bands`` form's hidden rows per band: about this many bytes (at least 4 rows)
+
     @torch.no_grad()
     def reparameterize(self) -> None:
         """Inference form: the identity of ``h + dwconv(h)`` folded into the kernel's centre tap."""
@@ -118,6 +120,62 @@ class ConvMlp(nn.Module):
 
     @torch.jit.unused
     def _forward_inplace(self, x: torch.Tensor) -> torch.Tensor:
+        if tunable('smt_mlp_bands', x) and self._bands_ok(x):
+            return tuned(
+                'smt_mlp_bands',
+                x,
+                {'plain': lambda: self._forward_whole(x), 'bands': lambda: self._forward_bands(x)},
+                extra=f'{self.fc1.in_features}->{self.fc1.out_features}->{self.fc2.out_features}',
+            )
+        return self._forward_whole(x)
+
+    @torch.jit.unused
+    def _bands_ok(self, x: torch.Tensor) -> bool:
+        conv = self.dwconv
+        return (
+            x.dim() == 4
+            and type(self.act) is nn.GELU
+            and self.act.approximate == 'none'
+            and conv.kernel_size == (3, 3)
+            and conv.padding == (1, 1)
+            and conv.stride == (1, 1)
+            and conv.dilation == (1, 1)
+            and conv.padding_mode == 'zeros'
+            and conv.bias is not None
+            and self.fc1.bias is not None
+            and self.fc2.bias is not None
+            and conv.weight.dtype == x.dtype
+        )
+
+    @torch.jit.unused
+    def _forward_bands(self, x: torch.Tensor) -> torch.Tensor:
+        """The ``bands`` inference form: the MLP one band of rows at a time (each image, about 4 MiB of the hidden
+        tensor per band, fc1 recomputed on the depthwise conv's one-row halo), the depthwise conv with the GELU as
+        one oneDNN call (the identity folded into its centre tap), fc2 written into the output's rows: the 4x-wide
+        hidden tensor stays cache-sized on large maps (SMT's first stages at detection sizes)."""
+        B, H, W = x.shape[0], x.shape[1], x.shape[2]
+        hidden = self.fc1.out_features
+        wd = self.dwconv.weight
+        if not self.residual_folded:
+            wd = wd.clone()
+            wd[:, 0, 1, 1] += 1.0  # h + dwconv(h) as one convolution
+        w2t, b2 = self.fc2.weight.t(), self.fc2.bias
+        out = x.new_empty(B, H, W, self.fc2.out_features)
+        rows = max(4, self._band_bytes // max(1, W * hidden * x.element_size()))
+        for i in range(B):
+            for r0 in range(0, H, rows):
+                r1 = min(r0 + rows, H)
+                lo, hi = max(r0 - 1, 0), min(r1 + 1, H)
+                h = F.linear(x[i : i + 1, lo:hi], self.fc1.weight, self.fc1.bias)
+                a = torch.ops.mkldnn._convolution_pointwise(
+                    h.permute(0, 3, 1, 2), wd, self.dwconv.bias, [1, 1], [1, 1], [1, 1], hidden, 'gelu', [], 'none'
+                )  # fmt: skip
+                a = a[:, :, r0 - lo : r1 - lo].permute(0, 2, 3, 1).reshape(-1, hidden)
+                torch.addmm(b2, a, w2t, out=out[i, r0:r1].view(-1, out.shape[-1]))
+        return out
+
+    @torch.jit.unused
+    def _forward_whole(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc1(x)
         if self.residual_folded and type(self.act) is nn.GELU and self.act.approximate == 'none':
             hc = h.permute(0, 3, 1, 2)  # channels-last view
@@ -342,8 +400,44 @@ class Stem(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C_in, H, W) -> (B, H/4, W/4, C)
         # channels-last from the start: both convs run ~2.5x faster on CPU and the tokens come out contiguous
         x = x.contiguous(memory_format=torch.channels_last)
-        x = self.conv2(self.act(self.bn1(self.conv1(x))))
-        return self.norm(x.permute(0, 2, 3, 1))
+        if use_fast_form('inplace', x) and tunable('smt_stem', x) and self._fused_ok(x):
+            x = self._first_tuned(x)
+        else:
+            x = self._first(x)
+        return self.norm(self.conv2(x).permute(0, 2, 3, 1))
+
+    @torch.jit.unused
+    def _first_tuned(self, x: torch.Tensor) -> torch.Tensor:
+        return tuned('smt_stem', x, {'plain': lambda: self._first(x), 'fused': lambda: self._first_fused(x)})
+
+    def _first(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn1(self.conv1(x)))
+
+    @torch.jit.unused
+    def _fused_ok(self, x: torch.Tensor) -> bool:
+        bn = self.bn1
+        return (
+            type(self.act) is nn.ReLU
+            and self.conv1.padding_mode == 'zeros'
+            and self.conv1.weight.dtype == x.dtype
+            and (type(bn) is nn.Identity or (type(bn) is nn.BatchNorm2d and not bn.training and bn.affine))
+            and (type(bn) is nn.Identity or bn.running_mean is not None)
+        )
+
+    @torch.jit.unused
+    def _first_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """The ``fused`` inference form of conv1 -> BN -> ReLU: the BatchNorm (eval statistics) folded into conv1's
+        weight at call time and the ReLU as a post-op of one oneDNN convolution (no BatchNorm or ReLU pass over the
+        stride-2 map)."""
+        conv, w, b = self.conv1, self.conv1.weight, self.conv1.bias
+        if isinstance(self.bn1, nn.BatchNorm2d):
+            scale = self.bn1.weight * torch.rsqrt(self.bn1.running_var + self.bn1.eps)
+            shift = self.bn1.bias - self.bn1.running_mean * scale
+            w = w * scale.reshape(-1, 1, 1, 1)
+            b = shift + b * scale if b is not None else shift
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, w.contiguous(), b, list(conv.padding), list(conv.stride), list(conv.dilation), 1, 'relu', [], 'none'
+        )  # fmt: skip
 
 
 class Downsample(nn.Module):
