@@ -219,6 +219,9 @@ def _examples():
     smt_stem = msconv.models.smt.Stem(3, 16).eval()
     randomize_bn(smt_stem)
     swin_block = msconv.models.scsc_swin.CrossScaleSwinBlock(24, (3, 5, 7), groups=2).train()
+    scsc_tokens = msconv.layers.CrossScaleBottleneck(24, 24, (3, 5, 7), groups=2).eval()
+    scsc_tokens.reparameterize()
+    smap_cl = smap.contiguous(memory_format=torch.channels_last)
     return {
         'linear': (lambda: fast_ops.linear(tokens, w, b), tokens),
         'linear_gelu': (lambda: fast_ops.linear_gelu(tokens, w, b), tokens),
@@ -244,7 +247,15 @@ def _examples():
         'smt_mlp_bands': (lambda: smt_mlp(smt_tokens), smt_tokens),
         'smt_stem': (lambda: smt_stem(rgb), rgb),
         'scsc_swin_mlp_train': (lambda: swin_block._mlp_lean(smap), smap),
+        'scsc_tokens': (lambda: scsc_tokens(smap_cl), smap_cl),
+        # bf16 autocast: the lean function and the plain form round differently (bf16 activations)
+        'scsc_train_amp': (lambda: _amp(lambda: scsc_train._forward_tuned_train(smap)), smap, 0.05),
     }
+
+
+def _amp(fn):
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        return fn().float()
 
 
 def test_every_declared_form_computes_what_the_plain_form_does(clean_tuner):

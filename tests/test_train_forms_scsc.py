@@ -116,22 +116,28 @@ def test_lean_forms_step_aside(lean):
     block.mixer.dw_bn.eval()
     assert not {'_LeanCrossScaleBackward', '_LeanMlpBackward'} & graph_names(block(x))
     block.train()
-    with torch.autocast('cpu', torch.bfloat16):
+    # bf16 autocast: the fp32 lean forms step aside; the SCSC module's bf16 lean function is the scsc_train_amp
+    # operation's other form (tests/test_scsc_speed_forms.py), its plain form pinned here
+    with torch.autocast('cpu', torch.bfloat16), forms.forced_choices(scsc_train_amp='plain'):
         assert not {'_LeanCrossScaleBackward', '_LeanMlpBackward'} & graph_names(block(x))
     with forms.reference_forms():
         assert not {'_LeanCrossScaleBackward', '_LeanMlpBackward'} & graph_names(block(x))
 
 
 def test_bf16_autocast_step_is_the_plain_one():
-    """Under autocast the lean functions step aside (the 1x1 convs pinned to the convolution on both sides: the
-    ``train_gemm`` form's bf16 GEMMs round otherwise)."""
+    """Under autocast the fp32 lean functions step aside (the 1x1 convs pinned to the convolution on both sides: the
+    ``train_gemm`` form's bf16 GEMMs round otherwise; the bf16 lean SCSC function, ``scsc_train_amp``, pinned to the
+    plain form: it rounds otherwise too, see tests/test_scsc_speed_forms.py)."""
     torch.manual_seed(0)
     model = msconv.create_model('test_scsc_swin', num_classes=10, drop_path_rate=0.0).train()
     randomize_bn(model)
     x, y = torch.randn(2, 3, 64, 64), torch.tensor([1, 7])
 
     def step(m, reference):
-        with forms.reference_forms(reference), forms.forced_choices(pointwise_conv_train='conv'):
+        with (
+            forms.reference_forms(reference),
+            forms.forced_choices(pointwise_conv_train='conv', scsc_train_amp='plain'),
+        ):
             with torch.autocast('cpu', torch.bfloat16):
                 out = m(x)
                 loss = F.cross_entropy(out, y)

@@ -49,11 +49,14 @@ the plain training form on a copy of the module, per structure and input shape, 
 (``forms.tuned_training``). Tests check the forms agree.
 """
 
+import contextlib
+import copy as copy_module
 import re
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import DropPath, SEModule
 
 from ._fold import channels_last_only, fold_bn_into_conv
@@ -224,8 +227,8 @@ class SpatialCrossScaleConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_fast_form('inplace', x):
-            return self._forward_inplace(x)
-        if torch.is_grad_enabled() and tunable('scsc_train', x) and self._lean_ok():
+            return self._forward_inplace(x, None)
+        if not torch.jit.is_scripting() and self._train_op(x) is not None:
             return self._forward_tuned_train(x)
         if torch.is_grad_enabled() and tunable('pointwise_conv_train', x):
             return self._forward_train(x)
@@ -235,13 +238,27 @@ class SpatialCrossScaleConv(nn.Module):
     def _forward_tuned_train(self, x: torch.Tensor) -> torch.Tensor:
         """The module in a training step: its plain training form (``_forward_train``) or the lean autograd function
         (``_forward_lean``), whichever ``forms.tuned_training`` measures faster (forward + backward) for this module's
-        structure and input shape on the running machine."""
-        return tuned_training('scsc_train', (x,), _SCSC_TRAIN_FORMS, module=self)
+        structure and input shape on the running machine (operation ``scsc_train``, or ``scsc_train_amp`` under bf16
+        autocast)."""
+        op = 'scsc_train_amp' if _amp_dtype(x) == torch.bfloat16 else 'scsc_train'
+        return tuned_training(op, (x,), _SCSC_TRAIN_FORMS, module=self)
+
+    @torch.jit.unused
+    def _train_op(self, x: torch.Tensor) -> Optional[str]:
+        """The tuned training operation for this module's step on ``x`` (``scsc_train`` in fp32, ``scsc_train_amp``
+        under bf16 autocast), or None where autograd is off, the gate allows no lean form or the module's own
+        conditions (``_lean_ok``) fail."""
+        if not torch.is_grad_enabled():
+            return None
+        op = 'scsc_train'  # the gate is asked before anything reads x (under a capture x is a proxy)
+        if torch.is_autocast_enabled('cpu'):
+            op = 'scsc_train_amp' if torch.get_autocast_dtype('cpu') == torch.bfloat16 else None
+        return op if op is not None and tunable(op, x) and self._lean_ok() else None
 
     @torch.jit.unused
     def _forward_lean(self, x: torch.Tensor) -> torch.Tensor:
         """``forward_reference`` as one lean autograd function (``_LeanCrossScale``)."""
-        return _LeanCrossScale.apply(self, x, *self._lean_params())
+        return _LeanCrossScale.apply(self, _amp_dtype(x), x, *self._lean_params())
 
     @torch.jit.unused
     def _lean_ok(self) -> bool:
@@ -279,19 +296,25 @@ class SpatialCrossScaleConv(nn.Module):
         return self.se(y)
 
     @torch.jit.unused
-    def _se_inplace(self, y: torch.Tensor) -> torch.Tensor:
-        """timm's SEModule forward with the final product in place on ``y`` (a tensor this module created)."""
+    def _se_inplace(self, y: torch.Tensor, shortcut: torch.Tensor | None = None) -> torch.Tensor:
+        """timm's SEModule forward with the final product in place on ``y`` (a tensor this module created); with
+        ``shortcut``, ``y * gate + shortcut`` in the same pass (one ``addcmul``, written over ``y``)."""
         se = self.se
-        s = se.fc2(se.act(se.bn(se.fc1(spatial_mean(y)))))
-        return y.mul_(se.gate(s))
+        if not isinstance(se.bn, nn.Identity) or se.add_maxpool:
+            return self.se(y) if shortcut is None else self.se(y).add_(shortcut)
+        gate = se.gate(se.fc2(se.act(se.bn(se.fc1(spatial_mean(y))))))
+        if shortcut is None:
+            return y.mul_(gate)
+        return torch.addcmul(shortcut, y, gate, out=y)
 
     @torch.jit.unused
-    def _forward_inplace(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_inplace(self, x: torch.Tensor, shortcut: torch.Tensor | None = None) -> torch.Tensor:
         """``forward_reference`` with in-place activations; only valid when autograd is not recording. A
         channels-last input to the reparameterized module runs the token form (``_forward_tokens``) and gives a
-        channels-last output."""
+        channels-last output. With ``shortcut`` (the residual form): the output plus ``shortcut``, added in the SE's
+        product pass."""
         if channels_last_only(x) and isinstance(self.reduce_bn, nn.Identity):  # reparameterized: no BN left
-            return self._forward_tokens(x)
+            return self._se_inplace(self._forward_tokens(x), shortcut)
         if isinstance(self.reduce_bn, nn.Identity):  # reparameterized: each GELU follows its conv directly
             x_r = conv_gelu(self.reduce, x, lambda: torch.ops.aten.gelu_(pointwise_conv(self.reduce, x)))
             feats = torch.cat([conv_gelu(conv, x_r) for conv in self.dw], dim=1)
@@ -306,37 +329,147 @@ class SpatialCrossScaleConv(nn.Module):
             y = self.recover_bn(pointwise_conv(self.recover, routed))
             if not isinstance(self.out_act, nn.Identity):
                 y = torch.ops.aten.gelu_(y)
-        if not isinstance(self.se.bn, nn.Identity) or self.se.add_maxpool:
-            return self.se(y)
-        return self._se_inplace(y)
+        return self._se_inplace(y, shortcut)
 
     @torch.jit.unused
     def _forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """``_forward_inplace`` for a channels-last ``x``, computed on its (B, H, W, C) token view (no copy): the
-        1x1 convs are single GEMMs over all B*H*W tokens (``msconv.layers.fast_ops.linear``: BLAS or oneDNN, measured),
-        the depthwise convs run on oneDNN's channels-last kernels, and the routing reads the gates as a per-token
-        (G, m) matrix. Same sums in the same order as ``route_fast``; the output is channels-last."""
-        B, cp, s = x.shape[0], self.reduced_dim, self.stride
+        """``_forward_inplace`` up to the SE for a channels-last ``x``, computed on its (B, H, W, C) token view (no
+        copy): the 1x1 convs are single GEMMs over all B*H*W tokens (``msconv.layers.fast_ops.linear``: BLAS or
+        oneDNN, measured), the depthwise convs run on oneDNN's channels-last kernels. The routing either reads the
+        concatenated branches (``_routed``), or where the ``scsc_tokens`` operation allows and measures it faster,
+        each branch's output where its conv wrote it, as runs of adjacent channels (``_token_route``: ``runs`` with one
+        gate per token, ``expanded`` with the gates copied out per channel). The output is channels-last."""
+        m, cp = self.num_scales, self.reduced_dim
+        concat = lambda: self._tokens_form(x, 'concat')  # noqa: E731
+        if not tunable('scsc_tokens', x):
+            return concat()
+        return tuned(
+            'scsc_tokens',
+            x,
+            {
+                'concat': concat,
+                'runs': lambda: self._tokens_form(x, 'runs'),
+                'expanded': lambda: self._tokens_form(x, 'expanded'),
+            },
+            extra=f'{m}x{cp}/g{self.groups}/{self.routing}/s{self.stride}/o{self.out_dim}/{type(self.out_act).__name__}',
+        )
+
+    @torch.jit.unused
+    def _tokens_form(self, x: torch.Tensor, form: str) -> torch.Tensor:
+        B, s = x.shape[0], self.stride
+        reduce, dws, router = (self.reduce, list(self.dw), self.router) if form == 'concat' else self._token_convs()
         xt = x.permute(0, 2, 3, 1)  # (B, H, W, C), contiguous
-        x_r = conv_gelu(
-            self.reduce, x, lambda: torch.ops.aten.gelu_(linear_1x1(self.reduce, xt)).permute(0, 3, 1, 2)
-        )  # (B, cp, H, W), channels-last
+        x_r = conv_gelu(reduce, x, lambda: torch.ops.aten.gelu_(linear_1x1(reduce, xt)).permute(0, 3, 1, 2))
         x_r_t = x_r.permute(0, 2, 3, 1)  # (B, H, W, cp), contiguous
-        feats = torch.cat([conv_gelu(conv, x_r).permute(0, 2, 3, 1) for conv in self.dw], dim=3)  # (B, H', W', m*cp)
-        Ho, Wo = feats.shape[1], feats.shape[2]
-        gate = torch.sigmoid_(linear_1x1(self.router, x_r_t[:, ::s, ::s] if s > 1 else x_r_t))  # (B, H', W', m*G)
-        routed_t = self._routed(feats, gate, tokens=True).view(B, Ho, Wo, cp)
-        if isinstance(self.out_act, nn.Identity):
-            y = linear_1x1(self.recover, routed_t).permute(0, 3, 1, 2)  # (B, out, H', W'), channels-last
+        branches = [conv_gelu(conv, x_r).permute(0, 2, 3, 1) for conv in dws]  # each (B, H', W', cp), contiguous
+        gate = torch.sigmoid_(linear_1x1(router, x_r_t[:, ::s, ::s] if s > 1 else x_r_t))  # (B, H', W', m*G)
+        Ho, Wo = gate.shape[1], gate.shape[2]
+        if form == 'concat':
+            routed_t = self._routed(torch.cat(branches, dim=3), gate, tokens=True).view(B, Ho, Wo, -1)
         else:
-            y = conv_gelu(
-                self.recover,
-                routed_t.permute(0, 3, 1, 2),
-                lambda: torch.ops.aten.gelu_(linear_1x1(self.recover, routed_t)).permute(0, 3, 1, 2),
-            )
-        if not isinstance(self.se.bn, nn.Identity) or self.se.add_maxpool:
-            return self.se(y)
-        return self._se_inplace(y)
+            routed_t = self._token_route(branches, gate, expanded=form == 'expanded')  # (B, H', W', cp)
+        if isinstance(self.out_act, nn.Identity):
+            return linear_1x1(self.recover, routed_t).permute(0, 3, 1, 2)  # (B, out, H', W'), channels-last
+        return conv_gelu(
+            self.recover,
+            routed_t.permute(0, 3, 1, 2),
+            lambda: torch.ops.aten.gelu_(linear_1x1(self.recover, routed_t)).permute(0, 3, 1, 2),
+        )
+
+    @torch.jit.unused
+    def _token_convs(self) -> Tuple[nn.Conv2d, List[nn.Conv2d], nn.Conv2d]:
+        """The reduce, branch and router convs of the token form's ``runs`` and ``expanded`` forms. For the
+        ``official`` routing (m > 1): copies whose reduced channels are reordered by their remainder modulo m
+        (``_official_order``), so that every operand of the routing is a run of adjacent channels (``_route_runs``):
+        the reduce conv's output rows, the branch kernels and the router's input columns renumbered, the same sums.
+        ATen vectorises a multiply-add over adjacent channels; over every m-th channel (the official pairing read in
+        place) it runs element by element, slowest in bf16. The copies are rebuilt when a weight changes (its storage
+        or version); the module's own convs are untouched."""
+        if self.routing != 'official' or self.num_scales == 1:
+            return self.reduce, list(self.dw), self.router
+        ws = [self.reduce.weight, self.reduce.bias, self.router.weight]
+        ws += [t for c in self.dw for t in (c.weight, c.bias)]
+        key = tuple((t.data_ptr(), _version(t), t.dtype, t.device) if t is not None else None for t in ws)
+        cached = self.__dict__.get('_token_cache')
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        perm = torch.tensor(self._official_order()[0], device=self.reduce.weight.device)
+
+        def copy(conv: nn.Conv2d, out_perm: bool) -> nn.Conv2d:
+            new = copy_module.copy(conv)  # the conv's settings; its parameters replaced (not registered on self)
+            new._parameters = dict(conv._parameters)
+            with torch.no_grad():
+                w = conv.weight[perm] if out_perm else conv.weight[:, perm]
+                new._parameters['weight'] = nn.Parameter(w.contiguous(), requires_grad=False)
+                if conv.bias is not None and out_perm:
+                    new._parameters['bias'] = nn.Parameter(conv.bias[perm].contiguous(), requires_grad=False)
+            return new
+
+        convs = (copy(self.reduce, True), [copy(c, True) for c in self.dw], copy(self.router, False))
+        self.__dict__['_token_cache'] = (key, convs)
+        return convs
+
+    @torch.jit.unused
+    def _official_order(self) -> Tuple[List[int], List[int]]:
+        """The reduced channels sorted by ``(c % m, c // m)``: the order (old channel at each new place) and the new
+        place of each old channel."""
+        m, cp = self.num_scales, self.reduced_dim
+        order = [c for r in range(m) for c in range(r, cp, m)]
+        place = [0] * cp
+        for p, c in enumerate(order):
+            place[c] = p
+        return order, place
+
+    @torch.jit.unused
+    def _route_runs(self, split_groups: bool) -> List[Tuple[int, int, int, int, int, int]]:
+        """The products of ``_token_route``, in order: ``(j, first routed channel, length, branch, first channel in the
+        branch (``_token_convs``' order), gate channel or -1)``; each routed channel meets its j = 0 product first and
+        then j = 1, ..., m - 1, as in ``route_fast``. ``official``: routed q takes branch channel ``t = q*m + j`` of
+        the concatenation (branch ``t // cp``, channel ``t % cp``), so for one j and one branch the routed channels
+        form a range whose branch channels are adjacent in ``_official_order``. ``cross_scale``: branch j, channel q.
+        With ``split_groups``, runs are cut where the gate group (cp/G channels) changes and carry their gate
+        channel."""
+        m, G, cp = self.num_scales, self.groups, self.reduced_dim
+        gw = cp // G
+        runs = []
+        place = self._official_order()[1] if self.routing == 'official' else list(range(cp))
+        for j in range(m):
+            for s in range(m if self.routing == 'official' else 1):
+                if self.routing == 'official':
+                    q0, q1 = max(0, -((j - s * cp) // m)), min(cp, ((s + 1) * cp - 1 - j) // m + 1)
+                    b = s
+                else:
+                    q0, q1, b = 0, cp, j
+                if q1 <= q0:
+                    continue
+                cuts = [q0] + [g * gw for g in range(G) if q0 < g * gw < q1] + [q1] if split_groups else [q0, q1]
+                for a, e in zip(cuts[:-1], cuts[1:]):
+                    c = a * m + j - s * cp if self.routing == 'official' else a
+                    runs.append((j, a, e - a, b, place[c], j * G + a // gw if split_groups else -1))
+        return runs
+
+    @torch.jit.unused
+    def _token_route(self, branches: List[torch.Tensor], gate: torch.Tensor, expanded: bool = False) -> torch.Tensor:
+        """The gated sum of the branch outputs (each (B, H', W', cp) tokens, as ``_token_convs`` ordered them) with
+        the gates (B, H', W', m*G) into a fresh (B, H', W', cp): the same products and sums as ``route_fast``, in
+        the same order, over runs of adjacent channels (``_route_runs``), each with one gate per token. With
+        ``expanded``: the gates first copied out per routed channel (B, H', W', m, cp), so that runs need not stop
+        where the gate group changes and every operand is a run of adjacent values: ATen's bf16 loops with a
+        broadcast gate vectorise only runs that are a multiple of their vector width (32) and ran up to 4x slower
+        otherwise (AMD EPYC, 1 thread); the copy is one pass over m*cp values per token."""
+        m, G, cp = self.num_scales, self.groups, self.reduced_dim
+        B, Ho, Wo = gate.shape[0], gate.shape[1], gate.shape[2]
+        out = branches[0].new_empty(B, Ho, Wo, cp)
+        if expanded:
+            gx = gate.view(B, Ho, Wo, m, G, 1).expand(B, Ho, Wo, m, G, cp // G).reshape(B, Ho, Wo, m, cp)
+        for j, a, n, b, c, gc in self._route_runs(split_groups=not expanded):
+            o, f = out[..., a : a + n], branches[b][..., c : c + n]
+            g = gx[..., j, a : a + n] if expanded else gate[..., gc : gc + 1]
+            if j == 0:
+                torch.mul(f, g, out=o)
+            else:
+                o.addcmul_(f, g)
+        return out
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         return self._scsc_reference(x)
@@ -380,7 +513,10 @@ def _branches(mod: 'SpatialCrossScaleConv', x_r: torch.Tensor) -> torch.Tensor:
     run in ``_BRANCH_FORMAT`` and written into its slice: one layout pass)."""
     cp = mod.reduced_dim
     x_rb = x_r.contiguous(memory_format=_BRANCH_FORMAT)
-    outs = [conv(x_rb) for conv in mod.dw]
+    if x_r.dtype == mod.dw[0].weight.dtype:
+        outs = [conv(x_rb) for conv in mod.dw]
+    else:  # bf16 autocast (``_LeanCrossScale`` with a compute dtype): the kernels cast as autocast casts them
+        outs = [F.conv2d(x_rb, c.weight.to(x_r.dtype), None, c.stride, c.padding, c.dilation, c.groups) for c in mod.dw]
     cat = x_r.new_empty(x_r.shape[0], len(outs) * cp, *outs[0].shape[2:])
     for j, o in enumerate(outs):
         cat[:, j * cp : (j + 1) * cp].copy_(o)
@@ -407,6 +543,41 @@ def _route_backward(
     return (gr * gv).view(feats.shape), g_gate.reshape(gate.shape)
 
 
+def _version(t: torch.Tensor) -> int:
+    """``t._version``; -1 for an inference tensor (made under ``torch.inference_mode``), which has no version counter
+    (it can only be written in place inside ``inference_mode``, where nothing tracks it)."""
+    return -1 if t.is_inference() else t._version
+
+
+def _amp_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype CPU autocast computes GEMMs and convolutions in for ``x`` now, or None (autocast off)."""
+    if x.device.type == 'cpu' and torch.is_autocast_enabled('cpu'):
+        return torch.get_autocast_dtype('cpu')
+    return None
+
+
+def _gemm_amp(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """:func:`pointwise_gemm` in ``x``'s reduced dtype with the fp32 ``weight`` cast to it (as autocast runs a
+    convolution), batched: oneDNN's bf16 GEMM writes through a copy when given ``out=``."""
+    B, C, H, W = x.shape
+    return torch.matmul(weight.reshape(weight.shape[0], C).to(x.dtype), x.reshape(B, C, H * W)).view(B, -1, H, W)
+
+
+def _gemm_backward_amp(
+    grad: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, input_grad: bool = True
+) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+    """Gradients of :func:`_gemm_amp` (input, weight): the input gradient in ``x``'s dtype, one batched GEMM; the
+    weight gradient as one GEMM over every image's tokens (the channel-major copies of ``grad`` and ``x``), rounded
+    once to that dtype as the convolution's backward under autocast rounds it, then fp32 (the weight's dtype)."""
+    B, C, H, W = x.shape
+    n_out = grad.shape[1]
+    g = grad.reshape(B, n_out, H * W)
+    xs = x.reshape(B, C, H * W)
+    gw = torch.mm(g.transpose(0, 1).reshape(n_out, B * H * W), xs.transpose(0, 1).reshape(C, B * H * W).t())
+    gx = torch.matmul(weight.reshape(n_out, C).to(x.dtype).t(), g).view(B, C, H, W) if input_grad else None
+    return gx, gw.to(weight.dtype).view(weight.shape)
+
+
 class _LeanCrossScale(torch.autograd.Function):
     """``SpatialCrossScaleConv._scsc_reference`` (training mode) as one autograd function that saves for backward
     only the input, the reduce and recover 1x1 outputs (before their BNs), the concatenated branch outputs (before
@@ -414,42 +585,72 @@ class _LeanCrossScale(torch.autograd.Function):
     7.3 (every BN output, GELU output and product). Backward recomputes the BN affine maps, the GELUs and the routing
     (elementwise passes) and runs the same backward ops autograd would (``native_batch_norm_backward``,
     ``gelu_backward``, ``convolution_backward`` for the depthwise convs); the 1x1 convs are per-image GEMMs. The
-    forward runs the same ops as the plain form, the BatchNorms moving their running statistics once."""
+    forward runs the same ops as the plain form, the BatchNorms moving their running statistics once.
+
+    With a compute dtype ``cd`` (bf16 autocast): what the plain form computes under autocast, with autocast off
+    inside: the input cast to ``cd`` (and its gradient back), every GEMM and convolution in ``cd`` with the fp32
+    weights cast to it, the BatchNorms on ``cd`` activations with fp32 statistics and affines, the GELUs, gates,
+    routing and products in ``cd``, the SE under autocast itself; the 1x1 convs as batched GEMMs, each weight
+    gradient one GEMM over all tokens rounded once to ``cd`` (as the convolution's backward under autocast), then
+    fp32. Everything saved is in ``cd``: half the bytes of the fp32 form."""
 
     @staticmethod
-    def forward(ctx, mod: 'SpatialCrossScaleConv', x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, mod: 'SpatialCrossScaleConv', cd: Optional[torch.dtype], x: torch.Tensor, *params):
+        if cd is None:
+            return _LeanCrossScale._forward(ctx, mod, None, x)
+        with torch.autocast('cpu', enabled=False):
+            return _LeanCrossScale._forward(ctx, mod, cd, x)
+
+    @staticmethod
+    def _forward(ctx, mod: 'SpatialCrossScaleConv', cd: Optional[torch.dtype], x: torch.Tensor) -> torch.Tensor:
         s = mod.stride
-        r = pointwise_gemm(mod.reduce.weight, x)  # (B, cp, H, W)
+        xc = x if cd is None else x.to(cd)
+        gemm = pointwise_gemm if cd is None else _gemm_amp
+        r = gemm(mod.reduce.weight, xc)  # (B, cp, H, W)
         a1, m1, i1 = bn_train_forward(mod.reduce_bn, r)
         x_r = torch.ops.aten.gelu_(a1)
         cat = _branches(mod, x_r)  # (B, m*cp, H', W')
         a2, m2, i2 = bn_train_forward(mod.dw_bn, cat)
         feats = torch.ops.aten.gelu_(a2)
-        gate = torch.sigmoid_(pointwise_gemm(mod.router.weight, x_r[:, :, ::s, ::s].contiguous() if s > 1 else x_r))
+        gate = torch.sigmoid_(gemm(mod.router.weight, x_r[:, :, ::s, ::s].contiguous() if s > 1 else x_r))
         routed = mod._routed_form(feats, gate, tokens=False, fp32=False).view(gate.shape[0], -1, *gate.shape[2:])
         del feats, a2
-        z = pointwise_gemm(mod.recover.weight, routed)  # (B, out, H', W')
+        z = gemm(mod.recover.weight, routed)  # (B, out, H', W')
         a3, m3, i3 = bn_train_forward(mod.recover_bn, z)
         y = torch.ops.aten.gelu_(a3) if isinstance(mod.out_act, nn.GELU) else a3
         se = mod.se
         pooled = y.mean((2, 3), keepdim=True)
-        out = y * se.gate(se.fc2(se.act(se.fc1(pooled))))
-        ctx.mod = mod
-        ctx.save_for_backward(x, r, cat, gate, z, pooled, m1, i1, m2, i2, m3, i3)
+        with _se_autocast(cd):
+            out = y * se.gate(se.fc2(se.act(se.fc1(pooled))))
+        ctx.mod, ctx.cd, ctx.x_dtype = mod, cd, x.dtype
+        ctx.save_for_backward(xc, r, cat, gate, z, pooled, m1, i1, m2, i2, m3, i3)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        mod = ctx.mod
+        if ctx.cd is None:
+            return _LeanCrossScale._backward(ctx, grad)
+        with torch.autocast('cpu', enabled=False):
+            return _LeanCrossScale._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad: torch.Tensor):
+        mod, cd = ctx.mod, ctx.cd
         x, r, cat, gate, z, pooled, m1, i1, m2, i2, m3, i3 = ctx.saved_tensors
         s, cp, se = mod.stride, mod.reduced_dim, mod.se
-        grad = grad.contiguous()
+        grad = grad.contiguous() if cd is None else grad.to(cd).contiguous()
         gelu_out = isinstance(mod.out_act, nn.GELU)
         se_params = [p for p in se.parameters() if p.requires_grad]
+        if cd is None:
+            gemm_backward = pointwise_gemm_backward
+            recompute = bn_recompute
+        else:
+            gemm_backward = _gemm_backward_amp
+            recompute = lambda t, *a: bn_recompute(t, *a).to(cd)  # noqa: E731  (fp32 maths, as BN computes, rounded)
         # tail: recover BN (+ GELU), squeeze-excitation
-        a3 = bn_recompute(z, mod.recover_bn.weight, mod.recover_bn.bias, m3, i3)
+        a3 = recompute(z, mod.recover_bn.weight, mod.recover_bn.bias, m3, i3)
         y = torch.nn.functional.gelu(a3) if gelu_out else a3
-        with torch.enable_grad():
+        with torch.enable_grad(), _se_autocast(cd):
             p = pooled.detach().requires_grad_()
             scale = se.gate(se.fc2(se.act(se.fc1(p))))
         g_scale = (grad * y).sum((2, 3), keepdim=True)
@@ -464,10 +665,10 @@ class _LeanCrossScale(torch.autograd.Function):
         g_z, g_w3, g_b3 = bn_train_backward(g_a3, z, mod.recover_bn, m3, i3)
         del g_a3
         # routing: the branch features and the gated sum recomputed
-        a2 = bn_recompute(cat, mod.dw_bn.weight, mod.dw_bn.bias, m2, i2)
+        a2 = recompute(cat, mod.dw_bn.weight, mod.dw_bn.bias, m2, i2)
         feats = torch.nn.functional.gelu(a2)
         routed = mod._routed_form(feats, gate, tokens=False, fp32=False).view(gate.shape[0], -1, *gate.shape[2:])
-        g_routed, g_wc = pointwise_gemm_backward(g_z, mod.recover.weight, routed)
+        g_routed, g_wc = gemm_backward(g_z, mod.recover.weight, routed)
         del g_z, routed
         g_feats, g_gate = _route_backward(mod, g_routed, feats, gate)
         del feats, g_routed
@@ -476,22 +677,22 @@ class _LeanCrossScale(torch.autograd.Function):
         g_cat, g_w2, g_b2 = bn_train_backward(g_a2, cat, mod.dw_bn, m2, i2)
         del g_a2
         # branches and router back to the reduced input
-        a1 = bn_recompute(r, mod.reduce_bn.weight, mod.reduce_bn.bias, m1, i1)
+        a1 = recompute(r, mod.reduce_bn.weight, mod.reduce_bn.bias, m1, i1)
         x_r = torch.nn.functional.gelu(a1)
         g_logit = torch.ops.aten.sigmoid_backward(g_gate, gate)
         if s > 1:
-            g_xs, g_wg = pointwise_gemm_backward(g_logit, mod.router.weight, x_r[:, :, ::s, ::s].contiguous())
+            g_xs, g_wg = gemm_backward(g_logit, mod.router.weight, x_r[:, :, ::s, ::s].contiguous())
             g_xr = torch.zeros_like(x_r)
             g_xr[:, :, ::s, ::s] = g_xs
         else:
-            g_xr, g_wg = pointwise_gemm_backward(g_logit, mod.router.weight, x_r)
+            g_xr, g_wg = gemm_backward(g_logit, mod.router.weight, x_r)
         g_dw = []
         fmt = _BRANCH_FORMAT
         x_rb = x_r.contiguous(memory_format=fmt)
         for j, conv in enumerate(mod.dw):
             g_in, g_w, _ = torch.ops.aten.convolution_backward(
-                g_cat[:, j * cp : (j + 1) * cp].contiguous(memory_format=fmt), x_rb, conv.weight, None, conv.stride,
-                conv.padding, conv.dilation, False, [0, 0], conv.groups, [True, True, False],
+                g_cat[:, j * cp : (j + 1) * cp].contiguous(memory_format=fmt), x_rb, conv.weight.to(x_rb.dtype),
+                None, conv.stride, conv.padding, conv.dilation, False, [0, 0], conv.groups, [True, True, False],
             )  # fmt: skip
             g_xr += g_in
             g_dw.append(torch.empty_like(conv.weight).copy_(g_w))  # the weight's strides (DDP's gradient buckets)
@@ -499,8 +700,15 @@ class _LeanCrossScale(torch.autograd.Function):
         g_a1 = torch.ops.aten.gelu_backward(g_xr, a1)
         del a1, g_xr
         g_r, g_w1, g_b1 = bn_train_backward(g_a1, r, mod.reduce_bn, m1, i1)
-        g_x, g_wr = pointwise_gemm_backward(g_r, mod.reduce.weight, x, input_grad=ctx.needs_input_grad[1])
-        return (None, g_x, g_wr, g_w1, g_b1, *g_dw, g_w2, g_b2, g_wg, g_wc, g_w3, g_b3, *g_se)
+        g_x, g_wr = gemm_backward(g_r, mod.reduce.weight, x, input_grad=ctx.needs_input_grad[2])
+        if g_x is not None and g_x.dtype != ctx.x_dtype:
+            g_x = g_x.to(ctx.x_dtype)
+        return (None, None, g_x, g_wr, g_w1, g_b1, *g_dw, g_w2, g_b2, g_wg, g_wc, g_w3, g_b3, *g_se)
+
+
+def _se_autocast(cd: Optional[torch.dtype]):
+    """The squeeze-excitation of ``_LeanCrossScale`` under autocast to ``cd`` (as the plain form runs it), or as is."""
+    return torch.autocast('cpu', dtype=cd) if cd is not None else contextlib.nullcontext()
 
 
 #: The candidates of the ``scsc_train`` tuned operation for an SCSC module (called with the module, or with the
@@ -551,7 +759,7 @@ class CrossScaleBottleneck(SpatialCrossScaleConv):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training and use_fast_form('inplace', x):
             return self._forward_residual_inplace(x)
-        if torch.is_grad_enabled() and tunable('scsc_train', x) and self._lean_ok():
+        if not torch.jit.is_scripting() and self._train_op(x) is not None:
             return self._forward_residual_train(x, tuned=True)
         if torch.is_grad_enabled() and tunable('pointwise_conv_train', x):
             return self._forward_residual_train(x, tuned=False)
@@ -583,7 +791,7 @@ class CrossScaleBottleneck(SpatialCrossScaleConv):
                 shortcut = pointwise_conv(self.shortcut, x)
         else:
             shortcut = self.shortcut(x)
-        return self._forward_inplace(x).add_(shortcut)
+        return self._forward_inplace(x, shortcut)
 
     @torch.no_grad()
     def reparameterize(self) -> None:

@@ -269,6 +269,14 @@ FORM_KINDS: Dict[str, FormKind] = {
             dtypes=(torch.float32, torch.bfloat16),
             available=_bf16_autocast,
         ),
+        FormKind(
+            'lean_recompute_amp',
+            "``lean_recompute`` under bf16 autocast on CPU (SCSC): the lean function's GEMMs and convolutions in bf16 "
+            'with the fp32 weights cast as autocast casts them, BatchNorm statistics, affines and weight gradients in '
+            'fp32, everything it saves in bf16',
+            device='cpu',
+            dtypes=(torch.float32, torch.bfloat16),
+        ),
     )
 }
 FORMS = tuple(FORM_KINDS)
@@ -453,6 +461,24 @@ TUNED: Dict[str, TunedOp] = {
             key="the block's structure, autocast",
             where="the lean training form of a Swin+SCSC block's MLP (kind lean_recompute): its GEMMs image by image "
             "on the (C, H*W) maps, or batched over all tokens on a channel-major (C, B*H*W) copy",
+            per_module=True,
+            training=True,
+        ),
+        TunedOp(
+            'scsc_tokens',
+            {'concat': (), 'runs': ('inplace',), 'expanded': ('inplace',)},
+            key='branches, reduced width, gate groups, routing, stride, out width, out activation',
+            where="a reparameterized SCSC module's token form (channels-last inference) up to its SE: the routing on "
+            'the concatenated branches, or on each branch in place as runs of adjacent channels (reduced channels '
+            "reordered in copies of the reduce, branch and router convs), each with one gate per token or with the "
+            'gates copied out per channel',
+        ),
+        TunedOp(
+            'scsc_train_amp',
+            {'plain': (), 'lean': ('lean_recompute_amp', 'contiguous')},
+            key="the module's structure, autocast",
+            where="a bf16 autocast training step's SCSC module (the CBTNet block's SCSC branch): the plain form under "
+            'autocast or the lean autograd function in bf16',
             per_module=True,
             training=True,
         ),
