@@ -259,14 +259,15 @@ def test_measurement_runs_no_hook_and_fills_no_grad(clean_tuner):
 
 def test_pins_and_the_switches_choose_the_form(clean_tuner, monkeypatch):
     """``forced_choices(scsc_train=...)`` runs that form in every SCSC module and Swin+SCSC MLP; under autocast
-    (the lean kind does not allow it) and with ``MSCONV_AUTOTUNE=0`` the plain form runs and nothing is measured."""
+    (the fp32 lean kind does not allow it; the bf16 one is ``scsc_train_amp``'s timed choice, pinned plain here) and
+    with ``MSCONV_AUTOTUNE=0`` the plain form runs and nothing is measured."""
     block = _nontrivial(CrossScaleSwinBlock(48, (3, 7, 11), groups=4), 3)
     x = torch.randn(2, 48, 16, 16, requires_grad=True)
     with forms.forced_choices(scsc_train='lean'):
         assert LEAN <= graph_names(block(x))
     with forms.forced_choices(scsc_train='plain'):
         assert not LEAN & graph_names(block(x))
-    with torch.autocast('cpu', torch.bfloat16):
+    with torch.autocast('cpu', torch.bfloat16), forms.forced_choices(scsc_train_amp='plain'):
         assert not LEAN & graph_names(block(x))
     monkeypatch.setenv('MSCONV_AUTOTUNE', '0')
     assert not LEAN & graph_names(block(x))
