@@ -185,6 +185,35 @@ def randomize_bn(model: torch.nn.Module, seed: int = 0) -> None:
                 m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
 
 
+def randomize_shiftwise(module: torch.nn.Module) -> torch.nn.Module:
+    """Random BN statistics and affines, layer scales and GRN affines far from their inits (whose zeros and 1e-6
+    would hide gradient errors)."""
+    randomize_bn(module)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith('ls.gamma') or '.grn.' in f'.{name}':
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+    return module
+
+
+def form_step(module: torch.nn.Module, x: torch.Tensor, u: torch.Tensor, reference: bool, seed=None) -> tuple:
+    """One forward and the backward of ``(module(x) * u).sum()``, in the plain forms (``reference``) or not:
+    the output, the gradients (the input's under ``'input'``) and the floating buffers after (BatchNorm statistics).
+    ``seed`` seeds torch's generator first (drop-path masks alike on both sides)."""
+    x = x.clone().requires_grad_(True)
+    if seed is not None:
+        torch.manual_seed(seed)
+    from msconv.layers import forms
+
+    with forms.reference_forms(reference):
+        y = module(x)
+        (y * u).sum().backward()
+    grads = {n: p.grad.clone() for n, p in module.named_parameters()}
+    buffers = {n: b.clone() for n, b in module.named_buffers() if b.is_floating_point()}
+    return y.detach(), dict(grads, input=x.grad), buffers
+
+
 def graph_names(t: torch.Tensor) -> set:
     """The names of the autograd nodes reachable from ``t`` (which training form built the graph)."""
     names, todo, seen = set(), [t.grad_fn], set()

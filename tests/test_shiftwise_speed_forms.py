@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import graph_names, max_abs, randomize_bn
+from conftest import graph_names, max_abs, randomize_shiftwise
 
 from msconv.layers import forms
 from msconv.layers.shiftwise import ShiftWiseConv2d
@@ -25,17 +25,6 @@ from _common import saved_bytes  # noqa: E402
 
 def _amp(dtype=torch.bfloat16):
     return torch.autocast('cpu', dtype)
-
-
-def _nontrivial(module: torch.nn.Module) -> torch.nn.Module:
-    """Random BN statistics and affines, layer scales and GRN affines far from their inits."""
-    randomize_bn(module)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.endswith('ls.gamma') or '.grn.' in f'.{name}':
-                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
-    return module
 
 
 def _step(module, x, ctx):
@@ -90,7 +79,7 @@ def test_block_runs_its_bf16_form_and_saves_less(clean_tuner):
     """Under bf16 autocast the block's training node is in the graph and autograd saves less than in the plain
     form under autocast and than the fp32 training form."""
     torch.manual_seed(0)
-    block = _nontrivial(ShiftWiseBlock(32, 13)).train()
+    block = randomize_shiftwise(ShiftWiseBlock(32, 13)).train()
     x = torch.randn(2, 32, 16, 16).contiguous(memory_format=torch.channels_last)
     with _amp():
         assert {'_LeanMlpTrainBackward', '_LeanShiftWiseTrainBackward'} <= graph_names(block(x))
@@ -113,7 +102,7 @@ def test_sw_t_stage1_block_bf16(mlp, clean_tuner):
     """SW-T's stage-1 shapes (80 channels, kernel 51, 56x56, channels-last, batch 2), a whole block: the bf16 forms
     against the plain form under autocast and against the plain fp32 step."""
     torch.manual_seed(0)
-    block = _nontrivial(ShiftWiseBlock(80, 51)).train()
+    block = randomize_shiftwise(ShiftWiseBlock(80, 51)).train()
     x = torch.randn(2, 80, 56, 56).contiguous(memory_format=torch.channels_last)
     with forms.reference_forms():
         fp32 = _step(block, x, torch.autocast('cpu', enabled=False))
@@ -131,7 +120,7 @@ def test_strip_operator_bf16(clean_tuner):
     """The lean strip operator under autocast (bf16 maps into fp32-statistics BatchNorms) against the plain form
     under autocast and in fp32, at SW-T's stage-2 shapes."""
     torch.manual_seed(0)
-    op = _nontrivial(ShiftWiseConv2d(160, 49)).train()
+    op = randomize_shiftwise(ShiftWiseConv2d(160, 49)).train()
     x = torch.randn(2, 160, 28, 28).contiguous(memory_format=torch.channels_last)
     with forms.reference_forms():
         fp32 = _step(op, x, torch.autocast('cpu', enabled=False))
@@ -145,7 +134,7 @@ def test_strip_operator_bf16(clean_tuner):
 def test_backward_inside_autocast_is_the_same():
     """The MLP node fixes its own dtypes: a backward called inside the autocast region gives the same gradients."""
     torch.manual_seed(0)
-    block = _nontrivial(ShiftWiseBlock(16, 7)).train()
+    block = randomize_shiftwise(ShiftWiseBlock(16, 7)).train()
     x = torch.randn(2, 16, 8, 8, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
     gate = torch.rand(2, 16, 1, 1, dtype=torch.bfloat16)
     params = (block.fc1.weight, block.fc1.bias, block.grn.weight, block.grn.bias, block.fc2.weight)
@@ -173,7 +162,7 @@ def test_gradient_checkpointing_under_autocast(mlp, clean_tuner):
     import msconv
 
     torch.manual_seed(0)
-    model = _nontrivial(msconv.create_model('test_shiftwise', num_classes=10)).train()
+    model = randomize_shiftwise(msconv.create_model('test_shiftwise', num_classes=10)).train()
     model.set_grad_checkpointing(True)
     x = torch.randn(2, 3, 64, 64)
     cancelling = {
@@ -200,7 +189,7 @@ def test_autocast_inference_form(monkeypatch):
     import msconv
 
     torch.manual_seed(0)
-    model = _nontrivial(msconv.create_model('test_shiftwise', num_classes=10)).eval()
+    model = randomize_shiftwise(msconv.create_model('test_shiftwise', num_classes=10)).eval()
     x = torch.randn(4, 3, 64, 64)
     with torch.no_grad():
         fp32 = model(x)

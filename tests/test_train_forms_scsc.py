@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import graph_names, max_abs, randomize_bn
+from conftest import form_step, graph_names, max_abs, randomize_bn
 from test_train_forms import _assert_same_step, _train_step
 
 import msconv
@@ -40,16 +40,6 @@ def lean():
 def _nontrivial(module: nn.Module, seed: int) -> nn.Module:
     randomize_bn(module, seed)
     return module.train()
-
-
-def _layer_step(module: nn.Module, x: torch.Tensor, u: torch.Tensor, reference: bool):
-    x = x.clone().requires_grad_(True)
-    with forms.reference_forms(reference):
-        y = module(x)
-        (y * u).sum().backward()
-    grads = {n: p.grad.clone() for n, p in module.named_parameters()}
-    buffers = {n: b.clone() for n, b in module.named_buffers() if b.is_floating_point()}
-    return y.detach(), dict(grads, input=x.grad), buffers
 
 
 @pytest.mark.parametrize('name', ['test_scsc_swin', 'test_scsc_resnet'])
@@ -93,8 +83,8 @@ def test_layers_at_realistic_shapes(make, shape, lean):
     module = _nontrivial(make(), 2)  # the statistics from scratch on both sides
     module.load_state_dict(_nontrivial(make(), 2).state_dict())
     ref_module = copy.deepcopy(module)
-    got = _layer_step(module, x, u, reference=False)
-    ref = _layer_step(ref_module, x, u, reference=True)
+    got = form_step(module, x, u, reference=False)
+    ref = form_step(ref_module, x, u, reference=True)
     _assert_same_step(got, ref, type(module).__name__)
     lean_saved = saved_bytes(lambda: module(x.clone().requires_grad_(True)))
     with forms.reference_forms():

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import graph_names, max_abs, randomize_bn
+from conftest import graph_names, max_abs, randomize_shiftwise
 
 import msconv
 from msconv.layers import forms
@@ -28,18 +28,6 @@ from _common import saved_bytes  # noqa: E402
 
 GRAD_OPS = ('depthwise_grad_input', 'depthwise_grad_weight', 'shiftwise_mlp_train')
 PINS = [dict(zip(GRAD_OPS, choice)) for choice in itertools.product(*(forms.TUNED[op].candidates for op in GRAD_OPS))]
-
-
-def _nontrivial(module: torch.nn.Module) -> torch.nn.Module:
-    """Random BN statistics and affines, layer scales and GRN affines far from their inits (whose zeros and 1e-6
-    would hide gradient errors)."""
-    randomize_bn(module)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.endswith('ls.gamma') or '.grn.' in f'.{name}':
-                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
-    return module
 
 
 def _step(module, x, loss, ctx=None):
@@ -78,7 +66,7 @@ def test_micro_model_step_equals_the_plain_form(pins, clean_tuner):
     """test_shiftwise, one training step: every pinned backward candidate (and the lean forms) against
     ``reference_forms()``."""
     torch.manual_seed(0)
-    model = _nontrivial(msconv.create_model('test_shiftwise', num_classes=10)).train()
+    model = randomize_shiftwise(msconv.create_model('test_shiftwise', num_classes=10)).train()
     x, y = torch.randn(2, 3, 64, 64), torch.tensor([1, 7])
     loss = lambda out: F.cross_entropy(out, y)  # noqa: E731
     ref = _step(model, x, loss, forms.reference_forms())
@@ -89,7 +77,7 @@ def test_micro_model_step_with_the_tuner_measuring(clean_tuner):
     """Nothing pinned: the first backward measures both grad operations' candidates; the step is still the plain
     form's, and the choices are kept."""
     torch.manual_seed(0)
-    model = _nontrivial(msconv.create_model('test_shiftwise', num_classes=10)).train()
+    model = randomize_shiftwise(msconv.create_model('test_shiftwise', num_classes=10)).train()
     x, y = torch.randn(2, 3, 64, 64), torch.tensor([1, 7])
     loss = lambda out: F.cross_entropy(out, y)  # noqa: E731
     ref = _step(model, x, loss, forms.reference_forms())
@@ -111,7 +99,7 @@ def test_sw_t_stage1_layer_and_block(pins, clean_tuner):
     # so is the GRN bias's (the MLP's output feeds BN2)
     cancelling = {f'conv.bn_{b}.bias': f'conv.bn_{b}.weight' for b in 'hvs'} | {'grn.bias': 'grn.weight'}
     for module, scale_of in ((ShiftWiseConv2d(80, 51), None), (ShiftWiseBlock(80, 51), cancelling)):
-        module = _nontrivial(module).train()
+        module = randomize_shiftwise(module).train()
         ref = _step(module, x, _weighted, forms.reference_forms())
         got = _step(module, x, _weighted, forms.forced_choices(**pins))
         _assert_same(got, ref, (type(module).__name__, pins), scale_of=scale_of)
@@ -121,7 +109,7 @@ def test_block_form_runs_and_saves_less(clean_tuner):
     """The block's training form is the one that runs in fp32 training (its node is in the graph), and autograd
     saves less than half of what the plain form saves."""
     torch.manual_seed(0)
-    block = _nontrivial(ShiftWiseBlock(32, 13)).train()
+    block = randomize_shiftwise(ShiftWiseBlock(32, 13)).train()
     x = torch.randn(2, 32, 16, 16).contiguous(memory_format=torch.channels_last)
     assert {'_LeanMlpTrainBackward', '_LeanShiftWiseTrainBackward'} <= graph_names(block(x))
     lean = saved_bytes(lambda: copy.deepcopy(block)(x).sum())
@@ -134,7 +122,7 @@ def test_gradient_checkpointing(clean_tuner):
     """Non-reentrant checkpointing of the stages: the recomputation goes through the same forms (the BN statistics
     are updated again on both sides) and checkpointing's check of what the forward saved holds."""
     torch.manual_seed(0)
-    model = _nontrivial(msconv.create_model('test_shiftwise', num_classes=10)).train()
+    model = randomize_shiftwise(msconv.create_model('test_shiftwise', num_classes=10)).train()
     model.set_grad_checkpointing(True)
     x, y = torch.randn(2, 3, 64, 64), torch.tensor([1, 7])
     loss = lambda out: F.cross_entropy(out, y)  # noqa: E731
@@ -149,7 +137,7 @@ def test_bf16_autocast_step(pins, clean_tuner):
     compared with the fp32 step (the plain bf16 step's own distance from it is about 0.98 in cosine at worst here)
     and with each other."""
     torch.manual_seed(0)
-    model = _nontrivial(msconv.create_model('test_shiftwise', num_classes=10)).train()
+    model = randomize_shiftwise(msconv.create_model('test_shiftwise', num_classes=10)).train()
     x, y = torch.randn(2, 3, 64, 64), torch.tensor([1, 7])
     loss = lambda out: F.cross_entropy(out.float(), y)  # noqa: E731
     amp = lambda: torch.autocast('cpu', torch.bfloat16)  # noqa: E731

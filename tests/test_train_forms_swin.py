@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import graph_names, randomize_bn
+from conftest import form_step, graph_names, randomize_bn
 from test_train_forms import _assert_same_step, _train_step
 
 import msconv
@@ -23,17 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
 from _common import saved_bytes  # noqa: E402
 
 LAYOUTS = list(forms.TUNED['scsc_swin_mlp_train'].candidates)
-
-
-def _block_step(block, x, u, reference: bool, seed: int = 3):
-    x = x.clone().requires_grad_(True)
-    torch.manual_seed(seed)  # the drop-path masks, alike on both sides
-    with forms.reference_forms(reference):
-        y = block(x)
-        (y * u).sum().backward()
-    grads = {n: p.grad.clone() for n, p in block.named_parameters()}
-    buffers = {n: b.clone() for n, b in block.named_buffers() if b.is_floating_point()}
-    return y.detach(), dict(grads, input=x.grad), buffers
 
 
 @pytest.mark.parametrize('layout', LAYOUTS)
@@ -48,9 +37,9 @@ def test_block_layouts_equal_the_plain_block(layout, drop_path, shape):
     x, u = torch.randn(shape), torch.randn(shape)
     ref_block = copy.deepcopy(block)
     with forms.forced_choices(scsc_train='lean', scsc_swin_mlp_train=layout):
-        got = _block_step(block, x, u, reference=False)
+        got = form_step(block, x, u, reference=False, seed=3)
         assert '_LeanMlpBackward' in graph_names(copy.deepcopy(block)(x.clone().requires_grad_(True)))
-    ref = _block_step(ref_block, x, u, reference=True)
+    ref = form_step(ref_block, x, u, reference=True, seed=3)
     _assert_same_step(got, ref, f'{layout}, drop path {drop_path}, {shape}')
 
 
@@ -89,8 +78,8 @@ def test_measured_layout_is_the_plain_step_and_is_kept(clean_tuner):
     x, u = torch.randn(2, 48, 14, 14), torch.randn(2, 48, 14, 14)
     ref_block = copy.deepcopy(block)
     with forms.forced_choices(scsc_train='lean'):
-        got = _block_step(block, x, u, reference=False)
-    ref = _block_step(ref_block, x, u, reference=True)
+        got = form_step(block, x, u, reference=False, seed=3)
+    ref = form_step(ref_block, x, u, reference=True, seed=3)
     _assert_same_step(got, ref, 'measured')
     keys = [k for k in forms.autotune_choices() if k.startswith('scsc_swin_mlp_train|(2, 48, 14, 14)|')]
     assert len(keys) == 1 and forms.autotune_choices()[keys[0]] in LAYOUTS
