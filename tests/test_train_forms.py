@@ -35,6 +35,18 @@ def _assert_same_step(a, b, what):
         assert max_abs(buf_a[name], buf_b[name]) <= 1e-5 * max(1.0, buf_b[name].abs().max().item()), (what, name)
 
 
+def _micro_case(name: str):
+    """A micro model in train mode (no drop path, random BatchNorm statistics and affines), one batch of two 64x64
+    images with labels, and the plain forms' training step on a copy of the model: ``(model, x, y, ref)``."""
+    torch.manual_seed(0)
+    model = msconv.create_model(name, num_classes=10, drop_path_rate=0.0).train()
+    randomize_bn(model)
+    x, y = torch.randn(2, 3, 64, 64), torch.tensor([1, 7])
+    with forms.reference_forms():
+        ref = _train_step(copy.deepcopy(model), x, y)
+    return model, x, y, ref
+
+
 TRAIN_OPS = [name for name, op in forms.TUNED.items() if op.training]
 
 
@@ -43,12 +55,7 @@ TRAIN_OPS = [name for name, op in forms.TUNED.items() if op.training]
 def test_every_training_form_equals_the_plain_form(name, op, clean_tuner):
     """Each candidate of each training operation, pinned, against ``reference_forms()``: logits, every gradient
     and the BatchNorm running statistics after one training step."""
-    torch.manual_seed(0)
-    model = msconv.create_model(name, num_classes=10, drop_path_rate=0.0).train()
-    randomize_bn(model)
-    x, y = torch.randn(2, 3, 64, 64), torch.tensor([1, 7])
-    with forms.reference_forms():
-        ref = _train_step(copy.deepcopy(model), x, y)
+    model, x, y, ref = _micro_case(name)
     for form in forms.TUNED[op].candidates:
         with forms.forced_choices(**{op: form}):
             _assert_same_step(_train_step(copy.deepcopy(model), x, y), ref, (name, op, form))

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from conftest import form_step, graph_names, max_abs, randomize_bn
-from test_train_forms import _assert_same_step, _train_step
+from test_train_forms import _assert_same_step, _micro_case, _train_step
 
 import msconv
 from msconv.layers import forms
@@ -44,12 +44,7 @@ def _nontrivial(module: nn.Module, seed: int) -> nn.Module:
 
 @pytest.mark.parametrize('name', ['test_scsc_swin', 'test_scsc_resnet'])
 def test_micro_models_lean_step_equals_plain_step(name, lean):
-    torch.manual_seed(0)
-    model = msconv.create_model(name, num_classes=10, drop_path_rate=0.0).train()
-    randomize_bn(model)
-    x, y = torch.randn(2, 3, 64, 64), torch.tensor([1, 7])
-    with forms.reference_forms():
-        ref = _train_step(copy.deepcopy(model), x, y)
+    model, x, y, ref = _micro_case(name)
     assert '_LeanCrossScaleBackward' in graph_names(copy.deepcopy(model)(x))
     _assert_same_step(_train_step(copy.deepcopy(model), x, y), ref, name)
     plain = copy.deepcopy(model)
@@ -161,12 +156,7 @@ def test_single_process_ddp_matches_the_plain_step(tmp_path, lean):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    torch.manual_seed(0)
-    model = msconv.create_model('test_scsc_swin', num_classes=10, drop_path_rate=0.0).train()
-    randomize_bn(model)
-    x, y = torch.randn(2, 3, 64, 64), torch.tensor([1, 7])
-    with forms.reference_forms():
-        ref = _train_step(copy.deepcopy(model), x, y)
+    model, x, y, ref = _micro_case('test_scsc_swin')
     dist.init_process_group('gloo', init_method=f'file://{tmp_path}/rdzv', rank=0, world_size=1)
     try:
         wrapped = DDP(copy.deepcopy(model))

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import form_step, graph_names, randomize_bn
-from test_train_forms import _assert_same_step, _train_step
+from test_train_forms import _assert_same_step, _micro_case, _train_step
 
 import msconv
 from msconv.layers import forms
@@ -45,12 +45,7 @@ def test_block_layouts_equal_the_plain_block(layout, drop_path, shape):
 
 @pytest.mark.parametrize('layout', LAYOUTS)
 def test_micro_model_step_equals_the_plain_step(layout):
-    torch.manual_seed(0)
-    model = msconv.create_model('test_scsc_swin', num_classes=10, drop_path_rate=0.0).train()
-    randomize_bn(model)
-    x, y = torch.randn(2, 3, 64, 64), torch.tensor([1, 7])
-    with forms.reference_forms():
-        ref = _train_step(copy.deepcopy(model), x, y)
+    model, x, y, ref = _micro_case('test_scsc_swin')
     with forms.forced_choices(scsc_train='lean', scsc_swin_mlp_train=layout):
         got = _train_step(copy.deepcopy(model), x, y)
     _assert_same_step(got, ref, layout)

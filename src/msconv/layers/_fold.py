@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-__all__ = ['bn_scale_shift', 'channels_last_only', 'fold_bn_into_conv']
+__all__ = ['bn_scale_shift', 'bn_folded_weights', 'channels_last_only', 'fold_bn_into_conv']
 
 
 def bn_scale_shift(bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -16,10 +16,20 @@ def bn_scale_shift(bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
     return scale, bn.bias - bn.running_mean * scale
 
 
+def bn_folded_weights(
+    weight: torch.Tensor, bias: Optional[torch.Tensor], bn: nn.BatchNorm2d
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The weight and bias of a convolution computing ``bn(conv(x))`` (``conv`` of ``weight`` and ``bias``), the
+    BatchNorm in eval mode (running statistics)."""
+    scale, shift = bn_scale_shift(bn)
+    w = weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
+    return w, (shift + bias * scale if bias is not None else shift)
+
+
 @torch.no_grad()
 def fold_bn_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     """A new Conv2d computing ``bn(conv(x))`` with the BatchNorm in eval mode (running statistics)."""
-    scale, shift = bn_scale_shift(bn)
+    weight, bias = bn_folded_weights(conv.weight, conv.bias, bn)
     fused = nn.Conv2d(
         conv.in_channels,
         conv.out_channels,
@@ -33,8 +43,8 @@ def fold_bn_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
         device=conv.weight.device,
         dtype=conv.weight.dtype,
     )
-    fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
-    fused.bias.copy_(shift + (conv.bias * scale if conv.bias is not None else 0))
+    fused.weight.copy_(weight)
+    fused.bias.copy_(bias)
     return fused
 
 

@@ -73,7 +73,7 @@ from .fast_ops import (
     pointwise_gemm_backward,
     spatial_mean,
 )
-from .forms import tunable, tuned, tuned_training, use_fast_form
+from .forms import autocast_dtype, tunable, tuned, tuned_training, use_fast_form
 
 __all__ = [
     'SpatialCrossScaleConv',
@@ -240,8 +240,7 @@ class SpatialCrossScaleConv(nn.Module):
         (``_forward_lean``), whichever ``forms.tuned_training`` measures faster (forward + backward) for this module's
         structure and input shape on the running machine (operation ``scsc_train``, or ``scsc_train_amp`` under bf16
         autocast)."""
-        op = 'scsc_train_amp' if _amp_dtype(x) == torch.bfloat16 else 'scsc_train'
-        return tuned_training(op, (x,), _SCSC_TRAIN_FORMS, module=self)
+        return tuned_training(_train_op_name() or 'scsc_train', (x,), _SCSC_TRAIN_FORMS, module=self)
 
     @torch.jit.unused
     def _train_op(self, x: torch.Tensor) -> Optional[str]:
@@ -250,15 +249,13 @@ class SpatialCrossScaleConv(nn.Module):
         conditions (``_lean_ok``) fail."""
         if not torch.is_grad_enabled():
             return None
-        op = 'scsc_train'  # the gate is asked before anything reads x (under a capture x is a proxy)
-        if torch.is_autocast_enabled('cpu'):
-            op = 'scsc_train_amp' if torch.get_autocast_dtype('cpu') == torch.bfloat16 else None
+        op = _train_op_name()  # the gate is asked before anything reads x (under a capture x is a proxy)
         return op if op is not None and tunable(op, x) and self._lean_ok() else None
 
     @torch.jit.unused
     def _forward_lean(self, x: torch.Tensor) -> torch.Tensor:
         """``forward_reference`` as one lean autograd function (``_LeanCrossScale``)."""
-        return _LeanCrossScale.apply(self, _amp_dtype(x), x, *self._lean_params())
+        return _LeanCrossScale.apply(self, autocast_dtype(x), x, *self._lean_params())
 
     @torch.jit.unused
     def _lean_ok(self) -> bool:
@@ -549,11 +546,12 @@ def _version(t: torch.Tensor) -> int:
     return -1 if t.is_inference() else t._version
 
 
-def _amp_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
-    """The dtype CPU autocast computes GEMMs and convolutions in for ``x`` now, or None (autocast off)."""
-    if x.device.type == 'cpu' and torch.is_autocast_enabled('cpu'):
-        return torch.get_autocast_dtype('cpu')
-    return None
+def _train_op_name() -> Optional[str]:
+    """The tuned training operation of an SCSC module in this autocast state (the lean forms are CPU forms):
+    ``scsc_train`` without CPU autocast, ``scsc_train_amp`` under bf16 CPU autocast, None under another dtype."""
+    if not torch.is_autocast_enabled('cpu'):
+        return 'scsc_train'
+    return 'scsc_train_amp' if torch.get_autocast_dtype('cpu') == torch.bfloat16 else None
 
 
 def _gemm_amp(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -81,6 +81,7 @@ __all__ = [
     'autotune_enabled',
     'can_measure',
     'memory_slack',
+    'autocast_dtype',
 ]
 
 
@@ -99,10 +100,16 @@ def _onednn_pointwise_op_ok(x: torch.Tensor) -> bool:
     return hasattr(torch.ops.mkldnn, '_convolution_pointwise')
 
 
+def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast runs GEMMs and convolutions in on ``x``'s device, or None where autocast is off there
+    (what a training or inference form that computes in the autocast dtype itself needs to know)."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+
+
 def _bf16_autocast(x: torch.Tensor) -> bool:
     """bf16 autocast on the input's device"""
-    dev = x.device.type
-    return torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.bfloat16
+    return autocast_dtype(x) == torch.bfloat16
 
 
 @dataclass(frozen=True)

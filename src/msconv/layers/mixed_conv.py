@@ -20,9 +20,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels.depthwise import depthwise_conv2d
-from ._fold import bn_scale_shift, fold_bn_into_conv
+from ._fold import bn_folded_weights, fold_bn_into_conv
 from .fast_ops import linear
-from .forms import tunable, tuned, use_fast_form
+from .forms import autocast_dtype, tunable, tuned, use_fast_form
 from .linear import Linear
 
 __all__ = ['MultiHeadMixedConv', 'ScaleAwareAggregation', 'ScaleAwareModulation']
@@ -65,7 +65,7 @@ class _MixedDepthwise(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, kernel_sizes: Tuple[int, ...], interleaved: bool):
         device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        dtype = autocast_dtype(x) or x.dtype
         xc, wc = x.to(dtype), weight.to(dtype)
         bc = bias.to(dtype) if bias is not None else None
         with torch.autocast(device, enabled=False):
@@ -104,11 +104,6 @@ class _MixedDepthwise(torch.autograd.Function):
         )
 
 
-def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-
-
 class _SamLean(torch.autograd.Function):
     """The training form of the SAM token mixer on (B, H, W, C) tokens ``t``: ``proj(SAA(MHMC(s(t))) * v(t))`` with
     SAA's BatchNorm in training mode, that saves for backward ``t``, ``s``, the MHMC output, the BatchNorm input
@@ -123,7 +118,7 @@ class _SamLean(torch.autograd.Function):
     @staticmethod
     def forward(ctx, meta, t, wv, bv, ws, bs, wm, bm, w0, b0, gamma, beta, w1, b1, wp, bp):
         kernel_sizes, groups, eps, factor, running_mean, running_var = meta
-        dtype = _autocast_dtype(t)
+        dtype = autocast_dtype(t) or t.dtype
         args = (t, wv, bv, ws, bs, wm, bm, w0, b0, gamma, beta, w1, b1, wp, bp)
         ctx.dtypes = tuple(a.dtype if a is not None else None for a in args)
         cast = [a.to(dtype) if a is not None and i not in (9, 10) else a for i, a in enumerate(args)]
@@ -351,9 +346,7 @@ class ScaleAwareAggregation(nn.Module):
         the output's rows: faster on SMT's first stage at detection sizes, slower on the later ones."""
         w, b = self.proj0.weight, self.proj0.bias
         if isinstance(self.bn, nn.BatchNorm2d):
-            scale, shift = bn_scale_shift(self.bn)
-            w = w * scale.reshape(-1, 1, 1, 1)
-            b = shift + b * scale if b is not None else shift
+            w, b = bn_folded_weights(w, b, self.bn)
         w = w.contiguous()
         w1, b1 = self.proj1.weight.flatten(1), self.proj1.bias
         B, H, W = x.shape[0], x.shape[2], x.shape[3]

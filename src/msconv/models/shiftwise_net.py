@@ -29,7 +29,7 @@ from timm.models._features import feature_take_indices
 
 from ..layers._fold import bn_scale_shift
 from ..layers.fast_ops import linear, linear_gelu, spatial_l2_norms, spatial_mean
-from ..layers.forms import tuned, tuned_training, use_fast_form
+from ..layers.forms import autocast_dtype, tuned, tuned_training, use_fast_form
 from ..layers.linear import Linear
 from ..layers.shiftwise import ShiftWiseConv2d, convert_official_op
 from ._builder import MsconvModel, factory_kwargs
@@ -175,8 +175,7 @@ def lean_mlp_train(
     returns (B, C, H, W)) through :class:`_LeanMlpTrain`, batched or image by image, whichever
     :func:`~msconv.layers.forms.tuned_training` measures faster (forward + backward) for this shape. Under autocast
     (the gate's kind ``lean_bf16``) it computes in the autocast dtype where autocast runs the Linears."""
-    dev = x.device.type
-    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+    dtype = autocast_dtype(x)
 
     def form(per_image: bool):
         return lambda *a: _LeanMlpTrain.apply(*a, grn.eps, per_image, dtype)

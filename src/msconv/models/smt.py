@@ -27,9 +27,9 @@ from timm.layers import ClassifierHead, DropPath, LayerScale, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models._manipulate import checkpoint_seq, named_apply
 
-from ..layers._fold import fold_bn_into_conv
+from ..layers._fold import bn_folded_weights, fold_bn_into_conv
 from ..layers.fast_ops import conv_gelu, map_images
-from ..layers.forms import tunable, tuned, use_fast_form
+from ..layers.forms import autocast_dtype, tunable, tuned, use_fast_form
 from ..layers.linear import Linear
 from ..layers.mixed_conv import ScaleAwareModulation
 from ._builder import MsconvModel, factory_kwargs
@@ -38,6 +38,14 @@ from ._registry import register_converter, register_model
 __all__ = ['SMT']
 
 _PAPER = 'SMT (ICCV 2023)'
+
+
+def _identity_folded(wd: torch.Tensor) -> torch.Tensor:
+    """A copy of the depthwise kernel ``wd`` with 1 added to its centre tap: ``h + dwconv(h)`` as one convolution."""
+    k = wd.shape[-1]
+    wd = wd.clone()
+    wd[:, 0, k // 2, k // 2] += 1.0
+    return wd
 
 
 class _ConvMlpLean(torch.autograd.Function):
@@ -52,12 +60,11 @@ class _ConvMlpLean(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, b1, wd, bd, w2, b2):
         device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        dtype = autocast_dtype(x) or x.dtype
         ctx.dtypes = tuple(t.dtype if t is not None else None for t in (x, w1, b1, wd, bd, w2, b2))
         x, w1, b1, wd, bd, w2, b2 = (t.to(dtype) if t is not None else None for t in (x, w1, b1, wd, bd, w2, b2))
         k = wd.shape[-1]
-        wd = wd.clone()
-        wd[:, 0, k // 2, k // 2] += 1.0  # h + dwconv(h) as one convolution
+        wd = _identity_folded(wd)
         with torch.autocast(device, enabled=False):
             h = F.linear(x, w1, b1)
             a = F.conv2d(h.permute(0, 3, 1, 2), wd, bd, padding=k // 2, groups=wd.shape[0])
@@ -155,10 +162,7 @@ class ConvMlp(nn.Module):
         hidden tensor stays cache-sized on large maps (SMT's first stages at detection sizes)."""
         B, H, W = x.shape[0], x.shape[1], x.shape[2]
         hidden = self.fc1.out_features
-        wd = self.dwconv.weight
-        if not self.residual_folded:
-            wd = wd.clone()
-            wd[:, 0, 1, 1] += 1.0  # h + dwconv(h) as one convolution
+        wd = self.dwconv.weight if self.residual_folded else _identity_folded(self.dwconv.weight)
         w2t, b2 = self.fc2.weight.t(), self.fc2.bias
         out = x.new_empty(B, H, W, self.fc2.out_features)
         rows = max(4, self._band_bytes // max(1, W * hidden * x.element_size()))
@@ -420,8 +424,10 @@ class Stem(nn.Module):
             type(self.act) is nn.ReLU
             and self.conv1.padding_mode == 'zeros'
             and self.conv1.weight.dtype == x.dtype
-            and (type(bn) is nn.Identity or (type(bn) is nn.BatchNorm2d and not bn.training and bn.affine))
-            and (type(bn) is nn.Identity or bn.running_mean is not None)
+            and (
+                type(bn) is nn.Identity
+                or (type(bn) is nn.BatchNorm2d and not bn.training and bn.affine and bn.running_mean is not None)
+            )
         )
 
     @torch.jit.unused
@@ -431,10 +437,7 @@ class Stem(nn.Module):
         stride-2 map)."""
         conv, w, b = self.conv1, self.conv1.weight, self.conv1.bias
         if isinstance(self.bn1, nn.BatchNorm2d):
-            scale = self.bn1.weight * torch.rsqrt(self.bn1.running_var + self.bn1.eps)
-            shift = self.bn1.bias - self.bn1.running_mean * scale
-            w = w * scale.reshape(-1, 1, 1, 1)
-            b = shift + b * scale if b is not None else shift
+            w, b = bn_folded_weights(w, b, self.bn1)
         return torch.ops.mkldnn._convolution_pointwise(
             x, w.contiguous(), b, list(conv.padding), list(conv.stride), list(conv.dilation), 1, 'relu', [], 'none'
         )  # fmt: skip
