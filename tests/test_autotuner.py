@@ -222,6 +222,10 @@ def _examples():
     scsc_tokens = msconv.layers.CrossScaleBottleneck(24, 24, (3, 5, 7), groups=2).eval()
     scsc_tokens.reparameterize()
     smap_cl = smap.contiguous(memory_format=torch.channels_last)
+    from msconv.layers.cross_scale import _dw_grad_weight
+
+    dw_s2 = torch.nn.Conv2d(8, 8, 5, stride=2, padding=2, groups=8, bias=False)
+    dw_x, dw_g = torch.randn(2, 8, 9, 9, generator=g), torch.randn(2, 8, 5, 5, generator=g)
     return {
         'linear': (lambda: fast_ops.linear(tokens, w, b), tokens),
         'linear_gelu': (lambda: fast_ops.linear_gelu(tokens, w, b), tokens),
@@ -250,6 +254,7 @@ def _examples():
         'scsc_tokens': (lambda: scsc_tokens(smap_cl), smap_cl),
         # bf16 autocast: the lean function and the plain form round differently (bf16 activations)
         'scsc_train_amp': (lambda: _amp(lambda: scsc_train._forward_tuned_train(smap)), smap, 0.05),
+        'scsc_dw_grad_weight': (lambda: _dw_grad_weight(dw_g, dw_x, dw_s2), dw_g),
     }
 
 

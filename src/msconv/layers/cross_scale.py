@@ -520,6 +520,44 @@ def _branches(mod: 'SpatialCrossScaleConv', x_r: torch.Tensor) -> torch.Tensor:
     return cat
 
 
+def _dw_grad_weight(g: torch.Tensor, x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """Kernel gradient of the depthwise ``conv`` (no bias, dilation 1) at input ``x`` for the output gradient ``g``
+    (autograd off): the convolution's backward, or image by image the depthwise correlation of the padded input with
+    the output gradient as its kernel (dilated by the stride), summed in fp32, whichever the ``scsc_dw_grad_weight``
+    tuned operation measures faster for this shape. oneDNN's backward-weights kernel for channels-last depthwise
+    convolutions ran the large kernels 4x-6x slower than its forward kernels on the same sums (9x9 and 13x13 at 56x56,
+    AMD EPYC, 1 thread)."""
+    w = conv.weight
+
+    def backward() -> torch.Tensor:
+        return torch.ops.aten.convolution_backward(
+            g, x, w.to(x.dtype), None, conv.stride, conv.padding, conv.dilation, False, [0, 0], conv.groups,
+            [False, True, False],
+        )[1]  # fmt: skip
+
+    if not tunable('scsc_dw_grad_weight', g) or tuple(conv.dilation) != (1, 1) or x.shape[0] < 2:
+        return backward()
+    return tuned(
+        'scsc_dw_grad_weight',
+        g,
+        {'backward': backward, 'per_image': lambda: _dw_grad_weight_per_image(g, x, conv)},
+        extra=f'{tuple(w.shape[2:])}/s{tuple(conv.stride)}/p{tuple(conv.padding)}',
+    )
+
+
+def _dw_grad_weight_per_image(g: torch.Tensor, x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """The ``per_image`` form of :func:`_dw_grad_weight`: ``grad_w[c, i, j] = sum_{b, y, x} g[b, c, y, x] *
+    x_pad[b, c, s*y + i, s*x + j]``, one depthwise correlation per image (the padded image as input, its output
+    gradient as a kernel dilated by the stride s, only the rows and columns the kernel reaches), accumulated in fp32."""
+    (kh, kw), (sh, sw), (ph, pw) = conv.weight.shape[2:], conv.stride, conv.padding
+    ho, wo = g.shape[2], g.shape[3]
+    xp = F.pad(x, (pw, pw, ph, ph))[:, :, : kh + sh * (ho - 1), : kw + sw * (wo - 1)]
+    out = torch.zeros(1, x.shape[1], kh, kw, dtype=torch.float32, device=x.device)
+    for xi, gi in zip(xp.split(1), g.split(1)):
+        out += F.conv2d(xi, gi.transpose(0, 1), groups=x.shape[1], dilation=(sh, sw))
+    return out.view(conv.weight.shape).to(x.dtype)
+
+
 def _route_backward(
     mod: 'SpatialCrossScaleConv', g_routed: torch.Tensor, feats: torch.Tensor, gate: torch.Tensor
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -688,11 +726,13 @@ class _LeanCrossScale(torch.autograd.Function):
         fmt = _BRANCH_FORMAT
         x_rb = x_r.contiguous(memory_format=fmt)
         for j, conv in enumerate(mod.dw):
-            g_in, g_w, _ = torch.ops.aten.convolution_backward(
-                g_cat[:, j * cp : (j + 1) * cp].contiguous(memory_format=fmt), x_rb, conv.weight.to(x_rb.dtype),
-                None, conv.stride, conv.padding, conv.dilation, False, [0, 0], conv.groups, [True, True, False],
-            )  # fmt: skip
+            g_j = g_cat[:, j * cp : (j + 1) * cp].contiguous(memory_format=fmt)
+            g_in = torch.ops.aten.convolution_backward(
+                g_j, x_rb, conv.weight.to(x_rb.dtype), None, conv.stride, conv.padding, conv.dilation, False,
+                [0, 0], conv.groups, [True, False, False],
+            )[0]  # fmt: skip
             g_xr += g_in
+            g_w = _dw_grad_weight(g_j, x_rb, conv)
             g_dw.append(torch.empty_like(conv.weight).copy_(g_w))  # the weight's strides (DDP's gradient buckets)
         del g_cat, x_r, x_rb
         g_a1 = torch.ops.aten.gelu_backward(g_xr, a1)

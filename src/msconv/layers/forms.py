@@ -489,6 +489,14 @@ TUNED: Dict[str, TunedOp] = {
             per_module=True,
             training=True,
         ),
+        TunedOp(
+            'scsc_dw_grad_weight',
+            {'backward': (), 'per_image': ('per_image',)},
+            key='kernel, stride, padding',
+            where="the kernel gradients of SCSC's depthwise branches in the lean training function's backward: the "
+            "convolution's backward, or per image a depthwise correlation of the padded input with the output "
+            'gradient as its kernel (dilated by the stride), summed in fp32',
+        ),
     )
 }
 
