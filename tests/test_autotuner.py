@@ -226,6 +226,11 @@ def _examples():
 
     dw_s2 = torch.nn.Conv2d(8, 8, 5, stride=2, padding=2, groups=8, bias=False)
     dw_x, dw_g = torch.randn(2, 8, 9, 9, generator=g), torch.randn(2, 8, 5, 5, generator=g)
+    from msconv.models.scsc_resnet import ConvStem, _stem_grad_weight
+
+    stem_train = ConvStem(3, 16).train()  # batch statistics
+    randomize_bn(stem_train)
+    stem_gz = torch.randn(2, 16, 17, 17, generator=g)
     return {
         'linear': (lambda: fast_ops.linear(tokens, w, b), tokens),
         'linear_gelu': (lambda: fast_ops.linear_gelu(tokens, w, b), tokens),
@@ -255,6 +260,8 @@ def _examples():
         # bf16 autocast: the lean function and the plain form round differently (bf16 activations)
         'scsc_train_amp': (lambda: _amp(lambda: scsc_train._forward_tuned_train(smap)), smap, 0.05),
         'scsc_dw_grad_weight': (lambda: _dw_grad_weight(dw_g, dw_x, dw_s2), dw_g),
+        'scsc_stem_train': (lambda: stem_train._forward_tuned_train(rgb), rgb),
+        'stem_conv_grad_weight': (lambda: _stem_grad_weight(stem_train.conv, stem_gz, rgb), rgb),
     }
 
 

@@ -1,8 +1,10 @@
 """ResNet+SCSC (CBTNet) training forms: the operations the lean SCSC function's backward chooses between
-(``scsc_dw_grad_weight``: the depthwise branches' kernel gradients) give what the plain form gives, pinned either
-way, at the model's own shapes (strides 1 and 2, odd sizes), in fp32 and in bf16; a training step of the micro model
-with every pin equals the plain step (values, gradients, BatchNorm running statistics). Which form wins on this
-machine is never asserted."""
+(``scsc_dw_grad_weight``: the depthwise branches' kernel gradients) and the stem's lean training function
+(``scsc_stem_train``, with ``stem_conv`` and ``stem_conv_grad_weight`` inside) give what the plain form gives, pinned
+every way, at the model's own shapes (strides 1 and 2, odd sizes), in fp32 and in bf16; a training step of the micro
+model with every pin equals the plain step (values, gradients, BatchNorm running statistics); the lean stem steps
+aside where it must (autocast, captures, eval BatchNorm, a PReLU stem). Which form wins on this machine is never
+asserted."""
 
 from __future__ import annotations
 
@@ -11,11 +13,13 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from conftest import form_step, randomize_bn
+from conftest import form_step, graph_names, randomize_bn
 from test_train_forms import _assert_same_step, _micro_case, _train_step
 
+import msconv
 from msconv.layers import forms
 from msconv.layers.cross_scale import CrossScaleBottleneck, _dw_grad_weight
+from msconv.models.scsc_resnet import ConvStem
 
 DW_FORMS = list(forms.TUNED['scsc_dw_grad_weight'].candidates)
 
@@ -87,3 +91,97 @@ def test_micro_model_step_with_each_kernel_gradient_form(form, clean_tuner):
     with forms.forced_choices(scsc_train='lean', scsc_dw_grad_weight=form):
         got = _train_step(copy.deepcopy(model), x, y)
     _assert_same_step(got, ref, form)
+
+
+STEM_PINS = [
+    dict(scsc_stem_train='lean', stem_conv=c, stem_conv_grad_weight=g)
+    for c in forms.TUNED['stem_conv'].candidates
+    for g in forms.TUNED['stem_conv_grad_weight'].candidates
+]
+
+
+@pytest.mark.parametrize('pins', STEM_PINS, ids=lambda p: f"{p['stem_conv']}-{p['stem_conv_grad_weight']}")
+@pytest.mark.parametrize('stride,size', [(2, 35), (1, 20)])
+def test_lean_stem_step_equals_the_plain_one(pins, stride, size, clean_tuner):
+    torch.manual_seed(0)
+    stem = ConvStem(3, 24, stride=stride)
+    randomize_bn(stem, 1)
+    stem.train()
+    x = torch.randn(3, 3, size, size)
+    u = torch.randn(3, 24, (size - 1) // stride + 1, (size - 1) // stride + 1)
+    ref = form_step(copy.deepcopy(stem), x, u, reference=True)
+    with forms.forced_choices(**pins):
+        lean_stem = copy.deepcopy(stem)
+        assert '_LeanStemBackward' in graph_names(copy.deepcopy(stem)(x.clone().requires_grad_(True)))
+        got = form_step(lean_stem, x, u, reference=False)
+    _assert_same_step(got, ref, pins)
+
+
+def test_lean_stem_steps_aside():
+    """Eval BatchNorm, bf16 autocast, reference_forms(), a PReLU stem (the face networks') and no autograd run the
+    plain stem, pinned or not."""
+    stem = ConvStem(3, 16).train()
+    x = torch.randn(2, 3, 16, 16, requires_grad=True)
+    with forms.forced_choices(scsc_stem_train='lean'):
+        assert '_LeanStemBackward' in graph_names(stem(x))
+        with torch.autocast('cpu', torch.bfloat16):
+            assert '_LeanStemBackward' not in graph_names(stem(x))
+        with forms.reference_forms():
+            assert '_LeanStemBackward' not in graph_names(stem(x))
+        stem.bn.eval()
+        assert '_LeanStemBackward' not in graph_names(stem(x))
+        prelu = ConvStem(3, 16, act_layer=nn.PReLU).train()
+        assert '_LeanStemBackward' not in graph_names(prelu(x))
+        with torch.no_grad():
+            assert not ConvStem(3, 16).train()._lean_wanted(x)
+
+
+def test_lean_stem_under_ddp_style_gradient_layout():
+    """The lean stem's gradients have the parameters' shapes and strides (DDP's gradient buckets view them)."""
+    stem = ConvStem(3, 16).train()
+    with forms.forced_choices(scsc_stem_train='lean'):
+        stem(torch.randn(2, 3, 18, 18)).square().mean().backward()
+    for p in stem.parameters():
+        assert p.grad is not None and p.grad.shape == p.shape and p.grad.stride() == p.stride()
+
+
+@pytest.mark.parametrize('pin', ['plain', 'lean'])
+def test_micro_model_with_lean_stem_and_checkpointing(pin, clean_tuner):
+    """The micro CBTNet with the stem pinned and its stages checkpointed equals the plain checkpointed step (the
+    stages' BatchNorms move twice on both sides)."""
+    model, x, y, _ = _micro_case('test_scsc_resnet')
+    model.set_grad_checkpointing(True)
+    with forms.reference_forms():
+        ref = _train_step(copy.deepcopy(model), x, y)
+    with forms.forced_choices(scsc_stem_train=pin, scsc_train='lean'):
+        got = _train_step(copy.deepcopy(model), x, y)
+    _assert_same_step(got, ref, pin)
+
+
+def test_single_process_ddp_matches_the_plain_step(tmp_path, clean_tuner):
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model, x, y, ref = _micro_case('test_scsc_resnet')
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path}/rdzv', rank=0, world_size=1)
+    try:
+        with forms.forced_choices(scsc_stem_train='lean', scsc_train='lean', scsc_dw_grad_weight='per_image'):
+            wrapped = DDP(copy.deepcopy(model))
+            out = wrapped(x)
+            F.cross_entropy(out, y).backward()
+        m = wrapped.module
+        got = (
+            out.detach(),
+            {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None},
+            {n: b.clone() for n, b in m.named_buffers() if b.is_floating_point()},
+        )
+    finally:
+        dist.destroy_process_group()
+    _assert_same_step(got, ref, 'ddp')
+
+
+def test_lean_stem_in_the_model_graph(clean_tuner):
+    model = msconv.create_model('test_scsc_resnet', num_classes=10).train()
+    with forms.forced_choices(scsc_stem_train='lean'):
+        assert '_LeanStemBackward' in graph_names(model(torch.randn(2, 3, 64, 64)))
