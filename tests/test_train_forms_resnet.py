@@ -1,5 +1,6 @@
-"""ResNet+SCSC (CBTNet) training forms: the operations the lean SCSC function's backward chooses between
-(``scsc_dw_grad_weight``: the depthwise branches' kernel gradients) and the stem's lean training function
+"""ResNet+SCSC (CBTNet) training forms: the operations the lean SCSC function chooses between
+(``scsc_branch_conv``: the depthwise branches in its forward; ``scsc_dw_grad_weight`` and ``depthwise_grad_input``:
+their kernel and input gradients in its backward) and the stem's lean training function
 (``scsc_stem_train``, with ``stem_conv`` and ``stem_conv_grad_weight`` inside) give what the plain form gives, pinned
 every way, at the model's own shapes (strides 1 and 2, odd sizes), in fp32 and in bf16; a training step of the micro
 model with every pin equals the plain step (values, gradients, BatchNorm running statistics); the lean stem steps
@@ -18,7 +19,7 @@ from test_train_forms import _assert_same_step, _micro_case, _train_step
 
 import msconv
 from msconv.layers import forms
-from msconv.layers.cross_scale import CrossScaleBottleneck, _dw_grad_weight
+from msconv.layers.cross_scale import CrossScaleBottleneck, _branch_conv, _dw_grad_weight
 from msconv.models.scsc_resnet import ConvStem
 
 DW_FORMS = list(forms.TUNED['scsc_dw_grad_weight'].candidates)
@@ -69,28 +70,60 @@ def test_dw_kernel_gradient_forms_in_bf16(channels, size, kernel, stride, clean_
         assert (got.float() - exact).abs().max().item() <= 2**-6 * scale, form
 
 
-@pytest.mark.parametrize('form', DW_FORMS)
-def test_lean_block_step_with_each_kernel_gradient_form(form, clean_tuner):
-    """CBTNet's stage-1 first block (stride 2, kernels 3/9/13) at an odd size, its lean function pinned: output,
-    every gradient and the running statistics equal the plain form's."""
+BRANCH_PINS = [
+    dict(scsc_train='lean', scsc_dw_grad_weight=w, scsc_branch_conv=f, depthwise_grad_input=i)
+    for w, f, i in zip(
+        DW_FORMS,
+        forms.TUNED['scsc_branch_conv'].candidates,
+        forms.TUNED['depthwise_grad_input'].candidates,
+    )
+] + [dict(scsc_train='lean', scsc_dw_grad_weight='per_image', scsc_branch_conv='conv', depthwise_grad_input='flipped')]
+
+
+@pytest.mark.parametrize('pins', BRANCH_PINS, ids=str)
+@pytest.mark.parametrize('stride,size', [(2, 27), (1, 15)])
+def test_lean_block_step_with_each_branch_form(pins, stride, size, clean_tuner):
+    """CBTNet's stage-1 blocks (kernels 3/9/13; the first with stride 2) at odd sizes, the lean function pinned:
+    output, every gradient and the running statistics equal the plain form's."""
     torch.manual_seed(0)
-    block = CrossScaleBottleneck(48, 144, (3, 9, 13), groups=4, stride=2)
+    block = CrossScaleBottleneck(48, 144 if stride == 2 else 48, (3, 9, 13), groups=4, stride=stride)
     randomize_bn(block, 1)
     block.train()
-    x = torch.randn(2, 48, 27, 27)
-    u = torch.randn(2, 144, 14, 14)
+    x = torch.randn(2, 48, size, size)
+    with torch.no_grad():
+        u = torch.randn_like(copy.deepcopy(block)(x))
     ref = form_step(copy.deepcopy(block), x, u, reference=True)
-    with forms.forced_choices(scsc_train='lean', scsc_dw_grad_weight=form):
+    with forms.forced_choices(**pins):
         got = form_step(copy.deepcopy(block), x, u, reference=False)
-    _assert_same_step(got, ref, form)
+    _assert_same_step(got, ref, pins)
 
 
-@pytest.mark.parametrize('form', DW_FORMS)
-def test_micro_model_step_with_each_kernel_gradient_form(form, clean_tuner):
+@pytest.mark.parametrize('pins', BRANCH_PINS, ids=str)
+def test_micro_model_step_with_each_branch_form(pins, clean_tuner):
     model, x, y, ref = _micro_case('test_scsc_resnet')
-    with forms.forced_choices(scsc_train='lean', scsc_dw_grad_weight=form):
+    with forms.forced_choices(**pins):
         got = _train_step(copy.deepcopy(model), x, y)
-    _assert_same_step(got, ref, form)
+    _assert_same_step(got, ref, pins)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('channels,size,kernel', [(32, 28, 13), (48, 14, 11), (16, 9, 3), (24, 6, 7)])
+def test_branch_conv_forms_agree(channels, size, kernel, dtype, clean_tuner):
+    conv = nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=channels, bias=False)
+    x = torch.randn(2, channels, size, size).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        exact = torch.nn.functional.conv2d(x, conv.weight, padding=kernel // 2, groups=channels)
+        x = x.to(dtype)
+        outs = {}
+        for form in forms.TUNED['scsc_branch_conv'].candidates:
+            with forms.forced_choices(scsc_branch_conv=form):
+                outs[form] = _branch_conv(conv, x)
+            assert outs[form].dtype == dtype and outs[form].shape == exact.shape
+    tol = 1e-5 if dtype == torch.float32 else 2**-6
+    scale = max(1.0, exact.abs().max().item())
+    for form, got in outs.items():
+        assert (got.float() - outs['conv'].float()).abs().max().item() <= tol * scale, form
+        assert (got.float() - exact).abs().max().item() <= max(tol, 2**-6 if dtype != torch.float32 else tol) * scale
 
 
 STEM_PINS = [

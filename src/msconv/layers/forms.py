@@ -513,6 +513,14 @@ TUNED: Dict[str, TunedOp] = {
             where="the weight gradient of the SCSC CNNs' 3x3 stem in its lean training function: the convolution's "
             'backward, or per image a GEMM of the output gradient with the unfolded patches',
         ),
+        TunedOp(
+            'scsc_branch_conv',
+            {'conv': (), 'transposed': ()},
+            key='kernel, padding',
+            where="the stride-1 depthwise branches of SCSC's lean training function (forward): the convolution, or the "
+            "same correlation as the input gradient of a correlation with the flipped kernel (oneDNN's backward-data "
+            'kernel)',
+        ),
     )
 }
 
