@@ -69,8 +69,8 @@ class ConvStem(nn.Module):
 
     @torch.jit.unused
     def _lean_ok(self) -> bool:
-        """The stem's own conditions for the lean training function: a bias-free 3x3 conv with padding 1 (ungrouped,
-        undilated, square stride), a plain BatchNorm in training mode tracking statistics, a ReLU."""
+        """The stem's own conditions for the lean training function: a bias-free 3x3 conv with zero padding 1
+        (ungrouped, undilated, square stride), a plain BatchNorm in training mode tracking statistics, a ReLU."""
         conv, bn = self.conv, self.bn
         return (
             type(conv) is nn.Conv2d
@@ -78,6 +78,7 @@ class ConvStem(nn.Module):
             and conv.padding == (1, 1)
             and conv.dilation == (1, 1)
             and conv.groups == 1
+            and conv.padding_mode == 'zeros'
             and conv.stride[0] == conv.stride[1]
             and conv.bias is None
             and type(bn) is nn.BatchNorm2d
