@@ -222,6 +222,19 @@ def _examples():
     scsc_tokens = msconv.layers.CrossScaleBottleneck(24, 24, (3, 5, 7), groups=2).eval()
     scsc_tokens.reparameterize()
     smap_cl = smap.contiguous(memory_format=torch.channels_last)
+    from msconv.layers.cross_scale import _dw_grad_weight
+
+    dw_s2 = torch.nn.Conv2d(8, 8, 5, stride=2, padding=2, groups=8, bias=False)
+    dw_x, dw_g = torch.randn(2, 8, 9, 9, generator=g), torch.randn(2, 8, 5, 5, generator=g)
+    from msconv.models.scsc_resnet import ConvStem, _stem_grad_weight
+
+    stem_train = ConvStem(3, 16).train()  # batch statistics
+    randomize_bn(stem_train)
+    stem_gz = torch.randn(2, 16, 17, 17, generator=g)
+    from msconv.layers.cross_scale import _branch_conv
+
+    branch13 = torch.nn.Conv2d(8, 8, 13, padding=6, groups=8, bias=False)
+    branch_map = torch.randn(2, 8, 11, 10, generator=g).contiguous(memory_format=torch.channels_last)
     return {
         'linear': (lambda: fast_ops.linear(tokens, w, b), tokens),
         'linear_gelu': (lambda: fast_ops.linear_gelu(tokens, w, b), tokens),
@@ -250,6 +263,10 @@ def _examples():
         'scsc_tokens': (lambda: scsc_tokens(smap_cl), smap_cl),
         # bf16 autocast: the lean function and the plain form round differently (bf16 activations)
         'scsc_train_amp': (lambda: _amp(lambda: scsc_train._forward_tuned_train(smap)), smap, 0.05),
+        'scsc_dw_grad_weight': (lambda: _dw_grad_weight(dw_g, dw_x, dw_s2), dw_g),
+        'scsc_stem_train': (lambda: stem_train._forward_tuned_train(rgb), rgb),
+        'stem_conv_grad_weight': (lambda: _stem_grad_weight(stem_train.conv, stem_gz, rgb), rgb),
+        'scsc_branch_conv': (lambda: _branch_conv(branch13, branch_map), branch_map),
     }
 
 

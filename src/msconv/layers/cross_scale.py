@@ -74,6 +74,7 @@ from .fast_ops import (
     spatial_mean,
 )
 from .forms import autocast_dtype, tunable, tuned, tuned_training, use_fast_form
+from .shiftwise import _depthwise_grad_input
 
 __all__ = [
     'SpatialCrossScaleConv',
@@ -510,14 +511,79 @@ def _branches(mod: 'SpatialCrossScaleConv', x_r: torch.Tensor) -> torch.Tensor:
     run in ``_BRANCH_FORMAT`` and written into its slice: one layout pass)."""
     cp = mod.reduced_dim
     x_rb = x_r.contiguous(memory_format=_BRANCH_FORMAT)
-    if x_r.dtype == mod.dw[0].weight.dtype:
-        outs = [conv(x_rb) for conv in mod.dw]
-    else:  # bf16 autocast (``_LeanCrossScale`` with a compute dtype): the kernels cast as autocast casts them
-        outs = [F.conv2d(x_rb, c.weight.to(x_r.dtype), None, c.stride, c.padding, c.dilation, c.groups) for c in mod.dw]
+    outs = [_branch_conv(conv, x_rb) for conv in mod.dw]
     cat = x_r.new_empty(x_r.shape[0], len(outs) * cp, *outs[0].shape[2:])
     for j, o in enumerate(outs):
         cat[:, j * cp : (j + 1) * cp].copy_(o)
     return cat
+
+
+def _branch_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` for a depthwise branch (no bias) with autograd off, its kernel cast to ``x``'s dtype as autocast
+    casts it; for stride 1, where the ``scsc_branch_conv`` operation measures it faster: the same correlation as the
+    input gradient of a correlation with the flipped kernel (oneDNN's backward-data kernel ran the 13x13 and 11x11
+    branches about 2x faster than its forward kernel, AMD EPYC, 1 thread)."""
+    w = conv.weight.to(x.dtype)
+
+    def forward() -> torch.Tensor:
+        return F.conv2d(x, w, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+    p = conv.padding
+    k = w.shape[2:]
+    if (
+        tuple(conv.stride) != (1, 1)
+        or tuple(conv.dilation) != (1, 1)
+        or p[0] > k[0] - 1
+        or p[1] > k[1] - 1
+        or not tunable('scsc_branch_conv', x)
+    ):
+        return forward()
+
+    def transposed() -> torch.Tensor:
+        flip_pad = [k[0] - 1 - p[0], k[1] - 1 - p[1]]
+        return torch.ops.aten.convolution_backward(
+            x, x, w.flip(2, 3), None, [1, 1], flip_pad, [1, 1], False, [0, 0], conv.groups, [True, False, False]
+        )[0]
+
+    return tuned('scsc_branch_conv', x, {'conv': forward, 'transposed': transposed}, extra=f'{tuple(k)}/p{tuple(p)}')
+
+
+def _dw_grad_weight(g: torch.Tensor, x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """Kernel gradient of the depthwise ``conv`` (no bias, dilation 1) at input ``x`` for the output gradient ``g``
+    (autograd off): the convolution's backward, or image by image the depthwise correlation of the padded input with
+    the output gradient as its kernel (dilated by the stride), summed in fp32, whichever the ``scsc_dw_grad_weight``
+    tuned operation measures faster for this shape. oneDNN's backward-weights kernel for channels-last depthwise
+    convolutions ran the large kernels 4x-6x slower than its forward kernels on the same sums (9x9 and 13x13 at 56x56,
+    AMD EPYC, 1 thread)."""
+    w = conv.weight
+
+    def backward() -> torch.Tensor:
+        return torch.ops.aten.convolution_backward(
+            g, x, w.to(x.dtype), None, conv.stride, conv.padding, conv.dilation, False, [0, 0], conv.groups,
+            [False, True, False],
+        )[1]  # fmt: skip
+
+    if not tunable('scsc_dw_grad_weight', g) or tuple(conv.dilation) != (1, 1) or x.shape[0] < 2:
+        return backward()
+    return tuned(
+        'scsc_dw_grad_weight',
+        g,
+        {'backward': backward, 'per_image': lambda: _dw_grad_weight_per_image(g, x, conv)},
+        extra=f'{tuple(w.shape[2:])}/s{tuple(conv.stride)}/p{tuple(conv.padding)}',
+    )
+
+
+def _dw_grad_weight_per_image(g: torch.Tensor, x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """The ``per_image`` form of :func:`_dw_grad_weight`: ``grad_w[c, i, j] = sum_{b, y, x} g[b, c, y, x] *
+    x_pad[b, c, s*y + i, s*x + j]``, one depthwise correlation per image (the padded image as input, its output
+    gradient as a kernel dilated by the stride s, only the rows and columns the kernel reaches), accumulated in fp32."""
+    (kh, kw), (sh, sw), (ph, pw) = conv.weight.shape[2:], conv.stride, conv.padding
+    ho, wo = g.shape[2], g.shape[3]
+    xp = F.pad(x, (pw, pw, ph, ph))[:, :, : kh + sh * (ho - 1), : kw + sw * (wo - 1)]
+    out = torch.zeros(1, x.shape[1], kh, kw, dtype=torch.float32, device=x.device)
+    for xi, gi in zip(xp.split(1), g.split(1)):
+        out += F.conv2d(xi, gi.transpose(0, 1), groups=x.shape[1], dilation=(sh, sw))
+    return out.view(conv.weight.shape).to(x.dtype)
 
 
 def _route_backward(
@@ -579,9 +645,10 @@ def _gemm_backward_amp(
 class _LeanCrossScale(torch.autograd.Function):
     """``SpatialCrossScaleConv._scsc_reference`` (training mode) as one autograd function that saves for backward
     only the input, the reduce and recover 1x1 outputs (before their BNs), the concatenated branch outputs (before
-    their BN), the gates and the BN batch statistics: about 3.3 activation maps of ``C`` channels where autograd keeps
-    7.3 (every BN output, GELU output and product). Backward recomputes the BN affine maps, the GELUs and the routing
-    (elementwise passes) and runs the same backward ops autograd would (``native_batch_norm_backward``,
+    their BN), the gates, the routed sum (the recover conv's input, kept rather than recomputed: 1/m of the
+    concatenation) and the BN batch statistics: about 3.6 activation maps of ``C`` channels where autograd keeps 7.3
+    (every BN output, GELU output and product). Backward recomputes the BN affine maps and the GELUs (elementwise
+    passes) and runs the same backward ops autograd would (``native_batch_norm_backward``,
     ``gelu_backward``, ``convolution_backward`` for the depthwise convs); the 1x1 convs are per-image GEMMs. The
     forward runs the same ops as the plain form, the BatchNorms moving their running statistics once.
 
@@ -621,7 +688,7 @@ class _LeanCrossScale(torch.autograd.Function):
         with _se_autocast(cd):
             out = y * se.gate(se.fc2(se.act(se.fc1(pooled))))
         ctx.mod, ctx.cd, ctx.x_dtype = mod, cd, x.dtype
-        ctx.save_for_backward(xc, r, cat, gate, z, pooled, m1, i1, m2, i2, m3, i3)
+        ctx.save_for_backward(xc, r, cat, gate, routed, z, pooled, m1, i1, m2, i2, m3, i3)
         return out
 
     @staticmethod
@@ -634,7 +701,7 @@ class _LeanCrossScale(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad: torch.Tensor):
         mod, cd = ctx.mod, ctx.cd
-        x, r, cat, gate, z, pooled, m1, i1, m2, i2, m3, i3 = ctx.saved_tensors
+        x, r, cat, gate, routed, z, pooled, m1, i1, m2, i2, m3, i3 = ctx.saved_tensors
         s, cp, se = mod.stride, mod.reduced_dim, mod.se
         grad = grad.contiguous() if cd is None else grad.to(cd).contiguous()
         gelu_out = isinstance(mod.out_act, nn.GELU)
@@ -662,10 +729,9 @@ class _LeanCrossScale(torch.autograd.Function):
         del a3, g_y
         g_z, g_w3, g_b3 = bn_train_backward(g_a3, z, mod.recover_bn, m3, i3)
         del g_a3
-        # routing: the branch features and the gated sum recomputed
+        # routing: the branch features recomputed
         a2 = recompute(cat, mod.dw_bn.weight, mod.dw_bn.bias, m2, i2)
         feats = torch.nn.functional.gelu(a2)
-        routed = mod._routed_form(feats, gate, tokens=False, fp32=False).view(gate.shape[0], -1, *gate.shape[2:])
         g_routed, g_wc = gemm_backward(g_z, mod.recover.weight, routed)
         del g_z, routed
         g_feats, g_gate = _route_backward(mod, g_routed, feats, gate)
@@ -688,11 +754,16 @@ class _LeanCrossScale(torch.autograd.Function):
         fmt = _BRANCH_FORMAT
         x_rb = x_r.contiguous(memory_format=fmt)
         for j, conv in enumerate(mod.dw):
-            g_in, g_w, _ = torch.ops.aten.convolution_backward(
-                g_cat[:, j * cp : (j + 1) * cp].contiguous(memory_format=fmt), x_rb, conv.weight.to(x_rb.dtype),
-                None, conv.stride, conv.padding, conv.dilation, False, [0, 0], conv.groups, [True, True, False],
-            )  # fmt: skip
+            g_j = g_cat[:, j * cp : (j + 1) * cp].contiguous(memory_format=fmt)
+            if tuple(conv.stride) == (1, 1) and tuple(conv.dilation) == (1, 1):
+                g_in = _depthwise_grad_input(g_j, x_rb, conv.weight.to(x_rb.dtype), tuple(conv.padding))
+            else:
+                g_in = torch.ops.aten.convolution_backward(
+                    g_j, x_rb, conv.weight.to(x_rb.dtype), None, conv.stride, conv.padding, conv.dilation, False,
+                    [0, 0], conv.groups, [True, False, False],
+                )[0]  # fmt: skip
             g_xr += g_in
+            g_w = _dw_grad_weight(g_j, x_rb, conv)
             g_dw.append(torch.empty_like(conv.weight).copy_(g_w))  # the weight's strides (DDP's gradient buckets)
         del g_cat, x_r, x_rb
         g_a1 = torch.ops.aten.gelu_backward(g_xr, a1)

@@ -489,6 +489,38 @@ TUNED: Dict[str, TunedOp] = {
             per_module=True,
             training=True,
         ),
+        TunedOp(
+            'scsc_dw_grad_weight',
+            {'backward': (), 'per_image': ('per_image',)},
+            key='kernel, stride, padding',
+            where="the kernel gradients of SCSC's depthwise branches in the lean training function's backward: the "
+            "convolution's backward, or per image a depthwise correlation of the padded input with the output "
+            'gradient as its kernel (dilated by the stride), summed in fp32',
+        ),
+        TunedOp(
+            'scsc_stem_train',
+            {'plain': (), 'lean': ('lean_recompute', 'contiguous')},
+            key="the stem's structure",
+            where="a training step's 3x3 conv + BatchNorm + ReLU stem of the SCSC CNNs: autograd through the three "
+            'modules, or one autograd function (the conv through ``stem_conv``, the ReLU in place)',
+            per_module=True,
+            training=True,
+        ),
+        TunedOp(
+            'stem_conv_grad_weight',
+            {'backward': (), 'im2col': ('cpu_gemm', 'contiguous')},
+            key='out channels, stride',
+            where="the weight gradient of the SCSC CNNs' 3x3 stem in its lean training function: the convolution's "
+            'backward, or per image a GEMM of the output gradient with the unfolded patches',
+        ),
+        TunedOp(
+            'scsc_branch_conv',
+            {'conv': (), 'transposed': ()},
+            key='kernel, padding',
+            where="the stride-1 depthwise branches of SCSC's lean training function (forward): the convolution, or the "
+            "same correlation as the input gradient of a correlation with the flipped kernel (oneDNN's backward-data "
+            'kernel)',
+        ),
     )
 }
 

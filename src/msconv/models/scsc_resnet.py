@@ -21,13 +21,14 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import ClassifierHead
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs
 
 from ..layers._fold import fold_bn_into_conv
 from ..layers.cross_scale import STAGE_KERNEL_SIZES, CrossScaleBottleneck, convert_scsc_official
-from ..layers.fast_ops import conv_im2col
-from ..layers.forms import tunable, tuned, use_fast_form
+from ..layers.fast_ops import bn_train_backward, bn_train_forward, conv_im2col
+from ..layers.forms import tunable, tuned, tuned_training, use_fast_form
 from . import scsc_swin
 from ._builder import MsconvModel, factory_kwargs
 from ._registry import register_converter, register_model
@@ -47,10 +48,62 @@ class ConvStem(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_fast_form('inplace', x):
             return self._forward_inference(x)
+        if not torch.jit.is_scripting() and self._lean_wanted(x):
+            return self._forward_tuned_train(x)
         return self.forward_reference(x)
+
+    @torch.jit.unused
+    def _lean_wanted(self, x: torch.Tensor) -> bool:
+        """A training step where the gate allows the ``scsc_stem_train`` operation's lean form and the stem's own
+        conditions hold (``_lean_ok``)."""
+        return torch.is_grad_enabled() and tunable('scsc_stem_train', x) and self._lean_ok()
+
+    @torch.jit.unused
+    def _forward_tuned_train(self, x: torch.Tensor) -> torch.Tensor:
+        """The stem in a training step: autograd through its modules or the lean function (``_LeanStem``), whichever
+        ``forms.tuned_training`` measures faster (forward + backward) on the running machine."""
+        return tuned_training('scsc_stem_train', (x,), _STEM_TRAIN_FORMS, module=self)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.bn(self.conv(x)))
+
+    @torch.jit.unused
+    def _lean_ok(self) -> bool:
+        """The stem's own conditions for the lean training function: a bias-free 3x3 conv with zero padding 1
+        (ungrouped, undilated, square stride), a plain BatchNorm in training mode tracking statistics, a ReLU."""
+        conv, bn = self.conv, self.bn
+        return (
+            type(conv) is nn.Conv2d
+            and conv.kernel_size == (3, 3)
+            and conv.padding == (1, 1)
+            and conv.dilation == (1, 1)
+            and conv.groups == 1
+            and conv.padding_mode == 'zeros'
+            and conv.stride[0] == conv.stride[1]
+            and conv.bias is None
+            and type(bn) is nn.BatchNorm2d
+            and bn.training
+            and bn.track_running_stats
+            and bn.affine
+            and type(self.act) is nn.ReLU
+        )
+
+    @torch.jit.unused
+    def _forward_lean(self, x: torch.Tensor) -> torch.Tensor:
+        return _LeanStem.apply(self, x, self.conv.weight, self.bn.weight, self.bn.bias)
+
+    @torch.jit.unused
+    def _conv_tuned(self, x: torch.Tensor) -> torch.Tensor:
+        """``conv(x)`` with autograd off: the conv or its im2col GEMMs (the ``stem_conv`` operation's choice)."""
+        conv = self.conv
+        if not tunable('stem_conv', x):
+            return conv(x)
+        return tuned(
+            'stem_conv',
+            x,
+            {'conv': lambda: conv(x), 'im2col': lambda: conv_im2col(conv, x)},
+            extra=f"{conv.out_channels}/s{conv.stride[0]}{'+b' if conv.bias is not None else ''}",
+        )
 
     @torch.jit.unused
     def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,6 +130,71 @@ class ConvStem(nn.Module):
     def reparameterize(self) -> None:
         if not isinstance(self.bn, nn.Identity):
             self.conv, self.bn = fold_bn_into_conv(self.conv, self.bn), nn.Identity()
+
+
+def _stem_grad_weight(conv: nn.Conv2d, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The weight gradient of the stem's 3x3 conv (padding 1, no bias) at input ``x`` for the output gradient ``g``
+    (autograd off): the convolution's backward, or per image a GEMM of the output gradient with the unfolded patches
+    (the ``stem_conv_grad_weight`` operation's choice; an RGB stem's K = in_chans * 9 is thin for oneDNN's kernel)."""
+    s = conv.stride[0]
+
+    def backward() -> torch.Tensor:
+        return torch.ops.aten.convolution_backward(
+            g, x, conv.weight, None, conv.stride, conv.padding, conv.dilation, False, [0, 0], 1, [False, True, False]
+        )[1]
+
+    def im2col() -> torch.Tensor:
+        B, n_out, Ho, Wo = g.shape
+        gw = torch.zeros(n_out, conv.weight[0].numel(), dtype=g.dtype, device=g.device)
+        gv = g.reshape(B, n_out, Ho * Wo)
+        for i in range(B):
+            gw.addmm_(gv[i], F.unfold(x[i : i + 1], 3, padding=1, stride=s)[0].t())
+        return gw.view(conv.weight.shape)
+
+    if not tunable('stem_conv_grad_weight', x):
+        return backward()
+    return tuned('stem_conv_grad_weight', x, {'backward': backward, 'im2col': im2col}, extra=f'{g.shape[1]}/s{s}')
+
+
+class _LeanStem(torch.autograd.Function):
+    """``ConvStem.forward_reference`` in training mode (3x3 conv, BatchNorm with batch statistics, ReLU) as one
+    autograd function: the conv through the ``stem_conv`` operation's choice (the conv or im2col GEMMs), the ReLU in
+    place on the BatchNorm's fresh output (no third stem-sized map), backward with the ops autograd runs for the BN and
+    ReLU and the weight gradient through ``stem_conv_grad_weight``. Saves what autograd saves (the conv output for the
+    BN, the output for the ReLU's mask, which the next block keeps anyway); the BN moves its running statistics once."""
+
+    @staticmethod
+    def forward(ctx, stem: 'ConvStem', x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        z = stem._conv_tuned(x)
+        a, mean, invstd = bn_train_forward(stem.bn, z)
+        y = torch.relu_(a)
+        ctx.stem = stem
+        ctx.save_for_backward(x, z, y, mean, invstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        stem = ctx.stem
+        x, z, y, mean, invstd = ctx.saved_tensors
+        g_a = torch.ops.aten.threshold_backward(grad, y, 0)
+        g_z, g_bw, g_bb = bn_train_backward(g_a, z, stem.bn, mean, invstd)
+        del g_a
+        conv = stem.conv
+        g_x = None
+        if ctx.needs_input_grad[1]:
+            g_x = torch.ops.aten.convolution_backward(
+                g_z, x, conv.weight, None, conv.stride, conv.padding, conv.dilation, False, [0, 0], 1,
+                [True, False, False],
+            )[0]  # fmt: skip
+        g_w = _stem_grad_weight(conv, g_z, x) if ctx.needs_input_grad[2] else None
+        return None, g_x, g_w, g_bw, g_bb
+
+
+#: The candidates of the ``scsc_stem_train`` tuned operation (called with the stem, or the autotuner's copy, and x).
+_STEM_TRAIN_FORMS = {
+    'plain': lambda stem, x: stem.forward_reference(x),
+    'lean': lambda stem, x: stem._forward_lean(x),
+}
 
 
 def make_cross_scale_stages(
