@@ -222,6 +222,11 @@ def _examples():
     scsc_tokens = msconv.layers.CrossScaleBottleneck(24, 24, (3, 5, 7), groups=2).eval()
     scsc_tokens.reparameterize()
     smap_cl = smap.contiguous(memory_format=torch.channels_last)
+    from msconv.layers.mixed_conv import grouped_pointwise, grouped_pointwise_grad_weight
+
+    gp_map = torch.randn(2, 32, 5, 6, generator=g).contiguous(memory_format=torch.channels_last)
+    gp_w, gp_b = torch.randn(64, 4, 1, 1, generator=g), torch.randn(64, generator=g)
+    gp_grad = torch.randn(2, 64, 5, 6, generator=g).contiguous(memory_format=torch.channels_last)
     return {
         'linear': (lambda: fast_ops.linear(tokens, w, b), tokens),
         'linear_gelu': (lambda: fast_ops.linear_gelu(tokens, w, b), tokens),
@@ -250,6 +255,8 @@ def _examples():
         'scsc_tokens': (lambda: scsc_tokens(smap_cl), smap_cl),
         # bf16 autocast: the lean function and the plain form round differently (bf16 activations)
         'scsc_train_amp': (lambda: _amp(lambda: scsc_train._forward_tuned_train(smap)), smap, 0.05),
+        'grouped_pointwise': (lambda: grouped_pointwise(gp_map, gp_w, gp_b, 8), gp_map),
+        'grouped_pointwise_grad_weight': (lambda: grouped_pointwise_grad_weight(gp_grad, gp_map, gp_w, 8), gp_grad),
     }
 
 

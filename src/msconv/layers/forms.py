@@ -489,6 +489,22 @@ TUNED: Dict[str, TunedOp] = {
             per_module=True,
             training=True,
         ),
+        TunedOp(
+            'grouped_pointwise',
+            {'conv': (), 'onednn': ('onednn', 'channels_last'), 'gemm': ('train_gemm', 'channels_last')},
+            key='in channels, groups, out channels, bias',
+            where="SMT SAA's grouped 1x1 conv in the lean training form (kind lean), forward and input gradient: "
+            "``F.conv2d`` (on one thread torch's native kernel, which copies each group of a channels-last map), "
+            "oneDNN's convolution called directly, or one GEMM per chunk of adjacent groups with its block-diagonal "
+            'weight',
+        ),
+        TunedOp(
+            'grouped_pointwise_grad_weight',
+            {'backward': (), 'gemm': ('train_gemm', 'channels_last')},
+            key='in channels, groups, out channels',
+            where="the weight gradient of SMT SAA's grouped 1x1 conv in the lean training form: the convolution's "
+            'backward, or per chunk of adjacent groups one GEMM over all tokens (its diagonal blocks)',
+        ),
     )
 }
 

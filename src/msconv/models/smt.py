@@ -29,6 +29,7 @@ from timm.models._manipulate import checkpoint_seq, named_apply
 
 from ..layers._fold import bn_folded_weights, fold_bn_into_conv
 from ..layers.fast_ops import conv_gelu, map_images
+from ..layers.fast_ops import linear as _linear
 from ..layers.forms import autocast_dtype, tunable, tuned, use_fast_form
 from ..layers.linear import Linear
 from ..layers.mixed_conv import ScaleAwareModulation
@@ -66,9 +67,9 @@ class _ConvMlpLean(torch.autograd.Function):
         k = wd.shape[-1]
         wd = _identity_folded(wd)
         with torch.autocast(device, enabled=False):
-            h = F.linear(x, w1, b1)
+            h = _linear(x, w1, b1)
             a = F.conv2d(h.permute(0, 3, 1, 2), wd, bd, padding=k // 2, groups=wd.shape[0])
-            out = F.linear(F.gelu(a).permute(0, 2, 3, 1), w2, b2)
+            out = _linear(F.gelu(a).permute(0, 2, 3, 1), w2, b2)
         ctx.save_for_backward(x, w1, h, wd, a, w2)
         ctx.has_bias = (b1 is not None, bd is not None, b2 is not None)
         return out
@@ -87,7 +88,7 @@ class _ConvMlpLean(torch.autograd.Function):
         if need[6] and ctx.has_bias[2]:
             grads[6] = g2.sum(0)
         # d/da through the GELU, as (B, C, H, W) channels-last like ``a``
-        ga = grad.matmul(w2).permute(0, 3, 1, 2)
+        ga = _linear(grad, w2.t()).permute(0, 3, 1, 2)
         ga = torch.ops.aten.gelu_backward.grad_input(ga, a, grad_input=ga)  # in place into the fresh product
         gh, gwd, gbd = torch.ops.aten.convolution_backward(
             ga, h.permute(0, 3, 1, 2), wd, [hidden] if ctx.has_bias[1] else None, (1, 1), (k // 2, k // 2), (1, 1),
@@ -96,7 +97,7 @@ class _ConvMlpLean(torch.autograd.Function):
         grads[3], grads[4] = gwd, gbd
         gh = gh.permute(0, 2, 3, 1).reshape(-1, hidden)
         if need[0]:
-            grads[0] = gh.mm(w1).view(x.shape)
+            grads[0] = _linear(gh, w1.t()).view(x.shape)
         if need[1]:
             grads[1] = gh.t().mm(x.reshape(-1, x.shape[-1]))
         if need[2] and ctx.has_bias[0]:
