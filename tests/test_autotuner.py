@@ -227,6 +227,7 @@ def _examples():
     gp_map = torch.randn(2, 32, 5, 6, generator=g).contiguous(memory_format=torch.channels_last)
     gp_w, gp_b = torch.randn(64, 4, 1, 1, generator=g), torch.randn(64, generator=g)
     gp_grad = torch.randn(2, 64, 5, 6, generator=g).contiguous(memory_format=torch.channels_last)
+    smt_mlp_train = ConvMlp(16, 24).train()
     return {
         'linear': (lambda: fast_ops.linear(tokens, w, b), tokens),
         'linear_gelu': (lambda: fast_ops.linear_gelu(tokens, w, b), tokens),
@@ -257,6 +258,7 @@ def _examples():
         'scsc_train_amp': (lambda: _amp(lambda: scsc_train._forward_tuned_train(smap)), smap, 0.05),
         'grouped_pointwise': (lambda: grouped_pointwise(gp_map, gp_w, gp_b, 8), gp_map),
         'grouped_pointwise_grad_weight': (lambda: grouped_pointwise_grad_weight(gp_grad, gp_map, gp_w, 8), gp_grad),
+        'smt_mlp_train': (lambda: smt_mlp_train._forward_train(smt_tokens), smt_tokens),
     }
 
 

@@ -31,6 +31,7 @@ PINS = {
     'depthwise_grad_input': ('backward', 'flipped'),
     'depthwise_grad_weight': ('backward', 'per_image'),
     'linear': ('blas', 'onednn'),
+    'smt_mlp_train': ('batched', 'per_image'),
 }
 FAST = dict(
     grouped_pointwise='gemm',
@@ -38,6 +39,7 @@ FAST = dict(
     depthwise_grad_input='flipped',
     depthwise_grad_weight='per_image',
     linear='onednn',
+    smt_mlp_train='per_image',
 )
 
 
@@ -101,15 +103,18 @@ def test_sam_every_fast_form_at_once_at_stage1_shapes(clean_tuner):
     _assert_same_module_step(got, ref, 'fast', _ZERO_GRAD)
 
 
-@pytest.mark.parametrize('form', PINS['linear'])
-def test_mlp_linear_forms_equal_the_plain_form(form, clean_tuner):
+@pytest.mark.parametrize('op', ['linear', 'smt_mlp_train'])
+def test_mlp_forms_equal_the_plain_form(op, clean_tuner):
+    """The lean MLP with its GEMMs in BLAS or oneDNN, on the batch or image by image (three images: the weight
+    gradients accumulate)."""
     torch.manual_seed(0)
-    module, x = ConvMlp(64, 256).train(), torch.randn(2, 28, 28, 64)
+    module, x = ConvMlp(64, 256).train(), torch.randn(3, 28, 28, 64)
     with forms.reference_forms():
         ref = _module_step(copy.deepcopy(module), x, lambda m, t: m(t))
-    with forms.forced_choices(linear=form):
-        got = _module_step(copy.deepcopy(module), x, lambda m, t: m(t))
-    _assert_same_module_step(got, ref, form)
+    for form in PINS[op]:
+        with forms.forced_choices(**{op: form}):
+            got = _module_step(copy.deepcopy(module), x, lambda m, t: m(t))
+        _assert_same_module_step(got, ref, (op, form))
 
 
 @pytest.mark.parametrize('fast', [True, False])

@@ -505,6 +505,15 @@ TUNED: Dict[str, TunedOp] = {
             where="the weight gradient of SMT SAA's grouped 1x1 conv in the lean training form: the convolution's "
             'backward, or per chunk of adjacent groups one GEMM over all tokens (its diagonal blocks)',
         ),
+        TunedOp(
+            'smt_mlp_train',
+            {'batched': (), 'per_image': ()},
+            key='in, hidden and out features, autocast',
+            where="SMT's MLP in its lean training form (kind lean): fc1, depthwise conv, GELU and fc2 forward and "
+            'backward on the whole batch, or image by image with the weight gradients accumulated in place (the '
+            'hidden tensors cache-sized)',
+            training=True,
+        ),
     )
 }
 
