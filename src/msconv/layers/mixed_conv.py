@@ -69,23 +69,21 @@ def _block_diagonal(weight: torch.Tensor, groups: int, k: int) -> torch.Tensor:
 
 
 def _grouped_pointwise_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], groups: int):
-    """``F.conv2d(x, weight, bias, groups=groups)`` for a 1x1 ``weight`` on channels-last ``x``: per chunk of adjacent
-    groups one GEMM of the chunk's token columns with its block-diagonal weight, written into the output's columns
-    (strided views of the token matrices: no copies)."""
+    """``F.conv2d(x, weight, bias, groups=groups)`` for a 1x1 ``weight`` on channels-last ``x``: one batched GEMM over
+    chunks of adjacent groups, each chunk's token columns times its block-diagonal weight, written into the output's
+    columns (strided views of the token matrices: no copies)."""
     B, C, H, W = x.shape
     out_ch = weight.shape[0]
     k = _group_chunks(groups, weight.shape[1])
-    blocks = _block_diagonal(weight, groups, k)
-    n, ci, co = groups // k, C // (groups // k), out_ch // (groups // k)
-    xt = x.permute(0, 2, 3, 1).reshape(-1, C)  # a view: x is channels-last
+    n = groups // k
+    blocks = _block_diagonal(weight, groups, k)  # (n, co, ci)
+    xt = x.permute(0, 2, 3, 1).reshape(-1, n, C // n).transpose(0, 1)  # (n, M, ci), a view: x is channels-last
     out = x.new_empty(B, H, W, out_ch)
-    ot = out.view(-1, out_ch)
-    for c in range(n):
-        cols, dest = xt[:, c * ci : (c + 1) * ci], ot[:, c * co : (c + 1) * co]
-        if bias is None:
-            torch.mm(cols, blocks[c].t(), out=dest)
-        else:
-            torch.addmm(bias[c * co : (c + 1) * co], cols, blocks[c].t(), out=dest)
+    dest = out.view(-1, n, out_ch // n).transpose(0, 1)  # (n, M, co) view of the output's token columns
+    if bias is None:
+        torch.bmm(xt, blocks.transpose(1, 2), out=dest)
+    else:
+        torch.baddbmm(bias.view(n, 1, -1), xt, blocks.transpose(1, 2), out=dest)
     return out.permute(0, 3, 1, 2)
 
 
@@ -122,13 +120,11 @@ def _grouped_pointwise_grad_weight_gemm(grad: torch.Tensor, x: torch.Tensor, wei
     C, out_ch, ig = x.shape[1], weight.shape[0], weight.shape[1]
     og = out_ch // groups
     k = _group_chunks(groups, ig)
-    n, ci, co = groups // k, C // (groups // k), out_ch // (groups // k)
-    xt, gt = x.permute(0, 2, 3, 1).reshape(-1, C), grad.permute(0, 2, 3, 1).reshape(-1, out_ch)
-    out = weight.new_empty(n, k, og, ig)
-    for c in range(n):
-        full = gt[:, c * co : (c + 1) * co].t().mm(xt[:, c * ci : (c + 1) * ci]).view(k, og, k, ig)
-        out[c] = full.diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # the chunk's diagonal blocks: its groups' own
-    return out.view(weight.shape)
+    n = groups // k
+    xt = x.permute(0, 2, 3, 1).reshape(-1, n, C // n).transpose(0, 1)  # (n, M, ci)
+    gt = grad.permute(0, 2, 3, 1).reshape(-1, n, out_ch // n).permute(1, 2, 0)  # (n, co, M)
+    full = torch.bmm(gt, xt).view(n, k, og, k, ig)  # each chunk's (co, ci) product; its diagonal blocks: its groups'
+    return full.diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2).reshape(weight.shape)
 
 
 def grouped_pointwise_grad_weight(
