@@ -235,6 +235,12 @@ def _examples():
 
     branch13 = torch.nn.Conv2d(8, 8, 13, padding=6, groups=8, bias=False)
     branch_map = torch.randn(2, 8, 11, 10, generator=g).contiguous(memory_format=torch.channels_last)
+    from msconv.layers.mixed_conv import grouped_pointwise, grouped_pointwise_grad_weight
+
+    gp_map = torch.randn(2, 32, 5, 6, generator=g).contiguous(memory_format=torch.channels_last)
+    gp_w, gp_b = torch.randn(64, 4, 1, 1, generator=g), torch.randn(64, generator=g)
+    gp_grad = torch.randn(2, 64, 5, 6, generator=g).contiguous(memory_format=torch.channels_last)
+    smt_mlp_train = ConvMlp(16, 24).train()
     return {
         'linear': (lambda: fast_ops.linear(tokens, w, b), tokens),
         'linear_gelu': (lambda: fast_ops.linear_gelu(tokens, w, b), tokens),
@@ -267,6 +273,9 @@ def _examples():
         'scsc_stem_train': (lambda: stem_train._forward_tuned_train(rgb), rgb),
         'stem_conv_grad_weight': (lambda: _stem_grad_weight(stem_train.conv, stem_gz, rgb), rgb),
         'scsc_branch_conv': (lambda: _branch_conv(branch13, branch_map), branch_map),
+        'grouped_pointwise': (lambda: grouped_pointwise(gp_map, gp_w, gp_b, 8), gp_map),
+        'grouped_pointwise_grad_weight': (lambda: grouped_pointwise_grad_weight(gp_grad, gp_map, gp_w, 8), gp_grad),
+        'smt_mlp_train': (lambda: smt_mlp_train._forward_train(smt_tokens), smt_tokens),
     }
 
 

@@ -224,7 +224,9 @@ _KILL_SCRIPT = textwrap.dedent('''
 def _run_script(tmp_path, *args):
     script = tmp_path / 'kill_run.py'
     script.write_text(_KILL_SCRIPT)
-    env = dict(os.environ, PYTHONPATH=str(REPO / 'src'))
+    # the runs share one autotune cache: the first one's measured forms are every later one's (processes that measured
+    # for themselves could choose other exact forms of SMT's training operations and differ in the last bits)
+    env = dict(os.environ, PYTHONPATH=str(REPO / 'src'), MSCONV_CACHE_DIR=str(tmp_path / 'autotune'))
     return subprocess.run(
         [sys.executable, str(script), *map(str, args)], capture_output=True, text=True, env=env, timeout=300
     )

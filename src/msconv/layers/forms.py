@@ -521,6 +521,31 @@ TUNED: Dict[str, TunedOp] = {
             "same correlation as the input gradient of a correlation with the flipped kernel (oneDNN's backward-data "
             'kernel)',
         ),
+        TunedOp(
+            'grouped_pointwise',
+            {'conv': (), 'onednn': ('onednn', 'channels_last'), 'gemm': ('train_gemm', 'channels_last')},
+            key='in channels, groups, out channels, bias',
+            where="SMT SAA's grouped 1x1 conv in the lean training form (kind lean), forward and input gradient: "
+            "``F.conv2d`` (on one thread torch's native kernel, which copies each group of a channels-last map), "
+            "oneDNN's convolution called directly, or one GEMM per chunk of adjacent groups with its block-diagonal "
+            'weight',
+        ),
+        TunedOp(
+            'grouped_pointwise_grad_weight',
+            {'backward': (), 'gemm': ('train_gemm', 'channels_last')},
+            key='in channels, groups, out channels',
+            where="the weight gradient of SMT SAA's grouped 1x1 conv in the lean training form: the convolution's "
+            'backward, or per chunk of adjacent groups one GEMM over all tokens (its diagonal blocks)',
+        ),
+        TunedOp(
+            'smt_mlp_train',
+            {'batched': (), 'per_image': ()},
+            key='in, hidden and out features, autocast',
+            where="SMT's MLP in its lean training form (kind lean): fc1, depthwise conv, GELU and fc2 forward and "
+            'backward on the whole batch, or image by image with the weight gradients accumulated in place (the '
+            'hidden tensors cache-sized)',
+            training=True,
+        ),
     )
 }
 

@@ -24,6 +24,7 @@ from ._fold import bn_folded_weights, fold_bn_into_conv
 from .fast_ops import linear
 from .forms import autocast_dtype, tunable, tuned, use_fast_form
 from .linear import Linear
+from .shiftwise import _depthwise_grad_input, _depthwise_grad_weight
 
 __all__ = ['MultiHeadMixedConv', 'ScaleAwareAggregation', 'ScaleAwareModulation']
 
@@ -37,7 +38,9 @@ def _per_head_weight_grad(
     grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, kernel_sizes: Tuple[int, ...], interleaved: bool
 ) -> torch.Tensor:
     """The gradient of the merged MHMC kernel (C, 1, K, K), each head's window computed with the head's own kernel
-    size (the padded taps get zeros: they are not parameters)."""
+    size (the padded taps get zeros: they are not parameters), through the tuned ``depthwise_grad_weight`` (the
+    convolution's backward, or image by image the correlation of the input with the output gradient: 2x-5x faster
+    for SMT-T's 5x5-9x9 heads on one thread of the AMD EPYC)."""
     C, K, heads = weight.shape[0], weight.shape[-1], len(kernel_sizes)
     ch = C // heads
     fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
@@ -47,10 +50,107 @@ def _per_head_weight_grad(
         o = (K - k) // 2
         w_i = weight[rows, :, o : o + k, o : o + k].contiguous()
         x_i, g_i = x[:, rows].contiguous(memory_format=fmt), grad[:, rows].contiguous(memory_format=fmt)
-        grad_w[rows, :, o : o + k, o : o + k] = torch.ops.aten.convolution_backward(
-            g_i, x_i, w_i, None, (1, 1), (k // 2, k // 2), (1, 1), False, (0, 0), ch, (False, True, False)
-        )[1]
+        grad_w[rows, :, o : o + k, o : o + k] = _depthwise_grad_weight(g_i, x_i, w_i, (k // 2, k // 2))
     return grad_w
+
+
+def _group_chunks(groups: int, in_per_group: int) -> int:
+    """Groups per chunk of :func:`_grouped_pointwise_gemm`: the most groups whose inputs fit 16 channels (a chunk's
+    block-diagonal GEMM then does at most 16 / in_per_group times the grouped conv's multiply-adds, in one BLAS call
+    with a useful inner size)."""
+    return max(k for k in range(1, groups + 1) if groups % k == 0 and k * in_per_group <= max(16, in_per_group))
+
+
+def _block_diagonal(weight: torch.Tensor, groups: int, k: int) -> torch.Tensor:
+    """A grouped 1x1 weight (O, I/groups, 1, 1) as groups/k block-diagonal (k*O/groups, k*I/groups) matrices, one per
+    chunk of k adjacent groups."""
+    og, ig = weight.shape[0] // groups, weight.shape[1]
+    w = weight.reshape(groups // k, k, og, ig)
+    eye = torch.eye(k, dtype=weight.dtype, device=weight.device)
+    return (w[:, :, :, None, :] * eye[None, :, None, :, None]).reshape(groups // k, k * og, k * ig)
+
+
+def _grouped_pointwise_gemm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], groups: int):
+    """``F.conv2d(x, weight, bias, groups=groups)`` for a 1x1 ``weight`` on channels-last ``x``: one batched GEMM over
+    chunks of adjacent groups, each chunk's token columns times its block-diagonal weight, written into the output's
+    columns (strided views of the token matrices: no copies)."""
+    B, C, H, W = x.shape
+    out_ch = weight.shape[0]
+    k = _group_chunks(groups, weight.shape[1])
+    n = groups // k
+    blocks = _block_diagonal(weight, groups, k)  # (n, co, ci)
+    xt = x.permute(0, 2, 3, 1).reshape(-1, n, C // n).transpose(0, 1)  # (n, M, ci), a view: x is channels-last
+    out = x.new_empty(B, H, W, out_ch)
+    dest = out.view(-1, n, out_ch // n).transpose(0, 1)  # (n, M, co) view of the output's token columns
+    if bias is None:
+        torch.bmm(xt, blocks.transpose(1, 2), out=dest)
+    else:
+        torch.baddbmm(bias.view(n, 1, -1), xt, blocks.transpose(1, 2), out=dest)
+    return out.permute(0, 3, 1, 2)
+
+
+def grouped_pointwise(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], groups: int) -> torch.Tensor:
+    """The grouped 1x1 convolution ``F.conv2d(x, weight, bias, groups=groups)`` with autograd off (a lean training
+    function's forward, or the input gradient of one as the convolution with the groups' transposed weights), in the
+    fastest of three exact forms on channels-last ``x`` (the tuned operation ``grouped_pointwise``): ``F.conv2d``
+    (on one thread torch sends 1x1 convs of small batches to its native kernel, which copies every group of a
+    channels-last map), oneDNN's convolution called directly, or one GEMM per chunk of adjacent groups
+    (:func:`_grouped_pointwise_gemm`)."""
+    plain = lambda: F.conv2d(x, weight, bias, groups=groups)  # noqa: E731
+    if torch.is_grad_enabled() or not tunable('grouped_pointwise', x):
+        return plain()
+    weight = weight.contiguous()
+    return tuned(
+        'grouped_pointwise',
+        x,
+        {
+            'conv': plain,
+            'onednn': lambda: torch.mkldnn_convolution(x, weight, bias, (0, 0), (1, 1), (1, 1), groups),
+            'gemm': lambda: _grouped_pointwise_gemm(x, weight, bias, groups),
+        },
+        extra=f"{weight.shape[1] * groups}/{groups}->{weight.shape[0]}{'+b' if bias is not None else ''}",
+    )
+
+
+def _grouped_transposed(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """The grouped 1x1 weight whose convolution is the input gradient of ``weight``'s: (I, O/groups, 1, 1)."""
+    og, ig = weight.shape[0] // groups, weight.shape[1]
+    return weight.reshape(groups, og, ig).transpose(1, 2).reshape(groups * ig, og, 1, 1)
+
+
+def _grouped_pointwise_grad_weight_gemm(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, groups: int):
+    C, out_ch, ig = x.shape[1], weight.shape[0], weight.shape[1]
+    og = out_ch // groups
+    k = _group_chunks(groups, ig)
+    n = groups // k
+    xt = x.permute(0, 2, 3, 1).reshape(-1, n, C // n).transpose(0, 1)  # (n, M, ci)
+    gt = grad.permute(0, 2, 3, 1).reshape(-1, n, out_ch // n).permute(1, 2, 0)  # (n, co, M)
+    full = torch.bmm(gt, xt).view(n, k, og, k, ig)  # each chunk's (co, ci) product; its diagonal blocks: its groups'
+    return full.diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2).reshape(weight.shape)
+
+
+def grouped_pointwise_grad_weight(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, groups: int
+) -> torch.Tensor:
+    """The weight gradient of the grouped 1x1 convolution ``F.conv2d(x, weight, groups=groups)`` for the output
+    gradient ``grad`` (autograd off), in the faster of two exact forms on channels-last maps (the tuned operation
+    ``grouped_pointwise_grad_weight``): the convolution's backward (oneDNN's grouped weight gradient is slow; on one
+    thread torch's native kernel copies every group), or per chunk of adjacent groups one GEMM over all tokens whose
+    diagonal blocks are the chunk's groups' gradients."""
+
+    def backward() -> torch.Tensor:
+        return torch.ops.aten.convolution_backward(
+            grad, x, weight, None, (1, 1), (0, 0), (1, 1), False, (0, 0), groups, (False, True, False)
+        )[1]
+
+    if torch.is_grad_enabled() or not tunable('grouped_pointwise_grad_weight', grad):
+        return backward()
+    return tuned(
+        'grouped_pointwise_grad_weight',
+        grad,
+        {'backward': backward, 'gemm': lambda: _grouped_pointwise_grad_weight_gemm(grad, x, weight, groups)},
+        extra=f'{weight.shape[1] * groups}/{groups}->{weight.shape[0]}',
+    )
 
 
 class _MixedDepthwise(torch.autograd.Function):
@@ -79,17 +179,14 @@ class _MixedDepthwise(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         xc, wc = ctx.saved_tensors
-        C, K = wc.shape[0], wc.shape[-1]
+        K = wc.shape[-1]
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad = grad.to(xc.dtype)
         fmt = torch.channels_last if xc.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
         grad = grad.contiguous(memory_format=fmt)
-        conv_backward = torch.ops.aten.convolution_backward
         grad_x = grad_w = grad_b = None
         if need_x:  # input only: asking oneDNN for the bias gradient would compute the merged weight gradient too
-            grad_x = conv_backward(
-                grad, xc, wc, None, (1, 1), (K // 2, K // 2), (1, 1), False, (0, 0), C, (True, False, False)
-            )[0]
+            grad_x = _depthwise_grad_input(grad, xc, wc, (K // 2, K // 2))
         if need_b and ctx.has_bias:
             grad_b = grad.sum((0, 2, 3))
         if need_w:
@@ -109,8 +206,11 @@ class _SamLean(torch.autograd.Function):
     SAA's BatchNorm in training mode, that saves for backward ``t``, ``s``, the MHMC output, the BatchNorm input
     (with its batch statistics), the modulator and ``v``, and recomputes in backward what the plain form keeps besides
     (the BatchNorm output, the GELU output and the product fed to ``proj``): three elementwise passes instead of five
-    tensors held from forward to backward. SAA's dense 1x1 conv runs as a GEMM on the tokens (a contiguous
-    channels-last tensor is its token matrix), MHMC's weight gradient per head (``_per_head_weight_grad``). The
+    tensors held from forward to backward. The token GEMMs (``v``, ``s``, ``proj``, SAA's dense 1x1 conv: a contiguous
+    channels-last tensor is its token matrix) and their input gradients run through the tuned ``linear`` (BLAS or
+    oneDNN), SAA's grouped 1x1 conv through :func:`grouped_pointwise` and :func:`grouped_pointwise_grad_weight`, MHMC's
+    input gradient through the tuned ``depthwise_grad_input`` and its weight gradient per head
+    (``_per_head_weight_grad``, each head through the tuned ``depthwise_grad_weight``). The
     BatchNorm running statistics are updated as ``nn.BatchNorm2d`` does when ``running`` is given. Under autocast it
     computes in the autocast dtype like the plain form (the BatchNorm's affine and statistics in fp32) and returns
     gradients in the inputs' dtypes. Not twice differentiable."""
@@ -125,15 +225,15 @@ class _SamLean(torch.autograd.Function):
         t, wv, bv, ws, bs, wm, bm, w0, b0, gamma, beta, w1, b1, wp, bp = cast
         C, K = wm.shape[0], wm.shape[-1]
         with torch.autocast(t.device.type, enabled=False):
-            v = F.linear(t, wv, bv)
-            s = F.linear(t, ws, bs).permute(0, 3, 1, 2)  # (B, C, H, W) channels-last view, interleaved channels
+            v = linear(t, wv, bv)
+            s = linear(t, ws, bs).permute(0, 3, 1, 2)  # (B, C, H, W) channels-last view, interleaved channels
             d = F.conv2d(s, wm, bm, padding=K // 2, groups=C)
-            z = F.conv2d(d, w0, b0, groups=groups)
+            z = grouped_pointwise(d, w0, b0, groups)
             y, mean, invstd = torch.native_batch_norm(
                 z, gamma, beta, running_mean, running_var, True, factor if factor is not None else 0.0, eps
             )
-            m = F.linear(torch.ops.aten.gelu_(y).permute(0, 2, 3, 1), w1.flatten(1), b1)  # y is not saved
-            out = F.linear(m * v, wp, bp)
+            m = linear(torch.ops.aten.gelu_(y).permute(0, 2, 3, 1), w1.flatten(1), b1)  # y is not saved
+            out = linear(m * v, wp, bp)
         ctx.save_for_backward(t, wv, ws, s, wm, d, w0, z, gamma, beta, mean, invstd, w1, m, v, wp)
         ctx.meta = (kernel_sizes, groups, eps, running_mean, running_var)
         ctx.has_bias = tuple(b is not None for b in (bv, bs, bm, b0, b1, bp))
@@ -146,7 +246,7 @@ class _SamLean(torch.autograd.Function):
         kernel_sizes, groups, eps, running_mean, running_var = ctx.meta
         has_bv, has_bs, has_bm, has_b0, has_b1, has_bp = ctx.has_bias
         need = ctx.needs_input_grad[1:]
-        C, K = wm.shape[0], wm.shape[-1]
+        K = wm.shape[-1]
         grad = grad.to(t.dtype).contiguous()
         flat = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731
         g = [None] * 15
@@ -155,18 +255,18 @@ class _SamLean(torch.autograd.Function):
             g[13] = g2.t().mm(flat(m * v))
         if need[14] and has_bp:
             g[14] = g2.sum(0)
-        gp = grad.matmul(wp)
+        gp = linear(grad, wp.t())
         gm, gv = gp * v, gp.mul_(m)  # gp is not needed after these
         if need[1]:
             g[1] = flat(gv).t().mm(flat(t))
         if need[2] and has_bv:
             g[2] = flat(gv).sum(0)
-        gt = gv.matmul(wv) if need[0] else None
+        gt = linear(gv, wv.t()) if need[0] else None
         # SAA backward: proj1 as a GEMM on tokens, GELU, BatchNorm, the grouped 1x1 conv
         scale = gamma.float() * invstd  # y = z * scale + shift, as the CPU BatchNorm computes it
         shift = beta.float() - mean * scale
         y = torch.addcmul(shift.view(1, -1, 1, 1), z, scale.view(1, -1, 1, 1)).to(z.dtype)
-        ga = gm.matmul(w1.flatten(1)).permute(0, 3, 1, 2)
+        ga = linear(gm, w1.flatten(1).t()).permute(0, 3, 1, 2)
         gy = torch.ops.aten.gelu_backward.grad_input(ga, y, grad_input=ga)  # in place: ga is not needed after
         if need[11]:  # y is not needed after: the GELU output in place
             g[11] = flat(gm).t().mm(flat(torch.ops.aten.gelu_(y).permute(0, 2, 3, 1))).view(w1.shape)
@@ -175,15 +275,15 @@ class _SamLean(torch.autograd.Function):
         gz, g[9], g[10] = torch.ops.aten.native_batch_norm_backward(
             gy, z, gamma, running_mean, running_var, mean, invstd, True, eps, [True, need[9], need[10]]
         )
-        gd, g[7], g[8] = torch.ops.aten.convolution_backward(
-            gz, d, w0, [w0.shape[0]] if has_b0 else None, (1, 1), (0, 0), (1, 1), False, (0, 0), groups,
-            (True, need[7], need[8] and has_b0),
-        )  # fmt: skip
+        gz = gz.contiguous(memory_format=torch.channels_last)
+        gd = grouped_pointwise(gz, _grouped_transposed(w0, groups), None, groups)  # SAA's grouped 1x1 conv
+        if need[7]:
+            g[7] = grouped_pointwise_grad_weight(gz, d, w0, groups)
+        if need[8] and has_b0:
+            g[8] = gz.sum((0, 2, 3))
         # MHMC: the input gradient with the merged kernel, the weight gradient head by head
         gd = gd.contiguous(memory_format=torch.channels_last)
-        gs = torch.ops.aten.convolution_backward(
-            gd, s, wm, None, (1, 1), (K // 2, K // 2), (1, 1), False, (0, 0), C, (True, False, False)
-        )[0]
+        gs = _depthwise_grad_input(gd, s, wm, (K // 2, K // 2))
         if need[5]:
             g[5] = _per_head_weight_grad(gd, s, wm, kernel_sizes, interleaved=True)
         if need[6] and has_bm:
@@ -194,7 +294,7 @@ class _SamLean(torch.autograd.Function):
         if need[4] and has_bs:
             g[4] = flat(gs).sum(0)
         if need[0]:
-            gt = gt.add_(gs.matmul(ws)) if gt is not None else gs.matmul(ws)
+            gt = gt.add_(linear(gs, ws.t())) if gt is not None else linear(gs, ws.t())
             g[0] = gt
         return (None, *(a.to(dt) if a is not None else None for a, dt in zip(g, ctx.dtypes)))
 

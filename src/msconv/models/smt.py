@@ -29,7 +29,8 @@ from timm.models._manipulate import checkpoint_seq, named_apply
 
 from ..layers._fold import bn_folded_weights, fold_bn_into_conv
 from ..layers.fast_ops import conv_gelu, map_images
-from ..layers.forms import autocast_dtype, tunable, tuned, use_fast_form
+from ..layers.fast_ops import linear as _linear
+from ..layers.forms import autocast_dtype, tunable, tuned, tuned_training, use_fast_form
 from ..layers.linear import Linear
 from ..layers.mixed_conv import ScaleAwareModulation
 from ._builder import MsconvModel, factory_kwargs
@@ -53,55 +54,75 @@ class _ConvMlpLean(torch.autograd.Function):
     (B, H, W, C) tokens, with the identity folded into the depthwise kernel's centre tap (``h + dwconv(h)`` is one
     convolution: no add pass forward or backward) and only ``x``, ``h`` and the GELU input saved for backward; the
     GELU output, which the plain form keeps for ``fc2``'s weight gradient, is recomputed there (one pass over the
-    hidden tensor instead of a hidden-sized tensor held from forward to backward). Under autocast it computes in the
-    autocast dtype like the plain form's linears and conv (GELU in that dtype too) and returns gradients in the
-    inputs' dtypes. Not twice differentiable."""
+    hidden tensor instead of a hidden-sized tensor held from forward to backward). With ``per_image`` forward and
+    backward run image by image (the weight gradients accumulated over the images in place): each image's hidden
+    tensors stay cache-sized from one op to the next, where the batch's are several times the last-level cache on
+    SMT's first stage. Under autocast it computes in the autocast dtype like the plain form's linears and conv (GELU
+    in that dtype too) and returns gradients in the inputs' dtypes. Not twice differentiable."""
 
     @staticmethod
-    def forward(ctx, x, w1, b1, wd, bd, w2, b2):
+    def forward(ctx, per_image: bool, x, w1, b1, wd, bd, w2, b2):
         device = x.device.type
         dtype = autocast_dtype(x) or x.dtype
         ctx.dtypes = tuple(t.dtype if t is not None else None for t in (x, w1, b1, wd, bd, w2, b2))
         x, w1, b1, wd, bd, w2, b2 = (t.to(dtype) if t is not None else None for t in (x, w1, b1, wd, bd, w2, b2))
         k = wd.shape[-1]
         wd = _identity_folded(wd)
+        parts = x.split(1) if per_image else (x,)
+        hs, acts, outs = [], [], []
         with torch.autocast(device, enabled=False):
-            h = F.linear(x, w1, b1)
-            a = F.conv2d(h.permute(0, 3, 1, 2), wd, bd, padding=k // 2, groups=wd.shape[0])
-            out = F.linear(F.gelu(a).permute(0, 2, 3, 1), w2, b2)
-        ctx.save_for_backward(x, w1, h, wd, a, w2)
+            for xi in parts:
+                h = _linear(xi, w1, b1)
+                a = F.conv2d(h.permute(0, 3, 1, 2), wd, bd, padding=k // 2, groups=wd.shape[0])
+                outs.append(_linear(F.gelu(a).permute(0, 2, 3, 1), w2, b2))
+                hs.append(h)
+                acts.append(a)
+        ctx.save_for_backward(x, w1, wd, w2, *hs, *acts)
         ctx.has_bias = (b1 is not None, bd is not None, b2 is not None)
-        return out
+        ctx.parts = len(parts)
+        return torch.cat(outs) if per_image else outs[0]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        x, w1, h, wd, a, w2 = ctx.saved_tensors
-        need = ctx.needs_input_grad
+        x, w1, wd, w2, *saved = ctx.saved_tensors
+        n = ctx.parts
+        hs, acts = saved[:n], saved[n:]
+        need = ctx.needs_input_grad[1:]
         k, hidden = wd.shape[-1], wd.shape[0]
         grad = grad.to(x.dtype).contiguous()
-        g2 = grad.reshape(-1, grad.shape[-1])
         grads = [None] * 7
-        if need[5]:
-            grads[5] = g2.t().mm(F.gelu(a).permute(0, 2, 3, 1).reshape(-1, hidden))
+        grad_x = []
+        xs, gs = (x.split(1), grad.split(1)) if n > 1 else ((x,), (grad,))
+
+        def acc(i: int, a: torch.Tensor, b: torch.Tensor) -> None:  # grads[i] (+)= a @ b
+            grads[i] = a.mm(b) if grads[i] is None else grads[i].addmm_(a, b)
+
+        for xi, gi, h, a in zip(xs, gs, hs, acts):
+            g2 = gi.reshape(-1, gi.shape[-1])
+            if need[5]:
+                acc(5, g2.t(), F.gelu(a).permute(0, 2, 3, 1).reshape(-1, hidden))
+            # d/da through the GELU, as (B, C, H, W) channels-last like ``a``
+            ga = _linear(gi, w2.t()).permute(0, 3, 1, 2)
+            ga = torch.ops.aten.gelu_backward.grad_input(ga, a, grad_input=ga)  # in place into the fresh product
+            gh, gwd, gbd = torch.ops.aten.convolution_backward(
+                ga, h.permute(0, 3, 1, 2), wd, [hidden] if ctx.has_bias[1] else None, (1, 1), (k // 2, k // 2),
+                (1, 1), False, (0, 0), hidden, (True, need[3], need[4] and ctx.has_bias[1]),
+            )  # fmt: skip
+            grads[3] = gwd if grads[3] is None else grads[3].add_(gwd)
+            grads[4] = gbd if grads[4] is None else grads[4].add_(gbd)
+            gh = gh.permute(0, 2, 3, 1).reshape(-1, hidden)
+            if need[0]:
+                grad_x.append(_linear(gh, w1.t()).view(xi.shape))
+            if need[1]:
+                acc(1, gh.t(), xi.reshape(-1, xi.shape[-1]))
+            if need[2] and ctx.has_bias[0]:
+                grads[2] = gh.sum(0) if grads[2] is None else grads[2].add_(gh.sum(0))
         if need[6] and ctx.has_bias[2]:
-            grads[6] = g2.sum(0)
-        # d/da through the GELU, as (B, C, H, W) channels-last like ``a``
-        ga = grad.matmul(w2).permute(0, 3, 1, 2)
-        ga = torch.ops.aten.gelu_backward.grad_input(ga, a, grad_input=ga)  # in place into the fresh product
-        gh, gwd, gbd = torch.ops.aten.convolution_backward(
-            ga, h.permute(0, 3, 1, 2), wd, [hidden] if ctx.has_bias[1] else None, (1, 1), (k // 2, k // 2), (1, 1),
-            False, (0, 0), hidden, (True, need[3], need[4] and ctx.has_bias[1]),
-        )  # fmt: skip
-        grads[3], grads[4] = gwd, gbd
-        gh = gh.permute(0, 2, 3, 1).reshape(-1, hidden)
+            grads[6] = grad.reshape(-1, grad.shape[-1]).sum(0)
         if need[0]:
-            grads[0] = gh.mm(w1).view(x.shape)
-        if need[1]:
-            grads[1] = gh.t().mm(x.reshape(-1, x.shape[-1]))
-        if need[2] and ctx.has_bias[0]:
-            grads[2] = gh.sum(0)
-        return tuple(g.to(dt) if g is not None else None for g, dt in zip(grads, ctx.dtypes))
+            grads[0] = torch.cat(grad_x) if n > 1 else grad_x[0]
+        return (None, *(g.to(dt) if g is not None else None for g, dt in zip(grads, ctx.dtypes)))
 
 
 class ConvMlp(nn.Module):
@@ -207,9 +228,14 @@ class ConvMlp(nn.Module):
     @torch.jit.unused
     def _forward_train(self, x: torch.Tensor) -> torch.Tensor:
         """The lean autograd function (:class:`_ConvMlpLean`): the plain form's values and gradients, about a third
-        less saved for backward at the same speed."""
-        return _ConvMlpLean.apply(
-            x, self.fc1.weight, self.fc1.bias, self.dwconv.weight, self.dwconv.bias, self.fc2.weight, self.fc2.bias
+        less saved for backward; on the batch or image by image, whichever the tuned training operation
+        ``smt_mlp_train`` measures faster for the shape."""
+        args = (x, self.fc1.weight, self.fc1.bias, self.dwconv.weight, self.dwconv.bias, self.fc2.weight, self.fc2.bias)
+        return tuned_training(
+            'smt_mlp_train',
+            args,
+            {'batched': lambda *a: _ConvMlpLean.apply(False, *a), 'per_image': lambda *a: _ConvMlpLean.apply(True, *a)},
+            extra=f'{self.fc1.in_features}->{self.fc1.out_features}->{self.fc2.out_features}',
         )
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
