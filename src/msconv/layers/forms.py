@@ -407,16 +407,17 @@ TUNED: Dict[str, TunedOp] = {
             'depthwise_grad_input',
             {'backward': (), 'flipped': ()},
             key='kernel, padding',
-            where="the input gradient of ShiftWise's strip convolutions in the lean training form's backward: the "
-            "convolution's backward, or a forward correlation with the flipped kernel",
+            where="the input gradient of a depthwise convolution in a lean training form's backward (ShiftWise's strip "
+            "convolutions, SMT MHMC's heads, SCSC's stride-1 branches): the convolution's backward, or a forward "
+            'correlation with the flipped kernel',
         ),
         TunedOp(
             'depthwise_grad_weight',
             {'backward': (), 'per_image': ('per_image',)},
             key='kernel, padding',
-            where="the kernel gradient of ShiftWise's strip convolutions in the lean training form's backward: the "
-            "convolution's backward, or per image a depthwise correlation of the padded input with the output "
-            "gradient as its kernel, summed in fp32",
+            where="the kernel gradient of a depthwise convolution in a lean training form's backward (ShiftWise's "
+            "strip convolutions, SMT MHMC's heads): the convolution's backward, or per image a depthwise correlation "
+            'of the padded input with the output gradient as its kernel, summed in fp32',
         ),
         TunedOp(
             'shiftwise_mlp_train',
