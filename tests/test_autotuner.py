@@ -241,6 +241,8 @@ def _examples():
     gp_w, gp_b = torch.randn(64, 4, 1, 1, generator=g), torch.randn(64, generator=g)
     gp_grad = torch.randn(2, 64, 5, 6, generator=g).contiguous(memory_format=torch.channels_last)
     smt_mlp_train = ConvMlp(16, 24).train()
+    smt_attention = msconv.models.smt.Attention(16, 4).eval()
+    smt_attention.reparameterize()
     return {
         'linear': (lambda: fast_ops.linear(tokens, w, b), tokens),
         'linear_gelu': (lambda: fast_ops.linear_gelu(tokens, w, b), tokens),
@@ -276,6 +278,7 @@ def _examples():
         'grouped_pointwise': (lambda: grouped_pointwise(gp_map, gp_w, gp_b, 8), gp_map),
         'grouped_pointwise_grad_weight': (lambda: grouped_pointwise_grad_weight(gp_grad, gp_map, gp_w, 8), gp_grad),
         'smt_mlp_train': (lambda: smt_mlp_train._forward_train(smt_tokens), smt_tokens),
+        'smt_attention': (lambda: smt_attention(smt_tokens), smt_tokens),
     }
 
 

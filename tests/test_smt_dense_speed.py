@@ -112,3 +112,28 @@ def test_saa_fused_form_in_bands_matches_the_plain_form(clean_tuner, monkeypatch
         with forms.forced_choices(saa_fused='fused_bands'):
             out = saa(x, interleaved=True)
     assert max_abs(out, ref) < 1e-5
+
+
+def test_smt_attention_contiguous_form_is_the_views_form():
+    """SMT's eval attention on contiguous copies of q, k and v (tuned ``smt_attention``) gives what SDPA gives on
+    the projection's strided views; with autograd on or under a trace the views run."""
+    torch.manual_seed(0)
+    attn = msconv.models.smt.Attention(32, 4).eval()
+    x = torch.randn(2, 9, 11, 32)
+    with torch.no_grad():
+        ref = attn(x)
+        attn.reparameterize()
+        assert forms.tunable('smt_attention', x)
+        with forms.forced_choices(smt_attention='views'):
+            views = attn(x)
+        with forms.forced_choices(smt_attention='contiguous'):
+            out = attn(x)
+            traced = torch.jit.trace(attn, (x,), check_trace=False)
+    torch.testing.assert_close(out, views, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(traced(x), views, rtol=1e-6, atol=1e-6)
+    with forms.forced_choices(smt_attention='contiguous'):
+        y = attn(x.requires_grad_())
+    y.sum().backward()
+    assert x.grad is not None
+    torch.testing.assert_close(y.detach(), views, rtol=1e-6, atol=1e-6)

@@ -547,6 +547,13 @@ TUNED: Dict[str, TunedOp] = {
             'hidden tensors cache-sized)',
             training=True,
         ),
+        TunedOp(
+            'smt_attention',
+            {'views': (), 'contiguous': ()},
+            key='heads x head size',
+            where="SMT's global attention (MSA) in eval: ``scaled_dot_product_attention`` on strided views of the "
+            'projection, or on contiguous copies of q, k and v (its fused CPU kernel reads them faster on large maps)',
+        ),
     )
 }
 

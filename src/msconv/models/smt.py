@@ -306,6 +306,23 @@ class Attention(nn.Module):
         autocast training step ``scaled_dot_product_attention``'s fused CPU kernel has a slow backward."""
         return torch.matmul((q @ k.transpose(-2, -1)).mul_(self.scale).softmax(-1), v)
 
+    @torch.jit.unused
+    def _attention_tuned(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Eval attention (tuned ``smt_attention``): ``scaled_dot_product_attention`` on the strided views of the
+        projection's output, or on contiguous (B, h, N, d) copies of them, which its fused CPU kernel reads faster
+        than the copies cost on large maps (the same kernel: the same numbers)."""
+        return tuned(
+            'smt_attention',
+            q,
+            {
+                'views': lambda: F.scaled_dot_product_attention(q, k, v, scale=self.scale),
+                'contiguous': lambda: F.scaled_dot_product_attention(
+                    q.contiguous(), k.contiguous(), v.contiguous(), scale=self.scale
+                ),
+            },
+            extra=f'{q.shape[1]}x{q.shape[-1]}',
+        )
+
     def _attend(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Attention output and the local enhancement of V, both (B, H, W, C)."""
         B, H, W, C = x.shape[0], x.shape[1], x.shape[2], x.shape[3]  # indexed: FX cannot unpack a Proxy
@@ -321,6 +338,8 @@ class Attention(nn.Module):
         v = v_tokens.unflatten(-1, (h, C // h)).transpose(1, 2)
         if self.training and self.attn_drop == 0.0 and use_fast_form('attention_math', q) and self._math_ok(q):
             out = self._attention_math(q, k, v)
+        elif not self.training and not torch.jit.is_scripting() and tunable('smt_attention', q):
+            out = self._attention_tuned(q, k, v)
         else:
             out = F.scaled_dot_product_attention(
                 q,
