@@ -279,7 +279,6 @@ def _examples():
         'grouped_pointwise_grad_weight': (lambda: grouped_pointwise_grad_weight(gp_grad, gp_map, gp_w, 8), gp_grad),
         'smt_mlp_train': (lambda: smt_mlp_train._forward_train(smt_tokens), smt_tokens),
         'smt_attention': (lambda: smt_attention(smt_tokens), smt_tokens),
-        'saa_expand': (lambda: saa._forward_fused(saa_map), saa_map),
     }
 
 

@@ -554,14 +554,6 @@ TUNED: Dict[str, TunedOp] = {
             where="SMT's global attention (MSA) in eval: ``scaled_dot_product_attention`` on strided views of the "
             'projection, or on contiguous copies of q, k and v (its fused CPU kernel reads them faster on large maps)',
         ),
-        TunedOp(
-            'saa_expand',
-            {'onednn': (), 'gemm': ('fused', 'channels_last')},
-            key='in channels, groups, out channels, bias',
-            where="the grouped 1x1 conv and GELU inside SMT SAA's fused eval forms (reached only where the kind fused "
-            "runs): oneDNN's grouped convolution with the GELU post-op, or one batched GEMM over chunks of adjacent "
-            'groups with their block-diagonal weights and the GELU in place',
-        ),
     )
 }
 

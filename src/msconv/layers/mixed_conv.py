@@ -384,26 +384,6 @@ class MultiHeadMixedConv(nn.Module):
         return torch.cat(outs, dim=1)
 
 
-def _expand_gelu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], groups: int) -> torch.Tensor:
-    """``GELU(F.conv2d(x, weight, bias, groups=groups))`` for SAA's fused inference form (1x1 ``weight``, channels-last
-    ``x``, autograd off) in the faster of two exact forms (the tuned operation ``saa_expand``): oneDNN's grouped
-    convolution with the GELU as a post-op, or the block-diagonal GEMM over chunks of adjacent groups
-    (:func:`_grouped_pointwise_gemm`) and the GELU in place. With 4 inputs and 8 outputs per group oneDNN's grouped
-    convolution runs near 1 GMAC/s; the GEMM does 4x the multiply-adds (zeros) at GEMM speed (SMT-S at 512x512:
-    1.5x-1.7x faster per call on one or two threads of the AMD EPYC)."""
-    onednn = lambda: torch.ops.mkldnn._convolution_pointwise(  # noqa: E731
-        x, weight, bias, [0, 0], [1, 1], [1, 1], groups, 'gelu', [], 'none'
-    )
-    if not tunable('saa_expand', x):
-        return onednn()
-    return tuned(
-        'saa_expand',
-        x,
-        {'onednn': onednn, 'gemm': lambda: torch.ops.aten.gelu_(_grouped_pointwise_gemm(x, weight, bias, groups))},
-        extra=f"{weight.shape[1] * groups}/{groups}->{weight.shape[0]}{'+b' if bias is not None else ''}",
-    )
-
-
 class ScaleAwareAggregation(nn.Module):
     """SAA: interleave the heads' channels, grouped 1x1 conv (groups of ``num_heads`` channels, one from each
     head) -> BatchNorm -> GELU -> dense 1x1 conv back to C channels. Its output is the modulator."""
@@ -473,13 +453,17 @@ class ScaleAwareAggregation(nn.Module):
         expanded = self.proj0.out_channels
         rows = max(1, self._band_bytes // max(1, W * expanded * x.element_size())) if bands else H
         if rows >= H:
-            a = _expand_gelu(x, w, b, self.proj0.groups)
+            a = torch.ops.mkldnn._convolution_pointwise(
+                x, w, b, [0, 0], [1, 1], [1, 1], self.proj0.groups, 'gelu', [], 'none'
+            )
             return linear(a.permute(0, 2, 3, 1), w1, b1).permute(0, 3, 1, 2)
         out = x.new_empty(B, H, W, self.dim)  # tokens
         for i in range(B):
             for r0 in range(0, H, rows):
                 r1 = min(r0 + rows, H)
-                a = _expand_gelu(x[i : i + 1, :, r0:r1], w, b, self.proj0.groups)
+                a = torch.ops.mkldnn._convolution_pointwise(
+                    x[i : i + 1, :, r0:r1], w, b, [0, 0], [1, 1], [1, 1], self.proj0.groups, 'gelu', [], 'none'
+                )
                 a = a.permute(0, 2, 3, 1).reshape(-1, expanded)
                 dest = out[i, r0:r1].view(-1, self.dim)
                 if b1 is None:
