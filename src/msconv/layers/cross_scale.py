@@ -341,16 +341,33 @@ class SpatialCrossScaleConv(nn.Module):
         concat = lambda: self._tokens_form(x, 'concat')  # noqa: E731
         if not tunable('scsc_tokens', x):
             return concat()
-        return tuned(
+        ran: List[str] = []
+
+        def form(name: str) -> torch.Tensor:
+            ran.append(name)
+            return self._tokens_form(x, name)
+
+        out = tuned(
             'scsc_tokens',
             x,
-            {
-                'concat': concat,
-                'runs': lambda: self._tokens_form(x, 'runs'),
-                'expanded': lambda: self._tokens_form(x, 'expanded'),
-            },
+            {'concat': lambda: form('concat'), 'runs': lambda: form('runs'), 'expanded': lambda: form('expanded')},
             extra=f'{m}x{cp}/g{self.groups}/{self.routing}/s{self.stride}/o{self.out_dim}/{type(self.out_act).__name__}',
         )
+        self._drop_unused_token_convs(ran)
+        return out
+
+    @torch.jit.unused
+    def _drop_unused_token_convs(self, ran: List[str]) -> None:
+        """Drop the reordered conv copies of ``_token_convs`` (the module's reduce, branch and router weights once
+        more) once a call ran the ``concat`` form alone (the autotuner's cached choice, not a measurement) and no call
+        has run a reordered form alone: kept only where a ``runs`` or ``expanded`` choice uses them (for example
+        when another input size of the same module chose one)."""
+        if len(ran) != 1:
+            return  # a measurement: every form ran
+        if ran[0] != 'concat':
+            self.__dict__['_token_convs_used'] = True
+        elif not self.__dict__.get('_token_convs_used', False):
+            self.__dict__.pop('_token_cache', None)
 
     @torch.jit.unused
     def _tokens_form(self, x: torch.Tensor, form: str) -> torch.Tensor:
