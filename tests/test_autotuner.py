@@ -192,7 +192,7 @@ def _examples():
     cl = torch.empty(2, 8, 4, 4).contiguous(memory_format=torch.channels_last)
     scsc = msconv.layers.SpatialCrossScaleConv(24, (3, 5, 7), groups=2)
     feats, gate = torch.randn(2, 24, 5, 6, generator=g).bfloat16(), torch.rand(2, 6, 5, 6, generator=g).bfloat16()
-    from msconv.layers.shiftwise import _depthwise_grad_input, _depthwise_grad_weight
+    from msconv.layers.fast_ops import depthwise_grad_input, depthwise_grad_weight
 
     strip, gz = torch.randn(8, 1, 3, 7, generator=g), torch.randn(2, 8, 9, 9, generator=g)
     from msconv.models.shiftwise_net import ShiftWiseBlock, lean_mlp_train
@@ -256,8 +256,8 @@ def _examples():
         'inference_model.memory_format': (lambda: fast(images), images),
         # bf16: the fp32 tail rounds once where the plain form rounds after each of its 3 ops (see test_scsc.py)
         'scsc_routing': (lambda: scsc.route_fast(feats, gate), feats, 2.0**-8 * 3),
-        'depthwise_grad_input': (lambda: _depthwise_grad_input(gz, fmap, strip, (1, 3)), gz),
-        'depthwise_grad_weight': (lambda: _depthwise_grad_weight(gz, fmap, strip, (1, 3)), gz),
+        'depthwise_grad_input': (lambda: depthwise_grad_input(gz, fmap, strip, (1, 3)), gz),
+        'depthwise_grad_weight': (lambda: depthwise_grad_weight(gz, fmap, strip, (1, 3)), gz),
         'shiftwise_mlp_train': (
             lambda: lean_mlp_train(sw_map, sw_gate, sw_block.fc1, sw_block.grn, sw_block.fc2),
             sw_map,

@@ -24,6 +24,27 @@ def _train_step(model, x, y):
     return out.detach(), grads, buffers
 
 
+def _ddp_step(tmp_path, model, x, y):
+    """``_train_step`` of a copy of ``model`` wrapped in a one-process DDP (gloo): the gradients DDP's buckets hand
+    back, named as the module's own."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path}/rdzv', rank=0, world_size=1)
+    try:
+        wrapped = DDP(copy.deepcopy(model))
+        out = wrapped(x)
+        F.cross_entropy(out, y).backward()
+        m = wrapped.module
+        return (
+            out.detach(),
+            {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None},
+            {n: b.clone() for n, b in m.named_buffers() if b.is_floating_point()},
+        )
+    finally:
+        dist.destroy_process_group()
+
+
 def _assert_same_step(a, b, what):
     (out_a, grads_a, buf_a), (out_b, grads_b, buf_b) = a, b
     assert max_abs(out_a, out_b) <= 1e-5 * max(1.0, out_b.abs().max().item()), what

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn as nn
 from conftest import form_step, graph_names, randomize_bn
-from test_train_forms import _assert_same_step, _micro_case, _train_step
+from test_train_forms import _assert_same_step, _ddp_step, _micro_case, _train_step
 
 import msconv
 from msconv.layers import forms
@@ -192,25 +192,9 @@ def test_micro_model_with_lean_stem_and_checkpointing(pin, clean_tuner):
 
 
 def test_single_process_ddp_matches_the_plain_step(tmp_path, clean_tuner):
-    import torch.distributed as dist
-    import torch.nn.functional as F
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     model, x, y, ref = _micro_case('test_scsc_resnet')
-    dist.init_process_group('gloo', init_method=f'file://{tmp_path}/rdzv', rank=0, world_size=1)
-    try:
-        with forms.forced_choices(scsc_stem_train='lean', scsc_train='lean', scsc_dw_grad_weight='per_image'):
-            wrapped = DDP(copy.deepcopy(model))
-            out = wrapped(x)
-            F.cross_entropy(out, y).backward()
-        m = wrapped.module
-        got = (
-            out.detach(),
-            {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None},
-            {n: b.clone() for n, b in m.named_buffers() if b.is_floating_point()},
-        )
-    finally:
-        dist.destroy_process_group()
+    with forms.forced_choices(scsc_stem_train='lean', scsc_train='lean', scsc_dw_grad_weight='per_image'):
+        got = _ddp_step(tmp_path, model, x, y)
     _assert_same_step(got, ref, 'ddp')
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from conftest import form_step, graph_names, max_abs, randomize_bn
-from test_train_forms import _assert_same_step, _micro_case, _train_step
+from test_train_forms import _assert_same_step, _ddp_step, _micro_case, _train_step
 
 import msconv
 from msconv.layers import forms
@@ -153,24 +153,8 @@ def test_gradient_checkpointing(name, pin, clean_tuner):
 
 
 def test_single_process_ddp_matches_the_plain_step(tmp_path, lean):
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     model, x, y, ref = _micro_case('test_scsc_swin')
-    dist.init_process_group('gloo', init_method=f'file://{tmp_path}/rdzv', rank=0, world_size=1)
-    try:
-        wrapped = DDP(copy.deepcopy(model))
-        out = wrapped(x)
-        F.cross_entropy(out, y).backward()
-        m = wrapped.module
-        got = (
-            out.detach(),
-            {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None},
-            {n: b.clone() for n, b in m.named_buffers() if b.is_floating_point()},
-        )
-    finally:
-        dist.destroy_process_group()
-    _assert_same_step(got, ref, 'ddp')
+    _assert_same_step(_ddp_step(tmp_path, model, x, y), ref, 'ddp')
 
 
 def test_fx_capture_in_training_runs_the_plain_form():

@@ -20,7 +20,8 @@ from conftest import graph_names, max_abs, randomize_shiftwise
 
 import msconv
 from msconv.layers import forms
-from msconv.layers.shiftwise import ShiftWiseConv2d, _depthwise_grad_input, _depthwise_grad_weight
+from msconv.layers.fast_ops import depthwise_grad_input, depthwise_grad_weight
+from msconv.layers.shiftwise import ShiftWiseConv2d
 from msconv.models.shiftwise_net import ShiftWiseBlock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
@@ -167,8 +168,8 @@ def test_grad_operations_against_autograd(kernel, pad, clean_tuner):
     gx_ref, gk_ref = torch.autograd.grad(z, (x, k), gz)
     with torch.no_grad():
         for op, ref, fn in (
-            ('depthwise_grad_input', gx_ref, _depthwise_grad_input),
-            ('depthwise_grad_weight', gk_ref, _depthwise_grad_weight),
+            ('depthwise_grad_input', gx_ref, depthwise_grad_input),
+            ('depthwise_grad_weight', gk_ref, depthwise_grad_weight),
         ):
             for form in forms.TUNED[op].candidates:
                 with forms.forced_choices(**{op: form}):

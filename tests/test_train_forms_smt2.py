@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import graph_names, max_abs
-from test_train_forms import _assert_same_step, _train_step
+from test_train_forms import _assert_same_step, _ddp_step, _train_step
 from test_train_forms_smt import _ZERO_GRAD, _assert_same_module_step, _micro_model, _module_step, _sam, _xy
 
 from msconv.layers import forms
@@ -175,26 +175,11 @@ def test_gradient_checkpointing_with_the_fast_forms(clean_tuner):
 
 
 def test_single_process_ddp_with_the_fast_forms(tmp_path, clean_tuner):
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     model, (x, y) = _micro_model(), _xy()
     with forms.reference_forms():
         ref = _train_step(copy.deepcopy(model), x, y)
-    dist.init_process_group('gloo', init_method=f'file://{tmp_path}/rdzv', rank=0, world_size=1)
-    try:
-        wrapped = DDP(copy.deepcopy(model))
-        with forms.forced_choices(**FAST):
-            out = wrapped(x)
-            F.cross_entropy(out, y).backward()
-        m = wrapped.module
-        got = (
-            out.detach(),
-            {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None},
-            {n: b.clone() for n, b in m.named_buffers() if b.is_floating_point()},
-        )
-    finally:
-        dist.destroy_process_group()
+    with forms.forced_choices(**FAST):
+        got = _ddp_step(tmp_path, model, x, y)
     _assert_same_step(got, ref, 'ddp')
 
 

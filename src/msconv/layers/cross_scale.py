@@ -65,6 +65,8 @@ from .fast_ops import (
     bn_train_backward,
     bn_train_forward,
     conv_gelu,
+    depthwise_grad_input,
+    depthwise_grad_weight_per_image,
     is_pointwise,
     linear_1x1,
     pointwise_conv,
@@ -74,7 +76,6 @@ from .fast_ops import (
     spatial_mean,
 )
 from .forms import autocast_dtype, tunable, tuned, tuned_training, use_fast_form
-from .shiftwise import _depthwise_grad_input
 
 __all__ = [
     'SpatialCrossScaleConv',
@@ -341,16 +342,33 @@ class SpatialCrossScaleConv(nn.Module):
         concat = lambda: self._tokens_form(x, 'concat')  # noqa: E731
         if not tunable('scsc_tokens', x):
             return concat()
-        return tuned(
+        ran: List[str] = []
+
+        def form(name: str) -> torch.Tensor:
+            ran.append(name)
+            return self._tokens_form(x, name)
+
+        out = tuned(
             'scsc_tokens',
             x,
-            {
-                'concat': concat,
-                'runs': lambda: self._tokens_form(x, 'runs'),
-                'expanded': lambda: self._tokens_form(x, 'expanded'),
-            },
+            {'concat': lambda: form('concat'), 'runs': lambda: form('runs'), 'expanded': lambda: form('expanded')},
             extra=f'{m}x{cp}/g{self.groups}/{self.routing}/s{self.stride}/o{self.out_dim}/{type(self.out_act).__name__}',
         )
+        self._drop_unused_token_convs(ran)
+        return out
+
+    @torch.jit.unused
+    def _drop_unused_token_convs(self, ran: List[str]) -> None:
+        """Drop the reordered conv copies of ``_token_convs`` (the module's reduce, branch and router weights once
+        more) once a call ran the ``concat`` form alone (the autotuner's cached choice, not a measurement) and no call
+        has run a reordered form alone: kept only where a ``runs`` or ``expanded`` choice uses them (for example
+        when another input size of the same module chose one)."""
+        if len(ran) != 1:
+            return  # a measurement: every form ran
+        if ran[0] != 'concat':
+            self.__dict__['_token_convs_used'] = True
+        elif not self.__dict__.get('_token_convs_used', False):
+            self.__dict__.pop('_token_cache', None)
 
     @torch.jit.unused
     def _tokens_form(self, x: torch.Tensor, form: str) -> torch.Tensor:
@@ -568,22 +586,14 @@ def _dw_grad_weight(g: torch.Tensor, x: torch.Tensor, conv: nn.Conv2d) -> torch.
     return tuned(
         'scsc_dw_grad_weight',
         g,
-        {'backward': backward, 'per_image': lambda: _dw_grad_weight_per_image(g, x, conv)},
+        {
+            'backward': backward,
+            'per_image': lambda: (
+                depthwise_grad_weight_per_image(g, x, w.shape[2:], conv.stride, conv.padding).view(w.shape).to(x.dtype)
+            ),
+        },
         extra=f'{tuple(w.shape[2:])}/s{tuple(conv.stride)}/p{tuple(conv.padding)}',
     )
-
-
-def _dw_grad_weight_per_image(g: torch.Tensor, x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """The ``per_image`` form of :func:`_dw_grad_weight`: ``grad_w[c, i, j] = sum_{b, y, x} g[b, c, y, x] *
-    x_pad[b, c, s*y + i, s*x + j]``, one depthwise correlation per image (the padded image as input, its output
-    gradient as a kernel dilated by the stride s, only the rows and columns the kernel reaches), accumulated in fp32."""
-    (kh, kw), (sh, sw), (ph, pw) = conv.weight.shape[2:], conv.stride, conv.padding
-    ho, wo = g.shape[2], g.shape[3]
-    xp = F.pad(x, (pw, pw, ph, ph))[:, :, : kh + sh * (ho - 1), : kw + sw * (wo - 1)]
-    out = torch.zeros(1, x.shape[1], kh, kw, dtype=torch.float32, device=x.device)
-    for xi, gi in zip(xp.split(1), g.split(1)):
-        out += F.conv2d(xi, gi.transpose(0, 1), groups=x.shape[1], dilation=(sh, sw))
-    return out.view(conv.weight.shape).to(x.dtype)
 
 
 def _route_backward(
@@ -756,7 +766,7 @@ class _LeanCrossScale(torch.autograd.Function):
         for j, conv in enumerate(mod.dw):
             g_j = g_cat[:, j * cp : (j + 1) * cp].contiguous(memory_format=fmt)
             if tuple(conv.stride) == (1, 1) and tuple(conv.dilation) == (1, 1):
-                g_in = _depthwise_grad_input(g_j, x_rb, conv.weight.to(x_rb.dtype), tuple(conv.padding))
+                g_in = depthwise_grad_input(g_j, x_rb, conv.weight.to(x_rb.dtype), tuple(conv.padding))
             else:
                 g_in = torch.ops.aten.convolution_backward(
                     g_j, x_rb, conv.weight.to(x_rb.dtype), None, conv.stride, conv.padding, conv.dilation, False,

@@ -26,6 +26,9 @@ __all__ = [
     'conv_gelu',
     'conv_im2col',
     'depthwise_conv2d',
+    'depthwise_grad_input',
+    'depthwise_grad_weight',
+    'depthwise_grad_weight_per_image',
     'map_images',
     'spatial_mean',
     'spatial_l2_norms',
@@ -236,6 +239,69 @@ def conv_im2col(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         else:
             torch.addmm(conv.bias.unsqueeze(1), w, cols, out=out[i])
     return out.view(B, conv.out_channels, Ho, Wo)
+
+
+def depthwise_grad_input(gz: torch.Tensor, x: torch.Tensor, k: torch.Tensor, pad: Tuple[int, int]) -> torch.Tensor:
+    """Input gradient of the stride-1 depthwise correlation ``conv2d(x, k, padding=pad, groups=C)`` for the output
+    gradient ``gz`` (autograd off): the convolution's backward, or the forward correlation of ``gz`` with the
+    flipped kernel (the same sums; oneDNN's forward depthwise kernels are faster for long strips and large kernels),
+    whichever the tuned ``depthwise_grad_input`` operation measures faster for this shape (the lean training forms
+    of ShiftWise's strips, SMT's MHMC heads and SCSC's branches)."""
+    groups = x.shape[1]
+    flip_pad = (k.shape[2] - 1 - pad[0], k.shape[3] - 1 - pad[1])
+
+    def backward() -> torch.Tensor:
+        return torch.ops.aten.convolution_backward(
+            gz, x, k, None, [1, 1], list(pad), [1, 1], False, [0, 0], groups, [True, False, False]
+        )[0]
+
+    if min(flip_pad) < 0:
+        return backward()
+    return tuned(
+        'depthwise_grad_input',
+        gz,
+        {'backward': backward, 'flipped': lambda: F.conv2d(gz, k.flip(2, 3), padding=flip_pad, groups=groups)},
+        extra=f'{tuple(k.shape[2:])}/p{tuple(pad)}',
+    )
+
+
+def depthwise_grad_weight(gz: torch.Tensor, x: torch.Tensor, k: torch.Tensor, pad: Tuple[int, int]) -> torch.Tensor:
+    """Kernel gradient of the stride-1 depthwise correlation ``conv2d(x, k, padding=pad, groups=C)`` (autograd off):
+    the convolution's backward (oneDNN's backward-weights runs long strips 10x-15x slower than its forward on CPU),
+    or :func:`depthwise_grad_weight_per_image`, whichever the tuned ``depthwise_grad_weight`` operation measures
+    faster for this shape."""
+    groups = x.shape[1]
+
+    def backward() -> torch.Tensor:
+        return torch.ops.aten.convolution_backward(
+            gz, x, k, None, [1, 1], list(pad), [1, 1], False, [0, 0], groups, [False, True, False]
+        )[1]
+
+    def per_image() -> torch.Tensor:
+        return depthwise_grad_weight_per_image(gz, x, k.shape[2:], (1, 1), pad).view_as(k).to(k.dtype)
+
+    return tuned(
+        'depthwise_grad_weight',
+        gz,
+        {'backward': backward, 'per_image': per_image},
+        extra=f'{tuple(k.shape[2:])}/p{tuple(pad)}',
+    )
+
+
+def depthwise_grad_weight_per_image(
+    g: torch.Tensor, x: torch.Tensor, kernel: Sequence[int], stride: Sequence[int], pad: Sequence[int]
+) -> torch.Tensor:
+    """Kernel gradient of a depthwise correlation (dilation 1) image by image, as an fp32 (1, C, kh, kw) tensor:
+    ``grad_w[c, i, j] = sum_{b, y, x} g[b, c, y, x] * x_pad[b, c, s*y + i, s*x + j]``, one depthwise correlation per
+    image (the padded image as input, its output gradient as a kernel dilated by the stride s, only the rows and
+    columns the kernel reaches), accumulated in fp32."""
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, pad
+    ho, wo = g.shape[2], g.shape[3]
+    xp = F.pad(x, (pw, pw, ph, ph))[:, :, : kh + sh * (ho - 1), : kw + sw * (wo - 1)]
+    out = torch.zeros(1, x.shape[1], kh, kw, dtype=torch.float32, device=x.device)
+    for xi, gi in zip(xp.split(1), g.split(1)):
+        out += F.conv2d(xi, gi.transpose(0, 1), groups=x.shape[1], dilation=(sh, sw))
+    return out
 
 
 def depthwise_conv2d(

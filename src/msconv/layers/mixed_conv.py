@@ -21,10 +21,9 @@ import torch.nn.functional as F
 
 from ..kernels.depthwise import depthwise_conv2d
 from ._fold import bn_folded_weights, fold_bn_into_conv
-from .fast_ops import linear
+from .fast_ops import depthwise_grad_input, depthwise_grad_weight, linear
 from .forms import autocast_dtype, tunable, tuned, use_fast_form
 from .linear import Linear
-from .shiftwise import _depthwise_grad_input, _depthwise_grad_weight
 
 __all__ = ['MultiHeadMixedConv', 'ScaleAwareAggregation', 'ScaleAwareModulation']
 
@@ -50,7 +49,7 @@ def _per_head_weight_grad(
         o = (K - k) // 2
         w_i = weight[rows, :, o : o + k, o : o + k].contiguous()
         x_i, g_i = x[:, rows].contiguous(memory_format=fmt), grad[:, rows].contiguous(memory_format=fmt)
-        grad_w[rows, :, o : o + k, o : o + k] = _depthwise_grad_weight(g_i, x_i, w_i, (k // 2, k // 2))
+        grad_w[rows, :, o : o + k, o : o + k] = depthwise_grad_weight(g_i, x_i, w_i, (k // 2, k // 2))
     return grad_w
 
 
@@ -186,7 +185,7 @@ class _MixedDepthwise(torch.autograd.Function):
         grad = grad.contiguous(memory_format=fmt)
         grad_x = grad_w = grad_b = None
         if need_x:  # input only: asking oneDNN for the bias gradient would compute the merged weight gradient too
-            grad_x = _depthwise_grad_input(grad, xc, wc, (K // 2, K // 2))
+            grad_x = depthwise_grad_input(grad, xc, wc, (K // 2, K // 2))
         if need_b and ctx.has_bias:
             grad_b = grad.sum((0, 2, 3))
         if need_w:
@@ -283,7 +282,7 @@ class _SamLean(torch.autograd.Function):
             g[8] = gz.sum((0, 2, 3))
         # MHMC: the input gradient with the merged kernel, the weight gradient head by head
         gd = gd.contiguous(memory_format=torch.channels_last)
-        gs = _depthwise_grad_input(gd, s, wm, (K // 2, K // 2))
+        gs = depthwise_grad_input(gd, s, wm, (K // 2, K // 2))
         if need[5]:
             g[5] = _per_head_weight_grad(gd, s, wm, kernel_sizes, interleaved=True)
         if need[6] and has_bm:

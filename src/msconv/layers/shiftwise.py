@@ -41,7 +41,8 @@ import torch.nn.functional as F
 
 from ..kernels import depthwise_conv2d as _fast_depthwise
 from ._fold import channels_last_only
-from .forms import is_capturing, tuned, use_fast_form
+from .fast_ops import depthwise_grad_input, depthwise_grad_weight
+from .forms import is_capturing, use_fast_form
 
 __all__ = ['ShiftWiseConv2d', 'shiftwise_indices', 'shiftwise_geometry']
 
@@ -169,56 +170,6 @@ def _bn_affine(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor) -> Tup
     return scale, shift
 
 
-def _depthwise_grad_input(gz: torch.Tensor, x: torch.Tensor, k: torch.Tensor, pad: Tuple[int, int]) -> torch.Tensor:
-    """Input gradient of the stride-1 depthwise correlation ``conv2d(x, k, padding=pad, groups=C)`` for the output
-    gradient ``gz`` (autograd off): the convolution's backward, or the forward correlation of ``gz`` with the
-    flipped kernel (the same sums; oneDNN's forward depthwise kernels are faster for long strips), whichever
-    :func:`~msconv.layers.forms.tuned` measures faster for this shape."""
-    groups = x.shape[1]
-    flip_pad = (k.shape[2] - 1 - pad[0], k.shape[3] - 1 - pad[1])
-
-    def backward() -> torch.Tensor:
-        return torch.ops.aten.convolution_backward(
-            gz, x, k, None, [1, 1], list(pad), [1, 1], False, [0, 0], groups, [True, False, False]
-        )[0]
-
-    if min(flip_pad) < 0:
-        return backward()
-    return tuned(
-        'depthwise_grad_input',
-        gz,
-        {'backward': backward, 'flipped': lambda: F.conv2d(gz, k.flip(2, 3), padding=flip_pad, groups=groups)},
-        extra=f'{tuple(k.shape[2:])}/p{tuple(pad)}',
-    )
-
-
-def _depthwise_grad_weight(gz: torch.Tensor, x: torch.Tensor, k: torch.Tensor, pad: Tuple[int, int]) -> torch.Tensor:
-    """Kernel gradient of the stride-1 depthwise correlation ``conv2d(x, k, padding=pad, groups=C)`` (autograd off):
-    the convolution's backward (oneDNN's backward-weights runs long strips 10x-15x slower than its forward on CPU),
-    or image by image the depthwise correlation of the padded input with the output gradient as its kernel, summed
-    in fp32, whichever :func:`~msconv.layers.forms.tuned` measures faster for this shape."""
-    groups = x.shape[1]
-
-    def backward() -> torch.Tensor:
-        return torch.ops.aten.convolution_backward(
-            gz, x, k, None, [1, 1], list(pad), [1, 1], False, [0, 0], groups, [False, True, False]
-        )[1]
-
-    def per_image() -> torch.Tensor:
-        xp = F.pad(x, (pad[1], pad[1], pad[0], pad[0]))
-        out = torch.zeros(1, groups, k.shape[2], k.shape[3], dtype=torch.float32, device=x.device)
-        for xi, gi in zip(xp.split(1), gz.split(1)):
-            out += F.conv2d(xi, gi.transpose(0, 1), groups=groups)
-        return out.view_as(k).to(k.dtype)
-
-    return tuned(
-        'depthwise_grad_weight',
-        gz,
-        {'backward': backward, 'per_image': per_image},
-        extra=f'{tuple(k.shape[2:])}/p{tuple(pad)}',
-    )
-
-
 class _LeanShiftWiseTrain(torch.autograd.Function):
     """Training form: three strip correlations, batch-statistics BN, sum and identity, in one autograd node.
 
@@ -272,10 +223,10 @@ class _LeanShiftWiseTrain(torch.autograd.Function):
             if not (need_x or need_k):
                 continue
             if need_x:
-                gxi = _depthwise_grad_input(gz, xr, k, pad)
+                gxi = depthwise_grad_input(gz, xr, k, pad)
                 gx = gxi if gx is None else gx.add_(gxi)
             if need_k:
-                gks[i] = _depthwise_grad_weight(gz, xr, k, pad)
+                gks[i] = depthwise_grad_weight(gz, xr, k, pad)
         if need_x:
             gx = gy.clone() if gx is None else gx.add_(gyc)
         return gx, gks[0], gks[1], gks[2], ggamma, gbeta, None, None, None
