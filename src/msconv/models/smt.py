@@ -184,14 +184,16 @@ class ConvMlp(nn.Module):
         B, H, W = x.shape[0], x.shape[1], x.shape[2]
         hidden = self.fc1.out_features
         wd = self.dwconv.weight if self.residual_folded else _identity_folded(self.dwconv.weight)
-        w2t, b2 = self.fc2.weight.t(), self.fc2.bias
+        w1t, b1, w2t, b2 = self.fc1.weight.t(), self.fc1.bias, self.fc2.weight.t(), self.fc2.bias
         out = x.new_empty(B, H, W, self.fc2.out_features)
         rows = max(4, self._band_bytes // max(1, W * hidden * x.element_size()))
         for i in range(B):
             for r0 in range(0, H, rows):
                 r1 = min(r0 + rows, H)
                 lo, hi = max(r0 - 1, 0), min(r1 + 1, H)
-                h = F.linear(x[i : i + 1, lo:hi], self.fc1.weight, self.fc1.bias)
+                # fc1 as the GEMM F.linear runs, on the band's token matrix (F.linear on the 4-D band copies its
+                # output once more)
+                h = torch.addmm(b1, x[i, lo:hi].reshape(-1, x.shape[-1]), w1t).view(1, hi - lo, W, hidden)
                 a = torch.ops.mkldnn._convolution_pointwise(
                     h.permute(0, 3, 1, 2), wd, self.dwconv.bias, [1, 1], [1, 1], [1, 1], hidden, 'gelu', [], 'none'
                 )  # fmt: skip
