@@ -655,10 +655,9 @@ def _gemm_backward_amp(
 class _LeanCrossScale(torch.autograd.Function):
     """``SpatialCrossScaleConv._scsc_reference`` (training mode) as one autograd function that saves for backward
     only the input, the reduce and recover 1x1 outputs (before their BNs), the concatenated branch outputs (before
-    their BN), the gates, the routed sum (the recover conv's input, kept rather than recomputed: 1/m of the
-    concatenation) and the BN batch statistics: about 3.6 activation maps of ``C`` channels where autograd keeps 7.3
-    (every BN output, GELU output and product). Backward recomputes the BN affine maps and the GELUs (elementwise
-    passes) and runs the same backward ops autograd would (``native_batch_norm_backward``,
+    their BN), the gates and the BN batch statistics: about 3.3 activation maps of ``C`` channels where autograd keeps
+    7.3 (every BN output, GELU output and product). Backward recomputes the BN affine maps, the GELUs and the routing
+    (elementwise passes) and runs the same backward ops autograd would (``native_batch_norm_backward``,
     ``gelu_backward``, ``convolution_backward`` for the depthwise convs); the 1x1 convs are per-image GEMMs. The
     forward runs the same ops as the plain form, the BatchNorms moving their running statistics once.
 
@@ -698,7 +697,7 @@ class _LeanCrossScale(torch.autograd.Function):
         with _se_autocast(cd):
             out = y * se.gate(se.fc2(se.act(se.fc1(pooled))))
         ctx.mod, ctx.cd, ctx.x_dtype = mod, cd, x.dtype
-        ctx.save_for_backward(xc, r, cat, gate, routed, z, pooled, m1, i1, m2, i2, m3, i3)
+        ctx.save_for_backward(xc, r, cat, gate, z, pooled, m1, i1, m2, i2, m3, i3)
         return out
 
     @staticmethod
@@ -711,7 +710,7 @@ class _LeanCrossScale(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad: torch.Tensor):
         mod, cd = ctx.mod, ctx.cd
-        x, r, cat, gate, routed, z, pooled, m1, i1, m2, i2, m3, i3 = ctx.saved_tensors
+        x, r, cat, gate, z, pooled, m1, i1, m2, i2, m3, i3 = ctx.saved_tensors
         s, cp, se = mod.stride, mod.reduced_dim, mod.se
         grad = grad.contiguous() if cd is None else grad.to(cd).contiguous()
         gelu_out = isinstance(mod.out_act, nn.GELU)
@@ -739,9 +738,10 @@ class _LeanCrossScale(torch.autograd.Function):
         del a3, g_y
         g_z, g_w3, g_b3 = bn_train_backward(g_a3, z, mod.recover_bn, m3, i3)
         del g_a3
-        # routing: the branch features recomputed
+        # routing: the branch features and the gated sum recomputed
         a2 = recompute(cat, mod.dw_bn.weight, mod.dw_bn.bias, m2, i2)
         feats = torch.nn.functional.gelu(a2)
+        routed = mod._routed_form(feats, gate, tokens=False, fp32=False).view(gate.shape[0], -1, *gate.shape[2:])
         g_routed, g_wc = gemm_backward(g_z, mod.recover.weight, routed)
         del g_z, routed
         g_feats, g_gate = _route_backward(mod, g_routed, feats, gate)
