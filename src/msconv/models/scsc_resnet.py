@@ -110,18 +110,7 @@ class ConvStem(nn.Module):
         """Without autograd: the conv, or where the gate allows the ``stem_conv`` operation's im2col form (CPU fp32,
         a contiguous input) and it measures faster (an RGB stem: K = in_chans * 9 is thin for oneDNN's NCHW kernel),
         im2col GEMMs; a ReLU in place on the fresh output."""
-        conv = self.conv
-        if tunable('stem_conv', x):
-            y = self.bn(
-                tuned(
-                    'stem_conv',
-                    x,
-                    {'conv': lambda: conv(x), 'im2col': lambda: conv_im2col(conv, x)},
-                    extra=f"{conv.out_channels}/s{conv.stride[0]}{'+b' if conv.bias is not None else ''}",
-                )
-            )
-        else:
-            y = self.bn(conv(x))
+        y = self.bn(self._conv_tuned(x))
         if type(self.act) is nn.ReLU:
             return torch.relu_(y)  # y is ours: no fresh activation-sized allocation
         return self.act(y)

@@ -98,6 +98,10 @@ class _ConvMlpLean(torch.autograd.Function):
         def acc(i: int, a: torch.Tensor, b: torch.Tensor) -> None:  # grads[i] (+)= a @ b
             grads[i] = a.mm(b) if grads[i] is None else grads[i].addmm_(a, b)
 
+        def add(i: int, t: Optional[torch.Tensor]) -> None:  # grads[i] (+)= t
+            if t is not None:
+                grads[i] = t if grads[i] is None else grads[i].add_(t)
+
         for xi, gi, h, a in zip(xs, gs, hs, acts):
             g2 = gi.reshape(-1, gi.shape[-1])
             if need[5]:
@@ -109,15 +113,15 @@ class _ConvMlpLean(torch.autograd.Function):
                 ga, h.permute(0, 3, 1, 2), wd, [hidden] if ctx.has_bias[1] else None, (1, 1), (k // 2, k // 2),
                 (1, 1), False, (0, 0), hidden, (True, need[3], need[4] and ctx.has_bias[1]),
             )  # fmt: skip
-            grads[3] = gwd if grads[3] is None else grads[3].add_(gwd)
-            grads[4] = gbd if grads[4] is None else grads[4].add_(gbd)
+            add(3, gwd)
+            add(4, gbd)
             gh = gh.permute(0, 2, 3, 1).reshape(-1, hidden)
             if need[0]:
                 grad_x.append(_linear(gh, w1.t()).view(xi.shape))
             if need[1]:
                 acc(1, gh.t(), xi.reshape(-1, xi.shape[-1]))
             if need[2] and ctx.has_bias[0]:
-                grads[2] = gh.sum(0) if grads[2] is None else grads[2].add_(gh.sum(0))
+                add(2, gh.sum(0))
         if need[6] and ctx.has_bias[2]:
             grads[6] = grad.reshape(-1, grad.shape[-1]).sum(0)
         if need[0]:
@@ -191,8 +195,7 @@ class ConvMlp(nn.Module):
             for r0 in range(0, H, rows):
                 r1 = min(r0 + rows, H)
                 lo, hi = max(r0 - 1, 0), min(r1 + 1, H)
-                # fc1 as the GEMM F.linear runs, on the band's token matrix (F.linear on the 4-D band copies its
-                # output once more)
+                # fc1 as one addmm on the band's token matrix (the GEMM F.linear runs for it)
                 h = torch.addmm(b1, x[i, lo:hi].reshape(-1, x.shape[-1]), w1t).view(1, hi - lo, W, hidden)
                 a = torch.ops.mkldnn._convolution_pointwise(
                     h.permute(0, 3, 1, 2), wd, self.dwconv.bias, [1, 1], [1, 1], [1, 1], hidden, 'gelu', [], 'none'
