@@ -15,7 +15,15 @@ allocates above what was live before it. Prints the machine line (CPU, ISA, torc
 ``--sizes`` runs the detectors at other image sizes (``N`` for N x N, ``WxH``; each model is built with that test
 scale, so the image is not resized) and ``--macs`` counts the MACs of each inference call (convolutions, linears and
 attention matmuls, as they run: RoI heads on this call's proposals and detections) and prints the speed per MAC
-against the torchvision baseline measured in the same rounds: (MACs / s) / (baseline MACs / s).
+against the torchvision baseline measured in the same rounds: (MACs / s) / (baseline MACs / s). With both,
+``--phases --macs`` also prints that ratio phase by phase (a phase's GMAC/s over the baseline's in the same phase):
+where a per-MAC gap comes from.
+
+How the comparison is made even: both detectors see the same image, normalized and padded to a multiple of 32 by
+their own transforms (1333 -> 1344); each one's MACs are counted as it runs (torchvision's RetinaNet has 91 classes,
+msconv's 80: the counts, not the heads, differ); random weights from seed 0 give each a fixed number of detections
+(torchvision's more), so its post-processing (phase ``rest``: score threshold, top-k, box decoding, NMS) does more
+work; ``--phases`` times it apart, and the line after the phase table prints both.
 """
 
 from __future__ import annotations
@@ -87,6 +95,53 @@ def main() -> None:
         print(format_dense_bench(rows), flush=True)
         if args.phases:
             print(format_dense_phases(rows), flush=True)
+            if args.macs:
+                print(format_phase_ratios(rows), flush=True)
+
+
+def phase_ratios(rows) -> dict:
+    """Per-MAC ratio of each detector against its baseline, phase by phase: ``{model: {phase: ratio}}``, the ratio
+    being (phase MACs / phase seconds) / (the baseline's same phase MACs / seconds), for the phases with MACs and time
+    in both (``rest``, post-processing, has no MACs: see :func:`rest_line`), plus ``'total'`` (the whole call's
+    per-MAC ratio from the same rows)."""
+    by_name = {r['model']: r for r in rows}
+    out = {}
+    for r in rows:
+        base = by_name.get(r.get('vs'))
+        if base is None or 'phases' not in r or 'phases' not in base:
+            continue
+        ratios = {}
+        for phase, (sec, macs) in r['phases'].items():
+            b_sec, b_macs = base['phases'].get(phase, (0.0, 0.0))
+            if sec > 0 and macs > 0 and b_sec > 0 and b_macs > 0:
+                ratios[phase] = (macs / sec) / (b_macs / b_sec)
+        ratios['total'] = r['infer_per_mac_ratio']
+        out[r['model']] = ratios
+    return out
+
+
+def rest_line(row, base) -> str:
+    """What each detector's post-processing did and cost: detections and the ``rest`` phase's milliseconds."""
+    rest = lambda r: r['phases'].get('rest', (float('nan'), 0.0))[0] * 1e3  # noqa: E731
+    return (
+        f"post-processing (phase rest): {row['model']} {row['detections']:.0f} detections, {rest(row):.0f} ms; "
+        f"{base['model']} {base['detections']:.0f} detections, {rest(base):.0f} ms"
+    )
+
+
+def format_phase_ratios(rows) -> str:
+    """A plain-text table of :func:`phase_ratios`, followed by each detector's :func:`rest_line`."""
+    by_name = {r['model']: r for r in rows}
+    lines = [('model', 'vs', 'phase', 'per-MAC ratio')]
+    notes = []
+    for model, ratios in phase_ratios(rows).items():
+        row = by_name[model]
+        for phase, ratio in ratios.items():
+            lines.append((model, row['vs'], phase, '-' if ratio != ratio else f'{ratio:.2f}'))
+        notes.append(rest_line(row, by_name[row['vs']]))
+    widths = [max(len(str(x)) for x in col) for col in zip(*lines)]
+    fmt = lambda row: '  '.join(str(x).ljust(w) for x, w in zip(row, widths))  # noqa: E731
+    return '\n'.join([fmt(lines[0]), fmt(['-' * w for w in widths])] + [fmt(x) for x in lines[1:]] + notes)
 
 
 def _wants(baseline: str, arch: str) -> bool:
