@@ -11,12 +11,16 @@ adds, copies (cat, copy, contiguous), views and allocations, other. Compute grou
 outputs); memory groups report the bytes they read and write and the time a copy of those bytes takes at the cold-cache
 copy bandwidth measured in the same run (a 32 MiB copy after sweeping a 256 MiB buffer): their floor. The instrumented
 total runs above a plain call (the dispatch mode costs a few microseconds per operation); the shares are what to read.
+``msconv.layers.forms.tuned`` runs the plain form of every tuned operation under a dispatch mode (so that a
+FlopCounterMode counts the plain forms); here, by default (``--forms chosen``), it is told that no mode is active during
+the instrumented calls, so they run the forms the warm-up calls chose, as an uninstrumented call does.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -30,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_line, print_table  # noqa: E402
 
 import msconv  # noqa: E402
+from msconv.layers import forms  # noqa: E402
 
 GEMMS = {'mm', 'addmm', 'bmm', 'baddbmm', 'linear', 'matmul'}
 BATCH_NORMS = {'native_batch_norm', '_native_batch_norm_legit_no_training', 'batch_norm'}
@@ -109,6 +114,20 @@ class _Accounting(TorchDispatchMode):
         return out
 
 
+@contextlib.contextmanager
+def _chosen_forms(enabled: bool) -> Iterator[None]:
+    """With ``enabled``: ``forms.tuned`` runs its cached choices although a dispatch mode is active."""
+    if not enabled:
+        yield
+        return
+    saved = forms._dispatch_mode_active
+    forms._dispatch_mode_active = lambda: False
+    try:
+        yield
+    finally:
+        forms._dispatch_mode_active = saved
+
+
 def cold_copy_bandwidth() -> float:
     """Bytes per second of a 32 MiB copy (read + write counted) after sweeping a 256 MiB buffer, median of 7."""
     sweep = torch.empty(64 * 1024 * 1024)
@@ -130,6 +149,12 @@ def main(argv=None) -> None:
     p.add_argument('--size', type=int, default=224)
     p.add_argument('--repeats', type=int, default=2, help='instrumented calls per model')
     p.add_argument('--layout', choices=['auto', 'channels_last', 'contiguous'], default='channels_last')
+    p.add_argument(
+        '--forms',
+        choices=['chosen', 'plain'],
+        default='chosen',
+        help="account the autotuner's choices (as an uninstrumented call runs) or every tuned operation's plain form",
+    )
     p.add_argument('--top', type=int, default=0, help='also list the N most expensive operations per model')
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -146,7 +171,7 @@ def main(argv=None) -> None:
             model(x)
             plain_ms = (clock() - t0) / 1e6
             acct = _Accounting(clock)
-            with acct:
+            with acct, _chosen_forms(args.forms == 'chosen'):
                 for _ in range(args.repeats):
                     model(x)
         total = sum(acct.ns.values())
