@@ -243,6 +243,10 @@ def _examples():
     smt_mlp_train = ConvMlp(16, 24).train()
     smt_attention = msconv.models.smt.Attention(16, 4).eval()
     smt_attention.reparameterize()
+    from msconv.layers.cross_scale import _lean_gemm, _lean_gemm_backward
+
+    lean_x, lean_w = torch.randn(3, 16, 5, 6, generator=g), torch.randn(24, 16, 1, 1, generator=g)
+    lean_g = torch.randn(3, 24, 5, 6, generator=g)
     return {
         'linear': (lambda: fast_ops.linear(tokens, w, b), tokens),
         'linear_gelu': (lambda: fast_ops.linear_gelu(tokens, w, b), tokens),
@@ -279,6 +283,11 @@ def _examples():
         'grouped_pointwise_grad_weight': (lambda: grouped_pointwise_grad_weight(gp_grad, gp_map, gp_w, 8), gp_grad),
         'smt_mlp_train': (lambda: smt_mlp_train._forward_train(smt_tokens), smt_tokens),
         'smt_attention': (lambda: smt_attention(smt_tokens), smt_tokens),
+        'scsc_lean_gemm': (lambda: _lean_gemm(lean_w, lean_x), lean_x),
+        'scsc_lean_gemm_backward': (
+            lambda: torch.cat([t.reshape(-1) for t in _lean_gemm_backward(lean_g, lean_w, lean_x)]),
+            lean_g,
+        ),
     }
 
 

@@ -554,6 +554,22 @@ TUNED: Dict[str, TunedOp] = {
             where="SMT's global attention (MSA) in eval: ``scaled_dot_product_attention`` on strided views of the "
             'projection, or on contiguous copies of q, k and v (its fused CPU kernel reads them faster on large maps)',
         ),
+        TunedOp(
+            'scsc_lean_gemm',
+            {'per_image': (), 'batched': (), 'conv': ()},
+            key='in and out channels',
+            where="the 1x1 convs (reduce, router, recover) of SCSC's lean training function (forward): one GEMM per "
+            'image on its (C, H*W) view, one batched GEMM over the images, or the convolution (oneDNN)',
+        ),
+        TunedOp(
+            'scsc_lean_gemm_backward',
+            {'per_image': (), 'batched': (), 'tokens': (), 'conv': ()},
+            key='in and out channels, input gradient',
+            where="the gradients of those 1x1 convs in the lean function's backward: image by image (the weight "
+            'gradient accumulated in place), batched GEMMs (the weight gradient summed over per-image products), '
+            'batched input gradients and the weight gradient as one GEMM over every token (channel-major copies), or '
+            "the convolution's backward",
+        ),
     )
 }
 
