@@ -687,50 +687,33 @@ def _lean_gemm_backward(
     xs = x.reshape(B, C, H * W)
     w = weight.reshape(n_out, C)
 
-    n_w = n_out * C
+    def input_gradient() -> Optional[torch.Tensor]:
+        return torch.bmm(w.t().expand(B, -1, -1), g).view(B, C, H, W) if input_grad else None
 
-    def buffers() -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        # one tensor for the tuner: the weight gradient, then the input gradient where asked (written in place)
-        flat = x.new_empty(n_w + (B * C * H * W if input_grad else 0))
-        return flat, flat[:n_w].view(n_out, C), flat[n_w:].view(B, C, H * W) if input_grad else None
+    def batched() -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+        return input_gradient(), torch.bmm(g, xs.transpose(1, 2)).sum(0).view(weight.shape)
 
-    def per_image() -> torch.Tensor:
-        flat, gw, gx = buffers()
-        gw.zero_()
-        for b in range(B):
-            gw.addmm_(g[b], xs[b].t())
-            if gx is not None:
-                torch.mm(w.t(), g[b], out=gx[b])
-        return flat
+    def tokens() -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+        gw = torch.mm(g.transpose(0, 1).reshape(n_out, B * H * W), xs.transpose(0, 1).reshape(C, B * H * W).t())
+        return input_gradient(), gw.view(weight.shape)
 
-    def batched() -> torch.Tensor:
-        flat, gw, gx = buffers()
-        torch.sum(torch.bmm(g, xs.transpose(1, 2)), 0, out=gw)
-        if gx is not None:
-            torch.bmm(w.t().expand(B, -1, -1), g, out=gx)
-        return flat
-
-    def tokens() -> torch.Tensor:
-        flat, gw, gx = buffers()
-        torch.mm(g.transpose(0, 1).reshape(n_out, B * H * W), xs.transpose(0, 1).reshape(C, B * H * W).t(), out=gw)
-        if gx is not None:
-            torch.bmm(w.t().expand(B, -1, -1), g, out=gx)
-        return flat
-
-    def conv() -> torch.Tensor:
+    def conv() -> Tuple[Optional[torch.Tensor], torch.Tensor]:
         gx, gw, _ = torch.ops.aten.convolution_backward(
             grad, x, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [input_grad, True, False]
         )
-        return torch.cat([gw.reshape(-1), gx.reshape(-1)]) if input_grad else gw.reshape(-1)
+        return gx, gw
 
-    flat = tuned(
+    return tuned(
         'scsc_lean_gemm_backward',
         grad,
-        {'per_image': per_image, 'batched': batched, 'tokens': tokens, 'conv': conv},
+        {
+            'per_image': lambda: pointwise_gemm_backward(grad, weight, x, input_grad),
+            'batched': batched,
+            'tokens': tokens,
+            'conv': conv,
+        },
         extra=f"{C}->{n_out}{'' if input_grad else '/w'}",
     )
-    # the weight gradient copied out: a view would keep the input gradient's storage alive as the parameter's .grad
-    return (flat[n_w:].view(B, C, H, W) if input_grad else None), flat[:n_w].view(weight.shape).clone()
 
 
 class _LeanCrossScale(torch.autograd.Function):

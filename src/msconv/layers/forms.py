@@ -867,8 +867,9 @@ def _measure(
             measurements = _MEASUREMENTS
             start = time.perf_counter()
             out = fn()
-            if out.device.type == 'cuda':
-                torch.cuda.synchronize(out.device)
+            device = (out if isinstance(out, torch.Tensor) else out[0]).device  # a tensor, or a tuple led by one
+            if device.type == 'cuda':
+                torch.cuda.synchronize(device)
             elapsed = time.perf_counter() - start
             outputs[name] = out
             if _MEASUREMENTS == measurements:
